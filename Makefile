@@ -1,0 +1,60 @@
+# Two commands for a new user on Debian 12 (as root, or with sudo for the apt step):
+#   make run    install what is needed and run the appliance in the foreground (dev config)
+#   make test   install what is needed, including the Debian test peers, and run the suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEV_CONFIG := config/appliance.dev.toml
+# Debian packages the tests talk to: the modality (dcmtk), the PACS (orthanc),
+# the SFTP server (openssh-server), and the WAN tools (iproute2, nftables).
+PEERS := dcmtk orthanc openssh-server iproute2 nftables
+PYTEST_ARGS ?=
+
+.PHONY: run test peers venv bench lint clean
+
+$(BIN)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "Python 3.11 or newer is needed (Debian 12: apt-get install python3 python3-venv)"; exit 1; }
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || \
+	  { echo "cannot create a virtualenv: apt-get install python3-venv"; exit 1; }
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	@touch $@
+
+venv: $(BIN)/.installed
+
+peers:
+	@missing=""; \
+	command -v storescu >/dev/null || missing="$$missing dcmtk"; \
+	command -v Orthanc >/dev/null || missing="$$missing orthanc"; \
+	test -x /usr/sbin/sshd || missing="$$missing openssh-server"; \
+	command -v ip >/dev/null || missing="$$missing iproute2"; \
+	command -v nft >/dev/null || missing="$$missing nftables"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing test peers:$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+run: venv
+	@mkdir -p var
+	$(BIN)/appliance keys init --config $(DEV_CONFIG)
+	$(BIN)/appliance config check --config $(DEV_CONFIG) >/dev/null
+	@echo "appliance: listening on 127.0.0.1:11112 (AE title EDGE); try: storescu 127.0.0.1 11112 FILE.dcm"
+	exec $(BIN)/appliance run --config $(DEV_CONFIG)
+
+test: venv peers
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: venv peers
+	$(BIN)/python bench/receive_bench.py
+
+lint: venv
+	$(BIN)/pip install --quiet ruff mypy
+	$(BIN)/ruff check appliance tests bench
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) var build *.egg-info .pytest_cache

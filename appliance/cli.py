@@ -1,0 +1,216 @@
+"""The `appliance` command line.
+
+    appliance run            [--config PATH]     run the daemon in the foreground
+    appliance config check   [--config PATH]     print the effective config, or every problem
+    appliance keys init      [--config PATH]     create missing keys (never overwrites)
+    appliance queue list     [--config PATH] [--json]
+    appliance status         [--config PATH] [--json]
+
+Every error is one line on stderr and a documented exit code (see `errors.py`): 0 ok,
+64 usage, 66 not found, 69 daemon not running (status), 73 state dir, 78 configuration
+or key file. No command prints a traceback; an unexpected bug prints one line and exits
+70, with the traceback only under APPLIANCE_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from appliance import __version__, config, crypto
+from appliance.errors import EX_UNAVAILABLE, ApplianceError, ConfigError, KeyFileError, UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="appliance", description="Teleradiology edge appliance")
+    p.add_argument("--version", action="version", version=f"appliance {__version__}")
+    common = _Parser(add_help=False)
+    common.add_argument("--config", type=Path, default=None,
+                        help=f"main config file (default {config.DEFAULT_CONFIG})")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    sub.add_parser("run", parents=[common], help="run the daemon in the foreground")
+    cfg = sub.add_parser("config", help="configuration")
+    cfg_sub = cfg.add_subparsers(dest="sub", required=True, parser_class=_Parser)
+    chk = cfg_sub.add_parser("check", parents=[common], help="check and print the effective config")
+    chk.add_argument("--json", action="store_true")
+    keys = sub.add_parser("keys", help="key management")
+    keys_sub = keys.add_subparsers(dest="sub", required=True, parser_class=_Parser)
+    keys_sub.add_parser("init", parents=[common], help="create the spool key and appliance key pair if missing")
+    q = sub.add_parser("queue", help="inspect the queue")
+    q_sub = q.add_subparsers(dest="sub", required=True, parser_class=_Parser)
+    ql = q_sub.add_parser("list", parents=[common], help="list segments and bundles")
+    ql.add_argument("--json", action="store_true")
+    st = sub.add_parser("status", parents=[common], help="show the running daemon's status")
+    st.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.umask(0o077)  # nothing the appliance creates should be readable by others
+    try:
+        args = _parser().parse_args(argv)
+        return _dispatch(args)
+    except ConfigError as e:
+        for line in e.problems:
+            print(f"config error: {line}", file=sys.stderr)
+        return e.exit_code
+    except ApplianceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:
+        if os.environ.get("APPLIANCE_DEBUG") == "1":
+            raise
+        print(f"error: unexpected {type(e).__name__}; rerun with APPLIANCE_DEBUG=1 for details",
+              file=sys.stderr)
+        return 70
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.cmd == "run":
+        return cmd_run(args)
+    if args.cmd == "config":
+        return cmd_config_check(args)
+    if args.cmd == "keys":
+        return cmd_keys_init(args)
+    if args.cmd == "queue":
+        return cmd_queue_list(args)
+    if args.cmd == "status":
+        return cmd_status(args)
+    raise UsageError(f"unknown command {args.cmd}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from appliance import log
+    from appliance.daemon import Daemon
+
+    cfg = config.load(args.config)
+    log.setup(cfg.appliance.log_level, cfg.appliance.log_format)
+    return Daemon(cfg).run()
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    cfg = config.load(args.config)
+    problems = []
+    # Key files are part of a working config: check them the way the daemon will.
+    try:
+        crypto.load_spool_key(cfg.spool.key_file)
+    except KeyFileError as e:
+        problems.append(f"spool.key_file: {e}")
+    if cfg.receive.tls:
+        for name in ("cert", "key", "ca"):
+            p = getattr(cfg.receive.tls, name)
+            if not p.is_file():
+                problems.append(f"receive.tls.{name}: {p} does not exist")
+    for i, d in enumerate(cfg.destinations):
+        if d.transport == "directory" and d.path and d.path.exists() and not d.path.is_dir():
+            problems.append(f"destinations[{i}].path: {d.path} exists and is not a directory")
+    if problems:
+        raise ConfigError([f"{cfg.sources[0]}: {p}" for p in problems])
+    eff = config.effective(cfg)
+    if args.json:
+        print(json.dumps(eff, indent=2))
+    else:
+        _print_tree(eff)
+    return 0
+
+
+def _print_tree(d: Any, prefix: str = "") -> None:
+    if isinstance(d, dict):
+        for k, v in d.items():
+            key = f"{prefix}.{k}" if prefix else k
+            if isinstance(v, dict | list) and v and not (isinstance(v, list) and not isinstance(v[0], dict)):
+                _print_tree(v, key)
+            else:
+                print(f"{key} = {json.dumps(v)}")
+    elif isinstance(d, list):
+        for i, v in enumerate(d):
+            _print_tree(v, f"{prefix}[{i}]")
+
+
+def cmd_keys_init(args: argparse.Namespace) -> int:
+    cfg = config.load(args.config)
+    p = cfg.spool.key_file
+    if p.exists():
+        crypto.load_spool_key(p)
+        print(f"spool key: {p} exists, kept")
+    else:
+        crypto.create_spool_key(p)
+        print(f"spool key: {p} created")
+    priv, pub = cfg.encryption.appliance_key, cfg.encryption.appliance_public_key
+    if priv.exists():
+        crypto.load_private_key(priv)
+        print(f"appliance key: {priv} exists, kept")
+    else:
+        if pub.exists():
+            raise KeyFileError(f"{pub} exists but its private key {priv} does not; move it aside first")
+        crypto.create_keypair(priv, pub)
+        print(f"appliance key: {priv} created, public key {pub}")
+    return 0
+
+
+def cmd_queue_list(args: argparse.Namespace) -> int:
+    from appliance.db import open_index
+
+    cfg = config.load(args.config)
+    idx = open_index(cfg.appliance.state_dir, readonly=True)
+    now = time.time()
+    rows = [
+        {"id": r["id"], "state": r["state"], "study": r["study_key"], "instances": r["instances"],
+         "bytes": r["bytes"], "age_s": round(now - r["created"], 1), "reason": r["reason"]}
+        for r in idx.query("SELECT * FROM segments ORDER BY created")
+    ]
+    idx.close()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'ID':28} {'STATE':10} {'STUDY':16} {'INST':>6} {'BYTES':>12} {'AGE':>8}  REASON")
+    for r in rows:
+        print(f"{r['id']:28} {r['state']:10} {r['study']:16} {r['instances']:>6} {r['bytes']:>12}"
+              f" {_age(r['age_s']):>8}  {r['reason'] or ''}")
+    return 0
+
+
+def _age(s: float) -> str:
+    if s < 120:
+        return f"{s:.0f}s"
+    if s < 7200:
+        return f"{s / 60:.0f}m"
+    return f"{s / 3600:.1f}h"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from appliance.health.status import query
+
+    cfg = config.load(args.config)
+    st = query(cfg.status_socket)
+    if st is None:
+        print(f"error: the appliance daemon is not running (no {cfg.status_socket})", file=sys.stderr)
+        return EX_UNAVAILABLE
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    r, sp = st["receive"], st["spool"]
+    for listener in st["listening"]:
+        print(f"listening      {listener['host']}:{listener['port']}{' (TLS)' if listener['tls'] else ''}"
+              f" as {st['ae_title']}")
+    print(f"uptime         {_age(st['uptime_s'])} (pid {st['pid']}, version {st['version']})")
+    print(f"associations   {r['associations_active']} active, {r['associations_total']} total,"
+          f" {r['associations_rejected']} rejected")
+    print(f"received       {r['instances_received']} instances ({r['instances_duplicate']} duplicates)")
+    refused = ", ".join(f"{k} {v}" for k, v in sorted(r["instances_refused"].items())) or "none"
+    print(f"refused        {refused}")
+    print(f"spool          {sp['instances']} instances, {sp['bytes'] >> 20} MiB")
+    print(f"spool free     {sp['free_bytes'] >> 20} MiB (reserve {sp['reserve_bytes'] >> 20} MiB)")
+    return 0

@@ -1,0 +1,623 @@
+"""Configuration: one frozen dataclass tree, parsed once.
+
+Sources, in order: the main file (`/etc/appliance/appliance.toml`, or `--config PATH`)
+and then the drop-ins `conf.d/*.toml` beside it, in name order. A drop-in overrides the
+keys it names; tables merge key by key, arrays (such as `[[destinations]]`) are replaced
+whole, so a drop-in never half-edits a list.
+
+`parse` is pure: it takes the merged mapping and the map of which file set which key,
+and returns a `Config` or raises `ConfigError` listing *every* problem, each as
+`FILE: dotted.key: what is wrong`. Unknown keys are errors, because a typo that is
+silently ignored is a setting the technician believes in and does not have. Relative
+paths are resolved against the directory of the file that names them. `load` is the I/O
+edge that reads the files.
+
+Nothing here opens sockets or key files; checking that key files exist and are private
+happens where they are used (and `appliance config check` does it too).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from appliance.errors import ConfigError
+
+DEFAULT_CONFIG = Path("/etc/appliance/appliance.toml")
+DROPIN_DIR = "conf.d"
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+SECRET = {"secret": True}
+
+
+# --- the tree -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Caller:
+    ae_title: str
+    hosts: tuple[str, ...] = ()  # IP addresses or networks; empty = any source address
+
+
+@dataclass(frozen=True)
+class ReceiveTLS:
+    port: int
+    cert: Path
+    key: Path
+    ca: Path
+    bind: str | None = None  # defaults to receive.bind
+    require_client_cert: bool = True
+
+
+@dataclass(frozen=True)
+class Receive:
+    ae_title: str = "EDGE"
+    bind: str = "0.0.0.0"
+    port: int = 104
+    plain: bool = True
+    accept_any_caller: bool = False
+    callers: tuple[Caller, ...] = ()
+    max_associations: int = 8
+    max_pdu: int = 262144
+    acse_timeout_s: float = 30.0
+    dimse_timeout_s: float = 60.0
+    network_timeout_s: float = 60.0
+    tls: ReceiveTLS | None = None
+
+
+@dataclass(frozen=True)
+class Spool:
+    key_file: Path = Path("/etc/appliance/keys/spool.key")
+    reserve_free_mb: int = 2048
+
+
+@dataclass(frozen=True)
+class Pack:
+    codec: str = "jpeg2000"
+    verify: bool = True
+    study_quiet_s: float = 10.0
+    segment_max_instances: int = 100
+    segment_max_mb: int = 64
+    segment_max_age_s: float = 10.0
+    workers: int = 0  # 0 = one per CPU
+
+
+@dataclass(frozen=True)
+class Encryption:
+    appliance_key: Path = Path("/etc/appliance/keys/appliance.key")
+    appliance_public_key: Path = Path("/etc/appliance/keys/appliance.pub")
+    recipients: tuple[Path, ...] = ()
+
+
+@dataclass(frozen=True)
+class Queue:
+    retry_min_s: float = 5.0
+    retry_max_s: float = 600.0
+    keep_delivered_h: float = 24.0
+
+
+@dataclass(frozen=True)
+class TLSClient:
+    cert: Path
+    key: Path
+    ca: Path
+
+
+@dataclass(frozen=True)
+class Destination:
+    name: str
+    transport: str  # dicom | sftp | directory
+    # directory
+    path: Path | None = None
+    # dicom and sftp
+    host: str | None = None
+    port: int | None = None
+    # dicom
+    ae_title: str | None = None
+    calling_ae_title: str | None = None
+    tls: TLSClient | None = None
+    plaintext: bool = False
+    storage_commitment: bool = False
+    timeout_s: float = 30.0
+    # sftp
+    user: str | None = None
+    key: Path | None = None
+    key_passphrase: str | None = field(default=None, metadata=SECRET)
+    known_hosts: Path | None = None
+    remote_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class Appliance:
+    name: str = "appliance"
+    state_dir: Path = Path("/var/lib/appliance")
+    log_level: str = "info"
+    log_format: str = "auto"  # auto | json | console
+
+
+@dataclass(frozen=True)
+class Config:
+    appliance: Appliance = Appliance()
+    receive: Receive = Receive()
+    spool: Spool = Spool()
+    pack: Pack = Pack()
+    encryption: Encryption = Encryption()
+    queue: Queue = Queue()
+    destinations: tuple[Destination, ...] = ()
+    sources: tuple[Path, ...] = ()  # files read, in order
+
+    @property
+    def status_socket(self) -> Path:
+        return self.appliance.state_dir / "run" / "status.sock"
+
+
+# --- parsing --------------------------------------------------------------------------
+
+T = TypeVar("T")
+_MISSING = object()
+
+
+class _Table:
+    """Reads one TOML table, recording problems against dotted keys; never raises."""
+
+    def __init__(self, data: Any, path: str, ctx: _Context) -> None:
+        self.prefix = path
+        self.ctx = ctx
+        self.used: set[str] = set()
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            ctx.problem(path, "must be a table")
+            data = {}
+        self.data: dict[str, Any] = data
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def has(self, name: str) -> bool:
+        return name in self.data
+
+    def get(self, name: str, default: Any, check: Callable[[str, Any], Any]) -> Any:
+        self.used.add(name)
+        if name not in self.data:
+            return default
+        try:
+            return check(self.key(name), self.data[name])
+        except _Bad as e:
+            self.ctx.problem(self.key(name), str(e))
+            return default
+
+    def str(self, name: str, default: Any = _MISSING, *, max_len: int = 1024,
+            pattern: re.Pattern[str] | None = None, hint: str = "") -> Any:
+        def check(key: str, v: Any) -> str:
+            if not isinstance(v, str):
+                raise _Bad(f"must be a string, not {_tname(v)}")
+            if not v:
+                raise _Bad("must not be empty")
+            if len(v) > max_len:
+                raise _Bad(f"longer than {max_len} characters")
+            if pattern and not pattern.match(v):
+                raise _Bad(hint or f"must match {pattern.pattern}")
+            return v
+        return self._required(name, default, check)
+
+    def int(self, name: str, default: Any, lo: int, hi: int) -> Any:
+        def check(key: str, v: Any) -> int:
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise _Bad(f"must be an integer, not {_tname(v)}")
+            if not lo <= v <= hi:
+                raise _Bad(f"must be {lo}..{hi}")
+            return v
+        return self._required(name, default, check)
+
+    def num(self, name: str, default: Any, lo: float, hi: float) -> Any:
+        def check(key: str, v: Any) -> float:
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise _Bad(f"must be a number, not {_tname(v)}")
+            if not lo <= v <= hi:
+                raise _Bad(f"must be {lo:g}..{hi:g}")
+            return float(v)
+        return self._required(name, default, check)
+
+    def bool(self, name: str, default: bool) -> bool:
+        def check(key: str, v: Any) -> bool:
+            if not isinstance(v, bool):
+                raise _Bad(f"must be true or false, not {_tname(v)}")
+            return v
+        return bool(self._required(name, default, check))
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        def check(key: str, v: Any) -> str:
+            if v not in choices:
+                raise _Bad(f"must be one of {', '.join(choices)} (got {v!r})")
+            return str(v)
+        return str(self._required(name, default, check))
+
+    def path(self, name: str, default: Any = _MISSING) -> Any:
+        def check(key: str, v: Any) -> Path:
+            if not isinstance(v, str) or not v:
+                raise _Bad(f"must be a non-empty path string, not {_tname(v)}")
+            if "\x00" in v:
+                raise _Bad("must not contain NUL")
+            p = Path(v).expanduser()
+            return Path(os.path.normpath(p if p.is_absolute() else self.ctx.base_dir(key) / p))
+        return self._required(name, default, check)
+
+    def ae(self, name: str, default: Any = _MISSING) -> Any:
+        def check(key: str, v: Any) -> str:
+            return check_ae_title(v)
+        return self._required(name, default, check)
+
+    def table(self, name: str) -> _Table:
+        self.used.add(name)
+        return _Table(self.data.get(name), self.key(name), self.ctx)
+
+    def tables(self, name: str) -> list[_Table]:
+        self.used.add(name)
+        v = self.data.get(name, [])
+        if not isinstance(v, list):
+            self.ctx.problem(self.key(name), "must be an array of tables ([[...]])")
+            return []
+        return [_Table(item, f"{self.key(name)}[{i}]", self.ctx) for i, item in enumerate(v)]
+
+    def _required(self, name: str, default: Any, check: Callable[[str, Any], Any]) -> Any:
+        if default is _MISSING and name not in self.data:
+            self.used.add(name)
+            self.ctx.problem(self.key(name), "is required")
+            return None
+        return self.get(name, None if default is _MISSING else default, check)
+
+    def finish(self) -> None:
+        for k in self.data:
+            if k not in self.used:
+                self.ctx.problem(self.key(k), "unknown key")
+
+
+class _Bad(Exception):
+    pass
+
+
+class _Context:
+    def __init__(self, origins: Mapping[str, Path], default_file: Path) -> None:
+        self.origins = origins
+        self.default_file = default_file
+        self.problems: list[str] = []
+
+    def file_of(self, key: str) -> Path:
+        k = key
+        while k:
+            if k in self.origins:
+                return self.origins[k]
+            k = re.sub(r"(\[\d+\]|\.[^.\[]+|^[^.\[]+)$", "", k)
+        return self.default_file
+
+    def base_dir(self, key: str) -> Path:
+        return self.file_of(key).parent
+
+    def problem(self, key: str, msg: str) -> None:
+        self.problems.append(f"{self.file_of(key)}: {key}: {msg}")
+
+
+def _tname(v: Any) -> str:
+    return {str: "a string", bool: "a boolean", int: "an integer", float: "a number",
+            list: "an array", dict: "a table"}.get(type(v), type(v).__name__)
+
+
+def check_ae_title(v: Any) -> str:
+    """An AE title: 1..16 printable ASCII characters, no backslash, not only spaces."""
+    if not isinstance(v, str):
+        raise _Bad(f"must be a string, not {_tname(v)}")
+    if len(v) > 16:
+        raise _Bad("longer than 16 characters")
+    if not v.strip():
+        raise _Bad("must not be empty")
+    if any(not (0x20 <= ord(c) < 0x7F) or c == "\\" for c in v):
+        raise _Bad("may contain only printable ASCII characters and no backslash")
+    return v.strip()
+
+
+def _check_hosts(key: str, v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(h, str) for h in v):
+        raise _Bad("must be an array of IP addresses or networks")
+    out = []
+    for h in v:
+        try:
+            out.append(str(ipaddress.ip_network(h, strict=False)))
+        except ValueError:
+            raise _Bad(f"{h!r} is not an IP address or network (like 10.1.2.3 or 10.1.2.0/24)") from None
+    return tuple(out)
+
+
+def _check_ip(key: str, v: Any) -> str:
+    if not isinstance(v, str):
+        raise _Bad(f"must be a string, not {_tname(v)}")
+    try:
+        ipaddress.ip_address(v)
+    except ValueError:
+        raise _Bad(f"{v!r} is not an IP address (use 0.0.0.0 for all IPv4 interfaces)") from None
+    return v
+
+
+def _check_path_list(ctx: _Context) -> Callable[[str, Any], tuple[Path, ...]]:
+    def check(key: str, v: Any) -> tuple[Path, ...]:
+        if not isinstance(v, list) or not all(isinstance(p, str) and p for p in v):
+            raise _Bad("must be an array of paths")
+        base = ctx.base_dir(key)
+        return tuple(Path(os.path.normpath(base / p)) for p in v)
+    return check
+
+
+def _parse_appliance(t: _Table) -> Appliance:
+    d = Appliance()
+    a = Appliance(
+        name=t.str("name", d.name, max_len=63, pattern=_NAME_RE,
+                   hint="must be 1..63 letters, digits, '.', '_' or '-', starting with a letter or digit"),
+        state_dir=t.path("state_dir", d.state_dir),
+        log_level=t.choice("log_level", d.log_level, ("debug", "info", "warning", "error")),
+        log_format=t.choice("log_format", d.log_format, ("auto", "json", "console")),
+    )
+    t.finish()
+    return a
+
+
+def _parse_receive(t: _Table) -> Receive:
+    d = Receive()
+    callers: list[Caller] = []
+    seen: dict[str, str] = {}
+    for ct in t.tables("callers"):
+        ae = ct.ae("ae_title")
+        hosts = ct.get("hosts", (), _check_hosts)
+        ct.finish()
+        if ae is None:
+            continue
+        if ae in seen:
+            t.ctx.problem(ct.key("ae_title"), f"duplicate of {seen[ae]} ({ae!r})")
+            continue
+        seen[ae] = ct.key("ae_title")
+        callers.append(Caller(ae, hosts))
+    tls = None
+    if t.has("tls"):
+        tt = t.table("tls")
+        tls = ReceiveTLS(
+            port=tt.int("port", 2762, 1, 65535),
+            cert=tt.path("cert"), key=tt.path("key"), ca=tt.path("ca"),
+            bind=tt.get("bind", None, _check_ip),
+            require_client_cert=tt.bool("require_client_cert", True),
+        )
+        tt.finish()
+    r = Receive(
+        ae_title=t.ae("ae_title", d.ae_title),
+        bind=t.get("bind", d.bind, _check_ip),
+        port=t.int("port", d.port, 1, 65535),
+        plain=t.bool("plain", d.plain),
+        accept_any_caller=t.bool("accept_any_caller", d.accept_any_caller),
+        callers=tuple(callers),
+        max_associations=t.int("max_associations", d.max_associations, 1, 64),
+        max_pdu=t.int("max_pdu", d.max_pdu, 4096, 16 * 1024 * 1024),
+        acse_timeout_s=t.num("acse_timeout_s", d.acse_timeout_s, 1, 600),
+        dimse_timeout_s=t.num("dimse_timeout_s", d.dimse_timeout_s, 1, 3600),
+        network_timeout_s=t.num("network_timeout_s", d.network_timeout_s, 1, 3600),
+        tls=tls,
+    )
+    t.finish()
+    if not r.plain and r.tls is None:
+        t.ctx.problem(t.key("plain"), "is false but there is no [receive.tls]: nothing would listen")
+    if not r.accept_any_caller and not r.callers:
+        t.ctx.problem(t.key("callers"), "is empty: add a [[receive.callers]] entry per scanner, "
+                      "or set accept_any_caller = true on a closed network")
+    if r.tls and r.plain and r.tls.port == r.port and (r.tls.bind or r.bind) == r.bind:
+        t.ctx.problem(t.key("tls.port"), f"is the same as receive.port ({r.port})")
+    return r
+
+
+def _parse_spool(t: _Table) -> Spool:
+    d = Spool()
+    s = Spool(key_file=t.path("key_file", d.key_file),
+              reserve_free_mb=t.int("reserve_free_mb", d.reserve_free_mb, 0, 10_000_000))
+    t.finish()
+    return s
+
+
+def _parse_pack(t: _Table) -> Pack:
+    d = Pack()
+    p = Pack(
+        codec=t.choice("codec", d.codec, ("jpeg2000", "jpeg-ls", "none")),
+        verify=t.bool("verify", d.verify),
+        study_quiet_s=t.num("study_quiet_s", d.study_quiet_s, 0.5, 3600),
+        segment_max_instances=t.int("segment_max_instances", d.segment_max_instances, 1, 100_000),
+        segment_max_mb=t.int("segment_max_mb", d.segment_max_mb, 1, 16_384),
+        segment_max_age_s=t.num("segment_max_age_s", d.segment_max_age_s, 0.5, 3600),
+        workers=t.int("workers", d.workers, 0, 256),
+    )
+    t.finish()
+    return p
+
+
+def _parse_encryption(t: _Table) -> Encryption:
+    d = Encryption()
+    e = Encryption(
+        appliance_key=t.path("appliance_key", d.appliance_key),
+        appliance_public_key=t.path("appliance_public_key", d.appliance_public_key),
+        recipients=t.get("recipients", d.recipients, _check_path_list(t.ctx)),
+    )
+    t.finish()
+    return e
+
+
+def _parse_queue(t: _Table) -> Queue:
+    d = Queue()
+    q = Queue(
+        retry_min_s=t.num("retry_min_s", d.retry_min_s, 0.1, 86400),
+        retry_max_s=t.num("retry_max_s", d.retry_max_s, 1, 7 * 86400),
+        keep_delivered_h=t.num("keep_delivered_h", d.keep_delivered_h, 0, 24 * 365),
+    )
+    t.finish()
+    if q.retry_min_s > q.retry_max_s:
+        t.ctx.problem(t.key("retry_min_s"), "must not be greater than queue.retry_max_s")
+    return q
+
+
+def _parse_destination(t: _Table) -> Destination | None:
+    name = t.str("name", max_len=63, pattern=_NAME_RE,
+                 hint="must be 1..63 letters, digits, '.', '_' or '-'")
+    transport = t.choice("transport", "", ("dicom", "sftp", "directory")) if t.has("transport") else None
+    if transport is None:
+        t.used.add("transport")
+        t.ctx.problem(t.key("transport"), "is required (dicom, sftp or directory)")
+        t.finish()
+        return None
+    kw: dict[str, Any] = {}
+    if transport == "directory":
+        kw["path"] = t.path("path")
+    elif transport == "dicom":
+        kw["host"] = t.str("host", max_len=253)
+        kw["port"] = t.int("port", 104, 1, 65535)
+        kw["ae_title"] = t.ae("ae_title")
+        kw["calling_ae_title"] = t.ae("calling_ae_title", None)
+        kw["plaintext"] = t.bool("plaintext", False)
+        kw["storage_commitment"] = t.bool("storage_commitment", False)
+        kw["timeout_s"] = t.num("timeout_s", 30.0, 1, 3600)
+        if t.has("tls"):
+            tt = t.table("tls")
+            kw["tls"] = TLSClient(cert=tt.path("cert"), key=tt.path("key"), ca=tt.path("ca"))
+            tt.finish()
+        elif not kw["plaintext"]:
+            t.ctx.problem(t.key("tls"), "is required; or set plaintext = true to send "
+                          "unencrypted DICOM (only on a VPN or closed network)")
+        if t.has("tls") and kw["plaintext"]:
+            t.ctx.problem(t.key("plaintext"), "is true but tls is also set: choose one")
+    elif transport == "sftp":
+        kw["host"] = t.str("host", max_len=253)
+        kw["port"] = t.int("port", 22, 1, 65535)
+        kw["user"] = t.str("user", max_len=64)
+        kw["key"] = t.path("key")
+        kw["key_passphrase"] = t.str("key_passphrase", None)
+        kw["known_hosts"] = t.path("known_hosts")
+        kw["remote_dir"] = t.str("remote_dir", ".")
+        kw["timeout_s"] = t.num("timeout_s", 30.0, 1, 3600)
+    t.finish()
+    if name is None or any(v is None for k, v in kw.items() if k not in ("calling_ae_title", "key_passphrase")):
+        return None
+    return Destination(name=name, transport=transport, **kw)
+
+
+def parse(data: Mapping[str, Any], origins: Mapping[str, Path], main_file: Path,
+          sources: tuple[Path, ...] = ()) -> Config:
+    """Turn merged TOML data into a Config, or raise ConfigError listing every problem."""
+    ctx = _Context(origins, main_file)
+    top = _Table(dict(data), "", ctx)
+    appliance = _parse_appliance(top.table("appliance"))
+    receive = _parse_receive(top.table("receive"))
+    spool = _parse_spool(top.table("spool"))
+    pack = _parse_pack(top.table("pack"))
+    encryption = _parse_encryption(top.table("encryption"))
+    queue = _parse_queue(top.table("queue"))
+    dests: list[Destination] = []
+    names: dict[str, str] = {}
+    for dt in top.tables("destinations"):
+        dest = _parse_destination(dt)
+        if dest is None:
+            continue
+        if dest.name in names:
+            ctx.problem(dt.key("name"), f"duplicate of {names[dest.name]} ({dest.name!r})")
+            continue
+        names[dest.name] = dt.key("name")
+        dests.append(dest)
+    top.finish()
+    if ctx.problems:
+        raise ConfigError(ctx.problems)
+    return Config(appliance=appliance, receive=receive, spool=spool, pack=pack,
+                  encryption=encryption, queue=queue, destinations=tuple(dests),
+                  sources=sources)
+
+
+# --- loading ------------------------------------------------------------------------
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any], origins: dict[str, Path],
+           src: Path, prefix: str = "") -> None:
+    for k, v in over.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v, origins, src, key)
+        else:
+            # Drop what the replaced value recorded, then record the new one.
+            for o in [o for o in origins if o == key or o.startswith((key + ".", key + "["))]:
+                del origins[o]
+            base[k] = v
+            _record(v, key, origins, src)
+
+
+def _record(v: Any, key: str, origins: dict[str, Path], src: Path) -> None:
+    origins[key] = src
+    if isinstance(v, dict):
+        for k, sub in v.items():
+            _record(sub, f"{key}.{k}", origins, src)
+    elif isinstance(v, list):
+        for i, sub in enumerate(v):
+            _record(sub, f"{key}[{i}]", origins, src)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: file not found"]) from None
+    except PermissionError:
+        raise ConfigError([f"{path}: permission denied"]) from None
+    except IsADirectoryError:
+        raise ConfigError([f"{path}: is a directory, not a file"]) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"{path}: not valid TOML: {e}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: not valid UTF-8"]) from None
+
+
+def load(path: Path | None = None) -> Config:
+    """Read the main file and its conf.d drop-ins and parse them."""
+    main = (path or DEFAULT_CONFIG).absolute()
+    files = [main]
+    dropins = main.parent / DROPIN_DIR
+    if dropins.is_dir():
+        files += sorted(p for p in dropins.glob("*.toml") if p.is_file())
+    data: dict[str, Any] = {}
+    origins: dict[str, Path] = {}
+    problems: list[str] = []
+    for f in files:
+        try:
+            _merge(data, _read_toml(f), origins, f)
+        except ConfigError as e:
+            problems += e.problems
+    if problems:
+        raise ConfigError(problems)
+    return parse(data, origins, main, tuple(files))
+
+
+def effective(cfg: Config) -> dict[str, Any]:
+    """The effective config as plain data, with secrets elided (for `config check`)."""
+    def conv(obj: Any) -> Any:
+        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            out = {}
+            for f in dataclasses.fields(obj):
+                v = getattr(obj, f.name)
+                if f.metadata.get("secret") and v is not None:
+                    out[f.name] = "<elided>"
+                elif v is not None:
+                    out[f.name] = conv(v)
+            return out
+        if isinstance(obj, tuple | list):
+            return [conv(v) for v in obj]
+        if isinstance(obj, Path):
+            return str(obj)
+        return obj
+    out = conv(cfg)
+    out.pop("sources", None)
+    return {"sources": [str(s) for s in cfg.sources], **out}

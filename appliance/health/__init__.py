@@ -1,0 +1,1 @@
+"""Health: systemd notify/watchdog, the local status socket, metrics, audit."""

@@ -1,0 +1,51 @@
+"""Logging: structlog, JSON lines when not on a terminal (journald), readable on a TTY.
+
+Event names are stable identifiers (`instance.stored`, `association.rejected`, ...) that
+the operations center can alert on; fields carry opaque ids. Patient data never reaches
+a log line: callers pass keyed hashes and ids only, and the stdlib loggers of pynetdicom
+and pydicom (which print UIDs and names at INFO/DEBUG) are held at WARNING and routed
+through the same renderer with their message text dropped below ERROR.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+           "error": logging.ERROR}
+
+
+def setup(level: str = "info", fmt: str = "auto", stream: object = None) -> None:
+    out = stream or sys.stdout
+    json = fmt == "json" or (fmt == "auto" and not getattr(out, "isatty", lambda: False)())
+    renderer: structlog.typing.Processor = (
+        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        logger_factory=structlog.PrintLoggerFactory(file=out),  # type: ignore[arg-type]
+        cache_logger_on_first_use=True,
+    )
+    # Third-party loggers may print identifiers (pynetdicom logs UIDs at INFO): keep them
+    # quiet and pass on only their level and logger name, not their text.
+    for name in ("pynetdicom", "pydicom", "paramiko"):
+        lg = logging.getLogger(name)
+        lg.handlers[:] = [_Redacting()]
+        lg.setLevel(logging.ERROR)
+        lg.propagate = False
+
+
+class _Redacting(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        structlog.get_logger("appliance.lib").error(
+            "library.error", library=record.name, where=f"{record.module}:{record.lineno}")

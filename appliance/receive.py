@@ -1,0 +1,309 @@
+"""Receive: the DICOM C-ECHO / C-STORE SCP that feeds the spool.
+
+On the wire: one plain listener (receive.bind:port) and optionally one DICOM TLS
+listener with mutual authentication (TLS 1.2+). Any storage SOP class and any transfer
+syntax the peer proposes is accepted (pynetdicom's unrestricted storage service), so the
+modality never has to convert; the bytes are kept exactly as received.
+
+Who may connect: the calling AE title must be on the allowlist, and when the entry lists
+hosts, the peer address must be in one of them. Anyone else is rejected at association
+time with "rejected permanent / calling AE title not recognised" (the reason DICOM has
+for it), unless `accept_any_caller` is set explicitly.
+
+What the peer is told: Success only after `Spool.store` has returned (the instance is
+sealed, fsynced and committed). Every other outcome maps to a status through one table,
+`STATUS`, and an exception inside the handler becomes a status too, never a dropped
+association. Log lines carry opaque ids and the study key hash, never a UID or a name.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+import ssl
+import threading
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+import structlog
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
+from pynetdicom import AE, _config, evt
+from pynetdicom.dsutils import encode_file_meta
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
+
+from appliance import __version__
+from appliance.config import Receive
+from appliance.errors import SpoolFullError
+from appliance.spool import InstanceMeta, Spool, reader
+
+log = structlog.get_logger("appliance.receive")
+
+# --- pure: status classification -----------------------------------------------------
+
+# outcome -> (DIMSE status, meaning). The one place where our outcomes become statuses.
+STATUS: dict[str, tuple[int, str]] = {
+    "stored": (0x0000, "Success"),
+    "duplicate": (0x0000, "Success (already stored)"),
+    "spool_full": (0xA700, "Refused: Out of Resources (spool at its free-space reserve)"),
+    "disk_error": (0xA701, "Refused: Out of Resources (unable to write the spool)"),
+    "unparseable": (0xC210, "Error: Cannot understand (data set cannot be parsed)"),
+    "missing_uids": (0xC211, "Error: Cannot understand (Study/Series/SOP Instance UID missing or invalid)"),
+    "uid_mismatch": (0xC212, "Error: Cannot understand (SOP Instance UID differs from the request)"),
+    "internal": (0x0110, "Failure: Processing failure"),
+}
+
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def valid_uid(v: Any) -> bool:
+    return isinstance(v, str) and 0 < len(v) <= 64 and bool(_UID_RE.match(v))
+
+
+class Rejected(Exception):
+    """A data set we refuse; `outcome` is a key of STATUS."""
+
+    def __init__(self, outcome: str) -> None:
+        super().__init__(outcome)
+        self.outcome = outcome
+
+
+def caller_allowed(cfg: Receive, ae_title: str, address: str) -> bool:
+    """Is this calling AE title, from this address, allowed to associate?"""
+    if cfg.accept_any_caller:
+        return True
+    ae = ae_title.strip()
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return False
+    if ip.version == 6 and ip.ipv4_mapped:  # type: ignore[union-attr]
+        ip = ip.ipv4_mapped  # type: ignore[union-attr]
+    for c in cfg.callers:
+        if c.ae_title == ae:
+            return not c.hosts or any(ip in ipaddress.ip_network(h) for h in c.hosts)
+    return False
+
+
+def identify(part10: BinaryIO, request_sop_uid: str, calling_ae: str) -> InstanceMeta:
+    """Read the identifying UIDs of a seekable Part-10 stream; raise Rejected if unusable."""
+    try:
+        ds = dcmread(part10, stop_before_pixels=True,
+                     specific_tags=["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
+                                    "SOPClassUID"])
+        study, series, sop = (ds.get(k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
+        ts = str(ds.file_meta.TransferSyntaxUID)
+        sop_class = str(ds.file_meta.MediaStorageSOPClassUID)
+    except (InvalidDicomError, ValueError, TypeError, KeyError, AttributeError, EOFError,
+            OverflowError, NotImplementedError, UnicodeError, IndexError, OSError):
+        raise Rejected("unparseable") from None
+    study, series, sop = (str(v).strip("\x00 ") if v is not None else None for v in (study, series, sop))
+    if not (valid_uid(study) and valid_uid(series) and valid_uid(sop)):
+        raise Rejected("missing_uids")
+    if sop != request_sop_uid.strip("\x00 "):
+        raise Rejected("uid_mismatch")
+    return InstanceMeta(study_uid=study, sop_instance_uid=sop, sop_class=sop_class,  # type: ignore[arg-type]
+                        transfer_syntax=ts, calling_ae=calling_ae)
+
+
+# --- I/O edge: the SCP --------------------------------------------------------------
+
+
+@dataclass
+class ReceiveStats:
+    """Counters for `appliance status` and metrics; updated under `lock`."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    outcomes: Counter[str] = field(default_factory=Counter)
+    associations_active: int = 0
+    associations_total: int = 0
+    associations_rejected: int = 0
+    bytes_received: int = 0
+
+    def count(self, outcome: str, nbytes: int = 0) -> None:
+        with self.lock:
+            self.outcomes[outcome] += 1
+            self.bytes_received += nbytes
+
+    def snapshot(self) -> dict[str, Any]:
+        with self.lock:
+            refused = {k: v for k, v in self.outcomes.items() if k not in ("stored", "duplicate")}
+            return {
+                "associations_active": self.associations_active,
+                "associations_total": self.associations_total,
+                "associations_rejected": self.associations_rejected,
+                "instances_received": self.outcomes["stored"] + self.outcomes["duplicate"],
+                "instances_duplicate": self.outcomes["duplicate"],
+                "instances_refused": refused,
+                "bytes_received": self.bytes_received,
+            }
+
+
+class _Server(ThreadedAssociationServer):
+    """pynetdicom's server with TCP_NODELAY and the TLS handshake moved off the accept loop.
+
+    pynetdicom wraps the socket (and so runs the whole TLS handshake) in `get_request`,
+    on the single accepting thread: one slow or malicious client would stall every other
+    scanner. We wrap without handshaking; OpenSSL then completes the handshake on the
+    association's own thread at its first read.
+    """
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        assert self.socket is not None
+        client, address = self.socket.accept()
+        # DIMSE sends small command PDUs before data: without NODELAY, Nagle + delayed
+        # ACK stall each C-STORE response ~40 ms.
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(client, server_side=True,
+                                                  do_handshake_on_connect=False)
+        return client, address
+
+
+def tls_server_context(cert: str, key: str, ca: str, require_client_cert: bool) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    ctx.load_verify_locations(cafile=ca)
+    ctx.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_NONE
+    return ctx
+
+
+class Receiver:
+    """Builds the AE, binds handlers with their dependencies, starts and stops listeners."""
+
+    def __init__(self, cfg: Receive, spool: Spool, stats: ReceiveStats,
+                 on_stored: Callable[[str], None] | None = None) -> None:
+        self.cfg = cfg
+        self.spool = spool
+        self.stats = stats
+        self.on_stored = on_stored
+        self.servers: list[ThreadedAssociationServer] = []
+        _config.UNRESTRICTED_STORAGE_SERVICE = True
+        _config.LOG_HANDLER_LEVEL = "none"  # our own log lines, without identifiers
+        ae = AE(ae_title=cfg.ae_title)
+        ae.add_supported_context(Verification)
+        ae.maximum_associations = cfg.max_associations
+        ae.maximum_pdu_size = cfg.max_pdu
+        ae.acse_timeout = cfg.acse_timeout_s
+        ae.dimse_timeout = cfg.dimse_timeout_s
+        ae.network_timeout = cfg.network_timeout_s
+        ae.implementation_version_name = f"APPLIANCE_{__version__}"[:16]
+        self.ae = ae
+        self.handlers = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ESTABLISHED, self._on_established),
+            (evt.EVT_RELEASED, self._on_closed),
+            (evt.EVT_ABORTED, self._on_closed),
+            (evt.EVT_C_ECHO, lambda event: 0x0000),
+            (evt.EVT_C_STORE, self._on_store),
+        ]
+
+    def start(self) -> list[tuple[str, int, bool]]:
+        """Start the listeners; returns (host, port, tls) for each."""
+        out = []
+        if self.cfg.plain:
+            out.append(self._listen(self.cfg.bind, self.cfg.port, None))
+        if self.cfg.tls:
+            t = self.cfg.tls
+            ctx = tls_server_context(str(t.cert), str(t.key), str(t.ca), t.require_client_cert)
+            out.append(self._listen(t.bind or self.cfg.bind, t.port, ctx))
+        return out
+
+    def _listen(self, host: str, port: int, ctx: ssl.SSLContext | None) -> tuple[str, int, bool]:
+        server = self.ae.make_server((host, port), ssl_context=ctx, evt_handlers=self.handlers,
+                                     server_class=_Server)
+        t = threading.Thread(target=server.serve_forever, name=f"listen-{port}", daemon=True)
+        t.start()
+        self.servers.append(server)
+        bound = server.server_address
+        return (str(bound[0]), int(bound[1]), ctx is not None)
+
+    def stop(self) -> None:
+        for s in self.servers:
+            s.shutdown()
+            s.server_close()
+        self.servers.clear()
+
+    # --- event handlers (run on association threads) ---
+
+    def _on_requested(self, event: Any) -> None:
+        assoc = event.assoc
+        calling = assoc.requestor.primitive.calling_ae_title
+        address = assoc.requestor.address
+        if not caller_allowed(self.cfg, calling, address):
+            with self.stats.lock:
+                self.stats.associations_rejected += 1
+            log.warning("association.rejected", calling_ae=calling.strip(), peer=address,
+                        reason="calling AE title not recognized")
+            assoc.acse.send_reject(0x01, 0x01, 0x03)
+
+    def _on_established(self, event: Any) -> None:
+        with self.stats.lock:
+            self.stats.associations_active += 1
+            self.stats.associations_total += 1
+        log.info("association.established", calling_ae=event.assoc.requestor.ae_title,
+                 peer=event.assoc.requestor.address)
+
+    def _on_closed(self, event: Any) -> None:
+        with self.stats.lock:
+            self.stats.associations_active = max(0, self.stats.associations_active - 1)
+
+    def _on_store(self, event: Any) -> int:
+        calling = str(event.assoc.requestor.ae_title).strip()
+        req = event.request
+        data = req.DataSet.getbuffer() if hasattr(req.DataSet, "getbuffer") else req.DataSet.read()
+        nbytes = len(data)
+        try:
+            meta_ds = event.file_meta
+            meta_ds.SourceApplicationEntityTitle = calling
+            head = b"\x00" * 128 + b"DICM" + encode_file_meta(meta_ds)
+            meta = identify(reader([head, data]), str(req.AffectedSOPInstanceUID or ""), calling)
+            stored = self.spool.store([head, data], meta)
+        except Rejected as r:
+            return self._answer(r.outcome, nbytes)
+        except SpoolFullError:
+            return self._answer("spool_full", nbytes)
+        except OSError as e:
+            log.error("store.disk_error", error=e.strerror, errno=e.errno)
+            return self._answer("disk_error", nbytes)
+        except Exception as e:  # the boundary: an exception must become a status
+            log.exception("store.internal_error", error_type=type(e).__name__)
+            return self._answer("internal", nbytes)
+        outcome = "duplicate" if stored.duplicate else "stored"
+        self.stats.count(outcome, nbytes)
+        log.info("instance.stored" if not stored.duplicate else "instance.duplicate",
+                 instance=stored.id, segment=stored.segment_id, study=stored.study_key,
+                 bytes=nbytes, sop_class=str(meta.sop_class), transfer_syntax=str(meta.transfer_syntax))
+        if self.on_stored:
+            self.on_stored(stored.segment_id)
+        return STATUS[outcome][0]
+
+    def _answer(self, outcome: str, nbytes: int) -> int:
+        status, meaning = STATUS[outcome]
+        self.stats.count(outcome, nbytes)
+        log.warning("instance.refused", outcome=outcome, status=f"0x{status:04X}", meaning=meaning)
+        return status
+
+
+def uid_name(uid: str) -> str:
+    """A readable name for a standard UID (SOP class, transfer syntax); never an identifier."""
+    try:
+        return str(UID(uid).name) or uid
+    except Exception:
+        return uid
+
+
+def identify_stored(part10: bytes) -> InstanceMeta:
+    """Identify a Part-10 file the spool already holds (crash recovery of orphans)."""
+    ds = dcmread(reader([part10]), stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+    calling = str(ds.file_meta.get("SourceApplicationEntityTitle", "") or "").strip()
+    try:
+        return identify(reader([part10]), str(ds.get("SOPInstanceUID", "")), calling)
+    except Rejected as r:
+        raise ValueError(r.outcome) from None

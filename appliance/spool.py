@@ -1,0 +1,277 @@
+"""The spool: received instances, sealed and durable, until they are packed.
+
+Owns `STATE/spool/` (one sealed file per instance, named by an opaque random id),
+`STATE/quarantine/` (files that failed authentication; never deleted by us), and the
+`instances` and `segments` rows of the queue index.
+
+The order of `store` is what makes a Success answer safe across a power cut:
+1. seal the Part-10 bytes under a fresh per-file key into `spool/.tmp-*`, fsync it;
+2. rename it to `spool/<id>` and fsync the directory (`durable.atomic_file`);
+3. commit the index row (SQLite, synchronous=FULL).
+Only after 3 may the receiver answer Success. A crash before 3 leaves an orphan file that
+was never acknowledged; `recover` adopts it if it authenticates (the modality may send
+it again: the duplicate check makes that harmless) and quarantines it otherwise.
+
+Instances are grouped per study into segments: the open (`receiving`) segment of a study
+takes new instances until it reaches the configured count or size, then it is sealed and
+a new one opened. Time-based sealing belongs to the packer.
+
+How it fails: `SpoolFullError` when storing would cross the free-space reserve (nothing
+stored is touched); `IntegrityError` when a file fails authentication; OSError from the
+disk passes up to the receiver, which answers Out of Resources.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import hmac
+import io
+import secrets
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import structlog
+
+from appliance import crypto, durable
+from appliance.db import Index
+from appliance.errors import IntegrityError, NotFoundError, SpoolFullError
+
+log = structlog.get_logger("appliance.spool")
+
+# Room for the sealed file's header and tags, the index row and its WAL frames.
+_OVERHEAD = 64 * 1024
+
+
+def new_id() -> str:
+    """An opaque, unguessable, time-sortable id: 12 hex digits of ms time + 16 random."""
+    return f"{int(time.time() * 1000):012x}{secrets.token_hex(8)}"
+
+
+@dataclass(frozen=True)
+class InstanceMeta:
+    """What the receiver knows about an instance; UIDs are used only for keyed hashes."""
+
+    study_uid: str
+    sop_instance_uid: str
+    sop_class: str
+    transfer_syntax: str
+    calling_ae: str
+
+
+@dataclass(frozen=True)
+class Stored:
+    id: str
+    segment_id: str
+    study_key: str
+    duplicate: bool
+
+
+class Spool:
+    def __init__(self, state_dir: Path, key: crypto.SpoolKey, index: Index,
+                 reserve_free_bytes: int, segment_max_instances: int = 100,
+                 segment_max_bytes: int = 64 << 20) -> None:
+        self.dir = state_dir / "spool"
+        self.quarantine_dir = state_dir / "quarantine"
+        self.key = key
+        self.index = index
+        self.reserve = reserve_free_bytes
+        self.seg_max_n = segment_max_instances
+        self.seg_max_bytes = segment_max_bytes
+        self._hkey = key.index_key()
+        for d in (self.dir, self.quarantine_dir):
+            durable.make_dirs(d)
+
+    # --- keyed hashes (never reversible without the spool key) ---
+
+    def study_key(self, study_uid: str) -> str:
+        return hmac.new(self._hkey, b"study\x00" + study_uid.encode(), hashlib.sha256).hexdigest()[:16]
+
+    def content_key(self, sop_uid: str, digest: bytes) -> str:
+        return hmac.new(self._hkey, b"content\x00" + sop_uid.encode() + b"\x00" + digest,
+                        hashlib.sha256).hexdigest()
+
+    # --- store ---
+
+    def check_room(self, size: int) -> None:
+        """Raise SpoolFullError if storing `size` more bytes would cross the reserve."""
+        free = durable.free_bytes(self.dir)
+        if free - size - _OVERHEAD < self.reserve:
+            raise SpoolFullError(
+                f"spool filesystem has {free // (1 << 20)} MiB free; reserve is "
+                f"{self.reserve // (1 << 20)} MiB"
+            )
+
+    def store(self, parts: list[bytes | memoryview], meta: InstanceMeta) -> Stored:
+        """Durably store one instance (the concatenation of `parts`). See module docstring."""
+        size = sum(len(p) for p in parts)
+        self.check_room(size)
+        h = hashlib.sha256()
+        for p in parts:
+            h.update(p)
+        ckey = self.content_key(meta.sop_instance_uid, h.digest())
+        skey = self.study_key(meta.study_uid)
+        dup = self.index.query("SELECT id, segment_id FROM instances WHERE content_key=?", (ckey,))
+        if dup:
+            return Stored(dup[0]["id"], dup[0]["segment_id"], skey, True)
+        rid = new_id()
+        with durable.atomic_file(self.dir / rid) as f:
+            crypto.seal_spool_file(self.key, rid, _PartsReader(parts), f)
+        now = time.time()
+        try:
+            with self.index.tx() as c:
+                seg = self._open_segment(c, skey, size, now)
+                c.execute(
+                    "INSERT INTO instances(id, segment_id, study_key, content_key, sop_class,"
+                    " transfer_syntax, size, received, calling_ae) VALUES (?,?,?,?,?,?,?,?,?)",
+                    (rid, seg, skey, ckey, meta.sop_class, meta.transfer_syntax, size, now,
+                     meta.calling_ae),
+                )
+                c.execute("UPDATE segments SET instances=instances+1, bytes=bytes+?, updated=?"
+                          " WHERE id=?", (size, now, seg))
+        except Exception:
+            # The same content raced in on another association: keep the first copy.
+            durable.unlink_durable(self.dir / rid)
+            dup = self.index.query("SELECT id, segment_id FROM instances WHERE content_key=?", (ckey,))
+            if dup:
+                return Stored(dup[0]["id"], dup[0]["segment_id"], skey, True)
+            raise
+        return Stored(rid, seg, skey, False)
+
+    def _open_segment(self, c: object, study_key: str, size: int, now: float) -> str:
+        conn = self.index.conn
+        row = conn.execute("SELECT id, instances, bytes FROM segments WHERE study_key=? AND"
+                           " state='receiving' ORDER BY created DESC LIMIT 1", (study_key,)).fetchone()
+        if row and row["instances"] > 0 and (
+            row["instances"] >= self.seg_max_n or row["bytes"] + size > self.seg_max_bytes
+        ):
+            conn.execute("UPDATE segments SET state='sealed', updated=? WHERE id=?", (now, row["id"]))
+            row = None
+        if row:
+            return str(row["id"])
+        seg = new_id()
+        conn.execute("INSERT INTO segments(id, study_key, state, created, updated)"
+                     " VALUES (?,?,'receiving',?,?)", (seg, study_key, now, now))
+        return seg
+
+    # --- read ---
+
+    def open(self, rid: str) -> Iterator[bytes]:
+        """Yield the verified plaintext of a spooled instance, chunk by chunk."""
+        try:
+            f = (self.dir / rid).open("rb")
+        except FileNotFoundError:
+            raise NotFoundError(f"spool file {rid} is missing") from None
+        with f:
+            yield from crypto.open_spool_file(self.key, rid, f)
+
+    def read(self, rid: str) -> bytes:
+        return b"".join(self.open(rid))
+
+    # --- recovery ---
+
+    def quarantine(self, name: str, why: str) -> None:
+        """Move a spool file aside; it is kept for a human, never deleted."""
+        src = self.dir / name
+        dst = self.quarantine_dir / f"{name}.{int(time.time())}"
+        shutil.move(src, dst)
+        durable.fsync_dir(self.quarantine_dir)
+        durable.fsync_dir(self.dir)
+        log.error("spool.quarantined", file=name, reason=why)
+
+    def recover(self, adopt: Adopter | None = None) -> dict[str, int]:
+        """Reconcile files and records after a crash. Returns counts of what was done."""
+        counts = {"temps_removed": durable.remove_stale_temps(self.dir), "adopted": 0,
+                  "quarantined": 0, "missing": 0}
+        files = {p.name for p in self.dir.iterdir() if p.is_file()}
+        rows = {r["id"] for r in self.index.query("SELECT id FROM instances")}
+        for rid in sorted(rows - files):
+            # Cannot happen with the store order above short of disk damage; say so loudly.
+            log.error("spool.record_without_file", instance=rid)
+            counts["missing"] += 1
+        for name in sorted(files - rows):
+            try:
+                data = self.read(name)
+                meta = adopt(data) if adopt else None
+            except (IntegrityError, ValueError) as e:
+                self.quarantine(name, str(e))
+                counts["quarantined"] += 1
+                continue
+            if meta is None:
+                self.quarantine(name, "orphan spool file without readable identifiers")
+                counts["quarantined"] += 1
+                continue
+            # Store it again through the normal path (fresh id), then drop the orphan.
+            self.store([data], meta)
+            durable.unlink_durable(self.dir / name)
+            counts["adopted"] += 1
+        return counts
+
+    def stats(self) -> dict[str, int]:
+        r = self.index.query("SELECT COUNT(*) n, COALESCE(SUM(size),0) b FROM instances")[0]
+        return {"instances": r["n"], "bytes": r["b"], "free_bytes": durable.free_bytes(self.dir),
+                "reserve_bytes": self.reserve}
+
+
+class Adopter:
+    """Callable protocol: Part-10 bytes -> InstanceMeta, or raise ValueError."""
+
+    def __call__(self, data: bytes) -> InstanceMeta:  # pragma: no cover - protocol
+        raise NotImplementedError
+
+
+class _PartsReader(io.RawIOBase):
+    """A seekable read-only file over a list of byte buffers, without concatenating them."""
+
+    def __init__(self, parts: list[bytes | memoryview]) -> None:
+        self._parts = [memoryview(p).cast("B") for p in parts if len(p)]
+        self._starts = []
+        pos = 0
+        for p in self._parts:
+            self._starts.append(pos)
+            pos += len(p)
+        self._size = pos
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        out = memoryview(b).cast("B")
+        n = 0
+        i = bisect.bisect_right(self._starts, self._pos) - 1
+        while n < len(out) and 0 <= i < len(self._parts) and self._pos < self._size:
+            part, off = self._parts[i], self._pos - self._starts[i]
+            take = min(len(out) - n, len(part) - off)
+            out[n:n + take] = part[off:off + take]
+            n += take
+            self._pos += take
+            i += 1
+        return n
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            size = max(0, self._size - self._pos)
+        buf = bytearray(min(size, max(0, self._size - self._pos)))
+        n = self.readinto(buf)
+        return bytes(buf[:n])
+
+
+def reader(parts: list[bytes | memoryview]) -> BinaryIO:
+    return _PartsReader(parts)  # type: ignore[return-value]
+
