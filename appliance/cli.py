@@ -7,9 +7,11 @@
     appliance status         [--config PATH] [--json]
 
 Every error is one line on stderr and a documented exit code (see `errors.py`): 0 ok,
-64 usage, 66 not found, 69 daemon not running (status), 73 state dir, 78 configuration
-or key file. No command prints a traceback; an unexpected bug prints one line and exits
-70, with the traceback only under APPLIANCE_DEBUG=1.
+64 usage, 66 not found, 69 daemon not running or not answering (status), 73 state dir
+(also: `queue list` before the daemon has ever run), 77 permission denied (status),
+78 configuration or key file (a config error prints one line per problem). No command
+prints a traceback; an unexpected bug prints one line and exits 70, with the traceback
+only under APPLIANCE_DEBUG=1.
 """
 
 from __future__ import annotations
@@ -17,13 +19,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sqlite3
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from appliance import __version__, config, crypto
-from appliance.errors import EX_UNAVAILABLE, ApplianceError, ConfigError, KeyFileError, UsageError
+from cryptography.hazmat.primitives import serialization
+
+from appliance import __version__, config, crypto, durable
+from appliance.errors import (
+    EX_NOPERM,
+    EX_UNAVAILABLE,
+    ApplianceError,
+    ConfigError,
+    KeyFileError,
+    StateError,
+    UsageError,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,7 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     chk.add_argument("--json", action="store_true")
     keys = sub.add_parser("keys", help="key management")
     keys_sub = keys.add_subparsers(dest="sub", required=True, parser_class=_Parser)
-    keys_sub.add_parser("init", parents=[common], help="create the spool key and appliance key pair if missing")
+    keys_sub.add_parser("init", parents=[common],
+                        help="create the spool key and appliance key pair if missing")
     q = sub.add_parser("queue", help="inspect the queue")
     q_sub = q.add_subparsers(dest="sub", required=True, parser_class=_Parser)
     ql = q_sub.add_parser("list", parents=[common], help="list segments and bundles")
@@ -102,28 +117,75 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     cfg = config.load(args.config)
-    problems = []
-    # Key files are part of a working config: check them the way the daemon will.
-    try:
-        crypto.load_spool_key(cfg.spool.key_file)
-    except KeyFileError as e:
-        problems.append(f"spool.key_file: {e}")
-    if cfg.receive.tls:
-        for name in ("cert", "key", "ca"):
-            p = getattr(cfg.receive.tls, name)
-            if not p.is_file():
-                problems.append(f"receive.tls.{name}: {p} does not exist")
-    for i, d in enumerate(cfg.destinations):
-        if d.transport == "directory" and d.path and d.path.exists() and not d.path.is_dir():
-            problems.append(f"destinations[{i}].path: {d.path} exists and is not a directory")
+    problems = [f"{cfg.file_of(key)}: {key}: {msg}" for key, msg in _check_files(cfg)]
     if problems:
-        raise ConfigError([f"{cfg.sources[0]}: {p}" for p in problems])
+        raise ConfigError(problems)
     eff = config.effective(cfg)
     if args.json:
         print(json.dumps(eff, indent=2))
     else:
         _print_tree(eff)
     return 0
+
+
+def _check_files(cfg: config.Config) -> list[tuple[str, str]]:
+    """(dotted key, problem) for every file the config names that the daemon could not use.
+
+    Key files are part of a working config: they are checked the way the daemon will
+    load them (present, the right kind, 0600, owned by us). Nothing is created here.
+    """
+    checks: list[tuple[str, Callable[[Path], object], Path]] = [
+        ("spool.key_file", crypto.load_spool_key, cfg.spool.key_file),
+        ("encryption.appliance_key", crypto.load_private_key, cfg.encryption.appliance_key),
+        ("encryption.appliance_public_key", crypto.load_public_key,
+         cfg.encryption.appliance_public_key),
+    ]
+    checks += [(f"encryption.recipients[{i}]", crypto.load_public_key, p)
+               for i, p in enumerate(cfg.encryption.recipients)]
+    tls_files: list[tuple[str, config.ReceiveTLS | config.TLSClient | None]] = [
+        ("receive.tls", cfg.receive.tls)]
+    tls_files += [(f"destinations[{i}].tls", d.tls) for i, d in enumerate(cfg.destinations)]
+    for key, tls in tls_files:
+        if tls is not None:
+            checks += [(f"{key}.cert", _regular_file, tls.cert),
+                       (f"{key}.key", _private_key_file, tls.key),
+                       (f"{key}.ca", _regular_file, tls.ca)]
+    for i, d in enumerate(cfg.destinations):
+        if d.transport == "sftp" and d.key and d.known_hosts:
+            checks += [(f"destinations[{i}].key", _private_key_file, d.key),
+                       (f"destinations[{i}].known_hosts", _regular_file, d.known_hosts)]
+        if d.transport == "directory" and d.path:
+            checks.append((f"destinations[{i}].path", _directory_or_absent, d.path))
+    checks.append(("appliance.state_dir", _directory_or_absent, cfg.appliance.state_dir))
+    out = []
+    for key, check, path in checks:
+        try:
+            check(path)
+        except (KeyFileError, _FileProblem) as e:
+            out.append((key, str(e)))
+    return out
+
+
+class _FileProblem(Exception):
+    pass
+
+
+def _regular_file(p: Path) -> None:
+    if not p.is_file():
+        raise _FileProblem(f"{p} does not exist or is not a file")
+
+
+def _private_key_file(p: Path) -> None:
+    """A key that `keys init` does not make (TLS, SSH): present, 0600, ours."""
+    if not p.exists():
+        raise _FileProblem(f"key file {p} does not exist")
+    crypto.check_private_key_file(p)
+
+
+def _directory_or_absent(p: Path) -> None:
+    """The daemon creates a missing directory, but cannot use a file in its place."""
+    if p.exists() and not p.is_dir():
+        raise _FileProblem(f"{p} exists and is not a directory")
 
 
 def _print_tree(d: Any, prefix: str = "") -> None:
@@ -140,6 +202,7 @@ def _print_tree(d: Any, prefix: str = "") -> None:
 
 
 def cmd_keys_init(args: argparse.Namespace) -> int:
+    """Create the keys the config names that do not exist yet; never replace one."""
     cfg = config.load(args.config)
     p = cfg.spool.key_file
     if p.exists():
@@ -150,11 +213,20 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
         print(f"spool key: {p} created")
     priv, pub = cfg.encryption.appliance_key, cfg.encryption.appliance_public_key
     if priv.exists():
-        crypto.load_private_key(priv)
+        key = crypto.load_private_key(priv)
         print(f"appliance key: {priv} exists, kept")
+        if not pub.exists():
+            # The public half is derived from the private key, so recreating a lost
+            # copy changes nothing that the reading center already trusts.
+            durable.make_dirs(pub.parent)
+            durable.atomic_write(pub, key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo),
+                mode=0o644)
+            print(f"appliance public key: {pub} was missing, written again from {priv}")
     else:
         if pub.exists():
-            raise KeyFileError(f"{pub} exists but its private key {priv} does not; move it aside first")
+            raise KeyFileError(f"{pub} exists but its private key {priv} does not; "
+                               "move it aside first")
         crypto.create_keypair(priv, pub)
         print(f"appliance key: {priv} created, public key {pub}")
     return 0
@@ -166,12 +238,17 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
     cfg = config.load(args.config)
     idx = open_index(cfg.appliance.state_dir, readonly=True)
     now = time.time()
-    rows = [
-        {"id": r["id"], "state": r["state"], "study": r["study_key"], "instances": r["instances"],
-         "bytes": r["bytes"], "age_s": round(now - r["created"], 1), "reason": r["reason"]}
-        for r in idx.query("SELECT * FROM segments ORDER BY created")
-    ]
-    idx.close()
+    try:
+        rows = [
+            {"id": r["id"], "state": r["state"], "study": r["study_key"],
+             "instances": r["instances"], "bytes": r["bytes"],
+             "age_s": round(now - r["created"], 1), "reason": r["reason"]}
+            for r in idx.query("SELECT * FROM segments ORDER BY created")
+        ]
+    except sqlite3.Error as e:
+        raise StateError(f"cannot read the queue index in {cfg.appliance.state_dir}: {e}") from None
+    finally:
+        idx.close()
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -179,6 +256,8 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"{r['id']:28} {r['state']:10} {r['study']:16} {r['instances']:>6} {r['bytes']:>12}"
               f" {_age(r['age_s']):>8}  {r['reason'] or ''}")
+    if not rows:
+        print("(the queue is empty)")
     return 0
 
 
@@ -194,9 +273,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     from appliance.health.status import query
 
     cfg = config.load(args.config)
-    st = query(cfg.status_socket)
+    sock = cfg.status_socket
+    try:
+        st = query(sock)
+    except PermissionError:
+        print(f"error: permission denied on {sock}: run as root or the appliance's user",
+              file=sys.stderr)
+        return EX_NOPERM
+    except (OSError, ValueError):  # a hung daemon (timeout) or one that died mid-answer
+        print(f"error: the appliance daemon did not answer on {sock}", file=sys.stderr)
+        return EX_UNAVAILABLE
     if st is None:
-        print(f"error: the appliance daemon is not running (no {cfg.status_socket})", file=sys.stderr)
+        print(f"error: the appliance daemon is not running (nothing listens on {sock})",
+              file=sys.stderr)
         return EX_UNAVAILABLE
     if args.json:
         print(json.dumps(st, indent=2))

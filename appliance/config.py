@@ -13,7 +13,11 @@ paths are resolved against the directory of the file that names them. `load` is 
 edge that reads the files.
 
 Nothing here opens sockets or key files; checking that key files exist and are private
-happens where they are used (and `appliance config check` does it too).
+happens where they are used (and `appliance config check` does it too). Messages name
+files, keys and the offending config value, never anything received from a modality.
+
+`config/appliance.example.toml` documents every key of this tree for the field
+technician; a test fails when a field here is missing there (or the other way round).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from appliance.errors import ConfigError
 
@@ -34,7 +38,9 @@ DEFAULT_CONFIG = Path("/etc/appliance/appliance.toml")
 DROPIN_DIR = "conf.d"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-SECRET = {"secret": True}
+SECRET = {"secret": True}  # field metadata: `effective` prints it as ELIDED
+ELIDED = "<elided>"
+NOT_A_KEY = {"not_a_key": True}  # field metadata: bookkeeping, not settable in a file
 
 
 # --- the tree -----------------------------------------------------------------------
@@ -59,7 +65,7 @@ class ReceiveTLS:
 @dataclass(frozen=True)
 class Receive:
     ae_title: str = "EDGE"
-    bind: str = "0.0.0.0"
+    bind: str = "0.0.0.0"  # noqa: S104 - scanners reach the box over the LAN by design
     port: int = 104
     plain: bool = True
     accept_any_caller: bool = False
@@ -151,17 +157,35 @@ class Config:
     encryption: Encryption = Encryption()
     queue: Queue = Queue()
     destinations: tuple[Destination, ...] = ()
-    sources: tuple[Path, ...] = ()  # files read, in order
+    # Files read, in order, and which file set each dotted key (so that problems found
+    # later, such as a missing key file, can name the file the technician must edit).
+    sources: tuple[Path, ...] = field(default=(), metadata=NOT_A_KEY)
+    origins: Mapping[str, Path] = field(default_factory=dict, compare=False, repr=False,
+                                        metadata=NOT_A_KEY)
 
     @property
     def status_socket(self) -> Path:
         return self.appliance.state_dir / "run" / "status.sock"
 
+    def file_of(self, key: str) -> Path:
+        """The file that set dotted `key` (or its nearest table); else the main file."""
+        return _file_of(self.origins, key, self.sources[0] if self.sources else DEFAULT_CONFIG)
+
+
+# Which [[destinations]] keys apply to which transport, besides `name` and `transport`.
+TRANSPORT_KEYS: dict[str, tuple[str, ...]] = {
+    "directory": ("path",),
+    "dicom": ("host", "port", "ae_title", "calling_ae_title", "tls", "plaintext",
+              "storage_commitment", "timeout_s"),
+    "sftp": ("host", "port", "user", "key", "key_passphrase", "known_hosts", "remote_dir",
+             "timeout_s"),
+}
+
 
 # --- parsing --------------------------------------------------------------------------
 
-T = TypeVar("T")
-_MISSING = object()
+_MISSING: Any = object()
+Check = Callable[[str, Any], Any]
 
 
 class _Table:
@@ -171,12 +195,11 @@ class _Table:
         self.prefix = path
         self.ctx = ctx
         self.used: set[str] = set()
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            ctx.problem(path, "must be a table")
-            data = {}
-        self.data: dict[str, Any] = data
+        # A table that is not a table was reported once; its keys are not "required" too.
+        self.valid = data is None or isinstance(data, dict)
+        if not self.valid:
+            ctx.problem(path, f"must be a table, not {_tname(data)}")
+        self.data: dict[str, Any] = data if isinstance(data, dict) else {}
 
     def key(self, name: str) -> str:
         return f"{self.prefix}.{name}" if self.prefix else name
@@ -184,7 +207,7 @@ class _Table:
     def has(self, name: str) -> bool:
         return name in self.data
 
-    def get(self, name: str, default: Any, check: Callable[[str, Any], Any]) -> Any:
+    def get(self, name: str, default: Any, check: Check) -> Any:
         self.used.add(name)
         if name not in self.data:
             return default
@@ -194,8 +217,8 @@ class _Table:
             self.ctx.problem(self.key(name), str(e))
             return default
 
-    def str(self, name: str, default: Any = _MISSING, *, max_len: int = 1024,
-            pattern: re.Pattern[str] | None = None, hint: str = "") -> Any:
+    def string(self, name: str, default: Any = _MISSING, *, max_len: int = 1024,
+               pattern: re.Pattern[str] | None = None, hint: str = "") -> Any:
         def check(key: str, v: Any) -> str:
             if not isinstance(v, str):
                 raise _Bad(f"must be a string, not {_tname(v)}")
@@ -208,7 +231,7 @@ class _Table:
             return v
         return self._required(name, default, check)
 
-    def int(self, name: str, default: Any, lo: int, hi: int) -> Any:
+    def integer(self, name: str, default: Any, lo: int, hi: int) -> Any:
         def check(key: str, v: Any) -> int:
             if isinstance(v, bool) or not isinstance(v, int):
                 raise _Bad(f"must be an integer, not {_tname(v)}")
@@ -217,37 +240,32 @@ class _Table:
             return v
         return self._required(name, default, check)
 
-    def num(self, name: str, default: Any, lo: float, hi: float) -> Any:
+    def number(self, name: str, default: Any, lo: float, hi: float) -> Any:
         def check(key: str, v: Any) -> float:
             if isinstance(v, bool) or not isinstance(v, int | float):
                 raise _Bad(f"must be a number, not {_tname(v)}")
-            if not lo <= v <= hi:
+            if not lo <= v <= hi:  # also refuses nan
                 raise _Bad(f"must be {lo:g}..{hi:g}")
             return float(v)
         return self._required(name, default, check)
 
-    def bool(self, name: str, default: bool) -> bool:
+    def boolean(self, name: str, default: bool) -> bool:
         def check(key: str, v: Any) -> bool:
             if not isinstance(v, bool):
                 raise _Bad(f"must be true or false, not {_tname(v)}")
             return v
         return bool(self._required(name, default, check))
 
-    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+    def choice(self, name: str, default: Any, choices: tuple[str, ...]) -> Any:
         def check(key: str, v: Any) -> str:
-            if v not in choices:
+            if not isinstance(v, str) or v not in choices:
                 raise _Bad(f"must be one of {', '.join(choices)} (got {v!r})")
-            return str(v)
-        return str(self._required(name, default, check))
+            return v
+        return self._required(name, default, check)
 
     def path(self, name: str, default: Any = _MISSING) -> Any:
         def check(key: str, v: Any) -> Path:
-            if not isinstance(v, str) or not v:
-                raise _Bad(f"must be a non-empty path string, not {_tname(v)}")
-            if "\x00" in v:
-                raise _Bad("must not contain NUL")
-            p = Path(v).expanduser()
-            return Path(os.path.normpath(p if p.is_absolute() else self.ctx.base_dir(key) / p))
+            return _resolve(self.ctx, key, v)
         return self._required(name, default, check)
 
     def ae(self, name: str, default: Any = _MISSING) -> Any:
@@ -260,19 +278,30 @@ class _Table:
         return _Table(self.data.get(name), self.key(name), self.ctx)
 
     def tables(self, name: str) -> list[_Table]:
+        """The entries of an array of tables; entries that are not tables are reported."""
         self.used.add(name)
         v = self.data.get(name, [])
         if not isinstance(v, list):
             self.ctx.problem(self.key(name), "must be an array of tables ([[...]])")
             return []
-        return [_Table(item, f"{self.key(name)}[{i}]", self.ctx) for i, item in enumerate(v)]
+        out = []
+        for i, item in enumerate(v):
+            sub = _Table(item, f"{self.key(name)}[{i}]", self.ctx)
+            if sub.valid and item is not None:
+                out.append(sub)
+        return out
 
-    def _required(self, name: str, default: Any, check: Callable[[str, Any], Any]) -> Any:
+    def _required(self, name: str, default: Any, check: Check) -> Any:
         if default is _MISSING and name not in self.data:
             self.used.add(name)
-            self.ctx.problem(self.key(name), "is required")
+            if self.valid:
+                self.ctx.problem(self.key(name), "is required")
             return None
         return self.get(name, None if default is _MISSING else default, check)
+
+    def ignore_rest(self) -> None:
+        """Mark every key as read (after a problem that makes them meaningless)."""
+        self.used.update(self.data)
 
     def finish(self) -> None:
         for k in self.data:
@@ -284,6 +313,16 @@ class _Bad(Exception):
     pass
 
 
+def _file_of(origins: Mapping[str, Path], key: str, default: Path) -> Path:
+    """The file that set `key`, or the nearest enclosing table or array entry."""
+    k = key
+    while k:
+        if k in origins:
+            return origins[k]
+        k = re.sub(r"(\[\d+\]|\.[^.\[]+|^[^.\[]+)$", "", k)
+    return default
+
+
 class _Context:
     def __init__(self, origins: Mapping[str, Path], default_file: Path) -> None:
         self.origins = origins
@@ -291,12 +330,7 @@ class _Context:
         self.problems: list[str] = []
 
     def file_of(self, key: str) -> Path:
-        k = key
-        while k:
-            if k in self.origins:
-                return self.origins[k]
-            k = re.sub(r"(\[\d+\]|\.[^.\[]+|^[^.\[]+)$", "", k)
-        return self.default_file
+        return _file_of(self.origins, key, self.default_file)
 
     def base_dir(self, key: str) -> Path:
         return self.file_of(key).parent
@@ -323,15 +357,29 @@ def check_ae_title(v: Any) -> str:
     return v.strip()
 
 
+def _resolve(ctx: _Context, key: str, v: Any) -> Path:
+    """A path from the config; a relative one is relative to the file that names it."""
+    if not isinstance(v, str) or not v:
+        raise _Bad(f"must be a non-empty path string, not {_tname(v)}")
+    if "\x00" in v:
+        raise _Bad("must not contain NUL")
+    p = Path(v).expanduser()
+    return Path(os.path.normpath(p if p.is_absolute() else ctx.base_dir(key) / p))
+
+
 def _check_hosts(key: str, v: Any) -> tuple[str, ...]:
     if not isinstance(v, list) or not all(isinstance(h, str) for h in v):
         raise _Bad("must be an array of IP addresses or networks")
     out = []
     for h in v:
         try:
-            out.append(str(ipaddress.ip_network(h, strict=False)))
+            net = ipaddress.ip_network(h, strict=False)
         except ValueError:
-            raise _Bad(f"{h!r} is not an IP address or network (like 10.1.2.3 or 10.1.2.0/24)") from None
+            raise _Bad(f"{h!r} is not an IP address or network "
+                       "(like 10.1.2.3 or 10.1.2.0/24)") from None
+        # A single address prints as the technician wrote it, not as 10.1.2.3/32.
+        single = net.prefixlen == net.max_prefixlen
+        out.append(str(net.network_address) if single else str(net))
     return tuple(out)
 
 
@@ -345,20 +393,20 @@ def _check_ip(key: str, v: Any) -> str:
     return v
 
 
-def _check_path_list(ctx: _Context) -> Callable[[str, Any], tuple[Path, ...]]:
+def _check_path_list(ctx: _Context) -> Check:
     def check(key: str, v: Any) -> tuple[Path, ...]:
-        if not isinstance(v, list) or not all(isinstance(p, str) and p for p in v):
-            raise _Bad("must be an array of paths")
-        base = ctx.base_dir(key)
-        return tuple(Path(os.path.normpath(base / p)) for p in v)
+        if not isinstance(v, list):
+            raise _Bad(f"must be an array of paths, not {_tname(v)}")
+        return tuple(_resolve(ctx, f"{key}[{i}]", p) for i, p in enumerate(v))
     return check
 
 
 def _parse_appliance(t: _Table) -> Appliance:
     d = Appliance()
     a = Appliance(
-        name=t.str("name", d.name, max_len=63, pattern=_NAME_RE,
-                   hint="must be 1..63 letters, digits, '.', '_' or '-', starting with a letter or digit"),
+        name=t.string("name", d.name, max_len=63, pattern=_NAME_RE,
+                      hint="must be 1..63 letters, digits, '.', '_' or '-', "
+                           "starting with a letter or digit"),
         state_dir=t.path("state_dir", d.state_dir),
         log_level=t.choice("log_level", d.log_level, ("debug", "info", "warning", "error")),
         log_format=t.choice("log_format", d.log_format, ("auto", "json", "console")),
@@ -367,8 +415,7 @@ def _parse_appliance(t: _Table) -> Appliance:
     return a
 
 
-def _parse_receive(t: _Table) -> Receive:
-    d = Receive()
+def _parse_callers(t: _Table) -> tuple[Caller, ...]:
     callers: list[Caller] = []
     seen: dict[str, str] = {}
     for ct in t.tables("callers"):
@@ -378,49 +425,71 @@ def _parse_receive(t: _Table) -> Receive:
         if ae is None:
             continue
         if ae in seen:
-            t.ctx.problem(ct.key("ae_title"), f"duplicate of {seen[ae]} ({ae!r})")
+            # The allowlist matches the first entry with a title, so a second entry
+            # would be dead: its hosts would never be allowed.
+            t.ctx.problem(ct.key("ae_title"), f"duplicate of {seen[ae]} ({ae!r}); "
+                          "list all of a caller's hosts in one entry")
             continue
         seen[ae] = ct.key("ae_title")
         callers.append(Caller(ae, hosts))
-    tls = None
-    if t.has("tls"):
-        tt = t.table("tls")
-        tls = ReceiveTLS(
-            port=tt.int("port", 2762, 1, 65535),
-            cert=tt.path("cert"), key=tt.path("key"), ca=tt.path("ca"),
-            bind=tt.get("bind", None, _check_ip),
-            require_client_cert=tt.bool("require_client_cert", True),
-        )
-        tt.finish()
+    return tuple(callers)
+
+
+def _parse_receive_tls(t: _Table) -> ReceiveTLS | None:
+    if not t.has("tls"):
+        return None
+    tt = t.table("tls")
+    if not tt.valid:
+        return None
+    tls = ReceiveTLS(
+        port=tt.integer("port", 2762, 1, 65535),
+        cert=tt.path("cert"), key=tt.path("key"), ca=tt.path("ca"),
+        bind=tt.get("bind", None, _check_ip),
+        require_client_cert=tt.boolean("require_client_cert", True),
+    )
+    tt.finish()
+    return tls
+
+
+def _parse_receive(t: _Table) -> Receive:
+    d = Receive()
     r = Receive(
         ae_title=t.ae("ae_title", d.ae_title),
         bind=t.get("bind", d.bind, _check_ip),
-        port=t.int("port", d.port, 1, 65535),
-        plain=t.bool("plain", d.plain),
-        accept_any_caller=t.bool("accept_any_caller", d.accept_any_caller),
-        callers=tuple(callers),
-        max_associations=t.int("max_associations", d.max_associations, 1, 64),
-        max_pdu=t.int("max_pdu", d.max_pdu, 4096, 16 * 1024 * 1024),
-        acse_timeout_s=t.num("acse_timeout_s", d.acse_timeout_s, 1, 600),
-        dimse_timeout_s=t.num("dimse_timeout_s", d.dimse_timeout_s, 1, 3600),
-        network_timeout_s=t.num("network_timeout_s", d.network_timeout_s, 1, 3600),
-        tls=tls,
+        port=t.integer("port", d.port, 1, 65535),
+        plain=t.boolean("plain", d.plain),
+        accept_any_caller=t.boolean("accept_any_caller", d.accept_any_caller),
+        callers=_parse_callers(t),
+        max_associations=t.integer("max_associations", d.max_associations, 1, 64),
+        max_pdu=t.integer("max_pdu", d.max_pdu, 4096, 16 * 1024 * 1024),
+        acse_timeout_s=t.number("acse_timeout_s", d.acse_timeout_s, 1, 600),
+        dimse_timeout_s=t.number("dimse_timeout_s", d.dimse_timeout_s, 1, 3600),
+        network_timeout_s=t.number("network_timeout_s", d.network_timeout_s, 1, 3600),
+        tls=_parse_receive_tls(t),
     )
     t.finish()
-    if not r.plain and r.tls is None:
+    if t.valid:
+        _check_receive(t, r)
+    return r
+
+
+def _check_receive(t: _Table, r: Receive) -> None:
+    """Problems that involve more than one [receive] key."""
+    if not r.plain and r.tls is None and "tls" not in t.data:
         t.ctx.problem(t.key("plain"), "is false but there is no [receive.tls]: nothing would listen")
-    if not r.accept_any_caller and not r.callers:
+    # Safe default: nobody may send until the technician lists the scanners (a malformed
+    # callers value was reported already).
+    if not r.accept_any_caller and t.data.get("callers", []) == []:
         t.ctx.problem(t.key("callers"), "is empty: add a [[receive.callers]] entry per scanner, "
                       "or set accept_any_caller = true on a closed network")
     if r.tls and r.plain and r.tls.port == r.port and (r.tls.bind or r.bind) == r.bind:
         t.ctx.problem(t.key("tls.port"), f"is the same as receive.port ({r.port})")
-    return r
 
 
 def _parse_spool(t: _Table) -> Spool:
     d = Spool()
     s = Spool(key_file=t.path("key_file", d.key_file),
-              reserve_free_mb=t.int("reserve_free_mb", d.reserve_free_mb, 0, 10_000_000))
+              reserve_free_mb=t.integer("reserve_free_mb", d.reserve_free_mb, 0, 10_000_000))
     t.finish()
     return s
 
@@ -429,12 +498,13 @@ def _parse_pack(t: _Table) -> Pack:
     d = Pack()
     p = Pack(
         codec=t.choice("codec", d.codec, ("jpeg2000", "jpeg-ls", "none")),
-        verify=t.bool("verify", d.verify),
-        study_quiet_s=t.num("study_quiet_s", d.study_quiet_s, 0.5, 3600),
-        segment_max_instances=t.int("segment_max_instances", d.segment_max_instances, 1, 100_000),
-        segment_max_mb=t.int("segment_max_mb", d.segment_max_mb, 1, 16_384),
-        segment_max_age_s=t.num("segment_max_age_s", d.segment_max_age_s, 0.5, 3600),
-        workers=t.int("workers", d.workers, 0, 256),
+        verify=t.boolean("verify", d.verify),
+        study_quiet_s=t.number("study_quiet_s", d.study_quiet_s, 0.5, 3600),
+        segment_max_instances=t.integer("segment_max_instances", d.segment_max_instances,
+                                        1, 100_000),
+        segment_max_mb=t.integer("segment_max_mb", d.segment_max_mb, 1, 16_384),
+        segment_max_age_s=t.number("segment_max_age_s", d.segment_max_age_s, 0.5, 3600),
+        workers=t.integer("workers", d.workers, 0, 256),
     )
     t.finish()
     return p
@@ -454,9 +524,9 @@ def _parse_encryption(t: _Table) -> Encryption:
 def _parse_queue(t: _Table) -> Queue:
     d = Queue()
     q = Queue(
-        retry_min_s=t.num("retry_min_s", d.retry_min_s, 0.1, 86400),
-        retry_max_s=t.num("retry_max_s", d.retry_max_s, 1, 7 * 86400),
-        keep_delivered_h=t.num("keep_delivered_h", d.keep_delivered_h, 0, 24 * 365),
+        retry_min_s=t.number("retry_min_s", d.retry_min_s, 0.1, 86400),
+        retry_max_s=t.number("retry_max_s", d.retry_max_s, 1, 7 * 86400),
+        keep_delivered_h=t.number("keep_delivered_h", d.keep_delivered_h, 0, 24 * 365),
     )
     t.finish()
     if q.retry_min_s > q.retry_max_s:
@@ -464,78 +534,115 @@ def _parse_queue(t: _Table) -> Queue:
     return q
 
 
-def _parse_destination(t: _Table) -> Destination | None:
-    name = t.str("name", max_len=63, pattern=_NAME_RE,
-                 hint="must be 1..63 letters, digits, '.', '_' or '-'")
-    transport = t.choice("transport", "", ("dicom", "sftp", "directory")) if t.has("transport") else None
-    if transport is None:
-        t.used.add("transport")
-        t.ctx.problem(t.key("transport"), "is required (dicom, sftp or directory)")
-        t.finish()
-        return None
-    kw: dict[str, Any] = {}
-    if transport == "directory":
-        kw["path"] = t.path("path")
-    elif transport == "dicom":
-        kw["host"] = t.str("host", max_len=253)
-        kw["port"] = t.int("port", 104, 1, 65535)
-        kw["ae_title"] = t.ae("ae_title")
-        kw["calling_ae_title"] = t.ae("calling_ae_title", None)
-        kw["plaintext"] = t.bool("plaintext", False)
-        kw["storage_commitment"] = t.bool("storage_commitment", False)
-        kw["timeout_s"] = t.num("timeout_s", 30.0, 1, 3600)
-        if t.has("tls"):
-            tt = t.table("tls")
+def _dicom_keys(t: _Table) -> dict[str, Any]:
+    kw: dict[str, Any] = {
+        "host": t.string("host", max_len=253),
+        "port": t.integer("port", 104, 1, 65535),
+        "ae_title": t.ae("ae_title"),
+        "calling_ae_title": t.ae("calling_ae_title", None),
+        "plaintext": t.boolean("plaintext", False),
+        "storage_commitment": t.boolean("storage_commitment", False),
+        "timeout_s": t.number("timeout_s", 30.0, 1, 3600),
+    }
+    if t.has("tls"):
+        tt = t.table("tls")
+        if tt.valid:
             kw["tls"] = TLSClient(cert=tt.path("cert"), key=tt.path("key"), ca=tt.path("ca"))
             tt.finish()
-        elif not kw["plaintext"]:
-            t.ctx.problem(t.key("tls"), "is required; or set plaintext = true to send "
-                          "unencrypted DICOM (only on a VPN or closed network)")
-        if t.has("tls") and kw["plaintext"]:
+        if kw["plaintext"]:
             t.ctx.problem(t.key("plaintext"), "is true but tls is also set: choose one")
-    elif transport == "sftp":
-        kw["host"] = t.str("host", max_len=253)
-        kw["port"] = t.int("port", 22, 1, 65535)
-        kw["user"] = t.str("user", max_len=64)
-        kw["key"] = t.path("key")
-        kw["key_passphrase"] = t.str("key_passphrase", None)
-        kw["known_hosts"] = t.path("known_hosts")
-        kw["remote_dir"] = t.str("remote_dir", ".")
-        kw["timeout_s"] = t.num("timeout_s", 30.0, 1, 3600)
+    elif not kw["plaintext"]:
+        # Never send patient data in the clear by omission: plaintext must be explicit.
+        t.ctx.problem(t.key("tls"), "is required; or set plaintext = true to send "
+                      "unencrypted DICOM (only on a VPN or closed network)")
+    return kw
+
+
+def _sftp_keys(t: _Table) -> dict[str, Any]:
+    return {
+        "host": t.string("host", max_len=253),
+        "port": t.integer("port", 22, 1, 65535),
+        "user": t.string("user", max_len=64),
+        "key": t.path("key"),
+        "key_passphrase": t.string("key_passphrase", None),
+        # Required: without the server's host key the appliance cannot tell the reading
+        # center from a machine in the middle.
+        "known_hosts": t.path("known_hosts"),
+        "remote_dir": t.string("remote_dir", "."),
+        "timeout_s": t.number("timeout_s", 30.0, 1, 3600),
+    }
+
+
+_OPTIONAL_DEST = ("calling_ae_title", "key_passphrase", "tls")
+
+
+def _parse_destination(t: _Table) -> Destination | None:
+    name = t.string("name", max_len=63, pattern=_NAME_RE,
+                    hint="must be 1..63 letters, digits, '.', '_' or '-', "
+                         "starting with a letter or digit")
+    transport = t.choice("transport", None, tuple(TRANSPORT_KEYS))
+    if transport is None:
+        if not t.has("transport"):
+            t.ctx.problem(t.key("transport"), "is required (dicom, sftp or directory)")
+        t.ignore_rest()  # which keys belong here depends on the transport
+        return None
+    kw: dict[str, Any]
+    if transport == "directory":
+        kw = {"path": t.path("path")}
+    elif transport == "dicom":
+        kw = _dicom_keys(t)
+    else:
+        kw = _sftp_keys(t)
+    for k in t.data:
+        if k not in t.used and any(k in keys for keys in TRANSPORT_KEYS.values()):
+            t.used.add(k)
+            t.ctx.problem(t.key(k), f"does not apply to transport {transport!r}")
     t.finish()
-    if name is None or any(v is None for k, v in kw.items() if k not in ("calling_ae_title", "key_passphrase")):
+    if name is None or any(v is None for k, v in kw.items() if k not in _OPTIONAL_DEST):
         return None
     return Destination(name=name, transport=transport, **kw)
 
 
-def parse(data: Mapping[str, Any], origins: Mapping[str, Path], main_file: Path,
-          sources: tuple[Path, ...] = ()) -> Config:
-    """Turn merged TOML data into a Config, or raise ConfigError listing every problem."""
-    ctx = _Context(origins, main_file)
-    top = _Table(dict(data), "", ctx)
-    appliance = _parse_appliance(top.table("appliance"))
-    receive = _parse_receive(top.table("receive"))
-    spool = _parse_spool(top.table("spool"))
-    pack = _parse_pack(top.table("pack"))
-    encryption = _parse_encryption(top.table("encryption"))
-    queue = _parse_queue(top.table("queue"))
+def _parse_destinations(top: _Table) -> tuple[Destination, ...]:
     dests: list[Destination] = []
     names: dict[str, str] = {}
     for dt in top.tables("destinations"):
         dest = _parse_destination(dt)
-        if dest is None:
-            continue
-        if dest.name in names:
-            ctx.problem(dt.key("name"), f"duplicate of {names[dest.name]} ({dest.name!r})")
-            continue
-        names[dest.name] = dt.key("name")
-        dests.append(dest)
+        name = dt.data.get("name")
+        if isinstance(name, str) and name:
+            if name in names:
+                dt.ctx.problem(dt.key("name"), f"duplicate of {names[name]} ({name!r})")
+            names.setdefault(name, dt.key("name"))
+        if dest is not None:
+            dests.append(dest)
+    return tuple(dests)
+
+
+def parse(data: Mapping[str, Any], origins: Mapping[str, Path], main_file: Path,
+          sources: tuple[Path, ...] = ()) -> Config:
+    """Turn merged TOML data into a Config, or raise ConfigError listing every problem.
+
+    `origins` maps dotted keys (`receive.port`, `destinations[0]`) to the file that set
+    them; relative paths resolve against that file's directory and problems name it.
+    Keys without an origin belong to `main_file`.
+    """
+    ctx = _Context(origins, main_file)
+    top = _Table(dict(data), "", ctx)
+    cfg = Config(
+        appliance=_parse_appliance(top.table("appliance")),
+        receive=_parse_receive(top.table("receive")),
+        spool=_parse_spool(top.table("spool")),
+        pack=_parse_pack(top.table("pack")),
+        encryption=_parse_encryption(top.table("encryption")),
+        queue=_parse_queue(top.table("queue")),
+        destinations=_parse_destinations(top),
+        sources=sources or (main_file,),
+        origins=dict(origins),
+    )
     top.finish()
     if ctx.problems:
         raise ConfigError(ctx.problems)
-    return Config(appliance=appliance, receive=receive, spool=spool, pack=pack,
-                  encryption=encryption, queue=queue, destinations=tuple(dests),
-                  sources=sources)
+    return cfg
 
 
 # --- loading ------------------------------------------------------------------------
@@ -579,15 +686,27 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError([f"{path}: not valid TOML: {e}"]) from None
     except UnicodeDecodeError:
         raise ConfigError([f"{path}: not valid UTF-8"]) from None
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot be read: {e.strerror}"]) from None
+
+
+def dropin_files(main: Path) -> list[Path]:
+    """The drop-ins of `main`, in the order they apply: `conf.d/*.toml` by name.
+
+    Hidden files (`.name.toml`, as editors and package managers leave behind) are not
+    read, so a half-written copy never becomes configuration.
+    """
+    d = main.parent / DROPIN_DIR
+    if not d.is_dir():
+        return []
+    return sorted((p for p in d.glob("*.toml") if p.is_file() and not p.name.startswith(".")),
+                  key=lambda p: p.name)
 
 
 def load(path: Path | None = None) -> Config:
     """Read the main file and its conf.d drop-ins and parse them."""
     main = (path or DEFAULT_CONFIG).absolute()
-    files = [main]
-    dropins = main.parent / DROPIN_DIR
-    if dropins.is_dir():
-        files += sorted(p for p in dropins.glob("*.toml") if p.is_file())
+    files = [main, *dropin_files(main)]
     data: dict[str, Any] = {}
     origins: dict[str, Path] = {}
     problems: list[str] = []
@@ -602,22 +721,28 @@ def load(path: Path | None = None) -> Config:
 
 
 def effective(cfg: Config) -> dict[str, Any]:
-    """The effective config as plain data, with secrets elided (for `config check`)."""
+    """The effective config as plain data, with secrets elided (for `config check`).
+
+    A destination shows only the keys of its own transport, so that the printout is
+    what the technician can set for it (a directory has no timeout, a dicom link no
+    remote_dir). Unset optional values (None) are left out.
+    """
     def conv(obj: Any) -> Any:
         if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            names = [f.name for f in dataclasses.fields(obj) if not f.metadata.get("not_a_key")]
+            if isinstance(obj, Destination):
+                names = ["name", "transport", *TRANSPORT_KEYS.get(obj.transport, ())]
+            secret = {f.name for f in dataclasses.fields(obj) if f.metadata.get("secret")}
             out = {}
-            for f in dataclasses.fields(obj):
-                v = getattr(obj, f.name)
-                if f.metadata.get("secret") and v is not None:
-                    out[f.name] = "<elided>"
-                elif v is not None:
-                    out[f.name] = conv(v)
+            for name in names:
+                v = getattr(obj, name)
+                if v is None:
+                    continue
+                out[name] = ELIDED if name in secret else conv(v)
             return out
         if isinstance(obj, tuple | list):
             return [conv(v) for v in obj]
         if isinstance(obj, Path):
             return str(obj)
         return obj
-    out = conv(cfg)
-    out.pop("sources", None)
-    return {"sources": [str(s) for s in cfg.sources], **out}
+    return {"sources": [str(s) for s in cfg.sources], **conv(cfg)}

@@ -1,0 +1,321 @@
+"""The `appliance` command line, run as the technician runs it (a subprocess).
+
+What it promises: one line on stderr per error and a documented exit code, never a
+traceback; `config check` prints the effective values with secrets elided; `keys init`
+creates what is missing and never replaces a key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance import __version__, config
+from appliance.cli import main
+from appliance.errors import EX_CANTCREAT, EX_CONFIG, EX_SOFTWARE, EX_UNAVAILABLE, EX_USAGE
+from tests.peers import base_config, cli, to_toml
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> dict[str, Any]:
+    """A valid config written to tmp_path/appliance.toml (keys not created yet)."""
+    cfg = base_config(tmp_path, 11112)
+    write_config(tmp_path, cfg)
+    return cfg
+
+
+def write_config(root: Path, cfg: dict[str, Any]) -> str:
+    path = root / "appliance.toml"
+    path.write_text(to_toml(cfg))
+    return str(path)
+
+
+def assert_one_line_error(r: Any) -> None:
+    assert "Traceback" not in r.stderr
+    assert len(r.stderr.splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("error: ")
+
+
+# --- version and usage ------------------------------------------------------------------
+
+
+def test_version() -> None:
+    r = cli("--version")
+    assert r.returncode == 0
+    assert r.stdout.strip() == f"appliance {__version__}"
+
+
+def test_help_exits_0() -> None:
+    r = cli("--help")
+    assert r.returncode == 0 and "config" in r.stdout and r.stderr == ""
+
+
+@pytest.mark.parametrize("argv", [
+    pytest.param([], id="no-command"),
+    pytest.param(["frobnicate"], id="unknown-command"),
+    pytest.param(["config"], id="missing-subcommand"),
+    pytest.param(["config", "lint"], id="unknown-subcommand"),
+    pytest.param(["config", "check", "--bogus"], id="unknown-option"),
+    pytest.param(["status", "extra"], id="extra-argument"),
+    pytest.param(["keys", "init", "--config"], id="option-without-value"),
+])
+def test_usage_error_exits_64_with_one_line(argv: list[str]) -> None:
+    r = cli(*argv)
+    assert r.returncode == EX_USAGE, r.stderr
+    assert_one_line_error(r)
+    assert r.stdout == ""
+
+
+# --- config check -----------------------------------------------------------------------
+
+
+def add_sftp(root: Path, cfg: dict[str, Any], passphrase: str) -> None:
+    key, known = root / "keys" / "sftp_ed25519", root / "keys" / "known_hosts"
+    cfg["destinations"].append({"name": "center", "transport": "sftp", "host": "upload.example",
+                                "user": "edge", "key": str(key), "key_passphrase": passphrase,
+                                "known_hosts": str(known)})
+    key.parent.mkdir(parents=True, exist_ok=True)
+    key.write_text("placeholder\n")
+    key.chmod(0o600)
+    known.write_text("placeholder\n")
+
+
+def test_config_check_prints_effective_values_with_secrets_elided(tmp_path: Path,
+                                                                    site: dict[str, Any]) -> None:
+    add_sftp(tmp_path, site, "correct-horse-battery")
+    path = write_config(tmp_path, site)
+    assert cli("keys", "init", "--config", path).returncode == 0
+    r = cli("config", "check", "--config", path)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert f'sources = ["{path}"]' in lines
+    assert "receive.port = 11112" in lines
+    assert 'receive.callers[0].ae_title = "MODALITY"' in lines
+    assert "receive.accept_any_caller = false" in lines
+    assert "pack.verify = true" in lines  # a default, shown because it is in effect
+    assert 'destinations[1].key_passphrase = "<elided>"' in lines
+    assert "correct-horse-battery" not in r.stdout + r.stderr
+
+
+def test_config_check_shows_only_fields_of_the_transport(tmp_path: Path, site: dict[str, Any]) -> None:
+    path = write_config(tmp_path, site)
+    assert cli("keys", "init", "--config", path).returncode == 0
+    r = cli("config", "check", "--config", path)
+    assert r.returncode == 0, r.stderr
+    dest = sorted(line.split(" = ")[0] for line in r.stdout.splitlines()
+                  if line.startswith("destinations[0]."))
+    assert dest == ["destinations[0].name", "destinations[0].path", "destinations[0].transport"]
+
+
+def test_config_check_json(tmp_path: Path, site: dict[str, Any]) -> None:
+    add_sftp(tmp_path, site, "s3cret-pass")
+    path = write_config(tmp_path, site)
+    cli("keys", "init", "--config", path, check=True)
+    r = cli("config", "check", "--json", "--config", path)
+    assert r.returncode == 0, r.stderr
+    eff = json.loads(r.stdout)
+    assert eff["destinations"][1]["key_passphrase"] == config.ELIDED
+    assert eff["receive"]["callers"] == [{"ae_title": "MODALITY", "hosts": []}]
+    assert "s3cret-pass" not in r.stdout
+
+
+def test_config_check_before_keys_init_names_the_key_files(tmp_path: Path, site: dict[str, Any]) -> None:
+    path = write_config(tmp_path, site)
+    r = cli("config", "check", "--config", path)
+    assert r.returncode == EX_CONFIG
+    keys = [line.split(": ")[2] for line in r.stderr.splitlines()]
+    assert keys == ["spool.key_file", "encryption.appliance_key", "encryption.appliance_public_key"]
+    assert "appliance keys init" in r.stderr
+    assert r.stdout == ""
+
+
+def test_config_check_missing_file(tmp_path: Path) -> None:
+    r = cli("config", "check", "--config", str(tmp_path / "nope.toml"))
+    assert r.returncode == EX_CONFIG
+    assert r.stderr.strip() == f"config error: {tmp_path / 'nope.toml'}: file not found"
+
+
+# --- keys init --------------------------------------------------------------------------
+
+
+def key_files(cfg: dict[str, Any]) -> list[Path]:
+    return [Path(cfg["spool"]["key_file"]), Path(cfg["encryption"]["appliance_key"]),
+            Path(cfg["encryption"]["appliance_public_key"])]
+
+
+def test_keys_init_is_idempotent(tmp_path: Path, site: dict[str, Any]) -> None:
+    path = write_config(tmp_path, site)
+    first = cli("keys", "init", "--config", path)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.count("created") == 2
+    files = key_files(site)
+    before = [p.read_bytes() for p in files]
+    second = cli("keys", "init", "--config", path)
+    assert second.returncode == 0, second.stderr
+    assert "created" not in second.stdout and second.stdout.count("kept") == 2
+    assert [p.read_bytes() for p in files] == before
+    for p in files[:2]:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600
+
+
+def test_keys_init_writes_a_lost_public_key_again(tmp_path: Path, site: dict[str, Any]) -> None:
+    path = write_config(tmp_path, site)
+    cli("keys", "init", "--config", path, check=True)
+    pub = Path(site["encryption"]["appliance_public_key"])
+    before = pub.read_bytes()
+    pub.unlink()
+    r = cli("keys", "init", "--config", path)
+    assert r.returncode == 0, r.stderr
+    assert pub.read_bytes() == before
+
+
+def test_keys_init_refuses_public_key_without_private(tmp_path: Path, site: dict[str, Any]) -> None:
+    path = write_config(tmp_path, site)
+    cli("keys", "init", "--config", path, check=True)
+    Path(site["encryption"]["appliance_key"]).unlink()
+    pub = Path(site["encryption"]["appliance_public_key"])
+    before = pub.read_bytes()
+    r = cli("keys", "init", "--config", path)
+    assert r.returncode == EX_CONFIG
+    assert_one_line_error(r)
+    assert "move it aside" in r.stderr
+    assert pub.read_bytes() == before
+
+
+def test_keys_init_refuses_an_open_key_and_leaves_it(tmp_path: Path, site: dict[str, Any]) -> None:
+    path = write_config(tmp_path, site)
+    cli("keys", "init", "--config", path, check=True)
+    spool_key = Path(site["spool"]["key_file"])
+    before = spool_key.read_bytes()
+    spool_key.chmod(0o644)
+    r = cli("keys", "init", "--config", path)
+    assert r.returncode == EX_CONFIG
+    assert_one_line_error(r)
+    assert "chmod 600" in r.stderr
+    assert spool_key.read_bytes() == before
+
+
+def test_keys_init_with_bad_config_creates_nothing(tmp_path: Path, site: dict[str, Any]) -> None:
+    site["receive"]["port"] = 0
+    path = write_config(tmp_path, site)
+    r = cli("keys", "init", "--config", path)
+    assert r.returncode == EX_CONFIG
+    assert "receive.port: must be 1..65535" in r.stderr
+    assert not any(p.exists() for p in key_files(site))
+
+
+# --- status and queue before the daemon ---------------------------------------------------
+
+
+def test_status_without_daemon_exits_69(tmp_path: Path, site: dict[str, Any]) -> None:
+    r = cli("status", "--config", write_config(tmp_path, site))
+    assert r.returncode == EX_UNAVAILABLE
+    assert_one_line_error(r)
+    assert "not running" in r.stderr
+
+
+def test_status_with_stale_socket_exits_69(tmp_path: Path, site: dict[str, Any]) -> None:
+    """A socket file left behind by a killed daemon: nobody listens on it."""
+    sock_path = Path(site["appliance"]["state_dir"]) / "run" / "status.sock"
+    sock_path.parent.mkdir(parents=True)
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(sock_path))
+    r = cli("status", "--config", write_config(tmp_path, site))
+    assert r.returncode == EX_UNAVAILABLE
+    assert_one_line_error(r)
+    assert "not running" in r.stderr
+
+
+def test_queue_list_before_any_run_says_so(tmp_path: Path, site: dict[str, Any]) -> None:
+    r = cli("queue", "list", "--config", write_config(tmp_path, site))
+    assert r.returncode == EX_CANTCREAT
+    assert_one_line_error(r)
+    assert "no queue index" in r.stderr and "has the appliance run" in r.stderr
+
+
+def test_queue_list_of_an_empty_queue(tmp_path: Path, site: dict[str, Any]) -> None:
+    from appliance.db import open_index
+
+    path = write_config(tmp_path, site)
+    state = Path(site["appliance"]["state_dir"])
+    state.mkdir()
+    open_index(state).close()
+    r = cli("queue", "list", "--config", path)
+    assert r.returncode == 0, r.stderr
+    assert "the queue is empty" in r.stdout
+    r = cli("queue", "list", "--json", "--config", path)
+    assert r.returncode == 0 and json.loads(r.stdout) == []
+
+
+# --- the top-level handler, in process ---------------------------------------------------
+
+
+@pytest.fixture
+def run_main(capsys: pytest.CaptureFixture[str]) -> Iterator[Callable[..., tuple[int, str, str]]]:
+    """Call cli.main in this process (it sets the umask: put it back afterwards)."""
+    old = os.umask(0o022)
+    os.umask(old)
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        rc = main(list(argv))
+        out = capsys.readouterr()
+        return rc, out.out, out.err
+
+    yield run
+    os.umask(old)
+
+
+def test_unexpected_exception_is_one_line_and_70(run_main: Callable[..., tuple[int, str, str]],
+                                                  monkeypatch: pytest.MonkeyPatch, site: Any,
+                                                  tmp_path: Path) -> None:
+    def boom(path: Path | None = None) -> config.Config:
+        raise RuntimeError("DOE^JANE 1.2.840.99")  # what a careless bug might carry
+
+    monkeypatch.delenv("APPLIANCE_DEBUG", raising=False)
+    monkeypatch.setattr(config, "load", boom)
+    rc, out, err = run_main("config", "check", "--config", str(tmp_path / "appliance.toml"))
+    assert rc == EX_SOFTWARE
+    assert err.splitlines() == ["error: unexpected RuntimeError; rerun with APPLIANCE_DEBUG=1 for details"]
+    assert "DOE" not in err and out == ""
+
+
+def test_unexpected_exception_raises_under_appliance_debug(
+        run_main: Callable[..., tuple[int, str, str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(path: Path | None = None) -> config.Config:
+        raise RuntimeError("bug")
+
+    monkeypatch.setenv("APPLIANCE_DEBUG", "1")
+    monkeypatch.setattr(config, "load", boom)
+    with pytest.raises(RuntimeError, match="bug"):
+        run_main("config", "check")
+
+
+def test_status_daemon_not_answering_exits_69(run_main: Callable[..., tuple[int, str, str]],
+                                              monkeypatch: pytest.MonkeyPatch,
+                                              tmp_path: Path, site: dict[str, Any]) -> None:
+    from appliance.health import status
+
+    def hung(path: Path, timeout: float = 5.0) -> dict[str, Any] | None:
+        raise TimeoutError("timed out")
+
+    monkeypatch.setattr(status, "query", hung)
+    rc, out, err = run_main("status", "--config", str(tmp_path / "appliance.toml"))
+    assert rc == EX_UNAVAILABLE
+    assert err.splitlines() == [f"error: the appliance daemon did not answer on "
+                                f"{Path(site['appliance']['state_dir']) / 'run' / 'status.sock'}"]
+
+
+def test_config_error_lines_in_process(run_main: Callable[..., tuple[int, str, str]],
+                                       tmp_path: Path, site: dict[str, Any]) -> None:
+    site["receive"]["port"] = "104"
+    path = write_config(tmp_path, site)
+    rc, out, err = run_main("config", "check", "--config", path)
+    assert rc == EX_CONFIG
+    assert err == f"config error: {path}: receive.port: must be an integer, not a string\n"
