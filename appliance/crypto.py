@@ -203,7 +203,7 @@ def check_private_key_file(path: Path) -> None:
     try:
         st = path.stat()
     except FileNotFoundError:
-        raise KeyFileError(f"key file {path} does not exist (create it with 'appliance keys init')") from None
+        raise KeyFileError(f"key file {path} does not exist") from None
     except OSError as e:
         raise KeyFileError(f"key file {path} cannot be read: {e.strerror}") from None
     if not stat.S_ISREG(st.st_mode):
@@ -214,10 +214,13 @@ def check_private_key_file(path: Path) -> None:
             f" run: chmod 600 {path}"
         )
     if st.st_uid != os.geteuid():
-        raise KeyFileError(f"key file {path} is owned by uid {st.st_uid}, not by the service user (uid {os.geteuid()})")
+        raise KeyFileError(f"key file {path} is owned by uid {st.st_uid}, not by the service user"
+                           f" (uid {os.geteuid()})")
 
 
 def load_spool_key(path: Path) -> SpoolKey:
+    if not path.exists():
+        raise KeyFileError(f"key file {path} does not exist (create it with 'appliance keys init')")
     check_private_key_file(path)
     text = path.read_text(encoding="ascii", errors="replace").strip()
     if not text.startswith(SPOOL_KEY_PREFIX):
