@@ -1,0 +1,763 @@
+"""Codec: lossless compression of one DICOM Part-10 instance, bytes in, bytes out.
+
+`compress(part10, codec, verify)` turns an uncompressed instance into JPEG 2000 Lossless
+(1.2.840.10008.1.2.4.90, OpenJPEG through pydicom's "pylibjpeg" plugin) or JPEG-LS
+Lossless (1.2.840.10008.1.2.4.80, CharLS through pydicom's "pyjpegls" plugin), frame by
+frame, and with `verify` decodes every frame of its own output again and compares it with
+the original stored values. Anything it cannot or should not compress comes back as the
+*same bytes object* with `action="passthrough"` and a short machine-friendly `reason`
+(see `REASONS`). It never raises on bad input and never logs; the caller logs the
+result (reasons starting with "verify-" are errors: the encoder produced something that
+does not decode to the original).
+
+`decompress(part10)` is the way back for a forwarder whose peer does not accept the
+compressed syntax: an uncompressed Explicit VR Little Endian Part-10 file.
+
+`CodecPool` runs `compress` in worker processes ("forkserver" by default, never "fork"
+from the threaded daemon): the OpenJPEG encoder holds the GIL and is not thread-safe.
+
+What may change, and nothing else
+---------------------------------
+* File meta (0002,0010) Transfer Syntax UID, and (0002,0000) group length recomputed
+  when the input has one. Every other meta element (Media Storage SOP Class/Instance
+  UID, Source AE title, Implementation Class UID/Version, private meta) is copied byte
+  for byte, as is the 128-byte preamble.
+* (7FE0,0010) Pixel Data: native -> encapsulated (VR OB, undefined length, Basic Offset
+  Table, one fragment per frame), as the syntax requires.
+* (0028,0006) Planar Configuration 1 -> 0 for colour images: PS3.5 8.2.3 (JPEG-LS) and
+  8.2.4 (JPEG 2000) say it "shall be set to 0". Noted in `Result.notes`.
+* (7FE0,0000), a retired group length, is removed when present: its value cannot be
+  right once Pixel Data has an undefined length. Noted as "pixel-group-length-removed".
+* Implicit VR Little Endian input is rewritten as Explicit VR Little Endian, because
+  every encapsulated syntax is explicit VR LE: each element gets its VR written out
+  (from the data dictionary; unknown private elements become UN, values longer than
+  64 KiB in a VR with a 16-bit length become UN per PS3.5 6.2.2), and pydicom drops
+  retired group lengths (gggg,0000), whose values are wrong after such a rewrite
+  anyway (noted as "group-lengths-removed"). After the rewrite every element is
+  compared with the input (values parsed by pydicom, recursively through sequences);
+  any difference -> passthrough "reencode-mismatch". Noted as "implicit-vr-converted".
+* Deflated Explicit VR Little Endian input is inflated (the dataset bytes inside are
+  kept byte for byte). Noted as "inflated".
+
+Explicit VR Little Endian input (the usual case) is not re-serialised by pydicom at all:
+the output is the input with the Pixel Data element (and the few elements above)
+spliced out and replaced, so every other element keeps its exact original encoding
+(odd lengths, private VRs, undefined-length sequences, element order, trailing bytes).
+
+pydicom 3 behaviours worked around here (pydicom 3.0.x, pinned <3.1)
+---------------------------------------------------------------------
+* `Dataset.compress()` / `decompress()` make a NEW SOP Instance UID (and Media Storage
+  SOP Instance UID) by default: always called with `generate_instance_uid=False`.
+* `pixel_array` masks bits above Bits Stored and sign-extends signed values, and both
+  encoders silently drop those bits too, so comparing `pixel_array` before and after
+  would call a lossy round trip "identical" (e.g. an overlay in the high bits, or
+  signed values stored without sign extension). Here the original values are the raw
+  stored container values (Bits Allocated wide, Pixel Representation signedness);
+  anything outside the Bits Stored range passes through as
+  "pixels-outside-bits-stored", and verification compares against those raw values.
+* `compress()` fed from the dataset hands a Planar Configuration 1 buffer to OpenJPEG as
+  if it were colour-by-pixel (a scrambled image). We always encode from an array built
+  from the raw bytes (colour-by-pixel) and set Planar Configuration to 0, which the
+  syntax requires anyway.
+* pydicom's writer drops every group length and re-encodes elements it has parsed; we
+  splice instead (above) for explicit VR input.
+* The JPEG 2000 plugin already forces `use_mct=False` for RGB; we pass it explicitly so
+  Photometric Interpretation stays what it was (no YBR_RCT).
+* `decompress()` converts YBR to RGB by default (changing pixel values and Photometric
+  Interpretation) and leaves Extended Offset Table elements behind: we pass
+  `as_rgb=False` and remove (7FE0,0001)/(7FE0,0002).
+* pydicom's reader turns a truncated file into a warning; we check the Pixel Data
+  length against Rows x Columns x Samples x Frames x Bits Allocated ourselves.
+* pydicom warns a lot on odd input. `compress`/`decompress` suppress warnings while they
+  run (`warnings.catch_warnings`, which is process-global: run them in one thread per
+  process, as `CodecPool` does), so a test run with warnings-as-errors behaves like
+  production.
+
+Not compressed, on purpose: Explicit VR Big Endian (retired; converting it means byte-
+swapping every binary value, not worth the risk), files without a Part-10 header, Pixel
+Data whose length is not exactly what the image attributes say (plus one pad byte):
+extra bytes would be lost, missing ones invented. Nested pixel data (e.g. an Icon Image
+Sequence) is left native and untouched. `decompress` needs a decoder for the input
+syntax: JPEG 2000, JPEG-LS and RLE are installed; the JPEG family (baseline, extended,
+lossless) would need pylibjpeg-libjpeg or gdcm, so those raise CodecError.
+Verification decodes with the same libraries that encoded (OpenJPEG, CharLS): they are
+the only decoders installed.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import multiprocessing
+import os
+import struct
+import threading
+import warnings
+import zlib
+from collections.abc import Callable, Iterator
+from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from pydicom.charset import convert_encodings, default_encoding
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import data_element_generator
+from pydicom.filewriter import write_data_element, write_dataset
+from pydicom.pixels.utils import decompress as _pydicom_decompress
+from pydicom.pixels.utils import iter_pixels
+from pydicom.tag import BaseTag, Tag
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+)
+
+__all__ = ["CODECS", "REASONS", "CodecError", "CodecPool", "Result", "compress", "decompress"]
+
+# codec name -> (transfer syntax, pydicom encoding plugin, extra encoder options)
+CODECS: dict[str, tuple[UID, str, dict[str, Any]]] = {
+    "jpeg2000": (JPEG2000Lossless, "pylibjpeg", {"use_mct": False}),
+    "jpeg-ls": (JPEGLSLossless, "pyjpegls", {}),
+}
+_CODEC_NAMES = (*CODECS, "none")
+
+# Every reason `compress` can give, and what it means. "ok" is the only one for
+# action="compressed". Reasons starting with "verify-" mean the codec is broken: log them
+# as errors. "bits-allocated-N" exists for every N other than 8 and 16.
+REASONS: dict[str, str] = {
+    "ok": "compressed, and verified when verify=True",
+    "codec-none": "codec 'none' configured",
+    "unparseable": "not a Part-10 file pydicom can parse (header, meta or dataset)",
+    "duplicate-element": "a top-level element occurs twice: which one is meant?",
+    "no-file-meta": "no 128-byte preamble + 'DICM' + file meta",
+    "no-transfer-syntax": "file meta has no (0002,0010)",
+    "unknown-transfer-syntax": "(0002,0010) is not a transfer syntax we know",
+    "transfer-syntax-mismatch": "dataset encoding differs from the one (0002,0010) declares",
+    "big-endian": "Explicit VR Big Endian (retired) is not converted",
+    "already-compressed": "encapsulated transfer syntax",
+    "no-pixel-data": "no (7FE0,0010) Pixel Data: not an image",
+    "float-pixels": "Float / Double Float Pixel Data",
+    "bits-allocated-1": "1-bit (bit-packed) pixel data",
+    "bits-allocated-32": "32-bit pixel data",
+    "bad-pixel-attributes": "Rows/Columns/Bits/Samples/Frames missing or invalid",
+    "bad-pixel-data": "Pixel Data element not a plain native value",
+    "pixel-data-length-mismatch": "Pixel Data length differs from what the attributes say",
+    "pixels-outside-bits-stored": "stored values use bits above Bits Stored: lossy to encode",
+    "encode-error": "the encoder rejected the image",
+    "too-large": "would need an Extended Offset Table (> 4 GiB)",
+    "reencode-error": "implicit -> explicit VR rewrite failed",
+    "reencode-mismatch": "implicit -> explicit VR rewrite changed an element",
+    "not-smaller": "compressed file not smaller than the input",
+    "verify-mismatch": "decoded pixels differ from the original",
+    "verify-error": "our own output could not be decoded",
+    "worker-crashed": "the worker process died on this instance (CodecPool only)",
+}
+
+Action = Literal["compressed", "passthrough"]
+
+
+@dataclass(frozen=True)
+class Result:
+    """The outcome of `compress`. `data` is a complete Part-10 file (for a passthrough:
+    the input object itself)."""
+
+    data: bytes = field(repr=False)
+    transfer_syntax: str  # of `data`; "" when the input has none we could read
+    action: Action
+    reason: str  # a key of REASONS
+    input_size: int
+    output_size: int
+    frames: int = 0  # frames encoded (and verified) when compressed
+    notes: tuple[str, ...] = ()  # attribute changes the syntax dictated, see module doc
+
+    @property
+    def ratio(self) -> float:
+        return self.input_size / self.output_size if self.output_size else 1.0
+
+
+class CodecError(ValueError):
+    """`decompress` could not produce an uncompressed version of its input."""
+
+
+class _Pass(Exception):
+    """Internal: stop and pass the input through with `reason`."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# --- Part-10 structure: preamble, file meta, dataset bytes ---------------------------
+
+# explicit VRs with a 2-byte reserved field and a 4-byte length
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"})
+_VALID_VRS = _LONG_VRS | frozenset({
+    b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT", b"PN",
+    b"SH", b"SL", b"SS", b"ST", b"SV", b"TM", b"UI", b"UL", b"US", b"UV",
+})
+_TS_TAG = 0x00020010
+_PIXEL_DATA = 0x7FE00010
+_EOT_TAGS = (0x7FE00001, 0x7FE00002)  # Extended Offset Table (Lengths)
+_FLOAT_PIXEL_TAGS = (0x7FE00008, 0x7FE00009)
+_PLANAR_CONFIGURATION = 0x00280006
+
+
+@dataclass(frozen=True)
+class _Part10:
+    meta: tuple[tuple[int, int, int], ...]  # (tag, start, end) of each meta element in raw
+    meta_end: int
+    transfer_syntax: str
+
+
+def _split_part10(raw: bytes) -> _Part10:
+    """Find the file meta elements (explicit VR LE, group 0002) after preamble + 'DICM'."""
+    if len(raw) < 132 or raw[128:132] != b"DICM":
+        raise _Pass("no-file-meta")
+    off, end = 132, len(raw)
+    elems: list[tuple[int, int, int]] = []
+    ts: str | None = None
+    while off + 8 <= end:
+        group, element = struct.unpack_from("<HH", raw, off)
+        if group != 0x0002:
+            break
+        vr = raw[off + 4 : off + 6]
+        if vr not in _VALID_VRS:
+            raise _Pass("unparseable")
+        if vr in _LONG_VRS:
+            if off + 12 > end:
+                raise _Pass("unparseable")
+            (length,) = struct.unpack_from("<L", raw, off + 8)
+            vstart = off + 12
+        else:
+            (length,) = struct.unpack_from("<H", raw, off + 6)
+            vstart = off + 8
+        if length == 0xFFFFFFFF or vstart + length > end:
+            raise _Pass("unparseable")
+        tag = group << 16 | element
+        if tag == _TS_TAG:
+            if ts is not None:
+                raise _Pass("unparseable")  # two transfer syntaxes: which one?
+            ts = raw[vstart : vstart + length].rstrip(b"\x00 ").decode("ascii", "replace")
+        elems.append((tag, off, vstart + length))
+        off = vstart + length
+    if not elems:
+        raise _Pass("no-file-meta")
+    if not ts:
+        raise _Pass("no-transfer-syntax")
+    return _Part10(tuple(elems), off, ts)
+
+
+def _meta_bytes(raw: bytes, p: _Part10, transfer_syntax: str) -> bytes:
+    """The input's file meta, byte for byte, with only (0002,0010) replaced and (0002,0000)
+    recomputed."""
+    value = transfer_syntax.encode("ascii")
+    if len(value) % 2:
+        value += b"\x00"
+    parts: list[bytes] = []
+    gl_index = -1
+    for tag, start, end in p.meta:
+        if tag == 0x00020000:
+            gl_index = len(parts)
+            parts.append(b"")
+        elif tag == _TS_TAG:
+            parts.append(struct.pack("<HH2sH", 0x0002, 0x0010, b"UI", len(value)) + value)
+        else:
+            parts.append(raw[start:end])
+    if gl_index >= 0:
+        after = sum(len(b) for b in parts[gl_index + 1 :])
+        parts[gl_index] = struct.pack("<HH2sHL", 0x0002, 0x0000, b"UL", 4, after)
+    return b"".join(parts)
+
+
+# --- dataset parsing with element positions ------------------------------------------
+
+
+@dataclass
+class _Parsed:
+    ds: Dataset
+    spans: dict[int, tuple[int, int]]  # top-level tag -> (start, end) in buf
+    end: int  # where the last element ends; buf[end:] is the tail (kept verbatim)
+
+
+def _parse_dataset(buf: bytes, implicit: bool) -> _Parsed:
+    """Parse a dataset (no meta) and note where each top-level element lies."""
+    if len(buf) >= 8:
+        looks_explicit = buf[4:6] in _VALID_VRS
+        if looks_explicit == implicit:
+            raise _Pass("transfer-syntax-mismatch")
+    fp = io.BytesIO(buf)
+    gen = data_element_generator(fp, implicit, True)
+    elems: dict[BaseTag, Any] = {}
+    spans: dict[int, tuple[int, int]] = {}
+    try:
+        while True:
+            start = fp.tell()
+            try:
+                elem = next(gen)
+            except StopIteration:
+                break
+            tag = int(elem.tag)
+            if tag in spans:
+                raise _Pass("duplicate-element")  # which one is meant?
+            elems[elem.tag] = elem
+            spans[tag] = (start, fp.tell())
+    except _Pass:
+        raise
+    except Exception:
+        raise _Pass("unparseable") from None
+    end = fp.tell()
+    ds = Dataset(elems)
+    cs = ds.get("SpecificCharacterSet")
+    ds.set_original_encoding(implicit, True, convert_encodings(cs) if cs else default_encoding)
+    return _Parsed(ds, spans, end)
+
+
+def _element_bytes(elem: DataElement) -> bytes:
+    """One element encoded as explicit VR little endian."""
+    fp = DicomBytesIO()
+    fp.is_little_endian = True
+    fp.is_implicit_VR = False
+    write_data_element(fp, elem)
+    return fp.getvalue()
+
+
+def _splice(buf: bytes, parsed: _Parsed, replace: dict[int, bytes | None]) -> bytes:
+    """`buf` with top-level elements replaced (bytes), removed (None) or inserted (a tag
+    not in the input goes before the first element with a larger tag)."""
+    order = sorted(parsed.spans.items(), key=lambda kv: kv[1][0])
+    inserts = sorted(t for t in replace if t not in parsed.spans and replace[t] is not None)
+    out: list[bytes] = []
+    pos = order[0][1][0] if order else 0
+    out.append(buf[:pos])
+    for tag, (start, end) in order:
+        while inserts and inserts[0] < tag:
+            out.append(replace[inserts.pop(0)] or b"")
+        if tag in replace:
+            new = replace[tag]
+            if new is not None:
+                out.append(new)
+        else:
+            out.append(buf[start:end])
+    for tag in inserts:
+        out.append(replace[tag] or b"")
+    out.append(buf[parsed.end :])
+    return b"".join(out)
+
+
+def _to_explicit(parsed: _Parsed, buf: bytes) -> bytes:
+    """Rewrite an implicit VR LE dataset (possibly already modified in `parsed.ds`) as
+    explicit VR LE with pydicom; the tail after the last element is kept verbatim."""
+    fp = DicomBytesIO()
+    fp.is_little_endian = True
+    fp.is_implicit_VR = False
+    try:
+        write_dataset(fp, parsed.ds)
+    except Exception:
+        raise _Pass("reencode-error") from None
+    return fp.getvalue() + buf[parsed.end :]
+
+
+def _same_elements(a: Dataset, b: Dataset, skip: frozenset[int] = frozenset()) -> bool:
+    """Element-by-element value equality (recursing into sequences), ignoring group
+    lengths and the tags in `skip`."""
+    # (iterating a Dataset yields elements, hence .keys())
+    ta = {int(t) for t in a.keys() if t.element != 0 and int(t) not in skip}  # noqa: SIM118
+    tb = {int(t) for t in b.keys() if t.element != 0 and int(t) not in skip}  # noqa: SIM118
+    if ta != tb:
+        return False
+    for t in ta:
+        ea, eb = a[t], b[t]
+        if ea.VR == "SQ" or eb.VR == "SQ":
+            if ea.VR != eb.VR or len(ea.value) != len(eb.value):
+                return False
+            if not all(_same_elements(x, y) for x, y in zip(ea.value, eb.value, strict=True)):
+                return False
+        elif ea.value != eb.value:
+            return False
+    return True
+
+
+def _checked_explicit(original: bytes, parsed: _Parsed, skip: frozenset[int]) -> bytes:
+    """`_to_explicit`, then prove every element (but `skip`) still has its value."""
+    out = _to_explicit(parsed, original)
+    try:
+        again = _parse_dataset(out, implicit=False)
+        fresh = _parse_dataset(original, implicit=True)
+        same = _same_elements(fresh.ds, again.ds, skip)
+    except Exception:
+        raise _Pass("reencode-error") from None
+    if not same:
+        raise _Pass("reencode-mismatch")
+    return out
+
+
+def _dataset_bytes(raw: bytes, p: _Part10) -> tuple[bytes, bool, list[str]]:
+    """(dataset bytes, implicit VR?, notes) for a native little-endian transfer syntax."""
+    ts = UID(p.transfer_syntax)
+    body = raw[p.meta_end :]
+    if ts == ExplicitVRLittleEndian:
+        return body, False, []
+    if ts == ImplicitVRLittleEndian:
+        return body, True, ["implicit-vr-converted"]
+    if ts == DeflatedExplicitVRLittleEndian:
+        try:
+            d = zlib.decompressobj(-zlib.MAX_WBITS)
+            return d.decompress(body) + d.flush(), False, ["inflated"]
+        except zlib.error:
+            raise _Pass("unparseable") from None
+    if ts == ExplicitVRBigEndian:
+        raise _Pass("big-endian")
+    if ts.is_transfer_syntax and ts.is_encapsulated:
+        raise _Pass("already-compressed")
+    raise _Pass("unknown-transfer-syntax")
+
+
+# --- pixels ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Image:
+    frames: int
+    rows: int
+    columns: int
+    samples: int
+    planar: int
+    values: np.ndarray  # (frames, rows, columns, samples): the raw stored values
+
+
+def _int(ds: Dataset, keyword: str, default: int | None = None) -> int:
+    v = ds.get(keyword, default)
+    if v is None or v == "":
+        if default is None:
+            raise _Pass("bad-pixel-attributes")
+        return default
+    return int(v)
+
+
+def _source_image(ds: Dataset) -> _Image:
+    """The stored pixel values exactly as they are in the file, or a reason not to try."""
+    if _PIXEL_DATA not in ds:
+        floaty = any(t in ds for t in _FLOAT_PIXEL_TAGS)
+        raise _Pass("float-pixels" if floaty else "no-pixel-data")
+    try:
+        bits_allocated = _int(ds, "BitsAllocated")
+        if bits_allocated not in (8, 16):
+            raise _Pass(f"bits-allocated-{bits_allocated}")
+        rows, columns = _int(ds, "Rows"), _int(ds, "Columns")
+        samples = _int(ds, "SamplesPerPixel")
+        bits_stored = _int(ds, "BitsStored")
+        signed = _int(ds, "PixelRepresentation")
+        frames = _int(ds, "NumberOfFrames", 1)
+        planar = _int(ds, "PlanarConfiguration", 0) if samples > 1 else 0
+    except _Pass:
+        raise
+    except Exception:
+        raise _Pass("bad-pixel-attributes") from None
+    if (min(rows, columns, samples, frames, bits_stored) < 1 or samples not in (1, 3)
+            or bits_stored > bits_allocated or signed not in (0, 1) or planar not in (0, 1)):
+        raise _Pass("bad-pixel-attributes")
+    try:
+        px = ds.get_item(_PIXEL_DATA)
+        value = px.value
+        undefined = px.is_undefined_length if isinstance(px, DataElement) else px.length == 0xFFFFFFFF
+    except Exception:
+        raise _Pass("bad-pixel-data") from None
+    if undefined or not isinstance(value, bytes):
+        raise _Pass("bad-pixel-data")
+    count = rows * columns * samples * frames
+    expected = count * bits_allocated // 8
+    if not (len(value) == expected or (expected % 2 and len(value) == expected + 1)):
+        raise _Pass("pixel-data-length-mismatch")
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{bits_allocated // 8}")
+    flat = np.frombuffer(value, dtype=dtype, count=count)
+    if samples > 1 and planar == 1:
+        values = flat.reshape(frames, samples, rows, columns).transpose(0, 2, 3, 1)
+    else:
+        values = flat.reshape(frames, rows, columns, samples)
+    if bits_stored < bits_allocated and values.size:
+        lo, hi = ((-(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1) if signed
+                  else (0, (1 << bits_stored) - 1))
+        if int(values.min()) < lo or int(values.max()) > hi:
+            raise _Pass("pixels-outside-bits-stored")
+    return _Image(frames, rows, columns, samples, planar, values)
+
+
+def _decode_frames(part10: bytes) -> Iterator[np.ndarray]:
+    """Decode every frame of a Part-10 file (the verification decoder; tests patch it)."""
+    return iter_pixels(io.BytesIO(part10), raw=True)
+
+
+def _verify(part10: bytes, image: _Image) -> None:
+    shape = (image.rows, image.columns, image.samples)
+    n = 0
+    try:
+        for n, frame in enumerate(_decode_frames(part10), start=1):
+            if n > image.frames or frame.size != image.values[n - 1].size:
+                raise _Pass("verify-mismatch")
+            if not np.array_equal(frame.reshape(shape), image.values[n - 1]):
+                raise _Pass("verify-mismatch")
+    except _Pass:
+        raise
+    except Exception:
+        raise _Pass("verify-error") from None
+    if n != image.frames:
+        raise _Pass("verify-mismatch")
+
+
+# --- the public functions -------------------------------------------------------------
+
+
+def _passthrough(part10: bytes, reason: str, transfer_syntax: str = "") -> Result:
+    return Result(part10, transfer_syntax, "passthrough", reason, len(part10), len(part10))
+
+
+def compress(part10: bytes, codec: str = "jpeg2000", verify: bool = True) -> Result:
+    """Compress one Part-10 instance losslessly with `codec` ("jpeg2000", "jpeg-ls" or
+    "none"). Never raises for bad input; raises ValueError for an unknown codec."""
+    if codec not in _CODEC_NAMES:
+        raise ValueError(f"unknown codec {codec!r}; expected one of {', '.join(_CODEC_NAMES)}")
+    part10 = bytes(part10) if not isinstance(part10, bytes) else part10
+    ts_in = ""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            p = _split_part10(part10)
+            # reported (and so maybe logged) only when it is a well-formed UID
+            ts_in = p.transfer_syntax if UID(p.transfer_syntax).is_valid else ""
+            if codec == "none":
+                raise _Pass("codec-none")
+            return _compress(part10, p, codec, verify)
+    except _Pass as stop:
+        return _passthrough(part10, stop.reason, ts_in)
+    except Exception:  # the boundary: bad input never escapes as an exception
+        return _passthrough(part10, "unparseable", ts_in)
+
+
+def _compress(raw: bytes, p: _Part10, codec: str, verify: bool) -> Result:
+    target, plugin, options = CODECS[codec]
+    buf, implicit, notes = _dataset_bytes(raw, p)
+    parsed = _parse_dataset(buf, implicit)
+    ds = parsed.ds
+    image = _source_image(ds)
+
+    replace: dict[int, bytes | None] = {}
+    if image.samples > 1 and image.planar == 1:
+        ds.PlanarConfiguration = 0
+        replace[_PLANAR_CONFIGURATION] = _element_bytes(ds["PlanarConfiguration"])
+        notes.append("planar-configuration-0")
+    if 0x7FE00000 in parsed.spans:
+        replace[0x7FE00000] = None
+        del ds[0x7FE00000]
+        notes.append("pixel-group-length-removed")
+
+    arr = image.values
+    if image.samples == 1:
+        arr = arr[..., 0]
+    if image.frames == 1:
+        arr = arr[0]
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = UID(p.transfer_syntax)
+    try:
+        ds.compress(target, arr, encoding_plugin=plugin, generate_instance_uid=False, **options)
+    except Exception:
+        raise _Pass("encode-error") from None
+    if any(t in ds for t in _EOT_TAGS):
+        raise _Pass("too-large")
+
+    if implicit:
+        if any(t & 0xFFFF == 0 for t in parsed.spans):
+            notes.append("group-lengths-removed")
+        skip = frozenset({_PIXEL_DATA, _PLANAR_CONFIGURATION} if "planar-configuration-0" in notes
+                         else {_PIXEL_DATA})
+        body = _checked_explicit(buf, parsed, skip)
+    else:
+        replace[_PIXEL_DATA] = _element_bytes(ds["PixelData"])
+        body = _splice(buf, parsed, replace)
+    out = raw[:128] + b"DICM" + _meta_bytes(raw, p, target) + body
+
+    if len(out) >= len(raw):
+        raise _Pass("not-smaller")
+    if verify:
+        _verify(out, image)
+    return Result(out, str(target), "compressed", "ok", len(raw), len(out), image.frames,
+                  tuple(notes))
+
+
+def decompress(part10: bytes) -> bytes:
+    """An uncompressed Explicit VR Little Endian Part-10 version of `part10`, for a peer
+    that does not accept its transfer syntax. Explicit VR LE input comes back as is.
+    UIDs never change; only what the syntax dictates does (Pixel Data; Photometric
+    Interpretation / Planar Configuration / Number of Frames when the decoded data says
+    so, e.g. YBR_FULL_422 JPEG -> YBR_FULL; Extended Offset Table removed). Raises
+    CodecError when it cannot."""
+    part10 = bytes(part10) if not isinstance(part10, bytes) else part10
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _decompress(part10)
+    except _Pass as stop:
+        raise CodecError(stop.reason) from None
+    except CodecError:
+        raise
+    except Exception as e:
+        raise CodecError(f"decode-error: {type(e).__name__}") from None
+
+
+def _decompress(raw: bytes) -> bytes:
+    p = _split_part10(raw)
+    ts = UID(p.transfer_syntax)
+    head = raw[:128] + b"DICM" + _meta_bytes(raw, p, ExplicitVRLittleEndian)
+    if ts == ExplicitVRLittleEndian:
+        return raw
+    if ts in (ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian):
+        buf, implicit, _ = _dataset_bytes(raw, p)
+        if not implicit:
+            return head + buf
+        parsed = _parse_dataset(buf, implicit=True)
+        return head + _checked_explicit(buf, parsed, frozenset())
+    if not (ts.is_transfer_syntax and ts.is_encapsulated):
+        raise _Pass("big-endian" if ts == ExplicitVRBigEndian else "unknown-transfer-syntax")
+
+    buf = raw[p.meta_end :]
+    parsed = _parse_dataset(buf, implicit=False)
+    ds = parsed.ds
+    if _PIXEL_DATA not in ds:
+        raise _Pass("no-pixel-data")
+    keywords = ("PhotometricInterpretation", "PlanarConfiguration", "NumberOfFrames")
+    before = {kw: ds.get(kw) for kw in keywords}
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ts
+    _pydicom_decompress(ds, as_rgb=False, generate_instance_uid=False)
+
+    replace: dict[int, bytes | None] = {_PIXEL_DATA: _element_bytes(ds["PixelData"])}
+    for kw in keywords:
+        if kw in ds and ds.get(kw) != before[kw]:
+            replace[int(Tag(kw))] = _element_bytes(ds[kw])
+    for tag in (*_EOT_TAGS, 0x7FE00000):
+        if tag in parsed.spans:
+            replace[tag] = None
+    return head + _splice(buf, parsed, replace)
+
+
+# --- worker processes -----------------------------------------------------------------
+
+
+def _worker_init() -> None:
+    """In each worker: pydicom's encoder logs failed encodes with a traceback (never an
+    identifier, but not our log format either); the Result reason carries the news."""
+    lg = logging.getLogger("pydicom")
+    lg.handlers[:] = [logging.NullHandler()]
+    lg.propagate = False
+
+
+class CodecPool:
+    """`compress` in worker processes.
+
+    `workers=0` means os.cpu_count(). The start method is "forkserver" (default) or
+    "spawn", never "fork": the daemon has threads. `submit` returns a Future that always
+    resolves to a Result: when a worker dies (a codec crash on a hostile file), the pool
+    is rebuilt, the instance is tried once more, and if that also kills the worker it
+    comes back as a passthrough with reason "worker-crashed". Other work in flight when
+    a worker dies is retried the same way.
+    """
+
+    def __init__(self, workers: int = 0, *, start_method: str = "forkserver",
+                 max_tasks_per_child: int | None = None) -> None:
+        if start_method not in ("forkserver", "spawn"):
+            raise ValueError("start_method must be 'forkserver' or 'spawn'")
+        if workers < 0:
+            raise ValueError("workers must be >= 0")
+        self.workers = workers or os.cpu_count() or 1
+        self._ctx = multiprocessing.get_context(start_method)
+        if start_method == "forkserver":
+            # import numpy/pydicom/openjpeg once in the server, not in every worker
+            self._ctx.set_forkserver_preload(["appliance.codec"])
+        self._max_tasks = max_tasks_per_child
+        self._lock = threading.Lock()
+        self._closed = False
+        self._executor = self._new_executor()
+
+    def _new_executor(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(max_workers=self.workers, mp_context=self._ctx,
+                                   initializer=_worker_init,
+                                   max_tasks_per_child=self._max_tasks)
+
+    def submit(self, part10: bytes, codec: str = "jpeg2000", verify: bool = True) -> Future[Result]:
+        if codec not in _CODEC_NAMES:
+            raise ValueError(f"unknown codec {codec!r}")
+        return self._submit_call(compress, (part10, codec, verify), part10)
+
+    def _submit_call(self, fn: Callable[..., Any], args: tuple[Any, ...], part10: bytes,
+                     ) -> Future[Result]:
+        outer: Future[Result] = Future()
+        self._dispatch(outer, fn, args, part10, retries=1)
+        return outer
+
+    def _replace_executor(self, broken: ProcessPoolExecutor) -> None:
+        with self._lock:
+            if self._executor is broken and not self._closed:
+                self._executor = self._new_executor()
+        broken.shutdown(wait=False, cancel_futures=True)
+
+    def _dispatch(self, outer: Future[Result], fn: Callable[..., Any], args: tuple[Any, ...],
+                  part10: bytes, retries: int) -> None:
+        for _ in range(3):
+            with self._lock:
+                if self._closed:
+                    raise RuntimeError("CodecPool is closed")
+                executor = self._executor
+            try:
+                inner = executor.submit(fn, *args)
+                break
+            except BrokenProcessPool:
+                self._replace_executor(executor)
+            except RuntimeError:  # shut down under us because another thread replaced it
+                with self._lock:
+                    if self._closed or self._executor is executor:
+                        raise
+        else:
+            raise RuntimeError("CodecPool cannot start its workers")
+
+        def done(f: Future[Any]) -> None:
+            if outer.done():
+                return
+            try:
+                result = f.result()
+            except CancelledError:
+                outer.cancel()
+                return
+            except BrokenProcessPool:
+                self._replace_executor(executor)
+                if retries > 0 and not self._closed:
+                    try:
+                        self._dispatch(outer, fn, args, part10, retries - 1)
+                        return
+                    except Exception:  # noqa: S110 - closed or broken again: pass through
+                        pass
+                result = _passthrough(part10, "worker-crashed")
+            except Exception:
+                result = _passthrough(part10, "worker-crashed")
+            if not outer.done():
+                outer.set_result(result)
+
+        inner.add_done_callback(done)
+
+    def close(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._closed = True
+            executor = self._executor
+        executor.shutdown(wait=wait, cancel_futures=cancel_futures)
+
+    def __enter__(self) -> CodecPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
