@@ -17,6 +17,7 @@ only under APPLIANCE_DEBUG=1.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sqlite3
@@ -35,6 +36,7 @@ from appliance.errors import (
     ApplianceError,
     ConfigError,
     KeyFileError,
+    NotFoundError,
     StateError,
     UsageError,
 )
@@ -65,6 +67,26 @@ def _parser() -> argparse.ArgumentParser:
     q_sub = q.add_subparsers(dest="sub", required=True, parser_class=_Parser)
     ql = q_sub.add_parser("list", parents=[common], help="list segments and bundles")
     ql.add_argument("--json", action="store_true")
+    qs = q_sub.add_parser("show", parents=[common], help="show one queue item")
+    qs.add_argument("id")
+    qs.add_argument("--json", action="store_true")
+    for verb, text in (("hold", "stop forwarding an item until released"),
+                       ("release", "make a held, deferred or failed item ready again"),
+                       ("retry", "attempt a deferred or held item now"),
+                       ("delete", "delete an item that is not in flight, and its bundle file")):
+        v = q_sub.add_parser(verb, parents=[common], help=text)
+        v.add_argument("id", nargs="?")
+        v.add_argument("--all", action="store_true", help="every item this applies to")
+    b = sub.add_parser("bundle", help="inspect and extract bundle files")
+    b_sub = b.add_subparsers(dest="sub", required=True, parser_class=_Parser)
+    bi = b_sub.add_parser("inspect", help="show a bundle's header, and its manifest with --key")
+    bi.add_argument("file", type=Path)
+    bi.add_argument("--key", type=Path, help="a recipient's private key (PEM)")
+    bi.add_argument("--json", action="store_true")
+    be = b_sub.add_parser("extract", help="verify a bundle and write its instances as Part-10 files")
+    be.add_argument("file", type=Path)
+    be.add_argument("--key", type=Path, required=True, help="a recipient's private key (PEM)")
+    be.add_argument("--out", type=Path, required=True, help="output folder (created if missing)")
     st = sub.add_parser("status", parents=[common], help="show the running daemon's status")
     st.add_argument("--json", action="store_true")
     return p
@@ -100,7 +122,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "keys":
         return cmd_keys_init(args)
     if args.cmd == "queue":
-        return cmd_queue_list(args)
+        return cmd_queue_list(args) if args.sub == "list" else cmd_queue_change(args)
+    if args.cmd == "bundle":
+        return cmd_bundle(args)
     if args.cmd == "status":
         return cmd_status(args)
     raise UsageError(f"unknown command {args.cmd}")
@@ -261,6 +285,96 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
     return 0
 
 
+_VERB_STATES = {
+    "hold": ("ready", "deferred"),
+    "release": ("held", "deferred", "failed"),
+    "retry": ("deferred", "held"),
+    "delete": ("ready", "deferred", "held", "delivered", "failed"),
+}
+
+
+def cmd_queue_change(args: argparse.Namespace) -> int:
+    """show / hold / release / retry / delete, usable while the daemon runs (SQLite WAL)."""
+    from appliance.db import open_index
+    from appliance.queue import Queue
+
+    cfg = config.load(args.config)
+    open_index(cfg.appliance.state_dir, readonly=True).close()  # clear error if never run
+    q = Queue(cfg.appliance.state_dir, open_index(cfg.appliance.state_dir))
+    if args.sub == "show":
+        item = q.get(args.id)
+        d = dataclasses.asdict(item)
+        if args.json:
+            print(json.dumps(d, indent=2))
+        else:
+            for k, v in d.items():
+                print(f"{k:14} {'' if v is None else v}")
+        return 0
+    if args.all == bool(args.id):
+        raise UsageError(f"appliance queue {args.sub}: give one ID or --all")
+    ids = [args.id] if args.id else [i.id for i in q.list(_VERB_STATES[args.sub])]
+    for item_id in ids:
+        if args.sub == "hold":
+            state = q.get(item_id).state
+            if state not in _VERB_STATES["hold"]:
+                raise StateError(f"queue item {item_id} is {state}; only ready or deferred items"
+                                 " can be held")
+            q.hold(item_id, "held by operator")
+        else:
+            getattr(q, args.sub)(item_id)
+        print(f"{item_id}: {args.sub}")
+    if not ids:
+        print(f"(no item to {args.sub})")
+    return 0
+
+
+def cmd_bundle(args: argparse.Namespace) -> int:
+    from appliance import bundle
+
+    if args.sub == "extract":
+        key = crypto.load_private_key(args.key)
+        args.out.mkdir(parents=True, exist_ok=True)
+        with _open_input(args.file) as f:
+            manifest = bundle.extract(f, key, args.out)
+        print(f"{len(manifest.instances)} instances written to {args.out}")
+        return 0
+    with _open_input(args.file) as f:
+        header = bundle.read_header(f)
+        out: dict[str, Any] = {
+            "bundle_id": header.bundle_id, "format_version": header.version,
+            "created": header.created, "suite": header.suite_name, "chunk_size": header.chunk_size,
+            "recipients": [r.key_id.hex() for r in header.recipients],
+        }
+        if args.key:
+            f.seek(0)
+            m = bundle.read_manifest(f, crypto.load_private_key(args.key))
+            out["study"] = m.study_key
+            # ids only: a UID identifies a patient's study as surely as a name does
+            out["instances"] = [{"index": e.index, "sop_class": e.sop_class,
+                                 "transfer_syntax": e.transfer_syntax, "action": e.action,
+                                 "reason": e.reason, "received_size": e.received_size,
+                                 "size": e.size, "sha256": e.sha256} for e in m.instances]
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        for k, v in out.items():
+            if k != "instances":
+                print(f"{k:15} {v}")
+        for e in out.get("instances", []):
+            print(f"  [{e['index']}] {e['action']:11} {e['received_size']:>10} -> {e['size']:>10}"
+                  f"  {e['transfer_syntax']}  sop_class {e['sop_class']}")
+    return 0
+
+
+def _open_input(p: Path) -> Any:
+    try:
+        return p.open("rb")
+    except FileNotFoundError:
+        raise NotFoundError(f"{p} does not exist") from None
+    except IsADirectoryError:
+        raise UsageError(f"{p} is a directory, not a bundle file") from None
+
+
 def _age(s: float) -> str:
     if s < 120:
         return f"{s:.0f}s"
@@ -302,4 +416,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"refused        {refused}")
     print(f"spool          {sp['instances']} instances, {sp['bytes'] >> 20} MiB")
     print(f"spool free     {sp['free_bytes'] >> 20} MiB (reserve {sp['reserve_bytes'] >> 20} MiB)")
+    if "queue" in st:
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(st["queue"].items())) or "empty"
+        print(f"queue          {counts}; oldest waiting {_age(st['oldest_waiting_s'])}")
+        for dest, err in st.get("last_errors", {}).items():
+            print(f"last error     {dest}: {err}")
     return 0

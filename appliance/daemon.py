@@ -4,7 +4,7 @@ Start order (each step must succeed before the next; a failure exits with the er
 code and systemd sees it):
 1. take an exclusive lock on `STATE/run/daemon.lock` (two daemons on one spool would
    corrupt each other's view of it);
-2. load and check the spool key;
+2. load and check the spool key (file mode, and that it is the key that sealed the spool);
 3. open the queue index and recover the spool (temp files, orphans, quarantine);
 4. bind the DICOM listeners and the status socket;
 5. tell systemd READY=1.
@@ -30,17 +30,37 @@ from typing import Any
 import structlog
 
 from appliance import __version__, crypto, durable
-from appliance.config import Config
+from appliance.codec import CodecPool
+from appliance.config import Config, Destination
 from appliance.db import open_index
-from appliance.errors import StateError
+from appliance.errors import ConfigError, StateError
+from appliance.forward import Transport
+from appliance.forward.directory import DirectoryTransport
+from appliance.forward.scheduler import Forwarder
 from appliance.health.notify import Notifier
 from appliance.health.status import StatusServer
+from appliance.pack import Packer
+from appliance.queue import Queue
 from appliance.receive import Receiver, ReceiveStats, identify_stored
 from appliance.spool import Spool
 
 log = structlog.get_logger("appliance.daemon")
 
 WATCHDOG_INTERVAL_S = 5.0
+IDLE_POLL_S = 0.5
+
+
+def build_transport(dest: Destination, cfg: Config) -> Transport:
+    if dest.transport == "directory":
+        assert dest.path is not None
+        return DirectoryTransport(dest.name, dest.path)
+    if dest.transport == "dicom":
+        from appliance.forward.dicom import DicomTransport
+
+        key = crypto.load_private_key(cfg.encryption.appliance_key)
+        return DicomTransport(dest, key)
+    raise ConfigError([f"{cfg.sources[0] if cfg.sources else 'config'}: destinations: transport "
+                       f"{dest.transport!r} ({dest.name}) is not available in this version"])
 
 
 def lock_state_dir(state_dir: Path) -> int:
@@ -65,6 +85,8 @@ class Daemon:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.stop_event = threading.Event()
+        self.wake_pack = threading.Event()
+        self.wake_forward = threading.Event()
         self.notifier = Notifier()
         self.stats = ReceiveStats()
         self.started = time.time()
@@ -77,17 +99,35 @@ class Daemon:
         index = open_index(cfg.appliance.state_dir)
         self.spool = spool = Spool(
             cfg.appliance.state_dir, key, index, cfg.spool.reserve_free_mb << 20,
-            cfg.pack.segment_max_instances, cfg.pack.segment_max_mb << 20)
+            cfg.pack.segment_max_instances, cfg.pack.segment_max_mb << 20,
+            key_file=cfg.spool.key_file)
+        spool.check_key()  # the wrong key must stop us before anything is moved
+        recipients = [crypto.load_public_key(cfg.encryption.appliance_public_key)]
+        recipients += [crypto.load_public_key(p) for p in cfg.encryption.recipients]
+        transports = [build_transport(d, cfg) for d in cfg.destinations]
+        self.queue = queue = Queue(cfg.appliance.state_dir, index)
+        pool = CodecPool(cfg.pack.workers)
+        packer = Packer(cfg.pack, spool, queue, recipients, pool)
+        packer.remove_packed()  # a crash between pack steps 2 and 3 left these
         counts = spool.recover(adopt=identify_stored)
         log.info("spool.recovered", **counts)
-        receiver = Receiver(cfg.receive, spool, self.stats)
+        log.info("queue.recovered", **queue.recover())
+        self.forwarder = forwarder = Forwarder(queue, transports, cfg.queue)
+        receiver = Receiver(cfg.receive, spool, self.stats, on_stored=lambda seg: self.wake_pack.set())
         status = StatusServer(cfg.status_socket, self.snapshot)
         self._install_signals()
+        workers = [threading.Thread(target=self._loop, args=("pack", self._pack_step, packer, self.wake_pack),
+                                    name="pack", daemon=True),
+                   threading.Thread(target=self._loop, args=("forward", self._forward_step, forwarder,
+                                                          self.wake_forward),
+                                    name="forward", daemon=True)]
         try:
             self.listeners = receiver.start()
             status.start()
             for host, port, tls in self.listeners:
                 log.info("listening", host=host, port=port, tls=tls, ae_title=cfg.receive.ae_title)
+            for w in workers:
+                w.start()
             self.notifier.ready(self.status_line())
             log.info("appliance.ready", name=cfg.appliance.name, version=__version__)
             while not self.stop_event.wait(WATCHDOG_INTERVAL_S):
@@ -98,11 +138,48 @@ class Daemon:
             log.info("appliance.stopping")
             receiver.stop()
             self._drain(cfg.receive.dimse_timeout_s)
+            self.wake_pack.set()
+            self.wake_forward.set()
+            for w in workers:
+                if w.is_alive():
+                    w.join(cfg.receive.dimse_timeout_s)
+            forwarder.close()
+            pool.close()
             status.stop()
             index.close()
             os.close(lock_fd)
             log.info("appliance.stopped")
         return 0
+
+    def _pack_step(self, packer: Packer) -> bool:
+        sealed = packer.seal_due(time.time())
+        packed = packer.pack_pending()
+        if packed:
+            self.wake_forward.set()
+        return bool(sealed or packed)
+
+    def _forward_step(self, forwarder: Forwarder) -> bool:
+        if forwarder.run_once():
+            return True
+        self.queue.expire_delivered(self.cfg.queue.keep_delivered_h * 3600, time.time())
+        return False
+
+    def _loop(self, name: str, step: Any, arg: Any, wake: threading.Event) -> None:
+        """Run `step` until it finds no work, then sleep until woken or polled again.
+
+        An exception is logged and retried after a pause; it never ends the loop, because
+        a dead loop with a live process is the worst failure for an unattended box.
+        """
+        while not self.stop_event.is_set():
+            try:
+                busy = step(arg)
+            except Exception as e:
+                log.exception(f"{name}.loop_error", error_type=type(e).__name__)
+                busy = False
+                self.stop_event.wait(5)
+            if not busy:
+                wake.wait(IDLE_POLL_S)
+                wake.clear()
 
     def _drain(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -135,4 +212,7 @@ class Daemon:
             "ae_title": self.cfg.receive.ae_title,
             "receive": self.stats.snapshot(),
             "spool": sp,
+            "queue": self.queue.counts(),
+            "oldest_waiting_s": round(self.queue.oldest_waiting_age(time.time()), 1),
+            "last_errors": dict(self.forwarder.last_error),
         }

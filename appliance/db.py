@@ -21,7 +21,7 @@ from pathlib import Path
 
 from appliance.errors import StateError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = [
     # version 1
@@ -51,6 +51,18 @@ _SCHEMA = [
     );
     CREATE UNIQUE INDEX instances_content ON instances(content_key);
     CREATE INDEX instances_segment ON instances(segment_id);
+    """,
+    # version 2: packing and forwarding
+    """
+    ALTER TABLE segments ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE segments ADD COLUMN next_attempt REAL NOT NULL DEFAULT 0;
+    ALTER TABLE segments ADD COLUMN destination TEXT;
+    ALTER TABLE segments ADD COLUMN progress INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE segments ADD COLUMN bundle_bytes INTEGER;
+    ALTER TABLE segments ADD COLUMN sealed REAL;
+    ALTER TABLE segments ADD COLUMN delivered REAL;
+    ALTER TABLE instances ADD COLUMN packed INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX segments_due ON segments(state, priority, created)
     """,
 ]
 

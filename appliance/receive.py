@@ -18,9 +18,13 @@ association. Log lines carry opaque ids and the study key hash, never a UID or a
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import ipaddress
 import re
 import socket
+import socketserver
+import sqlite3
 import ssl
 import threading
 from collections import Counter
@@ -29,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 import structlog
+from pydicom import config as pydicom_config
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
@@ -165,6 +170,27 @@ class _Server(ThreadedAssociationServer):
         return client, address
 
 
+# glibc malloc serves every allocation >= 128 KiB with a fresh mmap() and gives it back
+# with munmap() (and trims the heap top above 128 KiB): each PDU, data set and sealed
+# copy of a 0.5 MB CT slice then costs ~130 page faults plus zeroing, ~0.8 ms of system
+# CPU per image on the bench machine. Serving such buffers from the heap and keeping
+# freed memory for reuse cut the receiver's CPU by ~16 % and raised single-association
+# throughput by ~30 % with no change in peak RSS (docs/benchmarks.md).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
+MALLOC_MMAP_THRESHOLD = 4 << 20   # below this, buffers come from the heap (CT/MR slices)
+MALLOC_TRIM_THRESHOLD = 64 << 20  # free heap kept for reuse before it goes back to the OS
+
+
+def tune_malloc() -> bool:
+    """Apply the thresholds above with mallopt(3); False where that is not glibc."""
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)
+                and mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD))
+
+
 def tls_server_context(cert: str, key: str, ca: str, require_client_cert: bool) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -184,8 +210,14 @@ class Receiver:
         self.stats = stats
         self.on_stored = on_stored
         self.servers: list[ThreadedAssociationServer] = []
+        tune_malloc()  # process-wide; see MALLOC_MMAP_THRESHOLD
         _config.UNRESTRICTED_STORAGE_SERVICE = True
         _config.LOG_HANDLER_LEVEL = "none"  # our own log lines, without identifiers
+        # pydicom checks each value it decodes (our data sets, pynetdicom's command sets)
+        # and reports a bad one with warnings.warn(text quoting the value), which goes to
+        # stderr, i.e. the log: a UID or a name in clear. We check what we rely on
+        # ourselves (`identify`) and never alter data, so decoding must not judge.
+        pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
         ae = AE(ae_title=cfg.ae_title)
         ae.add_supported_context(Verification)
         ae.maximum_associations = cfg.max_associations
@@ -226,7 +258,10 @@ class Receiver:
 
     def stop(self) -> None:
         for s in self.servers:
-            s.shutdown()
+            # Not s.shutdown(): pynetdicom's override also removes the server from
+            # ae._servers, where only ae.start_server() puts it, and so raised ValueError
+            # for ours and cut the daemon's shutdown short (exit 70, index not closed).
+            socketserver.BaseServer.shutdown(s)
             s.server_close()
         self.servers.clear()
 
@@ -242,6 +277,12 @@ class Receiver:
             log.warning("association.rejected", calling_ae=calling.strip(), peer=address,
                         reason="calling AE title not recognized")
             assoc.acse.send_reject(0x01, 0x01, 0x03)
+            # send_reject only queues the A-ASSOCIATE-RJ; right after this handler the
+            # reactor closes the socket, usually before the DUL thread has sent it, and the
+            # peer sees a dropped connection instead of the reason. kill() (as pynetdicom's
+            # own rejections do) waits until the RJ is out and the peer has closed (or the
+            # ARTIM timer expired).
+            assoc.kill()
 
     def _on_established(self, event: Any) -> None:
         with self.stats.lock:
@@ -271,6 +312,14 @@ class Receiver:
             return self._answer("spool_full", nbytes)
         except OSError as e:
             log.error("store.disk_error", error=e.strerror, errno=e.errno)
+            return self._answer("disk_error", nbytes)
+        except sqlite3.Error as e:
+            # The index commit meeting a full or failing disk is a disk error (the sealed
+            # file has been removed again), not a bug: say Out of Resources, retry later.
+            if getattr(e, "sqlite_errorcode", 0) & 0xFF not in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR):
+                log.exception("store.internal_error", error_type=type(e).__name__)
+                return self._answer("internal", nbytes)
+            log.error("store.disk_error", error=getattr(e, "sqlite_errorname", str(e)), errno=None)
             return self._answer("disk_error", nbytes)
         except Exception as e:  # the boundary: an exception must become a status
             log.exception("store.internal_error", error_type=type(e).__name__)

@@ -16,8 +16,14 @@ Instances are grouped per study into segments: the open (`receiving`) segment of
 takes new instances until it reaches the configured count or size, then it is sealed and
 a new one opened. Time-based sealing belongs to the packer.
 
+Which key: `STATE/spool.keyid` records the public id of the spool key that seals this
+spool (written at the first start). `check_key` refuses a different key before anything
+is read or moved: a technician who points `spool.key_file` at the wrong file must get a
+clear error, not a quarantine folder holding every image the box had not yet sent.
+
 How it fails: `SpoolFullError` when storing would cross the free-space reserve (nothing
-stored is touched); `IntegrityError` when a file fails authentication; OSError from the
+stored is touched); `IntegrityError` when a file fails authentication; `KeyFileError`
+(exit 78) when the spool key is not the one that sealed the spool; OSError from the
 disk passes up to the receiver, which answers Out of Resources.
 """
 
@@ -29,6 +35,7 @@ import hmac
 import io
 import secrets
 import shutil
+import sqlite3
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,12 +46,15 @@ import structlog
 
 from appliance import crypto, durable
 from appliance.db import Index
-from appliance.errors import IntegrityError, NotFoundError, SpoolFullError
+from appliance.errors import IntegrityError, KeyFileError, NotFoundError, SpoolFullError
 
 log = structlog.get_logger("appliance.spool")
 
 # Room for the sealed file's header and tags, the index row and its WAL frames.
 _OVERHEAD = 64 * 1024
+
+# STATE/<this>: the hex id of the spool key that sealed the spool (see `check_key`).
+KEY_ID_FILE = "spool.keyid"
 
 
 def new_id() -> str:
@@ -74,8 +84,11 @@ class Stored:
 class Spool:
     def __init__(self, state_dir: Path, key: crypto.SpoolKey, index: Index,
                  reserve_free_bytes: int, segment_max_instances: int = 100,
-                 segment_max_bytes: int = 64 << 20) -> None:
+                 segment_max_bytes: int = 64 << 20, key_file: Path | None = None) -> None:
         self.dir = state_dir / "spool"
+        self.key_id_file = state_dir / KEY_ID_FILE
+        self.key_file = key_file  # only to name it in messages
+        self._key_checked = False
         self.quarantine_dir = state_dir / "quarantine"
         self.key = key
         self.index = index
@@ -106,10 +119,12 @@ class Spool:
                 f"{self.reserve // (1 << 20)} MiB"
             )
 
-    def store(self, parts: list[bytes | memoryview], meta: InstanceMeta) -> Stored:
+    def store(self, parts: list[bytes | memoryview], meta: InstanceMeta,
+              check_reserve: bool = True) -> Stored:
         """Durably store one instance (the concatenation of `parts`). See module docstring."""
         size = sum(len(p) for p in parts)
-        self.check_room(size)
+        if check_reserve:
+            self.check_room(size)
         h = hashlib.sha256()
         for p in parts:
             h.update(p)
@@ -172,6 +187,50 @@ class Spool:
     def read(self, rid: str) -> bytes:
         return b"".join(self.open(rid))
 
+    # --- which key ---
+
+    def _sealed_key_ids(self) -> set[bytes]:
+        """Key ids in the headers of the sealed files now in the spool (not verified)."""
+        ids = set()
+        for p in self.dir.iterdir():
+            if p.name.startswith(durable.TEMP_PREFIX) or not p.is_file():
+                continue
+            try:
+                with p.open("rb") as f:
+                    head = f.read(16)
+            except OSError:
+                continue
+            if head[:8] == crypto.SPOOL_MAGIC and len(head) == 16:
+                ids.add(head[8:16])
+        return ids
+
+    def check_key(self) -> None:
+        """Refuse to run on this spool with a spool key other than the one that sealed it.
+
+        The first start records the key's public id in STATE/spool.keyid. A spool from
+        before that file existed is judged by the key ids in its files' headers: if there
+        are sealed files and none names this key, the key is wrong. Raises KeyFileError
+        (exit 78: a configuration problem) and touches nothing.
+        """
+        mine = self.key.id.hex()
+        try:
+            recorded: str | None = self.key_id_file.read_text(encoding="ascii").strip()
+        except FileNotFoundError:
+            recorded = None
+        if recorded is None:
+            ids = self._sealed_key_ids()
+            if ids and self.key.id not in ids:
+                recorded = sorted(ids)[0].hex()
+        if recorded is not None and recorded != mine:
+            key = f"spool key {self.key_file}" if self.key_file else "the spool key"
+            raise KeyFileError(
+                f"{key} (key id {mine}) is not the key that sealed the spool in {self.dir}"
+                f" (key id {recorded}); point spool.key_file at the original key file"
+                f" (nothing was moved or quarantined)")
+        if recorded is None:
+            durable.atomic_write(self.key_id_file, (mine + "\n").encode())
+        self._key_checked = True
+
     # --- recovery ---
 
     def quarantine(self, name: str, why: str) -> None:
@@ -185,8 +244,10 @@ class Spool:
 
     def recover(self, adopt: Adopter | None = None) -> dict[str, int]:
         """Reconcile files and records after a crash. Returns counts of what was done."""
+        if not self._key_checked:
+            self.check_key()  # never quarantine a whole spool because of the wrong key
         counts = {"temps_removed": durable.remove_stale_temps(self.dir), "adopted": 0,
-                  "quarantined": 0, "missing": 0}
+                  "adopt_failed": 0, "quarantined": 0, "missing": 0}
         files = {p.name for p in self.dir.iterdir() if p.is_file()}
         rows = {r["id"] for r in self.index.query("SELECT id FROM instances")}
         for rid in sorted(rows - files):
@@ -196,17 +257,32 @@ class Spool:
         for name in sorted(files - rows):
             try:
                 data = self.read(name)
-                meta = adopt(data) if adopt else None
-            except (IntegrityError, ValueError) as e:
+            except IntegrityError as e:
                 self.quarantine(name, str(e))
+                counts["quarantined"] += 1
+                continue
+            try:
+                meta = adopt(data) if adopt else None
+            except Exception as e:  # any failure to parse these bytes
+                # (pydicom raises more than ValueError) must not stop the daemon starting.
+                self.quarantine(name, f"orphan spool file without readable identifiers"
+                                      f" ({type(e).__name__})")
                 counts["quarantined"] += 1
                 continue
             if meta is None:
                 self.quarantine(name, "orphan spool file without readable identifiers")
                 counts["quarantined"] += 1
                 continue
-            # Store it again through the normal path (fresh id), then drop the orphan.
-            self.store([data], meta)
+            # Store it again through the normal path (fresh id), then drop the orphan. The
+            # free-space reserve is for new images, not for one already on the disk.
+            try:
+                self.store([data], meta, check_reserve=False)
+            except (OSError, sqlite3.Error) as e:
+                # Too full even for the copy: keep the orphan (never acknowledged) for a
+                # later start rather than fail to start and refuse every new image.
+                log.error("spool.adopt_failed", file=name, error=str(e))
+                counts["adopt_failed"] += 1
+                continue
             durable.unlink_durable(self.dir / name)
             counts["adopted"] += 1
         return counts

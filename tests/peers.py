@@ -172,10 +172,16 @@ class Appliance:
 
 def storescu(port: int, files: Iterable[Path | str], aet: str = "MODALITY", called: str = "EDGE",
              extra: Iterable[str] = (), timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """DCMTK storescu, one association for all files; never aborts on a failing file."""
+    """DCMTK storescu, one association for all files; never aborts on a failing file.
+
+    Proposes only the contexts the files need (-R), unless `extra` names a config file
+    (-xf): DCMTK refuses -R together with --config-file, whose profile then decides.
+    """
+    extra = list(extra)
+    required = [] if {"-xf", "--config-file"} & set(extra) else ["-R"]
     return subprocess.run(
-        ["storescu", "-aet", aet, "-aec", called, "--no-halt", "-R", *extra, "127.0.0.1", str(port),
-         *map(str, files)],
+        ["storescu", "-aet", aet, "-aec", called, "--no-halt", *required, *extra, "127.0.0.1",
+         str(port), *map(str, files)],
         capture_output=True, text=True, timeout=timeout, env=dcmtk_env())
 
 

@@ -1,0 +1,137 @@
+"""Receive -> pack -> queue -> directory destination, through the real daemon and storescu."""
+
+from __future__ import annotations
+
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+
+from appliance import crypto
+from tests.peers import Appliance, base_config, cli, free_port, storescu
+
+J2K_LOSSLESS = "1.2.840.10008.1.2.4.90"
+
+
+def _cfg(root: Path, **pack: Any) -> dict[str, Any]:
+    cfg = base_config(root, free_port())
+    cfg["pack"] = {"study_quiet_s": 0.5, "segment_max_age_s": 30, **pack}
+    cfg["queue"] = {"retry_min_s": 0.2, "retry_max_s": 1}
+    (root / "outbox").mkdir(parents=True, exist_ok=True)
+    return cfg
+
+
+def _wait(cond: Callable[[], Any], timeout: float = 60, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _queue(app: Appliance) -> list[dict[str, Any]]:
+    import json
+    r = cli("queue", "list", "--json", "--config", str(app.config_path), check=True)
+    rows: list[dict[str, Any]] = json.loads(r.stdout)
+    return rows
+
+
+def _extract(bundle: Path, key: Path, out: Path) -> list[pydicom.Dataset]:
+    r = cli("bundle", "extract", str(bundle), "--key", str(key), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    return [pydicom.dcmread(p) for p in sorted(out.glob("*.dcm"))]
+
+
+def test_series_arrives_as_one_compressed_bundle_with_identical_pixels(
+        appliance_factory: Callable[..., Appliance], samples: Path, tmp_path: Path) -> None:
+    root = tmp_path / "a"
+    app = appliance_factory(_cfg(root), root=root)
+    files = sorted((samples / "series" / "CT_Philips_Ingenuity_phantom_28sl").iterdir())
+    assert storescu(app.port, files).returncode == 0
+    bundles = _wait(lambda: list((root / "outbox").glob("*.bundle")), what="a bundle")
+    _wait(lambda: _queue(app)[0]["state"] == "delivered", what="delivered")
+    assert app.spooled() == {}  # packed instances leave the spool
+    received = sum(f.stat().st_size for f in files)
+    assert bundles[0].stat().st_size < received / 2  # lossless J2K on CT: well under half
+    out = _extract(bundles[0], root / "keys" / "appliance.key", tmp_path / "x")
+    originals = {ds.SOPInstanceUID: ds for ds in map(pydicom.dcmread, files)}
+    assert len(out) == len(files)
+    for ds in out:
+        orig = originals[ds.SOPInstanceUID]
+        assert ds.file_meta.TransferSyntaxUID == J2K_LOSSLESS
+        assert np.array_equal(ds.pixel_array, orig.pixel_array)
+        for elem in orig:
+            if elem.tag != 0x7FE00010:
+                assert ds[elem.tag].value == elem.value, elem.tag
+
+
+def test_a_center_key_alone_opens_the_bundle(
+        appliance_factory: Callable[..., Appliance], samples: Path, tmp_path: Path) -> None:
+    root = tmp_path / "b"
+    center = tmp_path / "center"
+    crypto.create_keypair(center / "center.key", center / "center.pub")
+    cfg = _cfg(root)
+    cfg["encryption"]["recipients"] = [str(center / "center.pub")]
+    app = appliance_factory(cfg, root=root)
+    f = samples / "series" / "MR_GE_Signa_wrist_16sl"
+    files = sorted(f.iterdir())[:3]
+    assert storescu(app.port, files).returncode == 0
+    bundle = _wait(lambda: list((root / "outbox").glob("*.bundle")), what="a bundle")[0]
+    out = _extract(bundle, center / "center.key", tmp_path / "x")
+    assert sorted(ds.SOPInstanceUID for ds in out) == sorted(
+        pydicom.dcmread(p).SOPInstanceUID for p in files)
+    wrong = tmp_path / "wrong"
+    crypto.create_keypair(wrong / "w.key", wrong / "w.pub")
+    r = cli("bundle", "extract", str(bundle), "--key", str(wrong / "w.key"), "--out", str(tmp_path / "y"))
+    assert r.returncode == 65 and "no recipient entry" in r.stderr
+    assert not list((tmp_path / "y").glob("*.dcm"))  # nothing written from a bundle it cannot open
+
+
+def test_missing_destination_folder_defers_then_delivers(
+        appliance_factory: Callable[..., Appliance], samples: Path, tmp_path: Path) -> None:
+    root = tmp_path / "c"
+    cfg = _cfg(root)
+    cfg["destinations"][0]["path"] = str(tmp_path / "nas")  # not mounted yet
+    app = appliance_factory(cfg, root=root)
+    f = next((samples / "series" / "MR_Philips_abdomen_11sl").iterdir())
+    assert storescu(app.port, [f]).returncode == 0
+    row = _wait(lambda: [r for r in _queue(app) if r["state"] == "deferred"], what="deferred")[0]
+    assert "does not exist" in row["reason"]
+    (tmp_path / "nas").mkdir()
+    _wait(lambda: _queue(app)[0]["state"] == "delivered", what="delivered after the folder appears")
+    assert len(list((tmp_path / "nas").glob("*.bundle"))) == 1
+
+
+def test_operator_can_hold_and_release_a_waiting_bundle(
+        appliance_factory: Callable[..., Appliance], samples: Path, tmp_path: Path) -> None:
+    root = tmp_path / "d"
+    cfg = _cfg(root)
+    cfg["destinations"][0]["path"] = str(tmp_path / "nas")
+    app = appliance_factory(cfg, root=root)
+    f = next((samples / "series" / "MR_Philips_abdomen_11sl").iterdir())
+    assert storescu(app.port, [f]).returncode == 0
+    item = _wait(lambda: [r for r in _queue(app) if r["state"] == "deferred"], what="deferred")[0]
+    r = cli("queue", "hold", item["id"], "--config", str(app.config_path))
+    assert r.returncode == 0, r.stderr
+    (tmp_path / "nas").mkdir()
+    time.sleep(1.5)  # several retry periods: a held bundle must not move
+    assert _queue(app)[0]["state"] == "held"
+    assert not list((tmp_path / "nas").iterdir())
+    assert cli("queue", "release", item["id"], "--config", str(app.config_path)).returncode == 0
+    _wait(lambda: _queue(app)[0]["state"] == "delivered", what="delivered after release")
+
+
+def test_queue_commands_refuse_unknown_ids(appliance_factory: Callable[..., Appliance]) -> None:
+    app = appliance_factory()
+    r = cli("queue", "show", "0000nothere", "--config", str(app.config_path))
+    assert r.returncode == 66 and "no queue item" in r.stderr
+    r = cli("queue", "hold", "--config", str(app.config_path))
+    assert r.returncode == 64
+
+
