@@ -21,6 +21,7 @@ the forwarder, the CLI) share, so that state changes are written in one place.
 from __future__ import annotations
 
 import random
+import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,8 +196,8 @@ class Queue:
         return len(rows)
 
 
-def _item(r: object) -> Item:
-    g = r.__getitem__  # type: ignore[attr-defined]
+def _item(r: sqlite3.Row) -> Item:
+    g = r.__getitem__
     return Item(id=g("id"), study_key=g("study_key"), state=g("state"), priority=g("priority"),
                 instances=g("instances"), bytes=g("bytes"), bundle_bytes=g("bundle_bytes") or 0,
                 attempts=g("attempts"), next_attempt=g("next_attempt"), created=g("created"),

@@ -39,7 +39,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 from pynetdicom import AE, _config, evt
 from pynetdicom.dsutils import encode_file_meta
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from appliance import __version__
@@ -87,8 +87,8 @@ def caller_allowed(cfg: Receive, ae_title: str, address: str) -> bool:
         ip = ipaddress.ip_address(address.split("%")[0])
     except ValueError:
         return False
-    if ip.version == 6 and ip.ipv4_mapped:  # type: ignore[union-attr]
-        ip = ip.ipv4_mapped  # type: ignore[union-attr]
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
     for c in cfg.callers:
         if c.ae_title == ae:
             return not c.hosts or any(ip in ipaddress.ip_network(h) for h in c.hosts)
@@ -227,7 +227,7 @@ class Receiver:
         ae.network_timeout = cfg.network_timeout_s
         ae.implementation_version_name = f"APPLIANCE_{__version__}"[:16]
         self.ae = ae
-        self.handlers = [
+        self.handlers: list[Any] = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ESTABLISHED, self._on_established),
             (evt.EVT_RELEASED, self._on_closed),

@@ -37,7 +37,7 @@ import secrets
 import shutil
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -79,6 +79,10 @@ class Stored:
     segment_id: str
     study_key: str
     duplicate: bool
+
+
+# Part-10 bytes -> InstanceMeta, or raise ValueError: identifies an orphan at recovery.
+Adopter = Callable[[bytes], InstanceMeta]
 
 
 class Spool:
@@ -135,7 +139,7 @@ class Spool:
             return Stored(dup[0]["id"], dup[0]["segment_id"], skey, True)
         rid = new_id()
         with durable.atomic_file(self.dir / rid) as f:
-            crypto.seal_spool_file(self.key, rid, _PartsReader(parts), f)
+            crypto.seal_spool_file(self.key, rid, reader(parts), f)
         now = time.time()
         try:
             with self.index.tx() as c:
@@ -293,11 +297,6 @@ class Spool:
                 "reserve_bytes": self.reserve}
 
 
-class Adopter:
-    """Callable protocol: Part-10 bytes -> InstanceMeta, or raise ValueError."""
-
-    def __call__(self, data: bytes) -> InstanceMeta:  # pragma: no cover - protocol
-        raise NotImplementedError
 
 
 class _PartsReader(io.RawIOBase):

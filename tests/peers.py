@@ -59,9 +59,7 @@ def to_toml(cfg: dict[str, Any]) -> str:
         lines.append(f"[{section}]")
         subtables = {}
         for k, v in body.items():
-            if isinstance(v, dict):
-                subtables[k] = v
-            elif isinstance(v, list) and v and isinstance(v[0], dict):
+            if isinstance(v, dict) or isinstance(v, list) and v and isinstance(v[0], dict):
                 subtables[k] = v
             else:
                 lines.append(f"{k} = {toml_value(v)}")
