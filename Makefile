@@ -39,10 +39,11 @@ peers:
 	fi
 
 run: venv
-	@mkdir -p var
+	@mkdir -p var/outbox
 	$(BIN)/appliance keys init --config $(DEV_CONFIG)
 	$(BIN)/appliance config check --config $(DEV_CONFIG) >/dev/null
-	@echo "appliance: listening on 127.0.0.1:11112 (AE title EDGE); try: storescu 127.0.0.1 11112 FILE.dcm"
+	@echo "appliance: listening on 127.0.0.1:11112 (AE title EDGE); bundles go to var/outbox/"
+	@echo "  try: storescu -aec EDGE 127.0.0.1 11112 FILE.dcm"
 	exec $(BIN)/appliance run --config $(DEV_CONFIG)
 
 test: venv peers
