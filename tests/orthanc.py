@@ -192,11 +192,11 @@ class Orthanc:
 
     def request(self, method: str, path: str, body: bytes | None = None,
                 content_type: str = "application/json", timeout: float = 60) -> bytes:
-        req = urllib.request.Request(self.url + path, data=body, method=method)
+        req = urllib.request.Request(self.url + path, data=body, method=method)  # noqa: S310
         if body is not None:
             req.add_header("Content-Type", content_type)
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 - loopback URL we built
+            with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 - our loopback URL
                 data: bytes = r.read()
                 return data
         except urllib.error.HTTPError as e:
@@ -224,7 +224,8 @@ class Orthanc:
 
     def instance_tags(self, orthanc_id: str, simplify: bool = True) -> dict[str, Any]:
         """Tags of an instance: {"SOPInstanceUID": ...} (simplified) or {"0008,0018": {...}}."""
-        result: dict[str, Any] = self.get(f"/instances/{orthanc_id}/{'simplified-tags' if simplify else 'tags'}")
+        which = "simplified-tags" if simplify else "tags"
+        result: dict[str, Any] = self.get(f"/instances/{orthanc_id}/{which}")
         return result
 
     def instance_file(self, orthanc_id: str) -> bytes:
