@@ -86,6 +86,7 @@ the only decoders installed.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import multiprocessing
@@ -650,9 +651,19 @@ def _decompress(raw: bytes) -> bytes:
 # --- worker processes -----------------------------------------------------------------
 
 
+WORKER_NICE = 10
+
+
 def _worker_init() -> None:
     """In each worker: pydicom's encoder logs failed encodes with a traceback (never an
-    identifier, but not our log format either); the Result reason carries the news."""
+    identifier, but not our log format either); the Result reason carries the news.
+
+    Workers run at a lower CPU priority: on a 2-core box compression competes with the
+    receiver, and a scanner kept waiting for C-STORE responses is the worse outcome
+    (compression catches up as soon as the scanner pauses; docs/benchmarks.md).
+    """
+    with contextlib.suppress(OSError):
+        os.nice(WORKER_NICE)
     lg = logging.getLogger("pydicom")
     lg.handlers[:] = [logging.NullHandler()]
     lg.propagate = False

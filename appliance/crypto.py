@@ -28,7 +28,7 @@ import hashlib
 import os
 import stat
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -172,11 +172,49 @@ def seal_spool_file(
     spool_key: SpoolKey, record_id: str, src: BinaryIO, dst: BinaryIO, chunk_size: int = DEFAULT_CHUNK
 ) -> int:
     """Write header + sealed stream of `src` to `dst`. Returns the plaintext length."""
+    return seal_spool_parts(spool_key, record_id, read_chunks(src, chunk_size), dst, chunk_size)
+
+
+def seal_spool_parts(spool_key: SpoolKey, record_id: str, parts: Iterable[bytes | memoryview],
+                     dst: BinaryIO, chunk_size: int = DEFAULT_CHUNK) -> int:
+    """Like `seal_spool_file`, from buffers of any sizes (the receiver's in-memory path).
+
+    Buffers are cut and joined into exact chunks with one copy per chunk: on a 0.5 MB CT
+    slice the copies of a file-like reader cost ~30x the AES-GCM itself.
+    """
     salt = os.urandom(16)
     header = _SPOOL_HEADER.pack(SPOOL_MAGIC, spool_key.id, salt, chunk_size)
     dst.write(header)
     file_key = derive(spool_key.key, salt, b"appliance spool file v1")
-    return stream_seal(file_key, header + record_id.encode(), src, dst, chunk_size)
+    total = 0
+
+    def counted() -> Iterator[bytes]:
+        nonlocal total
+        for c in rechunk(parts, chunk_size):
+            total += len(c)
+            yield c
+
+    for ct in stream_seal_chunks(file_key, header + record_id.encode(), counted()):
+        dst.write(ct)
+    return total
+
+
+def rechunk(parts: Iterable[bytes | memoryview], size: int) -> Iterator[bytes]:
+    """Yield the concatenation of `parts` in chunks of exactly `size` (the last shorter)."""
+    pending: list[memoryview] = []
+    have = 0
+    for p in parts:
+        mv = memoryview(p).cast("B")
+        while len(mv):
+            take = min(size - have, len(mv))
+            pending.append(mv[:take])
+            have += take
+            mv = mv[take:]
+            if have == size:
+                yield b"".join(pending)
+                pending, have = [], 0
+    if pending:
+        yield b"".join(pending)
 
 
 def open_spool_file(spool_key: SpoolKey, record_id: str, src: BinaryIO) -> Iterator[bytes]:

@@ -27,6 +27,7 @@ import socketserver
 import sqlite3
 import ssl
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -191,6 +192,31 @@ def tune_malloc() -> bool:
                 and mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD))
 
 
+# pynetdicom's reactors poll: the DUL thread sleeps `_run_loop_delay` (1 ms) whenever it
+# finds nothing to do, and the association thread sleeps a fixed 1 ms per loop. C-STORE is
+# one request in flight at a time, so each image waits for both sleeps (~2 ms, more than
+# the rest of our handler). Polling at 0.2 ms removes most of that latency for the length
+# of an association, at a small CPU cost while it is idle.
+POLL_S = 0.0002
+
+
+class _ShortSleepTime:
+    """Stands in for the `time` module inside pynetdicom.association: caps its sleeps."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        time.sleep(min(seconds, POLL_S))
+
+
+def shorten_polling() -> None:
+    import pynetdicom.association as association_module
+
+    association_module.time = _ShortSleepTime()  # type: ignore[assignment,attr-defined]
+
+
 def tls_server_context(cert: str, key: str, ca: str, require_client_cert: bool) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -211,6 +237,7 @@ class Receiver:
         self.on_stored = on_stored
         self.servers: list[ThreadedAssociationServer] = []
         tune_malloc()  # process-wide; see MALLOC_MMAP_THRESHOLD
+        shorten_polling()
         _config.UNRESTRICTED_STORAGE_SERVICE = True
         _config.LOG_HANDLER_LEVEL = "none"  # our own log lines, without identifiers
         # pydicom checks each value it decodes (our data sets, pynetdicom's command sets)
@@ -269,6 +296,7 @@ class Receiver:
 
     def _on_requested(self, event: Any) -> None:
         assoc = event.assoc
+        assoc.dul._run_loop_delay = POLL_S
         calling = assoc.requestor.primitive.calling_ae_title
         address = assoc.requestor.address
         if not caller_allowed(self.cfg, calling, address):

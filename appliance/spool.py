@@ -139,7 +139,7 @@ class Spool:
             return Stored(dup[0]["id"], dup[0]["segment_id"], skey, True)
         rid = new_id()
         with durable.atomic_file(self.dir / rid) as f:
-            crypto.seal_spool_file(self.key, rid, reader(parts), f)
+            crypto.seal_spool_parts(self.key, rid, parts, f)
         now = time.time()
         try:
             with self.index.tx() as c:
