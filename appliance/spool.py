@@ -34,6 +34,7 @@ import hashlib
 import hmac
 import io
 import secrets
+import sqlite3
 import shutil
 import sqlite3
 import time
@@ -161,8 +162,8 @@ class Spool:
             raise
         return Stored(rid, seg, skey, False)
 
-    def _open_segment(self, c: object, study_key: str, size: int, now: float) -> str:
-        conn = self.index.conn
+    def _open_segment(self, conn: sqlite3.Connection, study_key: str, size: int, now: float) -> str:
+        """The study's receiving segment, sealing it first if this instance would overflow it."""
         row = conn.execute("SELECT id, instances, bytes FROM segments WHERE study_key=? AND"
                            " state='receiving' ORDER BY created DESC LIMIT 1", (study_key,)).fetchone()
         if row and row["instances"] > 0 and (
