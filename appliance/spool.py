@@ -34,7 +34,6 @@ import hashlib
 import hmac
 import io
 import secrets
-import sqlite3
 import shutil
 import sqlite3
 import time
