@@ -662,8 +662,10 @@ def _worker_init() -> None:
     receiver, and a scanner kept waiting for C-STORE responses is the worse outcome
     (compression catches up as soon as the scanner pauses; docs/benchmarks.md).
     """
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError, AttributeError):
         os.nice(WORKER_NICE)
+        # SCHED_IDLE: run only on CPU time nothing else wants (Linux).
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     lg = logging.getLogger("pydicom")
     lg.handlers[:] = [logging.NullHandler()]
     lg.propagate = False

@@ -1,0 +1,58 @@
+"""Pure pieces of the receiver: the status table, the allowlist, UID checks, the file meta."""
+
+from __future__ import annotations
+
+import pytest
+from pynetdicom.dsutils import create_file_meta, encode_file_meta
+
+from appliance.config import Caller, Receive
+from appliance.receive import STATUS, caller_allowed, part10_header, valid_uid
+
+
+def test_status_table_uses_the_storage_service_ranges() -> None:
+    assert STATUS["stored"][0] == STATUS["duplicate"][0] == 0x0000
+    assert STATUS["spool_full"][0] == 0xA700
+    assert 0xA700 <= STATUS["disk_error"][0] <= 0xA7FF  # Out of Resources: the scanner retries
+    for outcome in ("unparseable", "missing_uids", "uid_mismatch"):
+        assert 0xC000 <= STATUS[outcome][0] <= 0xCFFF, outcome  # Cannot understand
+    assert len({v[0] for k, v in STATUS.items() if k != "duplicate"}) == len(STATUS) - 1
+
+
+@pytest.mark.parametrize(("ae", "addr", "ok"), [
+    ("CT_SCANNER", "10.1.2.3", True),
+    ("CT_SCANNER  ", "10.1.2.3", True),     # AE titles are space padded on the wire
+    ("CT_SCANNER", "10.1.2.4", False),      # right title, wrong host
+    ("CT_SCANNER", "::ffff:10.1.2.3", True),  # IPv4-mapped IPv6 peer
+    ("MR_SCANNER", "192.168.7.9", True),    # entry without hosts: any address
+    ("STRANGER", "10.1.2.3", False),
+    ("ct_scanner", "10.1.2.3", False),      # AE titles are case sensitive
+])
+def test_caller_allowlist(ae: str, addr: str, ok: bool) -> None:
+    cfg = Receive(callers=(Caller("CT_SCANNER", ("10.1.2.3/32",)), Caller("MR_SCANNER")))
+    assert caller_allowed(cfg, ae, addr) is ok
+
+
+def test_accept_any_caller_must_be_explicit() -> None:
+    assert not caller_allowed(Receive(), "ANYONE", "127.0.0.1")
+    assert caller_allowed(Receive(accept_any_caller=True), "ANYONE", "127.0.0.1")
+
+
+@pytest.mark.parametrize(("uid", "ok"), [
+    ("1.2.840.10008.5.1.4.1.1.2", True), ("1", True), ("1." + "2" * 62, True),
+    ("1." + "2" * 63, False), ("", False), ("1..2", False), ("1.2.", False),
+    ("../../etc/passwd", False), ("1.2.3a", False), (None, False),
+])
+def test_uid_grammar(uid: object, ok: bool) -> None:
+    assert valid_uid(uid) is ok
+
+
+@pytest.mark.parametrize(("sop_class", "sop_instance", "ts", "ae"), [
+    ("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4.5", "1.2.840.10008.1.2.1", "MOD"),
+    ("1.2.840.10008.5.1.4.1.1.4", "1.2.3.4", "1.2.840.10008.1.2", "SIXTEEN_CHARS_AE"),
+    ("1.2.840.10008.5.1.4.1.1.7", "1.23", "1.2.840.10008.1.2.4.90", "A"),
+])
+def test_file_meta_is_what_pydicom_would_write(sop_class: str, sop_instance: str, ts: str,
+                                               ae: str) -> None:
+    fm = create_file_meta(sop_class_uid=sop_class, sop_instance_uid=sop_instance, transfer_syntax=ts)
+    fm.SourceApplicationEntityTitle = ae
+    assert part10_header(sop_class, sop_instance, ts, ae) == b"\0" * 128 + b"DICM" + encode_file_meta(fm)
