@@ -131,6 +131,9 @@ class Destination:
     tls: TLSClient | None = None
     plaintext: bool = False
     storage_commitment: bool = False
+    commitment_port: int | None = None  # where the PACS sends its commitment report
+    commitment_bind: str = "0.0.0.0"  # noqa: S104 - the PACS calls back
+    commitment_timeout_s: float = 300.0
     timeout_s: float = 30.0
     # sftp
     user: str | None = None
@@ -176,7 +179,8 @@ class Config:
 TRANSPORT_KEYS: dict[str, tuple[str, ...]] = {
     "directory": ("path",),
     "dicom": ("host", "port", "ae_title", "calling_ae_title", "tls", "plaintext",
-              "storage_commitment", "timeout_s"),
+              "storage_commitment", "commitment_port", "commitment_bind", "commitment_timeout_s",
+              "timeout_s"),
     "sftp": ("host", "port", "user", "key", "key_passphrase", "known_hosts", "remote_dir",
              "timeout_s"),
 }
@@ -542,6 +546,9 @@ def _dicom_keys(t: _Table) -> dict[str, Any]:
         "calling_ae_title": t.ae("calling_ae_title", None),
         "plaintext": t.boolean("plaintext", False),
         "storage_commitment": t.boolean("storage_commitment", False),
+        "commitment_port": t.integer("commitment_port", None, 1, 65535),
+        "commitment_bind": t.get("commitment_bind", "0.0.0.0", _check_ip),  # noqa: S104
+        "commitment_timeout_s": t.number("commitment_timeout_s", 300.0, 1, 86400),
         "timeout_s": t.number("timeout_s", 30.0, 1, 3600),
     }
     if t.has("tls"):
@@ -573,7 +580,7 @@ def _sftp_keys(t: _Table) -> dict[str, Any]:
     }
 
 
-_OPTIONAL_DEST = ("calling_ae_title", "key_passphrase", "tls")
+_OPTIONAL_DEST = ("calling_ae_title", "key_passphrase", "tls", "commitment_port")
 
 
 def _parse_destination(t: _Table) -> Destination | None:

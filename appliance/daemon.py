@@ -58,7 +58,7 @@ def build_transport(dest: Destination, cfg: Config) -> Transport:
         from appliance.forward.dicom import DicomTransport
 
         key = crypto.load_private_key(cfg.encryption.appliance_key)
-        return DicomTransport(dest, key)
+        return DicomTransport(dest, key, local_ae_title=cfg.receive.ae_title)
     raise ConfigError([f"{cfg.sources[0] if cfg.sources else 'config'}: destinations: transport "
                        f"{dest.transport!r} ({dest.name}) is not available in this version"])
 

@@ -410,7 +410,8 @@ def test_effective_shows_only_the_fields_of_each_transport() -> None:
     directory, dicom, sftp = eff["destinations"]
     assert set(directory) == {"name", "transport", "path"}
     assert set(dicom) == {"name", "transport", "host", "port", "ae_title", "plaintext",
-                          "storage_commitment", "timeout_s"}
+                          "storage_commitment", "commitment_bind", "commitment_timeout_s",
+                          "timeout_s"}
     assert set(sftp) == {"name", "transport", "host", "port", "user", "key", "known_hosts",
                          "remote_dir", "timeout_s"}
 

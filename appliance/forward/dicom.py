@@ -894,7 +894,7 @@ class DicomTransport:
 
     def __init__(self, dest: Destination, private_key: PrivateKey, *,
                  local_ae_title: str = "EDGE", commitment_port: int | None = None,
-                 commitment_bind: str = "0.0.0.0") -> None:  # noqa: S104 - the PACS calls back
+                 commitment_bind: str | None = None) -> None:
         if dest.host is None or dest.port is None or dest.ae_title is None:
             raise ConfigError([f"destination {dest.name}: host, port and ae_title are required"])
         self.name = dest.name
@@ -902,8 +902,9 @@ class DicomTransport:
         self.private_key = private_key
         self.calling_ae = dest.calling_ae_title or local_ae_title
         self.timeout = float(dest.timeout_s)
-        self.commitment_port = commitment_port
-        self.commitment_bind = commitment_bind
+        self.commitment_port = commitment_port if commitment_port is not None else dest.commitment_port
+        self.commitment_bind = commitment_bind if commitment_bind is not None else dest.commitment_bind
+        self.commitment_timeout = float(dest.commitment_timeout_s)
         self._commitments = _Commitments()
         self._listener: _CommitmentListener | None = None
         self._listener_lock = threading.Lock()
@@ -1209,7 +1210,7 @@ class DicomTransport:
                 code = "no valid response" if status is None else f"0x{status:04X}"
                 text = f"the PACS answered {code} ({verdict.meaning}) to the storage commitment request"
                 raise Permanent(text) if verdict.outcome is Outcome.PERMANENT else Retryable(text)
-            deadline = t0 + self.timeout
+            deadline = t0 + self.commitment_timeout
             grace = min(deadline, time.monotonic() + REPORT_GRACE_S) if listening else deadline
             alive = link.wait(grace, waiter.event)
             if not waiter.event.is_set():
@@ -1231,7 +1232,7 @@ class DicomTransport:
             where = (f"on port {self.commitment_port} or on the association" if listening
                      else "on the association (no commitment_port is set, and the PACS may "
                           "send its report on a new association)")
-            raise Retryable(f"no complete storage commitment report within {self.timeout:g} s: "
+            raise Retryable(f"no complete storage commitment report within {self.commitment_timeout:g} s: "
                             f"{committed} of {n} instances confirmed; waited {where}")
         if failed:
             detail = ", ".join(
