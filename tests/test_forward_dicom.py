@@ -618,7 +618,8 @@ def test_storage_commitment_without_a_report_is_retryable(
     bundle = make_bundle(tmp_path / "b.bundle", ct_slices(2))
     # Orthanc knows our AE title but sends its report where nobody listens.
     pacs = pacs_factory(modalities={"edge": Modality("EDGE", "127.0.0.1", free_port())})
-    t = transport(transports, destination(pacs.dicom_port, storage_commitment=True, timeout_s=2))
+    t = transport(transports, destination(pacs.dicom_port, storage_commitment=True, timeout_s=2,
+                                                 commitment_timeout_s=2))
     t0 = time.monotonic()
     with pytest.raises(Retryable, match="no complete storage commitment report within 2 s"):
         t.send("b-1", bundle, Progress())
@@ -757,7 +758,8 @@ def test_commitment_report_on_the_same_association(
     assert complete and when - t0 < 3  # the report ended the wait, not the timeout
     # Without a report, the same peer makes it Retryable.
     silent = fake_pacs()
-    t = transport(transports, destination(silent.port, storage_commitment=True, timeout_s=1))
+    t = transport(transports, destination(silent.port, storage_commitment=True, timeout_s=1,
+                                          commitment_timeout_s=1))
     with pytest.raises(Retryable, match="no complete storage commitment report within 1 s"):
         t.send("b-1", bundle, Progress())
 
