@@ -152,6 +152,9 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+STATUS_SOCKET_MAX = 107  # sockaddr_un.sun_path is 108 bytes with its NUL
+
+
 def _check_files(cfg: config.Config) -> list[tuple[str, str]]:
     """(dotted key, problem) for every file the config names that the daemon could not use.
 
@@ -182,6 +185,13 @@ def _check_files(cfg: config.Config) -> list[tuple[str, str]]:
             checks.append((f"destinations[{i}].path", _directory_or_absent, d.path))
     checks.append(("appliance.state_dir", _directory_or_absent, cfg.appliance.state_dir))
     out = []
+    for i, d in enumerate(cfg.destinations):
+        if d.transport == "sftp":  # parsed and checked, but the daemon cannot send with it yet
+            out.append((f"destinations[{i}].transport",
+                        "sftp is not available in this version of the appliance"))
+    if len(bytes(cfg.status_socket)) > STATUS_SOCKET_MAX:
+        out.append(("appliance.state_dir", f"path too long: {cfg.status_socket} must be at most"
+                    f" {STATUS_SOCKET_MAX} bytes (a Unix socket limit)"))
     for key, check, path in checks:
         try:
             check(path)

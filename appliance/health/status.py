@@ -19,6 +19,8 @@ from typing import Any
 
 import structlog
 
+from appliance.errors import StateError
+
 log = structlog.get_logger("appliance.status")
 
 
@@ -30,6 +32,9 @@ class StatusServer:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
+        if len(bytes(self.path)) > 107:  # sockaddr_un.sun_path
+            raise StateError(f"the status socket path {self.path} is longer than 107 bytes;"
+                             " use a shorter appliance.state_dir")
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
