@@ -706,12 +706,16 @@ class CodecPool:
     def submit(self, part10: bytes, codec: str = "jpeg2000", verify: bool = True) -> Future[Result]:
         if codec not in _CODEC_NAMES:
             raise ValueError(f"unknown codec {codec!r}")
-        return self._submit_call(compress, (part10, codec, verify), part10)
+        return self.submit_call(compress, (part10, codec, verify),
+                                lambda: _passthrough(part10, "worker-crashed"))
 
-    def _submit_call(self, fn: Callable[..., Any], args: tuple[Any, ...], part10: bytes,
-                     ) -> Future[Result]:
-        outer: Future[Result] = Future()
-        self._dispatch(outer, fn, args, part10, retries=1)
+    def submit_call(self, fn: Callable[..., Any], args: tuple[Any, ...],
+                    on_crash: Callable[[], Any]) -> Future[Any]:
+        """Run a module-level `fn(*args)` in a worker, with the crash handling above;
+        `on_crash()` (called in this process) gives the result when workers keep dying.
+        Exceptions `fn` raises reach the caller through the future."""
+        outer: Future[Any] = Future()
+        self._dispatch(outer, fn, args, on_crash, retries=1)
         return outer
 
     def _replace_executor(self, broken: ProcessPoolExecutor) -> None:
@@ -720,8 +724,8 @@ class CodecPool:
                 self._executor = self._new_executor()
         broken.shutdown(wait=False, cancel_futures=True)
 
-    def _dispatch(self, outer: Future[Result], fn: Callable[..., Any], args: tuple[Any, ...],
-                  part10: bytes, retries: int) -> None:
+    def _dispatch(self, outer: Future[Any], fn: Callable[..., Any], args: tuple[Any, ...],
+                  on_crash: Callable[[], Any], retries: int) -> None:
         for _ in range(3):
             with self._lock:
                 if self._closed:
@@ -751,13 +755,16 @@ class CodecPool:
                 self._replace_executor(executor)
                 if retries > 0 and not self._closed:
                     try:
-                        self._dispatch(outer, fn, args, part10, retries - 1)
+                        self._dispatch(outer, fn, args, on_crash, retries - 1)
                         return
                     except Exception:  # noqa: S110 - closed or broken again: pass through
                         pass
-                result = _passthrough(part10, "worker-crashed")
-            except Exception:
-                result = _passthrough(part10, "worker-crashed")
+                result = on_crash()
+            except Exception as e:
+                if fn is not compress:  # a task's own error is the caller's to handle
+                    outer.set_exception(e)
+                    return
+                result = on_crash()
             if not outer.done():
                 outer.set_result(result)
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import hashlib
 import io
 import time
@@ -39,11 +40,11 @@ from typing import Any
 import structlog
 from pydicom import dcmread
 
-from appliance import durable
+from appliance import crypto, durable
 from appliance.bundle import BundleWriter
-from appliance.codec import CodecPool, Result
+from appliance.codec import CodecPool, Result, compress
 from appliance.config import Pack
-from appliance.errors import IntegrityError, NotFoundError
+from appliance.errors import IntegrityError
 from appliance.queue import Queue
 from appliance.spool import Spool
 
@@ -108,13 +109,9 @@ class Packer:
         stats = collections.Counter[str]()
         with durable.atomic_file(self.queue.path(seg_id)) as f:
             writer = BundleWriter(f, seg_id, self.recipients, seg.study_key)
-            pending: collections.deque[tuple[str, bytes, Future[Result]]] = collections.deque()
+            pending: collections.deque[tuple[str, Future[Prepared]]] = collections.deque()
             for row in rows:
-                data = self._read(row["id"])
-                if data is None:
-                    stats["unreadable"] += 1
-                    continue
-                pending.append((row["id"], data, self.pool.submit(data, self.cfg.codec, self.cfg.verify)))
+                pending.append((row["id"], self._submit(row["id"])))
                 while len(pending) >= self.window:
                     self._write(writer, *pending.popleft(), stats)
             while pending:
@@ -130,32 +127,31 @@ class Packer:
         log.info("segment.packed", segment=seg_id, instances=len(rows), bytes_in=seg.bytes,
                  bytes_out=size, seconds=round(time.monotonic() - t0, 3), **stats)
 
-    def _read(self, rid: str) -> bytes | None:
+    def _submit(self, rid: str) -> Future[Prepared]:
+        # The worker reads, decrypts and identifies the instance itself: done here, that
+        # work held the GIL against the receiver's threads (the scanner waits on them).
+        args = (str(self.spool.dir / rid), rid, self.spool.key.key, self.cfg.codec, self.cfg.verify)
+        return self.pool.submit_call(prepare, args, lambda: prepare(*args[:3], "none", False,
+                                                                    reason="worker-crashed"))
+
+    def _write(self, writer: BundleWriter, rid: str, fut: Future[Prepared],
+               stats: collections.Counter[str]) -> None:
         try:
-            return self.spool.read(rid)
+            p = fut.result()
         except IntegrityError as e:
             self.spool.quarantine(rid, str(e))
-        except NotFoundError:
+            stats["unreadable"] += 1
+            return
+        except FileNotFoundError:
             log.error("pack.instance_missing", instance=rid)
-        return None
-
-    def _write(self, writer: BundleWriter, rid: str, original: bytes, fut: Future[Result],
-               stats: collections.Counter[str]) -> None:
-        res = fut.result()
+            stats["unreadable"] += 1
+            return
+        res = p.result
         if res.reason.startswith("verify-"):
             log.error("pack.verify_failed", instance=rid, codec=self.cfg.codec, reason=res.reason)
         stats[res.action] += 1
-        ds = dcmread(io.BytesIO(original), stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
-        writer.begin_instance({
-            "sop_instance_uid": str(ds.file_meta.MediaStorageSOPInstanceUID),
-            "sop_class": str(ds.file_meta.MediaStorageSOPClassUID),
-            "received_transfer_syntax": str(ds.file_meta.TransferSyntaxUID),
-            "transfer_syntax": res.transfer_syntax,
-            "action": res.action,
-            "reason": res.reason,
-            "received_size": len(original),
-            "received_sha256": _sha256(original),
-        })
+        writer.begin_instance({**p.facts, "transfer_syntax": res.transfer_syntax,
+                               "action": res.action, "reason": res.reason})
         writer.write(res.data)
         writer.end_instance()
 
@@ -173,5 +169,32 @@ class Packer:
         return len(rows)
 
 
-def _sha256(b: bytes) -> str:
-    return hashlib.sha256(b).hexdigest()
+@dataclass(frozen=True)
+class Prepared:
+    """One instance ready for the bundle: the codec's result and the manifest facts."""
+
+    result: Result
+    facts: dict[str, Any]
+
+
+def prepare(path: str, rid: str, spool_key: bytes, codec: str, verify: bool,
+            reason: str | None = None) -> Prepared:
+    """In a codec worker: read and authenticate a spooled instance, then compress it.
+
+    Raises IntegrityError (the file fails authentication) or FileNotFoundError; the
+    packer quarantines or reports those. `reason` marks a pass-through made after the
+    workers crashed on this instance.
+    """
+    with open(path, "rb") as f:
+        original = b"".join(crypto.open_spool_file(crypto.SpoolKey(spool_key), rid, f))
+    meta = dcmread(io.BytesIO(original), stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+    res = compress(original, codec, verify)
+    if reason is not None:
+        res = dataclasses.replace(res, reason=reason)
+    return Prepared(res, {
+        "sop_instance_uid": str(meta.file_meta.MediaStorageSOPInstanceUID),
+        "sop_class": str(meta.file_meta.MediaStorageSOPClassUID),
+        "received_transfer_syntax": str(meta.file_meta.TransferSyntaxUID),
+        "received_size": len(original),
+        "received_sha256": hashlib.sha256(original).hexdigest(),
+    })
