@@ -706,7 +706,7 @@ def test_example_parses(tmp_path: Path) -> None:
     main = tmp_path / "appliance.toml"
     shutil.copy(EXAMPLE, main)
     cfg = config.load(main)
-    assert [d.transport for d in cfg.destinations] == ["dicom", "sftp", "directory"]
+    assert [d.transport for d in cfg.destinations] == ["dicom", "directory"]  # sftp: commented out
     assert cfg.receive.accept_any_caller is False and cfg.receive.callers
 
 
@@ -722,12 +722,11 @@ def test_example_passes_config_check_once_its_files_exist(tmp_path: Path) -> Non
     main = write(etc / "appliance.toml", text)
     cfg = config.load(main)
     crypto.create_keypair(tmp_path / "center.key", cfg.encryption.recipients[0])
-    dicom, sftp, _ = cfg.destinations
-    assert dicom.tls and sftp.key and sftp.known_hosts
-    for p in (dicom.tls.cert, dicom.tls.ca, sftp.known_hosts):
+    dicom, _ = cfg.destinations
+    assert dicom.tls
+    for p in (dicom.tls.cert, dicom.tls.ca):
         write(p, "placeholder\n")
-    for p in (dicom.tls.key, sftp.key):
-        write(p, "placeholder\n").chmod(0o600)
+    write(dicom.tls.key, "placeholder\n").chmod(0o600)
     assert cli("keys", "init", "--config", str(main)).returncode == 0
     r = cli("config", "check", "--config", str(main))
     assert r.returncode == 0, r.stderr
