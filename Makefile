@@ -11,7 +11,7 @@ DEV_CONFIG := config/appliance.dev.toml
 PEERS := dcmtk orthanc openssh-server iproute2 nftables
 PYTEST_ARGS ?=
 
-.PHONY: run test peers venv bench lint clean
+.PHONY: run test peers venv bench bench-receive bench-pack lint clean
 
 $(BIN)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -49,8 +49,13 @@ run: venv
 test: venv peers
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: venv peers
+bench: bench-receive bench-pack
+
+bench-receive: venv peers
 	$(BIN)/python bench/receive_bench.py
+
+bench-pack: venv peers
+	$(BIN)/python bench/pack_bench.py
 
 lint: venv
 	$(BIN)/pip install --quiet ruff mypy
