@@ -91,6 +91,7 @@ class Daemon:
         self.stats = ReceiveStats()
         self.started = time.time()
         self.listeners: list[tuple[str, int, bool]] = []
+        self.receiver: Receiver | None = None
 
     def run(self) -> int:
         cfg = self.cfg
@@ -107,13 +108,15 @@ class Daemon:
         transports = [build_transport(d, cfg) for d in cfg.destinations]
         self.queue = queue = Queue(cfg.appliance.state_dir, index)
         pool = CodecPool(cfg.pack.workers)
-        packer = Packer(cfg.pack, spool, queue, recipients, pool)
+        packer = Packer(cfg.pack, spool, queue, recipients, pool,
+                        receiving_burst=lambda: self.receiver is not None and self.receiver.in_burst())
         packer.remove_packed()  # a crash between pack steps 2 and 3 left these
         counts = spool.recover(adopt=identify_stored)
         log.info("spool.recovered", **counts)
         log.info("queue.recovered", **queue.recover())
         self.forwarder = forwarder = Forwarder(queue, transports, cfg.queue)
-        receiver = Receiver(cfg.receive, spool, self.stats, on_stored=lambda seg: self.wake_pack.set())
+        self.receiver = receiver = Receiver(cfg.receive, spool, self.stats,
+                                            on_stored=lambda seg: self.wake_pack.set())
         status = StatusServer(cfg.status_socket, self.snapshot)
         self._install_signals()
         workers = [threading.Thread(target=self._loop, args=("pack", self._pack_step, packer, self.wake_pack),

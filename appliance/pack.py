@@ -32,7 +32,7 @@ import dataclasses
 import hashlib
 import io
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +57,18 @@ class SegmentTimes:
     updated: float
 
 
+def may_pack_now(sealed_at: float, receiving_burst: bool, cfg: Pack, now: float) -> bool:
+    """Whether to start packing a sealed segment now.
+
+    While a scanner is sending a burst (images back to back), packing waits, at most
+    `pack.segment_max_age_s` after the segment was sealed: on a small box the
+    compression would otherwise take CPU from the receiver and keep the scanner waiting
+    for every C-STORE response. A burst is short (a 300-slice CT takes ~1.5 s here), and
+    a scanner that sends slowly leaves gaps in which packing proceeds as before.
+    """
+    return not receiving_burst or now - sealed_at >= cfg.segment_max_age_s
+
+
 def due_for_sealing(seg: SegmentTimes, cfg: Pack, now: float) -> str | None:
     """Why a receiving segment should be sealed now ("quiet", "age"), or None."""
     if now - seg.updated >= cfg.study_quiet_s:
@@ -68,8 +80,9 @@ def due_for_sealing(seg: SegmentTimes, cfg: Pack, now: float) -> str | None:
 
 class Packer:
     def __init__(self, cfg: Pack, spool: Spool, queue: Queue, recipients: Sequence[Any],
-                 pool: CodecPool) -> None:
+                 pool: CodecPool, receiving_burst: Callable[[], bool] = lambda: False) -> None:
         self.cfg = cfg
+        self.receiving_burst = receiving_burst
         self.spool = spool
         self.queue = queue
         self.index = spool.index
@@ -95,11 +108,15 @@ class Packer:
         return sealed
 
     def pack_pending(self) -> int:
-        rows = self.index.query("SELECT id FROM segments WHERE state='sealed' ORDER BY priority DESC,"
-                                " created")
+        rows = self.index.query("SELECT id, updated FROM segments WHERE state='sealed'"
+                                " ORDER BY priority DESC, created")
+        packed = 0
         for r in rows:
+            if not may_pack_now(r["updated"], self.receiving_burst(), self.cfg, time.time()):
+                continue
             self.pack(r["id"])
-        return len(rows)
+            packed += 1
+        return packed
 
     def pack(self, seg_id: str) -> None:
         seg = self.queue.get(seg_id)

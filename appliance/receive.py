@@ -266,6 +266,11 @@ def tls_server_context(cert: str, key: str, ca: str, require_client_cert: bool) 
     return ctx
 
 
+# Two C-STOREs closer than this are one burst (at full speed they are ~4 ms apart; a
+# scanner reconstructing as it sends leaves seconds between images).
+BURST_GAP_S = 0.25
+
+
 class Receiver:
     """Builds the AE, binds handlers with their dependencies, starts and stops listeners."""
 
@@ -277,6 +282,7 @@ class Receiver:
         self.on_stored = on_stored
         self.servers: list[ThreadedAssociationServer] = []
         self._per_assoc: dict[int, Counter[str]] = {}  # id(association) -> outcomes, bytes
+        self.last_store = 0.0  # time.monotonic() of the last C-STORE answered
         tune_malloc()  # process-wide; see MALLOC_MMAP_THRESHOLD
         shorten_polling()
         _config.UNRESTRICTED_STORAGE_SERVICE = True
@@ -373,7 +379,12 @@ class Receiver:
                  refused=sum(v for k, v in counts.items() if k not in ("stored", "duplicate", "bytes")),
                  bytes=counts["bytes"])
 
+    def in_burst(self, gap_s: float = BURST_GAP_S) -> bool:
+        """Is a scanner sending images back to back right now?"""
+        return bool(self.stats.associations_active) and time.monotonic() - self.last_store < gap_s
+
     def _count(self, event: Any, outcome: str, nbytes: int) -> None:
+        self.last_store = time.monotonic()
         self.stats.count(outcome, nbytes)
         with self.stats.lock:
             c = self._per_assoc.get(id(event.assoc))

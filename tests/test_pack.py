@@ -73,3 +73,11 @@ def test_an_instance_that_fails_authentication_is_quarantined_and_the_rest_packe
     assert got == want
     assert [p.name.split(".")[0] for p in spool.quarantine_dir.iterdir()] == [stored[1].id]
     assert list(spool.dir.iterdir()) == []  # packed copies removed, the bad one moved aside
+
+
+def test_packing_waits_for_a_burst_but_not_longer_than_the_segment_age() -> None:
+    from appliance.pack import may_pack_now
+    cfg = Pack(segment_max_age_s=10)
+    assert may_pack_now(sealed_at=100, receiving_burst=False, cfg=cfg, now=100)
+    assert not may_pack_now(sealed_at=100, receiving_burst=True, cfg=cfg, now=109)
+    assert may_pack_now(sealed_at=100, receiving_burst=True, cfg=cfg, now=110)
