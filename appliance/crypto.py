@@ -102,11 +102,16 @@ def read_chunks(src: BinaryIO, size: int) -> Iterator[bytes]:
 
 def stream_seal(key: bytes, aad: bytes, src: BinaryIO, dst: BinaryIO, chunk_size: int) -> int:
     """Seal all of `src` into `dst`; returns the plaintext length."""
+    return _seal_into(key, aad, read_chunks(src, chunk_size), dst)
+
+
+def _seal_into(key: bytes, aad: bytes, chunks: Iterable[bytes], dst: BinaryIO) -> int:
+    """Seal exact-size `chunks` into `dst`; returns the plaintext length."""
     total = 0
 
     def counted() -> Iterator[bytes]:
         nonlocal total
-        for c in read_chunks(src, chunk_size):
+        for c in chunks:
             total += len(c)
             yield c
 
@@ -186,17 +191,7 @@ def seal_spool_parts(spool_key: SpoolKey, record_id: str, parts: Iterable[bytes 
     header = _SPOOL_HEADER.pack(SPOOL_MAGIC, spool_key.id, salt, chunk_size)
     dst.write(header)
     file_key = derive(spool_key.key, salt, b"appliance spool file v1")
-    total = 0
-
-    def counted() -> Iterator[bytes]:
-        nonlocal total
-        for c in rechunk(parts, chunk_size):
-            total += len(c)
-            yield c
-
-    for ct in stream_seal_chunks(file_key, header + record_id.encode(), counted()):
-        dst.write(ct)
-    return total
+    return _seal_into(file_key, header + record_id.encode(), rechunk(parts, chunk_size), dst)
 
 
 def rechunk(parts: Iterable[bytes | memoryview], size: int) -> Iterator[bytes]:
