@@ -5,14 +5,18 @@ code and systemd sees it):
 1. take an exclusive lock on `STATE/run/daemon.lock` (two daemons on one spool would
    corrupt each other's view of it);
 2. load and check the spool key (file mode, and that it is the key that sealed the spool);
-3. open the queue index and recover the spool (temp files, orphans, quarantine);
-4. bind the DICOM listeners and the status socket;
+3. open the queue index, start the codec worker pool, and recover: packed instances
+   whose spool copies a crash left, the spool (temp files, orphans, quarantine), then
+   the queue (active work back to ready, orphan bundles quarantined);
+4. bind the DICOM listeners and the status socket, start the pack and forward loops;
 5. tell systemd READY=1.
 
 Shutdown (SIGTERM/SIGINT) runs in reverse: stop accepting associations, give running
 associations up to `receive.dimse_timeout_s` to finish (an instance they are sending is
 either committed before its Success or not acknowledged at all, so cutting them short
-loses nothing acknowledged), then close the index.
+loses nothing acknowledged), let the pack and forward loops finish their step, close the
+transports and the worker pool, then close the index. A step cut short by a kill is
+redone at the next start (see pack.py and queue.py for why that is safe).
 """
 
 from __future__ import annotations

@@ -38,7 +38,6 @@ import structlog
 from pydicom import config as pydicom_config
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID
 from pynetdicom import (
     AE,
     PYNETDICOM_IMPLEMENTATION_UID,
@@ -434,14 +433,6 @@ class Receiver:
         self._count(event, outcome, nbytes)
         log.warning("instance.refused", outcome=outcome, status=f"0x{status:04X}", meaning=meaning)
         return status
-
-
-def uid_name(uid: str) -> str:
-    """A readable name for a standard UID (SOP class, transfer syntax); never an identifier."""
-    try:
-        return str(UID(uid).name) or uid
-    except Exception:
-        return uid
 
 
 def identify_stored(part10: bytes) -> InstanceMeta:
