@@ -21,9 +21,7 @@ from __future__ import annotations
 import io
 import json
 import sqlite3
-import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,16 +137,6 @@ def spool_count(state_dir: Path) -> int:
         conn.close()
 
 
-def wait_for(cond: Callable[[], Any], timeout: float, what: str, poll: float = 0.2,
-             detail: Callable[[], str] = lambda: "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}\n{detail()}")
-        time.sleep(poll)
 
 
 def settled(state_dir: Path, final: tuple[str, ...] = ("delivered",)) -> list[dict[str, Any]] | None:

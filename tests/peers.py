@@ -13,12 +13,26 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = Path(os.environ.get("APPLIANCE_SAMPLES", REPO.parent / "shared" / "dicom-samples"))
+
+
+def wait_for(cond: Callable[[], T], timeout: float = 20.0, what: str = "condition",
+             poll: float = 0.05, detail: Callable[[], str] = lambda: "") -> T:
+    """Poll `cond` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}\n{detail()}")
+        time.sleep(poll)
 
 
 def free_port() -> int:

@@ -11,12 +11,11 @@ import io
 import re
 import socket
 import struct
-import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pydicom
 from pydicom.dataelem import RawDataElement
@@ -24,8 +23,6 @@ from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
 from tests.peers import base_config
-
-T = TypeVar("T")
 
 IMPLICIT_LE = "1.2.840.10008.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -38,16 +35,6 @@ STATUS_C211 = 0xC211  # Study/Series/SOP Instance UID missing or invalid
 STATUS_C212 = 0xC212  # SOP Instance UID differs from the request
 
 
-def wait_for(cond: Callable[[], T], timeout: float = 20.0, what: str = "condition") -> T:
-    """Poll `cond` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.02)
 
 
 def port_open(port: int) -> bool:

@@ -54,10 +54,9 @@ from tests.e2e_support import (
     send_samples,
     settled,
     spool_count,
-    wait_for,
 )
 from tests.orthanc import Modality, Orthanc
-from tests.peers import SAMPLES, Appliance, free_port
+from tests.peers import SAMPLES, Appliance, free_port, wait_for
 from tests.receive_support import REFUSED, STORED, UNSENDABLE, SendResult, transfer_syntax
 from tests.spoolcheck import (
     StorescuRun,

@@ -11,7 +11,7 @@ import numpy as np
 import pydicom
 
 from appliance import crypto
-from tests.peers import Appliance, base_config, cli, free_port, storescu
+from tests.peers import Appliance, base_config, cli, free_port, storescu, wait_for
 
 J2K_LOSSLESS = "1.2.840.10008.1.2.4.90"
 
@@ -24,14 +24,6 @@ def _cfg(root: Path, **pack: Any) -> dict[str, Any]:
     return cfg
 
 
-def _wait(cond: Callable[[], Any], timeout: float = 60, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _queue(app: Appliance) -> list[dict[str, Any]]:
@@ -53,8 +45,8 @@ def test_series_arrives_as_one_compressed_bundle_with_identical_pixels(
     app = appliance_factory(_cfg(root), root=root)
     files = sorted((samples / "series" / "CT_Philips_Ingenuity_phantom_28sl").iterdir())
     assert storescu(app.port, files).returncode == 0
-    bundles = _wait(lambda: list((root / "outbox").glob("*.bundle")), what="a bundle")
-    _wait(lambda: _queue(app)[0]["state"] == "delivered", what="delivered")
+    bundles = wait_for(lambda: list((root / "outbox").glob("*.bundle")), what="a bundle")
+    wait_for(lambda: _queue(app)[0]["state"] == "delivered", what="delivered")
     assert app.spooled() == {}  # packed instances leave the spool
     received = sum(f.stat().st_size for f in files)
     assert bundles[0].stat().st_size < received / 2  # lossless J2K on CT: well under half
@@ -81,7 +73,7 @@ def test_a_center_key_alone_opens_the_bundle(
     f = samples / "series" / "MR_GE_Signa_wrist_16sl"
     files = sorted(f.iterdir())[:3]
     assert storescu(app.port, files).returncode == 0
-    bundle = _wait(lambda: list((root / "outbox").glob("*.bundle")), what="a bundle")[0]
+    bundle = wait_for(lambda: list((root / "outbox").glob("*.bundle")), what="a bundle")[0]
     out = _extract(bundle, center / "center.key", tmp_path / "x")
     assert sorted(ds.SOPInstanceUID for ds in out) == sorted(
         pydicom.dcmread(p).SOPInstanceUID for p in files)
@@ -100,10 +92,10 @@ def test_missing_destination_folder_defers_then_delivers(
     app = appliance_factory(cfg, root=root)
     f = next((samples / "series" / "MR_Philips_abdomen_11sl").iterdir())
     assert storescu(app.port, [f]).returncode == 0
-    row = _wait(lambda: [r for r in _queue(app) if r["state"] == "deferred"], what="deferred")[0]
+    row = wait_for(lambda: [r for r in _queue(app) if r["state"] == "deferred"], what="deferred")[0]
     assert "does not exist" in row["reason"]
     (tmp_path / "nas").mkdir()
-    _wait(lambda: _queue(app)[0]["state"] == "delivered", what="delivered after the folder appears")
+    wait_for(lambda: _queue(app)[0]["state"] == "delivered", what="delivered after the folder appears")
     assert len(list((tmp_path / "nas").glob("*.bundle"))) == 1
 
 
@@ -115,7 +107,7 @@ def test_operator_can_hold_and_release_a_waiting_bundle(
     app = appliance_factory(cfg, root=root)
     f = next((samples / "series" / "MR_Philips_abdomen_11sl").iterdir())
     assert storescu(app.port, [f]).returncode == 0
-    item = _wait(lambda: [r for r in _queue(app) if r["state"] == "deferred"], what="deferred")[0]
+    item = wait_for(lambda: [r for r in _queue(app) if r["state"] == "deferred"], what="deferred")[0]
     r = cli("queue", "hold", item["id"], "--config", str(app.config_path))
     assert r.returncode == 0, r.stderr
     (tmp_path / "nas").mkdir()
@@ -123,7 +115,7 @@ def test_operator_can_hold_and_release_a_waiting_bundle(
     assert _queue(app)[0]["state"] == "held"
     assert not list((tmp_path / "nas").iterdir())
     assert cli("queue", "release", item["id"], "--config", str(app.config_path)).returncode == 0
-    _wait(lambda: _queue(app)[0]["state"] == "delivered", what="delivered after release")
+    wait_for(lambda: _queue(app)[0]["state"] == "delivered", what="delivered after release")
 
 
 def test_queue_commands_refuse_unknown_ids(appliance_factory: Callable[..., Appliance]) -> None:

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from tests.peers import Appliance, echoscu, free_port, storescu
-from tests.receive_support import daemon_log_events, held_config, wait_for
+from tests.peers import Appliance, echoscu, free_port, storescu, wait_for
+from tests.receive_support import daemon_log_events, held_config
 
 ONE_CT = "transfer_syntax/WG04/CT2/CT2_UNC"
 

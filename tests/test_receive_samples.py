@@ -47,7 +47,7 @@ import pytest
 from pydicom.dataelem import RawDataElement
 from pydicom.uid import generate_uid
 
-from tests.peers import SAMPLES, Appliance, dcmtk_env, echoscu, free_port, storescu
+from tests.peers import SAMPLES, Appliance, dcmtk_env, echoscu, free_port, storescu, wait_for
 from tests.receive_support import (
     REFUSED,
     STORED,
@@ -64,7 +64,6 @@ from tests.receive_support import (
     port_open,
     split_part10,
     storescu_config,
-    wait_for,
 )
 
 GOOD_FILE = "series/CT_Philips_Ingenuity_phantom_28sl"  # a directory: its first slice

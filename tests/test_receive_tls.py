@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tests.peers import Appliance, free_port, storescu
-from tests.receive_support import held_config, port_open, wait_for
+from tests.peers import Appliance, free_port, storescu, wait_for
+from tests.receive_support import held_config, port_open
 
 ONE_CT = "transfer_syntax/WG04/CT2/CT2_UNC"
 
