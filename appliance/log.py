@@ -11,11 +11,36 @@ from __future__ import annotations
 
 import logging
 import sys
+import traceback
+from collections.abc import MutableMapping
+from pathlib import Path
+from typing import Any
 
 import structlog
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR}
+
+
+def redact_exc_info(logger: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Render an exception as its type and stack (file:line function), never its message.
+
+    Library exceptions quote values (pydicom: "Invalid value for VR UI: '1.2.840...'"),
+    and a value can be a UID or a name; the frames are enough to find the bug.
+    """
+    exc = event.pop("exc_info", None)
+    if not exc:
+        return event
+    if exc is True:
+        exc = sys.exc_info()
+    elif isinstance(exc, BaseException):
+        exc = (type(exc), exc, exc.__traceback__)
+    if not isinstance(exc, tuple) or exc[0] is None:
+        return event
+    frames = traceback.extract_tb(exc[2])
+    event["exception"] = f"{exc[0].__name__} at " + " <- ".join(
+        f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))
+    return event
 
 
 def setup(level: str = "info", fmt: str = "auto", stream: object = None) -> None:
@@ -29,7 +54,7 @@ def setup(level: str = "info", fmt: str = "auto", stream: object = None) -> None
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
+            redact_exc_info,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
