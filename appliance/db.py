@@ -6,9 +6,10 @@ lets the receiver answer Success right after its commit. The schema is versioned
 `PRAGMA user_version`; `open_index` migrates forward and refuses a newer schema.
 
 No patient data is stored here: studies are grouped by a keyed hash of the Study
-Instance UID (`study_key`), duplicates are found by a keyed hash of the SOP Instance UID
-and content (`content_key`). SOP Class and Transfer Syntax UIDs are standard constants,
-not identifiers of a patient.
+Instance UID (`study_key`); duplicates are found by a keyed hash of the SOP Instance UID
+(`sop_key`), then of it and the content (`content_key`, filled in only when a second copy
+arrives). SOP Class and Transfer Syntax UIDs are standard constants, not identifiers of a
+patient.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from appliance.errors import StateError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = [
     # version 1
@@ -63,6 +64,34 @@ _SCHEMA = [
     ALTER TABLE segments ADD COLUMN delivered REAL;
     ALTER TABLE instances ADD COLUMN packed INTEGER NOT NULL DEFAULT 0;
     CREATE INDEX segments_due ON segments(state, priority, created)
+    """,
+    # version 3: duplicates are looked up by a keyed hash of the SOP Instance UID first;
+    # the content hash is computed only when that finds a candidate (it cost a quarter
+    # of the per-image time), so content_key becomes nullable. Rows from version 2 get
+    # their sop_key at the next start (`Spool.recover`).
+    """
+    CREATE TABLE instances_v3 (
+        id              TEXT PRIMARY KEY,
+        segment_id      TEXT NOT NULL REFERENCES segments(id),
+        study_key       TEXT NOT NULL,
+        sop_key         TEXT,
+        content_key     TEXT,
+        sop_class       TEXT NOT NULL,
+        transfer_syntax TEXT NOT NULL,
+        size            INTEGER NOT NULL,
+        received        REAL NOT NULL,
+        calling_ae      TEXT NOT NULL,
+        packed          INTEGER NOT NULL DEFAULT 0
+    );
+    INSERT INTO instances_v3(id, segment_id, study_key, content_key, sop_class, transfer_syntax,
+                             size, received, calling_ae, packed)
+        SELECT id, segment_id, study_key, content_key, sop_class, transfer_syntax, size,
+               received, calling_ae, packed FROM instances;
+    DROP TABLE instances;
+    ALTER TABLE instances_v3 RENAME TO instances;
+    CREATE UNIQUE INDEX instances_content ON instances(content_key);
+    CREATE INDEX instances_segment ON instances(segment_id);
+    CREATE INDEX instances_sop ON instances(sop_key)
     """,
 ]
 

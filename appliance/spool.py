@@ -30,6 +30,7 @@ disk passes up to the receiver, which answers Out of Resources.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
 import hmac
 import io
@@ -112,6 +113,9 @@ class Spool:
         return hmac.new(self._hkey, b"content\x00" + sop_uid.encode() + b"\x00" + digest,
                         hashlib.sha256).hexdigest()
 
+    def sop_key(self, sop_uid: str) -> str:
+        return hmac.new(self._hkey, b"sop\x00" + sop_uid.encode(), hashlib.sha256).hexdigest()[:32]
+
     # --- store ---
 
     def check_room(self, size: int) -> None:
@@ -129,36 +133,78 @@ class Spool:
         size = sum(len(p) for p in parts)
         if check_reserve:
             self.check_room(size)
-        h = hashlib.sha256()
-        for p in parts:
-            h.update(p)
-        ckey = self.content_key(meta.sop_instance_uid, h.digest())
-        skey = self.study_key(meta.study_uid)
-        dup = self.index.query("SELECT id, segment_id FROM instances WHERE content_key=?", (ckey,))
+        digest = _Memo(lambda: _sha256(parts))
+        checked: set[str] = set()
+        dup = self._duplicate(self.index.conn, meta, digest, checked)
         if dup:
-            return Stored(dup[0]["id"], dup[0]["segment_id"], skey, True)
+            return dup
         rid = new_id()
         with durable.atomic_file(self.dir / rid) as f:
             crypto.seal_spool_parts(self.key, rid, parts, f)
+        return self._record(rid, size, meta, digest, checked)
+
+    def _duplicate(self, conn: sqlite3.Connection, meta: InstanceMeta, digest: _Memo,
+                   checked: set[str]) -> Stored | None:
+        """The spooled copy of this very instance (same SOP Instance UID, same bytes), if any.
+
+        Looked up by `sop_key` first, so the content hash is computed only for a candidate
+        (a re-sent instance); a candidate stored without one gets it now, from its file.
+        `checked` collects rows already compared (the caller looks again, inside its
+        transaction, only at rows that appeared since).
+        """
+        skey = self.sop_key(meta.sop_instance_uid)
+        with self.index.lock:
+            rows = conn.execute("SELECT id, segment_id, study_key, content_key FROM instances"
+                                " WHERE sop_key=?", (skey,)).fetchall()
+        for r in rows:
+            if r["id"] in checked:
+                continue
+            checked.add(r["id"])
+            ours = self.content_key(meta.sop_instance_uid, digest())
+            theirs = r["content_key"] or self._fill_content_key(conn, r["id"], meta.sop_instance_uid)
+            if theirs == ours:
+                return Stored(r["id"], r["segment_id"], r["study_key"], True)
+        return None
+
+    def _fill_content_key(self, conn: sqlite3.Connection, rid: str, sop_uid: str) -> str | None:
+        try:
+            h = hashlib.sha256()
+            for chunk in self.open(rid):
+                h.update(chunk)
+        except (NotFoundError, IntegrityError, OSError):
+            return None  # not a usable copy: never a reason to drop the new one
+        key = self.content_key(sop_uid, h.digest())
+        with self.index.lock, contextlib.suppress(sqlite3.IntegrityError):
+            conn.execute("UPDATE instances SET content_key=? WHERE id=?", (key, rid))
+        return key
+
+    def _record(self, rid: str, size: int, meta: InstanceMeta, digest: _Memo,
+                checked: set[str]) -> Stored:
+        """Commit the index row of the durable spool file `rid` (step 3 of the order)."""
+        skey = self.study_key(meta.study_uid)
         now = time.time()
         try:
             with self.index.tx() as c:
-                seg = self._open_segment(c, skey, size, now)
-                c.execute(
-                    "INSERT INTO instances(id, segment_id, study_key, content_key, sop_class,"
-                    " transfer_syntax, size, received, calling_ae) VALUES (?,?,?,?,?,?,?,?,?)",
-                    (rid, seg, skey, ckey, meta.sop_class, meta.transfer_syntax, size, now,
-                     meta.calling_ae),
-                )
-                c.execute("UPDATE segments SET instances=instances+1, bytes=bytes+?, updated=?"
-                          " WHERE id=?", (size, now, seg))
-        except Exception:
-            # The same content raced in on another association: keep the first copy.
+                # Another association may have stored the same instance meanwhile.
+                dup = self._duplicate(c, meta, digest, checked)
+                if dup is None:
+                    seg = self._open_segment(c, skey, size, now)
+                    ckey = self.content_key(meta.sop_instance_uid, digest.value) if digest.done else None
+                    c.execute(
+                        "INSERT INTO instances(id, segment_id, study_key, sop_key, content_key,"
+                        " sop_class, transfer_syntax, size, received, calling_ae)"
+                        " VALUES (?,?,?,?,?,?,?,?,?,?)",
+                        (rid, seg, skey, self.sop_key(meta.sop_instance_uid), ckey, meta.sop_class,
+                         meta.transfer_syntax, size, now, meta.calling_ae),
+                    )
+                    c.execute("UPDATE segments SET instances=instances+1, bytes=bytes+?, updated=?"
+                              " WHERE id=?", (size, now, seg))
+        except BaseException:
             durable.unlink_durable(self.dir / rid)
-            dup = self.index.query("SELECT id, segment_id FROM instances WHERE content_key=?", (ckey,))
-            if dup:
-                return Stored(dup[0]["id"], dup[0]["segment_id"], skey, True)
             raise
+        if dup is not None:
+            durable.unlink_durable(self.dir / rid)
+            return dup
         return Stored(rid, seg, skey, False)
 
     def _open_segment(self, conn: sqlite3.Connection, study_key: str, size: int, now: float) -> str:
@@ -258,6 +304,8 @@ class Spool:
             # Cannot happen with the store order above short of disk damage; say so loudly.
             log.error("spool.record_without_file", instance=rid)
             counts["missing"] += 1
+        if adopt is not None:
+            counts["keyed"] = self._key_legacy_rows(adopt)
         for name in sorted(files - rows):
             try:
                 data = self.read(name)
@@ -290,6 +338,20 @@ class Spool:
             durable.unlink_durable(self.dir / name)
             counts["adopted"] += 1
         return counts
+
+    def _key_legacy_rows(self, adopt: Adopter) -> int:
+        """Give rows stored by schema version 2 their `sop_key`, so duplicates still match."""
+        n = 0
+        for r in self.index.query("SELECT id FROM instances WHERE sop_key IS NULL AND packed=0"):
+            try:
+                meta = adopt(self.read(r["id"]))
+            except Exception:  # unreadable: recovery and packing deal with it; no dedupe key
+                continue
+            with self.index.tx() as c:
+                c.execute("UPDATE instances SET sop_key=? WHERE id=?",
+                          (self.sop_key(meta.sop_instance_uid), r["id"]))
+            n += 1
+        return n
 
     def stats(self) -> dict[str, int]:
         r = self.index.query("SELECT COUNT(*) n, COALESCE(SUM(size),0) b FROM instances")[0]
@@ -350,3 +412,25 @@ class _PartsReader(io.RawIOBase):
 def reader(parts: list[bytes | memoryview]) -> BinaryIO:
     return _PartsReader(parts)  # type: ignore[return-value]
 
+
+
+class _Memo:
+    """A value computed at most once, on first use (the content hash of an instance)."""
+
+    def __init__(self, fn: Callable[[], bytes]) -> None:
+        self._fn = fn
+        self.done = False
+        self.value = b""
+
+    def __call__(self) -> bytes:
+        if not self.done:
+            self.value = self._fn()
+            self.done = True
+        return self.value
+
+
+def _sha256(parts: list[bytes | memoryview]) -> bytes:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p)
+    return h.digest()
