@@ -75,6 +75,7 @@ class Receive:
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
     network_timeout_s: float = 60.0
+    in_memory_limit_mb: int = 32
     tls: ReceiveTLS | None = None
 
 
@@ -469,6 +470,7 @@ def _parse_receive(t: _Table) -> Receive:
         acse_timeout_s=t.number("acse_timeout_s", d.acse_timeout_s, 1, 600),
         dimse_timeout_s=t.number("dimse_timeout_s", d.dimse_timeout_s, 1, 3600),
         network_timeout_s=t.number("network_timeout_s", d.network_timeout_s, 1, 3600),
+        in_memory_limit_mb=t.integer("in_memory_limit_mb", d.in_memory_limit_mb, 0, 1024),
         tls=_parse_receive_tls(t),
     )
     t.finish()

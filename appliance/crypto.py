@@ -212,6 +212,44 @@ def rechunk(parts: Iterable[bytes | memoryview], size: int) -> Iterator[bytes]:
         yield b"".join(pending)
 
 
+class SpoolSealer:
+    """Seal a spool file as its plaintext arrives: `write` pieces of any size, then `finish`.
+
+    Writes exactly what `seal_spool_parts` writes for the concatenation of the pieces (the
+    receiver uses it for instances too large to hold in memory). Holds at most one chunk
+    plus one piece of plaintext.
+    """
+
+    def __init__(self, spool_key: SpoolKey, record_id: str, dst: BinaryIO,
+                 chunk_size: int = DEFAULT_CHUNK) -> None:
+        salt = os.urandom(16)
+        header = _SPOOL_HEADER.pack(SPOOL_MAGIC, spool_key.id, salt, chunk_size)
+        dst.write(header)
+        self._aead = AESGCM(derive(spool_key.key, salt, b"appliance spool file v1"))
+        self._aad = header + record_id.encode()
+        self._dst = dst
+        self._chunk = chunk_size
+        self._buf = bytearray()
+        self._counter = 0
+        self.size = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.size += len(data)
+        self._buf += data
+        # Keep the last full chunk back: only `finish` knows whether it is the last one.
+        while len(self._buf) > self._chunk:
+            self._seal(bytes(self._buf[: self._chunk]), last=False)
+            del self._buf[: self._chunk]
+
+    def finish(self) -> None:
+        self._seal(bytes(self._buf), last=True)
+        self._buf = bytearray()
+
+    def _seal(self, chunk: bytes, last: bool) -> None:
+        self._dst.write(self._aead.encrypt(_nonce(self._counter, last), chunk, self._aad))
+        self._counter += 1
+
+
 def open_spool_file(spool_key: SpoolKey, record_id: str, src: BinaryIO) -> Iterator[bytes]:
     """Yield the verified plaintext chunks of a sealed spool file."""
     raw = _read_full(src, _SPOOL_HEADER.size)

@@ -39,9 +39,9 @@ from typing import Any, BinaryIO
 import structlog
 from pydicom import config as pydicom_config
 from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_partial
 from pydicom.tag import BaseTag, Tag
-from pydicom.errors import InvalidDicomError
 from pynetdicom import (
     AE,
     PYNETDICOM_IMPLEMENTATION_UID,
@@ -52,9 +52,10 @@ from pynetdicom import (
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from appliance import __version__
+from appliance import __version__, intake
 from appliance.config import Receive
 from appliance.errors import SpoolFullError
+from appliance.intake import InstanceBuffer
 from appliance.spool import InstanceMeta, Spool, reader
 
 log = structlog.get_logger("appliance.receive")
@@ -153,7 +154,7 @@ def _read_identifiers(src: BinaryIO) -> tuple[Any, bool]:
 
     def past_series_uid(tag: BaseTag, vr: str | None, length: int) -> bool:
         nonlocal reached
-        reached = tag > 0x0020000E
+        reached = bool(tag > 0x0020000E)
         return reached
 
     return read_partial(src, past_series_uid, specific_tags=_IDENTIFYING_TAGS), reached
@@ -168,25 +169,29 @@ def _prefix(parts: list[bytes | memoryview], n: int) -> bytes:
     return bytes(out)
 
 
-def identify(parts: list[bytes | memoryview], request_sop_uid: str, calling_ae: str) -> InstanceMeta:
+def identify(parts: list[bytes | memoryview], request_sop_uid: str, calling_ae: str,
+             *, complete: bool = True) -> InstanceMeta:
     """Read the identifying UIDs of a Part-10 instance (given in pieces); raise Rejected if unusable.
 
     Parsing stops right after Series Instance UID (elements are in ascending tag order;
     the rest of the header cost ~4x as much), and first tries only the leading
     `IDENTIFY_PREFIX` bytes from a BytesIO: pydicom's many small reads through a Python
-    file object cost more than the parse itself. If the prefix does not reach past the
-    UIDs, the whole instance is parsed, as before.
+    file object cost more than the parse itself. If that prefix does not reach past the
+    UIDs, all of `parts` is parsed. `complete=False` says `parts` is only the start of the
+    instance (one sealed to disk as it arrived): the UIDs must then lie within it.
     """
     total = sum(len(p) for p in parts)
     head = _prefix(parts, IDENTIFY_PREFIX)
     ds = None
-    if len(head) < total:
+    if len(head) < total or not complete:
         with contextlib.suppress(Exception):  # truncated prefix: any error means "parse it all"
             parsed, reached = _read_identifiers(io.BytesIO(head))
             ds = parsed if reached else None
     try:
         if ds is None:
-            ds, _ = _read_identifiers(io.BytesIO(head) if len(head) == total else reader(parts))
+            ds, reached = _read_identifiers(io.BytesIO(head) if len(head) == total else reader(parts))
+            if not (complete or reached):
+                raise EOFError("identifying UIDs not within the part of the instance kept")
         study, series, sop = (ds.get(k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
         ts = str(ds.file_meta.TransferSyntaxUID)
         sop_class = str(ds.file_meta.MediaStorageSOPClassUID)
@@ -330,6 +335,7 @@ class Receiver:
         self.last_store = 0.0  # time.monotonic() of the last C-STORE answered
         tune_malloc()  # process-wide; see MALLOC_MMAP_THRESHOLD
         shorten_polling()
+        intake.install(spool, cfg.in_memory_limit_mb << 20)
         _config.UNRESTRICTED_STORAGE_SERVICE = True
         _config.LOG_HANDLER_LEVEL = "none"  # our own log lines, without identifiers
         # pydicom checks each value it decodes (our data sets, pynetdicom's command sets)
@@ -413,6 +419,11 @@ class Receiver:
                  peer=event.assoc.requestor.address)
 
     def _on_closed(self, event: Any) -> None:
+        # An instance cut off in the middle: remove its temp file now (see intake.py).
+        msg = getattr(getattr(event.assoc, "dimse", None), "message", None)
+        buf = getattr(msg, "_data_set_file", None)
+        if isinstance(buf, InstanceBuffer):
+            buf.abandon()
         with self.stats.lock:
             self.stats.associations_active = max(0, self.stats.associations_active - 1)
             counts = self._per_assoc.pop(id(event.assoc), Counter())
@@ -440,13 +451,24 @@ class Receiver:
     def _on_store(self, event: Any) -> int:
         calling = str(event.assoc.requestor.ae_title).strip()
         req = event.request
-        data = req.DataSet.getbuffer() if hasattr(req.DataSet, "getbuffer") else req.DataSet.read()
-        nbytes = len(data)
-        try:
-            head = part10_header(str(req.AffectedSOPClassUID or ""), str(req.AffectedSOPInstanceUID or ""),
+        sop_uid = str(req.AffectedSOPInstanceUID or "")
+        buf = getattr(req, "_dataset_file", None)
+        if not isinstance(buf, InstanceBuffer):  # intake not installed: pynetdicom's BytesIO
+            data = req.DataSet.getbuffer() if hasattr(req.DataSet, "getbuffer") else req.DataSet.read()
+            head = part10_header(str(req.AffectedSOPClassUID or ""), sop_uid,
                                  str(event.context.transfer_syntax), calling)
-            meta = identify([head, data], str(req.AffectedSOPInstanceUID or ""), calling)
-            stored = self.spool.store([head, data], meta)
+            buf, parts, nbytes = None, [head, data], len(data)
+        else:
+            parts, nbytes = buf.parts, buf.size - buf.head_size
+        try:
+            if buf is not None and buf.failed:
+                raise Rejected(buf.failed if buf.failed in STATUS else "internal")
+            if buf is not None and buf.incoming is not None:
+                meta = identify([bytes(buf.prefix)], sop_uid, calling, complete=buf.complete_prefix)
+                stored = self.spool.store_incoming(buf.incoming, meta)
+            else:
+                meta = identify(parts, sop_uid, calling)
+                stored = self.spool.store(parts, meta)
         except Rejected as r:
             return self._answer(event, r.outcome, nbytes)
         except SpoolFullError:

@@ -34,6 +34,7 @@ import contextlib
 import hashlib
 import hmac
 import io
+import os
 import secrets
 import shutil
 import sqlite3
@@ -142,6 +143,38 @@ class Spool:
         with durable.atomic_file(self.dir / rid) as f:
             crypto.seal_spool_parts(self.key, rid, parts, f)
         return self._record(rid, size, meta, digest, checked)
+
+    def incoming(self) -> Incoming:
+        """Start a spool file that is sealed while its instance arrives (`store_incoming`)."""
+        return Incoming(self, new_id())
+
+    def store_incoming(self, inc: Incoming, meta: InstanceMeta) -> Stored:
+        """Durably store an instance sealed by `inc` as it arrived (same order as `store`).
+
+        `inc` is finished here (last chunk, fsync); a duplicate is discarded. On any
+        exception the temp file is removed.
+        """
+        try:
+            inc.finish()
+            digest = _Memo(lambda: self._digest_of(inc.path, inc.rid))
+            checked: set[str] = set()
+            dup = self._duplicate(self.index.conn, meta, digest, checked)
+            if dup:
+                inc.discard()
+                return dup
+            os.rename(inc.path, self.dir / inc.rid)
+        except BaseException:
+            inc.discard()
+            raise
+        durable.fsync_dir(self.dir)
+        return self._record(inc.rid, inc.size, meta, digest, checked)
+
+    def _digest_of(self, path: Path, rid: str) -> bytes:
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            for chunk in crypto.open_spool_file(self.key, rid, f):
+                h.update(chunk)
+        return h.digest()
 
     def _duplicate(self, conn: sqlite3.Connection, meta: InstanceMeta, digest: _Memo,
                    checked: set[str]) -> Stored | None:
@@ -345,7 +378,8 @@ class Spool:
         for r in self.index.query("SELECT id FROM instances WHERE sop_key IS NULL AND packed=0"):
             try:
                 meta = adopt(self.read(r["id"]))
-            except Exception:  # unreadable: recovery and packing deal with it; no dedupe key
+            except Exception as e:  # unreadable: recovery and packing deal with it
+                log.warning("spool.unkeyed", instance=r["id"], error_type=type(e).__name__)
                 continue
             with self.index.tx() as c:
                 c.execute("UPDATE instances SET sop_key=? WHERE id=?",
@@ -434,3 +468,44 @@ def _sha256(parts: list[bytes | memoryview]) -> bytes:
     for p in parts:
         h.update(p)
     return h.digest()
+
+
+class Incoming:
+    """A spool file being sealed while its instance arrives: `STATE/spool/.tmp-<id>`.
+
+    Nothing in it is usable until `Spool.store_incoming` has finished, renamed and recorded
+    it; a crash before that leaves a temp file that `recover` removes (it was never
+    acknowledged). Not thread-safe: one instance, one writer.
+    """
+
+    def __init__(self, spool: Spool, rid: str) -> None:
+        self.rid = rid
+        self.path = spool.dir / f"{durable.TEMP_PREFIX}{rid}"
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._f: BinaryIO | None = os.fdopen(fd, "wb")
+        self._sealer = crypto.SpoolSealer(spool.key, rid, self._f)
+
+    @property
+    def size(self) -> int:
+        return self._sealer.size
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._sealer.write(data)
+
+    def finish(self) -> None:
+        if self._f is None:
+            raise ValueError("incoming spool file already closed")
+        self._sealer.finish()
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        self._f = None
+
+    def discard(self) -> None:
+        """Close and remove the temp file (idempotent; safe after `finish` or a rename)."""
+        if self._f is not None:
+            with contextlib.suppress(OSError):
+                self._f.close()
+            self._f = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)

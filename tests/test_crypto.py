@@ -205,6 +205,27 @@ def test_spool_file_round_trip(size: int) -> None:
     assert spool_open(SPOOL_KEY, "rec1", spool_seal(SPOOL_KEY, "rec1", data)) == data
 
 
+@pytest.mark.parametrize("size", [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK, 5 * CHUNK + 7])
+@pytest.mark.parametrize("piece", [1, 7, CHUNK, 3 * CHUNK + 5])
+def test_incremental_sealer_writes_what_seal_spool_parts_writes(size: int, piece: int,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The receiver seals a large instance piece by piece as it arrives: whatever the piece
+    sizes, the file is byte for byte what sealing the whole would give (same salt)."""
+    data = os.urandom(size)
+    salt = os.urandom(16)
+    monkeypatch.setattr(crypto.os, "urandom", lambda n: salt)
+    whole = io.BytesIO()
+    crypto.seal_spool_parts(SPOOL_KEY, "rec1", [data], whole, chunk_size=CHUNK)
+    inc = io.BytesIO()
+    sealer = crypto.SpoolSealer(SPOOL_KEY, "rec1", inc, chunk_size=CHUNK)
+    for i in range(0, size, piece):
+        sealer.write(data[i:i + piece])
+    sealer.finish()
+    assert sealer.size == size
+    assert inc.getvalue() == whole.getvalue()
+    assert spool_open(SPOOL_KEY, "rec1", inc.getvalue()) == data
+
+
 def test_spool_file_is_not_plaintext() -> None:
     data = b"DICM" + b"PATIENT^NAME" * 20
     sealed = spool_seal(SPOOL_KEY, "rec1", data)

@@ -137,8 +137,20 @@ def _new_instance(root: Path) -> tuple[Path, str]:
     return path, str(ds.SOPInstanceUID)
 
 
+@dataclass
+class Reference:
+    root: Path
+    files: list[Path]
+    expect: dict[Path, Expectation]
+    groups: list[Group]
+    cfg: Path
+    log_cfg: Path
+    results: dict[str, SendResult]
+    wire: dict[str, bytes]
+
+
 @pytest.fixture(scope="module")
-def sample_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SampleRun]:
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Reference:
     if not SAMPLES.is_dir():
         pytest.fail(f"DICOM samples not found at {SAMPLES} (set APPLIANCE_SAMPLES)")
     root = tmp_path_factory.mktemp("samples")
@@ -148,16 +160,28 @@ def sample_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SampleRun]:
     cfg, log_cfg = root / "storescu.cfg", root / "storescu-log.cfg"
     cfg.write_text(storescu_config(groups))
     log_cfg.write_text(STORESCU_LOG_CONFIG)
+    results, wire = _reference_run(root, groups, cfg, log_cfg)
+    return Reference(root, files, expect, groups, cfg, log_cfg, results, wire)
 
-    reference, wire = _reference_run(root, groups, cfg, log_cfg)
 
-    app = Appliance(root / "appliance", held_config(root / "appliance", free_port())).start()
+# The two ways an instance reaches the spool (see appliance/intake.py): held in memory
+# until complete (the default for anything under 32 MiB), and sealed to disk piece by
+# piece as it arrives (in_memory_limit_mb = 0 sends every sample that way).
+@pytest.fixture(scope="module", params=[32, 0], ids=["in-memory", "sealed-as-received"])
+def sample_run(request: pytest.FixtureRequest, reference: Reference) -> Iterator[SampleRun]:
+    ref = reference
+    root = ref.root / f"limit-{request.param}"
+    root.mkdir()
+    files, expect, groups, cfg, log_cfg = ref.files, ref.expect, ref.groups, ref.cfg, ref.log_cfg
+    reference_results, wire = ref.results, ref.wire
+    app = Appliance(root / "appliance", held_config(root / "appliance", free_port(),
+                                                    in_memory_limit_mb=request.param)).start()
     try:
         ours = _send_all(app.port, groups, cfg, log_cfg)
         echo = echoscu(app.port)
         new_path, new_uid = _new_instance(root)
         new_store = storescu(app.port, [new_path], extra=["-lc", str(log_cfg)])
-        yield SampleRun(files, expect, reference, wire, ours, app.spooled(), app, echo, new_store,
+        yield SampleRun(files, expect, reference_results, wire, ours, app.spooled(), app, echo, new_store,
                         new_uid, app.status())
     finally:
         app.stop()

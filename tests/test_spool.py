@@ -14,7 +14,7 @@ import pytest
 from appliance import crypto, db
 from appliance.db import Index
 from appliance.receive import identify_stored, part10_header
-from appliance.spool import InstanceMeta, Spool, _sha256
+from appliance.spool import InstanceMeta, Spool, Stored, _sha256
 
 KEY = crypto.SpoolKey(b"\x07" * 32)
 SOP = "1.2.826.0.1.3680043.8.498.1"
@@ -97,9 +97,10 @@ def test_concurrent_copies_of_one_instance_are_stored_once(tmp_path: Path) -> No
     for round_ in range(20):
         sop = f"{SOP}.{round_}"
         barrier = threading.Barrier(4)
-        results = []
+        results: list[Stored] = []
 
-        def send(sop: str = sop, barrier: threading.Barrier = barrier) -> None:
+        def send(sop: str = sop, barrier: threading.Barrier = barrier,
+                 results: list[Stored] = results) -> None:
             barrier.wait()
             results.append(s.store([b"x" * 1000, sop.encode()], meta(sop)))
 
