@@ -284,27 +284,40 @@ def tune_malloc() -> bool:
 
 # pynetdicom's reactors poll: the DUL thread sleeps `_run_loop_delay` (1 ms) whenever it
 # finds nothing to do, and the association thread sleeps a fixed 1 ms per loop. C-STORE is
-# one request in flight at a time, so each image waits for both sleeps (~2 ms, more than
-# the rest of our handler). Polling at 0.2 ms removes most of that latency for the length
-# of an association, at a small CPU cost while it is idle.
-POLL_S = 0.0002
+# one request in flight at a time, so each image waits for several of these sleeps (~2 ms,
+# more than the rest of our handler). While images are arriving (a C-STORE answered in the
+# last BUSY_WINDOW_S) both sleep POLL_BUSY_S instead; otherwise they keep pynetdicom's 1 ms,
+# so an association a scanner keeps open between studies costs no more CPU than before.
+# The same sleeps serve the forwarder's associations in this process.
+POLL_BUSY_S = 0.00005
+POLL_IDLE_S = 0.001
+BUSY_WINDOW_S = 0.05
+_last_activity = 0.0  # time.monotonic() of the last C-STORE answered (any association)
 
 
-class _ShortSleepTime:
-    """Stands in for the `time` module inside pynetdicom.association: caps its sleeps."""
+def mark_activity() -> None:
+    global _last_activity
+    _last_activity = time.monotonic()
+
+
+class _AdaptiveSleepTime:
+    """Stands in for the `time` module inside pynetdicom's reactors: shortens their sleeps."""
 
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)
 
     @staticmethod
     def sleep(seconds: float) -> None:
-        time.sleep(min(seconds, POLL_S))
+        busy = time.monotonic() - _last_activity < BUSY_WINDOW_S
+        time.sleep(min(seconds, POLL_BUSY_S if busy else POLL_IDLE_S))
 
 
 def shorten_polling() -> None:
     import pynetdicom.association as association_module
+    import pynetdicom.dul as dul_module
 
-    association_module.time = _ShortSleepTime()  # type: ignore[assignment,attr-defined]
+    association_module.time = _AdaptiveSleepTime()  # type: ignore[assignment,attr-defined]
+    dul_module.time = _AdaptiveSleepTime()  # type: ignore[assignment,attr-defined]
 
 
 def tls_server_context(cert: str, key: str, ca: str, require_client_cert: bool) -> ssl.SSLContext:
@@ -394,7 +407,6 @@ class Receiver:
 
     def _on_requested(self, event: Any) -> None:
         assoc = event.assoc
-        assoc.dul._run_loop_delay = POLL_S
         calling = assoc.requestor.primitive.calling_ae_title
         address = assoc.requestor.address
         if not caller_allowed(self.cfg, calling, address):
@@ -441,6 +453,7 @@ class Receiver:
 
     def _count(self, event: Any, outcome: str, nbytes: int) -> None:
         self.last_store = time.monotonic()
+        mark_activity()
         self.stats.count(outcome, nbytes)
         with self.stats.lock:
             c = self._per_assoc.get(id(event.assoc))
