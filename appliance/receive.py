@@ -52,7 +52,7 @@ from pynetdicom import (
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from appliance import __version__, intake
+from appliance import __version__, dicomscan, intake
 from appliance.config import Receive
 from appliance.errors import SpoolFullError
 from appliance.intake import InstanceBuffer
@@ -182,6 +182,11 @@ def identify(parts: list[bytes | memoryview], request_sop_uid: str, calling_ae: 
     """
     total = sum(len(p) for p in parts)
     head = _prefix(parts, IDENTIFY_PREFIX)
+    fast = dicomscan.scan_identifiers(head)
+    if fast is not None:
+        return _checked(fast.get(dicomscan.STUDY_INSTANCE_UID), fast.get(dicomscan.SERIES_INSTANCE_UID),
+                        fast.get(dicomscan.SOP_INSTANCE_UID), fast[dicomscan.TRANSFER_SYNTAX],
+                        fast[dicomscan.MEDIA_SOP_CLASS], request_sop_uid, calling_ae)
     ds = None
     if len(head) < total or not complete:
         with contextlib.suppress(Exception):  # truncated prefix: any error means "parse it all"
@@ -198,6 +203,11 @@ def identify(parts: list[bytes | memoryview], request_sop_uid: str, calling_ae: 
     except (InvalidDicomError, ValueError, TypeError, KeyError, AttributeError, EOFError,
             OverflowError, NotImplementedError, UnicodeError, IndexError, OSError):
         raise Rejected("unparseable") from None
+    return _checked(study, series, sop, ts, sop_class, request_sop_uid, calling_ae)
+
+
+def _checked(study: Any, series: Any, sop: Any, ts: str, sop_class: str, request_sop_uid: str,
+             calling_ae: str) -> InstanceMeta:
     study, series, sop = (str(v).strip("\x00 ") if v is not None else None for v in (study, series, sop))
     if not (valid_uid(study) and valid_uid(series) and valid_uid(sop)):
         raise Rejected("missing_uids")
