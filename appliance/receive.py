@@ -213,7 +213,7 @@ def _checked(study: Any, series: Any, sop: Any, ts: str, sop_class: str, request
         raise Rejected("missing_uids")
     if sop != request_sop_uid.strip("\x00 "):
         raise Rejected("uid_mismatch")
-    return InstanceMeta(study_uid=study, sop_instance_uid=sop, sop_class=sop_class,  # type: ignore[arg-type]
+    return InstanceMeta(study_uid=study, sop_instance_uid=sop, sop_class=sop_class,
                         transfer_syntax=ts, calling_ae=calling_ae)
 
 
