@@ -56,3 +56,33 @@ def test_file_meta_is_what_pydicom_would_write(sop_class: str, sop_instance: str
     fm = create_file_meta(sop_class_uid=sop_class, sop_instance_uid=sop_instance, transfer_syntax=ts)
     fm.SourceApplicationEntityTitle = ae
     assert part10_header(sop_class, sop_instance, ts, ae) == b"\0" * 128 + b"DICM" + encode_file_meta(fm)
+
+
+def test_reactors_poll_fast_only_while_one_association_sends(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from appliance import receive
+
+    monkeypatch.setattr(receive, "_senders", {})
+    slept: list[float] = []
+    monkeypatch.setattr(receive.time, "sleep", slept.append)
+    clock = [1000.0]
+    monkeypatch.setattr(receive.time, "monotonic", lambda: clock[0])
+    poll = receive._AdaptiveSleepTime()
+
+    a, b = object(), object()
+    receive.mark_activity(a)
+    poll.sleep(0.001)
+    assert slept[-1] == receive.POLL_BUSY_S          # one sender: fast
+    clock[0] += 0.01
+    receive.mark_activity(b)
+    poll.sleep(0.001)
+    assert slept[-1] == receive.POLL_IDLE_S          # two at once: the CPUs are busy anyway
+    clock[0] += receive.BUSY_WINDOW_S + 0.001
+    receive.mark_activity(b)                          # a went quiet
+    poll.sleep(0.001)
+    assert slept[-1] == receive.POLL_BUSY_S
+    clock[0] += receive.BUSY_WINDOW_S + 0.001         # nobody sending
+    poll.sleep(0.001)
+    assert slept[-1] == receive.POLL_IDLE_S
+    poll.sleep(0.0001)
+    assert slept[-1] == 0.0001                        # never longer than pynetdicom asked
