@@ -94,6 +94,7 @@ class Pack:
     segment_max_mb: int = 64
     segment_max_age_s: float = 10.0
     workers: int = 0  # 0 = one per CPU
+    stream_threshold_mb: int = 64  # instances this large are packed streaming (bounded memory)
 
 
 @dataclass(frozen=True)
@@ -511,6 +512,7 @@ def _parse_pack(t: _Table) -> Pack:
         segment_max_mb=t.integer("segment_max_mb", d.segment_max_mb, 1, 16_384),
         segment_max_age_s=t.number("segment_max_age_s", d.segment_max_age_s, 0.5, 3600),
         workers=t.integer("workers", d.workers, 0, 256),
+        stream_threshold_mb=t.integer("stream_threshold_mb", d.stream_threshold_mb, 1, 65_536),
     )
     t.finish()
     return p
