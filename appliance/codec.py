@@ -443,11 +443,49 @@ def _int(ds: Dataset, keyword: str, default: int | None = None) -> int:
     return int(v)
 
 
-def _source_image(ds: Dataset) -> _Image:
-    """The stored pixel values exactly as they are in the file, or a reason not to try."""
-    if _PIXEL_DATA not in ds:
-        floaty = any(t in ds for t in _FLOAT_PIXEL_TAGS)
-        raise _Pass("float-pixels" if floaty else "no-pixel-data")
+@dataclass(frozen=True)
+class _Layout:
+    """The Image Pixel attributes that say how native Pixel Data is laid out."""
+
+    frames: int
+    rows: int
+    columns: int
+    samples: int
+    planar: int
+    bits_allocated: int
+    bits_stored: int
+    signed: int
+
+    @property
+    def expected_length(self) -> int:
+        return self.rows * self.columns * self.samples * self.frames * self.bits_allocated // 8
+
+    @property
+    def frame_length(self) -> int:
+        return self.rows * self.columns * self.samples * self.bits_allocated // 8
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        return np.dtype(f"<{'i' if self.signed else 'u'}{self.bits_allocated // 8}")
+
+    def shape(self, values: np.ndarray, frames: int) -> np.ndarray:
+        """`frames` frames of stored values as (frames, rows, columns, samples),
+        colour-by-pixel whatever the Planar Configuration."""
+        if self.samples > 1 and self.planar == 1:
+            return values.reshape(frames, self.samples, self.rows, self.columns).transpose(0, 2, 3, 1)
+        return values.reshape(frames, self.rows, self.columns, self.samples)
+
+    def check_range(self, values: np.ndarray) -> None:
+        """Refuse stored values with bits above Bits Stored (the encoders drop them)."""
+        if self.bits_stored < self.bits_allocated and values.size:
+            bs = self.bits_stored
+            lo, hi = (-(1 << (bs - 1)), (1 << (bs - 1)) - 1) if self.signed else (0, (1 << bs) - 1)
+            if int(values.min()) < lo or int(values.max()) > hi:
+                raise _Pass("pixels-outside-bits-stored")
+
+
+def _layout(ds: Dataset) -> _Layout:
+    """The pixel layout of `ds` (which must hold Pixel Data), or a reason not to try."""
     try:
         bits_allocated = _int(ds, "BitsAllocated")
         if bits_allocated not in (8, 16):
@@ -465,6 +503,15 @@ def _source_image(ds: Dataset) -> _Image:
     if (min(rows, columns, samples, frames, bits_stored) < 1 or samples not in (1, 3)
             or bits_stored > bits_allocated or signed not in (0, 1) or planar not in (0, 1)):
         raise _Pass("bad-pixel-attributes")
+    return _Layout(frames, rows, columns, samples, planar, bits_allocated, bits_stored, signed)
+
+
+def _source_image(ds: Dataset) -> _Image:
+    """The stored pixel values exactly as they are in the file, or a reason not to try."""
+    if _PIXEL_DATA not in ds:
+        floaty = any(t in ds for t in _FLOAT_PIXEL_TAGS)
+        raise _Pass("float-pixels" if floaty else "no-pixel-data")
+    lay = _layout(ds)
     try:
         px = ds.get_item(_PIXEL_DATA)
         value = px.value
@@ -473,22 +520,13 @@ def _source_image(ds: Dataset) -> _Image:
         raise _Pass("bad-pixel-data") from None
     if undefined or not isinstance(value, bytes):
         raise _Pass("bad-pixel-data")
-    count = rows * columns * samples * frames
-    expected = count * bits_allocated // 8
+    expected = lay.expected_length
     if not (len(value) == expected or (expected % 2 and len(value) == expected + 1)):
         raise _Pass("pixel-data-length-mismatch")
-    dtype = np.dtype(f"<{'i' if signed else 'u'}{bits_allocated // 8}")
-    flat = np.frombuffer(value, dtype=dtype, count=count)
-    if samples > 1 and planar == 1:
-        values = flat.reshape(frames, samples, rows, columns).transpose(0, 2, 3, 1)
-    else:
-        values = flat.reshape(frames, rows, columns, samples)
-    if bits_stored < bits_allocated and values.size:
-        lo, hi = ((-(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1) if signed
-                  else (0, (1 << bits_stored) - 1))
-        if int(values.min()) < lo or int(values.max()) > hi:
-            raise _Pass("pixels-outside-bits-stored")
-    return _Image(frames, rows, columns, samples, planar, values)
+    count = lay.rows * lay.columns * lay.samples * lay.frames
+    values = lay.shape(np.frombuffer(value, dtype=lay.dtype, count=count), lay.frames)
+    lay.check_range(values)
+    return _Image(lay.frames, lay.rows, lay.columns, lay.samples, lay.planar, values)
 
 
 def _decode_frames(part10: bytes) -> Iterator[np.ndarray]:
