@@ -160,6 +160,9 @@ REASONS: dict[str, str] = {
     "verify-mismatch": "decoded pixels differ from the original",
     "verify-error": "our own output could not be decoded",
     "worker-crashed": "the worker process died on this instance (CodecPool only)",
+    "stream-unsupported": "large instance the streaming path cannot take apart (deflated,"
+                          " header or trailer too long, elements out of order): sent as is",
+    "temp-write-error": "large instance: its compressed temp file could not be written",
 }
 
 Action = Literal["compressed", "passthrough"]

@@ -29,8 +29,11 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import io
+import os
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -40,13 +43,14 @@ from typing import Any
 import structlog
 from pydicom import dcmread
 
-from appliance import crypto, durable
+from appliance import crypto, durable, stream_pack
 from appliance.bundle import BundleWriter
 from appliance.codec import CodecPool, Result, compress
 from appliance.config import Pack
 from appliance.errors import IntegrityError
 from appliance.queue import Queue
 from appliance.spool import Spool
+from appliance.stream_pack import Streamed
 
 log = structlog.get_logger("appliance.pack")
 
@@ -124,17 +128,22 @@ class Packer:
                                 " ORDER BY received, id", (seg_id,))
         t0 = time.monotonic()
         stats = collections.Counter[str]()
-        with durable.atomic_file(self.queue.path(seg_id)) as f:
-            writer = BundleWriter(f, seg_id, self.recipients, seg.study_key)
-            pending: collections.deque[tuple[str, Future[Prepared]]] = collections.deque()
-            for row in rows:
-                pending.append((row["id"], self._submit(row["id"])))
-                while len(pending) >= self.window:
-                    self._write(writer, *pending.popleft(), stats)
-            while pending:
-                self._write(writer, *pending.popleft(), stats)
-            writer.close()
-            size = f.tell()
+        pending: collections.deque[_Pending] = collections.deque()
+        try:
+            with durable.atomic_file(self.queue.path(seg_id)) as f:
+                writer = BundleWriter(f, seg_id, self.recipients, seg.study_key)
+                for row in rows:
+                    pending.append(self._submit(row["id"], row["size"]))
+                    while len(pending) >= self.window:
+                        self._write(writer, pending.popleft(), stats)
+                while pending:
+                    self._write(writer, pending.popleft(), stats)
+                writer.close()
+                size = f.tell()
+        finally:
+            for job in pending:  # an error left work in flight: drop its temp when done
+                if job.temp:
+                    job.future.add_done_callback(functools.partial(_remove_after, job.temp))
         now = time.time()
         with self.index.tx() as c:
             c.execute("UPDATE segments SET state='ready', bundle_bytes=?, updated=? WHERE id=?",
@@ -144,33 +153,71 @@ class Packer:
         log.info("segment.packed", segment=seg_id, instances=len(rows), bytes_in=seg.bytes,
                  bytes_out=size, seconds=round(time.monotonic() - t0, 3), **stats)
 
-    def _submit(self, rid: str) -> Future[Prepared]:
+    def _submit(self, rid: str, size: int) -> _Pending:
         # The worker reads, decrypts and identifies the instance itself: done here, that
         # work held the GIL against the receiver's threads (the scanner waits on them).
-        args = (str(self.spool.dir / rid), rid, self.spool.key.key, self.cfg.codec, self.cfg.verify)
-        return self.pool.submit_call(prepare, args, lambda: prepare(*args[:3], "none", False,
-                                                                    reason="worker-crashed"))
+        path = str(self.spool.dir / rid)
+        key = self.spool.key.key
+        if size >= self.cfg.stream_threshold_mb << 20:
+            # Named here, so that this thread removes it whatever happens to the worker;
+            # the prefix makes Spool.recover remove it after a crash of the daemon.
+            temp = str(self.spool.dir / f"{durable.TEMP_PREFIX}pack-{secrets.token_hex(8)}")
+            args: tuple[Any, ...] = (path, rid, key, self.cfg.codec, self.cfg.verify, temp)
+            return _Pending(rid, self.pool.submit_call(stream_pack.prepare_stream, args,
+                                                       stream_pack.crashed), temp)
+        args = (path, rid, key, self.cfg.codec, self.cfg.verify)
+        return _Pending(rid, self.pool.submit_call(prepare, args, lambda: prepare(
+            path, rid, key, "none", False, reason="worker-crashed")), None)
 
-    def _write(self, writer: BundleWriter, rid: str, fut: Future[Prepared],
-               stats: collections.Counter[str]) -> None:
+    def _write(self, writer: BundleWriter, job: _Pending, stats: collections.Counter[str]) -> None:
+        rid = job.rid
         try:
-            p = fut.result()
-        except IntegrityError as e:
-            self.spool.quarantine(rid, str(e))
-            stats["unreadable"] += 1
-            return
-        except FileNotFoundError:
-            log.error("pack.instance_missing", instance=rid)
-            stats["unreadable"] += 1
-            return
-        res = p.result
-        if res.reason.startswith("verify-"):
-            log.error("pack.verify_failed", instance=rid, codec=self.cfg.codec, reason=res.reason)
-        stats[res.action] += 1
-        writer.begin_instance({**p.facts, "transfer_syntax": res.transfer_syntax,
-                               "action": res.action, "reason": res.reason})
-        writer.write(res.data)
-        writer.end_instance()
+            try:
+                p = job.future.result()
+                if isinstance(p, Streamed) and p.facts is None:  # the workers died on it
+                    p = stream_pack.passthrough_facts(str(self.spool.dir / rid), rid,
+                                                      self.spool.key.key, p.reason)
+            except IntegrityError as e:
+                self.spool.quarantine(rid, str(e))
+                stats["unreadable"] += 1
+                return
+            except FileNotFoundError:
+                log.error("pack.instance_missing", instance=rid)
+                stats["unreadable"] += 1
+                return
+            if isinstance(p, Streamed):
+                self._write_streamed(writer, rid, p, job.temp or "", stats)
+                return
+            res = p.result
+            if res.reason.startswith("verify-"):
+                log.error("pack.verify_failed", instance=rid, codec=self.cfg.codec, reason=res.reason)
+            stats[res.action] += 1
+            writer.begin_instance({**p.facts, "transfer_syntax": res.transfer_syntax,
+                                   "action": res.action, "reason": res.reason})
+            writer.write(res.data)
+            writer.end_instance()
+        finally:
+            if job.temp:
+                _remove(job.temp)
+
+    def _write_streamed(self, writer: BundleWriter, rid: str, s: Streamed, temp: str,
+                        stats: collections.Counter[str]) -> None:
+        """Copy a large instance into the bundle in 1 MiB pieces (never whole)."""
+        assert s.facts is not None
+        if s.reason.startswith("verify-"):
+            log.error("pack.verify_failed", instance=rid, codec=self.cfg.codec, reason=s.reason)
+        stats[s.action] += 1
+        stats["streamed"] += 1
+        writer.begin_instance({**s.facts, "transfer_syntax": s.transfer_syntax,
+                               "action": s.action, "reason": s.reason})
+        if s.action == "compressed":
+            stream_pack.copy_output(writer, s, temp)
+            size, digest = s.output_size, None
+        else:
+            stream_pack.copy_passthrough(writer, str(self.spool.dir / rid), rid,
+                                         self.spool.key.key)
+            size, digest = s.facts["received_size"], s.facts["received_sha256"]
+        stream_pack.check_written(writer.end_instance(), size, digest)
 
     def remove_packed(self, seg_id: str | None = None) -> int:
         """Unlink spool files of packed instances, then forget them (crash-safe order)."""
@@ -184,6 +231,22 @@ class Packer:
             with self.index.tx() as c:
                 c.execute(f"DELETE FROM instances WHERE {where}", args)  # noqa: S608
         return len(rows)
+
+
+@dataclass(frozen=True)
+class _Pending:
+    rid: str
+    future: Future[Any]  # of Prepared, or Streamed for a large instance
+    temp: str | None  # the streamed output's temp file, removed after writing
+
+
+def _remove_after(path: str, _done: Future[Any]) -> None:
+    _remove(path)
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 @dataclass(frozen=True)

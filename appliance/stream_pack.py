@@ -1,0 +1,474 @@
+"""Streaming pack of one large instance: memory bounded by a chunk and a few frames.
+
+The in-memory path (`pack.prepare` -> `codec.compress`) holds several copies of an
+instance (docs/benchmarks.md, "Memory": a 1 GiB multi-frame instance took the worker to
+4.4 GiB). Above `pack.stream_threshold_mb` the packer uses this module instead:
+
+`prepare_stream` (in a codec worker) reads the sealed spool file chunk by chunk, hashing
+as it goes, and collects the header up to the top-level (7FE0,0010) element. The header
+gets the same treatment as in `codec` (file meta with the new Transfer Syntax UID and a
+recomputed group length, Planar Configuration 1 -> 0, (7FE0,0000) removed, implicit VR
+re-encoded as explicit VR and checked element by element; explicit VR spliced byte for
+byte). Then native Pixel Data is encoded **frame by frame** with pydicom's encoder for
+the syntax (the same call `Dataset.compress` makes per frame, with the same options, so
+the fragments are byte for byte those of the in-memory path), each frame decoded again
+and compared at once when verifying. Fragment items, the sequence delimiter and any
+elements after Pixel Data go to a temp file in the spool directory, sealed under a fresh
+random key (STREAM, so nothing on disk is readable and the pack thread detects any
+change); the worker returns only small facts: the output's head up to and including the
+Basic Offset Table (`prefix`), the temp's name and key, sizes and digests. The output
+counts only once the whole input authenticated: the worker always reads the input to
+its end (that is also how it gets the digest the manifest needs).
+
+Whatever this path cannot or should not compress (already compressed, deflated, odd bit
+depths, pixels above Bits Stored, a header or trailer too long to hold, a verification
+mismatch, a full disk for the temp...) comes back as a pass-through: the pack thread then
+copies the sealed spool stream into the bundle chunk by chunk (`copy_passthrough`), never
+reading the instance whole. The reasons are those of `codec.REASONS`.
+
+The pack thread writes `prefix`, then the temp's plaintext in 1 MiB pieces
+(`copy_output`), and checks the size of what it wrote against the worker's (the temp's
+STREAM seal, under a key only the worker and the pack thread know, already proves its
+bytes). The temp is named by the packer (so it can always remove it, even after a worker
+was killed) and starts with `durable.TEMP_PREFIX`, so a crash leaves nothing that
+`Spool.recover` does not remove.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import struct
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from pydicom import dcmread
+from pydicom.filereader import data_element_generator
+from pydicom.pixels.decoders.base import get_decoder
+from pydicom.pixels.encoders.base import get_encoder
+from pydicom.pixels.utils import as_pixel_options
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from appliance import codec, crypto
+from appliance.codec import _Pass
+from appliance.errors import IntegrityError
+
+PIECE = crypto.DEFAULT_CHUNK
+MAX_HEAD = 32 << 20  # header before Pixel Data held in memory; longer -> pass-through
+MAX_TAIL = 16 << 20  # elements after Pixel Data held in memory; longer -> pass-through
+TEMP_AAD = b"appliance pack temp v1"
+
+_ITEM = b"\xfe\xff\x00\xe0"
+_SEQ_DELIM = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+_PIXEL_HEADER = struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OB", 0, 0xFFFFFFFF)
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """What a worker sends back for one large instance: small facts only.
+
+    `facts` is None when the worker died on the instance (the pack thread then reads the
+    facts itself, streaming, and passes the instance through)."""
+
+    facts: dict[str, Any] | None
+    transfer_syntax: str
+    action: str  # "compressed" | "passthrough"
+    reason: str
+    prefix: bytes = field(default=b"", repr=False)  # output head .. Basic Offset Table item
+    temp_key: bytes = field(default=b"", repr=False)
+    output_size: int = 0
+    frames: int = 0
+    notes: tuple[str, ...] = ()
+
+
+def crashed() -> Streamed:
+    """The pool's `on_crash` for a streamed instance: decided in the pack thread."""
+    return Streamed(None, "", "passthrough", "worker-crashed")
+
+
+class _Input:
+    """The verified plaintext of a sealed spool file as a forward-only reader that
+    hashes and counts everything it pulls."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._cur = memoryview(b"")
+        self.hash = hashlib.sha256()
+        self.size = 0
+        self.eof = False
+
+    def _pull(self) -> bool:
+        if self.eof:
+            return False
+        try:
+            chunk = next(self._chunks)  # IntegrityError propagates: nothing of it is used
+        except StopIteration:
+            self.eof = True
+            return False
+        self.hash.update(chunk)
+        self.size += len(chunk)
+        self._cur = memoryview(chunk)
+        return True
+
+    def unread(self, data: bytes) -> None:
+        """Put `data` (the last bytes read) back in front of the stream."""
+        self._cur = memoryview(bytes(data) + bytes(self._cur))
+
+    def read(self, n: int) -> bytes:
+        """Exactly `n` bytes, fewer only at the end of the stream."""
+        parts: list[memoryview] = []
+        while n > 0:
+            if not len(self._cur) and not self._pull():
+                break
+            take = self._cur[:n]
+            parts.append(take)
+            self._cur = self._cur[len(take):]
+            n -= len(take)
+        return b"".join(parts)
+
+    def drain(self) -> None:
+        """Read to the end: authenticates the last chunk and completes the digest."""
+        self._cur = memoryview(b"")
+        while self._pull():
+            self._cur = memoryview(b"")
+
+
+class _SealedTemp:
+    """Write-only temp file: plaintext in, STREAM-sealed 1 MiB chunks out, under a
+    fresh random key; counts and hashes the plaintext."""
+
+    def __init__(self, path: str) -> None:
+        self.key = os.urandom(crypto.KEY_LEN)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        self._f = os.fdopen(fd, "wb")
+        self._buf = bytearray()
+        self._pending: list[bytes] = []
+        self._sealer = crypto.stream_seal_chunks(self.key, TEMP_AAD, self._feed())
+        self.size = 0
+        self.hash = hashlib.sha256()
+
+    def _feed(self) -> Iterator[bytes]:
+        while self._pending:
+            yield self._pending.pop(0)
+
+    def write(self, data: bytes) -> None:
+        self.hash.update(data)
+        self.size += len(data)
+        self._buf += data
+        while len(self._buf) > PIECE:  # keep >= 1 byte back: the last chunk is never empty
+            self._pending.append(bytes(self._buf[:PIECE]))
+            del self._buf[:PIECE]
+            if len(self._pending) >= 2:  # the sealer looks one chunk ahead
+                self._f.write(next(self._sealer))
+
+    def close(self) -> None:
+        self._pending.append(bytes(self._buf))
+        self._buf.clear()
+        for ct in self._sealer:
+            self._f.write(ct)
+        self._f.close()
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            self._f.close()
+
+
+# --- the header ------------------------------------------------------------------------
+
+
+def _pixel_offset(head: bytes, start: int, implicit: bool) -> int | None:
+    """Offset in `head` of the top-level (7FE0,0010) element when its header (and all
+    the elements before it) are in `head`, else None."""
+    fp = io.BytesIO(head)
+    fp.seek(start)
+    try:
+        for _ in data_element_generator(fp, implicit, True,
+                                        stop_when=lambda tag, vr, length: tag == codec._PIXEL_DATA):
+            pass
+    except Exception:
+        return None  # cut in the middle of an element: read more (or give up at the end)
+    pos = fp.tell()
+    need = 8 if implicit else 12
+    if pos + need > len(head) or struct.unpack_from("<HH", head, pos) != (0x7FE0, 0x0010):
+        return None
+    return pos
+
+
+def _meta_facts(part10_head: bytes) -> dict[str, Any]:
+    meta = dcmread(io.BytesIO(part10_head), stop_before_pixels=True,
+                   specific_tags=["SOPInstanceUID"])
+    return {"sop_instance_uid": str(meta.file_meta.MediaStorageSOPInstanceUID),
+            "sop_class": str(meta.file_meta.MediaStorageSOPClassUID),
+            "received_transfer_syntax": str(meta.file_meta.TransferSyntaxUID)}
+
+
+def _read_head(inp: _Input) -> tuple[bytearray, codec._Part10 | None]:
+    """Read until the file meta is complete (or the input ends)."""
+    head = bytearray(inp.read(PIECE))
+    while True:
+        try:
+            return head, codec._split_part10(bytes(head))
+        except _Pass as stop:
+            if stop.reason != "unparseable" or inp.eof or len(head) >= MAX_HEAD:
+                return head, None
+        head += inp.read(len(head))
+
+
+@dataclass
+class _Header:
+    p: codec._Part10
+    implicit: bool
+    head: bytes  # preamble .. end of the Pixel Data element header
+    pixel: int  # offset of the Pixel Data element in `head`
+    value_length: int
+
+
+def _locate(inp: _Input, head: bytearray, p: codec._Part10) -> _Header:
+    ts = UID(p.transfer_syntax)
+    if ts == ImplicitVRLittleEndian:
+        implicit = True
+    elif ts == ExplicitVRLittleEndian:
+        implicit = False
+    else:
+        codec._dataset_bytes(b"", p)  # raises the reason the in-memory path would give
+        raise _Pass("stream-unsupported")  # deflated: only the in-memory path inflates
+    while (px := _pixel_offset(bytes(head), p.meta_end, implicit)) is None:
+        if inp.eof:
+            raise _Pass("no-pixel-data")
+        if len(head) >= MAX_HEAD:
+            raise _Pass("stream-unsupported")
+        head += inp.read(len(head))
+    if implicit:
+        (length,) = struct.unpack_from("<L", head, px + 4)
+        value = px + 8
+    else:
+        vr, (length,) = bytes(head[px + 4 : px + 6]), struct.unpack_from("<L", head, px + 8)
+        if vr not in (b"OB", b"OW"):
+            raise _Pass("bad-pixel-data")
+        value = px + 12
+    if length == 0xFFFFFFFF:
+        raise _Pass("bad-pixel-data")
+    inp.unread(bytes(head[value:]))
+    return _Header(p, implicit, bytes(head[:value]), px, length)
+
+
+# --- the whole instance ---------------------------------------------------------------
+
+
+def prepare_stream(path: str, rid: str, spool_key: bytes, codec_name: str, verify: bool,
+                   temp_path: str) -> Streamed:
+    """In a codec worker: read, authenticate and compress one spooled instance, streaming.
+
+    Raises IntegrityError (the spool file fails authentication) or FileNotFoundError, and
+    then leaves no temp file. Otherwise returns a `Streamed`; for "compressed" the output
+    is `prefix` + the plaintext of the sealed temp at `temp_path`.
+    """
+    if codec_name not in codec.CODECS and codec_name != "none":
+        raise ValueError(f"unknown codec {codec_name!r}")
+    with open(path, "rb") as f:
+        inp = _Input(crypto.open_spool_file(crypto.SpoolKey(spool_key), rid, f))
+        head, p = _read_head(inp)
+        facts = _meta_facts(bytes(head[: p.meta_end]) if p else bytes(head))
+        ts_in = p.transfer_syntax if p and UID(p.transfer_syntax).is_valid else ""
+        out: _SealedTemp | None = None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if p is None:
+                    codec._split_part10(bytes(head))  # raises the reason
+                    raise _Pass("unparseable")
+                if codec_name == "none":
+                    raise _Pass("codec-none")
+                hdr = _locate(inp, head, p)
+                del head
+                out = _SealedTemp(temp_path)
+                res = _encode(inp, hdr, codec_name, verify, out)
+        except BaseException as e:
+            if out is not None:
+                out.abort()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp_path)
+            if isinstance(e, IntegrityError | MemoryError | KeyboardInterrupt | SystemExit):
+                raise
+            reason = (e.reason if isinstance(e, _Pass)
+                      else "temp-write-error" if isinstance(e, OSError) and out is not None
+                      else "unparseable")
+            inp.drain()  # authenticate all of it, and finish the digest, before using it
+            return Streamed(_with_digest(facts, inp), ts_in, "passthrough", reason)
+    return Streamed(_with_digest(facts, inp), res.transfer_syntax, "compressed", "ok",
+                    res.prefix, out.key, res.output_size, res.frames,
+                    res.notes)
+
+
+def _with_digest(facts: dict[str, Any], inp: _Input) -> dict[str, Any]:
+    return {**facts, "received_size": inp.size, "received_sha256": inp.hash.hexdigest()}
+
+
+@dataclass
+class _Encoded:
+    transfer_syntax: str
+    prefix: bytes
+    output_size: int
+    frames: int
+    notes: tuple[str, ...]
+
+
+def _encode(inp: _Input, hdr: _Header, codec_name: str, verify: bool, out: _SealedTemp) -> _Encoded:
+    target, plugin, options = codec.CODECS[codec_name]
+    p = hdr.p
+    hbuf = hdr.head[p.meta_end : hdr.pixel]
+    parsed = codec._parse_dataset(hbuf, hdr.implicit)
+    if parsed.end != len(hbuf):
+        raise _Pass("unparseable")
+    if any(t > codec._PIXEL_DATA for t in parsed.spans):
+        raise _Pass("stream-unsupported")  # out of order: which is "after Pixel Data"?
+    if any(t in parsed.spans for t in codec._EOT_TAGS):
+        raise _Pass("too-large")  # what the in-memory path says for these
+    ds = parsed.ds
+    lay = codec._layout(ds)
+    expected = lay.expected_length
+    if not (hdr.value_length == expected or (expected % 2 and hdr.value_length == expected + 1)):
+        raise _Pass("pixel-data-length-mismatch")
+
+    notes = ["implicit-vr-converted"] if hdr.implicit else []
+    replace: dict[int, bytes | None] = {}
+    if lay.samples > 1 and lay.planar == 1:
+        ds.PlanarConfiguration = 0
+        replace[codec._PLANAR_CONFIGURATION] = codec._element_bytes(ds["PlanarConfiguration"])
+        notes.append("planar-configuration-0")
+    if 0x7FE00000 in parsed.spans:
+        replace[0x7FE00000] = None
+        del ds[0x7FE00000]
+        notes.append("pixel-group-length-removed")
+    opts = as_pixel_options(ds, **options)
+    opts["number_of_frames"] = 1
+    decode_opts = {k: v for k, v in opts.items() if k not in options}
+
+    # header first: a failing implicit -> explicit rewrite stops before any encoding
+    if hdr.implicit:
+        skip = frozenset({codec._PIXEL_DATA, codec._PLANAR_CONFIGURATION}
+                         if "planar-configuration-0" in notes else {codec._PIXEL_DATA})
+        body = codec._checked_explicit(hbuf, parsed, skip)
+    else:
+        body = codec._splice(hbuf, parsed, replace)
+    head = (hdr.head[:128] + b"DICM" + codec._meta_bytes(hdr.head, p, target) + body
+            + _PIXEL_HEADER)
+
+    encoder, decoder = get_encoder(target), get_decoder(target)
+    lengths: list[int] = []
+    shape = (lay.rows, lay.columns, lay.samples)
+    for _ in range(lay.frames):
+        raw = inp.read(lay.frame_length)
+        if len(raw) != lay.frame_length:
+            raise _Pass("pixel-data-length-mismatch")
+        values = lay.shape(np.frombuffer(raw, dtype=lay.dtype), 1)
+        lay.check_range(values)
+        arr = values[0, ..., 0] if lay.samples == 1 else values[0]
+        try:
+            frag = encoder.encode(arr, encoding_plugin=plugin, **opts)
+        except Exception:
+            raise _Pass("encode-error") from None
+        if len(frag) % 2:
+            frag += b"\x00"
+        item = _ITEM + struct.pack("<L", len(frag)) + frag
+        if verify:
+            _verify_frame(decoder, item, decode_opts, values[0], shape)
+        out.write(item)
+        lengths.append(len(item))
+    if hdr.value_length != expected and len(inp.read(1)) != 1:
+        raise _Pass("pixel-data-length-mismatch")
+
+    tail = inp.read(MAX_TAIL + 1)
+    if len(tail) > MAX_TAIL:
+        raise _Pass("stream-unsupported")
+    inp.drain()  # the end of the input authenticated: only now may the output count
+    tail_tags: set[int] = set()
+    if tail:
+        tparsed = codec._parse_dataset(tail, hdr.implicit)
+        tail_tags = set(tparsed.spans)
+        if any(t <= codec._PIXEL_DATA for t in tail_tags):
+            raise _Pass("stream-unsupported")
+        if hdr.implicit:
+            tail = codec._checked_explicit(tail, tparsed, frozenset())
+    if hdr.implicit and any(t & 0xFFFF == 0 for t in (*parsed.spans, *tail_tags)):
+        notes.append("group-lengths-removed")
+    out.write(_SEQ_DELIM + tail)
+    out.close()
+
+    prefix = head + _basic_offset_table(lengths)
+    size = len(prefix) + out.size
+    if size >= inp.size:
+        raise _Pass("not-smaller")
+    return _Encoded(str(target), prefix, size, lay.frames, tuple(notes))
+
+
+def _basic_offset_table(item_lengths: list[int]) -> bytes:
+    """The BOT item: offsets of each frame's first fragment item, relative to the first
+    item after the BOT (as `pydicom.encaps.encapsulate` writes them); empty when an
+    offset would not fit in 32 bits (PS3.5 A.4 allows an empty table)."""
+    offsets, pos = [], 0
+    for n in item_lengths:
+        offsets.append(pos)
+        pos += n
+    if offsets and offsets[-1] > 0xFFFFFFFF:
+        return _ITEM + b"\x00\x00\x00\x00"
+    return _ITEM + struct.pack(f"<L{len(offsets)}L", 4 * len(offsets), *offsets)
+
+
+def _verify_frame(decoder: Any, item: bytes, opts: dict[str, Any], want: np.ndarray,
+                  shape: tuple[int, int, int]) -> None:
+    try:
+        got = decoder.as_array(_ITEM + b"\x00\x00\x00\x00" + item, raw=True, **opts)[0]
+    except Exception:
+        raise _Pass("verify-error") from None
+    if got.size != want.size or not np.array_equal(got.reshape(shape), want):
+        raise _Pass("verify-mismatch")
+
+
+# --- in the pack thread -----------------------------------------------------------------
+
+
+def _write_pieces(writer: Any, pieces: Iterator[bytes]) -> None:
+    for piece in pieces:
+        writer.write(piece)
+
+
+def copy_output(writer: Any, s: Streamed, temp_path: str) -> None:
+    """Write a compressed instance's output into the current bundle instance."""
+    writer.write(s.prefix)
+    with open(temp_path, "rb") as f:
+        _write_pieces(writer, crypto.stream_open(s.temp_key, TEMP_AAD, f, PIECE))
+
+
+def copy_passthrough(writer: Any, path: str, rid: str, spool_key: bytes) -> None:
+    """Write the spooled instance unchanged into the current bundle instance, chunk by
+    chunk. The caller compares the digest of what was written with the worker's."""
+    with open(path, "rb") as f:
+        _write_pieces(writer, crypto.open_spool_file(crypto.SpoolKey(spool_key), rid, f))
+
+
+def passthrough_facts(path: str, rid: str, spool_key: bytes, reason: str) -> Streamed:
+    """Facts for a pass-through, read streaming (after a worker died on the instance)."""
+    with open(path, "rb") as f:
+        inp = _Input(crypto.open_spool_file(crypto.SpoolKey(spool_key), rid, f))
+        head, p = _read_head(inp)
+        facts = _meta_facts(bytes(head[: p.meta_end]) if p else bytes(head))
+        ts_in = p.transfer_syntax if p and UID(p.transfer_syntax).is_valid else ""
+        del head
+        inp.drain()
+    return Streamed(_with_digest(facts, inp), ts_in, "passthrough", reason)
+
+
+def check_written(entry: Any, size: int, sha256: str | None) -> None:
+    """What went into the bundle must be what the worker described."""
+    if entry.size != size or (sha256 is not None and entry.sha256 != sha256):
+        raise IntegrityError("streamed instance changed between reading and writing")
+
+
+__all__ = ["MAX_HEAD", "MAX_TAIL", "Streamed", "check_written", "copy_output",
+           "copy_passthrough", "crashed", "passthrough_facts", "prepare_stream"]
