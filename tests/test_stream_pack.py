@@ -20,7 +20,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.pixels.utils import iter_pixels
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 from appliance import bundle, codec, crypto, durable, stream_pack
 from appliance.codec import CodecPool
@@ -97,7 +97,7 @@ def with_meta(path: Path) -> bytes:
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     meta.TransferSyntaxUID = ds.file_meta.TransferSyntaxUID
-    meta.ImplementationClassUID = "1.2.3.4"
+    meta.ImplementationClassUID = UID("1.2.3.4")
     out = io.BytesIO()
     out.write(b"\x00" * 128 + b"DICM")
     write_file_meta_info(out, meta, enforce_standard=True)  # type: ignore[arg-type]
@@ -108,7 +108,7 @@ def _meta_length(raw: bytes) -> int:
     return codec._split_part10(raw).meta_end - 132
 
 
-GENERATED = {
+GENERATED: dict[str, dict[str, Any]] = {
     "u16-12bit": {},
     "u16-16bit": {"bits_stored": 16},
     "s16-12bit": {"signed": 1},
