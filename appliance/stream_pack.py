@@ -144,7 +144,10 @@ class _SealedTemp:
 
     def __init__(self, path: str) -> None:
         self.key = os.urandom(crypto.KEY_LEN)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        except OSError:
+            raise _Pass("temp-write-error") from None
         self._f = os.fdopen(fd, "wb")
         self._buf = bytearray()
         self._pending: list[bytes] = []
@@ -164,14 +167,23 @@ class _SealedTemp:
             self._pending.append(bytes(self._buf[:PIECE]))
             del self._buf[:PIECE]
             if len(self._pending) >= 2:  # the sealer looks one chunk ahead
-                self._f.write(next(self._sealer))
+                self._put(next(self._sealer))
+
+    def _put(self, ct: bytes) -> None:
+        try:
+            self._f.write(ct)
+        except OSError:  # a full disk: pass the instance through instead
+            raise _Pass("temp-write-error") from None
 
     def close(self) -> None:
         self._pending.append(bytes(self._buf))
         self._buf.clear()
         for ct in self._sealer:
-            self._f.write(ct)
-        self._f.close()
+            self._put(ct)
+        try:
+            self._f.close()
+        except OSError:
+            raise _Pass("temp-write-error") from None
 
     def abort(self) -> None:
         with contextlib.suppress(OSError):
@@ -276,6 +288,7 @@ def prepare_stream(path: str, rid: str, spool_key: bytes, codec_name: str, verif
         facts = _meta_facts(bytes(head[: p.meta_end]) if p else bytes(head))
         ts_in = p.transfer_syntax if p and UID(p.transfer_syntax).is_valid else ""
         out: _SealedTemp | None = None
+        reason = ""
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -288,21 +301,30 @@ def prepare_stream(path: str, rid: str, spool_key: bytes, codec_name: str, verif
                 del head
                 out = _SealedTemp(temp_path)
                 res = _encode(inp, hdr, codec_name, verify, out)
-        except BaseException as e:
-            if out is not None:
-                out.abort()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temp_path)
-            if isinstance(e, IntegrityError | MemoryError | KeyboardInterrupt | SystemExit):
+        except _Pass as stop:
+            reason = stop.reason
+        except Exception as e:
+            if isinstance(e, IntegrityError | OSError):  # the input: the packer's to handle
+                _discard(out, temp_path)
                 raise
-            reason = (e.reason if isinstance(e, _Pass)
-                      else "temp-write-error" if isinstance(e, OSError) and out is not None
-                      else "unparseable")
+            reason = "unparseable"  # the boundary: bad input never escapes as an exception
+        except BaseException:
+            _discard(out, temp_path)
+            raise
+        if reason:
+            _discard(out, temp_path)
             inp.drain()  # authenticate all of it, and finish the digest, before using it
             return Streamed(_with_digest(facts, inp), ts_in, "passthrough", reason)
+    assert out is not None
     return Streamed(_with_digest(facts, inp), res.transfer_syntax, "compressed", "ok",
-                    res.prefix, out.key, res.output_size, res.frames,
-                    res.notes)
+                    res.prefix, out.key, res.output_size, res.frames, res.notes)
+
+
+def _discard(out: _SealedTemp | None, temp_path: str) -> None:
+    if out is not None:
+        out.abort()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(temp_path)
 
 
 def _with_digest(facts: dict[str, Any], inp: _Input) -> dict[str, Any]:

@@ -272,6 +272,13 @@ def test_what_cannot_be_compressed_passes_through_and_leaves_no_temp(
     assert not temp.exists()
 
 
+def test_a_temp_that_cannot_be_written_means_pass_through(tmp_path: Path) -> None:
+    path, key = _spool_file(tmp_path, multiframe())
+    s = stream_pack.prepare_stream(path, "r1", key, "jpeg2000", True,
+                                   str(tmp_path / "no-such-dir" / ".tmp-pack-x"))
+    assert (s.action, s.reason) == ("passthrough", "temp-write-error")
+
+
 def test_a_verification_mismatch_passes_the_original_through(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     class Liar:
