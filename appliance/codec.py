@@ -103,7 +103,7 @@ from typing import Any, Literal
 
 import numpy as np
 from pydicom.charset import convert_encodings, default_encoding
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import data_element_generator
@@ -120,6 +120,7 @@ from pydicom.uid import (
     JPEG2000Lossless,
     JPEGLSLossless,
 )
+from pydicom.values import convert_string
 
 __all__ = ["CODECS", "REASONS", "CodecError", "CodecPool", "Result", "compress", "decompress"]
 
@@ -289,30 +290,61 @@ class _Parsed:
     ds: Dataset
     spans: dict[int, tuple[int, int]]  # top-level tag -> (start, end) in buf
     end: int  # where the last element ends; buf[end:] is the tail (kept verbatim)
+    base: int = 0  # where the dataset starts in buf
 
 
-def _parse_dataset(buf: bytes, implicit: bool) -> _Parsed:
-    """Parse a dataset (no meta) and note where each top-level element lies."""
-    if len(buf) >= 8:
-        looks_explicit = buf[4:6] in _VALID_VRS
+def _parse_dataset(buf: bytes, implicit: bool, base: int = 0, defer_pixels: bool = False) -> _Parsed:
+    """Parse the dataset in buf[base:] (no meta) and note where each top-level element
+    lies (offsets in `buf`, so callers need not copy the dataset out of a Part-10 file).
+
+    With `defer_pixels`, a top-level Pixel Data value of defined length is not copied:
+    its element holds a memoryview of `buf` (for `_source_image`; the caller must replace
+    the element before anything writes the dataset)."""
+    if len(buf) - base >= 8:
+        looks_explicit = buf[base + 4 : base + 6] in _VALID_VRS
         if looks_explicit == implicit:
             raise _Pass("transfer-syntax-mismatch")
-    fp = io.BytesIO(buf)
-    gen = data_element_generator(fp, implicit, True)
+    fp = io.BytesIO(buf)  # shares a bytes object: no copy
+    fp.seek(base)
     elems: dict[BaseTag, Any] = {}
     spans: dict[int, tuple[int, int]] = {}
+    stopped: list[tuple[str | None, int]] = []
+
+    def at_pixels(tag: BaseTag, vr: str | None, length: int) -> bool:
+        if tag == _PIXEL_DATA and length not in (0, 0xFFFFFFFF) and not stopped:
+            stopped.append((vr, length))
+            return True
+        return False
+
+    encoding: str | list[str] = default_encoding
     try:
         while True:
-            start = fp.tell()
-            try:
-                elem = next(gen)
-            except StopIteration:
+            gen = data_element_generator(fp, implicit, True, encoding=encoding,
+                                         stop_when=at_pixels if defer_pixels else None)
+            while True:
+                start = fp.tell()
+                try:
+                    elem = next(gen)
+                except StopIteration:
+                    break
+                _add(elems, spans, elem, start, fp.tell())
+            if not stopped or _PIXEL_DATA in spans:
                 break
-            tag = int(elem.tag)
-            if tag in spans:
-                raise _Pass("duplicate-element")  # which one is meant?
-            elems[elem.tag] = elem
-            spans[tag] = (start, fp.tell())
+            vr, length = stopped[0]
+            start = fp.tell()
+            value = start + (12 if not implicit and vr in _LONG_VRS_STR else 8)
+            if value + length > len(buf):  # cut short: let pydicom read it as before
+                defer_pixels = False
+                continue
+            elem = RawDataElement(BaseTag(_PIXEL_DATA), vr, length,
+                                  memoryview(buf)[value : value + length],  # type: ignore[arg-type]
+                                  value, implicit, True)
+            _add(elems, spans, elem, start, value + length)
+            fp.seek(value + length)
+            defer_pixels = False
+            cs = elems.get(BaseTag(0x00080005))
+            if cs is not None and cs.value:  # what the generator would carry on with
+                encoding = convert_encodings(convert_string(cs.value, True))
     except _Pass:
         raise
     except Exception:
@@ -321,7 +353,19 @@ def _parse_dataset(buf: bytes, implicit: bool) -> _Parsed:
     ds = Dataset(elems)
     cs = ds.get("SpecificCharacterSet")
     ds.set_original_encoding(implicit, True, convert_encodings(cs) if cs else default_encoding)
-    return _Parsed(ds, spans, end)
+    return _Parsed(ds, spans, end, base)
+
+
+_LONG_VRS_STR = frozenset(v.decode() for v in _LONG_VRS)
+
+
+def _add(elems: dict[BaseTag, Any], spans: dict[int, tuple[int, int]], elem: Any,
+         start: int, end: int) -> None:
+    tag = int(elem.tag)
+    if tag in spans:
+        raise _Pass("duplicate-element")  # which one is meant?
+    elems[elem.tag] = elem
+    spans[tag] = (start, end)
 
 
 def _element_bytes(elem: DataElement) -> bytes:
@@ -339,8 +383,8 @@ def _splice(buf: bytes, parsed: _Parsed, replace: dict[int, bytes | None]) -> by
     order = sorted(parsed.spans.items(), key=lambda kv: kv[1][0])
     inserts = sorted(t for t in replace if t not in parsed.spans and replace[t] is not None)
     out: list[bytes] = []
-    pos = order[0][1][0] if order else 0
-    out.append(buf[:pos])
+    pos = order[0][1][0] if order else parsed.base
+    out.append(buf[parsed.base : pos])
     for tag, (start, end) in order:
         while inserts and inserts[0] < tag:
             out.append(replace[inserts.pop(0)] or b"")
@@ -394,7 +438,7 @@ def _checked_explicit(original: bytes, parsed: _Parsed, skip: frozenset[int]) ->
     out = _to_explicit(parsed, original)
     try:
         again = _parse_dataset(out, implicit=False)
-        fresh = _parse_dataset(original, implicit=True)
+        fresh = _parse_dataset(original, implicit=True, base=parsed.base)
         same = _same_elements(fresh.ds, again.ds, skip)
     except Exception:
         raise _Pass("reencode-error") from None
@@ -403,18 +447,18 @@ def _checked_explicit(original: bytes, parsed: _Parsed, skip: frozenset[int]) ->
     return out
 
 
-def _dataset_bytes(raw: bytes, p: _Part10) -> tuple[bytes, bool, list[str]]:
-    """(dataset bytes, implicit VR?, notes) for a native little-endian transfer syntax."""
+def _dataset_bytes(raw: bytes, p: _Part10) -> tuple[bytes, int, bool, list[str]]:
+    """(buffer, where the dataset starts in it, implicit VR?, notes) for a native
+    little-endian transfer syntax. Not a copy of the dataset unless it was deflated."""
     ts = UID(p.transfer_syntax)
-    body = raw[p.meta_end :]
     if ts == ExplicitVRLittleEndian:
-        return body, False, []
+        return raw, p.meta_end, False, []
     if ts == ImplicitVRLittleEndian:
-        return body, True, ["implicit-vr-converted"]
+        return raw, p.meta_end, True, ["implicit-vr-converted"]
     if ts == DeflatedExplicitVRLittleEndian:
         try:
             d = zlib.decompressobj(-zlib.MAX_WBITS)
-            return d.decompress(body) + d.flush(), False, ["inflated"]
+            return d.decompress(raw[p.meta_end :]) + d.flush(), 0, False, ["inflated"]
         except zlib.error:
             raise _Pass("unparseable") from None
     if ts == ExplicitVRBigEndian:
@@ -521,7 +565,7 @@ def _source_image(ds: Dataset) -> _Image:
         undefined = px.is_undefined_length if isinstance(px, DataElement) else px.length == 0xFFFFFFFF
     except Exception:
         raise _Pass("bad-pixel-data") from None
-    if undefined or not isinstance(value, bytes):
+    if undefined or not isinstance(value, bytes | memoryview):
         raise _Pass("bad-pixel-data")
     expected = lay.expected_length
     if not (len(value) == expected or (expected % 2 and len(value) == expected + 1)):
@@ -585,8 +629,8 @@ def compress(part10: bytes, codec: str = "jpeg2000", verify: bool = True) -> Res
 
 def _compress(raw: bytes, p: _Part10, codec: str, verify: bool) -> Result:
     target, plugin, options = CODECS[codec]
-    buf, implicit, notes = _dataset_bytes(raw, p)
-    parsed = _parse_dataset(buf, implicit)
+    buf, base, implicit, notes = _dataset_bytes(raw, p)
+    parsed = _parse_dataset(buf, implicit, base, defer_pixels=True)
     ds = parsed.ds
     image = _source_image(ds)
 
@@ -660,16 +704,16 @@ def _decompress(raw: bytes) -> bytes:
     if ts == ExplicitVRLittleEndian:
         return raw
     if ts in (ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian):
-        buf, implicit, _ = _dataset_bytes(raw, p)
+        buf, base, implicit, _ = _dataset_bytes(raw, p)
         if not implicit:
-            return head + buf
-        parsed = _parse_dataset(buf, implicit=True)
+            return head + buf[base:]
+        parsed = _parse_dataset(buf, implicit=True, base=base)
         return head + _checked_explicit(buf, parsed, frozenset())
     if not (ts.is_transfer_syntax and ts.is_encapsulated):
         raise _Pass("big-endian" if ts == ExplicitVRBigEndian else "unknown-transfer-syntax")
 
-    buf = raw[p.meta_end :]
-    parsed = _parse_dataset(buf, implicit=False)
+    buf = raw
+    parsed = _parse_dataset(buf, implicit=False, base=p.meta_end)
     ds = parsed.ds
     if _PIXEL_DATA not in ds:
         raise _Pass("no-pixel-data")
