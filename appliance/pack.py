@@ -13,6 +13,14 @@ order, so that a crash at any point loses nothing and duplicates nothing:
 A crash before 2 leaves the segment `sealed`: it is packed again and the bundle file
 replaced. A crash between 2 and 3 leaves packed rows whose spool files `recover` removes.
 
+Instances of `pack.stream_threshold_mb` or more (large multi-frame objects) take the
+streaming path (`stream_pack`): the worker compresses frame by frame into a sealed temp
+file (`STATE/spool/.tmp-pack-*`, named here so this thread removes it whatever happens
+to the worker) and returns small facts; this thread copies the temp into the bundle in
+1 MiB pieces. Whatever that path passes through, and the fallback after workers died on
+a large instance, is copied from the sealed spool file chunk by chunk. Memory stays
+near a chunk and a few frames whatever the instance size (docs/benchmarks.md, "Memory").
+
 Sealing policy (pure, `due_for_sealing`): a `receiving` segment is sealed when its study
 has been quiet for `pack.study_quiet_s`, or when it has been open for
 `pack.segment_max_age_s` while the study is still arriving (so forwarding overlaps
