@@ -220,15 +220,20 @@ def _meta_facts(part10_head: bytes) -> dict[str, Any]:
 
 
 def _read_head(inp: _Input) -> tuple[bytearray, codec._Part10 | None]:
-    """Read until the file meta is complete (or the input ends)."""
+    """Read until the file meta is complete and the 8 bytes after it are in (or the
+    input ends, or MAX_HEAD is reached, or it is not Part 10): the first read may end
+    anywhere, even inside the preamble or a meta element."""
     head = bytearray(inp.read(PIECE))
     while True:
+        more = not inp.eof and len(head) < MAX_HEAD
         try:
-            return head, codec._split_part10(bytes(head))
-        except _Pass as stop:
-            if stop.reason != "unparseable" or inp.eof or len(head) >= MAX_HEAD:
+            p = codec._split_part10(bytes(head))
+            if not (more and p.meta_end + 8 > len(head)):  # not cut at the buffer's end
+                return head, p
+        except _Pass:
+            if not more or (len(head) >= 132 and head[128:132] != b"DICM"):
                 return head, None
-        head += inp.read(len(head))
+        head += inp.read(max(len(head), 132))
 
 
 @dataclass

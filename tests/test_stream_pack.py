@@ -272,6 +272,56 @@ def test_what_cannot_be_compressed_passes_through_and_leaves_no_temp(
     assert not temp.exists()
 
 
+def with_private_blob(raw: bytes, size: int) -> bytes:
+    ds = pydicom.dcmread(io.BytesIO(raw))
+    ds.add_new(0x00290010, "LO", "BENCH PRIVATE")
+    ds.add_new(0x00291010, "OB", os.urandom(size))  # before Pixel Data
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def test_a_header_longer_than_the_first_chunk_is_read_on(tmp_path: Path) -> None:
+    raw = with_private_blob(multiframe(frames=4), 3 << 20)
+    path, key = _spool_file(tmp_path, raw)
+    temp = str(tmp_path / ".tmp-pack-x")
+    s = stream_pack.prepare_stream(path, "r1", key, "jpeg-ls", True, temp)
+    assert (s.action, s.reason) == ("compressed", "ok")
+    assert _output(s, temp) == codec.compress(raw, "jpeg-ls", False).data
+
+
+def test_the_file_meta_is_read_on_wherever_the_first_read_ends(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = multiframe()
+    want = codec._split_part10(raw)
+    for cut in range(1, want.meta_end + 10):  # in the preamble, in an element, at its end
+        monkeypatch.setattr(stream_pack, "PIECE", cut)
+        chunks = (raw[i : i + 7] for i in range(0, len(raw), 7))  # reads cross chunks
+        inp = stream_pack._Input(chunks)
+        head, p = stream_pack._read_head(inp)
+        assert p == want, cut
+        assert bytes(head) == raw[: len(head)]
+
+
+@pytest.mark.parametrize("limit", ["MAX_HEAD", "MAX_TAIL"])
+def test_a_header_or_trailer_too_long_to_hold_passes_through(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, limit: str) -> None:
+    monkeypatch.setattr(stream_pack, limit, 1024)
+    monkeypatch.setattr(stream_pack, "PIECE", 64)  # the first read is not the whole file
+    raw = multiframe(trailer=True)
+    if limit == "MAX_HEAD":
+        raw = with_private_blob(raw, 4096)
+    else:  # a longer Data Set Trailing Padding
+        at = raw.rindex(b"\xfc\xff\xfc\xffOB")
+        raw = raw[:at + 8] + struct.pack("<L", 2048) + bytes(2048)
+    path, key = _spool_file(tmp_path, raw)
+    temp = tmp_path / ".tmp-pack-x"
+    s = stream_pack.prepare_stream(path, "r1", key, "jpeg2000", True, str(temp))
+    assert (s.action, s.reason) == ("passthrough", "stream-unsupported")
+    assert s.facts is not None and s.facts["received_size"] == len(raw)
+    assert not temp.exists()
+
+
 def test_a_temp_that_cannot_be_written_means_pass_through(tmp_path: Path) -> None:
     path, key = _spool_file(tmp_path, multiframe())
     s = stream_pack.prepare_stream(path, "r1", key, "jpeg2000", True,
