@@ -347,7 +347,7 @@ def test_sends_a_bundle_with_the_same_uids_pixels_and_syntaxes(
 def test_several_associations_when_contexts_do_not_fit_one(
         tmp_path: Path, pacs_factory: Callable[..., Orthanc], transports: list[DicomTransport],
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dicom, "MAX_CONTEXTS", 3)  # 2 + 1 for storage commitment
+    monkeypatch.setattr(dicom.transport, "MAX_CONTEXTS", 3)  # 2 + 1 for storage commitment
     cts = ct_slices(2)
     instances = [cts[0], mr_slice(), j2k(cts[1])]  # 2 contexts each: 3 associations
     bundle = make_bundle(tmp_path / "b.bundle", instances)

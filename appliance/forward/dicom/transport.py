@@ -1,0 +1,449 @@
+"""The transport itself: `DicomTransport.send` and what one association does.
+See the package docstring for every decision.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import socket
+import ssl
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import structlog
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    UID,
+    ExplicitVRLittleEndian,
+    generate_uid,
+)
+from pynetdicom import build_context, evt
+from pynetdicom.dimse_primitives import C_STORE, N_ACTION
+from pynetdicom.dsutils import encode
+
+from appliance import codec
+from appliance.bundle import ManifestEntry, PrivateKey, iter_instances, read_manifest
+from appliance.config import Destination
+from appliance.errors import ConfigError, IntegrityError
+from appliance.forward import Permanent, Retryable
+from appliance.forward.dicom.commitment import (
+    REPORT_GRACE_S,
+    CommitmentListener,
+    Commitments,
+    Waiter,
+    handle_report,
+)
+from appliance.forward.dicom.contexts import (
+    MAX_CONTEXTS,
+    STORAGE_COMMITMENT_INSTANCE,
+    STORAGE_COMMITMENT_PUSH,
+    UNCOMPRESSED,
+    Choice,
+    ContextSpec,
+    Group,
+    choose_context,
+    dataset_offset,
+    plan_groups,
+    uid_name,
+)
+from appliance.forward.dicom.link import Link, Lost, bounded, close_socket
+from appliance.forward.dicom.status import COMMITMENT_FAILURES, Outcome, classify_rejection, classify_status
+from appliance.forward.dicom.tls import (
+    ClientContext,
+    Probe,
+    ProbedAE,
+    ProbedSocket,
+    classify_tls_error,
+    client_context,
+    err_text,
+    server_context,
+)
+
+log = structlog.get_logger("appliance.forward.dicom")
+
+# --- the transport ----------------------------------------------------------------------
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass
+class _Sent:
+    count: int = 0
+    bytes: int = 0
+    converted: dict[str, int] = field(default_factory=dict)  # "from -> to" -> count
+
+
+class DicomTransport:
+    """C-STORE SCU to one PACS. See the module documentation for every decision.
+
+    `dest` is the [[destinations]] entry (transport "dicom"); `private_key` opens the
+    bundles (the appliance's own key, a recipient of every bundle). Optional:
+    `local_ae_title` is the calling AE title when the destination sets none (the daemon
+    should pass receive.ae_title); `commitment_port` / `commitment_bind` make the
+    transport listen for storage commitment reports sent on a new association.
+    """
+
+    def __init__(self, dest: Destination, private_key: PrivateKey, *,
+                 local_ae_title: str = "EDGE", commitment_port: int | None = None,
+                 commitment_bind: str | None = None) -> None:
+        if dest.host is None or dest.port is None or dest.ae_title is None:
+            raise ConfigError([f"destination {dest.name}: host, port and ae_title are required"])
+        self.name = dest.name
+        self.dest = dest
+        self.private_key = private_key
+        self.calling_ae = dest.calling_ae_title or local_ae_title
+        self.timeout = float(dest.timeout_s)
+        self.commitment_port = commitment_port if commitment_port is not None else dest.commitment_port
+        self.commitment_bind = commitment_bind if commitment_bind is not None else dest.commitment_bind
+        self.commitment_timeout = float(dest.commitment_timeout_s)
+        self._commitments = Commitments()
+        self._listener: CommitmentListener | None = None
+        self._listener_lock = threading.Lock()
+        self._check_hostname = not _is_ip(dest.host)
+        ae = ProbedAE(self.calling_ae, self.timeout)
+        ae.acse_timeout = self.timeout
+        ae.connection_timeout = self.timeout
+        ae.dimse_timeout = self.timeout
+        ae.network_timeout = None  # we watch progress ourselves (see module doc)
+        self._ae = ae
+        if dest.tls is None:
+            if not dest.plaintext:
+                raise ConfigError([f"destination {dest.name}: tls is required unless plaintext = true"])
+            log.warning("dicom.plaintext", destination=dest.name,
+                        detail="DICOM to this destination is not encrypted (plaintext = true)")
+        else:
+            try:
+                self._client_context()
+            except Retryable as e:
+                raise ConfigError([f"destination {dest.name}: {e}"]) from None
+
+    # --- TLS ---
+
+    def _client_context(self) -> ClientContext | None:
+        return None if self.dest.tls is None else client_context(self.dest.tls, self._check_hostname)
+
+    def _server_context(self) -> ssl.SSLContext | None:
+        return None if self.dest.tls is None else server_context(self.dest.tls)
+
+    # --- Transport interface ---
+
+    def send(self, item_id: str, bundle: Path, progress: Callable[[int], None]) -> None:
+        try:
+            f = bundle.open("rb")
+        except FileNotFoundError:
+            raise Permanent("bundle file vanished from the queue") from None
+        except OSError as e:
+            raise Retryable(f"cannot read the bundle: {err_text(e)}") from None
+        with f:
+            try:
+                entries = read_manifest(f, self.private_key).instances
+                f.seek(0)
+            except IntegrityError as e:
+                raise Permanent(f"bundle does not verify: {e}") from None
+            if not entries:
+                return
+            commitment = self.dest.storage_commitment
+            groups = plan_groups([(e.sop_class, e.transfer_syntax) for e in entries], commitment,
+                                 limit=MAX_CONTEXTS)
+            tls_ctx = self._client_context()
+            instances = iter_instances(f, self.private_key)
+            sent = _Sent()
+            t0 = time.monotonic()
+            try:
+                for gi, group in enumerate(groups):
+                    last = gi == len(groups) - 1
+                    self._send_group(item_id, group, entries, instances, tls_ctx, sent, progress,
+                                     commit_all=entries if (commitment and last) else None)
+            except IntegrityError as e:
+                raise Permanent(f"bundle does not verify: {e}") from None
+        log.info("dicom.sent", destination=self.name, bundle=item_id, instances=sent.count,
+                 bytes=sent.bytes, associations=len(groups), committed=commitment,
+                 converted=sent.converted or None, seconds=round(time.monotonic() - t0, 3))
+
+    def close(self) -> None:
+        with self._listener_lock:
+            if self._listener is not None:
+                self._listener.close()
+                self._listener = None
+
+    # --- one association ---
+
+    def _send_group(self, item_id: str, group: Group, entries: Sequence[ManifestEntry],
+                    instances: Iterable[tuple[ManifestEntry, bytes]], tls_ctx: ClientContext | None,
+                    sent: _Sent, progress: Callable[[int], None],
+                    commit_all: Sequence[ManifestEntry] | None) -> None:
+        specs = list(group.contexts)
+        if commit_all is not None:
+            specs.append((STORAGE_COMMITMENT_PUSH, UNCOMPRESSED))
+        link = self._associate(specs, tls_ctx)
+        where = ""
+        try:
+            mine = entries[group.start : group.stop]
+            choices = [choose_context(link.accepted, e.sop_class, e.transfer_syntax) for e in mine]
+            it = iter(instances)
+            for entry, choice in zip(mine, choices, strict=True):
+                where = f" while sending instance {entry.index} of {len(entries)}"
+                got, data = next(it)
+                if got.index != entry.index:
+                    raise IntegrityError("bundle changed while it was being read")
+                payload = self._payload(entry, data, choice, sent)
+                self._store(link, item_id, entry, payload, choice.context_id)
+                sent.count += 1
+                sent.bytes += entry.size
+                progress(sent.bytes)
+            if commit_all is not None:
+                where = " during storage commitment"
+                self._commit(link, item_id, commit_all)
+        except Lost as e:
+            link.kill()
+            raise Retryable(f"{e}{where}") from None
+        except (Retryable, Permanent):
+            link.release()
+            raise
+        except BaseException:
+            link.abort()
+            raise
+        link.release()
+
+    def _associate(self, specs: Sequence[ContextSpec], tls_ctx: ClientContext | None) -> Link:
+        host, port = self.dest.host, self.dest.port
+        assert host is not None and port is not None and self.dest.ae_title is not None
+        contexts = [build_context(abstract, list(ts)) for abstract, ts in specs]
+        tls_args: Any = None
+        if tls_ctx is not None:
+            # pynetdicom passes the name on as wrap_socket(server_hostname=...): None is fine.
+            tls_args = (tls_ctx, host if self._check_hostname else None)
+        try:
+            assoc = self._ae.associate(
+                host, port, contexts=contexts, ae_title=self.dest.ae_title, tls_args=tls_args,
+                evt_handlers=[(evt.EVT_N_EVENT_REPORT, self._same_association_report)])
+        except socket.gaierror:
+            raise Retryable(f"cannot resolve the PACS host name {host!r}") from None
+        except OSError as e:
+            raise Retryable(f"cannot connect to the PACS at {host}:{port}: {err_text(e)}") from None
+        sock = assoc.dul.socket
+        probe = sock.probe if isinstance(sock, ProbedSocket) else Probe()
+        if assoc.is_established:
+            link = Link(assoc, probe, self.timeout)
+            if (why := link.lost_reason()) is not None:  # TLS 1.3: alert after "success"
+                link.kill()
+                raise self._failure_from_probe(probe) or Retryable(why)
+            return link
+        with contextlib.suppress(Exception):
+            if assoc.is_alive() or assoc.dul.is_alive():
+                bounded(assoc.kill, 5)
+        close_socket(assoc)
+        raise self._failure_from_probe(probe) or self._negotiation_failure(assoc, specs)
+
+    def _failure_from_probe(self, probe: Probe) -> Retryable | Permanent | None:
+        host, port = self.dest.host, self.dest.port
+        if probe.tls_error is not None:
+            permanent, text = classify_tls_error(probe.tls_error)
+            return Permanent(text) if permanent else Retryable(text)
+        e = probe.connect_error
+        if e is None:
+            return None
+        if isinstance(e, TimeoutError | socket.timeout):
+            return Retryable(f"connecting to the PACS at {host}:{port} timed out after {self.timeout:g} s")
+        if isinstance(e, ConnectionRefusedError):
+            return Retryable(f"the PACS at {host}:{port} refused the connection "
+                             "(not running, or not listening on this port?)")
+        return Retryable(f"cannot connect to the PACS at {host}:{port}: {err_text(e)}")
+
+    def _negotiation_failure(self, assoc: Any, specs: Sequence[ContextSpec]) -> Exception:
+        prim = assoc.acceptor.primitive
+        if assoc.is_rejected and prim is not None:
+            permanent, text = classify_rejection(prim.result, prim.result_source, prim.diagnostic)
+            hint = ""
+            if "calling AE" in text:
+                hint = f" (this appliance calls as {self.calling_ae!r}: is it declared on the PACS?)"
+            elif "called AE" in text:
+                hint = f" (ae_title is {self.dest.ae_title!r}: is that the PACS's AE title?)"
+            if permanent:
+                return Permanent(f"the PACS rejected the association permanently: {text}{hint}")
+            return Retryable(f"the PACS rejected the association for now: {text}{hint}")
+        if assoc.is_aborted and prim is not None and prim.result == 0x00:
+            classes = sorted({uid_name(a) for a, _ in specs if a != STORAGE_COMMITMENT_PUSH})
+            return Permanent("the PACS accepted none of the proposed presentation contexts: "
+                             f"it does not accept SOP class {', '.join(classes)}")
+        if assoc.is_aborted:
+            return Retryable("the PACS aborted the association request")
+        return Retryable(f"no answer from the PACS to the association request within {self.timeout:g} s")
+
+    # --- instances ---
+
+    def _payload(self, entry: ManifestEntry, data: bytes, choice: Choice, sent: _Sent) -> bytes:
+        """The data set bytes to send (Part-10 header removed), converted if the peer
+        needs another transfer syntax."""
+        if choice.how != "as-is":
+            src = UID(entry.transfer_syntax).name
+            try:
+                data = codec.decompress(data) if entry.transfer_syntax != ExplicitVRLittleEndian else data
+            except codec.CodecError as e:
+                raise Permanent(f"instance {entry.index}: the PACS does not accept {src} for "
+                                f"{UID(entry.sop_class).name}, and it cannot be decompressed ({e})") from None
+            key = f"{src} -> {UID(choice.transfer_syntax).name}"
+            sent.converted[key] = sent.converted.get(key, 0) + 1
+        try:
+            start = dataset_offset(data)
+        except ValueError as e:
+            raise Permanent(f"instance {entry.index}: {e}") from None
+        if choice.how == "implicit":
+            return _to_implicit(data, entry.index)
+        return data[start:]
+
+    def _store(self, link: Link, item_id: str, entry: ManifestEntry, payload: bytes,
+               context_id: int) -> None:
+        req = C_STORE()
+        req.MessageID = link.next_id()
+        req.Priority = 2
+        try:
+            req.AffectedSOPClassUID = entry.sop_class
+            req.AffectedSOPInstanceUID = entry.sop_instance_uid
+        except ValueError:
+            raise Permanent(f"instance {entry.index} has an invalid SOP class or instance UID") from None
+        req.DataSet = BytesIO(payload)
+        rsp = link.request(req, context_id)
+        status = rsp.Status if rsp.is_valid_response else None
+        verdict = classify_status(status)
+        if verdict.outcome is Outcome.SUCCESS:
+            return
+        code = "no valid response" if status is None else f"0x{status:04X}"
+        if verdict.outcome is Outcome.WARNING:
+            log.warning("dicom.store_warning", destination=self.name, bundle=item_id,
+                        instance=entry.index, status=code, meaning=verdict.meaning)
+            return
+        text = (f"the PACS answered {code} ({verdict.meaning}) to instance {entry.index} "
+                f"({UID(entry.sop_class).name})")
+        if verdict.outcome is Outcome.PERMANENT:
+            raise Permanent(text)
+        raise Retryable(text)
+
+    # --- storage commitment ---
+
+    def _ensure_listener(self) -> bool:
+        if self.commitment_port is None:
+            return False
+        with self._listener_lock:
+            if self._listener is None:
+                try:
+                    self._listener = CommitmentListener(
+                        self.calling_ae, self.commitment_bind, self.commitment_port,
+                        self._commitments, self.timeout, self._server_context(), self.name)
+                except (OSError, ssl.SSLError) as e:
+                    where = f"{self.commitment_bind}:{self.commitment_port}"
+                    raise Retryable(f"cannot listen for storage commitment reports on {where}: "
+                                    f"{err_text(e)}") from None
+            return True
+
+    def _commit(self, link: Link, item_id: str, entries: Sequence[ManifestEntry]) -> None:
+        listening = self._ensure_listener()
+        options = link.accepted.get(STORAGE_COMMITMENT_PUSH)
+        if not options:
+            raise Permanent("the PACS does not accept Storage Commitment Push Model "
+                            "(turn storage_commitment off for this destination?)")
+        cx_id, ts = options[0]
+        tuid = generate_uid(prefix=None)  # 2.25.<random 128-bit>: the report's authenticator
+        expected = {e.sop_instance_uid: (e.index, e.sop_class) for e in entries}
+        waiter = self._commitments.expect(tuid, expected)
+        try:
+            ds = Dataset()
+            ds.TransactionUID = tuid
+            refs = []
+            for e in entries:
+                item = Dataset()
+                item.ReferencedSOPClassUID = e.sop_class
+                item.ReferencedSOPInstanceUID = e.sop_instance_uid
+                refs.append(item)
+            ds.ReferencedSOPSequence = refs
+            syntax = UID(ts)
+            req = N_ACTION()
+            req.MessageID = link.next_id()
+            req.RequestedSOPClassUID = STORAGE_COMMITMENT_PUSH
+            req.RequestedSOPInstanceUID = STORAGE_COMMITMENT_INSTANCE
+            req.ActionTypeID = 1
+            req.ActionInformation = BytesIO(encode(ds, syntax.is_implicit_VR, syntax.is_little_endian,
+                                                   syntax.is_deflated) or b"")
+            t0 = time.monotonic()
+            try:
+                rsp = link.request(req, cx_id)
+            except Lost as e:
+                # Orthanc, for one, aborts an N-ACTION from an AE title it does not know.
+                raise Lost(f"{e} (does the PACS know this appliance's AE title "
+                            f"{self.calling_ae!r} and allow it storage commitment?)") from None
+            status = rsp.Status if rsp.is_valid_response else None
+            verdict = classify_status(status)
+            if verdict.outcome not in (Outcome.SUCCESS, Outcome.WARNING):
+                code = "no valid response" if status is None else f"0x{status:04X}"
+                text = f"the PACS answered {code} ({verdict.meaning}) to the storage commitment request"
+                raise Permanent(text) if verdict.outcome is Outcome.PERMANENT else Retryable(text)
+            deadline = t0 + self.commitment_timeout
+            grace = min(deadline, time.monotonic() + REPORT_GRACE_S) if listening else deadline
+            alive = link.wait(grace, waiter.event)
+            if not waiter.event.is_set():
+                if not listening and not alive:
+                    raise Lost("the connection to the PACS was lost before its storage commitment report")
+                if listening:
+                    link.release()
+                    waiter.event.wait(max(0.0, deadline - time.monotonic()))
+            self._judge(item_id, waiter, len(entries), listening)
+        finally:
+            self._commitments.forget(tuid)
+
+    def _judge(self, item_id: str, waiter: Waiter, n: int, listening: bool) -> None:
+        with waiter.lock:
+            complete = waiter.event.is_set()
+            failed = dict(waiter.failed)
+            committed = len(waiter.committed)
+        if not complete:
+            where = (f"on port {self.commitment_port} or on the association" if listening
+                     else "on the association (no commitment_port is set, and the PACS may "
+                          "send its report on a new association)")
+            raise Retryable(f"no complete storage commitment report within {self.commitment_timeout:g} s: "
+                            f"{committed} of {n} instances confirmed; waited {where}")
+        if failed:
+            detail = ", ".join(
+                f"instance {waiter.expected[uid][0]}: "
+                f"{COMMITMENT_FAILURES.get(reason, f'reason 0x{reason:04X}')}"
+                for uid, reason in sorted(failed.items(), key=lambda kv: waiter.expected[kv[0]][0])[:5])
+            more = f" and {len(failed) - 5} more" if len(failed) > 5 else ""
+            raise Retryable(f"the PACS did not commit {len(failed)} of {n} instances ({detail}{more}); "
+                            "the bundle will be sent again")
+        log.info("dicom.committed", destination=self.name, bundle=item_id, instances=n)
+
+    def _same_association_report(self, event: Any) -> tuple[int, None]:
+        # pynetdicom dispatches an N-EVENT-REPORT on our association in a thread of its
+        # own, whether or not we are waiting for a response.
+        return handle_report(event, self._commitments, self.name, "association")
+
+
+def _to_implicit(part10_explicit: bytes, index: int) -> bytes:
+    """Re-encode an Explicit VR LE instance as Implicit VR LE (for a peer that takes
+    nothing else). pydicom re-encodes the elements; values do not change."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ds = dcmread(BytesIO(part10_explicit), force=True)
+            out = encode(ds, True, True)
+        except Exception as e:
+            raise Permanent(f"instance {index}: cannot be re-encoded as Implicit VR Little Endian "
+                            f"({type(e).__name__})") from None
+    if out is None:
+        raise Permanent(f"instance {index}: cannot be re-encoded as Implicit VR Little Endian")
+    return out
+
+
