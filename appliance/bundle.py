@@ -757,35 +757,135 @@ def iter_instances(src: BinaryIO, private_key: PrivateKey) -> Iterator[tuple[Man
     For a forwarder that keeps plaintext off the disk: holds one instance in memory. `src`
     must be seekable: a first pass verifies the whole bundle before anything is yielded;
     the second pass decrypts again and checks each instance's size and sha256 against the
-    verified manifest before yielding it.
+    verified manifest before yielding it (`VerifiedBundle`, each stream read whole).
     """
-    start = src.tell()
-    first, manifest = _scan_all(src, private_key)
-    src.seek(start)
-    header, plain = _open(src, private_key)
-    if header.raw != first.raw:
-        raise IntegrityError("bundle changed while it was being read")
-    scanner = _Scanner(header)
-    buf = bytearray()
-    entry: ManifestEntry | None = None
-    for kind, piece in scanner.events(plain):
-        if kind == _BEGIN:
-            if scanner.index >= len(manifest.instances):
+    for entry, stream in VerifiedBundle(src, private_key).streams():
+        yield entry, stream.read()
+
+
+class InstanceStream:
+    """One instance of a verified bundle, read piece by piece (the bundle's second pass).
+
+    `read(n)` returns up to `n` bytes (`n` < 0: the rest, returned only once verified). It
+    returns b"" (the end) only after the bytes read matched the verified manifest entry's
+    size and SHA-256, and raises `IntegrityError` instead when they did not (the file
+    changed between the passes: truncated, replaced). The bytes before the end come from
+    chunks that opened, but the *instance* is proven whole and unaltered only at the end:
+    a consumer that streams them onward must hold back its last piece until `read`
+    returned b"" (the dicom transport sends the final P-DATA fragment only then) and
+    otherwise abandon what it passed on.
+    """
+
+    def __init__(self, entry: ManifestEntry, pieces: Iterator[memoryview]) -> None:
+        self.entry = entry
+        self.size = entry.size
+        self._pieces = pieces
+        self._cur = memoryview(b"")
+        self._pos = 0
+        self._seen = 0
+        self._hasher = hashlib.sha256()
+        self._eof = False
+        self._failed: IntegrityError | None = None
+
+    def _pull(self) -> bool:
+        """Load the next piece; False at the (verified) end. Once it raised, it raises
+        again on every call: a failed stream never reports a clean end."""
+        if self._failed is not None:
+            raise IntegrityError(str(self._failed))
+        if self._eof:
+            return False
+        try:
+            return self._next_piece()
+        except IntegrityError as e:
+            self._failed = e
+            self._cur, self._pos = memoryview(b""), 0
+            raise
+
+    def _next_piece(self) -> bool:
+        for piece in self._pieces:
+            if not piece:
+                continue
+            self._seen += len(piece)
+            if self._seen > self.entry.size:
                 raise IntegrityError("bundle changed while it was being read")
-            entry = manifest.instances[scanner.index]
-            buf.clear()
-        elif kind == _DATA:
-            assert entry is not None
-            if len(buf) + len(piece) > entry.size:
-                raise IntegrityError("bundle changed while it was being read")
-            buf += piece
-        else:
-            assert entry is not None
-            data = bytes(buf)
-            buf.clear()
-            if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.sha256:
-                raise IntegrityError("bundle changed while it was being read")
-            yield entry, data
+            self._hasher.update(piece)
+            self._cur, self._pos = piece, 0
+            return True
+        if self._seen != self.entry.size or self._hasher.hexdigest() != self.entry.sha256:
+            raise IntegrityError("bundle changed while it was being read")
+        self._eof = True
+        self._cur, self._pos = memoryview(b""), 0
+        return False
+
+    def read(self, n: int = -1) -> bytes:
+        if n < 0:
+            out = bytearray(self._cur[self._pos :])
+            self._pos = len(self._cur)
+            while self._pull():
+                out += self._cur
+                self._pos = len(self._cur)
+            return bytes(out)
+        if n == 0:
+            return b""
+        if self._pos >= len(self._cur) and not self._pull():
+            return b""
+        piece = self._cur[self._pos : self._pos + n]
+        self._pos += len(piece)
+        return bytes(piece)
+
+    def drain(self) -> None:
+        """Read (and verify) whatever the consumer left."""
+        self._pos = len(self._cur)
+        while self._pull():
+            self._pos = len(self._cur)
+
+
+class VerifiedBundle:
+    """A bundle verified by a full first pass, whose instances are then read again.
+
+    `VerifiedBundle(src, key)` runs every check of `read_manifest` (and raises
+    `IntegrityError` like it); `manifest` is then the verified manifest. `streams()`
+    decrypts the bundle a second time and yields `(entry, InstanceStream)` per instance
+    in order, for a forwarder that must neither put plaintext on disk nor hold a large
+    instance in memory: memory stays at a few bundle chunks. A stream must be used
+    before the next is requested (unread bytes are then read and verified). `src` must be
+    seekable and stay open while the streams are read.
+    """
+
+    def __init__(self, src: BinaryIO, private_key: PrivateKey) -> None:
+        self._src = src
+        self._key = private_key
+        self._start = src.tell()
+        self._header, self.manifest = _scan_all(src, private_key)
+
+    def streams(self) -> Iterator[tuple[ManifestEntry, InstanceStream]]:
+        changed = "bundle changed while it was being read"
+        self._src.seek(self._start)
+        header, plain = _open(self._src, self._key)
+        if header.raw != self._header.raw:
+            raise IntegrityError(changed)
+        scanner = _Scanner(header)
+        events = scanner.events(plain)
+
+        def pieces() -> Iterator[memoryview]:
+            for kind, piece in events:
+                if kind == _DATA:
+                    yield piece
+                elif kind == _END:
+                    return
+                else:
+                    raise IntegrityError(changed)
+
+        instances = self.manifest.instances
+        for kind, _ in events:
+            if kind != _BEGIN or scanner.index >= len(instances):
+                raise IntegrityError(changed)
+            entry = instances[scanner.index]
+            stream = InstanceStream(entry, pieces())
+            yield entry, stream
+            stream.drain()
+        if scanner.index + 1 != len(instances):
+            raise IntegrityError(changed)
 
 
 def extract(src: BinaryIO, private_key: PrivateKey, out_dir: Path) -> Manifest:
