@@ -62,6 +62,8 @@ class Link:
         tls = self.probe.tls_error
         if tls is not None:
             return classify_tls_error(tls)[1]
+        if self.probe.write_timed_out:
+            return f"no answer from the PACS within {self.timeout:g} s (it stopped reading)"
         if a.acse.is_aborted("a-abort"):
             return "the PACS aborted the association"
         dul = a.dul

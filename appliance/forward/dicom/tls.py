@@ -67,6 +67,9 @@ class Probe:
         self.connect_error: OSError | None = None
         self.tls_errors: list[ssl.SSLError] = []
         self.activity = time.monotonic()
+        # A write timed out (the I/O timeout): the peer stopped reading. pynetdicom only
+        # sees a closed connection.
+        self.write_timed_out = False
 
     def note(self, e: OSError) -> None:
         if isinstance(e, ssl.SSLError):
@@ -94,6 +97,14 @@ class _TCPSocket(socket.socket):
         except OSError as e:
             if self.probe is not None:
                 self.probe.note(e)
+            raise
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        try:
+            return super().send(data, flags)
+        except TimeoutError:
+            if self.probe is not None:
+                self.probe.write_timed_out = True
             raise
 
 
@@ -125,6 +136,11 @@ class _RecordingSSLSocket(ssl.SSLSocket):
             return super().send(data, flags)
         except ssl.SSLError as e:
             self._note(e)
+            raise
+        except TimeoutError:
+            probe = getattr(self.context, "probe", None)
+            if isinstance(probe, Probe):
+                probe.write_timed_out = True
             raise
 
 
