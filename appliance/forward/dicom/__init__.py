@@ -3,16 +3,16 @@
 Modules: `status` (the pure status / rejection tables), `contexts` (pure: presentation
 contexts, association groups, Part-10 offsets), `tls` (TLS contexts, error
 classification, sockets that record failures), `link` (one association: requests,
-responses, teardown), `commitment` (Storage Commitment waiters and listener),
+responses, streamed C-STOREs, teardown), `commitment` (Storage Commitment waiters and listener),
 `transport` (`DicomTransport`). This docstring holds the decisions for all of them.
 
-One `send` delivers one bundle: the bundle is verified and decrypted in memory (one
-instance at a time, `bundle.iter_instances`; no plaintext on disk), and its instances are
-sent over one association (several when a bundle needs more than pynetdicom's 128
-presentation contexts; see `plan_groups`). The transport raises `Retryable` or
-`Permanent` (appliance.forward) with a reason for the operator; reasons and log lines
-name instances by their index in the bundle and SOP classes by name, never by UID or any
-other patient data.
+One `send` delivers one bundle: the bundle is verified in a first pass, then decrypted
+again instance by instance (`bundle.VerifiedBundle`; no plaintext on disk; large instances
+streamed, see below), and its instances are sent over one association (several when a
+bundle needs more than pynetdicom's 128 presentation contexts; see `plan_groups`). The
+transport raises `Retryable` or `Permanent` (appliance.forward) with a reason for the
+operator; reasons and log lines name instances by their index in the bundle and SOP
+classes by name, never by UID or any other patient data.
 
 Presentation contexts and transfer syntaxes
 -------------------------------------------
@@ -133,8 +133,29 @@ The report is accepted both ways a PACS may send it:
   ignored. While such a listener exists we keep the association open for up to 2 s for a
   same-association report, then release it and keep waiting on the listener.
 
+Large instances
+---------------
+An instance of at least `transport.STREAM_THRESHOLD` bytes (64 MiB) that the PACS takes in
+its own transfer syntax is never held whole in memory: `Link.store_streamed` reads its
+data set from the bundle's `InstanceStream` as it goes out, and queues P-DATA for the
+DUL thread with at most `link.IN_FLIGHT_BYTES` (4 MiB) waiting, so memory stays at a few
+MiB whatever the instance size. The C-STORE command set is pynetdicom's own encoding
+(`C_STORE_RQ.primitive_to_message`/`encode_msg` without a data set, Command Data Set Type
+set to "present"); the data set fragments are cut and flagged as pynetdicom cuts them
+(peer's maximum PDU length minus 6, at most 256 KiB).
+The stream proves the instance whole only at its end (size and SHA-256 against the
+verified manifest), so the last fragment of the data set is queued only after the stream
+reported that end. If the bundle changed after the first pass, the stream raises
+`IntegrityError` first: the association is aborted with the message unfinished (the PACS
+drops what it got), and the send is `Permanent` ("bundle does not verify"), so the queue
+holds the bundle with that reason. Smaller instances, and any instance that must be
+converted (decompressed, re-encoded Implicit VR), are read whole (verified before a byte
+is sent) and sent with pynetdicom's `send_msg`; converting a large instance therefore
+still costs memory of a few times its size (`codec.decompress` works on whole instances).
+
 Progress: `progress(n)` after each instance, n = the sum of the bundle (manifest) sizes of
-the instances sent so far.
+the instances sent so far; during a streamed instance also every ~4 MiB queued, adding
+the data set bytes of that instance queued so far.
 
 The association's own reactor is paused for as long as we use the association (from
 establishment to release): pynetdicom pauses it per request, which leaves a window after
@@ -142,8 +163,11 @@ each un-pause in which a fast response is taken off the queue and dropped.
 
 This module relies on pynetdicom internals (pinned <3.1 in pyproject.toml):
 `AE._create_socket`, `AssociationSocket._create_socket`, the association's reactor pause
-(`_reactor_checkpoint`, `_is_paused`), `DIMSEServiceProvider.send_msg`/`msg_queue`, and
-the DUL's `state_machine`/`to_provider_queue`. Check them when upgrading.
+(`_reactor_checkpoint`, `_is_paused`), `DIMSEServiceProvider.send_msg`/`msg_queue`/
+`maximum_pdu_size`, the DUL's `state_machine`/`to_provider_queue` (a `queue.Queue` that
+DT-1 takes PDUs from), and `C_STORE_RQ.primitive_to_message`/`encode_msg` (streaming).
+Check them when upgrading; tests/test_forward_dicom_stream.py fails if the streamed
+P-DATA stop matching what pynetdicom itself sends.
 """
 
 from appliance.forward.dicom.contexts import (

@@ -104,7 +104,7 @@ _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b
                        b"UR", b"UT", b"UV"})
 
 
-def dataset_offset(part10: bytes | memoryview) -> int:
+def dataset_offset(part10: bytes | bytearray | memoryview) -> int:
     """Where the data set starts in a Part-10 file (after preamble, DICM and group 2)."""
     n = len(part10)
     if n < 132 or bytes(part10[128:132]) != b"DICM":

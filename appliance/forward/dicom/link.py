@@ -1,6 +1,7 @@
 """One established association and the DIMSE exchanges on it: requests sent and their
 responses awaited while watching the connection (see "Dead peers and slow links" in the
-package docstring), and teardown that cannot hang.
+package docstring), a C-STORE whose data set is streamed from a reader (see "Large
+instances"), and teardown that cannot hang.
 """
 
 from __future__ import annotations
@@ -11,15 +12,70 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.pdu_primitives import P_DATA
 
 from appliance.forward.dicom.tls import Probe, classify_tls_error
 
 log = structlog.get_logger("appliance.forward.dicom")
 
 POLL_S = 0.05
+# A streamed data set: at most this much queued for the DUL thread at a time.
+IN_FLIGHT_BYTES = 4 << 20
+# Largest data set fragment of a streamed C-STORE, also when the peer's maximum PDU
+# length is larger or unlimited (0): a fragment is read whole before it is queued.
+MAX_FRAGMENT = 256 << 10
+# A streamed data set reports progress after about this many bytes.
+PROGRESS_BYTES = 4 << 20
+
+
+class DataSource(Protocol):
+    """A data set to stream: `read(n)` returns up to n bytes; b"" means the data set is
+    complete *and verified*; an exception means it must not be completed."""
+
+    def read(self, n: int, /) -> bytes: ...
+
+
+def command_pdus(primitive: Any, context_id: int, max_pdu: int) -> list[P_DATA]:
+    """The P-DATA primitives of a C-STORE-RQ's command set, encoded by pynetdicom itself,
+    announcing a data set (Command Data Set Type 0x0001) that the caller sends separately.
+    `primitive.DataSet` must be None (pynetdicom then encodes the command set only)."""
+    msg = C_STORE_RQ()
+    msg.primitive_to_message(primitive)
+    msg.command_set.CommandDataSetType = 0x0001  # same length: the group length holds
+    return list(msg.encode_msg(context_id, max_pdu))
+
+
+def data_pdu(context_id: int, fragment: bytes, last: bool) -> P_DATA:
+    """One data set fragment as a P-DATA primitive (message control header 0x00, or 0x02
+    on the last fragment: PS3.8 E.2), as pynetdicom's `encode_msg` makes them."""
+    pdata = P_DATA()
+    pdata.presentation_data_value_list.append((context_id, (b"\x02" if last else b"\x00") + fragment))
+    return pdata
+
+
+def fragment_size(max_pdu: int) -> int:
+    """Data bytes per PDV for the peer's maximum PDU length (as pynetdicom: minus the
+    6 bytes of PDV item header), at most MAX_FRAGMENT."""
+    return min(max_pdu - 6, MAX_FRAGMENT) if max_pdu else MAX_FRAGMENT
+
+
+def _fill(source: DataSource, n: int) -> bytes:
+    """n bytes from `source`, fewer only at its (verified) end, b"" after it."""
+    first = source.read(n)
+    if len(first) >= n or not first:
+        return first
+    parts, got = [first], len(first)
+    while got < n:
+        piece = source.read(n - got)
+        if not piece:
+            break
+        parts.append(piece)
+        got += len(piece)
+    return b"".join(parts)
 
 
 def bounded(fn: Callable[[], object], limit: float) -> bool:
@@ -98,7 +154,56 @@ class Link:
             raise Lost(why)
         self.probe.activity = time.monotonic()
         self.assoc.dimse.send_msg(primitive, context_id)
-        msg_id = primitive.MessageID
+        return self._response(primitive.MessageID)
+
+    def store_streamed(self, primitive: Any, context_id: int, source: DataSource,
+                       progress: Callable[[int], None] | None = None) -> Any:
+        """Send a C-STORE whose data set is read from `source` as it goes out, and wait
+        for the response. At most IN_FLIGHT_BYTES are queued for the DUL thread at a
+        time. The last fragment is queued only after `source.read` returned b"" (the data
+        set is complete and verified); if `source` raises, the exception propagates with
+        the message unfinished, and the caller must abort the association so that the
+        peer drops what it got. `progress(n)` gets the data set bytes queued so far."""
+        if (why := self.lost_reason()) is not None:
+            raise Lost(why)
+        self.probe.activity = time.monotonic()
+        max_pdu = int(self.assoc.dimse.maximum_pdu_size or 0)
+        frag = fragment_size(max_pdu)
+        limit = max(2, IN_FLIGHT_BYTES // frag)
+        for pdata in command_pdus(primitive, context_id, max_pdu):
+            self._enqueue(pdata, limit)
+        pending = _fill(source, frag)
+        if not pending:
+            raise ValueError("a streamed data set cannot be empty")
+        done = reported = 0
+        while next_piece := _fill(source, frag):
+            self._enqueue(data_pdu(context_id, pending, False), limit)
+            done += len(pending)
+            pending = next_piece
+            if progress is not None and done - reported >= PROGRESS_BYTES:
+                progress(done)
+                reported = done
+        # `source` ended normally: the data set is complete and verified.
+        self._enqueue(data_pdu(context_id, pending, True), limit)
+        return self._response(primitive.MessageID)
+
+    def _enqueue(self, pdata: P_DATA, limit: int) -> None:
+        """Queue a PDU for the DUL thread once fewer than `limit` are waiting (its
+        `queue.get` notifies `not_full`); raise Lost if the link dies or stalls meanwhile."""
+        q = self.assoc.dul.to_provider_queue
+        while True:
+            with q.not_full:
+                if len(q.queue) >= limit:
+                    q.not_full.wait(POLL_S)
+                if len(q.queue) < limit:
+                    break
+            if (why := self.lost_reason()) is not None:
+                raise Lost(why)
+            if time.monotonic() - self.probe.activity > self.timeout:
+                raise Lost(f"no answer from the PACS within {self.timeout:g} s")
+        self.assoc.dul.send_pdu(pdata)
+
+    def _response(self, msg_id: int) -> Any:
         while True:
             msg = self._next()
             if msg is None:

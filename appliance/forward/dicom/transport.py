@@ -5,13 +5,14 @@ See the package docstring for every decision.
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import socket
 import ssl
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -30,7 +31,7 @@ from pynetdicom.dimse_primitives import C_STORE, N_ACTION
 from pynetdicom.dsutils import encode
 
 from appliance import codec
-from appliance.bundle import ManifestEntry, PrivateKey, iter_instances, read_manifest
+from appliance.bundle import InstanceStream, ManifestEntry, PrivateKey, VerifiedBundle
 from appliance.config import Destination
 from appliance.errors import ConfigError, IntegrityError
 from appliance.forward import Permanent, Retryable
@@ -68,6 +69,16 @@ from appliance.forward.dicom.tls import (
 )
 
 log = structlog.get_logger("appliance.forward.dicom")
+
+# An instance of at least this many bytes (its size in the bundle) that the PACS takes in
+# its own transfer syntax is streamed from the bundle to the association, never held
+# whole in memory (see "Large instances" in the package docstring). Smaller ones, and
+# those that must be converted, are read whole and sent with pynetdicom's own send_msg.
+STREAM_THRESHOLD = 64 << 20
+# The File Meta Information of a streamed instance is read in pieces of this size and
+# must end within MAX_META bytes.
+META_READ = 64 << 10
+MAX_META = 1 << 20
 
 # --- the transport ----------------------------------------------------------------------
 
@@ -150,17 +161,17 @@ class DicomTransport:
             raise Retryable(f"cannot read the bundle: {err_text(e)}") from None
         with f:
             try:
-                entries = read_manifest(f, self.private_key).instances
-                f.seek(0)
+                verified = VerifiedBundle(f, self.private_key)
             except IntegrityError as e:
                 raise Permanent(f"bundle does not verify: {e}") from None
+            entries = verified.manifest.instances
             if not entries:
                 return
             commitment = self.dest.storage_commitment
             groups = plan_groups([(e.sop_class, e.transfer_syntax) for e in entries], commitment,
                                  limit=MAX_CONTEXTS)
             tls_ctx = self._client_context()
-            instances = iter_instances(f, self.private_key)
+            instances = verified.streams()
             sent = _Sent()
             t0 = time.monotonic()
             try:
@@ -183,7 +194,8 @@ class DicomTransport:
     # --- one association ---
 
     def _send_group(self, item_id: str, group: Group, entries: Sequence[ManifestEntry],
-                    instances: Iterable[tuple[ManifestEntry, bytes]], tls_ctx: ClientContext | None,
+                    instances: Iterator[tuple[ManifestEntry, InstanceStream]],
+                    tls_ctx: ClientContext | None,
                     sent: _Sent, progress: Callable[[int], None],
                     commit_all: Sequence[ManifestEntry] | None) -> None:
         specs = list(group.contexts)
@@ -194,14 +206,17 @@ class DicomTransport:
         try:
             mine = entries[group.start : group.stop]
             choices = [choose_context(link.accepted, e.sop_class, e.transfer_syntax) for e in mine]
-            it = iter(instances)
             for entry, choice in zip(mine, choices, strict=True):
                 where = f" while sending instance {entry.index} of {len(entries)}"
-                got, data = next(it)
+                got, stream = next(instances)
                 if got.index != entry.index:
                     raise IntegrityError("bundle changed while it was being read")
-                payload = self._payload(entry, data, choice, sent)
-                self._store(link, item_id, entry, payload, choice.context_id)
+                if choice.how == "as-is" and entry.size >= STREAM_THRESHOLD:
+                    self._store_streamed(link, item_id, entry, stream, choice.context_id,
+                                         functools.partial(_progress_from, progress, sent.bytes))
+                else:
+                    payload = self._payload(entry, stream.read(), choice, sent)
+                    self._store(link, item_id, entry, payload, choice.context_id)
                 sent.count += 1
                 sent.bytes += entry.size
                 progress(sent.bytes)
@@ -308,16 +323,20 @@ class DicomTransport:
 
     def _store(self, link: Link, item_id: str, entry: ManifestEntry, payload: bytes,
                context_id: int) -> None:
-        req = C_STORE()
-        req.MessageID = link.next_id()
-        req.Priority = 2
-        try:
-            req.AffectedSOPClassUID = entry.sop_class
-            req.AffectedSOPInstanceUID = entry.sop_instance_uid
-        except ValueError:
-            raise Permanent(f"instance {entry.index} has an invalid SOP class or instance UID") from None
+        req = _store_request(link, entry)
         req.DataSet = BytesIO(payload)
-        rsp = link.request(req, context_id)
+        self._judge_store(link.request(req, context_id), item_id, entry)
+
+    def _store_streamed(self, link: Link, item_id: str, entry: ManifestEntry, stream: InstanceStream,
+                        context_id: int, progress: Callable[[int], None]) -> None:
+        """Send the data set of `stream` as it is read from the bundle; its last P-DATA
+        fragment goes out only once the stream has verified the whole instance (an
+        IntegrityError propagates before, and `_send_group` aborts the association)."""
+        source = _DataSet(_read_past_meta(stream, entry.index), stream)
+        rsp = link.store_streamed(_store_request(link, entry), context_id, source, progress)
+        self._judge_store(rsp, item_id, entry)
+
+    def _judge_store(self, rsp: Any, item_id: str, entry: ManifestEntry) -> None:
         status = rsp.Status if rsp.is_valid_response else None
         verdict = classify_status(status)
         if verdict.outcome is Outcome.SUCCESS:
@@ -429,6 +448,60 @@ class DicomTransport:
         # pynetdicom dispatches an N-EVENT-REPORT on our association in a thread of its
         # own, whether or not we are waiting for a response.
         return handle_report(event, self._commitments, self.name, "association")
+
+
+def _progress_from(progress: Callable[[int], None], base: int, n: int) -> None:
+    progress(base + n)
+
+
+def _store_request(link: Link, entry: ManifestEntry) -> C_STORE:
+    req = C_STORE()
+    req.MessageID = link.next_id()
+    req.Priority = 2
+    try:
+        req.AffectedSOPClassUID = entry.sop_class
+        req.AffectedSOPInstanceUID = entry.sop_instance_uid
+    except ValueError:
+        raise Permanent(f"instance {entry.index} has an invalid SOP class or instance UID") from None
+    return req
+
+
+def _read_past_meta(stream: InstanceStream, index: int) -> bytes:
+    """Read `stream` past the preamble and File Meta Information; returns the data set
+    bytes read with them (at least one)."""
+    buf = bytearray()
+    while True:
+        piece = stream.read(META_READ)
+        buf += piece
+        more = bool(piece) and len(buf) < MAX_META
+        try:
+            start = dataset_offset(buf)
+        except ValueError as e:
+            if more and (len(buf) < 132 or "truncated" in str(e)):
+                continue
+            raise Permanent(f"instance {index}: {e}") from None
+        if start < len(buf):
+            return bytes(buf[start:])
+        if not piece:
+            raise Permanent(f"instance {index} has no data set")
+        if not more:
+            raise Permanent(f"instance {index}: the file meta information is longer than {MAX_META} bytes")
+
+
+class _DataSet:
+    """The data set of a streamed instance: the bytes read with the meta, then the rest of
+    the stream. b"" (from the stream) means the instance verified."""
+
+    def __init__(self, head: bytes, rest: InstanceStream) -> None:
+        self._head = memoryview(head)
+        self._rest = rest
+
+    def read(self, n: int, /) -> bytes:
+        if self._head:
+            out = bytes(self._head[:n])
+            self._head = self._head[n:]
+            return out
+        return self._rest.read(n)
 
 
 def _to_implicit(part10_explicit: bytes, index: int) -> bytes:
