@@ -12,7 +12,8 @@ States:
                              |        +--> held (permanent failure, reason shown; a human
                              |                   releases or deletes it)
                              +---- release/retry
-    failed: the bundle file is missing or fails authentication (moved to quarantine).
+    failed: the bundle file is missing, or it failed authentication when it was to be sent
+            (moved to `STATE/quarantine/<id>.bundle.<time>`, kept; reason "quarantined: ...").
 
 `backoff` is pure. The rest is small SQL wrapped in methods that callers (the packer,
 the forwarder, the CLI) share, so that state changes are written in one place.
@@ -160,6 +161,21 @@ class Queue:
             c.execute("UPDATE segments SET state='failed', reason=?, updated=? WHERE id=?",
                       (reason, time.time(), item_id))
 
+    def quarantine(self, item_id: str, reason: str) -> Path:
+        """The bundle fails authentication: move its file to quarantine (kept for a human,
+        never deleted) and mark the item failed with the reason. Returns the new path."""
+        self.path(item_id)  # checks the id
+        kept = self._to_quarantine(item_id)
+        self.fail(item_id, f"quarantined: {reason}")
+        return kept
+
+    def _to_quarantine(self, name: str) -> Path:
+        dst = self.quarantine_dir / f"{name}.bundle.{int(time.time())}"
+        (self.dir / f"{name}.bundle").rename(dst)
+        durable.fsync_dir(self.quarantine_dir)
+        durable.fsync_dir(self.dir)
+        return dst
+
     # --- housekeeping ---
 
     def recover(self) -> dict[str, int]:
@@ -178,12 +194,8 @@ class Queue:
                 counts["missing"] += 1
         known = {r["id"] for r in self.index.query("SELECT id FROM segments")}
         for name in sorted(on_disk - known):
-            src = self.dir / f"{name}.bundle"
-            src.rename(self.quarantine_dir / f"{name}.bundle.{int(time.time())}")
+            self._to_quarantine(name)
             counts["orphans"] += 1
-        if counts["orphans"]:
-            durable.fsync_dir(self.quarantine_dir)
-            durable.fsync_dir(self.dir)
         return counts
 
     def expire_delivered(self, keep_s: float, now: float) -> int:

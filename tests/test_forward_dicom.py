@@ -41,6 +41,8 @@ from pydicom.uid import (
 from appliance import codec
 from appliance.bundle import BundleWriter, InstanceInfo
 from appliance.config import Destination, TLSClient
+from appliance.config import Queue as QueueConfig
+from appliance.db import open_index
 from appliance.errors import ConfigError
 from appliance.forward import Permanent, Retryable, dicom
 from appliance.forward.dicom import (
@@ -53,6 +55,8 @@ from appliance.forward.dicom import (
     dataset_offset,
     plan_groups,
 )
+from appliance.forward.scheduler import Forwarder
+from appliance.queue import Queue
 from tests.orthanc import Modality, Orthanc, OrthancTLS
 from tests.peers import SAMPLES, free_port
 
@@ -403,6 +407,38 @@ def test_a_refused_sop_class_is_permanent_and_nothing_is_sent(
     with pytest.raises(Permanent, match="Photoacoustic Image Storage"):
         t.send("alone", alone, Progress())
     assert pacs.count() == 0
+
+
+@pytest.mark.peers
+def test_a_bundle_that_does_not_verify_goes_to_quarantine_and_the_queue_moves_on(
+        tmp_path: Path, pacs_factory: Callable[..., Orthanc], transports: list[DicomTransport]) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    q = Queue(state, open_index(state))
+    good, bad = ct_slices(2)
+    for item_id, raw, created in (("bad1", bad, 1.0), ("good1", good, 2.0)):
+        make_bundle(q.path(item_id), [raw], item_id)
+        with q.index.tx() as c:
+            c.execute("INSERT INTO segments(id, study_key, state, priority, created, updated,"
+                      " instances, bytes) VALUES (?,?,?,?,?,?,1,?)",
+                      (item_id, "k" * 16, "ready", 0, created, created, len(raw)))
+    tampered = bytearray(q.path("bad1").read_bytes())
+    tampered[len(tampered) // 2] ^= 0x01  # one bit of the payload
+    q.path("bad1").write_bytes(bytes(tampered))
+    pacs = pacs_factory()
+    fwd = Forwarder(q, [transport(transports, destination(pacs.dicom_port))], QueueConfig())
+
+    assert fwd.run_once() and fwd.run_once()  # the older, bad one first; then the good one
+
+    item = q.get("bad1")
+    assert item.state == "failed" and item.reason is not None
+    assert item.reason.startswith("quarantined: bundle does not verify")
+    assert not q.path("bad1").exists()
+    kept = list(q.quarantine_dir.glob("bad1.bundle.*"))
+    assert [p.read_bytes() for p in kept] == [bytes(tampered)]  # kept as it was, for a human
+    assert q.get("good1").state == "delivered"
+    assert pacs.count() == 1 and pacs.find_instance(uid_of(good)) is not None
+    assert fwd.run_once() is False  # nothing retries the quarantined one
 
 
 @pytest.mark.peers

@@ -117,3 +117,17 @@ def test_delivered_bundles_expire_after_the_keep_period(tmp_path: Path) -> None:
     assert not q.path("gg01").exists()
     with pytest.raises(NotFoundError):
         q.get("gg01")
+
+
+def test_quarantine_keeps_the_file_and_fails_the_item(tmp_path: Path) -> None:
+    q = _queue(tmp_path)
+    _add(q, "hh01", state="active")
+    kept = q.quarantine("hh01", "bundle does not verify: tag mismatch")
+    assert kept.parent == q.quarantine_dir and kept.read_bytes() == b"bundle"
+    assert not q.path("hh01").exists()
+    item = q.get("hh01")
+    assert (item.state, item.reason) == ("failed", "quarantined: bundle does not verify: tag mismatch")
+    assert q.next_due(time.time() + 10**6) is None
+    with pytest.raises(NotFoundError):
+        q.quarantine("../hh01", "x")  # ids from anywhere never become paths
+    assert q.recover()["orphans"] == 0  # quarantined files are not orphans of bundles/

@@ -3,8 +3,10 @@
 Order: highest priority first (stat before routine), then oldest. One bundle at a time
 per destination. Each attempt is: `activate` (ready/deferred -> active), `send`, then
 `delivered`, `defer` (Retryable: back off with jitter between queue.retry_min_s and
-retry_max_s) or `hold` (Permanent: the reason is shown in `appliance queue list` until a
-human releases or deletes it). An unexpected exception in a transport is treated as
+retry_max_s), `hold` (Permanent: the reason is shown in `appliance queue list` until a
+human releases or deletes it) or `quarantine` (Unreadable: the bundle file fails
+authentication; it is moved to `STATE/quarantine/`, never deleted, and the item is
+`failed` with the reason). An unexpected exception in a transport is treated as
 retryable and logged with its type, so a bug cannot wedge the queue on one bundle.
 
 Destinations: for now every bundle goes to the first destination; failover across the
@@ -20,7 +22,7 @@ from collections.abc import Callable, Sequence
 import structlog
 
 from appliance.config import Queue as QueueConfig
-from appliance.forward import Permanent, Retryable, Transport
+from appliance.forward import Permanent, Retryable, Transport, Unreadable
 from appliance.queue import Queue, backoff
 
 log = structlog.get_logger("appliance.forward")
@@ -49,6 +51,11 @@ class Forwarder:
         t0 = time.monotonic()
         try:
             dest.send(item.id, self.queue.path(item.id), self._progress(item.id))
+        except Unreadable as e:
+            kept = self.queue.quarantine(item.id, str(e))
+            self.last_error[dest.name] = str(e)
+            log.error("bundle.quarantined", bundle=item.id, destination=dest.name, reason=str(e),
+                      file=kept.name)
         except Permanent as e:
             self.queue.hold(item.id, str(e))
             self.last_error[dest.name] = str(e)

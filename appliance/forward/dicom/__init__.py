@@ -147,8 +147,8 @@ The stream proves the instance whole only at its end (size and SHA-256 against t
 verified manifest), so the last fragment of the data set is queued only after the stream
 reported that end. If the bundle changed after the first pass, the stream raises
 `IntegrityError` first: the association is aborted with the message unfinished (the PACS
-drops what it got), and the send is `Permanent` ("bundle does not verify"), so the queue
-holds the bundle with that reason. Smaller instances, and any instance that must be
+drops what it got), and the send is `Unreadable` ("bundle does not verify"), so the
+scheduler moves the bundle to quarantine. Smaller instances, and any instance that must be
 converted (decompressed, re-encoded Implicit VR), are read whole (verified before a byte
 is sent) and sent with pynetdicom's `send_msg`; converting a large instance therefore
 still costs memory of a few times its size (`codec.decompress` works on whole instances).

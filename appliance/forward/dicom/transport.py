@@ -34,7 +34,7 @@ from appliance import codec
 from appliance.bundle import InstanceStream, ManifestEntry, PrivateKey, VerifiedBundle
 from appliance.config import Destination
 from appliance.errors import ConfigError, IntegrityError
-from appliance.forward import Permanent, Retryable
+from appliance.forward import Permanent, Retryable, Unreadable
 from appliance.forward.dicom.commitment import (
     REPORT_GRACE_S,
     CommitmentListener,
@@ -163,7 +163,7 @@ class DicomTransport:
             try:
                 verified = VerifiedBundle(f, self.private_key)
             except IntegrityError as e:
-                raise Permanent(f"bundle does not verify: {e}") from None
+                raise Unreadable(f"bundle does not verify: {e}") from None
             entries = verified.manifest.instances
             if not entries:
                 return
@@ -180,7 +180,7 @@ class DicomTransport:
                     self._send_group(item_id, group, entries, instances, tls_ctx, sent, progress,
                                      commit_all=entries if (commitment and last) else None)
             except IntegrityError as e:
-                raise Permanent(f"bundle does not verify: {e}") from None
+                raise Unreadable(f"bundle does not verify: {e}") from None
         log.info("dicom.sent", destination=self.name, bundle=item_id, instances=sent.count,
                  bytes=sent.bytes, associations=len(groups), committed=commitment,
                  converted=sent.converted or None, seconds=round(time.monotonic() - t0, 3))
