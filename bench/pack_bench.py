@@ -23,10 +23,15 @@ What it does (see docs/benchmarks.md, sections "Pack", "Compression ratio", "Mem
    the RSS of the daemon and of its codec worker processes is sampled from /proc over
    time, and peak = sum of VmHWM. Then a tracemalloc breakdown of the copies on a
    smaller instance of the same kind, in this process. Skipped with --skip-memory; with
-   --quick it runs only when --memory is given.
+   --quick it runs only when --memory is given. With --memory-dest orthanc the daemon
+   forwards the bundle over DICOM to an Orthanc the bench starts (plain TCP on loopback),
+   and the run ends when Orthanc has stored the instance and the daemon logged
+   bundle.delivered: the whole path, receive -> pack -> forward (Orthanc's own memory is
+   not counted).
 
 Usage: .venv/bin/python bench/pack_bench.py [--runs 3] [--slices 300] [--quick [--memory]]
                                             [--skip-memory] [--parts throughput,ratio,memory]
+                                            [--memory-dest directory|orthanc]
 Results: markdown tables on stdout and JSON in bench/results/ (git-ignored).
 """
 
@@ -67,6 +72,7 @@ for _p in (REPO, REPO / "bench"):
 
 import receive_bench as rb  # noqa: E402  (the phantom, /proc helpers, machine info)
 
+from tests.orthanc import Modality, Orthanc  # noqa: E402
 from tests.peers import SAMPLES, Appliance, base_config, dcmtk_env, free_port  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
@@ -472,7 +478,7 @@ class Sampler(threading.Thread):
                 with contextlib.suppress(ValueError):
                     ev = json.loads(line).get("event", "")
                     if ev in ("instance.stored", "instance.refused", "segment.sealed", "segment.packed",
-                              "bundle.delivered", "pack.verify_failed") or "error" in ev:
+                              "dicom.sent", "bundle.delivered", "pack.verify_failed") or "error" in ev:
                         self.events.append((t, ev))
 
     def mark(self, what: str) -> None:
@@ -507,7 +513,17 @@ class Sampler(threading.Thread):
 
 
 def memory_daemon(work: Path, frames: int, codec: str, log: Callable[[str], None],
-                  timeout_s: float = 3600) -> dict[str, Any]:
+                  timeout_s: float = 3600, dest: str = "directory") -> dict[str, Any]:
+    if dest == "orthanc":
+        edge = free_port()
+        with Orthanc(work / "pacs", max_pdu=rb.PDU,
+                     modalities={"edge": Modality("EDGE", "127.0.0.1", edge)}) as pacs:
+            return _memory_daemon(work, frames, codec, log, timeout_s, pacs, edge)
+    return _memory_daemon(work, frames, codec, log, timeout_s, None, free_port())
+
+
+def _memory_daemon(work: Path, frames: int, codec: str, log: Callable[[str], None],
+                   timeout_s: float, pacs: Orthanc | None, port: int) -> dict[str, Any]:
     from appliance import bundle, crypto
 
     inst = work / "mf" / "MF0001.dcm"
@@ -515,12 +531,15 @@ def memory_daemon(work: Path, frames: int, codec: str, log: Callable[[str], None
     size = write_multiframe(inst, frames)
     log(f"memory: wrote {size / MiB:.0f} MiB ({frames} frames) in {time.perf_counter() - t:.0f} s")
     root = work / "m"
-    port = free_port()
     cfg = base_config(root, port)
     cfg["pack"] = {"codec": codec, "verify": True, "study_quiet_s": 1.0}
+    if pacs is not None:
+        cfg["destinations"] = [{"name": "pacs", "transport": "dicom", "host": "127.0.0.1",
+                                "port": pacs.dicom_port, "ae_title": "ORTHANC", "plaintext": True}]
     app = Appliance(root, cfg)
     (root / "outbox").mkdir()
-    result: dict[str, Any] = {"instance_bytes": size, "frames": frames, "codec": codec, "verify": True,
+    result: dict[str, Any] = {"destination": "orthanc (DICOM, plain TCP)" if pacs else "directory",
+                              "instance_bytes": size, "frames": frames, "codec": codec, "verify": True,
                               "sop_class": "Multi-frame Grayscale Word Secondary Capture Image Storage"}
     sampler: Sampler | None = None
     outcome = "ok"
@@ -550,7 +569,13 @@ def memory_daemon(work: Path, frames: int, codec: str, log: Callable[[str], None
             if sampler.min_available_kib < 1536 * 1024:
                 outcome = "aborted: the machine's MemAvailable fell under 1.5 GiB"
                 break
-            found = [p for p in outbox.glob("*.bundle") if not p.name.startswith(".")]
+            if pacs is None:
+                found = [p for p in outbox.glob("*.bundle") if not p.name.startswith(".")]
+            else:  # the bundle stays in the queue's folder for the keep period
+                found = list((app.state_dir / "bundles").glob("*.bundle"))
+                if not (found and sampler.event_time("bundle.delivered") is not None
+                        and pacs.count() >= 1):
+                    found = []
             if found:
                 bundle_path = found[0]
                 break
@@ -561,6 +586,10 @@ def memory_daemon(work: Path, frames: int, codec: str, log: Callable[[str], None
         time.sleep(1.0)  # a last sample or two after the bundle landed
         sampler.sample()
         result["end_to_end_s"] = round(time.perf_counter() - t0, 1)
+        if pacs is not None and bundle_path is not None:
+            stored = pacs.instance_file(pacs.instances()[0])
+            result["pacs_stored_bytes"] = len(stored)
+            del stored
         per_role = {r: rb_ for r, rb_ in sampler.hwm.items()}
         result["peak_rss_sum_vmhwm_mib"] = round(sum(per_role.values()) / 1024, 1)
         result["peak_rss_by_process_mib"] = {k: round(v / 1024, 1) for k, v in sorted(per_role.items())}
@@ -694,7 +723,8 @@ def breakdown(work: Path, frames: int, codec: str, log: Callable[[str], None]) -
 def memory_table(m: dict[str, Any]) -> str:
     size_mib = m["instance_bytes"] / MiB
     out = [f"Instance: {m['sop_class']}, {m['frames']} frames 512x512x16-bit, {size_mib:.0f} MiB; "
-           f"codec {m['codec']}, verify on; outcome: **{m['outcome']}**", "",
+           f"codec {m['codec']}, verify on; destination {m.get('destination', 'directory')}; "
+           f"outcome: **{m['outcome']}**", "",
            "| process | peak RSS (VmHWM) MiB | x instance |", "|---|---:|---:|"]
     for k, v in m.get("peak_rss_by_process_mib", {}).items():
         out.append(f"| {k} | {v} | {v / size_mib:.2f} |")
@@ -713,7 +743,8 @@ def memory_table(m: dict[str, Any]) -> str:
     if "send_s" in m:
         extra.append(f"storescu {m['send_s']} s")
     if "end_to_end_s" in m:
-        extra.append(f"storescu start to bundle in outbox {m['end_to_end_s']} s")
+        where = "outbox" if m.get("destination", "directory") == "directory" else "Orthanc (delivered)"
+        extra.append(f"storescu start to bundle in {where} {m['end_to_end_s']} s")
     if "ratio" in m:
         extra.append(f"bundle {m['bundle_bytes'] / MiB:.0f} MiB (ratio {m['ratio']})")
     if extra:
@@ -777,6 +808,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory-frames", type=int, default=2048,
                     help="frames of the big instance (512 KiB each; 2048 = 1 GiB)")
     ap.add_argument("--memory-codec", default="jpeg2000", choices=CODEC_NAMES)
+    ap.add_argument("--memory-dest", default="directory", choices=("directory", "orthanc"),
+                    help="where the daemon delivers the big instance's bundle (orthanc: over DICOM)")
     ap.add_argument("--breakdown-frames", type=int, default=256,
                     help="frames of the instance for the tracemalloc breakdown (0: skip it)")
     ap.add_argument("--workdir", type=Path, default=None, help="where temp files go (default: system temp)")
@@ -857,7 +890,7 @@ def main(argv: list[str] | None = None) -> int:
             pool.close()
             pool = None
         if "memory" in parts:
-            m = memory_daemon(work, args.memory_frames, args.memory_codec, log)
+            m = memory_daemon(work, args.memory_frames, args.memory_codec, log, dest=args.memory_dest)
             result["memory"] = m
             print("\n## Memory: one big multi-frame instance through the daemon\n")
             print(memory_table(m))
