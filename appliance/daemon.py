@@ -55,13 +55,13 @@ IDLE_POLL_S = 0.5
 
 
 def build_transport(dest: Destination, cfg: Config) -> Transport:
+    key = crypto.load_private_key(cfg.encryption.appliance_key)
     if dest.transport == "directory":
         assert dest.path is not None
-        return DirectoryTransport(dest.name, dest.path)
+        return DirectoryTransport(dest.name, dest.path, key)
     if dest.transport == "dicom":
         from appliance.forward.dicom import DicomTransport
 
-        key = crypto.load_private_key(cfg.encryption.appliance_key)
         return DicomTransport(dest, key, local_ae_title=cfg.receive.ae_title)
     raise ConfigError([f"{cfg.sources[0] if cfg.sources else 'config'}: destinations: transport "
                        f"{dest.transport!r} ({dest.name}) is not available in this version"])

@@ -126,3 +126,25 @@ def test_queue_commands_refuse_unknown_ids(appliance_factory: Callable[..., Appl
     assert r.returncode == 64
 
 
+
+
+def test_a_bundle_altered_on_disk_goes_to_quarantine_not_to_the_destination(
+        appliance_factory: Callable[..., Appliance], samples: Path, tmp_path: Path) -> None:
+    root = tmp_path / "e"
+    cfg = _cfg(root)
+    cfg["destinations"][0]["path"] = str(tmp_path / "nas")  # not there yet: the bundle waits
+    app = appliance_factory(cfg, root=root)
+    files = sorted((samples / "series" / "MR_Philips_abdomen_11sl").iterdir())[:2]
+    assert storescu(app.port, files).returncode == 0
+    item = wait_for(lambda: [r for r in _queue(app) if r["state"] == "deferred"], what="deferred")[0]
+    path = app.state_dir / "bundles" / f"{item['id']}.bundle"
+    altered = bytearray(path.read_bytes())
+    altered[len(altered) // 2] ^= 0x40  # one bit, as a failing disk would
+    path.write_bytes(bytes(altered))
+    (tmp_path / "nas").mkdir()
+    row = wait_for(lambda: [r for r in _queue(app) if r["state"] == "failed"], what="failed")[0]
+    assert row["reason"].startswith("quarantined: bundle does not verify")
+    assert not list((tmp_path / "nas").iterdir())  # not delivered, no temp left behind
+    kept = list((app.state_dir / "quarantine").glob(f"{item['id']}.bundle.*"))
+    assert [p.read_bytes() for p in kept] == [bytes(altered)]  # kept as it was
+    assert "bundle.quarantined" in app.log_text()

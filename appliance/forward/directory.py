@@ -5,6 +5,12 @@ folder fsynced, so a reader of the folder (an rsync job, a NAS sync) never sees 
 partial bundle. The folder must exist: if it does not (a NAS not mounted), writing into
 the empty mount point would fill the local disk, so that is a retryable failure that
 says so. The bundle stays encrypted: whoever reads the folder needs a recipient key.
+
+With the appliance's private key (the daemon always gives it), the bundle is verified
+in the same pass that copies it (every chunk, the record grammar, the manifest against
+each instance): a bundle that fails authentication never counts as delivered; the
+copy is dropped and `Unreadable` sends the file to quarantine, as the dicom transport
+does.
 """
 
 from __future__ import annotations
@@ -12,17 +18,38 @@ from __future__ import annotations
 import errno
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
+from appliance import bundle as bundle_format
 from appliance import durable
-from appliance.forward import Permanent, Retryable
+from appliance.bundle import PrivateKey
+from appliance.errors import IntegrityError
+from appliance.forward import Permanent, Retryable, Unreadable
 
 _CHUNK = 1 << 20
 
 
+class _Copying:
+    """A reader that writes what it reads to `dst` and reports the count."""
+
+    def __init__(self, src: BinaryIO, dst: BinaryIO, progress: Callable[[int], None]) -> None:
+        self._src, self._dst, self._progress = src, dst, progress
+        self.done = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._src.read(n)
+        if data:
+            self._dst.write(data)
+            self.done += len(data)
+            self._progress(self.done)
+        return data
+
+
 class DirectoryTransport:
-    def __init__(self, name: str, path: Path) -> None:
+    def __init__(self, name: str, path: Path, private_key: PrivateKey | None = None) -> None:
         self.name = name
         self.path = path
+        self.private_key = private_key
 
     def send(self, item_id: str, bundle: Path, progress: Callable[[int], None]) -> None:
         if not self.path.is_dir():
@@ -30,11 +57,13 @@ class DirectoryTransport:
         target = self.path / bundle.name
         try:
             with bundle.open("rb") as src, durable.atomic_file(target, mode=0o600) as dst:
-                done = 0
-                while chunk := src.read(_CHUNK):
-                    dst.write(chunk)
-                    done += len(chunk)
-                    progress(done)
+                copying = _Copying(src, dst, progress)
+                if self.private_key is not None:
+                    bundle_format.read_manifest(copying, self.private_key)  # type: ignore[arg-type]
+                while copying.read(_CHUNK):
+                    pass
+        except IntegrityError as e:
+            raise Unreadable(f"bundle does not verify: {e}") from None
         except FileNotFoundError:
             raise Permanent("bundle file vanished from the queue") from None
         except OSError as e:
