@@ -121,6 +121,11 @@ class _Plan:
     options: dict[str, Any]
     frames: int
     cap: int  # most encoded bytes one frame may take
+    guessed: bool = False  # multi-frame without an offset table: one fragment per frame assumed
+
+    def failed(self, what: str) -> str:
+        return what + ("; without an offset table each fragment was taken as a frame"
+                       if self.guessed else "")
 
 
 def _start(inp: stream_pack._Input) -> Conversion:
@@ -169,10 +174,11 @@ def _start(inp: stream_pack._Input) -> Conversion:
     bot = _basic_offsets(inp)
     if bot and eot is None and len(bot) != frames:
         raise _Fallback("Basic Offset Table entries are not one per frame")
-    plan = _Plan(decoder, opts, frames, 2 * frame_size + (1 << 20))
+    plan = _Plan(decoder, opts, frames, 2 * frame_size + (1 << 20),
+                 guessed=frames > 1 and not bot and eot is None)
     encoded = _frames(inp, plan, bot, eot)
 
-    first, props = _decode(plan, _next_frame(encoded, 0))
+    first, props = _decode(plan, _next_frame(encoded, 0), 0)
     total = len(first) * frames
     if total >= _MAX_PIXEL_LENGTH:
         raise CodecError("the decoded pixel data would be longer than 4 GiB")
@@ -300,15 +306,16 @@ def _next_frame(encoded: Iterator[bytes], index: int) -> bytes:
         raise _Pass(f"fewer frames than Number of Frames ({index} found)") from None
 
 
-def _decode(plan: _Plan, frame: bytes) -> tuple[bytes, dict[str, Any]]:
-    """One frame decoded as `decompress` decodes it within the whole dataset."""
+def _decode(plan: _Plan, frame: bytes, index: int) -> tuple[bytes, dict[str, Any]]:
+    """Frame `index` decoded as `decompress` decodes it within the whole dataset."""
     src = struct.pack("<LLLL", _ITEM, 0, _ITEM, len(frame)) + frame
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             arr, props = next(plan.decoder.iter_array(src, as_rgb=False, **plan.options))
     except Exception as e:
-        raise CodecError(f"decode-error: {type(e).__name__}") from None
+        raise CodecError(plan.failed(f"decode-error: frame {index + 1} of {plan.frames} does not "
+                                     f"decode ({type(e).__name__})")) from None
     return arr.tobytes(), dict(props)
 
 
@@ -346,9 +353,9 @@ class Conversion:
         size = len(first)
         del first
         for index in range(1, plan.frames):
-            frame, got = _decode(plan, _next_frame(encoded, index))
+            frame, got = _decode(plan, _next_frame(encoded, index), index)
             if len(frame) != size:
-                raise _Pass(f"frame {index + 1} decodes to {len(frame)} bytes, not {size}")
+                raise _Pass(plan.failed(f"frame {index + 1} decodes to {len(frame)} bytes, not {size}"))
             if got != props:
                 raise _Pass(f"frame {index + 1} decodes with other pixel properties than the first")
             yield frame
