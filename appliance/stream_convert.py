@@ -46,9 +46,11 @@ that the fragments were not one per frame.
   `CodecError` from `read`, before the end: the caller must then abandon what it sent
   (the transport aborts the association, so the PACS stores nothing).
 
-Only one decoding plugin is installed per syntax (pylibjpeg/OpenJPEG for JPEG 2000,
-pyjpegls/CharLS for JPEG-LS, pydicom's RLE): pydicom's whole-dataset decode sticks to the
-plugin that decoded the first frame, and so does this path (`decoding_plugin`).
+Each frame is decoded by a decoder run of its own, which tries the installed plugins in
+order; pydicom's whole-dataset decode sticks to the plugin that decoded the first frame.
+The two agree because only one plugin is installed per syntax (pylibjpeg/OpenJPEG for
+JPEG 2000, pyjpegls/CharLS for JPEG-LS, pydicom's own RLE); installing a second one
+(e.g. gdcm) would call for pinning `decoding_plugin`.
 """
 
 from __future__ import annotations
