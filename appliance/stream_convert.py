@@ -27,8 +27,10 @@ against its offset and length), the Basic Offset Table when it has one entry per
 (pydicom's own assignment of fragments to frames by offset), all fragments for a
 single-frame instance, and one fragment per frame for a multi-frame instance without an
 offset table (what the appliance's own JPEG 2000 / JPEG-LS output is when an offset
-would not fit in 32 bits). In that last case only the end of the Pixel Data can show
-that the fragments were not one per frame.
+would not fit in 32 bits). In that last case the first fragment must end with an
+end-of-image marker and decode alone, else the whole path takes the instance (it groups
+fragments by those markers, as pydicom does); a later frame split across fragments shows
+only as it is read.
 
 `open_conversion(read)` reads up to the end of the first frame and decides:
 
@@ -63,7 +65,7 @@ from typing import Any
 
 from pydicom.pixels.decoders.base import Decoder, get_decoder
 from pydicom.pixels.utils import as_pixel_options
-from pydicom.uid import UID
+from pydicom.uid import UID, RLELossless
 
 from appliance import codec, stream_pack
 from appliance.codec import CodecError, _Pass
@@ -72,6 +74,7 @@ PIECE = stream_pack.PIECE
 _PIXEL_VALUE_HEADER = 12  # tag, VR, reserved, 32-bit length
 _ITEM = 0xE000FFFE  # (FFFE,E000) read as one little-endian 32-bit word
 _SEQ_DELIM = 0xE0DDFFFE
+_EOI = b"\xff\xd9"  # end of a JPEG, JPEG-LS or JPEG 2000 codestream
 _KEYWORDS = ("PhotometricInterpretation", "PlanarConfiguration", "NumberOfFrames")
 _MAX_PIXEL_LENGTH = 2**32 - 1  # pydicom's limit for the decoded value
 
@@ -180,7 +183,20 @@ def _start(inp: stream_pack._Input) -> Conversion:
                  guessed=frames > 1 and not bot and eot is None)
     encoded = _frames(inp, plan, bot, eot)
 
-    first, props = _decode(plan, _next_frame(encoded, 0), 0)
+    frame = _next_frame(encoded, 0)
+    if plan.guessed:
+        # Without an offset table a frame may span several fragments; pydicom's whole
+        # path groups them by their end-of-image marker. Unless the first fragment is
+        # one whole frame, that path takes the instance (nothing has been sent yet).
+        if ts != RLELossless and not frame.rstrip(b"\x00").endswith(_EOI):
+            raise _Fallback("no offset table, and the first fragment is not a whole frame")
+        try:
+            first, props = _decode(plan, frame, 0)
+        except CodecError:
+            raise _Fallback("no offset table, and the first fragment does not decode alone") from None
+    else:
+        first, props = _decode(plan, frame, 0)
+    del frame
     total = len(first) * frames
     if total >= _MAX_PIXEL_LENGTH:
         raise CodecError("the decoded pixel data would be longer than 4 GiB")
