@@ -52,7 +52,7 @@ from tests.test_forward_dicom import (  # noqa: F401 - pacs_factory, transports:
     uid_of,
 )
 from tests.test_intake import MF_SC, write_multiframe
-from tests.test_stream_convert import reencapsulate, write_j2k_multiframe
+from tests.test_stream_convert import reencapsulate, split_frame, write_j2k_multiframe
 from tests.test_stream_pack import multiframe
 
 MiB = 1 << 20
@@ -316,22 +316,44 @@ def _j2k_frames(frames: int, change: Callable[[list[bytes]], bytes]) -> bytes:
 
 
 @pytest.mark.peers
-@pytest.mark.parametrize("layout", ["two-fragments-per-frame", "corrupt-frame"])
+def test_frames_split_across_fragments_without_an_offset_table_go_the_whole_way(
+        tmp_path: Path, pacs_factory: Callable[..., Orthanc], transports: list[Any],  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """No offset table and the first frame in two fragments: the streamed conversion
+    cannot map fragments to frames up front, so before a byte is sent the instance goes
+    the whole way (which groups fragments by end-of-image markers), is delivered, and the
+    log says so."""
+    monkeypatch.setattr(transport_mod, "STREAM_THRESHOLD", 0)
+    raw = _j2k_frames(8, lambda f: encapsulate(f, fragments_per_frame=2, has_bot=False))
+    b = make_bundle(tmp_path / "b.bundle", [raw])
+    pacs = pacs_factory(extra={"Jpeg2000TransferSyntaxAccepted": False})
+    with capture_logs() as logs:
+        transport(transports, destination(pacs.dicom_port)).send("split", b, Progress())
+    assert [e["reason"] for e in logs if e["event"] == "dicom.convert_whole"] == [
+        "no offset table, and the first fragment is not a whole frame"]
+    oid = pacs.find_instance(uid_of(raw))
+    assert oid is not None and stored_ts(pacs, oid) == ExplicitVRLittleEndian
+    stored, want = pacs.instance_file(oid), codec.decompress(raw)
+    assert stored[dataset_offset(stored):] == want[dataset_offset(want):]
+
+
+@pytest.mark.peers
+@pytest.mark.parametrize("layout", ["later-frame-split", "corrupt-frame"])
 def test_an_instance_that_cannot_be_converted_midway_is_aborted_and_not_stored(
         tmp_path: Path, pacs_factory: Callable[..., Orthanc], transports: list[Any],  # noqa: F811
         monkeypatch: pytest.MonkeyPatch, layout: str) -> None:
     """In a bundle that authenticates, a multi-frame JPEG 2000 instance whose fragments
-    cannot be mapped to frames (no offset table, two fragments per frame), or whose 30th
-    frame is not a codestream at all: the send is Permanent with the instance's index and
-    the reason, the last P-DATA fragment never goes out, and Orthanc stores nothing."""
+    turn out midway not to be one per frame (no offset table, the 30th frame in two
+    fragments), or whose 30th frame is not a codestream at all: the send is Permanent with
+    the instance's index and the reason, the last P-DATA fragment never goes out, and
+    Orthanc stores nothing."""
     monkeypatch.setattr(transport_mod, "STREAM_THRESHOLD", 0)
 
     def corrupt(frames: list[bytes]) -> bytes:
         frames[29] = b"\x00" * len(frames[29])
         return encapsulate(frames, has_bot=True)
 
-    change = {"two-fragments-per-frame": lambda f: encapsulate(f, fragments_per_frame=2, has_bot=False),
-              "corrupt-frame": corrupt}[layout]
+    change = {"later-frame-split": split_frame(29), "corrupt-frame": corrupt}[layout]
     raw = _j2k_frames(40, change)
     b = make_bundle(tmp_path / "b.bundle", [raw])
     flags: list[bool] = []
@@ -345,10 +367,9 @@ def test_an_instance_that_cannot_be_converted_midway_is_aborted_and_not_stored(
     print(f"\n{layout}: {e.value}")
     assert uid_of(raw) not in str(e.value)
     assert not any(flags), "the last fragment went out"
-    if layout == "corrupt-frame":
-        assert "cannot be converted for this PACS: decode-error" in str(e.value)
-        assert len(flags) > 100  # 29 frames went out before
-        assert "abort" in pacs.log_text().lower()
+    assert "cannot be converted for this PACS" in str(e.value)
+    assert len(flags) > 100  # 29 frames went out before
+    assert "abort" in pacs.log_text().lower()
     assert pacs.count() == 0
 
 

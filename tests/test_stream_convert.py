@@ -90,6 +90,18 @@ def reencapsulate(raw: bytes, change: Callable[[list[bytes]], bytes]) -> bytes:
     return out.getvalue()
 
 
+def split_frame(index: int) -> Callable[[list[bytes]], bytes]:
+    """For `reencapsulate`: Pixel Data without an offset table, frame `index` in two
+    fragments, every other frame in one."""
+    def change(frames: list[bytes]) -> bytes:
+        f = frames[index]
+        half = (len(f) // 2) & ~1
+        parts = [*frames[:index], f[:half], f[half:], *frames[index + 1:]]
+        return b"".join([struct.pack("<HHL", 0xFFFE, 0xE000, 0)]
+                        + [struct.pack("<HHL", 0xFFFE, 0xE000, len(p)) + p for p in parts])
+    return change
+
+
 def encapsulated_samples() -> list[str]:
     out = []
     for path in sorted(SAMPLES.rglob("*")):
@@ -258,15 +270,7 @@ def test_a_later_frame_split_across_fragments_fails_before_the_end() -> None:
     # the first frame whole, the second in two fragments, no offset table: seen only
     # when the fragments outnumber the frames or a half frame does not decode
     r = codec.compress(multiframe(frames=4), "jpeg2000")
-
-    def split_second(frames: list[bytes]) -> bytes:
-        f = frames[1]
-        half = (len(f) // 2) & ~1
-        parts = [frames[0], f[:half], f[half:], *frames[2:]]
-        return b"".join([struct.pack("<HHL", 0xFFFE, 0xE000, 0)]
-                        + [struct.pack("<HHL", 0xFFFE, 0xE000, len(p)) + p for p in parts])
-
-    raw = reencapsulate(r.data, split_second)
+    raw = reencapsulate(r.data, split_frame(1))
     err, _ = drain(raw)
     assert isinstance(err, CodecError)
     assert "offset table" in str(err) or "decode" in str(err)
