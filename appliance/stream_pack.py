@@ -93,12 +93,13 @@ def crashed() -> Streamed:
 
 class _Input:
     """The verified plaintext of a sealed spool file as a forward-only reader that
-    hashes and counts everything it pulls."""
+    hashes (unless `digest` is False: the source checks itself) and counts everything
+    it pulls."""
 
-    def __init__(self, chunks: Iterator[bytes]) -> None:
+    def __init__(self, chunks: Iterator[bytes], digest: bool = True) -> None:
         self._chunks = chunks
         self._cur = memoryview(b"")
-        self.hash = hashlib.sha256()
+        self.hash = hashlib.sha256() if digest else None
         self.size = 0
         self.eof = False
 
@@ -110,7 +111,8 @@ class _Input:
         except StopIteration:
             self.eof = True
             return False
-        self.hash.update(chunk)
+        if self.hash is not None:
+            self.hash.update(chunk)
         self.size += len(chunk)
         self._cur = memoryview(chunk)
         return True
@@ -333,6 +335,7 @@ def _discard(out: _SealedTemp | None, temp_path: str) -> None:
 
 
 def _with_digest(facts: dict[str, Any], inp: _Input) -> dict[str, Any]:
+    assert inp.hash is not None
     return {**facts, "received_size": inp.size, "received_sha256": inp.hash.hexdigest()}
 
 

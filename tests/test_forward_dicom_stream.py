@@ -21,14 +21,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
 from cryptography.hazmat.primitives import serialization
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.encaps import encapsulate
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 from pynetdicom import dimse, dul, fsm
 from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
+from structlog.testing import capture_logs
 
-from appliance import bundle, crypto
+from appliance import bundle, codec, crypto
 from appliance.bundle import BundleWriter, InstanceInfo
 from appliance.forward import Permanent, Retryable
 from appliance.forward.dicom import dataset_offset, link
@@ -49,6 +52,8 @@ from tests.test_forward_dicom import (  # noqa: F401 - pacs_factory, transports:
     uid_of,
 )
 from tests.test_intake import MF_SC, write_multiframe
+from tests.test_stream_convert import reencapsulate, split_frame, write_j2k_multiframe
+from tests.test_stream_pack import multiframe
 
 MiB = 1 << 20
 
@@ -110,8 +115,10 @@ def test_the_pynetdicom_internals_we_use_are_still_there() -> None:
 # --- helpers --------------------------------------------------------------------------------
 
 
-def big_bundle(path: Path, src: Path, piece: int = 8 * MiB) -> Path:
-    """A bundle of the one Part-10 file `src`, written in pieces (never whole in memory)."""
+def big_bundle(path: Path, src: Path, piece: int = 8 * MiB,
+               transfer_syntax: str = ExplicitVRLittleEndian) -> Path:
+    """A bundle of the one Part-10 file `src` (in `transfer_syntax`), written in pieces
+    (never whole in memory)."""
     size = src.stat().st_size
     h = hashlib.sha256()
     with src.open("rb") as f:
@@ -121,7 +128,7 @@ def big_bundle(path: Path, src: Path, piece: int = 8 * MiB) -> Path:
         w = BundleWriter(out, "big-1", [KEY.public_key()], "study-1")
         w.begin_instance(InstanceInfo(
             sop_instance_uid=uid_of(f.read(64 * 1024)), sop_class=MF_SC,
-            transfer_syntax=ExplicitVRLittleEndian, received_transfer_syntax=ExplicitVRLittleEndian,
+            transfer_syntax=transfer_syntax, received_transfer_syntax=transfer_syntax,
             received_size=size, received_sha256=h.hexdigest(), action="passthrough"))
         f.seek(0)
         while b := f.read(piece):
@@ -161,8 +168,8 @@ def rewrite_keeping_the_key(path: Path, change: Callable[[bytearray], None]) -> 
 def test_every_instance_streamed_is_stored_byte_for_byte(
         tmp_path: Path, pacs_factory: Callable[..., Orthanc], transports: list[Any],  # noqa: F811
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """With the threshold at 0 every instance the PACS takes as is goes the streamed way
-    (the conversion fallback still reads its instance whole)."""
+    """With the threshold at 0 every instance goes the streamed way, also the one a PACS
+    without JPEG 2000 gets decompressed (frame by frame, as it is sent)."""
     monkeypatch.setattr(transport_mod, "STREAM_THRESHOLD", 0)
     flags: list[bool] = []
     real = link.data_pdu
@@ -182,14 +189,23 @@ def test_every_instance_streamed_is_stored_byte_for_byte(
         stored = pacs.instance_file(oid)
         assert stored[dataset_offset(stored):] == raw[dataset_offset(raw):]
 
-    # A PACS without JPEG 2000: that instance is decompressed (not streamed), the rest streamed.
+    # A PACS without JPEG 2000: that instance is decompressed as it is streamed, and
+    # stored exactly as codec.decompress would have made it.
     flags.clear()
     other = pacs_factory(extra={"Jpeg2000TransferSyntaxAccepted": False})
-    transport(transports, destination(other.dicom_port)).send("b-1", b, Progress())
-    assert flags.count(True) == len(instances) - 1
+    progress = Progress()
+    with capture_logs() as logs:
+        transport(transports, destination(other.dicom_port)).send("b-1", b, progress)
+    assert flags.count(True) == len(instances)
+    assert progress.values == [sum(sizes[:i + 1]) for i in range(len(sizes))]
     oid = other.find_instance(uid_of(instances[2]))
     assert oid is not None and stored_ts(other, oid) == ExplicitVRLittleEndian
+    stored, want = other.instance_file(oid), codec.decompress(instances[2])
+    assert stored[dataset_offset(stored):] == want[dataset_offset(want):]
     assert other.count() == len(instances)
+    sent = [e for e in logs if e["event"] == "dicom.sent"]
+    assert sent[0]["converted"] == {
+        "JPEG 2000 Image Compression (Lossless Only) -> Explicit VR Little Endian": 1}
 
 
 _PROBE = """
@@ -205,6 +221,9 @@ def hwm():
             return int(line.split()[1]) * 1024
 
 bundle, key, port = Path(sys.argv[1]), crypto.load_private_key(Path(sys.argv[2])), int(sys.argv[3])
+if len(sys.argv) > 4:  # the streaming threshold, e.g. raised to measure the whole path
+    from appliance.forward.dicom import transport
+    transport.STREAM_THRESHOLD = int(sys.argv[4])
 t = DicomTransport(Destination(name="pacs", transport="dicom", host="127.0.0.1", port=port,
                                ae_title="ORTHANC", calling_ae_title="EDGE", plaintext=True,
                                timeout_s=60.0), key)
@@ -227,16 +246,8 @@ def test_a_large_instance_is_streamed_stored_exactly_and_never_held_in_memory(
     size = src.stat().st_size
     assert size > 128 * MiB
     b = big_bundle(tmp_path / "big.bundle", src)
-    key = tmp_path / "key.pem"
-    key.write_bytes(KEY.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                      serialization.NoEncryption()))
-    key.chmod(0o600)
     pacs = pacs_factory()
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    r = subprocess.run([sys.executable, "-c", _PROBE, str(b), str(key), str(pacs.dicom_port)],
-                       capture_output=True, text=True, timeout=600, env=env, check=False)
-    assert r.returncode == 0, r.stderr[-3000:]
-    m = json.loads(r.stdout.strip().splitlines()[-1])
+    m = probe_send(b, key_file(tmp_path), pacs.dicom_port)
     grew = m["after"] - m["before"]
     print(f"\ninstance {size / MiB:.0f} MiB sent in {m['seconds']:.1f} s; "
           f"sender peak RSS {m['before'] / MiB:.0f} -> {m['after'] / MiB:.0f} MiB "
@@ -246,6 +257,120 @@ def test_a_large_instance_is_streamed_stored_exactly_and_never_held_in_memory(
     assert pacs.count() == 1
     oid = pacs.instances()[0]
     assert dataset_sha256(pacs.instance_file(oid)) == dataset_sha256(src)
+
+
+def key_file(tmp_path: Path) -> Path:
+    key = tmp_path / "key.pem"
+    key.write_bytes(KEY.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()))
+    key.chmod(0o600)
+    return key
+
+
+def probe_send(bundle_path: Path, key: Path, port: int, threshold: int | None = None) -> dict[str, Any]:
+    """Send `bundle_path` with a DicomTransport in a process of its own (`threshold`: its
+    STREAM_THRESHOLD, if not the default): its peak RSS before and after, and the time
+    the send took."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    extra = [] if threshold is None else [str(threshold)]
+    r = subprocess.run([sys.executable, "-c", _PROBE, str(bundle_path), str(key), str(port), *extra],
+                       capture_output=True, text=True, timeout=600, env=env, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result: dict[str, Any] = json.loads(r.stdout.strip().splitlines()[-1])
+    return result
+
+
+@pytest.mark.peers
+def test_a_large_instance_the_pacs_refuses_compressed_is_decompressed_as_it_is_streamed(
+        tmp_path: Path, pacs_factory: Callable[..., Orthanc]) -> None:  # noqa: F811
+    """A multi-frame JPEG 2000 instance of more than 64 MiB in its bundle (256 frames of
+    512x512 10-bit noise, 128 MiB decoded) to an Orthanc that refuses JPEG 2000, sent by
+    the transport in a process of its own at the default threshold: Orthanc stores it in
+    Explicit VR LE with exactly the original native pixel data, and the sender's peak RSS
+    grows by far less than the instance (decompressed whole it would grow by several
+    times 128 MiB)."""
+    src = tmp_path / "big-j2k.dcm"
+    native = write_j2k_multiframe(src, frames=256)
+    size = src.stat().st_size
+    assert size >= transport_mod.STREAM_THRESHOLD
+    b = big_bundle(tmp_path / "big.bundle", src, transfer_syntax=JPEG2000Lossless)
+    pacs = pacs_factory(extra={"Jpeg2000TransferSyntaxAccepted": False})
+    m = probe_send(b, key_file(tmp_path), pacs.dicom_port)
+    grew = m["after"] - m["before"]
+    print(f"\nJPEG 2000 instance {size / MiB:.0f} MiB (128 MiB decoded) converted and sent "
+          f"in {m['seconds']:.1f} s; sender peak RSS {m['before'] / MiB:.0f} -> {m['after'] / MiB:.0f} MiB "
+          f"(+{grew / MiB:.1f} MiB)")
+    assert grew < 32 * MiB, f"sender peak RSS grew by {grew / MiB:.0f} MiB for {size / MiB:.0f} MiB"
+
+    assert pacs.count() == 1
+    oid = pacs.instances()[0]
+    assert stored_ts(pacs, oid) == ExplicitVRLittleEndian
+    ds = pydicom.dcmread(io.BytesIO(pacs.instance_file(oid)))
+    assert ds.NumberOfFrames == 256 and ds["PixelData"].VR == "OW"
+    assert hashlib.sha256(ds.PixelData).hexdigest() == native
+
+
+def _j2k_frames(frames: int, change: Callable[[list[bytes]], bytes]) -> bytes:
+    """A 256x256 16-bit multi-frame instance in JPEG 2000, Pixel Data rebuilt by `change`."""
+    return reencapsulate(j2k(multiframe(frames=frames, rows=256, columns=256)), change)
+
+
+@pytest.mark.peers
+def test_frames_split_across_fragments_without_an_offset_table_go_the_whole_way(
+        tmp_path: Path, pacs_factory: Callable[..., Orthanc], transports: list[Any],  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """No offset table and the first frame in two fragments: the streamed conversion
+    cannot map fragments to frames up front, so before a byte is sent the instance goes
+    the whole way (which groups fragments by end-of-image markers), is delivered, and the
+    log says so."""
+    monkeypatch.setattr(transport_mod, "STREAM_THRESHOLD", 0)
+    raw = _j2k_frames(8, lambda f: encapsulate(f, fragments_per_frame=2, has_bot=False))
+    b = make_bundle(tmp_path / "b.bundle", [raw])
+    pacs = pacs_factory(extra={"Jpeg2000TransferSyntaxAccepted": False})
+    with capture_logs() as logs:
+        transport(transports, destination(pacs.dicom_port)).send("split", b, Progress())
+    assert [e["reason"] for e in logs if e["event"] == "dicom.convert_whole"] == [
+        "no offset table, and the first fragment is not a whole frame"]
+    oid = pacs.find_instance(uid_of(raw))
+    assert oid is not None and stored_ts(pacs, oid) == ExplicitVRLittleEndian
+    stored, want = pacs.instance_file(oid), codec.decompress(raw)
+    assert stored[dataset_offset(stored):] == want[dataset_offset(want):]
+
+
+@pytest.mark.peers
+@pytest.mark.parametrize("layout", ["later-frame-split", "corrupt-frame"])
+def test_an_instance_that_cannot_be_converted_midway_is_aborted_and_not_stored(
+        tmp_path: Path, pacs_factory: Callable[..., Orthanc], transports: list[Any],  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch, layout: str) -> None:
+    """In a bundle that authenticates, a multi-frame JPEG 2000 instance whose fragments
+    turn out midway not to be one per frame (no offset table, the 30th frame in two
+    fragments), or whose 30th frame is not a codestream at all: the send is Permanent with
+    the instance's index and the reason, the last P-DATA fragment never goes out, and
+    Orthanc stores nothing."""
+    monkeypatch.setattr(transport_mod, "STREAM_THRESHOLD", 0)
+
+    def corrupt(frames: list[bytes]) -> bytes:
+        frames[29] = b"\x00" * len(frames[29])
+        return encapsulate(frames, has_bot=True)
+
+    change = {"later-frame-split": split_frame(29), "corrupt-frame": corrupt}[layout]
+    raw = _j2k_frames(40, change)
+    b = make_bundle(tmp_path / "b.bundle", [raw])
+    flags: list[bool] = []
+    real = link.data_pdu
+    monkeypatch.setattr(link, "data_pdu", lambda cx, frag, last: flags.append(last) or real(cx, frag, last))
+    pacs = pacs_factory(extra={"Jpeg2000TransferSyntaxAccepted": False})
+    t = transport(transports, destination(pacs.dicom_port))
+    with pytest.raises(Permanent, match=r"^instance 0: (cannot be converted for this PACS|the PACS does not "
+                       r"accept JPEG 2000 .* cannot be decompressed)") as e:
+        t.send("bad", b, Progress())
+    print(f"\n{layout}: {e.value}")
+    assert uid_of(raw) not in str(e.value)
+    assert not any(flags), "the last fragment went out"
+    assert "cannot be converted for this PACS" in str(e.value)
+    assert len(flags) > 100  # 29 frames went out before
+    assert "abort" in pacs.log_text().lower()
+    assert pacs.count() == 0
 
 
 @pytest.mark.peers

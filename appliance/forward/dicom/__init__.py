@@ -25,8 +25,8 @@ Endian + Implicit VR Little Endian. Each instance is then sent
   the bundle's (the data set after the File Meta Information; nothing is re-encoded by
   pydicom or pynetdicom);
 * else decompressed to Explicit VR Little Endian (`codec.decompress`, which keeps every
-  UID and changes only what the syntax dictates) when the uncompressed context was
-  accepted with Explicit VR LE;
+  UID and changes only what the syntax dictates; for a large instance its streaming
+  counterpart, below) when the uncompressed context was accepted with Explicit VR LE;
 * else (a peer that only takes Implicit VR LE) decompressed and re-encoded Implicit VR LE.
 
 A SOP class for which the peer accepted no context at all is `Permanent` ("the PACS does
@@ -148,14 +148,32 @@ verified manifest), so the last fragment of the data set is queued only after th
 reported that end. If the bundle changed after the first pass, the stream raises
 `IntegrityError` first: the association is aborted with the message unfinished (the PACS
 drops what it got), and the send is `Unreadable` ("bundle does not verify"), so the
-scheduler moves the bundle to quarantine. Smaller instances, and any instance that must be
-converted (decompressed, re-encoded Implicit VR), are read whole (verified before a byte
-is sent) and sent with pynetdicom's `send_msg`; converting a large instance therefore
-still costs memory of a few times its size (`codec.decompress` works on whole instances).
+scheduler moves the bundle to quarantine.
+
+A large instance in an encapsulated (compressed) syntax that the PACS refuses, sent
+decompressed to Explicit VR LE, is streamed too: `stream_convert` decodes it frame by frame
+as it goes out (the first frame before the header, whose Photometric Interpretation etc.
+depend on it), producing byte for byte the data set `codec.decompress` would, in a chunk
+and a frame or two of memory. Its frames must be found from the fragments while reading
+forward (an offset table with one entry per frame, one fragment per frame, or a single
+frame). What it cannot take, found out before the first byte is sent (an offset table
+with another number of entries, a header out of order...), goes the whole way below, and
+the log says so (`dicom.convert_whole`). What turns out wrong midway (a frame that does
+not decode or decodes to another size, more or fewer fragments than frames without an
+offset table) aborts the association, so the PACS drops the partial instance, and the
+send is `Permanent` ("instance N: cannot be converted for this PACS: ..."). Counted in
+`converted` of the `dicom.sent` log line like any conversion.
+
+Smaller instances, a large one that must be re-encoded Implicit VR LE (the PACS takes no
+Explicit VR LE) or that comes deflated, and the conversions that cannot stream, are read
+whole (verified before a byte is sent) and sent with pynetdicom's `send_msg`; these still
+cost memory of a few times the instance's size (`codec.decompress` and pydicom's writer
+work on whole instances).
 
 Progress: `progress(n)` after each instance, n = the sum of the bundle (manifest) sizes of
 the instances sent so far; during a streamed instance also every ~4 MiB queued, adding
-the data set bytes of that instance queued so far.
+the data set bytes of that instance queued so far (for a streamed conversion: the bundle
+bytes of the instance read so far).
 
 The association's own reactor is paused for as long as we use the association (from
 establishment to release): pynetdicom pauses it per request, which leaves a window after

@@ -30,7 +30,7 @@ from pynetdicom import build_context, evt
 from pynetdicom.dimse_primitives import C_STORE, N_ACTION
 from pynetdicom.dsutils import encode
 
-from appliance import codec
+from appliance import codec, stream_convert
 from appliance.bundle import InstanceStream, ManifestEntry, PrivateKey, VerifiedBundle
 from appliance.config import Destination
 from appliance.errors import ConfigError, IntegrityError
@@ -72,8 +72,10 @@ log = structlog.get_logger("appliance.forward.dicom")
 
 # An instance of at least this many bytes (its size in the bundle) that the PACS takes in
 # its own transfer syntax is streamed from the bundle to the association, never held
-# whole in memory (see "Large instances" in the package docstring). Smaller ones, and
-# those that must be converted, are read whole and sent with pynetdicom's own send_msg.
+# whole in memory (see "Large instances" in the package docstring); one it must
+# decompress for the PACS is decompressed frame by frame as it is sent (stream_convert).
+# Smaller ones, and the conversions that cannot stream, are read whole and sent with
+# pynetdicom's own send_msg.
 STREAM_THRESHOLD = 64 << 20
 # The File Meta Information of a streamed instance is read in pieces of this size and
 # must end within MAX_META bytes.
@@ -211,9 +213,12 @@ class DicomTransport:
                 got, stream = next(instances)
                 if got.index != entry.index:
                     raise IntegrityError("bundle changed while it was being read")
+                at = functools.partial(_progress_from, progress, sent.bytes)
                 if choice.how == "as-is" and entry.size >= STREAM_THRESHOLD:
-                    self._store_streamed(link, item_id, entry, stream, choice.context_id,
-                                         functools.partial(_progress_from, progress, sent.bytes))
+                    self._store_streamed(link, item_id, entry, stream, choice.context_id, at)
+                elif (choice.how == "explicit" and entry.size >= STREAM_THRESHOLD
+                      and UID(entry.transfer_syntax).is_encapsulated):
+                    self._store_converted(link, item_id, entry, stream, choice, sent, at)
                 else:
                     payload = self._payload(entry, stream.read(), choice, sent)
                     self._store(link, item_id, entry, payload, choice.context_id)
@@ -305,14 +310,11 @@ class DicomTransport:
         """The data set bytes to send (Part-10 header removed), converted if the peer
         needs another transfer syntax."""
         if choice.how != "as-is":
-            src = UID(entry.transfer_syntax).name
             try:
                 data = codec.decompress(data) if entry.transfer_syntax != ExplicitVRLittleEndian else data
             except codec.CodecError as e:
-                raise Permanent(f"instance {entry.index}: the PACS does not accept {src} for "
-                                f"{UID(entry.sop_class).name}, and it cannot be decompressed ({e})") from None
-            key = f"{src} -> {UID(choice.transfer_syntax).name}"
-            sent.converted[key] = sent.converted.get(key, 0) + 1
+                raise _undecodable(entry, e) from None
+            _count_conversion(sent, entry, choice)
         try:
             start = dataset_offset(data)
         except ValueError as e:
@@ -334,6 +336,35 @@ class DicomTransport:
         IntegrityError propagates before, and `_send_group` aborts the association)."""
         source = _DataSet(_read_past_meta(stream, entry.index), stream)
         rsp = link.store_streamed(_store_request(link, entry), context_id, source, progress)
+        self._judge_store(rsp, item_id, entry)
+
+    def _store_converted(self, link: Link, item_id: str, entry: ManifestEntry, stream: InstanceStream,
+                         choice: Choice, sent: _Sent, progress: Callable[[int], None]) -> None:
+        """Decompress a large instance for a PACS that refuses its syntax, frame by frame
+        as it is sent (`stream_convert`); its last P-DATA fragment goes out only once the
+        stream has verified the whole instance. When the instance turns out not to be
+        convertible midway, the association is aborted so that the PACS drops what it
+        got. An instance the streaming conversion cannot take (found out before the first
+        byte is sent) goes the whole way, as a small one does."""
+        try:
+            conv = stream_convert.open_conversion(stream.read)
+        except codec.CodecError as e:
+            raise _undecodable(entry, e) from None
+        if isinstance(conv, stream_convert.Fallback):
+            log.info("dicom.convert_whole", destination=self.name, bundle=item_id,
+                     instance=entry.index, reason=conv.reason)
+            payload = self._payload(entry, conv.consumed + stream.read(), choice, sent)
+            self._store(link, item_id, entry, payload, choice.context_id)
+            return
+        _count_conversion(sent, entry, choice)
+        # progress in bundle bytes of the instance, as for every other instance
+        def report(_: int) -> None:
+            progress(min(conv.consumed, entry.size))
+        try:
+            rsp = link.store_streamed(_store_request(link, entry), choice.context_id, conv, report)
+        except codec.CodecError as e:
+            link.abort()
+            raise Permanent(f"instance {entry.index}: cannot be converted for this PACS: {e}") from None
         self._judge_store(rsp, item_id, entry)
 
     def _judge_store(self, rsp: Any, item_id: str, entry: ManifestEntry) -> None:
@@ -452,6 +483,16 @@ class DicomTransport:
 
 def _progress_from(progress: Callable[[int], None], base: int, n: int) -> None:
     progress(base + n)
+
+
+def _undecodable(entry: ManifestEntry, e: codec.CodecError) -> Permanent:
+    return Permanent(f"instance {entry.index}: the PACS does not accept {UID(entry.transfer_syntax).name} "
+                     f"for {UID(entry.sop_class).name}, and it cannot be decompressed ({e})")
+
+
+def _count_conversion(sent: _Sent, entry: ManifestEntry, choice: Choice) -> None:
+    key = f"{UID(entry.transfer_syntax).name} -> {UID(choice.transfer_syntax).name}"
+    sent.converted[key] = sent.converted.get(key, 0) + 1
 
 
 def _store_request(link: Link, entry: ManifestEntry) -> C_STORE:
