@@ -35,20 +35,29 @@ STATUS_A700 = 0xA700
 MF_SC = "1.2.840.10008.5.1.4.1.1.7.3"  # Multi-frame Grayscale Word Secondary Capture
 
 
-def write_multiframe(path: Path, frames: int, n: int = 512) -> Path:
-    """A Multi-frame Grayscale Word SC instance with `frames` n x n 16-bit frames (no two alike)."""
+def write_multiframe_header(path: Path, frames: int, n: int, bits_stored: int,
+                            transfer_syntax: str, name: str) -> None:
+    """The Part-10 file `path` up to its Pixel Data (the caller appends it): a Multi-frame
+    Grayscale Word SC instance of `frames` n x n 16-bit frames, fresh UIDs, made-up
+    patient `name`."""
     ds = Dataset()
     ds.SOPClassUID, ds.SOPInstanceUID = MF_SC, generate_uid()
     ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.PatientName, ds.PatientID, ds.Modality = "INTAKE^TEST", "INTAKE-1", "OT"
+    ds.PatientName, ds.PatientID, ds.Modality = f"{name}^TEST", f"{name}-1", "OT"
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.NumberOfFrames, ds.Rows, ds.Columns = frames, n, n
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.BitsAllocated, ds.BitsStored = 16, bits_stored
+    ds.HighBit, ds.PixelRepresentation = bits_stored - 1, 0
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = MF_SC, ds.SOPInstanceUID
-    meta.TransferSyntaxUID, meta.ImplementationClassUID = ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+    meta.TransferSyntaxUID, meta.ImplementationClassUID = transfer_syntax, PYDICOM_IMPLEMENTATION_UID
     ds.file_meta = meta
     ds.save_as(path, enforce_file_format=True)
+
+
+def write_multiframe(path: Path, frames: int, n: int = 512) -> Path:
+    """A Multi-frame Grayscale Word SC instance with `frames` n x n 16-bit frames (no two alike)."""
+    write_multiframe_header(path, frames, n, 12, ExplicitVRLittleEndian, "INTAKE")
     base = (np.add.outer(np.arange(n), np.arange(n)) % 4096).astype("<u2")
     with path.open("ab") as f:
         f.write(struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OW", 0, frames * n * n * 2))

@@ -17,14 +17,11 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels.encoders.base import get_encoder
 from pydicom.uid import (
-    PYDICOM_IMPLEMENTATION_UID,
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
-    generate_uid,
 )
 
 from appliance import codec, stream_convert
@@ -32,10 +29,8 @@ from appliance.codec import CodecError
 from appliance.errors import IntegrityError
 from appliance.forward.dicom.contexts import dataset_offset
 from tests.peers import SAMPLES
+from tests.test_intake import write_multiframe_header
 from tests.test_stream_pack import multiframe
-
-MF_WORD = "1.2.840.10008.5.1.4.1.1.7.3"  # Multi-frame Grayscale Word Secondary Capture
-
 
 # --- helpers ----------------------------------------------------------------------------
 
@@ -135,18 +130,7 @@ def write_j2k_multiframe(path: Path, frames: int, distinct: int = 16, n: int = 5
     for a in arrays:
         f = encoder.encode(a, encoding_plugin="pylibjpeg", use_mct=False, **opts)
         frags.append(f + b"\x00" * (len(f) % 2))
-    ds = Dataset()
-    ds.SOPClassUID, ds.SOPInstanceUID = MF_WORD, generate_uid()
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.PatientName, ds.PatientID, ds.Modality = "CONVERT^TEST", "CONVERT-1", "OT"
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.NumberOfFrames, ds.Rows, ds.Columns = frames, n, n
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 10, 9, 0
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = MF_WORD, ds.SOPInstanceUID
-    meta.TransferSyntaxUID, meta.ImplementationClassUID = JPEG2000Lossless, PYDICOM_IMPLEMENTATION_UID
-    ds.file_meta = meta
-    ds.save_as(path, enforce_file_format=True)
+    write_multiframe_header(path, frames, n, 10, JPEG2000Lossless, "CONVERT")
     offsets, pos = [], 0
     for i in range(frames):
         offsets.append(pos)
