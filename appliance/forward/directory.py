@@ -6,11 +6,10 @@ partial bundle. The folder must exist: if it does not (a NAS not mounted), writi
 the empty mount point would fill the local disk, so that is a retryable failure that
 says so. The bundle stays encrypted: whoever reads the folder needs a recipient key.
 
-With the appliance's private key (the daemon always gives it), the bundle is verified
-in the same pass that copies it (every chunk, the record grammar, the manifest against
-each instance): a bundle that fails authentication never counts as delivered; the
-copy is dropped and `Unreadable` sends the file to quarantine, as the dicom transport
-does.
+The bundle is verified with the appliance's private key in the same pass that copies
+it (every chunk, the record grammar, the manifest against each instance): a bundle that
+fails authentication never counts as delivered; the copy is dropped and `Unreadable`
+sends the file to quarantine, as the dicom transport does.
 """
 
 from __future__ import annotations
@@ -46,7 +45,7 @@ class _Copying:
 
 
 class DirectoryTransport:
-    def __init__(self, name: str, path: Path, private_key: PrivateKey | None = None) -> None:
+    def __init__(self, name: str, path: Path, private_key: PrivateKey) -> None:
         self.name = name
         self.path = path
         self.private_key = private_key
@@ -58,8 +57,8 @@ class DirectoryTransport:
         try:
             with bundle.open("rb") as src, durable.atomic_file(target, mode=0o600) as dst:
                 copying = _Copying(src, dst, progress)
-                if self.private_key is not None:
-                    bundle_format.read_manifest(copying, self.private_key)  # type: ignore[arg-type]
+                # read_manifest only calls read(); _Copying is not a whole BinaryIO
+                bundle_format.read_manifest(copying, self.private_key)  # type: ignore[arg-type]
                 while copying.read(_CHUNK):
                     pass
         except IntegrityError as e:
