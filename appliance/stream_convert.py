@@ -348,7 +348,7 @@ class Conversion:
         self._cur = memoryview(b"")
 
     @property
-    def consumed(self) -> int:
+    def bytes_read(self) -> int:
         """Bytes of the instance read from the source so far."""
         return self._inp.size
 

@@ -359,7 +359,7 @@ class DicomTransport:
         _count_conversion(sent, entry, choice)
         # progress in bundle bytes of the instance, as for every other instance
         def report(_: int) -> None:
-            progress(min(conv.consumed, entry.size))
+            progress(min(conv.bytes_read, entry.size))
         try:
             rsp = link.store_streamed(_store_request(link, entry), choice.context_id, conv, report)
         except codec.CodecError as e:
