@@ -29,8 +29,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
-from appliance import __version__, config, crypto, durable
-from appliance.errors import (
+from appliance import __version__
+from appliance.core import config, crypto, durable
+from appliance.core.errors import (
     EX_NOPERM,
     EX_UNAVAILABLE,
     ApplianceError,
@@ -131,7 +132,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from appliance import log
+    from appliance.core import log
     from appliance.daemon import Daemon
 
     cfg = config.load(args.config)
@@ -267,7 +268,7 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
 
 
 def cmd_queue_list(args: argparse.Namespace) -> int:
-    from appliance.db import open_index
+    from appliance.queue.index import open_index
 
     cfg = config.load(args.config)
     idx = open_index(cfg.appliance.state_dir, readonly=True)
@@ -305,8 +306,8 @@ _VERB_STATES = {
 
 def cmd_queue_change(args: argparse.Namespace) -> int:
     """show / hold / release / retry / delete, usable while the daemon runs (SQLite WAL)."""
-    from appliance.db import open_index
-    from appliance.queue import Queue
+    from appliance.queue.index import open_index
+    from appliance.queue.store import Queue
 
     cfg = config.load(args.config)
     open_index(cfg.appliance.state_dir, readonly=True).close()  # clear error if never run
@@ -339,7 +340,7 @@ def cmd_queue_change(args: argparse.Namespace) -> int:
 
 
 def cmd_bundle(args: argparse.Namespace) -> int:
-    from appliance import bundle
+    from appliance.bundle import format as bundle
 
     if args.sub == "extract":
         key = crypto.load_private_key(args.key)

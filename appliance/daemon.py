@@ -33,20 +33,21 @@ from typing import Any
 
 import structlog
 
-from appliance import __version__, crypto, durable
-from appliance.codec import CodecPool
-from appliance.config import Config, Destination
-from appliance.db import open_index
-from appliance.errors import ConfigError, StateError
+from appliance import __version__
+from appliance.core import crypto, durable
+from appliance.core.config import Config, Destination
+from appliance.core.errors import ConfigError, StateError
 from appliance.forward import Transport
 from appliance.forward.directory import DirectoryTransport
 from appliance.forward.scheduler import Forwarder
 from appliance.health.notify import Notifier
 from appliance.health.status import StatusServer
-from appliance.pack import Packer
-from appliance.queue import Queue
-from appliance.receive import Receiver, ReceiveStats, identify_stored
-from appliance.spool import Spool
+from appliance.pack.codec import CodecPool
+from appliance.pack.packer import Packer
+from appliance.queue.index import open_index
+from appliance.queue.store import Queue
+from appliance.receive.scp import Receiver, ReceiveStats, identify_stored
+from appliance.spool.store import Spool
 
 log = structlog.get_logger("appliance.daemon")
 

@@ -1,4 +1,4 @@
-"""Per-instance timings of appliance.codec on real slices.
+"""Per-instance timings of appliance.pack.codec on real slices.
 
     .venv/bin/python bench/codec_bench.py [DIR_OR_FILES...]
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pydicom
 
-from appliance import codec
+from appliance.pack import codec
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "dicom-samples"
 DEFAULT = SAMPLES / "series" / "CT_Philips_Ingenuity_phantom_28sl"

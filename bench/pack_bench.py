@@ -10,7 +10,7 @@ What it does (see docs/benchmarks.md, sections "Pack", "Compression ratio", "Mem
                decodes the result again and compares it with the original pixels; in this
                process (1 proc) and in a plain ProcessPoolExecutor over the slices (all
                cores; forkserver, niced like the codec workers), nothing of ours;
-     pipeline  the real appliance.pack.Packer: a Spool in a temp state dir filled with
+     pipeline  the real appliance.pack.packer.Packer: a Spool in a temp state dir filled with
                Spool.store, a Queue, a CodecPool(workers=0), one generated X25519
                recipient; timed = Packer.pack_pending() over all sealed segments (read +
                decrypt from the spool, compress in the pool, bundle + encrypt, fsync,
@@ -95,7 +95,7 @@ def bare_one(raw: bytes, codec: str, decode: bool) -> bytes:
     import pydicom
     from pydicom.pixels.utils import pixel_array
 
-    from appliance.codec import CODECS  # the table only: transfer syntax, plugin, options
+    from appliance.pack.codec import CODECS  # the table only: transfer syntax, plugin, options
 
     uid, plugin, opts = CODECS[codec]
     with warnings.catch_warnings():
@@ -139,7 +139,7 @@ def time_bare(files: list[Path], blobs: list[bytes], codec: str, decode: bool, s
 def instance_meta(raw: bytes) -> Any:
     import pydicom
 
-    from appliance.spool import InstanceMeta
+    from appliance.spool.store import InstanceMeta
 
     ds = pydicom.dcmread(io.BytesIO(raw), stop_before_pixels=True)
     return InstanceMeta(study_uid=str(ds.StudyInstanceUID), sop_instance_uid=str(ds.SOPInstanceUID),
@@ -160,11 +160,12 @@ class Packed:
 def run_packer(blobs: list[bytes], metas: list[Any], codec: str, verify: bool, pool: Any,
                root: Path, private_key: Any) -> Packed:
     """Fill a fresh spool with `blobs`, seal every segment, time Packer.pack_pending()."""
-    from appliance import bundle, config, crypto, durable
-    from appliance.db import open_index
-    from appliance.pack import Packer
-    from appliance.queue import Queue
-    from appliance.spool import Spool
+    from appliance.bundle import format as bundle
+    from appliance.core import config, crypto, durable
+    from appliance.pack.packer import Packer
+    from appliance.queue.index import open_index
+    from appliance.queue.store import Queue
+    from appliance.spool.store import Spool
 
     state = root / "state"
     durable.make_dirs(state)
@@ -524,7 +525,8 @@ def memory_daemon(work: Path, frames: int, codec: str, log: Callable[[str], None
 
 def _memory_daemon(work: Path, frames: int, codec: str, log: Callable[[str], None],
                    timeout_s: float, pacs: Orthanc | None, port: int) -> dict[str, Any]:
-    from appliance import bundle, crypto
+    from appliance.bundle import format as bundle
+    from appliance.core import crypto
 
     inst = work / "mf" / "MF0001.dcm"
     t = time.perf_counter()
@@ -632,17 +634,17 @@ def _memory_daemon(work: Path, frames: int, codec: str, log: Callable[[str], Non
 
 def breakdown(work: Path, frames: int, codec: str, log: Callable[[str], None]) -> dict[str, Any]:
     """Traced bytes (Python objects and numpy arrays) held and peaked along the path one
-    instance takes through the packer (appliance.pack.prepare in a worker, the Result back
+    instance takes through the packer (appliance.pack.packer.prepare in a worker, the Result back
     through the pool's pipe), in this process, as multiples of the instance size."""
     from multiprocessing.reduction import ForkingPickler
 
     import pydicom.dataset
 
-    from appliance import codec as codec_mod
-    from appliance import crypto, durable
-    from appliance import pack as pack_mod
-    from appliance.db import open_index
-    from appliance.spool import Spool
+    from appliance.core import crypto, durable
+    from appliance.pack import codec as codec_mod
+    from appliance.pack import packer as pack_mod
+    from appliance.queue.index import open_index
+    from appliance.spool.store import Spool
 
     inst = work / "bd" / "MF.dcm"
     size = write_multiframe(inst, frames, seed=11)
@@ -831,8 +833,8 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    from appliance import codec
-    from appliance import log as applog
+    from appliance.core import log as applog
+    from appliance.pack import codec
 
     applog.setup(level="error", fmt="json", stream=sys.stderr)  # the Packer's info lines: not here
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey

@@ -54,11 +54,11 @@ def _status(pid: int | str = "self") -> dict[str, int]:
 
 
 def _box(state: Path, codec: str, verify: bool, threshold_mb: int) -> Any:
-    from appliance import crypto
-    from appliance.config import Pack
-    from appliance.db import open_index
-    from appliance.queue import Queue
-    from appliance.spool import Spool
+    from appliance.core import crypto
+    from appliance.core.config import Pack
+    from appliance.queue.index import open_index
+    from appliance.queue.store import Queue
+    from appliance.spool.store import Spool
 
     key_file = state / "spool.key"
     key = crypto.load_spool_key(key_file) if key_file.exists() else crypto.create_spool_key(key_file)
@@ -72,7 +72,7 @@ def _box(state: Path, codec: str, verify: bool, threshold_mb: int) -> Any:
 
 
 def child_store(state: Path, plain: Path) -> dict[str, Any]:
-    from appliance.receive import identify_stored
+    from appliance.receive.scp import identify_stored
 
     spool, _, _, _ = _box(state, "none", False, 64)
     with plain.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
@@ -86,8 +86,8 @@ def child_store(state: Path, plain: Path) -> dict[str, Any]:
 
 
 def child_pack(state: Path, segment: str, codec: str, verify: bool, threshold_mb: int) -> dict[str, Any]:
-    from appliance.codec import CodecPool
-    from appliance.pack import Packer
+    from appliance.pack.codec import CodecPool
+    from appliance.pack.packer import Packer
 
     spool, queue, cfg, pub = _box(state, codec, verify, threshold_mb)
     pool = CodecPool(workers=1)

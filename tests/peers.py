@@ -167,9 +167,9 @@ class Appliance:
 
     def spooled(self) -> dict[str, bytes]:
         """Decrypt every spooled instance: {record id: Part-10 bytes}."""
-        from appliance import crypto
-        from appliance.db import open_index
-        from appliance.spool import Spool
+        from appliance.core import crypto
+        from appliance.queue.index import open_index
+        from appliance.spool.store import Spool
 
         key = crypto.load_spool_key(Path(self.cfg["spool"]["key_file"]))
         idx = open_index(self.state_dir, readonly=True)

@@ -28,7 +28,7 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.filereader import _read_file_meta_info, read_preamble
 
-from appliance import crypto
+from appliance.core import crypto
 from tests.peers import Appliance, dcmtk_env, to_toml
 
 SENDING = re.compile(r"^I: Sending file: (.*)$")
@@ -143,9 +143,9 @@ class SpoolState:
 def spool_state(app: Appliance) -> SpoolState:
     """Read the spool as the CLI would (read-only index), decrypting and authenticating
     every record (an IntegrityError fails the test)."""
-    from appliance.db import open_index
-    from appliance.errors import NotFoundError
-    from appliance.spool import Spool
+    from appliance.core.errors import NotFoundError
+    from appliance.queue.index import open_index
+    from appliance.spool.store import Spool
 
     spool_dir = app.state_dir / "spool"
     files = {p.name for p in spool_dir.iterdir()}

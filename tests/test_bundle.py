@@ -18,9 +18,10 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
-from appliance import bundle, crypto
-from appliance.bundle import BundleWriter, InstanceInfo
-from appliance.errors import IntegrityError, UsageError
+from appliance.bundle import format as bundle
+from appliance.bundle.format import BundleWriter, InstanceInfo
+from appliance.core import crypto
+from appliance.core.errors import IntegrityError, UsageError
 
 VECTORS = Path(__file__).parent / "vectors"
 CHUNK = 64

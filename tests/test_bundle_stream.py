@@ -15,9 +15,10 @@ from typing import BinaryIO
 
 import pytest
 
-from appliance import bundle, crypto
-from appliance.bundle import BundleWriter, InstanceStream, VerifiedBundle
-from appliance.errors import IntegrityError
+from appliance.bundle import format as bundle
+from appliance.bundle.format import BundleWriter, InstanceStream, VerifiedBundle
+from appliance.core import crypto
+from appliance.core.errors import IntegrityError
 from tests.test_bundle import BID, CHUNK, KEY_A, KEY_B, _manifest, _rec, info, make
 
 D, E = bundle.REC_DATA, bundle.REC_END

@@ -17,9 +17,10 @@ from typing import Any
 
 import pytest
 
-from appliance import __version__, config
+from appliance import __version__
 from appliance.cli import main
-from appliance.errors import EX_CANTCREAT, EX_CONFIG, EX_SOFTWARE, EX_UNAVAILABLE, EX_USAGE
+from appliance.core import config
+from appliance.core.errors import EX_CANTCREAT, EX_CONFIG, EX_SOFTWARE, EX_UNAVAILABLE, EX_USAGE
 from tests.peers import base_config, cli, to_toml
 
 
@@ -246,7 +247,7 @@ def test_queue_list_before_any_run_says_so(tmp_path: Path, site: dict[str, Any])
 
 
 def test_queue_list_of_an_empty_queue(tmp_path: Path, site: dict[str, Any]) -> None:
-    from appliance.db import open_index
+    from appliance.queue.index import open_index
 
     path = write_config(tmp_path, site)
     state = Path(site["appliance"]["state_dir"])

@@ -1,4 +1,4 @@
-"""appliance.codec against the real sample set (../shared/dicom-samples).
+"""appliance.pack.codec against the real sample set (../shared/dicom-samples).
 
 Pixels are compared with pydicom's own decoding, attributes element by element with
 pydicom; nothing here trusts the codec module's internal checks.
@@ -28,8 +28,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from appliance import codec
-from appliance.codec import CodecPool, Result, compress, decompress
+from appliance.pack import codec
+from appliance.pack.codec import CodecPool, Result, compress, decompress
 
 SAMPLES = Path(os.environ.get("APPLIANCE_DICOM_SAMPLES",
                               Path(__file__).resolve().parents[2] / "shared" / "dicom-samples"))

@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from appliance import config
-from appliance.config import Config
-from appliance.errors import EX_CONFIG, ConfigError
+from appliance.core import config
+from appliance.core.config import Config
+from appliance.core.errors import EX_CONFIG, ConfigError
 from tests.peers import REPO, base_config, cli, to_toml
 
 MAIN = Path("/etc/appliance/appliance.toml")
@@ -713,7 +713,7 @@ def test_example_parses(tmp_path: Path) -> None:
 def test_example_passes_config_check_once_its_files_exist(tmp_path: Path) -> None:
     """With its absolute paths moved into a temp dir and the named files created, the
     example is a complete, working config: `config check` accepts it."""
-    from appliance import crypto
+    from appliance.core import crypto
 
     etc, var = tmp_path / "etc" / "appliance", tmp_path / "var"
     text = (EXAMPLE.read_text().replace("/etc/appliance", str(etc))

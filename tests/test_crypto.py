@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from appliance import crypto
-from appliance.errors import IntegrityError, KeyFileError
+from appliance.core import crypto
+from appliance.core.errors import IntegrityError, KeyFileError
 
 CHUNK = 64  # small chunks so that a few hundred bytes make a multi-chunk stream
 SEALED = CHUNK + crypto.TAG_LEN

@@ -25,8 +25,8 @@ from typing import Any
 
 import pytest
 
-from appliance import crypto
-from appliance.spool import new_id
+from appliance.core import crypto
+from appliance.spool.store import new_id
 from tests.peers import Appliance, base_config, cli, echoscu, free_port
 from tests.spoolcheck import (
     StorescuRun,

@@ -252,7 +252,7 @@ def test_the_comparison_fails_on_any_value_change(tmp_path: Path) -> None:
     """Guard against a vacuous comparison: changed, dropped and added values, a changed
     value inside a sequence and a changed pixel are all reported; an unchanged image in
     J2K, and re-padded strings (what storescu does), are not."""
-    from appliance import codec
+    from appliance.pack import codec
 
     src = sorted((SAMPLES / "series" / "CT_Philips_Ingenuity_phantom_28sl").iterdir())[0]
     same, cat = compare_instance(src, src.read_bytes(), CODEC_SYNTAX["jpeg2000"])

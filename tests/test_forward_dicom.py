@@ -38,12 +38,10 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from appliance import codec
-from appliance.bundle import BundleWriter, InstanceInfo
-from appliance.config import Destination, TLSClient
-from appliance.config import Queue as QueueConfig
-from appliance.db import open_index
-from appliance.errors import ConfigError
+from appliance.bundle.format import BundleWriter, InstanceInfo
+from appliance.core.config import Destination, TLSClient
+from appliance.core.config import Queue as QueueConfig
+from appliance.core.errors import ConfigError
 from appliance.forward import Permanent, Retryable, dicom
 from appliance.forward.dicom import (
     DicomTransport,
@@ -56,7 +54,9 @@ from appliance.forward.dicom import (
     plan_groups,
 )
 from appliance.forward.scheduler import Forwarder
-from appliance.queue import Queue
+from appliance.pack import codec
+from appliance.queue.index import open_index
+from appliance.queue.store import Queue
 from tests.orthanc import Modality, Orthanc, OrthancTLS
 from tests.peers import SAMPLES, free_port
 

@@ -31,11 +31,13 @@ from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
 from structlog.testing import capture_logs
 
-from appliance import bundle, codec, crypto
-from appliance.bundle import BundleWriter, InstanceInfo
+from appliance.bundle import format as bundle
+from appliance.bundle.format import BundleWriter, InstanceInfo
+from appliance.core import crypto
 from appliance.forward import Permanent, Retryable
 from appliance.forward.dicom import dataset_offset, link
 from appliance.forward.dicom import transport as transport_mod
+from appliance.pack import codec
 from tests.orthanc import Orthanc
 from tests.test_forward_dicom import (  # noqa: F401 - pacs_factory, transports: fixtures
     KEY,
@@ -211,8 +213,8 @@ def test_every_instance_streamed_is_stored_byte_for_byte(
 _PROBE = """
 import json, sys, time
 from pathlib import Path
-from appliance import crypto
-from appliance.config import Destination
+from appliance.core import crypto
+from appliance.core.config import Destination
 from appliance.forward.dicom import DicomTransport
 
 def hwm():

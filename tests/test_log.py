@@ -7,7 +7,7 @@ import json
 
 import structlog
 
-from appliance import log
+from appliance.core import log
 
 
 def test_exception_is_logged_by_type_and_frames_not_message() -> None:

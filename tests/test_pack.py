@@ -9,14 +9,15 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from appliance import bundle, crypto
-from appliance.codec import CodecPool
-from appliance.config import Pack
-from appliance.db import open_index
-from appliance.pack import Packer, SegmentTimes, due_for_sealing
-from appliance.queue import Queue
-from appliance.receive import identify_stored
-from appliance.spool import Spool
+from appliance.bundle import format as bundle
+from appliance.core import crypto
+from appliance.core.config import Pack
+from appliance.pack.codec import CodecPool
+from appliance.pack.packer import Packer, SegmentTimes, due_for_sealing
+from appliance.queue.index import open_index
+from appliance.queue.store import Queue
+from appliance.receive.scp import identify_stored
+from appliance.spool.store import Spool
 from tests.peers import SAMPLES
 
 
@@ -76,7 +77,7 @@ def test_an_instance_that_fails_authentication_is_quarantined_and_the_rest_packe
 
 
 def test_packing_waits_for_a_burst_but_not_longer_than_the_segment_age() -> None:
-    from appliance.pack import may_pack_now
+    from appliance.pack.packer import may_pack_now
     cfg = Pack(segment_max_age_s=10)
     assert may_pack_now(sealed_at=100, receiving_burst=False, cfg=cfg, now=100)
     assert not may_pack_now(sealed_at=100, receiving_burst=True, cfg=cfg, now=109)

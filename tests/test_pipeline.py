@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pydicom
 
-from appliance import crypto
+from appliance.core import crypto
 from tests.peers import Appliance, base_config, cli, free_port, storescu, wait_for
 
 J2K_LOSSLESS = "1.2.840.10008.1.2.4.90"

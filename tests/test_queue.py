@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance.db import open_index
-from appliance.errors import NotFoundError, StateError
-from appliance.queue import Queue, backoff
+from appliance.core.errors import NotFoundError, StateError
+from appliance.queue.index import open_index
+from appliance.queue.store import Queue, backoff
 
 
 def test_backoff_grows_and_stays_within_bounds() -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
 
-from appliance.config import Caller, Receive
-from appliance.receive import STATUS, caller_allowed, part10_header, valid_uid
+from appliance.core.config import Caller, Receive
+from appliance.receive.scp import STATUS, caller_allowed, part10_header, valid_uid
 
 
 def test_status_table_uses_the_storage_service_ranges() -> None:
@@ -60,7 +60,7 @@ def test_file_meta_is_what_pydicom_would_write(sop_class: str, sop_instance: str
 
 def test_reactors_poll_fast_only_while_one_association_sends(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from appliance import receive
+    from appliance.receive import scp as receive
 
     monkeypatch.setattr(receive, "_senders", {})
     slept: list[float] = []

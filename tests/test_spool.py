@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from appliance import crypto, db
-from appliance.db import Index
-from appliance.receive import identify_stored, part10_header
-from appliance.spool import InstanceMeta, Spool, Stored, _sha256
+from appliance.core import crypto
+from appliance.queue import index as db
+from appliance.queue.index import Index
+from appliance.receive.scp import identify_stored, part10_header
+from appliance.spool.store import InstanceMeta, Spool, Stored, _sha256
 
 KEY = crypto.SpoolKey(b"\x07" * 32)
 SOP = "1.2.826.0.1.3680043.8.498.1"

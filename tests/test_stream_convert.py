@@ -24,10 +24,11 @@ from pydicom.uid import (
     JPEG2000Lossless,
 )
 
-from appliance import codec, stream_convert
-from appliance.codec import CodecError
-from appliance.errors import IntegrityError
+from appliance.core.errors import IntegrityError
+from appliance.forward import convert as stream_convert
 from appliance.forward.dicom.contexts import dataset_offset
+from appliance.pack import codec
+from appliance.pack.codec import CodecError
 from tests.peers import SAMPLES
 from tests.test_intake import write_multiframe_header
 from tests.test_stream_pack import multiframe

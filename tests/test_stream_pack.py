@@ -22,15 +22,18 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.pixels.utils import iter_pixels
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
-from appliance import bundle, codec, crypto, durable, stream_pack
-from appliance.codec import CodecPool
-from appliance.config import Pack
-from appliance.db import open_index
-from appliance.errors import IntegrityError
-from appliance.pack import Packer
-from appliance.queue import Queue
-from appliance.receive import identify_stored
-from appliance.spool import Spool
+from appliance.bundle import format as bundle
+from appliance.core import crypto, durable
+from appliance.core.config import Pack
+from appliance.core.errors import IntegrityError
+from appliance.pack import codec
+from appliance.pack import stream as stream_pack
+from appliance.pack.codec import CodecPool
+from appliance.pack.packer import Packer
+from appliance.queue.index import open_index
+from appliance.queue.store import Queue
+from appliance.receive.scp import identify_stored
+from appliance.spool.store import Spool
 from tests.peers import SAMPLES
 
 # --- instances ------------------------------------------------------------------------

@@ -19,10 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from appliance import bundle as bundle_format
-from appliance import durable
-from appliance.bundle import PrivateKey
-from appliance.errors import IntegrityError
+from appliance.bundle import format as bundle_format
+from appliance.bundle.format import PrivateKey
+from appliance.core import durable
+from appliance.core.errors import IntegrityError
 from appliance.forward import Permanent, Retryable, Unreadable
 
 _CHUNK = 1 << 20

@@ -21,9 +21,9 @@ from collections.abc import Callable, Sequence
 
 import structlog
 
-from appliance.config import Queue as QueueConfig
+from appliance.core.config import Queue as QueueConfig
 from appliance.forward import Permanent, Retryable, Transport, Unreadable
-from appliance.queue import Queue, backoff
+from appliance.queue.store import Queue, backoff
 
 log = structlog.get_logger("appliance.forward")
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 
-from appliance.errors import StateError
+from appliance.core.errors import StateError
 
 log = structlog.get_logger("appliance.status")
 

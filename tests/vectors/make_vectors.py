@@ -28,7 +28,8 @@ sys.path.insert(0, str(HERE.parents[1]))
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey  # noqa: E402
 
-from appliance import bundle, crypto  # noqa: E402
+from appliance.bundle import format as bundle  # noqa: E402
+from appliance.core import crypto  # noqa: E402
 
 CHUNK = 64
 CREATED = 1700000000

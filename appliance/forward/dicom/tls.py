@@ -13,7 +13,7 @@ from typing import Any
 from pynetdicom import AE
 from pynetdicom.transport import AddressInformation, AssociationSocket
 
-from appliance.config import TLSClient
+from appliance.core.config import TLSClient
 from appliance.forward import Retryable
 
 # OpenSSL reasons meaning "the peer does not accept our certificate" or "we cannot agree".

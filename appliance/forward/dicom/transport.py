@@ -30,11 +30,11 @@ from pynetdicom import build_context, evt
 from pynetdicom.dimse_primitives import C_STORE, N_ACTION
 from pynetdicom.dsutils import encode
 
-from appliance import codec, stream_convert
-from appliance.bundle import InstanceStream, ManifestEntry, PrivateKey, VerifiedBundle
-from appliance.config import Destination
-from appliance.errors import ConfigError, IntegrityError
+from appliance.bundle.format import InstanceStream, ManifestEntry, PrivateKey, VerifiedBundle
+from appliance.core.config import Destination
+from appliance.core.errors import ConfigError, IntegrityError
 from appliance.forward import Permanent, Retryable, Unreadable
+from appliance.forward import convert as stream_convert
 from appliance.forward.dicom.commitment import (
     REPORT_GRACE_S,
     CommitmentListener,
@@ -67,6 +67,7 @@ from appliance.forward.dicom.tls import (
     err_text,
     server_context,
 )
+from appliance.pack import codec
 
 log = structlog.get_logger("appliance.forward.dicom")
 

@@ -54,9 +54,10 @@ from pydicom.pixels.encoders.base import get_encoder
 from pydicom.pixels.utils import as_pixel_options
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from appliance import codec, crypto
-from appliance.codec import _Pass
-from appliance.errors import IntegrityError
+from appliance.core import crypto
+from appliance.core.errors import IntegrityError
+from appliance.pack import codec
+from appliance.pack.codec import _Pass
 
 PIECE = crypto.DEFAULT_CHUNK
 MAX_HEAD = 32 << 20  # header before Pixel Data held in memory; longer -> pass-through

@@ -67,8 +67,9 @@ from pydicom.pixels.decoders.base import Decoder, get_decoder
 from pydicom.pixels.utils import as_pixel_options
 from pydicom.uid import UID, RLELossless
 
-from appliance import codec, stream_pack
-from appliance.codec import CodecError, _Pass
+from appliance.pack import codec
+from appliance.pack import stream as stream_pack
+from appliance.pack.codec import CodecError, _Pass
 
 PIECE = stream_pack.PIECE
 _PIXEL_VALUE_HEADER = 12  # tag, VR, reserved, 32-bit length

@@ -49,8 +49,8 @@ from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM768PrivateKey, MLKEM768PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
-from appliance import crypto, durable
-from appliance.errors import IntegrityError, UsageError
+from appliance.core import crypto, durable
+from appliance.core.errors import IntegrityError, UsageError
 
 MAGIC: Final = b"APBUNDL1"
 FORMAT_VERSION: Final = 1

@@ -46,9 +46,9 @@ from typing import BinaryIO
 
 import structlog
 
-from appliance import crypto, durable
-from appliance.db import Index
-from appliance.errors import IntegrityError, KeyFileError, NotFoundError, SpoolFullError
+from appliance.core import crypto, durable
+from appliance.core.errors import IntegrityError, KeyFileError, NotFoundError, SpoolFullError
+from appliance.queue.index import Index
 
 log = structlog.get_logger("appliance.spool")
 

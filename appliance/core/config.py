@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance.errors import ConfigError
+from appliance.core.errors import ConfigError
 
 DEFAULT_CONFIG = Path("/etc/appliance/appliance.toml")
 DROPIN_DIR = "conf.d"

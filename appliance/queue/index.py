@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from appliance.errors import StateError
+from appliance.core.errors import StateError
 
 SCHEMA_VERSION = 3
 

@@ -27,9 +27,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance import durable
-from appliance.db import Index
-from appliance.errors import NotFoundError, StateError
+from appliance.core import durable
+from appliance.core.errors import NotFoundError, StateError
+from appliance.queue.index import Index
 
 STATES = ("receiving", "sealed", "ready", "active", "deferred", "held", "delivered", "failed")
 PRIORITY_STAT = 10

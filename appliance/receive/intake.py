@@ -36,9 +36,9 @@ from typing import Any
 import structlog
 from pynetdicom import _config, dimse_messages
 
-from appliance import durable
-from appliance.errors import SpoolFullError
-from appliance.spool import Incoming, Spool, new_id
+from appliance.core import durable
+from appliance.core.errors import SpoolFullError
+from appliance.spool.store import Incoming, Spool, new_id
 
 log = structlog.get_logger("appliance.intake")
 
@@ -71,7 +71,7 @@ class InstanceBuffer:
     """One C-STORE data set as it arrives: in memory while small, sealed to disk when large."""
 
     def __init__(self, spool: Spool, limit: int) -> None:
-        from appliance.receive import part10_header  # receive imports us
+        from appliance.receive.scp import part10_header  # receive imports us
 
         self._part10_header = part10_header
         self._spool = spool

@@ -52,11 +52,13 @@ from pynetdicom import (
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from appliance import __version__, dicomscan, intake
-from appliance.config import Receive
-from appliance.errors import SpoolFullError
-from appliance.intake import InstanceBuffer
-from appliance.spool import InstanceMeta, Spool, reader
+from appliance import __version__
+from appliance.core import dicomscan
+from appliance.core.config import Receive
+from appliance.core.errors import SpoolFullError
+from appliance.receive import intake
+from appliance.receive.intake import InstanceBuffer
+from appliance.spool.store import InstanceMeta, Spool, reader
 
 log = structlog.get_logger("appliance.receive")
 

@@ -51,14 +51,15 @@ from typing import Any
 import structlog
 from pydicom import dcmread
 
-from appliance import crypto, durable, stream_pack
-from appliance.bundle import BundleWriter
-from appliance.codec import CodecPool, Result, compress
-from appliance.config import Pack
-from appliance.errors import IntegrityError
-from appliance.queue import Queue
-from appliance.spool import Spool
-from appliance.stream_pack import Streamed
+from appliance.bundle.format import BundleWriter
+from appliance.core import crypto, durable
+from appliance.core.config import Pack
+from appliance.core.errors import IntegrityError
+from appliance.pack import stream as stream_pack
+from appliance.pack.codec import CodecPool, Result, compress
+from appliance.pack.stream import Streamed
+from appliance.queue.store import Queue
+from appliance.spool.store import Spool
 
 log = structlog.get_logger("appliance.pack")
 

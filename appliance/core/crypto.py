@@ -39,8 +39,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from appliance import durable
-from appliance.errors import IntegrityError, KeyFileError
+from appliance.core import durable
+from appliance.core.errors import IntegrityError, KeyFileError
 
 KEY_LEN = 32
 TAG_LEN = 16

@@ -777,7 +777,7 @@ class CodecPool:
         self._ctx = multiprocessing.get_context(start_method)
         if start_method == "forkserver":
             # import numpy/pydicom/openjpeg once in the server, not in every worker
-            self._ctx.set_forkserver_preload(["appliance.codec"])
+            self._ctx.set_forkserver_preload(["appliance.pack.codec"])
         self._max_tasks = max_tasks_per_child
         self._lock = threading.Lock()
         self._closed = False

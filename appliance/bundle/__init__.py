@@ -1,0 +1,1 @@
+"""Bundle: the encrypted bundle format (docs/bundle-format.md): write, read, extract."""

@@ -1,0 +1,1 @@
+"""Pack: segments into bundles; lossless codecs, worker pool, streaming of large instances."""

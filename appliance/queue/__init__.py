@@ -1,0 +1,1 @@
+"""Queue: the one owner of segment and bundle state, and the index that records it."""

@@ -1,0 +1,1 @@
+"""Receive: the DICOM SCP that feeds the spool, and where its data sets arrive."""

@@ -1,0 +1,1 @@
+"""Spool: received instances, sealed and durable, until they are packed."""
