@@ -42,8 +42,8 @@ from appliance.forward.directory import DirectoryTransport
 from appliance.forward.scheduler import Forwarder
 from appliance.health.notify import Notifier
 from appliance.health.status import StatusServer
-from appliance.pack.codec import CodecPool
 from appliance.pack.packer import Packer
+from appliance.pack.pool import CodecPool
 from appliance.queue.index import open_index
 from appliance.queue.store import Queue
 from appliance.receive.scp import Receiver, ReceiveStats, identify_stored

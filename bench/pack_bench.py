@@ -834,7 +834,7 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     from appliance.core import log as applog
-    from appliance.pack import codec
+    from appliance.pack import pool as pool_mod
 
     applog.setup(level="error", fmt="json", stream=sys.stderr)  # the Packer's info lines: not here
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -856,14 +856,14 @@ def main(argv: list[str] | None = None) -> int:
             log(f"phantom: {len(files)} slices, {nbytes / 1e6:.1f} MB, generated in "
                 f"{time.perf_counter() - t0:.1f} s in {work}")
             result.update(slices=len(files), bytes=nbytes)
-            pool = codec.CodecPool(0)  # all cores, forkserver, niced workers: as in the daemon
+            pool = pool_mod.CodecPool(0)  # all cores, forkserver, niced workers: as in the daemon
             # the references run at the codec workers' priority, so that the other jobs on a
             # shared machine take the same share from both (nice 0 would beat nice 10 easily)
             ctx = multiprocessing.get_context("forkserver")
             bare_pool = ProcessPoolExecutor(pool.workers, mp_context=ctx, initializer=_bare_init,
-                                            initargs=(codec.WORKER_NICE,))
+                                            initargs=(pool_mod.WORKER_NICE,))
             single = ProcessPoolExecutor(1, mp_context=ctx, initializer=_bare_init,
-                                         initargs=(codec.WORKER_NICE,))
+                                         initargs=(pool_mod.WORKER_NICE,))
             warm(pool, [bare_pool, single], files[len(files) // 2].read_bytes())
         if "throughput" in parts:
             assert pool is not None and bare_pool is not None and single is not None

@@ -86,8 +86,8 @@ def child_store(state: Path, plain: Path) -> dict[str, Any]:
 
 
 def child_pack(state: Path, segment: str, codec: str, verify: bool, threshold_mb: int) -> dict[str, Any]:
-    from appliance.pack.codec import CodecPool
     from appliance.pack.packer import Packer
+    from appliance.pack.pool import CodecPool
 
     spool, queue, cfg, pub = _box(state, codec, verify, threshold_mb)
     pool = CodecPool(workers=1)

@@ -29,7 +29,8 @@ from pydicom.uid import (
 )
 
 from appliance.pack import codec
-from appliance.pack.codec import CodecPool, Result, compress, decompress
+from appliance.pack.codec import Result, compress, decompress
+from appliance.pack.pool import CodecPool
 
 SAMPLES = Path(os.environ.get("APPLIANCE_DICOM_SAMPLES",
                               Path(__file__).resolve().parents[2] / "shared" / "dicom-samples"))

@@ -12,8 +12,8 @@ import pytest
 from appliance.bundle import format as bundle
 from appliance.core import crypto
 from appliance.core.config import Pack
-from appliance.pack.codec import CodecPool
 from appliance.pack.packer import Packer, SegmentTimes, due_for_sealing
+from appliance.pack.pool import CodecPool
 from appliance.queue.index import open_index
 from appliance.queue.store import Queue
 from appliance.receive.scp import identify_stored

@@ -28,8 +28,8 @@ from appliance.core.config import Pack
 from appliance.core.errors import IntegrityError
 from appliance.pack import codec
 from appliance.pack import stream as stream_pack
-from appliance.pack.codec import CodecPool
 from appliance.pack.packer import Packer
+from appliance.pack.pool import CodecPool
 from appliance.queue.index import open_index
 from appliance.queue.store import Queue
 from appliance.receive.scp import identify_stored

@@ -56,7 +56,8 @@ from appliance.core import crypto, durable
 from appliance.core.config import Pack
 from appliance.core.errors import IntegrityError
 from appliance.pack import stream as stream_pack
-from appliance.pack.codec import CodecPool, Result, compress
+from appliance.pack.codec import Result, compress
+from appliance.pack.pool import CodecPool
 from appliance.pack.stream import Streamed
 from appliance.queue.store import Queue
 from appliance.spool.store import Spool
