@@ -76,6 +76,7 @@ class Receive:
     dimse_timeout_s: float = 60.0
     network_timeout_s: float = 60.0
     in_memory_limit_mb: int = 32
+    max_instance_mb: int = 4096  # larger data sets are refused; also the cap on inflating one
     tls: ReceiveTLS | None = None
 
 
@@ -472,6 +473,7 @@ def _parse_receive(t: _Table) -> Receive:
         dimse_timeout_s=t.number("dimse_timeout_s", d.dimse_timeout_s, 1, 3600),
         network_timeout_s=t.number("network_timeout_s", d.network_timeout_s, 1, 3600),
         in_memory_limit_mb=t.integer("in_memory_limit_mb", d.in_memory_limit_mb, 0, 1024),
+        max_instance_mb=t.integer("max_instance_mb", d.max_instance_mb, 1, 65536),
         tls=_parse_receive_tls(t),
     )
     t.finish()
