@@ -147,6 +147,11 @@ class Destination:
 
 
 @dataclass(frozen=True)
+class Health:
+    stall_s: float = 120.0  # a stage working this long without progress is stuck
+
+
+@dataclass(frozen=True)
 class Appliance:
     name: str = "appliance"
     state_dir: Path = Path("/var/lib/appliance")
@@ -162,6 +167,7 @@ class Config:
     pack: Pack = Pack()
     encryption: Encryption = Encryption()
     queue: Queue = Queue()
+    health: Health = Health()
     destinations: tuple[Destination, ...] = ()
     # Files read, in order, and which file set each dotted key (so that problems found
     # later, such as a missing key file, can name the file the technician must edit).
@@ -544,6 +550,13 @@ def _parse_queue(t: _Table) -> Queue:
     return q
 
 
+def _parse_health(t: _Table) -> Health:
+    d = Health()
+    h = Health(stall_s=t.number("stall_s", d.stall_s, 5, 3600))
+    t.finish()
+    return h
+
+
 def _dicom_keys(t: _Table) -> dict[str, Any]:
     kw: dict[str, Any] = {
         "host": t.string("host", max_len=253),
@@ -648,6 +661,7 @@ def parse(data: Mapping[str, Any], origins: Mapping[str, Path], main_file: Path,
         pack=_parse_pack(top.table("pack")),
         encryption=_parse_encryption(top.table("encryption")),
         queue=_parse_queue(top.table("queue")),
+        health=_parse_health(top.table("health")),
         destinations=_parse_destinations(top),
         sources=sources or (main_file,),
         origins=dict(origins),
