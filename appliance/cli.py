@@ -11,7 +11,8 @@ Every error is one line on stderr and a documented exit code (see `errors.py`): 
 (also: `queue list` before the daemon has ever run), 77 permission denied (status),
 78 configuration or key file (a config error prints one line per problem). No command
 prints a traceback; an unexpected bug prints one line and exits 70, with the traceback
-only under APPLIANCE_DEBUG=1.
+only under APPLIANCE_DEBUG=1. Output into a pipe whose reader has gone (`appliance queue
+list | head`) ends quietly with 141, as a tool killed by SIGPIPE does.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
+import signal
 import sqlite3
 import sys
 import time
@@ -40,6 +43,8 @@ from appliance.core.errors import (
     StateError,
     UsageError,
 )
+
+EX_SIGPIPE = 128 + signal.SIGPIPE  # what a shell reports for a tool killed by SIGPIPE: 141
 
 
 class _Parser(argparse.ArgumentParser):
@@ -96,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     os.umask(0o077)  # nothing the appliance creates should be readable by others
     try:
         args = _parser().parse_args(argv)
-        return _dispatch(args)
+        rc = _dispatch(args)
+        sys.stdout.flush()  # a closed pipe shows here, in the handler, not at interpreter exit
+        return rc
     except ConfigError as e:
         for line in e.problems:
             print(f"config error: {line}", file=sys.stderr)
@@ -106,12 +113,37 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError as e:
+        if not _stdout_reader_gone():
+            return _unexpected(e)
+        # `appliance queue list | head`: the reader has all it wanted. End as a tool killed
+        # by SIGPIPE would, quietly; stdout goes to /dev/null so that the interpreter's
+        # last flush of what is still buffered does not report the same pipe again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EX_SIGPIPE
     except Exception as e:
-        if os.environ.get("APPLIANCE_DEBUG") == "1":
-            raise
-        print(f"error: unexpected {type(e).__name__}; rerun with APPLIANCE_DEBUG=1 for details",
-              file=sys.stderr)
-        return 70
+        return _unexpected(e)
+
+
+def _unexpected(e: Exception) -> int:
+    if os.environ.get("APPLIANCE_DEBUG") == "1":
+        raise e
+    print(f"error: unexpected {type(e).__name__}; rerun with APPLIANCE_DEBUG=1 for details",
+          file=sys.stderr)
+    return 70
+
+
+def _stdout_reader_gone() -> bool:
+    """Has the other end of stdout closed (a pipe's reader, a socket's peer)?
+
+    Told apart from any other EPIPE (a socket of our own), which stays a bug to report.
+    """
+    try:
+        p = select.poll()
+        p.register(sys.stdout.fileno(), 0)  # no events asked: only ERR / HUP / NVAL come back
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in p.poll(0))
+    except (OSError, ValueError):
+        return False
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -11,6 +11,9 @@ import json
 import os
 import socket
 import stat
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,7 @@ from appliance import __version__
 from appliance.cli import main
 from appliance.core import config
 from appliance.core.errors import EX_CANTCREAT, EX_CONFIG, EX_SOFTWARE, EX_UNAVAILABLE, EX_USAGE
-from tests.peers import base_config, cli, to_toml
+from tests.peers import REPO, base_config, cli, to_toml
 
 
 @pytest.fixture
@@ -246,6 +249,40 @@ def test_queue_list_before_any_run_says_so(tmp_path: Path, site: dict[str, Any])
     assert "no queue index" in r.stderr and "has the appliance run" in r.stderr
 
 
+def queue_with_items(site: dict[str, Any], n: int, created: float | None = None) -> list[str]:
+    """A queue index holding n ready segments (rows as the spool writes them), oldest
+    first; their ids. `created` defaults to n minutes ago for the first, one minute apart."""
+    from appliance.queue.index import open_index
+
+    state = Path(site["appliance"]["state_dir"])
+    state.mkdir(exist_ok=True)
+    idx = open_index(state)
+    start = time.time() - 60 * n if created is None else created
+    ids = [f"{i:024x}" for i in range(n)]
+    with idx.tx() as c:
+        for i, item_id in enumerate(ids):
+            c.execute("INSERT INTO segments(id, study_key, state, created, updated, instances,"
+                      " bytes) VALUES (?, ?, 'ready', ?, ?, 3, 1000)",
+                      (item_id, "5d41402abc4b2a76", start + 60 * i, start + 60 * i))
+    idx.close()
+    return ids
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path, site: dict[str, Any]) -> None:
+    """`appliance queue list | head`: the reader has gone; no message, exit 141 as for SIGPIPE."""
+    path = write_config(tmp_path, site)
+    queue_with_items(site, 2000)  # more than a pipe buffer holds
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before the first write
+    try:
+        p = subprocess.run([sys.executable, "-m", "appliance", "queue", "list", "--config", path],
+                           stdout=w, stderr=subprocess.PIPE, text=True, timeout=60, cwd=REPO)
+    finally:
+        os.close(w)
+    assert p.stderr == ""
+    assert p.returncode == 141
+
+
 def test_queue_list_of_an_empty_queue(tmp_path: Path, site: dict[str, Any]) -> None:
     from appliance.queue.index import open_index
 
@@ -290,6 +327,19 @@ def test_unexpected_exception_is_one_line_and_70(run_main: Callable[..., tuple[i
     assert rc == EX_SOFTWARE
     assert err.splitlines() == ["error: unexpected RuntimeError; rerun with APPLIANCE_DEBUG=1 for details"]
     assert "DOE" not in err and out == ""
+
+
+def test_broken_pipe_not_on_stdout_is_still_a_bug(run_main: Callable[..., tuple[int, str, str]],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a closed stdout ends quietly; EPIPE from anything else is reported."""
+    def boom(path: Path | None = None) -> config.Config:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.delenv("APPLIANCE_DEBUG", raising=False)
+    monkeypatch.setattr(config, "load", boom)
+    rc, out, err = run_main("config", "check")
+    assert rc == EX_SOFTWARE
+    assert err.splitlines() == ["error: unexpected BrokenPipeError; rerun with APPLIANCE_DEBUG=1 for details"]
 
 
 def test_unexpected_exception_raises_under_appliance_debug(
