@@ -18,6 +18,7 @@ list | head`) ends quietly with 141, as a tool killed by SIGPIPE does.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import select
@@ -371,12 +372,45 @@ def _queue_show(cfg: config.Config, args: argparse.Namespace) -> int:
         d = show(Queue(cfg.appliance.state_dir, idx), args.id)
     finally:
         idx.close()
-    if args.json:
-        print(json.dumps(d, indent=2))
-    else:
-        for k, v in d.items():
-            print(f"{k:14} {'' if v is None else v}")
+    _print_item(d, args.json)
     return 0
+
+
+# Fields of a queue item or bundle header that hold a time (epoch seconds; 0 or None: unset).
+TIME_FIELDS = ("created", "updated", "next_attempt", "sealed", "delivered")
+
+
+def _print_item(d: dict[str, Any], as_json: bool) -> None:
+    """`queue show`: times as local ISO-8601 with their age; --json keeps the numbers and
+    adds `<field>_iso` beside each."""
+    if as_json:
+        print(json.dumps(_with_iso_times(d), indent=2))
+        return
+    now = time.time()
+    for k, v in d.items():
+        print(f"{k:14} {_when(v, now) if k in TIME_FIELDS else '' if v is None else v}")
+
+
+def _with_iso_times(d: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out[k] = v
+        if k in TIME_FIELDS:
+            out[f"{k}_iso"] = local_time(v) if v else None
+    return out
+
+
+def local_time(t: float) -> str:
+    """ISO-8601 in the box's local time, with its UTC offset: 2026-12-05T14:03:07+01:00."""
+    return datetime.datetime.fromtimestamp(t, datetime.UTC).astimezone().isoformat(timespec="seconds")
+
+
+def _when(t: float | None, now: float) -> str:
+    """A time for people: ISO-8601 local, and how long ago (or how soon); "-" when unset."""
+    if not t:
+        return "-"
+    ago = now - t
+    return f"{local_time(t)} ({_age(ago)} ago)" if ago >= 0 else f"{local_time(t)} (in {_age(-ago)})"
 
 
 def cmd_bundle(args: argparse.Namespace) -> int:
@@ -406,11 +440,12 @@ def cmd_bundle(args: argparse.Namespace) -> int:
                                  "reason": e.reason, "received_size": e.received_size,
                                  "size": e.size, "sha256": e.sha256} for e in m.instances]
     if args.json:
-        print(json.dumps(out, indent=2))
+        print(json.dumps(_with_iso_times(out), indent=2))
     else:
+        now = time.time()
         for k, v in out.items():
             if k != "instances":
-                print(f"{k:15} {v}")
+                print(f"{k:15} {_when(v, now) if k in TIME_FIELDS else v}")
         for e in out.get("instances", []):
             print(f"  [{e['index']}] {e['action']:11} {e['received_size']:>10} -> {e['size']:>10}"
                   f"  {e['transfer_syntax']}  sop_class {e['sop_class']}")
@@ -431,7 +466,9 @@ def _age(s: float) -> str:
         return f"{s:.0f}s"
     if s < 7200:
         return f"{s / 60:.0f}m"
-    return f"{s / 3600:.1f}h"
+    if s < 2 * 86400:
+        return f"{s / 3600:.1f}h"
+    return f"{s / 86400:.1f}d"
 
 
 def cmd_status(args: argparse.Namespace) -> int:

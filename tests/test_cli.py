@@ -7,6 +7,8 @@ creates what is missing and never replaces a key.
 
 from __future__ import annotations
 
+import datetime
+import hashlib
 import json
 import os
 import socket
@@ -22,7 +24,7 @@ import pytest
 
 from appliance import __version__
 from appliance.cli import main
-from appliance.core import config
+from appliance.core import config, crypto
 from appliance.core.errors import EX_CANTCREAT, EX_CONFIG, EX_SOFTWARE, EX_UNAVAILABLE, EX_USAGE
 from tests.peers import REPO, base_config, cli, to_toml
 
@@ -295,6 +297,92 @@ def test_queue_list_of_an_empty_queue(tmp_path: Path, site: dict[str, Any]) -> N
     assert "the queue is empty" in r.stdout
     r = cli("queue", "list", "--json", "--config", path)
     assert r.returncode == 0 and json.loads(r.stdout) == []
+
+
+# --- times: local ISO-8601 with the offset, and an age ---------------------------------
+
+# A fixed offset with no tzdata needed: POSIX "XYZ+3:30" is UTC-03:30.
+TZ_ENV, TZ_OFFSET = "XYZ+3:30", datetime.timezone(-datetime.timedelta(hours=3, minutes=30))
+
+
+def iso(t: float) -> str:
+    return datetime.datetime.fromtimestamp(t, TZ_OFFSET).isoformat(timespec="seconds")
+
+
+def show_lines(stdout: str) -> dict[str, str]:
+    return {k: v.strip() for k, _, v in (line.partition(" ") for line in stdout.splitlines())}
+
+
+def test_queue_show_prints_local_times_with_offset_and_age(
+        tmp_path: Path, site: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TZ", TZ_ENV)
+    path = write_config(tmp_path, site)
+    created = time.time() - 180
+    (item_id,) = queue_with_items(site, 1, created=created)
+    r = cli("queue", "show", item_id, "--config", path)
+    assert r.returncode == 0, r.stderr
+    fields = show_lines(r.stdout)
+    assert fields["created"] == f"{iso(created)} (3m ago)"
+    assert fields["created"].split(" ")[0].endswith("-03:30")
+    assert fields["next_attempt"] == "-"  # never scheduled: not 1970
+
+
+def test_queue_show_json_keeps_numbers_and_adds_iso_strings(
+        tmp_path: Path, site: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TZ", TZ_ENV)
+    path = write_config(tmp_path, site)
+    created = time.time() - 180
+    (item_id,) = queue_with_items(site, 1, created=created)
+    r = cli("queue", "show", item_id, "--json", "--config", path)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["created"] == pytest.approx(created)
+    assert d["created_iso"] == iso(created)
+    assert d["next_attempt"] == 0 and d["next_attempt_iso"] is None
+
+
+def write_bundle(path: Path, recipient: Path, created: int) -> Path:
+    """A one-instance bundle for `recipient` (a PEM public key), made at `created`."""
+    from appliance.bundle.format import BundleWriter, InstanceInfo
+
+    data = b"not an image, the format does not care"
+    with path.open("wb") as f:
+        w = BundleWriter(f, "b0cafe", [crypto.load_public_key(recipient)], "5d41402abc4b2a76",
+                         created=created)
+        w.begin_instance(InstanceInfo(
+            sop_instance_uid="1.2.3.4", sop_class="1.2.840.10008.5.1.4.1.1.7",
+            transfer_syntax="1.2.840.10008.1.2.1", received_transfer_syntax="1.2.840.10008.1.2.1",
+            received_size=len(data), received_sha256=hashlib.sha256(data).hexdigest(),
+            action="passthrough"))
+        w.write(data)
+        w.end_instance()
+        w.close()
+    return path
+
+
+def test_bundle_inspect_prints_the_creation_time_with_offset_and_age(
+        tmp_path: Path, site: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TZ", TZ_ENV)
+    cli("keys", "init", "--config", write_config(tmp_path, site), check=True)
+    created = int(time.time()) - 2 * 3600
+    bundle = write_bundle(tmp_path / "x.bundle", Path(site["encryption"]["appliance_public_key"]),
+                          created)
+    r = cli("bundle", "inspect", str(bundle))
+    assert r.returncode == 0, r.stderr
+    assert show_lines(r.stdout)["created"] == f"{iso(created)} (2.0h ago)"
+
+
+def test_bundle_inspect_json_keeps_the_number_and_adds_an_iso_string(
+        tmp_path: Path, site: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TZ", TZ_ENV)
+    cli("keys", "init", "--config", write_config(tmp_path, site), check=True)
+    created = int(time.time()) - 2 * 3600
+    bundle = write_bundle(tmp_path / "x.bundle", Path(site["encryption"]["appliance_public_key"]),
+                          created)
+    r = cli("bundle", "inspect", "--json", str(bundle))
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert (d["created"], d["created_iso"]) == (created, iso(created))
 
 
 # --- the top-level handler, in process ---------------------------------------------------
