@@ -35,12 +35,12 @@ from cryptography.hazmat.primitives import serialization
 from appliance import __version__
 from appliance.core import config, crypto, durable
 from appliance.core.errors import (
-    EX_NOPERM,
-    EX_UNAVAILABLE,
     ApplianceError,
     ConfigError,
+    DaemonNotRunningError,
     KeyFileError,
     NotFoundError,
+    PermissionDeniedError,
     StateError,
     UsageError,
 )
@@ -472,26 +472,33 @@ def _age(s: float) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    st = _daemon_status(args.config)
+    if args.json:
+        print(json.dumps(st, indent=2))
+    else:
+        _print_status(st)
+    return 0
+
+
+def _daemon_status(config_path: Path | None) -> dict[str, Any]:
     from appliance.health import control
 
-    cfg = config.load(args.config)
-    sock = cfg.control_socket
+    sock = config.load(config_path).control_socket
     try:
         st = control.request(sock, "status", timeout=5.0)
     except PermissionError:
-        print(f"error: permission denied on {sock}: run as root or the appliance's user",
-              file=sys.stderr)
-        return EX_NOPERM
+        raise PermissionDeniedError(f"permission denied on {sock}: run as root or the appliance's"
+                                    " user") from None
     except control.DaemonUnavailable:  # a hung daemon (timeout) or one that died mid-answer
-        print(f"error: the appliance daemon did not answer on {sock}", file=sys.stderr)
-        return EX_UNAVAILABLE
+        raise control.DaemonUnavailable(f"the appliance daemon did not answer on {sock}") from None
     if st is None:
-        print(f"error: the appliance daemon is not running (nothing listens on {sock})",
-              file=sys.stderr)
-        return EX_UNAVAILABLE
-    if args.json:
-        print(json.dumps(st, indent=2))
-        return 0
+        raise DaemonNotRunningError(f"the appliance daemon is not running (nothing listens on"
+                                    f" {sock})")
+    result: dict[str, Any] = st
+    return result
+
+
+def _print_status(st: dict[str, Any]) -> None:
     r, sp = st["receive"], st["spool"]
     for listener in st["listening"]:
         print(f"listening      {listener['host']}:{listener['port']}{' (TLS)' if listener['tls'] else ''}"
@@ -509,4 +516,3 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"queue          {counts}; oldest waiting {_age(st['oldest_waiting_s'])}")
         for dest, err in st.get("last_errors", {}).items():
             print(f"last error     {dest}: {err}")
-    return 0
