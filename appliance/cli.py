@@ -472,11 +472,22 @@ def _age(s: float) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    st = _daemon_status(args.config)
-    if args.json:
-        print(json.dumps(st, indent=2))
-    else:
-        _print_status(st)
+    """The running daemon's counters. With --json every outcome is one JSON document on
+    stdout, `running` true, false (nothing listens) or null (cannot tell), and the exit
+    code is the same as without --json."""
+    if not args.json:
+        _print_status(_daemon_status(args.config))
+        return 0
+    try:
+        st = _daemon_status(args.config)
+    except ApplianceError as e:
+        running = False if isinstance(e, DaemonNotRunningError) else None
+        out: dict[str, Any] = {"running": running, "error": str(e)}
+        if isinstance(e, ConfigError):
+            out["error"], out["problems"] = "the configuration is not valid", e.problems
+        print(json.dumps(out, indent=2))
+        return e.exit_code
+    print(json.dumps({"running": True, **st}, indent=2))
     return 0
 
 

@@ -232,6 +232,32 @@ def test_status_without_daemon_exits_69(tmp_path: Path, site: dict[str, Any]) ->
     assert "not running" in r.stderr
 
 
+def test_status_json_without_daemon_is_json_and_exits_69(tmp_path: Path, site: dict[str, Any]) -> None:
+    r = cli("status", "--json", "--config", write_config(tmp_path, site))
+    assert r.returncode == EX_UNAVAILABLE
+    d = json.loads(r.stdout)
+    assert d["running"] is False and "not running" in d["error"]
+    assert r.stderr == ""
+
+
+def test_status_json_with_a_bad_config_is_json_and_exits_78(tmp_path: Path, site: dict[str, Any]) -> None:
+    site["receive"]["port"] = 0
+    path = write_config(tmp_path, site)
+    r = cli("status", "--json", "--config", path)
+    assert r.returncode == EX_CONFIG
+    d = json.loads(r.stdout)
+    assert d["running"] is None
+    assert d["problems"] == [f"{path}: receive.port: must be 1..65535"]
+
+
+def test_status_json_of_a_running_daemon_says_running(appliance_factory: Callable[..., Any]) -> None:
+    app = appliance_factory()
+    r = cli("status", "--json", "--config", str(app.config_path))
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["running"] is True and d["pid"] == app.proc.pid
+
+
 def test_status_with_stale_socket_exits_69(tmp_path: Path, site: dict[str, Any]) -> None:
     """A socket file left behind by a killed daemon: nobody listens on it."""
     sock_path = Path(site["appliance"]["state_dir"]) / "run" / "control.sock"
@@ -452,6 +478,19 @@ def test_status_daemon_not_answering_exits_69(run_main: Callable[..., tuple[int,
         rc, out, err = run_main("status", "--config", str(tmp_path / "appliance.toml"))
     assert rc == EX_UNAVAILABLE
     assert err.splitlines() == [f"error: the appliance daemon did not answer on {sock_path}"]
+
+
+def test_status_json_daemon_not_answering_is_json_and_exits_69(
+        run_main: Callable[..., tuple[int, str, str]], tmp_path: Path, site: dict[str, Any]) -> None:
+    sock_path = Path(site["appliance"]["state_dir"]) / "run" / "control.sock"
+    sock_path.parent.mkdir(parents=True)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as hung:
+        hung.bind(str(sock_path))
+        hung.listen(1)  # never accepted, never answered
+        rc, out, err = run_main("status", "--json", "--config", str(tmp_path / "appliance.toml"))
+    assert rc == EX_UNAVAILABLE and err == ""
+    assert json.loads(out) == {"running": None,
+                               "error": f"the appliance daemon did not answer on {sock_path}"}
 
 
 def test_config_error_lines_in_process(run_main: Callable[..., tuple[int, str, str]],
