@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives import serialization
 from appliance import __version__
 from appliance.core import config, crypto, durable
 from appliance.core.errors import (
+    EX_USAGE,
     ApplianceError,
     ConfigError,
     DaemonNotRunningError,
@@ -52,6 +53,13 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(f"{self.prog}: {message}")
 
+    def add_subparsers(self, **kw: Any) -> Any:
+        """Commands of this level. One left out is not an argparse error ("required: cmd"
+        names our internals): `main` prints this level's help instead (exit 64)."""
+        self.set_defaults(help_of_level=self)
+        return super().add_subparsers(required=False, metavar="COMMAND", parser_class=_Parser,
+                                      title="commands", **kw)
+
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="appliance", description="Teleradiology edge appliance")
@@ -59,18 +67,18 @@ def _parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument("--config", type=Path, default=None,
                         help=f"main config file (default {config.DEFAULT_CONFIG})")
-    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    sub = p.add_subparsers(dest="cmd")
     sub.add_parser("run", parents=[common], help="run the daemon in the foreground")
     cfg = sub.add_parser("config", help="configuration")
-    cfg_sub = cfg.add_subparsers(dest="sub", required=True, parser_class=_Parser)
+    cfg_sub = cfg.add_subparsers(dest="sub")
     chk = cfg_sub.add_parser("check", parents=[common], help="check and print the effective config")
     chk.add_argument("--json", action="store_true")
     keys = sub.add_parser("keys", help="key management")
-    keys_sub = keys.add_subparsers(dest="sub", required=True, parser_class=_Parser)
+    keys_sub = keys.add_subparsers(dest="sub")
     keys_sub.add_parser("init", parents=[common],
                         help="create the spool key and appliance key pair if missing")
     q = sub.add_parser("queue", help="inspect the queue")
-    q_sub = q.add_subparsers(dest="sub", required=True, parser_class=_Parser)
+    q_sub = q.add_subparsers(dest="sub")
     ql = q_sub.add_parser("list", parents=[common], help="list segments and bundles")
     ql.add_argument("--json", action="store_true")
     qs = q_sub.add_parser("show", parents=[common], help="show one queue item")
@@ -84,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
         v.add_argument("id", nargs="?")
         v.add_argument("--all", action="store_true", help="every item this applies to")
     b = sub.add_parser("bundle", help="inspect and extract bundle files")
-    b_sub = b.add_subparsers(dest="sub", required=True, parser_class=_Parser)
+    b_sub = b.add_subparsers(dest="sub")
     bi = b_sub.add_parser("inspect", help="show a bundle's header, and its manifest with --key")
     bi.add_argument("file", type=Path)
     bi.add_argument("--key", type=Path, help="a recipient's private key (PEM)")
@@ -102,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     os.umask(0o077)  # nothing the appliance creates should be readable by others
     try:
         args = _parser().parse_args(argv)
+        if args.cmd is None or getattr(args, "sub", "") is None:
+            sys.stderr.write(args.help_of_level.format_help())
+            return EX_USAGE
         rc = _dispatch(args)
         sys.stdout.flush()  # a closed pipe shows here, in the handler, not at interpreter exit
         return rc

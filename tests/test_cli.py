@@ -64,9 +64,7 @@ def test_help_exits_0() -> None:
 
 
 @pytest.mark.parametrize("argv", [
-    pytest.param([], id="no-command"),
     pytest.param(["frobnicate"], id="unknown-command"),
-    pytest.param(["config"], id="missing-subcommand"),
     pytest.param(["config", "lint"], id="unknown-subcommand"),
     pytest.param(["config", "check", "--bogus"], id="unknown-option"),
     pytest.param(["status", "extra"], id="extra-argument"),
@@ -77,6 +75,23 @@ def test_usage_error_exits_64_with_one_line(argv: list[str]) -> None:
     assert r.returncode == EX_USAGE, r.stderr
     assert_one_line_error(r)
     assert r.stdout == ""
+
+
+@pytest.mark.parametrize(("argv", "commands"), [
+    pytest.param([], ["run", "config", "keys", "queue", "bundle", "status"], id="bare"),
+    pytest.param(["config"], ["check"], id="config"),
+    pytest.param(["queue"], ["list", "show", "hold", "release", "retry", "delete"], id="queue"),
+    pytest.param(["bundle"], ["inspect", "extract"], id="bundle"),
+])
+def test_a_missing_command_prints_the_help_of_that_level_and_exits_64(
+        argv: list[str], commands: list[str]) -> None:
+    r = cli(*argv)
+    assert r.returncode == EX_USAGE
+    assert r.stdout == ""
+    assert r.stderr.startswith(f"usage: {' '.join(['appliance', *argv])} ")
+    listed = [line.split()[0] for line in r.stderr.splitlines() if line.startswith("    ")]
+    assert listed == commands
+    assert "cmd" not in r.stderr.split() and "sub" not in r.stderr.split()
 
 
 # --- config check -----------------------------------------------------------------------
