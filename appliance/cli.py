@@ -4,7 +4,13 @@
     appliance config check   [--config PATH]     print the effective config, or every problem
     appliance keys init      [--config PATH]     create missing keys (never overwrites)
     appliance queue list     [--config PATH] [--json]
+    appliance queue show|hold|release|retry|delete ID|--all [--config PATH]
+    appliance bundle inspect FILE [--key KEY | --config PATH] [--json]
+    appliance bundle extract FILE [--key KEY | --config PATH] --out DIR
     appliance status         [--config PATH] [--json]
+
+Every command takes --config. `bundle` opens a bundle with --key, else with the config's
+encryption.appliance_key (--config, or the default config when it exists).
 
 Every error is one line on stderr and a documented exit code (see `errors.py`): 0 ok,
 64 usage, 66 not found, 69 daemon not running or not answering (status), 73 state dir
@@ -93,13 +99,17 @@ def _parser() -> argparse.ArgumentParser:
         v.add_argument("--all", action="store_true", help="every item this applies to")
     b = sub.add_parser("bundle", help="inspect and extract bundle files")
     b_sub = b.add_subparsers(dest="sub")
-    bi = b_sub.add_parser("inspect", help="show a bundle's header, and its manifest with --key")
+    key_help = ("a recipient's private key (PEM); default: encryption.appliance_key of the config"
+                " (--config, or the default config when it exists)")
+    bi = b_sub.add_parser("inspect", parents=[common],
+                          help="show a bundle's header, and its manifest when a key opens it")
     bi.add_argument("file", type=Path)
-    bi.add_argument("--key", type=Path, help="a recipient's private key (PEM)")
+    bi.add_argument("--key", type=Path, help=key_help)
     bi.add_argument("--json", action="store_true")
-    be = b_sub.add_parser("extract", help="verify a bundle and write its instances as Part-10 files")
+    be = b_sub.add_parser("extract", parents=[common],
+                          help="verify a bundle and write its instances as Part-10 files")
     be.add_argument("file", type=Path)
-    be.add_argument("--key", type=Path, required=True, help="a recipient's private key (PEM)")
+    be.add_argument("--key", type=Path, help=key_help)
     be.add_argument("--out", type=Path, required=True, help="output folder (created if missing)")
     st = sub.add_parser("status", parents=[common], help="show the running daemon's status")
     st.add_argument("--json", action="store_true")
@@ -427,40 +437,72 @@ def _when(t: float | None, now: float) -> str:
 def cmd_bundle(args: argparse.Namespace) -> int:
     from appliance.bundle import format as bundle
 
-    if args.sub == "extract":
-        key = crypto.load_private_key(args.key)
-        args.out.mkdir(parents=True, exist_ok=True)
-        with _open_input(args.file) as f:
-            manifest = bundle.extract(f, key, args.out)
-        print(f"{len(manifest.instances)} instances written to {args.out}")
+    key_path, explicit = _bundle_key(args)
+    if args.sub == "inspect":
+        _print_bundle(_inspect(args.file, key_path, explicit), args.json)
         return 0
+    if key_path is None:
+        raise UsageError("appliance bundle extract: give --key, or --config to use its"
+                         f" encryption.appliance_key ({config.DEFAULT_CONFIG} does not exist)")
+    key = crypto.load_private_key(key_path)
+    args.out.mkdir(parents=True, exist_ok=True)
     with _open_input(args.file) as f:
+        manifest = bundle.extract(f, key, args.out)
+    print(f"{len(manifest.instances)} instances written to {args.out}")
+    return 0
+
+
+def _inspect(path: Path, key_path: Path | None, explicit: bool) -> dict[str, Any]:
+    """A bundle's header, and its manifest when `key_path` opens it (verifying it all)."""
+    from appliance.bundle import format as bundle
+
+    with _open_input(path) as f:
         header = bundle.read_header(f)
         out: dict[str, Any] = {
             "bundle_id": header.bundle_id, "format_version": header.version,
             "created": header.created, "suite": header.suite_name, "chunk_size": header.chunk_size,
             "recipients": [r.key_id.hex() for r in header.recipients],
         }
-        if args.key:
+        key = crypto.load_private_key(key_path) if key_path is not None else None
+        if key is not None and not explicit and bundle.recipient_key_id(key.public_key()) not in {
+                r.key_id for r in header.recipients}:
+            # The box's own key, not asked for: a bundle of another box still shows its header.
+            out["manifest_not_shown"] = f"encryption.appliance_key ({key_path}) is not a recipient"
+        elif key is not None:
             f.seek(0)
-            m = bundle.read_manifest(f, crypto.load_private_key(args.key))
+            m = bundle.read_manifest(f, key)
             out["study"] = m.study_key
             # ids only: a UID identifies a patient's study as surely as a name does
             out["instances"] = [{"index": e.index, "sop_class": e.sop_class,
                                  "transfer_syntax": e.transfer_syntax, "action": e.action,
                                  "reason": e.reason, "received_size": e.received_size,
                                  "size": e.size, "sha256": e.sha256} for e in m.instances]
-    if args.json:
+    return out
+
+
+def _bundle_key(args: argparse.Namespace) -> tuple[Path | None, bool]:
+    """(the private key file that opens bundles, given explicitly?): --key, else the
+    config's encryption.appliance_key (--config, or the default config when it exists)."""
+    if args.key is not None:
+        return args.key, True
+    if args.config is not None or config.DEFAULT_CONFIG.exists():
+        return config.load(args.config).encryption.appliance_key, False
+    return None, False
+
+
+def _print_bundle(out: dict[str, Any], as_json: bool) -> None:
+    if as_json:
         print(json.dumps(_with_iso_times(out), indent=2))
-    else:
-        now = time.time()
-        for k, v in out.items():
-            if k != "instances":
-                print(f"{k:15} {_when(v, now) if k in TIME_FIELDS else v}")
-        for e in out.get("instances", []):
-            print(f"  [{e['index']}] {e['action']:11} {e['received_size']:>10} -> {e['size']:>10}"
-                  f"  {e['transfer_syntax']}  sop_class {e['sop_class']}")
-    return 0
+        return
+    now = time.time()
+    for k, v in out.items():
+        if k == "manifest_not_shown":
+            print(f"{'manifest':15} not shown: {v}")
+        elif k != "instances":
+            print(f"{k:15} {_when(v, now) if k in TIME_FIELDS else v}")
+    for e in out.get("instances", []):
+        print(f"  [{e['index']}] {e['action']:11} {e['received_size']:>10} -> {e['size']:>10}"
+              f"  {e['transfer_syntax']}  sop_class {e['sop_class']}")
 
 
 def _open_input(p: Path) -> Any:

@@ -38,6 +38,7 @@ def site(tmp_path: Path) -> dict[str, Any]:
 
 
 def write_config(root: Path, cfg: dict[str, Any]) -> str:
+    root.mkdir(parents=True, exist_ok=True)
     path = root / "appliance.toml"
     path.write_text(to_toml(cfg))
     return str(path)
@@ -424,6 +425,68 @@ def test_bundle_inspect_json_keeps_the_number_and_adds_an_iso_string(
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert (d["created"], d["created_iso"]) == (created, iso(created))
+
+
+# --- bundle commands take --config, and the config's key -------------------------------
+
+
+def site_bundle(tmp_path: Path, site: dict[str, Any]) -> tuple[str, Path]:
+    """(config path, a bundle sealed for the site's appliance key, keys created)."""
+    path = write_config(tmp_path, site)
+    cli("keys", "init", "--config", path, check=True)
+    pub = Path(site["encryption"]["appliance_public_key"])
+    return path, write_bundle(tmp_path / "x.bundle", pub, int(time.time()))
+
+
+def test_bundle_extract_takes_its_key_from_config(tmp_path: Path, site: dict[str, Any]) -> None:
+    path, bundle = site_bundle(tmp_path, site)
+    r = cli("bundle", "extract", str(bundle), "--config", path, "--out", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"1 instances written to {tmp_path / 'out'}"
+    assert (tmp_path / "out" / "0.dcm").read_bytes() == b"not an image, the format does not care"
+
+
+def test_bundle_inspect_with_config_shows_the_manifest(tmp_path: Path, site: dict[str, Any]) -> None:
+    path, bundle = site_bundle(tmp_path, site)
+    r = cli("bundle", "inspect", str(bundle), "--config", path, "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["study"] == "5d41402abc4b2a76" and len(d["instances"]) == 1
+
+
+def test_bundle_inspect_uses_the_default_config_when_it_exists(
+        run_main: Callable[..., tuple[int, str, str]], monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path, site: dict[str, Any]) -> None:
+    path, bundle = site_bundle(tmp_path, site)
+    monkeypatch.setattr(config, "DEFAULT_CONFIG", Path(path))
+    rc, out, err = run_main("bundle", "inspect", str(bundle), "--json")
+    assert rc == 0, err
+    assert json.loads(out)["study"] == "5d41402abc4b2a76"
+
+
+def test_bundle_inspect_of_another_box_bundle_shows_its_header(
+        tmp_path: Path, site: dict[str, Any]) -> None:
+    """The config's key was not asked for: a bundle it cannot open still shows its header."""
+    path, _ = site_bundle(tmp_path, site)
+    other = base_config(tmp_path / "other", 11112)
+    cli("keys", "init", "--config", write_config(tmp_path / "other", other), check=True)
+    bundle = write_bundle(tmp_path / "y.bundle", Path(other["encryption"]["appliance_public_key"]),
+                          int(time.time()))
+    r = cli("bundle", "inspect", str(bundle), "--config", path)
+    assert r.returncode == 0, r.stderr
+    fields = show_lines(r.stdout)
+    assert fields["bundle_id"] == "b0cafe"
+    assert fields["manifest"] == (f"not shown: encryption.appliance_key "
+                                  f"({site['encryption']['appliance_key']}) is not a recipient")
+
+
+def test_bundle_extract_without_key_or_config_is_a_usage_error(
+        run_main: Callable[..., tuple[int, str, str]], monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> None:
+    monkeypatch.setattr(config, "DEFAULT_CONFIG", tmp_path / "absent.toml")
+    rc, out, err = run_main("bundle", "extract", str(tmp_path / "x.bundle"), "--out", str(tmp_path))
+    assert rc == EX_USAGE
+    assert err.startswith("error: appliance bundle extract: give --key, or --config")
 
 
 # --- the top-level handler, in process ---------------------------------------------------
