@@ -239,10 +239,6 @@ def _check_files(cfg: config.Config) -> list[tuple[str, str]]:
             checks.append((f"destinations[{i}].path", _directory_or_absent, d.path))
     checks.append(("appliance.state_dir", _directory_or_absent, cfg.appliance.state_dir))
     out = []
-    for i, d in enumerate(cfg.destinations):
-        if d.transport == "sftp":  # parsed and checked, but the daemon cannot send with it yet
-            out.append((f"destinations[{i}].transport",
-                        "sftp is not available in this version of the appliance"))
     if len(bytes(cfg.control_socket)) > CONTROL_SOCKET_MAX:
         out.append(("appliance.state_dir", f"path too long: {cfg.control_socket} must be at most"
                     f" {CONTROL_SOCKET_MAX} bytes (a Unix socket limit)"))
