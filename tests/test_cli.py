@@ -11,6 +11,7 @@ import datetime
 import hashlib
 import json
 import os
+import re
 import socket
 import stat
 import subprocess
@@ -606,3 +607,14 @@ def test_sftp_destination_is_reported_as_not_available_at_once(tmp_path: Path) -
     assert [line.split(": ", 3)[2:] for line in r.stderr.splitlines()] == [
         ["destinations[0].transport", "sftp is not available in this version of the appliance;"
                                       " use dicom or directory"]]
+
+
+# --- the README says what the commands show ---------------------------------------------
+
+
+def test_readme_explains_every_state_queue_list_shows() -> None:
+    from appliance.queue.state import STATES
+
+    readme = (REPO / "README.md").read_text()
+    explained = re.findall(r"^\| `(\w+)` \| ", readme, re.M)
+    assert explained == list(STATES)
