@@ -176,6 +176,18 @@ class ProbedSocket(AssociationSocket):
                 # peer that stopped reading would never return.
                 sock.settimeout(self._io_timeout)
 
+    def _shutdown_socket(self) -> None:
+        """Shut down and close. pynetdicom 3.0 closes only if `shutdown` succeeded, and
+        on a socket that never connected it fails (ENOTCONN): every refused connection
+        left an open socket for the garbage collector."""
+        sock = self.socket
+        if sock is None:
+            return
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            sock.close()
+
     def send(self, bytestream: bytes) -> None:
         super().send(bytestream)
         self.probe.activity = time.monotonic()
