@@ -362,9 +362,9 @@ def test_several_associations_when_contexts_do_not_fit_one(
     opened: list[int] = []
     associate = t._associate
 
-    def counting(specs: Any, ctx: Any) -> Any:
+    def counting(specs: Any, ctx: Any, cancelled: Any = None) -> Any:
         opened.append(len(specs))
-        return associate(specs, ctx)
+        return associate(specs, ctx, cancelled)
 
     monkeypatch.setattr(t, "_associate", counting)
     t.send("b-1", bundle, Progress())

@@ -4,21 +4,42 @@ A transport sends one bundle to one destination and either returns (delivered), 
 `Retryable` (the destination may work later: connection refused, timeout, disk missing)
 or raises `Permanent` (it will not work without a human: SOP class refused, bad
 certificate), or its subclass `Unreadable` (the bundle file itself fails authentication:
-the scheduler moves it to quarantine). The scheduler owns the queue transitions; transports never touch the
-queue. Automatic failover across the ordered destination list comes later; the
-scheduler already holds the list, and transports report errors in the shape the
-health policy will need.
+the scheduler moves it to quarantine). The scheduler owns the queue transitions;
+transports never touch the queue.
+
+Whose fault: a failure that the transport can tie to instances of the bundle names their
+manifest indexes in `instances` (the PACS refused instance 7, or stopped answering while
+instance 7 was being sent); the scheduler then sets those aside (`forward.policy`) and
+delivers the rest. A failure without instances is the destination's or the whole
+bundle's.
+
+One attempt, and what the scheduler asks of it (`Plan`): which instances to leave out
+(stored there by an earlier attempt, or parked), which to send alone (a parked instance
+released by an operator), which to send last (suspects of an earlier failure, so that the
+healthy ones go first); a callback for each instance the destination now holds; and an
+event set when the attempt's time budget has run out, on which the transport stops at
+its next poll and raises `Retryable`. Transports poll it at least every second.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 
 class TransportError(Exception):
-    """A delivery attempt failed; the message is for the operator (no patient data)."""
+    """A delivery attempt failed; the message is for the operator (no patient data).
+
+    `instances`: the manifest indexes of the instances the failure is tied to (empty when
+    it is the destination's or the whole bundle's).
+    """
+
+    def __init__(self, message: str, *, instances: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.instances = instances
 
 
 class Retryable(TransportError):
@@ -34,11 +55,31 @@ class Unreadable(Permanent):
     appliance's key): no destination can be given it; it goes to quarantine, kept."""
 
 
+def _nothing(index: int) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one attempt sends of a bundle (see the module docstring)."""
+
+    skip: frozenset[int] = frozenset()
+    only: frozenset[int] | None = None
+    last: frozenset[int] = frozenset()
+    delivered: Callable[[int], None] = _nothing
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def wants(self, index: int) -> bool:
+        return index not in self.skip and (self.only is None or index in self.only)
+
+
 class Transport(Protocol):
     name: str
 
-    def send(self, item_id: str, bundle: Path, progress: Callable[[int], None]) -> None:
-        """Deliver the bundle file; raise Retryable or Permanent on failure."""
+    def send(self, item_id: str, bundle: Path, progress: Callable[[int], None],
+             plan: Plan | None = None) -> None:
+        """Deliver the bundle file (what `plan` asks of it; all of it by default); raise
+        Retryable or Permanent on failure."""
 
     def close(self) -> None:
         """Release connections."""

@@ -15,6 +15,7 @@ sends the file to quarantine, as the dicom transport does.
 from __future__ import annotations
 
 import errno
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -23,19 +24,24 @@ from appliance.bundle import format as bundle_format
 from appliance.bundle.format import PrivateKey
 from appliance.core import durable
 from appliance.core.errors import IntegrityError
-from appliance.forward import Permanent, Retryable, Unreadable
+from appliance.forward import Permanent, Plan, Retryable, Unreadable
 
 _CHUNK = 1 << 20
 
 
 class _Copying:
-    """A reader that writes what it reads to `dst` and reports the count."""
+    """A reader that writes what it reads to `dst` and reports the count; it stops with
+    Retryable once `cancelled` is set (the attempt's time budget ran out)."""
 
-    def __init__(self, src: BinaryIO, dst: BinaryIO, progress: Callable[[int], None]) -> None:
+    def __init__(self, src: BinaryIO, dst: BinaryIO, progress: Callable[[int], None],
+                 cancelled: threading.Event) -> None:
         self._src, self._dst, self._progress = src, dst, progress
+        self._cancelled = cancelled
         self.done = 0
 
     def read(self, n: int = -1) -> bytes:
+        if self._cancelled.is_set():
+            raise Retryable("the copy ran out of its time budget (is the folder very slow?)")
         data = self._src.read(n)
         if data:
             self._dst.write(data)
@@ -50,15 +56,19 @@ class DirectoryTransport:
         self.path = path
         self.private_key = private_key
 
-    def send(self, item_id: str, bundle: Path, progress: Callable[[int], None]) -> None:
+    def send(self, item_id: str, bundle: Path, progress: Callable[[int], None],
+             plan: Plan | None = None) -> None:
+        """Copy the whole bundle file: a folder takes a bundle whole or not at all, so
+        `plan.skip`/`only` do not apply (this transport never blames an instance)."""
+        plan = plan or Plan()
         if not self.path.is_dir():
             raise Retryable(f"destination folder {self.path} does not exist (not mounted?)")
         target = self.path / bundle.name
         try:
             with bundle.open("rb") as src, durable.atomic_file(target, mode=0o600) as dst:
-                copying = _Copying(src, dst, progress)
+                copying = _Copying(src, dst, progress, plan.cancelled)
                 # read_manifest only calls read(); _Copying is not a whole BinaryIO
-                bundle_format.read_manifest(copying, self.private_key)  # type: ignore[arg-type]
+                manifest = bundle_format.read_manifest(copying, self.private_key)  # type: ignore[arg-type]
                 while copying.read(_CHUNK):
                     pass
         except IntegrityError as e:
@@ -69,6 +79,8 @@ class DirectoryTransport:
             if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
                 raise Retryable(f"cannot write to {self.path}: {e.strerror}") from None
             raise Retryable(f"writing to {self.path} failed: {e.strerror}") from None
+        for entry in manifest.instances:  # the folder now holds every instance of it
+            plan.delivered(entry.index)
 
     def close(self) -> None:
         pass

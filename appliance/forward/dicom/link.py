@@ -97,10 +97,12 @@ class Lost(Exception):
 class Link:
     """One established association and the DIMSE exchanges on it."""
 
-    def __init__(self, assoc: Any, probe: Probe, timeout_s: float) -> None:
+    def __init__(self, assoc: Any, probe: Probe, timeout_s: float,
+                 cancelled: threading.Event | None = None) -> None:
         self.assoc = assoc
         self.probe = probe
         self.timeout = timeout_s
+        self.cancelled = cancelled or threading.Event()
         self._msg_id = 0
         self.accepted: dict[str, list[tuple[int, str]]] = {}
         for cx in assoc.accepted_contexts:
@@ -114,6 +116,8 @@ class Link:
         return self._msg_id
 
     def lost_reason(self) -> str | None:
+        if self.cancelled.is_set():
+            return "the attempt ran out of its time budget"
         a = self.assoc
         tls = self.probe.tls_error
         if tls is not None:

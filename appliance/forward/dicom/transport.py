@@ -33,7 +33,7 @@ from pynetdicom.dsutils import encode
 from appliance.bundle.format import InstanceStream, ManifestEntry, PrivateKey, VerifiedBundle
 from appliance.core.config import Destination
 from appliance.core.errors import ConfigError, IntegrityError
-from appliance.forward import Permanent, Retryable, Unreadable
+from appliance.forward import Permanent, Plan, Retryable, Unreadable
 from appliance.forward import convert as stream_convert
 from appliance.forward.dicom.commitment import (
     REPORT_GRACE_S,
@@ -155,7 +155,9 @@ class DicomTransport:
 
     # --- Transport interface ---
 
-    def send(self, item_id: str, bundle: Path, progress: Callable[[int], None]) -> None:
+    def send(self, item_id: str, bundle: Path, progress: Callable[[int], None],
+             plan: Plan | None = None) -> None:
+        plan = plan or Plan()
         try:
             f = bundle.open("rb")
         except FileNotFoundError:
@@ -167,26 +169,50 @@ class DicomTransport:
                 verified = VerifiedBundle(f, self.private_key)
             except IntegrityError as e:
                 raise Unreadable(f"bundle does not verify: {e}") from None
-            entries = verified.manifest.instances
-            if not entries:
-                return
-            commitment = self.dest.storage_commitment
-            groups = plan_groups([(e.sop_class, e.transfer_syntax) for e in entries], commitment,
-                                 limit=MAX_CONTEXTS)
-            tls_ctx = self._client_context()
-            instances = verified.streams()
+            wanted = [e for e in verified.manifest.instances if plan.wants(e.index)]
+            # Suspects of an earlier failure go last, on associations of their own: the
+            # healthy instances are delivered first, and a failure of a suspect is then
+            # known to be its own (the PACS took the others).
+            batches = [b for b in ([e for e in wanted if e.index not in plan.last],
+                                   [e for e in wanted if e.index in plan.last]) if b]
             sent = _Sent()
             t0 = time.monotonic()
+            tls_ctx = self._client_context()
+            associations = 0
             try:
-                for gi, group in enumerate(groups):
-                    last = gi == len(groups) - 1
-                    self._send_group(item_id, group, entries, instances, tls_ctx, sent, progress,
-                                     commit_all=entries if (commitment and last) else None)
+                for batch in batches:
+                    associations += self._send_batch(item_id, verified, batch, tls_ctx, sent,
+                                                     progress, plan)
             except IntegrityError as e:
                 raise Unreadable(f"bundle does not verify: {e}") from None
-        log.info("dicom.sent", destination=self.name, bundle=item_id, instances=sent.count,
-                 bytes=sent.bytes, associations=len(groups), committed=commitment,
-                 converted=sent.converted or None, seconds=round(time.monotonic() - t0, 3))
+        if batches:
+            log.info("dicom.sent", destination=self.name, bundle=item_id, instances=sent.count,
+                     bytes=sent.bytes, associations=associations,
+                     committed=self.dest.storage_commitment, converted=sent.converted or None,
+                     seconds=round(time.monotonic() - t0, 3))
+
+    def _send_batch(self, item_id: str, verified: VerifiedBundle, batch: list[ManifestEntry],
+                    tls_ctx: ClientContext | None, sent: _Sent, progress: Callable[[int], None],
+                    plan: Plan) -> int:
+        """Send `batch` (in manifest order) over as many associations as its contexts
+        need, committing it at the end when storage commitment is on; returns the
+        number of associations. Each instance the PACS now holds is reported to
+        `plan.delivered` (after the commitment report, when there is one)."""
+        commitment = self.dest.storage_commitment
+        groups = plan_groups([(e.sop_class, e.transfer_syntax) for e in batch], commitment,
+                             limit=MAX_CONTEXTS)
+        indexes = {e.index for e in batch}
+        instances = ((e, s) for e, s in verified.streams() if e.index in indexes)
+        stored: list[ManifestEntry] | None = [] if commitment else None
+        for gi, group in enumerate(groups):
+            last = gi == len(groups) - 1
+            self._send_group(item_id, group, batch, instances, tls_ctx, sent, progress, plan,
+                             stored, commit_all=batch if (commitment and last) else None,
+                             total=len(verified.manifest.instances))
+        if stored is not None:
+            for e in stored:
+                plan.delivered(e.index)
+        return len(groups)
 
     def close(self) -> None:
         with self._listener_lock:
@@ -199,18 +225,20 @@ class DicomTransport:
     def _send_group(self, item_id: str, group: Group, entries: Sequence[ManifestEntry],
                     instances: Iterator[tuple[ManifestEntry, InstanceStream]],
                     tls_ctx: ClientContext | None,
-                    sent: _Sent, progress: Callable[[int], None],
-                    commit_all: Sequence[ManifestEntry] | None) -> None:
+                    sent: _Sent, progress: Callable[[int], None], plan: Plan,
+                    stored: list[ManifestEntry] | None,
+                    commit_all: Sequence[ManifestEntry] | None, total: int) -> None:
         specs = list(group.contexts)
         if commit_all is not None:
             specs.append((STORAGE_COMMITMENT_PUSH, UNCOMPRESSED))
-        link = self._associate(specs, tls_ctx)
-        where = ""
+        link = self._associate(specs, tls_ctx, plan.cancelled)
+        where, current = "", None
         try:
             mine = entries[group.start : group.stop]
-            choices = [choose_context(link.accepted, e.sop_class, e.transfer_syntax) for e in mine]
+            choices = _choices(link, mine)
             for entry, choice in zip(mine, choices, strict=True):
-                where = f" while sending instance {entry.index} of {len(entries)}"
+                where = f" while sending instance {entry.index} of {total}"
+                current = entry
                 got, stream = next(instances)
                 if got.index != entry.index:
                     raise IntegrityError("bundle changed while it was being read")
@@ -223,24 +251,33 @@ class DicomTransport:
                 else:
                     payload = self._payload(entry, stream.read(), choice, sent)
                     self._store(link, item_id, entry, payload, choice.context_id)
+                current = None
                 sent.count += 1
                 sent.bytes += entry.size
                 progress(sent.bytes)
+                if stored is None:
+                    plan.delivered(entry.index)
+                else:
+                    stored.append(entry)
             if commit_all is not None:
                 where = " during storage commitment"
-                self._commit(link, item_id, commit_all)
+                self._commit(link, item_id, stored or [])
         except Lost as e:
             link.kill()
-            raise Retryable(f"{e}{where}") from None
-        except (Retryable, Permanent):
+            blame = (current.index,) if current is not None else ()
+            raise Retryable(f"{e}{where}", instances=blame) from None
+        except (Retryable, Permanent) as e:
             link.release()
+            if current is not None and not e.instances and not isinstance(e, Unreadable):
+                e.instances = (current.index,)
             raise
         except BaseException:
             link.abort()
             raise
         link.release()
 
-    def _associate(self, specs: Sequence[ContextSpec], tls_ctx: ClientContext | None) -> Link:
+    def _associate(self, specs: Sequence[ContextSpec], tls_ctx: ClientContext | None,
+                   cancelled: threading.Event | None = None) -> Link:
         host, port = self.dest.host, self.dest.port
         assert host is not None and port is not None and self.dest.ae_title is not None
         contexts = [build_context(abstract, list(ts)) for abstract, ts in specs]
@@ -259,7 +296,7 @@ class DicomTransport:
         sock = assoc.dul.socket
         probe = sock.probe if isinstance(sock, ProbedSocket) else Probe()
         if assoc.is_established:
-            link = Link(assoc, probe, self.timeout)
+            link = Link(assoc, probe, self.timeout, cancelled)
             if (why := link.lost_reason()) is not None:  # TLS 1.3: alert after "success"
                 link.kill()
                 raise self._failure_from_probe(probe) or Retryable(why)
@@ -484,6 +521,22 @@ class DicomTransport:
 
 def _progress_from(progress: Callable[[int], None], base: int, n: int) -> None:
     progress(base + n)
+
+
+def _choices(link: Link, entries: Sequence[ManifestEntry]) -> list[Choice]:
+    """How each instance goes on this association; Permanent naming every instance that
+    cannot go at all (checked before anything is sent), so all of them are set aside."""
+    choices, refused, first = [], [], None
+    for e in entries:
+        try:
+            choices.append(choose_context(link.accepted, e.sop_class, e.transfer_syntax))
+        except Permanent as p:
+            refused.append(e.index)
+            first = first or p
+    if first is not None:
+        raise Permanent(str(first) + (f" (instances {', '.join(map(str, refused))})"
+                                      if len(refused) > 1 else ""), instances=tuple(refused))
+    return choices
 
 
 def _undecodable(entry: ManifestEntry, e: codec.CodecError) -> Permanent:

@@ -1,0 +1,91 @@
+"""A hand-written fake destination and transport, for scheduler tests without servers.
+
+It is a real implementation of the transport contract (appliance/forward/__init__.py):
+it opens and verifies the bundle with the appliance key like the real transports, honours
+the plan (skip, only, suspects last, cancellation), and blames instances the way the dicom
+transport does. tests/test_transport_contract.py runs the same conformance checks against
+it as against the directory and dicom transports.
+
+What the fake destination does with an instance is scripted by SOP Instance UID:
+    "refuse"  a failure status (Permanent, blamed on the instance)
+    "choke"   no answer: waits until the attempt is cancelled or `choke_s` passes, then
+              Retryable blamed on the instance (a PACS that stops answering on it)
+and `down = True` makes every attempt fail to connect (Retryable, nobody blamed).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+from appliance.bundle.format import PrivateKey, VerifiedBundle
+from appliance.core.errors import IntegrityError
+from appliance.forward import Permanent, Plan, Retryable, Unreadable
+
+
+class FakeDestination:
+    def __init__(self) -> None:
+        self.script: dict[str, str] = {}
+        self.down = False
+        self.choke_s = 30.0
+        self.stored: Counter[str] = Counter()  # SOP Instance UID -> times stored
+        self.lock = threading.Lock()
+        self.sending: set[str] = set()  # item ids being sent right now
+        self.unchoke = threading.Event()  # ends every choke at once (test teardown)
+
+
+class FakeTransport:
+    def __init__(self, name: str, destination: FakeDestination, private_key: PrivateKey) -> None:
+        self.name = name
+        self.destination = destination
+        self.private_key = private_key
+
+    def send(self, item_id: str, bundle: Path, progress: Callable[[int], None],
+             plan: Plan | None = None) -> None:
+        plan = plan or Plan()
+        d = self.destination
+        if d.down:
+            raise Retryable("the fake destination refused the connection")
+        try:
+            f = bundle.open("rb")
+        except FileNotFoundError:
+            raise Permanent("bundle file vanished from the queue") from None
+        with d.lock:
+            d.sending.add(item_id)
+        try:
+            with f:
+                try:
+                    verified = VerifiedBundle(f, self.private_key)
+                    wanted = [e for e in verified.manifest.instances if plan.wants(e.index)]
+                    order = ([e.index for e in wanted if e.index not in plan.last]
+                             + [e.index for e in wanted if e.index in plan.last])
+                    data = {e.index: (e, s.read()) for e, s in verified.streams() if plan.wants(e.index)}
+                except IntegrityError as e:
+                    raise Unreadable(f"bundle does not verify: {e}") from None
+            done = 0
+            for idx in order:
+                if plan.cancelled.is_set():
+                    raise Retryable("the attempt ran out of its time budget", instances=(idx,))
+                entry, raw = data[idx]
+                what = d.script.get(entry.sop_instance_uid, "store")
+                if what == "refuse":
+                    raise Permanent(f"the fake PACS refused instance {idx}", instances=(idx,))
+                if what == "choke":
+                    until = time.monotonic() + d.choke_s
+                    while time.monotonic() < until and not (plan.cancelled.is_set() or d.unchoke.is_set()):
+                        time.sleep(0.02)
+                    raise Retryable(f"no answer while sending instance {idx}", instances=(idx,))
+                with d.lock:
+                    d.stored[entry.sop_instance_uid] += 1
+                done += len(raw)
+                progress(done)
+                plan.delivered(idx)
+        finally:
+            with d.lock:
+                d.sending.discard(item_id)
+
+    def close(self) -> None:
+        pass
