@@ -22,7 +22,7 @@ from pathlib import Path
 
 from appliance.core.errors import StateError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA = [
     # version 1
@@ -92,6 +92,25 @@ _SCHEMA = [
     CREATE UNIQUE INDEX instances_content ON instances(content_key);
     CREATE INDEX instances_segment ON instances(segment_id);
     CREATE INDEX instances_sop ON instances(sop_key)
+    """,
+    # version 4: forwarding per instance. A bundle's instances that one destination has
+    # stored, that failed there (suspects, with strikes) or that were parked apart; a
+    # parked instance is a queue item of its own (`parent` = the bundle whose file holds
+    # it, `only_index` = its index in that bundle's manifest). `incomplete`: acknowledged
+    # instances of the segment that could not be read back when it was packed.
+    """
+    ALTER TABLE segments ADD COLUMN parent TEXT;
+    ALTER TABLE segments ADD COLUMN only_index INTEGER;
+    ALTER TABLE segments ADD COLUMN incomplete INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX segments_parent ON segments(parent);
+    CREATE TABLE bundle_instances (
+        item_id     TEXT NOT NULL,
+        idx         INTEGER NOT NULL,       -- index in the bundle's manifest
+        state       TEXT NOT NULL,          -- delivered | suspect | parked
+        strikes     INTEGER NOT NULL DEFAULT 0,
+        reason      TEXT,
+        PRIMARY KEY (item_id, idx)
+    )
     """,
 ]
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import random
 import sqlite3
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +63,14 @@ class Item:
     reason: str | None
     destination: str | None
     progress: int
+    parent: str | None = None  # a parked instance: the bundle whose file holds it
+    only_index: int | None = None  # ... and its index in that bundle's manifest
+    incomplete: int = 0  # acknowledged instances that could not be read back at packing
+
+    @property
+    def bundle_id(self) -> str:
+        """The id of the bundle file that holds this item's instances."""
+        return self.parent or self.id
 
 
 class Queue:
@@ -112,13 +121,14 @@ class Queue:
         with self.index.tx() as c:
             return transition(c, item_id, event, time.time() if now is None else now, **cols)
 
-    def claim_next(self, now: float, destination: str) -> Item | None:
-        """Take the next due item (stat first, then oldest) and make it active, atomically:
-        an operator command between choosing and claiming cannot slip in."""
+    def claim_next(self, now: float, destination: str, min_priority: int = PRIORITY_ROUTINE) -> Item | None:
+        """Take the next due item (stat first, then oldest; at least `min_priority`) and
+        make it active, atomically: another lane or an operator command between choosing
+        and claiming cannot slip in."""
         with self.index.tx() as c:
             row = c.execute(
                 "SELECT * FROM segments WHERE (state='ready' OR (state='deferred' AND next_attempt<=?))"
-                " ORDER BY priority DESC, created LIMIT 1", (now,)).fetchone()
+                " AND priority>=? ORDER BY priority DESC, created LIMIT 1", (now, min_priority)).fetchone()
             if row is None:
                 return None
             transition(c, row["id"], "claim", now, destination=destination, progress=0)
@@ -131,8 +141,8 @@ class Queue:
         with self.index.tx() as c:  # not a state: bytes sent so far of the active attempt
             c.execute("UPDATE segments SET progress=? WHERE id=? AND state='active'", (done, item_id))
 
-    def delivered(self, item_id: str, now: float) -> None:
-        self._move(item_id, "delivered", now, delivered=now, reason=None)
+    def delivered(self, item_id: str, now: float, reason: str | None = None) -> None:
+        self._move(item_id, "delivered", now, delivered=now, reason=reason)
 
     def defer(self, item_id: str, reason: str, delay: float, now: float) -> None:
         with self.index.tx() as c:
@@ -145,9 +155,10 @@ class Queue:
         """The destination will not take it without a human: held, with the reason."""
         self._move(item_id, "refused", reason=reason)
 
-    def requeue(self, item_id: str) -> None:
-        """An attempt that ended without an outcome (cancelled): ready again, no attempt counted."""
-        self._move(item_id, "requeue", progress=0)
+    def requeue(self, item_id: str, reason: str | None = None) -> None:
+        """Ready again at once, no attempt counted: work left active by a crash, or a
+        bundle whose bad instances were just set aside (the rest goes now)."""
+        self._move(item_id, "requeue", progress=0, reason=reason, next_attempt=0)
 
     def hold(self, item_id: str, reason: str = "held by operator") -> None:
         self._move(item_id, "hold", reason=reason)
@@ -160,10 +171,24 @@ class Queue:
         self._move(item_id, "retry", next_attempt=0)
 
     def delete(self, item_id: str) -> None:
-        """Remove an item that is not in flight; its bundle file goes too."""
+        """Remove an item that is not in flight; its bundle file goes too, once no parked
+        instance of the bundle needs it (deleting a bundle deletes its parked instances)."""
         self.path(item_id)  # checks the id
-        self._move(item_id, "delete")
-        durable.unlink_durable(self.path(item_id))
+        item = self.get(item_id)
+        with self.index.tx() as c:
+            transition(c, item_id, "delete", time.time())
+            c.execute("DELETE FROM bundle_instances WHERE item_id=?", (item_id,))
+            if item.parent is None:
+                for r in c.execute("SELECT id FROM segments WHERE parent=?", (item_id,)).fetchall():
+                    transition(c, r["id"], "delete", time.time())
+            # (a deleted parked instance stays marked parked in its bundle: never sent)
+        self._drop_file_if_unused(item.bundle_id)
+
+    def _drop_file_if_unused(self, bundle_id: str) -> None:
+        left = self.index.query("SELECT 1 FROM segments WHERE id=? OR parent=? LIMIT 1",
+                                (bundle_id, bundle_id))
+        if not left:
+            durable.unlink_durable(self.path(bundle_id))
 
     def fail(self, item_id: str, reason: str, event: str = "file_missing") -> None:
         self._move(item_id, event, reason=reason)
@@ -172,7 +197,7 @@ class Queue:
         """The bundle fails authentication: move its file to quarantine (kept for a human,
         never deleted) and mark the item failed with the reason. Returns the new path."""
         self.path(item_id)  # checks the id
-        kept = self._to_quarantine(item_id)
+        kept = self._to_quarantine(self.get(item_id).bundle_id)
         self.fail(item_id, f"quarantined: {reason}", event="quarantined")
         return kept
 
@@ -182,6 +207,53 @@ class Queue:
         durable.fsync_dir(self.quarantine_dir)
         durable.fsync_dir(self.dir)
         return dst
+
+    # --- per instance: what a destination holds, suspects, parked instances ---
+
+    def instances_of(self, item_id: str) -> dict[int, tuple[str, int]]:
+        """{manifest index: (delivered | suspect | parked, strikes)} of a bundle."""
+        rows = self.index.query("SELECT idx, state, strikes FROM bundle_instances WHERE item_id=?",
+                                (item_id,))
+        return {r["idx"]: (r["state"], r["strikes"]) for r in rows}
+
+    def instances_delivered(self, item_id: str, indexes: Iterable[int]) -> None:
+        """The destination now holds these instances of the bundle (not sent again)."""
+        with self.index.tx() as c:
+            c.executemany("INSERT INTO bundle_instances(item_id, idx, state) VALUES (?,?,'delivered')"
+                          " ON CONFLICT(item_id, idx) DO UPDATE SET state='delivered', reason=NULL",
+                          [(item_id, i) for i in indexes])
+
+    def suspect(self, item_id: str, idx: int, reason: str, strike: bool) -> int:
+        """An instance failed at the destination: sent last from now on; with `strike`, the
+        failure counts against it (see forward.policy). Returns its strikes."""
+        with self.index.tx() as c:
+            c.execute("INSERT INTO bundle_instances(item_id, idx, state, strikes, reason)"
+                      " VALUES (?,?,'suspect',?,?) ON CONFLICT(item_id, idx) DO UPDATE SET"
+                      " state='suspect', strikes=strikes+?, reason=?",
+                      (item_id, idx, int(strike), reason, int(strike), reason))
+            row = c.execute("SELECT strikes FROM bundle_instances WHERE item_id=? AND idx=?",
+                            (item_id, idx)).fetchone()
+        return int(row["strikes"])
+
+    def park(self, item_id: str, idx: int, reason: str, now: float) -> str:
+        """Set one instance of a bundle aside: the bundle is delivered without it, and it
+        becomes a queue item of its own, held with the reason, until an operator releases
+        it (then it is sent alone) or deletes it. Returns the new item's id."""
+        child = f"{item_id}p{idx}"
+        with self.index.tx() as c:
+            row = c.execute("SELECT study_key, priority FROM segments WHERE id=?", (item_id,)).fetchone()
+            if row is None:
+                raise NotFoundError(f"no queue item {item_id!r}")
+            c.execute("INSERT INTO bundle_instances(item_id, idx, state, reason) VALUES (?,?,'parked',?)"
+                      " ON CONFLICT(item_id, idx) DO UPDATE SET state='parked', reason=?",
+                      (item_id, idx, reason, reason))
+            open_parked(c, child, item_id, idx, row["study_key"], row["priority"], reason, now)
+        return child
+
+    def parked_count(self) -> int:
+        rows = self.index.query("SELECT COUNT(*) n FROM segments WHERE parent IS NOT NULL"
+                                " AND state IN ('held', 'ready', 'deferred', 'active')")
+        return int(rows[0]["n"])
 
     # --- housekeeping ---
 
@@ -193,10 +265,10 @@ class Queue:
             self.requeue(r["id"])
             counts["requeued"] += 1
         on_disk = {p.name.removesuffix(".bundle") for p in self.dir.glob("*.bundle")}
-        rows = {r["id"]: r["state"] for r in self.index.query(
-            "SELECT id, state FROM segments WHERE state NOT IN ('receiving','sealed')")}
-        for item_id, state in rows.items():
-            if item_id not in on_disk and state != "delivered":
+        rows = {r["id"]: (r["state"], r["parent"] or r["id"]) for r in self.index.query(
+            "SELECT id, state, parent FROM segments WHERE state NOT IN ('receiving','sealed')")}
+        for item_id, (state, bundle_id) in rows.items():
+            if bundle_id not in on_disk and state != "delivered":
                 self.fail(item_id, "bundle file missing")
                 counts["missing"] += 1
         known = {r["id"] for r in self.index.query("SELECT id FROM segments")}
@@ -206,11 +278,16 @@ class Queue:
         return counts
 
     def expire_delivered(self, keep_s: float, now: float) -> int:
-        rows = self.index.query("SELECT id FROM segments WHERE state='delivered' AND delivered<?",
+        """Forget delivered items after the keep period; a bundle file goes with the last
+        item that needs it (a bundle and its parked instances share one file)."""
+        rows = self.index.query("SELECT id, parent FROM segments WHERE state='delivered' AND delivered<?"
+                                " AND NOT EXISTS (SELECT 1 FROM segments c WHERE c.parent=segments.id)",
                                 (now - keep_s,))
         for r in rows:
-            durable.unlink_durable(self.path(r["id"]))
-            self._move(r["id"], "expire", now)
+            with self.index.tx() as c:
+                transition(c, r["id"], "expire", now)
+                c.execute("DELETE FROM bundle_instances WHERE item_id=?", (r["id"],))
+            self._drop_file_if_unused(r["parent"] or r["id"])
         return len(rows)
 
 
@@ -240,6 +317,14 @@ def transition(conn: sqlite3.Connection, item_id: str, event: str, now: float,
     return target
 
 
+def open_parked(conn: sqlite3.Connection, item_id: str, parent: str, idx: int, study_key: str,
+                priority: int, reason: str, now: float) -> None:
+    """The item of a parked instance: held with the reason (inside the caller's transaction)."""
+    conn.execute("INSERT INTO segments(id, study_key, state, priority, created, updated, instances,"
+                 " reason, parent, only_index) VALUES (?,?,'held',?,?,?,1,?,?,?)",
+                 (item_id, study_key, priority, now, now, reason, parent, idx))
+
+
 def open_segment(conn: sqlite3.Connection, seg_id: str, study_key: str, now: float) -> None:
     """A new segment for a study, in state receiving (inside the spool's transaction)."""
     conn.execute("INSERT INTO segments(id, study_key, state, created, updated)"
@@ -252,4 +337,5 @@ def _item(r: sqlite3.Row) -> Item:
                 instances=g("instances"), bytes=g("bytes"), bundle_bytes=g("bundle_bytes") or 0,
                 attempts=g("attempts"), next_attempt=g("next_attempt"), created=g("created"),
                 updated=g("updated"), reason=g("reason"), destination=g("destination"),
-                progress=g("progress") or 0)
+                progress=g("progress") or 0, parent=g("parent"), only_index=g("only_index"),
+                incomplete=g("incomplete") or 0)
