@@ -576,3 +576,13 @@ def _print_status(st: dict[str, Any]) -> None:
         print(f"queue          {counts}; oldest waiting {_age(st['oldest_waiting_s'])}")
         for dest, err in st.get("last_errors", {}).items():
             print(f"last error     {dest}: {err}")
+    if "forward" in st:
+        fw = st["forward"]
+        print(f"forwarding     {fw['lanes']} lanes + {fw['stat_lanes']} for stat studies;"
+              f" {fw['parked']} instance(s) parked (see queue list)")
+    for name, stage in st.get("stages", {}).items():
+        since = stage["since_progress_s"]
+        print(f"stage {name:9}{stage['state']}, {stage['jobs']} job(s), {stage['progress']} steps"
+              + (f", last {_age(since)} ago" if since is not None else ""))
+    for problem in st.get("problems", []):
+        print(f"STUCK          {problem}")

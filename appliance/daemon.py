@@ -48,7 +48,7 @@ from appliance.pack.packer import Packer
 from appliance.pack.pool import CodecPool
 from appliance.queue import commands
 from appliance.queue.index import open_index
-from appliance.queue.store import Queue
+from appliance.queue.store import PRIORITY_ROUTINE, PRIORITY_STAT, Queue
 from appliance.receive.scp import Receiver, ReceiveStats, identify_stored
 from appliance.spool.store import Spool
 
@@ -158,15 +158,15 @@ class Daemon:
         transports = [build_transport(d, cfg) for d in cfg.destinations]
         self.queue = queue = Queue(cfg.appliance.state_dir, index)
         pool = CodecPool(cfg.pack.workers)
+        lanes = [self._lane(f"forward-{i + 1}", PRIORITY_ROUTINE, housekeeping=i == 0)
+                 for i in range(cfg.queue.lanes)] + [self._lane("forward-stat", PRIORITY_STAT)]
         workers = [threading.Thread(target=self._loop, args=("pack", self._pack_step, self.wake_pack),
-                                    name="pack", daemon=True),
-                   threading.Thread(target=self._loop, args=("forward", self._forward_step,
-                                                          self.wake_forward),
-                                    name="forward", daemon=True)]
+                                    name="pack", daemon=True), *lanes]
         sup, stall = self.supervisor, cfg.health.stall_s
         self.stages = {"receive": sup.stage("receive", stall, alive=lambda: receiver.listening()),
                        "pack": sup.stage("pack", stall, alive=workers[0].is_alive),
-                       "forward": sup.stage("forward", forward_deadline(cfg), alive=workers[1].is_alive)}
+                       "forward": sup.stage("forward", forward_deadline(cfg),
+                                            alive=lambda: all(t.is_alive() for t in lanes))}
         self.packer = packer = Packer(
             cfg.pack, spool, queue, recipients, pool, beat=self.stages["pack"].beat,
             receiving_burst=lambda: self.receiver is not None and self.receiver.in_burst())
@@ -239,11 +239,16 @@ class Daemon:
             self.wake_forward.set()
         return bool(sealed or packed)
 
-    def _forward_step(self) -> bool:
-        if self.forwarder.run_once():
-            return True
-        self.queue.expire_delivered(self.cfg.queue.keep_delivered_h * 3600, time.time())
-        return False
+    def _lane(self, name: str, min_priority: int, housekeeping: bool = False) -> threading.Thread:
+        """One forwarding lane: a thread that sends one item at a time (see forward/scheduler)."""
+        def step() -> bool:
+            if self.forwarder.run_once(min_priority=min_priority):
+                return True
+            if housekeeping:
+                self.queue.expire_delivered(self.cfg.queue.keep_delivered_h * 3600, time.time())
+            return False
+        return threading.Thread(target=self._loop, args=("forward", step, self.wake_forward),
+                                name=name, daemon=True)
 
     def _loop(self, name: str, step: Callable[[], bool], wake: threading.Event) -> None:
         """Run `step` until it finds no work, then sleep until woken or polled again.
@@ -300,6 +305,8 @@ class Daemon:
             "queue": self.queue.counts(),
             "oldest_waiting_s": round(self.queue.oldest_waiting_age(time.time()), 1),
             "last_errors": dict(self.forwarder.last_error),
+            "forward": {"lanes": self.cfg.queue.lanes, "stat_lanes": 1,
+                        "parked": self.queue.parked_count()},
             "stages": self.supervisor.snapshot(),
             "problems": self.supervisor.problems(),
         }

@@ -110,6 +110,8 @@ class Queue:
     retry_min_s: float = 5.0
     retry_max_s: float = 600.0
     keep_delivered_h: float = 24.0
+    lanes: int = 2  # bundles sent at once (plus one lane kept for stat studies)
+    min_rate_kbit_s: float = 256.0  # an attempt slower than this is cancelled
 
 
 @dataclass(frozen=True)
@@ -550,6 +552,8 @@ def _parse_queue(t: _Table) -> Queue:
         retry_min_s=t.number("retry_min_s", d.retry_min_s, 0.1, 86400),
         retry_max_s=t.number("retry_max_s", d.retry_max_s, 1, 7 * 86400),
         keep_delivered_h=t.number("keep_delivered_h", d.keep_delivered_h, 0, 24 * 365),
+        lanes=t.integer("lanes", d.lanes, 1, 8),
+        min_rate_kbit_s=t.number("min_rate_kbit_s", d.min_rate_kbit_s, 8, 10_000_000),
     )
     t.finish()
     if q.retry_min_s > q.retry_max_s:
