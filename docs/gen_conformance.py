@@ -106,12 +106,12 @@ SCP_REJECTIONS: tuple[tuple[int, int, int, str, str], ...] = (
 )
 
 # What the forwarder does with a bundle for each outcome (the prose above the tables
-# says what "retried" and "held" mean).
+# says what "retried" and "parked" mean).
 OUTCOME_TEXT = {
     status.Outcome.SUCCESS: "delivered",
     status.Outcome.WARNING: "delivered, logged as a warning",
     status.Outcome.RETRY: "retried",
-    status.Outcome.PERMANENT: "held, with the reason",
+    status.Outcome.PERMANENT: "instance parked, with the reason",
 }
 RESULT_TEXT = {1: "rejected-permanent", 2: "rejected-transient"}
 SOURCE_TEXT = {1: "service-user", 2: "service-provider (ACSE)", 3: "service-provider (presentation)"}
@@ -339,8 +339,9 @@ def block_scu_statuses() -> str:
 
 
 def _rejection_outcome(result: int, source: int, reason: int) -> str:
+    """A rejected association concerns the whole bundle, not one of its instances."""
     permanent, _ = status.classify_rejection(result, source, reason)
-    return OUTCOME_TEXT[status.Outcome.PERMANENT if permanent else status.Outcome.RETRY]
+    return "bundle held, with the reason" if permanent else OUTCOME_TEXT[status.Outcome.RETRY]
 
 
 def block_scu_rejections() -> str:
