@@ -22,7 +22,7 @@ from pathlib import Path
 
 from appliance.core.errors import StateError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA = [
     # version 1
@@ -92,6 +92,12 @@ _SCHEMA = [
     CREATE UNIQUE INDEX instances_content ON instances(content_key);
     CREATE INDEX instances_segment ON instances(segment_id);
     CREATE INDEX instances_sop ON instances(sop_key)
+    """,
+    # version 4 (pack-isolation branch; the lead reconciles it with the queue rework):
+    # how many acknowledged instances of a segment could not be read back from the spool
+    # and are missing from its bundle (`Queue.mark_incomplete`).
+    """
+    ALTER TABLE segments ADD COLUMN incomplete INTEGER NOT NULL DEFAULT 0
     """,
 ]
 

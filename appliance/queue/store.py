@@ -62,6 +62,7 @@ class Item:
     reason: str | None
     destination: str | None
     progress: int
+    incomplete: int = 0  # acknowledged instances missing from the bundle (see mark_incomplete)
 
 
 class Queue:
@@ -140,11 +141,15 @@ class Queue:
         self._set(item_id, ("active", "ready", "deferred", "held"), state="held", reason=reason)
 
     def release(self, item_id: str) -> None:
+        if self._pack_held(item_id):
+            return self._repack(item_id)
         self._set(item_id, ("held", "deferred", "failed"), state="ready", reason=None,
                   next_attempt=0)
 
     def retry(self, item_id: str) -> None:
         """Make a waiting item due now (deferred or held)."""
+        if self._pack_held(item_id):
+            return self._repack(item_id)
         self._set(item_id, ("deferred", "held", "ready"), state="ready", next_attempt=0)
 
     def delete(self, item_id: str) -> None:
@@ -152,6 +157,9 @@ class Queue:
         item = self.get(item_id)
         if item.state in ("receiving", "sealed", "active"):
             raise StateError(f"queue item {item_id} is {item.state}; hold it first")
+        if self._pack_held(item_id):
+            raise StateError(f"queue item {item_id} was never packed: its images are still in"
+                             " the spool; release it to pack it again")
         with self.index.tx() as c:
             c.execute("DELETE FROM segments WHERE id=?", (item_id,))
         durable.unlink_durable(self.path(item_id))
@@ -187,7 +195,8 @@ class Queue:
                 "UPDATE segments SET state='ready', progress=0 WHERE state='active'").rowcount
         on_disk = {p.name.removesuffix(".bundle") for p in self.dir.glob("*.bundle")}
         rows = {r["id"]: r["state"] for r in self.index.query(
-            "SELECT id, state FROM segments WHERE state NOT IN ('receiving','sealed')")}
+            "SELECT id, state FROM segments WHERE state NOT IN ('receiving','sealed')"
+            " AND NOT (state='held' AND reason LIKE 'pack failed: %')")}  # no bundle yet
         for item_id, state in rows.items():
             if item_id not in on_disk and state != "delivered":
                 self.fail(item_id, "bundle file missing")
@@ -208,10 +217,47 @@ class Queue:
         return len(rows)
 
 
+    # --- pack failures (pack-isolation branch, issue 10 B.1 and B.3) ----------------------
+    # Kept apart on purpose while the queue's states move into a transition table. A
+    # segment the packer gave up on is `held` with a reason starting "pack failed: " and
+    # no bundle: its instances are still in the spool. release/retry send it back to
+    # `sealed` (packed again), `recover` leaves it alone (no bundle file is expected),
+    # `delete` refuses it (its rows and spool files would be orphaned). A schema with a
+    # column for it (or a state of its own) would be better than the reason prefix.
+
+    PACK_FAILED = "pack failed: "
+
+    def pack_failed(self, seg_id: str, reason: str) -> None:
+        """sealed -> held, reason "pack failed: <reason>": the packer tried this segment
+        several times and gave up; an operator decides (release = pack it again)."""
+        self._set(seg_id, ("sealed",), state="held", reason=self.PACK_FAILED + reason)
+
+    def mark_incomplete(self, seg_id: str, missing: int) -> None:
+        """Record on a sealed segment that `missing` acknowledged instances could not be
+        read back from the spool (file gone, or failing authentication) and are not in
+        its bundle. Sets the count (not adds): a pack redone after a crash records the
+        same number again. The segment flows on (ready, delivered) with the mark kept."""
+        if missing < 0:
+            raise ValueError("missing must be >= 0")
+        self._set(seg_id, ("sealed",), incomplete=missing)
+
+    def _pack_held(self, item_id: str) -> bool:
+        rows = self.index.query("SELECT 1 FROM segments WHERE id=? AND state='held'"
+                                " AND reason LIKE ?", (item_id, self.PACK_FAILED + "%"))
+        return bool(rows)
+
+    def _repack(self, item_id: str) -> None:
+        self._set(item_id, ("held",), state="sealed", reason=None, sealed=time.time())
+
+
 def _item(r: sqlite3.Row) -> Item:
     g = r.__getitem__
     return Item(id=g("id"), study_key=g("study_key"), state=g("state"), priority=g("priority"),
                 instances=g("instances"), bytes=g("bytes"), bundle_bytes=g("bundle_bytes") or 0,
                 attempts=g("attempts"), next_attempt=g("next_attempt"), created=g("created"),
                 updated=g("updated"), reason=g("reason"), destination=g("destination"),
-                progress=g("progress") or 0)
+                progress=g("progress") or 0, incomplete=_column(r, "incomplete", 0))
+
+
+def _column(r: sqlite3.Row, name: str, default: int) -> int:
+    return int(r[name]) if name in r.keys() else default  # noqa: SIM118 - Row has no __contains__
