@@ -119,12 +119,14 @@ class Appliance:
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = int(cfg["receive"]["port"])
         self.state_dir = Path(cfg["appliance"]["state_dir"])
+        self.launcher: list[str] = []  # a command that runs the daemon's command line
         cli("keys", "init", "--config", str(self.config_path), check=True)
 
     def start(self, timeout: float = 30) -> Appliance:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "appliance", "run", "--config", str(self.config_path)],
+            [*self.launcher, sys.executable, "-m", "appliance", "run", "--config",
+             str(self.config_path)],
             stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
         log.close()
         deadline = time.monotonic() + timeout

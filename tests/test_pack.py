@@ -29,8 +29,8 @@ from appliance.queue.index import open_index
 from appliance.queue.store import Queue
 from appliance.receive.scp import identify, identify_stored
 from appliance.spool.store import Spool
+from tests.pack_support import poisoned_instance
 from tests.peers import SAMPLES, wait_for
-from tests.poison import poisoned_instance
 
 
 def test_a_quiet_study_is_sealed() -> None:

@@ -58,3 +58,59 @@ def write_poisoned(path: Path, study_uid: str | None = None) -> str:
     raw, sop = poisoned_instance(study_uid)
     path.write_bytes(raw)
     return sop
+
+
+def large_image(path: Path, study_uid: str, frames: int = 100, rows: int = 512,
+                columns: int = 512) -> str:
+    """Write a multi-frame 16-bit Secondary Capture image (frames x rows x columns, a
+    ramp with a little noise: it compresses, every frame different) in `study_uid`, so
+    that packing it takes a few seconds; returns its SOP Instance UID."""
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7.3"  # Multi-frame Grayscale Word SC
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, generate_uid()
+    ds.PatientName, ds.PatientID, ds.Modality = "Test^Large", "PACK-LARGE", "OT"
+    ds.Rows, ds.Columns, ds.SamplesPerPixel = rows, columns, 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.NumberOfFrames = frames
+    rng = np.random.default_rng(7)
+    ramp = np.add.outer(np.arange(frames) * 3, np.add.outer(np.arange(rows), np.arange(columns)))
+    values = (ramp + rng.integers(0, 8, ramp.shape)) % 4096
+    ds.PixelData = values.astype("<u2").tobytes()
+    ds["PixelData"].VR = "OW"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.save_as(path, enforce_file_format=True)
+    return str(ds.SOPInstanceUID)
+
+
+def send_raw(port: int, path: Path, sop_class: str = CT_IMAGE_STORAGE,
+             aet: str = "MODALITY", called: str = "EDGE") -> int | None:
+    """C-STORE the file's data set bytes as they are (pynetdicom reads them in chunks
+    from the file and never decodes them: no toolkit would send a broken data set
+    otherwise). Returns the status, None when there was none."""
+    from pynetdicom import AE, _config
+
+    old = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        ae = AE(ae_title=aet)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+        ae.add_requested_context(sop_class, EXPLICIT_VR_LE)
+        assoc = ae.associate("127.0.0.1", port, ae_title=called)
+        if not assoc.is_established:
+            return None
+        try:
+            status = assoc.send_c_store(path)
+            return int(status.Status) if "Status" in status else None
+        finally:
+            assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = old
