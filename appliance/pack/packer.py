@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import errno
 import functools
 import hashlib
@@ -450,21 +449,17 @@ class Prepared:
     facts: dict[str, Any]
 
 
-def prepare(path: str, rid: str, spool_key: bytes, codec_name: str, verify: bool,
-            reason: str | None = None) -> Prepared:
+def prepare(path: str, rid: str, spool_key: bytes, codec_name: str, verify: bool) -> Prepared:
     """In a codec worker: read and authenticate a spooled instance, then compress it.
 
     The manifest facts come from the file meta the receiver wrote, never from the data
     set (which may not parse: `compress` then passes it through as "unparseable").
     Raises IntegrityError (the file fails authentication) or FileNotFoundError; the
-    packer quarantines or reports those. `reason` marks a pass-through made for a
-    reason of the caller's.
+    packer quarantines or reports those.
     """
     with open(path, "rb") as f:
         original = b"".join(crypto.open_spool_file(crypto.SpoolKey(spool_key), rid, f))
     facts = stream_pack._meta_facts(original[: codec._split_part10(original).meta_end])
     res = compress(original, codec_name, verify)
-    if reason is not None:
-        res = dataclasses.replace(res, reason=reason)
     return Prepared(res, {**facts, "received_size": len(original),
                           "received_sha256": hashlib.sha256(original).hexdigest()})
