@@ -284,7 +284,12 @@ class CodecPool:
         try:
             while (job := self._jobs.get()) is not None:
                 if job.future.set_running_or_notify_cancel():
-                    self._run(slot, job)
+                    try:
+                        self._run(slot, job)
+                    except Exception as e:  # a bug here must not strand the job or the slot
+                        log.error("pack.pool_error", exc_info=e)
+                        if not job.future.done():
+                            job.future.set_exception(e)
             self._stop_worker(slot)
         finally:
             with self._cv:
