@@ -326,7 +326,8 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
         rows = [
             {"id": r["id"], "state": r["state"], "study": r["study_key"],
              "instances": r["instances"], "bytes": r["bytes"],
-             "age_s": round(now - r["created"], 1), "reason": r["reason"]}
+             "age_s": round(now - r["created"], 1), "reason": r["reason"],
+             "incomplete": r["incomplete"] if "incomplete" in r.keys() else 0}  # noqa: SIM118
             for r in idx.query("SELECT * FROM segments ORDER BY created")
         ]
     except sqlite3.Error as e:
@@ -339,10 +340,17 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
     print(f"{'ID':28} {'STATE':10} {'STUDY':16} {'INST':>6} {'BYTES':>12} {'AGE':>8}  REASON")
     for r in rows:
         print(f"{r['id']:28} {r['state']:10} {r['study']:16} {r['instances']:>6} {r['bytes']:>12}"
-              f" {_age(r['age_s']):>8}  {r['reason'] or ''}")
+              f" {_age(r['age_s']):>8}  {_list_reason(r)}")
     if not rows:
         print("(the queue is empty)")
     return 0
+
+
+def _list_reason(row: dict[str, Any]) -> str:
+    """The REASON column: the state's reason, and an incomplete segment said first."""
+    parts = [f"INCOMPLETE: {row['incomplete']} acknowledged instance(s) missing (see the log)"
+             if row["incomplete"] else "", row["reason"] or ""]
+    return "; ".join(p for p in parts if p)
 
 
 def cmd_queue_change(args: argparse.Namespace) -> int:

@@ -56,6 +56,7 @@ log = structlog.get_logger("appliance.daemon")
 
 WATCHDOG_INTERVAL_S = 5.0
 IDLE_POLL_S = 0.5
+POOL_STOP_GRACE_S = 5.0
 
 
 def watchdog_interval(env: dict[str, str] | None = None) -> float:
@@ -203,7 +204,9 @@ class Daemon:
                 if w.is_alive():
                     w.join(cfg.receive.dimse_timeout_s)
             forwarder.close()
-            pool.close()
+            # a job still running (the pack loop was not joined in time) is cut short:
+            # its segment stays sealed and is packed again at the next start
+            pool.close(cancel_futures=True, grace_s=POOL_STOP_GRACE_S)
             status.stop()
             index.close()
             os.close(lock_fd)

@@ -525,8 +525,8 @@ def test_codec_pool_survives_a_worker_crash() -> None:
     before = sample(f"{CT_SERIES}/I60")
     pool = CodecPool(workers=2, start_method="forkserver")
     try:
-        crashed = pool.submit_call(os._exit, (3,),
-                                   lambda: codec._passthrough(before, "worker-crashed")).result(timeout=120)
+        crashed = pool.submit_call(os._exit, (3,), 60, on_lost=lambda reason: codec._passthrough(
+            before, reason)).result(timeout=120)
         assert (crashed.action, crashed.reason) == ("passthrough", "worker-crashed")
         assert crashed.data is before
         assert pool.submit(before, "jpeg-ls").result(timeout=120).action == "compressed"

@@ -21,8 +21,8 @@ from typing import Any
 
 import pydicom
 import pytest
-from pynetdicom import AE, _config, evt
 from pydicom.uid import generate_uid
+from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from tests.orthanc import Orthanc

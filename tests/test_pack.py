@@ -2,23 +2,35 @@
 
 from __future__ import annotations
 
+import errno
 import io
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
+from pydicom.uid import generate_uid
 
 from appliance.bundle import format as bundle
 from appliance.core import crypto
 from appliance.core.config import Pack
-from appliance.pack.packer import Packer, SegmentTimes, due_for_sealing
+from appliance.pack import packer as packer_mod
+from appliance.pack.packer import (
+    PACK_ATTEMPTS,
+    Packer,
+    SegmentTimes,
+    after_failure,
+    due_for_sealing,
+    job_limit,
+)
 from appliance.pack.pool import CodecPool
 from appliance.queue.index import open_index
 from appliance.queue.store import Queue
-from appliance.receive.scp import identify_stored
+from appliance.receive.scp import identify, identify_stored
 from appliance.spool.store import Spool
-from tests.peers import SAMPLES
+from tests.pack_support import poisoned_instance
+from tests.peers import SAMPLES, wait_for
 
 
 def test_a_quiet_study_is_sealed() -> None:
@@ -82,3 +94,124 @@ def test_packing_waits_for_a_burst_but_not_longer_than_the_segment_age() -> None
     assert may_pack_now(sealed_at=100, receiving_burst=False, cfg=cfg, now=100)
     assert not may_pack_now(sealed_at=100, receiving_burst=True, cfg=cfg, now=109)
     assert may_pack_now(sealed_at=100, receiving_burst=True, cfg=cfg, now=110)
+
+
+# --- isolation: one instance, one segment ------------------------------------------------
+
+CT = SAMPLES / "series" / "CT_Philips_Ingenuity_phantom_28sl"
+
+
+def _box(tmp_path: Path, pool: CodecPool, **pack: Any) -> tuple[Spool, Queue, Packer, Any]:
+    spool, queue = _spool(tmp_path)
+    crypto.create_keypair(tmp_path / "a.key", tmp_path / "a.pub")
+    packer = Packer(Pack(codec="jpeg-ls", **pack), spool, queue,
+                    [crypto.load_public_key(tmp_path / "a.pub")], pool)
+    return spool, queue, packer, crypto.load_private_key(tmp_path / "a.key")
+
+
+def _sop(raw: bytes) -> str:
+    """The SOP Instance UID in the file meta (read without the data set)."""
+    fp = io.BytesIO(raw)
+    fp.seek(132)
+    return str(pydicom.filereader._read_file_meta_info(fp).MediaStorageSOPInstanceUID)
+
+
+def _store(spool: Spool, raws: list[bytes]) -> list[Any]:
+    """Spool as the receiver does (`identify`), then seal the segments."""
+    stored = [spool.store([raw], identify([raw], _sop(raw), "MODALITY")) for raw in raws]
+    with spool.index.tx() as c:
+        c.executemany("UPDATE segments SET state='sealed' WHERE id=?",
+                      [(s,) for s in {x.segment_id for x in stored}])
+    return stored
+
+
+def _bundle(queue: Queue, seg: str, key: Any) -> list[tuple[bundle.ManifestEntry, bytes]]:
+    with queue.path(seg).open("rb") as f:
+        return list(bundle.iter_instances(f, key))
+
+
+def test_after_failure_counts_tries_and_holds_at_the_last() -> None:
+    e = ValueError("quotes a value")
+    first, second, third = (after_failure(e, n) for n in range(3))
+    assert [x.hold for x in (first, second, third)] == [False, False, True]
+    assert [x.attempts for x in (first, second, third)] == [1, 2, 3] and PACK_ATTEMPTS == 3
+    assert first.delay_s < second.delay_s
+    assert third.reason == "ValueError"  # the class only: a message can quote patient data
+
+
+def test_a_full_disk_is_waited_out_and_never_holds_a_segment() -> None:
+    full = OSError(errno.ENOSPC, "No space left on device")
+    for n in range(10):
+        what = after_failure(full, 2)
+        assert (what.hold, what.attempts, what.reason) == (False, 2, "OSError ENOSPC"), n
+
+
+def test_the_job_limit_grows_with_the_instance() -> None:
+    cfg = Pack(job_timeout_s=60, job_timeout_s_per_mb=1)
+    assert job_limit(0, cfg) == 60
+    assert job_limit(1 << 30, cfg) == 60 + 1024  # a 1 GiB object is not killed at 60 s
+
+
+def test_a_poisoned_instance_is_passed_through_and_the_rest_compressed(
+        tmp_path: Path, pool: CodecPool) -> None:
+    spool, queue, packer, key = _box(tmp_path, pool)
+    healthy = [f.read_bytes() for f in sorted(CT.iterdir())[:2]]
+    study = str(pydicom.dcmread(sorted(CT.iterdir())[0], stop_before_pixels=True).StudyInstanceUID)
+    poison, _ = poisoned_instance(study)
+    with pytest.raises(OSError, match="No tag to read"):  # what stopped all packing before
+        pydicom.dcmread(io.BytesIO(poison))
+    stored = _store(spool, [healthy[0], poison, healthy[1]])
+    assert packer.pack_pending() == 1
+    got = _bundle(queue, stored[0].segment_id, key)
+    assert [(e.action, e.reason) for e, _ in got] == [
+        ("compressed", "ok"), ("passthrough", "unparseable"), ("compressed", "ok")]
+    assert got[1][1] == poison  # byte for byte as received
+    assert queue.get(stored[0].segment_id).incomplete == 0
+
+
+def test_a_segment_that_keeps_failing_is_held_and_the_next_one_packed(
+        tmp_path: Path, pool: CodecPool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(packer_mod, "PACK_RETRY_S", 0.05)
+    spool, queue, packer, key = _box(tmp_path, pool)
+    files = sorted(CT.iterdir())[:2]
+    first = _store(spool, [files[0].read_bytes()])[0].segment_id
+    (queue.dir / f"{first}.bundle").mkdir()  # the bundle cannot be renamed into place
+    second = _store(spool, [_other_study(files[1])])[0].segment_id
+    wait_for(lambda: packer.pack_pending() == 0 and queue.get(first).state == "unpackable", 30,
+             "the failing segment to be held")
+    assert queue.get(first).reason == "pack failed: IsADirectoryError EISDIR"
+    assert queue.get(second).state == "ready"
+    assert spool.stats()["instances"] == 1  # the held one's instance is kept in the spool
+
+    (queue.dir / f"{first}.bundle").rmdir()
+    queue.release(first)
+    assert packer.pack_pending() == 1
+    assert queue.get(first).state == "ready" and len(_bundle(queue, first, key)) == 1
+
+
+def test_missing_and_unreadable_instances_mark_the_segment_incomplete(
+        tmp_path: Path, pool: CodecPool) -> None:
+    spool, queue, packer, key = _box(tmp_path, pool)
+    files = sorted(CT.iterdir())[:4]
+    stored = _store(spool, [f.read_bytes() for f in files])
+    seg = stored[0].segment_id
+    (spool.dir / stored[1].id).unlink()  # lost after it was acknowledged
+    flipped = spool.dir / stored[2].id
+    raw = bytearray(flipped.read_bytes())
+    raw[len(raw) // 2] ^= 1
+    flipped.write_bytes(bytes(raw))
+    packer.pack(seg)
+    item = queue.get(seg)
+    assert (item.state, item.incomplete) == ("ready", 2)
+    got = _bundle(queue, seg, key)
+    want = [pydicom.dcmread(f).SOPInstanceUID for f in (files[0], files[3])]
+    assert [pydicom.dcmread(io.BytesIO(d)).SOPInstanceUID for _, d in got] == want
+    assert [p.name.split(".")[0] for p in spool.quarantine_dir.iterdir()] == [stored[2].id]
+
+
+def _other_study(path: Path) -> bytes:
+    ds = pydicom.dcmread(path)
+    ds.StudyInstanceUID = generate_uid()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()

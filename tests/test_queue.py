@@ -131,3 +131,65 @@ def test_quarantine_keeps_the_file_and_fails_the_item(tmp_path: Path) -> None:
     with pytest.raises(NotFoundError):
         q.quarantine("../hh01", "x")  # ids from anywhere never become paths
     assert q.recover()["orphans"] == 0  # quarantined files are not orphans of bundles/
+
+
+# --- pack failures: a segment set aside before it had a bundle --------------------------
+
+
+def test_a_segment_whose_pack_failed_is_unpackable_with_the_reason(tmp_path: Path) -> None:
+    q = _queue(tmp_path)
+    _add(q, "aa01", state="sealed", with_file=False)
+    q.pack_failed("aa01", "IsADirectoryError")
+    item = q.get("aa01")
+    assert (item.state, item.reason) == ("unpackable", "pack failed: IsADirectoryError")
+    assert q.next_due(time.time()) is None
+
+
+def test_pack_failed_needs_a_sealed_segment(tmp_path: Path) -> None:
+    q = _queue(tmp_path)
+    _add(q, "aa01", state="ready")
+    with pytest.raises(StateError, match="is ready"):
+        q.pack_failed("aa01", "ValueError")
+
+
+@pytest.mark.parametrize("verb", ["release", "retry"])
+def test_releasing_a_pack_held_segment_packs_it_again(tmp_path: Path, verb: str) -> None:
+    q = _queue(tmp_path)
+    _add(q, "aa01", state="sealed", with_file=False)
+    q.pack_failed("aa01", "ValueError")
+    getattr(q, verb)("aa01")
+    item = q.get("aa01")
+    assert item.state == "sealed"  # to the packer, not the forwarder
+
+
+def test_a_pack_held_segment_cannot_be_deleted(tmp_path: Path) -> None:
+    q = _queue(tmp_path)
+    _add(q, "aa01", state="sealed", with_file=False)
+    q.pack_failed("aa01", "ValueError")
+    with pytest.raises(StateError, match="is unpackable; delete needs one of"):
+        q.delete("aa01")
+    assert q.get("aa01").state == "unpackable"
+
+
+def test_recovery_leaves_a_pack_held_segment_alone(tmp_path: Path) -> None:
+    """No bundle file is expected for it: it is not 'bundle file missing'."""
+    q = _queue(tmp_path)
+    _add(q, "aa01", state="sealed", with_file=False)
+    q.pack_failed("aa01", "ValueError")
+    assert q.recover()["missing"] == 0
+    assert q.get("aa01").state == "unpackable"
+
+
+def test_mark_incomplete_records_the_count_and_sets_it_again_on_a_repack(tmp_path: Path) -> None:
+    q = _queue(tmp_path)
+    _add(q, "aa01", state="sealed", with_file=False)
+    assert q.get("aa01").incomplete == 0
+    q.mark_incomplete("aa01", 2)
+    q.mark_incomplete("aa01", 2)  # the same pack done again after a crash
+    assert q.get("aa01").incomplete == 2
+    with q.index.tx() as c:
+        c.execute("UPDATE segments SET state='ready', bundle_bytes=10 WHERE id='aa01'")
+    q.path("aa01").write_bytes(b"bundle")
+    q.activate("aa01", "d")
+    q.delivered("aa01", time.time())
+    assert q.get("aa01").incomplete == 2  # delivery does not make it complete

@@ -143,7 +143,7 @@ def part10(sop: str) -> bytes:
 
 
 def test_rows_of_the_previous_schema_are_migrated_and_still_match(tmp_path: Path) -> None:
-    """An upgrade with instances still in the spool: the index migrates to version 3, the
+    """An upgrade with instances still in the spool: the index migrates to the current version, the
     next start gives the old rows their SOP key, and a re-send is still a duplicate."""
     data = part10(SOP)
     (tmp_path / "v3").mkdir()

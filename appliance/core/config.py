@@ -96,6 +96,8 @@ class Pack:
     segment_max_age_s: float = 10.0
     workers: int = 0  # 0 = one per CPU
     stream_threshold_mb: int = 64  # instances this large are packed streaming (bounded memory)
+    job_timeout_s: float = 60.0  # a codec job running longer is killed (its instance sent as is)
+    job_timeout_s_per_mb: float = 1.0  # ...plus this much per MB of the instance
 
 
 @dataclass(frozen=True)
@@ -530,6 +532,8 @@ def _parse_pack(t: _Table) -> Pack:
         segment_max_age_s=t.number("segment_max_age_s", d.segment_max_age_s, 0.5, 3600),
         workers=t.integer("workers", d.workers, 0, 256),
         stream_threshold_mb=t.integer("stream_threshold_mb", d.stream_threshold_mb, 1, 65_536),
+        job_timeout_s=t.number("job_timeout_s", d.job_timeout_s, 1, 86_400),
+        job_timeout_s_per_mb=t.number("job_timeout_s_per_mb", d.job_timeout_s_per_mb, 0, 3600),
     )
     t.finish()
     return p

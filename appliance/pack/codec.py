@@ -153,7 +153,9 @@ REASONS: dict[str, str] = {
     "not-smaller": "compressed file not smaller than the input",
     "verify-mismatch": "decoded pixels differ from the original",
     "verify-error": "our own output could not be decoded",
-    "worker-crashed": "the worker process died on this instance (CodecPool only)",
+    "worker-crashed": "the worker process died on this instance, twice (CodecPool only)",
+    "worker-timeout": "compressing it ran past pack.job_timeout_s (+ per MB): worker killed",
+    "pack-error": "reading or identifying it in the worker failed: sent as is, as received",
     "stream-unsupported": "large instance the streaming path cannot take apart (deflated,"
                           " header or trailer too long, elements out of order): sent as is",
     "temp-write-error": "large instance: its compressed temp file could not be written",

@@ -26,43 +26,71 @@ has been quiet for `pack.study_quiet_s`, or when it has been open for
 `pack.segment_max_age_s` while the study is still arriving (so forwarding overlaps
 receiving); count and size limits are applied by the spool as instances arrive.
 
-How it fails: an instance that fails authentication in the spool is quarantined and
-left out (logged as an error: it cannot be sent, and must not block the study); an
-instance the codec cannot compress is sent unchanged; a verification mismatch sends the
-original and logs `pack.verify_failed`.
+How it fails (docs/architecture.md, "Failure behaviour"): one instance never stops its
+segment, and one segment never stops the others.
+
+- An instance the codec cannot or should not compress is sent unchanged (reason in the
+  manifest); a verification mismatch sends the original and logs `pack.verify_failed`.
+- Any other failure on one instance (an exception while the worker reads or identifies
+  it, a worker that dies on it twice, a job past its time limit, `job_limit`) sends it
+  unchanged too: this thread reads it from the spool, identifies it from the file meta
+  the receiver wrote, and logs `pack.instance_passed_through` with the reason class
+  ("pack-error", "worker-crashed", "worker-timeout").
+- An acknowledged instance that cannot be read back (spool file missing; failing
+  authentication, then quarantined and kept) is an alarm (`pack.instance_lost`,
+  `pack.instance_unreadable`, at error) and the segment is marked incomplete in the
+  queue (`Queue.mark_incomplete`): it is delivered without it, never as if complete.
+- A segment that fails as a whole (the bundle cannot be written...) is tried again after
+  a back-off, PACK_ATTEMPTS times in all, then held with its reason
+  (`Queue.pack_failed`); other segments are packed meanwhile. A full disk is waited
+  out instead, however long (it clears as bundles are delivered). The count lives in
+  memory: a restart gives every segment its full tries again.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
+import errno
 import functools
 import hashlib
-import io
 import os
 import secrets
+import sqlite3
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
-from dataclasses import dataclass
+from concurrent.futures import CancelledError, Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from pydicom import dcmread
 
 from appliance.bundle.format import BundleWriter
 from appliance.core import crypto, durable, failpoints
 from appliance.core.config import Pack
 from appliance.core.errors import IntegrityError
+from appliance.pack import codec
 from appliance.pack import stream as stream_pack
 from appliance.pack.codec import Result, compress
-from appliance.pack.pool import CodecPool
+from appliance.pack.pool import CodecPool, PoolClosed, WorkerLost
 from appliance.pack.stream import Streamed
 from appliance.queue.store import Queue, transition
 from appliance.spool.store import Spool
 
 log = structlog.get_logger("appliance.pack")
+
+PACK_ATTEMPTS = 3  # tries of a whole segment before it is held
+PACK_RETRY_S = 5.0  # back-off after the first failed try; doubles after each
+PACK_RETRY_MAX_S = 300.0
+PACK_WAIT_S = 30.0  # between tries while the disk is full
+POOL_GRACE_S = 60.0  # the pool kills a job at its limit; this thread waits this much more
+# errors of the box, not of the segment: waited out, never counted towards holding it
+_WAIT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+# pass-through reasons that mean something went wrong with this instance (logged as such)
+_FAILURE_REASONS = frozenset({"unparseable", "encode-error", "reencode-error",
+                              "reencode-mismatch", "worker-crashed", "worker-timeout",
+                              "pack-error", "temp-write-error"})
 
 
 @dataclass(frozen=True)
@@ -92,12 +120,64 @@ def due_for_sealing(seg: SegmentTimes, cfg: Pack, now: float) -> str | None:
     return None
 
 
+def job_limit(size: int, cfg: Pack) -> float:
+    """Seconds one instance's codec job may run: `pack.job_timeout_s` plus
+    `pack.job_timeout_s_per_mb` per MiB (a 1 GiB multi-frame object needs minutes)."""
+    return cfg.job_timeout_s + cfg.job_timeout_s_per_mb * size / (1 << 20)
+
+
+@dataclass(frozen=True)
+class AfterFailure:
+    """What to do with a segment whose pack just failed (see `after_failure`)."""
+
+    hold: bool
+    delay_s: float  # before the next try (when not held)
+    attempts: int  # counted failures so far
+    reason: str  # a class, never a message (messages can quote patient data)
+
+
+def failure_reason(e: BaseException) -> str:
+    """The exception's class, with the errno name for an OSError ("OSError ENOSPC")."""
+    name = type(e).__name__
+    if isinstance(e, OSError) and e.errno is not None and e.errno in errno.errorcode:
+        return f"{name} {errno.errorcode[e.errno]}"
+    return name
+
+
+def after_failure(e: BaseException, attempts: int) -> AfterFailure:
+    """Pure: a segment failed to pack after `attempts` earlier counted failures.
+
+    A full disk or a busy index is the box's trouble, not the segment's: wait with the
+    back-off, count nothing. Anything else counts; at PACK_ATTEMPTS the segment is held.
+    """
+    waited = (isinstance(e, OSError) and e.errno in _WAIT_ERRNOS) or isinstance(
+        e, sqlite3.OperationalError)
+    if waited:
+        return AfterFailure(hold=False, delay_s=PACK_WAIT_S, attempts=attempts,
+                            reason=failure_reason(e))
+    n = attempts + 1
+    delay = min(PACK_RETRY_MAX_S, PACK_RETRY_S * 2 ** (n - 1))
+    return AfterFailure(hold=n >= PACK_ATTEMPTS, delay_s=delay, attempts=n,
+                        reason=failure_reason(e))
+
+
+@dataclass
+class _Tries:
+    attempts: int = 0
+    not_before: float = 0.0  # time.monotonic()
+
+
 class Packer:
+    """Seals and packs segments. `beat()` is called whenever a codec job's instance has
+    been written or a segment has been packed or held: progress, for a supervisor."""
+
     def __init__(self, cfg: Pack, spool: Spool, queue: Queue, recipients: Sequence[Any],
                  pool: CodecPool, receiving_burst: Callable[[], bool] = lambda: False,
-                 beat: Callable[[], None] = lambda: None) -> None:
+                 beat: Callable[..., None] = lambda **_: None) -> None:
         self.cfg = cfg
-        self.beat = beat  # progress, for the stage supervisor (health/supervisor.py)
+        # progress, for the stage supervisor (health/supervisor.py); beat(expect=s) before a
+        # wait that may last s seconds
+        self.beat = beat
         self.receiving_burst = receiving_burst
         self.spool = spool
         self.queue = queue
@@ -105,6 +185,7 @@ class Packer:
         self.recipients = list(recipients)
         self.pool = pool
         self.window = max(2, 2 * pool.workers)
+        self._tries: dict[str, _Tries] = {}  # segments whose pack failed, by id
 
     def seal_due(self, now: float) -> int:
         rows = self.index.query("SELECT id, created, updated FROM segments WHERE state='receiving'")
@@ -125,15 +206,46 @@ class Packer:
         return sealed
 
     def pack_pending(self) -> int:
+        """Pack every sealed segment that is due; a failing one is set aside (retried
+        after a back-off, held after PACK_ATTEMPTS) and the others go on."""
         rows = self.index.query("SELECT id, updated FROM segments WHERE state='sealed'"
                                 " ORDER BY priority DESC, created")
+        sealed = {r["id"] for r in rows}
+        for gone in [s for s in self._tries if s not in sealed]:  # released, deleted...
+            del self._tries[gone]
         packed = 0
         for r in rows:
+            seg = r["id"]
             if not may_pack_now(r["updated"], self.receiving_burst(), self.cfg, time.time()):
                 continue
-            self.pack(r["id"])
+            tries = self._tries.get(seg)
+            if tries and time.monotonic() < tries.not_before:
+                continue
+            try:
+                self.pack(seg)
+            except (CancelledError, PoolClosed):  # shutting down: packed at the next start
+                log.info("pack.interrupted", segment=seg)
+                return packed
+            except Exception as e:
+                self._failed(seg, e)
+                continue
+            self._tries.pop(seg, None)
             packed += 1
         return packed
+
+    def _failed(self, seg: str, e: Exception) -> None:
+        tries = self._tries.setdefault(seg, _Tries())
+        what = after_failure(e, tries.attempts)
+        tries.attempts, tries.not_before = what.attempts, time.monotonic() + what.delay_s
+        if not what.hold:
+            log.warning("pack.segment_failed", segment=seg, attempts=what.attempts,
+                        reason=what.reason, retry_in_s=round(what.delay_s, 1), exc_info=e)
+            return
+        self.queue.pack_failed(seg, what.reason)
+        del self._tries[seg]
+        log.error("pack.segment_held", segment=seg, attempts=what.attempts, reason=what.reason,
+                  exc_info=e)
+        self.beat()
 
     def pack(self, seg_id: str) -> None:
         failpoints.hit("pack.hang")
@@ -141,7 +253,7 @@ class Packer:
         rows = self.index.query("SELECT id, size FROM instances WHERE segment_id=? AND packed=0"
                                 " ORDER BY received, id", (seg_id,))
         t0 = time.monotonic()
-        stats = collections.Counter[str]()
+        tally = _Tally(seg_id)
         pending: collections.deque[_Pending] = collections.deque()
         try:
             with durable.atomic_file(self.queue.path(seg_id)) as f:
@@ -149,62 +261,76 @@ class Packer:
                 for row in rows:
                     pending.append(self._submit(row["id"], row["size"]))
                     while len(pending) >= self.window:
-                        self._write(writer, pending.popleft(), stats)
+                        self._write(writer, pending.popleft(), tally)
                 while pending:
-                    self._write(writer, pending.popleft(), stats)
+                    self._write(writer, pending.popleft(), tally)
                 writer.close()
                 size = f.tell()
         finally:
             for job in pending:  # an error left work in flight: drop its temp when done
                 if job.temp:
                     job.future.add_done_callback(functools.partial(_remove_after, job.temp))
+        if tally.missing:  # before `ready`: a crash in between records the same count again
+            self.queue.mark_incomplete(seg_id, tally.missing)
         now = time.time()
         with self.index.tx() as c:
             transition(c, seg_id, "packed", now, bundle_bytes=size)
             c.execute("UPDATE instances SET packed=1 WHERE segment_id=?", (seg_id,))
         self.remove_packed(seg_id)
         log.info("segment.packed", segment=seg_id, instances=len(rows), bytes_in=seg.bytes,
-                 bytes_out=size, seconds=round(time.monotonic() - t0, 3), **stats)
+                 bytes_out=size, seconds=round(time.monotonic() - t0, 3), **tally.stats)
+        self.beat()
 
     def _submit(self, rid: str, size: int) -> _Pending:
         # The worker reads, decrypts and identifies the instance itself: done here, that
         # work held the GIL against the receiver's threads (the scanner waits on them).
         path = str(self.spool.dir / rid)
         key = self.spool.key.key
+        limit = job_limit(size, self.cfg)
         if size >= self.cfg.stream_threshold_mb << 20:
             # Named here, so that this thread removes it whatever happens to the worker;
             # the prefix makes Spool.recover remove it after a crash of the daemon.
             temp = str(self.spool.dir / f"{durable.TEMP_PREFIX}pack-{secrets.token_hex(8)}")
             args: tuple[Any, ...] = (path, rid, key, self.cfg.codec, self.cfg.verify, temp)
-            return _Pending(rid, self.pool.submit_call(stream_pack.prepare_stream, args,
-                                                       stream_pack.crashed), temp)
+            return _Pending(rid, self.pool.submit_call(stream_pack.prepare_stream, args, limit),
+                            temp, limit)
         args = (path, rid, key, self.cfg.codec, self.cfg.verify)
-        return _Pending(rid, self.pool.submit_call(prepare, args, lambda: prepare(
-            path, rid, key, "none", False, reason="worker-crashed")), None)
+        return _Pending(rid, self.pool.submit_call(prepare, args, limit), None, limit)
 
-    def _write(self, writer: BundleWriter, job: _Pending, stats: collections.Counter[str]) -> None:
+    def _write(self, writer: BundleWriter, job: _Pending, tally: _Tally) -> None:
+        """Write one instance's job into the bundle; whatever went wrong with that one
+        instance is settled here (pass-through, or left out with an alarm)."""
         rid = job.rid
         try:
+            # The pool kills a job at its limit, and a crashed one is tried once more:
+            # never wait longer than that (and a margin) on the pool itself.
+            waited = 2 * job.limit_s + POOL_GRACE_S
+            self.beat(expect=waited + POOL_GRACE_S)
             try:
-                p = job.future.result()
-                if isinstance(p, Streamed) and p.facts is None:  # the workers died on it
-                    p = stream_pack.passthrough_facts(str(self.spool.dir / rid), rid,
-                                                      self.spool.key.key, p.reason)
+                p = job.future.result(timeout=waited)
+            except (CancelledError, PoolClosed):
+                raise
             except IntegrityError as e:
-                self.spool.quarantine(rid, str(e))
-                stats["unreadable"] += 1
+                self._unreadable(rid, str(e), tally)
                 return
             except FileNotFoundError:
-                log.error("pack.instance_missing", instance=rid)
-                stats["unreadable"] += 1
+                self._lost(rid, tally)
+                return
+            except WorkerLost as e:
+                self._pass_through(writer, rid, e.reason, tally)
+                return
+            except FutureTimeout:
+                log.error("pack.pool_unresponsive", instance=rid, waited_s=round(waited, 1))
+                self._pass_through(writer, rid, "worker-timeout", tally)
+                return
+            except Exception as e:  # reading or identifying it in the worker raised
+                self._pass_through(writer, rid, "pack-error", tally, type(e).__name__)
                 return
             if isinstance(p, Streamed):
-                self._write_streamed(writer, rid, p, job.temp or "", stats)
+                self._write_streamed(writer, rid, p, job.temp or "", tally)
                 return
             res = p.result
-            if res.reason.startswith("verify-"):
-                log.error("pack.verify_failed", instance=rid, codec=self.cfg.codec, reason=res.reason)
-            stats[res.action] += 1
+            self._note(rid, res.action, res.reason, tally)
             writer.begin_instance({**p.facts, "transfer_syntax": res.transfer_syntax,
                                    "action": res.action, "reason": res.reason})
             writer.write(res.data)
@@ -212,16 +338,63 @@ class Packer:
             self.beat()
         finally:
             if job.temp:
-                _remove(job.temp)
+                if job.future.done():
+                    _remove(job.temp)
+                else:  # the worker may still create it: remove it when the job ends
+                    job.future.add_done_callback(functools.partial(_remove_after, job.temp))
+            self.beat()
+
+    def _note(self, rid: str, action: str, reason: str, tally: _Tally,
+              error_type: str | None = None) -> None:
+        tally.stats[action] += 1
+        if reason.startswith("verify-"):
+            log.error("pack.verify_failed", instance=rid, codec=self.cfg.codec, reason=reason)
+        elif reason in _FAILURE_REASONS:
+            tally.stats[reason] += 1
+            log.warning("pack.instance_passed_through", instance=rid, segment=tally.segment,
+                        reason=reason, **({"error_type": error_type} if error_type else {}))
+
+    def _pass_through(self, writer: BundleWriter, rid: str, reason: str, tally: _Tally,
+                      error_type: str | None = None) -> None:
+        """Send an instance as received, read here from the spool chunk by chunk and
+        identified from the file meta the receiver wrote (never from its data set)."""
+        try:
+            s = stream_pack.passthrough_facts(str(self.spool.dir / rid), rid,
+                                              self.spool.key.key, reason)
+        except IntegrityError as e:
+            self._unreadable(rid, str(e), tally)
+            return
+        except FileNotFoundError:
+            self._lost(rid, tally)
+            return
+        except Exception as e:  # our own file meta does not parse: it cannot be named
+            self._unreadable(rid, f"file meta unreadable ({type(e).__name__})", tally)
+            return
+        self._write_streamed(writer, rid, s, "", tally, error_type)
+
+    def _lost(self, rid: str, tally: _Tally) -> None:
+        tally.missing += 1
+        tally.stats["lost"] += 1
+        log.error("pack.instance_lost", alarm="instance_lost", instance=rid,
+                  segment=tally.segment)
+
+    def _unreadable(self, rid: str, why: str, tally: _Tally) -> None:
+        """Quarantine the spool file (kept for a human) and leave the instance out."""
+        try:
+            self.spool.quarantine(rid, why)
+        except FileNotFoundError:
+            return self._lost(rid, tally)
+        tally.missing += 1
+        tally.stats["unreadable"] += 1
+        log.error("pack.instance_unreadable", alarm="instance_unreadable", instance=rid,
+                  segment=tally.segment)
 
     def _write_streamed(self, writer: BundleWriter, rid: str, s: Streamed, temp: str,
-                        stats: collections.Counter[str]) -> None:
+                        tally: _Tally, error_type: str | None = None) -> None:
         """Copy a large instance into the bundle in 1 MiB pieces (never whole)."""
         assert s.facts is not None
-        if s.reason.startswith("verify-"):
-            log.error("pack.verify_failed", instance=rid, codec=self.cfg.codec, reason=s.reason)
-        stats[s.action] += 1
-        stats["streamed"] += 1
+        self._note(rid, s.action, s.reason, tally, error_type)
+        tally.stats["streamed"] += 1
         writer.begin_instance({**s.facts, "transfer_syntax": s.transfer_syntax,
                                "action": s.action, "reason": s.reason})
         if s.action == "compressed":
@@ -253,6 +426,16 @@ class _Pending:
     rid: str
     future: Future[Any]  # of Prepared, or Streamed for a large instance
     temp: str | None  # the streamed output's temp file, removed after writing
+    limit_s: float  # the job's time limit in the pool
+
+
+@dataclass
+class _Tally:
+    """What happened to the instances of the segment being packed."""
+
+    segment: str
+    stats: collections.Counter[str] = field(default_factory=collections.Counter)
+    missing: int = 0  # acknowledged instances left out: unreadable or lost
 
 
 def _remove_after(path: str, _done: Future[Any]) -> None:
@@ -272,24 +455,17 @@ class Prepared:
     facts: dict[str, Any]
 
 
-def prepare(path: str, rid: str, spool_key: bytes, codec: str, verify: bool,
-            reason: str | None = None) -> Prepared:
+def prepare(path: str, rid: str, spool_key: bytes, codec_name: str, verify: bool) -> Prepared:
     """In a codec worker: read and authenticate a spooled instance, then compress it.
 
+    The manifest facts come from the file meta the receiver wrote, never from the data
+    set (which may not parse: `compress` then passes it through as "unparseable").
     Raises IntegrityError (the file fails authentication) or FileNotFoundError; the
-    packer quarantines or reports those. `reason` marks a pass-through made after the
-    workers crashed on this instance.
+    packer quarantines or reports those.
     """
     with open(path, "rb") as f:
         original = b"".join(crypto.open_spool_file(crypto.SpoolKey(spool_key), rid, f))
-    meta = dcmread(io.BytesIO(original), stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
-    res = compress(original, codec, verify)
-    if reason is not None:
-        res = dataclasses.replace(res, reason=reason)
-    return Prepared(res, {
-        "sop_instance_uid": str(meta.file_meta.MediaStorageSOPInstanceUID),
-        "sop_class": str(meta.file_meta.MediaStorageSOPClassUID),
-        "received_transfer_syntax": str(meta.file_meta.TransferSyntaxUID),
-        "received_size": len(original),
-        "received_sha256": hashlib.sha256(original).hexdigest(),
-    })
+    facts = stream_pack._meta_facts(original[: codec._split_part10(original).meta_end])
+    res = compress(original, codec_name, verify)
+    return Prepared(res, {**facts, "received_size": len(original),
+                          "received_sha256": hashlib.sha256(original).hexdigest()})

@@ -5,10 +5,11 @@ column, and it asks `next_state` first; the spool, the packer, the forwarder and
 operator commands (through the daemon's control socket) name an event, never a state.
 
     receiving --seal--> sealed --packed--> ready --claim--> active --delivered--> delivered
-                          |                 ^  ^              |
-                          |                 |  +--requeue-----+ (recovery at start, cancelled attempt)
-                          +--pack_failed--+ |  +--release/retry--+
-                                          v |                    |
+                         ^  |                ^  ^              |
+         release/retry   |  |                |  +--requeue-----+ (recovery at start, the rest of a
+                         |  +--pack_failed--> unpackable          bundle after instances were parked)
+                         +------------------ (images still in the spool; delete is refused)
+                                             |  +--release/retry--+
                   held <--hold (operator)-- ready, deferred      |
                   held <--refused-------------------------- active (the destination will not take it)
               deferred <--defer---------------------------- active (try again later)
@@ -22,10 +23,11 @@ what the event needs, so that an operator command on the wrong item says why.
 
 from __future__ import annotations
 
-STATES = ("receiving", "sealed", "ready", "active", "deferred", "held", "delivered", "failed")
+STATES = ("receiving", "sealed", "unpackable", "ready", "active", "deferred", "held", "delivered",
+          "failed")
 
 # The states an item waits in for the forwarder or for a human (not in flight, not done).
-WAITING = ("ready", "deferred", "held")
+WAITING = ("ready", "deferred", "held", "unpackable")
 
 GONE = None  # the target of events that remove the item
 
@@ -34,7 +36,7 @@ TABLE: dict[str, dict[str, str | None]] = {
     # the spool and the packer
     "seal": {"receiving": "sealed"},
     "packed": {"sealed": "ready"},
-    "pack_failed": {"sealed": "held"},
+    "pack_failed": {"sealed": "unpackable"},
     # the forwarder
     "claim": {"ready": "active", "deferred": "active"},
     "delivered": {"active": "delivered"},
@@ -45,8 +47,8 @@ TABLE: dict[str, dict[str, str | None]] = {
     "file_missing": {s: "failed" for s in ("ready", "active", "deferred", "held", "failed")},
     # operators (the CLI through the daemon, later the operations center)
     "hold": {"ready": "held", "deferred": "held"},
-    "release": {"held": "ready", "deferred": "ready", "failed": "ready"},
-    "retry": {"deferred": "ready", "held": "ready", "ready": "ready"},
+    "release": {"held": "ready", "deferred": "ready", "failed": "ready", "unpackable": "sealed"},
+    "retry": {"deferred": "ready", "held": "ready", "ready": "ready", "unpackable": "sealed"},
     "delete": {s: GONE for s in ("ready", "deferred", "held", "delivered", "failed")},
     # housekeeping
     "expire": {"delivered": GONE},

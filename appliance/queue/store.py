@@ -193,6 +193,29 @@ class Queue:
     def fail(self, item_id: str, reason: str, event: str = "file_missing") -> None:
         self._move(item_id, event, reason=reason)
 
+    # --- the packer's outcomes ---
+
+    def pack_failed(self, seg_id: str, reason: str) -> None:
+        """sealed -> unpackable: the packer tried this segment several times and gave up.
+        Its images are still in the spool; an operator's release or retry packs it again,
+        and delete is refused (its spool files and rows would be orphaned)."""
+        self._move(seg_id, "pack_failed", reason=f"pack failed: {reason}")
+
+    def mark_incomplete(self, seg_id: str, missing: int) -> None:
+        """Record on a sealed segment that `missing` acknowledged instances could not be
+        read back from the spool (file gone, or failing authentication) and are not in
+        its bundle. Sets the count (not adds): a pack redone after a crash records the
+        same number again. The segment flows on (ready, delivered) with the mark kept."""
+        if missing < 0:
+            raise ValueError("missing must be >= 0")
+        with self.index.tx() as c:  # not a state: a count on the segment
+            n = c.execute("UPDATE segments SET incomplete=? WHERE id=? AND state='sealed'",
+                          (missing, seg_id)).rowcount
+        if n == 0:
+            self.get(seg_id)  # NotFoundError for an unknown id
+            raise StateError(f"queue item {seg_id} is not sealed; only a segment being packed"
+                             " can be marked incomplete")
+
     def quarantine(self, item_id: str, reason: str) -> Path:
         """The bundle fails authentication: move its file to quarantine (kept for a human,
         never deleted) and mark the item failed with the reason. Returns the new path."""
@@ -266,7 +289,8 @@ class Queue:
             counts["requeued"] += 1
         on_disk = {p.name.removesuffix(".bundle") for p in self.dir.glob("*.bundle")}
         rows = {r["id"]: (r["state"], r["parent"] or r["id"]) for r in self.index.query(
-            "SELECT id, state, parent FROM segments WHERE state NOT IN ('receiving','sealed')")}
+            "SELECT id, state, parent FROM segments WHERE state NOT IN"
+            " ('receiving','sealed','unpackable')")}  # these have no bundle yet
         for item_id, (state, bundle_id) in rows.items():
             if bundle_id not in on_disk and state != "delivered":
                 self.fail(item_id, "bundle file missing")
