@@ -230,7 +230,7 @@ class Meta(NamedTuple):
 
     elements: tuple[Element, ...]
     end: int  # where the data set starts
-    transfer_syntax: str | None  # (0002,0010) without its padding; None if absent
+    transfer_syntax: str  # (0002,0010) without its padding; "" if absent
 
     def value(self, buf: bytes | bytearray | memoryview, tag: int) -> str | None:
         """A meta element's value as text (Latin-1, trailing NULs and spaces removed,
@@ -267,7 +267,7 @@ def meta(buf: bytes | bytearray | memoryview) -> Meta:
             ts = text(buf[e.value : e.end])
         found.append(e)
         end = e.end
-    return Meta(tuple(found), end, ts)
+    return Meta(tuple(found), end, ts or "")
 
 
 def dataset_offset(buf: bytes | bytearray | memoryview) -> int:

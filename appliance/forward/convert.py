@@ -148,7 +148,7 @@ def _start(inp: stream_pack._Input) -> Conversion:
     if not decoder.is_available:
         raise CodecError(f"no decoder is installed for {ts.name}")
 
-    while (px := stream_pack._pixel_offset(bytes(head), p.meta_end, False)) is None:
+    while (px := stream_pack._pixel_offset(bytes(head), p.end, False)) is None:
         if inp.eof:
             raise _Fallback("no pixel data found")
         if len(head) >= stream_pack.MAX_HEAD:
@@ -158,7 +158,7 @@ def _start(inp: stream_pack._Input) -> Conversion:
     if vr not in (b"OB", b"OW") or length != 0xFFFFFFFF:
         raise _Fallback("pixel data not encapsulated")
     inp.unread(bytes(head[px + _PIXEL_VALUE_HEADER :]))
-    hbuf = bytes(head[p.meta_end : px])
+    hbuf = bytes(head[p.end : px])
     del head
     try:
         parsed = codec._parse_dataset(hbuf, implicit=False)

@@ -87,7 +87,6 @@ the only decoders installed.
 from __future__ import annotations
 
 import io
-import struct
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -114,6 +113,8 @@ from pydicom.uid import (
     JPEGLSLossless,
 )
 from pydicom.values import convert_string
+
+from appliance.core import part10
 
 __all__ = ["CODECS", "REASONS", "CodecError", "Result", "compress", "decompress"]
 
@@ -193,86 +194,30 @@ class _Pass(Exception):
         self.reason = reason
 
 
-# --- Part-10 structure: preamble, file meta, dataset bytes ---------------------------
+# --- Part-10 structure: preamble, file meta, dataset bytes (core.part10) ----------------
 
-# explicit VRs with a 2-byte reserved field and a 4-byte length
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"})
-_VALID_VRS = _LONG_VRS | frozenset({
-    b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT", b"PN",
-    b"SH", b"SL", b"SS", b"ST", b"SV", b"TM", b"UI", b"UL", b"US", b"UV",
-})
-_TS_TAG = 0x00020010
-_PIXEL_DATA = 0x7FE00010
+_PIXEL_DATA = part10.PIXEL_DATA
 _EOT_TAGS = (0x7FE00001, 0x7FE00002)  # Extended Offset Table (Lengths)
 _FLOAT_PIXEL_TAGS = (0x7FE00008, 0x7FE00009)
 _PLANAR_CONFIGURATION = 0x00280006
 
 
-@dataclass(frozen=True)
-class _Part10:
-    meta: tuple[tuple[int, int, int], ...]  # (tag, start, end) of each meta element in raw
-    meta_end: int
-    transfer_syntax: str
-
-
-def _split_part10(raw: bytes) -> _Part10:
-    """Find the file meta elements (explicit VR LE, group 0002) after preamble + 'DICM'."""
-    if len(raw) < 132 or raw[128:132] != b"DICM":
+def _split_part10(raw: bytes) -> part10.Meta:
+    """The file meta (explicit VR LE, group 0002, after preamble + 'DICM'), or the reason
+    to pass `raw` through."""
+    if len(raw) < part10.META_START:
         raise _Pass("no-file-meta")
-    off, end = 132, len(raw)
-    elems: list[tuple[int, int, int]] = []
-    ts: str | None = None
-    while off + 8 <= end:
-        group, element = struct.unpack_from("<HH", raw, off)
-        if group != 0x0002:
-            break
-        vr = raw[off + 4 : off + 6]
-        if vr not in _VALID_VRS:
-            raise _Pass("unparseable")
-        if vr in _LONG_VRS:
-            if off + 12 > end:
-                raise _Pass("unparseable")
-            (length,) = struct.unpack_from("<L", raw, off + 8)
-            vstart = off + 12
-        else:
-            (length,) = struct.unpack_from("<H", raw, off + 6)
-            vstart = off + 8
-        if length == 0xFFFFFFFF or vstart + length > end:
-            raise _Pass("unparseable")
-        tag = group << 16 | element
-        if tag == _TS_TAG:
-            if ts is not None:
-                raise _Pass("unparseable")  # two transfer syntaxes: which one?
-            ts = raw[vstart : vstart + length].rstrip(b"\x00 ").decode("ascii", "replace")
-        elems.append((tag, off, vstart + length))
-        off = vstart + length
-    if not elems:
+    try:
+        m = part10.meta(raw)
+    except part10.NotPart10:
+        raise _Pass("no-file-meta") from None
+    except part10.Malformed:  # an unknown VR, two transfer syntaxes, cut short...
+        raise _Pass("unparseable") from None
+    if not m.elements:
         raise _Pass("no-file-meta")
-    if not ts:
+    if not m.transfer_syntax:
         raise _Pass("no-transfer-syntax")
-    return _Part10(tuple(elems), off, ts)
-
-
-def _meta_bytes(raw: bytes, p: _Part10, transfer_syntax: str) -> bytes:
-    """The input's file meta, byte for byte, with only (0002,0010) replaced and (0002,0000)
-    recomputed."""
-    value = transfer_syntax.encode("ascii")
-    if len(value) % 2:
-        value += b"\x00"
-    parts: list[bytes] = []
-    gl_index = -1
-    for tag, start, end in p.meta:
-        if tag == 0x00020000:
-            gl_index = len(parts)
-            parts.append(b"")
-        elif tag == _TS_TAG:
-            parts.append(struct.pack("<HH2sH", 0x0002, 0x0010, b"UI", len(value)) + value)
-        else:
-            parts.append(raw[start:end])
-    if gl_index >= 0:
-        after = sum(len(b) for b in parts[gl_index + 1 :])
-        parts[gl_index] = struct.pack("<HH2sHL", 0x0002, 0x0000, b"UL", 4, after)
-    return b"".join(parts)
+    return m
 
 
 # --- dataset parsing with element positions ------------------------------------------
@@ -293,10 +238,8 @@ def _parse_dataset(buf: bytes, implicit: bool, base: int = 0, defer_pixels: bool
     With `defer_pixels`, a top-level Pixel Data value of defined length is not copied:
     its element holds a memoryview of `buf` (for `_source_image`; the caller must replace
     the element before anything writes the dataset)."""
-    if len(buf) - base >= 8:
-        looks_explicit = buf[base + 4 : base + 6] in _VALID_VRS
-        if looks_explicit == implicit:
-            raise _Pass("transfer-syntax-mismatch")
+    if len(buf) - base >= 8 and part10.looks_explicit(buf, base) == implicit:
+        raise _Pass("transfer-syntax-mismatch")
     fp = io.BytesIO(buf)  # shares a bytes object: no copy
     fp.seek(base)
     elems: dict[BaseTag, Any] = {}
@@ -325,7 +268,7 @@ def _parse_dataset(buf: bytes, implicit: bool, base: int = 0, defer_pixels: bool
                 break
             vr, length = stopped[0]
             start = fp.tell()
-            value = start + (12 if not implicit and vr in _LONG_VRS_STR else 8)
+            value = start + (8 if implicit or vr is None else part10.header_length(vr.encode()))
             if value + length > len(buf):  # cut short: let pydicom read it as before
                 defer_pixels = False
                 continue
@@ -349,9 +292,6 @@ def _parse_dataset(buf: bytes, implicit: bool, base: int = 0, defer_pixels: bool
     return _Parsed(ds, spans, end, base)
 
 
-_LONG_VRS_STR = frozenset(v.decode() for v in _LONG_VRS)
-
-
 def _add(elems: dict[BaseTag, Any], spans: dict[int, tuple[int, int]], elem: Any,
          start: int, end: int) -> None:
     tag = int(elem.tag)
@@ -371,26 +311,9 @@ def _element_bytes(elem: DataElement) -> bytes:
 
 
 def _splice(buf: bytes, parsed: _Parsed, replace: dict[int, bytes | None]) -> bytes:
-    """`buf` with top-level elements replaced (bytes), removed (None) or inserted (a tag
-    not in the input goes before the first element with a larger tag)."""
-    order = sorted(parsed.spans.items(), key=lambda kv: kv[1][0])
-    inserts = sorted(t for t in replace if t not in parsed.spans and replace[t] is not None)
-    out: list[bytes] = []
-    pos = order[0][1][0] if order else parsed.base
-    out.append(buf[parsed.base : pos])
-    for tag, (start, end) in order:
-        while inserts and inserts[0] < tag:
-            out.append(replace[inserts.pop(0)] or b"")
-        if tag in replace:
-            new = replace[tag]
-            if new is not None:
-                out.append(new)
-        else:
-            out.append(buf[start:end])
-    for tag in inserts:
-        out.append(replace[tag] or b"")
-    out.append(buf[parsed.end :])
-    return b"".join(out)
+    """`buf` with top-level elements replaced (bytes), removed (None) or inserted, the
+    rest byte for byte (`part10.splice`)."""
+    return part10.splice(buf, parsed.spans, parsed.base, parsed.end, replace)
 
 
 def _to_explicit(parsed: _Parsed, buf: bytes) -> bytes:
@@ -440,18 +363,18 @@ def _checked_explicit(original: bytes, parsed: _Parsed, skip: frozenset[int]) ->
     return out
 
 
-def _dataset_bytes(raw: bytes, p: _Part10) -> tuple[bytes, int, bool, list[str]]:
+def _dataset_bytes(raw: bytes, p: part10.Meta) -> tuple[bytes, int, bool, list[str]]:
     """(buffer, where the dataset starts in it, implicit VR?, notes) for a native
     little-endian transfer syntax. Not a copy of the dataset unless it was deflated."""
     ts = UID(p.transfer_syntax)
     if ts == ExplicitVRLittleEndian:
-        return raw, p.meta_end, False, []
+        return raw, p.end, False, []
     if ts == ImplicitVRLittleEndian:
-        return raw, p.meta_end, True, ["implicit-vr-converted"]
+        return raw, p.end, True, ["implicit-vr-converted"]
     if ts == DeflatedExplicitVRLittleEndian:
         try:
             d = zlib.decompressobj(-zlib.MAX_WBITS)
-            return d.decompress(raw[p.meta_end :]) + d.flush(), 0, False, ["inflated"]
+            return d.decompress(raw[p.end :]) + d.flush(), 0, False, ["inflated"]
         except zlib.error:
             raise _Pass("unparseable") from None
     if ts == ExplicitVRBigEndian:
@@ -620,7 +543,7 @@ def compress(part10: bytes, codec: str = "jpeg2000", verify: bool = True) -> Res
         return _passthrough(part10, "unparseable", ts_in)
 
 
-def _compress(raw: bytes, p: _Part10, codec: str, verify: bool) -> Result:
+def _compress(raw: bytes, p: part10.Meta, codec: str, verify: bool) -> Result:
     target, plugin, options = CODECS[codec]
     buf, base, implicit, notes = _dataset_bytes(raw, p)
     parsed = _parse_dataset(buf, implicit, base, defer_pixels=True)
@@ -660,7 +583,7 @@ def _compress(raw: bytes, p: _Part10, codec: str, verify: bool) -> Result:
     else:
         replace[_PIXEL_DATA] = _element_bytes(ds["PixelData"])
         body = _splice(buf, parsed, replace)
-    out = raw[:128] + b"DICM" + _meta_bytes(raw, p, target) + body
+    out = raw[:128] + b"DICM" + part10.with_transfer_syntax(raw, p, target) + body
 
     if len(out) >= len(raw):
         raise _Pass("not-smaller")
@@ -693,7 +616,7 @@ def decompress(part10: bytes) -> bytes:
 def _decompress(raw: bytes) -> bytes:
     p = _split_part10(raw)
     ts = UID(p.transfer_syntax)
-    head = raw[:128] + b"DICM" + _meta_bytes(raw, p, ExplicitVRLittleEndian)
+    head = raw[:128] + b"DICM" + part10.with_transfer_syntax(raw, p, ExplicitVRLittleEndian)
     if ts == ExplicitVRLittleEndian:
         return raw
     if ts in (ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian):
@@ -706,7 +629,7 @@ def _decompress(raw: bytes) -> bytes:
         raise _Pass("big-endian" if ts == ExplicitVRBigEndian else "unknown-transfer-syntax")
 
     buf = raw
-    parsed = _parse_dataset(buf, implicit=False, base=p.meta_end)
+    parsed = _parse_dataset(buf, implicit=False, base=p.end)
     ds = parsed.ds
     if _PIXEL_DATA not in ds:
         raise _Pass("no-pixel-data")

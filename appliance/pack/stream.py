@@ -54,7 +54,7 @@ from pydicom.pixels.encoders.base import get_encoder
 from pydicom.pixels.utils import as_pixel_options
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from appliance.core import crypto
+from appliance.core import crypto, part10
 from appliance.core.errors import IntegrityError
 from appliance.pack import codec
 from appliance.pack.codec import _Pass
@@ -222,7 +222,7 @@ def _meta_facts(part10_head: bytes) -> dict[str, Any]:
             "received_transfer_syntax": str(meta.file_meta.TransferSyntaxUID)}
 
 
-def _read_head(inp: _Input) -> tuple[bytearray, codec._Part10 | None]:
+def _read_head(inp: _Input) -> tuple[bytearray, part10.Meta | None]:
     """Read until the file meta is complete and the 8 bytes after it are in (or the
     input ends, or MAX_HEAD is reached, or it is not Part 10): the first read may end
     anywhere, even inside the preamble or a meta element."""
@@ -231,7 +231,7 @@ def _read_head(inp: _Input) -> tuple[bytearray, codec._Part10 | None]:
         more = not inp.eof and len(head) < MAX_HEAD
         try:
             p = codec._split_part10(bytes(head))
-            if not (more and p.meta_end + 8 > len(head)):  # not cut at the buffer's end
+            if not (more and p.end + 8 > len(head)):  # not cut at the buffer's end
                 return head, p
         except _Pass:
             if not more or (len(head) >= 132 and head[128:132] != b"DICM"):
@@ -241,14 +241,14 @@ def _read_head(inp: _Input) -> tuple[bytearray, codec._Part10 | None]:
 
 @dataclass
 class _Header:
-    p: codec._Part10
+    p: part10.Meta
     implicit: bool
     head: bytes  # preamble .. end of the Pixel Data element header
     pixel: int  # offset of the Pixel Data element in `head`
     value_length: int
 
 
-def _locate(inp: _Input, head: bytearray, p: codec._Part10) -> _Header:
+def _locate(inp: _Input, head: bytearray, p: part10.Meta) -> _Header:
     ts = UID(p.transfer_syntax)
     if ts == ImplicitVRLittleEndian:
         implicit = True
@@ -257,7 +257,7 @@ def _locate(inp: _Input, head: bytearray, p: codec._Part10) -> _Header:
     else:
         codec._dataset_bytes(b"", p)  # raises the reason the in-memory path would give
         raise _Pass("stream-unsupported")  # deflated: only the in-memory path inflates
-    while (px := _pixel_offset(bytes(head), p.meta_end, implicit)) is None:
+    while (px := _pixel_offset(bytes(head), p.end, implicit)) is None:
         if inp.eof:
             raise _Pass("no-pixel-data")
         if len(head) >= MAX_HEAD:
@@ -293,7 +293,7 @@ def prepare_stream(path: str, rid: str, spool_key: bytes, codec_name: str, verif
     with open(path, "rb") as f:
         inp = _Input(crypto.open_spool_file(crypto.SpoolKey(spool_key), rid, f))
         head, p = _read_head(inp)
-        facts = _meta_facts(bytes(head[: p.meta_end]) if p else bytes(head))
+        facts = _meta_facts(bytes(head[: p.end]) if p else bytes(head))
         ts_in = p.transfer_syntax if p and UID(p.transfer_syntax).is_valid else ""
         out: _SealedTemp | None = None
         reason = ""
@@ -352,7 +352,7 @@ class _Encoded:
 def _encode(inp: _Input, hdr: _Header, codec_name: str, verify: bool, out: _SealedTemp) -> _Encoded:
     target, plugin, options = codec.CODECS[codec_name]
     p = hdr.p
-    hbuf = hdr.head[p.meta_end : hdr.pixel]
+    hbuf = hdr.head[p.end : hdr.pixel]
     parsed = codec._parse_dataset(hbuf, hdr.implicit)
     if parsed.end != len(hbuf):
         raise _Pass("unparseable")
@@ -387,7 +387,7 @@ def _encode(inp: _Input, hdr: _Header, codec_name: str, verify: bool, out: _Seal
         body = codec._checked_explicit(hbuf, parsed, skip)
     else:
         body = codec._splice(hbuf, parsed, replace)
-    head = (hdr.head[:128] + b"DICM" + codec._meta_bytes(hdr.head, p, target) + body
+    head = (hdr.head[:128] + b"DICM" + part10.with_transfer_syntax(hdr.head, p, target) + body
             + _PIXEL_HEADER)
 
     encoder, decoder = get_encoder(target), get_decoder(target)
@@ -488,7 +488,7 @@ def passthrough_facts(path: str, rid: str, spool_key: bytes, reason: str) -> Str
     with open(path, "rb") as f:
         inp = _Input(crypto.open_spool_file(crypto.SpoolKey(spool_key), rid, f))
         head, p = _read_head(inp)
-        facts = _meta_facts(bytes(head[: p.meta_end]) if p else bytes(head))
+        facts = _meta_facts(bytes(head[: p.end]) if p else bytes(head))
         ts_in = p.transfer_syntax if p and UID(p.transfer_syntax).is_valid else ""
         del head
         inp.drain()
