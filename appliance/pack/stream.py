@@ -40,7 +40,6 @@ import contextlib
 import hashlib
 import io
 import os
-import struct
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -48,7 +47,6 @@ from typing import Any
 
 import numpy as np
 from pydicom import dcmread
-from pydicom.filereader import data_element_generator
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.encoders.base import get_encoder
 from pydicom.pixels.utils import as_pixel_options
@@ -64,9 +62,7 @@ MAX_HEAD = 32 << 20  # header before Pixel Data held in memory; longer -> pass-t
 MAX_TAIL = 16 << 20  # elements after Pixel Data held in memory; longer -> pass-through
 TEMP_AAD = b"appliance pack temp v1"
 
-_ITEM = b"\xfe\xff\x00\xe0"
-_SEQ_DELIM = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
-_PIXEL_HEADER = struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OB", 0, 0xFFFFFFFF)
+_PIXEL_HEADER = part10.element_header(part10.PIXEL_DATA, b"OB", part10.UNDEFINED)
 
 
 @dataclass(frozen=True)
@@ -196,22 +192,19 @@ class _SealedTemp:
 # --- the header ------------------------------------------------------------------------
 
 
-def _pixel_offset(head: bytes, start: int, implicit: bool) -> int | None:
-    """Offset in `head` of the top-level (7FE0,0010) element when its header (and all
-    the elements before it) are in `head`, else None."""
-    fp = io.BytesIO(head)
-    fp.seek(start)
+def _pixel_element(head: bytes, start: int, implicit: bool) -> part10.Element | None:
+    """The top-level (7FE0,0010) element's header when it (and all the elements before
+    it) are in `head`, else None."""
     try:
-        for _ in data_element_generator(fp, implicit, True,
-                                        stop_when=lambda tag, vr, length: tag == codec._PIXEL_DATA):
-            pass
-    except Exception:
+        return part10.locate(head, start, implicit, part10.PIXEL_DATA)
+    except part10.Malformed:
         return None  # cut in the middle of an element: read more (or give up at the end)
-    pos = fp.tell()
-    need = 8 if implicit else 12
-    if pos + need > len(head) or struct.unpack_from("<HH", head, pos) != (0x7FE0, 0x0010):
-        return None
-    return pos
+
+
+def _pixel_offset(head: bytes, start: int, implicit: bool) -> int | None:
+    """Offset in `head` of the top-level (7FE0,0010) element, as `_pixel_element`."""
+    found = _pixel_element(head, start, implicit)
+    return None if found is None else found.start
 
 
 def _meta_facts(part10_head: bytes) -> dict[str, Any]:
@@ -257,24 +250,16 @@ def _locate(inp: _Input, head: bytearray, p: part10.Meta) -> _Header:
     else:
         codec._dataset_bytes(b"", p)  # raises the reason the in-memory path would give
         raise _Pass("stream-unsupported")  # deflated: only the in-memory path inflates
-    while (px := _pixel_offset(bytes(head), p.end, implicit)) is None:
+    while (px := _pixel_element(bytes(head), p.end, implicit)) is None:
         if inp.eof:
             raise _Pass("no-pixel-data")
         if len(head) >= MAX_HEAD:
             raise _Pass("stream-unsupported")
         head += inp.read(len(head))
-    if implicit:
-        (length,) = struct.unpack_from("<L", head, px + 4)
-        value = px + 8
-    else:
-        vr, (length,) = bytes(head[px + 4 : px + 6]), struct.unpack_from("<L", head, px + 8)
-        if vr not in (b"OB", b"OW"):
-            raise _Pass("bad-pixel-data")
-        value = px + 12
-    if length == 0xFFFFFFFF:
+    if (not implicit and px.vr not in (b"OB", b"OW")) or px.length == part10.UNDEFINED:
         raise _Pass("bad-pixel-data")
-    inp.unread(bytes(head[value:]))
-    return _Header(p, implicit, bytes(head[:value]), px, length)
+    inp.unread(bytes(head[px.value :]))
+    return _Header(p, implicit, bytes(head[: px.value]), px.start, px.length)
 
 
 # --- the whole instance ---------------------------------------------------------------
@@ -406,7 +391,7 @@ def _encode(inp: _Input, hdr: _Header, codec_name: str, verify: bool, out: _Seal
             raise _Pass("encode-error") from None
         if len(frag) % 2:
             frag += b"\x00"
-        item = _ITEM + struct.pack("<L", len(frag)) + frag
+        item = part10.item(frag)
         if verify:
             _verify_frame(decoder, item, decode_opts, values[0], shape)
         out.write(item)
@@ -428,33 +413,20 @@ def _encode(inp: _Input, hdr: _Header, codec_name: str, verify: bool, out: _Seal
             tail = codec._checked_explicit(tail, tparsed, frozenset())
     if hdr.implicit and any(t & 0xFFFF == 0 for t in (*parsed.spans, *tail_tags)):
         notes.append("group-lengths-removed")
-    out.write(_SEQ_DELIM + tail)
+    out.write(part10.SEQUENCE_DELIMITER_ITEM + tail)
     out.close()
 
-    prefix = head + _basic_offset_table(lengths)
+    prefix = head + part10.basic_offset_table(lengths)
     size = len(prefix) + out.size
     if size >= inp.size:
         raise _Pass("not-smaller")
     return _Encoded(str(target), prefix, size, lay.frames, tuple(notes))
 
 
-def _basic_offset_table(item_lengths: list[int]) -> bytes:
-    """The BOT item: offsets of each frame's first fragment item, relative to the first
-    item after the BOT (as `pydicom.encaps.encapsulate` writes them); empty when an
-    offset would not fit in 32 bits (PS3.5 A.4 allows an empty table)."""
-    offsets, pos = [], 0
-    for n in item_lengths:
-        offsets.append(pos)
-        pos += n
-    if offsets and offsets[-1] > 0xFFFFFFFF:
-        return _ITEM + b"\x00\x00\x00\x00"
-    return _ITEM + struct.pack(f"<L{len(offsets)}L", 4 * len(offsets), *offsets)
-
-
 def _verify_frame(decoder: Any, item: bytes, opts: dict[str, Any], want: np.ndarray,
                   shape: tuple[int, int, int]) -> None:
     try:
-        got = decoder.as_array(_ITEM + b"\x00\x00\x00\x00" + item, raw=True, **opts)[0]
+        got = decoder.as_array(part10.item(b"") + item, raw=True, **opts)[0]
     except Exception:
         raise _Pass("verify-error") from None
     if got.size != want.size or not np.array_equal(got.reshape(shape), want):
