@@ -201,12 +201,6 @@ def _pixel_element(head: bytes, start: int, implicit: bool) -> part10.Element | 
         return None  # cut in the middle of an element: read more (or give up at the end)
 
 
-def _pixel_offset(head: bytes, start: int, implicit: bool) -> int | None:
-    """Offset in `head` of the top-level (7FE0,0010) element, as `_pixel_element`."""
-    found = _pixel_element(head, start, implicit)
-    return None if found is None else found.start
-
-
 def _meta_facts(part10_head: bytes) -> dict[str, Any]:
     meta = dcmread(io.BytesIO(part10_head), stop_before_pixels=True,
                    specific_tags=["SOPInstanceUID"])
