@@ -70,6 +70,11 @@ def pydicom_elements(raw: bytes, pos: int, implicit: bool) -> list[tuple[int, in
         return None
 
 
+def walk(buf: bytes, pos: int, implicit: bool, stop: int = part10.MAX_TAG) -> list[part10.Element]:
+    """`part10.elements` with named fields."""
+    return [part10.Element(*e) for e in part10.elements(buf, pos, implicit, stop)]
+
+
 def el(tag: int, vr: bytes, value: bytes, implicit: bool = False) -> bytes:
     if implicit:
         return struct.pack("<HHL", tag >> 16, tag & 0xFFFF, len(value)) + value
@@ -131,7 +136,7 @@ def test_top_level_elements_lie_where_pydicom_reads_them_on_every_sample() -> No
             continue
         implicit = theirs[1] == IMPLICIT
         try:
-            mine = [(e.tag, e.start, e.end) for e in part10.elements(raw, theirs[0], implicit)]
+            mine = [(e.tag, e.start, e.end) for e in walk(raw, theirs[0], implicit)]
         except part10.Malformed:
             refused.append(str(f.relative_to(SAMPLES)))
             continue
@@ -171,7 +176,7 @@ def test_pixel_data_is_located_where_pydicom_reads_it() -> None:
 @pytest.mark.parametrize("implicit", [False, True])
 def test_elements_gives_each_header_and_value(implicit: bool) -> None:
     data = el(0x00080060, b"CS", b"CT", implicit) + el(0x00091010, b"OB", b"\x01\x02\x03\x04", implicit)
-    got = list(part10.elements(data, 0, implicit))
+    got = walk(data, 0, implicit)
     vr = (None, None) if implicit else (b"CS", b"OB")
     assert got == [part10.Element(0x00080060, vr[0], 0, 8, 2, 10),
                    part10.Element(0x00091010, vr[1], 10, 18 if implicit else 22, 4,
@@ -180,7 +185,7 @@ def test_elements_gives_each_header_and_value(implicit: bool) -> None:
 
 def test_elements_stops_before_the_first_tag_above_stop() -> None:
     data = el(0x00080060, b"CS", b"CT") + el(0x00100010, b"PN", b"X^Y ") + el(0x00200013, b"IS", b"1 ")
-    got = list(part10.elements(data, 0, False, stop=0x0010FFFF))
+    got = walk(data, 0, False, stop=0x0010FFFF)
     assert [e.tag for e in got] == [0x00080060, 0x00100010]
     assert data[got[-1].end :].startswith(b"\x20\x00\x13\x00")
 
@@ -205,11 +210,11 @@ def test_every_cut_of_a_data_set_is_truncated_never_misread(implicit: bool) -> N
     seq = (undefined(0x00081140, b"SQ", implicit) + ITEM_U + el(0x00081150, b"UI", b"1.2 ", implicit)
            + ITEM_END + SEQ_END)
     data = el(0x00080060, b"CS", b"CT", implicit) + seq + el(0x00200013, b"IS", b"1 ", implicit)
-    whole = list(part10.elements(data, 0, implicit))
+    whole = walk(data, 0, implicit)
     bounds = {e.end for e in whole}
     for cut in range(1, len(data)):
         if cut in bounds:
-            assert list(part10.elements(data[:cut], 0, implicit)) == [e for e in whole if e.end <= cut]
+            assert walk(data[:cut], 0, implicit) == [e for e in whole if e.end <= cut]
         else:
             with pytest.raises(part10.Truncated):
                 list(part10.elements(data[:cut], 0, implicit))
@@ -224,7 +229,7 @@ def test_an_undefined_length_sequence_ends_past_its_delimiter(implicit: bool) ->
            + struct.pack("<HHL", 0xFFFE, 0xE000, len(item_defined)) + item_defined
            + ITEM_U + inner + el(0x00081155, b"UI", b"1.3 ", implicit) + ITEM_END + SEQ_END)
     data = seq + el(0x00200013, b"IS", b"1 ", implicit)
-    first, second = part10.elements(data, 0, implicit)
+    first, second = walk(data, 0, implicit)
     assert (first.tag, first.length, first.end) == (0x00081140, part10.UNDEFINED, len(seq))
     assert second.tag == 0x00200013
 
@@ -235,13 +240,13 @@ def test_an_undefined_length_un_holds_implicit_vr_content() -> None:
     item_content = el(0x00091001, b"", b"ABCD", implicit=True)
     un = undefined(0x00091010, b"UN") + ITEM_U + item_content + ITEM_END + SEQ_END
     data = un + el(0x00200013, b"IS", b"1 ")
-    assert [e.tag for e in part10.elements(data, 0, False)] == [0x00091010, 0x00200013]
+    assert [e.tag for e in walk(data, 0, False)] == [0x00091010, 0x00200013]
 
 
 def test_encapsulated_pixel_data_ends_past_its_delimiter() -> None:
     frames = encapsulate([b"\x01" * 10, b"\x02" * 6], has_bot=True)
     data = undefined(part10.PIXEL_DATA, b"OB") + frames + SEQ_END + el(0xFFFCFFFC, b"OB", b"\x00\x00")
-    px, pad = part10.elements(data, 0, False)
+    px, pad = walk(data, 0, False)
     assert px.end == 12 + len(frames) + 8 and pad.tag == 0xFFFCFFFC
 
 
@@ -264,7 +269,7 @@ def test_nesting_past_the_limit_is_malformed_not_a_recursion_error() -> None:
     with pytest.raises(part10.Malformed, match="nested too deeply"):
         list(part10.elements(data, 0, False))
     ok = (undefined(0x00081140, b"SQ") + ITEM_U) * part10.MAX_DEPTH + (ITEM_END + SEQ_END) * part10.MAX_DEPTH
-    assert [e.end for e in part10.elements(ok, 0, False)] == [len(ok)]
+    assert [e.end for e in walk(ok, 0, False)] == [len(ok)]
 
 
 def test_a_huge_declared_length_is_checked_before_anything_is_read() -> None:
@@ -466,7 +471,7 @@ def test_an_inflated_sample_is_what_pydicom_reads() -> None:
     m = part10.meta(raw)
     body = part10.inflate(raw[m.end :], 64 * MiB)
     ds = pydicom.dcmread(f)
-    assert [e.tag for e in part10.elements(body, 0, False)] == [int(t) for t in ds.keys()]  # noqa: SIM118
+    assert [e.tag for e in walk(body, 0, False)] == [int(t) for t in ds.keys()]  # noqa: SIM118
 
 
 def test_a_pydicom_dataset_round_trips_through_the_walker() -> None:
@@ -478,4 +483,4 @@ def test_a_pydicom_dataset_round_trips_through_the_walker() -> None:
     fp.is_little_endian, fp.is_implicit_VR = True, False
     pydicom.filewriter.write_dataset(fp, ds)
     data = fp.getvalue()
-    assert [e.tag for e in part10.elements(data, 0, False)] == [0x00081140, 0x00100010]
+    assert [e.tag for e in walk(data, 0, False)] == [0x00081140, 0x00100010]

@@ -77,7 +77,9 @@ class TooLarge(ValueError):
 
 
 class Element(NamedTuple):
-    """A data element as it lies in the buffer."""
+    """A data element as it lies in the buffer. (`elements` yields the same fields as a
+    plain tuple: building a NamedTuple per element would cost the receive hot path more
+    than the walk itself.)"""
 
     tag: int
     vr: bytes | None  # None in Implicit VR
@@ -87,8 +89,12 @@ class Element(NamedTuple):
     end: int  # where the next element starts
 
 
+# (tag, vr, start, value, length, end): the fields of `Element`
+ElementTuple = tuple[int, bytes | None, int, int, int, int]
+
+
 def elements(buf: bytes | bytearray | memoryview, pos: int, implicit: bool,
-             stop: int = MAX_TAG, first: int = 0) -> Iterator[Element]:
+             stop: int = MAX_TAG, first: int = 0) -> Iterator[ElementTuple]:
     """The data elements from `pos` to the end of `buf`, in order, up to the first one
     whose tag is above `stop` or below `first` (not yielded: its `start` is the last
     element's `end`; its tag is read before anything else of it).
@@ -98,36 +104,51 @@ def elements(buf: bytes | bytearray | memoryview, pos: int, implicit: bool,
     there (None), whatever the bytes look like (see `looks_explicit`).
     """
     n = len(buf)
+    # Locals, and two loops rather than a test per element: this is the receive hot path.
+    long_vrs, short_vrs, explicit_header, u32 = LONG_VRS, SHORT_VRS, _EXPLICIT.unpack_from, _U32.unpack_from
+    if implicit:
+        implicit_header = _IMPLICIT.unpack_from
+        while pos < n:
+            if pos + 8 > n:
+                raise Truncated("an element header is cut short")
+            group, elem, length = implicit_header(buf, pos)
+            tag = group << 16 | elem
+            if tag > stop or tag < first:
+                return
+            if length == UNDEFINED:
+                end = _undefined_end(buf, pos + 8, True, 1)
+            else:
+                end = pos + 8 + length
+                if end > n:
+                    raise Truncated("an element's value is cut short")
+            yield tag, None, pos, pos + 8, length, end
+            pos = end
+        return
     while pos < n:
         if pos + 8 > n:
             raise Truncated("an element header is cut short")
-        if implicit:
-            group, elem, length = _IMPLICIT.unpack_from(buf, pos)
-            tag = group << 16 | elem
-            if tag > stop or tag < first:
-                return
-            vr, value = None, pos + 8
+        group, elem, vr, length = explicit_header(buf, pos)
+        tag = group << 16 | elem
+        if tag > stop or tag < first:
+            return
+        if vr in long_vrs:
+            if pos + 12 > n:
+                raise Truncated("an element header is cut short")
+            (length,) = u32(buf, pos + 8)
+            value = pos + 12
+            if length == UNDEFINED:
+                end = _undefined_end(buf, value, vr == b"UN", 1)
+                yield tag, vr, pos, value, length, end
+                pos = end
+                continue
+        elif vr in short_vrs:
+            value = pos + 8
         else:
-            group, elem, vr, length = _EXPLICIT.unpack_from(buf, pos)
-            tag = group << 16 | elem
-            if tag > stop or tag < first:
-                return
-            if vr in LONG_VRS:
-                if pos + 12 > n:
-                    raise Truncated("an element header is cut short")
-                (length,) = _U32.unpack_from(buf, pos + 8)
-                value = pos + 12
-            elif vr in SHORT_VRS:
-                value = pos + 8
-            else:
-                raise Malformed("an element has an unknown VR")
-        if length == UNDEFINED:
-            end = _undefined_end(buf, value, implicit or vr == b"UN", 1)
-        else:
-            end = value + length
-            if end > n:
-                raise Truncated("an element's value is cut short")
-        yield Element(tag, vr, pos, value, length, end)
+            raise Malformed("an element has an unknown VR")
+        end = value + length
+        if end > n:
+            raise Truncated("an element's value is cut short")
+        yield tag, vr, pos, value, length, end
         pos = end
 
 
@@ -216,7 +237,7 @@ def locate(buf: bytes | bytearray | memoryview, pos: int, implicit: bool, tag: i
     the element is not there)."""
     last = pos
     for e in elements(buf, pos, implicit, stop=tag - 1):
-        last = e.end
+        last = e[5]
     if item_header(buf, last)[0] != tag:  # the tag, read before anything else
         return None
     return _header(buf, last, implicit)
@@ -258,7 +279,8 @@ def meta(buf: bytes | bytearray | memoryview) -> Meta:
     found: list[Element] = []
     end = META_START
     ts: str | None = None
-    for e in elements(buf, META_START, False, stop=0x0002FFFF, first=0x00020000):
+    for fields in elements(buf, META_START, False, stop=0x0002FFFF, first=0x00020000):
+        e = Element(*fields)
         if e.length == UNDEFINED:
             raise Malformed("a file meta element has an undefined length")
         if e.tag == TRANSFER_SYNTAX:
@@ -404,7 +426,7 @@ def inflate_prefix(deflated: bytes | bytearray | memoryview, n: int) -> bytes:
 __all__ = [
     "ITEM", "ITEM_DELIMITER", "LONG_VRS", "MAGIC", "MAX_DEPTH", "META_START", "PIXEL_DATA",
     "PREAMBLE", "SEQUENCE_DELIMITER", "SEQUENCE_DELIMITER_ITEM", "SHORT_VRS", "TRANSFER_SYNTAX",
-    "UNDEFINED", "VRS", "Element", "Malformed", "Meta", "NotPart10", "TooLarge", "Truncated",
+    "UNDEFINED", "VRS", "Element", "ElementTuple", "Malformed", "Meta", "NotPart10", "TooLarge", "Truncated",
     "basic_offset_table", "dataset_offset", "element", "element_header", "elements",
     "file_meta", "header_length", "inflate", "inflate_prefix", "item", "item_header",
     "locate", "looks_explicit", "meta", "splice", "text", "with_transfer_syntax",
