@@ -114,7 +114,8 @@ class Daemon:
         self.queue = queue = Queue(cfg.appliance.state_dir, index)
         pool = CodecPool(cfg.pack.workers)
         packer = Packer(cfg.pack, spool, queue, recipients, pool,
-                        receiving_burst=lambda: self.receiver is not None and self.receiver.in_burst())
+                        receiving_burst=lambda: self.receiver is not None and self.receiver.in_burst(),
+                        max_instance_bytes=cfg.receive.max_instance_mb << 20)
         packer.remove_packed()  # a crash between pack steps 2 and 3 left these
         counts = spool.recover(adopt=identify_stored)
         log.info("spool.recovered", **counts)

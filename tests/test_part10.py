@@ -4,6 +4,7 @@ sample set, and on hand-made, malformed and truncated structure."""
 from __future__ import annotations
 
 import io
+import os
 import struct
 import tracemalloc
 import warnings
@@ -430,11 +431,13 @@ def deflate(data: bytes) -> bytes:
     return c.compress(data) + c.flush()
 
 
-def test_inflate_gives_the_data_set_up_to_its_cap() -> None:
-    data = bytes(range(256)) * 1000
-    assert part10.inflate(deflate(data), len(data)) == data
-    with pytest.raises(part10.TooLarge):
-        part10.inflate(deflate(data), len(data) - 1)
+@pytest.mark.parametrize("size", [0, 1, 1000, part10.INFLATE_STEP, 3 * part10.INFLATE_STEP + 7])
+def test_inflate_gives_the_data_set_up_to_its_cap(size: int) -> None:
+    data = os.urandom(size // 2) + bytes(size - size // 2)
+    assert part10.inflate(deflate(data), size) == data
+    if size:
+        with pytest.raises(part10.TooLarge):
+            part10.inflate(deflate(data), size - 1)
 
 
 def test_inflate_ignores_bytes_after_the_deflate_stream_as_pydicom_does() -> None:
@@ -447,8 +450,8 @@ def test_inflate_refuses_what_is_not_deflate() -> None:
 
 
 def test_a_deflate_bomb_stops_at_the_cap_without_inflating_it() -> None:
-    """512 MiB of zeros deflate to ~0.5 MiB; with a 4 MiB cap, no more than twice the cap
-    is ever allocated (zlib's output blocks, then the bytes object joined from them)."""
+    """512 MiB of zeros deflate to ~0.5 MiB; with a 4 MiB cap, inflating it allocates less
+    than twice the cap (the output as it grows, one step of zlib's), never the 512 MiB."""
     c = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
     zero = bytes(16 * MiB)
     bomb = b"".join(c.compress(zero) for _ in range(32)) + c.flush()
@@ -460,7 +463,7 @@ def test_a_deflate_bomb_stops_at_the_cap_without_inflating_it() -> None:
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert peak < 9 * MiB, peak
+    assert peak < 8 * MiB, peak
     assert part10.inflate_prefix(bomb, 1000) == bytes(1000)
 
 

@@ -53,6 +53,7 @@ LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
 SHORT_VRS = frozenset(b"AE AS AT CS DA DS DT FL FD IS LO LT PN SH SL SS ST TM UI UL US".split())
 VRS = LONG_VRS | SHORT_VRS
 MAX_DEPTH = 32  # nested undefined-length sequences followed; real data sets nest < 10
+INFLATE_STEP = 1 << 20  # inflated per zlib call
 
 _EXPLICIT = struct.Struct("<HH2sH")  # tag, VR, 16-bit length (or reserved)
 _IMPLICIT = struct.Struct("<HHL")  # tag, 32-bit length; also every item header
@@ -396,22 +397,27 @@ def basic_offset_table(item_lengths: Sequence[int]) -> bytes:
 def inflate(deflated: bytes | bytearray | memoryview, cap: int) -> bytes:
     """The inflated data set of a Deflated Explicit VR Little Endian file (raw deflate,
     RFC 1951; bytes after the end of the deflate stream are ignored, as pydicom does).
-    Incremental: it stops as soon as the output passes `cap`, so no more than about twice
-    `cap` is ever allocated (zlib's output blocks and the bytes joined from them); TooLarge
-    past `cap`, Malformed for data that is not deflate."""
+    Incremental, `INFLATE_STEP` bytes at a time: it stops as soon as the output passes
+    `cap` (TooLarge), having held about the cap and a step (the growing output, and the
+    copy of it a growth may take); a data set within the cap is copied once more into
+    the bytes returned. Malformed if it is not deflate."""
     d = zlib.decompressobj(-zlib.MAX_WBITS)
+    out = bytearray()
+    data: bytes | bytearray | memoryview = deflated
     try:
-        out = d.decompress(deflated, cap + 1)
-        if len(out) > cap:
-            raise TooLarge(f"inflates to more than {cap} bytes")
-        # Output below the cap means all input was consumed; what flush adds is bounded
-        # by zlib's window, but count it too.
-        out += d.flush()
+        while True:
+            out += d.decompress(data, INFLATE_STEP)
+            if len(out) > cap:
+                raise TooLarge(f"inflates to more than {cap} bytes")
+            data = d.unconsumed_tail
+            if not data:
+                break
+        out += d.flush()  # what zlib still holds: less than its window
     except zlib.error:
         raise Malformed("the deflated data set does not inflate") from None
     if len(out) > cap:
         raise TooLarge(f"inflates to more than {cap} bytes")
-    return out
+    return bytes(out)
 
 
 def inflate_prefix(deflated: bytes | bytearray | memoryview, n: int) -> bytes:

@@ -10,8 +10,10 @@ the original stored values. Anything it cannot or should not compress comes back
 result (reasons starting with "verify-" are errors: the encoder produced something that
 does not decode to the original).
 
-`decompress(part10)` is the way back for a forwarder whose peer does not accept the
-compressed syntax: an uncompressed Explicit VR Little Endian Part-10 file.
+`decompress(part10, max_output)` is the way back for a forwarder whose peer does not
+accept the compressed syntax: an uncompressed Explicit VR Little Endian Part-10 file, no
+longer than `max_output` (checked before decoding, from the image attributes). The
+forwarder runs it in a conversion worker (`forward.conversion`), never in the daemon.
 
 `pack.pool.CodecPool` runs `compress` in worker processes ("forkserver" by default, never "fork"
 from the threaded daemon): the OpenJPEG encoder holds the GIL and is not thread-safe.
@@ -37,7 +39,10 @@ What may change, and nothing else
   compared with the input (values parsed by pydicom, recursively through sequences);
   any difference -> passthrough "reencode-mismatch". Noted as "implicit-vr-converted".
 * Deflated Explicit VR Little Endian input is inflated (the dataset bytes inside are
-  kept byte for byte). Noted as "inflated".
+  kept byte for byte). Noted as "inflated". Inflation is incremental and capped
+  (`max_inflated`, `core.part10.inflate`): a data set larger than the cap once inflated
+  (a deflate bomb: 0.5 MiB that inflate to 512 MiB) passes through as it came,
+  "inflated-too-large". Only codec workers call this.
 
 Explicit VR Little Endian input (the usual case) is not re-serialised by pydicom at all:
 the output is the input with the Pixel Data element (and the few elements above)
@@ -88,7 +93,6 @@ from __future__ import annotations
 
 import io
 import warnings
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -158,9 +162,16 @@ REASONS: dict[str, str] = {
     "stream-unsupported": "large instance the streaming path cannot take apart (deflated,"
                           " header or trailer too long, elements out of order): sent as is",
     "temp-write-error": "large instance: its compressed temp file could not be written",
+    "inflated-too-large": "deflated data set larger than the cap once inflated (a deflate"
+                          " bomb, or more than the in-memory path holds): sent as is",
 }
 
 Action = Literal["compressed", "passthrough"]
+
+# Defaults for the caps; the appliance passes its configured ones (pack: the in-memory
+# path's size, pack.stream_threshold_mb; forward: receive.max_instance_mb).
+MAX_INFLATED = 64 << 20
+MAX_OUTPUT = 4096 << 20
 
 
 @dataclass(frozen=True)
@@ -363,25 +374,38 @@ def _checked_explicit(original: bytes, parsed: _Parsed, skip: frozenset[int]) ->
     return out
 
 
-def _dataset_bytes(raw: bytes, p: part10.Meta) -> tuple[bytes, int, bool, list[str]]:
-    """(buffer, where the dataset starts in it, implicit VR?, notes) for a native
-    little-endian transfer syntax. Not a copy of the dataset unless it was deflated."""
-    ts = UID(p.transfer_syntax)
+def _native_encoding(transfer_syntax: str) -> str:
+    """"explicit", "implicit" or "deflated" for the little-endian native syntaxes, or the
+    reason this codec takes no other (nothing is read or inflated here)."""
+    ts = UID(transfer_syntax)
     if ts == ExplicitVRLittleEndian:
-        return raw, p.end, False, []
+        return "explicit"
     if ts == ImplicitVRLittleEndian:
-        return raw, p.end, True, ["implicit-vr-converted"]
+        return "implicit"
     if ts == DeflatedExplicitVRLittleEndian:
-        try:
-            d = zlib.decompressobj(-zlib.MAX_WBITS)
-            return d.decompress(raw[p.end :]) + d.flush(), 0, False, ["inflated"]
-        except zlib.error:
-            raise _Pass("unparseable") from None
+        return "deflated"
     if ts == ExplicitVRBigEndian:
         raise _Pass("big-endian")
     if ts.is_transfer_syntax and ts.is_encapsulated:
         raise _Pass("already-compressed")
     raise _Pass("unknown-transfer-syntax")
+
+
+def _dataset_bytes(raw: bytes, p: part10.Meta, max_inflated: int) -> tuple[bytes, int, bool, list[str]]:
+    """(buffer, where the dataset starts in it, implicit VR?, notes) for a native
+    little-endian transfer syntax. Not a copy of the dataset unless it was deflated; a
+    deflated one is inflated incrementally and given up past `max_inflated` bytes."""
+    encoding = _native_encoding(p.transfer_syntax)
+    if encoding == "explicit":
+        return raw, p.end, False, []
+    if encoding == "implicit":
+        return raw, p.end, True, ["implicit-vr-converted"]
+    try:
+        return part10.inflate(memoryview(raw)[p.end :], max_inflated), 0, False, ["inflated"]
+    except part10.TooLarge:
+        raise _Pass("inflated-too-large") from None
+    except part10.Malformed:
+        raise _Pass("unparseable") from None
 
 
 # --- pixels ---------------------------------------------------------------------------
@@ -469,6 +493,21 @@ def _layout(ds: Dataset) -> _Layout:
     return _Layout(frames, rows, columns, samples, planar, bits_allocated, bits_stored, signed)
 
 
+def decoded_length(ds: Dataset) -> int:
+    """Bytes of native Pixel Data the Image Pixel attributes of `ds` describe (what
+    pydicom's decoders produce for it); CodecError when they are missing or invalid."""
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        bits = int(ds.BitsAllocated)
+    except Exception:
+        raise CodecError("bad-pixel-attributes") from None
+    if min(rows, columns, samples, frames, bits) < 1:
+        raise CodecError("bad-pixel-attributes")
+    return (rows * columns * samples * frames * bits + 7) // 8
+
+
 def _source_image(ds: Dataset) -> _Image:
     """The stored pixel values exactly as they are in the file, or a reason not to try."""
     if _PIXEL_DATA not in ds:
@@ -521,9 +560,12 @@ def _passthrough(part10: bytes, reason: str, transfer_syntax: str = "") -> Resul
     return Result(part10, transfer_syntax, "passthrough", reason, len(part10), len(part10))
 
 
-def compress(part10: bytes, codec: str = "jpeg2000", verify: bool = True) -> Result:
+def compress(part10: bytes, codec: str = "jpeg2000", verify: bool = True,
+             max_inflated: int = MAX_INFLATED) -> Result:
     """Compress one Part-10 instance losslessly with `codec` ("jpeg2000", "jpeg-ls" or
-    "none"). Never raises for bad input; raises ValueError for an unknown codec."""
+    "none"). A deflated data set is inflated up to `max_inflated` bytes, and passed
+    through ("inflated-too-large") if it is larger. Never raises for bad input; raises
+    ValueError for an unknown codec."""
     if codec not in _CODEC_NAMES:
         raise ValueError(f"unknown codec {codec!r}; expected one of {', '.join(_CODEC_NAMES)}")
     part10 = bytes(part10) if not isinstance(part10, bytes) else part10
@@ -536,16 +578,16 @@ def compress(part10: bytes, codec: str = "jpeg2000", verify: bool = True) -> Res
             ts_in = p.transfer_syntax if UID(p.transfer_syntax).is_valid else ""
             if codec == "none":
                 raise _Pass("codec-none")
-            return _compress(part10, p, codec, verify)
+            return _compress(part10, p, codec, verify, max_inflated)
     except _Pass as stop:
         return _passthrough(part10, stop.reason, ts_in)
     except Exception:  # the boundary: bad input never escapes as an exception
         return _passthrough(part10, "unparseable", ts_in)
 
 
-def _compress(raw: bytes, p: part10.Meta, codec: str, verify: bool) -> Result:
+def _compress(raw: bytes, p: part10.Meta, codec: str, verify: bool, max_inflated: int) -> Result:
     target, plugin, options = CODECS[codec]
-    buf, base, implicit, notes = _dataset_bytes(raw, p)
+    buf, base, implicit, notes = _dataset_bytes(raw, p, max_inflated)
     parsed = _parse_dataset(buf, implicit, base, defer_pixels=True)
     ds = parsed.ds
     image = _source_image(ds)
@@ -593,34 +635,40 @@ def _compress(raw: bytes, p: part10.Meta, codec: str, verify: bool) -> Result:
                   tuple(notes))
 
 
-def decompress(part10: bytes) -> bytes:
+def decompress(part10: bytes, max_output: int = MAX_OUTPUT) -> bytes:
     """An uncompressed Explicit VR Little Endian Part-10 version of `part10`, for a peer
     that does not accept its transfer syntax. Explicit VR LE input comes back as is.
     UIDs never change; only what the syntax dictates does (Pixel Data; Photometric
     Interpretation / Planar Configuration / Number of Frames when the decoded data says
     so, e.g. YBR_FULL_422 JPEG -> YBR_FULL; Extended Offset Table removed). Raises
-    CodecError when it cannot."""
+    CodecError when it cannot, and before decoding when the output would be longer than
+    `max_output` bytes ("inflated-too-large", "decoded-too-large"): a deflated data set is
+    inflated incrementally up to that, and encapsulated pixel data is decoded only when
+    what the image attributes say it decodes to fits."""
     part10 = bytes(part10) if not isinstance(part10, bytes) else part10
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return _decompress(part10)
+            out = _decompress(part10, max_output)
     except _Pass as stop:
         raise CodecError(stop.reason) from None
     except CodecError:
         raise
     except Exception as e:
         raise CodecError(f"decode-error: {type(e).__name__}") from None
+    if len(out) > max_output:  # what the attributes said was not what came out
+        raise CodecError("decoded-too-large")
+    return out
 
 
-def _decompress(raw: bytes) -> bytes:
+def _decompress(raw: bytes, max_output: int) -> bytes:
     p = _split_part10(raw)
     ts = UID(p.transfer_syntax)
     head = raw[:128] + b"DICM" + part10.with_transfer_syntax(raw, p, ExplicitVRLittleEndian)
     if ts == ExplicitVRLittleEndian:
         return raw
     if ts in (ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian):
-        buf, base, implicit, _ = _dataset_bytes(raw, p)
+        buf, base, implicit, _ = _dataset_bytes(raw, p, max_output)
         if not implicit:
             return head + buf[base:]
         parsed = _parse_dataset(buf, implicit=True, base=base)
@@ -633,6 +681,8 @@ def _decompress(raw: bytes) -> bytes:
     ds = parsed.ds
     if _PIXEL_DATA not in ds:
         raise _Pass("no-pixel-data")
+    if len(raw) + decoded_length(ds) > max_output:
+        raise _Pass("decoded-too-large")
     keywords = ("PhotometricInterpretation", "PlanarConfiguration", "NumberOfFrames")
     before = {kw: ds.get(kw) for kw in keywords}
     ds.file_meta = FileMetaDataset()

@@ -18,8 +18,13 @@ streaming path (`stream_pack`): the worker compresses frame by frame into a seal
 file (`STATE/spool/.tmp-pack-*`, named here so this thread removes it whatever happens
 to the worker) and returns small facts; this thread copies the temp into the bundle in
 1 MiB pieces. Whatever that path passes through, and the fallback after workers died on
-a large instance, is copied from the sealed spool file chunk by chunk. Memory stays
+any instance, is copied from the sealed spool file chunk by chunk. Memory stays
 near a chunk and a few frames whatever the instance size (docs/benchmarks.md, "Memory").
+
+Nothing in this process parses or inflates an instance: the codec workers do, and the
+manifest's facts come from our own file meta (`stream.meta_facts`). A deflated data set
+is inflated in a worker up to `inflate_cap` (the configured maximum instance size, and
+no more than the in-memory path holds), else packed as it came ("inflated-too-large").
 
 Sealing policy (pure, `due_for_sealing`): a `receiving` segment is sealed when its study
 has been quiet for `pack.study_quiet_s`, or when it has been open for
@@ -36,10 +41,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import functools
 import hashlib
-import io
 import os
 import secrets
 import time
@@ -49,11 +52,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
-from pydicom import dcmread
 
 from appliance.bundle.format import BundleWriter
-from appliance.core import crypto, durable
-from appliance.core.config import Pack
+from appliance.core import crypto, durable, part10
+from appliance.core.config import Pack, Receive
 from appliance.core.errors import IntegrityError
 from appliance.pack import stream as stream_pack
 from appliance.pack.codec import Result, compress
@@ -83,6 +85,15 @@ def may_pack_now(sealed_at: float, receiving_burst: bool, cfg: Pack, now: float)
     return not receiving_burst or now - sealed_at >= cfg.segment_max_age_s
 
 
+def inflate_cap(cfg: Pack, max_instance_bytes: int) -> int:
+    """Most bytes a deflated instance may inflate to in a codec worker before it is
+    passed through as it came ("inflated-too-large"): the configured maximum instance
+    size, and no more than the in-memory path takes (`pack.stream_threshold_mb`; larger
+    instances are packed streaming precisely so that no worker holds one whole, and a
+    deflated one is compressed already)."""
+    return min(max_instance_bytes, cfg.stream_threshold_mb << 20)
+
+
 def due_for_sealing(seg: SegmentTimes, cfg: Pack, now: float) -> str | None:
     """Why a receiving segment should be sealed now ("quiet", "age"), or None."""
     if now - seg.updated >= cfg.study_quiet_s:
@@ -94,8 +105,10 @@ def due_for_sealing(seg: SegmentTimes, cfg: Pack, now: float) -> str | None:
 
 class Packer:
     def __init__(self, cfg: Pack, spool: Spool, queue: Queue, recipients: Sequence[Any],
-                 pool: CodecPool, receiving_burst: Callable[[], bool] = lambda: False) -> None:
+                 pool: CodecPool, receiving_burst: Callable[[], bool] = lambda: False, *,
+                 max_instance_bytes: int = Receive.max_instance_mb << 20) -> None:
         self.cfg = cfg
+        self.inflate_cap = inflate_cap(cfg, max_instance_bytes)
         self.receiving_burst = receiving_burst
         self.spool = spool
         self.queue = queue
@@ -175,9 +188,11 @@ class Packer:
             args: tuple[Any, ...] = (path, rid, key, self.cfg.codec, self.cfg.verify, temp)
             return _Pending(rid, self.pool.submit_call(stream_pack.prepare_stream, args,
                                                        stream_pack.crashed), temp)
-        args = (path, rid, key, self.cfg.codec, self.cfg.verify)
-        return _Pending(rid, self.pool.submit_call(prepare, args, lambda: prepare(
-            path, rid, key, "none", False, reason="worker-crashed")), None)
+        args = (path, rid, key, self.cfg.codec, self.cfg.verify, self.inflate_cap)
+        # After the workers died on it, the instance is passed through by this thread
+        # as a large one is (`_write`): read and copied chunk by chunk, identified from
+        # our own file meta, never parsed or inflated in the daemon.
+        return _Pending(rid, self.pool.submit_call(prepare, args, stream_pack.crashed), None)
 
     def _write(self, writer: BundleWriter, job: _Pending, stats: collections.Counter[str]) -> None:
         rid = job.rid
@@ -268,23 +283,23 @@ class Prepared:
 
 
 def prepare(path: str, rid: str, spool_key: bytes, codec: str, verify: bool,
-            reason: str | None = None) -> Prepared:
-    """In a codec worker: read and authenticate a spooled instance, then compress it.
+            max_inflated: int) -> Prepared:
+    """In a codec worker: read and authenticate a spooled instance, then compress it
+    (a deflated one inflated up to `max_inflated` bytes, else passed through).
 
     Raises IntegrityError (the file fails authentication) or FileNotFoundError; the
-    packer quarantines or reports those. `reason` marks a pass-through made after the
-    workers crashed on this instance.
+    packer quarantines or reports those. The manifest's facts come from our own file
+    meta.
     """
     with open(path, "rb") as f:
         original = b"".join(crypto.open_spool_file(crypto.SpoolKey(spool_key), rid, f))
-    meta = dcmread(io.BytesIO(original), stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
-    res = compress(original, codec, verify)
-    if reason is not None:
-        res = dataclasses.replace(res, reason=reason)
+    try:
+        meta: part10.Meta | None = part10.meta(original)
+    except part10.Malformed:
+        meta = None
+    res = compress(original, codec, verify, max_inflated)
     return Prepared(res, {
-        "sop_instance_uid": str(meta.file_meta.MediaStorageSOPInstanceUID),
-        "sop_class": str(meta.file_meta.MediaStorageSOPClassUID),
-        "received_transfer_syntax": str(meta.file_meta.TransferSyntaxUID),
+        **stream_pack.meta_facts(original, meta),
         "received_size": len(original),
         "received_sha256": hashlib.sha256(original).hexdigest(),
     })

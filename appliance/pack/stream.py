@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import os
 import warnings
 from collections.abc import Iterator
@@ -46,11 +45,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from pydicom import dcmread
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.encoders.base import get_encoder
 from pydicom.pixels.utils import as_pixel_options
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID
 
 from appliance.core import crypto, part10
 from appliance.core.errors import IntegrityError
@@ -61,6 +59,7 @@ PIECE = crypto.DEFAULT_CHUNK
 MAX_HEAD = 32 << 20  # header before Pixel Data held in memory; longer -> pass-through
 MAX_TAIL = 16 << 20  # elements after Pixel Data held in memory; longer -> pass-through
 TEMP_AAD = b"appliance pack temp v1"
+MEDIA_STORAGE_SOP_CLASS, MEDIA_STORAGE_SOP_INSTANCE = 0x00020002, 0x00020003
 
 _PIXEL_HEADER = part10.element_header(part10.PIXEL_DATA, b"OB", part10.UNDEFINED)
 
@@ -201,12 +200,15 @@ def _pixel_element(head: bytes, start: int, implicit: bool) -> part10.Element | 
         return None  # cut in the middle of an element: read more (or give up at the end)
 
 
-def _meta_facts(part10_head: bytes) -> dict[str, Any]:
-    meta = dcmread(io.BytesIO(part10_head), stop_before_pixels=True,
-                   specific_tags=["SOPInstanceUID"])
-    return {"sop_instance_uid": str(meta.file_meta.MediaStorageSOPInstanceUID),
-            "sop_class": str(meta.file_meta.MediaStorageSOPClassUID),
-            "received_transfer_syntax": str(meta.file_meta.TransferSyntaxUID)}
+def meta_facts(buf: bytes | bytearray | memoryview, m: part10.Meta | None) -> dict[str, Any]:
+    """The bundle manifest's facts about an instance, from its file meta `m` in `buf`
+    only: the spool holds our own meta, written by receive from the C-STORE request, so
+    nothing of the data set is parsed (or inflated) for them. "" for what is missing."""
+    if m is None:
+        return {"sop_instance_uid": "", "sop_class": "", "received_transfer_syntax": ""}
+    return {"sop_instance_uid": m.value(buf, MEDIA_STORAGE_SOP_INSTANCE) or "",
+            "sop_class": m.value(buf, MEDIA_STORAGE_SOP_CLASS) or "",
+            "received_transfer_syntax": m.transfer_syntax}
 
 
 def _read_head(inp: _Input) -> tuple[bytearray, part10.Meta | None]:
@@ -236,14 +238,12 @@ class _Header:
 
 
 def _locate(inp: _Input, head: bytearray, p: part10.Meta) -> _Header:
-    ts = UID(p.transfer_syntax)
-    if ts == ImplicitVRLittleEndian:
-        implicit = True
-    elif ts == ExplicitVRLittleEndian:
-        implicit = False
-    else:
-        codec._dataset_bytes(b"", p)  # raises the reason the in-memory path would give
-        raise _Pass("stream-unsupported")  # deflated: only the in-memory path inflates
+    encoding = codec._native_encoding(p.transfer_syntax)  # or the in-memory path's reason
+    if encoding == "deflated":
+        # Never inflated here: a large deflated instance is sent as it came (it is
+        # compressed already), so this path needs no cap on inflation.
+        raise _Pass("stream-unsupported")
+    implicit = encoding == "implicit"
     while (px := _pixel_element(bytes(head), p.end, implicit)) is None:
         if inp.eof:
             raise _Pass("no-pixel-data")
@@ -272,7 +272,7 @@ def prepare_stream(path: str, rid: str, spool_key: bytes, codec_name: str, verif
     with open(path, "rb") as f:
         inp = _Input(crypto.open_spool_file(crypto.SpoolKey(spool_key), rid, f))
         head, p = _read_head(inp)
-        facts = _meta_facts(bytes(head[: p.end]) if p else bytes(head))
+        facts = meta_facts(head, p)
         ts_in = p.transfer_syntax if p and UID(p.transfer_syntax).is_valid else ""
         out: _SealedTemp | None = None
         reason = ""
@@ -454,7 +454,7 @@ def passthrough_facts(path: str, rid: str, spool_key: bytes, reason: str) -> Str
     with open(path, "rb") as f:
         inp = _Input(crypto.open_spool_file(crypto.SpoolKey(spool_key), rid, f))
         head, p = _read_head(inp)
-        facts = _meta_facts(bytes(head[: p.end]) if p else bytes(head))
+        facts = meta_facts(head, p)
         ts_in = p.transfer_syntax if p and UID(p.transfer_syntax).is_valid else ""
         del head
         inp.drain()
@@ -468,4 +468,4 @@ def check_written(entry: Any, size: int, sha256: str | None) -> None:
 
 
 __all__ = ["MAX_HEAD", "MAX_TAIL", "Streamed", "check_written", "copy_output",
-           "copy_passthrough", "crashed", "passthrough_facts", "prepare_stream"]
+           "copy_passthrough", "crashed", "meta_facts", "passthrough_facts", "prepare_stream"]
