@@ -63,7 +63,8 @@ def build_transport(dest: Destination, cfg: Config) -> Transport:
     if dest.transport == "dicom":
         from appliance.forward.dicom import DicomTransport
 
-        return DicomTransport(dest, key, local_ae_title=cfg.receive.ae_title)
+        return DicomTransport(dest, key, local_ae_title=cfg.receive.ae_title,
+                              max_instance_bytes=cfg.receive.max_instance_mb << 20)
     raise ConfigError([f"{cfg.sources[0] if cfg.sources else 'config'}: destinations: transport "
                        f"{dest.transport!r} ({dest.name}) is not available in this version"])
 

@@ -102,15 +102,19 @@ class _Recorder:
             yield chunk
 
 
-def open_conversion(read: Callable[[int], bytes]) -> Conversion | Fallback:
+def open_conversion(read: Callable[[int], bytes],
+                    max_output: int = codec.MAX_OUTPUT) -> Conversion | Fallback:
     """Start converting the Part-10 instance `read(n)` returns piece by piece (b"" at
-    its end); see the module documentation. Exceptions of `read` propagate."""
+    its end); see the module documentation. CodecError "decoded-too-large" when the
+    decoded pixel data would make the data set longer than `max_output` bytes: checked
+    from the image attributes before any frame is decoded, and again from the first
+    frame. Exceptions of `read` propagate."""
     rec = _Recorder(read)
     inp = stream_pack._Input(iter(rec), digest=False)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            conv = _start(inp)
+            conv = _start(inp, max_output)
     except _Fallback as f:
         return Fallback(str(f), b"".join(rec.kept or ()))
     except _Pass as stop:  # the first frame cannot be read: neither path can convert it
@@ -132,7 +136,7 @@ class _Plan:
                        if self.guessed else "")
 
 
-def _start(inp: stream_pack._Input) -> Conversion:
+def _start(inp: stream_pack._Input, max_output: int) -> Conversion:
     head, p = stream_pack._read_head(inp)
     if p is None:
         raise _Fallback("not a Part-10 file")
@@ -172,6 +176,8 @@ def _start(inp: stream_pack._Input) -> Conversion:
         frame_size = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * ((bits + 7) // 8)
     except Exception:
         raise _Fallback("image pixel attributes missing or invalid") from None
+    if len(hbuf) + frame_size * frames > max_output:
+        raise CodecError("decoded-too-large")
     eot = _extended_offsets(ds, parsed.spans, frames)
     opts.pop("extended_offsets", None)
     opts.update(number_of_frames=1, pixel_keyword="PixelData", pixel_vr=vr.decode())
@@ -199,6 +205,8 @@ def _start(inp: stream_pack._Input) -> Conversion:
     total = len(first) * frames
     if total >= _MAX_PIXEL_LENGTH:
         raise CodecError("the decoded pixel data would be longer than 4 GiB")
+    if len(hbuf) + total > max_output:
+        raise CodecError("decoded-too-large")
     before = {kw: ds.get(kw) for kw in _KEYWORDS}
     ds.PhotometricInterpretation = props["photometric_interpretation"]
     if int(props["samples_per_pixel"]) > 1:
