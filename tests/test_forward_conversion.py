@@ -30,7 +30,10 @@ from appliance.core.errors import IntegrityError
 from appliance.forward import Permanent, conversion
 from appliance.forward.dicom import transport as transport_mod
 from appliance.pack import codec
+from tests.e2e_support import appliance_config, dicom_destination, queue_rows, settled
 from tests.orthanc import Orthanc
+from tests.peers import Appliance, free_port, storescu, wait_for
+from tests.test_end_to_end import make_study, series
 from tests.test_forward_dicom import (  # noqa: F401 - pacs_factory, transports: fixtures
     CT_DIR,
     Progress,
@@ -309,3 +312,53 @@ def test_the_transport_converts_with_the_configured_cap(
     with pytest.raises(Permanent, match=r"cannot be decompressed \(decoded-too-large\)"):
         t.send("b", make_bundle(tmp_path / "b.bundle", [raw]), Progress())
     assert pacs.count() == 0
+
+
+# --- the real daemon --------------------------------------------------------------------------
+
+
+def vm_hwm(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.peers
+def test_the_daemon_lives_through_an_instance_that_balloons_the_decoder(
+        appliance_factory: Callable[..., Appliance], pacs_factory: Callable[..., Orthanc],  # noqa: F811
+        tmp_path: Path) -> None:
+    """`appliance run` forwarding to an Orthanc that refuses JPEG 2000: a modality sends
+    a JPEG 2000 slice whose codestream balloons the decoder (storescu -xv). Its bundle is
+    held with the reason, the daemon stays small and alive, and the next study (packed
+    to JPEG 2000 by the daemon, converted back for this PACS) arrives with its pixels."""
+    pacs = refusing_j2k(pacs_factory)
+    root = tmp_path / "app"
+    app = appliance_factory(appliance_config(root, free_port(), dicom_destination(pacs.dicom_port)),
+                            root=root)
+    assert app.proc is not None
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(balloon(ct_j2k()))
+    sent = storescu(app.port, [bad], extra=["-xv", "-v"])
+    assert sent.returncode == 0 and "Received Store Response (Success)" in sent.stderr, sent.stderr[-2000:]
+    [held] = wait_for(lambda: settled(app.state_dir, ("held",)), 60, "the bundle to be held",
+                      detail=app.log_text)
+    shown = {r["id"]: r for r in queue_rows(app.config_path)}
+    reason = shown[held["id"]]["reason"]
+    assert "cannot be converted for this PACS" in reason and "memory" in reason, reason
+    assert uid_of(bad.read_bytes()) not in reason
+
+    good = make_study(series("CT_Philips_Ingenuity_phantom_28sl")[:3], tmp_path / "good", "E2E-GOOD")
+    sent = storescu(app.port, good)
+    assert sent.returncode == 0, sent.stderr[-2000:]
+    wait_for(lambda: pacs.count() == len(good), 90, "the next study in Orthanc", detail=app.log_text)
+    for f in good:
+        oid = pacs.find_instance(uid_of(f.read_bytes()))
+        assert oid is not None and stored_ts(pacs, oid) == ExplicitVRLittleEndian
+        stored = pydicom.dcmread(io.BytesIO(pacs.instance_file(oid)))
+        assert stored.PixelData == pydicom.dcmread(f).PixelData
+    assert app.proc.poll() is None
+    hwm = vm_hwm(app.proc.pid)
+    print(f"\ndaemon VmHWM {hwm / MiB:.0f} MiB; held: {reason}")
+    assert hwm < 400 * MiB
+    assert "conversion.worker_killed" in app.log_text()
