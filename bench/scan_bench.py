@@ -9,17 +9,24 @@ instances; each timing is one pass over all of them, the best and the median of
 `--repeat` passes are reported in microseconds per slice. Every slice must be scanned
 (not left to pydicom), or the figure would time the wrong thing.
 
-Usage: .venv/bin/python bench/scan_bench.py [--slices 300] [--repeat 15]
+`--compare FILE` times another version of the module too (e.g. main's
+appliance/core/dicomscan.py, extracted with `git show main:appliance/core/dicomscan.py`),
+its passes interleaved with this checkout's, after checking both give the same answers.
+
+Usage: .venv/bin/python bench/scan_bench.py [--slices 300] [--repeat 15] [--compare FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -47,24 +54,39 @@ def heads(slices: int) -> list[bytes]:
     return out
 
 
+def load(path: Path) -> Any:
+    spec = importlib.util.spec_from_file_location("dicomscan_compared", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--slices", type=int, default=300)
     ap.add_argument("--repeat", type=int, default=15)
+    ap.add_argument("--compare", type=Path, help="another dicomscan.py to time alongside")
     args = ap.parse_args(argv)
     data = heads(args.slices)
-    scan = dicomscan.scan_identifiers
-    if any(scan(d) is None for d in data):
-        raise SystemExit("a slice was left to pydicom: the figure would not time the scanner")
-    per_slice = []
+    scans: dict[str, Callable[[bytes], Any]] = {"this checkout": dicomscan.scan_identifiers}
+    if args.compare:
+        scans[str(args.compare)] = load(args.compare).scan_identifiers
+    for name, scan in scans.items():
+        if any(scan(d) is None for d in data):
+            raise SystemExit(f"{name}: a slice was left to pydicom: the figure would not time the scanner")
+        if any(scan(d) != dicomscan.scan_identifiers(d) for d in data):
+            raise SystemExit(f"{name}: answers differ from this checkout's")
+    per_slice: dict[str, list[float]] = {name: [] for name in scans}
     for _ in range(args.repeat):
-        t0 = time.perf_counter()
-        for d in data:
-            scan(d)
-        per_slice.append((time.perf_counter() - t0) / len(data) * 1e6)
-    print(json.dumps({"slices": len(data), "repeat": args.repeat,
-                      "best_us": round(min(per_slice), 2),
-                      "median_us": round(statistics.median(per_slice), 2)}))
+        for name, scan in scans.items():
+            t0 = time.perf_counter()
+            for d in data:
+                scan(d)
+            per_slice[name].append((time.perf_counter() - t0) / len(data) * 1e6)
+    for name, times in per_slice.items():
+        print(json.dumps({"code": name, "slices": len(data), "repeat": args.repeat,
+                          "best_us": round(min(times), 2), "median_us": round(statistics.median(times), 2)}))
     return 0
 
 
