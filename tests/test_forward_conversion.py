@@ -341,7 +341,7 @@ def test_the_daemon_lives_through_an_instance_that_balloons_the_decoder(
     bad.write_bytes(balloon(ct_j2k()))
     sent = storescu(app.port, [bad], extra=["-xv", "-v"])
     assert sent.returncode == 0 and "Received Store Response (Success)" in sent.stderr, sent.stderr[-2000:]
-    [held] = wait_for(lambda: settled(app.state_dir, ("held",)), 60, "the bundle to be held",
+    [held] = wait_for(lambda: settled(app.state_dir, ("held",)), 180, "the bundle to be held",
                       detail=app.log_text)
     shown = {r["id"]: r for r in queue_rows(app.config_path)}
     reason = shown[held["id"]]["reason"]
@@ -351,7 +351,7 @@ def test_the_daemon_lives_through_an_instance_that_balloons_the_decoder(
     good = make_study(series("CT_Philips_Ingenuity_phantom_28sl")[:3], tmp_path / "good", "E2E-GOOD")
     sent = storescu(app.port, good)
     assert sent.returncode == 0, sent.stderr[-2000:]
-    wait_for(lambda: pacs.count() == len(good), 90, "the next study in Orthanc", detail=app.log_text)
+    wait_for(lambda: pacs.count() == len(good), 180, "the next study in Orthanc", detail=app.log_text)
     for f in good:
         oid = pacs.find_instance(uid_of(f.read_bytes()))
         assert oid is not None and stored_ts(pacs, oid) == ExplicitVRLittleEndian

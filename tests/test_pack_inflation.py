@@ -13,10 +13,11 @@ import signal
 import threading
 import tracemalloc
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEG2000Lossless
@@ -33,7 +34,7 @@ from appliance.queue.index import open_index
 from appliance.queue.store import Queue
 from appliance.spool.store import Spool
 from tests.deflate_bomb import inflated_size, spool_bomb, write_bomb
-from tests.peers import SAMPLES
+from tests.peers import SAMPLES, Appliance, base_config, free_port, storescu, wait_for
 
 MiB = 1 << 20
 
@@ -247,3 +248,43 @@ def test_manifest_facts_from_the_file_meta_are_pydicoms_on_every_sample() -> Non
         assert stream_pack.meta_facts(raw, part10.meta(raw)) == want, f
         compared += 1
     assert compared > 350
+
+
+def deflated_image(path: Path, n: int) -> Path:
+    """An n x n 16-bit smooth image (n * n * 2 bytes of pixels) in Deflated Explicit VR LE."""
+    ds = pydicom.dcmread(CT_SLICE)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ds.Rows = ds.Columns = n
+    ramp = (np.add.outer(np.arange(n), np.arange(n)) % 4096).astype("<u2")
+    ds.PixelData = ramp.tobytes()
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.peers
+def test_the_daemon_caps_inflation_at_its_configured_max_instance_size(
+        appliance_factory: Callable[..., Appliance], tmp_path: Path) -> None:
+    """`appliance run` with receive.max_instance_mb = 4: of two deflated images sent by
+    storescu -xd, the one that inflates to 2 MiB is compressed, the one that inflates to
+    8 MiB goes into the bundle as it came (the default cap would have been 64 MiB)."""
+    root = tmp_path / "a"
+    cfg = base_config(root, free_port(), max_instance_mb=4)
+    cfg["pack"] = {"study_quiet_s": 0.5, "segment_max_age_s": 30}
+    (root / "outbox").mkdir(parents=True)
+    app = appliance_factory(cfg, root=root)
+    small, large = deflated_image(tmp_path / "2m.dcm", 1024), deflated_image(tmp_path / "8m.dcm", 2048)
+    assert max(small.stat().st_size, large.stat().st_size) < 1 * MiB
+    sent = storescu(app.port, [small, large], extra=["-xd"])
+    assert sent.returncode == 0, sent.stderr[-2000:]
+    [path] = wait_for(lambda: list((root / "outbox").glob("*.bundle")), 180, "a bundle", detail=app.log_text)
+    with path.open("rb") as f:
+        got = {entry.sop_instance_uid: entry for entry, _ in
+               bundle.iter_instances(f, crypto.load_private_key(root / "keys" / "appliance.key"))}
+    assert (got[uid(small)].action, got[uid(small)].reason) == ("compressed", "ok")
+    assert (got[uid(large)].action, got[uid(large)].reason) == ("passthrough", "inflated-too-large")
+    assert got[uid(large)].transfer_syntax == DeflatedExplicitVRLittleEndian
+
+
+def uid(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
