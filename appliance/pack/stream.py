@@ -68,8 +68,8 @@ _PIXEL_HEADER = part10.element_header(part10.PIXEL_DATA, b"OB", part10.UNDEFINED
 class Streamed:
     """What a worker sends back for one large instance: small facts only.
 
-    `facts` is None when the worker died on the instance (the pack thread then reads the
-    facts itself, streaming, and passes the instance through)."""
+    `facts` is None when the workers died on the instance, large or small (the pack
+    thread then reads the facts itself, streaming, and passes the instance through)."""
 
     facts: dict[str, Any] | None
     transfer_syntax: str
@@ -83,7 +83,9 @@ class Streamed:
 
 
 def crashed() -> Streamed:
-    """The pool's `on_crash` for a streamed instance: decided in the pack thread."""
+    """The pool's `on_crash` for any instance the workers died on: decided in the pack
+    thread, which passes it through (`passthrough_facts`, `copy_passthrough`) reading
+    nothing of it but our own file meta."""
     return Streamed(None, "", "passthrough", "worker-crashed")
 
 
