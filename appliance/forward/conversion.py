@@ -219,7 +219,7 @@ def _run(sock: socket.socket, job: Job) -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if job.streamed:
+            if job.streamed and job.how == "explicit":
                 _streamed(inp, out, job)
             else:
                 _whole(inp.read_all(), out, job, None)
@@ -260,8 +260,7 @@ def _whole(data: bytes, out: _Output, job: Job, whole_reason: str | None) -> Non
         start = part10.dataset_offset(data)
     except part10.Malformed as e:
         raise _Refused("layout", f"the file meta information: {e}") from None
-    payload = memoryview(_to_implicit(data) if job.how == "implicit" else data)[
-        0 if job.how == "implicit" else start :]
+    payload = memoryview(_to_implicit(data)) if job.how == "implicit" else memoryview(data)[start:]
     out.begin(False, whole_reason, len(payload))
     for i in range(0, len(payload), OUTPUT_PIECE):
         out.write(payload[i : i + OUTPUT_PIECE])
@@ -419,7 +418,7 @@ class Conversion:
         self._source = read
         self._budget = TIME_BASE_S + TIME_PER_MIB_S * job.size / MiB
         self._rss_limit = worker.rss() + MEMORY_BASE + MEMORY_PER_INPUT * job.size
-        self._buf = b""
+        self._buf = memoryview(b"")
         self._eof_served = False
         self._finished = False
         self._clean = False  # the worker is between jobs and may be used again
@@ -454,14 +453,14 @@ class Conversion:
                 self.output += len(payload)
                 if self.output > self._job.max_output:
                     self._fail(f"the conversion gave more than {self._job.max_output} bytes")
-                self._buf = payload
+                self._buf = memoryview(payload)
             elif kind == b"F":
                 if not self._eof_served:
                     self._fail("the conversion worker finished before reading the whole instance")
                 self._finished = self._clean = True
             else:
                 self._fail("the conversion worker broke the protocol")
-        out, self._buf = self._buf[:n], self._buf[n:]
+        out, self._buf = bytes(self._buf[:n]), self._buf[n:]
         return out
 
     def read_all(self) -> bytes:
