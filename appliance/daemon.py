@@ -38,7 +38,8 @@ from appliance import __version__
 from appliance.core import crypto, durable
 from appliance.core.config import Config, Destination
 from appliance.core.errors import ConfigError, StateError
-from appliance.forward import Transport
+from appliance.forward import Transport, conversion
+from appliance.forward.dicom.transport import STREAM_THRESHOLD
 from appliance.forward.directory import DirectoryTransport
 from appliance.forward.scheduler import Forwarder
 from appliance.health.control import ControlServer, DaemonUnavailable
@@ -72,9 +73,11 @@ def watchdog_interval(env: dict[str, str] | None = None) -> float:
 def forward_deadline(cfg: Config) -> float:
     """Seconds a send may go without progress: the health limit, plus the longest silence a
     destination's own time limits allow (no answer for timeout_s, each way; a storage
-    commitment report awaited for commitment_timeout_s)."""
+    commitment report awaited for commitment_timeout_s; a whole conversion for a PACS that
+    refuses the syntax, of an instance below the size that is converted as it is sent)."""
+    convert = conversion.TIME_BASE_S + conversion.TIME_PER_MIB_S * (STREAM_THRESHOLD >> 20)
     waits = [2 * d.timeout_s + (d.commitment_timeout_s if d.storage_commitment else 0)
-             for d in cfg.destinations]
+             + (convert if d.transport == "dicom" else 0) for d in cfg.destinations]
     return cfg.health.stall_s + max(waits, default=0)
 
 
@@ -86,7 +89,8 @@ def build_transport(dest: Destination, cfg: Config) -> Transport:
     if dest.transport == "dicom":
         from appliance.forward.dicom import DicomTransport
 
-        return DicomTransport(dest, key, local_ae_title=cfg.receive.ae_title)
+        return DicomTransport(dest, key, local_ae_title=cfg.receive.ae_title,
+                              max_instance_bytes=cfg.receive.max_instance_mb << 20)
     raise ConfigError([f"{cfg.sources[0] if cfg.sources else 'config'}: destinations: transport "
                        f"{dest.transport!r} ({dest.name}) is not available in this version"])
 
@@ -170,7 +174,8 @@ class Daemon:
                                             alive=lambda: all(t.is_alive() for t in lanes))}
         self.packer = packer = Packer(
             cfg.pack, spool, queue, recipients, pool, beat=self.stages["pack"].beat,
-            receiving_burst=lambda: self.receiver is not None and self.receiver.in_burst())
+            receiving_burst=lambda: self.receiver is not None and self.receiver.in_burst(),
+            max_instance_bytes=cfg.receive.max_instance_mb << 20)
         packer.remove_packed()  # a crash between pack steps 2 and 3 left these
         counts = spool.recover(adopt=identify_stored)
         log.info("spool.recovered", **counts)

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Memory of the dicom transport when the PACS refuses an instance's compressed syntax:
 peak RSS (VmHWM) of the sending process while one large multi-frame JPEG 2000 instance
-is decompressed for, and sent to, an Orthanc with `Jpeg2000TransferSyntaxAccepted: false`.
+is decompressed for, and sent to, an Orthanc with `Jpeg2000TransferSyntaxAccepted: false`,
+and of the conversion worker process that decoded it (`forward.conversion`).
 
 For each frame count: `tests.test_stream_convert.write_j2k_multiframe` writes a
 Multi-frame Grayscale Word SC instance in JPEG 2000 Lossless (512 x 512 frames of 10-bit
@@ -12,8 +13,9 @@ refusing JPEG 2000 is started; a child process runs `DicomTransport.send` on the
 and reports its VmHWM before and after the send and the time the send took (the probe
 of tests/test_forward_dicom_stream.py). The stored instance's transfer syntax and Pixel
 Data digest are checked against the native original. `--whole` raises the streaming
-threshold above the instance, so the transport reads it whole and runs
-`codec.decompress` (the path used before streaming conversion existed).
+threshold above the instance, so the worker runs `codec.decompress` on it whole and the
+transport holds the converted data set whole (the path used before streaming
+conversion existed).
 
 Usage: .venv/bin/python bench/convert_mem_bench.py [--frames 256,2048] [--whole] [--work DIR]
 256 frames = 128 MiB decoded (86 MiB in the bundle), 2048 frames = 1 GiB (690 MiB).
@@ -78,7 +80,8 @@ def run(work: Path, frames: int, whole: bool) -> dict[str, Any]:
             "path": "whole (codec.decompress)" if whole else "streamed",
             "seconds": round(m["seconds"], 1), "rss_before_mib": round(m["before"] / MiB, 1),
             "rss_after_mib": round(m["after"] / MiB, 1),
-            "growth_mib": round((m["after"] - m["before"]) / MiB, 1)}
+            "growth_mib": round((m["after"] - m["before"]) / MiB, 1),
+            "conversion_worker_hwm_mib": round(m.get("worker", 0) / MiB, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:

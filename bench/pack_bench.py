@@ -676,13 +676,13 @@ def breakdown(work: Path, frames: int, codec: str, log: Callable[[str], None]) -
     steps: list[dict[str, Any]] = []
     tracemalloc.start()
     try:
-        args = (str(spool.dir / rid), rid, spool.key.key, codec, True)
+        args = (str(spool.dir / rid), rid, spool.key.key, codec, True, 1 << 62)
         call = ForkingPickler.dumps((pack_mod.prepare, args, {}))
         steps.append({"step": f"pack -> worker: the pickled call ({len(call)} bytes)", "held_x": x(len(call)),
                       "peak_x": x(len(call))})
         del call
         wrap(pack_mod, "compress", "codec.compress returned",
-             entry="read + decrypt (b''.join of the chunks) + dcmread header")
+             entry="read + decrypt (b''.join of the chunks) + file meta facts")
         for name in ("_dataset_bytes", "_parse_dataset", "_source_image", "_element_bytes", "_splice",
                      "_verify"):
             wrap(codec_mod, name)

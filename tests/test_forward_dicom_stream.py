@@ -217,8 +217,8 @@ from appliance.core import crypto
 from appliance.core.config import Destination
 from appliance.forward.dicom import DicomTransport
 
-def hwm():
-    for line in Path("/proc/self/status").read_text().splitlines():
+def hwm(pid="self"):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
 
@@ -232,7 +232,10 @@ t = DicomTransport(Destination(name="pacs", transport="dicom", host="127.0.0.1",
 before = hwm()
 t0 = time.monotonic()
 t.send("big-1", bundle, lambda n: None)
-print(json.dumps({"before": before, "after": hwm(), "seconds": time.monotonic() - t0}))
+seconds = time.monotonic() - t0
+workers = [hwm(pid) for pid in t.converter().pids()]  # conversion workers, idle again
+print(json.dumps({"before": before, "after": hwm(), "seconds": seconds,
+                  "worker": max(workers, default=0)}))
 t.close()
 """
 

@@ -108,7 +108,7 @@ def with_meta(path: Path) -> bytes:
 
 
 def _meta_length(raw: bytes) -> int:
-    return codec._split_part10(raw).meta_end - 132
+    return codec._split_part10(raw).end - 132
 
 
 GENERATED: dict[str, dict[str, Any]] = {
@@ -297,7 +297,7 @@ def test_the_file_meta_is_read_on_wherever_the_first_read_ends(
         monkeypatch: pytest.MonkeyPatch) -> None:
     raw = multiframe()
     want = codec._split_part10(raw)
-    for cut in range(1, want.meta_end + 10):  # in the preamble, in an element, at its end
+    for cut in range(1, want.end + 10):  # in the preamble, in an element, at its end
         monkeypatch.setattr(stream_pack, "PIECE", cut)
         chunks = (raw[i : i + 7] for i in range(0, len(raw), 7))  # reads cross chunks
         inp = stream_pack._Input(chunks)

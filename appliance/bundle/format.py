@@ -914,8 +914,7 @@ def extract(src: BinaryIO, private_key: PrivateKey, out_dir: Path) -> Manifest:
                 f.write(piece)
             else:
                 assert f is not None
-                f.flush()
-                os.fsync(f.fileno())
+                durable.fsync_file(f)
                 f.close()
                 f = None
         manifest = scanner.manifest

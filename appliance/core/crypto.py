@@ -317,8 +317,7 @@ def _create_exclusive(path: Path, data: bytes, mode: int = 0o600) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        durable.fsync_file(f)
     durable.fsync_dir(path.parent)
 
 

@@ -12,80 +12,65 @@ a VR (pydicom would take the data set for explicit VR), a non-ASCII or multi-val
 or data that ends before parsing has passed (0020,000E). Like the pydicom path it
 replaces (`read_partial` with a stop condition), it stops at the first top-level tag
 above (0020,000E).
-tests/test_dicomscan.py checks it against pydicom on every sample file.
+tests/test_dicomscan.py checks it against pydicom on every sample file. The element
+headers are walked by `core.part10` (bench/scan_bench.py times this per CT slice).
 """
 
 from __future__ import annotations
 
-import struct
+from appliance.core import part10
 
 SOP_INSTANCE_UID, STUDY_INSTANCE_UID, SERIES_INSTANCE_UID = 0x00080018, 0x0020000D, 0x0020000E
-MEDIA_SOP_CLASS, TRANSFER_SYNTAX = 0x00020002, 0x00020010
+MEDIA_SOP_CLASS, TRANSFER_SYNTAX = 0x00020002, part10.TRANSFER_SYNTAX
 
 _IMPLICIT_LE = "1.2.840.10008.1.2"
 _NOT_SCANNED = frozenset({"1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"})  # big endian, deflated
-_LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
-_SHORT_VRS = frozenset(b"AE AS AT CS DA DS DT FL FD IS LO LT PN SH SL SS ST TM UI UL US".split())
-_TAG = struct.Struct("<HH")
-_U16 = struct.Struct("<H")
-_U32 = struct.Struct("<I")
 
 
 def _elements(buf: bytes, pos: int, implicit: bool, wanted: frozenset[int], stop: int,
-              out: dict[int, str]) -> int | None:
-    """Scan top-level elements from `pos` until a tag above `stop`; collect `wanted` values.
+              out: dict[int, str], first: int = 0) -> int | None:
+    """Scan top-level elements from `pos` until a tag above `stop` (or below `first`);
+    collect `wanted` values.
 
     Returns the position of the first element past `stop` (or the end of `buf` if that is
     exactly where the elements end), or None if the caller must use pydicom instead.
     """
-    n = len(buf)
-    while pos + 8 <= n:
-        group, elem = _TAG.unpack_from(buf, pos)
-        tag = group << 16 | elem
-        if tag > stop:
-            return pos
-        vr = buf[pos + 4:pos + 6]
-        if implicit:
-            if vr in _LONG_VRS or vr in _SHORT_VRS:
+    end, undefined = pos, part10.UNDEFINED
+    try:
+        for tag, _, start, value, length, end in part10.elements(buf, pos, implicit, stop, first):
+            if length == undefined:
+                return None
+            if implicit and part10.looks_explicit(buf, start):
                 return None  # looks explicit after all: pydicom detects and handles that
-            length, hdr = _U32.unpack_from(buf, pos + 4)[0], 8
-        elif vr in _LONG_VRS:
-            if pos + 12 > n:
-                return None
-            length, hdr = _U32.unpack_from(buf, pos + 8)[0], 12
-        elif vr in _SHORT_VRS:
-            length, hdr = _U16.unpack_from(buf, pos + 6)[0], 8
-        else:
-            return None
-        if length == 0xFFFFFFFF or pos + hdr + length > n:
-            return None
-        if tag in wanted:
-            value = buf[pos + hdr:pos + hdr + length]
-            if b"\\" in value:
-                return None  # several values: pydicom's MultiValue is the reference
-            try:
-                out[tag] = value.decode("ascii").rstrip("\x00 ")
-            except UnicodeDecodeError:
-                return None
-        pos += hdr + length
-    return pos if pos == n else None
+            if tag in wanted:
+                raw = buf[value:end]
+                if b"\\" in raw:
+                    return None  # several values: pydicom's MultiValue is the reference
+                try:
+                    out[tag] = raw.decode("ascii").rstrip("\x00 ")
+                except UnicodeDecodeError:
+                    return None
+    except part10.Malformed:  # an unknown VR, or cut short
+        return None
+    return end
 
 
-def scan_identifiers(part10: bytes) -> dict[int, str] | None:
+def scan_identifiers(part10_head: bytes) -> dict[int, str] | None:
     """{tag: value} for the meta SOP Class and Transfer Syntax and the three instance UIDs
     present before (0020,000E) inclusive, or None when only pydicom can say."""
-    if len(part10) < 132 + 12 or part10[128:132] != b"DICM":
+    if (len(part10_head) < part10.META_START + 12
+            or part10_head[part10.PREAMBLE:part10.META_START] != part10.MAGIC):
         return None
     out: dict[int, str] = {}
     # The file meta group: explicit VR little endian, always; it ends where group 2 does.
-    meta_end = _elements(part10, 132, False, frozenset({MEDIA_SOP_CLASS, TRANSFER_SYNTAX}),
-                         0x0002FFFF, out)
+    meta_end = _elements(part10_head, part10.META_START, False,
+                         frozenset({MEDIA_SOP_CLASS, TRANSFER_SYNTAX}), 0x0002FFFF, out, 0x00020000)
     ts = out.get(TRANSFER_SYNTAX)
     if meta_end is None or ts is None or MEDIA_SOP_CLASS not in out or ts in _NOT_SCANNED:
         return None
-    end = _elements(part10, meta_end, ts == _IMPLICIT_LE,
+    end = _elements(part10_head, meta_end, ts == _IMPLICIT_LE,
                     frozenset({SOP_INSTANCE_UID, STUDY_INSTANCE_UID, SERIES_INSTANCE_UID}),
                     SERIES_INSTANCE_UID, out)
-    if end is None or end == len(part10):
+    if end is None or end == len(part10_head):
         return None  # did not get past (0020,000E) within what we have: ask pydicom
     return out

@@ -9,6 +9,9 @@ What each helper protects against a power cut:
   directory (the rename itself reaches the disk). Without the last fsync a crash can
   bring back the old name after we already told a peer "stored".
 - `fsync_dir`: makes creations, renames and unlinks inside a directory durable.
+- `fsync_file`: makes what was written to an open file (data and size) durable, for
+  the writers that rename or record it themselves once it is (a spool file sealed as
+  it arrives, extracted instances, a new key file).
 - `free_bytes`: free space for unprivileged writers on the filesystem holding a path.
 
 Temp files are named `.tmp-<random>` so that recovery can recognise and remove the ones
@@ -34,6 +37,13 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_file(f: BinaryIO) -> None:
+    """Flush `f` and make its data and size durable (not its name: `fsync_dir` the
+    directory for that)."""
+    f.flush()
+    os.fsync(f.fileno())
 
 
 def make_dirs(path: Path, mode: int = 0o700) -> None:
@@ -62,8 +72,7 @@ def atomic_file(target: Path, mode: int = 0o600, sync: bool = True) -> Iterator[
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
-            f.flush()
-            os.fsync(f.fileno())
+            fsync_file(f)
         os.rename(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

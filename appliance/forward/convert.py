@@ -67,14 +67,12 @@ from pydicom.pixels.decoders.base import Decoder, get_decoder
 from pydicom.pixels.utils import as_pixel_options
 from pydicom.uid import UID, RLELossless
 
+from appliance.core import part10
 from appliance.pack import codec
 from appliance.pack import stream as stream_pack
 from appliance.pack.codec import CodecError, _Pass
 
 PIECE = stream_pack.PIECE
-_PIXEL_VALUE_HEADER = 12  # tag, VR, reserved, 32-bit length
-_ITEM = 0xE000FFFE  # (FFFE,E000) read as one little-endian 32-bit word
-_SEQ_DELIM = 0xE0DDFFFE
 _EOI = b"\xff\xd9"  # end of a JPEG, JPEG-LS or JPEG 2000 codestream
 _KEYWORDS = ("PhotometricInterpretation", "PlanarConfiguration", "NumberOfFrames")
 _MAX_PIXEL_LENGTH = 2**32 - 1  # pydicom's limit for the decoded value
@@ -104,15 +102,19 @@ class _Recorder:
             yield chunk
 
 
-def open_conversion(read: Callable[[int], bytes]) -> Conversion | Fallback:
+def open_conversion(read: Callable[[int], bytes],
+                    max_output: int = codec.MAX_OUTPUT) -> Conversion | Fallback:
     """Start converting the Part-10 instance `read(n)` returns piece by piece (b"" at
-    its end); see the module documentation. Exceptions of `read` propagate."""
+    its end); see the module documentation. CodecError "decoded-too-large" when the
+    decoded pixel data would make the data set longer than `max_output` bytes: checked
+    from the image attributes before any frame is decoded, and again from the first
+    frame. Exceptions of `read` propagate."""
     rec = _Recorder(read)
     inp = stream_pack._Input(iter(rec), digest=False)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            conv = _start(inp)
+            conv = _start(inp, max_output)
     except _Fallback as f:
         return Fallback(str(f), b"".join(rec.kept or ()))
     except _Pass as stop:  # the first frame cannot be read: neither path can convert it
@@ -134,7 +136,7 @@ class _Plan:
                        if self.guessed else "")
 
 
-def _start(inp: stream_pack._Input) -> Conversion:
+def _start(inp: stream_pack._Input, max_output: int) -> Conversion:
     head, p = stream_pack._read_head(inp)
     if p is None:
         raise _Fallback("not a Part-10 file")
@@ -148,17 +150,17 @@ def _start(inp: stream_pack._Input) -> Conversion:
     if not decoder.is_available:
         raise CodecError(f"no decoder is installed for {ts.name}")
 
-    while (px := stream_pack._pixel_offset(bytes(head), p.meta_end, False)) is None:
+    while (px := stream_pack._pixel_element(bytes(head), p.end, False)) is None:
         if inp.eof:
             raise _Fallback("no pixel data found")
         if len(head) >= stream_pack.MAX_HEAD:
             raise _Fallback("header too long")
         head += inp.read(len(head))
-    vr, length = bytes(head[px + 4 : px + 6]), struct.unpack_from("<L", head, px + 8)[0]
-    if vr not in (b"OB", b"OW") or length != 0xFFFFFFFF:
+    if px.vr not in (b"OB", b"OW") or px.length != part10.UNDEFINED:
         raise _Fallback("pixel data not encapsulated")
-    inp.unread(bytes(head[px + _PIXEL_VALUE_HEADER :]))
-    hbuf = bytes(head[p.meta_end : px])
+    vr = px.vr
+    inp.unread(bytes(head[px.value :]))
+    hbuf = bytes(head[p.end : px.start])
     del head
     try:
         parsed = codec._parse_dataset(hbuf, implicit=False)
@@ -174,6 +176,8 @@ def _start(inp: stream_pack._Input) -> Conversion:
         frame_size = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * ((bits + 7) // 8)
     except Exception:
         raise _Fallback("image pixel attributes missing or invalid") from None
+    if len(hbuf) + frame_size * frames > max_output:
+        raise CodecError("decoded-too-large")
     eot = _extended_offsets(ds, parsed.spans, frames)
     opts.pop("extended_offsets", None)
     opts.update(number_of_frames=1, pixel_keyword="PixelData", pixel_vr=vr.decode())
@@ -201,6 +205,8 @@ def _start(inp: stream_pack._Input) -> Conversion:
     total = len(first) * frames
     if total >= _MAX_PIXEL_LENGTH:
         raise CodecError("the decoded pixel data would be longer than 4 GiB")
+    if len(hbuf) + total > max_output:
+        raise CodecError("decoded-too-large")
     before = {kw: ds.get(kw) for kw in _KEYWORDS}
     ds.PhotometricInterpretation = props["photometric_interpretation"]
     if int(props["samples_per_pixel"]) > 1:
@@ -215,8 +221,8 @@ def _start(inp: stream_pack._Input) -> Conversion:
         if tag in parsed.spans:
             replace[tag] = None
     pixel_vr = b"OB" if bits <= 8 else b"OW"
-    header = codec._splice(hbuf, parsed, replace) + struct.pack(
-        "<HH2sHL", 0x7FE0, 0x0010, pixel_vr, 0, total + total % 2)
+    header = codec._splice(hbuf, parsed, replace) + part10.element_header(
+        part10.PIXEL_DATA, pixel_vr, total + total % 2)
     return Conversion(inp, plan, encoded, header, first, props, total % 2 == 1, set(parsed.spans))
 
 
@@ -239,16 +245,15 @@ def _extended_offsets(ds: Any, spans: dict[int, tuple[int, int]],
 
 
 def _item_header(inp: stream_pack._Input) -> tuple[int, int]:
-    raw = inp.read(8)
-    if len(raw) != 8:
-        raise _Pass("the pixel data ends early")
-    tag, length = struct.unpack("<LL", raw)
-    return tag, length
+    try:
+        return part10.item_header(inp.read(8))
+    except part10.Truncated:
+        raise _Pass("the pixel data ends early") from None
 
 
 def _basic_offsets(inp: stream_pack._Input) -> list[int]:
     tag, length = _item_header(inp)
-    if tag != _ITEM or length % 4 or length > stream_pack.MAX_HEAD:
+    if tag != part10.ITEM or length % 4 or length > stream_pack.MAX_HEAD:
         raise _Fallback("no valid Basic Offset Table item")
     raw = inp.read(length)
     if len(raw) != length:
@@ -262,9 +267,9 @@ def _fragments(inp: stream_pack._Input, cap: int) -> Iterator[tuple[int, bytes]]
     pos = 0
     while True:
         tag, length = _item_header(inp)
-        if tag == _SEQ_DELIM:
+        if tag == part10.SEQUENCE_DELIMITER:
             return
-        if tag != _ITEM or length == 0xFFFFFFFF:
+        if tag != part10.ITEM or length == part10.UNDEFINED:
             raise _Pass("the pixel data has an item that is not a fragment")
         if length > cap:
             raise _Pass("a fragment is larger than any frame can be")
@@ -327,7 +332,7 @@ def _next_frame(encoded: Iterator[bytes], index: int) -> bytes:
 
 def _decode(plan: _Plan, frame: bytes, index: int) -> tuple[bytes, dict[str, Any]]:
     """Frame `index` decoded as `decompress` decodes it within the whole dataset."""
-    src = struct.pack("<LLLL", _ITEM, 0, _ITEM, len(frame)) + frame
+    src = part10.item(b"") + part10.item(frame)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -10,8 +10,10 @@ the original stored values. Anything it cannot or should not compress comes back
 result (reasons starting with "verify-" are errors: the encoder produced something that
 does not decode to the original).
 
-`decompress(part10)` is the way back for a forwarder whose peer does not accept the
-compressed syntax: an uncompressed Explicit VR Little Endian Part-10 file.
+`decompress(part10, max_output)` is the way back for a forwarder whose peer does not
+accept the compressed syntax: an uncompressed Explicit VR Little Endian Part-10 file, no
+longer than `max_output` (checked before decoding, from the image attributes). The
+forwarder runs it in a conversion worker (`forward.conversion`), never in the daemon.
 
 `pack.pool.CodecPool` runs `compress` in worker processes ("forkserver" by default, never "fork"
 from the threaded daemon): the OpenJPEG encoder holds the GIL and is not thread-safe.
@@ -37,7 +39,10 @@ What may change, and nothing else
   compared with the input (values parsed by pydicom, recursively through sequences);
   any difference -> passthrough "reencode-mismatch". Noted as "implicit-vr-converted".
 * Deflated Explicit VR Little Endian input is inflated (the dataset bytes inside are
-  kept byte for byte). Noted as "inflated".
+  kept byte for byte). Noted as "inflated". Inflation is incremental and capped
+  (`max_inflated`, `core.part10.inflate`): a data set larger than the cap once inflated
+  (a deflate bomb: 0.5 MiB that inflate to 512 MiB) passes through as it came,
+  "inflated-too-large". Only codec workers call this.
 
 Explicit VR Little Endian input (the usual case) is not re-serialised by pydicom at all:
 the output is the input with the Pixel Data element (and the few elements above)
@@ -87,9 +92,7 @@ the only decoders installed.
 from __future__ import annotations
 
 import io
-import struct
 import warnings
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -114,6 +117,8 @@ from pydicom.uid import (
     JPEGLSLossless,
 )
 from pydicom.values import convert_string
+
+from appliance.core import part10
 
 __all__ = ["CODECS", "REASONS", "CodecError", "Result", "compress", "decompress"]
 
@@ -159,9 +164,16 @@ REASONS: dict[str, str] = {
     "stream-unsupported": "large instance the streaming path cannot take apart (deflated,"
                           " header or trailer too long, elements out of order): sent as is",
     "temp-write-error": "large instance: its compressed temp file could not be written",
+    "inflated-too-large": "deflated data set larger than the cap once inflated (a deflate"
+                          " bomb, or more than the in-memory path holds): sent as is",
 }
 
 Action = Literal["compressed", "passthrough"]
+
+# Defaults for the caps; the appliance passes its configured ones (pack: the in-memory
+# path's size, pack.stream_threshold_mb; forward: receive.max_instance_mb).
+MAX_INFLATED = 64 << 20
+MAX_OUTPUT = 4096 << 20
 
 
 @dataclass(frozen=True)
@@ -195,86 +207,30 @@ class _Pass(Exception):
         self.reason = reason
 
 
-# --- Part-10 structure: preamble, file meta, dataset bytes ---------------------------
+# --- Part-10 structure: preamble, file meta, dataset bytes (core.part10) ----------------
 
-# explicit VRs with a 2-byte reserved field and a 4-byte length
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"})
-_VALID_VRS = _LONG_VRS | frozenset({
-    b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT", b"PN",
-    b"SH", b"SL", b"SS", b"ST", b"SV", b"TM", b"UI", b"UL", b"US", b"UV",
-})
-_TS_TAG = 0x00020010
-_PIXEL_DATA = 0x7FE00010
+_PIXEL_DATA = part10.PIXEL_DATA
 _EOT_TAGS = (0x7FE00001, 0x7FE00002)  # Extended Offset Table (Lengths)
 _FLOAT_PIXEL_TAGS = (0x7FE00008, 0x7FE00009)
 _PLANAR_CONFIGURATION = 0x00280006
 
 
-@dataclass(frozen=True)
-class _Part10:
-    meta: tuple[tuple[int, int, int], ...]  # (tag, start, end) of each meta element in raw
-    meta_end: int
-    transfer_syntax: str
-
-
-def _split_part10(raw: bytes) -> _Part10:
-    """Find the file meta elements (explicit VR LE, group 0002) after preamble + 'DICM'."""
-    if len(raw) < 132 or raw[128:132] != b"DICM":
+def _split_part10(raw: bytes) -> part10.Meta:
+    """The file meta (explicit VR LE, group 0002, after preamble + 'DICM'), or the reason
+    to pass `raw` through."""
+    if len(raw) < part10.META_START:
         raise _Pass("no-file-meta")
-    off, end = 132, len(raw)
-    elems: list[tuple[int, int, int]] = []
-    ts: str | None = None
-    while off + 8 <= end:
-        group, element = struct.unpack_from("<HH", raw, off)
-        if group != 0x0002:
-            break
-        vr = raw[off + 4 : off + 6]
-        if vr not in _VALID_VRS:
-            raise _Pass("unparseable")
-        if vr in _LONG_VRS:
-            if off + 12 > end:
-                raise _Pass("unparseable")
-            (length,) = struct.unpack_from("<L", raw, off + 8)
-            vstart = off + 12
-        else:
-            (length,) = struct.unpack_from("<H", raw, off + 6)
-            vstart = off + 8
-        if length == 0xFFFFFFFF or vstart + length > end:
-            raise _Pass("unparseable")
-        tag = group << 16 | element
-        if tag == _TS_TAG:
-            if ts is not None:
-                raise _Pass("unparseable")  # two transfer syntaxes: which one?
-            ts = raw[vstart : vstart + length].rstrip(b"\x00 ").decode("ascii", "replace")
-        elems.append((tag, off, vstart + length))
-        off = vstart + length
-    if not elems:
+    try:
+        m = part10.meta(raw)
+    except part10.NotPart10:
+        raise _Pass("no-file-meta") from None
+    except part10.Malformed:  # an unknown VR, two transfer syntaxes, cut short...
+        raise _Pass("unparseable") from None
+    if not m.elements:
         raise _Pass("no-file-meta")
-    if not ts:
+    if not m.transfer_syntax:
         raise _Pass("no-transfer-syntax")
-    return _Part10(tuple(elems), off, ts)
-
-
-def _meta_bytes(raw: bytes, p: _Part10, transfer_syntax: str) -> bytes:
-    """The input's file meta, byte for byte, with only (0002,0010) replaced and (0002,0000)
-    recomputed."""
-    value = transfer_syntax.encode("ascii")
-    if len(value) % 2:
-        value += b"\x00"
-    parts: list[bytes] = []
-    gl_index = -1
-    for tag, start, end in p.meta:
-        if tag == 0x00020000:
-            gl_index = len(parts)
-            parts.append(b"")
-        elif tag == _TS_TAG:
-            parts.append(struct.pack("<HH2sH", 0x0002, 0x0010, b"UI", len(value)) + value)
-        else:
-            parts.append(raw[start:end])
-    if gl_index >= 0:
-        after = sum(len(b) for b in parts[gl_index + 1 :])
-        parts[gl_index] = struct.pack("<HH2sHL", 0x0002, 0x0000, b"UL", 4, after)
-    return b"".join(parts)
+    return m
 
 
 # --- dataset parsing with element positions ------------------------------------------
@@ -295,10 +251,8 @@ def _parse_dataset(buf: bytes, implicit: bool, base: int = 0, defer_pixels: bool
     With `defer_pixels`, a top-level Pixel Data value of defined length is not copied:
     its element holds a memoryview of `buf` (for `_source_image`; the caller must replace
     the element before anything writes the dataset)."""
-    if len(buf) - base >= 8:
-        looks_explicit = buf[base + 4 : base + 6] in _VALID_VRS
-        if looks_explicit == implicit:
-            raise _Pass("transfer-syntax-mismatch")
+    if len(buf) - base >= 8 and part10.looks_explicit(buf, base) == implicit:
+        raise _Pass("transfer-syntax-mismatch")
     fp = io.BytesIO(buf)  # shares a bytes object: no copy
     fp.seek(base)
     elems: dict[BaseTag, Any] = {}
@@ -327,7 +281,7 @@ def _parse_dataset(buf: bytes, implicit: bool, base: int = 0, defer_pixels: bool
                 break
             vr, length = stopped[0]
             start = fp.tell()
-            value = start + (12 if not implicit and vr in _LONG_VRS_STR else 8)
+            value = start + (8 if implicit or vr is None else part10.header_length(vr.encode()))
             if value + length > len(buf):  # cut short: let pydicom read it as before
                 defer_pixels = False
                 continue
@@ -351,9 +305,6 @@ def _parse_dataset(buf: bytes, implicit: bool, base: int = 0, defer_pixels: bool
     return _Parsed(ds, spans, end, base)
 
 
-_LONG_VRS_STR = frozenset(v.decode() for v in _LONG_VRS)
-
-
 def _add(elems: dict[BaseTag, Any], spans: dict[int, tuple[int, int]], elem: Any,
          start: int, end: int) -> None:
     tag = int(elem.tag)
@@ -373,26 +324,9 @@ def _element_bytes(elem: DataElement) -> bytes:
 
 
 def _splice(buf: bytes, parsed: _Parsed, replace: dict[int, bytes | None]) -> bytes:
-    """`buf` with top-level elements replaced (bytes), removed (None) or inserted (a tag
-    not in the input goes before the first element with a larger tag)."""
-    order = sorted(parsed.spans.items(), key=lambda kv: kv[1][0])
-    inserts = sorted(t for t in replace if t not in parsed.spans and replace[t] is not None)
-    out: list[bytes] = []
-    pos = order[0][1][0] if order else parsed.base
-    out.append(buf[parsed.base : pos])
-    for tag, (start, end) in order:
-        while inserts and inserts[0] < tag:
-            out.append(replace[inserts.pop(0)] or b"")
-        if tag in replace:
-            new = replace[tag]
-            if new is not None:
-                out.append(new)
-        else:
-            out.append(buf[start:end])
-    for tag in inserts:
-        out.append(replace[tag] or b"")
-    out.append(buf[parsed.end :])
-    return b"".join(out)
+    """`buf` with top-level elements replaced (bytes), removed (None) or inserted, the
+    rest byte for byte (`part10.splice`)."""
+    return part10.splice(buf, parsed.spans, parsed.base, parsed.end, replace)
 
 
 def _to_explicit(parsed: _Parsed, buf: bytes) -> bytes:
@@ -442,25 +376,38 @@ def _checked_explicit(original: bytes, parsed: _Parsed, skip: frozenset[int]) ->
     return out
 
 
-def _dataset_bytes(raw: bytes, p: _Part10) -> tuple[bytes, int, bool, list[str]]:
-    """(buffer, where the dataset starts in it, implicit VR?, notes) for a native
-    little-endian transfer syntax. Not a copy of the dataset unless it was deflated."""
-    ts = UID(p.transfer_syntax)
+def _native_encoding(transfer_syntax: str) -> str:
+    """"explicit", "implicit" or "deflated" for the little-endian native syntaxes, or the
+    reason this codec takes no other (nothing is read or inflated here)."""
+    ts = UID(transfer_syntax)
     if ts == ExplicitVRLittleEndian:
-        return raw, p.meta_end, False, []
+        return "explicit"
     if ts == ImplicitVRLittleEndian:
-        return raw, p.meta_end, True, ["implicit-vr-converted"]
+        return "implicit"
     if ts == DeflatedExplicitVRLittleEndian:
-        try:
-            d = zlib.decompressobj(-zlib.MAX_WBITS)
-            return d.decompress(raw[p.meta_end :]) + d.flush(), 0, False, ["inflated"]
-        except zlib.error:
-            raise _Pass("unparseable") from None
+        return "deflated"
     if ts == ExplicitVRBigEndian:
         raise _Pass("big-endian")
     if ts.is_transfer_syntax and ts.is_encapsulated:
         raise _Pass("already-compressed")
     raise _Pass("unknown-transfer-syntax")
+
+
+def _dataset_bytes(raw: bytes, p: part10.Meta, max_inflated: int) -> tuple[bytes, int, bool, list[str]]:
+    """(buffer, where the dataset starts in it, implicit VR?, notes) for a native
+    little-endian transfer syntax. Not a copy of the dataset unless it was deflated; a
+    deflated one is inflated incrementally and given up past `max_inflated` bytes."""
+    encoding = _native_encoding(p.transfer_syntax)
+    if encoding == "explicit":
+        return raw, p.end, False, []
+    if encoding == "implicit":
+        return raw, p.end, True, ["implicit-vr-converted"]
+    try:
+        return part10.inflate(memoryview(raw)[p.end :], max_inflated), 0, False, ["inflated"]
+    except part10.TooLarge:
+        raise _Pass("inflated-too-large") from None
+    except part10.Malformed:
+        raise _Pass("unparseable") from None
 
 
 # --- pixels ---------------------------------------------------------------------------
@@ -548,6 +495,21 @@ def _layout(ds: Dataset) -> _Layout:
     return _Layout(frames, rows, columns, samples, planar, bits_allocated, bits_stored, signed)
 
 
+def decoded_length(ds: Dataset) -> int:
+    """Bytes of native Pixel Data the Image Pixel attributes of `ds` describe (what
+    pydicom's decoders produce for it); CodecError when they are missing or invalid."""
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        bits = int(ds.BitsAllocated)
+    except Exception:
+        raise CodecError("bad-pixel-attributes") from None
+    if min(rows, columns, samples, frames, bits) < 1:
+        raise CodecError("bad-pixel-attributes")
+    return (rows * columns * samples * frames * bits + 7) // 8
+
+
 def _source_image(ds: Dataset) -> _Image:
     """The stored pixel values exactly as they are in the file, or a reason not to try."""
     if _PIXEL_DATA not in ds:
@@ -600,9 +562,12 @@ def _passthrough(part10: bytes, reason: str, transfer_syntax: str = "") -> Resul
     return Result(part10, transfer_syntax, "passthrough", reason, len(part10), len(part10))
 
 
-def compress(part10: bytes, codec: str = "jpeg2000", verify: bool = True) -> Result:
+def compress(part10: bytes, codec: str = "jpeg2000", verify: bool = True,
+             max_inflated: int = MAX_INFLATED) -> Result:
     """Compress one Part-10 instance losslessly with `codec` ("jpeg2000", "jpeg-ls" or
-    "none"). Never raises for bad input; raises ValueError for an unknown codec."""
+    "none"). A deflated data set is inflated up to `max_inflated` bytes, and passed
+    through ("inflated-too-large") if it is larger. Never raises for bad input; raises
+    ValueError for an unknown codec."""
     if codec not in _CODEC_NAMES:
         raise ValueError(f"unknown codec {codec!r}; expected one of {', '.join(_CODEC_NAMES)}")
     part10 = bytes(part10) if not isinstance(part10, bytes) else part10
@@ -615,16 +580,16 @@ def compress(part10: bytes, codec: str = "jpeg2000", verify: bool = True) -> Res
             ts_in = p.transfer_syntax if UID(p.transfer_syntax).is_valid else ""
             if codec == "none":
                 raise _Pass("codec-none")
-            return _compress(part10, p, codec, verify)
+            return _compress(part10, p, codec, verify, max_inflated)
     except _Pass as stop:
         return _passthrough(part10, stop.reason, ts_in)
     except Exception:  # the boundary: bad input never escapes as an exception
         return _passthrough(part10, "unparseable", ts_in)
 
 
-def _compress(raw: bytes, p: _Part10, codec: str, verify: bool) -> Result:
+def _compress(raw: bytes, p: part10.Meta, codec: str, verify: bool, max_inflated: int) -> Result:
     target, plugin, options = CODECS[codec]
-    buf, base, implicit, notes = _dataset_bytes(raw, p)
+    buf, base, implicit, notes = _dataset_bytes(raw, p, max_inflated)
     parsed = _parse_dataset(buf, implicit, base, defer_pixels=True)
     ds = parsed.ds
     image = _source_image(ds)
@@ -662,7 +627,7 @@ def _compress(raw: bytes, p: _Part10, codec: str, verify: bool) -> Result:
     else:
         replace[_PIXEL_DATA] = _element_bytes(ds["PixelData"])
         body = _splice(buf, parsed, replace)
-    out = raw[:128] + b"DICM" + _meta_bytes(raw, p, target) + body
+    out = raw[:128] + b"DICM" + part10.with_transfer_syntax(raw, p, target) + body
 
     if len(out) >= len(raw):
         raise _Pass("not-smaller")
@@ -672,34 +637,40 @@ def _compress(raw: bytes, p: _Part10, codec: str, verify: bool) -> Result:
                   tuple(notes))
 
 
-def decompress(part10: bytes) -> bytes:
+def decompress(part10: bytes, max_output: int = MAX_OUTPUT) -> bytes:
     """An uncompressed Explicit VR Little Endian Part-10 version of `part10`, for a peer
     that does not accept its transfer syntax. Explicit VR LE input comes back as is.
     UIDs never change; only what the syntax dictates does (Pixel Data; Photometric
     Interpretation / Planar Configuration / Number of Frames when the decoded data says
     so, e.g. YBR_FULL_422 JPEG -> YBR_FULL; Extended Offset Table removed). Raises
-    CodecError when it cannot."""
+    CodecError when it cannot, and before decoding when the output would be longer than
+    `max_output` bytes ("inflated-too-large", "decoded-too-large"): a deflated data set is
+    inflated incrementally up to that, and encapsulated pixel data is decoded only when
+    what the image attributes say it decodes to fits."""
     part10 = bytes(part10) if not isinstance(part10, bytes) else part10
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return _decompress(part10)
+            out = _decompress(part10, max_output)
     except _Pass as stop:
         raise CodecError(stop.reason) from None
     except CodecError:
         raise
     except Exception as e:
         raise CodecError(f"decode-error: {type(e).__name__}") from None
+    if len(out) > max_output:  # what the attributes said was not what came out
+        raise CodecError("decoded-too-large")
+    return out
 
 
-def _decompress(raw: bytes) -> bytes:
+def _decompress(raw: bytes, max_output: int) -> bytes:
     p = _split_part10(raw)
     ts = UID(p.transfer_syntax)
-    head = raw[:128] + b"DICM" + _meta_bytes(raw, p, ExplicitVRLittleEndian)
+    head = raw[:128] + b"DICM" + part10.with_transfer_syntax(raw, p, ExplicitVRLittleEndian)
     if ts == ExplicitVRLittleEndian:
         return raw
     if ts in (ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian):
-        buf, base, implicit, _ = _dataset_bytes(raw, p)
+        buf, base, implicit, _ = _dataset_bytes(raw, p, max_output)
         if not implicit:
             return head + buf[base:]
         parsed = _parse_dataset(buf, implicit=True, base=base)
@@ -708,10 +679,12 @@ def _decompress(raw: bytes) -> bytes:
         raise _Pass("big-endian" if ts == ExplicitVRBigEndian else "unknown-transfer-syntax")
 
     buf = raw
-    parsed = _parse_dataset(buf, implicit=False, base=p.meta_end)
+    parsed = _parse_dataset(buf, implicit=False, base=p.end)
     ds = parsed.ds
     if _PIXEL_DATA not in ds:
         raise _Pass("no-pixel-data")
+    if len(raw) + decoded_length(ds) > max_output:
+        raise _Pass("decoded-too-large")
     keywords = ("PhotometricInterpretation", "PlanarConfiguration", "NumberOfFrames")
     before = {kw: ds.get(kw) for kw in keywords}
     ds.file_meta = FileMetaDataset()

@@ -18,8 +18,13 @@ streaming path (`stream_pack`): the worker compresses frame by frame into a seal
 file (`STATE/spool/.tmp-pack-*`, named here so this thread removes it whatever happens
 to the worker) and returns small facts; this thread copies the temp into the bundle in
 1 MiB pieces. Whatever that path passes through, and the fallback after workers died on
-a large instance, is copied from the sealed spool file chunk by chunk. Memory stays
+any instance, is copied from the sealed spool file chunk by chunk. Memory stays
 near a chunk and a few frames whatever the instance size (docs/benchmarks.md, "Memory").
+
+Nothing in this process parses or inflates an instance: the codec workers do, and the
+manifest's facts come from our own file meta (`stream.meta_facts`). A deflated data set
+is inflated in a worker up to `inflate_cap` (the configured maximum instance size, and
+no more than the in-memory path holds), else packed as it came ("inflated-too-large").
 
 Sealing policy (pure, `due_for_sealing`): a `receiving` segment is sealed when its study
 has been quiet for `pack.study_quiet_s`, or when it has been open for
@@ -67,10 +72,9 @@ from typing import Any
 import structlog
 
 from appliance.bundle.format import BundleWriter
-from appliance.core import crypto, durable, failpoints
-from appliance.core.config import Pack
+from appliance.core import crypto, durable, failpoints, part10
+from appliance.core.config import Pack, Receive
 from appliance.core.errors import IntegrityError
-from appliance.pack import codec
 from appliance.pack import stream as stream_pack
 from appliance.pack.codec import Result, compress
 from appliance.pack.pool import CodecPool, PoolClosed, WorkerLost
@@ -109,6 +113,15 @@ def may_pack_now(sealed_at: float, receiving_burst: bool, cfg: Pack, now: float)
     a scanner that sends slowly leaves gaps in which packing proceeds as before.
     """
     return not receiving_burst or now - sealed_at >= cfg.segment_max_age_s
+
+
+def inflate_cap(cfg: Pack, max_instance_bytes: int) -> int:
+    """Most bytes a deflated instance may inflate to in a codec worker before it is
+    passed through as it came ("inflated-too-large"): the configured maximum instance
+    size, and no more than the in-memory path takes (`pack.stream_threshold_mb`; larger
+    instances are packed streaming precisely so that no worker holds one whole, and a
+    deflated one is compressed already)."""
+    return min(max_instance_bytes, cfg.stream_threshold_mb << 20)
 
 
 def due_for_sealing(seg: SegmentTimes, cfg: Pack, now: float) -> str | None:
@@ -173,11 +186,13 @@ class Packer:
 
     def __init__(self, cfg: Pack, spool: Spool, queue: Queue, recipients: Sequence[Any],
                  pool: CodecPool, receiving_burst: Callable[[], bool] = lambda: False,
-                 beat: Callable[..., None] = lambda **_: None) -> None:
+                 beat: Callable[..., None] = lambda **_: None, *,
+                 max_instance_bytes: int = Receive.max_instance_mb << 20) -> None:
         self.cfg = cfg
         # progress, for the stage supervisor (health/supervisor.py); beat(expect=s) before a
         # wait that may last s seconds
         self.beat = beat
+        self.inflate_cap = inflate_cap(cfg, max_instance_bytes)
         self.receiving_burst = receiving_burst
         self.spool = spool
         self.queue = queue
@@ -294,7 +309,7 @@ class Packer:
             args: tuple[Any, ...] = (path, rid, key, self.cfg.codec, self.cfg.verify, temp)
             return _Pending(rid, self.pool.submit_call(stream_pack.prepare_stream, args, limit),
                             temp, limit)
-        args = (path, rid, key, self.cfg.codec, self.cfg.verify)
+        args = (path, rid, key, self.cfg.codec, self.cfg.verify, self.inflate_cap)
         return _Pending(rid, self.pool.submit_call(prepare, args, limit), None, limit)
 
     def _write(self, writer: BundleWriter, job: _Pending, tally: _Tally) -> None:
@@ -455,8 +470,10 @@ class Prepared:
     facts: dict[str, Any]
 
 
-def prepare(path: str, rid: str, spool_key: bytes, codec_name: str, verify: bool) -> Prepared:
-    """In a codec worker: read and authenticate a spooled instance, then compress it.
+def prepare(path: str, rid: str, spool_key: bytes, codec_name: str, verify: bool,
+            max_inflated: int) -> Prepared:
+    """In a codec worker: read and authenticate a spooled instance, then compress it
+    (a deflated one inflated up to `max_inflated` bytes, else passed through).
 
     The manifest facts come from the file meta the receiver wrote, never from the data
     set (which may not parse: `compress` then passes it through as "unparseable").
@@ -465,7 +482,13 @@ def prepare(path: str, rid: str, spool_key: bytes, codec_name: str, verify: bool
     """
     with open(path, "rb") as f:
         original = b"".join(crypto.open_spool_file(crypto.SpoolKey(spool_key), rid, f))
-    facts = stream_pack._meta_facts(original[: codec._split_part10(original).meta_end])
-    res = compress(original, codec_name, verify)
-    return Prepared(res, {**facts, "received_size": len(original),
-                          "received_sha256": hashlib.sha256(original).hexdigest()})
+    try:
+        meta: part10.Meta | None = part10.meta(original)
+    except part10.Malformed:
+        meta = None
+    res = compress(original, codec_name, verify, max_inflated)
+    return Prepared(res, {
+        **stream_pack.meta_facts(original, meta),
+        "received_size": len(original),
+        "received_sha256": hashlib.sha256(original).hexdigest(),
+    })

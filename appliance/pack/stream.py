@@ -38,23 +38,19 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import os
-import struct
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from pydicom import dcmread
-from pydicom.filereader import data_element_generator
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.encoders.base import get_encoder
 from pydicom.pixels.utils import as_pixel_options
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID
 
-from appliance.core import crypto
+from appliance.core import crypto, part10
 from appliance.core.errors import IntegrityError
 from appliance.pack import codec
 from appliance.pack.codec import _Pass
@@ -63,18 +59,17 @@ PIECE = crypto.DEFAULT_CHUNK
 MAX_HEAD = 32 << 20  # header before Pixel Data held in memory; longer -> pass-through
 MAX_TAIL = 16 << 20  # elements after Pixel Data held in memory; longer -> pass-through
 TEMP_AAD = b"appliance pack temp v1"
+MEDIA_STORAGE_SOP_CLASS, MEDIA_STORAGE_SOP_INSTANCE = 0x00020002, 0x00020003
 
-_ITEM = b"\xfe\xff\x00\xe0"
-_SEQ_DELIM = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
-_PIXEL_HEADER = struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OB", 0, 0xFFFFFFFF)
+_PIXEL_HEADER = part10.element_header(part10.PIXEL_DATA, b"OB", part10.UNDEFINED)
 
 
 @dataclass(frozen=True)
 class Streamed:
     """What a worker sends back for one large instance: small facts only.
 
-    `facts` is None when the worker died on the instance (the pack thread then reads the
-    facts itself, streaming, and passes the instance through)."""
+    `facts` is None when the workers died on the instance, large or small (the pack
+    thread then reads the facts itself, streaming, and passes the instance through)."""
 
     facts: dict[str, Any] | None
     transfer_syntax: str
@@ -85,11 +80,6 @@ class Streamed:
     output_size: int = 0
     frames: int = 0
     notes: tuple[str, ...] = ()
-
-
-def crashed() -> Streamed:
-    """The pool's `on_crash` for a streamed instance: decided in the pack thread."""
-    return Streamed(None, "", "passthrough", "worker-crashed")
 
 
 class _Input:
@@ -196,33 +186,27 @@ class _SealedTemp:
 # --- the header ------------------------------------------------------------------------
 
 
-def _pixel_offset(head: bytes, start: int, implicit: bool) -> int | None:
-    """Offset in `head` of the top-level (7FE0,0010) element when its header (and all
-    the elements before it) are in `head`, else None."""
-    fp = io.BytesIO(head)
-    fp.seek(start)
+def _pixel_element(head: bytes, start: int, implicit: bool) -> part10.Element | None:
+    """The top-level (7FE0,0010) element's header when it (and all the elements before
+    it) are in `head`, else None."""
     try:
-        for _ in data_element_generator(fp, implicit, True,
-                                        stop_when=lambda tag, vr, length: tag == codec._PIXEL_DATA):
-            pass
-    except Exception:
+        return part10.locate(head, start, implicit, part10.PIXEL_DATA)
+    except part10.Malformed:
         return None  # cut in the middle of an element: read more (or give up at the end)
-    pos = fp.tell()
-    need = 8 if implicit else 12
-    if pos + need > len(head) or struct.unpack_from("<HH", head, pos) != (0x7FE0, 0x0010):
-        return None
-    return pos
 
 
-def _meta_facts(part10_head: bytes) -> dict[str, Any]:
-    meta = dcmread(io.BytesIO(part10_head), stop_before_pixels=True,
-                   specific_tags=["SOPInstanceUID"])
-    return {"sop_instance_uid": str(meta.file_meta.MediaStorageSOPInstanceUID),
-            "sop_class": str(meta.file_meta.MediaStorageSOPClassUID),
-            "received_transfer_syntax": str(meta.file_meta.TransferSyntaxUID)}
+def meta_facts(buf: bytes | bytearray | memoryview, m: part10.Meta | None) -> dict[str, Any]:
+    """The bundle manifest's facts about an instance, from its file meta `m` in `buf`
+    only: the spool holds our own meta, written by receive from the C-STORE request, so
+    nothing of the data set is parsed (or inflated) for them. "" for what is missing."""
+    if m is None:
+        return {"sop_instance_uid": "", "sop_class": "", "received_transfer_syntax": ""}
+    return {"sop_instance_uid": m.value(buf, MEDIA_STORAGE_SOP_INSTANCE) or "",
+            "sop_class": m.value(buf, MEDIA_STORAGE_SOP_CLASS) or "",
+            "received_transfer_syntax": m.transfer_syntax}
 
 
-def _read_head(inp: _Input) -> tuple[bytearray, codec._Part10 | None]:
+def _read_head(inp: _Input) -> tuple[bytearray, part10.Meta | None]:
     """Read until the file meta is complete and the 8 bytes after it are in (or the
     input ends, or MAX_HEAD is reached, or it is not Part 10): the first read may end
     anywhere, even inside the preamble or a meta element."""
@@ -231,7 +215,7 @@ def _read_head(inp: _Input) -> tuple[bytearray, codec._Part10 | None]:
         more = not inp.eof and len(head) < MAX_HEAD
         try:
             p = codec._split_part10(bytes(head))
-            if not (more and p.meta_end + 8 > len(head)):  # not cut at the buffer's end
+            if not (more and p.end + 8 > len(head)):  # not cut at the buffer's end
                 return head, p
         except _Pass:
             if not more or (len(head) >= 132 and head[128:132] != b"DICM"):
@@ -241,40 +225,30 @@ def _read_head(inp: _Input) -> tuple[bytearray, codec._Part10 | None]:
 
 @dataclass
 class _Header:
-    p: codec._Part10
+    p: part10.Meta
     implicit: bool
     head: bytes  # preamble .. end of the Pixel Data element header
     pixel: int  # offset of the Pixel Data element in `head`
     value_length: int
 
 
-def _locate(inp: _Input, head: bytearray, p: codec._Part10) -> _Header:
-    ts = UID(p.transfer_syntax)
-    if ts == ImplicitVRLittleEndian:
-        implicit = True
-    elif ts == ExplicitVRLittleEndian:
-        implicit = False
-    else:
-        codec._dataset_bytes(b"", p)  # raises the reason the in-memory path would give
-        raise _Pass("stream-unsupported")  # deflated: only the in-memory path inflates
-    while (px := _pixel_offset(bytes(head), p.meta_end, implicit)) is None:
+def _locate(inp: _Input, head: bytearray, p: part10.Meta) -> _Header:
+    encoding = codec._native_encoding(p.transfer_syntax)  # or the in-memory path's reason
+    if encoding == "deflated":
+        # Never inflated here: a large deflated instance is sent as it came (it is
+        # compressed already), so this path needs no cap on inflation.
+        raise _Pass("stream-unsupported")
+    implicit = encoding == "implicit"
+    while (px := _pixel_element(bytes(head), p.end, implicit)) is None:
         if inp.eof:
             raise _Pass("no-pixel-data")
         if len(head) >= MAX_HEAD:
             raise _Pass("stream-unsupported")
         head += inp.read(len(head))
-    if implicit:
-        (length,) = struct.unpack_from("<L", head, px + 4)
-        value = px + 8
-    else:
-        vr, (length,) = bytes(head[px + 4 : px + 6]), struct.unpack_from("<L", head, px + 8)
-        if vr not in (b"OB", b"OW"):
-            raise _Pass("bad-pixel-data")
-        value = px + 12
-    if length == 0xFFFFFFFF:
+    if (not implicit and px.vr not in (b"OB", b"OW")) or px.length == part10.UNDEFINED:
         raise _Pass("bad-pixel-data")
-    inp.unread(bytes(head[value:]))
-    return _Header(p, implicit, bytes(head[:value]), px, length)
+    inp.unread(bytes(head[px.value :]))
+    return _Header(p, implicit, bytes(head[: px.value]), px.start, px.length)
 
 
 # --- the whole instance ---------------------------------------------------------------
@@ -293,7 +267,7 @@ def prepare_stream(path: str, rid: str, spool_key: bytes, codec_name: str, verif
     with open(path, "rb") as f:
         inp = _Input(crypto.open_spool_file(crypto.SpoolKey(spool_key), rid, f))
         head, p = _read_head(inp)
-        facts = _meta_facts(bytes(head[: p.meta_end]) if p else bytes(head))
+        facts = meta_facts(head, p)
         ts_in = p.transfer_syntax if p and UID(p.transfer_syntax).is_valid else ""
         out: _SealedTemp | None = None
         reason = ""
@@ -352,7 +326,7 @@ class _Encoded:
 def _encode(inp: _Input, hdr: _Header, codec_name: str, verify: bool, out: _SealedTemp) -> _Encoded:
     target, plugin, options = codec.CODECS[codec_name]
     p = hdr.p
-    hbuf = hdr.head[p.meta_end : hdr.pixel]
+    hbuf = hdr.head[p.end : hdr.pixel]
     parsed = codec._parse_dataset(hbuf, hdr.implicit)
     if parsed.end != len(hbuf):
         raise _Pass("unparseable")
@@ -387,7 +361,7 @@ def _encode(inp: _Input, hdr: _Header, codec_name: str, verify: bool, out: _Seal
         body = codec._checked_explicit(hbuf, parsed, skip)
     else:
         body = codec._splice(hbuf, parsed, replace)
-    head = (hdr.head[:128] + b"DICM" + codec._meta_bytes(hdr.head, p, target) + body
+    head = (hdr.head[:128] + b"DICM" + part10.with_transfer_syntax(hdr.head, p, target) + body
             + _PIXEL_HEADER)
 
     encoder, decoder = get_encoder(target), get_decoder(target)
@@ -406,7 +380,7 @@ def _encode(inp: _Input, hdr: _Header, codec_name: str, verify: bool, out: _Seal
             raise _Pass("encode-error") from None
         if len(frag) % 2:
             frag += b"\x00"
-        item = _ITEM + struct.pack("<L", len(frag)) + frag
+        item = part10.item(frag)
         if verify:
             _verify_frame(decoder, item, decode_opts, values[0], shape)
         out.write(item)
@@ -428,33 +402,20 @@ def _encode(inp: _Input, hdr: _Header, codec_name: str, verify: bool, out: _Seal
             tail = codec._checked_explicit(tail, tparsed, frozenset())
     if hdr.implicit and any(t & 0xFFFF == 0 for t in (*parsed.spans, *tail_tags)):
         notes.append("group-lengths-removed")
-    out.write(_SEQ_DELIM + tail)
+    out.write(part10.SEQUENCE_DELIMITER_ITEM + tail)
     out.close()
 
-    prefix = head + _basic_offset_table(lengths)
+    prefix = head + part10.basic_offset_table(lengths)
     size = len(prefix) + out.size
     if size >= inp.size:
         raise _Pass("not-smaller")
     return _Encoded(str(target), prefix, size, lay.frames, tuple(notes))
 
 
-def _basic_offset_table(item_lengths: list[int]) -> bytes:
-    """The BOT item: offsets of each frame's first fragment item, relative to the first
-    item after the BOT (as `pydicom.encaps.encapsulate` writes them); empty when an
-    offset would not fit in 32 bits (PS3.5 A.4 allows an empty table)."""
-    offsets, pos = [], 0
-    for n in item_lengths:
-        offsets.append(pos)
-        pos += n
-    if offsets and offsets[-1] > 0xFFFFFFFF:
-        return _ITEM + b"\x00\x00\x00\x00"
-    return _ITEM + struct.pack(f"<L{len(offsets)}L", 4 * len(offsets), *offsets)
-
-
 def _verify_frame(decoder: Any, item: bytes, opts: dict[str, Any], want: np.ndarray,
                   shape: tuple[int, int, int]) -> None:
     try:
-        got = decoder.as_array(_ITEM + b"\x00\x00\x00\x00" + item, raw=True, **opts)[0]
+        got = decoder.as_array(part10.item(b"") + item, raw=True, **opts)[0]
     except Exception:
         raise _Pass("verify-error") from None
     if got.size != want.size or not np.array_equal(got.reshape(shape), want):
@@ -488,7 +449,7 @@ def passthrough_facts(path: str, rid: str, spool_key: bytes, reason: str) -> Str
     with open(path, "rb") as f:
         inp = _Input(crypto.open_spool_file(crypto.SpoolKey(spool_key), rid, f))
         head, p = _read_head(inp)
-        facts = _meta_facts(bytes(head[: p.meta_end]) if p else bytes(head))
+        facts = meta_facts(head, p)
         ts_in = p.transfer_syntax if p and UID(p.transfer_syntax).is_valid else ""
         del head
         inp.drain()
@@ -502,4 +463,4 @@ def check_written(entry: Any, size: int, sha256: str | None) -> None:
 
 
 __all__ = ["MAX_HEAD", "MAX_TAIL", "Streamed", "check_written", "copy_output",
-           "copy_passthrough", "crashed", "passthrough_facts", "prepare_stream"]
+           "copy_passthrough", "meta_facts", "passthrough_facts", "prepare_stream"]

@@ -28,7 +28,6 @@ import socket
 import socketserver
 import sqlite3
 import ssl
-import struct
 import threading
 import time
 from collections import Counter
@@ -53,7 +52,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from appliance import __version__
-from appliance.core import dicomscan
+from appliance.core import dicomscan, part10
 from appliance.core.config import Receive
 from appliance.core.errors import SpoolFullError
 from appliance.health.supervisor import Stage
@@ -84,16 +83,6 @@ def valid_uid(v: Any) -> bool:
     return isinstance(v, str) and 0 < len(v) <= 64 and bool(_UID_RE.match(v))
 
 
-def _meta_element(group_elem: int, vr: bytes, value: bytes) -> bytes:
-    pad = b"\x00" if vr in (b"UI", b"OB") else b" "
-    if len(value) % 2:
-        value += pad
-    head = struct.pack("<HH", 0x0002, group_elem) + vr
-    if vr == b"OB":
-        return head + b"\x00\x00" + struct.pack("<I", len(value)) + value
-    return head + struct.pack("<H", len(value)) + value
-
-
 def part10_header(sop_class: str, sop_instance: str, transfer_syntax: str, source_ae: str) -> bytes:
     """Preamble, "DICM" and the file meta group for a received data set.
 
@@ -105,17 +94,15 @@ def part10_header(sop_class: str, sop_instance: str, transfer_syntax: str, sourc
     def enc(v: str) -> bytes:
         return v.encode("latin-1", "replace")
 
-    body = b"".join((
-        _meta_element(0x0001, b"OB", b"\x00\x01"),
-        _meta_element(0x0002, b"UI", enc(sop_class)),
-        _meta_element(0x0003, b"UI", enc(sop_instance)),
-        _meta_element(0x0010, b"UI", enc(transfer_syntax)),
-        _meta_element(0x0012, b"UI", enc(PYNETDICOM_IMPLEMENTATION_UID)),
-        _meta_element(0x0013, b"SH", enc(PYNETDICOM_IMPLEMENTATION_VERSION)),
-        _meta_element(0x0016, b"AE", enc(source_ae)),
-    ))
-    group_length = struct.pack("<HH", 0x0002, 0x0000) + b"UL" + struct.pack("<HI", 4, len(body))
-    return b"\x00" * 128 + b"DICM" + group_length + body
+    return part10.file_meta([
+        part10.element(0x00020001, b"OB", b"\x00\x01"),
+        part10.element(0x00020002, b"UI", enc(sop_class)),
+        part10.element(0x00020003, b"UI", enc(sop_instance)),
+        part10.element(0x00020010, b"UI", enc(transfer_syntax)),
+        part10.element(0x00020012, b"UI", enc(PYNETDICOM_IMPLEMENTATION_UID)),
+        part10.element(0x00020013, b"SH", enc(PYNETDICOM_IMPLEMENTATION_VERSION)),
+        part10.element(0x00020016, b"AE", enc(source_ae)),
+    ])
 
 
 class Rejected(Exception):

@@ -496,8 +496,7 @@ class Incoming:
         if self._f is None:
             raise ValueError("incoming spool file already closed")
         self._sealer.finish()
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        durable.fsync_file(self._f)
         self._f.close()
         self._f = None
 

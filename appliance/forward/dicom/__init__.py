@@ -29,6 +29,12 @@ Endian + Implicit VR Little Endian. Each instance is then sent
   counterpart, below) when the uncompressed context was accepted with Explicit VR LE;
 * else (a peer that only takes Implicit VR LE) decompressed and re-encoded Implicit VR LE.
 
+Every conversion runs in a conversion worker process (`forward.conversion`), never in
+the daemon: the decoders run on data a scanner sent. Its output is capped at
+`receive.max_instance_mb` (checked before decoding), its time and memory are limited,
+and a worker that crashes, hangs or balloons is killed: that instance is Permanent
+("cannot be converted for this PACS: ..."), the daemon goes on.
+
 A SOP class for which the peer accepted no context at all is `Permanent` ("the PACS does
 not accept SOP class <name>"), checked right after the association is established and
 before anything of that association is sent. So is an instance the codec cannot turn into
@@ -166,9 +172,10 @@ send is `Permanent` ("instance N: cannot be converted for this PACS: ..."). Coun
 
 Smaller instances, a large one that must be re-encoded Implicit VR LE (the PACS takes no
 Explicit VR LE) or that comes deflated, and the conversions that cannot stream, are read
-whole (verified before a byte is sent) and sent with pynetdicom's `send_msg`; these still
-cost memory of a few times the instance's size (`codec.decompress` and pydicom's writer
-work on whole instances).
+whole (verified before a byte is sent); the conversions among them cost a few times the
+instance's size in the conversion worker (`codec.decompress` and pydicom's writer work on
+whole instances), and what comes out is sent with pynetdicom's `send_msg` when it is
+under `STREAM_THRESHOLD`, else streamed on as the worker hands it over.
 
 Progress: `progress(n)` after each instance, n = the sum of the bundle (manifest) sizes of
 the instances sent so far; during a streamed instance also every ~4 MiB queued, adding

@@ -5,7 +5,6 @@ starts in a Part-10 file.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -15,6 +14,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
+from appliance.core import part10
 from appliance.forward import Permanent
 
 STORAGE_COMMITMENT_PUSH = UID("1.2.840.10008.1.20.1")
@@ -100,34 +100,15 @@ def choose_context(accepted: Mapping[str, Sequence[tuple[int, str]]], sop_class:
                     f"and this appliance cannot convert {UID(transfer_syntax).name} to that")
 
 
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
-                       b"UR", b"UT", b"UV"})
-
-
-def dataset_offset(part10: bytes | bytearray | memoryview) -> int:
-    """Where the data set starts in a Part-10 file (after preamble, DICM and group 2)."""
-    n = len(part10)
-    if n < 132 or bytes(part10[128:132]) != b"DICM":
-        raise ValueError("not a DICOM Part-10 file")
-    pos = 132
-    while pos < n:
-        if pos + 8 > n:
-            raise ValueError("the file meta information is truncated")
-        (group,) = struct.unpack_from("<H", part10, pos)
-        if group != 0x0002:
-            break
-        vr = bytes(part10[pos + 4 : pos + 6])
-        if vr in _LONG_VRS:
-            if pos + 12 > n:
-                raise ValueError("the file meta information is truncated")
-            (length,) = struct.unpack_from("<I", part10, pos + 8)
-            if length == 0xFFFFFFFF:
-                raise ValueError("undefined length in the file meta information")
-            pos += 12 + length
-        else:
-            (length,) = struct.unpack_from("<H", part10, pos + 6)
-            pos += 8 + length
-    if pos > n:
-        raise ValueError("the file meta information is truncated")
-    return pos
-
+def dataset_offset(part10_file: bytes | bytearray | memoryview) -> int:
+    """Where the data set starts in a Part-10 file (after preamble, DICM and group 2).
+    ValueError when it cannot say; "truncated" in its message when more of the file
+    could tell."""
+    try:
+        return part10.dataset_offset(part10_file)
+    except part10.NotPart10:
+        raise ValueError("not a DICOM Part-10 file") from None
+    except part10.Truncated:
+        raise ValueError("the file meta information is truncated") from None
+    except part10.Malformed as e:
+        raise ValueError(f"the file meta information is malformed ({e})") from None

@@ -11,7 +11,6 @@ import socket
 import ssl
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -19,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     UID,
@@ -31,10 +29,9 @@ from pynetdicom.dimse_primitives import C_STORE, N_ACTION
 from pynetdicom.dsutils import encode
 
 from appliance.bundle.format import InstanceStream, ManifestEntry, PrivateKey, VerifiedBundle
-from appliance.core.config import Destination
+from appliance.core.config import Destination, Receive
 from appliance.core.errors import ConfigError, IntegrityError
-from appliance.forward import Permanent, Plan, Retryable, Unreadable
-from appliance.forward import convert as stream_convert
+from appliance.forward import Permanent, Plan, Retryable, Unreadable, conversion
 from appliance.forward.dicom.commitment import (
     REPORT_GRACE_S,
     CommitmentListener,
@@ -113,7 +110,9 @@ class DicomTransport:
 
     def __init__(self, dest: Destination, private_key: PrivateKey, *,
                  local_ae_title: str = "EDGE", commitment_port: int | None = None,
-                 commitment_bind: str | None = None) -> None:
+                 commitment_bind: str | None = None,
+                 max_instance_bytes: int = Receive.max_instance_mb << 20,
+                 converter: conversion.Converter | None = None) -> None:
         if dest.host is None or dest.port is None or dest.ae_title is None:
             raise ConfigError([f"destination {dest.name}: host, port and ae_title are required"])
         self.name = dest.name
@@ -125,6 +124,9 @@ class DicomTransport:
         self.commitment_bind = commitment_bind if commitment_bind is not None else dest.commitment_bind
         self.commitment_timeout = float(dest.commitment_timeout_s)
         self._commitments = Commitments()
+        self.max_output = max_instance_bytes  # most bytes a conversion may give
+        self._converter = converter
+        self._converter_lock = threading.Lock()
         self._listener: CommitmentListener | None = None
         self._listener_lock = threading.Lock()
         self._check_hostname = not _is_ip(dest.host)
@@ -219,6 +221,17 @@ class DicomTransport:
             if self._listener is not None:
                 self._listener.close()
                 self._listener = None
+        with self._converter_lock:
+            if self._converter is not None:
+                self._converter.close()
+
+    def converter(self) -> conversion.Converter:
+        """The conversion workers, started at the first instance the PACS takes only
+        in another syntax."""
+        with self._converter_lock:
+            if self._converter is None:
+                self._converter = conversion.Converter()
+            return self._converter
 
     # --- one association ---
 
@@ -245,12 +258,12 @@ class DicomTransport:
                 at = functools.partial(_progress_from, progress, sent.bytes)
                 if choice.how == "as-is" and entry.size >= STREAM_THRESHOLD:
                     self._store_streamed(link, item_id, entry, stream, choice.context_id, at)
-                elif (choice.how == "explicit" and entry.size >= STREAM_THRESHOLD
-                      and UID(entry.transfer_syntax).is_encapsulated):
-                    self._store_converted(link, item_id, entry, stream, choice, sent, at)
-                else:
+                elif choice.how == "as-is" or (choice.how == "explicit"
+                                               and entry.transfer_syntax == ExplicitVRLittleEndian):
                     payload = self._payload(entry, stream.read(), choice, sent)
                     self._store(link, item_id, entry, payload, choice.context_id)
+                else:
+                    self._store_converted(link, item_id, entry, stream, choice, sent, at)
                 current = None
                 sent.count += 1
                 sent.bytes += entry.size
@@ -345,20 +358,14 @@ class DicomTransport:
     # --- instances ---
 
     def _payload(self, entry: ManifestEntry, data: bytes, choice: Choice, sent: _Sent) -> bytes:
-        """The data set bytes to send (Part-10 header removed), converted if the peer
-        needs another transfer syntax."""
+        """The data set bytes to send as they are (Part-10 header removed): the instance
+        in its own syntax, or in Explicit VR LE already for a PACS that wants that."""
         if choice.how != "as-is":
-            try:
-                data = codec.decompress(data) if entry.transfer_syntax != ExplicitVRLittleEndian else data
-            except codec.CodecError as e:
-                raise _undecodable(entry, e) from None
             _count_conversion(sent, entry, choice)
         try:
             start = dataset_offset(data)
         except ValueError as e:
             raise Permanent(f"instance {entry.index}: {e}") from None
-        if choice.how == "implicit":
-            return _to_implicit(data, entry.index)
         return data[start:]
 
     def _store(self, link: Link, item_id: str, entry: ManifestEntry, payload: bytes,
@@ -378,31 +385,43 @@ class DicomTransport:
 
     def _store_converted(self, link: Link, item_id: str, entry: ManifestEntry, stream: InstanceStream,
                          choice: Choice, sent: _Sent, progress: Callable[[int], None]) -> None:
-        """Decompress a large instance for a PACS that refuses its syntax, frame by frame
-        as it is sent (`stream_convert`); its last P-DATA fragment goes out only once the
-        stream has verified the whole instance. When the instance turns out not to be
-        convertible midway, the association is aborted so that the PACS drops what it
-        got. An instance the streaming conversion cannot take (found out before the first
-        byte is sent) goes the whole way, as a small one does."""
+        """Send an instance the PACS takes only decompressed (or Implicit VR LE),
+        converted in a worker process (`conversion`): a large one decoded frame by frame
+        as it is sent (`stream_convert`), else whole. Either way its last P-DATA fragment
+        goes out only once the stream has verified the whole instance. What cannot be
+        converted (refused by the codec, the worker crashing, hanging or ballooning) is
+        Permanent for this bundle; found out midway, the association is aborted so that
+        the PACS drops what it got."""
+        job = conversion.Job(how=choice.how, transfer_syntax=entry.transfer_syntax, size=entry.size,
+                             streamed=(choice.how == "explicit" and entry.size >= STREAM_THRESHOLD
+                                       and UID(entry.transfer_syntax).is_encapsulated),
+                             max_output=self.max_output)
         try:
-            conv = stream_convert.open_conversion(stream.read)
-        except codec.CodecError as e:
-            raise _undecodable(entry, e) from None
-        if isinstance(conv, stream_convert.Fallback):
-            log.info("dicom.convert_whole", destination=self.name, bundle=item_id,
-                     instance=entry.index, reason=conv.reason)
-            payload = self._payload(entry, conv.consumed + stream.read(), choice, sent)
-            self._store(link, item_id, entry, payload, choice.context_id)
-            return
-        _count_conversion(sent, entry, choice)
-        # progress in bundle bytes of the instance, as for every other instance
-        def report(_: int) -> None:
-            progress(min(conv.bytes_read, entry.size))
-        try:
-            rsp = link.store_streamed(_store_request(link, entry), choice.context_id, conv, report)
-        except codec.CodecError as e:
-            link.abort()
-            raise Permanent(f"instance {entry.index}: cannot be converted for this PACS: {e}") from None
+            conv = self.converter().open(job, stream.read)
+        except conversion.ConversionFailed as e:
+            raise _unconvertible(entry, e) from None
+        except conversion.Unavailable as e:
+            raise Retryable(f"instance {entry.index} needs converting for this PACS: {e}") from None
+        with conv:
+            if conv.whole_reason is not None:
+                log.info("dicom.convert_whole", destination=self.name, bundle=item_id,
+                         instance=entry.index, reason=conv.whole_reason)
+            _count_conversion(sent, entry, choice)
+            if not conv.streaming and conv.length is not None and conv.length < STREAM_THRESHOLD:
+                try:
+                    payload = conv.read_all()
+                except codec.CodecError as e:
+                    raise _unconvertible(entry, e) from None
+                self._store(link, item_id, entry, payload, choice.context_id)
+                return
+            # progress in bundle bytes of the instance, as for every other instance
+            def report(_: int) -> None:
+                progress(min(conv.bytes_read, entry.size))
+            try:
+                rsp = link.store_streamed(_store_request(link, entry), choice.context_id, conv, report)
+            except codec.CodecError as e:
+                link.abort()
+                raise Permanent(f"instance {entry.index}: cannot be converted for this PACS: {e}") from None
         self._judge_store(rsp, item_id, entry)
 
     def _judge_store(self, rsp: Any, item_id: str, entry: ManifestEntry) -> None:
@@ -544,6 +563,18 @@ def _undecodable(entry: ManifestEntry, e: codec.CodecError) -> Permanent:
                      f"for {UID(entry.sop_class).name}, and it cannot be decompressed ({e})")
 
 
+def _unconvertible(entry: ManifestEntry, e: codec.CodecError) -> Permanent:
+    """Why an instance cannot be sent converted, as the operator reads it."""
+    kind = getattr(e, "kind", "undecodable")
+    if kind == "undecodable":
+        return _undecodable(entry, e)
+    if kind == "layout":
+        return Permanent(f"instance {entry.index}: {e}")
+    if kind == "implicit":
+        return Permanent(f"instance {entry.index}: cannot be re-encoded as Implicit VR Little Endian ({e})")
+    return Permanent(f"instance {entry.index}: cannot be converted for this PACS: {e}")
+
+
 def _count_conversion(sent: _Sent, entry: ManifestEntry, choice: Choice) -> None:
     key = f"{UID(entry.transfer_syntax).name} -> {UID(choice.transfer_syntax).name}"
     sent.converted[key] = sent.converted.get(key, 0) + 1
@@ -597,21 +628,3 @@ class _DataSet:
             self._head = self._head[n:]
             return out
         return self._rest.read(n)
-
-
-def _to_implicit(part10_explicit: bytes, index: int) -> bytes:
-    """Re-encode an Explicit VR LE instance as Implicit VR LE (for a peer that takes
-    nothing else). pydicom re-encodes the elements; values do not change."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            ds = dcmread(BytesIO(part10_explicit), force=True)
-            out = encode(ds, True, True)
-        except Exception as e:
-            raise Permanent(f"instance {index}: cannot be re-encoded as Implicit VR Little Endian "
-                            f"({type(e).__name__})") from None
-    if out is None:
-        raise Permanent(f"instance {index}: cannot be re-encoded as Implicit VR Little Endian")
-    return out
-
-
