@@ -20,7 +20,6 @@ only under APPLIANCE_DEBUG=1.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sqlite3
@@ -211,7 +210,7 @@ def cmd_systemd_dropin(args: argparse.Namespace) -> int:
     return 0
 
 
-STATUS_SOCKET_MAX = 107  # sockaddr_un.sun_path is 108 bytes with its NUL
+CONTROL_SOCKET_MAX = 107  # sockaddr_un.sun_path is 108 bytes with its NUL
 
 
 def _check_files(cfg: config.Config) -> list[tuple[str, str]]:
@@ -248,9 +247,9 @@ def _check_files(cfg: config.Config) -> list[tuple[str, str]]:
         if d.transport == "sftp":  # parsed and checked, but the daemon cannot send with it yet
             out.append((f"destinations[{i}].transport",
                         "sftp is not available in this version of the appliance"))
-    if len(bytes(cfg.status_socket)) > STATUS_SOCKET_MAX:
-        out.append(("appliance.state_dir", f"path too long: {cfg.status_socket} must be at most"
-                    f" {STATUS_SOCKET_MAX} bytes (a Unix socket limit)"))
+    if len(bytes(cfg.control_socket)) > CONTROL_SOCKET_MAX:
+        out.append(("appliance.state_dir", f"path too long: {cfg.control_socket} must be at most"
+                    f" {CONTROL_SOCKET_MAX} bytes (a Unix socket limit)"))
     for key, check, path in checks:
         try:
             check(path)
@@ -354,46 +353,55 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
     return 0
 
 
-_VERB_STATES = {
-    "hold": ("ready", "deferred"),
-    "release": ("held", "deferred", "failed"),
-    "retry": ("deferred", "held"),
-    "delete": ("ready", "deferred", "held", "delivered", "failed"),
-}
-
-
 def cmd_queue_change(args: argparse.Namespace) -> int:
-    """show / hold / release / retry / delete, usable while the daemon runs (SQLite WAL)."""
+    """show (read from the index), and hold / release / retry / delete, which the running
+    daemon carries out (its control socket): the queue has one writer. With no daemon
+    running they are done here, under the daemon's lock."""
+    from appliance.health import control
+    from appliance.queue import commands
+
+    cfg = config.load(args.config)
+    if args.sub == "show":
+        return _queue_show(cfg, args)
+    if args.all == bool(args.id):
+        raise UsageError(f"appliance queue {args.sub}: give one ID or --all")
+    req = {"verb": args.sub, "id": args.id, "all": args.all}
+    results = control.request(cfg.control_socket, "queue.change", req)
+    if results is None:  # no daemon: act on the index ourselves, holding its lock
+        from appliance.daemon import state_lock
+        from appliance.queue.index import open_index
+        from appliance.queue.store import Queue
+
+        open_index(cfg.appliance.state_dir, readonly=True).close()  # clear error if never run
+        with state_lock(cfg.appliance.state_dir):
+            idx = open_index(cfg.appliance.state_dir)
+            try:
+                results = commands.change(Queue(cfg.appliance.state_dir, idx), args.sub, args.id,
+                                          args.all)
+            finally:
+                idx.close()
+    for r in results:
+        print(f"{r['id']}: {r['result']}")
+    if not results:
+        print(f"(no item to {args.sub})")
+    return 0
+
+
+def _queue_show(cfg: config.Config, args: argparse.Namespace) -> int:
+    from appliance.queue.commands import show
     from appliance.queue.index import open_index
     from appliance.queue.store import Queue
 
-    cfg = config.load(args.config)
-    open_index(cfg.appliance.state_dir, readonly=True).close()  # clear error if never run
-    q = Queue(cfg.appliance.state_dir, open_index(cfg.appliance.state_dir))
-    if args.sub == "show":
-        item = q.get(args.id)
-        d = dataclasses.asdict(item)
-        if args.json:
-            print(json.dumps(d, indent=2))
-        else:
-            for k, v in d.items():
-                print(f"{k:14} {'' if v is None else v}")
-        return 0
-    if args.all == bool(args.id):
-        raise UsageError(f"appliance queue {args.sub}: give one ID or --all")
-    ids = [args.id] if args.id else [i.id for i in q.list(_VERB_STATES[args.sub])]
-    for item_id in ids:
-        if args.sub == "hold":
-            state = q.get(item_id).state
-            if state not in _VERB_STATES["hold"]:
-                raise StateError(f"queue item {item_id} is {state}; only ready or deferred items"
-                                 " can be held")
-            q.hold(item_id, "held by operator")
-        else:
-            getattr(q, args.sub)(item_id)
-        print(f"{item_id}: {args.sub}")
-    if not ids:
-        print(f"(no item to {args.sub})")
+    idx = open_index(cfg.appliance.state_dir, readonly=True)
+    try:
+        d = show(Queue(cfg.appliance.state_dir, idx), args.id)
+    finally:
+        idx.close()
+    if args.json:
+        print(json.dumps(d, indent=2))
+    else:
+        for k, v in d.items():
+            print(f"{k:14} {'' if v is None else v}")
     return 0
 
 
@@ -453,17 +461,17 @@ def _age(s: float) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from appliance.health.status import query
+    from appliance.health import control
 
     cfg = config.load(args.config)
-    sock = cfg.status_socket
+    sock = cfg.control_socket
     try:
-        st = query(sock)
+        st = control.request(sock, "status", timeout=5.0)
     except PermissionError:
         print(f"error: permission denied on {sock}: run as root or the appliance's user",
               file=sys.stderr)
         return EX_NOPERM
-    except (OSError, ValueError):  # a hung daemon (timeout) or one that died mid-answer
+    except control.DaemonUnavailable:  # a hung daemon (timeout) or one that died mid-answer
         print(f"error: the appliance daemon did not answer on {sock}", file=sys.stderr)
         return EX_UNAVAILABLE
     if st is None:

@@ -8,7 +8,7 @@ code and systemd sees it):
 3. open the queue index, start the codec worker pool, and recover: packed instances
    whose spool copies a crash left, the spool (temp files, orphans, quarantine), then
    the queue (active work back to ready, orphan bundles quarantined);
-4. bind the DICOM listeners and the status socket, start the pack and forward loops;
+4. bind the DICOM listeners and the control socket, start the pack and forward loops;
 5. tell systemd READY=1.
 
 Shutdown (SIGTERM/SIGINT) runs in reverse: stop accepting associations, give running
@@ -27,6 +27,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -40,10 +41,11 @@ from appliance.core.errors import ConfigError, StateError
 from appliance.forward import Transport
 from appliance.forward.directory import DirectoryTransport
 from appliance.forward.scheduler import Forwarder
+from appliance.health.control import ControlServer, DaemonUnavailable
 from appliance.health.notify import Notifier
-from appliance.health.status import StatusServer
 from appliance.pack.packer import Packer
 from appliance.pack.pool import CodecPool
+from appliance.queue import commands
 from appliance.queue.index import open_index
 from appliance.queue.store import Queue
 from appliance.receive.scp import Receiver, ReceiveStats, identify_stored
@@ -68,8 +70,14 @@ def build_transport(dest: Destination, cfg: Config) -> Transport:
                        f"{dest.transport!r} ({dest.name}) is not available in this version"])
 
 
-def lock_state_dir(state_dir: Path) -> int:
-    """Take the daemon lock; returns the fd (kept open for the process lifetime)."""
+def lock_state_dir(state_dir: Path, busy: str = "another appliance daemon is already running on {}",
+                   record_pid: bool = True) -> int:
+    """Take the daemon lock; returns the fd (kept open while the lock is needed).
+
+    The daemon holds it for its lifetime; `appliance queue hold|...` holds it while it
+    changes the index itself because no daemon runs (`state_lock`). Raises StateError
+    with `busy` (formatted with the state dir) when someone else holds it.
+    """
     run = state_dir / "run"
     try:
         durable.make_dirs(run)
@@ -80,10 +88,25 @@ def lock_state_dir(state_dir: Path) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise StateError(f"another appliance daemon is already running on {state_dir}") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
+        raise StateError(busy.format(state_dir)) from None
+    if record_pid:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
     return fd
+
+
+@contextlib.contextmanager
+def state_lock(state_dir: Path) -> Iterator[None]:
+    """Hold the daemon lock for a change made without a daemon (the CLI's fallback)."""
+    try:
+        fd = lock_state_dir(state_dir, record_pid=False)
+    except StateError:
+        raise DaemonUnavailable(f"a daemon holds {state_dir} but does not answer on its control"
+                                " socket (starting or stopping?); try again") from None
+    try:
+        yield
+    finally:
+        os.close(fd)
 
 
 class Daemon:
@@ -124,7 +147,7 @@ class Daemon:
         self.forwarder = forwarder = Forwarder(queue, transports, cfg.queue)
         self.receiver = receiver = Receiver(cfg.receive, spool, self.stats,
                                             on_stored=lambda seg: self.wake_pack.set())
-        status = StatusServer(cfg.status_socket, self.snapshot)
+        status = ControlServer(cfg.control_socket, self._control_handlers())
         self._install_signals()
         workers = [threading.Thread(target=self._loop, args=("pack", self._pack_step, packer, self.wake_pack),
                                     name="pack", daemon=True),
@@ -160,6 +183,14 @@ class Daemon:
             os.close(lock_fd)
             log.info("appliance.stopped")
         return 0
+
+    def _control_handlers(self) -> dict[str, Any]:
+        """What the control socket answers (see health/control.py)."""
+        return {
+            "status": lambda args: self.snapshot(),
+            "queue.change": lambda args: commands.change(
+                self.queue, str(args.get("verb")), args.get("id"), bool(args.get("all"))),
+        }
 
     def _pack_step(self, packer: Packer) -> bool:
         sealed = packer.seal_due(time.time())

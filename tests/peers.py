@@ -132,7 +132,7 @@ class Appliance:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log_text()}")
-            if (self.state_dir / "run" / "status.sock").exists() and self._port_open():
+            if (self.state_dir / "run" / "control.sock").exists() and self._port_open():
                 return self
             time.sleep(0.05)
         raise TimeoutError(f"daemon not ready:\n{self.log_text()}")

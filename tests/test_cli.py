@@ -229,7 +229,7 @@ def test_status_without_daemon_exits_69(tmp_path: Path, site: dict[str, Any]) ->
 
 def test_status_with_stale_socket_exits_69(tmp_path: Path, site: dict[str, Any]) -> None:
     """A socket file left behind by a killed daemon: nobody listens on it."""
-    sock_path = Path(site["appliance"]["state_dir"]) / "run" / "status.sock"
+    sock_path = Path(site["appliance"]["state_dir"]) / "run" / "control.sock"
     sock_path.parent.mkdir(parents=True)
     with socket.socket(socket.AF_UNIX) as s:
         s.bind(str(sock_path))
@@ -304,18 +304,16 @@ def test_unexpected_exception_raises_under_appliance_debug(
 
 
 def test_status_daemon_not_answering_exits_69(run_main: Callable[..., tuple[int, str, str]],
-                                              monkeypatch: pytest.MonkeyPatch,
                                               tmp_path: Path, site: dict[str, Any]) -> None:
-    from appliance.health import status
-
-    def hung(path: Path, timeout: float = 5.0) -> dict[str, Any] | None:
-        raise TimeoutError("timed out")
-
-    monkeypatch.setattr(status, "query", hung)
-    rc, out, err = run_main("status", "--config", str(tmp_path / "appliance.toml"))
+    """A daemon that accepts on its control socket but never answers (hung): 69, one line."""
+    sock_path = Path(site["appliance"]["state_dir"]) / "run" / "control.sock"
+    sock_path.parent.mkdir(parents=True)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as hung:
+        hung.bind(str(sock_path))
+        hung.listen(1)  # never accepted, never answered
+        rc, out, err = run_main("status", "--config", str(tmp_path / "appliance.toml"))
     assert rc == EX_UNAVAILABLE
-    assert err.splitlines() == [f"error: the appliance daemon did not answer on "
-                                f"{Path(site['appliance']['state_dir']) / 'run' / 'status.sock'}"]
+    assert err.splitlines() == [f"error: the appliance daemon did not answer on {sock_path}"]
 
 
 def test_config_error_lines_in_process(run_main: Callable[..., tuple[int, str, str]],

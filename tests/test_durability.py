@@ -313,6 +313,6 @@ def test_spool_key_readable_by_others_is_refused(appliance_factory, tmp_path: Pa
         msg = r.stderr.strip()
         assert str(key_file) in msg and "chmod 600" in msg, (args, msg)
         assert len(msg.splitlines()) == 1 and "Traceback" not in msg, (args, msg)
-    assert not (app.state_dir / "run" / "status.sock").exists()
+    assert not (app.state_dir / "run" / "control.sock").exists()
     os.chmod(key_file, 0o600)
     assert cli("config", "check", "--config", str(app.config_path)).returncode == 0

@@ -148,3 +148,53 @@ def test_a_bundle_altered_on_disk_goes_to_quarantine_not_to_the_destination(
     kept = list((app.state_dir / "quarantine").glob(f"{item['id']}.bundle.*"))
     assert [p.read_bytes() for p in kept] == [bytes(altered)]  # kept as it was
     assert "bundle.quarantined" in app.log_text()
+
+
+def test_queue_commands_racing_the_forwarder_go_through_the_daemon(
+        appliance_factory: Callable[..., Appliance], samples: Path, tmp_path: Path) -> None:
+    """hold / release / retry --all from the CLI while the daemon forwards: the daemon makes
+    every change (one writer), the forward loop never fails, and in the end each bundle is
+    in the outbox exactly when its item is delivered."""
+    root = tmp_path / "r"
+    cfg = _cfg(root, segment_max_instances=2)
+    cfg["queue"] = {"retry_min_s": 0.1, "retry_max_s": 1}
+    app = appliance_factory(cfg, root=root)
+    files = sorted((samples / "series" / "CT_Philips_Ingenuity_phantom_28sl").iterdir())
+    assert storescu(app.port, files).returncode == 0
+    outcomes: dict[str, int] = {}
+    deadline = time.monotonic() + 8
+    while time.monotonic() < deadline:
+        for verb in ("hold", "retry", "release", "hold", "release"):
+            r = cli("queue", verb, "--all", "--config", str(app.config_path))
+            assert r.returncode == 0, r.stderr
+            outcomes[verb] = outcomes.get(verb, 0) + r.stdout.count(f": {verb}")
+    assert outcomes["hold"] > 0, "no bundle was ever waiting to be held: the race was not run"
+    assert cli("queue", "release", "--all", "--config", str(app.config_path)).returncode == 0
+    rows = wait_for(lambda: (q := _queue(app)) and all(r["state"] == "delivered" for r in q) and q,
+                    timeout=60, what="every bundle delivered")
+    assert len(rows) == 14
+    sent = {p.name.removesuffix(".bundle") for p in (root / "outbox").glob("*.bundle")}
+    assert sent == {r["id"] for r in rows}
+    for line in app.log_text().splitlines():
+        assert "loop_error" not in line and "send_crashed" not in line, line
+
+
+def test_queue_commands_without_a_daemon_change_the_index_under_its_lock(
+        appliance_factory: Callable[..., Appliance], samples: Path, tmp_path: Path) -> None:
+    root = tmp_path / "s"
+    cfg = _cfg(root)
+    cfg["destinations"][0]["path"] = str(tmp_path / "nas")  # missing: the bundle waits
+    app = appliance_factory(cfg, root=root)
+    f = next((samples / "series" / "MR_Philips_abdomen_11sl").iterdir())
+    assert storescu(app.port, [f]).returncode == 0
+    item = wait_for(lambda: [r for r in _queue(app) if r["state"] == "deferred"], what="deferred")[0]
+    app.stop()
+    r = cli("queue", "hold", item["id"], "--config", str(app.config_path))
+    assert r.returncode == 0, r.stderr
+    assert _queue(app)[0]["state"] == "held"
+    import fcntl
+    with (root / "state" / "run" / "daemon.lock").open("a") as lock:  # a daemon that hangs at start
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        r = cli("queue", "release", item["id"], "--config", str(app.config_path))
+    assert r.returncode == 69 and "does not answer" in r.stderr, r.stderr
+    assert _queue(app)[0]["state"] == "held"

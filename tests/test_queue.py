@@ -71,7 +71,7 @@ def test_held_item_is_not_sent_until_released(tmp_path: Path) -> None:
     q = _queue(tmp_path)
     _add(q, "cc01")
     q.activate("cc01", "d")
-    q.hold("cc01", "peer does not accept SOP class")
+    q.refused("cc01", "peer does not accept SOP class")
     assert q.next_due(time.time()) is None
     assert q.get("cc01").reason == "peer does not accept SOP class"
     q.release("cc01")

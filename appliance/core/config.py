@@ -170,8 +170,8 @@ class Config:
                                         metadata=NOT_A_KEY)
 
     @property
-    def status_socket(self) -> Path:
-        return self.appliance.state_dir / "run" / "status.sock"
+    def control_socket(self) -> Path:
+        return self.appliance.state_dir / "run" / "control.sock"
 
     def file_of(self, key: str) -> Path:
         """The file that set dotted `key` (or its nearest table); else the main file."""

@@ -1,9 +1,9 @@
 """The forwarding scheduler: takes due bundles from the queue and hands them to a transport.
 
 Order: highest priority first (stat before routine), then oldest. One bundle at a time
-per destination. Each attempt is: `activate` (ready/deferred -> active), `send`, then
+per destination. Each attempt is: `claim_next` (ready/deferred -> active, atomically), `send`, then
 `delivered`, `defer` (Retryable: back off with jitter between queue.retry_min_s and
-retry_max_s), `hold` (Permanent: the reason is shown in `appliance queue list` until a
+retry_max_s), `refused` (Permanent: the reason is shown in `appliance queue list` until a
 human releases or deletes it) or `quarantine` (Unreadable: the bundle file fails
 authentication; it is moved to `STATE/quarantine/`, never deleted, and the item is
 `failed` with the reason). An unexpected exception in a transport is treated as
@@ -43,11 +43,10 @@ class Forwarder:
         now = time.time() if now is None else now
         if not self.transports:
             return False
-        item = self.queue.next_due(now)
+        dest = self.transports[0]
+        item = self.queue.claim_next(now, dest.name)
         if item is None:
             return False
-        dest = self.transports[0]
-        self.queue.activate(item.id, dest.name)
         t0 = time.monotonic()
         try:
             dest.send(item.id, self.queue.path(item.id), self._progress(item.id))
@@ -57,7 +56,7 @@ class Forwarder:
             log.error("bundle.quarantined", bundle=item.id, destination=dest.name, reason=str(e),
                       file=kept.name)
         except Permanent as e:
-            self.queue.hold(item.id, str(e))
+            self.queue.refused(item.id, str(e))
             self.last_error[dest.name] = str(e)
             log.error("bundle.held", bundle=item.id, destination=dest.name, reason=str(e))
         except Retryable as e:

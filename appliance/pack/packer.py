@@ -59,7 +59,7 @@ from appliance.pack import stream as stream_pack
 from appliance.pack.codec import Result, compress
 from appliance.pack.pool import CodecPool
 from appliance.pack.stream import Streamed
-from appliance.queue.store import Queue
+from appliance.queue.store import Queue, transition
 from appliance.spool.store import Spool
 
 log = structlog.get_logger("appliance.pack")
@@ -113,10 +113,11 @@ class Packer:
                 continue
             with self.index.tx() as c:
                 # Re-check inside the transaction: an instance may have just arrived.
-                n = c.execute("UPDATE segments SET state='sealed', sealed=?, updated=updated"
-                              " WHERE id=? AND state='receiving' AND updated=?",
-                              (now, r["id"], r["updated"])).rowcount
-            if n:
+                cur = c.execute("SELECT 1 FROM segments WHERE id=? AND state='receiving' AND updated=?",
+                                (r["id"], r["updated"])).fetchone()
+                if cur is not None:  # `updated` stays the time of the last instance
+                    transition(c, r["id"], "seal", now, sealed=now, updated=r["updated"])
+            if cur is not None:
                 sealed += 1
                 log.info("segment.sealed", segment=r["id"], why=why)
         return sealed
@@ -156,8 +157,7 @@ class Packer:
                     job.future.add_done_callback(functools.partial(_remove_after, job.temp))
         now = time.time()
         with self.index.tx() as c:
-            c.execute("UPDATE segments SET state='ready', bundle_bytes=?, updated=? WHERE id=?",
-                      (size, now, seg_id))
+            transition(c, seg_id, "packed", now, bundle_bytes=size)
             c.execute("UPDATE instances SET packed=1 WHERE segment_id=?", (seg_id,))
         self.remove_packed(seg_id)
         log.info("segment.packed", segment=seg_id, instances=len(rows), bytes_in=seg.bytes,

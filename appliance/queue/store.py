@@ -1,22 +1,21 @@
-"""The bundle queue: state, priority, attempts and retry times of every bundle.
+"""The bundle queue: state, priority, attempts and retry times of every segment and bundle.
 
 Owns `STATE/bundles/<segment id>.bundle` (immutable encrypted payload files, written
-tmp -> fsync -> rename -> fsync(dir)) and the forwarding columns of the `segments` rows
-in the queue index. A segment becomes a bundle when it is packed; its id stays the same
-from the first received instance to delivery, so `appliance queue list` follows one id.
+tmp -> fsync -> rename -> fsync(dir)) and the state of every `segments` row in the queue
+index. A segment becomes a bundle when it is packed; its id stays the same from the first
+received instance to delivery, so `appliance queue list` follows one id.
 
-States:
-    receiving -> sealed -> ready -> active -> delivered
-                             ^        |
-                             |        +--> deferred (retry at next_attempt) -> ready
-                             |        +--> held (permanent failure, reason shown; a human
-                             |                   releases or deletes it)
-                             +---- release/retry
+The one writer of state: `transition` (below) moves an item by a named event of the
+pure table in `queue.state` and is the only code that writes the `state` column. The
+spool (opening and sealing segments inside its own transaction), the packer, the
+forwarder and operator commands call it or the `Queue` methods built on it; operator
+commands reach it through the daemon's control socket (`queue.commands`), so a command
+and the forwarder never race on a row.
+
     failed: the bundle file is missing, or it failed authentication when it was to be sent
             (moved to `STATE/quarantine/<id>.bundle.<time>`, kept; reason "quarantined: ...").
 
-`backoff` is pure. The rest is small SQL wrapped in methods that callers (the packer,
-the forwarder, the CLI) share, so that state changes are written in one place.
+`backoff` is pure.
 """
 
 from __future__ import annotations
@@ -29,9 +28,10 @@ from pathlib import Path
 
 from appliance.core import durable
 from appliance.core.errors import NotFoundError, StateError
+from appliance.queue import state as machine
 from appliance.queue.index import Index
+from appliance.queue.state import STATES
 
-STATES = ("receiving", "sealed", "ready", "active", "deferred", "held", "delivered", "failed")
 PRIORITY_STAT = 10
 PRIORITY_ROUTINE = 0
 
@@ -108,65 +108,72 @@ class Queue:
 
     # --- transitions ---
 
-    def _set(self, item_id: str, allowed: tuple[str, ...], **cols: object) -> None:
-        sets = ", ".join(f"{k}=?" for k in cols)
-        q = ",".join("?" * len(allowed))
+    def _move(self, item_id: str, event: str, now: float | None = None, **cols: object) -> str | None:
         with self.index.tx() as c:
-            cur = c.execute(f"UPDATE segments SET {sets}, updated=? WHERE id=? AND state IN ({q})",  # noqa: S608
-                            (*cols.values(), time.time(), item_id, *allowed))
-            if cur.rowcount == 0:
-                row = c.execute("SELECT state FROM segments WHERE id=?", (item_id,)).fetchone()
-                if row is None:
-                    raise NotFoundError(f"no queue item {item_id!r}")
-                raise StateError(f"queue item {item_id} is {row['state']}; "
-                                 f"this needs one of: {', '.join(allowed)}")
+            return transition(c, item_id, event, time.time() if now is None else now, **cols)
+
+    def claim_next(self, now: float, destination: str) -> Item | None:
+        """Take the next due item (stat first, then oldest) and make it active, atomically:
+        an operator command between choosing and claiming cannot slip in."""
+        with self.index.tx() as c:
+            row = c.execute(
+                "SELECT * FROM segments WHERE (state='ready' OR (state='deferred' AND next_attempt<=?))"
+                " ORDER BY priority DESC, created LIMIT 1", (now,)).fetchone()
+            if row is None:
+                return None
+            transition(c, row["id"], "claim", now, destination=destination, progress=0)
+        return self.get(row["id"])
 
     def activate(self, item_id: str, destination: str) -> None:
-        self._set(item_id, ("ready", "deferred"), state="active", destination=destination,
-                  progress=0)
+        self._move(item_id, "claim", destination=destination, progress=0)
 
     def progress(self, item_id: str, done: int) -> None:
-        with self.index.tx() as c:
-            c.execute("UPDATE segments SET progress=? WHERE id=?", (done, item_id))
+        with self.index.tx() as c:  # not a state: bytes sent so far of the active attempt
+            c.execute("UPDATE segments SET progress=? WHERE id=? AND state='active'", (done, item_id))
 
     def delivered(self, item_id: str, now: float) -> None:
-        self._set(item_id, ("active",), state="delivered", delivered=now, reason=None)
+        self._move(item_id, "delivered", now, delivered=now, reason=None)
 
     def defer(self, item_id: str, reason: str, delay: float, now: float) -> None:
-        self._set(item_id, ("active",), state="deferred", reason=reason,
-                  attempts=self.get(item_id).attempts + 1, next_attempt=now + delay)
+        with self.index.tx() as c:
+            row = c.execute("SELECT attempts FROM segments WHERE id=?", (item_id,)).fetchone()
+            attempts = (row["attempts"] if row else 0) + 1
+            transition(c, item_id, "defer", now, reason=reason, attempts=attempts,
+                       next_attempt=now + delay)
 
-    def hold(self, item_id: str, reason: str) -> None:
-        self._set(item_id, ("active", "ready", "deferred", "held"), state="held", reason=reason)
+    def refused(self, item_id: str, reason: str) -> None:
+        """The destination will not take it without a human: held, with the reason."""
+        self._move(item_id, "refused", reason=reason)
+
+    def requeue(self, item_id: str) -> None:
+        """An attempt that ended without an outcome (cancelled): ready again, no attempt counted."""
+        self._move(item_id, "requeue", progress=0)
+
+    def hold(self, item_id: str, reason: str = "held by operator") -> None:
+        self._move(item_id, "hold", reason=reason)
 
     def release(self, item_id: str) -> None:
-        self._set(item_id, ("held", "deferred", "failed"), state="ready", reason=None,
-                  next_attempt=0)
+        self._move(item_id, "release", reason=None, next_attempt=0)
 
     def retry(self, item_id: str) -> None:
         """Make a waiting item due now (deferred or held)."""
-        self._set(item_id, ("deferred", "held", "ready"), state="ready", next_attempt=0)
+        self._move(item_id, "retry", next_attempt=0)
 
     def delete(self, item_id: str) -> None:
         """Remove an item that is not in flight; its bundle file goes too."""
-        item = self.get(item_id)
-        if item.state in ("receiving", "sealed", "active"):
-            raise StateError(f"queue item {item_id} is {item.state}; hold it first")
-        with self.index.tx() as c:
-            c.execute("DELETE FROM segments WHERE id=?", (item_id,))
+        self.path(item_id)  # checks the id
+        self._move(item_id, "delete")
         durable.unlink_durable(self.path(item_id))
 
-    def fail(self, item_id: str, reason: str) -> None:
-        with self.index.tx() as c:
-            c.execute("UPDATE segments SET state='failed', reason=?, updated=? WHERE id=?",
-                      (reason, time.time(), item_id))
+    def fail(self, item_id: str, reason: str, event: str = "file_missing") -> None:
+        self._move(item_id, event, reason=reason)
 
     def quarantine(self, item_id: str, reason: str) -> Path:
         """The bundle fails authentication: move its file to quarantine (kept for a human,
         never deleted) and mark the item failed with the reason. Returns the new path."""
         self.path(item_id)  # checks the id
         kept = self._to_quarantine(item_id)
-        self.fail(item_id, f"quarantined: {reason}")
+        self.fail(item_id, f"quarantined: {reason}", event="quarantined")
         return kept
 
     def _to_quarantine(self, name: str) -> Path:
@@ -182,9 +189,9 @@ class Queue:
         """At start: active work goes back to ready; files and records are reconciled."""
         counts = {"requeued": 0, "missing": 0, "orphans": 0,
                   "temps_removed": durable.remove_stale_temps(self.dir)}
-        with self.index.tx() as c:
-            counts["requeued"] = c.execute(
-                "UPDATE segments SET state='ready', progress=0 WHERE state='active'").rowcount
+        for r in self.index.query("SELECT id FROM segments WHERE state='active'"):
+            self.requeue(r["id"])
+            counts["requeued"] += 1
         on_disk = {p.name.removesuffix(".bundle") for p in self.dir.glob("*.bundle")}
         rows = {r["id"]: r["state"] for r in self.index.query(
             "SELECT id, state FROM segments WHERE state NOT IN ('receiving','sealed')")}
@@ -203,9 +210,40 @@ class Queue:
                                 (now - keep_s,))
         for r in rows:
             durable.unlink_durable(self.path(r["id"]))
-            with self.index.tx() as c:
-                c.execute("DELETE FROM segments WHERE id=?", (r["id"],))
+            self._move(r["id"], "expire", now)
         return len(rows)
+
+
+def transition(conn: sqlite3.Connection, item_id: str, event: str, now: float,
+               **cols: object) -> str | None:
+    """Move one item by `event` inside the caller's transaction; the only writer of `state`.
+
+    Sets `cols` too (reason, attempts, ...). Returns the new state (None: the item was
+    removed). Raises NotFoundError for an unknown id, StateError (naming what the event
+    needs) when the event does not apply to the item's state. The row is read and written
+    in one transaction (BEGIN IMMEDIATE), so nothing can change it in between.
+    """
+    row = conn.execute("SELECT state FROM segments WHERE id=?", (item_id,)).fetchone()
+    if row is None:
+        raise NotFoundError(f"no queue item {item_id!r}")
+    try:
+        target = machine.next_state(row["state"], event)
+    except machine.Invalid as e:
+        raise StateError(f"queue item {item_id} {e}") from None
+    if target is machine.GONE:
+        conn.execute("DELETE FROM segments WHERE id=?", (item_id,))
+        return None
+    cols.setdefault("updated", now)
+    sets = "".join(f", {k}=?" for k in cols)
+    conn.execute(f"UPDATE segments SET state=?{sets} WHERE id=?",  # noqa: S608
+                 (target, *cols.values(), item_id))
+    return target
+
+
+def open_segment(conn: sqlite3.Connection, seg_id: str, study_key: str, now: float) -> None:
+    """A new segment for a study, in state receiving (inside the spool's transaction)."""
+    conn.execute("INSERT INTO segments(id, study_key, state, created, updated)"
+                 " VALUES (?,?,'receiving',?,?)", (seg_id, study_key, now, now))
 
 
 def _item(r: sqlite3.Row) -> Item:

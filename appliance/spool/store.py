@@ -48,6 +48,7 @@ import structlog
 
 from appliance.core import crypto, durable
 from appliance.core.errors import IntegrityError, KeyFileError, NotFoundError, SpoolFullError
+from appliance.queue import store as queue_store
 from appliance.queue.index import Index
 
 log = structlog.get_logger("appliance.spool")
@@ -247,13 +248,12 @@ class Spool:
         if row and row["instances"] > 0 and (
             row["instances"] >= self.seg_max_n or row["bytes"] + size > self.seg_max_bytes
         ):
-            conn.execute("UPDATE segments SET state='sealed', updated=? WHERE id=?", (now, row["id"]))
+            queue_store.transition(conn, row["id"], "seal", now)
             row = None
         if row:
             return str(row["id"])
         seg = new_id()
-        conn.execute("INSERT INTO segments(id, study_key, state, created, updated)"
-                     " VALUES (?,?,'receiving',?,?)", (seg, study_key, now, now))
+        queue_store.open_segment(conn, seg, study_key, now)
         return seg
 
     # --- read ---

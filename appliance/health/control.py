@@ -1,0 +1,174 @@
+"""The daemon's control socket: `STATE/run/control.sock`, mode 0600.
+
+Everything a local operator asks of the running daemon goes through here: `appliance
+status` reads its status document, `appliance queue hold|release|retry|delete` ask it to
+move items (the queue keeps one writer; see `queue.commands`). Later the operations
+center's signed commands arrive the same way.
+
+On the wire: the client sends one JSON object on one line, {"cmd": NAME, "args": {...}},
+and reads one JSON object back, then EOF: {"ok": true, "result": ...} or
+{"ok": false, "error": TEXT, "exit_code": N}. A request is at most MAX_REQUEST bytes and
+must arrive within REQUEST_TIMEOUT_S; at most MAX_CLIENTS are served at once (more are
+closed at once), so a stuck client costs one thread for a few seconds and nothing else.
+Answers hold counters, states and opaque ids only, never patient data; an `ApplianceError`
+becomes its message and exit code, anything else "internal error (TypeName)", logged.
+
+How it fails: `request` returns None when no daemon listens (no socket, or refused), and
+raises `DaemonUnavailable` when one listens but does not answer in time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from appliance.core import errors
+from appliance.core.errors import ApplianceError, StateError
+
+log = structlog.get_logger("appliance.control")
+
+MAX_REQUEST = 64 << 10
+REQUEST_TIMEOUT_S = 5.0
+MAX_CLIENTS = 8
+SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes with its NUL
+
+Handler = Callable[[dict[str, Any]], Any]
+
+
+class DaemonUnavailable(ApplianceError):
+    """The daemon's control socket exists but the daemon does not answer."""
+
+    exit_code = errors.EX_UNAVAILABLE
+
+
+class ControlServer:
+    def __init__(self, path: Path, handlers: dict[str, Handler]) -> None:
+        self.path = path
+        self.handlers = handlers
+        self._sock: socket.socket | None = None
+        self._slots = threading.BoundedSemaphore(MAX_CLIENTS)
+
+    def start(self) -> None:
+        if len(bytes(self.path)) > SUN_PATH_MAX:
+            raise StateError(f"the control socket path {self.path} is longer than {SUN_PATH_MAX}"
+                             " bytes; use a shorter appliance.state_dir")
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)  # 0600: root and the service user only
+        try:
+            s.bind(str(self.path))
+        finally:
+            os.umask(old)
+        s.listen(16)
+        self._sock = s
+        threading.Thread(target=self._serve, name="control", daemon=True).start()
+
+    def _serve(self) -> None:
+        assert self._sock is not None
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return  # closed by stop()
+            if not self._slots.acquire(blocking=False):
+                conn.close()  # too many at once: the client sees EOF and says so
+                continue
+            threading.Thread(target=self._client, args=(conn,), name="control-client",
+                             daemon=True).start()
+
+    def _client(self, conn: socket.socket) -> None:
+        try:
+            with conn:
+                conn.settimeout(REQUEST_TIMEOUT_S)
+                answer = self._answer(_read_line(conn))
+                conn.sendall(json.dumps(answer, default=str).encode() + b"\n")
+        except (OSError, ValueError) as e:
+            log.warning("control.client_failed", error_type=type(e).__name__)
+        finally:
+            self._slots.release()
+
+    def _answer(self, line: bytes) -> dict[str, Any]:
+        try:
+            req = json.loads(line)
+            cmd, args = req["cmd"], req.get("args", {})
+            if not isinstance(cmd, str) or not isinstance(args, dict):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            return {"ok": False, "error": "malformed request", "exit_code": errors.EX_USAGE}
+        handler = self.handlers.get(cmd)
+        if handler is None:
+            return {"ok": False, "error": f"unknown command {cmd!r}", "exit_code": errors.EX_USAGE}
+        try:
+            return {"ok": True, "result": handler(args)}
+        except ApplianceError as e:
+            return {"ok": False, "error": str(e), "exit_code": e.exit_code}
+        except Exception as e:
+            log.exception("control.command_failed", command=cmd, error_type=type(e).__name__)
+            return {"ok": False, "error": f"internal error ({type(e).__name__})",
+                    "exit_code": errors.EX_SOFTWARE}
+
+    def stop(self) -> None:
+        if self._sock:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+            self._sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+def _read_line(conn: socket.socket) -> bytes:
+    buf = bytearray()
+    while b"\n" not in buf:
+        chunk = conn.recv(4096)
+        if not chunk:
+            break
+        buf += chunk
+        if len(buf) > MAX_REQUEST:
+            raise ValueError("request too long")
+    return bytes(buf.split(b"\n", 1)[0])
+
+
+class CommandFailed(ApplianceError):
+    """The daemon refused or failed a command; carries the daemon's exit code."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def request(path: Path, cmd: str, args: dict[str, Any] | None = None,
+            timeout: float = 30.0) -> Any:
+    """Ask the daemon; its result, None when no daemon listens. Raises CommandFailed with
+    the daemon's message and exit code, DaemonUnavailable when it does not answer."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(path))
+            s.sendall(json.dumps({"cmd": cmd, "args": args or {}}).encode() + b"\n")
+            chunks = []
+            while b := s.recv(65536):
+                chunks.append(b)
+    except (FileNotFoundError, ConnectionRefusedError):
+        return None
+    except PermissionError:
+        raise
+    except OSError as e:  # timed out, reset: a daemon is there but hung or dying
+        raise DaemonUnavailable(f"the appliance daemon did not answer on {path}"
+                                f" ({type(e).__name__})") from None
+    try:
+        answer = json.loads(b"".join(chunks))
+    except ValueError:
+        raise DaemonUnavailable(f"the appliance daemon did not answer on {path}"
+                                " (closed without an answer: busy or stopping)") from None
+    if not answer.get("ok"):
+        raise CommandFailed(str(answer.get("error")), int(answer.get("exit_code", errors.EX_SOFTWARE)))
+    return answer.get("result")

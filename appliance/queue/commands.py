@@ -1,0 +1,59 @@
+"""Operator commands on the queue: show, hold, release, retry, delete.
+
+The daemon runs these on behalf of `appliance queue ...` (through its control socket, see
+`health.control`), so the queue keeps one writer; when no daemon runs, the CLI runs the
+same functions itself while holding the daemon's lock (`daemon.lock_state_dir`'s file),
+so a daemon cannot start in between. Later the operations center reaches them the same
+way as a local operator.
+
+What the states allow is the transition table's business (`queue.state`): `--all` takes
+every item the verb applies to, and an item that moved meanwhile is reported, not fatal.
+Results name items by their opaque id only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from appliance.core.errors import StateError, UsageError
+from appliance.queue import state as machine
+from appliance.queue.store import Queue
+
+VERBS = machine.OPERATOR_EVENTS
+
+
+def show(queue: Queue, item_id: str) -> dict[str, Any]:
+    return dataclasses.asdict(queue.get(item_id))
+
+
+def change(queue: Queue, verb: str, item_id: str | None, every: bool) -> list[dict[str, str]]:
+    """Apply `verb` to one item, or with `every` to each item it applies to now.
+
+    Returns one {"id", "result"} per item ("hold", "release", ... or "skipped: <why>" for an
+    item of `--all` that changed state meanwhile). Raises NotFoundError / StateError for a
+    single item the verb cannot apply to, UsageError for a bad request.
+    """
+    if verb not in VERBS:
+        raise UsageError(f"unknown queue command {verb!r}")
+    if every == bool(item_id):
+        raise UsageError(f"appliance queue {verb}: give one ID or --all")
+    if item_id:
+        _apply(queue, verb, item_id)
+        return [{"id": item_id, "result": verb}]
+    out = []
+    for item in queue.list(machine.allowed_from(verb)):
+        try:
+            _apply(queue, verb, item.id)
+        except StateError as e:  # moved on since the list was read (e.g. claimed for sending)
+            out.append({"id": item.id, "result": f"skipped: {e}"})
+            continue
+        out.append({"id": item.id, "result": verb})
+    return out
+
+
+def _apply(queue: Queue, verb: str, item_id: str) -> None:
+    if verb == "hold":
+        queue.hold(item_id, "held by operator")
+    else:
+        getattr(queue, verb)(item_id)
