@@ -5,10 +5,12 @@ Three layers, each built from the one before:
    venv with the dependencies), cached in `.cache/nspawn/rootfs-<key>/` (git-ignored) where
    the key hashes the package list, the script and the pinned dependency versions (those
    installed in this checkout's venv), so that a run that changes none of them reuses it;
-2. a copy of it per booted container, in the test's temp dir, so that a run never
-   changes the cache: the appliance installed from a wheel of this checkout (`pip wheel`
-   on the host, `pip install --no-index` in the copy), the unit from `systemd/`, a config
-   in /etc/appliance, keys made by `appliance keys init` run as the `appliance` user;
+2. a copy of it per test module, in a temp dir, so that a run never changes the cache:
+   the appliance installed from a wheel of this checkout (`pip wheel` on the host,
+   `pip install --no-index` in the copy) and the unit from `systemd/` (`install_tree`);
+   and a copy of that per booted container with a config in /etc/appliance, keys made
+   by `appliance keys init` run as the `appliance` user, and the test's unit drop-ins
+   (`configure_tree`);
 3. the running container: `systemd-nspawn --register=no --keep-unit --private-network -b`,
    a child process of the test stopped by PID. Commands reach it through `nsenter` into
    the namespaces of its PID 1 (the "leader"); `machinectl` needs machined, which
@@ -148,12 +150,9 @@ def _chroot(root: Path, *cmd: str, user: str | None = None) -> subprocess.Comple
                            "HOME=/", *cmd], check=True, timeout=300, capture_output=True, text=True)
 
 
-def prepare_tree(cache: Path, root: Path, wheel: Path, config: dict[str, object],
-                 dropins: dict[str, str], dirs: tuple[str, ...] = ()) -> None:
-    """Copy the cached tree to `root` and install this checkout into it.
-
-    `dropins` are written to /etc/systemd/system/appliance.service.d/<name>; `dirs` are
-    folders created for the appliance user (a destination outside its state dir)."""
+def install_tree(cache: Path, root: Path, wheel: Path) -> None:
+    """Copy the cached tree to `root` and install this checkout into it: the wheel, and
+    the unit from systemd/ enabled (done once per test module; each container copies it)."""
     subprocess.run(["cp", "-a", "--reflink=auto", str(cache), str(root)], check=True, timeout=600)
     shutil.copy(wheel, root / "opt" / wheel.name)
     _chroot(root, str(VENV_BIN / "pip"), "install", "--quiet", "--no-index", "--no-deps",
@@ -164,14 +163,23 @@ def prepare_tree(cache: Path, root: Path, wheel: Path, config: dict[str, object]
     (units / "multi-user.target.wants").mkdir(exist_ok=True)
     (units / "multi-user.target.wants/appliance.service").symlink_to(
         "/etc/systemd/system/appliance.service")
+
+
+def configure_tree(installed: Path, root: Path, config: dict[str, object],
+                   dropins: dict[str, str], dirs: tuple[str, ...] = ()) -> None:
+    """Copy the installed tree to `root`, with its config, keys and unit drop-ins.
+
+    `dropins` are written to /etc/systemd/system/appliance.service.d/<name>; `dirs` are
+    folders created for the appliance user (a destination outside its state dir)."""
+    subprocess.run(["cp", "-a", "--reflink=auto", str(installed), str(root)], check=True, timeout=600)
     if dropins:
-        (units / "appliance.service.d").mkdir()
+        d = root / "etc/systemd/system/appliance.service.d"
+        d.mkdir()
         for name, text in dropins.items():
-            (units / "appliance.service.d" / name).write_text(text)
+            (d / name).write_text(text)
     etc = root / "etc/appliance"
     etc.mkdir()
     (etc / "appliance.toml").write_text(to_toml(config))
-    (etc / "keys").mkdir(mode=0o700)
     for d in ("/var/lib/appliance", "/var/lib/appliance/outbox", "/etc/appliance/keys", *dirs):
         _chroot(root, "install", "-d", "-m", "0700", "-o", "appliance", "-g", "appliance", d)
     _chroot(root, str(VENV_BIN / "appliance"), "keys", "init", "--config", str(CONFIG),
@@ -267,14 +275,14 @@ class Container:
 
 
 @contextlib.contextmanager
-def booted(cache: Path, wheel: Path, tmp: Path, config: dict[str, object],
+def booted(installed: Path, tmp: Path, config: dict[str, object],
            dropins: dict[str, str] | None = None, dirs: tuple[str, ...] = (),
            boot_config: dict[str, object] | None = None) -> Iterator[Container]:
     """A container booted from a fresh copy; `boot_config`, if given, replaces the config
     after the keys were made with `config` (so a test can boot with a broken one). The
     copy is removed afterwards; its nspawn.log stays in `tmp`."""
     root = tmp / "root"
-    prepare_tree(cache, root, wheel, config, dropins or {}, dirs)
+    configure_tree(installed, root, config, dropins or {}, dirs)
     if boot_config is not None:
         (root / str(CONFIG).lstrip("/")).write_text(to_toml(boot_config))
     c = Container(root, tmp / "nspawn.log")

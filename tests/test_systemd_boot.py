@@ -51,10 +51,13 @@ def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
-    nspawn.build_wheels(out, "--no-deps")
-    return next(out.glob("appliance-*.whl"))
+def installed(rootfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The cached tree with this checkout's wheel and unit installed, copied per container."""
+    tmp = tmp_path_factory.mktemp("installed")
+    nspawn.build_wheels(tmp / "wheel", "--no-deps")
+    nspawn.install_tree(rootfs, tmp / "root", next((tmp / "wheel").glob("appliance-*.whl")))
+    yield tmp / "root"
+    shutil.rmtree(tmp / "root", ignore_errors=True)
 
 
 def wait_active(c: Container, timeout: float = 120) -> None:
@@ -63,10 +66,10 @@ def wait_active(c: Container, timeout: float = 120) -> None:
 
 
 @pytest.fixture(scope="module")
-def running(rootfs: Path, wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
+def running(installed: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
     """One container for the tests that only look and send."""
     tmp = tmp_path_factory.mktemp("running")
-    with nspawn.booted(rootfs, wheel, tmp, nspawn.site_config(), {"test.conf": SHORT_WATCHDOG}) as c:
+    with nspawn.booted(installed, tmp, nspawn.site_config(), {"test.conf": SHORT_WATCHDOG}) as c:
         wait_active(c)
         yield c
 
@@ -195,9 +198,9 @@ def _user_of(c: Container, pid: str) -> str:
 
 
 def test_a_bad_config_fails_the_unit_once_and_it_stays_failed(
-        rootfs: Path, wheel: Path, tmp_path: Path) -> None:
+        installed: Path, tmp_path: Path) -> None:
     bad = nspawn.site_config(receive__port=70000)
-    with nspawn.booted(rootfs, wheel, tmp_path, nspawn.site_config(), boot_config=bad) as c:
+    with nspawn.booted(installed, tmp_path, nspawn.site_config(), boot_config=bad) as c:
         wait_for(lambda: c.show("ActiveState")["ActiveState"] == "failed", 120, "the unit to fail",
                  poll=0.5, detail=c.journal)
         failed_at = time.monotonic()
@@ -212,9 +215,9 @@ def test_a_bad_config_fails_the_unit_once_and_it_stays_failed(
 @pytest.mark.xfail(not (REPO / "appliance" / "core" / "failpoints.py").exists(), run=False, strict=True,
                    reason="needs the stage supervisor and appliance/core/failpoints.py (lead's branch)")
 def test_a_frozen_pack_stage_is_restarted_by_the_watchdog_and_nothing_acknowledged_is_lost(
-        rootfs: Path, wheel: Path, samples: Path, tmp_path: Path) -> None:
+        installed: Path, samples: Path, tmp_path: Path) -> None:
     dropin = SHORT_WATCHDOG + f"Environment=APPLIANCE_FAILPOINTS={FAILPOINTS}\n"
-    with nspawn.booted(rootfs, wheel, tmp_path, nspawn.site_config(), {"test.conf": dropin}) as c:
+    with nspawn.booted(installed, tmp_path, nspawn.site_config(), {"test.conf": dropin}) as c:
         wait_active(c)
         c.run("mkdir", "-p", FAILPOINTS, check=True)
         c.run("touch", f"{FAILPOINTS}/pack.hang", check=True)  # pack blocks while it exists
@@ -242,10 +245,10 @@ def queue_rows(c: Container) -> list[dict[str, object]]:
 
 
 def test_a_destination_outside_the_state_dir_is_held_naming_the_dropin_until_it_is_written(
-        rootfs: Path, wheel: Path, samples: Path, tmp_path: Path) -> None:
+        installed: Path, samples: Path, tmp_path: Path) -> None:
     outbox = "/srv/outbox"
     cfg = nspawn.site_config(destinations=[{"name": "share", "transport": "directory", "path": outbox}])
-    with nspawn.booted(rootfs, wheel, tmp_path, cfg, dirs=(outbox,)) as c:
+    with nspawn.booted(installed, tmp_path, cfg, dirs=(outbox,)) as c:
         wait_active(c)
         check = c.appliance("config", "check", "--config", str(nspawn.CONFIG))
         assert check.returncode == 78
@@ -270,12 +273,12 @@ def test_a_destination_outside_the_state_dir_is_held_naming_the_dropin_until_it_
 
 
 def test_a_moved_state_dir_fails_the_unit_once_naming_the_dropin_then_runs_with_it(
-        rootfs: Path, wheel: Path, samples: Path, tmp_path: Path) -> None:
+        installed: Path, samples: Path, tmp_path: Path) -> None:
     state = "/srv/appliance"
     cfg = nspawn.site_config(
         appliance={"name": "nspawn-test", "log_format": "json", "state_dir": state},
         destinations=[{"name": "outbox", "transport": "directory", "path": f"{state}/outbox"}])
-    with nspawn.booted(rootfs, wheel, tmp_path, cfg, dirs=(state, f"{state}/outbox")) as c:
+    with nspawn.booted(installed, tmp_path, cfg, dirs=(state, f"{state}/outbox")) as c:
         wait_for(lambda: c.show("ActiveState")["ActiveState"] == "failed", 120, "the unit to fail",
                  poll=0.5, detail=c.journal)
         p = c.show("NRestarts", "ExecMainStatus")
