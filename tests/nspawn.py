@@ -5,14 +5,15 @@ Three layers, each built from the one before:
    venv with the dependencies), cached in `.cache/nspawn/rootfs-<key>/` (git-ignored) where
    the key hashes the package list, the script and the pinned dependency versions (those
    installed in this checkout's venv), so that a run that changes none of them reuses it;
-2. a copy of it per test module, in a temp dir, so that a run never changes the cache:
-   the appliance installed from a wheel of this checkout (`pip wheel` on the host,
-   `pip install --no-index` in the copy) and the unit from `systemd/` (`install_tree`);
-   and a copy of that per booted container with a config in /etc/appliance, keys made
-   by `appliance keys init` run as the `appliance` user, and the test's unit drop-ins
-   (`configure_tree`);
-3. the running container: `systemd-nspawn --register=no --keep-unit --private-network -b`,
-   a child process of the test stopped by PID. Commands reach it through `nsenter` into
+2. overlay layers over it (overlayfs, mounted in a private mount namespace, so the cache
+   never changes and nothing stays mounted): one per test module with the appliance
+   installed from a wheel of this checkout (`pip wheel` on the host, `pip install
+   --no-index` in the chroot) and the unit from `systemd/` (`install_layer`); one per
+   booted container with a config in /etc/appliance, keys made by `appliance keys init`
+   run as the `appliance` user, and the test's unit drop-ins (`boot_script`);
+3. the running container: `systemd-nspawn --register=no --keep-unit --private-network -b`
+   on the merged tree, exec'd by the script that mounted it, so a child process of the
+   test stopped by PID. Commands reach it through `nsenter` into
    the namespaces of its PID 1 (the "leader"); `machinectl` needs machined, which
    --register=no leaves out. Host programs (DCMTK's storescu) run in its network
    namespace only (`run_in_netns`), where the daemon listens on 127.0.0.1.
@@ -28,6 +29,7 @@ import hashlib
 import importlib.metadata as md
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -144,46 +146,78 @@ def site_config(**override: object) -> dict[str, object]:
     return cfg
 
 
-def _chroot(root: Path, *cmd: str, user: str | None = None) -> subprocess.CompletedProcess[str]:
-    spec = ["--userspec", f"{user}:{user}"] if user else []
-    return subprocess.run(["chroot", *spec, str(root), "/usr/bin/env", "-i", "PATH=/usr/bin:/bin",
-                           "HOME=/", *cmd], check=True, timeout=300, capture_output=True, text=True)
+def _overlay(lowers: tuple[Path, ...], upper: Path, merged: Path) -> str:
+    """Shell lines that mount an overlay of `lowers` (top first) with `upper` on `merged`.
+
+    Run inside `unshare --mount --propagation private`: the mount exists only in that
+    private mount namespace and goes away with its last process, so nothing is left
+    mounted on the host whatever happens to the test; the lower layers never change.
+    """
+    work = upper.parent / f"{upper.name}.work"
+    for d in (upper, work, merged):
+        d.mkdir(parents=True, exist_ok=True)
+    opts = f"lowerdir={':'.join(map(str, lowers))},upperdir={upper},workdir={work}"
+    return f"set -eu\nmount -t overlay overlay -o {shlex.quote(opts)} {shlex.quote(str(merged))}\n"
 
 
-def install_tree(cache: Path, root: Path, wheel: Path) -> None:
-    """Copy the cached tree to `root` and install this checkout into it: the wheel, and
-    the unit from systemd/ enabled (done once per test module; each container copies it)."""
-    subprocess.run(["cp", "-a", "--reflink=auto", str(cache), str(root)], check=True, timeout=600)
-    shutil.copy(wheel, root / "opt" / wheel.name)
-    _chroot(root, str(VENV_BIN / "pip"), "install", "--quiet", "--no-index", "--no-deps",
-            "--force-reinstall", f"/opt/{wheel.name}")
-    (root / "opt" / wheel.name).unlink()
-    units = root / "etc/systemd/system"
-    shutil.copy(UNIT, units / "appliance.service")
-    (units / "multi-user.target.wants").mkdir(exist_ok=True)
-    (units / "multi-user.target.wants/appliance.service").symlink_to(
-        "/etc/systemd/system/appliance.service")
+def _in_chroot(root: Path, *cmd: str, user: str | None = None) -> str:
+    spec = f"--userspec={user}:{user} " if user else ""
+    return (f"chroot {spec}{shlex.quote(str(root))} /usr/bin/env -i PATH=/usr/bin:/bin HOME=/ "
+            f"{shlex.join(cmd)}\n")
 
 
-def configure_tree(installed: Path, root: Path, config: dict[str, object],
-                   dropins: dict[str, str], dirs: tuple[str, ...] = ()) -> None:
-    """Copy the installed tree to `root`, with its config, keys and unit drop-ins.
+def _private_mounts(script: str) -> list[str]:
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script]
 
-    `dropins` are written to /etc/systemd/system/appliance.service.d/<name>; `dirs` are
-    folders created for the appliance user (a destination outside its state dir)."""
-    subprocess.run(["cp", "-a", "--reflink=auto", str(installed), str(root)], check=True, timeout=600)
+
+def install_layer(cache: Path, layer: Path, wheel: Path) -> Path:
+    """This checkout over the cached tree, as an overlay layer in `layer/upper`: the wheel
+    installed into the venv, the unit from systemd/ enabled. Made once per test module;
+    each container stacks its own layer on it. Returns the upper directory."""
+    upper, merged = layer / "upper", layer / "merged"
+    root = shlex.quote(str(merged))
+    script = _overlay((cache,), upper, merged) + (
+        f"cp {shlex.quote(str(wheel))} {root}/opt/\n"
+        + _in_chroot(merged, str(VENV_BIN / "pip"), "install", "--quiet", "--no-index", "--no-deps",
+                     "--force-reinstall", f"/opt/{wheel.name}")
+        + f"rm {root}/opt/{shlex.quote(wheel.name)}\n"
+        f"install -m 0644 {shlex.quote(str(UNIT))} {root}/etc/systemd/system/appliance.service\n"
+        f"mkdir -p {root}/etc/systemd/system/multi-user.target.wants\n"
+        f"ln -s /etc/systemd/system/appliance.service"
+        f" {root}/etc/systemd/system/multi-user.target.wants/appliance.service\n")
+    subprocess.run(_private_mounts(script), check=True, timeout=600, capture_output=True, text=True)
+    return upper
+
+
+def boot_script(lowers: tuple[Path, ...], tmp: Path, config: dict[str, object],
+                dropins: dict[str, str], dirs: tuple[str, ...],
+                boot_config: dict[str, object] | None) -> str:
+    """The shell script that lays a container's own layer over `lowers` and execs nspawn.
+
+    The layer: /etc/appliance/appliance.toml, the unit drop-ins, folders for the
+    appliance user, and keys made by `appliance keys init` run as that user; then
+    `boot_config`, if given, replaces the config (so a test can boot a broken one)."""
+    stage = tmp / "stage"
+    (stage / "etc/appliance").mkdir(parents=True)
+    (stage / "etc/appliance/appliance.toml").write_text(to_toml(config))
     if dropins:
-        d = root / "etc/systemd/system/appliance.service.d"
-        d.mkdir()
+        (stage / "etc/systemd/system/appliance.service.d").mkdir(parents=True)
         for name, text in dropins.items():
-            (d / name).write_text(text)
-    etc = root / "etc/appliance"
-    etc.mkdir()
-    (etc / "appliance.toml").write_text(to_toml(config))
+            (stage / "etc/systemd/system/appliance.service.d" / name).write_text(text)
+    merged = tmp / "root"
+    root = shlex.quote(str(merged))
+    script = _overlay(lowers, tmp / "upper", merged)
+    # --no-overwrite-dir: /etc and the other folders keep their owner and mode
+    script += f"tar -C {shlex.quote(str(stage))} -cf - . | tar -C {root} --no-overwrite-dir -xf -\n"
     for d in ("/var/lib/appliance", "/var/lib/appliance/outbox", "/etc/appliance/keys", *dirs):
-        _chroot(root, "install", "-d", "-m", "0700", "-o", "appliance", "-g", "appliance", d)
-    _chroot(root, str(VENV_BIN / "appliance"), "keys", "init", "--config", str(CONFIG),
-            user="appliance")
+        script += _in_chroot(merged, "install", "-d", "-m", "0700", "-o", "appliance", "-g", "appliance", d)
+    script += _in_chroot(merged, str(VENV_BIN / "appliance"), "keys", "init", "--config", str(CONFIG),
+                         user="appliance")
+    if boot_config is not None:
+        (tmp / "boot.toml").write_text(to_toml(boot_config))
+        script += f"install -m 0644 {shlex.quote(str(tmp / 'boot.toml'))} {root}{CONFIG}\n"
+    return script + ("exec systemd-nspawn --register=no --keep-unit --private-network -b"
+                     f" --console=read-only -D {root}\n")
 
 
 # --- layer 3: the running container ------------------------------------------------------
@@ -192,18 +226,17 @@ def configure_tree(installed: Path, root: Path, config: dict[str, object],
 class Container:
     """A booted container: its nspawn process (ours, stopped by PID) and its PID 1."""
 
-    def __init__(self, root: Path, log: Path) -> None:
-        self.root = root
+    def __init__(self, command: list[str], log: Path) -> None:
+        self.command = command
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
         self.leader = 0
 
     def boot(self, timeout: float = 120) -> Container:
         with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                ["systemd-nspawn", "--register=no", "--keep-unit", "--private-network", "-b",
-                 "--console=read-only", "-D", str(self.root)],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+            # the command ends by exec'ing systemd-nspawn: this PID is nspawn's
+            self.proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=subprocess.STDOUT)
         self.leader = wait_for(self._find_leader, timeout, "the container's PID 1",
                                detail=self.log_tail)
         wait_for(self._booted, timeout, "systemd in the container to finish booting",
@@ -275,22 +308,19 @@ class Container:
 
 
 @contextlib.contextmanager
-def booted(installed: Path, tmp: Path, config: dict[str, object],
+def booted(lowers: tuple[Path, ...], tmp: Path, config: dict[str, object],
            dropins: dict[str, str] | None = None, dirs: tuple[str, ...] = (),
            boot_config: dict[str, object] | None = None) -> Iterator[Container]:
-    """A container booted from a fresh copy; `boot_config`, if given, replaces the config
-    after the keys were made with `config` (so a test can boot with a broken one). The
-    copy is removed afterwards; its nspawn.log stays in `tmp`."""
-    root = tmp / "root"
-    configure_tree(installed, root, config, dropins or {}, dirs)
-    if boot_config is not None:
-        (root / str(CONFIG).lstrip("/")).write_text(to_toml(boot_config))
-    c = Container(root, tmp / "nspawn.log")
+    """A container booted from its own overlay layer over `lowers` (see `boot_script`);
+    the layer is removed afterwards, its nspawn.log stays in `tmp`."""
+    script = boot_script(lowers, tmp, config, dropins or {}, dirs, boot_config)
+    c = Container(_private_mounts(script), tmp / "nspawn.log")
     try:
         yield c.boot()
     finally:
         c.stop()
-        shutil.rmtree(root, ignore_errors=True)
+        for d in ("upper", "upper.work", "root", "stage"):
+            shutil.rmtree(tmp / d, ignore_errors=True)
 
 
 def unit_status_lines(text: str) -> list[str]:

@@ -51,13 +51,13 @@ def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def installed(rootfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """The cached tree with this checkout's wheel and unit installed, copied per container."""
+def installed(rootfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, ...]]:
+    """The layers each container boots over: this checkout's wheel and unit, the cached tree."""
     tmp = tmp_path_factory.mktemp("installed")
     nspawn.build_wheels(tmp / "wheel", "--no-deps")
-    nspawn.install_tree(rootfs, tmp / "root", next((tmp / "wheel").glob("appliance-*.whl")))
-    yield tmp / "root"
-    shutil.rmtree(tmp / "root", ignore_errors=True)
+    layer = nspawn.install_layer(rootfs, tmp / "layer", next((tmp / "wheel").glob("appliance-*.whl")))
+    yield (layer, rootfs)
+    shutil.rmtree(tmp / "layer", ignore_errors=True)
 
 
 def wait_active(c: Container, timeout: float = 120) -> None:
@@ -66,7 +66,7 @@ def wait_active(c: Container, timeout: float = 120) -> None:
 
 
 @pytest.fixture(scope="module")
-def running(installed: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
+def running(installed: tuple[Path, ...], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
     """One container for the tests that only look and send."""
     tmp = tmp_path_factory.mktemp("running")
     with nspawn.booted(installed, tmp, nspawn.site_config(), {"test.conf": SHORT_WATCHDOG}) as c:
@@ -198,7 +198,7 @@ def _user_of(c: Container, pid: str) -> str:
 
 
 def test_a_bad_config_fails_the_unit_once_and_it_stays_failed(
-        installed: Path, tmp_path: Path) -> None:
+        installed: tuple[Path, ...], tmp_path: Path) -> None:
     bad = nspawn.site_config(receive__port=70000)
     with nspawn.booted(installed, tmp_path, nspawn.site_config(), boot_config=bad) as c:
         wait_for(lambda: c.show("ActiveState")["ActiveState"] == "failed", 120, "the unit to fail",
@@ -215,7 +215,7 @@ def test_a_bad_config_fails_the_unit_once_and_it_stays_failed(
 @pytest.mark.xfail(not (REPO / "appliance" / "core" / "failpoints.py").exists(), run=False, strict=True,
                    reason="needs the stage supervisor and appliance/core/failpoints.py (lead's branch)")
 def test_a_frozen_pack_stage_is_restarted_by_the_watchdog_and_nothing_acknowledged_is_lost(
-        installed: Path, samples: Path, tmp_path: Path) -> None:
+        installed: tuple[Path, ...], samples: Path, tmp_path: Path) -> None:
     dropin = SHORT_WATCHDOG + f"Environment=APPLIANCE_FAILPOINTS={FAILPOINTS}\n"
     with nspawn.booted(installed, tmp_path, nspawn.site_config(), {"test.conf": dropin}) as c:
         wait_active(c)
@@ -245,7 +245,7 @@ def queue_rows(c: Container) -> list[dict[str, object]]:
 
 
 def test_a_destination_outside_the_state_dir_is_held_naming_the_dropin_until_it_is_written(
-        installed: Path, samples: Path, tmp_path: Path) -> None:
+        installed: tuple[Path, ...], samples: Path, tmp_path: Path) -> None:
     outbox = "/srv/outbox"
     cfg = nspawn.site_config(destinations=[{"name": "share", "transport": "directory", "path": outbox}])
     with nspawn.booted(installed, tmp_path, cfg, dirs=(outbox,)) as c:
@@ -273,7 +273,7 @@ def test_a_destination_outside_the_state_dir_is_held_naming_the_dropin_until_it_
 
 
 def test_a_moved_state_dir_fails_the_unit_once_naming_the_dropin_then_runs_with_it(
-        installed: Path, samples: Path, tmp_path: Path) -> None:
+        installed: tuple[Path, ...], samples: Path, tmp_path: Path) -> None:
     state = "/srv/appliance"
     cfg = nspawn.site_config(
         appliance={"name": "nspawn-test", "log_format": "json", "state_dir": state},
