@@ -212,6 +212,38 @@ def test_a_bad_config_fails_the_unit_once_and_it_stays_failed(
         assert "receive.port: must be 1..65535" in c.journal()
 
 
+def restarted_by_the_watchdog(c: Container) -> None:
+    wait_for(lambda: int(c.show("NRestarts")["NRestarts"]) >= 1, 300,
+             "systemd to restart the daemon through the watchdog", poll=1, detail=c.journal)
+    assert "Watchdog timeout" in c.journal()
+
+
+def all_in_bundles(c: Container, files: list[Path], tmp: Path) -> None:
+    """Every file sent (acknowledged) is in a bundle in the outbox, once."""
+    outbox = "/var/lib/appliance/outbox"
+    wait_for(lambda: instances_in(c, outbox) >= len(files), 180,
+             "every acknowledged instance in a bundle after the restart", poll=1, detail=c.journal)
+    sent = sorted(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files)
+    assert sorted(ds.SOPInstanceUID for ds in extract_all(c, outbox, tmp)) == sent
+
+
+def test_a_frozen_daemon_is_restarted_by_the_watchdog_and_nothing_acknowledged_is_lost(
+        installed: tuple[Path, ...], samples: Path, tmp_path: Path) -> None:
+    # study_quiet_s=15: the study is still unsealed when the daemon freezes; TimeoutAbortSec:
+    # a stopped process cannot act on the watchdog's SIGABRT, so systemd kills it after that
+    cfg = nspawn.site_config(pack={"codec": "jpeg2000", "verify": True, "study_quiet_s": 15.0})
+    dropin = SHORT_WATCHDOG + "TimeoutAbortSec=5\n"
+    with nspawn.booted(installed, tmp_path, cfg, {"test.conf": dropin}) as c:
+        wait_active(c)
+        files = ct_files(samples)[:4]
+        send(c, files)
+        c.run("sh", "-c", f"kill -STOP {c.show('MainPID')['MainPID']}", check=True)  # all threads
+        assert instances_in(c, "/var/lib/appliance/outbox") == 0  # acknowledged, not yet packed
+        restarted_by_the_watchdog(c)
+        wait_active(c)
+        all_in_bundles(c, files, tmp_path)
+
+
 @pytest.mark.xfail(not (REPO / "appliance" / "core" / "failpoints.py").exists(), run=False, strict=True,
                    reason="needs the stage supervisor and appliance/core/failpoints.py (lead's branch)")
 def test_a_frozen_pack_stage_is_restarted_by_the_watchdog_and_nothing_acknowledged_is_lost(
@@ -223,16 +255,33 @@ def test_a_frozen_pack_stage_is_restarted_by_the_watchdog_and_nothing_acknowledg
         c.run("touch", f"{FAILPOINTS}/pack.hang", check=True)  # pack blocks while it exists
         files = ct_files(samples)
         send(c, files)
-        wait_for(lambda: int(c.show("NRestarts")["NRestarts"]) >= 1, 300,
-                 "systemd to restart the daemon through the watchdog", poll=1, detail=c.journal)
-        assert "Watchdog timeout" in c.journal()
+        restarted_by_the_watchdog(c)
         c.run("rm", f"{FAILPOINTS}/pack.hang", check=True)
         wait_active(c)
-        outbox = "/var/lib/appliance/outbox"
-        wait_for(lambda: instances_in(c, outbox) >= len(files), 180,
-                 "every acknowledged instance in a bundle after the restart", poll=1, detail=c.journal)
-        sent = sorted(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files)
-        assert sorted(ds.SOPInstanceUID for ds in extract_all(c, outbox, tmp_path)) == sent
+        all_in_bundles(c, files, tmp_path)
+
+
+PRE_FAILS = """[Service]
+Type=notify
+ExecStartPre=/bin/sh -c 'exit 78'
+ExecStart=/bin/sleep 600
+Restart=on-failure
+RestartSec=1
+RestartPreventExitStatus=78
+"""
+
+
+def test_systemd_restarts_a_failing_exec_start_pre_despite_restart_prevent_exit_status(
+        running: Container) -> None:
+    """Why the unit has no ExecStartPre= config check: systemd 252 applies
+    RestartPreventExitStatus= to the main process only (docs/systemd.md)."""
+    running.path("/etc/systemd/system/pre-check.service").write_text(PRE_FAILS)
+    running.run("systemctl", "daemon-reload", check=True)
+    running.run("systemctl", "start", "pre-check.service")
+    wait_for(lambda: int(running.show("NRestarts", unit="pre-check.service")["NRestarts"]) >= 2, 60,
+             "systemd to restart the unit after its ExecStartPre= exited 78", poll=0.5)
+    running.run("systemctl", "stop", "pre-check.service")
+    assert running.show("ExecMainStatus", unit="pre-check.service")["ExecMainStatus"] == "0"
 
 
 # --- paths outside /var/lib/appliance --------------------------------------------------------
