@@ -52,8 +52,8 @@ run: venv
 	exec $(BIN)/appliance run --config $(DEV_CONFIG)
 
 # The whole suite, the boot tier included (tests/test_systemd_boot.py, marker systemd_boot:
-# ~2.5 min, plus ~40 s the first time to build the container's root file system, cached
-# in .cache/nspawn/).
+# ~80 s, plus ~40-60 s the first time to build the container's root file system, cached
+# in .cache/nspawn/; docs/systemd.md).
 test: venv peers
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
