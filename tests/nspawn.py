@@ -28,7 +28,6 @@ import fcntl
 import hashlib
 import importlib.metadata as md
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -321,8 +320,3 @@ def booted(lowers: tuple[Path, ...], tmp: Path, config: dict[str, object],
         c.stop()
         for d in ("upper", "upper.work", "root", "stage"):
             shutil.rmtree(tmp / d, ignore_errors=True)
-
-
-def unit_status_lines(text: str) -> list[str]:
-    """The appliance's JSON log lines from a journal dump (for failure messages)."""
-    return [ln for ln in text.splitlines() if re.search(r"appliance\[\d+\]", ln)]

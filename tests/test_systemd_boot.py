@@ -4,10 +4,11 @@ What it shows, each against `systemd/appliance.service` as shipped plus, where a
 says so, a drop-in: the daemon lives under the unit's system call filter (numpy's mbind,
 the codec workers' priority calls) and feeds the watchdog; a C-STORE into the container
 ends as a JPEG 2000 bundle; core dumps are off; a bad config fails the unit once and
-leaves it failed; a state_dir or destination outside /var/lib/appliance works once the
-drop-in `appliance config systemd-dropin` writes is in place, and is held with the fix
-named until then; a frozen pack stage is restarted by the watchdog and nothing
-acknowledged is lost.
+leaves it failed (and why the check is not an ExecStartPre=); a state_dir or destination
+outside /var/lib/appliance works once the drop-in `appliance config systemd-dropin`
+writes is in place, and is refused or held with the fix named until then; a frozen
+daemon, and a frozen pack stage (with the stage supervisor), are restarted by the
+watchdog and nothing acknowledged is lost.
 
 Run alone with `make test-boot`. Needs root, mmdebstrap, systemd-nspawn and DCMTK.
 """
