@@ -71,8 +71,9 @@ bench-pack: venv peers
 
 lint: venv
 	$(BIN)/pip install --quiet ruff mypy
-	$(BIN)/ruff check appliance tests bench
+	$(BIN)/ruff check appliance tests bench docs
 	$(BIN)/mypy
+	$(BIN)/mypy --strict docs/gen_conformance.py
 
 clean:
 	rm -rf $(VENV) var build *.egg-info .pytest_cache .cache

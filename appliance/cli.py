@@ -7,21 +7,31 @@
                                                  the unit drop-in for paths outside /var/lib/appliance
     appliance keys init      [--config PATH]     create missing keys (never overwrites)
     appliance queue list     [--config PATH] [--json]
+    appliance queue show|hold|release|retry|delete ID|--all [--config PATH]
+    appliance bundle inspect FILE [--key KEY | --config PATH] [--json]
+    appliance bundle extract FILE [--key KEY | --config PATH] --out DIR
     appliance status         [--config PATH] [--json]
+
+Every command takes --config. `bundle` opens a bundle with --key, else with the config's
+encryption.appliance_key (--config, or the default config when it exists).
 
 Every error is one line on stderr and a documented exit code (see `errors.py`): 0 ok,
 64 usage, 66 not found, 69 daemon not running or not answering (status), 73 state dir
 (also: `queue list` before the daemon has ever run), 77 permission denied (status),
 78 configuration or key file (a config error prints one line per problem). No command
 prints a traceback; an unexpected bug prints one line and exits 70, with the traceback
-only under APPLIANCE_DEBUG=1.
+only under APPLIANCE_DEBUG=1. Output into a pipe whose reader has gone (`appliance queue
+list | head`) ends quietly with 141, as a tool killed by SIGPIPE does.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import select
+import signal
 import sqlite3
 import sys
 import time
@@ -34,20 +44,30 @@ from cryptography.hazmat.primitives import serialization
 from appliance import __version__
 from appliance.core import config, crypto, durable, sandbox
 from appliance.core.errors import (
-    EX_NOPERM,
-    EX_UNAVAILABLE,
+    EX_USAGE,
     ApplianceError,
     ConfigError,
+    DaemonNotRunningError,
     KeyFileError,
     NotFoundError,
+    PermissionDeniedError,
     StateError,
     UsageError,
 )
+
+EX_SIGPIPE = 128 + signal.SIGPIPE  # what a shell reports for a tool killed by SIGPIPE: 141
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(f"{self.prog}: {message}")
+
+    def add_subparsers(self, **kw: Any) -> Any:
+        """Commands of this level. One left out is not an argparse error ("required: cmd"
+        names our internals): `main` prints this level's help instead (exit 64)."""
+        self.set_defaults(help_of_level=self)
+        return super().add_subparsers(required=False, metavar="COMMAND", parser_class=_Parser,
+                                      title="commands", **kw)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,10 +76,10 @@ def _parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument("--config", type=Path, default=None,
                         help=f"main config file (default {config.DEFAULT_CONFIG})")
-    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    sub = p.add_subparsers(dest="cmd")
     sub.add_parser("run", parents=[common], help="run the daemon in the foreground")
     cfg = sub.add_parser("config", help="configuration")
-    cfg_sub = cfg.add_subparsers(dest="sub", required=True, parser_class=_Parser)
+    cfg_sub = cfg.add_subparsers(dest="sub")
     chk = cfg_sub.add_parser("check", parents=[common], help="check and print the effective config")
     chk.add_argument("--json", action="store_true")
     chk.add_argument("--systemd", action="store_true",
@@ -73,11 +93,11 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"write it to {sandbox.dropin_path()} instead of printing it")
     dropin.add_argument("--unit-dir", type=Path, default=sandbox.UNIT_DIR, help=argparse.SUPPRESS)
     keys = sub.add_parser("keys", help="key management")
-    keys_sub = keys.add_subparsers(dest="sub", required=True, parser_class=_Parser)
+    keys_sub = keys.add_subparsers(dest="sub")
     keys_sub.add_parser("init", parents=[common],
                         help="create the spool key and appliance key pair if missing")
     q = sub.add_parser("queue", help="inspect the queue")
-    q_sub = q.add_subparsers(dest="sub", required=True, parser_class=_Parser)
+    q_sub = q.add_subparsers(dest="sub")
     ql = q_sub.add_parser("list", parents=[common], help="list segments and bundles")
     ql.add_argument("--json", action="store_true")
     qs = q_sub.add_parser("show", parents=[common], help="show one queue item")
@@ -91,14 +111,18 @@ def _parser() -> argparse.ArgumentParser:
         v.add_argument("id", nargs="?")
         v.add_argument("--all", action="store_true", help="every item this applies to")
     b = sub.add_parser("bundle", help="inspect and extract bundle files")
-    b_sub = b.add_subparsers(dest="sub", required=True, parser_class=_Parser)
-    bi = b_sub.add_parser("inspect", help="show a bundle's header, and its manifest with --key")
+    b_sub = b.add_subparsers(dest="sub")
+    key_help = ("a recipient's private key (PEM); default: encryption.appliance_key of the config"
+                " (--config, or the default config when it exists)")
+    bi = b_sub.add_parser("inspect", parents=[common],
+                          help="show a bundle's header, and its manifest when a key opens it")
     bi.add_argument("file", type=Path)
-    bi.add_argument("--key", type=Path, help="a recipient's private key (PEM)")
+    bi.add_argument("--key", type=Path, help=key_help)
     bi.add_argument("--json", action="store_true")
-    be = b_sub.add_parser("extract", help="verify a bundle and write its instances as Part-10 files")
+    be = b_sub.add_parser("extract", parents=[common],
+                          help="verify a bundle and write its instances as Part-10 files")
     be.add_argument("file", type=Path)
-    be.add_argument("--key", type=Path, required=True, help="a recipient's private key (PEM)")
+    be.add_argument("--key", type=Path, help=key_help)
     be.add_argument("--out", type=Path, required=True, help="output folder (created if missing)")
     st = sub.add_parser("status", parents=[common], help="show the running daemon's status")
     st.add_argument("--json", action="store_true")
@@ -109,7 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     os.umask(0o077)  # nothing the appliance creates should be readable by others
     try:
         args = _parser().parse_args(argv)
-        return _dispatch(args)
+        if args.cmd is None or getattr(args, "sub", "") is None:
+            sys.stderr.write(args.help_of_level.format_help())
+            return EX_USAGE
+        rc = _dispatch(args)
+        sys.stdout.flush()  # a closed pipe shows here, in the handler, not at interpreter exit
+        return rc
     except ConfigError as e:
         for line in e.problems:
             print(f"config error: {line}", file=sys.stderr)
@@ -119,12 +148,37 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError as e:
+        if not _stdout_reader_gone():
+            return _unexpected(e)
+        # `appliance queue list | head`: the reader has all it wanted. End as a tool killed
+        # by SIGPIPE would, quietly; stdout goes to /dev/null so that the interpreter's
+        # last flush of what is still buffered does not report the same pipe again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EX_SIGPIPE
     except Exception as e:
-        if os.environ.get("APPLIANCE_DEBUG") == "1":
-            raise
-        print(f"error: unexpected {type(e).__name__}; rerun with APPLIANCE_DEBUG=1 for details",
-              file=sys.stderr)
-        return 70
+        return _unexpected(e)
+
+
+def _unexpected(e: Exception) -> int:
+    if os.environ.get("APPLIANCE_DEBUG") == "1":
+        raise e
+    print(f"error: unexpected {type(e).__name__}; rerun with APPLIANCE_DEBUG=1 for details",
+          file=sys.stderr)
+    return 70
+
+
+def _stdout_reader_gone() -> bool:
+    """Has the other end of stdout closed (a pipe's reader, a socket's peer)?
+
+    Told apart from any other EPIPE (a socket of our own), which stays a bug to report.
+    """
+    try:
+        p = select.poll()
+        p.register(sys.stdout.fileno(), 0)  # no events asked: only ERR / HUP / NVAL come back
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in p.poll(0))
+    except (OSError, ValueError):
+        return False
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -243,10 +297,6 @@ def _check_files(cfg: config.Config) -> list[tuple[str, str]]:
             checks.append((f"destinations[{i}].path", _directory_or_absent, d.path))
     checks.append(("appliance.state_dir", _directory_or_absent, cfg.appliance.state_dir))
     out = []
-    for i, d in enumerate(cfg.destinations):
-        if d.transport == "sftp":  # parsed and checked, but the daemon cannot send with it yet
-            out.append((f"destinations[{i}].transport",
-                        "sftp is not available in this version of the appliance"))
     if len(bytes(cfg.control_socket)) > CONTROL_SOCKET_MAX:
         out.append(("appliance.state_dir", f"path too long: {cfg.control_socket} must be at most"
                     f" {CONTROL_SOCKET_MAX} bytes (a Unix socket limit)"))
@@ -397,50 +447,116 @@ def _queue_show(cfg: config.Config, args: argparse.Namespace) -> int:
         d = show(Queue(cfg.appliance.state_dir, idx), args.id)
     finally:
         idx.close()
-    if args.json:
-        print(json.dumps(d, indent=2))
-    else:
-        for k, v in d.items():
-            print(f"{k:14} {'' if v is None else v}")
+    _print_item(d, args.json)
     return 0
+
+
+# Fields of a queue item or bundle header that hold a time (epoch seconds; 0 or None: unset).
+TIME_FIELDS = ("created", "updated", "next_attempt", "sealed", "delivered")
+
+
+def _print_item(d: dict[str, Any], as_json: bool) -> None:
+    """`queue show`: times as local ISO-8601 with their age; --json keeps the numbers and
+    adds `<field>_iso` beside each."""
+    if as_json:
+        print(json.dumps(_with_iso_times(d), indent=2))
+        return
+    now = time.time()
+    for k, v in d.items():
+        print(f"{k:14} {_when(v, now) if k in TIME_FIELDS else '' if v is None else v}")
+
+
+def _with_iso_times(d: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out[k] = v
+        if k in TIME_FIELDS:
+            out[f"{k}_iso"] = local_time(v) if v else None
+    return out
+
+
+def local_time(t: float) -> str:
+    """ISO-8601 in the box's local time, with its UTC offset: 2026-12-05T14:03:07+01:00."""
+    return datetime.datetime.fromtimestamp(t, datetime.UTC).astimezone().isoformat(timespec="seconds")
+
+
+def _when(t: float | None, now: float) -> str:
+    """A time for people: ISO-8601 local, and how long ago (or how soon); "-" when unset."""
+    if not t:
+        return "-"
+    ago = now - t
+    return f"{local_time(t)} ({_age(ago)} ago)" if ago >= 0 else f"{local_time(t)} (in {_age(-ago)})"
 
 
 def cmd_bundle(args: argparse.Namespace) -> int:
     from appliance.bundle import format as bundle
 
-    if args.sub == "extract":
-        key = crypto.load_private_key(args.key)
-        args.out.mkdir(parents=True, exist_ok=True)
-        with _open_input(args.file) as f:
-            manifest = bundle.extract(f, key, args.out)
-        print(f"{len(manifest.instances)} instances written to {args.out}")
+    key_path, explicit = _bundle_key(args)
+    if args.sub == "inspect":
+        _print_bundle(_inspect(args.file, key_path, explicit), args.json)
         return 0
+    if key_path is None:
+        raise UsageError("appliance bundle extract: give --key, or --config to use its"
+                         f" encryption.appliance_key ({config.DEFAULT_CONFIG} does not exist)")
+    key = crypto.load_private_key(key_path)
+    args.out.mkdir(parents=True, exist_ok=True)
     with _open_input(args.file) as f:
+        manifest = bundle.extract(f, key, args.out)
+    print(f"{len(manifest.instances)} instances written to {args.out}")
+    return 0
+
+
+def _inspect(path: Path, key_path: Path | None, explicit: bool) -> dict[str, Any]:
+    """A bundle's header, and its manifest when `key_path` opens it (verifying it all)."""
+    from appliance.bundle import format as bundle
+
+    with _open_input(path) as f:
         header = bundle.read_header(f)
         out: dict[str, Any] = {
             "bundle_id": header.bundle_id, "format_version": header.version,
             "created": header.created, "suite": header.suite_name, "chunk_size": header.chunk_size,
             "recipients": [r.key_id.hex() for r in header.recipients],
         }
-        if args.key:
+        key = crypto.load_private_key(key_path) if key_path is not None else None
+        if key is not None and not explicit and bundle.recipient_key_id(key.public_key()) not in {
+                r.key_id for r in header.recipients}:
+            # The box's own key, not asked for: a bundle of another box still shows its header.
+            out["manifest_not_shown"] = f"encryption.appliance_key ({key_path}) is not a recipient"
+        elif key is not None:
             f.seek(0)
-            m = bundle.read_manifest(f, crypto.load_private_key(args.key))
+            m = bundle.read_manifest(f, key)
             out["study"] = m.study_key
             # ids only: a UID identifies a patient's study as surely as a name does
             out["instances"] = [{"index": e.index, "sop_class": e.sop_class,
                                  "transfer_syntax": e.transfer_syntax, "action": e.action,
                                  "reason": e.reason, "received_size": e.received_size,
                                  "size": e.size, "sha256": e.sha256} for e in m.instances]
-    if args.json:
-        print(json.dumps(out, indent=2))
-    else:
-        for k, v in out.items():
-            if k != "instances":
-                print(f"{k:15} {v}")
-        for e in out.get("instances", []):
-            print(f"  [{e['index']}] {e['action']:11} {e['received_size']:>10} -> {e['size']:>10}"
-                  f"  {e['transfer_syntax']}  sop_class {e['sop_class']}")
-    return 0
+    return out
+
+
+def _bundle_key(args: argparse.Namespace) -> tuple[Path | None, bool]:
+    """(the private key file that opens bundles, given explicitly?): --key, else the
+    config's encryption.appliance_key (--config, or the default config when it exists)."""
+    if args.key is not None:
+        return args.key, True
+    if args.config is not None or config.DEFAULT_CONFIG.exists():
+        return config.load(args.config).encryption.appliance_key, False
+    return None, False
+
+
+def _print_bundle(out: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(_with_iso_times(out), indent=2))
+        return
+    now = time.time()
+    for k, v in out.items():
+        if k == "manifest_not_shown":
+            print(f"{'manifest':15} not shown: {v}")
+        elif k != "instances":
+            print(f"{k:15} {_when(v, now) if k in TIME_FIELDS else v}")
+    for e in out.get("instances", []):
+        print(f"  [{e['index']}] {e['action']:11} {e['received_size']:>10} -> {e['size']:>10}"
+              f"  {e['transfer_syntax']}  sop_class {e['sop_class']}")
 
 
 def _open_input(p: Path) -> Any:
@@ -457,30 +573,50 @@ def _age(s: float) -> str:
         return f"{s:.0f}s"
     if s < 7200:
         return f"{s / 60:.0f}m"
-    return f"{s / 3600:.1f}h"
+    if s < 2 * 86400:
+        return f"{s / 3600:.1f}h"
+    return f"{s / 86400:.1f}d"
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """The running daemon's counters. With --json every outcome is one JSON document on
+    stdout, `running` true, false (nothing listens) or null (cannot tell), and the exit
+    code is the same as without --json."""
+    if not args.json:
+        _print_status(_daemon_status(args.config))
+        return 0
+    try:
+        st = _daemon_status(args.config)
+    except ApplianceError as e:
+        running = False if isinstance(e, DaemonNotRunningError) else None
+        out: dict[str, Any] = {"running": running, "error": str(e)}
+        if isinstance(e, ConfigError):
+            out["error"], out["problems"] = "the configuration is not valid", e.problems
+        print(json.dumps(out, indent=2))
+        return e.exit_code
+    print(json.dumps({"running": True, **st}, indent=2))
+    return 0
+
+
+def _daemon_status(config_path: Path | None) -> dict[str, Any]:
     from appliance.health import control
 
-    cfg = config.load(args.config)
-    sock = cfg.control_socket
+    sock = config.load(config_path).control_socket
     try:
         st = control.request(sock, "status", timeout=5.0)
     except PermissionError:
-        print(f"error: permission denied on {sock}: run as root or the appliance's user",
-              file=sys.stderr)
-        return EX_NOPERM
+        raise PermissionDeniedError(f"permission denied on {sock}: run as root or the appliance's"
+                                    " user") from None
     except control.DaemonUnavailable:  # a hung daemon (timeout) or one that died mid-answer
-        print(f"error: the appliance daemon did not answer on {sock}", file=sys.stderr)
-        return EX_UNAVAILABLE
+        raise control.DaemonUnavailable(f"the appliance daemon did not answer on {sock}") from None
     if st is None:
-        print(f"error: the appliance daemon is not running (nothing listens on {sock})",
-              file=sys.stderr)
-        return EX_UNAVAILABLE
-    if args.json:
-        print(json.dumps(st, indent=2))
-        return 0
+        raise DaemonNotRunningError(f"the appliance daemon is not running (nothing listens on"
+                                    f" {sock})")
+    result: dict[str, Any] = st
+    return result
+
+
+def _print_status(st: dict[str, Any]) -> None:
     r, sp = st["receive"], st["spool"]
     for listener in st["listening"]:
         print(f"listening      {listener['host']}:{listener['port']}{' (TLS)' if listener['tls'] else ''}"
@@ -498,4 +634,3 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"queue          {counts}; oldest waiting {_age(st['oldest_waiting_s'])}")
         for dest, err in st.get("last_errors", {}).items():
             print(f"last error     {dest}: {err}")
-    return 0

@@ -27,7 +27,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -43,6 +43,7 @@ from appliance.forward.directory import DirectoryTransport
 from appliance.forward.scheduler import Forwarder
 from appliance.health.control import ControlServer, DaemonUnavailable
 from appliance.health.notify import Notifier
+from appliance.health.supervisor import Supervisor
 from appliance.pack.packer import Packer
 from appliance.pack.pool import CodecPool
 from appliance.queue import commands
@@ -55,6 +56,25 @@ log = structlog.get_logger("appliance.daemon")
 
 WATCHDOG_INTERVAL_S = 5.0
 IDLE_POLL_S = 0.5
+
+
+def watchdog_interval(env: dict[str, str] | None = None) -> float:
+    """How often to judge the stages and ping: every 5 s, or more often when systemd's
+    WatchdogSec is short (half its period, as sd_watchdog_enabled(3) advises)."""
+    usec = (env if env is not None else os.environ).get("WATCHDOG_USEC", "")
+    try:
+        return min(WATCHDOG_INTERVAL_S, max(0.1, int(usec) / 2e6))
+    except ValueError:
+        return WATCHDOG_INTERVAL_S
+
+
+def forward_deadline(cfg: Config) -> float:
+    """Seconds a send may go without progress: the health limit, plus the longest silence a
+    destination's own time limits allow (no answer for timeout_s, each way; a storage
+    commitment report awaited for commitment_timeout_s)."""
+    waits = [2 * d.timeout_s + (d.commitment_timeout_s if d.storage_commitment else 0)
+             for d in cfg.destinations]
+    return cfg.health.stall_s + max(waits, default=0)
 
 
 def build_transport(dest: Destination, cfg: Config) -> Transport:
@@ -120,6 +140,8 @@ class Daemon:
         self.started = time.time()
         self.listeners: list[tuple[str, int, bool]] = []
         self.receiver: Receiver | None = None
+        self.supervisor = Supervisor()
+        self._problems: list[str] = []
 
     def run(self) -> int:
         cfg = self.cfg
@@ -138,22 +160,28 @@ class Daemon:
         transports = [build_transport(d, cfg) for d in cfg.destinations]
         self.queue = queue = Queue(cfg.appliance.state_dir, index)
         pool = CodecPool(cfg.pack.workers)
-        packer = Packer(cfg.pack, spool, queue, recipients, pool,
-                        receiving_burst=lambda: self.receiver is not None and self.receiver.in_burst())
+        workers = [threading.Thread(target=self._loop, args=("pack", self._pack_step, self.wake_pack),
+                                    name="pack", daemon=True),
+                   threading.Thread(target=self._loop, args=("forward", self._forward_step,
+                                                          self.wake_forward),
+                                    name="forward", daemon=True)]
+        sup, stall = self.supervisor, cfg.health.stall_s
+        self.stages = {"receive": sup.stage("receive", stall, alive=lambda: receiver.listening()),
+                       "pack": sup.stage("pack", stall, alive=workers[0].is_alive),
+                       "forward": sup.stage("forward", forward_deadline(cfg), alive=workers[1].is_alive)}
+        self.packer = packer = Packer(
+            cfg.pack, spool, queue, recipients, pool, beat=self.stages["pack"].beat,
+            receiving_burst=lambda: self.receiver is not None and self.receiver.in_burst())
         packer.remove_packed()  # a crash between pack steps 2 and 3 left these
         counts = spool.recover(adopt=identify_stored)
         log.info("spool.recovered", **counts)
         log.info("queue.recovered", **queue.recover())
-        self.forwarder = forwarder = Forwarder(queue, transports, cfg.queue)
-        self.receiver = receiver = Receiver(cfg.receive, spool, self.stats,
+        self.forwarder = forwarder = Forwarder(queue, transports, cfg.queue,
+                                               beat=self.stages["forward"].beat)
+        self.receiver = receiver = Receiver(cfg.receive, spool, self.stats, stage=self.stages["receive"],
                                             on_stored=lambda seg: self.wake_pack.set())
         status = ControlServer(cfg.control_socket, self._control_handlers())
         self._install_signals()
-        workers = [threading.Thread(target=self._loop, args=("pack", self._pack_step, packer, self.wake_pack),
-                                    name="pack", daemon=True),
-                   threading.Thread(target=self._loop, args=("forward", self._forward_step, forwarder,
-                                                          self.wake_forward),
-                                    name="forward", daemon=True)]
         try:
             self.listeners = receiver.start()
             status.start()
@@ -163,9 +191,9 @@ class Daemon:
                 w.start()
             self.notifier.ready(self.status_line())
             log.info("appliance.ready", name=cfg.appliance.name, version=__version__)
-            while not self.stop_event.wait(WATCHDOG_INTERVAL_S):
-                self.notifier.watchdog()
-                self.notifier.status(self.status_line())
+            interval = watchdog_interval()
+            while not self.stop_event.wait(interval):
+                self._watchdog()
         finally:
             self.notifier.stopping()
             log.info("appliance.stopping")
@@ -192,28 +220,46 @@ class Daemon:
                 self.queue, str(args.get("verb")), args.get("id"), bool(args.get("all"))),
         }
 
-    def _pack_step(self, packer: Packer) -> bool:
-        sealed = packer.seal_due(time.time())
-        packed = packer.pack_pending()
+    def _watchdog(self) -> None:
+        """WATCHDOG=1 only while every stage is idle or moving (health/supervisor.py)."""
+        problems = self.supervisor.problems()
+        if problems:
+            if problems != self._problems:
+                log.error("watchdog.withheld", problems=problems)
+            self.notifier.status("stuck: " + "; ".join(problems))
+        else:
+            if self._problems:
+                log.info("watchdog.resumed")
+            self.notifier.watchdog()
+            self.notifier.status(self.status_line())
+        self._problems = problems
+
+    def _pack_step(self) -> bool:
+        sealed = self.packer.seal_due(time.time())
+        packed = self.packer.pack_pending()
         if packed:
             self.wake_forward.set()
         return bool(sealed or packed)
 
-    def _forward_step(self, forwarder: Forwarder) -> bool:
-        if forwarder.run_once():
+    def _forward_step(self) -> bool:
+        if self.forwarder.run_once():
             return True
         self.queue.expire_delivered(self.cfg.queue.keep_delivered_h * 3600, time.time())
         return False
 
-    def _loop(self, name: str, step: Any, arg: Any, wake: threading.Event) -> None:
+    def _loop(self, name: str, step: Callable[[], bool], wake: threading.Event) -> None:
         """Run `step` until it finds no work, then sleep until woken or polled again.
 
-        An exception is logged and retried after a pause; it never ends the loop, because
-        a dead loop with a live process is the worst failure for an unattended box.
+        Each step is a job of the stage (health/supervisor.py): a step that stops making
+        progress is seen by the watchdog. An exception is logged and retried after a
+        pause; it never ends the loop, because a dead loop with a live process is the
+        worst failure for an unattended box (and a dead thread is seen by the watchdog).
         """
+        stage = self.stages[name]
         while not self.stop_event.is_set():
             try:
-                busy = step(arg)
+                with stage.job(name):
+                    busy = step()
             except Exception as e:
                 log.exception(f"{name}.loop_error", error_type=type(e).__name__)
                 busy = False
@@ -256,4 +302,6 @@ class Daemon:
             "queue": self.queue.counts(),
             "oldest_waiting_s": round(self.queue.oldest_waiting_age(time.time()), 1),
             "last_errors": dict(self.forwarder.last_error),
+            "stages": self.supervisor.snapshot(),
+            "problems": self.supervisor.problems(),
         }

@@ -120,13 +120,15 @@ class Appliance:
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = int(cfg["receive"]["port"])
         self.state_dir = Path(cfg["appliance"]["state_dir"])
+        self.env: dict[str, str] = {}  # extra environment for the daemon (NOTIFY_SOCKET, ...)
         cli("keys", "init", "--config", str(self.config_path), check=True)
 
     def start(self, timeout: float = 30) -> Appliance:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "appliance", "run", "--config", str(self.config_path)],
-            stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+            stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
+            env={**os.environ, **self.env})
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -7,10 +7,16 @@ creates what is missing and never replaces a key.
 
 from __future__ import annotations
 
+import datetime
+import hashlib
 import json
 import os
+import re
 import socket
 import stat
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,9 +25,9 @@ import pytest
 
 from appliance import __version__
 from appliance.cli import main
-from appliance.core import config
+from appliance.core import config, crypto
 from appliance.core.errors import EX_CANTCREAT, EX_CONFIG, EX_SOFTWARE, EX_UNAVAILABLE, EX_USAGE
-from tests.peers import base_config, cli, to_toml
+from tests.peers import REPO, base_config, cli, to_toml
 
 
 @pytest.fixture
@@ -33,6 +39,7 @@ def site(tmp_path: Path) -> dict[str, Any]:
 
 
 def write_config(root: Path, cfg: dict[str, Any]) -> str:
+    root.mkdir(parents=True, exist_ok=True)
     path = root / "appliance.toml"
     path.write_text(to_toml(cfg))
     return str(path)
@@ -59,9 +66,7 @@ def test_help_exits_0() -> None:
 
 
 @pytest.mark.parametrize("argv", [
-    pytest.param([], id="no-command"),
     pytest.param(["frobnicate"], id="unknown-command"),
-    pytest.param(["config"], id="missing-subcommand"),
     pytest.param(["config", "lint"], id="unknown-subcommand"),
     pytest.param(["config", "check", "--bogus"], id="unknown-option"),
     pytest.param(["status", "extra"], id="extra-argument"),
@@ -72,6 +77,23 @@ def test_usage_error_exits_64_with_one_line(argv: list[str]) -> None:
     assert r.returncode == EX_USAGE, r.stderr
     assert_one_line_error(r)
     assert r.stdout == ""
+
+
+@pytest.mark.parametrize(("argv", "commands"), [
+    pytest.param([], ["run", "config", "keys", "queue", "bundle", "status"], id="bare"),
+    pytest.param(["config"], ["check"], id="config"),
+    pytest.param(["queue"], ["list", "show", "hold", "release", "retry", "delete"], id="queue"),
+    pytest.param(["bundle"], ["inspect", "extract"], id="bundle"),
+])
+def test_a_missing_command_prints_the_help_of_that_level_and_exits_64(
+        argv: list[str], commands: list[str]) -> None:
+    r = cli(*argv)
+    assert r.returncode == EX_USAGE
+    assert r.stdout == ""
+    assert r.stderr.startswith(f"usage: {' '.join(['appliance', *argv])} ")
+    listed = [line.split()[0] for line in r.stderr.splitlines() if line.startswith("    ")]
+    assert listed == commands
+    assert "cmd" not in r.stderr.split() and "sub" not in r.stderr.split()
 
 
 # --- config check -----------------------------------------------------------------------
@@ -103,9 +125,9 @@ def test_config_check_prints_effective_values(tmp_path: Path, site: dict[str, An
 
 def test_config_check_never_prints_a_secret(tmp_path: Path, site: dict[str, Any]) -> None:
     # (secrets elided in printed values: test_config.py; sftp itself is not available yet)
+    assert cli("keys", "init", "--config", write_config(tmp_path, site)).returncode == 0
     add_sftp(tmp_path, site, "correct-horse-battery")
     path = write_config(tmp_path, site)
-    assert cli("keys", "init", "--config", path).returncode == 0
     for args in (("config", "check"), ("config", "check", "--json")):
         r = cli(*args, "--config", path)
         assert "correct-horse-battery" not in r.stdout + r.stderr
@@ -227,6 +249,32 @@ def test_status_without_daemon_exits_69(tmp_path: Path, site: dict[str, Any]) ->
     assert "not running" in r.stderr
 
 
+def test_status_json_without_daemon_is_json_and_exits_69(tmp_path: Path, site: dict[str, Any]) -> None:
+    r = cli("status", "--json", "--config", write_config(tmp_path, site))
+    assert r.returncode == EX_UNAVAILABLE
+    d = json.loads(r.stdout)
+    assert d["running"] is False and "not running" in d["error"]
+    assert r.stderr == ""
+
+
+def test_status_json_with_a_bad_config_is_json_and_exits_78(tmp_path: Path, site: dict[str, Any]) -> None:
+    site["receive"]["port"] = 0
+    path = write_config(tmp_path, site)
+    r = cli("status", "--json", "--config", path)
+    assert r.returncode == EX_CONFIG
+    d = json.loads(r.stdout)
+    assert d["running"] is None
+    assert d["problems"] == [f"{path}: receive.port: must be 1..65535"]
+
+
+def test_status_json_of_a_running_daemon_says_running(appliance_factory: Callable[..., Any]) -> None:
+    app = appliance_factory()
+    r = cli("status", "--json", "--config", str(app.config_path))
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["running"] is True and d["pid"] == app.proc.pid
+
+
 def test_status_with_stale_socket_exits_69(tmp_path: Path, site: dict[str, Any]) -> None:
     """A socket file left behind by a killed daemon: nobody listens on it."""
     sock_path = Path(site["appliance"]["state_dir"]) / "run" / "control.sock"
@@ -246,6 +294,40 @@ def test_queue_list_before_any_run_says_so(tmp_path: Path, site: dict[str, Any])
     assert "no queue index" in r.stderr and "has the appliance run" in r.stderr
 
 
+def queue_with_items(site: dict[str, Any], n: int, created: float | None = None) -> list[str]:
+    """A queue index holding n ready segments (rows as the spool writes them), oldest
+    first; their ids. `created` defaults to n minutes ago for the first, one minute apart."""
+    from appliance.queue.index import open_index
+
+    state = Path(site["appliance"]["state_dir"])
+    state.mkdir(exist_ok=True)
+    idx = open_index(state)
+    start = time.time() - 60 * n if created is None else created
+    ids = [f"{i:024x}" for i in range(n)]
+    with idx.tx() as c:
+        for i, item_id in enumerate(ids):
+            c.execute("INSERT INTO segments(id, study_key, state, created, updated, instances,"
+                      " bytes) VALUES (?, ?, 'ready', ?, ?, 3, 1000)",
+                      (item_id, "5d41402abc4b2a76", start + 60 * i, start + 60 * i))
+    idx.close()
+    return ids
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path, site: dict[str, Any]) -> None:
+    """`appliance queue list | head`: the reader has gone; no message, exit 141 as for SIGPIPE."""
+    path = write_config(tmp_path, site)
+    queue_with_items(site, 2000)  # more than a pipe buffer holds
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before the first write
+    try:
+        p = subprocess.run([sys.executable, "-m", "appliance", "queue", "list", "--config", path],
+                           stdout=w, stderr=subprocess.PIPE, text=True, timeout=60, cwd=REPO)
+    finally:
+        os.close(w)
+    assert p.stderr == ""
+    assert p.returncode == 141
+
+
 def test_queue_list_of_an_empty_queue(tmp_path: Path, site: dict[str, Any]) -> None:
     from appliance.queue.index import open_index
 
@@ -258,6 +340,154 @@ def test_queue_list_of_an_empty_queue(tmp_path: Path, site: dict[str, Any]) -> N
     assert "the queue is empty" in r.stdout
     r = cli("queue", "list", "--json", "--config", path)
     assert r.returncode == 0 and json.loads(r.stdout) == []
+
+
+# --- times: local ISO-8601 with the offset, and an age ---------------------------------
+
+# A fixed offset with no tzdata needed: POSIX "XYZ+3:30" is UTC-03:30.
+TZ_ENV, TZ_OFFSET = "XYZ+3:30", datetime.timezone(-datetime.timedelta(hours=3, minutes=30))
+
+
+def iso(t: float) -> str:
+    return datetime.datetime.fromtimestamp(t, TZ_OFFSET).isoformat(timespec="seconds")
+
+
+def show_lines(stdout: str) -> dict[str, str]:
+    return {k: v.strip() for k, _, v in (line.partition(" ") for line in stdout.splitlines())}
+
+
+def test_queue_show_prints_local_times_with_offset_and_age(
+        tmp_path: Path, site: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TZ", TZ_ENV)
+    path = write_config(tmp_path, site)
+    created = time.time() - 180
+    (item_id,) = queue_with_items(site, 1, created=created)
+    r = cli("queue", "show", item_id, "--config", path)
+    assert r.returncode == 0, r.stderr
+    fields = show_lines(r.stdout)
+    assert fields["created"] == f"{iso(created)} (3m ago)"
+    assert fields["created"].split(" ")[0].endswith("-03:30")
+    assert fields["next_attempt"] == "-"  # never scheduled: not 1970
+
+
+def test_queue_show_json_keeps_numbers_and_adds_iso_strings(
+        tmp_path: Path, site: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TZ", TZ_ENV)
+    path = write_config(tmp_path, site)
+    created = time.time() - 180
+    (item_id,) = queue_with_items(site, 1, created=created)
+    r = cli("queue", "show", item_id, "--json", "--config", path)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["created"] == pytest.approx(created)
+    assert d["created_iso"] == iso(created)
+    assert d["next_attempt"] == 0 and d["next_attempt_iso"] is None
+
+
+def write_bundle(path: Path, recipient: Path, created: int) -> Path:
+    """A one-instance bundle for `recipient` (a PEM public key), made at `created`."""
+    from appliance.bundle.format import BundleWriter, InstanceInfo
+
+    data = b"not an image, the format does not care"
+    with path.open("wb") as f:
+        w = BundleWriter(f, "b0cafe", [crypto.load_public_key(recipient)], "5d41402abc4b2a76",
+                         created=created)
+        w.begin_instance(InstanceInfo(
+            sop_instance_uid="1.2.3.4", sop_class="1.2.840.10008.5.1.4.1.1.7",
+            transfer_syntax="1.2.840.10008.1.2.1", received_transfer_syntax="1.2.840.10008.1.2.1",
+            received_size=len(data), received_sha256=hashlib.sha256(data).hexdigest(),
+            action="passthrough"))
+        w.write(data)
+        w.end_instance()
+        w.close()
+    return path
+
+
+def test_bundle_inspect_prints_the_creation_time_with_offset_and_age(
+        tmp_path: Path, site: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TZ", TZ_ENV)
+    cli("keys", "init", "--config", write_config(tmp_path, site), check=True)
+    created = int(time.time()) - 2 * 3600
+    bundle = write_bundle(tmp_path / "x.bundle", Path(site["encryption"]["appliance_public_key"]),
+                          created)
+    r = cli("bundle", "inspect", str(bundle))
+    assert r.returncode == 0, r.stderr
+    assert show_lines(r.stdout)["created"] == f"{iso(created)} (2.0h ago)"
+
+
+def test_bundle_inspect_json_keeps_the_number_and_adds_an_iso_string(
+        tmp_path: Path, site: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TZ", TZ_ENV)
+    cli("keys", "init", "--config", write_config(tmp_path, site), check=True)
+    created = int(time.time()) - 2 * 3600
+    bundle = write_bundle(tmp_path / "x.bundle", Path(site["encryption"]["appliance_public_key"]),
+                          created)
+    r = cli("bundle", "inspect", "--json", str(bundle))
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert (d["created"], d["created_iso"]) == (created, iso(created))
+
+
+# --- bundle commands take --config, and the config's key -------------------------------
+
+
+def site_bundle(tmp_path: Path, site: dict[str, Any]) -> tuple[str, Path]:
+    """(config path, a bundle sealed for the site's appliance key, keys created)."""
+    path = write_config(tmp_path, site)
+    cli("keys", "init", "--config", path, check=True)
+    pub = Path(site["encryption"]["appliance_public_key"])
+    return path, write_bundle(tmp_path / "x.bundle", pub, int(time.time()))
+
+
+def test_bundle_extract_takes_its_key_from_config(tmp_path: Path, site: dict[str, Any]) -> None:
+    path, bundle = site_bundle(tmp_path, site)
+    r = cli("bundle", "extract", str(bundle), "--config", path, "--out", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"1 instances written to {tmp_path / 'out'}"
+    assert (tmp_path / "out" / "0.dcm").read_bytes() == b"not an image, the format does not care"
+
+
+def test_bundle_inspect_with_config_shows_the_manifest(tmp_path: Path, site: dict[str, Any]) -> None:
+    path, bundle = site_bundle(tmp_path, site)
+    r = cli("bundle", "inspect", str(bundle), "--config", path, "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["study"] == "5d41402abc4b2a76" and len(d["instances"]) == 1
+
+
+def test_bundle_inspect_uses_the_default_config_when_it_exists(
+        run_main: Callable[..., tuple[int, str, str]], monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path, site: dict[str, Any]) -> None:
+    path, bundle = site_bundle(tmp_path, site)
+    monkeypatch.setattr(config, "DEFAULT_CONFIG", Path(path))
+    rc, out, err = run_main("bundle", "inspect", str(bundle), "--json")
+    assert rc == 0, err
+    assert json.loads(out)["study"] == "5d41402abc4b2a76"
+
+
+def test_bundle_inspect_of_another_box_bundle_shows_its_header(
+        tmp_path: Path, site: dict[str, Any]) -> None:
+    """The config's key was not asked for: a bundle it cannot open still shows its header."""
+    path, _ = site_bundle(tmp_path, site)
+    other = base_config(tmp_path / "other", 11112)
+    cli("keys", "init", "--config", write_config(tmp_path / "other", other), check=True)
+    bundle = write_bundle(tmp_path / "y.bundle", Path(other["encryption"]["appliance_public_key"]),
+                          int(time.time()))
+    r = cli("bundle", "inspect", str(bundle), "--config", path)
+    assert r.returncode == 0, r.stderr
+    fields = show_lines(r.stdout)
+    assert fields["bundle_id"] == "b0cafe"
+    assert fields["manifest"] == (f"not shown: encryption.appliance_key "
+                                  f"({site['encryption']['appliance_key']}) is not a recipient")
+
+
+def test_bundle_extract_without_key_or_config_is_a_usage_error(
+        run_main: Callable[..., tuple[int, str, str]], monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> None:
+    monkeypatch.setattr(config, "DEFAULT_CONFIG", tmp_path / "absent.toml")
+    rc, out, err = run_main("bundle", "extract", str(tmp_path / "x.bundle"), "--out", str(tmp_path))
+    assert rc == EX_USAGE
+    assert err.startswith("error: appliance bundle extract: give --key, or --config")
 
 
 # --- the top-level handler, in process ---------------------------------------------------
@@ -292,6 +522,19 @@ def test_unexpected_exception_is_one_line_and_70(run_main: Callable[..., tuple[i
     assert "DOE" not in err and out == ""
 
 
+def test_broken_pipe_not_on_stdout_is_still_a_bug(run_main: Callable[..., tuple[int, str, str]],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a closed stdout ends quietly; EPIPE from anything else is reported."""
+    def boom(path: Path | None = None) -> config.Config:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.delenv("APPLIANCE_DEBUG", raising=False)
+    monkeypatch.setattr(config, "load", boom)
+    rc, out, err = run_main("config", "check")
+    assert rc == EX_SOFTWARE
+    assert err.splitlines() == ["error: unexpected BrokenPipeError; rerun with APPLIANCE_DEBUG=1 for details"]
+
+
 def test_unexpected_exception_raises_under_appliance_debug(
         run_main: Callable[..., tuple[int, str, str]], monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(path: Path | None = None) -> config.Config:
@@ -314,6 +557,19 @@ def test_status_daemon_not_answering_exits_69(run_main: Callable[..., tuple[int,
         rc, out, err = run_main("status", "--config", str(tmp_path / "appliance.toml"))
     assert rc == EX_UNAVAILABLE
     assert err.splitlines() == [f"error: the appliance daemon did not answer on {sock_path}"]
+
+
+def test_status_json_daemon_not_answering_is_json_and_exits_69(
+        run_main: Callable[..., tuple[int, str, str]], tmp_path: Path, site: dict[str, Any]) -> None:
+    sock_path = Path(site["appliance"]["state_dir"]) / "run" / "control.sock"
+    sock_path.parent.mkdir(parents=True)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as hung:
+        hung.bind(str(sock_path))
+        hung.listen(1)  # never accepted, never answered
+        rc, out, err = run_main("status", "--json", "--config", str(tmp_path / "appliance.toml"))
+    assert rc == EX_UNAVAILABLE and err == ""
+    assert json.loads(out) == {"running": None,
+                               "error": f"the appliance daemon did not answer on {sock_path}"}
 
 
 def test_config_error_lines_in_process(run_main: Callable[..., tuple[int, str, str]],
@@ -342,16 +598,23 @@ def test_state_dir_too_long_for_the_status_socket(tmp_path: Path) -> None:
     assert "Traceback" not in r.stderr
 
 
-def test_sftp_destination_is_reported_as_not_available(tmp_path: Path) -> None:
+def test_sftp_destination_is_reported_as_not_available_at_once(tmp_path: Path) -> None:
+    """Not only after the technician has filled in every sftp key."""
     cfg = base_config(tmp_path, 11112)
-    (tmp_path / "id").write_text("k")
-    (tmp_path / "id").chmod(0o600)
-    (tmp_path / "kh").write_text("h")
-    cfg["destinations"] = [{"name": "center", "transport": "sftp", "host": "127.0.0.1",
-                            "user": "u", "key": str(tmp_path / "id"),
-                            "known_hosts": str(tmp_path / "kh")}]
-    path = write_config(tmp_path, cfg)
-    assert cli("keys", "init", "--config", path).returncode == 0
-    r = cli("config", "check", "--config", path)
+    cfg["destinations"] = [{"name": "center", "transport": "sftp"}]
+    r = cli("config", "check", "--config", write_config(tmp_path, cfg))
     assert r.returncode == EX_CONFIG
-    assert "destinations[0].transport: sftp is not available" in r.stderr
+    assert [line.split(": ", 3)[2:] for line in r.stderr.splitlines()] == [
+        ["destinations[0].transport", "sftp is not available in this version of the appliance;"
+                                      " use dicom or directory"]]
+
+
+# --- the README says what the commands show ---------------------------------------------
+
+
+def test_readme_explains_every_state_queue_list_shows() -> None:
+    from appliance.queue.state import STATES
+
+    readme = (REPO / "README.md").read_text()
+    explained = re.findall(r"^\| `(\w+)` \| ", readme, re.M)
+    assert explained == list(STATES)

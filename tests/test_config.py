@@ -66,6 +66,13 @@ SFTP = {"name": "drop", "transport": "sftp", "host": "upload.example", "user": "
 DIRECTORY = {"name": "outbox", "transport": "directory", "path": "/srv/outbox"}
 
 
+@pytest.fixture
+def sftp_available(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parse sftp blocks as they will be once the transport exists (today they are refused
+    at once: test_sftp_is_refused_at_once_without_asking_for_its_keys)."""
+    monkeypatch.setattr(config, "UNAVAILABLE_TRANSPORTS", {})
+
+
 # --- defaults -------------------------------------------------------------------------
 
 
@@ -101,7 +108,7 @@ def test_receive_tls_defaults() -> None:
                                                 Path("/t/ca.pem"), None, True)
 
 
-def test_destination_transport_defaults() -> None:
+def test_destination_transport_defaults(sftp_available: None) -> None:
     cfg = parse(with_(destinations=[{**DICOM}, SFTP, DIRECTORY]))
     dicom, sftp, directory = cfg.destinations
     assert (dicom.port, dicom.timeout_s, dicom.tls, dicom.calling_ae_title) == (104, 30.0, None, None)
@@ -311,9 +318,15 @@ def test_dicom_with_tls_parses() -> None:
 
 
 @pytest.mark.parametrize("missing", ["host", "user", "key", "known_hosts"])
-def test_sftp_required_keys(missing: str) -> None:
+def test_sftp_required_keys(missing: str, sftp_available: None) -> None:
     dest = {k: v for k, v in SFTP.items() if k != missing}
     assert one_problem(with_(destinations=[dest])) == f"{MAIN}: destinations[0].{missing}: is required"
+
+
+def test_sftp_is_refused_at_once_without_asking_for_its_keys() -> None:
+    p = one_problem(with_(destinations=[{"name": "drop", "transport": "sftp"}]))
+    assert p == (f"{MAIN}: destinations[0].transport: sftp is not available in this version of"
+                 " the appliance; use dicom or directory")
 
 
 def test_dicom_required_keys() -> None:
@@ -398,14 +411,14 @@ def test_problem_messages_quote_config_values_only() -> None:
 # --- effective config -----------------------------------------------------------------
 
 
-def test_effective_elides_secrets() -> None:
+def test_effective_elides_secrets(sftp_available: None) -> None:
     cfg = parse(with_(destinations=[{**SFTP, "key_passphrase": "hunter2"}]))
     eff = config.effective(cfg)
     assert eff["destinations"][0]["key_passphrase"] == config.ELIDED
     assert "hunter2" not in json.dumps(eff)
 
 
-def test_effective_shows_only_the_fields_of_each_transport() -> None:
+def test_effective_shows_only_the_fields_of_each_transport(sftp_available: None) -> None:
     eff = config.effective(parse(with_(destinations=[DIRECTORY, DICOM, SFTP])))
     directory, dicom, sftp = eff["destinations"]
     assert set(directory) == {"name", "transport", "path"}

@@ -144,18 +144,26 @@ def test_kill9_at_random_moments_during_transfer(appliance_factory, samples: Pat
     window = {name: measure(name) for name in lots}
     for name, (first, last) in window.items():
         print(f"transfer window {name}: {first * 1000:.0f}..{last * 1000:.0f} ms after launch")
+    # A kill lands after a random number of Success responses plus a random part of one
+    # image's time: by progress, not by the clock, so a loaded machine (slower start-up,
+    # slower images) still puts the kills inside the transfer.
+    per_image = {name: max(0.001, (last - first) / len(lots[name])) for name, (first, last) in window.items()}
 
     t_loop = time.monotonic()
     partial = total_acked = total_stored = total_temps = total_adopted = 0
     for i in range(ROUNDS):
         name = (EPI, CT)[i % 2]
         files = lots[name]
-        delay = rng.uniform(*window[name])
+        responses, extra = rng.randrange(0, len(files) - 1), rng.uniform(0, 2 * per_image[name])
         app.start()
         log = tmp_path / f"storescu-{i}.log"
         t0 = time.monotonic()
         proc = popen_storescu(app.port, files, log)
-        time.sleep(max(0.0, delay - (time.monotonic() - t0)))
+        while proc.poll() is None and time.monotonic() - t0 < 60:
+            if log.read_text(errors="replace").count("I: Received Store Response") >= responses:
+                break
+            time.sleep(0.001)
+        time.sleep(extra)
         app.kill9()
         killed_at = time.monotonic() - t0
         run = finish_storescu(proc, files, log)
@@ -174,7 +182,8 @@ def test_kill9_at_random_moments_during_transfer(appliance_factory, samples: Pat
         total_stored += len(by_sop)
         total_temps += ev["temps_removed"]
         total_adopted += ev["adopted"]
-        print(f"round {i:2d} {name[:6]} kill at {killed_at * 1000:6.1f} ms: acked {acked:3d}/{len(files)},"
+        print(f"round {i:2d} {name[:6]} kill after {responses:3d} responses at {killed_at * 1000:6.1f} ms:"
+              f" acked {acked:3d}/{len(files)},"
               f" spooled {len(by_sop):3d} (+{len(by_sop) - acked} unacknowledged),"
               f" recovery temps_removed={ev['temps_removed']} adopted={ev['adopted']}")
         app.stop()

@@ -147,6 +147,11 @@ class Destination:
 
 
 @dataclass(frozen=True)
+class Health:
+    stall_s: float = 120.0  # a stage working this long without progress is stuck
+
+
+@dataclass(frozen=True)
 class Appliance:
     name: str = "appliance"
     state_dir: Path = Path("/var/lib/appliance")
@@ -162,6 +167,7 @@ class Config:
     pack: Pack = Pack()
     encryption: Encryption = Encryption()
     queue: Queue = Queue()
+    health: Health = Health()
     destinations: tuple[Destination, ...] = ()
     # Files read, in order, and which file set each dotted key (so that problems found
     # later, such as a missing key file, can name the file the technician must edit).
@@ -186,6 +192,13 @@ TRANSPORT_KEYS: dict[str, tuple[str, ...]] = {
               "timeout_s"),
     "sftp": ("host", "port", "user", "key", "key_passphrase", "known_hosts", "remote_dir",
              "timeout_s"),
+}
+
+# Transports whose keys are parsed (above) but that this version cannot send with yet,
+# and what `config check` and `run` say at once when a destination names one, rather
+# than first asking for every key of it.
+UNAVAILABLE_TRANSPORTS: dict[str, str] = {
+    "sftp": "sftp is not available in this version of the appliance; use dicom or directory",
 }
 
 
@@ -544,6 +557,13 @@ def _parse_queue(t: _Table) -> Queue:
     return q
 
 
+def _parse_health(t: _Table) -> Health:
+    d = Health()
+    h = Health(stall_s=t.number("stall_s", d.stall_s, 5, 3600))
+    t.finish()
+    return h
+
+
 def _dicom_keys(t: _Table) -> dict[str, Any]:
     kw: dict[str, Any] = {
         "host": t.string("host", max_len=253),
@@ -599,6 +619,10 @@ def _parse_destination(t: _Table) -> Destination | None:
             t.ctx.problem(t.key("transport"), "is required (dicom, sftp or directory)")
         t.ignore_rest()  # which keys belong here depends on the transport
         return None
+    if transport in UNAVAILABLE_TRANSPORTS:
+        t.ctx.problem(t.key("transport"), UNAVAILABLE_TRANSPORTS[transport])
+        t.ignore_rest()
+        return None
     kw: dict[str, Any]
     if transport == "directory":
         kw = {"path": t.path("path")}
@@ -648,6 +672,7 @@ def parse(data: Mapping[str, Any], origins: Mapping[str, Path], main_file: Path,
         pack=_parse_pack(top.table("pack")),
         encryption=_parse_encryption(top.table("encryption")),
         queue=_parse_queue(top.table("queue")),
+        health=_parse_health(top.table("health")),
         destinations=_parse_destinations(top),
         sources=sources or (main_file,),
         origins=dict(origins),

@@ -73,6 +73,18 @@ class StateError(ApplianceError):
     exit_code = EX_CANTCREAT
 
 
+class DaemonNotRunningError(ApplianceError):
+    """No daemon listens on the control socket (a hung one: health.control.DaemonUnavailable)."""
+
+    exit_code = EX_UNAVAILABLE
+
+
+class PermissionDeniedError(ApplianceError):
+    """This user may not use what the command needs (the status socket is 0600)."""
+
+    exit_code = EX_NOPERM
+
+
 class UsageError(ApplianceError):
     """The command line is not valid."""
 

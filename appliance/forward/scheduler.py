@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 
 import structlog
 
+from appliance.core import failpoints
 from appliance.core.config import Queue as QueueConfig
 from appliance.forward import Permanent, Retryable, Transport, Unreadable
 from appliance.queue.store import Queue, backoff
@@ -49,6 +50,7 @@ class Forwarder:
             return False
         t0 = time.monotonic()
         try:
+            failpoints.hit("forward.hang")
             dest.send(item.id, self.queue.path(item.id), self._progress(item.id))
         except Unreadable as e:
             kept = self.queue.quarantine(item.id, str(e))

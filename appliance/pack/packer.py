@@ -52,7 +52,7 @@ import structlog
 from pydicom import dcmread
 
 from appliance.bundle.format import BundleWriter
-from appliance.core import crypto, durable
+from appliance.core import crypto, durable, failpoints
 from appliance.core.config import Pack
 from appliance.core.errors import IntegrityError
 from appliance.pack import stream as stream_pack
@@ -94,8 +94,10 @@ def due_for_sealing(seg: SegmentTimes, cfg: Pack, now: float) -> str | None:
 
 class Packer:
     def __init__(self, cfg: Pack, spool: Spool, queue: Queue, recipients: Sequence[Any],
-                 pool: CodecPool, receiving_burst: Callable[[], bool] = lambda: False) -> None:
+                 pool: CodecPool, receiving_burst: Callable[[], bool] = lambda: False,
+                 beat: Callable[[], None] = lambda: None) -> None:
         self.cfg = cfg
+        self.beat = beat  # progress, for the stage supervisor (health/supervisor.py)
         self.receiving_burst = receiving_burst
         self.spool = spool
         self.queue = queue
@@ -134,6 +136,7 @@ class Packer:
         return packed
 
     def pack(self, seg_id: str) -> None:
+        failpoints.hit("pack.hang")
         seg = self.queue.get(seg_id)
         rows = self.index.query("SELECT id, size FROM instances WHERE segment_id=? AND packed=0"
                                 " ORDER BY received, id", (seg_id,))
@@ -206,6 +209,7 @@ class Packer:
                                    "action": res.action, "reason": res.reason})
             writer.write(res.data)
             writer.end_instance()
+            self.beat()
         finally:
             if job.temp:
                 _remove(job.temp)
@@ -228,6 +232,7 @@ class Packer:
                                          self.spool.key.key)
             size, digest = s.facts["received_size"], s.facts["received_sha256"]
         stream_pack.check_written(writer.end_instance(), size, digest)
+        self.beat()
 
     def remove_packed(self, seg_id: str | None = None) -> int:
         """Unlink spool files of packed instances, then forget them (crash-safe order)."""

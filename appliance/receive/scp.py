@@ -56,9 +56,10 @@ from appliance import __version__
 from appliance.core import dicomscan
 from appliance.core.config import Receive
 from appliance.core.errors import SpoolFullError
+from appliance.health.supervisor import Stage
 from appliance.receive import intake
 from appliance.receive.intake import InstanceBuffer
-from appliance.spool.store import InstanceMeta, Spool, reader
+from appliance.spool.store import InstanceMeta, Spool, Stored, reader
 
 log = structlog.get_logger("appliance.receive")
 
@@ -365,12 +366,14 @@ class Receiver:
     """Builds the AE, binds handlers with their dependencies, starts and stops listeners."""
 
     def __init__(self, cfg: Receive, spool: Spool, stats: ReceiveStats,
-                 on_stored: Callable[[str], None] | None = None) -> None:
+                 on_stored: Callable[[str], None] | None = None, stage: Stage | None = None) -> None:
         self.cfg = cfg
         self.spool = spool
         self.stats = stats
         self.on_stored = on_stored
+        self.stage = stage or Stage("receive", 120.0)  # the supervisor's, in the daemon
         self.servers: list[ThreadedAssociationServer] = []
+        self._threads: list[threading.Thread] = []
         self._per_assoc: dict[int, Counter[str]] = {}  # id(association) -> outcomes, bytes
         self.last_store = 0.0  # time.monotonic() of the last C-STORE answered
         tune_malloc()  # process-wide; see MALLOC_MMAP_THRESHOLD
@@ -417,9 +420,14 @@ class Receiver:
                                      server_class=_Server)
         t = threading.Thread(target=server.serve_forever, name=f"listen-{port}", daemon=True)
         t.start()
+        self._threads.append(t)
         self.servers.append(server)
         bound = server.server_address
         return (str(bound[0]), int(bound[1]), ctx is not None)
+
+    def listening(self) -> bool:
+        """Every listener's accept thread is alive (for the supervisor)."""
+        return all(t.is_alive() for t in self._threads)
 
     def stop(self) -> None:
         for s in self.servers:
@@ -501,14 +509,8 @@ class Receiver:
         else:
             parts, nbytes = buf.parts, buf.size - buf.head_size
         try:
-            if buf is not None and buf.failed:
-                raise Rejected(buf.failed if buf.failed in STATUS else "internal")
-            if buf is not None and buf.incoming is not None:
-                meta = identify([bytes(buf.prefix)], sop_uid, calling, complete=buf.complete_prefix)
-                stored = self.spool.store_incoming(buf.incoming, meta)
-            else:
-                meta = identify(parts, sop_uid, calling)
-                stored = self.spool.store(parts, meta)
+            with self.stage.job("store"):
+                stored = self._store(buf, parts, sop_uid, calling)
         except Rejected as r:
             return self._answer(event, r.outcome, nbytes)
         except SpoolFullError:
@@ -530,11 +532,20 @@ class Receiver:
         outcome = "duplicate" if stored.duplicate else "stored"
         self._count(event, outcome, nbytes)
         log.debug("instance.stored" if not stored.duplicate else "instance.duplicate",
-                 instance=stored.id, segment=stored.segment_id, study=stored.study_key,
-                 bytes=nbytes, sop_class=str(meta.sop_class), transfer_syntax=str(meta.transfer_syntax))
+                 instance=stored.id, segment=stored.segment_id, study=stored.study_key, bytes=nbytes)
         if self.on_stored:
             self.on_stored(stored.segment_id)
         return STATUS[outcome][0]
+
+    def _store(self, buf: InstanceBuffer | None, parts: list[bytes | memoryview], sop_uid: str,
+               calling: str) -> Stored:
+        """Identify and spool one instance; raises Rejected, SpoolFullError, OSError, ..."""
+        if buf is not None and buf.failed:
+            raise Rejected(buf.failed if buf.failed in STATUS else "internal")
+        if buf is not None and buf.incoming is not None:
+            meta = identify([bytes(buf.prefix)], sop_uid, calling, complete=buf.complete_prefix)
+            return self.spool.store_incoming(buf.incoming, meta)
+        return self.spool.store(parts, identify(parts, sop_uid, calling))
 
     def _answer(self, event: Any, outcome: str, nbytes: int) -> int:
         status, meaning = STATUS[outcome]
