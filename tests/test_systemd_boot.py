@@ -28,7 +28,7 @@ import pytest
 
 from tests import nspawn
 from tests.nspawn import Container
-from tests.peers import REPO, cli, dcmtk_env, wait_for
+from tests.peers import cli, dcmtk_env, wait_for
 
 pytestmark = [pytest.mark.systemd_boot, pytest.mark.root]
 
@@ -245,12 +245,11 @@ def test_a_frozen_daemon_is_restarted_by_the_watchdog_and_nothing_acknowledged_i
         all_in_bundles(c, files, tmp_path)
 
 
-@pytest.mark.xfail(not (REPO / "appliance" / "core" / "failpoints.py").exists(), run=False, strict=True,
-                   reason="needs the stage supervisor and appliance/core/failpoints.py (lead's branch)")
 def test_a_frozen_pack_stage_is_restarted_by_the_watchdog_and_nothing_acknowledged_is_lost(
         installed: tuple[Path, ...], samples: Path, tmp_path: Path) -> None:
     dropin = SHORT_WATCHDOG + f"Environment=APPLIANCE_FAILPOINTS={FAILPOINTS}\n"
-    with nspawn.booted(installed, tmp_path, nspawn.site_config(), {"test.conf": dropin}) as c:
+    cfg = nspawn.site_config(health={"stall_s": 5.0})  # a pack job silent for 5 s is stuck
+    with nspawn.booted(installed, tmp_path, cfg, {"test.conf": dropin}) as c:
         wait_active(c)
         c.run("mkdir", "-p", FAILPOINTS, check=True)
         c.run("touch", f"{FAILPOINTS}/pack.hang", check=True)  # pack blocks while it exists
