@@ -7,11 +7,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEV_CONFIG := config/appliance.dev.toml
 # Debian packages the tests talk to: the modality (dcmtk), the PACS (orthanc),
-# the SFTP server (openssh-server), and the WAN tools (iproute2, nftables).
-PEERS := dcmtk orthanc openssh-server iproute2 nftables
+# the SFTP server (openssh-server), the WAN tools (iproute2, nftables), and what boots
+# the systemd unit in a Debian container (mmdebstrap, systemd-container for
+# systemd-nspawn; util-linux for nsenter/unshare).
+PEERS := dcmtk orthanc openssh-server iproute2 nftables mmdebstrap systemd-container util-linux
 PYTEST_ARGS ?=
 
-.PHONY: run test peers venv bench bench-receive bench-pack lint clean
+.PHONY: run test test-boot peers venv bench bench-receive bench-pack lint clean
 
 $(BIN)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -31,6 +33,9 @@ peers:
 	test -x /usr/sbin/sshd || missing="$$missing openssh-server"; \
 	command -v ip >/dev/null || missing="$$missing iproute2"; \
 	command -v nft >/dev/null || missing="$$missing nftables"; \
+	command -v mmdebstrap >/dev/null || missing="$$missing mmdebstrap"; \
+	command -v systemd-nspawn >/dev/null || missing="$$missing systemd-container"; \
+	command -v nsenter >/dev/null || missing="$$missing util-linux"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing test peers:$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
@@ -46,8 +51,15 @@ run: venv
 	@echo "  try: storescu -aec EDGE 127.0.0.1 11112 FILE.dcm"
 	exec $(BIN)/appliance run --config $(DEV_CONFIG)
 
+# The whole suite, the boot tier included (tests/test_systemd_boot.py, marker systemd_boot:
+# ~80 s, plus ~40-60 s the first time to build the container's root file system, cached
+# in .cache/nspawn/; docs/systemd.md).
 test: venv peers
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Only the boot tier: the unit booted under systemd in a Debian 12 container.
+test-boot: venv peers
+	$(BIN)/python -m pytest -m systemd_boot $(PYTEST_ARGS)
 
 bench: bench-receive bench-pack
 
@@ -64,4 +76,4 @@ lint: venv
 	$(BIN)/mypy --strict docs/gen_conformance.py
 
 clean:
-	rm -rf $(VENV) var build *.egg-info .pytest_cache
+	rm -rf $(VENV) var build *.egg-info .pytest_cache .cache

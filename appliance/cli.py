@@ -1,7 +1,10 @@
 """The `appliance` command line.
 
     appliance run            [--config PATH]     run the daemon in the foreground
-    appliance config check   [--config PATH]     print the effective config, or every problem
+    appliance config check   [--config PATH] [--systemd]
+                                                 print the effective config, or every problem
+    appliance config systemd-dropin [--config PATH] [--write]
+                                                 the unit drop-in for paths outside /var/lib/appliance
     appliance keys init      [--config PATH]     create missing keys (never overwrites)
     appliance queue list     [--config PATH] [--json]
     appliance queue show|hold|release|retry|delete ID|--all [--config PATH]
@@ -39,7 +42,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 
 from appliance import __version__
-from appliance.core import config, crypto, durable
+from appliance.core import config, crypto, durable, sandbox
 from appliance.core.errors import (
     EX_USAGE,
     ApplianceError,
@@ -79,6 +82,16 @@ def _parser() -> argparse.ArgumentParser:
     cfg_sub = cfg.add_subparsers(dest="sub")
     chk = cfg_sub.add_parser("check", parents=[common], help="check and print the effective config")
     chk.add_argument("--json", action="store_true")
+    chk.add_argument("--systemd", action="store_true",
+                     help="also check the folders against the systemd unit's writable paths"
+                          " (automatic when the unit is installed)")
+    chk.add_argument("--unit-dir", type=Path, default=sandbox.UNIT_DIR, help=argparse.SUPPRESS)
+    dropin = cfg_sub.add_parser("systemd-dropin", parents=[common],
+                                help="print (or --write) the systemd drop-in that lets the appliance"
+                                     " write its state_dir and directory destinations")
+    dropin.add_argument("--write", action="store_true",
+                        help=f"write it to {sandbox.dropin_path()} instead of printing it")
+    dropin.add_argument("--unit-dir", type=Path, default=sandbox.UNIT_DIR, help=argparse.SUPPRESS)
     keys = sub.add_parser("keys", help="key management")
     keys_sub = keys.add_subparsers(dest="sub")
     keys_sub.add_parser("init", parents=[common],
@@ -172,7 +185,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "run":
         return cmd_run(args)
     if args.cmd == "config":
-        return cmd_config_check(args)
+        return cmd_config_check(args) if args.sub == "check" else cmd_systemd_dropin(args)
     if args.cmd == "keys":
         return cmd_keys_init(args)
     if args.cmd == "queue":
@@ -189,20 +202,65 @@ def cmd_run(args: argparse.Namespace) -> int:
     from appliance.daemon import Daemon
 
     cfg = config.load(args.config)
+    # Every problem `config check` finds stops the start here, with exit code 78 from the
+    # main process: under systemd that is the code RestartPreventExitStatus= sees (it
+    # ignores ExecStartPre=), so a bad config fails the unit once instead of looping.
+    found = _check_files(cfg)
+    if sandbox.read_only(cfg.appliance.state_dir):
+        found.append(("appliance.state_dir", _read_only_state_dir(cfg.appliance.state_dir)))
+    _raise_problems(cfg, found)
     log.setup(cfg.appliance.log_level, cfg.appliance.log_format)
     return Daemon(cfg).run()
 
 
+def _read_only_state_dir(p: Path) -> str:
+    return (f"{p} is on a read-only file system here; under the systemd unit a state_dir outside"
+            f" /var/lib/appliance needs the drop-in {sandbox.dropin_path()}: write it with"
+            " `appliance config systemd-dropin --write`, then `systemctl daemon-reload`")
+
+
+def _raise_problems(cfg: config.Config, found: list[tuple[str, str]]) -> None:
+    if found:
+        raise ConfigError([f"{cfg.file_of(key)}: {key}: {msg}" for key, msg in found])
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
     cfg = config.load(args.config)
-    problems = [f"{cfg.file_of(key)}: {key}: {msg}" for key, msg in _check_files(cfg)]
-    if problems:
-        raise ConfigError(problems)
+    found = _check_files(cfg)
+    if args.systemd or sandbox.unit_installed():
+        found += sandbox.problems(cfg, sandbox.granted(args.unit_dir),
+                                  sandbox.dropin_path(args.unit_dir))
+    _raise_problems(cfg, found)
     eff = config.effective(cfg)
     if args.json:
         print(json.dumps(eff, indent=2))
     else:
         _print_tree(eff)
+    return 0
+
+
+def cmd_systemd_dropin(args: argparse.Namespace) -> int:
+    """Print or write the unit drop-in; hidden or unwritable folders are config errors."""
+    cfg = config.load(args.config)
+    found = [(key, f"{path} cannot be named in a unit file (control characters)")
+             for key, path in sandbox.needed(cfg) if not sandbox.unit_safe(path)]
+    found += sandbox.hidden(cfg)  # what no drop-in fixes
+    _raise_problems(cfg, found)
+    target = sandbox.dropin_path(args.unit_dir)
+    text = sandbox.dropin_text(cfg)
+    if not args.write:
+        print(text, end="")
+        return 0
+    # World-readable, as unit files are: `config check` reads it as the service user.
+    umask = os.umask(0o022)
+    try:
+        durable.make_dirs(target.parent, mode=0o755)
+        durable.atomic_write(target, text.encode(), mode=0o644)
+    except PermissionError:
+        raise UsageError(f"cannot write {target}: permission denied (run as root)") from None
+    finally:
+        os.umask(umask)
+    print(f"wrote {target}; now run: systemctl daemon-reload && systemctl restart appliance")
     return 0
 
 

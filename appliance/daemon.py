@@ -35,7 +35,7 @@ from typing import Any
 import structlog
 
 from appliance import __version__
-from appliance.core import crypto, durable
+from appliance.core import crypto, durable, hardening
 from appliance.core.config import Config, Destination
 from appliance.core.errors import ConfigError, StateError
 from appliance.forward import Transport, conversion
@@ -150,6 +150,8 @@ class Daemon:
 
     def run(self) -> int:
         cfg = self.cfg
+        if not_hardened := hardening.forbid_core_dumps():  # before any key or image is in memory
+            log.warning("core_dumps.not_forbidden", steps=not_hardened)
         lock_fd = lock_state_dir(cfg.appliance.state_dir)
         key = crypto.load_spool_key(cfg.spool.key_file)
         index = open_index(cfg.appliance.state_dir)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -204,3 +205,12 @@ def storescu(port: int, files: Iterable[Path | str], aet: str = "MODALITY", call
 def echoscu(port: int, aet: str = "MODALITY", extra: Iterable[str] = ()) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["echoscu", "-aet", aet, "-aec", "EDGE", *extra, "127.0.0.1", str(port)],
                           capture_output=True, text=True, timeout=60, env=dcmtk_env())
+
+
+def in_read_only_bind(folder: Path, *cmd: str) -> subprocess.CompletedProcess[str]:
+    """`cmd` in a new mount namespace where `folder` is bound read-only onto itself."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        raise AssertionError("needs root and unshare (util-linux) for a private read-only bind mount")
+    script = 'mount --bind -o ro "$0" "$0" && exec "$@"'
+    return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script,
+                           str(folder), *cmd], capture_output=True, text=True, timeout=120, cwd=REPO)

@@ -38,3 +38,37 @@ def test_unit_is_notify_with_watchdog_and_no_restart_on_config_error() -> None:
     assert "Type=notify" in text
     assert re.search(r"^WatchdogSec=\d+", text, re.M)
     assert "RestartPreventExitStatus=78" in text
+
+
+def test_config_is_checked_by_the_main_process_not_exec_start_pre() -> None:
+    # systemd 252 restarts a unit whose ExecStartPre= exits 78 despite
+    # RestartPreventExitStatus=78 (booted: tests/test_systemd_boot.py, docs/systemd.md);
+    # `appliance run` checks the config itself.
+    assert not re.search(r"^ExecStartPre=", UNIT.read_text(), re.M)
+
+
+def settings(name: str) -> list[str]:
+    return re.findall(rf"^{name}=(.*)$", UNIT.read_text(), re.M)
+
+
+def test_system_calls_the_daemon_needs_are_allowed_after_the_groups_that_deny_them() -> None:
+    # The lines apply in order: a later plain line adds back what a "~" line removed.
+    lines = settings("SystemCallFilter")
+    assert lines[0] == "@system-service"
+    deny = next(i for i, ln in enumerate(lines) if ln.startswith("~"))
+    assert "@resources" in lines[deny]
+    allowed_after = {c for ln in lines[deny + 1:] if not ln.startswith("~") for c in ln.split()}
+    assert {"mbind", "setpriority", "sched_setscheduler"} <= allowed_after
+
+
+def test_a_denied_system_call_fails_with_eperm_instead_of_killing() -> None:
+    assert settings("SystemCallErrorNumber") == ["EPERM"]
+
+
+def test_core_dumps_are_off_and_resources_are_bounded() -> None:
+    assert settings("LimitCORE") == ["0"]
+    assert settings("TasksMax") and settings("MemoryHigh") and settings("MemoryMax")
+
+
+def test_a_directory_destination_on_a_nas_is_mounted_before_the_daemon_starts() -> None:
+    assert "remote-fs.target" in settings("After")[0].split()

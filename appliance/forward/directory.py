@@ -4,7 +4,11 @@ On disk: `<path>/<bundle id>.bundle`, written as `.tmp-*`, fsynced, renamed, and
 folder fsynced, so a reader of the folder (an rsync job, a NAS sync) never sees a
 partial bundle. The folder must exist: if it does not (a NAS not mounted), writing into
 the empty mount point would fill the local disk, so that is a retryable failure that
-says so. The bundle stays encrypted: whoever reads the folder needs a recipient key.
+says so. A folder the appliance may not write (EROFS: outside the systemd unit's
+writable paths, or a read-only share; EACCES/EPERM: its owner or mode) will not heal by
+itself: that is `Permanent`, and the reason names the fix, so the bundle is held where
+an operator sees it instead of being retried forever. The bundle stays encrypted:
+whoever reads the folder needs a recipient key.
 
 The bundle is verified with the appliance's private key in the same pass that copies
 it (every chunk, the record grammar, the manifest against each instance): a bundle that
@@ -27,6 +31,16 @@ from appliance.core.errors import IntegrityError
 from appliance.forward import Permanent, Plan, Retryable, Unreadable
 
 _CHUNK = 1 << 20
+_UNIT_FIX = ("under systemd the folder must be in the unit's writable paths:"
+             " `appliance config systemd-dropin --write`, `systemctl daemon-reload`,"
+             " `systemctl restart appliance`")
+_OWNER_FIX = "make the folder writable by the appliance's user"
+# errno -> what the operator must do before releasing the held bundles.
+_NEEDS_A_HUMAN = {
+    errno.EROFS: f"the file system is read-only to the appliance ({_UNIT_FIX})",
+    errno.EACCES: _OWNER_FIX,
+    errno.EPERM: _OWNER_FIX,
+}
 
 
 class _Copying:
@@ -76,8 +90,9 @@ class DirectoryTransport:
         except FileNotFoundError:
             raise Permanent("bundle file vanished from the queue") from None
         except OSError as e:
-            if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-                raise Retryable(f"cannot write to {self.path}: {e.strerror}") from None
+            if e.errno in _NEEDS_A_HUMAN:
+                raise Permanent(f"cannot write to {self.path}: {e.strerror}; {_NEEDS_A_HUMAN[e.errno]},"
+                                " then `appliance queue release --all`") from None
             raise Retryable(f"writing to {self.path} failed: {e.strerror}") from None
         for entry in manifest.instances:  # the folder now holds every instance of it
             plan.delivered(entry.index)

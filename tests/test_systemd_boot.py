@@ -1,0 +1,345 @@
+"""The shipped unit, booted under real systemd: Debian 12 in systemd-nspawn (tests/nspawn.py).
+
+What it shows, each against `systemd/appliance.service` as shipped plus, where a test
+says so, a drop-in: the daemon lives under the unit's system call filter (numpy's mbind,
+the codec workers' priority calls) and feeds the watchdog; a C-STORE into the container
+ends as a JPEG 2000 bundle; core dumps are off; a bad config fails the unit once and
+leaves it failed (and why the check is not an ExecStartPre=); a state_dir or destination
+outside /var/lib/appliance works once the drop-in `appliance config systemd-dropin`
+writes is in place, and is refused or held with the fix named until then; a frozen
+daemon, and a frozen pack stage (with the stage supervisor), are restarted by the
+watchdog and nothing acknowledged is lost.
+
+Run alone with `make test-boot`. Needs root, mmdebstrap, systemd-nspawn and DCMTK.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from tests import nspawn
+from tests.nspawn import Container
+from tests.peers import cli, dcmtk_env, wait_for
+
+pytestmark = [pytest.mark.systemd_boot, pytest.mark.root]
+
+J2K_LOSSLESS = "1.2.840.10008.1.2.4.90"
+WATCHDOG_S = 10  # shorter than the unit's 30 s, so that a test sees more than one period
+SHORT_WATCHDOG = f"[Service]\nWatchdogSec={WATCHDOG_S}\n"
+FAILPOINTS = "/run/appliance-failpoints"
+CT = "series/CT_Philips_Ingenuity_phantom_28sl"
+SCHED_IDLE = 5
+
+
+@pytest.fixture(scope="module")
+def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if os.geteuid() != 0:
+        pytest.fail("booting a container needs root (CI runs as root)")
+    if missing := nspawn.missing_tools():
+        pytest.fail(f"not found: {', '.join(missing)} (make peers installs them)")
+    if shutil.which("storescu") is None:
+        pytest.fail("storescu not found (Debian package dcmtk)")
+    return nspawn.cached_rootfs(tmp_path_factory.mktemp("rootfs") / "build.log")
+
+
+@pytest.fixture(scope="module")
+def installed(rootfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, ...]]:
+    """The layers each container boots over: this checkout's wheel and unit, the cached tree."""
+    tmp = tmp_path_factory.mktemp("installed")
+    nspawn.build_wheels(tmp / "wheel", "--no-deps")
+    layer = nspawn.install_layer(rootfs, tmp / "layer", next((tmp / "wheel").glob("appliance-*.whl")))
+    yield (layer, rootfs)
+    shutil.rmtree(tmp / "layer", ignore_errors=True)
+
+
+def wait_active(c: Container, timeout: float = 120) -> None:
+    wait_for(lambda: c.show("ActiveState")["ActiveState"] == "active", timeout,
+             "the appliance unit to be active", poll=0.5, detail=c.journal)
+
+
+@pytest.fixture(scope="module")
+def running(installed: tuple[Path, ...], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
+    """One container for the tests that only look and send."""
+    tmp = tmp_path_factory.mktemp("running")
+    with nspawn.booted(installed, tmp, nspawn.site_config(), {"test.conf": SHORT_WATCHDOG}) as c:
+        wait_active(c)
+        yield c
+
+
+def send(c: Container, files: list[Path]) -> None:
+    """DCMTK storescu from the host, in the container's network namespace, to port 104;
+    every instance must be acknowledged (a Success response for each)."""
+    r = c.run_in_netns("storescu", "-v", "-aet", "MODALITY", "-aec", "EDGE", "-R", "127.0.0.1", "104",
+                       *map(str, files), env=dcmtk_env())
+    acknowledged = (r.stdout + r.stderr).count("Received Store Response (Success)")
+    assert (r.returncode, acknowledged) == (0, len(files)), r.stdout + r.stderr + c.journal()
+
+
+def ct_files(samples: Path) -> list[Path]:
+    return sorted((samples / CT).iterdir())
+
+
+def extract_all(c: Container, outbox: str, tmp: Path) -> list[pydicom.Dataset]:
+    """Every instance of every bundle in `outbox`, opened with the container's appliance
+    key (copied out: the CLI refuses a key file another user owns)."""
+    key = tmp / "appliance.key"
+    if not key.exists():
+        shutil.copy(c.path("/etc/appliance/keys/appliance.key"), key)
+        key.chmod(0o600)
+    out: list[pydicom.Dataset] = []
+    for i, bundle in enumerate(sorted(c.path(outbox).glob("*.bundle"))):
+        folder = tmp / f"extract-{i}"
+        r = cli("bundle", "extract", str(bundle), "--key", str(key), "--out", str(folder))
+        assert r.returncode == 0, r.stderr
+        out += [pydicom.dcmread(p) for p in sorted(folder.glob("*.dcm"))]
+    return out
+
+
+def instances_in(c: Container, outbox: str) -> int:
+    """How many instances the bundles in `outbox` hold, from their manifests."""
+    total = 0
+    for bundle in c.path(outbox).glob("*.bundle"):
+        r = c.appliance("bundle", "inspect", f"{outbox}/{bundle.name}",
+                        "--key", "/etc/appliance/keys/appliance.key", "--json")
+        assert r.returncode == 0, r.stderr
+        total += len(json.loads(r.stdout)["instances"])
+    return total
+
+
+def proc_stat(c: Container, pid: str) -> list[str]:
+    """/proc/PID/stat fields from field 3 (state) on: the name may hold spaces."""
+    text = c.run("cat", f"/proc/{pid}/stat", check=True).stdout
+    return text[text.rindex(")") + 2:].split()
+
+
+def unit_pids(c: Container) -> list[str]:
+    """The daemon and every process under it (forkserver, codec workers, resource tracker)."""
+    pids = [c.show("MainPID")["MainPID"]]
+    for pid in pids:  # grows while it is walked: breadth first
+        r = c.run("sh", "-c", f"cat /proc/{pid}/task/*/children")
+        pids += r.stdout.split()
+    return pids
+
+
+# --- the unit as shipped --------------------------------------------------------------
+
+
+def test_unit_stays_active_feeding_the_watchdog_past_more_than_one_period(running: Container) -> None:
+    since = time.monotonic()
+    wait_for(lambda: time.monotonic() - since > 1.5 * WATCHDOG_S, 3 * WATCHDOG_S,
+             "one and a half watchdog periods to pass", poll=1)
+    p = running.show("ActiveState", "SubState", "NRestarts", "WatchdogUSec", "StatusText",
+                     "WatchdogTimestampMonotonic")
+    assert (p["ActiveState"], p["SubState"], p["NRestarts"]) == ("active", "running", "0"), running.journal()
+    assert p["WatchdogUSec"] == f"{WATCHDOG_S}s"
+    assert p["StatusText"].startswith("received "), p["StatusText"]
+    last_ping_age_s = time.monotonic() - int(p["WatchdogTimestampMonotonic"]) / 1e6
+    assert 0 <= last_ping_age_s < WATCHDOG_S
+
+
+def test_a_c_store_through_the_container_ends_in_a_jpeg2000_bundle(
+        running: Container, samples: Path, tmp_path: Path) -> None:
+    files = ct_files(samples)
+    send(running, files)
+    outbox = "/var/lib/appliance/outbox"
+    wait_for(lambda: instances_in(running, outbox) >= len(files), 180,
+             "every instance in a bundle in the outbox", poll=1, detail=running.journal)
+    originals = {ds.SOPInstanceUID: ds for ds in map(pydicom.dcmread, files)}
+    got = [ds for ds in extract_all(running, outbox, tmp_path) if ds.SOPInstanceUID in originals]
+    assert sorted(ds.SOPInstanceUID for ds in got) == sorted(originals)
+    for ds in got:
+        assert ds.file_meta.TransferSyntaxUID == J2K_LOSSLESS  # compressed by a live worker
+        assert np.array_equal(ds.pixel_array, originals[ds.SOPInstanceUID].pixel_array)
+
+
+def test_codec_workers_run_at_idle_priority_under_the_system_call_filter(
+        running: Container, samples: Path) -> None:
+    send(running, ct_files(samples)[:1])  # the pool starts its workers on the first job
+    main_pid = running.show("MainPID")["MainPID"]
+
+    def workers() -> list[list[str]]:
+        stats = {pid: proc_stat(running, pid) for pid in unit_pids(running)}
+        forkservers = {pid for pid, st in stats.items() if st[1] == main_pid}  # children of the daemon
+        return [st for st in stats.values() if st[1] in forkservers]  # their children: the workers
+    found = wait_for(workers, 60, "codec worker processes", poll=0.5, detail=running.journal)
+    for st in found:
+        assert (st[16], st[38]) == ("10", str(SCHED_IDLE))  # nice 10, SCHED_IDLE: both calls allowed
+    status = running.run("cat", f"/proc/{main_pid}/status", check=True).stdout
+    assert "Seccomp:\t2" in status  # the filter is in force (mode 2 = filter)
+
+
+def test_the_daemon_and_its_workers_cannot_dump_core(running: Container) -> None:
+    main_pid = running.show("MainPID")["MainPID"]
+    for pid in unit_pids(running):
+        limits = running.run("cat", f"/proc/{pid}/limits", check=True).stdout
+        core = next(ln for ln in limits.splitlines() if ln.startswith("Max core file size"))
+        assert core.split()[4:6] == ["0", "0"], core
+    # PR_SET_DUMPABLE=0 makes the kernel hand the files in /proc/PID to root, though the
+    # daemon runs as the appliance user.
+    owner = running.run("stat", "-c", "%U", f"/proc/{main_pid}/status", check=True).stdout.strip()
+    assert (owner, _user_of(running, main_pid)) == ("root", "appliance")
+
+
+def _user_of(c: Container, pid: str) -> str:
+    uid = next(ln.split()[1] for ln in c.run("cat", f"/proc/{pid}/status", check=True).stdout.splitlines()
+               if ln.startswith("Uid:"))
+    return c.run("id", "-nu", uid, check=True).stdout.strip()
+
+
+# --- failures ------------------------------------------------------------------------------
+
+
+def test_a_bad_config_fails_the_unit_once_and_it_stays_failed(
+        installed: tuple[Path, ...], tmp_path: Path) -> None:
+    bad = nspawn.site_config(receive__port=70000)
+    with nspawn.booted(installed, tmp_path, nspawn.site_config(), boot_config=bad) as c:
+        wait_for(lambda: c.show("ActiveState")["ActiveState"] == "failed", 120, "the unit to fail",
+                 poll=0.5, detail=c.journal)
+        failed_at = time.monotonic()
+        # RestartSec=5: more than two restart intervals without a new start
+        wait_for(lambda: time.monotonic() - failed_at > 12, 20, "12 s to pass", poll=1)
+        p = c.show("ActiveState", "NRestarts", "Result", "ExecMainStatus")
+        assert p == {"ActiveState": "failed", "NRestarts": "0", "Result": "exit-code",
+                     "ExecMainStatus": "78"}, c.journal()
+        assert "receive.port: must be 1..65535" in c.journal()
+
+
+def restarted_by_the_watchdog(c: Container) -> None:
+    wait_for(lambda: int(c.show("NRestarts")["NRestarts"]) >= 1, 300,
+             "systemd to restart the daemon through the watchdog", poll=1, detail=c.journal)
+    assert "Watchdog timeout" in c.journal()
+
+
+def all_in_bundles(c: Container, files: list[Path], tmp: Path) -> None:
+    """Every file sent (acknowledged) is in a bundle in the outbox, once."""
+    outbox = "/var/lib/appliance/outbox"
+    wait_for(lambda: instances_in(c, outbox) >= len(files), 180,
+             "every acknowledged instance in a bundle after the restart", poll=1, detail=c.journal)
+    sent = sorted(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files)
+    assert sorted(ds.SOPInstanceUID for ds in extract_all(c, outbox, tmp)) == sent
+
+
+def test_a_frozen_daemon_is_restarted_by_the_watchdog_and_nothing_acknowledged_is_lost(
+        installed: tuple[Path, ...], samples: Path, tmp_path: Path) -> None:
+    # study_quiet_s=15: the study is still unsealed when the daemon freezes; TimeoutAbortSec:
+    # a stopped process cannot act on the watchdog's SIGABRT, so systemd kills it after that
+    cfg = nspawn.site_config(pack={"codec": "jpeg2000", "verify": True, "study_quiet_s": 15.0})
+    dropin = SHORT_WATCHDOG + "TimeoutAbortSec=5\n"
+    with nspawn.booted(installed, tmp_path, cfg, {"test.conf": dropin}) as c:
+        wait_active(c)
+        files = ct_files(samples)[:4]
+        send(c, files)
+        c.run("sh", "-c", f"kill -STOP {c.show('MainPID')['MainPID']}", check=True)  # all threads
+        assert instances_in(c, "/var/lib/appliance/outbox") == 0  # acknowledged, not yet packed
+        restarted_by_the_watchdog(c)
+        wait_active(c)
+        all_in_bundles(c, files, tmp_path)
+
+
+def test_a_frozen_pack_stage_is_restarted_by_the_watchdog_and_nothing_acknowledged_is_lost(
+        installed: tuple[Path, ...], samples: Path, tmp_path: Path) -> None:
+    dropin = SHORT_WATCHDOG + f"Environment=APPLIANCE_FAILPOINTS={FAILPOINTS}\n"
+    cfg = nspawn.site_config(health={"stall_s": 5.0})  # a pack job silent for 5 s is stuck
+    with nspawn.booted(installed, tmp_path, cfg, {"test.conf": dropin}) as c:
+        wait_active(c)
+        c.run("mkdir", "-p", FAILPOINTS, check=True)
+        c.run("touch", f"{FAILPOINTS}/pack.hang", check=True)  # pack blocks while it exists
+        files = ct_files(samples)
+        send(c, files)
+        restarted_by_the_watchdog(c)
+        c.run("rm", f"{FAILPOINTS}/pack.hang", check=True)
+        wait_active(c)
+        all_in_bundles(c, files, tmp_path)
+
+
+PRE_FAILS = """[Service]
+Type=notify
+ExecStartPre=/bin/sh -c 'exit 78'
+ExecStart=/bin/sleep 600
+Restart=on-failure
+RestartSec=1
+RestartPreventExitStatus=78
+"""
+
+
+def test_systemd_restarts_a_failing_exec_start_pre_despite_restart_prevent_exit_status(
+        running: Container) -> None:
+    """Why the unit has no ExecStartPre= config check: systemd 252 applies
+    RestartPreventExitStatus= to the main process only (docs/systemd.md)."""
+    running.path("/etc/systemd/system/pre-check.service").write_text(PRE_FAILS)
+    running.run("systemctl", "daemon-reload", check=True)
+    running.run("systemctl", "start", "pre-check.service")
+    wait_for(lambda: int(running.show("NRestarts", unit="pre-check.service")["NRestarts"]) >= 2, 60,
+             "systemd to restart the unit after its ExecStartPre= exited 78", poll=0.5)
+    running.run("systemctl", "stop", "pre-check.service")
+    assert running.show("ExecMainStatus", unit="pre-check.service")["ExecMainStatus"] == "0"
+
+
+# --- paths outside /var/lib/appliance --------------------------------------------------------
+
+
+def queue_rows(c: Container) -> list[dict[str, object]]:
+    r = c.appliance("queue", "list", "--json", "--config", str(nspawn.CONFIG))
+    rows: list[dict[str, object]] = json.loads(r.stdout) if r.returncode == 0 else []
+    return rows
+
+
+def test_a_destination_outside_the_state_dir_is_held_naming_the_dropin_until_it_is_written(
+        installed: tuple[Path, ...], samples: Path, tmp_path: Path) -> None:
+    outbox = "/srv/outbox"
+    cfg = nspawn.site_config(destinations=[{"name": "share", "transport": "directory", "path": outbox}])
+    with nspawn.booted(installed, tmp_path, cfg, dirs=(outbox,)) as c:
+        wait_active(c)
+        check = c.appliance("config", "check", "--config", str(nspawn.CONFIG))
+        assert check.returncode == 78
+        assert f"destinations[0].path: {outbox} is read-only" in check.stderr
+        assert "/etc/systemd/system/appliance.service.d/paths.conf" in check.stderr
+        send(c, ct_files(samples)[:2])
+        held = wait_for(lambda: [r for r in queue_rows(c) if r["state"] == "held"], 120,
+                        "the bundle to be held", poll=1, detail=c.journal)
+        assert "systemd-dropin" in str(held[0]["reason"]) and "Read-only" in str(held[0]["reason"])
+
+        wrote = c.appliance("config", "systemd-dropin", "--write", "--config", str(nspawn.CONFIG),
+                            user=None)
+        assert wrote.returncode == 0, wrote.stderr
+        assert c.appliance("config", "check", "--config", str(nspawn.CONFIG)).returncode == 0
+        c.run("systemctl", "daemon-reload", check=True)
+        c.run("systemctl", "restart", "appliance.service", check=True)
+        wait_active(c)
+        released = c.appliance("queue", "release", "--all", "--config", str(nspawn.CONFIG))
+        assert released.returncode == 0, released.stderr
+        wait_for(lambda: instances_in(c, outbox) == 2, 120, "the released bundle in the share",
+                 poll=1, detail=c.journal)
+
+
+def test_a_moved_state_dir_fails_the_unit_once_naming_the_dropin_then_runs_with_it(
+        installed: tuple[Path, ...], samples: Path, tmp_path: Path) -> None:
+    state = "/srv/appliance"
+    cfg = nspawn.site_config(
+        appliance={"name": "nspawn-test", "log_format": "json", "state_dir": state},
+        destinations=[{"name": "outbox", "transport": "directory", "path": f"{state}/outbox"}])
+    with nspawn.booted(installed, tmp_path, cfg, dirs=(state, f"{state}/outbox")) as c:
+        wait_for(lambda: c.show("ActiveState")["ActiveState"] == "failed", 120, "the unit to fail",
+                 poll=0.5, detail=c.journal)
+        p = c.show("NRestarts", "ExecMainStatus")
+        assert p == {"NRestarts": "0", "ExecMainStatus": "78"}, c.journal()
+        assert f"appliance.state_dir: {state} is on a read-only file system" in c.journal()
+
+        wrote = c.appliance("config", "systemd-dropin", "--write", "--config", str(nspawn.CONFIG),
+                            user=None)
+        assert wrote.returncode == 0, wrote.stderr
+        c.run("systemctl", "daemon-reload", check=True)
+        c.run("systemctl", "start", "appliance.service", check=True)
+        wait_active(c)
+        send(c, ct_files(samples)[:1])
+        wait_for(lambda: instances_in(c, f"{state}/outbox") == 1, 120, "a bundle in the moved state dir",
+                 poll=1, detail=c.journal)
