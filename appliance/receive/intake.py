@@ -4,8 +4,8 @@ pynetdicom normally collects a data set in a BytesIO, so a 1 GB multi-frame inst
 costs 1 GB (and more) of RAM before our handler even runs. Its opt-in
 `STORE_RECV_CHUNKED_DATASET` mode writes the data set to a `NamedTemporaryFile` instead:
 plaintext patient data on disk, which the appliance must never have. `install` keeps that
-mode and swaps the three names it uses in `pynetdicom.dimse_messages` for ours, so every
-C-STORE data set goes into an `InstanceBuffer`:
+mode and has the three names it uses in `pynetdicom.dimse_messages` swapped for ours, so
+every C-STORE data set goes into an `InstanceBuffer`:
 
 - up to `receive.in_memory_limit_mb` it is kept in memory as the list of PDU pieces (no
   BytesIO growth copies; `Spool.store` seals it as before);
@@ -23,8 +23,8 @@ dies mid-instance drops its buffer; its temp file is removed when the buffer is 
 
 How it fails: a full spool or a disk error while sealing marks the buffer `failed`
 (further data is dropped, the temp removed); the handler answers with that outcome once
-the data set is complete, as for an in-memory instance. Tied to pynetdicom < 3.1 (pinned),
-like `receive.shorten_polling`; tests/test_intake.py checks the names still exist.
+the data set is complete, as for an in-memory instance. The swap itself is
+`core.pynetdicom_compat.route_chunked_store`, checked by tests/test_pynetdicom_compat.py.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ import weakref
 from typing import Any
 
 import structlog
-from pynetdicom import _config, dimse_messages
 
 from appliance.core import durable
+from appliance.core import pynetdicom_compat as compat
 from appliance.core.errors import SpoolFullError
 from appliance.spool.store import Incoming, Spool, new_id
 
@@ -182,7 +182,4 @@ def install(spool: Spool, in_memory_limit: int) -> None:
     def factory(*_: Any, **__: Any) -> InstanceBuffer:
         return InstanceBuffer(spool, in_memory_limit)
 
-    _config.STORE_RECV_CHUNKED_DATASET = True
-    dimse_messages.NamedTemporaryFile = factory  # type: ignore[attr-defined,assignment]
-    dimse_messages.create_file_meta = _command_facts  # type: ignore[attr-defined,assignment]
-    dimse_messages.write_file_meta_info = _take_facts  # type: ignore[attr-defined,assignment]
+    compat.route_chunked_store(factory, _command_facts, _take_facts)

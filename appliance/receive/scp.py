@@ -24,8 +24,6 @@ import ctypes.util
 import io
 import ipaddress
 import re
-import socket
-import socketserver
 import sqlite3
 import ssl
 import struct
@@ -46,7 +44,6 @@ from pynetdicom import (
     AE,
     PYNETDICOM_IMPLEMENTATION_UID,
     PYNETDICOM_IMPLEMENTATION_VERSION,
-    _config,
     evt,
 )
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -54,6 +51,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from appliance import __version__
 from appliance.core import dicomscan
+from appliance.core import pynetdicom_compat as compat
 from appliance.core.config import Receive
 from appliance.core.errors import SpoolFullError
 from appliance.receive import intake
@@ -252,27 +250,6 @@ class ReceiveStats:
             }
 
 
-class _Server(ThreadedAssociationServer):
-    """pynetdicom's server with TCP_NODELAY and the TLS handshake moved off the accept loop.
-
-    pynetdicom wraps the socket (and so runs the whole TLS handshake) in `get_request`,
-    on the single accepting thread: one slow or malicious client would stall every other
-    scanner. We wrap without handshaking; OpenSSL then completes the handshake on the
-    association's own thread at its first read.
-    """
-
-    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        assert self.socket is not None
-        client, address = self.socket.accept()
-        # DIMSE sends small command PDUs before data: without NODELAY, Nagle + delayed
-        # ACK stall each C-STORE response ~40 ms.
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.ssl_context:
-            client = self.ssl_context.wrap_socket(client, server_side=True,
-                                                  do_handshake_on_connect=False)
-        return client, address
-
-
 # glibc malloc serves every allocation >= 128 KiB with a fresh mmap() and gives it back
 # with munmap() (and trims the heap top above 128 KiB): each PDU, data set and sealed
 # copy of a 0.5 MB CT slice then costs ~130 page faults plus zeroing, ~0.8 ms of system
@@ -340,11 +317,7 @@ class _AdaptiveSleepTime:
 
 
 def shorten_polling() -> None:
-    import pynetdicom.association as association_module
-    import pynetdicom.dul as dul_module
-
-    association_module.time = _AdaptiveSleepTime()  # type: ignore[assignment,attr-defined]
-    dul_module.time = _AdaptiveSleepTime()  # type: ignore[assignment,attr-defined]
+    compat.replace_reactor_sleep(_AdaptiveSleepTime())
 
 
 def tls_server_context(cert: str, key: str, ca: str, require_client_cert: bool) -> ssl.SSLContext:
@@ -376,8 +349,7 @@ class Receiver:
         tune_malloc()  # process-wide; see MALLOC_MMAP_THRESHOLD
         shorten_polling()
         intake.install(spool, cfg.in_memory_limit_mb << 20)
-        _config.UNRESTRICTED_STORAGE_SERVICE = True
-        _config.LOG_HANDLER_LEVEL = "none"  # our own log lines, without identifiers
+        compat.configure_scp()  # every storage SOP class; our own log lines, without identifiers
         # pydicom checks each value it decodes (our data sets, pynetdicom's command sets)
         # and reports a bad one with warnings.warn(text quoting the value), which goes to
         # stderr, i.e. the log: a UID or a name in clear. We check what we rely on
@@ -414,7 +386,7 @@ class Receiver:
 
     def _listen(self, host: str, port: int, ctx: ssl.SSLContext | None) -> tuple[str, int, bool]:
         server = self.ae.make_server((host, port), ssl_context=ctx, evt_handlers=self.handlers,
-                                     server_class=_Server)
+                                     server_class=compat.NodelayServer)
         t = threading.Thread(target=server.serve_forever, name=f"listen-{port}", daemon=True)
         t.start()
         self.servers.append(server)
@@ -423,11 +395,7 @@ class Receiver:
 
     def stop(self) -> None:
         for s in self.servers:
-            # Not s.shutdown(): pynetdicom's override also removes the server from
-            # ae._servers, where only ae.start_server() puts it, and so raised ValueError
-            # for ours and cut the daemon's shutdown short (exit 70, index not closed).
-            socketserver.BaseServer.shutdown(s)
-            s.server_close()
+            compat.close_server(s)
         self.servers.clear()
 
     # --- event handlers (run on association threads) ---

@@ -179,9 +179,10 @@ The association's own reactor is paused for as long as we use the association (f
 establishment to release): pynetdicom pauses it per request, which leaves a window after
 each un-pause in which a fast response is taken off the queue and dropped.
 
-This module relies on pynetdicom internals (pinned <3.1 in pyproject.toml):
-`AE._create_socket`, `AssociationSocket._create_socket`, the association's reactor pause
-(`_reactor_checkpoint`, `_is_paused`), `DIMSEServiceProvider.send_msg`/`msg_queue`/
+This module relies on pynetdicom internals (pinned <3.1 in pyproject.toml). The private
+ones are used through `core.pynetdicom_compat` (`AE._create_socket`,
+`AssociationSocket._create_socket`, the association's reactor pause); besides those,
+`DIMSEServiceProvider.send_msg`/`msg_queue`/
 `maximum_pdu_size`, the DUL's `state_machine`/`to_provider_queue` (a `queue.Queue` that
 DT-1 takes PDUs from), and `C_STORE_RQ.primitive_to_message`/`encode_msg` (streaming).
 Check them when upgrading; tests/test_forward_dicom_stream.py fails if the streamed
