@@ -35,6 +35,7 @@ import structlog
 
 from appliance import __version__
 from appliance.core import crypto, durable
+from appliance.core import pynetdicom_compat as compat
 from appliance.core.config import Config, Destination
 from appliance.core.errors import ConfigError, StateError
 from appliance.forward import Transport
@@ -100,6 +101,7 @@ class Daemon:
 
     def run(self) -> int:
         cfg = self.cfg
+        compat.check_version()
         lock_fd = lock_state_dir(cfg.appliance.state_dir)
         key = crypto.load_spool_key(cfg.spool.key_file)
         index = open_index(cfg.appliance.state_dir)

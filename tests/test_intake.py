@@ -4,7 +4,6 @@ behind, and what is stored is still exactly what was sent."""
 
 from __future__ import annotations
 
-import inspect
 import os
 import signal
 import struct
@@ -16,8 +15,6 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
-from pynetdicom import dimse_messages
-from pynetdicom.dimse_messages import DIMSEMessage
 
 from tests.peers import Appliance, base_config, dcmtk_env, echoscu, free_port, storescu, wait_for
 from tests.spoolcheck import (
@@ -79,16 +76,6 @@ def temps(app: Appliance) -> list[str]:
 
 def refused(app: Appliance, since: int) -> list[str]:
     return [e["outcome"] for e in log_events(app, since) if e.get("event") == "instance.refused"]
-
-
-def test_the_pynetdicom_internals_we_replace_are_still_there() -> None:
-    """intake.install swaps three names pynetdicom's chunked receive uses; a pynetdicom that
-    renamed them would silently fall back to a plaintext temp file. Fail loudly instead."""
-    src = inspect.getsource(DIMSEMessage.decode_msg)
-    for name in ("NamedTemporaryFile", "create_file_meta", "write_file_meta_info"):
-        assert hasattr(dimse_messages, name), name
-        assert f"{name}(" in src, name
-    assert "STORE_RECV_CHUNKED_DATASET" in src and "_data_set_file.write(" in src
 
 
 def test_large_instance_is_sealed_as_it_arrives_without_holding_it_in_memory(

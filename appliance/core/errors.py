@@ -73,6 +73,12 @@ class StateError(ApplianceError):
     exit_code = EX_CANTCREAT
 
 
+class DependencyError(ApplianceError):
+    """An installed library is not a version this appliance was built and tested with."""
+
+    exit_code = EX_SOFTWARE
+
+
 class UsageError(ApplianceError):
     """The command line is not valid."""
 

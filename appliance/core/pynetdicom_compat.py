@@ -5,8 +5,9 @@ it: module attributes replaced, private methods overridden in subclasses, privat
 attributes read and set. All of that happens here and nowhere else; the rest of the
 package calls the small functions and classes below. tests/test_pynetdicom_compat.py
 fails when one of the internals we rely on changes shape, so that an upgrade of
-pynetdicom is checked here rather than discovered on a scanner. The pin in pyproject.toml
-(< 3.1) is the range these were written against.
+pynetdicom is checked here rather than discovered on a scanner, and `check_version`
+refuses to start the daemon with a pynetdicom outside `TESTED` (the pin in
+pyproject.toml).
 
 What we rely on, and who uses it:
 - the reactors' `time` module (`pynetdicom.association.time`, `pynetdicom.dul.time`):
@@ -23,12 +24,13 @@ What we rely on, and who uses it:
 - the association reactor's pause (`Association._reactor_checkpoint`, `_is_paused`):
   `pause_reactor`, `release_while_paused` (forward.dicom.link).
 
-How it fails: these functions raise whatever pynetdicom raises; nothing here swallows an
-error.
+How it fails: `check_version` raises DependencyError naming the tested range; the other
+functions raise whatever pynetdicom raises; nothing here swallows an error.
 """
 
 from __future__ import annotations
 
+import re
 import socket
 import socketserver
 import ssl
@@ -36,8 +38,33 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pynetdicom
 from pynetdicom import AE, _config, dimse_messages
 from pynetdicom.transport import AddressInformation, AssociationSocket, ThreadedAssociationServer
+
+from appliance.core.errors import DependencyError
+
+# The pynetdicom releases these patches were written and tested against: [low, high).
+TESTED = ((3, 0, 1), (3, 1, 0))
+
+
+def version_problem(version: str) -> str | None:
+    """Why pynetdicom `version` cannot be used, or None if it is in the tested range."""
+    low, high = (".".join(map(str, v)) for v in TESTED)
+    m = re.match(r"(\d+)\.(\d+)\.(\d+)", version)
+    if m and TESTED[0] <= tuple(int(x) for x in m.groups()) < TESTED[1]:
+        return None
+    return (f"pynetdicom {version} is installed, but this appliance is tested only with "
+            f"pynetdicom >= {low}, < {high} (it relies on pynetdicom internals: see "
+            f"appliance/core/pynetdicom_compat.py); install a version in that range")
+
+
+def check_version() -> None:
+    """Refuse to run on a pynetdicom outside the tested range (DependencyError)."""
+    problem = version_problem(pynetdicom.__version__)
+    if problem:
+        raise DependencyError(problem)
+
 
 # --- process-wide settings -----------------------------------------------------------
 
