@@ -420,8 +420,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"listening      {listener['host']}:{listener['port']}{' (TLS)' if listener['tls'] else ''}"
               f" as {st['ae_title']}")
     print(f"uptime         {_age(st['uptime_s'])} (pid {st['pid']}, version {st['version']})")
+    why = ", ".join(f"{k} {v}" for k, v in sorted(r.get("associations_rejected_by_reason", {}).items()))
     print(f"associations   {r['associations_active']} active, {r['associations_total']} total,"
-          f" {r['associations_rejected']} rejected")
+          f" {r['associations_rejected']} rejected{f' ({why})' if why else ''}")
+    conns = ", ".join(f"{k} {v}" for k, v in sorted(r.get("connections_refused", {}).items())) or "none"
+    print(f"connections    refused: {conns}")
     print(f"received       {r['instances_received']} instances ({r['instances_duplicate']} duplicates)")
     refused = ", ".join(f"{k} {v}" for k, v in sorted(r["instances_refused"].items())) or "none"
     print(f"refused        {refused}")

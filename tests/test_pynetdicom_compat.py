@@ -15,7 +15,7 @@ from pynetdicom import AE, dimse_messages
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dul import DULServiceProvider
-from pynetdicom.transport import AssociationServer, AssociationSocket
+from pynetdicom.transport import AssociationServer, AssociationSocket, RequestHandler
 
 from appliance.core import pynetdicom_compat as compat
 from tests.peers import REPO, Appliance, base_config, free_port
@@ -92,6 +92,24 @@ def test_reactor_pause_attributes_are_still_there() -> None:
     assert "self._reactor_checkpoint.wait()" in src and "self._is_paused = True" in src
     assoc = Association(AE(), "requestor")
     assert assoc._reactor_checkpoint.is_set() and assoc._is_paused is False
+
+
+def test_dul_reads_a_pdu_as_header_then_body() -> None:
+    """GatedSocket checks a PDU's header before its body is read: it relies on the DUL
+    reading only when `ready`, then exactly 6 bytes, then exactly the declared length."""
+    read = inspect.getsource(DULServiceProvider._read_pdu_data)
+    assert "self.socket.recv(6)" in read and "self.socket.recv(pdu_length)" in read
+    assert "self.socket.ready" in inspect.getsource(DULServiceProvider._is_transport_event)
+
+
+def test_acceptor_socket_is_made_where_gated_handler_expects() -> None:
+    """GatedHandler lets pynetdicom build the acceptor's AssociationSocket from the request
+    in `_create_association`, then gives that object the GatedSocket class."""
+    src = inspect.getsource(RequestHandler._create_association)
+    assert "AssociationSocket(assoc, client_socket=self.request)" in src
+    assert "assoc.set_socket(sock)" in src
+    assert "__slots__" not in vars(AssociationSocket)  # a class swap keeps the object's state
+    assert "self.dul.socket" in inspect.getsource(Association.run_reactor)
 
 
 def test_server_shutdown_still_needs_our_workaround() -> None:

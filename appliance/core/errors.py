@@ -79,6 +79,21 @@ class DependencyError(ApplianceError):
     exit_code = EX_SOFTWARE
 
 
+class ListenError(ApplianceError):
+    """A listening port cannot be opened.
+
+    Temporary (EX_TEMPFAIL, so that systemd starts the daemon again a little later): the
+    port is in use, or the address is not (yet) one of this machine's. EX_NOPERM: no
+    permission to listen on a port below 1024.
+    """
+
+    exit_code = EX_TEMPFAIL
+
+    def __init__(self, message: str, temporary: bool = True) -> None:
+        super().__init__(message)
+        self.exit_code = EX_TEMPFAIL if temporary else EX_NOPERM
+
+
 class UsageError(ApplianceError):
     """The command line is not valid."""
 

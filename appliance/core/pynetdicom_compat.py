@@ -17,8 +17,11 @@ What we rely on, and who uses it:
   `NamedTemporaryFile`, `create_file_meta`, `write_file_meta_info` in
   `pynetdicom.dimse_messages`): routed into our own buffer (`route_chunked_store`;
   receive.intake owns the buffer);
-- the server's `get_request` (TCP_NODELAY, and the TLS handshake off the accept loop) and
-  `BaseServer.shutdown` instead of pynetdicom's override (`NodelayServer`, `close_server`);
+- the acceptor's socket: `RequestHandler._create_association` builds it, and the DUL
+  reads it as `ready`, then `recv(6)`, then `recv(length)` (`_read_pdu_data`): our
+  `GatedSocket` replays the A-ASSOCIATE-RQ core.listener read and checks each PDU before
+  its body is read (`GatedServer`, `GatedHandler`, `Handoff`); the server is closed
+  without pynetdicom's `shutdown` override (`close_server`);
 - `AE._create_socket` and `AssociationSocket._create_socket` (`ClientAE`, `ClientSocket`:
   forward.dicom builds its own sockets through public hooks on them);
 - the association reactor's pause (`Association._reactor_checkpoint`, `_is_paused`):
@@ -30,17 +33,23 @@ functions raise whatever pynetdicom raises; nothing here swallows an error.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
-import socketserver
 import ssl
 import time
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol, cast
 
 import pynetdicom
 from pynetdicom import AE, _config, dimse_messages
-from pynetdicom.transport import AddressInformation, AssociationSocket, ThreadedAssociationServer
+from pynetdicom.transport import (
+    AddressInformation,
+    AssociationSocket,
+    RequestHandler,
+    ThreadedAssociationServer,
+)
 
 from appliance.core.errors import DependencyError
 
@@ -107,33 +116,136 @@ def route_chunked_store(new_buffer: Callable[..., Any], command_facts: Callable[
 # --- servers ------------------------------------------------------------------------------
 
 
-class NodelayServer(ThreadedAssociationServer):
-    """pynetdicom's server with TCP_NODELAY and the TLS handshake moved off the accept loop.
+class PduWatch(Protocol):
+    """What a GatedSocket asks about each PDU (core.listener.PduPolicy)."""
 
-    pynetdicom wraps the socket (and so runs the whole TLS handshake) in `get_request`,
-    on the single accepting thread: one slow or malicious client would stall every other
-    scanner. We wrap without handshaking; OpenSSL then completes the handshake on the
-    association's own thread at its first read.
-    """
+    io_timeout: float
 
-    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        assert self.socket is not None
-        client, address = self.socket.accept()
-        # DIMSE sends small command PDUs before data: without NODELAY, Nagle + delayed
-        # ACK stall each C-STORE response ~40 ms.
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.ssl_context:
-            client = self.ssl_context.wrap_socket(client, server_side=True,
-                                                  do_handshake_on_connect=False)
-        return client, address
+    def header(self, header: bytes) -> bool: ...  # False: close before reading the body
+
+    def body(self, pdu_type: int, body: bytearray) -> bool: ...  # False: close
+
+
+@dataclass(eq=False)
+class Handoff:
+    """A connection whose first PDU (a whole A-ASSOCIATE-RQ) someone else has read:
+    passed as the `request` to GatedServer.finish_request."""
+
+    sock: socket.socket
+    replay: bytes
+    watch: PduWatch
+    assoc: Any = None  # set once pynetdicom has made the association
+
+
+class GatedSocket(AssociationSocket):
+    """An acceptor's AssociationSocket that first replays the A-ASSOCIATE-RQ the gate read,
+    then shows every PDU header to `watch` before it reads the body, reads each body with
+    a deadline, and shows P-DATA-TF bodies to `watch` too.
+
+    Relies on how pynetdicom's DUL reads (`_read_pdu_data`): only when `ready`, then
+    `recv(6)` for the header and `recv(length)` for the body; a short read or an OSError
+    is a closed connection (Evt17)."""
+
+    _replay: memoryview
+    _watch: PduWatch
+    _body_left: int
+    _pdu_type: int
+
+    def adopt(self, handoff: Handoff) -> None:
+        self._replay = memoryview(handoff.replay)
+        self._watch = handoff.watch
+        self._body_left = 0
+        self._pdu_type = 0
+
+    @property
+    def ready(self) -> bool:
+        return bool(self._replay) or bool(AssociationSocket.ready.fget(self))  # type: ignore[attr-defined]
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        if self._replay:  # the A-ASSOCIATE-RQ, checked already: header, then body
+            out = bytearray(self._replay[:nr_bytes])
+            self._replay = self._replay[nr_bytes:]
+            return out
+        if nr_bytes == 0:
+            return bytearray()
+        if self._body_left == 0:  # a header
+            head = self._read(nr_bytes, None)
+            if len(head) == 6:
+                if not self._watch.header(bytes(head)):
+                    self._cut()
+                    return bytearray()
+                self._pdu_type, self._body_left = head[0], int.from_bytes(head[2:6], "big")
+            return head
+        body = self._read(nr_bytes, time.monotonic() + self._watch.io_timeout)
+        self._body_left = self._body_left - len(body) if len(body) == nr_bytes else 0
+        if not self._watch.body(self._pdu_type, body):
+            self._cut()
+            return bytearray()
+        return body
+
+    def _read(self, n: int, deadline: float | None) -> bytearray:
+        """n bytes, fewer if the peer closed; TimeoutError after the socket's timeout
+        without data, or when `deadline` passes before all n arrived."""
+        sock = self.socket
+        assert sock is not None
+        buf = bytearray(n)
+        got = 0
+        with memoryview(buf) as view:
+            while got < n:
+                k = sock.recv_into(view[got:])
+                if not k:
+                    break
+                got += k
+                if deadline is not None and got < n and time.monotonic() > deadline:
+                    raise TimeoutError("PDU not complete in time")
+        if got < n:
+            del buf[got:]
+        return buf
+
+    def _cut(self) -> None:
+        sock = self.socket
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+class GatedHandler(RequestHandler):
+    """pynetdicom's request handler for a Handoff: the association gets a GatedSocket."""
+
+    handoff: Handoff
+
+    def setup(self) -> None:
+        self.handoff = self.request
+        self.request = self.handoff.sock
+
+    def _create_association(self) -> Any:
+        assoc = super()._create_association()
+        # pynetdicom builds a plain AssociationSocket in this private method (and queues
+        # its "connection open" event as it does); we give that object our class rather
+        # than build a second one, which would queue the event twice.
+        sock = assoc.dul.socket
+        sock.__class__ = GatedSocket
+        cast(GatedSocket, sock).adopt(self.handoff)
+        self.handoff.assoc = assoc
+        return assoc
+
+
+class GatedServer(ThreadedAssociationServer):
+    """pynetdicom's server, fed by core.listener.Gate instead of its own accept loop: the
+    gate accepts, runs the handshake and calls `finish_request(Handoff, address)`."""
+
+    request_queue_size = 64  # the gate accepts fast; a burst of SYNs must not be dropped
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("request_handler", GatedHandler)
+        super().__init__(*args, **kwargs)
 
 
 def close_server(server: ThreadedAssociationServer) -> None:
-    """Stop a server made with `AE.make_server` and close its listening socket."""
-    # Not server.shutdown(): pynetdicom's override also removes the server from
-    # ae._servers, where only ae.start_server() puts it, and so raised ValueError for
-    # ours and cut the daemon's shutdown short (exit 70, index not closed).
-    socketserver.BaseServer.shutdown(server)
+    """Close the listening socket of a server made with `AE.make_server` and fed by a
+    gate. (Not server.shutdown(): pynetdicom's override also removes the server from
+    ae._servers, where only ae.start_server() puts it, and raises ValueError for ours;
+    and BaseServer.shutdown waits for a serve_forever that never ran.)"""
     server.server_close()
 
 

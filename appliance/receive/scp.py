@@ -5,10 +5,14 @@ listener with mutual authentication (TLS 1.2+). Any storage SOP class and any tr
 syntax the peer proposes is accepted (pynetdicom's unrestricted storage service), so the
 modality never has to convert; the bytes are kept exactly as received.
 
-Who may connect: the calling AE title must be on the allowlist, and when the entry lists
-hosts, the peer address must be in one of them. Anyone else is rejected at association
-time with "rejected permanent / calling AE title not recognised" (the reason DICOM has
-for it), unless `accept_any_caller` is set explicitly.
+Who may connect: before pynetdicom sees a connection, `core.listener.Gate` caps the
+connections per address and in total, gives each one `acse_timeout_s` from accept to a
+complete A-ASSOCIATE-RQ (TLS included) and checks every PDU's declared length against
+`max_pdu` before reading it (`receive_limits`). Then the calling AE title must be on the
+allowlist, and when the entry lists hosts, the peer address must be in one of them.
+Anyone else is rejected at association time with "rejected permanent / calling AE title
+not recognised" (the reason DICOM has for it), unless `accept_any_caller` is set
+explicitly. Each refusal is counted by class in `ReceiveStats` (`appliance status`).
 
 What the peer is told: Success only after `Spool.store` has returned (the instance is
 sealed, fsynced and committed). Every other outcome maps to a status through one table,
@@ -47,13 +51,13 @@ from pynetdicom import (
     evt,
 )
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
 
 from appliance import __version__
 from appliance.core import dicomscan
 from appliance.core import pynetdicom_compat as compat
 from appliance.core.config import Receive
 from appliance.core.errors import SpoolFullError
+from appliance.core.listener import Gate, Limits, listen_error
 from appliance.receive import intake
 from appliance.receive.intake import InstanceBuffer
 from appliance.spool.store import InstanceMeta, Spool, reader
@@ -121,6 +125,29 @@ class Rejected(Exception):
     def __init__(self, outcome: str) -> None:
         super().__init__(outcome)
         self.outcome = outcome
+
+
+# Association rejections: reason -> (result, source, diagnostic, text). Rejected
+# permanent, by the service user (PS3.8 9.3.4).
+REJECTIONS: dict[str, tuple[int, int, int, str]] = {
+    "calling_ae": (0x01, 0x01, 0x03, "calling AE title not recognised"),
+}
+# How long a rejected peer has to close its connection after the A-ASSOCIATE-RJ.
+REJECT_LINGER_S = 2.0
+
+
+def association_refusal(cfg: Receive, calling_ae: str, called_ae: str, address: str) -> str | None:
+    """Why an association request is rejected (a key of REJECTIONS), or None."""
+    if not caller_allowed(cfg, calling_ae, address):
+        return "calling_ae"
+    return None
+
+
+def receive_limits(cfg: Receive) -> Limits:
+    """What a connection to the receive ports may do (core.listener)."""
+    return Limits(max_connections=cfg.max_connections, max_per_host=cfg.max_connections_per_host,
+                  handshake_s=cfg.acse_timeout_s, io_timeout_s=cfg.network_timeout_s,
+                  max_pdu=cfg.max_pdu)
 
 
 def caller_allowed(cfg: Receive, ae_title: str, address: str) -> bool:
@@ -228,7 +255,8 @@ class ReceiveStats:
     outcomes: Counter[str] = field(default_factory=Counter)
     associations_active: int = 0
     associations_total: int = 0
-    associations_rejected: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)  # associations, by REJECTIONS key
+    connections_refused: Counter[str] = field(default_factory=Counter)  # by listener.REFUSALS key
     bytes_received: int = 0
 
     def count(self, outcome: str, nbytes: int = 0) -> None:
@@ -236,13 +264,23 @@ class ReceiveStats:
             self.outcomes[outcome] += 1
             self.bytes_received += nbytes
 
+    def reject(self, reason: str) -> None:
+        with self.lock:
+            self.rejected[reason] += 1
+
+    def refuse_connection(self, reason: str) -> None:
+        with self.lock:
+            self.connections_refused[reason] += 1
+
     def snapshot(self) -> dict[str, Any]:
         with self.lock:
             refused = {k: v for k, v in self.outcomes.items() if k not in ("stored", "duplicate")}
             return {
                 "associations_active": self.associations_active,
                 "associations_total": self.associations_total,
-                "associations_rejected": self.associations_rejected,
+                "associations_rejected": sum(self.rejected.values()),
+                "associations_rejected_by_reason": dict(self.rejected),
+                "connections_refused": dict(self.connections_refused),
                 "instances_received": self.outcomes["stored"] + self.outcomes["duplicate"],
                 "instances_duplicate": self.outcomes["duplicate"],
                 "instances_refused": refused,
@@ -343,7 +381,7 @@ class Receiver:
         self.spool = spool
         self.stats = stats
         self.on_stored = on_stored
-        self.servers: list[ThreadedAssociationServer] = []
+        self.gate = Gate("receive", receive_limits(cfg), refused=stats.refuse_connection)
         self._per_assoc: dict[int, Counter[str]] = {}  # id(association) -> outcomes, bytes
         self.last_store = 0.0  # time.monotonic() of the last C-STORE answered
         tune_malloc()  # process-wide; see MALLOC_MMAP_THRESHOLD
@@ -374,48 +412,61 @@ class Receiver:
         ]
 
     def start(self) -> list[tuple[str, int, bool]]:
-        """Start the listeners; returns (host, port, tls) for each."""
+        """Start the listeners; returns (host, port, tls) for each. ListenError if a port
+        cannot be bound (nothing is left listening then)."""
         out = []
-        if self.cfg.plain:
-            out.append(self._listen(self.cfg.bind, self.cfg.port, None))
-        if self.cfg.tls:
-            t = self.cfg.tls
-            ctx = tls_server_context(str(t.cert), str(t.key), str(t.ca), t.require_client_cert)
-            out.append(self._listen(t.bind or self.cfg.bind, t.port, ctx))
+        try:
+            if self.cfg.plain:
+                out.append(self._listen(self.cfg.bind, self.cfg.port, None))
+            if self.cfg.tls:
+                t = self.cfg.tls
+                ctx = tls_server_context(str(t.cert), str(t.key), str(t.ca), t.require_client_cert)
+                out.append(self._listen(t.bind or self.cfg.bind, t.port, ctx))
+        except BaseException:
+            self.stop()
+            raise
+        self.gate.start()
         return out
 
     def _listen(self, host: str, port: int, ctx: ssl.SSLContext | None) -> tuple[str, int, bool]:
-        server = self.ae.make_server((host, port), ssl_context=ctx, evt_handlers=self.handlers,
-                                     server_class=compat.NodelayServer)
-        t = threading.Thread(target=server.serve_forever, name=f"listen-{port}", daemon=True)
-        t.start()
-        self.servers.append(server)
+        what = "DICOM over TLS" if ctx else "DICOM"
+        try:
+            server = self.ae.make_server((host, port), ssl_context=ctx, evt_handlers=self.handlers,
+                                         server_class=compat.GatedServer)
+        except OSError as e:
+            raise listen_error(e, what, host, port) from None
+        self.gate.serve(server)
         bound = server.server_address
         return (str(bound[0]), int(bound[1]), ctx is not None)
 
     def stop(self) -> None:
-        for s in self.servers:
-            compat.close_server(s)
-        self.servers.clear()
+        """Stop accepting (associations in progress run on)."""
+        self.gate.stop()
 
     # --- event handlers (run on association threads) ---
 
     def _on_requested(self, event: Any) -> None:
         assoc = event.assoc
-        calling = assoc.requestor.primitive.calling_ae_title
-        address = assoc.requestor.address
-        if not caller_allowed(self.cfg, calling, address):
-            with self.stats.lock:
-                self.stats.associations_rejected += 1
-            log.warning("association.rejected", calling_ae=calling.strip(), peer=address,
-                        reason="calling AE title not recognized")
-            assoc.acse.send_reject(0x01, 0x01, 0x03)
-            # send_reject only queues the A-ASSOCIATE-RJ; right after this handler the
-            # reactor closes the socket, usually before the DUL thread has sent it, and the
-            # peer sees a dropped connection instead of the reason. kill() (as pynetdicom's
-            # own rejections do) waits until the RJ is out and the peer has closed (or the
-            # ARTIM timer expired).
-            assoc.kill()
+        rq = assoc.requestor.primitive
+        reason = association_refusal(self.cfg, rq.calling_ae_title, rq.called_ae_title,
+                                     assoc.requestor.address)
+        if reason is None:
+            return
+        self.stats.reject(reason)
+        result, source, diagnostic, text = REJECTIONS[reason]
+        log.warning("association.rejected", calling_ae=rq.calling_ae_title.strip(),
+                    called_ae=rq.called_ae_title.strip(), peer=assoc.requestor.address, reason=text)
+        # After the A-ASSOCIATE-RJ the peer should close the connection; wait for that at
+        # most REJECT_LINGER_S (the ARTIM timer), so that a refused peer keeps neither
+        # its connection nor an association slot for the whole ACSE timeout.
+        assoc.acse_timeout = min(REJECT_LINGER_S, self.cfg.acse_timeout_s)
+        assoc.acse.send_reject(result, source, diagnostic)
+        # send_reject only queues the A-ASSOCIATE-RJ; right after this handler the
+        # reactor closes the socket, usually before the DUL thread has sent it, and the
+        # peer sees a dropped connection instead of the reason. kill() (as pynetdicom's
+        # own rejections do) waits until the RJ is out and the peer has closed (or the
+        # ARTIM timer expired).
+        assoc.kill()
 
     def _on_established(self, event: Any) -> None:
         with self.stats.lock:
