@@ -73,6 +73,7 @@ class Receive:
     max_associations: int = 8
     max_connections: int = 32  # TCP connections at once, handshaking or associated
     max_connections_per_host: int = 8
+    check_called_ae: bool = True
     max_pdu: int = 262144
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
@@ -473,6 +474,7 @@ def _parse_receive(t: _Table) -> Receive:
         max_connections=t.integer("max_connections", d.max_connections, 1, 1024),
         max_connections_per_host=t.integer("max_connections_per_host", d.max_connections_per_host,
                                            1, 1024),
+        check_called_ae=t.boolean("check_called_ae", d.check_called_ae),
         max_pdu=t.integer("max_pdu", d.max_pdu, 4096, 16 * 1024 * 1024),
         acse_timeout_s=t.number("acse_timeout_s", d.acse_timeout_s, 1, 600),
         dimse_timeout_s=t.number("dimse_timeout_s", d.dimse_timeout_s, 1, 3600),

@@ -12,7 +12,9 @@ complete A-ASSOCIATE-RQ (TLS included) and checks every PDU's declared length ag
 allowlist, and when the entry lists hosts, the peer address must be in one of them.
 Anyone else is rejected at association time with "rejected permanent / calling AE title
 not recognised" (the reason DICOM has for it), unless `accept_any_caller` is set
-explicitly. Each refusal is counted by class in `ReceiveStats` (`appliance status`).
+explicitly; an association addressed to another AE title than ours with "called AE title
+not recognised" (unless `check_called_ae` is false). Each refusal is counted by class
+in `ReceiveStats` (`appliance status`).
 
 What the peer is told: Success only after `Spool.store` has returned (the instance is
 sealed, fsynced and committed). Every other outcome maps to a status through one table,
@@ -131,6 +133,7 @@ class Rejected(Exception):
 # permanent, by the service user (PS3.8 9.3.4).
 REJECTIONS: dict[str, tuple[int, int, int, str]] = {
     "calling_ae": (0x01, 0x01, 0x03, "calling AE title not recognised"),
+    "called_ae": (0x01, 0x01, 0x07, "called AE title not recognised"),
 }
 # How long a rejected peer has to close its connection after the A-ASSOCIATE-RJ.
 REJECT_LINGER_S = 2.0
@@ -140,6 +143,8 @@ def association_refusal(cfg: Receive, calling_ae: str, called_ae: str, address: 
     """Why an association request is rejected (a key of REJECTIONS), or None."""
     if not caller_allowed(cfg, calling_ae, address):
         return "calling_ae"
+    if cfg.check_called_ae and called_ae.strip() != cfg.ae_title.strip():
+        return "called_ae"
     return None
 
 
