@@ -6,9 +6,11 @@ pynetdicom as the peers; the hostile ones are raw sockets from loopback addresse
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import socket
 import struct
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,9 +24,11 @@ from tests.hostile import (
     connect_from,
     oversized_associate_rq,
     proc_status,
+    write_deflate_bomb,
 )
 from tests.peers import Appliance, echoscu, free_port, storescu, wait_for
 from tests.receive_support import daemon_log_events, held_config
+from tests.spoolcheck import dataset_bytes
 
 ONE_CT = "transfer_syntax/WG04/CT2/CT2_UNC"
 Factory = Callable[..., Appliance]
@@ -168,6 +172,35 @@ def test_oversized_pdu_inside_an_association_ends_it(appliance_factory: Factory,
     assert (proc_status(pid(app), "VmHWM") - before) / 1024 < 16
     assert refused(app) == {"pdu_too_long": 1}
     wait_for(lambda: app.status()["receive"]["associations_active"] == 0, what="no association left")
+
+
+def test_deflate_bomb_is_stored_without_being_inflated(appliance_factory: Factory, tmp_path: Path) -> None:
+    """storescu -xd sends a data set that inflates to 256 MiB (~256 KiB on the wire) from an
+    allowed caller: it is stored as received (Success), and the daemon's peak RSS grows by
+    a few MiB, not by its inflated size (before: 66 -> 1093 MiB for 512 MiB)."""
+    bomb = write_deflate_bomb(tmp_path / "bomb.dcm", inflated=256 * MiB)
+    app = start(appliance_factory, tmp_path / "a")
+    assert echoscu(app.port).returncode == 0
+    before = proc_status(pid(app), "VmHWM")
+    r = storescu(app.port, [bomb], extra=["-xd", "-v"])
+    grew = (proc_status(pid(app), "VmHWM") - before) / 1024
+    print(f"\ndeflate bomb {bomb.stat().st_size >> 10} KiB -> 256 MiB: peak RSS grew {grew:.1f} MiB")
+    assert r.returncode == 0 and "Received Store Response (Success)" in r.stderr, r.stderr[-2000:]
+    assert grew < 32
+    (stored,) = app.spooled().values()
+    assert len(stored) < MiB  # kept deflated, as received
+    # the same data set as the file's, compared inflated piece by piece
+    assert inflated_digest(dataset_bytes(stored)) == inflated_digest(dataset_bytes(bomb.read_bytes()))
+
+
+def inflated_digest(deflated: bytes) -> str:
+    d, h = zlib.decompressobj(-zlib.MAX_WBITS), hashlib.sha256()
+    data = deflated
+    while data:
+        h.update(d.decompress(data, 4 * MiB))
+        data = d.unconsumed_tail
+    h.update(d.flush())
+    return h.hexdigest()
 
 
 def test_per_host_cap_refuses_the_next_connection_from_that_address_only(

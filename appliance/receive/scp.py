@@ -35,6 +35,7 @@ import ssl
 import struct
 import threading
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,9 +43,8 @@ from typing import Any, BinaryIO
 
 import structlog
 from pydicom import config as pydicom_config
-from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-from pydicom.filereader import read_partial
+from pydicom.filereader import read_dataset, read_partial
 from pydicom.tag import BaseTag, Tag
 from pynetdicom import (
     AE,
@@ -210,15 +210,26 @@ def identify(parts: list[bytes | memoryview], request_sop_uid: str, calling_ae: 
     `IDENTIFY_PREFIX` bytes from a BytesIO: pydicom's many small reads through a Python
     file object cost more than the parse itself. If that prefix does not reach past the
     UIDs, all of `parts` is parsed. `complete=False` says `parts` is only the start of the
-    instance (one sealed to disk as it arrived): the UIDs must then lie within it.
+    instance (one sealed to disk as it arrived): the UIDs must then lie within it. A
+    deflated data set is never inflated whole (see `_deflated_identifiers`).
     """
+    return _checked(*_identifiers(parts, complete), request_sop_uid, calling_ae)
+
+
+Identifiers = tuple[Any, Any, Any, str, str]  # study, series, SOP instance, syntax, SOP class
+
+
+def _identifiers(parts: list[bytes | memoryview], complete: bool) -> Identifiers:
     total = sum(len(p) for p in parts)
     head = _prefix(parts, IDENTIFY_PREFIX)
     fast = dicomscan.scan_identifiers(head)
     if fast is not None:
-        return _checked(fast.get(dicomscan.STUDY_INSTANCE_UID), fast.get(dicomscan.SERIES_INSTANCE_UID),
-                        fast.get(dicomscan.SOP_INSTANCE_UID), fast[dicomscan.TRANSFER_SYNTAX],
-                        fast[dicomscan.MEDIA_SOP_CLASS], request_sop_uid, calling_ae)
+        return (fast.get(dicomscan.STUDY_INSTANCE_UID), fast.get(dicomscan.SERIES_INSTANCE_UID),
+                fast.get(dicomscan.SOP_INSTANCE_UID), fast[dicomscan.TRANSFER_SYNTAX],
+                fast[dicomscan.MEDIA_SOP_CLASS])
+    meta = dicomscan.file_meta(head)
+    if meta is not None and meta[1][dicomscan.TRANSFER_SYNTAX] == dicomscan.DEFLATED:
+        return _deflated_identifiers(parts, *meta)
     ds = None
     if len(head) < total or not complete:
         with contextlib.suppress(Exception):  # truncated prefix: any error means "parse it all"
@@ -232,10 +243,59 @@ def identify(parts: list[bytes | memoryview], request_sop_uid: str, calling_ae: 
         study, series, sop = (ds.get(k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
         ts = str(ds.file_meta.TransferSyntaxUID)
         sop_class = str(ds.file_meta.MediaStorageSOPClassUID)
-    except (InvalidDicomError, ValueError, TypeError, KeyError, AttributeError, EOFError,
-            OverflowError, NotImplementedError, UnicodeError, IndexError, OSError):
+    except _PARSE_ERRORS:
         raise Rejected("unparseable") from None
-    return _checked(study, series, sop, ts, sop_class, request_sop_uid, calling_ae)
+    return study, series, sop, ts, sop_class
+
+
+_PARSE_ERRORS = (InvalidDicomError, ValueError, TypeError, KeyError, AttributeError, EOFError,
+                 OverflowError, NotImplementedError, UnicodeError, IndexError, OSError, zlib.error)
+
+# A deflated data set is inflated only this far to find its UIDs: first the short
+# prefix, then (UIDs behind a long element or sequence) the long one, never more. pydicom
+# would inflate it whole: 0.5 MiB on the wire can be 512 MiB inflated.
+DEFLATED_PREFIXES = (64 << 10, 4 << 20)
+
+
+def _deflated_identifiers(parts: list[bytes | memoryview], start: int, meta: dict[int, str]) -> Identifiers:
+    for limit in DEFLATED_PREFIXES:
+        try:
+            data, whole = inflated_prefix(parts, start, limit)
+            reached = False
+
+            def past_series_uid(tag: BaseTag, vr: str | None, length: int) -> bool:
+                nonlocal reached
+                reached = bool(tag > 0x0020000E)
+                return reached
+
+            ds = read_dataset(io.BytesIO(data), False, True, stop_when=past_series_uid,
+                              specific_tags=_IDENTIFYING_TAGS)
+        except _PARSE_ERRORS:
+            raise Rejected("unparseable") from None
+        if reached or whole:
+            return (ds.get("StudyInstanceUID"), ds.get("SeriesInstanceUID"), ds.get("SOPInstanceUID"),
+                    meta[dicomscan.TRANSFER_SYNTAX], meta[dicomscan.MEDIA_SOP_CLASS])
+    log.warning("instance.unidentified", reason="identifying UIDs not within the first "
+                f"{DEFLATED_PREFIXES[-1] >> 20} MiB of the inflated data set")
+    raise Rejected("unparseable")
+
+
+def inflated_prefix(parts: list[bytes | memoryview], start: int, limit: int) -> tuple[bytes, bool]:
+    """Inflate (raw deflate, PS3.5 A.5) the bytes of `parts` from offset `start` until
+    `limit` bytes came out; (those bytes, whether that is the whole data set). Memory and
+    work stay proportional to `limit` whatever the input inflates to."""
+    d = zlib.decompressobj(-zlib.MAX_WBITS)
+    out = bytearray()
+    pos = 0
+    for p in parts:
+        skip, pos = max(0, start - pos), pos + len(p)
+        chunk: bytes | memoryview = p[skip:] if skip < len(p) else b""
+        while chunk and len(out) < limit and not d.eof:
+            out += d.decompress(chunk, limit - len(out))
+            chunk = d.unconsumed_tail
+        if len(out) >= limit or d.eof:
+            break
+    return bytes(out[:limit]), d.eof
 
 
 def _checked(study: Any, series: Any, sop: Any, ts: str, sop_class: str, request_sop_uid: str,
@@ -569,9 +629,10 @@ class Receiver:
 
 def identify_stored(part10: bytes) -> InstanceMeta:
     """Identify a Part-10 file the spool already holds (crash recovery of orphans)."""
-    ds = dcmread(reader([part10]), stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
-    calling = str(ds.file_meta.get("SourceApplicationEntityTitle", "") or "").strip()
     try:
-        return identify([part10], str(ds.get("SOPInstanceUID", "")), calling)
+        study, series, sop, ts, sop_class = _identifiers([part10], True)
+        meta = dicomscan.file_meta(part10[:IDENTIFY_PREFIX])
+        calling = meta[1].get(dicomscan.SOURCE_AE, "") if meta else ""
+        return _checked(study, series, sop, ts, sop_class, str(sop or ""), calling.strip())
     except Rejected as r:
         raise ValueError(r.outcome) from None
