@@ -4,10 +4,12 @@ behind, and what is stored is still exactly what was sent."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import struct
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,9 +21,11 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, gene
 from tests.peers import Appliance, base_config, dcmtk_env, echoscu, free_port, storescu, wait_for
 from tests.spoolcheck import (
     dataset_bytes,
+    finish_storescu,
     keep_in_spool,
     log_events,
     log_size,
+    popen_storescu,
     run_storescu,
     spool_state,
 )
@@ -132,6 +136,38 @@ def test_disk_filling_during_a_large_instance_gives_a700_and_leaves_nothing(
     st = spool_state(app)
     assert list(st.by_sop.values()) and dataset_bytes(next(iter(st.by_sop.values()))) == \
         dataset_bytes(small.read_bytes())
+
+
+def test_instance_over_max_instance_mb_is_refused_without_keeping_it(
+        appliance_factory: Any, tmp_path: Path) -> None:
+    """With max_instance_mb = 8, a 40 MiB instance gets 0xA702 (Refused: Out of Resources)
+    with the reason in the log; its sealed temp file never grows far past 8 MiB and is gone
+    at the end; the daemon's peak RSS does not grow with it; a 2 MiB instance still stores."""
+    cfg = keep_in_spool(base_config(tmp_path / "app", free_port(), in_memory_limit_mb=1,
+                                    max_instance_mb=8))
+    app: Appliance = appliance_factory(cfg, root=tmp_path / "app")
+    big = write_multiframe(tmp_path / "big.dcm", frames=80)
+    assert app.proc is not None and echoscu(app.port).returncode == 0
+    before, offset = vm_hwm_kib(app.proc.pid), log_size(app)
+    largest = 0
+    proc = popen_storescu(app.port, [big], tmp_path / "storescu.log")
+    while proc.poll() is None:
+        for name in temps(app):
+            with contextlib.suppress(FileNotFoundError):
+                largest = max(largest, (app.state_dir / "spool" / name).stat().st_size)
+        time.sleep(0.005)
+    run = finish_storescu(proc, [big], tmp_path / "storescu.log")
+    assert run.with_response("Refused: OutOfResources") == [big], run.stderr[-2000:]
+    assert refused(app, offset) == ["too_large"]
+    (line,) = [e for e in log_events(app, offset) if e.get("event") == "instance.refused"]
+    assert line["status"] == "0xA702" and "max_instance_mb" in line["meaning"]
+    assert largest <= 9 * MiB, f"a {largest / MiB:.1f} MiB temp file for an 8 MiB cap"
+    assert (vm_hwm_kib(app.proc.pid) - before) * 1024 < 16 * MiB
+    wait_for(lambda: temps(app) == [], what="no temp file left")
+    assert spool_state(app).by_sop == {}
+    small = write_multiframe(tmp_path / "small.dcm", frames=4)
+    r = storescu(app.port, [small])
+    assert r.returncode == 0 and "Store Failed" not in r.stderr, r.stderr[-2000:]
 
 
 def _send_until_temp(app: Appliance, path: Path, log: Path) -> subprocess.Popen[bytes]:

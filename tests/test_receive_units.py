@@ -19,7 +19,8 @@ from appliance.receive.scp import (
 def test_status_table_uses_the_storage_service_ranges() -> None:
     assert STATUS["stored"][0] == STATUS["duplicate"][0] == 0x0000
     assert STATUS["spool_full"][0] == 0xA700
-    assert 0xA700 <= STATUS["disk_error"][0] <= 0xA7FF  # Out of Resources: the scanner retries
+    for outcome in ("disk_error", "too_large"):  # Out of Resources
+        assert 0xA700 <= STATUS[outcome][0] <= 0xA7FF, outcome
     for outcome in ("unparseable", "missing_uids", "uid_mismatch"):
         assert 0xC000 <= STATUS[outcome][0] <= 0xCFFF, outcome  # Cannot understand
     assert len({v[0] for k, v in STATUS.items() if k != "duplicate"}) == len(STATUS) - 1

@@ -22,8 +22,10 @@ dies mid-instance drops its buffer; its temp file is removed when the buffer is 
 (`weakref.finalize`), and at the latest by `Spool.recover` at the next start.
 
 How it fails: a full spool or a disk error while sealing marks the buffer `failed`
-(further data is dropped, the temp removed); the handler answers with that outcome once
-the data set is complete, as for an in-memory instance. The swap itself is
+(further data is dropped, the temp removed); so does a data set that grows past
+`receive.max_instance_mb` ("too_large"): nothing of it is kept in memory or on disk from
+then on. The handler answers with that outcome once the data set is complete, as for an
+in-memory instance. The swap itself is
 `core.pynetdicom_compat.route_chunked_store`, checked by tests/test_pynetdicom_compat.py.
 """
 
@@ -70,12 +72,13 @@ def _calling_ae() -> str:
 class InstanceBuffer:
     """One C-STORE data set as it arrives: in memory while small, sealed to disk when large."""
 
-    def __init__(self, spool: Spool, limit: int) -> None:
+    def __init__(self, spool: Spool, limit: int, max_size: int) -> None:
         from appliance.receive.scp import part10_header  # receive imports us
 
         self._part10_header = part10_header
         self._spool = spool
         self._limit = limit
+        self._max_size = max_size  # of the data set; past it everything is dropped
         rid = new_id()
         # pynetdicom unlinks `name` after the handler; see the module docstring.
         self.name = str(spool.dir / f"{durable.TEMP_PREFIX}{rid}")
@@ -109,6 +112,9 @@ class InstanceBuffer:
         if self.facts is None or self.failed:
             return  # pynetdicom's preamble and "DICM" (our head replaces them), or given up
         self.size += len(data)
+        if self.size - self.head_size > self._max_size:
+            self._fail("too_large")  # keeps nothing, seals nothing more; answered 0xA702
+            return
         if self.incoming is None:
             self.parts.append(data)
             if self.size > self._limit:
@@ -177,9 +183,10 @@ class InstanceBuffer:
             self.incoming.discard()
 
 
-def install(spool: Spool, in_memory_limit: int) -> None:
-    """Route every C-STORE data set pynetdicom receives in this process into an InstanceBuffer."""
+def install(spool: Spool, in_memory_limit: int, max_size: int) -> None:
+    """Route every C-STORE data set pynetdicom receives in this process into an InstanceBuffer;
+    data sets over `max_size` bytes are refused (outcome "too_large")."""
     def factory(*_: Any, **__: Any) -> InstanceBuffer:
-        return InstanceBuffer(spool, in_memory_limit)
+        return InstanceBuffer(spool, in_memory_limit, max_size)
 
     compat.route_chunked_store(factory, _command_facts, _take_facts)

@@ -74,6 +74,7 @@ STATUS: dict[str, tuple[int, str]] = {
     "duplicate": (0x0000, "Success (already stored)"),
     "spool_full": (0xA700, "Refused: Out of Resources (spool at its free-space reserve)"),
     "disk_error": (0xA701, "Refused: Out of Resources (unable to write the spool)"),
+    "too_large": (0xA702, "Refused: Out of Resources (larger than receive.max_instance_mb)"),
     "unparseable": (0xC210, "Error: Cannot understand (data set cannot be parsed)"),
     "missing_uids": (0xC211, "Error: Cannot understand (Study/Series/SOP Instance UID missing or invalid)"),
     "uid_mismatch": (0xC212, "Error: Cannot understand (SOP Instance UID differs from the request)"),
@@ -451,7 +452,7 @@ class Receiver:
         self.last_store = 0.0  # time.monotonic() of the last C-STORE answered
         tune_malloc()  # process-wide; see MALLOC_MMAP_THRESHOLD
         shorten_polling()
-        intake.install(spool, cfg.in_memory_limit_mb << 20)
+        intake.install(spool, cfg.in_memory_limit_mb << 20, cfg.max_instance_mb << 20)
         compat.configure_scp()  # every storage SOP class; our own log lines, without identifiers
         # pydicom checks each value it decodes (our data sets, pynetdicom's command sets)
         # and reports a bad one with warnings.warn(text quoting the value), which goes to
