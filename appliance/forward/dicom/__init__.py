@@ -124,11 +124,15 @@ The report is accepted both ways a PACS may send it:
   `DicomModalities` lists under our calling AE title, proposing the Push Model with role
   selection SCU=no/SCP=yes, and sends the report within milliseconds of the N-ACTION.
   An Orthanc that does not know our AE title aborts the N-ACTION association. For this
-  the transport runs a small SCP (`commitment_port`, started at the first commitment,
-  TLS with client certificates verified against `tls.ca` unless plaintext) that accepts
-  only the Push Model and matches reports to waiting bundles by Transaction UID (random,
-  128 bits: the report's authenticator, together with TLS when enabled; the calling AE
-  title is not checked, PACS often report under another AE title). Reports for unknown
+  the transport runs a small SCP (`commitment_port` on `commitment_bind`, started at the
+  first commitment, TLS with client certificates verified against `tls.ca` unless
+  plaintext) that accepts only the Push Model and matches reports to waiting bundles by
+  Transaction UID (random, 128 bits: the report's authenticator, together with TLS when
+  enabled; the calling AE title is not checked, PACS often report under another AE
+  title). It sits behind the receive ports' gate (core.listener): only the addresses
+  `host` resolves to when the listener starts may connect (others are closed at accept),
+  at most 4 connections, `timeout_s` from accept to a complete association request and
+  per PDU, no PDU longer than announced. Reports for unknown
   transactions (a late report for an attempt that already gave up) are acknowledged and
   ignored. While such a listener exists we keep the association open for up to 2 s for a
   same-association report, then release it and keep waiting on the listener.

@@ -292,9 +292,3 @@ def close_socket(assoc: Any) -> None:
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.close()
-
-
-def nodelay(event: Any) -> None:
-    with contextlib.suppress(Exception):
-        event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
