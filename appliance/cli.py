@@ -8,8 +8,10 @@
 
 Every error is one line on stderr and a documented exit code (see `errors.py`): 0 ok,
 64 usage, 66 not found, 69 daemon not running or not answering (status), 73 state dir
-(also: `queue list` before the daemon has ever run), 77 permission denied (status),
-78 configuration or key file (a config error prints one line per problem). No command
+(also: `queue list` before the daemon has ever run), 75 a listening port in use or its
+address not on this machine (run; systemd retries), 77 permission denied (status; run: a
+port below 1024), 78 configuration or key file (a config error prints one line per
+problem). No command
 prints a traceback; an unexpected bug prints one line and exits 70, with the traceback
 only under APPLIANCE_DEBUG=1.
 """

@@ -7,7 +7,8 @@ handler in `cli.main` turns any of them into one line on stderr and that code; n
 else in the package calls `sys.exit`.
 
 Exit codes follow sysexits(3) where one fits, so that scripts and systemd can tell a
-bad config (78, which systemd should not restart into a loop) from a transient fault.
+bad config (78, which systemd should not restart into a loop) from a transient fault
+(75: a port in use, an address not up yet; systemd starts the daemon again).
 """
 
 from __future__ import annotations
