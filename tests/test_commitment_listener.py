@@ -93,7 +93,7 @@ def test_a_stalled_connection_from_the_pacs_is_closed_after_timeout_s(listener: 
         t0 = time.monotonic()
         assert closed_at_once(s, within=20)
         elapsed = time.monotonic() - t0
-    assert 1.5 < elapsed < 2 + 3, f"closed after {elapsed:.1f} s"
+    assert 1.5 < elapsed < 2 + 5, f"closed after {elapsed:.1f} s"
     assert listener.gate.refusals == {"handshake_timeout": 1}
 
 

@@ -114,19 +114,21 @@ def test_stalled_sockets_cost_no_threads(appliance_factory: Factory, tmp_path: P
 def test_stalled_sockets_are_closed_within_the_acse_timeout(
         appliance_factory: Factory, tmp_path: Path) -> None:
     """Every stalled connection is closed by the daemon: those past max_connections (32) at
-    once (the oldest evicted for newcomers), the rest when receive.acse_timeout_s (3 s)
+    once (the oldest evicted for newcomers), the rest when receive.acse_timeout_s (5 s)
     has passed since it was accepted; each closing is counted by class."""
-    app = start(appliance_factory, tmp_path / "a", acse_timeout_s=3)
+    app = start(appliance_factory, tmp_path / "a", acse_timeout_s=5)
     st = Stallers.open(app.port, 60)
     try:
         closed_after = st.wait_closed(timeout=30)
     finally:
         st.close()
     assert closed_after is not None, f"{st.open_count()} stalled sockets still open after 30 s"
-    at_once = sum(1 for i, t in st.closed_at.items() if t - st.opened[i] < 1.5)
-    print(f"\nall 60 closed {closed_after:.1f} s after opening; {at_once} within 1.5 s")
-    assert closed_after < 3 + 2
-    assert at_once >= 60 - 32
+    waited = sorted(t - st.opened[i] for i, t in st.closed_at.items())
+    print(f"\nall 60 closed {closed_after:.1f} s after opening; "
+          f"{sum(1 for w in waited if w < 2.5)} within 2.5 s")
+    assert sum(1 for w in waited if w < 2.5) >= 60 - 32  # evicted at once
+    assert all(w > 4.5 for w in waited[60 - 32:])  # the rest held their 5 s
+    assert closed_after < 5 + 4
     counts = refused(app)
     # (the daemon's readiness probe in tests.peers may be evicted too)
     assert counts["handshake_timeout"] == 32 and counts["evicted"] >= 60 - 32, counts

@@ -222,6 +222,6 @@ def test_stalled_tls_handshake_is_closed_after_the_acse_timeout(
             eof = True
         elapsed = time.monotonic() - t0
     assert eof
-    assert 1.5 < elapsed < 2 + 3, f"closed after {elapsed:.1f} s"
+    assert 1.5 < elapsed < 2 + 5, f"closed after {elapsed:.1f} s"
     refused = a.status()["receive"]["connections_refused"]
     assert refused.get("handshake_timeout") == 1, refused
