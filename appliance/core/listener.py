@@ -305,6 +305,7 @@ class Gate:
         for conn in [c for c in self._conns.values() if c.assoc is None]:
             self._drop(conn)
         self._servers.clear()
+        self._sel.close()
 
     def count(self, kind: str, host: str, port: int = 0, detail: str | None = None) -> None:
         with self._lock:
@@ -328,10 +329,10 @@ class Gate:
         pending = [c.deadline for c in self._conns.values() if c.assoc is None]
         wait = max(0.0, min([now + 0.25, *pending]) - now)
         for key, _ in self._sel.select(wait):
-            if isinstance(key.data, _Conn):
-                self._step(key.data)
-            else:
+            if not isinstance(key.data, _Conn):
                 self._accept(key.data)
+            elif key.data.cid in self._conns:  # not closed earlier in this round (evicted)
+                self._step(key.data)
         now = time.monotonic()
         for conn in list(self._conns.values()):
             if conn.assoc is None and now >= conn.deadline:
@@ -352,9 +353,10 @@ class Gate:
 
     def _admit(self, server: Any, sock: socket.socket, address: Any) -> None:
         host, port = host_key(str(address[0])), server.server_address[1]
+        # Counted before the close, so that whoever sees the close also sees the count.
         if self._admit_host is not None and not self._admit_host(host):
-            sock.close()
             self.count("caller_address", host, port)
+            sock.close()
             return
         self._sweep()
         self._next_id += 1
@@ -363,8 +365,8 @@ class Gate:
         if decision.refusal == "per_host_cap" and self._settle(host):
             decision = self.admission.admit(cid, host, time.monotonic())
         if decision.refusal:
-            sock.close()
             self.count(decision.refusal, host, port)
+            sock.close()
             return
         if decision.evict is not None and decision.evict in self._conns:
             self._evict(self._conns[decision.evict])
@@ -460,8 +462,8 @@ class Gate:
             victim.sock.shutdown(socket.SHUT_RDWR)
 
     def _refuse(self, conn: _Conn, kind: str, detail: str | None = None) -> None:
-        self._drop(conn)
         self.count(kind, conn.host, conn.server.server_address[1], detail)
+        self._drop(conn)
 
     def _drop(self, conn: _Conn) -> None:
         self._close(conn)
