@@ -61,6 +61,13 @@ def test_inflated_prefix_of_a_short_stream_is_whole() -> None:
     assert out == data and whole
 
 
+def test_inflated_prefix_stops_at_the_end_of_the_stream_before_a_pad_byte() -> None:
+    """DCMTK pads an odd-length deflated data set with a byte after the stream's end."""
+    data = b"0123456789" * 100
+    out, whole = inflated_prefix([b"head", deflate(data) + b"\x00"], 4, MiB)
+    assert out == data and whole
+
+
 def test_deflated_instance_is_identified() -> None:
     meta = identify([deflated_instance(ids(False, el(0x00080060, b"CS", b"CT")))], "1.2.3.4.5", "SCU")
     assert (meta.study_uid, meta.sop_instance_uid) == ("1.2.3.4.6", "1.2.3.4.5")
