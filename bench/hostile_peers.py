@@ -106,7 +106,7 @@ def timed(cmd: list[str], timeout: float = 120) -> tuple[float, bool, str]:
 
 def stalled(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     ct = ct_slice(work / "ct.dcm")
-    with daemon(work / "stalled", args.timeout) as app:
+    with daemon(work / "s", args.timeout) as app:
         assert app.proc is not None
         pid = app.proc.pid
         threads_idle = proc_status(pid, "Threads")
@@ -139,7 +139,7 @@ def stalled(work: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def big_associate(work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    with daemon(work / "big", args.timeout) as app:
+    with daemon(work / "a", args.timeout) as app:
         assert app.proc is not None
         pid = app.proc.pid
         hwm0 = proc_status(pid, "VmHWM")
@@ -154,7 +154,7 @@ def big_associate(work: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 def deflate_bomb(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     bomb = write_deflate_bomb(work / "bomb.dcm", inflated=args.bomb_mib * MiB)
-    with daemon(work / "bomb", max(args.timeout, 60)) as app:
+    with daemon(work / "b", max(args.timeout, 60)) as app:
         assert app.proc is not None
         pid = app.proc.pid
         subprocess.run([ECHOSCU, "-aet", "MODALITY", "-aec", "EDGE", "127.0.0.1", str(app.port)],
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     for tool in (ECHOSCU, STORESCU):
         if not shutil.which(tool):
             ap.error(f"{tool} not found (apt-get install dcmtk)")
-    work = Path(tempfile.mkdtemp(prefix="hostile-", dir=args.workdir))
+    work = Path(tempfile.mkdtemp(prefix="hp-", dir=args.workdir))
     try:
         result: dict[str, Any] = {"when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                                   "command": " ".join([Path(sys.executable).name, *sys.argv]),
