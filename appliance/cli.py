@@ -17,8 +17,10 @@ encryption.appliance_key (--config, or the default config when it exists).
 
 Every error is one line on stderr and a documented exit code (see `errors.py`): 0 ok,
 64 usage, 66 not found, 69 daemon not running or not answering (status), 73 state dir
-(also: `queue list` before the daemon has ever run), 77 permission denied (status),
-78 configuration or key file (a config error prints one line per problem). No command
+(also: `queue list` before the daemon has ever run), 75 a listening port in use or its
+address not on this machine (run; systemd retries), 77 permission denied (status; run: a
+port below 1024), 78 configuration or key file (a config error prints one line per
+problem). No command
 prints a traceback; an unexpected bug prints one line and exits 70, with the traceback
 only under APPLIANCE_DEBUG=1. Output into a pipe whose reader has gone (`appliance queue
 list | head`) ends quietly with 141, as a tool killed by SIGPIPE does.
@@ -630,8 +632,11 @@ def _print_status(st: dict[str, Any]) -> None:
         print(f"listening      {listener['host']}:{listener['port']}{' (TLS)' if listener['tls'] else ''}"
               f" as {st['ae_title']}")
     print(f"uptime         {_age(st['uptime_s'])} (pid {st['pid']}, version {st['version']})")
+    why = ", ".join(f"{k} {v}" for k, v in sorted(r.get("associations_rejected_by_reason", {}).items()))
     print(f"associations   {r['associations_active']} active, {r['associations_total']} total,"
-          f" {r['associations_rejected']} rejected")
+          f" {r['associations_rejected']} rejected{f' ({why})' if why else ''}")
+    conns = ", ".join(f"{k} {v}" for k, v in sorted(r.get("connections_refused", {}).items())) or "none"
+    print(f"connections    refused: {conns}")
     print(f"received       {r['instances_received']} instances ({r['instances_duplicate']} duplicates)")
     refused = ", ".join(f"{k} {v}" for k, v in sorted(r["instances_refused"].items())) or "none"
     print(f"refused        {refused}")

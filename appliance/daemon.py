@@ -36,6 +36,7 @@ import structlog
 
 from appliance import __version__
 from appliance.core import crypto, durable, hardening
+from appliance.core import pynetdicom_compat as compat
 from appliance.core.config import Config, Destination
 from appliance.core.errors import ConfigError, StateError
 from appliance.forward import Transport, conversion
@@ -152,6 +153,7 @@ class Daemon:
         cfg = self.cfg
         if not_hardened := hardening.forbid_core_dumps():  # before any key or image is in memory
             log.warning("core_dumps.not_forbidden", steps=not_hardened)
+        compat.check_version()
         lock_fd = lock_state_dir(cfg.appliance.state_dir)
         key = crypto.load_spool_key(cfg.spool.key_file)
         index = open_index(cfg.appliance.state_dir)

@@ -77,6 +77,11 @@ RECEIVE_SETTINGS: tuple[tuple[str, str, str], ...] = (
     ("accept_any_caller", "accept any calling AE title (only on a closed network)", ""),
     ("callers", "the calling AE titles allowed, each optionally limited to hosts", ""),
     ("max_associations", "associations open at once; one more is rejected", ""),
+    ("max_connections", "TCP connections at once, before any association (the oldest one"
+                        " without an association is closed to let a new one in)", ""),
+    ("max_connections_per_host", "TCP connections at once from one source address; one more"
+                                 " is closed at once", ""),
+    ("check_called_ae", "reject an association whose called AE title is not ae_title", ""),
     ("max_pdu", "maximum PDU length the Receive AE accepts (sent in A-ASSOCIATE-AC)", "bytes"),
     ("acse_timeout_s", "time allowed for association negotiation and release", "s"),
     ("dimse_timeout_s", "time allowed for a DIMSE message to arrive", "s"),
@@ -101,6 +106,8 @@ SCP_REJECTIONS: tuple[tuple[int, int, int, str, str], ...] = (
     (1, 1, 3, "the calling AE title is not in receive.callers, or the peer's address is not in"
               " its hosts (unless receive.accept_any_caller = true)",
      "receive/scp.py `Receiver._on_requested`"),
+    (1, 1, 7, "the called AE title is not receive.ae_title (unless receive.check_called_ae ="
+              " false)", "receive/scp.py `association_refusal`"),
     (2, 3, 2, "receive.max_associations associations are already open",
      "pynetdicom (`AE.maximum_associations`)"),
 )

@@ -203,6 +203,8 @@ def test_wrong_type_names_key_and_expected_type(data: dict[str, Any], expect: st
     ("receive", "port", 0, "must be 1..65535"),
     ("receive", "port", 65536, "must be 1..65535"),
     ("receive", "max_associations", 0, "must be 1..64"),
+    ("receive", "max_connections", 0, "must be 1..1024"),
+    ("receive", "max_connections_per_host", 1025, "must be 1..1024"),
     ("receive", "max_pdu", 100, "must be 4096..16777216"),
     ("receive", "dimse_timeout_s", 0, "must be 1..3600"),
     ("receive", "acse_timeout_s", float("nan"), "must be 1..600"),
@@ -229,6 +231,19 @@ def test_range_limits_are_inclusive() -> None:
 def test_destination_port_range() -> None:
     p = one_problem(with_(destinations=[DIRECTORY, {**DICOM, "port": 70000}]))
     assert p == f"{MAIN}: destinations[1].port: must be 1..65535"
+
+
+def test_max_connections_below_max_associations() -> None:
+    p = one_problem(with_(receive={"max_associations": 16, "max_connections": 8,
+                                   "max_connections_per_host": 8}))
+    assert p == (f"{MAIN}: receive.max_connections: must be at least receive.max_associations "
+                 "(16): every association is a connection")
+
+
+def test_max_connections_per_host_above_max_connections() -> None:
+    p = one_problem(with_(receive={"max_connections": 8, "max_connections_per_host": 9}))
+    assert p == (f"{MAIN}: receive.max_connections_per_host: must not be greater than "
+                 "receive.max_connections (8)")
 
 
 def test_retry_min_greater_than_max() -> None:

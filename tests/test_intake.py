@@ -4,11 +4,12 @@ behind, and what is stored is still exactly what was sent."""
 
 from __future__ import annotations
 
-import inspect
+import contextlib
 import os
 import signal
 import struct
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,15 +17,15 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
-from pynetdicom import dimse_messages
-from pynetdicom.dimse_messages import DIMSEMessage
 
 from tests.peers import Appliance, base_config, dcmtk_env, echoscu, free_port, storescu, wait_for
 from tests.spoolcheck import (
     dataset_bytes,
+    finish_storescu,
     keep_in_spool,
     log_events,
     log_size,
+    popen_storescu,
     run_storescu,
     spool_state,
 )
@@ -81,16 +82,6 @@ def refused(app: Appliance, since: int) -> list[str]:
     return [e["outcome"] for e in log_events(app, since) if e.get("event") == "instance.refused"]
 
 
-def test_the_pynetdicom_internals_we_replace_are_still_there() -> None:
-    """intake.install swaps three names pynetdicom's chunked receive uses; a pynetdicom that
-    renamed them would silently fall back to a plaintext temp file. Fail loudly instead."""
-    src = inspect.getsource(DIMSEMessage.decode_msg)
-    for name in ("NamedTemporaryFile", "create_file_meta", "write_file_meta_info"):
-        assert hasattr(dimse_messages, name), name
-        assert f"{name}(" in src, name
-    assert "STORE_RECV_CHUNKED_DATASET" in src and "_data_set_file.write(" in src
-
-
 def test_large_instance_is_sealed_as_it_arrives_without_holding_it_in_memory(
         appliance_factory: Any, tmp_path: Path) -> None:
     """A 256 MiB multi-frame instance with the default limit (32 MiB): Success, the spool
@@ -145,6 +136,38 @@ def test_disk_filling_during_a_large_instance_gives_a700_and_leaves_nothing(
     st = spool_state(app)
     assert list(st.by_sop.values()) and dataset_bytes(next(iter(st.by_sop.values()))) == \
         dataset_bytes(small.read_bytes())
+
+
+def test_instance_over_max_instance_mb_is_refused_without_keeping_it(
+        appliance_factory: Any, tmp_path: Path) -> None:
+    """With max_instance_mb = 8, a 40 MiB instance gets 0xA702 (Refused: Out of Resources)
+    with the reason in the log; its sealed temp file never grows far past 8 MiB and is gone
+    at the end; the daemon's peak RSS does not grow with it; a 2 MiB instance still stores."""
+    cfg = keep_in_spool(base_config(tmp_path / "app", free_port(), in_memory_limit_mb=1,
+                                    max_instance_mb=8))
+    app: Appliance = appliance_factory(cfg, root=tmp_path / "app")
+    big = write_multiframe(tmp_path / "big.dcm", frames=80)
+    assert app.proc is not None and echoscu(app.port).returncode == 0
+    before, offset = vm_hwm_kib(app.proc.pid), log_size(app)
+    largest = 0
+    proc = popen_storescu(app.port, [big], tmp_path / "storescu.log")
+    while proc.poll() is None:
+        for name in temps(app):
+            with contextlib.suppress(FileNotFoundError):
+                largest = max(largest, (app.state_dir / "spool" / name).stat().st_size)
+        time.sleep(0.005)
+    run = finish_storescu(proc, [big], tmp_path / "storescu.log")
+    assert run.with_response("Refused: OutOfResources") == [big], run.stderr[-2000:]
+    assert refused(app, offset) == ["too_large"]
+    (line,) = [e for e in log_events(app, offset) if e.get("event") == "instance.refused"]
+    assert line["status"] == "0xA702" and "max_instance_mb" in line["meaning"]
+    assert largest <= 9 * MiB, f"a {largest / MiB:.1f} MiB temp file for an 8 MiB cap"
+    assert (vm_hwm_kib(app.proc.pid) - before) * 1024 < 16 * MiB
+    wait_for(lambda: temps(app) == [], what="no temp file left")
+    assert spool_state(app).by_sop == {}
+    small = write_multiframe(tmp_path / "small.dcm", frames=4)
+    r = storescu(app.port, [small])
+    assert r.returncode == 0 and "Store Failed" not in r.stderr, r.stderr[-2000:]
 
 
 def _send_until_temp(app: Appliance, path: Path, log: Path) -> subprocess.Popen[bytes]:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.peers import Appliance, echoscu, free_port, storescu, wait_for
+from tests.peers import Appliance, dcmtk_env, echoscu, free_port, storescu, wait_for
 from tests.receive_support import daemon_log_events, held_config
 
 ONE_CT = "transfer_syntax/WG04/CT2/CT2_UNC"
@@ -75,3 +75,34 @@ def test_accept_any_caller_accepts_anyone(appliance_factory: Factory, tmp_path: 
     assert r.returncode == 0 and "Store Failed" not in r.stderr, r.stderr
     assert len(app.spooled()) == 1
     assert app.status()["receive"]["associations_rejected"] == 0
+
+
+def test_wrong_called_ae_title_is_rejected(appliance_factory: Factory, tmp_path: Path,
+                                           samples: Path) -> None:
+    """An allowed caller addressing another AE title than receive.ae_title is rejected with
+    "called AE title not recognised" (C-ECHO and C-STORE); counted and logged as such."""
+    app = start(appliance_factory, tmp_path / "a")
+    echo = echoscu_called(app.port, "WRONG")
+    stored = storescu(app.port, [samples / ONE_CT], called="WRONG")
+    for r in (echo, stored):
+        assert_rejected(r)
+        assert "Called AE Title Not Recognized" in r.stderr, r.stderr
+    wait_for(lambda: len(rejected_events(app, "MODALITY")) == 2, what="2 association.rejected lines")
+    assert {e["reason"] for e in rejected_events(app, "MODALITY")} == {"called AE title not recognised"}
+    st = app.status()["receive"]
+    assert st["associations_rejected_by_reason"] == {"called_ae": 2}
+    assert app.spooled() == {}
+
+
+def test_called_ae_title_check_can_be_turned_off(appliance_factory: Factory, tmp_path: Path,
+                                                 samples: Path) -> None:
+    """With check_called_ae = false, a scanner that cannot be set to our AE title stores."""
+    app = start(appliance_factory, tmp_path / "a", check_called_ae=False)
+    r = storescu(app.port, [samples / ONE_CT], called="ANYTHING")
+    assert r.returncode == 0 and "Store Failed" not in r.stderr, r.stderr
+    assert len(app.spooled()) == 1
+
+
+def echoscu_called(port: int, called: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["echoscu", "-aet", "MODALITY", "-aec", called, "127.0.0.1", str(port)],
+                          capture_output=True, text=True, timeout=60, env=dcmtk_env())

@@ -168,6 +168,9 @@ def test_tls_port_refuses_clients_without_a_trusted_certificate(
     assert "Received Store Response" not in r.stderr
     assert app.spooled() == {}
     assert app.status()["receive"]["instances_received"] == 0
+    # the handshake failed in the listener, and was counted there (DCMTK may try twice)
+    wait_for(lambda: set(app.status()["receive"]["connections_refused"]) == {"tls_failed"},
+             what="the refusal counted", detail=lambda: str(app.status()["receive"]))
 
 
 def test_plain_port_works_beside_tls(app: TlsAppliance, samples: Path) -> None:
@@ -195,3 +198,30 @@ def test_stalled_tls_handshake_does_not_block_other_clients(
     assert r.returncode == 0 and "Store Failed" not in r.stderr, r.stderr
     assert elapsed < 20, f"the store took {elapsed:.1f}s behind a stalled handshake"
     assert len(app.spooled()) == 1
+
+
+def test_stalled_tls_handshake_is_closed_after_the_acse_timeout(
+        appliance_factory: Factory, tmp_path: Path, pki: Pki) -> None:
+    """A client that starts a TLS handshake and stalls is closed by the daemon once
+    receive.acse_timeout_s (2 s) has passed since it connected; counted as a handshake
+    timeout."""
+    root = tmp_path / "appliance"
+    tls_port = free_port()
+    cfg = held_config(root, free_port(), acse_timeout_s=2,
+                      tls={"port": tls_port, "cert": str(pki.server_cert), "key": str(pki.server_key),
+                           "ca": str(pki.ca)})
+    a = appliance_factory(cfg, root=root)
+    wait_for(lambda: port_open(tls_port), what="the TLS listener")
+    with socket.create_connection(("127.0.0.1", tls_port)) as staller:
+        staller.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+        t0 = time.monotonic()
+        staller.settimeout(30)
+        try:
+            eof = staller.recv(1) == b""
+        except OSError:
+            eof = True
+        elapsed = time.monotonic() - t0
+    assert eof
+    assert 1.5 < elapsed < 2 + 5, f"closed after {elapsed:.1f} s"
+    refused = a.status()["receive"]["connections_refused"]
+    assert refused.get("handshake_timeout") == 1, refused

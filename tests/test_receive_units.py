@@ -6,13 +6,21 @@ import pytest
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
 
 from appliance.core.config import Caller, Receive
-from appliance.receive.scp import STATUS, caller_allowed, part10_header, valid_uid
+from appliance.receive.scp import (
+    REJECTIONS,
+    STATUS,
+    association_refusal,
+    caller_allowed,
+    part10_header,
+    valid_uid,
+)
 
 
 def test_status_table_uses_the_storage_service_ranges() -> None:
     assert STATUS["stored"][0] == STATUS["duplicate"][0] == 0x0000
     assert STATUS["spool_full"][0] == 0xA700
-    assert 0xA700 <= STATUS["disk_error"][0] <= 0xA7FF  # Out of Resources: the scanner retries
+    for outcome in ("disk_error", "too_large"):  # Out of Resources
+        assert 0xA700 <= STATUS[outcome][0] <= 0xA7FF, outcome
     for outcome in ("unparseable", "missing_uids", "uid_mismatch"):
         assert 0xC000 <= STATUS[outcome][0] <= 0xCFFF, outcome  # Cannot understand
     assert len({v[0] for k, v in STATUS.items() if k != "duplicate"}) == len(STATUS) - 1
@@ -30,6 +38,24 @@ def test_status_table_uses_the_storage_service_ranges() -> None:
 def test_caller_allowlist(ae: str, addr: str, ok: bool) -> None:
     cfg = Receive(callers=(Caller("CT_SCANNER", ("10.1.2.3/32",)), Caller("MR_SCANNER")))
     assert caller_allowed(cfg, ae, addr) is ok
+
+
+@pytest.mark.parametrize(("calling", "called", "check", "why"), [
+    ("CT_SCANNER", "EDGE", True, None),
+    ("CT_SCANNER", "EDGE            ", True, None),  # space padded on the wire
+    ("CT_SCANNER", "WRONG", True, "called_ae"),
+    ("CT_SCANNER", "edge", True, "called_ae"),       # case sensitive
+    ("CT_SCANNER", "WRONG", False, None),
+    ("STRANGER", "WRONG", True, "calling_ae"),       # the caller is checked first
+])
+def test_association_refusal(calling: str, called: str, check: bool, why: str | None) -> None:
+    cfg = Receive(ae_title="EDGE", callers=(Caller("CT_SCANNER"),), check_called_ae=check)
+    assert association_refusal(cfg, calling, called, "10.1.2.3") == why
+
+
+def test_rejections_are_permanent_with_the_dicom_reason() -> None:
+    assert REJECTIONS["calling_ae"][:3] == (0x01, 0x01, 0x03)
+    assert REJECTIONS["called_ae"][:3] == (0x01, 0x01, 0x07)
 
 
 def test_accept_any_caller_must_be_explicit() -> None:

@@ -71,6 +71,9 @@ class Receive:
     accept_any_caller: bool = False
     callers: tuple[Caller, ...] = ()
     max_associations: int = 8
+    max_connections: int = 32  # TCP connections at once, handshaking or associated
+    max_connections_per_host: int = 8
+    check_called_ae: bool = True
     max_pdu: int = 262144
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
@@ -485,6 +488,10 @@ def _parse_receive(t: _Table) -> Receive:
         accept_any_caller=t.boolean("accept_any_caller", d.accept_any_caller),
         callers=_parse_callers(t),
         max_associations=t.integer("max_associations", d.max_associations, 1, 64),
+        max_connections=t.integer("max_connections", d.max_connections, 1, 1024),
+        max_connections_per_host=t.integer("max_connections_per_host", d.max_connections_per_host,
+                                           1, 1024),
+        check_called_ae=t.boolean("check_called_ae", d.check_called_ae),
         max_pdu=t.integer("max_pdu", d.max_pdu, 4096, 16 * 1024 * 1024),
         acse_timeout_s=t.number("acse_timeout_s", d.acse_timeout_s, 1, 600),
         dimse_timeout_s=t.number("dimse_timeout_s", d.dimse_timeout_s, 1, 3600),
@@ -508,6 +515,12 @@ def _check_receive(t: _Table, r: Receive) -> None:
     if not r.accept_any_caller and t.data.get("callers", []) == []:
         t.ctx.problem(t.key("callers"), "is empty: add a [[receive.callers]] entry per scanner, "
                       "or set accept_any_caller = true on a closed network")
+    if r.max_connections < r.max_associations:
+        t.ctx.problem(t.key("max_connections"), f"must be at least receive.max_associations "
+                      f"({r.max_associations}): every association is a connection")
+    if r.max_connections_per_host > r.max_connections:
+        t.ctx.problem(t.key("max_connections_per_host"),
+                      f"must not be greater than receive.max_connections ({r.max_connections})")
     if r.tls and r.plain and r.tls.port == r.port and (r.tls.bind or r.bind) == r.bind:
         t.ctx.problem(t.key("tls.port"), f"is the same as receive.port ({r.port})")
 

@@ -21,10 +21,11 @@ from __future__ import annotations
 from appliance.core import part10
 
 SOP_INSTANCE_UID, STUDY_INSTANCE_UID, SERIES_INSTANCE_UID = 0x00080018, 0x0020000D, 0x0020000E
-MEDIA_SOP_CLASS, TRANSFER_SYNTAX = 0x00020002, part10.TRANSFER_SYNTAX
+MEDIA_SOP_CLASS, TRANSFER_SYNTAX, SOURCE_AE = 0x00020002, part10.TRANSFER_SYNTAX, 0x00020016
 
 _IMPLICIT_LE = "1.2.840.10008.1.2"
-_NOT_SCANNED = frozenset({"1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"})  # big endian, deflated
+DEFLATED = "1.2.840.10008.1.2.1.99"
+_NOT_SCANNED = frozenset({"1.2.840.10008.1.2.2", DEFLATED})  # big endian, deflated
 
 
 def _elements(buf: bytes, pos: int, implicit: bool, wanted: frozenset[int], stop: int,
@@ -55,18 +56,32 @@ def _elements(buf: bytes, pos: int, implicit: bool, wanted: frozenset[int], stop
     return end
 
 
-def scan_identifiers(part10_head: bytes) -> dict[int, str] | None:
-    """{tag: value} for the meta SOP Class and Transfer Syntax and the three instance UIDs
-    present before (0020,000E) inclusive, or None when only pydicom can say."""
+def file_meta(part10_head: bytes) -> tuple[int, dict[int, str]] | None:
+    """(where the data set starts, {tag: value} of the meta SOP Class and Transfer Syntax,
+    and Source AE Title if present), or None when the file meta cannot be scanned here or
+    lacks SOP Class or Transfer Syntax."""
     if (len(part10_head) < part10.META_START + 12
             or part10_head[part10.PREAMBLE:part10.META_START] != part10.MAGIC):
         return None
     out: dict[int, str] = {}
     # The file meta group: explicit VR little endian, always; it ends where group 2 does.
     meta_end = _elements(part10_head, part10.META_START, False,
-                         frozenset({MEDIA_SOP_CLASS, TRANSFER_SYNTAX}), 0x0002FFFF, out, 0x00020000)
-    ts = out.get(TRANSFER_SYNTAX)
-    if meta_end is None or ts is None or MEDIA_SOP_CLASS not in out or ts in _NOT_SCANNED:
+                         frozenset({MEDIA_SOP_CLASS, TRANSFER_SYNTAX, SOURCE_AE}), 0x0002FFFF, out,
+                         0x00020000)
+    if meta_end is None or TRANSFER_SYNTAX not in out or MEDIA_SOP_CLASS not in out:
+        return None
+    return meta_end, out
+
+
+def scan_identifiers(part10_head: bytes) -> dict[int, str] | None:
+    """{tag: value} for the meta SOP Class and Transfer Syntax and the three instance UIDs
+    present before (0020,000E) inclusive, or None when only pydicom can say."""
+    meta = file_meta(part10_head)
+    if meta is None:
+        return None
+    meta_end, out = meta
+    ts = out[TRANSFER_SYNTAX]
+    if ts in _NOT_SCANNED:
         return None
     end = _elements(part10_head, meta_end, ts == _IMPLICIT_LE,
                     frozenset({SOP_INSTANCE_UID, STUDY_INSTANCE_UID, SERIES_INSTANCE_UID}),

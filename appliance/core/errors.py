@@ -7,7 +7,8 @@ handler in `cli.main` turns any of them into one line on stderr and that code; n
 else in the package calls `sys.exit`.
 
 Exit codes follow sysexits(3) where one fits, so that scripts and systemd can tell a
-bad config (78, which systemd should not restart into a loop) from a transient fault.
+bad config (78, which systemd should not restart into a loop) from a transient fault
+(75: a port in use, an address not up yet; systemd starts the daemon again).
 """
 
 from __future__ import annotations
@@ -83,6 +84,27 @@ class PermissionDeniedError(ApplianceError):
     """This user may not use what the command needs (the status socket is 0600)."""
 
     exit_code = EX_NOPERM
+
+
+class DependencyError(ApplianceError):
+    """An installed library is not a version this appliance was built and tested with."""
+
+    exit_code = EX_SOFTWARE
+
+
+class ListenError(ApplianceError):
+    """A listening port cannot be opened.
+
+    Temporary (EX_TEMPFAIL, so that systemd starts the daemon again a little later): the
+    port is in use, or the address is not (yet) one of this machine's. EX_NOPERM: no
+    permission to listen on a port below 1024.
+    """
+
+    exit_code = EX_TEMPFAIL
+
+    def __init__(self, message: str, temporary: bool = True) -> None:
+        super().__init__(message)
+        self.exit_code = EX_TEMPFAIL if temporary else EX_NOPERM
 
 
 class UsageError(ApplianceError):

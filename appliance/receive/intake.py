@@ -4,8 +4,8 @@ pynetdicom normally collects a data set in a BytesIO, so a 1 GB multi-frame inst
 costs 1 GB (and more) of RAM before our handler even runs. Its opt-in
 `STORE_RECV_CHUNKED_DATASET` mode writes the data set to a `NamedTemporaryFile` instead:
 plaintext patient data on disk, which the appliance must never have. `install` keeps that
-mode and swaps the three names it uses in `pynetdicom.dimse_messages` for ours, so every
-C-STORE data set goes into an `InstanceBuffer`:
+mode and has the three names it uses in `pynetdicom.dimse_messages` swapped for ours, so
+every C-STORE data set goes into an `InstanceBuffer`:
 
 - up to `receive.in_memory_limit_mb` it is kept in memory as the list of PDU pieces (no
   BytesIO growth copies; `Spool.store` seals it as before);
@@ -22,9 +22,11 @@ dies mid-instance drops its buffer; its temp file is removed when the buffer is 
 (`weakref.finalize`), and at the latest by `Spool.recover` at the next start.
 
 How it fails: a full spool or a disk error while sealing marks the buffer `failed`
-(further data is dropped, the temp removed); the handler answers with that outcome once
-the data set is complete, as for an in-memory instance. Tied to pynetdicom < 3.1 (pinned),
-like `receive.shorten_polling`; tests/test_intake.py checks the names still exist.
+(further data is dropped, the temp removed); so does a data set that grows past
+`receive.max_instance_mb` ("too_large"): nothing of it is kept in memory or on disk from
+then on. The handler answers with that outcome once the data set is complete, as for an
+in-memory instance. The swap itself is
+`core.pynetdicom_compat.route_chunked_store`, checked by tests/test_pynetdicom_compat.py.
 """
 
 from __future__ import annotations
@@ -34,9 +36,9 @@ import weakref
 from typing import Any
 
 import structlog
-from pynetdicom import _config, dimse_messages
 
 from appliance.core import durable
+from appliance.core import pynetdicom_compat as compat
 from appliance.core.errors import SpoolFullError
 from appliance.spool.store import Incoming, Spool, new_id
 
@@ -70,12 +72,13 @@ def _calling_ae() -> str:
 class InstanceBuffer:
     """One C-STORE data set as it arrives: in memory while small, sealed to disk when large."""
 
-    def __init__(self, spool: Spool, limit: int) -> None:
+    def __init__(self, spool: Spool, limit: int, max_size: int) -> None:
         from appliance.receive.scp import part10_header  # receive imports us
 
         self._part10_header = part10_header
         self._spool = spool
         self._limit = limit
+        self._max_size = max_size  # of the data set; past it everything is dropped
         rid = new_id()
         # pynetdicom unlinks `name` after the handler; see the module docstring.
         self.name = str(spool.dir / f"{durable.TEMP_PREFIX}{rid}")
@@ -109,6 +112,9 @@ class InstanceBuffer:
         if self.facts is None or self.failed:
             return  # pynetdicom's preamble and "DICM" (our head replaces them), or given up
         self.size += len(data)
+        if self.size - self.head_size > self._max_size:
+            self._fail("too_large")  # keeps nothing, seals nothing more; answered 0xA702
+            return
         if self.incoming is None:
             self.parts.append(data)
             if self.size > self._limit:
@@ -177,12 +183,10 @@ class InstanceBuffer:
             self.incoming.discard()
 
 
-def install(spool: Spool, in_memory_limit: int) -> None:
-    """Route every C-STORE data set pynetdicom receives in this process into an InstanceBuffer."""
+def install(spool: Spool, in_memory_limit: int, max_size: int) -> None:
+    """Route every C-STORE data set pynetdicom receives in this process into an InstanceBuffer;
+    data sets over `max_size` bytes are refused (outcome "too_large")."""
     def factory(*_: Any, **__: Any) -> InstanceBuffer:
-        return InstanceBuffer(spool, in_memory_limit)
+        return InstanceBuffer(spool, in_memory_limit, max_size)
 
-    _config.STORE_RECV_CHUNKED_DATASET = True
-    dimse_messages.NamedTemporaryFile = factory  # type: ignore[attr-defined,assignment]
-    dimse_messages.create_file_meta = _command_facts  # type: ignore[attr-defined,assignment]
-    dimse_messages.write_file_meta_info = _take_facts  # type: ignore[attr-defined,assignment]
+    compat.route_chunked_store(factory, _command_facts, _take_facts)

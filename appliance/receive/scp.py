@@ -5,10 +5,16 @@ listener with mutual authentication (TLS 1.2+). Any storage SOP class and any tr
 syntax the peer proposes is accepted (pynetdicom's unrestricted storage service), so the
 modality never has to convert; the bytes are kept exactly as received.
 
-Who may connect: the calling AE title must be on the allowlist, and when the entry lists
-hosts, the peer address must be in one of them. Anyone else is rejected at association
-time with "rejected permanent / calling AE title not recognised" (the reason DICOM has
-for it), unless `accept_any_caller` is set explicitly.
+Who may connect: before pynetdicom sees a connection, `core.listener.Gate` caps the
+connections per address and in total, gives each one `acse_timeout_s` from accept to a
+complete A-ASSOCIATE-RQ (TLS included) and checks every PDU's declared length against
+`max_pdu` before reading it (`receive_limits`). Then the calling AE title must be on the
+allowlist, and when the entry lists hosts, the peer address must be in one of them.
+Anyone else is rejected at association time with "rejected permanent / calling AE title
+not recognised" (the reason DICOM has for it), unless `accept_any_caller` is set
+explicitly; an association addressed to another AE title than ours with "called AE title
+not recognised" (unless `check_called_ae` is false). Each refusal is counted by class
+in `ReceiveStats` (`appliance status`).
 
 What the peer is told: Success only after `Spool.store` has returned (the instance is
 sealed, fsynced and committed). Every other outcome maps to a status through one table,
@@ -24,12 +30,11 @@ import ctypes.util
 import io
 import ipaddress
 import re
-import socket
-import socketserver
 import sqlite3
 import ssl
 import threading
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,24 +42,23 @@ from typing import Any, BinaryIO
 
 import structlog
 from pydicom import config as pydicom_config
-from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-from pydicom.filereader import read_partial
+from pydicom.filereader import read_dataset, read_partial
 from pydicom.tag import BaseTag, Tag
 from pynetdicom import (
     AE,
     PYNETDICOM_IMPLEMENTATION_UID,
     PYNETDICOM_IMPLEMENTATION_VERSION,
-    _config,
     evt,
 )
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
 
 from appliance import __version__
 from appliance.core import dicomscan, part10
+from appliance.core import pynetdicom_compat as compat
 from appliance.core.config import Receive
 from appliance.core.errors import SpoolFullError
+from appliance.core.listener import Gate, Limits, listen_error
 from appliance.health.supervisor import Stage
 from appliance.receive import intake
 from appliance.receive.intake import InstanceBuffer
@@ -70,6 +74,7 @@ STATUS: dict[str, tuple[int, str]] = {
     "duplicate": (0x0000, "Success (already stored)"),
     "spool_full": (0xA700, "Refused: Out of Resources (spool at its free-space reserve)"),
     "disk_error": (0xA701, "Refused: Out of Resources (unable to write the spool)"),
+    "too_large": (0xA702, "Refused: Out of Resources (larger than receive.max_instance_mb)"),
     "unparseable": (0xC210, "Error: Cannot understand (data set cannot be parsed)"),
     "missing_uids": (0xC211, "Error: Cannot understand (Study/Series/SOP Instance UID missing or invalid)"),
     "uid_mismatch": (0xC212, "Error: Cannot understand (SOP Instance UID differs from the request)"),
@@ -111,6 +116,32 @@ class Rejected(Exception):
     def __init__(self, outcome: str) -> None:
         super().__init__(outcome)
         self.outcome = outcome
+
+
+# Association rejections: reason -> (result, source, diagnostic, text). Rejected
+# permanent, by the service user (PS3.8 9.3.4).
+REJECTIONS: dict[str, tuple[int, int, int, str]] = {
+    "calling_ae": (0x01, 0x01, 0x03, "calling AE title not recognised"),
+    "called_ae": (0x01, 0x01, 0x07, "called AE title not recognised"),
+}
+# How long a rejected peer has to close its connection after the A-ASSOCIATE-RJ.
+REJECT_LINGER_S = 2.0
+
+
+def association_refusal(cfg: Receive, calling_ae: str, called_ae: str, address: str) -> str | None:
+    """Why an association request is rejected (a key of REJECTIONS), or None."""
+    if not caller_allowed(cfg, calling_ae, address):
+        return "calling_ae"
+    if cfg.check_called_ae and called_ae.strip() != cfg.ae_title.strip():
+        return "called_ae"
+    return None
+
+
+def receive_limits(cfg: Receive) -> Limits:
+    """What a connection to the receive ports may do (core.listener)."""
+    return Limits(max_connections=cfg.max_connections, max_per_host=cfg.max_connections_per_host,
+                  handshake_s=cfg.acse_timeout_s, io_timeout_s=cfg.network_timeout_s,
+                  max_pdu=cfg.max_pdu)
 
 
 def caller_allowed(cfg: Receive, ae_title: str, address: str) -> bool:
@@ -168,15 +199,26 @@ def identify(parts: list[bytes | memoryview], request_sop_uid: str, calling_ae: 
     `IDENTIFY_PREFIX` bytes from a BytesIO: pydicom's many small reads through a Python
     file object cost more than the parse itself. If that prefix does not reach past the
     UIDs, all of `parts` is parsed. `complete=False` says `parts` is only the start of the
-    instance (one sealed to disk as it arrived): the UIDs must then lie within it.
+    instance (one sealed to disk as it arrived): the UIDs must then lie within it. A
+    deflated data set is never inflated whole (see `_deflated_identifiers`).
     """
+    return _checked(*_identifiers(parts, complete), request_sop_uid, calling_ae)
+
+
+Identifiers = tuple[Any, Any, Any, str, str]  # study, series, SOP instance, syntax, SOP class
+
+
+def _identifiers(parts: list[bytes | memoryview], complete: bool) -> Identifiers:
     total = sum(len(p) for p in parts)
     head = _prefix(parts, IDENTIFY_PREFIX)
     fast = dicomscan.scan_identifiers(head)
     if fast is not None:
-        return _checked(fast.get(dicomscan.STUDY_INSTANCE_UID), fast.get(dicomscan.SERIES_INSTANCE_UID),
-                        fast.get(dicomscan.SOP_INSTANCE_UID), fast[dicomscan.TRANSFER_SYNTAX],
-                        fast[dicomscan.MEDIA_SOP_CLASS], request_sop_uid, calling_ae)
+        return (fast.get(dicomscan.STUDY_INSTANCE_UID), fast.get(dicomscan.SERIES_INSTANCE_UID),
+                fast.get(dicomscan.SOP_INSTANCE_UID), fast[dicomscan.TRANSFER_SYNTAX],
+                fast[dicomscan.MEDIA_SOP_CLASS])
+    meta = dicomscan.file_meta(head)
+    if meta is not None and meta[1][dicomscan.TRANSFER_SYNTAX] == dicomscan.DEFLATED:
+        return _deflated_identifiers(parts, *meta)
     ds = None
     if len(head) < total or not complete:
         with contextlib.suppress(Exception):  # truncated prefix: any error means "parse it all"
@@ -190,10 +232,59 @@ def identify(parts: list[bytes | memoryview], request_sop_uid: str, calling_ae: 
         study, series, sop = (ds.get(k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
         ts = str(ds.file_meta.TransferSyntaxUID)
         sop_class = str(ds.file_meta.MediaStorageSOPClassUID)
-    except (InvalidDicomError, ValueError, TypeError, KeyError, AttributeError, EOFError,
-            OverflowError, NotImplementedError, UnicodeError, IndexError, OSError):
+    except _PARSE_ERRORS:
         raise Rejected("unparseable") from None
-    return _checked(study, series, sop, ts, sop_class, request_sop_uid, calling_ae)
+    return study, series, sop, ts, sop_class
+
+
+_PARSE_ERRORS = (InvalidDicomError, ValueError, TypeError, KeyError, AttributeError, EOFError,
+                 OverflowError, NotImplementedError, UnicodeError, IndexError, OSError, zlib.error)
+
+# A deflated data set is inflated only this far to find its UIDs: first the short
+# prefix, then (UIDs behind a long element or sequence) the long one, never more. pydicom
+# would inflate it whole: 0.5 MiB on the wire can be 512 MiB inflated.
+DEFLATED_PREFIXES = (64 << 10, 4 << 20)
+
+
+def _deflated_identifiers(parts: list[bytes | memoryview], start: int, meta: dict[int, str]) -> Identifiers:
+    for limit in DEFLATED_PREFIXES:
+        try:
+            data, whole = inflated_prefix(parts, start, limit)
+            reached = False
+
+            def past_series_uid(tag: BaseTag, vr: str | None, length: int) -> bool:
+                nonlocal reached
+                reached = bool(tag > 0x0020000E)
+                return reached
+
+            ds = read_dataset(io.BytesIO(data), False, True, stop_when=past_series_uid,
+                              specific_tags=_IDENTIFYING_TAGS)
+        except _PARSE_ERRORS:
+            raise Rejected("unparseable") from None
+        if reached or whole:
+            return (ds.get("StudyInstanceUID"), ds.get("SeriesInstanceUID"), ds.get("SOPInstanceUID"),
+                    meta[dicomscan.TRANSFER_SYNTAX], meta[dicomscan.MEDIA_SOP_CLASS])
+    log.warning("instance.unidentified", reason="identifying UIDs not within the first "
+                f"{DEFLATED_PREFIXES[-1] >> 20} MiB of the inflated data set")
+    raise Rejected("unparseable")
+
+
+def inflated_prefix(parts: list[bytes | memoryview], start: int, limit: int) -> tuple[bytes, bool]:
+    """Inflate (raw deflate, PS3.5 A.5) the bytes of `parts` from offset `start` until
+    `limit` bytes came out; (those bytes, whether that is the whole data set). Memory and
+    work stay proportional to `limit` whatever the input inflates to."""
+    d = zlib.decompressobj(-zlib.MAX_WBITS)
+    out = bytearray()
+    pos = 0
+    for p in parts:
+        skip, pos = max(0, start - pos), pos + len(p)
+        chunk: bytes | memoryview = p[skip:] if skip < len(p) else b""
+        while chunk and len(out) < limit and not d.eof:
+            out += d.decompress(chunk, limit - len(out))
+            chunk = d.unconsumed_tail
+        if len(out) >= limit or d.eof:
+            break
+    return bytes(out[:limit]), d.eof
 
 
 def _checked(study: Any, series: Any, sop: Any, ts: str, sop_class: str, request_sop_uid: str,
@@ -218,7 +309,8 @@ class ReceiveStats:
     outcomes: Counter[str] = field(default_factory=Counter)
     associations_active: int = 0
     associations_total: int = 0
-    associations_rejected: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)  # associations, by REJECTIONS key
+    connections_refused: Counter[str] = field(default_factory=Counter)  # by listener.REFUSALS key
     bytes_received: int = 0
 
     def count(self, outcome: str, nbytes: int = 0) -> None:
@@ -226,39 +318,28 @@ class ReceiveStats:
             self.outcomes[outcome] += 1
             self.bytes_received += nbytes
 
+    def reject(self, reason: str) -> None:
+        with self.lock:
+            self.rejected[reason] += 1
+
+    def refuse_connection(self, reason: str) -> None:
+        with self.lock:
+            self.connections_refused[reason] += 1
+
     def snapshot(self) -> dict[str, Any]:
         with self.lock:
             refused = {k: v for k, v in self.outcomes.items() if k not in ("stored", "duplicate")}
             return {
                 "associations_active": self.associations_active,
                 "associations_total": self.associations_total,
-                "associations_rejected": self.associations_rejected,
+                "associations_rejected": sum(self.rejected.values()),
+                "associations_rejected_by_reason": dict(self.rejected),
+                "connections_refused": dict(self.connections_refused),
                 "instances_received": self.outcomes["stored"] + self.outcomes["duplicate"],
                 "instances_duplicate": self.outcomes["duplicate"],
                 "instances_refused": refused,
                 "bytes_received": self.bytes_received,
             }
-
-
-class _Server(ThreadedAssociationServer):
-    """pynetdicom's server with TCP_NODELAY and the TLS handshake moved off the accept loop.
-
-    pynetdicom wraps the socket (and so runs the whole TLS handshake) in `get_request`,
-    on the single accepting thread: one slow or malicious client would stall every other
-    scanner. We wrap without handshaking; OpenSSL then completes the handshake on the
-    association's own thread at its first read.
-    """
-
-    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        assert self.socket is not None
-        client, address = self.socket.accept()
-        # DIMSE sends small command PDUs before data: without NODELAY, Nagle + delayed
-        # ACK stall each C-STORE response ~40 ms.
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.ssl_context:
-            client = self.ssl_context.wrap_socket(client, server_side=True,
-                                                  do_handshake_on_connect=False)
-        return client, address
 
 
 # glibc malloc serves every allocation >= 128 KiB with a fresh mmap() and gives it back
@@ -328,11 +409,7 @@ class _AdaptiveSleepTime:
 
 
 def shorten_polling() -> None:
-    import pynetdicom.association as association_module
-    import pynetdicom.dul as dul_module
-
-    association_module.time = _AdaptiveSleepTime()  # type: ignore[assignment,attr-defined]
-    dul_module.time = _AdaptiveSleepTime()  # type: ignore[assignment,attr-defined]
+    compat.replace_reactor_sleep(_AdaptiveSleepTime())
 
 
 def tls_server_context(cert: str, key: str, ca: str, require_client_cert: bool) -> ssl.SSLContext:
@@ -359,15 +436,13 @@ class Receiver:
         self.stats = stats
         self.on_stored = on_stored
         self.stage = stage or Stage("receive", 120.0)  # the supervisor's, in the daemon
-        self.servers: list[ThreadedAssociationServer] = []
-        self._threads: list[threading.Thread] = []
+        self.gate = Gate("receive", receive_limits(cfg), refused=stats.refuse_connection)
         self._per_assoc: dict[int, Counter[str]] = {}  # id(association) -> outcomes, bytes
         self.last_store = 0.0  # time.monotonic() of the last C-STORE answered
         tune_malloc()  # process-wide; see MALLOC_MMAP_THRESHOLD
         shorten_polling()
-        intake.install(spool, cfg.in_memory_limit_mb << 20)
-        _config.UNRESTRICTED_STORAGE_SERVICE = True
-        _config.LOG_HANDLER_LEVEL = "none"  # our own log lines, without identifiers
+        intake.install(spool, cfg.in_memory_limit_mb << 20, cfg.max_instance_mb << 20)
+        compat.configure_scp()  # every storage SOP class; our own log lines, without identifiers
         # pydicom checks each value it decodes (our data sets, pynetdicom's command sets)
         # and reports a bad one with warnings.warn(text quoting the value), which goes to
         # stderr, i.e. the log: a UID or a name in clear. We check what we rely on
@@ -392,57 +467,65 @@ class Receiver:
         ]
 
     def start(self) -> list[tuple[str, int, bool]]:
-        """Start the listeners; returns (host, port, tls) for each."""
+        """Start the listeners; returns (host, port, tls) for each. ListenError if a port
+        cannot be bound (nothing is left listening then)."""
         out = []
-        if self.cfg.plain:
-            out.append(self._listen(self.cfg.bind, self.cfg.port, None))
-        if self.cfg.tls:
-            t = self.cfg.tls
-            ctx = tls_server_context(str(t.cert), str(t.key), str(t.ca), t.require_client_cert)
-            out.append(self._listen(t.bind or self.cfg.bind, t.port, ctx))
+        try:
+            if self.cfg.plain:
+                out.append(self._listen(self.cfg.bind, self.cfg.port, None))
+            if self.cfg.tls:
+                t = self.cfg.tls
+                ctx = tls_server_context(str(t.cert), str(t.key), str(t.ca), t.require_client_cert)
+                out.append(self._listen(t.bind or self.cfg.bind, t.port, ctx))
+        except BaseException:
+            self.stop()
+            raise
+        self.gate.start()
         return out
 
     def _listen(self, host: str, port: int, ctx: ssl.SSLContext | None) -> tuple[str, int, bool]:
-        server = self.ae.make_server((host, port), ssl_context=ctx, evt_handlers=self.handlers,
-                                     server_class=_Server)
-        t = threading.Thread(target=server.serve_forever, name=f"listen-{port}", daemon=True)
-        t.start()
-        self._threads.append(t)
-        self.servers.append(server)
+        what = "DICOM over TLS" if ctx else "DICOM"
+        try:
+            server = self.ae.make_server((host, port), ssl_context=ctx, evt_handlers=self.handlers,
+                                         server_class=compat.GatedServer)
+        except OSError as e:
+            raise listen_error(e, what, host, port) from None
+        self.gate.serve(server)
         bound = server.server_address
         return (str(bound[0]), int(bound[1]), ctx is not None)
 
     def listening(self) -> bool:
-        """Every listener's accept thread is alive (for the supervisor)."""
-        return all(t.is_alive() for t in self._threads)
+        """The gate's thread, which accepts for every listener, is alive (for the supervisor)."""
+        return self.gate.alive()
 
     def stop(self) -> None:
-        for s in self.servers:
-            # Not s.shutdown(): pynetdicom's override also removes the server from
-            # ae._servers, where only ae.start_server() puts it, and so raised ValueError
-            # for ours and cut the daemon's shutdown short (exit 70, index not closed).
-            socketserver.BaseServer.shutdown(s)
-            s.server_close()
-        self.servers.clear()
+        """Stop accepting (associations in progress run on)."""
+        self.gate.stop()
 
     # --- event handlers (run on association threads) ---
 
     def _on_requested(self, event: Any) -> None:
         assoc = event.assoc
-        calling = assoc.requestor.primitive.calling_ae_title
-        address = assoc.requestor.address
-        if not caller_allowed(self.cfg, calling, address):
-            with self.stats.lock:
-                self.stats.associations_rejected += 1
-            log.warning("association.rejected", calling_ae=calling.strip(), peer=address,
-                        reason="calling AE title not recognized")
-            assoc.acse.send_reject(0x01, 0x01, 0x03)
-            # send_reject only queues the A-ASSOCIATE-RJ; right after this handler the
-            # reactor closes the socket, usually before the DUL thread has sent it, and the
-            # peer sees a dropped connection instead of the reason. kill() (as pynetdicom's
-            # own rejections do) waits until the RJ is out and the peer has closed (or the
-            # ARTIM timer expired).
-            assoc.kill()
+        rq = assoc.requestor.primitive
+        reason = association_refusal(self.cfg, rq.calling_ae_title, rq.called_ae_title,
+                                     assoc.requestor.address)
+        if reason is None:
+            return
+        self.stats.reject(reason)
+        result, source, diagnostic, text = REJECTIONS[reason]
+        log.warning("association.rejected", calling_ae=rq.calling_ae_title.strip(),
+                    called_ae=rq.called_ae_title.strip(), peer=assoc.requestor.address, reason=text)
+        # After the A-ASSOCIATE-RJ the peer should close the connection; wait for that at
+        # most REJECT_LINGER_S (the ARTIM timer), so that a refused peer keeps neither
+        # its connection nor an association slot for the whole ACSE timeout.
+        assoc.acse_timeout = min(REJECT_LINGER_S, self.cfg.acse_timeout_s)
+        assoc.acse.send_reject(result, source, diagnostic)
+        # send_reject only queues the A-ASSOCIATE-RJ; right after this handler the
+        # reactor closes the socket, usually before the DUL thread has sent it, and the
+        # peer sees a dropped connection instead of the reason. kill() (as pynetdicom's
+        # own rejections do) waits until the RJ is out and the peer has closed (or the
+        # ARTIM timer expired).
+        assoc.kill()
 
     def _on_established(self, event: Any) -> None:
         with self.stats.lock:
@@ -543,9 +626,10 @@ class Receiver:
 
 def identify_stored(part10: bytes) -> InstanceMeta:
     """Identify a Part-10 file the spool already holds (crash recovery of orphans)."""
-    ds = dcmread(reader([part10]), stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
-    calling = str(ds.file_meta.get("SourceApplicationEntityTitle", "") or "").strip()
     try:
-        return identify([part10], str(ds.get("SOPInstanceUID", "")), calling)
+        study, series, sop, ts, sop_class = _identifiers([part10], True)
+        meta = dicomscan.file_meta(part10[:IDENTIFY_PREFIX])
+        calling = meta[1].get(dicomscan.SOURCE_AE, "") if meta else ""
+        return _checked(study, series, sop, ts, sop_class, str(sop or ""), calling.strip())
     except Rejected as r:
         raise ValueError(r.outcome) from None

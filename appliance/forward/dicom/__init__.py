@@ -130,11 +130,15 @@ The report is accepted both ways a PACS may send it:
   `DicomModalities` lists under our calling AE title, proposing the Push Model with role
   selection SCU=no/SCP=yes, and sends the report within milliseconds of the N-ACTION.
   An Orthanc that does not know our AE title aborts the N-ACTION association. For this
-  the transport runs a small SCP (`commitment_port`, started at the first commitment,
-  TLS with client certificates verified against `tls.ca` unless plaintext) that accepts
-  only the Push Model and matches reports to waiting bundles by Transaction UID (random,
-  128 bits: the report's authenticator, together with TLS when enabled; the calling AE
-  title is not checked, PACS often report under another AE title). Reports for unknown
+  the transport runs a small SCP (`commitment_port` on `commitment_bind`, started at the
+  first commitment, TLS with client certificates verified against `tls.ca` unless
+  plaintext) that accepts only the Push Model and matches reports to waiting bundles by
+  Transaction UID (random, 128 bits: the report's authenticator, together with TLS when
+  enabled; the calling AE title is not checked, PACS often report under another AE
+  title). It sits behind the receive ports' gate (core.listener): only the addresses
+  `host` resolves to when the listener starts may connect (others are closed at accept),
+  at most 4 connections, `timeout_s` from accept to a complete association request and
+  per PDU, no PDU longer than announced. Reports for unknown
   transactions (a late report for an attempt that already gave up) are acknowledged and
   ignored. While such a listener exists we keep the association open for up to 2 s for a
   same-association report, then release it and keep waiting on the listener.
@@ -186,9 +190,10 @@ The association's own reactor is paused for as long as we use the association (f
 establishment to release): pynetdicom pauses it per request, which leaves a window after
 each un-pause in which a fast response is taken off the queue and dropped.
 
-This module relies on pynetdicom internals (pinned <3.1 in pyproject.toml):
-`AE._create_socket`, `AssociationSocket._create_socket`, the association's reactor pause
-(`_reactor_checkpoint`, `_is_paused`), `DIMSEServiceProvider.send_msg`/`msg_queue`/
+This module relies on pynetdicom internals (pinned <3.1 in pyproject.toml). The private
+ones are used through `core.pynetdicom_compat` (`AE._create_socket`,
+`AssociationSocket._create_socket`, the association's reactor pause); besides those,
+`DIMSEServiceProvider.send_msg`/`msg_queue`/
 `maximum_pdu_size`, the DUL's `state_machine`/`to_provider_queue` (a `queue.Queue` that
 DT-1 takes PDUs from), and `C_STORE_RQ.primitive_to_message`/`encode_msg` (streaming).
 Check them when upgrading; tests/test_forward_dicom_stream.py fails if the streamed

@@ -1,21 +1,22 @@
 """Storage Commitment: waiters by Transaction UID, the report handler, and the small SCP
-that takes reports the PACS sends on a new association (see the package docstring).
+that takes reports the PACS sends on a new association (see the package docstring),
+behind the same gate as the receive ports, admitting only the PACS's address.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ssl
 import threading
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import structlog
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 
+from appliance.core import pynetdicom_compat as compat
+from appliance.core.listener import Gate, Limits, listen_error
 from appliance.forward.dicom.contexts import STORAGE_COMMITMENT_PUSH, UNCOMPRESSED
-from appliance.forward.dicom.link import nodelay
 
 log = structlog.get_logger("appliance.forward.dicom")
 
@@ -76,11 +77,21 @@ class Commitments:
         return True
 
 
+# The listener's own limits: the PACS opens one association per report, rarely more.
+LISTENER_CONNECTIONS = 4
+
+
 class CommitmentListener:
-    """A tiny SCP that only takes Storage Commitment N-EVENT-REPORTs from the PACS."""
+    """A tiny SCP that only takes Storage Commitment N-EVENT-REPORTs from the PACS.
+
+    Behind the same gate as the receive ports (core.listener): only `pacs_addresses` may
+    connect, at most LISTENER_CONNECTIONS at once, each with `timeout_s` from accept to a
+    complete association request and per PDU, and no PDU longer than we announced.
+    ListenError if the port cannot be bound."""
 
     def __init__(self, ae_title: str, bind: str, port: int, commitments: Commitments,
-                 timeout_s: float, ssl_context: ssl.SSLContext | None, destination: str) -> None:
+                 timeout_s: float, ssl_context: ssl.SSLContext | None, destination: str,
+                 pacs_addresses: Collection[str]) -> None:
         self.commitments = commitments
         self.destination = destination
         ae = AE(ae_title=ae_title)
@@ -89,21 +100,26 @@ class CommitmentListener:
         ae.acse_timeout = timeout_s
         ae.dimse_timeout = timeout_s
         ae.network_timeout = timeout_s
-        ae.maximum_associations = 4
+        ae.maximum_associations = LISTENER_CONNECTIONS
         self.ae = ae
-        server = ae.start_server(
-            (bind, port), block=False, ssl_context=ssl_context,
-            evt_handlers=[(evt.EVT_N_EVENT_REPORT, self._on_report),
-                          (evt.EVT_CONN_OPEN, nodelay)])
-        assert server is not None  # non-blocking start_server returns the server
+        allowed = frozenset(pacs_addresses)
+        limits = Limits(max_connections=LISTENER_CONNECTIONS, max_per_host=LISTENER_CONNECTIONS,
+                        handshake_s=timeout_s, io_timeout_s=timeout_s, max_pdu=ae.maximum_pdu_size)
+        self.gate = Gate(f"commitment:{destination}", limits, admit_host=allowed.__contains__)
+        try:
+            server = ae.make_server((bind, port), ssl_context=ssl_context, server_class=compat.GatedServer,
+                                    evt_handlers=[(evt.EVT_N_EVENT_REPORT, self._on_report)])
+        except OSError as e:
+            raise listen_error(e, f"storage commitment reports from {destination}", bind, port) from None
+        self.gate.serve(server)
+        self.gate.start()
         self.server = server
 
     def _on_report(self, event: Any) -> tuple[int, None]:
         return handle_report(event, self.commitments, self.destination, "listener")
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.server.shutdown()
+        self.gate.stop()
 
 
 def handle_report(event: Any, commitments: Commitments, destination: str,

@@ -18,6 +18,7 @@ import structlog
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.pdu_primitives import P_DATA
 
+from appliance.core import pynetdicom_compat as compat
 from appliance.forward.dicom.tls import Probe, classify_tls_error
 
 log = structlog.get_logger("appliance.forward.dicom")
@@ -141,15 +142,7 @@ class Link:
         and dropped as an "unexpected" message.) Nothing is lost: N-EVENT-REPORTs are
         dispatched by the DIMSE provider itself, aborts and releases are watched by
         `lost_reason`, and `release()` / `kill()` restart the reactor."""
-        a = self.assoc
-        a._reactor_checkpoint.clear()
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            if a._is_paused:
-                time.sleep(0.002)  # still paused: it is really waiting, not passing by
-                if a._is_paused:
-                    return
-            time.sleep(0.0005)
+        compat.pause_reactor(self.assoc)
 
     def request(self, primitive: Any, context_id: int) -> Any:
         """Send a request and wait for its response; raise Lost on a dead link or after
@@ -251,11 +244,7 @@ class Link:
             self._kill()
             return
         a = self.assoc
-        if not a._reactor_checkpoint.is_set():
-            # The reactor is still waiting at our pause, but pynetdicom's handling of an
-            # N-EVENT-REPORT (in a thread of its own) ends with `_is_paused = False`, and
-            # release() would then wait for a pause that never comes.
-            a._is_paused = True
+        compat.release_while_paused(a)  # the reactor is still waiting at our pause
         if not bounded(a.release, self.timeout + 5):
             log.warning("dicom.release_stuck")
 
@@ -307,9 +296,3 @@ def close_socket(assoc: Any) -> None:
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.close()
-
-
-def nodelay(event: Any) -> None:
-    with contextlib.suppress(Exception):
-        event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-

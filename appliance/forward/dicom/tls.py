@@ -10,9 +10,9 @@ import ssl
 import time
 from typing import Any
 
-from pynetdicom import AE
 from pynetdicom.transport import AddressInformation, AssociationSocket
 
+from appliance.core import pynetdicom_compat as compat
 from appliance.core.config import TLSClient
 from appliance.forward import Retryable
 
@@ -149,7 +149,7 @@ class ClientContext(ssl.SSLContext):
     probe: Probe | None = None
 
 
-class ProbedSocket(AssociationSocket):
+class ProbedSocket(compat.ClientSocket):
     """pynetdicom's socket plus: error capture, TCP_NODELAY, an I/O timeout, activity."""
 
     def __init__(self, assoc: Any, address: AddressInformation, probe: Probe,
@@ -158,12 +158,9 @@ class ProbedSocket(AssociationSocket):
         self._io_timeout = io_timeout
         super().__init__(assoc, address=address)
 
-    def _create_socket(self, address: AddressInformation) -> socket.socket:
-        family = socket.AF_INET if address.is_ipv4 else socket.AF_INET6
+    def new_os_socket(self, family: socket.AddressFamily) -> socket.socket:
         sock = _TCPSocket(family, socket.SOCK_STREAM)
         sock.probe = self.probe
-        sock.bind(address.as_tuple)
-        self._is_connected = False
         return sock
 
     def connect(self, primitive: Any) -> None:
@@ -199,13 +196,13 @@ class ProbedSocket(AssociationSocket):
         return data
 
 
-class ProbedAE(AE):
+class ProbedAE(compat.ClientAE):
     def __init__(self, ae_title: str, io_timeout: float) -> None:
         super().__init__(ae_title=ae_title)
         self._io_timeout = io_timeout
 
-    def _create_socket(self, assoc: Any, address: AddressInformation,
-                       tls_args: tuple[ssl.SSLContext, str] | None) -> AssociationSocket:
+    def new_socket(self, assoc: Any, address: AddressInformation,
+                   tls_args: tuple[ssl.SSLContext, str] | None) -> AssociationSocket:
         probe = Probe()
         if tls_args is not None and isinstance(tls_args[0], ClientContext):
             tls_args[0].probe = probe  # one association at a time per transport

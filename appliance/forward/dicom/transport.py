@@ -30,7 +30,8 @@ from pynetdicom.dsutils import encode
 
 from appliance.bundle.format import InstanceStream, ManifestEntry, PrivateKey, VerifiedBundle
 from appliance.core.config import Destination, Receive
-from appliance.core.errors import ConfigError, IntegrityError
+from appliance.core.errors import ConfigError, IntegrityError, ListenError
+from appliance.core.listener import resolve
 from appliance.forward import Permanent, Plan, Retryable, Unreadable, conversion
 from appliance.forward.dicom.commitment import (
     REPORT_GRACE_S,
@@ -447,12 +448,21 @@ class DicomTransport:
             return False
         with self._listener_lock:
             if self._listener is None:
+                where = f"{self.commitment_bind}:{self.commitment_port}"
+                assert self.dest.host is not None
+                try:
+                    # Who may send reports: the PACS, at what its host name resolves to now.
+                    pacs = resolve(self.dest.host)
+                except OSError:
+                    raise Retryable(f"cannot resolve the PACS host name {self.dest.host!r} "
+                                    "(needed to admit its storage commitment reports)") from None
                 try:
                     self._listener = CommitmentListener(
                         self.calling_ae, self.commitment_bind, self.commitment_port,
-                        self._commitments, self.timeout, self._server_context(), self.name)
+                        self._commitments, self.timeout, self._server_context(), self.name, pacs)
+                except ListenError as e:
+                    raise Retryable(str(e)) from None
                 except (OSError, ssl.SSLError) as e:
-                    where = f"{self.commitment_bind}:{self.commitment_port}"
                     raise Retryable(f"cannot listen for storage commitment reports on {where}: "
                                     f"{err_text(e)}") from None
             return True
