@@ -253,11 +253,12 @@ def test_recovery_adopts_orphans_quarantines_garbage_removes_temps(appliance_fac
 
     st = spool_state(app)
     assert st.temps == []
-    assert not any((spool_dir / n).exists() for n in (copied, garbage, not_dicom, orphan["id"]))
+    assert not any((spool_dir / n).exists() for n in (copied, garbage, not_dicom))
     assert st.missing == [lost]
     assert st.files == st.records - {lost}
-    # the orphan was adopted under a fresh id: its instance is in the index and intact
-    assert orphan_uid in st.by_sop
+    # the orphan was adopted in place, under the name it was sealed with: its instance is
+    # in the index and intact
+    assert orphan["id"] in st.records and orphan_uid in st.by_sop
     sent = {sop_uid(f): f for f in files}
     assert set(st.by_sop) == set(sent) - {lost_uid}  # all but the one whose file was deleted
     for uid, data in st.by_sop.items():
@@ -325,3 +326,41 @@ def test_spool_key_readable_by_others_is_refused(appliance_factory, tmp_path: Pa
     assert not (app.state_dir / "run" / "control.sock").exists()
     os.chmod(key_file, 0o600)
     assert cli("config", "check", "--config", str(app.config_path)).returncode == 0
+
+
+def _vm_hwm(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) << 10
+    raise AssertionError("no VmHWM")
+
+
+def test_a_large_orphan_is_adopted_in_place_without_being_read_into_memory(
+        appliance_factory, tmp_path: Path) -> None:
+    """A 256 MiB instance whose row a crash never committed: recovery authenticates it
+    chunk by chunk, identifies it from its start and gives it its row under the name it
+    was sealed with; the daemon starting does not hold it (before: read whole, then
+    sealed again under a new name: two copies in memory)."""
+    from tests.pack_support import large_image, send_raw
+
+    app = make_app(appliance_factory, tmp_path)
+    big = tmp_path / "big.dcm"
+    sop = large_image(big, "1.2.826.0.1.3680043.8.498.1", frames=512)
+    assert big.stat().st_size > 256 << 20
+    assert send_raw(app.port, big, sop_class="1.2.840.10008.5.1.4.1.1.7.3") == 0x0000
+    assert app.stop() == 0
+    db = index_rw(app)
+    [row] = db.execute("SELECT id, segment_id, size FROM instances").fetchall()
+    db.execute("DELETE FROM instances WHERE id=?", (row["id"],))  # as if the crash came first
+    db.close()
+
+    offset = log_size(app)
+    app.start()
+    ev = recovered_event(app, offset)
+    assert (ev["adopted"], ev["quarantined"], ev["adopt_failed"]) == (1, 0, 0), ev
+    assert app.proc is not None
+    hwm = _vm_hwm(app.proc.pid)
+    assert hwm < 160 << 20, f"the daemon's peak RSS was {hwm >> 20} MiB while adopting"
+    st = spool_state(app)
+    assert st.records == {row["id"]} == st.files  # adopted under its own name, nothing copied
+    assert sop in st.by_sop

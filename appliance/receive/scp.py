@@ -624,10 +624,11 @@ class Receiver:
         return status
 
 
-def identify_stored(part10: bytes) -> InstanceMeta:
-    """Identify a Part-10 file the spool already holds (crash recovery of orphans)."""
+def identify_stored(part10: bytes, complete: bool = True) -> InstanceMeta:
+    """Identify a Part-10 file the spool already holds (crash recovery of orphans), from
+    all of it or, with `complete=False`, from its start only (the UIDs must lie within)."""
     try:
-        study, series, sop, ts, sop_class = _identifiers([part10], True)
+        study, series, sop, ts, sop_class = _identifiers([part10], complete)
         meta = dicomscan.file_meta(part10[:IDENTIFY_PREFIX])
         calling = meta[1].get(dicomscan.SOURCE_AE, "") if meta else ""
         return _checked(study, series, sop, ts, sop_class, str(sop or ""), calling.strip())

@@ -9,8 +9,9 @@ The order of `store` is what makes a Success answer safe across a power cut:
 2. rename it to `spool/<id>` and fsync the directory (`durable.atomic_file`);
 3. commit the index row (SQLite, synchronous=FULL).
 Only after 3 may the receiver answer Success. A crash before 3 leaves an orphan file that
-was never acknowledged; `recover` adopts it if it authenticates (the modality may send
-it again: the duplicate check makes that harmless) and quarantines it otherwise.
+was never acknowledged; `recover` adopts it in place if it authenticates (read chunk by
+chunk and identified from its start, never held whole; the modality may send it again:
+the duplicate check makes that harmless) and quarantines it otherwise.
 
 Instances are grouped per study into segments: the open (`receiving`) segment of a study
 takes new instances until it reaches the configured count or size, then it is sealed and
@@ -85,7 +86,12 @@ class Stored:
 
 
 # Part-10 bytes -> InstanceMeta, or raise ValueError: identifies an orphan at recovery.
-Adopter = Callable[[bytes], InstanceMeta]
+# Identifies a spooled instance from its first bytes: (prefix, whether that is all of it).
+Adopter = Callable[[bytes, bool], InstanceMeta]
+
+# Recovery identifies an orphan from at most this much of its start (the UIDs are near
+# the start; `receive.scp.identify` finds them within it, a deflated one included).
+ADOPT_PREFIX = 4 << 20
 
 
 class Spool:
@@ -213,7 +219,7 @@ class Spool:
         return key
 
     def _record(self, rid: str, size: int, meta: InstanceMeta, digest: _Memo,
-                checked: set[str]) -> Stored:
+                checked: set[str], unlink_on_error: bool = True) -> Stored:
         """Commit the index row of the durable spool file `rid` (step 3 of the order)."""
         skey = self.study_key(meta.study_uid)
         now = time.time()
@@ -234,7 +240,8 @@ class Spool:
                     c.execute("UPDATE segments SET instances=instances+1, bytes=bytes+?, updated=?"
                               " WHERE id=?", (size, now, seg))
         except BaseException:
-            durable.unlink_durable(self.dir / rid)
+            if unlink_on_error:
+                durable.unlink_durable(self.dir / rid)
             raise
         if dup is not None:
             durable.unlink_durable(self.dir / rid)
@@ -340,44 +347,58 @@ class Spool:
         if adopt is not None:
             counts["keyed"] = self._key_legacy_rows(adopt)
         for name in sorted(files - rows):
-            try:
-                data = self.read(name)
-            except IntegrityError as e:
-                self.quarantine(name, str(e))
-                counts["quarantined"] += 1
-                continue
-            try:
-                meta = adopt(data) if adopt else None
-            except Exception as e:  # any failure to parse these bytes
-                # (pydicom raises more than ValueError) must not stop the daemon starting.
-                self.quarantine(name, f"orphan spool file without readable identifiers"
-                                      f" ({type(e).__name__})")
-                counts["quarantined"] += 1
-                continue
-            if meta is None:
-                self.quarantine(name, "orphan spool file without readable identifiers")
-                counts["quarantined"] += 1
-                continue
-            # Store it again through the normal path (fresh id), then drop the orphan. The
-            # free-space reserve is for new images, not for one already on the disk.
-            try:
-                self.store([data], meta, check_reserve=False)
-            except (OSError, sqlite3.Error) as e:
-                # Too full even for the copy: keep the orphan (never acknowledged) for a
-                # later start rather than fail to start and refuse every new image.
-                log.error("spool.adopt_failed", file=name, error=str(e))
-                counts["adopt_failed"] += 1
-                continue
-            durable.unlink_durable(self.dir / name)
-            counts["adopted"] += 1
+            counts[self._adopt(name, adopt)] += 1
         return counts
+
+    def _head(self, rid: str) -> tuple[bytes, int]:
+        """Authenticate a whole spool file, streaming, and keep only its start: (the first
+        ADOPT_PREFIX bytes of the plaintext, its size). Raises IntegrityError."""
+        head = bytearray()
+        size = 0
+        for chunk in self.open(rid):
+            if len(head) < ADOPT_PREFIX:
+                head += chunk[: ADOPT_PREFIX - len(head)]
+            size += len(chunk)
+        return bytes(head), size
+
+    def _adopt(self, name: str, adopt: Adopter | None) -> str:
+        """Give an orphan spool file (sealed and renamed, but its row never committed: a
+        crash between steps 2 and 3, so never acknowledged) its row, in place: it is
+        authenticated chunk by chunk and identified from its start, so no orphan is ever
+        held whole in memory. Returns the count it goes under."""
+        try:
+            head, size = self._head(name)
+        except IntegrityError as e:
+            self.quarantine(name, str(e))
+            return "quarantined"
+        try:
+            meta = adopt(head, size == len(head)) if adopt else None
+        except Exception as e:  # any failure to parse these bytes
+            # (pydicom raises more than ValueError) must not stop the daemon starting.
+            self.quarantine(name, f"orphan spool file without readable identifiers ({type(e).__name__})")
+            return "quarantined"
+        if meta is None:
+            self.quarantine(name, "orphan spool file without readable identifiers")
+            return "quarantined"
+        try:
+            # The file keeps its name: it was sealed under it (the per-file key is bound to
+            # it). A duplicate of a spooled instance is dropped by _record as on receive.
+            self._record(name, size, meta, _Memo(lambda: self._digest_of(self.dir / name, name)),
+                         set(), unlink_on_error=False)
+        except (OSError, sqlite3.Error) as e:
+            # Too full to commit: keep the orphan (never acknowledged) for a later start
+            # rather than fail to start and refuse every new image.
+            log.error("spool.adopt_failed", file=name, error_type=type(e).__name__)
+            return "adopt_failed"
+        return "adopted"
 
     def _key_legacy_rows(self, adopt: Adopter) -> int:
         """Give rows stored by schema version 2 their `sop_key`, so duplicates still match."""
         n = 0
         for r in self.index.query("SELECT id FROM instances WHERE sop_key IS NULL AND packed=0"):
             try:
-                meta = adopt(self.read(r["id"]))
+                head, size = self._head(r["id"])
+                meta = adopt(head, size == len(head))
             except Exception as e:  # unreadable: recovery and packing deal with it
                 log.warning("spool.unkeyed", instance=r["id"], error_type=type(e).__name__)
                 continue
