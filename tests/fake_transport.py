@@ -30,6 +30,7 @@ class FakeDestination:
     def __init__(self) -> None:
         self.script: dict[str, str] = {}
         self.down = False
+        self.echo_fails = False  # a PACS that chokes on everything, C-ECHO included
         self.choke_s = 30.0
         self.stored: Counter[str] = Counter()  # SOP Instance UID -> times stored
         self.lock = threading.Lock()
@@ -86,6 +87,9 @@ class FakeTransport:
         finally:
             with d.lock:
                 d.sending.discard(item_id)
+
+    def probe(self) -> bool:
+        return not self.destination.down and not self.destination.echo_fails
 
     def close(self) -> None:
         pass

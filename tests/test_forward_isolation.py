@@ -160,3 +160,24 @@ def test_an_instance_orthanc_refuses_is_parked_and_the_rest_is_stored(
         wait_for(lambda: all(r["state"] == "delivered" for r in _queue(app) if r["id"] != parked[0]["id"]),
                  what="every bundle delivered without it")
         assert sorted(orthanc.files_by_sop_uid()) == sorted(uids)
+
+
+def test_a_lone_instance_that_hangs_the_pacs_is_parked_not_retried_forever(
+        appliance_factory: Callable[..., Appliance], pacs: ControlledPacs, samples: Path,
+        tmp_path: Path) -> None:
+    """A study of one instance: nothing else of its bundle can show the PACS works, but the
+    PACS answers a C-ECHO after each hang, so the instance is parked after two, instead of
+    waiting with back-off for ever (and holding a lane for every retry)."""
+    files, uids = _series(samples)
+    pacs.modes[uids[0]] = "hang"
+    app = _daemon(appliance_factory, tmp_path / "app", pacs.port, "PACS")
+    assert storescu(app.port, files[:1]).returncode == 0
+    parked = wait_for(lambda: _parked(app), timeout=60, what="the lone instance parked",
+                      detail=lambda: json.dumps(_queue(app), indent=1))
+    assert "no answer from the PACS" in parked[0]["reason"]
+    probes = [json.loads(line) for line in app.log_text().splitlines()
+              if '"destination.probed"' in line]
+    assert len(probes) >= 2 and all(p["answers"] for p in probes)
+    pacs.fixed.set()
+    assert cli("queue", "release", parked[0]["id"], "--config", str(app.config_path)).returncode == 0
+    wait_for(lambda: pacs.stored[uids[0]] == 1, timeout=30, what="the released instance delivered")

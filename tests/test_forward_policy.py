@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from appliance.forward.policy import Decision, Failure, decide
+from appliance.forward.policy import Decision, Failure, decide, needs_probe
 
 
 def test_a_failure_nobody_is_blamed_for_backs_off_or_holds_the_bundle() -> None:
@@ -32,3 +32,16 @@ def test_a_suspect_is_parked_on_its_second_strike() -> None:
 def test_a_parked_instance_sent_alone_is_held_again_or_retried_never_parked_again() -> None:
     assert decide(Failure(True, (0,), 0, 0, parked_item=True)) == Decision("refuse")
     assert decide(Failure(False, (0,), 0, 0, parked_item=True)) == Decision("defer")
+
+
+def test_a_destination_that_answers_a_probe_is_proof_enough_to_strike() -> None:
+    assert decide(Failure(False, (0,), 0, 0, answers=True)) == Decision("again", suspect=(0,), strike=True)
+    assert decide(Failure(False, (0,), 0, 0, strikes={0: 1}, answers=True)).park == (0,)
+
+
+def test_a_probe_is_asked_only_when_nothing_else_decides() -> None:
+    assert needs_probe(Failure(False, (0,), 0, 0))
+    assert not needs_probe(Failure(False, (0,), 1, 0))  # the bundle itself proves it
+    assert not needs_probe(Failure(True, (0,), 0, 0))  # refused: parked anyway
+    assert not needs_probe(Failure(False, (), 0, 0))  # nobody blamed: the destination's
+    assert not needs_probe(Failure(False, (0,), 0, 0, parked_item=True))

@@ -167,3 +167,10 @@ def test_skip_and_only_leave_out_what_the_plan_says(partial_kind: Kind, tmp_path
     got.clear()
     kind.transport.send("b1", bundle, lambda n: None, Plan(only=frozenset({0}), delivered=got.append))
     assert got == [0] and kind.holds(uids) == 3
+
+
+def test_a_probe_says_whether_the_destination_answers(kind: Kind) -> None:
+    assert kind.transport.probe() is True
+    t0 = time.monotonic()
+    assert kind.unreachable.probe() is False
+    assert time.monotonic() - t0 < 10

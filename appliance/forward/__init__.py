@@ -19,6 +19,10 @@ released by an operator), which to send last (suspects of an earlier failure, so
 healthy ones go first); a callback for each instance the destination now holds; and an
 event set when the attempt's time budget has run out, on which the transport stops at
 its next poll and raises `Retryable`. Transports poll it at least every second.
+
+`probe()` asks whether the destination answers at all (C-ECHO, folder present): proof,
+after a failure tied to an instance, that the fault is the instance's and not the
+destination's.
 """
 
 from __future__ import annotations
@@ -75,6 +79,11 @@ class Plan:
 
 class Transport(Protocol):
     name: str
+
+    def probe(self) -> bool:
+        """Does the destination answer at all (a C-ECHO, the folder is there)? Within the
+        transport's own time limit; never raises. The scheduler asks after a failure that
+        blames an instance when nothing else shows that the destination works."""
 
     def send(self, item_id: str, bundle: Path, progress: Callable[[int], None],
              plan: Plan | None = None) -> None:

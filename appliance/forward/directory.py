@@ -97,6 +97,10 @@ class DirectoryTransport:
         for entry in manifest.instances:  # the folder now holds every instance of it
             plan.delivered(entry.index)
 
+    def probe(self) -> bool:
+        """The folder is there (a share that is mounted)."""
+        return self.path.is_dir()
+
     def close(self) -> None:
         pass
 

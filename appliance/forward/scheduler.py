@@ -9,7 +9,8 @@ two lanes never take the same item.
 An attempt: the item's plan (instances the destination already holds or that were
 parked are left out, suspects go last; a parked instance is sent alone from its bundle's
 file), a time budget (`budget`: the transport gives up at its next poll once it is spent),
-then `delivered`, or the failure judged by `forward.policy`: park blamed instances,
+then `delivered`, or the failure judged by `forward.policy` (after probing the destination
+when nothing else shows whether it works): park blamed instances,
 strike suspects, and send the rest `again` at once; `defer` with back-off (Retryable:
 between queue.retry_min_s and retry_max_s, with jitter); `refused` (Permanent: held with
 the reason, until a human releases or deletes it); or `quarantine` (Unreadable: the
@@ -24,6 +25,7 @@ ordered list comes with the WAN work and will live here.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 import time
@@ -119,11 +121,16 @@ class Forwarder:
     def _failed(self, item: Item, dest: str, e: TransportError, known: dict[int, tuple[str, int]],
                 delivered_now: int) -> None:
         reason = str(e)
-        decision = policy.decide(policy.Failure(
+        failure = policy.Failure(
             permanent=isinstance(e, Permanent), instances=e.instances, delivered_now=delivered_now,
             delivered_before=sum(1 for st, _ in known.values() if st == "delivered"),
             strikes={i: known.get(i, ("", 0))[1] for i in e.instances},
-            parked_item=item.parent is not None))
+            parked_item=item.parent is not None)
+        if policy.needs_probe(failure):
+            answers = self._probe(dest)
+            log.info("destination.probed", destination=dest, bundle=item.id, answers=answers)
+            failure = dataclasses.replace(failure, answers=answers)
+        decision = policy.decide(failure)
         now = time.time()
         for i in decision.park:
             child = self.queue.park(item.id, i, f"parked from {item.id} (instance {i}): {reason}", now)
@@ -142,6 +149,14 @@ class Forwarder:
             log.error("bundle.held", bundle=item.id, destination=dest, reason=reason)
         else:
             self._defer(item, dest, reason)
+
+    def _probe(self, name: str) -> bool:
+        transport = next(t for t in self.transports if t.name == name)
+        try:
+            return bool(transport.probe())
+        except Exception:  # a probe that breaks proves nothing
+            log.exception("destination.probe_failed", destination=name)
+            return False
 
     def _defer(self, item: Item, dest: str, reason: str) -> None:
         with self._rng_lock:

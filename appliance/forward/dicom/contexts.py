@@ -18,6 +18,7 @@ from appliance.core import part10
 from appliance.forward import Permanent
 
 STORAGE_COMMITMENT_PUSH = UID("1.2.840.10008.1.20.1")
+VERIFICATION = UID("1.2.840.10008.1.1")  # C-ECHO, to probe a PACS
 STORAGE_COMMITMENT_INSTANCE = UID("1.2.840.10008.1.20.1.1")  # the well-known SOP instance
 MAX_CONTEXTS = 128  # pynetdicom (and PS3.8: odd context ids 1..255)
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)

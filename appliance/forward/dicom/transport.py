@@ -25,7 +25,7 @@ from pydicom.uid import (
     generate_uid,
 )
 from pynetdicom import build_context, evt
-from pynetdicom.dimse_primitives import C_STORE, N_ACTION
+from pynetdicom.dimse_primitives import C_ECHO, C_STORE, N_ACTION
 from pynetdicom.dsutils import encode
 
 from appliance.bundle.format import InstanceStream, ManifestEntry, PrivateKey, VerifiedBundle
@@ -45,6 +45,7 @@ from appliance.forward.dicom.contexts import (
     STORAGE_COMMITMENT_INSTANCE,
     STORAGE_COMMITMENT_PUSH,
     UNCOMPRESSED,
+    VERIFICATION,
     Choice,
     ContextSpec,
     Group,
@@ -216,6 +217,27 @@ class DicomTransport:
             for e in stored:
                 plan.delivered(e.index)
         return len(groups)
+
+    def probe(self) -> bool:
+        """A C-ECHO on an association of its own, within `timeout_s`: does the PACS answer?"""
+        try:
+            link = self._associate([(VERIFICATION, UNCOMPRESSED)], self._client_context())
+        except (Retryable, Permanent):
+            return False
+        try:
+            options = link.accepted.get(VERIFICATION)
+            if not options:
+                return False
+            req = C_ECHO()
+            req.MessageID = link.next_id()
+            req.AffectedSOPClassUID = VERIFICATION
+            rsp = link.request(req, options[0][0])
+            return bool(rsp.is_valid_response and rsp.Status == 0x0000)
+        except Lost:
+            link.kill()
+            return False
+        finally:
+            link.release()
 
     def close(self) -> None:
         with self._listener_lock:
