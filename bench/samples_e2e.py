@@ -47,12 +47,16 @@ from tests.peers import SAMPLES, Appliance, base_config, cli, free_port  # noqa:
 
 
 def sendable(files: list[Path]) -> list[tuple[Path, str, str, str]]:
-    """(file, SOP class, SOP instance, transfer syntax) of every file pynetdicom can send."""
+    """(file, SOP class, SOP instance, transfer syntax) of every file pynetdicom can send;
+    the instance is named by its data set's SOP Instance UID, as the PACS names it."""
     out = []
     for f in files:
         try:
             ds = pydicom.dcmread(f, stop_before_pixels=True)
-            sc, si = str(ds.file_meta.MediaStorageSOPClassUID), str(ds.file_meta.MediaStorageSOPInstanceUID)
+            # The PACS files an instance under its data set's SOP Instance UID (some samples'
+            # file meta says otherwise); the C-STORE carries the data set's too.
+            sc = str(ds.file_meta.MediaStorageSOPClassUID)
+            si = str(ds.get("SOPInstanceUID") or ds.file_meta.MediaStorageSOPInstanceUID)
             ts = str(ds.file_meta.TransferSyntaxUID)
         except (InvalidDicomError, AttributeError, KeyError, ValueError, TypeError, OSError, EOFError):
             continue
