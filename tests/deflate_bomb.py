@@ -51,7 +51,7 @@ def inflated_size(path: Path) -> int:
     raw = path.read_bytes()
     d = zlib.decompressobj(-zlib.MAX_WBITS)
     data, total = memoryview(raw)[part10.meta(raw).end :], 0
-    while data:
+    while data and not d.eof:
         total += len(d.decompress(data, len(_ZEROS)))
         data = memoryview(d.unconsumed_tail)
     return total + len(d.flush())

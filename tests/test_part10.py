@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import struct
 import tracemalloc
 import warnings
@@ -442,6 +443,21 @@ def test_inflate_gives_the_data_set_up_to_its_cap(size: int) -> None:
 
 def test_inflate_ignores_bytes_after_the_deflate_stream_as_pydicom_does() -> None:
     assert part10.inflate(deflate(b"abc") + b"junk", 10) == b"abc"
+
+
+@pytest.mark.parametrize("pad", [b"\0", b"\0" * 998])
+def test_inflate_ends_at_the_end_of_a_stream_longer_than_a_step_with_bytes_after_it(pad: bytes) -> None:
+    """DCMTK pads an odd-length deflated data set with a byte. With output limited per
+    call, zlib keeps what follows the end of the stream in unconsumed_tail: an inflate
+    that loops until that is empty spins forever (it held a codec worker until its
+    deadline, and the instance went out uncompressed)."""
+    data = bytes(range(256)) * (part10.INFLATE_STEP // 256 + 29)
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("inflate did not end"))
+    signal.alarm(10)
+    try:
+        assert part10.inflate(deflate(data) + pad, 2 * len(data)) == data
+    finally:
+        signal.alarm(0)
 
 
 def test_inflate_refuses_what_is_not_deflate() -> None:

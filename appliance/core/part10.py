@@ -410,7 +410,10 @@ def inflate(deflated: bytes | bytearray | memoryview, cap: int) -> bytes:
             if len(out) > cap:
                 raise TooLarge(f"inflates to more than {cap} bytes")
             data = d.unconsumed_tail
-            if not data:
+            if not data or d.eof:
+                # At the end of the stream, bytes after it (DCMTK pads an odd-length
+                # deflated data set with one) stay in unconsumed_tail when max_length
+                # is given, and would be handed back forever: they are ignored.
                 break
         out += d.flush()  # what zlib still holds: less than its window
     except zlib.error:
