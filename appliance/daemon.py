@@ -39,9 +39,8 @@ from appliance.core import crypto, durable, hardening
 from appliance.core import pynetdicom_compat as compat
 from appliance.core.config import Config, Destination
 from appliance.core.errors import ConfigError, StateError
-from appliance.forward import Transport, conversion
+from appliance.forward import Transport, conversion, registry
 from appliance.forward.dicom.transport import STREAM_THRESHOLD
-from appliance.forward.directory import DirectoryTransport
 from appliance.forward.scheduler import Forwarder
 from appliance.health.control import ControlServer, DaemonUnavailable
 from appliance.health.notify import Notifier
@@ -83,17 +82,14 @@ def forward_deadline(cfg: Config) -> float:
 
 
 def build_transport(dest: Destination, cfg: Config) -> Transport:
-    key = crypto.load_private_key(cfg.encryption.appliance_key)
-    if dest.transport == "directory":
-        assert dest.path is not None
-        return DirectoryTransport(dest.name, dest.path, key)
-    if dest.transport == "dicom":
-        from appliance.forward.dicom import DicomTransport
-
-        return DicomTransport(dest, key, local_ae_title=cfg.receive.ae_title,
-                              max_instance_bytes=cfg.receive.max_instance_mb << 20)
-    raise ConfigError([f"{cfg.sources[0] if cfg.sources else 'config'}: destinations: transport "
-                       f"{dest.transport!r} ({dest.name}) is not available in this version"])
+    context = registry.Context(key=crypto.load_private_key(cfg.encryption.appliance_key),
+                               local_ae_title=cfg.receive.ae_title,
+                               max_instance_bytes=cfg.receive.max_instance_mb << 20)
+    try:
+        return registry.build(dest, context)
+    except LookupError as e:
+        raise ConfigError([f"{cfg.sources[0] if cfg.sources else 'config'}: destinations: "
+                           f"{e} ({dest.name})"]) from None
 
 
 def lock_state_dir(state_dir: Path, busy: str = "another appliance daemon is already running on {}",

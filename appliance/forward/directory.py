@@ -22,13 +22,17 @@ import errno
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from appliance.bundle import format as bundle_format
 from appliance.bundle.format import PrivateKey
 from appliance.core import durable
 from appliance.core.errors import IntegrityError
 from appliance.forward import Permanent, Plan, Retryable, Unreadable
+
+if TYPE_CHECKING:
+    from appliance.core.config import Destination
+    from appliance.forward.registry import Context
 
 _CHUNK = 1 << 20
 _UNIT_FIX = ("under systemd the folder must be in the unit's writable paths:"
@@ -106,3 +110,9 @@ class DirectoryTransport:
 
 
 
+
+
+def build(dest: Destination, context: Context) -> DirectoryTransport:
+    """The registry's factory (`forward.registry`)."""
+    assert dest.path is not None
+    return DirectoryTransport(dest.name, dest.path, context.key)

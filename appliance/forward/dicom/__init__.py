@@ -200,6 +200,10 @@ Check them when upgrading; tests/test_forward_dicom_stream.py fails if the strea
 P-DATA stop matching what pynetdicom itself sends.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from appliance.forward.dicom.contexts import (
     MAX_CONTEXTS,
     STORAGE_COMMITMENT_INSTANCE,
@@ -224,6 +228,17 @@ from appliance.forward.dicom.status import (
 from appliance.forward.dicom.tls import classify_tls_error
 from appliance.forward.dicom.transport import DicomTransport
 
+if TYPE_CHECKING:
+    from appliance.core.config import Destination
+    from appliance.forward.registry import Context
+
+
+def build(dest: Destination, context: Context) -> DicomTransport:
+    """The registry's factory (`forward.registry`)."""
+    return DicomTransport(dest, context.key, local_ae_title=context.local_ae_title,
+                          max_instance_bytes=context.max_instance_bytes)
+
+
 __all__ = [
     "COMMITMENT_FAILURES",
     "MAX_CONTEXTS",
@@ -242,6 +257,7 @@ __all__ = [
     "classify_tls_error",
     "contexts_for",
     "dataset_offset",
+    "build",
     "plan_groups",
     "uid_name",
 ]
