@@ -152,6 +152,13 @@ class Destination:
     key_passphrase: str | None = field(default=None, metadata=SECRET)
     known_hosts: Path | None = None
     remote_dir: str | None = None
+    # any transport
+    max_kbit_s: float = 0.0  # bandwidth cap, all lanes together; 0 = none
+    cap_hours: str | None = None  # "HH:MM-HH:MM" local time: cap only then; None = always
+
+
+# [[destinations]] keys that apply to every transport, besides `name` and `transport`.
+COMMON_DEST_KEYS = ("max_kbit_s", "cap_hours")
 
 
 # What a rule can match, each a list of patterns (any may match; case-insensitive shell
@@ -653,7 +660,28 @@ def _sftp_keys(t: _Table) -> dict[str, Any]:
     }
 
 
-_OPTIONAL_DEST = ("calling_ae_title", "key_passphrase", "tls", "commitment_port")
+_OPTIONAL_DEST = ("calling_ae_title", "key_passphrase", "tls", "commitment_port", "cap_hours")
+
+
+def _check_cap_hours(key: str, v: Any) -> str:
+    from appliance.forward.bandwidth import parse_hours  # noqa: PLC0415 - config is imported first
+
+    if not isinstance(v, str):
+        raise _Bad(f"must be a string like \"07:00-19:00\", not {_tname(v)}")
+    try:
+        parse_hours(v)
+    except ValueError as e:
+        raise _Bad(str(e)) from None
+    return v
+
+
+def _common_dest_keys(t: _Table) -> dict[str, Any]:
+    d = Destination(name="", transport="")
+    kw = {"max_kbit_s": t.number("max_kbit_s", d.max_kbit_s, 0, 100_000_000),
+          "cap_hours": t.get("cap_hours", None, _check_cap_hours)}
+    if kw["cap_hours"] is not None and not kw["max_kbit_s"]:
+        t.ctx.problem(t.key("cap_hours"), "is set but max_kbit_s is not: there is no cap to apply")
+    return kw
 
 
 def _parse_destination(t: _Table) -> Destination | None:
@@ -677,6 +705,7 @@ def _parse_destination(t: _Table) -> Destination | None:
         kw = _dicom_keys(t)
     else:
         kw = _sftp_keys(t)
+    kw.update(_common_dest_keys(t))
     for k in t.data:
         if k not in t.used and any(k in keys for keys in TRANSPORT_KEYS.values()):
             t.used.add(k)
@@ -766,6 +795,10 @@ def parse(data: Mapping[str, Any], origins: Mapping[str, Path], main_file: Path,
         origins=dict(origins),
     )
     top.finish()
+    for i, d in enumerate(cfg.destinations):
+        if 0 < d.max_kbit_s < cfg.queue.min_rate_kbit_s:
+            ctx.problem(f"destinations[{i}].max_kbit_s", f"is below queue.min_rate_kbit_s "
+                        f"({cfg.queue.min_rate_kbit_s:g}): every attempt would run out of time")
     if ctx.problems:
         raise ConfigError(ctx.problems)
     return cfg
@@ -857,7 +890,8 @@ def effective(cfg: Config) -> dict[str, Any]:
         if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
             names = [f.name for f in dataclasses.fields(obj) if not f.metadata.get("not_a_key")]
             if isinstance(obj, Destination):
-                names = ["name", "transport", *TRANSPORT_KEYS.get(obj.transport, ())]
+                names = ["name", "transport", *TRANSPORT_KEYS.get(obj.transport, ()),
+                         *COMMON_DEST_KEYS]
             secret = {f.name for f in dataclasses.fields(obj) if f.metadata.get("secret")}
             out = {}
             for name in names:
