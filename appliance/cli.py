@@ -292,9 +292,10 @@ def _check_files(cfg: config.Config) -> list[tuple[str, str]]:
                        (f"{key}.key", _private_key_file, tls.key),
                        (f"{key}.ca", _regular_file, tls.ca)]
     for i, d in enumerate(cfg.destinations):
-        if d.transport == "sftp" and d.key and d.known_hosts:
-            checks += [(f"destinations[{i}].key", _private_key_file, d.key),
-                       (f"destinations[{i}].known_hosts", _regular_file, d.known_hosts)]
+        if d.transport == "sftp" and d.key:
+            checks.append((f"destinations[{i}].key", _private_key_file, d.key))
+        if d.transport == "sftp" and d.known_hosts:
+            checks.append((f"destinations[{i}].known_hosts", _regular_file, d.known_hosts))
         if d.transport == "directory" and d.path:
             checks.append((f"destinations[{i}].path", _directory_or_absent, d.path))
     checks.append(("appliance.state_dir", _directory_or_absent, cfg.appliance.state_dir))

@@ -126,7 +126,7 @@ def test_config_check_prints_effective_values(tmp_path: Path, site: dict[str, An
 
 
 def test_config_check_never_prints_a_secret(tmp_path: Path, site: dict[str, Any]) -> None:
-    # (secrets elided in printed values: test_config.py; sftp itself is not available yet)
+    # (secrets elided in printed values: test_config.py)
     assert cli("keys", "init", "--config", write_config(tmp_path, site)).returncode == 0
     add_sftp(tmp_path, site, "correct-horse-battery")
     path = write_config(tmp_path, site)
@@ -600,15 +600,15 @@ def test_state_dir_too_long_for_the_status_socket(tmp_path: Path) -> None:
     assert "Traceback" not in r.stderr
 
 
-def test_sftp_destination_is_reported_as_not_available_at_once(tmp_path: Path) -> None:
-    """Not only after the technician has filled in every sftp key."""
+def test_sftp_destination_is_asked_for_its_keys(tmp_path: Path) -> None:
+    """sftp is available: a block naming it is asked for its required keys."""
     cfg = base_config(tmp_path, 11112)
     cfg["destinations"] = [{"name": "center", "transport": "sftp"}]
     r = cli("config", "check", "--config", write_config(tmp_path, cfg))
     assert r.returncode == EX_CONFIG
-    assert [line.split(": ", 3)[2:] for line in r.stderr.splitlines()] == [
-        ["destinations[0].transport", "sftp is not available in this version of the appliance;"
-                                      " use dicom or directory"]]
+    assert [line.split(": ", 3)[2] for line in r.stderr.splitlines()] == [
+        "destinations[0].host", "destinations[0].user", "destinations[0].key",
+        "destinations[0].known_hosts"]
 
 
 # --- the README says what the commands show ---------------------------------------------
