@@ -5,6 +5,7 @@ end. The transport contract itself is checked in tests/test_transport_contract.p
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -119,6 +120,18 @@ def test_a_key_the_server_does_not_accept_is_permanent_with_the_fix(server: Sshd
     with pytest.raises(Permanent, match="authorized keys") as e:
         send(SftpTransport(server.destination(key=stranger), KEY), bundle)
     assert fingerprint(stranger.with_suffix(".pub")) in str(e.value) and e.value.instances == ()
+
+
+@pytest.mark.parametrize("passphrase", [None, "wrong"])
+def test_a_key_that_cannot_be_loaded_is_permanent_naming_key_passphrase(
+        server: Sshd, tmp_path: Path, passphrase: str | None) -> None:
+    locked = tmp_path / "locked"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "right", "-f", str(locked)],
+                   check=True, capture_output=True, timeout=60)
+    bundle, _ = make_bundle(tmp_path / "b1.bundle")
+    with pytest.raises(Permanent, match="key_passphrase") as e:
+        send(SftpTransport(server.destination(key=locked, key_passphrase=passphrase), KEY), bundle)
+    assert "right" not in str(e.value)
 
 
 def test_an_upload_cut_mid_file_resumes_from_the_servers_size(server: Sshd, drop: Path,

@@ -16,7 +16,8 @@ for a crash or a cut link between any two of them:
   2. a `.part` no longer than ours is resumed from its size, after its first and last
      64 KiB are read back and found equal to ours (a cut link leaves a true prefix; a
      stranger's file or a damaged tail does not pass); otherwise it is written afresh;
-  3. the rest is written with pipelined requests, every answer checked before step 4;
+  3. the rest is written with up to 64 requests in flight, every answer checked before
+     step 4;
   4. `fsync@openssh.com` where the server offers it (OpenSSH does), so that the data
      is on the server's disk before the name says it is whole;
   5. the `.part`'s size is checked against ours. A hash would be better, but OpenSSH
@@ -44,12 +45,22 @@ import posixpath
 import re
 import socket
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 import paramiko
-from paramiko.sftp import CMD_EXTENDED, CMD_INIT, CMD_STATUS, CMD_VERSION
+from paramiko.sftp import (
+    CMD_EXTENDED,
+    CMD_EXTENDED_REPLY,
+    CMD_INIT,
+    CMD_STATUS,
+    CMD_VERSION,
+    CMD_WRITE,
+    SFTP_OK,
+    int64,
+)
 
 from appliance.bundle import format as bundle_format
 from appliance.bundle.format import Manifest, PrivateKey
@@ -66,10 +77,14 @@ _CHECK = 64 * 1024  # read back from each end of a .part before resuming it
 # link. Our writes are limited by the server's window (OpenSSH: 2 MiB), which pipelining
 # keeps full.
 _WINDOW = 16 * 1024 * 1024
-_PACKET = 32 * 1024  # OpenSSH's own channel packet size (and paramiko's write request)
+_PACKET = 32 * 1024  # OpenSSH's own channel packet size, and the write every server takes
+_MAX_WRITE = 255 * 1024  # the most we put in one write request (OpenSSH's own limit)
+_IN_FLIGHT = 64  # write requests unanswered at most (OpenSSH sftp's default, -R 64)
 _RELEASE = "then `appliance queue release --all`"
 # paramiko's words for a peer that said nothing in time (banner, negotiation, auth)
 _TIMED_OUT = re.compile(r"banner|timed? ?out", re.IGNORECASE)
+# What an attempt may meet on the way; anything else is a bug and is not dressed up.
+_NETWORK_ERRORS = (OSError, EOFError, paramiko.SSHException, paramiko.SFTPError)
 _WRITING = ("uploading", "syncing the upload", "renaming the upload")
 
 
@@ -187,8 +202,12 @@ class SftpTransport:
                 raise
             except IntegrityError as e:
                 raise Unreadable(f"bundle does not verify: {e}") from None
-            except Exception as e:  # noqa: BLE001 - sorted into Retryable below, never lost
+            except _NETWORK_ERRORS as e:
                 raise self._failure(e, step, plan.cancelled) from None
+            except Exception:
+                if plan.cancelled.is_set():  # the connection was closed under paramiko
+                    raise self._failure(TimeoutError(), step, plan.cancelled) from None
+                raise  # a bug: the scheduler defers the bundle and logs it
         for entry in manifest.instances:  # the drop now holds every instance of it
             plan.delivered(entry.index)
 
@@ -211,7 +230,11 @@ class SftpTransport:
         d = self.dest
         pin = _HostKeyPin(d)
         sock = socket.create_connection((d.host, d.port), timeout=d.timeout_s)
-        t = paramiko.Transport(sock, default_window_size=_WINDOW, default_max_packet_size=_PACKET)
+        try:
+            t = paramiko.Transport(sock, default_window_size=_WINDOW, default_max_packet_size=_PACKET)
+        except BaseException:
+            sock.close()
+            raise
         watch = threading.Thread(target=_close_when, args=(cancelled, t), daemon=True,
                                  name=f"sftp-budget-{d.name}")
         try:
@@ -252,12 +275,16 @@ class SftpTransport:
         if self._client_key is None:
             try:
                 self._client_key = paramiko.PKey.from_path(self.dest.key, self.dest.key_passphrase)
-            except (OSError, paramiko.SSHException, ValueError) as e:
-                why = ("its passphrase (key_passphrase) is missing or wrong"
-                       if isinstance(e, paramiko.PasswordRequiredException | paramiko.SSHException)
-                       else type(e).__name__)
-                raise Permanent(f"cannot load the SSH key {self.dest.key}: {why}; fix the key file"
-                                f" or key_passphrase, {_RELEASE}") from None
+            except paramiko.PasswordRequiredException:
+                raise Permanent(f"the SSH key {self.dest.key} is encrypted and key_passphrase is"
+                                f" not set: set it, {_RELEASE}") from None
+            except OSError as e:
+                raise Permanent(f"cannot read the SSH key {self.dest.key}: {e.strerror}; {_RELEASE}"
+                                " once it is there") from None
+            except Exception:  # noqa: BLE001 - paramiko raises several kinds for a bad key file
+                # (SSHException for a wrong passphrase, UnknownKeyType, ValueError)
+                raise Permanent(f"cannot load the SSH key {self.dest.key}: a wrong key_passphrase,"
+                                f" or not an OpenSSH private key; fix it, {_RELEASE}") from None
         return self._client_key
 
     def _failure(self, e: Exception, step: _Step, cancelled: threading.Event) -> Retryable:
@@ -340,16 +367,14 @@ class _Upload:
     def _write(self, offset: int, progress: Callable[[int], None],
                cancelled: threading.Event) -> Manifest:
         with self.sftp.open(self.part, "r+" if offset else "w") as f:
-            f.set_pipelined(True)
-            f.seek(offset)
+            writer = _Pipeline(self.sftp, f.handle, offset, _write_size(self.sftp))
             self.src.seek(0)
-            up = _Uploading(self.src, f, offset, progress, cancelled)
+            up = _Uploading(self.src, writer, offset, progress, cancelled)
             # read_manifest only calls read(); _Uploading is not a whole BinaryIO
             manifest = bundle_format.read_manifest(up, self.key)  # type: ignore[arg-type]
             while up.read(_CHUNK):
                 pass
-            f.flush()
-            _acknowledged(f)
+            writer.finish()
             if "fsync@openssh.com" in self.sftp.extensions:
                 self.step.what = "syncing the upload"
                 self.sftp._request(CMD_EXTENDED, "fsync@openssh.com", f.handle)
@@ -391,18 +416,71 @@ class _Upload:
             self.sftp.remove(path)
 
 
-def _acknowledged(f: Any) -> None:
-    """Read the server's answer to every write still outstanding, raising on a failure.
+def _write_size(sftp: _Sftp) -> int:
+    """Bytes per write request: what the server says it takes (`limits@openssh.com`,
+    OpenSSH 8.7+: 255 KiB), else the 32 KiB every server must take. Fewer, larger
+    requests are what keeps a long link busy at a given number in flight."""
+    if "limits@openssh.com" not in sftp.extensions:
+        return _PACKET
+    t, msg = sftp._request(CMD_EXTENDED, "limits@openssh.com")
+    if t != CMD_EXTENDED_REPLY:
+        return _PACKET
+    msg.get_int64()  # max packet length
+    msg.get_int64()  # max read length
+    most: int = msg.get_int64()
+    return max(_PACKET, min(most, _MAX_WRITE)) if most else _PACKET
 
-    paramiko (5.0, 5.1) reads the answers to pipelined writes only now and then, and one
-    it happens to read while waiting for another request's answer is dropped unchecked
-    (`SFTPFile._write` files them under no file), so a write failing near the end (a full
-    disk) would go unnoticed if anything else were asked first. Uses its `_reqs` queue.
+
+class _Pipeline:
+    """Writes at increasing offsets with up to `_IN_FLIGHT` requests unanswered, and
+    checks every answer, in order, raising on the first failure.
+
+    Not paramiko's own pipelining (`SFTPFile.set_pipelined`): that one waits for *every*
+    outstanding answer once 100 are out, leaving the link idle for a round trip each
+    time, and drops unchecked an answer it reads while waiting for another request (a
+    full disk near the end of a file would go unnoticed). Uses paramiko's request
+    plumbing (`_async_request`, `_read_response`), as its own SFTPFile does; answers the
+    server sends out of order are kept by `_async_response` until their turn.
     """
-    while f._reqs:
-        t, _ = f.sftp._read_response(f._reqs.popleft())
+
+    def __init__(self, sftp: _Sftp, handle: bytes, offset: int, size: int) -> None:
+        self.sftp, self.handle, self.offset, self.size = sftp, handle, offset, size
+        self.pending: deque[int] = deque()
+        self.early: dict[int, tuple[int, Any]] = {}
+
+    def write(self, data: memoryview) -> None:
+        for i in range(0, len(data), self.size):
+            piece = bytes(data[i:i + self.size])
+            self.pending.append(self.sftp._async_request(self, CMD_WRITE, self.handle,
+                                                         int64(self.offset), piece))
+            self.offset += len(piece)
+            while len(self.pending) > _IN_FLIGHT:
+                self._answer()
+
+    def finish(self) -> None:
+        while self.pending:
+            self._answer()
+
+    def _answer(self) -> None:
+        num = self.pending.popleft()
+        if num in self.early:
+            t, msg = self.early.pop(num)
+            if t == CMD_STATUS:
+                self._check(msg)
+        else:
+            t, _ = self.sftp._read_response(num)  # raises IOError on a failure status
         if t != CMD_STATUS:
-            raise paramiko.SFTPError("expected a status for a write")
+            raise paramiko.SFTPError("the server answered a write with something else")
+
+    @staticmethod
+    def _check(msg: Any) -> None:
+        code, text = msg.get_int(), msg.get_text()
+        if code != SFTP_OK:
+            raise OSError(text)  # as paramiko's _convert_status does for a failure
+
+    def _async_response(self, t: int, msg: Any, num: int) -> None:
+        """paramiko calls this for an answer read while it waited for another one."""
+        self.early[num] = (t, msg)
 
 
 class _Uploading:
