@@ -248,6 +248,21 @@ def test_a_cancel_stops_an_upload_blocked_in_a_write_within_seconds(server: Sshd
     assert stopped - cancelled_at[0] < 5
 
 
+def test_a_cancel_stops_a_hung_ssh_handshake_within_seconds(server: Sshd, tmp_path: Path) -> None:
+    """A server that accepts and never speaks; timeout_s is 120: only the cancel ends it."""
+    silent = socket.create_server(("127.0.0.1", 0))
+    bundle, _ = make_bundle(tmp_path / "b1.bundle")
+    plan = Plan()
+    timer = threading.Timer(1.0, plan.cancelled.set)
+    dest = server.destination(port=silent.getsockname()[1], timeout_s=120.0,
+                              host_key_sha256=fingerprint(server.host_pub))
+    t0 = time.monotonic()
+    timer.start()
+    with silent, pytest.raises(Retryable, match="time budget while doing the SSH handshake"):
+        send(SftpTransport(dest, KEY), bundle, plan)
+    assert time.monotonic() - t0 < 6
+
+
 def test_a_full_remote_disk_is_retryable(tmp_path: Path, big: Path) -> None:
     with Sshd(tmp_path / "full", drop_mb=2) as small, \
             pytest.raises(Retryable, match="disk may be full") as e:

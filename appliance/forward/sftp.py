@@ -235,8 +235,9 @@ class SftpTransport:
         except BaseException:
             sock.close()
             raise
-        watch = threading.Thread(target=_close_when, args=(cancelled, t), daemon=True,
-                                 name=f"sftp-budget-{d.name}")
+        done = threading.Event()
+        threading.Thread(target=_close_when, args=(cancelled, done, t, sock), daemon=True,
+                         name=f"sftp-budget-{d.name}").start()
         try:
             t.banner_timeout = t.handshake_timeout = t.auth_timeout = d.timeout_s
             pin.prefer(t)
@@ -245,9 +246,9 @@ class SftpTransport:
             if not (t.is_active() and t.initial_kex_done):
                 raise TimeoutError  # start_client returns, not raises, once its timeout passes
             pin.check(t.get_remote_server_key())
-            watch.start()
             yield t
         finally:
+            done.set()
             t.close()
             sock.close()
 
@@ -322,12 +323,14 @@ class SftpTransport:
         return Retryable(f"the upload to {where} failed while {step.what}: {type(e).__name__}")
 
 
-def _close_when(cancelled: threading.Event, t: paramiko.Transport) -> None:
-    """Close the connection once the budget runs out (or it is closed anyway): a write
-    blocked on the server's window returns at once with an error."""
-    while t.is_active():
+def _close_when(cancelled: threading.Event, done: threading.Event, t: paramiko.Transport,
+                sock: socket.socket) -> None:
+    """Close the connection once the budget runs out, until the attempt is done: a
+    handshake or a write blocked on the server's window returns at once with an error."""
+    while not done.is_set():
         if cancelled.wait(0.5):
             t.close()
+            sock.close()
             return
 
 
