@@ -65,7 +65,7 @@ from paramiko.sftp import (
 from appliance.bundle import format as bundle_format
 from appliance.bundle.format import Manifest, PrivateKey
 from appliance.core.errors import IntegrityError
-from appliance.forward import Permanent, Plan, Retryable, TransportError, Unreadable
+from appliance.forward import Permanent, Plan, Retryable, TransportError, Unreadable, bandwidth
 
 if TYPE_CHECKING:
     from appliance.core.config import Destination
@@ -179,6 +179,7 @@ class SftpTransport:
         self.name = dest.name
         self.dest = dest
         self.private_key = private_key
+        self.cap = bandwidth.for_destination(dest)  # max_kbit_s: all lanes' sends together
         self._client_key: paramiko.PKey | None = None
 
     # --- the contract ---------------------------------------------------------------
@@ -197,7 +198,8 @@ class SftpTransport:
             try:
                 with self._session(step, plan.cancelled) as sftp:
                     manifest = _Upload(sftp, src, bundle.name, self.dest.remote_dir or ".",
-                                       self.private_key, step).run(progress, plan.cancelled)
+                                       self.private_key, step).run(progress, plan.cancelled,
+                                                                   self.cap)
             except TransportError:
                 raise
             except IntegrityError as e:
@@ -345,7 +347,8 @@ class _Upload:
         self.size = src.seek(0, 2)
         src.seek(0)
 
-    def run(self, progress: Callable[[int], None], cancelled: threading.Event) -> Manifest:
+    def run(self, progress: Callable[[int], None], cancelled: threading.Event,
+            cap: bandwidth.Cap) -> Manifest:
         self.step.what = f"checking the folder {posixpath.dirname(self.final)}"
         if self._remote_size(self.final) == self.size:
             self.step.what = "verifying the bundle"
@@ -355,7 +358,7 @@ class _Upload:
         offset = self._resume_offset()
         self.step.what = "uploading"
         try:
-            manifest = self._write(offset, progress, cancelled)
+            manifest = self._write(offset, progress, cancelled, cap)
         except IntegrityError:
             self._remove(self.part)  # never leave a bundle that fails to verify
             raise
@@ -368,9 +371,9 @@ class _Upload:
         return manifest
 
     def _write(self, offset: int, progress: Callable[[int], None],
-               cancelled: threading.Event) -> Manifest:
+               cancelled: threading.Event, cap: bandwidth.Cap) -> Manifest:
         with self.sftp.open(self.part, "r+" if offset else "w") as f:
-            writer = _Pipeline(self.sftp, f.handle, offset, _write_size(self.sftp))
+            writer = _Pipeline(self.sftp, f.handle, offset, _write_size(self.sftp), cap, cancelled)
             self.src.seek(0)
             up = _Uploading(self.src, writer, offset, progress, cancelled)
             # read_manifest only calls read(); _Uploading is not a whole BinaryIO
@@ -446,14 +449,17 @@ class _Pipeline:
     server sends out of order are kept by `_async_response` until their turn.
     """
 
-    def __init__(self, sftp: _Sftp, handle: bytes, offset: int, size: int) -> None:
+    def __init__(self, sftp: _Sftp, handle: bytes, offset: int, size: int, cap: bandwidth.Cap,
+                 cancelled: threading.Event) -> None:
         self.sftp, self.handle, self.offset, self.size = sftp, handle, offset, size
+        self.cap, self.cancelled = cap, cancelled
         self.pending: deque[int] = deque()
         self.early: dict[int, tuple[int, Any]] = {}
 
     def write(self, data: memoryview) -> None:
         for i in range(0, len(data), self.size):
             piece = bytes(data[i:i + self.size])
+            self.cap.take(len(piece), self.cancelled)  # the destination's max_kbit_s
             self.pending.append(self.sftp._async_request(self, CMD_WRITE, self.handle,
                                                          int64(self.offset), piece))
             self.offset += len(piece)
