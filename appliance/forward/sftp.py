@@ -94,6 +94,21 @@ def fingerprint(key: paramiko.PKey) -> str:
     return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
 
 
+def host_key_name(host: str, port: int) -> str:
+    """How known_hosts names a server: `host`, or `[host]:port` for another port than 22."""
+    return host if port == 22 else f"[{host}]:{port}"
+
+
+def pinned_keys(known_hosts: Path, host: str, port: int) -> dict[str, paramiko.PKey]:
+    """The host keys a known_hosts file holds for the server, by key type (hashed names
+    too); Permanent if the file cannot be read. Also `config check`'s test of the file."""
+    try:
+        entry = paramiko.HostKeys(str(known_hosts)).lookup(host_key_name(host, port))
+    except (OSError, paramiko.SSHException, ValueError) as e:
+        raise Permanent(f"cannot read known_hosts {known_hosts}: {e}") from None
+    return dict(entry or {})
+
+
 class _Sftp(paramiko.SFTPClient):  # type: ignore[misc]
     """paramiko's client, keeping the extensions the server announced in its VERSION
     packet (paramiko reads and drops them): fsync and posix-rename are used only where
@@ -122,15 +137,12 @@ class _HostKeyPin:
     """Which host key the server must show: from a known_hosts file, or a fingerprint."""
 
     def __init__(self, dest: Destination) -> None:
+        assert dest.host and dest.port
         self.dest = dest
-        self.lookup = dest.host if dest.port == 22 else f"[{dest.host}]:{dest.port}"
+        self.lookup = host_key_name(dest.host, dest.port)
         self.keys: dict[str, paramiko.PKey] = {}
         if dest.known_hosts is not None:
-            try:
-                entry = paramiko.HostKeys(str(dest.known_hosts)).lookup(self.lookup)
-            except (OSError, paramiko.SSHException, ValueError) as e:
-                raise Permanent(f"cannot read known_hosts {dest.known_hosts}: {e}") from None
-            self.keys = dict(entry or {})
+            self.keys = pinned_keys(dest.known_hosts, dest.host, dest.port)
 
     def prefer(self, transport: paramiko.Transport) -> None:
         """Ask for the key type(s) pinned in known_hosts (else the server may show
