@@ -76,6 +76,9 @@ class Sshd:
         return self.root / "host_ed25519.pub"
 
     def __enter__(self) -> Sshd:
+        if os.geteuid() != 0:
+            raise AssertionError("tests/sshd.py needs root (as in CI): sshd runs in a private"
+                                 " mount namespace with its own /run")
         self.drop.mkdir(parents=True)
         keygen(self.root / "host_ed25519")
         self.client_key = keygen(self.root / "client_ed25519")
