@@ -214,7 +214,11 @@ class Relay:
 
     def _accept(self, sel: selectors.BaseSelector, pairs: dict[socket.socket, socket.socket]) -> None:
         client, _ = self._listener.accept()
-        server = socket.create_connection(("127.0.0.1", self.target_port), timeout=10)
+        try:
+            server = socket.create_connection(("127.0.0.1", self.target_port), timeout=10)
+        except OSError:  # the server is down: so is the link
+            client.close()
+            return
         for a, b, upstream in ((client, server, True), (server, client, False)):
             pairs[a] = b
             sel.register(a, selectors.EVENT_READ, upstream)
@@ -228,19 +232,29 @@ class Relay:
             data = src.recv(65536)
         except OSError:
             data = b""
+        if data and not self._held(src, sel, upstream, len(data)):
+            try:
+                pairs[src].sendall(data)
+                return
+            except OSError:  # the other side is gone
+                data = b""
         if not data:  # one side closed: close the pair
             for s in (src, pairs[src]):
                 with contextlib.suppress(KeyError):  # a held client is not registered
                     sel.unregister(s)
                 pairs.pop(s)
                 s.close()
-            return
-        if upstream:
-            self.sent += len(data)
-            if self.hold_after is not None and self.sent >= self.hold_after:
-                sel.unregister(src)  # read no more from this client: its writes block
-                return
-        pairs[src].sendall(data)
+
+    def _held(self, src: socket.socket, sel: selectors.BaseSelector, upstream: bool, n: int) -> bool:
+        """Count what a client sent; past `hold_after`, stop reading from it (its writes
+        then block, as on a link gone silent) and drop what was read."""
+        if not upstream:
+            return False
+        self.sent += n
+        if self.hold_after is not None and self.sent >= self.hold_after:
+            sel.unregister(src)
+            return True
+        return False
 
     @staticmethod
     def _close_all(sel: selectors.BaseSelector, pairs: dict[socket.socket, socket.socket]) -> None:
