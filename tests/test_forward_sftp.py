@@ -106,6 +106,17 @@ def test_an_unknown_host_is_refused_naming_the_key_seen(server: Sshd, drop: Path
     assert list(drop.iterdir()) == []
 
 
+def test_a_known_hosts_file_with_markers_is_refused_with_the_reason(server: Sshd, drop: Path,
+                                                                     tmp_path: Path) -> None:
+    known = tmp_path / "known_hosts"
+    known.write_text("@cert-authority *.example " + server.host_pub.read_text()
+                     + server.known_hosts_line())
+    bundle, _ = make_bundle(tmp_path / "b1.bundle")
+    with pytest.raises(Permanent, match="markers such as @cert-authority"):
+        send(SftpTransport(server.destination(known_hosts=known), KEY), bundle)
+    assert list(drop.iterdir()) == []
+
+
 def test_a_probe_refuses_a_changed_host_key(server: Sshd, tmp_path: Path) -> None:
     other = keygen(tmp_path / "impostor")
     known = tmp_path / "known_hosts"

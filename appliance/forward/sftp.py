@@ -104,8 +104,12 @@ def pinned_keys(known_hosts: Path, host: str, port: int) -> dict[str, paramiko.P
     too); Permanent if the file cannot be read. Also `config check`'s test of the file."""
     try:
         entry = paramiko.HostKeys(str(known_hosts)).lookup(host_key_name(host, port))
-    except (OSError, paramiko.SSHException, ValueError) as e:
-        raise Permanent(f"cannot read known_hosts {known_hosts}: {e}") from None
+    except OSError as e:
+        raise Permanent(f"cannot read known_hosts {known_hosts}: {e.strerror}") from None
+    except Exception:  # noqa: BLE001 - paramiko's InvalidHostKey is no SSHException
+        raise Permanent(f"known_hosts {known_hosts} has a line that is not `host key-type key`"
+                        " (markers such as @cert-authority or @revoked are not supported): keep"
+                        f" only plain lines for the server, {_RELEASE}") from None
     return dict(entry or {})
 
 
