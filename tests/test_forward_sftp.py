@@ -289,22 +289,50 @@ def test_openssh_offers_fsync_and_posix_rename_and_they_are_used(server: Sshd) -
         assert "check-file" not in sftp.extensions  # why the upload is checked by size
 
 
-def test_the_daemon_delivers_a_study_sent_by_storescu(appliance_factory: Any, server: Sshd,
-                                                      drop: Path, tmp_path: Path) -> None:
-    files = sorted((SAMPLES / "series" / "CT_Philips_Ingenuity_phantom_28sl").iterdir())[:5]
-    root = tmp_path / "edge"
+def sftp_daemon(appliance_factory: Any, server: Sshd, root: Path, port: int | None = None,
+                **queue: Any) -> tuple[Any, dict[str, Any]]:
+    """The daemon with one sftp destination: `server`, or the relay on `port` before it."""
     cfg = base_config(root, free_port())
-    dest = server.destination()
+    dest = server.destination(port=port)
     cfg["destinations"] = [{"name": "center", "transport": "sftp", "host": dest.host,
                             "port": dest.port, "user": dest.user, "key": str(dest.key),
                             "known_hosts": str(dest.known_hosts), "remote_dir": REMOTE_DIR}]
-    app = appliance_factory(cfg, root=root)
+    if queue:
+        cfg["queue"] = queue
+    return appliance_factory(cfg, root=root), cfg
+
+
+def delivered_instances(drop: Path, cfg: dict[str, Any]) -> int:
+    """Instances in the one bundle in the drop, verified with the appliance's key."""
+    (bundle,) = drop.glob("*.bundle")
+    key = crypto.load_private_key(Path(cfg["encryption"]["appliance_key"]))
+    with bundle.open("rb") as f:
+        return len(bundle_format.read_manifest(f, key).instances)
+
+
+def test_the_daemon_delivers_a_study_sent_by_storescu(appliance_factory: Any, server: Sshd,
+                                                      drop: Path, tmp_path: Path) -> None:
+    files = sorted((SAMPLES / "series" / "CT_Philips_Ingenuity_phantom_28sl").iterdir())[:5]
+    app, cfg = sftp_daemon(appliance_factory, server, tmp_path / "edge")
     r = storescu(app.port, files)
     assert r.returncode == 0, r.stderr
-    delivered = wait_for(lambda: list(drop.glob("*.bundle")), 120, "a bundle in the drop",
-                         detail=app.log_text)
-    key = crypto.load_private_key(Path(cfg["encryption"]["appliance_key"]))
-    with delivered[0].open("rb") as f:
-        manifest = bundle_format.read_manifest(f, key)
-    assert len(manifest.instances) == len(files)
+    wait_for(lambda: list(drop.glob("*.bundle")), 120, "a bundle in the drop", detail=app.log_text)
+    assert delivered_instances(drop, cfg) == len(files)
+    assert not list(drop.glob("*.part"))
+
+
+def test_the_daemon_retries_an_upload_cut_mid_file_until_it_is_delivered(
+        appliance_factory: Any, server: Sshd, drop: Path, tmp_path: Path) -> None:
+    files = sorted((SAMPLES / "series" / "CT_Philips_Ingenuity_phantom_28sl").iterdir())[:12]
+    with Relay(server.port, cut_after=400_000) as relay:
+        app, cfg = sftp_daemon(appliance_factory, server, tmp_path / "edge", relay.port,
+                               retry_min_s=0.5, retry_max_s=2)
+        r = storescu(app.port, files)
+        assert r.returncode == 0, r.stderr
+        wait_for(lambda: list(drop.glob("*.bundle")), 120, "a bundle in the drop",
+                 detail=app.log_text)
+        assert relay.cuts == 1
+    deferred = [line for line in app.log_text().splitlines() if '"bundle.deferred"' in line]
+    assert len(deferred) == 1 and "failed while uploading" in deferred[0], app.log_text()
+    assert delivered_instances(drop, cfg) == len(files)
     assert not list(drop.glob("*.part"))
