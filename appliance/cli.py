@@ -292,9 +292,11 @@ def _check_files(cfg: config.Config) -> list[tuple[str, str]]:
                        (f"{key}.key", _private_key_file, tls.key),
                        (f"{key}.ca", _regular_file, tls.ca)]
     for i, d in enumerate(cfg.destinations):
-        if d.transport == "sftp" and d.key and d.known_hosts:
-            checks += [(f"destinations[{i}].key", _private_key_file, d.key),
-                       (f"destinations[{i}].known_hosts", _regular_file, d.known_hosts)]
+        if d.transport == "sftp" and d.key:
+            checks.append((f"destinations[{i}].key", _private_key_file, d.key))
+        if d.transport == "sftp" and d.known_hosts and d.host and d.port:
+            checks.append((f"destinations[{i}].known_hosts", _known_hosts_for(d.host, d.port),
+                           d.known_hosts))
         if d.transport == "directory" and d.path:
             checks.append((f"destinations[{i}].path", _directory_or_absent, d.path))
     checks.append(("appliance.state_dir", _directory_or_absent, cfg.appliance.state_dir))
@@ -317,6 +319,22 @@ class _FileProblem(Exception):
 def _regular_file(p: Path) -> None:
     if not p.is_file():
         raise _FileProblem(f"{p} does not exist or is not a file")
+
+
+def _known_hosts_for(host: str, port: int) -> Callable[[Path], None]:
+    """A known_hosts file that pins a key for this server (else every send is refused)."""
+    def check(p: Path) -> None:
+        from appliance.forward import Permanent, sftp  # noqa: PLC0415 - paramiko only when used
+
+        _regular_file(p)
+        try:
+            keys = sftp.pinned_keys(p, host, port)
+        except Permanent as e:
+            raise _FileProblem(str(e)) from None
+        if not keys:
+            raise _FileProblem(f"{p} has no key for {sftp.host_key_name(host, port)} (for a port"
+                               " other than 22 a line starts with [host]:port)")
+    return check
 
 
 def _private_key_file(p: Path) -> None:

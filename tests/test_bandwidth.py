@@ -17,7 +17,9 @@ from appliance.forward import Plan, Transport, bandwidth
 from appliance.forward.bandwidth import Cap
 from appliance.forward.dicom import DicomTransport
 from appliance.forward.directory import DirectoryTransport
+from appliance.forward.sftp import SftpTransport
 from tests.orthanc import Orthanc
+from tests.sshd import Sshd
 from tests.test_transport_contract import CT, KEY, make_bundle
 
 
@@ -126,7 +128,7 @@ def test_lanes_share_one_cap() -> None:
 
 
 @pytest.mark.peers
-@pytest.mark.parametrize("kind", ["directory", "dicom"])
+@pytest.mark.parametrize("kind", ["directory", "dicom", "sftp"])
 def test_a_capped_destination_gets_no_more_than_its_cap(kind: str, tmp_path: Path) -> None:
     """8 CT slices (4.2 MB) to a destination capped at 16 Mbit/s take at least the time the
     cap allows (less the burst allowance); the same uncapped take far less (the control)."""
@@ -157,6 +159,10 @@ def _transport(kind: str, root: Path, kbit: float) -> Iterator[Transport]:
     if kind == "directory":
         (root / "nas").mkdir()
         yield DirectoryTransport("nas", root / "nas", KEY, Cap(kbit))
+        return
+    if kind == "sftp":
+        with Sshd(root / "sshd") as server:
+            yield SftpTransport(server.destination(max_kbit_s=kbit), KEY)
         return
     with Orthanc(root / "orthanc") as pacs:
         t = DicomTransport(Destination(name="pacs", transport="dicom", host="127.0.0.1",

@@ -126,7 +126,7 @@ def test_config_check_prints_effective_values(tmp_path: Path, site: dict[str, An
 
 
 def test_config_check_never_prints_a_secret(tmp_path: Path, site: dict[str, Any]) -> None:
-    # (secrets elided in printed values: test_config.py; sftp itself is not available yet)
+    # (secrets elided in printed values: test_config.py)
     assert cli("keys", "init", "--config", write_config(tmp_path, site)).returncode == 0
     add_sftp(tmp_path, site, "correct-horse-battery")
     path = write_config(tmp_path, site)
@@ -601,15 +601,53 @@ def test_state_dir_too_long_for_the_status_socket(tmp_path: Path) -> None:
     assert "Traceback" not in r.stderr
 
 
-def test_sftp_destination_is_reported_as_not_available_at_once(tmp_path: Path) -> None:
-    """Not only after the technician has filled in every sftp key."""
+def test_sftp_destination_is_asked_for_its_keys(tmp_path: Path) -> None:
+    """sftp is available: a block naming it is asked for its required keys."""
     cfg = base_config(tmp_path, 11112)
     cfg["destinations"] = [{"name": "center", "transport": "sftp"}]
     r = cli("config", "check", "--config", write_config(tmp_path, cfg))
     assert r.returncode == EX_CONFIG
+    assert [line.split(": ", 3)[2] for line in r.stderr.splitlines()] == [
+        "destinations[0].host", "destinations[0].user", "destinations[0].key",
+        "destinations[0].known_hosts"]
+
+
+def sftp_site(root: Path, site: dict[str, Any], known_hosts_line: str) -> str:
+    """The site config with an sftp destination on port 2222, its key made by ssh-keygen
+    and a known_hosts file holding `known_hosts_line`; keys initialised."""
+    key, known = root / "keys" / "sftp_ed25519", root / "keys" / "known_hosts"
+    key.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True,
+                   capture_output=True, timeout=60)
+    known.write_text(known_hosts_line)
+    site["destinations"] = [{"name": "center", "transport": "sftp", "host": "upload.example",
+                             "port": 2222, "user": "edge", "key": str(key), "known_hosts": str(known)}]
+    path = write_config(root, site)
+    cli("keys", "init", "--config", path, check=True)
+    return path
+
+
+def test_config_check_accepts_a_known_hosts_file_that_pins_the_server(tmp_path: Path,
+                                                                      site: dict[str, Any]) -> None:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "host")],
+                   check=True, capture_output=True, timeout=60)
+    kind, blob = (tmp_path / "host.pub").read_text().split()[:2]
+    line = f"[upload.example]:2222 {kind} {blob}\n"
+    r = cli("config", "check", "--config", sftp_site(tmp_path, site, line))
+    assert r.returncode == 0, r.stderr
+
+
+def test_config_check_refuses_a_known_hosts_file_without_the_server(tmp_path: Path,
+                                                                    site: dict[str, Any]) -> None:
+    """The line is for port 22; the destination's port is 2222."""
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "host")],
+                   check=True, capture_output=True, timeout=60)
+    kind, blob = (tmp_path / "host.pub").read_text().split()[:2]
+    r = cli("config", "check", "--config", sftp_site(tmp_path, site, f"upload.example {kind} {blob}\n"))
+    assert r.returncode == EX_CONFIG
     assert [line.split(": ", 3)[2:] for line in r.stderr.splitlines()] == [
-        ["destinations[0].transport", "sftp is not available in this version of the appliance;"
-                                      " use dicom or directory"]]
+        ["destinations[0].known_hosts", f"{tmp_path / 'keys' / 'known_hosts'} has no key for"
+         " [upload.example]:2222 (for a port other than 22 a line starts with [host]:port)"]]
 
 
 # --- the README says what the commands show ---------------------------------------------

@@ -66,13 +66,6 @@ SFTP = {"name": "drop", "transport": "sftp", "host": "upload.example", "user": "
 DIRECTORY = {"name": "outbox", "transport": "directory", "path": "/srv/outbox"}
 
 
-@pytest.fixture
-def sftp_available(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Parse sftp blocks as they will be once the transport exists (today they are refused
-    at once: test_sftp_is_refused_at_once_without_asking_for_its_keys)."""
-    monkeypatch.setattr(config, "UNAVAILABLE_TRANSPORTS", {})
-
-
 # --- defaults -------------------------------------------------------------------------
 
 
@@ -108,7 +101,7 @@ def test_receive_tls_defaults() -> None:
                                                 Path("/t/ca.pem"), None, True)
 
 
-def test_destination_transport_defaults(sftp_available: None) -> None:
+def test_destination_transport_defaults() -> None:
     cfg = parse(with_(destinations=[{**DICOM}, SFTP, DIRECTORY]))
     dicom, sftp, directory = cfg.destinations
     assert (dicom.port, dicom.timeout_s, dicom.tls, dicom.calling_ae_title) == (104, 30.0, None, None)
@@ -332,16 +325,38 @@ def test_dicom_with_tls_parses() -> None:
                                      Path("/etc/appliance/ca.pem"))
 
 
-@pytest.mark.parametrize("missing", ["host", "user", "key", "known_hosts"])
-def test_sftp_required_keys(missing: str, sftp_available: None) -> None:
+@pytest.mark.parametrize("missing", ["host", "user", "key"])
+def test_sftp_required_keys(missing: str) -> None:
     dest = {k: v for k, v in SFTP.items() if k != missing}
     assert one_problem(with_(destinations=[dest])) == f"{MAIN}: destinations[0].{missing}: is required"
 
 
-def test_sftp_is_refused_at_once_without_asking_for_its_keys() -> None:
-    p = one_problem(with_(destinations=[{"name": "drop", "transport": "sftp"}]))
-    assert p == (f"{MAIN}: destinations[0].transport: sftp is not available in this version of"
-                 " the appliance; use dicom or directory")
+FINGERPRINT = "SHA256:qTcQuS4Cz2A9ysJQjGEoDbc6Hw9XC1frtYLLvetAV/Y"
+
+
+def test_sftp_host_key_may_be_pinned_by_fingerprint() -> None:
+    dest = {k: v for k, v in SFTP.items() if k != "known_hosts"}
+    d = parse(with_(destinations=[{**dest, "host_key_sha256": FINGERPRINT}])).destinations[0]
+    assert (d.host_key_sha256, d.known_hosts) == (FINGERPRINT, None)
+
+
+def test_sftp_without_a_host_key_pin_is_refused() -> None:
+    dest = {k: v for k, v in SFTP.items() if k != "known_hosts"}
+    assert one_problem(with_(destinations=[dest])) == (
+        f"{MAIN}: destinations[0].known_hosts: or host_key_sha256 is required (the server's host key)")
+
+
+def test_sftp_with_two_host_key_pins_is_refused() -> None:
+    p = one_problem(with_(destinations=[{**SFTP, "host_key_sha256": FINGERPRINT}]))
+    assert p == f"{MAIN}: destinations[0].host_key_sha256: and known_hosts are both set: choose one"
+
+
+@pytest.mark.parametrize("bad", ["qTcQuS4Cz2A9ysJQjGEoDbc6Hw9XC1frtYLLvetAV/Y", "SHA256:short",
+                                 "MD5:16:27:ac:a5:76:28:2d:36:63:1b:56:4d:eb:df:a6:48"])
+def test_sftp_host_key_sha256_must_be_a_sha256_fingerprint(bad: str) -> None:
+    dest = {k: v for k, v in SFTP.items() if k != "known_hosts"}
+    p = one_problem(with_(destinations=[{**dest, "host_key_sha256": bad}]))
+    assert p.startswith(f"{MAIN}: destinations[0].host_key_sha256: must be SHA256: and 43 base64")
 
 
 def test_dicom_required_keys() -> None:
@@ -426,14 +441,14 @@ def test_problem_messages_quote_config_values_only() -> None:
 # --- effective config -----------------------------------------------------------------
 
 
-def test_effective_elides_secrets(sftp_available: None) -> None:
+def test_effective_elides_secrets() -> None:
     cfg = parse(with_(destinations=[{**SFTP, "key_passphrase": "hunter2"}]))
     eff = config.effective(cfg)
     assert eff["destinations"][0]["key_passphrase"] == config.ELIDED
     assert "hunter2" not in json.dumps(eff)
 
 
-def test_effective_shows_only_the_fields_of_each_transport(sftp_available: None) -> None:
+def test_effective_shows_only_the_fields_of_each_transport() -> None:
     eff = config.effective(parse(with_(destinations=[DIRECTORY, DICOM, SFTP])))
     directory, dicom, sftp = eff["destinations"]
     common = {"name", "transport", "max_kbit_s"}  # and cap_hours, when set
@@ -734,7 +749,7 @@ def test_example_parses(tmp_path: Path) -> None:
     main = tmp_path / "appliance.toml"
     shutil.copy(EXAMPLE, main)
     cfg = config.load(main)
-    assert [d.transport for d in cfg.destinations] == ["dicom", "directory"]  # sftp: commented out
+    assert [d.transport for d in cfg.destinations] == ["dicom", "directory"]  # sftp: shown commented out
     assert cfg.receive.accept_any_caller is False and cfg.receive.callers
 
 
@@ -790,7 +805,7 @@ def config_keys() -> dict[str, Any]:
 
 
 _HEADER = re.compile(r"^#?\s*\[\[?\s*([a-z_.]+)\s*\]\]?\s*$")
-_KEY = re.compile(r"^#?\s*([a-z_]+)\s*=")
+_KEY = re.compile(r"^#?\s*([a-z_][a-z0-9_]*)\s*=")
 
 
 def example_keys() -> dict[str, int]:

@@ -1,11 +1,12 @@
-"""One conformance suite for every transport: the fake, the directory, the dicom (Orthanc).
+"""One conformance suite for every transport: the fake, the directory, the dicom (Orthanc),
+the sftp (OpenSSH sshd).
 
 The contract is in appliance/forward/__init__.py: deliver and report each instance the
 destination now holds; a missing bundle is Permanent; a bundle that fails authentication
 is Unreadable; an unreachable destination is Retryable and blames no instance; a cancelled
 attempt stops with Retryable; `skip` and `only` are honoured by transports that deliver
-instance by instance (a folder takes a bundle whole, so the directory transport ignores
-them, as its docstring says).
+instance by instance (a folder or an SFTP drop takes a bundle whole, so the directory and
+sftp transports ignore them, as their docstrings say).
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ from appliance.core.config import Destination
 from appliance.forward import Permanent, Plan, Retryable, Transport, Unreadable
 from appliance.forward.dicom import DicomTransport
 from appliance.forward.directory import DirectoryTransport
+from appliance.forward.sftp import SftpTransport
 from tests.fake_transport import FakeDestination, FakeTransport
 from tests.orthanc import Orthanc
 from tests.peers import SAMPLES, free_port
+from tests.sshd import Sshd
 
 KEY = X25519PrivateKey.generate()
 CT = SAMPLES / "series" / "CT_Philips_Ingenuity_phantom_28sl"
@@ -71,7 +74,7 @@ class Kind:
     unreachable: Transport
 
 
-@pytest.fixture(params=["fake", "directory", "dicom"])
+@pytest.fixture(params=["fake", "directory", "dicom", "sftp"])
 def kind(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Kind]:
     with _kind(request.param, tmp_path) as k:
         yield k
@@ -101,6 +104,12 @@ def _kind(name: str, tmp_path: Path) -> Iterator[Kind]:
             return len(uids) if list(folder.glob("*.bundle")) else 0
         yield Kind(DirectoryTransport("nas", folder, KEY), held,
                    DirectoryTransport("gone", tmp_path / "not-mounted", KEY))
+    elif name == "sftp":
+        with Sshd(tmp_path / "sshd") as server:
+            def in_drop(uids: list[str]) -> int:
+                return len(uids) if list(server.drop.glob("*.bundle")) else 0
+            yield Kind(SftpTransport(server.destination(), KEY), in_drop,
+                       SftpTransport(server.destination(port=free_port(), timeout_s=5.0), KEY))
     else:
         with Orthanc(tmp_path / "orthanc") as pacs:
             def dest(port: int) -> Destination:

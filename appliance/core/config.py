@@ -151,6 +151,7 @@ class Destination:
     key: Path | None = None
     key_passphrase: str | None = field(default=None, metadata=SECRET)
     known_hosts: Path | None = None
+    host_key_sha256: str | None = None  # "SHA256:<base64>": the other way to pin the host key
     remote_dir: str | None = None
     # any transport
     max_kbit_s: float = 0.0  # bandwidth cap, all lanes together; 0 = none
@@ -228,16 +229,14 @@ TRANSPORT_KEYS: dict[str, tuple[str, ...]] = {
     "dicom": ("host", "port", "ae_title", "calling_ae_title", "tls", "plaintext",
               "storage_commitment", "commitment_port", "commitment_bind", "commitment_timeout_s",
               "timeout_s"),
-    "sftp": ("host", "port", "user", "key", "key_passphrase", "known_hosts", "remote_dir",
-             "timeout_s"),
+    "sftp": ("host", "port", "user", "key", "key_passphrase", "known_hosts", "host_key_sha256",
+             "remote_dir", "timeout_s"),
 }
 
 # Transports whose keys are parsed (above) but that this version cannot send with yet,
 # and what `config check` and `run` say at once when a destination names one, rather
-# than first asking for every key of it.
-UNAVAILABLE_TRANSPORTS: dict[str, str] = {
-    "sftp": "sftp is not available in this version of the appliance; use dicom or directory",
-}
+# than first asking for every key of it. (None today.)
+UNAVAILABLE_TRANSPORTS: dict[str, str] = {}
 
 
 # --- parsing --------------------------------------------------------------------------
@@ -646,21 +645,34 @@ def _dicom_keys(t: _Table) -> dict[str, Any]:
 
 
 def _sftp_keys(t: _Table) -> dict[str, Any]:
-    return {
+    kw = {
         "host": t.string("host", max_len=253),
         "port": t.integer("port", 22, 1, 65535),
         "user": t.string("user", max_len=64),
         "key": t.path("key"),
         "key_passphrase": t.string("key_passphrase", None),
-        # Required: without the server's host key the appliance cannot tell the reading
-        # center from a machine in the middle.
-        "known_hosts": t.path("known_hosts"),
+        "known_hosts": t.path("known_hosts", None),
+        "host_key_sha256": t.string("host_key_sha256", None, max_len=100, pattern=_SHA256_FP_RE,
+                                    hint="must be SHA256: and 43 base64 characters, as"
+                                         " `ssh-keygen -lf` prints it"),
         "remote_dir": t.string("remote_dir", "."),
         "timeout_s": t.number("timeout_s", 30.0, 1, 3600),
     }
+    # Exactly one host-key pin: without it the appliance cannot tell the reading center
+    # from a machine in the middle; with two, which one counts would be a guess.
+    pins = [k for k in ("known_hosts", "host_key_sha256") if t.has(k)]
+    if not pins:
+        t.ctx.problem(t.key("known_hosts"), "or host_key_sha256 is required (the server's host key)")
+        kw["known_hosts"] = None
+    elif len(pins) == 2:
+        t.ctx.problem(t.key("host_key_sha256"), "and known_hosts are both set: choose one")
+    return kw
 
 
-_OPTIONAL_DEST = ("calling_ae_title", "key_passphrase", "tls", "commitment_port", "cap_hours")
+_SHA256_FP_RE = re.compile(r"^SHA256:[A-Za-z0-9+/]{43}$")
+# Keys that may be None in a valid Destination (sftp: the host-key pin not chosen).
+_OPTIONAL_DEST = ("calling_ae_title", "key_passphrase", "tls", "commitment_port", "cap_hours",
+                  "known_hosts", "host_key_sha256")
 
 
 def _check_cap_hours(key: str, v: Any) -> str:
