@@ -21,6 +21,7 @@ from appliance.forward import Transport
 FACTORIES: dict[str, str] = {
     "directory": "appliance.forward.directory:build",
     "dicom": "appliance.forward.dicom:build",
+    "dicomweb": "appliance.forward.dicomweb:build",
 }
 
 
