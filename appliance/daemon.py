@@ -183,7 +183,8 @@ class Daemon:
         self.forwarder = forwarder = Forwarder(queue, transports, cfg.queue,
                                                beat=self.stages["forward"].beat)
         self.receiver = receiver = Receiver(cfg.receive, spool, self.stats, stage=self.stages["receive"],
-                                            on_stored=lambda seg: self.wake_pack.set())
+                                            on_stored=lambda seg: self.wake_pack.set(),
+                                            rules=cfg.rules)
         status = ControlServer(cfg.control_socket, self._control_handlers())
         self._install_signals()
         try:
