@@ -70,7 +70,9 @@ Timeouts and cancel: connect, each write and each read are bounded by `timeout_s
 (the response must begin within `timeout_s` of the last byte sent: raise it for a server
 that stores a large request slowly). A watcher thread looks at `plan.cancelled` every
 0.25 s and shuts the socket down, so a blocked connect, write or read ends at once:
-`Retryable`. The response body is read only up to 64 KiB + 8 KiB per instance (16 MiB
+`Retryable`. Each piece written waits first for the destination's bandwidth cap
+(`max_kbit_s`, `cap_hours`: `forward.bandwidth`, one per transport, shared by its
+lanes). The response body is read only up to 64 KiB + 8 KiB per instance (16 MiB
 at most), checked against Content-Length first; a longer one is ignored.
 
 `probe()`: QIDO-RS `GET {url}/studies?limit=1` within `timeout_s`; the server answers

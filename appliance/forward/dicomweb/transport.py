@@ -20,7 +20,7 @@ import structlog
 from appliance.bundle.format import InstanceStream, ManifestEntry, PrivateKey, VerifiedBundle
 from appliance.core.config import Destination
 from appliance.core.errors import ConfigError, IntegrityError
-from appliance.forward import Permanent, Plan, Retryable, TransportError, Unreadable
+from appliance.forward import Permanent, Plan, Retryable, TransportError, Unreadable, bandwidth
 from appliance.forward.dicom.tls import err_text
 from appliance.forward.dicomweb import stow
 from appliance.forward.dicomweb.stow import Reply
@@ -89,6 +89,7 @@ class DicomWebTransport:
         self.timeout = float(dest.timeout_s)
         self.limit = dest.max_request_mb << 20  # lowered when the server answers 413
         self._limit_lock = threading.Lock()
+        self.cap = bandwidth.for_destination(dest)  # shared by every lane sending here
         if not self.https:
             if not dest.plaintext:
                 raise ConfigError([f"destination {dest.name}: https is required unless plaintext = true"])
@@ -250,7 +251,7 @@ class _Attempt:
         cap = response_cap(len(req))
         self.outcome.requests += 1
         with Exchange(self.t.host, self.t.port, self.t.timeout, self.ssl_context,
-                      self.plan.cancelled) as x:
+                      self.plan.cancelled, self.t.cap) as x:
             x.check_cancelled()
             x.open()
             x.conn.putrequest("POST", self.t.path, skip_accept_encoding=True)

@@ -1,7 +1,8 @@
 """One HTTP exchange of the dicomweb transport: a connection of its own (TCP, then TLS),
 a request whose body is written piece by piece, the response read under a cap, and a
 watcher thread that shuts the socket down when the attempt is cancelled, so that a
-blocked connect, send or receive returns within half a second. Every failure becomes
+blocked connect, send or receive returns within half a second. Writes wait for the
+destination's bandwidth cap (`forward.bandwidth`) first. Every failure becomes
 `Retryable` or `Permanent` with a reason for the operator (no URL path, no body).
 """
 
@@ -21,6 +22,7 @@ from types import TracebackType
 from typing import Any
 
 from appliance.forward import Permanent, Retryable
+from appliance.forward.bandwidth import Cap
 from appliance.forward.dicom.tls import classify_tls_error, err_text
 
 WATCH_S = 0.25  # how often the watcher looks at the attempt's cancel event
@@ -42,8 +44,9 @@ class Exchange:
     """One request/response; use as a context manager (closes the socket, stops the watcher)."""
 
     def __init__(self, host: str, port: int, timeout: float, ssl_context: ssl.SSLContext | None,
-                 cancelled: threading.Event) -> None:
+                 cancelled: threading.Event, cap: Cap | None = None) -> None:
         self.host, self.port, self.timeout = host, port, timeout
+        self._cap = cap
         self._ssl = ssl_context
         self._cancelled = cancelled
         self._lock = threading.Lock()
@@ -143,6 +146,9 @@ class Exchange:
     # --- request and response ---
 
     def send(self, data: bytes, where: str) -> None:
+        """Write `data` (after waiting for the destination's bandwidth cap, if any)."""
+        if self._cap is not None:
+            self._cap.take(len(data), self._cancelled)
         self.check_cancelled()
         try:
             self.conn.send(data)
