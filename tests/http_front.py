@@ -46,6 +46,7 @@ class Front:
     max_body: int | None = None  # a larger body is read, then answered 413
     fail: tuple[int, dict[str, str]] | None = None  # answer every POST with this
     stall: threading.Event | None = None  # do not read the request until this is set
+    early: int | None = None  # answer a POST with this status before reading its body
     tls: tuple[Path, Path, Path] | None = None  # (cert, key, CA of the client certificates)
     seen: list[Seen] = field(default_factory=list)
 
@@ -64,6 +65,9 @@ class Front:
             def do_POST(self) -> None:  # noqa: N802
                 if front.stall is not None:
                     front.stall.wait(60)
+                if front.early is not None:
+                    front.seen.append(Seen("POST", self.path, None, self.headers.get("Content-Type"), 0, 0))
+                    return _answer(self, front.early, {}, b"")
                 length = int(self.headers.get("Content-Length") or 0)
                 assert length <= MAX_BODY
                 body = self.rfile.read(length)

@@ -27,8 +27,11 @@ from appliance.core.errors import ConfigError
 from appliance.forward import Permanent, Plan, Retryable, Unreadable, policy
 from appliance.forward.dicomweb import DicomWebTransport, stow
 from appliance.forward.dicomweb.stow import Reply
+from tests.e2e_support import CODEC_SYNTAX, appliance_config, compare_instance, queue_db, settled
 from tests.http_front import Front
 from tests.orthanc import Orthanc
+from tests.peers import SAMPLES, free_port, wait_for
+from tests.spoolcheck import finish_storescu, popen_storescu
 from tests.test_forward_dicom import (
     KEY,
     PKI,
@@ -274,7 +277,6 @@ def test_a_bundle_altered_during_the_send_cuts_the_request_short(tmp_path: Path,
 
 @pytest.mark.peers
 def test_the_server_down_is_retryable_and_blames_no_instance(tmp_path: Path) -> None:
-    from tests.peers import free_port
     bundle = make_bundle(tmp_path / "b.bundle", ct_slices(2))
     t0 = time.monotonic()
     with pytest.raises(Retryable, match="cannot connect to the server") as e:
@@ -330,6 +332,18 @@ def test_a_refused_token_is_permanent_and_never_echoed(tmp_path: Path, web_pacs:
             t.send("b-1", bundle, Progress())
         assert t.probe() is False
     assert e.value.instances == () and "old-token" not in str(e.value)
+
+
+@pytest.mark.peers
+def test_an_answer_given_before_the_body_was_read_is_used(tmp_path: Path, web_pacs: Orthanc) -> None:
+    """A server (or proxy) that answers 401 from the headers and closes while 10 MB are
+    still being written: the transport reads that answer instead of reporting a reset."""
+    bundle = make_bundle(tmp_path / "b.bundle", ct_slices(20))
+    with Front(web_pacs.url, early=401) as front:
+        t = DicomWebTransport(web_destination(front.url + "/dicom-web"), KEY)
+        with pytest.raises(Permanent, match="HTTP 401 .*set token_file") as e:
+            t.send("b-1", bundle, Progress())
+    assert e.value.instances == () and web_pacs.count() == 0
 
 
 def test_a_token_file_that_is_not_a_token_is_a_config_error(tmp_path: Path) -> None:
@@ -421,3 +435,28 @@ def test_a_client_certificate_the_server_does_not_trust_is_permanent(tmp_path: P
         with pytest.raises(Permanent, match="rejected this appliance's TLS client certificate") as e:
             t.send("b-1", bundle, Progress())
     assert e.value.instances == () and web_pacs.count() == 0
+
+
+# --- the real daemon ----------------------------------------------------------------------------
+
+
+@pytest.mark.peers
+def test_the_daemon_delivers_a_series_by_stow_rs(appliance_factory: Any, web_pacs: Orthanc,
+                                                 tmp_path: Path) -> None:
+    """`appliance run` with a dicomweb destination: a series sent by storescu is packed
+    (JPEG 2000 lossless), sent by STOW-RS, and Orthanc holds every instance unchanged."""
+    files = sorted((SAMPLES / "series" / "MR_Philips_abdomen_11sl").iterdir())
+    root = tmp_path / "app"
+    dest = {"name": "web", "transport": "dicomweb", "url": web_pacs.dicomweb_url, "plaintext": True,
+            "timeout_s": 10}
+    app = appliance_factory(appliance_config(root, free_port(), dest), root=root)
+    run = finish_storescu(popen_storescu(app.port, files, tmp_path / "s.log"), files, tmp_path / "s.log")
+    assert len(run.acked) == len(files), run.stderr[-2000:]
+    wait_for(lambda: settled(app.state_dir), 120, "delivery by STOW-RS",
+             detail=lambda: str(queue_db(app.state_dir)))
+    assert web_pacs.count() == len(files)
+    for f in files:
+        oid = web_pacs.find_instance(uid_of(f.read_bytes()))
+        assert oid is not None
+        cmp, category = compare_instance(f, web_pacs.instance_file(oid), CODEC_SYNTAX["jpeg2000"])
+        assert cmp.problems == [] and category == "compressed", (f.name, cmp.problems)
