@@ -30,7 +30,7 @@ from appliance.forward.dicomweb.stow import Reply
 from tests.e2e_support import CODEC_SYNTAX, appliance_config, compare_instance, queue_db, settled
 from tests.http_front import Front
 from tests.orthanc import Orthanc
-from tests.peers import SAMPLES, free_port, wait_for
+from tests.peers import SAMPLES, base_config, cli, free_port, to_toml, wait_for
 from tests.spoolcheck import finish_storescu, popen_storescu
 from tests.test_forward_dicom import (
     KEY,
@@ -155,6 +155,22 @@ def test_config_errors_name_the_key(tmp_path: Path, dest: dict[str, Any], messag
     with pytest.raises(ConfigError) as e:
         _parse(tmp_path, dest)
     assert any(message in p for p in e.value.problems), e.value.problems
+
+
+def test_config_check_refuses_a_token_file_others_can_read(tmp_path: Path) -> None:
+    cfg = base_config(tmp_path, 11112)
+    token = tmp_path / "web.token"
+    token.write_text("a-token")
+    token.chmod(0o640)
+    cfg["destinations"] = [{"name": "web", "transport": "dicomweb", "url": "https://pacs.example/dw",
+                            "token_file": str(token)}]
+    path = tmp_path / "appliance.toml"
+    path.write_text(to_toml(cfg))
+    cli("keys", "init", "--config", str(path), check=True)
+    r = cli("config", "check", "--config", str(path))
+    assert r.returncode != 0
+    assert "destinations[0].token_file" in r.stderr and "chmod 600" in r.stderr
+    assert "a-token" not in r.stderr + r.stdout
 
 
 # --- real sends: helpers ---------------------------------------------------------------------
@@ -312,6 +328,7 @@ def test_a_413_makes_the_requests_smaller(tmp_path: Path, web_pacs: Orthanc) -> 
 def test_a_bearer_token_is_sent_from_its_file(tmp_path: Path, web_pacs: Orthanc) -> None:
     token = tmp_path / "token"
     token.write_text("s3cr3t-T0ken.value\n")
+    token.chmod(0o600)
     bundle = make_bundle(tmp_path / "b.bundle", ct_slices(2))
     with Front(web_pacs.url, token="s3cr3t-T0ken.value") as front:  # noqa: S106 - a test token
         t = DicomWebTransport(web_destination(front.url + "/dicom-web", token_file=token), KEY)
@@ -325,6 +342,7 @@ def test_a_bearer_token_is_sent_from_its_file(tmp_path: Path, web_pacs: Orthanc)
 def test_a_refused_token_is_permanent_and_never_echoed(tmp_path: Path, web_pacs: Orthanc) -> None:
     token = tmp_path / "token"
     token.write_text("old-token")
+    token.chmod(0o600)
     bundle = make_bundle(tmp_path / "b.bundle", ct_slices(2))
     with Front(web_pacs.url, token="new-token") as front:  # noqa: S106 - a test token
         t = DicomWebTransport(web_destination(front.url + "/dicom-web", token_file=token), KEY)
@@ -349,9 +367,18 @@ def test_an_answer_given_before_the_body_was_read_is_used(tmp_path: Path, web_pa
 def test_a_token_file_that_is_not_a_token_is_a_config_error(tmp_path: Path) -> None:
     token = tmp_path / "token"
     token.write_text("two words")
+    token.chmod(0o600)
     with pytest.raises(ConfigError, match="does not hold one token") as e:
         DicomWebTransport(web_destination("http://127.0.0.1:1/dw", token_file=token), KEY)
     assert "two words" not in str(e.value)
+
+
+def test_a_token_file_others_can_read_is_refused(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("a-token")
+    token.chmod(0o644)
+    with pytest.raises(ConfigError, match="accessible by group or others .* chmod 600"):
+        DicomWebTransport(web_destination("http://127.0.0.1:1/dw", token_file=token), KEY)
 
 
 @pytest.mark.peers

@@ -18,8 +18,9 @@ from pathlib import Path
 import structlog
 
 from appliance.bundle.format import InstanceStream, ManifestEntry, PrivateKey, VerifiedBundle
+from appliance.core import crypto
 from appliance.core.config import Destination
-from appliance.core.errors import ConfigError, IntegrityError
+from appliance.core.errors import ConfigError, IntegrityError, KeyFileError
 from appliance.forward import Permanent, Plan, Retryable, TransportError, Unreadable, bandwidth
 from appliance.forward.dicom.tls import err_text
 from appliance.forward.dicomweb import stow
@@ -133,6 +134,10 @@ class DicomWebTransport:
         path = self.dest.token_file
         if path is None:
             return None
+        try:
+            crypto.check_private_key_file(path)  # a secret: 0600 and ours, like a key
+        except KeyFileError as e:
+            raise Retryable(f"bearer token file: {e}") from None
         try:
             with path.open("rb") as f:
                 raw = f.read(MAX_TOKEN + 1)
