@@ -172,6 +172,8 @@ class DicomWebTransport:
                 verified = VerifiedBundle(f, self.private_key)
             except IntegrityError as e:
                 raise Unreadable(f"bundle does not verify: {e}") from None
+            except OSError as e:  # a failing disk: the file may read later
+                raise Retryable(f"cannot read the bundle: {err_text(e)}") from None
             wanted = [e for e in verified.manifest.instances if plan.wants(e.index)]
             attempt = _Attempt(self, item_id, verified, progress, plan)
             try:
@@ -268,7 +270,7 @@ class _Attempt:
                 x.conn.endheaders()
                 for i, e in enumerate(req):
                     x.send(stow.part_head(boundary, i == 0), f"before instance {e.index}")
-                    self._send_instance(x, e, _stream_of(streams, e))
+                    self._send_instance(x, e, _stream_of(streams, e, x))
                 x.send(stow.closing(boundary), "at the end of the request")
             except Cancelled:
                 raise
@@ -371,9 +373,11 @@ class _Attempt:
 
 
 def _stream_of(streams: Iterator[tuple[ManifestEntry, InstanceStream]],
-               entry: ManifestEntry) -> InstanceStream:
-    """The stream of `entry`, passing over (and verifying) the instances before it."""
+               entry: ManifestEntry, x: Exchange) -> InstanceStream:
+    """The stream of `entry`, passing over (and verifying) the instances before it; a
+    cancel is looked at between them (passing over one takes ~1 s per GB)."""
     for got, stream in streams:
+        x.check_cancelled()
         if got.index == entry.index:
             return stream
     raise IntegrityError("bundle changed while it was being read")
