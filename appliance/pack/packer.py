@@ -193,8 +193,10 @@ class Packer:
     def __init__(self, cfg: Pack, spool: Spool, queue: Queue, recipients: Sequence[Any],
                  pool: CodecPool, receiving_burst: Callable[[], bool] = lambda: False,
                  beat: Callable[..., None] = lambda **_: None, *,
-                 max_instance_bytes: int = Receive.max_instance_mb << 20) -> None:
+                 max_instance_bytes: int = Receive.max_instance_mb << 20,
+                 on_packed: Callable[[str], None] = lambda seg: None) -> None:
         self.cfg = cfg
+        self.on_packed = on_packed  # a bundle is ready: the forwarder may take it now
         # progress, for the stage supervisor (health/supervisor.py); beat(expect=s) before a
         # wait that may last s seconds
         self.beat = beat
@@ -311,6 +313,7 @@ class Packer:
         self.remove_packed(seg_id)
         log.info("segment.packed", segment=seg_id, instances=len(rows), bytes_in=seg.bytes,
                  bytes_out=size, seconds=round(time.monotonic() - t0, 3), **tally.stats)
+        self.on_packed(seg_id)
         self.beat()
 
     def _submit(self, rid: str, size: int) -> _Pending:
