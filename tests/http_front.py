@@ -45,6 +45,8 @@ class Front:
     token: str | None = None  # when set, anything but "Bearer <token>" gets 401
     max_body: int | None = None  # a larger body is read, then answered 413
     fail: tuple[int, dict[str, str]] | None = None  # answer every POST with this
+    fail_body: bytes = b""  # ... and this body
+    fail_count: int | None = None  # only the first this many POSTs (None: all)
     stall: threading.Event | None = None  # do not read the request until this is set
     early: int | None = None  # answer a POST with this status before reading its body
     tls: tuple[Path, Path, Path] | None = None  # (cert, key, CA of the client certificates)
@@ -102,8 +104,10 @@ class Front:
             return _answer(h, 401, {"WWW-Authenticate": "Bearer"}, b"")
         if self.max_body is not None and len(body) > self.max_body:
             return _answer(h, 413, {}, b"")
-        if self.fail is not None and h.command == "POST":
-            return _answer(h, self.fail[0], self.fail[1], b"")
+        posts = sum(s.method == "POST" for s in self.seen)
+        failing = self.fail_count is None or posts <= self.fail_count
+        if self.fail is not None and h.command == "POST" and failing:
+            return _answer(h, self.fail[0], self.fail[1], self.fail_body)
         u = urllib.parse.urlsplit(self.backend)
         conn = http.client.HTTPConnection(u.hostname or "127.0.0.1", u.port, timeout=60)
         try:

@@ -239,6 +239,19 @@ def test_a_study_is_delivered_with_identical_pixels_and_attributes(tmp_path: Pat
 
 
 @pytest.mark.peers
+def test_sending_a_bundle_again_is_harmless(tmp_path: Path, web_pacs: Orthanc) -> None:
+    """An attempt that failed after some requests is sent whole again: Orthanc answers
+    a second copy of an instance as stored, and keeps one."""
+    bundle = make_bundle(tmp_path / "b.bundle", ct_slices(3))
+    t = DicomWebTransport(web_destination(web_pacs.dicomweb_url), KEY)
+    for _ in range(2):
+        got: list[int] = []
+        t.send("b-1", bundle, Progress(), Plan(delivered=got.append))
+        assert sorted(got) == [0, 1, 2]
+    assert web_pacs.count() == 3
+
+
+@pytest.mark.peers
 def test_several_instances_go_per_request_up_to_max_request_mb(tmp_path: Path, web_pacs: Orthanc) -> None:
     instances = ct_slices(6)  # ~0.53 MB each: three per 2 MB request
     bundle = make_bundle(tmp_path / "b.bundle", instances)
@@ -309,6 +322,29 @@ def test_a_503_is_retryable_for_the_destination_and_quotes_retry_after(tmp_path:
           pytest.raises(Retryable, match="HTTP 503.*retry after 120 s") as e):
         DicomWebTransport(web_destination(front.url + "/dicom-web"), KEY).send("b-1", bundle, Progress())
     assert e.value.instances == () and web_pacs.count() == 0
+
+
+@pytest.mark.peers
+def test_a_409_naming_each_instance_parks_the_refused_syntax_and_retries_the_rest(
+        tmp_path: Path, web_pacs: Orthanc) -> None:
+    """A PACS that stores none of the request (409) and says why per instance: 0xC122
+    (transfer syntax not supported) is Permanent for that instance (parked), 0xA700 (out
+    of resources) only Retryable (sent again with the rest), and the instance it did not
+    name is asked about alone (then stored)."""
+    instances = ct_slices(3)
+    uids = [uid_of(x) for x in instances]
+    body = json.dumps({"00081198": {"vr": "SQ", "Value": [
+        _item(uids[1], "00081197", 0xC122), _item(uids[2], "00081197", 0xA700)]}}).encode()
+    bundle = make_bundle(tmp_path / "b.bundle", instances)
+    got: list[int] = []
+    refusing = Front(web_pacs.url, fail=(409, {"Content-Type": "application/dicom+json"}),
+                     fail_body=body, fail_count=1)
+    with refusing as front, pytest.raises(Permanent, match="instance 1 .*0xC122: the server does not "
+                                                           "accept this transfer syntax") as e:
+        DicomWebTransport(web_destination(front.url + "/dicom-web"), KEY).send(
+            "b-1", bundle, Progress(), Plan(delivered=got.append))
+    assert e.value.instances == (1,) and got == [0]
+    assert [s.parts for s in front.seen] == [3, 1] and web_pacs.count() == 1
 
 
 @pytest.mark.peers
