@@ -97,14 +97,14 @@ class DicomWebTransport:
             log.warning("dicomweb.plaintext", destination=dest.name,
                         detail="DICOMweb to this destination is not encrypted (plaintext = true)")
         try:
-            self._ssl_context()
-            self._token()
+            self.ssl_context()
+            self.token()
         except Retryable as e:
             raise ConfigError([f"destination {dest.name}: {e}"]) from None
 
     # --- credentials (read again for each attempt: renewed files need no restart) ---
 
-    def _ssl_context(self) -> ssl.SSLContext | None:
+    def ssl_context(self) -> ssl.SSLContext | None:
         if not self.https:
             return None
         tls = self.dest.tls
@@ -128,7 +128,7 @@ class DicomWebTransport:
         ctx.verify_mode = ssl.CERT_REQUIRED
         return ctx
 
-    def _token(self) -> str | None:
+    def token(self) -> str | None:
         """The bearer token from `token_file`; Retryable (a human fixes the file and the
         queue goes on by itself) when it cannot be read or is not a token. Never echoed."""
         path = self.dest.token_file
@@ -149,7 +149,7 @@ class DicomWebTransport:
                             f"{MAX_TOKEN} characters: letters, digits, -._~+/ and trailing =)")
         return token
 
-    def _headers(self, token: str | None) -> dict[str, str]:
+    def headers(self, token: str | None) -> dict[str, str]:
         h = {"Accept": stow.RESPONSE_TYPE, "Connection": "close", "User-Agent": "appliance"}
         if token is not None:
             h["Authorization"] = f"Bearer {token}"
@@ -196,11 +196,11 @@ class DicomWebTransport:
         """A QIDO-RS `GET {url}/studies?limit=1` within `timeout_s`: does the server answer
         (any HTTP answer but 5xx, 401, 403, 407)? Never raises."""
         try:
-            with Exchange(self.host, self.port, self.timeout, self._ssl_context(),
+            with Exchange(self.host, self.port, self.timeout, self.ssl_context(),
                           threading.Event()) as x:
                 x.open()
                 x.conn.putrequest("GET", f"{self.path}?limit=1", skip_accept_encoding=True)
-                for k, v in self._headers(self._token()).items():
+                for k, v in self.headers(self.token()).items():
                     x.conn.putheader(k, v)
                 x.conn.endheaders()
                 r = x.response(response_cap(1))
@@ -229,8 +229,8 @@ class _Attempt:
         self.progress = progress
         self.plan = plan
         self.outcome = _Outcome()
-        self.ssl_context = transport._ssl_context()
-        self.token = transport._token()
+        self.ssl_context = transport.ssl_context()
+        self.token = transport.token()
 
     def deliver(self, entries: list[ManifestEntry], most: int | None) -> None:
         """Send `entries` (manifest order) in requests of at most `most` instances and
@@ -264,7 +264,7 @@ class _Attempt:
             x.conn.putrequest("POST", self.t.path, skip_accept_encoding=True)
             x.conn.putheader("Content-Type", stow.content_type(boundary))
             x.conn.putheader("Content-Length", str(stow.body_length(sizes, boundary)))
-            for k, v in self.t._headers(self.token).items():
+            for k, v in self.t.headers(self.token).items():
                 x.conn.putheader(k, v)
             try:
                 x.conn.endheaders()
