@@ -6,11 +6,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DEV_CONFIG := config/appliance.dev.toml
-# Debian packages the tests talk to: the modality (dcmtk), the PACS (orthanc),
+# Debian packages the tests talk to: the modality (dcmtk), the PACS (orthanc, and its
+# DICOMweb plugin orthanc-dicomweb for the dicomweb transport),
 # the SFTP server (openssh-server), the WAN tools (iproute2, nftables), and what boots
 # the systemd unit in a Debian container (mmdebstrap, systemd-container for
 # systemd-nspawn; util-linux for nsenter/unshare).
-PEERS := dcmtk orthanc openssh-server iproute2 nftables mmdebstrap systemd-container util-linux
+PEERS := dcmtk orthanc orthanc-dicomweb openssh-server iproute2 nftables mmdebstrap systemd-container util-linux
 PYTEST_ARGS ?=
 
 .PHONY: run test test-boot peers venv bench bench-receive bench-pack lint clean
@@ -30,6 +31,7 @@ peers:
 	@missing=""; \
 	command -v storescu >/dev/null || missing="$$missing dcmtk"; \
 	command -v Orthanc >/dev/null || missing="$$missing orthanc"; \
+	dpkg -s orthanc-dicomweb >/dev/null 2>&1 || missing="$$missing orthanc-dicomweb"; \
 	test -x /usr/sbin/sshd || missing="$$missing openssh-server"; \
 	command -v ip >/dev/null || missing="$$missing iproute2"; \
 	command -v nft >/dev/null || missing="$$missing nftables"; \

@@ -299,6 +299,8 @@ def _check_files(cfg: config.Config) -> list[tuple[str, str]]:
                            d.known_hosts))
         if d.transport == "directory" and d.path:
             checks.append((f"destinations[{i}].path", _directory_or_absent, d.path))
+        if d.transport == "dicomweb" and d.token_file:
+            checks.append((f"destinations[{i}].token_file", _private_key_file, d.token_file))
     checks.append(("appliance.state_dir", _directory_or_absent, cfg.appliance.state_dir))
     out = []
     if len(bytes(cfg.control_socket)) > CONTROL_SOCKET_MAX:

@@ -11,6 +11,13 @@ ports. The REST API is only reachable from loopback (`RemoteAccessAllowed: false
 needs no credentials. No plugin is loaded unless `plugins=` names one (the Debian
 package's own config loads its plugins folder; ours does not use that config at all).
 
+DICOMweb: `dicomweb=True` loads the DICOMweb plugin (Debian package `orthanc-dicomweb`,
+found with `dpkg -L`, or ORTHANC_DICOMWEB_PLUGIN) and serves it at `dicomweb_url`
+(`{url}/dicom-web`). Not HTTPS: Orthanc 1.10.1 on Debian 12 serves HTTPS
+(`SslEnabled`) until the first request, which kills it (SIGSEGV in a civetweb worker,
+a null function pointer: its OpenSSL 3 binding); tests/http_front.py terminates TLS
+in front of it instead.
+
 Options checked against Orthanc 1.10.1 (`Orthanc --config=FILE` prints the defaults):
 `MaximumPduLength` (4096..131072, since 1.9.0), `SyncStorageArea` (fsync of each stored
 file, default true since 1.7.4), `DicomTls*` (since 1.9.0; `DicomTlsRemoteCertificateRequired`
@@ -53,6 +60,20 @@ class OrthancTLS:
     remote_certificate_required: bool = True
 
 
+def dicomweb_plugin() -> Path | None:
+    """The DICOMweb plugin's shared object, or None when the package is not installed."""
+    env = os.environ.get("ORTHANC_DICOMWEB_PLUGIN")
+    if env:
+        return Path(env)
+    try:
+        listing = subprocess.run(["dpkg", "-L", "orthanc-dicomweb"], capture_output=True, text=True,
+                                 timeout=30, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    found = sorted(Path(p) for p in listing.splitlines() if p.endswith(".so") and Path(p).exists())
+    return found[0] if found else None
+
+
 @dataclass(frozen=True)
 class Modality:
     """An entry of `DicomModalities` (a peer Orthanc may talk to, e.g. as C-STORE SCU)."""
@@ -80,7 +101,7 @@ class Orthanc:
 
     def __init__(self, root: Path, *, aet: str = "ORTHANC", modalities: dict[str, Modality] | None = None,
                  plugins: list[str | Path] | None = None, tls: OrthancTLS | None = None,
-                 max_pdu: int = 16384, sync_storage: bool = True,
+                 max_pdu: int = 16384, sync_storage: bool = True, dicomweb: bool = False,
                  extra: dict[str, Any] | None = None) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -123,6 +144,12 @@ class Orthanc:
                 "DicomTlsTrustedCertificates": str(tls.trusted),
                 "DicomTlsRemoteCertificateRequired": tls.remote_certificate_required,
             })
+        if dicomweb:
+            plugin = dicomweb_plugin()
+            if plugin is None:
+                raise OrthancError("the DICOMweb plugin is not installed: apt-get install orthanc-dicomweb")
+            self.config["Plugins"].append(str(plugin))
+            self.config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "EnableWado": False}
         self.config.update(extra or {})
         self.config_path = self.root / "orthanc.json"
         self.log_path = self.root / "orthanc.log"
@@ -133,6 +160,10 @@ class Orthanc:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        return f"{self.url}/dicom-web"
 
     @property
     def pid(self) -> int | None:

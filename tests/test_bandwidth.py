@@ -16,6 +16,7 @@ from appliance.core.errors import ConfigError
 from appliance.forward import Plan, Transport, bandwidth
 from appliance.forward.bandwidth import Cap
 from appliance.forward.dicom import DicomTransport
+from appliance.forward.dicomweb import DicomWebTransport
 from appliance.forward.directory import DirectoryTransport
 from appliance.forward.sftp import SftpTransport
 from tests.orthanc import Orthanc
@@ -128,7 +129,7 @@ def test_lanes_share_one_cap() -> None:
 
 
 @pytest.mark.peers
-@pytest.mark.parametrize("kind", ["directory", "dicom", "sftp"])
+@pytest.mark.parametrize("kind", ["directory", "dicom", "sftp", "dicomweb"])
 def test_a_capped_destination_gets_no_more_than_its_cap(kind: str, tmp_path: Path) -> None:
     """8 CT slices (4.2 MB) to a destination capped at 16 Mbit/s take at least the time the
     cap allows (less the burst allowance); the same uncapped take far less (the control)."""
@@ -136,7 +137,7 @@ def test_a_capped_destination_gets_no_more_than_its_cap(kind: str, tmp_path: Pat
 
     bundle, _ = make_bundle(tmp_path / "b.bundle", 8)
     slices = sum(p.stat().st_size for p in sorted(CT.iterdir())[:8])
-    wire = slices if kind == "dicom" else bundle.stat().st_size
+    wire = slices if kind in ("dicom", "dicomweb") else bundle.stat().st_size
     kbit = 16_000.0
     floor = wire * 8 / (kbit * 1000) - bandwidth.BURST_S
 
@@ -163,6 +164,11 @@ def _transport(kind: str, root: Path, kbit: float) -> Iterator[Transport]:
     if kind == "sftp":
         with Sshd(root / "sshd") as server:
             yield SftpTransport(server.destination(max_kbit_s=kbit), KEY)
+        return
+    if kind == "dicomweb":
+        with Orthanc(root / "orthanc", dicomweb=True) as pacs:
+            yield DicomWebTransport(Destination(name="web", transport="dicomweb", url=pacs.dicomweb_url,
+                                                plaintext=True, max_kbit_s=kbit), KEY)
         return
     with Orthanc(root / "orthanc") as pacs:
         t = DicomTransport(Destination(name="pacs", transport="dicom", host="127.0.0.1",

@@ -1,5 +1,5 @@
 """One conformance suite for every transport: the fake, the directory, the dicom (Orthanc),
-the sftp (OpenSSH sshd).
+the sftp (OpenSSH sshd), the dicomweb (Orthanc's DICOMweb plugin).
 
 The contract is in appliance/forward/__init__.py: deliver and report each instance the
 destination now holds; a missing bundle is Permanent; a bundle that fails authentication
@@ -28,6 +28,7 @@ from appliance.bundle.format import BundleWriter, InstanceInfo
 from appliance.core.config import Destination
 from appliance.forward import Permanent, Plan, Retryable, Transport, Unreadable
 from appliance.forward.dicom import DicomTransport
+from appliance.forward.dicomweb import DicomWebTransport
 from appliance.forward.directory import DirectoryTransport
 from appliance.forward.sftp import SftpTransport
 from tests.fake_transport import FakeDestination, FakeTransport
@@ -74,13 +75,13 @@ class Kind:
     unreachable: Transport
 
 
-@pytest.fixture(params=["fake", "directory", "dicom", "sftp"])
+@pytest.fixture(params=["fake", "directory", "dicom", "sftp", "dicomweb"])
 def kind(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Kind]:
     with _kind(request.param, tmp_path) as k:
         yield k
 
 
-@pytest.fixture(params=["fake", "dicom"])
+@pytest.fixture(params=["fake", "dicom", "dicomweb"])
 def partial_kind(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Kind]:
     """The transports that deliver instance by instance (a folder takes a bundle whole,
     so the directory transport ignores skip/only, as its docstring says)."""
@@ -110,6 +111,13 @@ def _kind(name: str, tmp_path: Path) -> Iterator[Kind]:
                 return len(uids) if list(server.drop.glob("*.bundle")) else 0
             yield Kind(SftpTransport(server.destination(), KEY), in_drop,
                        SftpTransport(server.destination(port=free_port(), timeout_s=5.0), KEY))
+    elif name == "dicomweb":
+        with Orthanc(tmp_path / "orthanc", dicomweb=True) as pacs:
+            def web(url: str) -> Destination:
+                return Destination(name="web", transport="dicomweb", url=url, plaintext=True, timeout_s=5.0)
+            yield Kind(DicomWebTransport(web(pacs.dicomweb_url), KEY),
+                       lambda uids: sum(pacs.find_instance(u) is not None for u in uids),
+                       DicomWebTransport(web(f"http://127.0.0.1:{free_port()}/dicom-web"), KEY))
     else:
         with Orthanc(tmp_path / "orthanc") as pacs:
             def dest(port: int) -> Destination:

@@ -26,6 +26,10 @@ def test_build_makes_a_transport_named_after_its_destination(tmp_path: Path) -> 
                                       ae_title="PACS", plaintext=True), ctx)
     assert made.name == "pacs"
     made.close()
+    made = registry.build(Destination(name="web", transport="dicomweb", url="http://127.0.0.1:8042/dicom-web",
+                                      plaintext=True), ctx)
+    assert made.name == "web"
+    made.close()
 
 
 def test_an_unknown_kind_is_a_lookup_error() -> None:

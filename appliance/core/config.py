@@ -27,6 +27,7 @@ import ipaddress
 import os
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,7 +131,7 @@ class TLSClient:
 @dataclass(frozen=True)
 class Destination:
     name: str
-    transport: str  # dicom | sftp | directory
+    transport: str  # dicom | dicomweb | sftp | directory
     # directory
     path: Path | None = None
     # dicom and sftp
@@ -153,6 +154,10 @@ class Destination:
     known_hosts: Path | None = None
     host_key_sha256: str | None = None  # "SHA256:<base64>": the other way to pin the host key
     remote_dir: str | None = None
+    # dicomweb (also tls, plaintext, timeout_s)
+    url: str | None = None  # the DICOMweb root: STOW-RS posts to {url}/studies
+    token_file: Path | None = None  # a bearer token, read at each attempt
+    max_request_mb: int = 64  # instances per STOW-RS request, up to this many MB
     # any transport
     max_kbit_s: float = 0.0  # bandwidth cap, all lanes together; 0 = none
     cap_hours: str | None = None  # "HH:MM-HH:MM" local time: cap only then; None = always
@@ -231,6 +236,7 @@ TRANSPORT_KEYS: dict[str, tuple[str, ...]] = {
               "timeout_s"),
     "sftp": ("host", "port", "user", "key", "key_passphrase", "known_hosts", "host_key_sha256",
              "remote_dir", "timeout_s"),
+    "dicomweb": ("url", "tls", "token_file", "plaintext", "timeout_s", "max_request_mb"),
 }
 
 # Transports whose keys are parsed (above) but that this version cannot send with yet,
@@ -669,10 +675,62 @@ def _sftp_keys(t: _Table) -> dict[str, Any]:
     return kw
 
 
+def _dicomweb_keys(t: _Table) -> dict[str, Any]:
+    kw: dict[str, Any] = {
+        "url": t.get("url", None, _check_url),
+        "token_file": t.path("token_file", None),
+        "plaintext": t.boolean("plaintext", False),
+        "timeout_s": t.number("timeout_s", 30.0, 1, 3600),
+        "max_request_mb": t.integer("max_request_mb", 64, 1, 4096),
+    }
+    if not t.has("url"):
+        t.ctx.problem(t.key("url"), "is required (the DICOMweb root, like https://pacs.example/dicom-web)")
+    if t.has("tls"):
+        tt = t.table("tls")
+        if tt.valid:
+            kw["tls"] = TLSClient(cert=tt.path("cert"), key=tt.path("key"), ca=tt.path("ca"))
+            tt.finish()
+    url = kw["url"]
+    if url is None:
+        return kw
+    if url.startswith("http:") and not kw["plaintext"]:
+        # Never send patient data in the clear by omission: plaintext must be explicit.
+        t.ctx.problem(t.key("url"), "is http://: use https://, or set plaintext = true to send "
+                      "unencrypted DICOM (only on a VPN or closed network)")
+    elif url.startswith("https:") and kw["plaintext"]:
+        t.ctx.problem(t.key("plaintext"), "is true but url is https://: choose one")
+    elif url.startswith("http:") and t.has("tls"):
+        t.ctx.problem(t.key("tls"), "does not apply to an http:// url")
+    elif url.startswith("https:") and not t.has("tls") and kw["token_file"] is None:
+        t.ctx.problem(t.key("tls"), "or token_file is required: how the server knows this "
+                      "appliance (a client certificate, or a bearer token)")
+    return kw
+
+
+def _check_url(key: str, v: Any) -> str:
+    """An http(s) URL without credentials, query or fragment; no trailing slash."""
+    if not isinstance(v, str):
+        raise _Bad(f"must be a string, not {_tname(v)}")
+    if len(v) > 2048 or any(not (0x21 <= ord(c) < 0x7F) for c in v):
+        raise _Bad("must be an URL of at most 2048 printable ASCII characters, without spaces")
+    u = urllib.parse.urlsplit(v)
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise _Bad("must be an http:// or https:// URL with a host (like https://pacs.example/dicom-web)")
+    if u.username is not None or u.password is not None:
+        raise _Bad("must not hold a user name or password (use tls or token_file)")
+    if u.query or u.fragment:
+        raise _Bad("must not have a query (?...) or fragment (#...)")
+    try:
+        u.port  # noqa: B018 - raises on a port out of range
+    except ValueError:
+        raise _Bad("has an invalid port") from None
+    return (u.scheme + v[len(u.scheme):]).rstrip("/")
+
+
 _SHA256_FP_RE = re.compile(r"^SHA256:[A-Za-z0-9+/]{43}$")
 # Keys that may be None in a valid Destination (sftp: the host-key pin not chosen).
 _OPTIONAL_DEST = ("calling_ae_title", "key_passphrase", "tls", "commitment_port", "cap_hours",
-                  "known_hosts", "host_key_sha256")
+                  "known_hosts", "host_key_sha256", "token_file")
 
 
 def _check_cap_hours(key: str, v: Any) -> str:
@@ -715,6 +773,8 @@ def _parse_destination(t: _Table) -> Destination | None:
         kw = {"path": t.path("path")}
     elif transport == "dicom":
         kw = _dicom_keys(t)
+    elif transport == "dicomweb":
+        kw = _dicomweb_keys(t)
     else:
         kw = _sftp_keys(t)
     kw.update(_common_dest_keys(t))

@@ -22,6 +22,7 @@ FACTORIES: dict[str, str] = {
     "directory": "appliance.forward.directory:build",
     "dicom": "appliance.forward.dicom:build",
     "sftp": "appliance.forward.sftp:build",
+    "dicomweb": "appliance.forward.dicomweb:build",
 }
 
 
