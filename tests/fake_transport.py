@@ -53,7 +53,7 @@ class FakeTransport:
         try:
             f = bundle.open("rb")
         except FileNotFoundError:
-            raise Permanent("bundle file vanished from the queue") from None
+            raise Permanent("bundle file vanished from the queue", bundle=True) from None
         with d.lock:
             d.sending.add(item_id)
         try:

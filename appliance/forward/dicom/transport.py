@@ -165,9 +165,9 @@ class DicomTransport:
         try:
             f = bundle.open("rb")
         except FileNotFoundError:
-            raise Permanent("bundle file vanished from the queue") from None
+            raise Permanent("bundle file vanished from the queue", bundle=True) from None
         except OSError as e:
-            raise Retryable(f"cannot read the bundle: {err_text(e)}") from None
+            raise Retryable(f"cannot read the bundle: {err_text(e)}", bundle=True) from None
         with f:
             try:
                 verified = VerifiedBundle(f, self.private_key)
