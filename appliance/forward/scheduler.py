@@ -252,15 +252,15 @@ class Forwarder:
         event = self.health.change(dest.name, lambda h: failover.failed(
             h, cls, time.time(), self.health.settings, self._uniform(), answers))
         self.last_error[dest.name] = reason
+        self._announce(event)
         if not self.health.get(dest.name).up and self.health.elsewhere(dest.name):
             self.queue.requeue(item.id, reason=f"moved on: {dest.name} is down ({reason})", moved=True)
-            log.warning("bundle.moved", bundle=item.id, destination=dest.name, reason=cls)
+            log.warning("bundle.moved", bundle=item.id, destination=dest.name, reason=reason)
         elif permanent:
             self.queue.refused(item.id, reason)
             log.error("bundle.held", bundle=item.id, destination=dest.name, reason=reason)
         else:
             self._defer(item, dest.name, reason)
-        self._announce(event)
 
     def _answered(self, name: str, why: str) -> None:
         self._announce(self.health.change(name, lambda h: failover.answered(h, time.time(), why)))
