@@ -457,6 +457,8 @@ def _queue_show(cfg: config.Config, args: argparse.Namespace) -> int:
     idx = open_index(cfg.appliance.state_dir, readonly=True)
     try:
         d = show(Queue(cfg.appliance.state_dir, idx), args.id)
+    except sqlite3.Error as e:  # e.g. an index the upgraded daemon has not migrated yet
+        raise StateError(f"cannot read the queue index in {cfg.appliance.state_dir}: {e}") from None
     finally:
         idx.close()
     _print_item(d, args.json)

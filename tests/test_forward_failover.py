@@ -252,3 +252,47 @@ def test_status_shows_each_destination_with_its_last_error_class_and_next_probe(
     assert (primary["name"], primary["state"], primary["last_error"]) == ("primary", "down", "refused")
     assert primary["failures"] == 1 and 0 < primary["next_probe_in_s"] <= CFG.probe_min_s
     assert (backup["name"], backup["state"], backup["next_probe"]) == ("backup", "up", None)
+
+
+class SlowProbe(FakeTransport):
+    """A destination whose C-ECHO takes `delay` seconds (or hangs until released)."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__("slow", FakeDestination(), KEY)
+        self.delay = delay
+        self.calls = 0
+        self.release = threading.Event()
+
+    def probe(self) -> bool:
+        self.calls += 1
+        self.release.wait(self.delay)
+        return True
+
+
+def _forwarder(tmp_path: Path, t: FakeTransport) -> Forwarder:
+    return Forwarder(Queue(tmp_path, open_index(tmp_path)), [t], CFG)
+
+
+def test_two_lanes_probing_one_destination_at_once_share_one_probe(tmp_path: Path) -> None:
+    t = SlowProbe(0.3)
+    fwd = _forwarder(tmp_path, t)
+    answers: list[bool] = []
+    lanes = [threading.Thread(target=lambda: answers.append(fwd._probe(t, 5))) for _ in range(2)]
+    for lane in lanes:
+        lane.start()
+    for lane in lanes:
+        lane.join(10)
+    assert answers == [True, True] and t.calls == 1
+    fwd.queue.index.close()
+
+
+def test_a_probe_that_hangs_answers_false_in_time_and_no_second_one_starts(tmp_path: Path) -> None:
+    t = SlowProbe(60)
+    fwd = _forwarder(tmp_path, t)
+    t0 = time.monotonic()
+    assert fwd._probe(t, 0.2) is False and fwd._probe(t, 0.2) is False
+    assert time.monotonic() - t0 < 5 and t.calls == 1
+    t.release.set()
+    wait_for(lambda: not fwd._probing["slow"][0].is_alive(), timeout=5, what="the probe to end")
+    assert fwd._probe(t, 5) is True and t.calls == 2
+    fwd.queue.index.close()

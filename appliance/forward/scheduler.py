@@ -110,6 +110,13 @@ class Destinations:
             return event
 
 
+def _ask(transport: Transport, answer: list[bool]) -> None:
+    try:
+        answer.append(bool(transport.probe()))
+    except Exception:  # a probe that breaks proves nothing
+        log.exception("destination.probe_failed", destination=transport.name)
+
+
 def _health(name: str, row: dict[str, object] | None) -> Health:
     if row is None:
         return Health(name)
@@ -139,7 +146,7 @@ class Forwarder:
         self.last_error: dict[str, str] = {}
         self.health = Destinations(queue, [t.name for t in self.transports], failover.Settings(
             cfg.down_after, cfg.probe_min_s, cfg.probe_max_s))
-        self._probing: dict[str, threading.Thread] = {}
+        self._probing: dict[str, tuple[threading.Thread, list[bool]]] = {}
         self._probing_lock = threading.Lock()
 
     def run_once(self, now: float | None = None, min_priority: int = 0) -> bool:
@@ -298,25 +305,20 @@ class Forwarder:
         return len(names)
 
     def _probe(self, transport: Transport, wait_s: float) -> bool:
-        """Ask `transport.probe()` on a thread of its own and wait at most `wait_s`: a
-        probe that hangs past its own time limit answers False and is not asked again
-        until it has returned (no pile of stuck probes)."""
-        answer: list[bool] = []
-
-        def run() -> None:
-            try:
-                answer.append(bool(transport.probe()))
-            except Exception:  # a probe that breaks proves nothing
-                log.exception("destination.probe_failed", destination=transport.name)
-
+        """Ask `transport.probe()` on a thread of its own and wait at most `wait_s`. One
+        probe per destination at a time: a caller that finds one running waits for its
+        answer instead of starting another, so a probe that hangs past its own time limit
+        answers False and piles nothing up."""
         with self._probing_lock:
             running = self._probing.get(transport.name)
-            if running is not None and running.is_alive():
-                return False
-            t = threading.Thread(target=run, name=f"probe-{transport.name}", daemon=True)
-            self._probing[transport.name] = t
-            t.start()
-        t.join(wait_s)
+            if running is None or not running[0].is_alive():
+                answer: list[bool] = []
+                thread = threading.Thread(target=_ask, args=(transport, answer),
+                                          name=f"probe-{transport.name}", daemon=True)
+                running = self._probing[transport.name] = (thread, answer)
+                thread.start()
+        thread, answer = running
+        thread.join(wait_s)
         return bool(answer and answer[0])
 
     def _uniform(self) -> float:
