@@ -311,8 +311,10 @@ class Daemon:
     def status_line(self) -> str:
         s = self.stats.snapshot()
         sp = self.spool.stats()
+        down = [h.name for h in self.forwarder.health.all() if not h.up]
         return (f"received {s['instances_received']}, refused {sum(s['instances_refused'].values())},"
-                f" spooled {sp['instances']}, free {sp['free_bytes'] >> 20} MiB")
+                f" spooled {sp['instances']}, free {sp['free_bytes'] >> 20} MiB"
+                + (f"; destination down: {', '.join(down)}" if down else ""))
 
     def snapshot(self) -> dict[str, Any]:
         sp = self.spool.stats()

@@ -12,7 +12,7 @@ import pytest
 from appliance.core.errors import StateError
 from appliance.queue import index as db
 from appliance.queue.index import Index, open_index
-from appliance.queue.store import Queue, transition
+from appliance.queue.store import DestinationRow, Queue, transition
 
 
 def _queue(tmp_path: Path) -> Queue:
@@ -128,8 +128,7 @@ def test_destination_health_is_saved_and_read_back(tmp_path: Path) -> None:
     q.save_destination("primary", False, 100.0, 3, 3, "refused", 220.0)
     q.index.close()
     again = _queue(tmp_path)
-    assert again.destinations() == {"primary": {"up": 0, "since": 100.0, "failures": 3, "probes": 3,
-                                                "last_error": "refused", "next_probe": 220.0}}
+    assert again.destinations() == {"primary": DestinationRow(False, 100.0, 3, 3, "refused", 220.0)}
 
 
 def test_only_items_deferred_on_the_named_destinations_become_due_now(tmp_path: Path) -> None:

@@ -50,7 +50,7 @@ from appliance.core import failpoints
 from appliance.core.config import Queue as QueueConfig
 from appliance.forward import Permanent, Plan, Transport, TransportError, Unreadable, failover, policy
 from appliance.forward.failover import Event, Health
-from appliance.queue.store import Item, Queue, backoff
+from appliance.queue.store import DestinationRow, Item, Queue, backoff
 
 log = structlog.get_logger("appliance.forward")
 
@@ -117,13 +117,11 @@ def _ask(transport: Transport, answer: list[bool]) -> None:
         log.exception("destination.probe_failed", destination=transport.name)
 
 
-def _health(name: str, row: dict[str, object] | None) -> Health:
+def _health(name: str, row: DestinationRow | None) -> Health:
     if row is None:
         return Health(name)
-    return Health(name, up=bool(row["up"]), since=float(row["since"]),  # type: ignore[arg-type]
-                  failures=int(row["failures"]), probes=int(row["probes"]),  # type: ignore[call-overload]
-                  last_error=row["last_error"],  # type: ignore[arg-type]
-                  next_probe=float(row["next_probe"]))  # type: ignore[arg-type]
+    return Health(name, up=row.up, since=row.since, failures=row.failures, probes=row.probes,
+                  last_error=row.last_error, next_probe=row.next_probe)
 
 
 class Forwarder:

@@ -50,6 +50,18 @@ def backoff(attempts: int, min_s: float, max_s: float, rng: random.Random) -> fl
 
 
 @dataclass(frozen=True)
+class DestinationRow:
+    """A destination's health as the index keeps it (the `destinations` table)."""
+
+    up: bool
+    since: float
+    failures: int
+    probes: int
+    last_error: str | None
+    next_probe: float
+
+
+@dataclass(frozen=True)
 class Item:
     id: str
     study_key: str
@@ -307,11 +319,12 @@ class Queue:
                                 " WHERE item_id=? ORDER BY started, destination", (item_id,))
         return [dict(r) for r in rows]
 
-    def destinations(self) -> dict[str, dict[str, object]]:
-        """The health of each destination as last saved: {name: {up, since, failures,
-        probes, last_error, next_probe}}."""
+    def destinations(self) -> dict[str, DestinationRow]:
+        """The health of each destination as last saved (forward.failover.Health)."""
         rows = self.index.query("SELECT * FROM destinations")
-        return {r["name"]: {k: r[k] for k in r.keys() if k != "name"} for r in rows}  # noqa: SIM118
+        return {r["name"]: DestinationRow(bool(r["up"]), float(r["since"]), int(r["failures"]),
+                                          int(r["probes"]), r["last_error"], float(r["next_probe"]))
+                for r in rows}
 
     def save_destination(self, name: str, up: bool, since: float, failures: int, probes: int,
                          last_error: str | None, next_probe: float) -> None:
