@@ -55,7 +55,9 @@ from appliance.queue.store import DestinationRow, Item, Queue, backoff
 log = structlog.get_logger("appliance.forward")
 
 BUDGET_BASE_S = 120.0  # every attempt gets this much, plus its bytes at queue.min_rate_kbit_s
-LANE_PROBE_WAIT_S = 10.0  # a lane waits this long at most for a probe after a failure
+LANE_PROBE_WAIT_S = 5.0  # a lane waits this long at most for a probe after a failure (a healthy
+# PACS answers a C-ECHO well within it even over a slow satellite link; one that does not
+# is not healthy enough to keep sending to)
 PROBE_WAIT_S = 60.0  # the prober waits this long at most for one probe of a down destination
 
 
