@@ -296,3 +296,27 @@ def test_a_probe_that_hangs_answers_false_in_time_and_no_second_one_starts(tmp_p
     wait_for(lambda: not fwd._probing["slow"][0].is_alive(), timeout=5, what="the probe to end")
     assert fwd._probe(t, 5) is True and t.calls == 2
     fwd.queue.index.close()
+
+
+def test_a_choke_that_is_the_third_failure_in_a_row_moves_the_bundle_not_backs_it_off(box: Box) -> None:
+    """Two failures of the primary's own, then a bundle whose first instance gets no answer
+    and the probe neither: the primary is down, and that bundle goes to the backup now."""
+    box.a.flaky = True  # sends refused, probes answered: two failures counted, still up
+    box.add("nn01")
+    box.add("nn02")
+    box.fwd.run_once()
+    box.fwd.run_once()
+    assert box.fwd.health.get("primary").failures == 2 and box.health("primary") == "up"
+    box.a.flaky = False
+    uids = box.add("nn03")
+    box.a.script[uids[0]] = "choke"
+    box.a.echo_fails = True
+    box.a.choke_s = 0.2
+    with box.queue.index.tx() as c:  # the two deferred ones wait; nn03 goes first
+        c.execute("UPDATE segments SET next_attempt=? WHERE id IN ('nn01','nn02')", (time.time() + 600,))
+    box.fwd.run_once()
+    assert box.health("primary") == "down"
+    assert box.state("nn03") == "ready" and box.went("nn03") == {"primary": "moved"}
+    box.drain()
+    assert box.went("nn03") == {"primary": "moved", "backup": "delivered"}
+    assert box.at(box.b, "nn03") == [1, 1, 1]

@@ -245,6 +245,9 @@ class Forwarder:
         elif decision.action == "refuse":
             self.queue.refused(item.id, reason)
             log.error("bundle.held", bundle=item.id, destination=dest, reason=reason)
+        elif not self.health.get(dest).up and self.health.elsewhere(dest):
+            self.queue.requeue(item.id, reason=f"moved on: {dest} is down ({reason})", moved=True)
+            log.warning("bundle.moved", bundle=item.id, destination=dest, reason=reason)
         else:
             self._defer(item, dest, reason)
 
