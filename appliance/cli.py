@@ -409,6 +409,7 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
              "priority": "stat" if r["priority"] >= PRIORITY_STAT else "routine",
              "study": r["study_key"], "instances": r["instances"], "bytes": r["bytes"],
              "age_s": round(now - r["created"], 1), "reason": r["reason"],
+             "destination": r["destination"],
              "incomplete": r["incomplete"] if "incomplete" in r.keys() else 0}  # noqa: SIM118
             for r in idx.query("SELECT * FROM segments ORDER BY created")
         ]
@@ -419,11 +420,12 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'ID':28} {'STATE':10} {'PRIO':7} {'STUDY':16} {'INST':>6} {'BYTES':>12} {'AGE':>8}  REASON")
+    print(f"{'ID':28} {'STATE':10} {'PRIO':7} {'STUDY':16} {'INST':>6} {'BYTES':>12} {'AGE':>8}"
+          f" {'DESTINATION':16} REASON")
     for r in rows:
         print(f"{r['id']:28} {r['state']:10} {r['priority']:7} {r['study']:16} {r['instances']:>6}"
               f" {r['bytes']:>12}"
-              f" {_age(r['age_s']):>8}  {_list_reason(r)}")
+              f" {_age(r['age_s']):>8} {r['destination'] or '-':16} {_list_reason(r)}")
     if not rows:
         print("(the queue is empty)")
     return 0
@@ -478,6 +480,8 @@ def _queue_show(cfg: config.Config, args: argparse.Namespace) -> int:
     idx = open_index(cfg.appliance.state_dir, readonly=True)
     try:
         d = show(Queue(cfg.appliance.state_dir, idx), args.id)
+    except sqlite3.Error as e:  # e.g. an index the upgraded daemon has not migrated yet
+        raise StateError(f"cannot read the queue index in {cfg.appliance.state_dir}: {e}") from None
     finally:
         idx.close()
     _print_item(d, args.json)
@@ -496,6 +500,12 @@ def _print_item(d: dict[str, Any], as_json: bool) -> None:
         return
     now = time.time()
     for k, v in d.items():
+        if k == "deliveries":
+            for dl in v:
+                print(f"{'delivery':14} {dl['destination']}: {dl['state']}, {dl['attempts']} attempt(s)"
+                      + (f", delivered {_when(dl['delivered'], now)}" if dl["delivered"] else "")
+                      + (f", last error: {dl['last_error']}" if dl["last_error"] else ""))
+            continue
         print(f"{k:14} {_when(v, now) if k in TIME_FIELDS else '' if v is None else v}")
 
 
@@ -649,6 +659,20 @@ def _daemon_status(config_path: Path | None) -> dict[str, Any]:
     return result
 
 
+def _destination_detail(d: dict[str, Any]) -> str:
+    """`status`: since when, the last failure's class, failures in a row, the next probe."""
+    now = time.time()
+    parts = [f"since {_when(d['since'], now)}" if d.get("since") else ""]
+    if d.get("last_error") and (d["state"] == "down" or d["failures"]):
+        parts.append(f"last error {d['last_error']}")
+    if d.get("failures"):
+        parts.append(f"{d['failures']} failure(s) in a row")
+    if d.get("next_probe_in_s") is not None:
+        parts.append(f"next probe in {_age(d['next_probe_in_s'])}")
+    shown = [p for p in parts if p]
+    return f" ({'; '.join(shown)})" if shown else ""
+
+
 def _print_status(st: dict[str, Any]) -> None:
     r, sp = st["receive"], st["spool"]
     for listener in st["listening"]:
@@ -670,6 +694,8 @@ def _print_status(st: dict[str, Any]) -> None:
         print(f"queue          {counts}; oldest waiting {_age(st['oldest_waiting_s'])}")
         for dest, err in st.get("last_errors", {}).items():
             print(f"last error     {dest}: {err}")
+    for d in st.get("destinations", []):
+        print(f"destination    {d['name']}: {d['state'].upper()}" + _destination_detail(d))
     if "forward" in st:
         fw = st["forward"]
         print(f"forwarding     {fw['lanes']} lanes + {fw['stat_lanes']} for stat studies;"

@@ -41,7 +41,7 @@ from appliance.core.config import Config, Destination
 from appliance.core.errors import ConfigError, StateError
 from appliance.forward import Transport, conversion, registry
 from appliance.forward.dicom.transport import STREAM_THRESHOLD
-from appliance.forward.scheduler import Forwarder
+from appliance.forward.scheduler import PROBE_WAIT_S, Forwarder
 from appliance.health.control import ControlServer, DaemonUnavailable
 from appliance.health.notify import Notifier
 from appliance.health.supervisor import Supervisor
@@ -137,6 +137,7 @@ class Daemon:
         self.stop_event = threading.Event()
         self.wake_pack = threading.Event()
         self.wake_forward = threading.Event()
+        self.wake_probe = threading.Event()
         self.notifier = Notifier()
         self.stats = ReceiveStats()
         self.started = time.time()
@@ -165,13 +166,16 @@ class Daemon:
         pool = CodecPool(cfg.pack.workers)
         lanes = [self._lane(f"forward-{i + 1}", PRIORITY_ROUTINE, housekeeping=i == 0)
                  for i in range(cfg.queue.lanes)] + [self._lane("forward-stat", PRIORITY_STAT)]
+        prober = threading.Thread(target=self._loop, args=("failover", self._probe_step, self.wake_probe),
+                                  name="failover", daemon=True)
         workers = [threading.Thread(target=self._loop, args=("pack", self._pack_step, self.wake_pack),
-                                    name="pack", daemon=True), *lanes]
+                                    name="pack", daemon=True), *lanes, prober]
         sup, stall = self.supervisor, cfg.health.stall_s
         self.stages = {"receive": sup.stage("receive", stall, alive=lambda: receiver.listening()),
                        "pack": sup.stage("pack", stall, alive=workers[0].is_alive),
                        "forward": sup.stage("forward", forward_deadline(cfg),
-                                            alive=lambda: all(t.is_alive() for t in lanes))}
+                                            alive=lambda: all(t.is_alive() for t in lanes)),
+                       "failover": sup.stage("failover", PROBE_WAIT_S + stall, alive=prober.is_alive)}
         self.packer = packer = Packer(
             cfg.pack, spool, queue, recipients, pool, beat=self.stages["pack"].beat,
             receiving_burst=lambda: self.receiver is not None and self.receiver.in_burst(),
@@ -182,7 +186,11 @@ class Daemon:
         log.info("spool.recovered", **counts)
         log.info("queue.recovered", **queue.recover())
         self.forwarder = forwarder = Forwarder(queue, transports, cfg.queue,
-                                               beat=self.stages["forward"].beat)
+                                               beat=self.stages["forward"].beat,
+                                               wake=self.wake_forward.set)
+        for h in forwarder.health.all():
+            if not h.up:  # kept from before the restart (forward.failover)
+                log.warning("destination.still_down", destination=h.name, reason=h.last_error)
         self.receiver = receiver = Receiver(cfg.receive, spool, self.stats, stage=self.stages["receive"],
                                             on_stored=lambda seg: self.wake_pack.set(),
                                             rules=cfg.rules)
@@ -207,6 +215,7 @@ class Daemon:
             self._drain(cfg.receive.dimse_timeout_s)
             self.wake_pack.set()
             self.wake_forward.set()
+            self.wake_probe.set()
             for w in workers:
                 if w.is_alive():
                     w.join(cfg.receive.dimse_timeout_s)
@@ -246,6 +255,12 @@ class Daemon:
         sealed = self.packer.seal_due(time.time())
         packed = self.packer.pack_pending()  # each bundle wakes the forwarder when ready
         return bool(sealed or packed)
+
+    def _probe_step(self) -> bool:
+        """The prober: down destinations probed on their back-off (forward.failover), on
+        a thread of its own so that a slow probe never holds a lane."""
+        self.forwarder.probe_due(beat=self.stages["failover"].beat)
+        return False
 
     def _lane(self, name: str, min_priority: int, housekeeping: bool = False) -> threading.Thread:
         """One forwarding lane: a thread that sends one item at a time (see forward/scheduler)."""
@@ -296,8 +311,10 @@ class Daemon:
     def status_line(self) -> str:
         s = self.stats.snapshot()
         sp = self.spool.stats()
+        down = [h.name for h in self.forwarder.health.all() if not h.up]
         return (f"received {s['instances_received']}, refused {sum(s['instances_refused'].values())},"
-                f" spooled {sp['instances']}, free {sp['free_bytes'] >> 20} MiB")
+                f" spooled {sp['instances']}, free {sp['free_bytes'] >> 20} MiB"
+                + (f"; destination down: {', '.join(down)}" if down else ""))
 
     def snapshot(self) -> dict[str, Any]:
         sp = self.spool.stats()
@@ -313,6 +330,7 @@ class Daemon:
             "queue": self.queue.counts(),
             "oldest_waiting_s": round(self.queue.oldest_waiting_age(time.time()), 1),
             "last_errors": dict(self.forwarder.last_error),
+            "destinations": self.forwarder.snapshot(time.time()),
             "forward": {"lanes": self.cfg.queue.lanes, "stat_lanes": 1,
                         "parked": self.queue.parked_count()},
             "stages": self.supervisor.snapshot(),

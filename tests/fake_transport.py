@@ -10,7 +10,14 @@ What the fake destination does with an instance is scripted by SOP Instance UID:
     "refuse"  a failure status (Permanent, blamed on the instance)
     "choke"   no answer: waits until the attempt is cancelled or `choke_s` passes, then
               Retryable blamed on the instance (a PACS that stops answering on it)
-and `down = True` makes every attempt fail to connect (Retryable, nobody blamed).
+and the destination as a whole (failures of its own: no instance blamed, `scope`
+"destination"):
+    down = True     every attempt fails to connect (Retryable), and probes fail
+    reject = True   every association is rejected (Permanent), and probes fail
+    flaky = True    every attempt fails to connect (Retryable), but probes answer
+    drop_after = n  it dies after storing n more instances: the one being sent is blamed
+                    (a PACS that stops mid-association), and from then on it is `down`
+    slow_s          each instance takes this long (an attempt that stays in flight)
 """
 
 from __future__ import annotations
@@ -30,6 +37,10 @@ class FakeDestination:
     def __init__(self) -> None:
         self.script: dict[str, str] = {}
         self.down = False
+        self.reject = False
+        self.flaky = False
+        self.drop_after: int | None = None
+        self.slow_s = 0.0
         self.echo_fails = False  # a PACS that chokes on everything, C-ECHO included
         self.choke_s = 30.0
         self.stored: Counter[str] = Counter()  # SOP Instance UID -> times stored
@@ -48,12 +59,14 @@ class FakeTransport:
              plan: Plan | None = None) -> None:
         plan = plan or Plan()
         d = self.destination
-        if d.down:
+        if d.down or d.flaky:
             raise Retryable("the fake destination refused the connection")
+        if d.reject:
+            raise Permanent("the fake destination rejected the association permanently")
         try:
             f = bundle.open("rb")
         except FileNotFoundError:
-            raise Permanent("bundle file vanished from the queue") from None
+            raise Permanent("bundle file vanished from the queue", bundle=True) from None
         with d.lock:
             d.sending.add(item_id)
         try:
@@ -79,6 +92,14 @@ class FakeTransport:
                     while time.monotonic() < until and not (plan.cancelled.is_set() or d.unchoke.is_set()):
                         time.sleep(0.02)
                     raise Retryable(f"no answer while sending instance {idx}", instances=(idx,))
+                if d.drop_after is not None:
+                    if d.drop_after <= 0:
+                        d.down, d.drop_after = True, None
+                        raise Retryable(f"connection lost while sending instance {idx}", instances=(idx,))
+                    d.drop_after -= 1
+                until = time.monotonic() + d.slow_s
+                while time.monotonic() < until and not plan.cancelled.is_set():
+                    time.sleep(0.01)
                 with d.lock:
                     d.stored[entry.sop_instance_uid] += 1
                 done += len(raw)
@@ -89,7 +110,8 @@ class FakeTransport:
                 d.sending.discard(item_id)
 
     def probe(self) -> bool:
-        return not self.destination.down and not self.destination.echo_fails
+        d = self.destination
+        return not (d.down or d.reject or d.echo_fails)
 
     def close(self) -> None:
         pass

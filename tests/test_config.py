@@ -210,6 +210,9 @@ def test_wrong_type_names_key_and_expected_type(data: dict[str, Any], expect: st
     ("queue", "retry_min_s", 0, "must be 0.1..86400"),
     ("queue", "retry_max_s", 8 * 86400, "must be 1..604800"),
     ("queue", "keep_delivered_h", -1, "must be 0..8760"),
+    ("queue", "down_after", 0, "must be 1..100"),
+    ("queue", "probe_min_s", 0.01, "must be 0.1..3600"),
+    ("queue", "probe_max_s", 0.5, "must be 1..86400"),
 ])
 def test_out_of_range_names_the_range(section: str, key: str, value: Any, expect: str) -> None:
     assert one_problem(with_(**{section: {key: value}})) == f"{MAIN}: {section}.{key}: {expect}"
@@ -242,6 +245,11 @@ def test_max_connections_per_host_above_max_connections() -> None:
 def test_retry_min_greater_than_max() -> None:
     p = one_problem(with_(queue={"retry_min_s": 100, "retry_max_s": 10}))
     assert p == f"{MAIN}: queue.retry_min_s: must not be greater than queue.retry_max_s"
+
+
+def test_probe_min_greater_than_max() -> None:
+    p = one_problem(with_(queue={"probe_min_s": 100, "probe_max_s": 10}))
+    assert p == f"{MAIN}: queue.probe_min_s: must not be greater than queue.probe_max_s"
 
 
 # --- AE titles, names, duplicates -------------------------------------------------------

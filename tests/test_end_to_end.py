@@ -403,13 +403,18 @@ def test_a_refused_sop_class_is_held_with_its_reason_and_the_rest_flows(
     assert len(held) == 1 and held[0]["instances"] == 1, shown
     assert "does not accept SOP class Photoacoustic Image Storage" in held[0]["reason"], held
     assert sop_uid(odd) not in held[0]["reason"]
-    assert sorted(r["state"] for r in rows) == ["delivered", "held"]
+    # Orthanc answered and took none of that SOP class's contexts: the instance's fault,
+    # so it is parked (its own held item), its bundle delivered without it, and the
+    # destination is not marked down.
+    assert "parked" in held[0]["reason"]
+    assert sorted(r["state"] for r in rows) == ["delivered", "delivered", "held"]
+    assert [d["state"] for d in app.status()["destinations"]] == ["up"]
 
     # The held bundle does not block what comes after it.
     more = make_study(series("CT_Philips_Ingenuity_phantom_28sl")[:3], tmp_path / "more", "E2E-MORE")
     run = finish_storescu(popen_storescu(app.port, more, tmp_path / "s.log"), more, tmp_path / "s.log")
     assert len(run.acked) == len(more), run.stderr[-2000:]
-    wait_for(lambda: [r for r in queue_db(app.state_dir) if r["state"] == "delivered"][1:], 60,
+    wait_for(lambda: [r for r in queue_db(app.state_dir) if r["state"] == "delivered"][2:], 60,
              "the next study to be delivered", detail=lambda: _detail(app))
     assert orthanc_sop_uids(pacs) == collections.Counter(sop_uid(f) for f in [*mr, *more])
     assert [r["state"] for r in queue_rows(app.config_path) if r["id"] == held[0]["id"]] == ["held"]

@@ -50,15 +50,52 @@ def test_an_event_that_does_not_apply_says_what_it_needs() -> None:
 
 
 def test_only_the_queue_writes_the_state_column() -> None:
-    """Spool, pack, forward, the CLI and the daemon name events; none writes `state`."""
-    writes = re.compile(r"(UPDATE\s+segments\s+SET[^\"']*\bstate\s*=|INSERT\s+INTO\s+segments)", re.I)
+    """Spool, pack, forward, the CLI and the daemon name events; none writes `state` (of an
+    item or of its deliveries)."""
+    writes = re.compile(r"(UPDATE\s+(segments|deliveries)\s+SET[^\"']*\bstate\s*="
+                        r"|INSERT\s+INTO\s+(segments|deliveries))", re.I)
     offenders = []
     for path in (REPO / "appliance").rglob("*.py"):
-        if path.relative_to(REPO).as_posix() == "appliance/queue/store.py":
+        # the store, and the index's schema migrations (which carry rows forward)
+        if path.relative_to(REPO).as_posix() in ("appliance/queue/store.py", "appliance/queue/index.py"):
             continue
         offenders += [f"{path.relative_to(REPO)}:{n}" for n, line in
                       enumerate(path.read_text().splitlines(), 1) if writes.search(line)]
     assert offenders == []
+
+
+# --- deliveries: an item's record per destination ------------------------------------
+
+
+def test_every_delivery_move_ends_in_a_known_delivery_state() -> None:
+    for event, moves in machine.DELIVERY_TABLE.items():
+        for src, dst in moves.items():
+            assert src is None or src in machine.DELIVERY_STATES, (event, src)
+            assert dst in machine.DELIVERY_STATES, (event, dst)
+
+
+def test_every_item_event_that_moves_a_delivery_names_a_delivery_event() -> None:
+    assert set(machine.DELIVERY_ON) <= set(machine.TABLE)
+    assert set(machine.DELIVERY_ON.values()) <= set(machine.DELIVERY_TABLE)
+    assert "moved" in machine.DELIVERY_TABLE  # only the forwarder's failover asks for it
+
+
+@pytest.mark.parametrize(("state", "event", "after"), [
+    (None, "claim", "active"), ("waiting", "claim", "active"), ("moved", "claim", "active"),
+    ("held", "claim", "active"), ("active", "delivered", "delivered"), ("active", "retry", "waiting"),
+    ("active", "moved", "moved"), ("active", "refused", "held"), ("waiting", "failed", "failed"),
+])
+def test_a_delivery_moves_by_the_table(state: str | None, event: str, after: str) -> None:
+    assert machine.next_delivery(state, event) == after
+
+
+@pytest.mark.parametrize(("state", "event"), [
+    ("active", "claim"), ("delivered", "claim"), ("waiting", "delivered"), (None, "moved"),
+    ("delivered", "failed"),
+])
+def test_a_delivery_event_that_does_not_apply_says_what_it_needs(state: str | None, event: str) -> None:
+    with pytest.raises(machine.Invalid, match=f"{event} needs one of"):
+        machine.next_delivery(state, event)
 
 
 # --- the store applies the table --------------------------------------------------------

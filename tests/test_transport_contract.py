@@ -146,6 +146,13 @@ def test_a_missing_bundle_file_is_permanent(kind: Kind, tmp_path: Path) -> None:
     assert not isinstance(e.value, Unreadable)
 
 
+def test_a_missing_bundle_file_is_the_bundles_fault_not_the_destinations(kind: Kind, tmp_path: Path) -> None:
+    """It must never count towards marking the destination down (forward.failover)."""
+    with pytest.raises(Permanent) as e:
+        kind.transport.send("b1", tmp_path / "nothing.bundle", lambda n: None)
+    assert e.value.scope == "bundle"
+
+
 def test_a_bundle_that_fails_authentication_is_unreadable(kind: Kind, tmp_path: Path) -> None:
     bundle, uids = make_bundle(tmp_path / "b1.bundle")
     data = bytearray(bundle.read_bytes())
@@ -161,7 +168,7 @@ def test_an_unreachable_destination_is_retryable_and_blames_no_instance(kind: Ki
     bundle, _ = make_bundle(tmp_path / "b1.bundle")
     with pytest.raises(Retryable) as e:
         kind.unreachable.send("b1", bundle, lambda n: None)
-    assert e.value.instances == ()
+    assert e.value.instances == () and e.value.scope == "destination"
 
 
 def test_a_cancelled_attempt_stops_with_retryable(kind: Kind, tmp_path: Path) -> None:

@@ -119,6 +119,9 @@ class Queue:
     keep_delivered_h: float = 24.0
     lanes: int = 2  # bundles sent at once (plus one lane kept for stat studies)
     min_rate_kbit_s: float = 256.0  # an attempt slower than this is cancelled
+    down_after: int = 3  # consecutive destination failures that mark it down (forward.failover)
+    probe_min_s: float = 5.0  # a down destination is probed after this, doubling ...
+    probe_max_s: float = 60.0  # ... up to this
 
 
 @dataclass(frozen=True)
@@ -609,10 +612,15 @@ def _parse_queue(t: _Table) -> Queue:
         keep_delivered_h=t.number("keep_delivered_h", d.keep_delivered_h, 0, 24 * 365),
         lanes=t.integer("lanes", d.lanes, 1, 8),
         min_rate_kbit_s=t.number("min_rate_kbit_s", d.min_rate_kbit_s, 8, 10_000_000),
+        down_after=t.integer("down_after", d.down_after, 1, 100),
+        probe_min_s=t.number("probe_min_s", d.probe_min_s, 0.1, 3600),
+        probe_max_s=t.number("probe_max_s", d.probe_max_s, 1, 86400),
     )
     t.finish()
     if q.retry_min_s > q.retry_max_s:
         t.ctx.problem(t.key("retry_min_s"), "must not be greater than queue.retry_max_s")
+    if q.probe_min_s > q.probe_max_s:
+        t.ctx.problem(t.key("probe_min_s"), "must not be greater than queue.probe_max_s")
     return q
 
 

@@ -10,8 +10,10 @@ transports never touch the queue.
 Whose fault: a failure that the transport can tie to instances of the bundle names their
 manifest indexes in `instances` (the PACS refused instance 7, or stopped answering while
 instance 7 was being sent); the scheduler then sets those aside (`forward.policy`) and
-delivers the rest. A failure without instances is the destination's or the whole
-bundle's.
+delivers the rest. A failure of the bundle itself says so with `bundle=True` (its file
+vanished or cannot be read here; `Unreadable` always is); any other failure without
+instances is the destination's (refused, timed out, rejected, not mounted), and counts
+towards marking it down (`forward.failover`). `scope` names which of the three it is.
 
 One attempt, and what the scheduler asks of it (`Plan`): which instances to leave out
 (stored there by an earlier attempt, or parked), which to send alone (a parked instance
@@ -31,19 +33,32 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
+
+Scope = Literal["destination", "bundle", "instance"]
 
 
 class TransportError(Exception):
     """A delivery attempt failed; the message is for the operator (no patient data).
 
     `instances`: the manifest indexes of the instances the failure is tied to (empty when
-    it is the destination's or the whole bundle's).
+    it is the destination's or the whole bundle's). `bundle`: the fault is this bundle's
+    own (its file), not the destination's.
     """
 
-    def __init__(self, message: str, *, instances: tuple[int, ...] = ()) -> None:
+    def __init__(self, message: str, *, instances: tuple[int, ...] = (), bundle: bool = False) -> None:
         super().__init__(message)
         self.instances = instances
+        self.bundle = bundle
+
+    @property
+    def scope(self) -> Scope:
+        """Whose fault: an instance's (named), the bundle's, or else the destination's."""
+        if self.instances:
+            return "instance"
+        if self.bundle or isinstance(self, Unreadable):
+            return "bundle"
+        return "destination"
 
 
 class Retryable(TransportError):

@@ -87,7 +87,13 @@ class DirectoryTransport:
             raise Retryable(f"destination folder {self.path} does not exist (not mounted?)")
         target = self.path / bundle.name
         try:
-            with bundle.open("rb") as src, durable.atomic_file(target, mode=0o600) as dst:
+            src = bundle.open("rb")
+        except FileNotFoundError:
+            raise Permanent("bundle file vanished from the queue", bundle=True) from None
+        except OSError as e:
+            raise Retryable(f"cannot read the bundle: {e.strerror}", bundle=True) from None
+        try:
+            with src, durable.atomic_file(target, mode=0o600) as dst:
                 copying = _Copying(src, dst, progress, plan.cancelled, self.cap)
                 # read_manifest only calls read(); _Copying is not a whole BinaryIO
                 manifest = bundle_format.read_manifest(copying, self.private_key)  # type: ignore[arg-type]
@@ -95,8 +101,8 @@ class DirectoryTransport:
                     pass
         except IntegrityError as e:
             raise Unreadable(f"bundle does not verify: {e}") from None
-        except FileNotFoundError:
-            raise Permanent("bundle file vanished from the queue") from None
+        except FileNotFoundError:  # the folder went away after the check (unmounted)
+            raise Retryable(f"destination folder {self.path} does not exist (not mounted?)") from None
         except OSError as e:
             if e.errno in _NEEDS_A_HUMAN:
                 raise Permanent(f"cannot write to {self.path}: {e.strerror}; {_NEEDS_A_HUMAN[e.errno]},"

@@ -19,8 +19,21 @@ is `failed`). Instances the destination took are recorded even when the attempt 
 so they are not sent again. An unexpected exception in a transport is treated as
 retryable and logged with its type, so a bug cannot wedge the queue on one bundle.
 
-Destinations: for now every bundle goes to the first destination; failover across the
-ordered list comes with the WAN work and will live here.
+Destinations (`forward.failover`): each claim goes to the first destination in config
+order that is up; when every one is down nothing is claimed (items wait without spending
+attempts). A failure that is the destination's (`TransportError.scope`) counts against
+it, and a probe is sent right after it (bounded by LANE_PROBE_WAIT_S, so a lane is never
+held for long); a destination is marked down after `queue.down_after` such failures in a
+row, or at once when that probe does not answer either. The failed item then moves on:
+ready again at once, its delivery at the down destination marked `moved`, and the next
+claim takes it to the next destination that is up. Only when none is up is it deferred
+(or held, for a Permanent failure) as before. While down, `probe_due` (the daemon's
+prober thread) probes it on the failover back-off; when it answers it is up again, new
+claims go to it, and items deferred for want of a destination become due at once.
+Items in flight elsewhere finish where they are. Every change between up and down is
+logged (`destination.down`, `destination.up`) and saved in the queue index, so a restart
+keeps it. What a destination holds of a bundle is recorded per destination: a bundle
+that moves sends all its instances to the next one.
 """
 
 from __future__ import annotations
@@ -35,12 +48,17 @@ import structlog
 
 from appliance.core import failpoints
 from appliance.core.config import Queue as QueueConfig
-from appliance.forward import Permanent, Plan, Transport, TransportError, Unreadable, policy
-from appliance.queue.store import Item, Queue, backoff
+from appliance.forward import Permanent, Plan, Transport, TransportError, Unreadable, failover, policy
+from appliance.forward.failover import Event, Health
+from appliance.queue.store import DestinationRow, Item, Queue, backoff
 
 log = structlog.get_logger("appliance.forward")
 
 BUDGET_BASE_S = 120.0  # every attempt gets this much, plus its bytes at queue.min_rate_kbit_s
+LANE_PROBE_WAIT_S = 5.0  # a lane waits this long at most for a probe after a failure (a healthy
+# PACS answers a C-ECHO well within it even over a slow satellite link; one that does not
+# is not healthy enough to keep sending to)
+PROBE_WAIT_S = 60.0  # the prober waits this long at most for one probe of a down destination
 
 
 def budget(bundle_bytes: int, min_rate_kbit_s: float, base_s: float = BUDGET_BASE_S) -> float:
@@ -48,33 +66,104 @@ def budget(bundle_bytes: int, min_rate_kbit_s: float, base_s: float = BUDGET_BAS
     return base_s + bundle_bytes * 8 / (min_rate_kbit_s * 1000)
 
 
+class Destinations:
+    """The live health of every destination (`forward.failover`), saved through the queue
+    on every change; loaded from it at start, so a restart keeps a down primary down."""
+
+    def __init__(self, queue: Queue, order: Sequence[str], settings: failover.Settings) -> None:
+        self.queue = queue
+        self.order = list(order)
+        self.settings = settings
+        self._lock = threading.Lock()
+        saved = queue.destinations()
+        self._health = {n: _health(n, saved.get(n)) for n in self.order}
+
+    def get(self, name: str) -> Health:
+        with self._lock:
+            return self._health[name]
+
+    def all(self) -> list[Health]:
+        with self._lock:
+            return [self._health[n] for n in self.order]
+
+    def pick(self) -> str | None:
+        with self._lock:
+            return failover.pick(self.order, self._health)
+
+    def elsewhere(self, name: str) -> bool:
+        """Whether a destination other than `name` is up."""
+        with self._lock:
+            return failover.any_up(self.order, self._health, but=name)
+
+    def down(self) -> list[str]:
+        with self._lock:
+            return [n for n in self.order if not self._health[n].up]
+
+    def change(self, name: str,
+               step: Callable[[Health], tuple[Health, Event | None] | Health]) -> Event | None:
+        """Apply a failover step to `name`'s health and save the result."""
+        with self._lock:
+            out = step(self._health[name])
+            h, event = out if isinstance(out, tuple) else (out, None)
+            if h != self._health[name]:
+                self._health[name] = h
+                self.queue.save_destination(h.name, h.up, h.since, h.failures, h.probes,
+                                            h.last_error, h.next_probe)
+            return event
+
+
+def _ask(transport: Transport, answer: list[bool]) -> None:
+    try:
+        answer.append(bool(transport.probe()))
+    except Exception:  # a probe that breaks proves nothing
+        log.exception("destination.probe_failed", destination=transport.name)
+
+
+def _health(name: str, row: DestinationRow | None) -> Health:
+    if row is None:
+        return Health(name)
+    return Health(name, up=row.up, since=row.since, failures=row.failures, probes=row.probes,
+                  last_error=row.last_error, next_probe=row.next_probe)
+
+
 class Forwarder:
     def __init__(self, queue: Queue, transports: Sequence[Transport], cfg: QueueConfig,
                  rng: random.Random | None = None, beat: Callable[[], None] = lambda: None,
-                 budget_base_s: float = BUDGET_BASE_S) -> None:
+                 budget_base_s: float = BUDGET_BASE_S, wake: Callable[[], None] = lambda: None,
+                 lane_probe_wait_s: float = LANE_PROBE_WAIT_S,
+                 probe_wait_s: float = PROBE_WAIT_S) -> None:
         self.queue = queue
         self.budget_base_s = budget_base_s
         self.transports = list(transports)
+        self.by_name = {t.name: t for t in self.transports}
         self.cfg = cfg
         self.rng = rng or random.Random()
         self._rng_lock = threading.Lock()
         self.beat = beat
+        self.wake = wake  # the lanes: somewhere to send to came up
+        self.lane_probe_wait_s = lane_probe_wait_s
+        self.probe_wait_s = probe_wait_s
         self.last_error: dict[str, str] = {}
+        self.health = Destinations(queue, [t.name for t in self.transports], failover.Settings(
+            cfg.down_after, cfg.probe_min_s, cfg.probe_max_s))
+        self._probing: dict[str, tuple[threading.Thread, list[bool]]] = {}
+        self._probing_lock = threading.Lock()
 
     def run_once(self, now: float | None = None, min_priority: int = 0) -> bool:
-        """Attempt the next due item; returns False when nothing was due."""
+        """Attempt the next due item on the first destination that is up; returns False
+        when nothing was due (or no destination is up)."""
         now = time.time() if now is None else now
-        if not self.transports:
+        name = self.health.pick()
+        if name is None:
             return False
-        dest = self.transports[0]
-        item = self.queue.claim_next(now, dest.name, min_priority)
+        item = self.queue.claim_next(now, name, min_priority)
         if item is None:
             return False
-        self._attempt(item, dest)
+        self._attempt(item, self.by_name[name])
         return True
 
     def _attempt(self, item: Item, dest: Transport) -> None:
-        known = {} if item.parent else self.queue.instances_of(item.id)
+        known = {} if item.parent else self.queue.instances_of(item.id, dest.name)
         delivered: list[int] = []
         plan = Plan(
             skip=frozenset(i for i, (st, _) in known.items() if st in ("delivered", "parked")),
@@ -96,14 +185,18 @@ class Forwarder:
             log.error("bundle.quarantined", bundle=item.id, destination=dest.name, reason=str(e),
                       file=kept.name)
         except TransportError as e:
-            self._record(item, delivered)
-            self._failed(item, dest.name, e, known, len(delivered))
+            self._record(item, dest.name, delivered)
+            if e.scope == "destination":
+                self._destination_failed(item, dest, e)
+            else:
+                self._failed(item, dest.name, e, known, len(delivered))
         except Exception as e:
-            self._record(item, delivered)
+            self._record(item, dest.name, delivered)
             self._defer(item, dest.name, f"internal error ({type(e).__name__})")
             log.exception("bundle.send_crashed", bundle=item.id, destination=dest.name)
         else:
-            self._record(item, delivered)
+            self._record(item, dest.name, delivered)
+            self._answered(dest.name, "delivered")
             parked = sum(1 for st, _ in known.values() if st == "parked")
             self.queue.delivered(item.id, time.time(),
                                  reason=f"delivered without {parked} parked instance(s)" if parked else None)
@@ -114,9 +207,9 @@ class Forwarder:
         finally:
             timer.cancel()
 
-    def _record(self, item: Item, delivered: list[int]) -> None:
+    def _record(self, item: Item, dest: str, delivered: list[int]) -> None:
         if delivered:
-            self.queue.instances_delivered(item.bundle_id, delivered)
+            self.queue.instances_delivered(item.bundle_id, dest, delivered)
 
     def _failed(self, item: Item, dest: str, e: TransportError, known: dict[int, tuple[str, int]],
                 delivered_now: int) -> None:
@@ -127,9 +220,14 @@ class Forwarder:
             strikes={i: known.get(i, ("", 0))[1] for i in e.instances},
             parked_item=item.parent is not None)
         if policy.needs_probe(failure):
-            answers = self._probe(dest)
+            answers = self._probe(self.by_name[dest], self.lane_probe_wait_s)
             log.info("destination.probed", destination=dest, bundle=item.id, answers=answers)
             failure = dataclasses.replace(failure, answers=answers)
+            if not answers:  # it failed on an instance and then on a probe: one failure of its own
+                self._announce(self.health.change(dest, lambda h: failover.failed(
+                    h, "unreachable", time.time(), self.health.settings, self._uniform())))
+        if failure.answers or delivered_now:
+            self._answered(dest, "probe answered" if failure.answers else "delivered")
         decision = policy.decide(failure)
         now = time.time()
         for i in decision.park:
@@ -147,16 +245,97 @@ class Forwarder:
         elif decision.action == "refuse":
             self.queue.refused(item.id, reason)
             log.error("bundle.held", bundle=item.id, destination=dest, reason=reason)
+        elif not self.health.get(dest).up and self.health.elsewhere(dest):
+            self.queue.requeue(item.id, reason=f"moved on: {dest} is down ({reason})", moved=True)
+            log.warning("bundle.moved", bundle=item.id, destination=dest, reason=reason)
         else:
             self._defer(item, dest, reason)
 
-    def _probe(self, name: str) -> bool:
-        transport = next(t for t in self.transports if t.name == name)
-        try:
-            return bool(transport.probe())
-        except Exception:  # a probe that breaks proves nothing
-            log.exception("destination.probe_failed", destination=name)
-            return False
+    def _destination_failed(self, item: Item, dest: Transport, e: TransportError) -> None:
+        """A failure that is the destination's: count it (probing right away while the
+        destination is up), then move the item on when the destination is now down and
+        another is up; else defer or hold it as before."""
+        reason = str(e)
+        permanent = isinstance(e, Permanent)
+        answers = self._probe(dest, self.lane_probe_wait_s) if self.health.get(dest.name).up else None
+        cls = failover.reason_class(reason, permanent)
+        event = self.health.change(dest.name, lambda h: failover.failed(
+            h, cls, time.time(), self.health.settings, self._uniform(), answers))
+        self.last_error[dest.name] = reason
+        self._announce(event)
+        if not self.health.get(dest.name).up and self.health.elsewhere(dest.name):
+            self.queue.requeue(item.id, reason=f"moved on: {dest.name} is down ({reason})", moved=True)
+            log.warning("bundle.moved", bundle=item.id, destination=dest.name, reason=reason)
+        elif permanent:
+            self.queue.refused(item.id, reason)
+            log.error("bundle.held", bundle=item.id, destination=dest.name, reason=reason)
+        else:
+            self._defer(item, dest.name, reason)
+
+    def _answered(self, name: str, why: str) -> None:
+        self._announce(self.health.change(name, lambda h: failover.answered(h, time.time(), why)))
+
+    def _announce(self, event: Event | None) -> None:
+        """Log a change between up and down; items deferred on a destination that is down
+        (or that just came up) become due now when somewhere is up to take them."""
+        if event is None:
+            return
+        h = self.health.get(event.destination)
+        if event.now == "down":
+            log.error("destination.down", destination=event.destination, reason=event.reason,
+                      failures=h.failures, next_probe_in_s=round(h.next_probe - time.time(), 1))
+        else:
+            log.warning("destination.up", destination=event.destination, reason=event.reason)
+        if self.health.pick() is not None:
+            moved = self.queue.due_now({*self.health.down(), event.destination}, time.time())
+            if moved:
+                log.info("destination.items_due", destination=event.destination, items=moved)
+            self.wake()
+
+    def probe_due(self, now: float | None = None, beat: Callable[[], None] = lambda: None) -> int:
+        """Probe each down destination whose next probe is due (the daemon's prober
+        thread; each probe bounded by `probe_wait_s`). Returns how many were probed."""
+        names = failover.due(self.health.all(), time.time() if now is None else now)
+        for name in names:
+            answers = self._probe(self.by_name[name], self.probe_wait_s)
+            log.info("destination.probed", destination=name, answers=answers)
+            if answers:
+                self._answered(name, "probe answered")
+            else:
+                self.health.change(name, lambda h: failover.unanswered(
+                    h, time.time(), self.health.settings, self._uniform()))
+            beat()
+        return len(names)
+
+    def _probe(self, transport: Transport, wait_s: float) -> bool:
+        """Ask `transport.probe()` on a thread of its own and wait at most `wait_s`. One
+        probe per destination at a time: a caller that finds one running waits for its
+        answer instead of starting another, so a probe that hangs past its own time limit
+        answers False and piles nothing up."""
+        with self._probing_lock:
+            running = self._probing.get(transport.name)
+            if running is None or not running[0].is_alive():
+                answer: list[bool] = []
+                thread = threading.Thread(target=_ask, args=(transport, answer),
+                                          name=f"probe-{transport.name}", daemon=True)
+                running = self._probing[transport.name] = (thread, answer)
+                thread.start()
+        thread, answer = running
+        thread.join(wait_s)
+        return bool(answer and answer[0])
+
+    def _uniform(self) -> float:
+        with self._rng_lock:
+            return self.rng.random()
+
+    def snapshot(self, now: float) -> list[dict[str, object]]:
+        """Each destination for `appliance status`: up or down, since when, the class of
+        its last failure, failures in a row, and when it is probed next."""
+        return [{"name": h.name, "state": h.state, "since": h.since or None,
+                 "failures": h.failures, "last_error": h.last_error,
+                 "next_probe": h.next_probe if not h.up else None,
+                 "next_probe_in_s": round(max(0.0, h.next_probe - now), 1) if not h.up else None}
+                for h in self.health.all()]
 
     def _defer(self, item: Item, dest: str, reason: str) -> None:
         with self._rng_lock:

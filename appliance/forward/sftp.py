@@ -208,7 +208,7 @@ class SftpTransport:
         try:
             src = bundle.open("rb")
         except FileNotFoundError:
-            raise Permanent("bundle file vanished from the queue") from None
+            raise Permanent("bundle file vanished from the queue", bundle=True) from None
         step = _Step("connecting")
         with src:
             try:

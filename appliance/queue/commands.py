@@ -24,7 +24,8 @@ VERBS = machine.OPERATOR_EVENTS
 
 
 def show(queue: Queue, item_id: str) -> dict[str, Any]:
-    return dataclasses.asdict(queue.get(item_id))
+    """The item, and where it was tried (`deliveries`: one per destination)."""
+    return {**dataclasses.asdict(queue.get(item_id)), "deliveries": queue.deliveries(item_id)}
 
 
 def change(queue: Queue, verb: str, item_id: str | None, every: bool) -> list[dict[str, str]]:

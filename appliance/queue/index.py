@@ -22,7 +22,7 @@ from pathlib import Path
 
 from appliance.core.errors import StateError
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 _SCHEMA = [
     # version 1
@@ -111,6 +111,62 @@ _SCHEMA = [
         reason      TEXT,
         PRIMARY KEY (item_id, idx)
     )
+    """,
+    # version 5: failover. `deliveries`: one row per (item, destination) it was tried on,
+    # the per-destination detail of the item's overall state in `segments`. Its `state`
+    # is written only with the item's own transition (queue.state DELIVERY_TABLE).
+    # `destinations`: each destination's health (forward.failover), so that a restart
+    # does not forget that the primary is down. What a destination holds of a bundle is
+    # per destination (an instance delivered to A is not delivered to B); suspects and
+    # parked instances stay per bundle (destination ''). Rows of version 4 keep what they
+    # said: a delivered instance was at the destination the item was last claimed for.
+    """
+    CREATE TABLE deliveries (
+        item_id      TEXT NOT NULL,
+        destination  TEXT NOT NULL,
+        state        TEXT NOT NULL,         -- active | waiting | moved | held | delivered | failed
+        attempts     INTEGER NOT NULL DEFAULT 0,
+        next_attempt REAL NOT NULL DEFAULT 0,
+        last_error   TEXT,
+        bytes_done   INTEGER NOT NULL DEFAULT 0,
+        started      REAL,
+        updated      REAL NOT NULL,
+        delivered    REAL,
+        PRIMARY KEY (item_id, destination)
+    );
+    INSERT INTO deliveries(item_id, destination, state, attempts, next_attempt, last_error,
+                           bytes_done, updated, delivered)
+        SELECT id, destination,
+               CASE state WHEN 'delivered' THEN 'delivered' WHEN 'active' THEN 'active'
+                          WHEN 'held' THEN 'held' WHEN 'failed' THEN 'failed' ELSE 'waiting' END,
+               attempts, next_attempt, reason, progress, updated, delivered
+        FROM segments WHERE destination IS NOT NULL
+              AND state IN ('ready', 'active', 'deferred', 'held', 'delivered', 'failed');
+    CREATE TABLE destinations (
+        name        TEXT PRIMARY KEY,
+        up          INTEGER NOT NULL,
+        since       REAL NOT NULL DEFAULT 0,
+        failures    INTEGER NOT NULL DEFAULT 0,
+        probes      INTEGER NOT NULL DEFAULT 0,
+        last_error  TEXT,                   -- a reason class, never a peer's text
+        next_probe  REAL NOT NULL DEFAULT 0
+    );
+    CREATE TABLE bundle_instances_v5 (
+        item_id     TEXT NOT NULL,
+        destination TEXT NOT NULL DEFAULT '',  -- '' for suspects and parked (per bundle)
+        idx         INTEGER NOT NULL,
+        state       TEXT NOT NULL,          -- delivered | suspect | parked
+        strikes     INTEGER NOT NULL DEFAULT 0,
+        reason      TEXT,
+        PRIMARY KEY (item_id, destination, idx)
+    );
+    INSERT INTO bundle_instances_v5(item_id, destination, idx, state, strikes, reason)
+        SELECT b.item_id,
+               CASE WHEN b.state = 'delivered' THEN COALESCE(s.destination, '') ELSE '' END,
+               b.idx, b.state, b.strikes, b.reason
+        FROM bundle_instances b LEFT JOIN segments s ON s.id = b.item_id;
+    DROP TABLE bundle_instances;
+    ALTER TABLE bundle_instances_v5 RENAME TO bundle_instances
     """,
 ]
 

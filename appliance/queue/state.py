@@ -61,10 +61,11 @@ OPERATOR_EVENTS = ("hold", "release", "retry", "delete")
 class Invalid(Exception):
     """The event does not apply to the item's state."""
 
-    def __init__(self, state: str, event: str) -> None:
+    def __init__(self, state: str, event: str, allowed: tuple[str, ...] | None = None) -> None:
         self.state = state
         self.event = event
-        super().__init__(f"is {state}; {event} needs one of: {', '.join(allowed_from(event))}")
+        needs = allowed if allowed is not None else allowed_from(event)
+        super().__init__(f"is {state}; {event} needs one of: {', '.join(needs)}")
 
 
 def allowed_from(event: str) -> tuple[str, ...]:
@@ -77,4 +78,44 @@ def next_state(state: str, event: str) -> str | None:
     moves = TABLE[event]
     if state not in moves:
         raise Invalid(state, event)
+    return moves[state]
+
+
+# --- deliveries: an item's record per destination (forward.failover) ---
+#
+# Each time an item is claimed for a destination, its row for (item, destination) becomes
+# active; the item's own outcome moves that row too, in the same transaction
+# (`queue.store.transition`), so the two never disagree:
+#
+#     (none), waiting, moved, held, failed --claim--> active --delivered--> delivered
+#                                                        |--retry--> waiting (back-off, or ready again)
+#                                                        |--moved--> moved (the destination went down:
+#                                                        |            the item goes on to the next one)
+#                                                        +--refused--> held
+#     active, waiting, moved, held, failed --failed--> failed (quarantined, file missing)
+
+DELIVERY_STATES = ("active", "waiting", "moved", "held", "delivered", "failed")
+
+DELIVERY_TABLE: dict[str, dict[str | None, str]] = {
+    "claim": {s: "active" for s in (None, "waiting", "moved", "held", "failed")},
+    "delivered": {"active": "delivered"},
+    "retry": {"active": "waiting"},
+    "moved": {"active": "moved"},
+    "refused": {"active": "held"},
+    "failed": {s: "failed" for s in ("active", "waiting", "moved", "held", "failed")},
+}
+
+# item event -> the delivery event it means for the item's current destination
+DELIVERY_ON: dict[str, str] = {
+    "claim": "claim", "delivered": "delivered", "defer": "retry", "requeue": "retry",
+    "refused": "refused", "quarantined": "failed", "file_missing": "failed",
+}
+
+
+def next_delivery(state: str | None, event: str) -> str:
+    """The delivery's state after `event` (state None: no row yet); raises Invalid."""
+    moves = DELIVERY_TABLE[event]
+    if state not in moves:
+        raise Invalid(state or "(no delivery)", event,
+                      tuple(s or "(no delivery)" for s in moves))
     return moves[state]

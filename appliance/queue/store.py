@@ -23,7 +23,7 @@ from __future__ import annotations
 import random
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +36,8 @@ from appliance.queue.state import STATES
 PRIORITY_STAT = 10
 PRIORITY_ROUTINE = 0
 
+_RANK = {"suspect": 0, "parked": 1, "delivered": 2}  # which record of an instance wins
+
 
 def backoff(attempts: int, min_s: float, max_s: float, rng: random.Random) -> float:
     """Delay before the next attempt: exponential in attempts, full jitter, clamped.
@@ -45,6 +47,18 @@ def backoff(attempts: int, min_s: float, max_s: float, rng: random.Random) -> fl
     """
     ceiling = min(max_s, min_s * (2 ** max(0, attempts - 1)))
     return max(min_s / 2, rng.uniform(0, ceiling))
+
+
+@dataclass(frozen=True)
+class DestinationRow:
+    """A destination's health as the index keeps it (the `destinations` table)."""
+
+    up: bool
+    since: float
+    failures: int
+    probes: int
+    last_error: str | None
+    next_probe: float
 
 
 @dataclass(frozen=True)
@@ -119,7 +133,7 @@ class Queue:
 
     def _move(self, item_id: str, event: str, now: float | None = None, **cols: object) -> str | None:
         with self.index.tx() as c:
-            return transition(c, item_id, event, time.time() if now is None else now, **cols)
+            return transition(c, item_id, event, time.time() if now is None else now, None, **cols)
 
     def claim_next(self, now: float, destination: str, min_priority: int = PRIORITY_ROUTINE) -> Item | None:
         """Take the next due item (stat first, then oldest; at least `min_priority`) and
@@ -144,6 +158,8 @@ class Queue:
     def progress(self, item_id: str, done: int) -> None:
         with self.index.tx() as c:  # not a state: bytes sent so far of the active attempt
             c.execute("UPDATE segments SET progress=? WHERE id=? AND state='active'", (done, item_id))
+            c.execute("UPDATE deliveries SET bytes_done=? WHERE item_id=? AND state='active'",
+                      (done, item_id))
 
     def delivered(self, item_id: str, now: float, reason: str | None = None) -> None:
         self._move(item_id, "delivered", now, delivered=now, reason=reason)
@@ -159,10 +175,13 @@ class Queue:
         """The destination will not take it without a human: held, with the reason."""
         self._move(item_id, "refused", reason=reason)
 
-    def requeue(self, item_id: str, reason: str | None = None) -> None:
+    def requeue(self, item_id: str, reason: str | None = None, moved: bool = False) -> None:
         """Ready again at once, no attempt counted: work left active by a crash, or a
-        bundle whose bad instances were just set aside (the rest goes now)."""
-        self._move(item_id, "requeue", progress=0, reason=reason, next_attempt=0)
+        bundle whose bad instances were just set aside (the rest goes now). `moved`: its
+        destination went down; it goes on to the next one (its delivery there says so)."""
+        with self.index.tx() as c:
+            transition(c, item_id, "requeue", time.time(), delivery="moved" if moved else None,
+                       progress=0, reason=reason, next_attempt=0)
 
     def hold(self, item_id: str, reason: str = "held by operator") -> None:
         self._move(item_id, "hold", reason=reason)
@@ -237,29 +256,42 @@ class Queue:
 
     # --- per instance: what a destination holds, suspects, parked instances ---
 
-    def instances_of(self, item_id: str) -> dict[int, tuple[str, int]]:
-        """{manifest index: (delivered | suspect | parked, strikes)} of a bundle."""
-        rows = self.index.query("SELECT idx, state, strikes FROM bundle_instances WHERE item_id=?",
-                                (item_id,))
-        return {r["idx"]: (r["state"], r["strikes"]) for r in rows}
+    def instances_of(self, item_id: str, destination: str | None = None) -> dict[int, tuple[str, int]]:
+        """{manifest index: (delivered | suspect | parked, strikes)} of a bundle, as seen
+        by `destination` (delivered means: there; None: at any destination). Delivered
+        wins over parked (a released parked instance that arrived), parked over suspect."""
+        rows = self.index.query(
+            "SELECT idx, destination, state, strikes FROM bundle_instances WHERE item_id=?",
+            (item_id,))
+        out: dict[int, tuple[str, int]] = {}
+        for r in rows:
+            if destination is not None and r["destination"] not in ("", destination):
+                continue
+            seen = out.get(r["idx"])
+            if seen is None or _RANK[r["state"]] > _RANK[seen[0]]:
+                out[r["idx"]] = (r["state"], max(r["strikes"], seen[1] if seen else 0))
+            else:
+                out[r["idx"]] = (seen[0], max(r["strikes"], seen[1]))
+        return out
 
-    def instances_delivered(self, item_id: str, indexes: Iterable[int]) -> None:
-        """The destination now holds these instances of the bundle (not sent again)."""
+    def instances_delivered(self, item_id: str, destination: str, indexes: Iterable[int]) -> None:
+        """`destination` now holds these instances of the bundle (not sent there again)."""
         with self.index.tx() as c:
-            c.executemany("INSERT INTO bundle_instances(item_id, idx, state) VALUES (?,?,'delivered')"
-                          " ON CONFLICT(item_id, idx) DO UPDATE SET state='delivered', reason=NULL",
-                          [(item_id, i) for i in indexes])
+            c.executemany("INSERT INTO bundle_instances(item_id, destination, idx, state)"
+                          " VALUES (?,?,?,'delivered') ON CONFLICT(item_id, destination, idx)"
+                          " DO UPDATE SET state='delivered', reason=NULL",
+                          [(item_id, destination, i) for i in indexes])
 
     def suspect(self, item_id: str, idx: int, reason: str, strike: bool) -> int:
         """An instance failed at the destination: sent last from now on; with `strike`, the
         failure counts against it (see forward.policy). Returns its strikes."""
         with self.index.tx() as c:
-            c.execute("INSERT INTO bundle_instances(item_id, idx, state, strikes, reason)"
-                      " VALUES (?,?,'suspect',?,?) ON CONFLICT(item_id, idx) DO UPDATE SET"
-                      " state='suspect', strikes=strikes+?, reason=?",
+            c.execute("INSERT INTO bundle_instances(item_id, destination, idx, state, strikes, reason)"
+                      " VALUES (?,'',?,'suspect',?,?) ON CONFLICT(item_id, destination, idx) DO UPDATE"
+                      " SET state='suspect', strikes=strikes+?, reason=?",
                       (item_id, idx, int(strike), reason, int(strike), reason))
-            row = c.execute("SELECT strikes FROM bundle_instances WHERE item_id=? AND idx=?",
-                            (item_id, idx)).fetchone()
+            row = c.execute("SELECT strikes FROM bundle_instances WHERE item_id=? AND idx=?"
+                            " AND destination=''", (item_id, idx)).fetchone()
         return int(row["strikes"])
 
     def park(self, item_id: str, idx: int, reason: str, now: float) -> str:
@@ -271,9 +303,9 @@ class Queue:
             row = c.execute("SELECT study_key, priority FROM segments WHERE id=?", (item_id,)).fetchone()
             if row is None:
                 raise NotFoundError(f"no queue item {item_id!r}")
-            c.execute("INSERT INTO bundle_instances(item_id, idx, state, reason) VALUES (?,?,'parked',?)"
-                      " ON CONFLICT(item_id, idx) DO UPDATE SET state='parked', reason=?",
-                      (item_id, idx, reason, reason))
+            c.execute("INSERT INTO bundle_instances(item_id, destination, idx, state, reason)"
+                      " VALUES (?,'',?,'parked',?) ON CONFLICT(item_id, destination, idx)"
+                      " DO UPDATE SET state='parked', reason=?", (item_id, idx, reason, reason))
             open_parked(c, child, item_id, idx, row["study_key"], row["priority"], reason, now)
         return child
 
@@ -281,6 +313,46 @@ class Queue:
         rows = self.index.query("SELECT COUNT(*) n FROM segments WHERE parent IS NOT NULL"
                                 " AND state IN ('held', 'ready', 'deferred', 'active')")
         return int(rows[0]["n"])
+
+    # --- deliveries and destination health (forward.failover) ---
+
+    def deliveries(self, item_id: str) -> Sequence[dict[str, object]]:
+        """Where the item was tried and how it went there, oldest first."""
+        rows = self.index.query("SELECT destination, state, attempts, next_attempt, last_error,"
+                                " bytes_done, started, updated, delivered FROM deliveries"
+                                " WHERE item_id=? ORDER BY started, destination", (item_id,))
+        return [dict(r) for r in rows]
+
+    def destinations(self) -> dict[str, DestinationRow]:
+        """The health of each destination as last saved (forward.failover.Health)."""
+        rows = self.index.query("SELECT * FROM destinations")
+        return {r["name"]: DestinationRow(bool(r["up"]), float(r["since"]), int(r["failures"]),
+                                          int(r["probes"]), r["last_error"], float(r["next_probe"]))
+                for r in rows}
+
+    def save_destination(self, name: str, up: bool, since: float, failures: int, probes: int,
+                         last_error: str | None, next_probe: float) -> None:
+        """Record a destination's health (not an item's state: the failover policy's view)."""
+        with self.index.tx() as c:
+            c.execute("INSERT INTO destinations(name, up, since, failures, probes, last_error,"
+                      " next_probe) VALUES (?,?,?,?,?,?,?) ON CONFLICT(name) DO UPDATE SET"
+                      " up=excluded.up, since=excluded.since, failures=excluded.failures,"
+                      " probes=excluded.probes, last_error=excluded.last_error,"
+                      " next_probe=excluded.next_probe",
+                      (name, int(up), since, failures, probes, last_error, next_probe))
+
+    def due_now(self, destinations: Iterable[str], now: float) -> int:
+        """Deferred items last tried on one of `destinations` become due now (not a state:
+        their retry time), so that they move as soon as somewhere to go comes up. Returns
+        how many."""
+        names = list(destinations)
+        if not names:
+            return 0
+        q = ",".join("?" * len(names))
+        with self.index.tx() as c:
+            return c.execute(f"UPDATE segments SET next_attempt=? WHERE state='deferred'"  # noqa: S608
+                             f" AND next_attempt>? AND destination IN ({q})",
+                             (now, now, *names)).rowcount
 
     # --- housekeeping ---
 
@@ -320,15 +392,19 @@ class Queue:
 
 
 def transition(conn: sqlite3.Connection, item_id: str, event: str, now: float,
-               **cols: object) -> str | None:
+               delivery: str | None = None, **cols: object) -> str | None:
     """Move one item by `event` inside the caller's transaction; the only writer of `state`.
 
     Sets `cols` too (reason, attempts, ...). Returns the new state (None: the item was
     removed). Raises NotFoundError for an unknown id, StateError (naming what the event
     needs) when the event does not apply to the item's state. The row is read and written
     in one transaction (BEGIN IMMEDIATE), so nothing can change it in between.
+
+    The item's delivery at its destination (`cols["destination"]` for a claim, else the
+    one it was last claimed for) moves with it: by the event `delivery`, or the one
+    `queue.state.DELIVERY_ON` names for `event`.
     """
-    row = conn.execute("SELECT state FROM segments WHERE id=?", (item_id,)).fetchone()
+    row = conn.execute("SELECT state, destination FROM segments WHERE id=?", (item_id,)).fetchone()
     if row is None:
         raise NotFoundError(f"no queue item {item_id!r}")
     try:
@@ -337,12 +413,44 @@ def transition(conn: sqlite3.Connection, item_id: str, event: str, now: float,
         raise StateError(f"queue item {item_id} {e}") from None
     if target is machine.GONE:
         conn.execute("DELETE FROM segments WHERE id=?", (item_id,))
+        conn.execute("DELETE FROM deliveries WHERE item_id=?", (item_id,))
         return None
     cols.setdefault("updated", now)
     sets = "".join(f", {k}=?" for k in cols)
     conn.execute(f"UPDATE segments SET state=?{sets} WHERE id=?",  # noqa: S608
                  (target, *cols.values(), item_id))
+    dest = cols.get("destination", row["destination"])
+    move = delivery or machine.DELIVERY_ON.get(event)
+    if move is not None and isinstance(dest, str):
+        _deliver(conn, item_id, dest, move, now, cols)
     return target
+
+
+def _deliver(conn: sqlite3.Connection, item_id: str, dest: str, event: str, now: float,
+             cols: dict[str, object]) -> None:
+    """Move the (item, destination) delivery by `event` (inside `transition`'s transaction)."""
+    row = conn.execute("SELECT state FROM deliveries WHERE item_id=? AND destination=?",
+                       (item_id, dest)).fetchone()
+    try:
+        target = machine.next_delivery(None if row is None else row["state"], event)
+    except machine.Invalid as e:
+        raise StateError(f"queue item {item_id}: its delivery to {dest} {e}") from None
+    if row is None:
+        conn.execute("INSERT INTO deliveries(item_id, destination, state, attempts, started, updated)"
+                     " VALUES (?,?,?,1,?,?)", (item_id, dest, target, now, now))
+        return
+    sets: dict[str, object] = {"state": target, "updated": now}
+    if event == "claim":
+        conn.execute("UPDATE deliveries SET attempts=attempts+1 WHERE item_id=? AND destination=?",
+                     (item_id, dest))
+        sets.update(started=now, bytes_done=0, next_attempt=0)
+    elif event == "delivered":
+        sets["delivered"] = now
+    else:
+        sets.update(last_error=cols.get("reason"), next_attempt=cols.get("next_attempt", 0))
+    assign = ", ".join(f"{k}=?" for k in sets)
+    conn.execute(f"UPDATE deliveries SET {assign} WHERE item_id=? AND destination=?",  # noqa: S608
+                 (*sets.values(), item_id, dest))
 
 
 def open_parked(conn: sqlite3.Connection, item_id: str, parent: str, idx: int, study_key: str,

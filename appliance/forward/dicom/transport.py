@@ -93,6 +93,11 @@ def _is_ip(host: str) -> bool:
     return True
 
 
+class NoContextAccepted(Permanent):
+    """The PACS answered the association request but took none of its contexts: it is
+    there, and will not take these SOP classes (the instances' fault, not its own)."""
+
+
 @dataclass
 class _Sent:
     count: int = 0
@@ -166,9 +171,9 @@ class DicomTransport:
         try:
             f = bundle.open("rb")
         except FileNotFoundError:
-            raise Permanent("bundle file vanished from the queue") from None
+            raise Permanent("bundle file vanished from the queue", bundle=True) from None
         except OSError as e:
-            raise Retryable(f"cannot read the bundle: {err_text(e)}") from None
+            raise Retryable(f"cannot read the bundle: {err_text(e)}", bundle=True) from None
         with f:
             try:
                 verified = VerifiedBundle(f, self.private_key)
@@ -220,9 +225,13 @@ class DicomTransport:
         return len(groups)
 
     def probe(self) -> bool:
-        """A C-ECHO on an association of its own, within `timeout_s`: does the PACS answer?"""
+        """A C-ECHO on an association of its own, within `timeout_s`: does the PACS answer?
+        A PACS that answers the association but does not offer Verification answers too
+        (else a destination marked down would never come back)."""
         try:
             link = self._associate([(VERIFICATION, UNCOMPRESSED)], self._client_context())
+        except NoContextAccepted:
+            return True
         except (Retryable, Permanent):
             return False
         try:
@@ -268,7 +277,11 @@ class DicomTransport:
         specs = list(group.contexts)
         if commit_all is not None:
             specs.append((STORAGE_COMMITMENT_PUSH, UNCOMPRESSED))
-        link = self._associate(specs, tls_ctx, plan.cancelled)
+        try:
+            link = self._associate(specs, tls_ctx, plan.cancelled)
+        except NoContextAccepted as e:  # refused for what these instances are: park them
+            mine = entries[group.start : group.stop]
+            raise Permanent(str(e), instances=tuple(en.index for en in mine)) from None
         where, current = "", None
         try:
             mine = entries[group.start : group.stop]
@@ -373,8 +386,8 @@ class DicomTransport:
             return Retryable(f"the PACS rejected the association for now: {text}{hint}")
         if assoc.is_aborted and prim is not None and prim.result == 0x00:
             classes = sorted({uid_name(a) for a, _ in specs if a != STORAGE_COMMITMENT_PUSH})
-            return Permanent("the PACS accepted none of the proposed presentation contexts: "
-                             f"it does not accept SOP class {', '.join(classes)}")
+            return NoContextAccepted("the PACS accepted none of the proposed presentation contexts: "
+                                     f"it does not accept SOP class {', '.join(classes)}")
         if assoc.is_aborted:
             return Retryable("the PACS aborted the association request")
         return Retryable(f"no answer from the PACS to the association request within {self.timeout:g} s")

@@ -163,9 +163,9 @@ class DicomWebTransport:
         try:
             f = bundle.open("rb")
         except FileNotFoundError:
-            raise Permanent("bundle file vanished from the queue") from None
+            raise Permanent("bundle file vanished from the queue", bundle=True) from None
         except OSError as e:
-            raise Retryable(f"cannot read the bundle: {err_text(e)}") from None
+            raise Retryable(f"cannot read the bundle: {err_text(e)}", bundle=True) from None
         t0 = time.monotonic()
         with f:
             try:
@@ -173,7 +173,7 @@ class DicomWebTransport:
             except IntegrityError as e:
                 raise Unreadable(f"bundle does not verify: {e}") from None
             except OSError as e:  # a failing disk: the file may read later
-                raise Retryable(f"cannot read the bundle: {err_text(e)}") from None
+                raise Retryable(f"cannot read the bundle: {err_text(e)}", bundle=True) from None
             wanted = [e for e in verified.manifest.instances if plan.wants(e.index)]
             attempt = _Attempt(self, item_id, verified, progress, plan)
             try:
