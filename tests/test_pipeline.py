@@ -158,6 +158,9 @@ def test_queue_commands_racing_the_forwarder_go_through_the_daemon(
     root = tmp_path / "r"
     cfg = _cfg(root, segment_max_instances=2)
     cfg["queue"] = {"retry_min_s": 0.1, "retry_max_s": 1}
+    # Bundles go out as soon as they are packed: a bandwidth cap (about 0.5 s a bundle)
+    # keeps some of them waiting while the commands run, so that there is a race at all.
+    cfg["destinations"][0]["max_kbit_s"] = 3000
     app = appliance_factory(cfg, root=root)
     files = sorted((samples / "series" / "CT_Philips_Ingenuity_phantom_28sl").iterdir())
     assert storescu(app.port, files).returncode == 0
