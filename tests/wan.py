@@ -479,7 +479,7 @@ async def _relay(listen: tuple[str, int], to: tuple[str, int], delay: float, por
     async def session(cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
         try:
             sr, sw = await asyncio.wait_for(asyncio.open_connection(*to), 30)
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             cw.close()
             return
         for w in (cw, sw):
