@@ -7,10 +7,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEV_CONFIG := config/appliance.dev.toml
 # Debian packages the tests talk to: the modality (dcmtk), the PACS (orthanc),
-# the SFTP server (openssh-server), the WAN tools (iproute2, nftables), and what boots
+# the SFTP server (openssh-server), the WAN tools (iproute2, nftables; wireguard-go and
+# wireguard-tools for the VPN path, as this kernel has no WireGuard), and what boots
 # the systemd unit in a Debian container (mmdebstrap, systemd-container for
 # systemd-nspawn; util-linux for nsenter/unshare).
-PEERS := dcmtk orthanc openssh-server iproute2 nftables mmdebstrap systemd-container util-linux
+PEERS := dcmtk orthanc openssh-server iproute2 nftables wireguard-go wireguard-tools mmdebstrap \
+	systemd-container util-linux
 PYTEST_ARGS ?=
 
 .PHONY: run test test-boot test-wan peers venv bench bench-receive bench-pack bench-wan lint clean
@@ -33,6 +35,8 @@ peers:
 	test -x /usr/sbin/sshd || missing="$$missing openssh-server"; \
 	command -v ip >/dev/null || missing="$$missing iproute2"; \
 	command -v nft >/dev/null || missing="$$missing nftables"; \
+	command -v wireguard-go >/dev/null || missing="$$missing wireguard-go"; \
+	command -v wg >/dev/null || missing="$$missing wireguard-tools"; \
 	command -v mmdebstrap >/dev/null || missing="$$missing mmdebstrap"; \
 	command -v systemd-nspawn >/dev/null || missing="$$missing systemd-container"; \
 	command -v nsenter >/dev/null || missing="$$missing util-linux"; \

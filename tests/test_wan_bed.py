@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.peers import wait_for
-from tests.wan import Wan, entered, netns_list
+from tests.wan import WG_RUN, Wan, entered, netns_list
 
 pytestmark = pytest.mark.wan
 
@@ -187,13 +187,17 @@ def test_a_second_center_is_one_call_with_its_own_link(wan: Wan) -> None:
 
 
 def test_nothing_is_left_after_the_bed_closes() -> None:
-    """Namespaces, the relay, and a process started through the namespace prefix are all
+    """Namespaces, the relay, wireguard-go, and a process started through the namespace prefix are all
     gone after close(), also when the body fails."""
     pids: list[int] = []
     names: list[str] = []
+    wg_sockets = []
     with pytest.raises(RuntimeError, match="body failed"), Wan() as bed:
         names = bed.names() + [bed.add_center("center_b").name]
         bed.delay(10, bed.center.addr, 9)
+        bed.vpn()
+        wg_sockets = [WG_RUN / f"{i}.sock" for i in bed.wg_ifaces]
+        assert all(s.exists() for s in wg_sockets)
         pids += [p.pid for p in bed.procs]
         loose = subprocess.Popen([*bed.site.prefix(), "sleep", "600"], start_new_session=True)
         pids.append(loose.pid)
@@ -201,7 +205,26 @@ def test_nothing_is_left_after_the_bed_closes() -> None:
         raise RuntimeError("body failed")
     loose.wait(10)
     assert not set(names) & set(netns_list())
+    assert not [s for s in wg_sockets if s.exists()]
     for pid in pids:
         assert not os.path.exists(f"/proc/{pid}"), f"process {pid} outlived the bed"
     with pytest.raises(FileNotFoundError), entered(names[0]):
         pass
+
+
+def test_vpn_tunnel_carries_tcp_over_the_link(wan: Wan) -> None:
+    """wireguard-go site -> center: a connection to the center's tunnel address works, and
+    it rides on the link: a partition of the link stops it."""
+    addr = wan.vpn()
+    with wan.center.entered():
+        srv = socket.create_server((addr, 0))
+    with srv:
+        with wan.site.entered():
+            socket.create_connection(srv.getsockname(), timeout=20).close()
+        wan.link.partition()
+        with wan.site.entered(), pytest.raises(TimeoutError):
+            socket.create_connection(srv.getsockname(), timeout=1.5)
+        wan.link.heal()
+        with wan.site.entered():
+            socket.create_connection(srv.getsockname(), timeout=20).close()
+    assert wan.site.run("wg", "show", wan.wg_ifaces[0]).returncode == 0

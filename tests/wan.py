@@ -8,6 +8,7 @@ partitions and delay, all made by the test and torn down after it.
         wan.link.loss(5)                     # 5 % of the packets each way are dropped (nft)
         wan.link.partition(); wan.link.heal()
         host, port = wan.delay(20, wan.center.addr, 4242)  # a relay in `site`, +20 ms each way
+        vpn_addr = wan.vpn()                 # a wireguard-go tunnel site -> center over the link
         center_b = wan.add_center("center_b")               # a second center, its own link
 
 What it owns: namespaces named `wan<role>-<random>` (e.g. `wansite-3fa91c`), the veth pair
@@ -26,7 +27,8 @@ their veths, qdiscs and nft tables with them. It is safe to call twice.
 What this kernel supports (checked on 6.18, Debian 12 iproute2 6.1 and nftables 1.0.6;
 `test_wan_bed.py` checks each one): `tc qdisc tbf` yes; `netem` no ("Specified qdisc kind
 is unknown"), so delay is a userspace TCP relay (`relay_main`), not a qdisc; nft `numgen
-random mod 100 < N drop` yes; kernel WireGuard no (wireguard-go is the VPN path).
+random mod 100 < N drop` yes; kernel WireGuard no, so the VPN path is wireguard-go
+(Debian `wireguard-go`, `wireguard-tools` for `wg`), a TUN device per namespace.
 
 Choices, and why:
 - Rate: `tbf rate R burst B latency 50ms` on the egress of both veth ends. B = max(R x 10 ms,
@@ -60,11 +62,13 @@ import ipaddress
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import termios
 import threading
 import time
@@ -76,6 +80,8 @@ from typing import Any
 CLONE_NEWNET = 0x40000000
 NETNS_DIR = Path("/run/netns")
 PREFIX = "wan"
+WG_RUN = Path("/var/run/wireguard")
+WG_PORT = 51820
 _libc = ctypes.CDLL(None, use_errno=True)
 _live: set[Wan] = set()
 
@@ -338,6 +344,8 @@ class Wan:
         self.links: dict[str, Link] = {}
         self.procs: list[subprocess.Popen[bytes]] = []
         self._taken: list[ipaddress.IPv4Network] = []
+        self.wg_ifaces: list[str] = []
+        self._keys: Path | None = None
         _live.add(self)
         try:
             self.site = Namespace(self, "site")
@@ -395,6 +403,52 @@ class Wan:
         finally:
             port_file.unlink(missing_ok=True)
 
+    # --- the VPN path: wireguard-go ---
+
+    def vpn(self, center: Namespace | None = None) -> str:
+        """A WireGuard tunnel (userspace wireguard-go) from `site` to `center` over their
+        link; returns the center's address inside the tunnel. Its packets cross the link,
+        so the link's rate, loss and partitions apply to it."""
+        ns = center or self.center
+        link = self.links[ns.role]
+        net = free_subnet(self._taken)
+        self._taken.append(net)
+        ha, hb = (str(h) for h in net.hosts())
+        if self._keys is None:
+            self._keys = Path(tempfile.mkdtemp(prefix=f"wan-{self.tag}-wg-"))
+        ends = []
+        for side, peer_addr in ((self.site, link.addr_b), (ns, link.addr_a)):
+            # wireguard-go's control socket is /var/run/wireguard/IF.sock, shared by every
+            # namespace: the interface name must be unique on the machine, not per namespace.
+            ifname = f"wg{self.tag}{len(self.wg_ifaces)}"
+            self.wg_ifaces.append(ifname)
+            key = self._keys / f"{ifname}.key"
+            key.write_text(subprocess.run(["wg", "genkey"], capture_output=True, text=True,
+                                          check=True, timeout=10).stdout)
+            key.chmod(0o600)
+            pub = subprocess.run(["wg", "pubkey"], input=key.read_text(), capture_output=True,
+                                 text=True, check=True, timeout=10).stdout.strip()
+            side.popen("wireguard-go", "-f", ifname, stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            ends.append((side, ifname, key, pub, peer_addr))
+        for (side, ifname, _k, _p, _a), addr in zip(ends, (ha, hb), strict=True):
+            sock = WG_RUN / f"{ifname}.sock"
+            deadline = time.monotonic() + 20
+            while not sock.exists():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"wireguard-go {ifname} did not start within 20 s")
+                time.sleep(0.02)
+            _ip("-n", side.name, "addr", "add", f"{addr}/{net.prefixlen}", "dev", ifname)
+        for me, other in ((ends[0], ends[1]), (ends[1], ends[0])):
+            side, ifname, key, _pub, peer_addr = me
+            r = side.run("wg", "set", ifname, "private-key", str(key), "listen-port", str(WG_PORT),
+                         "peer", other[3], "allowed-ips", f"{net}", "endpoint", f"{peer_addr}:{WG_PORT}",
+                         timeout=30)
+            if r.returncode != 0:
+                raise RuntimeError(f"wg set {ifname}: {r.stderr.strip()}")
+            _ip("-n", side.name, "link", "set", ifname, "up")
+        return hb
+
     # --- teardown ---
 
     def close(self) -> None:
@@ -410,6 +464,10 @@ class Wan:
                 time.sleep(0.05)
             _ip("netns", "del", ns.name, check=False)
         self.namespaces.clear()
+        for ifname in self.wg_ifaces:  # left behind only by a wireguard-go that was SIGKILLed
+            (WG_RUN / f"{ifname}.sock").unlink(missing_ok=True)
+        if self._keys is not None:
+            shutil.rmtree(self._keys, ignore_errors=True)
         _live.discard(self)
 
     def names(self) -> list[str]:
