@@ -70,10 +70,17 @@ def storescu(wan: Wan, host: str, port: int, called: str, files: list[Path],
         return wan.site.popen(*cmd, stdout=fh, stderr=subprocess.STDOUT, env=dcmtk_env())
 
 
-def wait_all(pacs: Orthanc, n: int, sender: subprocess.Popen[bytes], log: Path, timeout: float) -> float:
+def wait_all(pacs: Orthanc, n: int, sender: subprocess.Popen[bytes], log: Path, timeout: float,
+             t0: float, seen: dict[str, Any]) -> float:
+    """Poll until the center holds `n`; records in `seen` when it held the first one
+    (`first_s`, seconds after t0) and the load average over the wait (`load_1m`)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if pacs.count() >= n:
+        c = pacs.count()
+        if c and "first_s" not in seen:
+            seen["first_s"] = time.perf_counter() - t0
+        if c >= n:
+            seen["load_1m"] = os.getloadavg()[0]
             return time.perf_counter()
         if sender.poll() not in (None, 0):
             raise RuntimeError(f"storescu failed:\n{log.read_text(errors='replace')[-2000:]}")
@@ -88,18 +95,19 @@ def center(wan: Wan, root: Path) -> Orthanc:
 def run_direct(wan: Wan, work: Path, files: list[Path], timeout: float) -> dict[str, float]:
     pacs = center(wan, work / "center")
     try:
+        seen: dict[str, float] = {}
         tx0 = wan.link.counter(wan.site)
         t0 = time.perf_counter()
         p = storescu(wan, wan.center.addr, pacs.dicom_port, "ORTHANC", files, work / "storescu.log")
-        done = wait_all(pacs, len(files), p, work / "storescu.log", timeout)
+        done = wait_all(pacs, len(files), p, work / "storescu.log", timeout, t0, seen)
         p.wait(60)
-        return {"total_s": done - t0, "wire_mb": (wan.link.counter(wan.site) - tx0) / 1e6}
+        return {"total_s": done - t0, "wire_mb": (wan.link.counter(wan.site) - tx0) / 1e6, **seen}
     finally:
         pacs.stop()
 
 
 def run_appliance(wan: Wan, work: Path, files: list[Path], timeout: float,
-                  pack: dict[str, Any]) -> dict[str, float]:
+                  pack: dict[str, Any]) -> dict[str, Any]:
     pacs = center(wan, work / "center")
     try:
         cfg = base_config(work / "a", free_port())
@@ -111,19 +119,30 @@ def run_appliance(wan: Wan, work: Path, files: list[Path], timeout: float,
         app.netns = wan.site.name
         try:
             app.start()
+            seen: dict[str, Any] = {}
             tx0 = wan.link.counter(wan.site)
             t0 = time.perf_counter()
             p = storescu(wan, "127.0.0.1", app.port, "EDGE", files, work / "storescu.log")
-            done = wait_all(pacs, len(files), p, work / "storescu.log", timeout)
+            done = wait_all(pacs, len(files), p, work / "storescu.log", timeout, t0, seen)
             wire = wan.link.counter(wan.site) - tx0
             p.wait(60)
             bundle = bundle_bytes(app.state_dir)
+            seen["pack_s"] = packing_seconds(app.log_text())
         finally:
             app.stop()
             app.kill9()
-        return {"total_s": done - t0, "wire_mb": wire / 1e6, "bundle_mb": bundle / 1e6}
+        return {"total_s": done - t0, "wire_mb": wire / 1e6, "bundle_mb": bundle / 1e6, **seen}
     finally:
         pacs.stop()
+
+
+def packing_seconds(log: str) -> list[float]:
+    """How long each segment took to pack, from the daemon's `segment.packed` events."""
+    out = []
+    for line in log.splitlines():
+        if '"segment.packed"' in line:
+            out.append(float(json.loads(line)["seconds"]))
+    return out
 
 
 def bundle_bytes(state_dir: Path) -> int:
@@ -143,12 +162,13 @@ def run_autoroute(wan: Wan, work: Path, files: list[Path], timeout: float) -> di
                    extra={"LuaScripts": [str(lua)], "StableAge": 5})
     try:
         site.start()
+        seen: dict[str, float] = {}
         tx0 = wan.link.counter(wan.site)
         t0 = time.perf_counter()
         p = storescu(wan, "127.0.0.1", site.dicom_port, "SITE", files, work / "storescu.log")
-        done = wait_all(pacs, len(files), p, work / "storescu.log", timeout)
+        done = wait_all(pacs, len(files), p, work / "storescu.log", timeout, t0, seen)
         p.wait(60)
-        return {"total_s": done - t0, "wire_mb": (wan.link.counter(wan.site) - tx0) / 1e6}
+        return {"total_s": done - t0, "wire_mb": (wan.link.counter(wan.site) - tx0) / 1e6, **seen}
     finally:
         site.stop()
         pacs.stop()
@@ -165,9 +185,11 @@ def one_rate(mbit: float, work: Path, files: list[Path], autoroute: bool,
               flush=True)
         r: dict[str, Any] = {"mbit": mbit, "link": link, "raw_mb": raw / 1e6}
         r["appliance"] = run_appliance(wan, work / "appliance", files, timeout, pack)
-        print(f"  appliance {r['appliance']['total_s']:.1f} s", flush=True)
+        print(f"  appliance {r['appliance']['total_s']:.1f} s (first instance at the center after"
+              f" {r['appliance']['first_s']:.1f} s; segments packed in {r['appliance']['pack_s']} s;"
+              f" load {r['appliance']['load_1m']:.1f})", flush=True)
         r["direct"] = run_direct(wan, work / "direct", files, timeout)
-        print(f"  direct {r['direct']['total_s']:.1f} s", flush=True)
+        print(f"  direct {r['direct']['total_s']:.1f} s (load {r['direct']['load_1m']:.1f})", flush=True)
         if autoroute:
             r["autoroute"] = run_autoroute(wan, work / "autoroute", files, timeout)
             print(f"  autoroute {r['autoroute']['total_s']:.1f} s", flush=True)
