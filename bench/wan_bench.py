@@ -22,7 +22,7 @@ Each mode gets a fresh center Orthanc. Times: wall clock from starting storescu 
 center's instance count (REST, polled every 0.1 s) reaches the study's size. DCMTK and
 Orthanc run with TCP_NODELAY=1. MB = 10^6 bytes, Mbit = 10^6 bits.
 
-    .venv/bin/python bench/wan_bench.py [--slices 300] [--rates 5,20,100] [--autoroute 20]
+    .venv/bin/python bench/wan_bench.py [--slices 300] [--rates 5,20,100] [--autoroute 20] [--keep]
 
 Needs root (network namespaces). Prints a markdown table; JSON goes to bench/results/.
 """
@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -183,15 +184,15 @@ def one_rate(mbit: float, work: Path, files: list[Path], autoroute: bool,
         link = wan.link.measure(seconds=4)
         print(f"{mbit:g} Mbit/s: goodput {link['goodput_bps'] / 1e6:.2f}, wire {link['wire_bps'] / 1e6:.2f}",
               flush=True)
-        r: dict[str, Any] = {"mbit": mbit, "link": link, "raw_mb": raw / 1e6}
-        r["appliance"] = run_appliance(wan, work / "appliance", files, timeout, pack)
+        r: dict[str, Any] = {"mbit": mbit, "link": link, "raw_mb": raw / 1e6, "netns": wan.names()}
+        r["appliance"] = run_appliance(wan, work / "app", files, timeout, pack)
         print(f"  appliance {r['appliance']['total_s']:.1f} s (first instance at the center after"
               f" {r['appliance']['first_s']:.1f} s; segments packed in {r['appliance']['pack_s']} s;"
               f" load {r['appliance']['load_1m']:.1f})", flush=True)
         r["direct"] = run_direct(wan, work / "direct", files, timeout)
         print(f"  direct {r['direct']['total_s']:.1f} s (load {r['direct']['load_1m']:.1f})", flush=True)
         if autoroute:
-            r["autoroute"] = run_autoroute(wan, work / "autoroute", files, timeout)
+            r["autoroute"] = run_autoroute(wan, work / "auto", files, timeout)
             print(f"  autoroute {r['autoroute']['total_s']:.1f} s", flush=True)
     r["raw_limit_s"] = raw * 8 / link["goodput_bps"]
     r["compressed_limit_s"] = r["appliance"]["bundle_mb"] * 1e6 * 8 / link["goodput_bps"]
@@ -225,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quiet", type=float, default=None, help="pack.study_quiet_s (default: shipped)")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None, help="JSON result file")
+    ap.add_argument("--keep", action="store_true", help="keep the work dir (daemon and Orthanc logs)")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         sys.exit("wan_bench needs root (network namespaces, tc, nft)")
@@ -233,9 +235,15 @@ def main(argv: list[str] | None = None) -> int:
     rates = [float(x) for x in args.rates.split(",") if x]
     auto = {float(x) for x in args.autoroute.split(",") if x}
     pack = {"study_quiet_s": args.quiet} if args.quiet is not None else {}
-    root = Path(tempfile.mkdtemp(prefix="wan-bench-", dir=args.workdir))
-    files = generate_study(root / "study", args.slices)
-    rows = [one_rate(m, root / f"r{m:g}", files, m in auto, pack) for m in rates]
+    root = Path(tempfile.mkdtemp(prefix="wb-", dir=args.workdir))  # short: socket paths
+    try:
+        files = generate_study(root / "study", args.slices)
+        rows = [one_rate(m, root / f"r{m:g}", files, m in auto, pack) for m in rates]
+    finally:
+        if args.keep:
+            print(f"work dir kept: {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
     raw_mb = rows[0]["raw_mb"]
     bundle_mb = rows[0]["appliance"]["bundle_mb"]
     print(f"\nStudy: {len(files)} slices, {raw_mb:.1f} MB Part-10; appliance bundles {bundle_mb:.1f} MB"
