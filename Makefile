@@ -62,7 +62,8 @@ test: venv peers
 	$(BIN)/python -m pytest -m "not wan" $(PYTEST_ARGS)
 
 # Only the WAN tier (marker wan, root): the emulated WAN of tests/wan.py and the appliance
-# over it (tests/test_wan_bed.py ~15 s, tests/test_wan_scenarios.py ~2.5 min; docs/wan.md).
+# over it (tests/test_wan_bed.py ~15 s, tests/test_wan_scenarios.py ~2.5 min,
+# tests/test_wan_bench_smoke.py ~30 s; docs/wan.md).
 test-wan: venv peers
 	$(BIN)/python -m pytest -m wan $(PYTEST_ARGS)
 
