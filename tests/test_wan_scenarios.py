@@ -2,9 +2,10 @@
 the reading center's Orthanc in `center`, one link between them.
 
 Scenarios (issue 11, item 10): a study over a 20 Mbit/s link arrives complete and
-identical; with 5 % loss each way everything is delivered; with the link flapping
-(3 s cut, 3 s up, for a minute) everything is delivered, nothing is left `active` in
-`queue list`, and the PACS holds every instance exactly once.
+identical, and so does one sent through a wireguard-go VPN over that link; with 5 % loss
+each way everything is delivered; with the link flapping (3 s cut, 3 s up, for a minute)
+everything is delivered, nothing is left `active` in `queue list`, and the PACS holds
+every instance exactly once.
 
 The center's Orthanc runs a Lua `ReceivedInstanceFilter` that logs every C-STORE it is
 given (before its own de-duplication), so a test can count what was sent twice: over a
@@ -15,6 +16,7 @@ but the PACS must end with each instance once and nothing else.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import threading
 import time
@@ -79,18 +81,21 @@ class Bed:
         return f"queue: {dict(states)}; pacs: {self.pacs.count()}\n{self.app.log_text()[-3000:]}"
 
 
-@pytest.fixture
-def bed(tmp_path: Path) -> Iterator[Bed]:
+@contextlib.contextmanager
+def running(tmp_path: Path, vpn: bool = False) -> Iterator[Bed]:
+    """The bed with the center's Orthanc and the appliance started; the appliance sends to
+    the center's link address, or with `vpn` through a wireguard-go tunnel over the link."""
     if os.geteuid() != 0:
         pytest.fail("the WAN scenarios need root (CI runs as root)")
     lua = tmp_path / "count-stores.lua"
     lua.write_text(COUNT_STORES_LUA)
     with Wan() as wan:
+        host = wan.vpn() if vpn else wan.center.addr
         pacs = Orthanc(tmp_path / "center", netns=wan.center.name,
                        extra={"LuaScripts": [str(lua)]}).start()
         root = tmp_path / "appliance"
-        app = Appliance(root, appliance_config(
-            root, free_port(), dicom_destination(pacs.dicom_port, host=wan.center.addr)))
+        app = Appliance(root, appliance_config(root, free_port(),
+                                               dicom_destination(pacs.dicom_port, host=host)))
         app.netns = wan.site.name
         try:
             app.start()
@@ -99,6 +104,12 @@ def bed(tmp_path: Path) -> Iterator[Bed]:
             app.stop()
             app.kill9()
             pacs.stop()
+
+
+@pytest.fixture
+def bed(tmp_path: Path) -> Iterator[Bed]:
+    with running(tmp_path) as b:
+        yield b
 
 
 def wait_delivered(bed: Bed, n: int, timeout: float) -> None:
@@ -136,6 +147,19 @@ def test_a_study_over_20_mbit_arrives_complete_and_identical(bed: Bed, study: li
     assert not problems, problems
     print(f"\n{len(study)} slices over 20 Mbit/s in {elapsed:.1f} s; "
           f"{sum(stores.values()) - len(stores)} C-STOREs repeated")
+
+
+def test_a_study_through_the_vpn_over_20_mbit_arrives(tmp_path: Path, study: list[Path]) -> None:
+    """The appliance sends through a wireguard-go tunnel that rides the 20 Mbit/s link."""
+    with running(tmp_path, vpn=True) as bed:
+        bed.wan.link.rate(20)
+        files = study[:40]
+        rx0 = bed.wan.link.counter(bed.wan.center, "rx")
+        bed.send(files)
+        wait_delivered(bed, len(files), 300)
+        assert_each_once(bed, files)
+        # the bundles crossed the link inside the tunnel (J2K bytes, ~0.18 MB a slice)
+        assert bed.wan.link.counter(bed.wan.center, "rx") - rx0 > len(files) * 100_000
 
 
 def test_five_percent_loss_everything_delivered(bed: Bed, study: list[Path]) -> None:
