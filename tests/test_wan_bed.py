@@ -228,3 +228,13 @@ def test_vpn_tunnel_carries_tcp_over_the_link(wan: Wan) -> None:
         with wan.site.entered():
             socket.create_connection(srv.getsockname(), timeout=20).close()
     assert wan.site.run("wg", "show", wan.wg_ifaces[0]).returncode == 0
+
+
+def test_an_address_outside_the_bed_is_unreachable(wan: Wan) -> None:
+    """No default route in a bed namespace: nothing in it can send beyond the bed."""
+    wan.vpn()
+    for ns in (wan.site, wan.center):
+        assert "default" not in ns.run("ip", "route").stdout
+        with ns.entered(), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s, \
+                pytest.raises(OSError, match="unreachable"):
+            s.connect(("192.0.2.1", 9))  # TEST-NET-1: never a real host
