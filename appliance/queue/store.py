@@ -124,11 +124,15 @@ class Queue:
     def claim_next(self, now: float, destination: str, min_priority: int = PRIORITY_ROUTINE) -> Item | None:
         """Take the next due item (stat first, then oldest; at least `min_priority`) and
         make it active, atomically: another lane or an operator command between choosing
-        and claiming cannot slip in."""
+        and claiming cannot slip in. Nothing due: no write transaction (lanes poll twice
+        a second; waiting for the write lock there would hold the index from the
+        receiver, which must answer the scanner)."""
+        due = ("SELECT * FROM segments WHERE (state='ready' OR (state='deferred' AND next_attempt<=?))"
+               " AND priority>=? ORDER BY priority DESC, created LIMIT 1")
+        if not self.index.query(due, (now, min_priority)):
+            return None
         with self.index.tx() as c:
-            row = c.execute(
-                "SELECT * FROM segments WHERE (state='ready' OR (state='deferred' AND next_attempt<=?))"
-                " AND priority>=? ORDER BY priority DESC, created LIMIT 1", (now, min_priority)).fetchone()
+            row = c.execute(due, (now, min_priority)).fetchone()
             if row is None:
                 return None
             transition(c, row["id"], "claim", now, destination=destination, progress=0)
