@@ -239,6 +239,19 @@ def test_a_study_is_delivered_with_identical_pixels_and_attributes(tmp_path: Pat
 
 
 @pytest.mark.peers
+def test_suspects_go_last_one_per_request(tmp_path: Path, web_pacs: Orthanc) -> None:
+    """`plan.last`: the healthy instances first, together; each suspect after them, alone."""
+    instances = ct_slices(4)
+    bundle = make_bundle(tmp_path / "b.bundle", instances)
+    got: list[int] = []
+    with Front(web_pacs.url) as front:
+        DicomWebTransport(web_destination(front.url + "/dicom-web"), KEY).send(
+            "b-1", bundle, Progress(), Plan(last=frozenset({0, 2}), delivered=got.append))
+    assert [s.parts for s in front.seen] == [2, 1, 1]
+    assert got == [1, 3, 0, 2] and web_pacs.count() == 4
+
+
+@pytest.mark.peers
 def test_sending_a_bundle_again_is_harmless(tmp_path: Path, web_pacs: Orthanc) -> None:
     """An attempt that failed after some requests is sent whole again: Orthanc answers
     a second copy of an instance as stored, and keeps one."""
