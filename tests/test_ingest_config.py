@@ -19,6 +19,7 @@ from tests.peers import REPO, cli, to_toml
 from tests.test_config import _HEADER, _KEY, _doc_above, _toml_literal
 
 EXAMPLE = REPO / "config" / "center.example.toml"
+SHM = Path("/dev/shm")  # noqa: S108 - only named as another file system, never written
 MAIN = Path("/etc/appliance/center.toml")
 
 
@@ -149,14 +150,14 @@ def test_the_example_passes_config_check_once_its_keys_and_folders_exist(tmp_pat
 
 def test_config_check_names_a_state_dir_on_another_file_system(tmp_path: Path) -> None:
     # /dev/shm is a tmpfs of its own on Debian; the state dir is only named, never created.
-    assert Path("/dev/shm").stat().st_dev != tmp_path.stat().st_dev
+    assert SHM.stat().st_dev != tmp_path.stat().st_dev
     data = valid(tmp_path)
     (tmp_path / "drop").mkdir()
-    data["ingest"]["state_dir"] = "/dev/shm/never-created-ingest-state"
+    data["ingest"]["state_dir"] = str(SHM / "never-created-ingest-state")
     main = tmp_path / "center.toml"
     main.write_text(to_toml(data))
     assert cli("keys", "init", "--config", str(main)).returncode == 0
     r = cli("config", "check", "--config", str(main))
     assert r.returncode == 78
-    assert "ingest.state_dir: /dev/shm/never-created-ingest-state is not on the file system" in r.stderr
-    assert not Path("/dev/shm/never-created-ingest-state").exists()
+    assert f"ingest.state_dir: {SHM}/never-created-ingest-state is not on the file system" in r.stderr
+    assert not (SHM / "never-created-ingest-state").exists()

@@ -7,11 +7,12 @@ file system, so when several ingest processes race for the same file exactly one
 succeeds and the others get ENOENT. The random token keeps a second copy of the same id
 from replacing a first one still in `claimed/`.
 
-Who works on a claimed file: the process holding an exclusive `flock` on it (taken right
-after the rename, released by closing the file, or by the kernel when the process dies).
-A claim left by a dead process is therefore stale as soon as its lock is gone, and the
-next pass of any ingest process takes it back (`take`), no pid or boot id needed. Taking
-a lock is checked against a rename in between (the path must still be the inode we
+Who works on a claimed file: the process holding an exclusive `flock` on it, taken on
+the file in the drop folder *before* the rename (a lock belongs to the file, not its
+name, so it moves along) and released by closing the file, or by the kernel when the
+process dies. So an unlocked file in `claimed/` is a claim whose process died, and the
+next pass of any ingest process takes it back (`take`), no pid or boot id needed.
+Every lock is checked against a rename in between (the path must still be the inode we
 locked), so a file another process just finished and moved away is never worked on twice.
 Decision: flock rather than pid files, because the kernel releases it exactly when the
 process dies (kill -9 included); it needs `claimed/` on a local file system (flock on NFS
@@ -94,17 +95,31 @@ def take(path: Path, bundle_id: str) -> Claim | None:
 
 
 def claim_new(drop_dir: Path, claimed_dir: Path, bundle_id: str) -> Claim | None:
-    """Rename `<drop>/<id>.bundle` into `claimed/` and lock it; None if another process won."""
+    """Lock `<drop>/<id>.bundle`, then rename it into `claimed/`; None if another process
+    holds or took it. Locking before the rename means a claim is never visible unlocked
+    in `claimed/` while its claimer lives (the lock is on the file, not its name)."""
+    source = drop_dir / f"{bundle_id}{BUNDLE_SUFFIX}"
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
     target = claimed_dir / f"{bundle_id}{_SEP}{secrets.token_hex(6)}{BUNDLE_SUFFIX}"
     try:
-        os.rename(drop_dir / f"{bundle_id}{BUNDLE_SUFFIX}", target)
-    except FileNotFoundError:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(source, target)
+    except (BlockingIOError, FileNotFoundError):
+        os.close(fd)
         return None
     # Both entries change: the claim must not come back into the drop after a power cut
     # while another copy of it is already being stored.
     durable.fsync_dir(claimed_dir)
     durable.fsync_dir(drop_dir)
-    return take(target, bundle_id)
+    if os.stat(target).st_ino != os.fstat(fd).st_ino:
+        # The file we locked was claimed and finished by another process before our
+        # rename, which moved a newer copy dropped under the same name: lock that one.
+        os.close(fd)
+        return take(target, bundle_id)
+    return Claim(target, bundle_id, fd)
 
 
 def stale_claims(claimed_dir: Path) -> Iterator[tuple[Path, str]]:
