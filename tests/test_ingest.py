@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ from appliance.ingest.receipt import Receipt
 from tests.e2e_support import J2K_LOSSLESS, appliance_config, compare_instance, read_dataset, settled
 from tests.orthanc import Orthanc
 from tests.peers import REPO, Appliance, free_port, storescu, to_toml, wait_for
+from tests.test_watchdog import NotifySocket
 
 pytestmark = pytest.mark.peers
 
@@ -412,3 +414,34 @@ def test_a_claim_held_by_a_live_process_is_left_and_taken_back_once_it_died(
     run = center.once()
     assert run.counts == {"stored": 1}, run.output
     assert stored_uids(pacs) == collections.Counter(site.members[bid])
+
+
+def test_the_service_says_ready_feeds_the_watchdog_stores_what_is_dropped_and_stops_on_sigterm(
+        site: Site, pacs_factory: Any, tmp_path: Path) -> None:
+    """`appliance ingest` without --once, as systemd runs it (Type=notify, a fake NOTIFY_SOCKET)."""
+    pacs = pacs_factory()
+    center = Center(tmp_path / "center", site.keys, pacs.dicom_port)
+    notify = NotifySocket(tmp_path / "notify.sock")
+    log = (tmp_path / "service.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "appliance", "ingest", "--config", str(center.config)],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
+                            env={**os.environ, "NOTIFY_SOCKET": str(notify.path)})
+    log.close()
+    try:
+        wait_for(lambda: notify.since(0, "READY=1"), 30, "READY=1")
+        bid = site.of("ct")[1]
+        center.drop_bundle(site.bundles[bid], bid)
+        wait_for(lambda: receipts.path_for(center.drop, bid).exists(), 60, "the receipt",
+                 detail=lambda: (tmp_path / "service.log").read_text())
+        assert center.receipt(bid).verdict == "stored"
+        assert stored_uids(pacs) == collections.Counter(site.members[bid])
+        t = time.monotonic()
+        wait_for(lambda: len(notify.since(t, "WATCHDOG=1")) >= 2, 10, "watchdog pings while idle")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert notify.since(0, "STOPPING=1")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        notify.close()

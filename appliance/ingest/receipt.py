@@ -28,8 +28,10 @@ key file helpers.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
+import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -146,7 +148,12 @@ def write(drop_dir: Path, bundle_id: str, data: bytes) -> Path:
     """Write a signed receipt atomically and durably (tmp, fsync, rename, fsync dir)."""
     target = path_for(drop_dir, bundle_id)
     durable.make_dirs(target.parent, mode=0o755)
-    durable.atomic_write(target, data, mode=0o644)
+    # Readable by the appliances' SFTP accounts whatever the process umask (0077 here).
+    with contextlib.suppress(PermissionError):  # a folder the SFTP admin made and owns
+        os.chmod(target.parent, 0o755)  # noqa: S103 - receipts are for the SFTP accounts; no PHI
+    with durable.atomic_file(target, mode=0o644) as f:
+        os.fchmod(f.fileno(), 0o644)
+        f.write(data)
     return target
 
 
