@@ -227,6 +227,23 @@ def pacs_factory(tmp_path: Path) -> Iterator[Any]:
         p.stop()
 
 
+class Holder:
+    """Another process that takes a lock (`code` sets `ok`) and holds it until killed."""
+
+    def __init__(self, tmp_path: Path, code: str, *args: str) -> None:
+        flag = tmp_path / f"holder-{os.urandom(4).hex()}"
+        script = ("import sys, time\nfrom pathlib import Path\na = sys.argv[1:]\n" + code
+                  + "Path(a[-1]).write_text('held' if ok else 'lost')\ntime.sleep(600)\n")
+        self.proc = subprocess.Popen([sys.executable, "-c", script, *args, str(flag)], cwd=REPO,
+                                     start_new_session=True)
+        wait_for(flag.exists, 30, "the other process's lock")
+        assert flag.read_text() == "held"
+
+    def kill(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+
 def sha256(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
@@ -395,22 +412,14 @@ def test_a_claim_held_by_a_live_process_is_left_and_taken_back_once_it_died(
     bid = site.of("mr")[2]
     center.drop_bundle(site.bundles[bid], bid)
     (center.state / "claimed").mkdir(parents=True)
-    flag = tmp_path / "claimed.flag"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
-         "from appliance.ingest.claim import claim_new\n"
-         "c = claim_new(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3])\n"
-         "Path(sys.argv[4]).write_text('claimed' if c else 'lost')\ntime.sleep(600)\n",
-         str(center.drop), str(center.state / "claimed"), bid, str(flag)],
-        cwd=REPO, start_new_session=True)
+    holder = Holder(tmp_path, "from appliance.ingest.claim import claim_new\n"
+                             "ok = claim_new(Path(a[0]), Path(a[1]), a[2])\n",
+                    str(center.drop), str(center.state / "claimed"), bid)
     try:
-        wait_for(flag.exists, 30, "the other process's claim")
-        assert flag.read_text() == "claimed"
         assert center.once().counts == {}  # locked by a live process: not touched
         assert pacs.count() == 0
     finally:
-        os.killpg(holder.pid, signal.SIGKILL)
-        holder.wait(10)
+        holder.kill()
     run = center.once()
     assert run.counts == {"stored": 1}, run.output
     assert stored_uids(pacs) == collections.Counter(site.members[bid])
@@ -445,3 +454,42 @@ def test_the_service_says_ready_feeds_the_watchdog_stores_what_is_dropped_and_st
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
         notify.close()
+
+
+def test_a_copy_of_a_bundle_that_another_process_is_ingesting_is_left_until_it_is_done(
+        site: Site, pacs_factory: Any, tmp_path: Path) -> None:
+    """The appliance sent a bundle again while the first copy is being stored elsewhere:
+    the second copy waits (its claim left for a later pass) instead of being stored too."""
+    pacs = pacs_factory()
+    center = Center(tmp_path / "center", site.keys, pacs.dicom_port)
+    bid = site.of("ct")[1]
+    center.drop_bundle(site.bundles[bid], bid)
+    (center.state / "locks").mkdir(parents=True)
+    holder = Holder(tmp_path, "from appliance.ingest.claim import bundle_lock\n"
+                              "lock = bundle_lock(Path(a[0]), a[1])\nok = lock.__enter__()\n",
+                    str(center.state / "locks"), bid)
+    try:
+        run = center.once()
+        assert run.counts == {"busy": 1}, run.output
+        assert pacs.count() == 0 and not receipts.path_for(center.drop, bid).exists()
+    finally:
+        holder.kill()
+    assert center.once().counts == {"stored": 1}
+    assert stored_uids(pacs) == collections.Counter(site.members[bid])
+
+
+def test_a_broken_copy_of_a_stored_bundle_fails_without_replacing_its_receipt(
+        site: Site, pacs_factory: Any, tmp_path: Path) -> None:
+    pacs = pacs_factory()
+    center = Center(tmp_path / "center", site.keys, pacs.dicom_port)
+    bid = site.of("mr")[3]
+    center.drop_bundle(site.bundles[bid], bid)
+    assert center.once().counts == {"stored": 1}
+    good = receipts.path_for(center.drop, bid).read_bytes()
+    broken = center.drop_bundle(site.bundles[bid], bid)
+    broken.write_bytes(broken.read_bytes()[:-100])  # a truncated re-upload
+    run = center.once()
+    assert run.counts == {"failed": 1}, run.output
+    assert receipts.path_for(center.drop, bid).read_bytes() == good
+    assert [e["event"] for e in run.events if e["event"] == "ingest.receipt_kept"] == ["ingest.receipt_kept"]
+    assert len(list((center.state / "failed").glob("*.reason.txt"))) == 1

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import secrets
 from collections.abc import Iterator
@@ -37,6 +38,7 @@ from appliance.core import durable
 from appliance.ingest.receipt import valid_bundle_id
 
 BUNDLE_SUFFIX = ".bundle"
+LOCK_SLOTS = 64
 _SEP = "~"
 
 
@@ -131,12 +133,38 @@ def stale_claims(claimed_dir: Path) -> Iterator[tuple[Path, str]]:
                 yield p, bid
 
 
-def drops(drop_dir: Path) -> Iterator[str]:
-    """Bundle ids of the complete bundles in the drop folder, in name order."""
+def drops(drop_dir: Path) -> tuple[list[str], int]:
+    """Bundle ids of the complete bundles in the drop folder, in name order, and how many
+    other `*.bundle` names are there that are not safe ids (left alone)."""
+    ids, odd = [], 0
     for p in sorted(drop_dir.iterdir()):
         bid = bundle_id_of_drop(p.name)
         if bid is not None and p.is_file():
-            yield bid
+            ids.append(bid)
+        elif p.name.endswith(BUNDLE_SUFFIX) and not p.name.startswith("."):
+            odd += 1
+    return ids, odd
+
+
+@contextlib.contextmanager
+def bundle_lock(locks_dir: Path, bundle_id: str) -> Iterator[bool]:
+    """Hold the lock of `bundle_id`'s slot while one copy of it is ingested, so that a
+    second copy claimed meanwhile by another process (the appliance sent it again) waits
+    for the first to be recorded and is then found to be a duplicate. Yields False when
+    another process holds it (the caller leaves its claim for a later pass). 64 slot
+    files by hash of the id: a bounded number of files, and two ids sharing a slot only
+    wait for each other."""
+    slot = hashlib.sha256(bundle_id.encode()).digest()[0] % LOCK_SLOTS
+    fd = os.open(locks_dir / f"{slot:02d}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
 
 
 def settle(claim: Claim, folder: Path, reason: str | None = None) -> Path:

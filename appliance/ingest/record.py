@@ -83,6 +83,11 @@ class Record:
             return None
         return Previous(row[0], row[1], json.loads(row[2]), bool(row[3]))
 
+    def holds(self, bundle_id: str) -> bool:
+        """Was any copy of `bundle_id` stored or partly stored?"""
+        return self.db.execute("SELECT 1 FROM ingested WHERE bundle_id = ? AND verdict IN "
+                               "('stored', 'partial') LIMIT 1", (bundle_id,)).fetchone() is not None
+
     def ingested(self, bundle_id: str, sha256: str, verdict: str, at: float,
                  receipt: dict[str, Any]) -> None:
         """Record a verdict (before the receipt is written and the file moved)."""

@@ -134,11 +134,12 @@ class Ingester:
         self.claimed = cfg.state_dir / "claimed"
         self.done = cfg.state_dir / "done"
         self.failed = cfg.state_dir / "failed"
+        self.locks = cfg.state_dir / "locks"
         self.cancelled = threading.Event()
         self.notifier = Notifier()
         self._last_ping = 0.0
         check_dirs(cfg)
-        for d in (self.claimed, self.done, self.failed):
+        for d in (self.claimed, self.done, self.failed, self.locks):
             durable.make_dirs(d)
         durable.remove_stale_temps(self.claimed)
         self.record = Record(cfg.state_dir)
@@ -172,7 +173,11 @@ class Ingester:
                 c = claims.take(path, bid)
                 if c is not None:
                     counts[self._work(c)] += 1
-        for bid in claims.drops(self.cfg.drop_dir):
+        ids, odd = claims.drops(self.cfg.drop_dir)
+        if odd:
+            # Not named by count only: a file name is whatever an uploader chose.
+            log.warning("ingest.ignored", files=odd, detail="*.bundle names that are not bundle ids")
+        for bid in ids:
             if stop is not None and stop.is_set():
                 return counts
             c = claims.claim_new(self.cfg.drop_dir, self.claimed, bid)
@@ -192,7 +197,12 @@ class Ingester:
 
     def _work(self, c: claims.Claim) -> str:
         try:
-            return self._ingest(c)
+            with claims.bundle_lock(self.locks, c.bundle_id) as mine:
+                if not mine:
+                    log.info("ingest.busy", bundle=c.bundle_id,
+                             detail="another copy of this bundle is being ingested")
+                    return "busy"
+                return self._ingest(c)
         except Exception as e:  # a bug met by one bundle must not stop the others
             log.error("ingest.error", bundle=c.bundle_id, exc_info=True)
             return self._defer(c, f"unexpected {type(e).__name__} (see the log)")
@@ -257,7 +267,13 @@ class Ingester:
     def _finish(self, c: claims.Claim, digest: str, rec: Receipt, record: bool) -> None:
         if record:
             self.record.ingested(c.bundle_id, digest, rec.verdict, self.now(), rec.body())
-        receipts.write(self.cfg.drop_dir, c.bundle_id, receipts.sign(rec, self.signer))
+        if rec.verdict == "failed" and self.record.holds(c.bundle_id):
+            # A file that fails under the name of a bundle the center holds (garbage, or
+            # a broken re-upload) must not replace that bundle's receipt.
+            log.warning("ingest.receipt_kept", bundle=c.bundle_id,
+                        detail="a failed copy of a bundle already stored; its receipt is kept")
+        else:
+            receipts.write(self.cfg.drop_dir, c.bundle_id, receipts.sign(rec, self.signer))
         failed = rec.verdict == "failed"
         claims.settle(c, self.failed if failed else self.done, rec.reason if failed else None)
         if rec.verdict != "duplicate":
