@@ -161,3 +161,14 @@ def test_config_check_names_a_state_dir_on_another_file_system(tmp_path: Path) -
     assert r.returncode == 78
     assert f"ingest.state_dir: {SHM}/never-created-ingest-state is not on the file system" in r.stderr
     assert not (SHM / "never-created-ingest-state").exists()
+
+
+def test_ingest_needs_a_center_config(tmp_path: Path) -> None:
+    r = cli("ingest")
+    assert r.returncode == 64 and "--config CENTER.toml is required" in r.stderr
+    appliance = tmp_path / "appliance.toml"
+    appliance.write_text(to_toml({"appliance": {"name": "a"}}))
+    r = cli("ingest", "--once", "--config", str(appliance))
+    assert r.returncode == 78
+    assert f"{appliance}: appliance: unknown key" in r.stderr
+    assert f"{appliance}: ingest: is required" in r.stderr

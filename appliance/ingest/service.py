@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from appliance.bundle.format import Manifest, PrivateKey, VerifiedBundle
 from appliance.core import crypto, durable
@@ -124,7 +125,7 @@ def store(transport: Transport, bundle_id: str, path: Path, manifest: Manifest,
 class Ingester:
     """The center's ingest: one object per process; `run_pass` or `serve`."""
 
-    def __init__(self, cfg: Ingest, key: PrivateKey, signer: Any, transport: Transport,
+    def __init__(self, cfg: Ingest, key: PrivateKey, signer: Ed25519PrivateKey, transport: Transport,
                  now: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
         self.key = key
@@ -141,7 +142,6 @@ class Ingester:
         check_dirs(cfg)
         for d in (self.claimed, self.done, self.failed, self.locks):
             durable.make_dirs(d)
-        durable.remove_stale_temps(self.claimed)
         self.record = Record(cfg.state_dir)
 
     def close(self) -> None:
