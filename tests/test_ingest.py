@@ -184,10 +184,10 @@ class Center:
         os.rename(tmp, target)
         return target
 
-    def popen(self) -> subprocess.Popen[str]:
+    def popen(self, **env: str) -> subprocess.Popen[str]:
         return subprocess.Popen([sys.executable, "-m", "appliance", "ingest", "--once", "--config",
                                  str(self.config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, cwd=REPO, start_new_session=True)
+                                text=True, cwd=REPO, start_new_session=True, env={**os.environ, **env})
 
     def finish(self, p: subprocess.Popen[str]) -> Run:
         try:
@@ -493,3 +493,42 @@ def test_a_broken_copy_of_a_stored_bundle_fails_without_replacing_its_receipt(
     assert receipts.path_for(center.drop, bid).read_bytes() == good
     assert [e["event"] for e in run.events if e["event"] == "ingest.receipt_kept"] == ["ingest.receipt_kept"]
     assert len(list((center.state / "failed").glob("*.reason.txt"))) == 1
+
+
+def test_a_process_killed_after_recording_a_bundle_is_finished_by_the_next_pass_without_storing_again(
+        site: Site, pacs_factory: Any, tmp_path: Path) -> None:
+    pacs = pacs_factory()
+    center = Center(tmp_path / "center", site.keys, pacs.dicom_port)
+    bid = site.of("ct")[0]
+    n = len(site.members[bid])
+    center.drop_bundle(site.bundles[bid], bid)
+    fp = tmp_path / "failpoints"
+    fp.mkdir()
+    (fp / "ingest.recorded").write_text("hang")
+    p = center.popen(APPLIANCE_FAILPOINTS=str(fp))
+    try:
+        wait_for(lambda: recorded(center.state), 60, "the verdict recorded")
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate(timeout=30)
+    assert not receipts.path_for(center.drop, bid).exists() and new_instance_changes(pacs) == n
+    run = center.once()
+    assert run.counts == {"stored": 1}, run.output
+    assert [e["event"] for e in run.events if e["event"] in ("ingest.finished", "dicom.sent")] == [
+        "ingest.finished"]
+    assert center.receipt(bid).verdict == "stored" and new_instance_changes(pacs) == n
+    assert (center.state / "done" / f"{bid}.bundle").is_file()
+
+
+def recorded(state: Path) -> bool:
+    import sqlite3
+    db = state / "ingest.db"
+    if not db.exists():
+        return False
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    try:
+        return conn.execute("SELECT COUNT(*) FROM ingested").fetchone()[0] > 0
+    except sqlite3.OperationalError:  # not created yet
+        return False
+    finally:
+        conn.close()

@@ -55,7 +55,7 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from appliance.bundle.format import Manifest, PrivateKey, VerifiedBundle
-from appliance.core import crypto, durable
+from appliance.core import crypto, durable, failpoints
 from appliance.core.errors import IntegrityError, StateError
 from appliance.forward import Permanent, Plan, Retryable, Transport, Unreadable
 from appliance.health.notify import Notifier
@@ -267,6 +267,7 @@ class Ingester:
     def _finish(self, c: claims.Claim, digest: str, rec: Receipt, record: bool) -> None:
         if record:
             self.record.ingested(c.bundle_id, digest, rec.verdict, self.now(), rec.body())
+            failpoints.hit("ingest.recorded")
         if rec.verdict == "failed" and self.record.holds(c.bundle_id):
             # A file that fails under the name of a bundle the center holds (garbage, or
             # a broken re-upload) must not replace that bundle's receipt.
