@@ -38,6 +38,7 @@ from appliance.ingest.receipt import Receipt
 from tests.e2e_support import J2K_LOSSLESS, appliance_config, compare_instance, read_dataset, settled
 from tests.orthanc import Orthanc
 from tests.peers import REPO, Appliance, free_port, storescu, to_toml, wait_for
+from tests.test_forward_dicom import PKI
 from tests.test_watchdog import NotifySocket
 
 pytestmark = pytest.mark.peers
@@ -160,7 +161,8 @@ class Run:
 
 
 class Center:
-    def __init__(self, root: Path, keys: Path, pacs_port: int, **ingest: Any) -> None:
+    def __init__(self, root: Path, keys: Path, pacs_port: int, pacs: dict[str, Any] | None = None,
+                 **ingest: Any) -> None:
         self.root = root
         self.drop = root / "drop"
         self.state = root / "state"
@@ -171,7 +173,7 @@ class Center:
                           "poll_s": 0.2, "retry_min_s": 0.2, "retry_max_s": 1,
                           "log_format": "json", **ingest,
                           "pacs": {"host": "127.0.0.1", "port": pacs_port, "ae_title": "ORTHANC",
-                                   "plaintext": True, "timeout_s": 10}}}
+                                   "timeout_s": 10, **(pacs or {"plaintext": True})}}}
         self.config = root / "center.toml"
         self.config.write_text(to_toml(cfg))
         self.runs = 0
@@ -532,3 +534,39 @@ def recorded(state: Path) -> bool:
         return False
     finally:
         conn.close()
+
+
+def test_ingest_speaks_dicom_tls_with_mutual_authentication_to_the_pacs(
+        site: Site, pacs_factory: Any, tmp_path: Path) -> None:
+    pki = PKI(tmp_path / "pki")
+    pacs = pacs_factory(tls=pki.orthanc())  # Orthanc's DICOM port speaks TLS only
+    tls = {"cert": str(pki.dir / "edge.crt"), "key": str(pki.dir / "edge.key"), "ca": str(pki.dir / "ca.crt")}
+    center = Center(tmp_path / "center", site.keys, pacs.dicom_port, pacs={"tls": tls})
+    bid = site.of("mr")[0]
+    center.drop_bundle(site.bundles[bid], bid)
+    run = center.once()
+    assert run.counts == {"stored": 1}, run.output
+    assert stored_uids(pacs) == collections.Counter(site.members[bid])
+    assert not [e for e in run.events if e["event"] == "dicom.plaintext"]
+
+
+def test_the_ingest_log_and_receipts_name_no_patient_data(
+        site: Site, pacs_factory: Any, tmp_path: Path) -> None:
+    """A partial bundle (reasons quoting the PACS) and a tampered one (reasons quoting the
+    bundle reader): log lines and receipts carry opaque ids, indexes and SOP class names."""
+    pacs = pacs_factory()
+    center = Center(tmp_path / "center", site.keys, pacs.dicom_port, log_level="debug")
+    (odd,) = site.of("odd")
+    tampered = site.of("mr")[0]
+    center.drop_bundle(site.bundles[odd], odd)
+    broken = center.drop_bundle(site.bundles[tampered], tampered)
+    broken.write_bytes(broken.read_bytes()[:-1] + b"\x00")
+    run = center.once()
+    assert run.counts == {"partial": 1, "failed": 1}, run.output
+    text = run.output + "".join(p.read_text() for p in (center.drop / "receipts").iterdir())
+    text += "".join(p.read_text() for p in (center.state / "failed").glob("*.txt"))
+    for bid in (odd, tampered):
+        for uid in site.members[bid]:
+            ds = read_dataset(site.originals[uid])
+            for value in (uid, str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.PatientID)):
+                assert value not in text, value
