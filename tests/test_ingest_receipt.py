@@ -1,18 +1,24 @@
 """Receipts (appliance/ingest/receipt.py) and the small pure pieces of ingest: signing and
-checking a receipt, the verdict table, back-off, and which file names are bundles."""
+checking a receipt, the verdict table, back-off, which file names are bundles, and
+`service.store` against the in-memory fake transport (tests/fake_transport.py)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import threading
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from appliance.bundle.format import BundleWriter, InstanceInfo, Manifest
 from appliance.ingest import receipt as receipts
 from appliance.ingest.claim import bundle_id_of_claim, bundle_id_of_drop
 from appliance.ingest.receipt import InstanceOutcome, Receipt, ReceiptError
-from appliance.ingest.service import backoff_s
+from appliance.ingest.service import Delivery, backoff_s, store
+from tests.fake_transport import FakeDestination, FakeTransport
 
 KEY = Ed25519PrivateKey.generate()
 SHA = "ab" * 32
@@ -108,3 +114,63 @@ def test_only_complete_bundles_with_safe_ids_are_taken_from_the_drop(name: str, 
 def test_a_claim_name_gives_back_its_bundle_id() -> None:
     assert bundle_id_of_claim("01a2~9f3c2b.bundle") == "01a2"
     assert bundle_id_of_claim("01a2.bundle") is None
+
+
+# --- store(): what the PACS's answers make of each instance ------------------------------------
+
+CENTER = X25519PrivateKey.generate()
+
+
+def bundle(tmp_path: Path, n: int = 4) -> tuple[Path, Manifest]:
+    path = tmp_path / "b.bundle"
+    with path.open("wb") as f:
+        w = BundleWriter(f, "b-1", [CENTER.public_key()], "study-1")
+        for i in range(n):
+            raw = f"instance {i}".encode()
+            w.begin_instance(InstanceInfo(
+                sop_instance_uid=f"1.2.3.{i}", sop_class="1.2.840.10008.5.1.4.1.1.2",
+                transfer_syntax="1.2.840.10008.1.2.1", received_transfer_syntax="1.2.840.10008.1.2.1",
+                received_size=len(raw), received_sha256=hashlib.sha256(raw).hexdigest(),
+                action="passthrough"))
+            w.write(raw)
+            w.end_instance()
+        manifest = w.close()
+    return path, manifest
+
+
+def run_store(tmp_path: Path, dest: FakeDestination) -> Delivery:
+    path, manifest = bundle(tmp_path)
+    return store(FakeTransport("pacs", dest, CENTER), "b-1", path, manifest, lambda n: None,
+                 threading.Event())
+
+
+def test_store_reports_every_instance_stored(tmp_path: Path) -> None:
+    d = run_store(tmp_path, FakeDestination())
+    assert d.retry is None and [(o.index, o.outcome) for o in d.outcomes] == [(i, "stored") for i in range(4)]
+
+
+def test_store_sets_refused_instances_aside_and_sends_the_rest(tmp_path: Path) -> None:
+    dest = FakeDestination()
+    dest.script = {"1.2.3.1": "refuse", "1.2.3.3": "refuse"}
+    d = run_store(tmp_path, dest)
+    assert [(o.index, o.outcome, o.status_class) for o in d.outcomes] == [
+        (0, "stored", None), (1, "failed", "permanent"), (2, "stored", None), (3, "failed", "permanent")]
+    assert d.outcomes[1].reason == "the fake PACS refused instance 1"
+    assert dest.stored == {"1.2.3.0": 1, "1.2.3.2": 1}  # nothing stored twice
+
+
+def test_store_leaves_the_bundle_for_a_retry_when_the_pacs_is_down(tmp_path: Path) -> None:
+    dest = FakeDestination()
+    dest.down = True
+    d = run_store(tmp_path, dest)
+    assert d.outcomes == () and d.retry == "the fake destination refused the connection"
+
+
+def test_store_fails_a_bundle_that_does_not_verify_without_sending_anything(tmp_path: Path) -> None:
+    path, manifest = bundle(tmp_path)
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 1
+    path.write_bytes(bytes(data))
+    dest = FakeDestination()
+    d = store(FakeTransport("pacs", dest, CENTER), "b-1", path, manifest, lambda n: None, threading.Event())
+    assert (d.failed or "").startswith("bundle does not verify") and not dest.stored
