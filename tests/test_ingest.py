@@ -424,6 +424,7 @@ def test_a_claim_held_by_a_live_process_is_left_and_taken_back_once_it_died(
         holder.kill()
     run = center.once()
     assert run.counts == {"stored": 1}, run.output
+    assert [e["bundle"] for e in run.events if e["event"] == "ingest.reclaimed"] == [bid]
     assert stored_uids(pacs) == collections.Counter(site.members[bid])
 
 

@@ -172,6 +172,8 @@ class Ingester:
             if self.record.due(path.name, now):
                 c = claims.take(path, bid)
                 if c is not None:
+                    if not self.record.attempts(c.name):  # not a retry: its process died
+                        log.warning("ingest.reclaimed", bundle=bid, claim=c.token)
                     counts[self._work(c)] += 1
         ids, odd = claims.drops(self.cfg.drop_dir)
         if odd:
@@ -229,9 +231,9 @@ class Ingester:
             reason = None if verdict == "stored" else _failures(delivery.outcomes)
             rec = self._receipt(c.bundle_id, digest, delivery.outcomes, verdict, reason)
         self._finish(c, digest, rec, record=True)
-        log.info(f"ingest.{rec.verdict}", bundle=c.bundle_id, instances=len(rec.instances),
-                 stored=len(rec.stored), reason=rec.reason,
-                 seconds=round(time.monotonic() - t0, 3))
+        (log.info if rec.verdict == "stored" else log.warning)(
+            f"ingest.{rec.verdict}", bundle=c.bundle_id, instances=len(rec.instances),
+            stored=len(rec.stored), reason=rec.reason, seconds=round(time.monotonic() - t0, 3))
         return rec.verdict
 
     def _verify(self, c: claims.Claim) -> Manifest | str:
