@@ -427,14 +427,16 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
 
 def cmd_queue_list(args: argparse.Namespace) -> int:
     from appliance.queue.index import open_index
+    from appliance.queue.store import PRIORITY_STAT
 
     cfg = config.load(args.config)
     idx = open_index(cfg.appliance.state_dir, readonly=True)
     now = time.time()
     try:
         rows = [
-            {"id": r["id"], "state": r["state"], "study": r["study_key"],
-             "instances": r["instances"], "bytes": r["bytes"],
+            {"id": r["id"], "state": r["state"],
+             "priority": "stat" if r["priority"] >= PRIORITY_STAT else "routine",
+             "study": r["study_key"], "instances": r["instances"], "bytes": r["bytes"],
              "age_s": round(now - r["created"], 1), "reason": r["reason"],
              "incomplete": r["incomplete"] if "incomplete" in r.keys() else 0}  # noqa: SIM118
             for r in idx.query("SELECT * FROM segments ORDER BY created")
@@ -446,9 +448,10 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'ID':28} {'STATE':10} {'STUDY':16} {'INST':>6} {'BYTES':>12} {'AGE':>8}  REASON")
+    print(f"{'ID':28} {'STATE':10} {'PRIO':7} {'STUDY':16} {'INST':>6} {'BYTES':>12} {'AGE':>8}  REASON")
     for r in rows:
-        print(f"{r['id']:28} {r['state']:10} {r['study']:16} {r['instances']:>6} {r['bytes']:>12}"
+        print(f"{r['id']:28} {r['state']:10} {r['priority']:7} {r['study']:16} {r['instances']:>6}"
+              f" {r['bytes']:>12}"
               f" {_age(r['age_s']):>8}  {_list_reason(r)}")
     if not rows:
         print("(the queue is empty)")

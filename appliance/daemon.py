@@ -175,7 +175,8 @@ class Daemon:
         self.packer = packer = Packer(
             cfg.pack, spool, queue, recipients, pool, beat=self.stages["pack"].beat,
             receiving_burst=lambda: self.receiver is not None and self.receiver.in_burst(),
-            max_instance_bytes=cfg.receive.max_instance_mb << 20)
+            max_instance_bytes=cfg.receive.max_instance_mb << 20,
+            on_packed=lambda seg: self.wake_forward.set())
         packer.remove_packed()  # a crash between pack steps 2 and 3 left these
         counts = spool.recover(adopt=identify_stored)
         log.info("spool.recovered", **counts)
@@ -183,7 +184,8 @@ class Daemon:
         self.forwarder = forwarder = Forwarder(queue, transports, cfg.queue,
                                                beat=self.stages["forward"].beat)
         self.receiver = receiver = Receiver(cfg.receive, spool, self.stats, stage=self.stages["receive"],
-                                            on_stored=lambda seg: self.wake_pack.set())
+                                            on_stored=lambda seg: self.wake_pack.set(),
+                                            rules=cfg.rules)
         status = ControlServer(cfg.control_socket, self._control_handlers())
         self._install_signals()
         try:
@@ -242,9 +244,7 @@ class Daemon:
 
     def _pack_step(self) -> bool:
         sealed = self.packer.seal_due(time.time())
-        packed = self.packer.pack_pending()
-        if packed:
-            self.wake_forward.set()
+        packed = self.packer.pack_pending()  # each bundle wakes the forwarder when ready
         return bool(sealed or packed)
 
     def _lane(self, name: str, min_priority: int, housekeeping: bool = False) -> threading.Thread:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -36,8 +37,29 @@ def wait_for(cond: Callable[[], T], timeout: float = 20.0, what: str = "conditio
         time.sleep(poll)
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A loopback port nobody listens on now, chosen at random below the kernel's
+    ephemeral range: a port from bind(0) comes from that range, where every outgoing
+    connection on this shared machine also takes its local port, so one could take it
+    between our choosing it and the server binding it ("Address already in use")."""
+    lo = _ephemeral_range()[0]
+    for _ in range(100):
+        port = random.randrange(10_000, max(lo, 10_001))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # the low range is crowded: let the kernel choose
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 

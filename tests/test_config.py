@@ -436,12 +436,12 @@ def test_effective_elides_secrets(sftp_available: None) -> None:
 def test_effective_shows_only_the_fields_of_each_transport(sftp_available: None) -> None:
     eff = config.effective(parse(with_(destinations=[DIRECTORY, DICOM, SFTP])))
     directory, dicom, sftp = eff["destinations"]
-    assert set(directory) == {"name", "transport", "path"}
-    assert set(dicom) == {"name", "transport", "host", "port", "ae_title", "plaintext",
-                          "storage_commitment", "commitment_bind", "commitment_timeout_s",
-                          "timeout_s"}
-    assert set(sftp) == {"name", "transport", "host", "port", "user", "key", "known_hosts",
-                         "remote_dir", "timeout_s"}
+    common = {"name", "transport", "max_kbit_s"}  # and cap_hours, when set
+    assert set(directory) == common | {"path"}
+    assert set(dicom) == common | {"host", "port", "ae_title", "plaintext", "storage_commitment",
+                                   "commitment_bind", "commitment_timeout_s", "timeout_s"}
+    assert set(sftp) == common | {"host", "port", "user", "key", "known_hosts", "remote_dir",
+                                  "timeout_s"}
 
 
 def test_effective_lists_sources_and_hides_bookkeeping() -> None:

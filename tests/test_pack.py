@@ -215,3 +215,29 @@ def _other_study(path: Path) -> bytes:
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+def test_each_bundle_is_announced_as_soon_as_it_is_ready_and_stat_goes_first(
+        tmp_path: Path, pool: CodecPool) -> None:
+    """on_packed is called per segment, before the next one is packed (the forwarder may
+    send the first bundle while the rest are packed), and a stat segment sealed while
+    others are packed goes next, ahead of routine ones seen before it."""
+    spool, queue, packer, _ = _box(tmp_path, pool)
+    files = sorted(CT.iterdir())
+    segs = [_store(spool, [_other_study(f)])[0].segment_id for f in files[:3]]
+    late_stat = _store(spool, [_other_study(files[3])])[0].segment_id
+    with queue.index.tx() as c:  # sealed "later": the routine ones were listed first
+        c.execute("UPDATE segments SET created=created+100 WHERE id=?", (late_stat,))
+    seen: list[tuple[str, list[str]]] = []
+
+    def announced(seg: str) -> None:
+        ready = [s for s in [*segs, late_stat] if queue.get(s).state == "ready"]
+        seen.append((seg, ready))
+        if seg == segs[0]:  # the stat study's instance becomes stat after packing began
+            with queue.index.tx() as c:
+                c.execute("UPDATE segments SET priority=10 WHERE id=?", (late_stat,))
+
+    packer.on_packed = announced
+    assert packer.pack_pending() == 4
+    assert [s for s, _ in seen] == [segs[0], late_stat, segs[1], segs[2]]
+    assert [len(ready) for _, ready in seen] == [1, 2, 3, 4]  # announced one at a time

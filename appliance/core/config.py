@@ -97,6 +97,7 @@ class Pack:
     segment_max_instances: int = 100
     segment_max_mb: int = 64
     segment_max_age_s: float = 10.0
+    stat_segment_max_age_s: float = 2.0  # a stat study's segment is sealed this often
     workers: int = 0  # 0 = one per CPU
     stream_threshold_mb: int = 64  # instances this large are packed streaming (bounded memory)
     job_timeout_s: float = 60.0  # a codec job running longer is killed (its instance sent as is)
@@ -151,6 +152,35 @@ class Destination:
     key_passphrase: str | None = field(default=None, metadata=SECRET)
     known_hosts: Path | None = None
     remote_dir: str | None = None
+    # any transport
+    max_kbit_s: float = 0.0  # bandwidth cap, all lanes together; 0 = none
+    cap_hours: str | None = None  # "HH:MM-HH:MM" local time: cap only then; None = always
+
+
+# [[destinations]] keys that apply to every transport, besides `name` and `transport`.
+COMMON_DEST_KEYS = ("max_kbit_s", "cap_hours")
+
+
+# What a rule can match, each a list of patterns (any may match; case-insensitive shell
+# globs: * ? [..]), besides cstore_priority.
+RULE_MATCH_KEYS = ("calling_ae", "modality", "study_description", "requested_procedure",
+                   "body_part")
+CSTORE_PRIORITIES = ("high", "medium", "low")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One [[rules]] entry: a study matching every criterion given gets `priority`.
+    Rules are tried in order and the first that matches decides (receive/rules.py)."""
+
+    name: str
+    priority: str  # stat | routine
+    calling_ae: tuple[str, ...] = ()
+    modality: tuple[str, ...] = ()
+    study_description: tuple[str, ...] = ()
+    requested_procedure: tuple[str, ...] = ()
+    body_part: tuple[str, ...] = ()
+    cstore_priority: tuple[str, ...] = ()  # high | medium | low (the C-STORE request's field)
 
 
 @dataclass(frozen=True)
@@ -176,6 +206,7 @@ class Config:
     queue: Queue = Queue()
     health: Health = Health()
     destinations: tuple[Destination, ...] = ()
+    rules: tuple[Rule, ...] = ()
     # Files read, in order, and which file set each dotted key (so that problems found
     # later, such as a missing key file, can name the file the technician must edit).
     sources: tuple[Path, ...] = field(default=(), metadata=NOT_A_KEY)
@@ -543,6 +574,8 @@ def _parse_pack(t: _Table) -> Pack:
                                         1, 100_000),
         segment_max_mb=t.integer("segment_max_mb", d.segment_max_mb, 1, 16_384),
         segment_max_age_s=t.number("segment_max_age_s", d.segment_max_age_s, 0.5, 3600),
+        stat_segment_max_age_s=t.number("stat_segment_max_age_s", d.stat_segment_max_age_s,
+                                        0.5, 3600),
         workers=t.integer("workers", d.workers, 0, 256),
         stream_threshold_mb=t.integer("stream_threshold_mb", d.stream_threshold_mb, 1, 65_536),
         job_timeout_s=t.number("job_timeout_s", d.job_timeout_s, 1, 86_400),
@@ -627,7 +660,28 @@ def _sftp_keys(t: _Table) -> dict[str, Any]:
     }
 
 
-_OPTIONAL_DEST = ("calling_ae_title", "key_passphrase", "tls", "commitment_port")
+_OPTIONAL_DEST = ("calling_ae_title", "key_passphrase", "tls", "commitment_port", "cap_hours")
+
+
+def _check_cap_hours(key: str, v: Any) -> str:
+    from appliance.forward.bandwidth import parse_hours  # noqa: PLC0415 - config is imported first
+
+    if not isinstance(v, str):
+        raise _Bad(f"must be a string like \"07:00-19:00\", not {_tname(v)}")
+    try:
+        parse_hours(v)
+    except ValueError as e:
+        raise _Bad(str(e)) from None
+    return v
+
+
+def _common_dest_keys(t: _Table) -> dict[str, Any]:
+    d = Destination(name="", transport="")
+    kw = {"max_kbit_s": t.number("max_kbit_s", d.max_kbit_s, 0, 100_000_000),
+          "cap_hours": t.get("cap_hours", None, _check_cap_hours)}
+    if kw["cap_hours"] is not None and not kw["max_kbit_s"]:
+        t.ctx.problem(t.key("cap_hours"), "is set but max_kbit_s is not: there is no cap to apply")
+    return kw
 
 
 def _parse_destination(t: _Table) -> Destination | None:
@@ -651,6 +705,7 @@ def _parse_destination(t: _Table) -> Destination | None:
         kw = _dicom_keys(t)
     else:
         kw = _sftp_keys(t)
+    kw.update(_common_dest_keys(t))
     for k in t.data:
         if k not in t.used and any(k in keys for keys in TRANSPORT_KEYS.values()):
             t.used.add(k)
@@ -676,6 +731,46 @@ def _parse_destinations(top: _Table) -> tuple[Destination, ...]:
     return tuple(dests)
 
 
+def _check_patterns(key: str, v: Any) -> tuple[str, ...]:
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list) or not v or not all(isinstance(p, str) and p for p in v):
+        raise _Bad("must be a non-empty array of patterns (like [\"CT\"] or [\"*STROKE*\"])")
+    if any(len(p) > 128 for p in v):
+        raise _Bad("a pattern is longer than 128 characters")
+    return tuple(v)
+
+
+def _check_cstore_priorities(key: str, v: Any) -> tuple[str, ...]:
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list) or not v or not all(p in CSTORE_PRIORITIES for p in v):
+        raise _Bad(f"must be one or more of {', '.join(CSTORE_PRIORITIES)}")
+    return tuple(v)
+
+
+def _parse_rules(top: _Table) -> tuple[Rule, ...]:
+    rules: list[Rule] = []
+    names: dict[str, str] = {}
+    for rt in top.tables("rules"):
+        name = rt.string("name", max_len=63, pattern=_NAME_RE,
+                         hint="must be 1..63 letters, digits, '.', '_' or '-', "
+                              "starting with a letter or digit")
+        kw: dict[str, Any] = {k: rt.get(k, (), _check_patterns) for k in RULE_MATCH_KEYS}
+        kw["cstore_priority"] = rt.get("cstore_priority", (), _check_cstore_priorities)
+        priority = rt.choice("priority", None, ("stat", "routine"))
+        if priority is None and not rt.has("priority"):
+            rt.ctx.problem(rt.key("priority"), "is required (stat or routine)")
+        rt.finish()
+        if isinstance(name, str):
+            if name in names:
+                rt.ctx.problem(rt.key("name"), f"duplicate of {names[name]} ({name!r})")
+            names.setdefault(name, rt.key("name"))
+        if name is not None and priority is not None:
+            rules.append(Rule(name=name, priority=priority, **kw))
+    return tuple(rules)
+
+
 def parse(data: Mapping[str, Any], origins: Mapping[str, Path], main_file: Path,
           sources: tuple[Path, ...] = ()) -> Config:
     """Turn merged TOML data into a Config, or raise ConfigError listing every problem.
@@ -695,10 +790,15 @@ def parse(data: Mapping[str, Any], origins: Mapping[str, Path], main_file: Path,
         queue=_parse_queue(top.table("queue")),
         health=_parse_health(top.table("health")),
         destinations=_parse_destinations(top),
+        rules=_parse_rules(top),
         sources=sources or (main_file,),
         origins=dict(origins),
     )
     top.finish()
+    for i, d in enumerate(cfg.destinations):
+        if 0 < d.max_kbit_s < cfg.queue.min_rate_kbit_s:
+            ctx.problem(f"destinations[{i}].max_kbit_s", f"is below queue.min_rate_kbit_s "
+                        f"({cfg.queue.min_rate_kbit_s:g}): every attempt would run out of time")
     if ctx.problems:
         raise ConfigError(ctx.problems)
     return cfg
@@ -790,7 +890,8 @@ def effective(cfg: Config) -> dict[str, Any]:
         if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
             names = [f.name for f in dataclasses.fields(obj) if not f.metadata.get("not_a_key")]
             if isinstance(obj, Destination):
-                names = ["name", "transport", *TRANSPORT_KEYS.get(obj.transport, ())]
+                names = ["name", "transport", *TRANSPORT_KEYS.get(obj.transport, ()),
+                         *COMMON_DEST_KEYS]
             secret = {f.name for f in dataclasses.fields(obj) if f.metadata.get("secret")}
             out = {}
             for name in names:

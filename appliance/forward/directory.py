@@ -28,7 +28,8 @@ from appliance.bundle import format as bundle_format
 from appliance.bundle.format import PrivateKey
 from appliance.core import durable
 from appliance.core.errors import IntegrityError
-from appliance.forward import Permanent, Plan, Retryable, Unreadable
+from appliance.forward import Permanent, Plan, Retryable, Unreadable, bandwidth
+from appliance.forward.bandwidth import Cap
 
 if TYPE_CHECKING:
     from appliance.core.config import Destination
@@ -52,9 +53,10 @@ class _Copying:
     Retryable once `cancelled` is set (the attempt's time budget ran out)."""
 
     def __init__(self, src: BinaryIO, dst: BinaryIO, progress: Callable[[int], None],
-                 cancelled: threading.Event) -> None:
+                 cancelled: threading.Event, cap: Cap) -> None:
         self._src, self._dst, self._progress = src, dst, progress
         self._cancelled = cancelled
+        self._cap = cap
         self.done = 0
 
     def read(self, n: int = -1) -> bytes:
@@ -62,6 +64,7 @@ class _Copying:
             raise Retryable("the copy ran out of its time budget (is the folder very slow?)")
         data = self._src.read(n)
         if data:
+            self._cap.take(len(data), self._cancelled)
             self._dst.write(data)
             self.done += len(data)
             self._progress(self.done)
@@ -69,10 +72,11 @@ class _Copying:
 
 
 class DirectoryTransport:
-    def __init__(self, name: str, path: Path, private_key: PrivateKey) -> None:
+    def __init__(self, name: str, path: Path, private_key: PrivateKey, cap: Cap | None = None) -> None:
         self.name = name
         self.path = path
         self.private_key = private_key
+        self.cap = cap or Cap(0)  # a share on a shared link may be capped
 
     def send(self, item_id: str, bundle: Path, progress: Callable[[int], None],
              plan: Plan | None = None) -> None:
@@ -84,7 +88,7 @@ class DirectoryTransport:
         target = self.path / bundle.name
         try:
             with bundle.open("rb") as src, durable.atomic_file(target, mode=0o600) as dst:
-                copying = _Copying(src, dst, progress, plan.cancelled)
+                copying = _Copying(src, dst, progress, plan.cancelled, self.cap)
                 # read_manifest only calls read(); _Copying is not a whole BinaryIO
                 manifest = bundle_format.read_manifest(copying, self.private_key)  # type: ignore[arg-type]
                 while copying.read(_CHUNK):
@@ -115,4 +119,4 @@ class DirectoryTransport:
 def build(dest: Destination, context: Context) -> DirectoryTransport:
     """The registry's factory (`forward.registry`)."""
     assert dest.path is not None
-    return DirectoryTransport(dest.name, dest.path, context.key)
+    return DirectoryTransport(dest.name, dest.path, context.key, bandwidth.for_destination(dest))

@@ -79,7 +79,7 @@ from appliance.pack import stream as stream_pack
 from appliance.pack.codec import Result, compress
 from appliance.pack.pool import CodecPool, PoolClosed, WorkerLost
 from appliance.pack.stream import Streamed
-from appliance.queue.store import Queue, transition
+from appliance.queue.store import PRIORITY_STAT, Queue, transition
 from appliance.spool.store import Spool
 
 log = structlog.get_logger("appliance.pack")
@@ -101,9 +101,11 @@ _FAILURE_REASONS = frozenset({"unparseable", "encode-error", "reencode-error",
 class SegmentTimes:
     created: float
     updated: float
+    stat: bool = False  # a stat study (queue.store.PRIORITY_STAT, from the routing rules)
 
 
-def may_pack_now(sealed_at: float, receiving_burst: bool, cfg: Pack, now: float) -> bool:
+def may_pack_now(sealed_at: float, receiving_burst: bool, cfg: Pack, now: float,
+                 stat: bool = False) -> bool:
     """Whether to start packing a sealed segment now.
 
     While a scanner is sending a burst (images back to back), packing waits, at most
@@ -111,8 +113,9 @@ def may_pack_now(sealed_at: float, receiving_burst: bool, cfg: Pack, now: float)
     compression would otherwise take CPU from the receiver and keep the scanner waiting
     for every C-STORE response. A burst is short (a 300-slice CT takes ~1.5 s here), and
     a scanner that sends slowly leaves gaps in which packing proceeds as before.
+    A stat study's segment is packed at once: its minutes count more than the burst's.
     """
-    return not receiving_burst or now - sealed_at >= cfg.segment_max_age_s
+    return stat or not receiving_burst or now - sealed_at >= cfg.segment_max_age_s
 
 
 def inflate_cap(cfg: Pack, max_instance_bytes: int) -> int:
@@ -125,10 +128,13 @@ def inflate_cap(cfg: Pack, max_instance_bytes: int) -> int:
 
 
 def due_for_sealing(seg: SegmentTimes, cfg: Pack, now: float) -> str | None:
-    """Why a receiving segment should be sealed now ("quiet", "age"), or None."""
+    """Why a receiving segment should be sealed now ("quiet", "age"), or None. A stat
+    study's segment is sealed every `pack.stat_segment_max_age_s` (when shorter), so that
+    its first images are on their way within seconds while the rest still arrives."""
     if now - seg.updated >= cfg.study_quiet_s:
         return "quiet"
-    if now - seg.created >= cfg.segment_max_age_s:
+    max_age = min(cfg.segment_max_age_s, cfg.stat_segment_max_age_s) if seg.stat else cfg.segment_max_age_s
+    if now - seg.created >= max_age:
         return "age"
     return None
 
@@ -187,8 +193,10 @@ class Packer:
     def __init__(self, cfg: Pack, spool: Spool, queue: Queue, recipients: Sequence[Any],
                  pool: CodecPool, receiving_burst: Callable[[], bool] = lambda: False,
                  beat: Callable[..., None] = lambda **_: None, *,
-                 max_instance_bytes: int = Receive.max_instance_mb << 20) -> None:
+                 max_instance_bytes: int = Receive.max_instance_mb << 20,
+                 on_packed: Callable[[str], None] = lambda seg: None) -> None:
         self.cfg = cfg
+        self.on_packed = on_packed  # a bundle is ready: the forwarder may take it now
         # progress, for the stage supervisor (health/supervisor.py); beat(expect=s) before a
         # wait that may last s seconds
         self.beat = beat
@@ -203,10 +211,12 @@ class Packer:
         self._tries: dict[str, _Tries] = {}  # segments whose pack failed, by id
 
     def seal_due(self, now: float) -> int:
-        rows = self.index.query("SELECT id, created, updated FROM segments WHERE state='receiving'")
+        rows = self.index.query("SELECT id, created, updated, priority FROM segments"
+                                " WHERE state='receiving'")
         sealed = 0
         for r in rows:
-            why = due_for_sealing(SegmentTimes(r["created"], r["updated"]), self.cfg, now)
+            times = SegmentTimes(r["created"], r["updated"], r["priority"] >= PRIORITY_STAT)
+            why = due_for_sealing(times, self.cfg, now)
             if why is None:
                 continue
             with self.index.tx() as c:
@@ -221,21 +231,15 @@ class Packer:
         return sealed
 
     def pack_pending(self) -> int:
-        """Pack every sealed segment that is due; a failing one is set aside (retried
-        after a back-off, held after PACK_ATTEMPTS) and the others go on."""
-        rows = self.index.query("SELECT id, updated FROM segments WHERE state='sealed'"
-                                " ORDER BY priority DESC, created")
-        sealed = {r["id"] for r in rows}
-        for gone in [s for s in self._tries if s not in sealed]:  # released, deleted...
-            del self._tries[gone]
+        """Pack every sealed segment that is due, highest priority first, looking again
+        after each one (a stat segment sealed meanwhile goes next, not after the routine
+        ones seen before it); a failing one is set aside (retried after a back-off, held
+        after PACK_ATTEMPTS) and the others go on."""
         packed = 0
-        for r in rows:
-            seg = r["id"]
-            if not may_pack_now(r["updated"], self.receiving_burst(), self.cfg, time.time()):
-                continue
-            tries = self._tries.get(seg)
-            if tries and time.monotonic() < tries.not_before:
-                continue
+        while True:
+            seg = self._next_sealed()
+            if seg is None:
+                return packed
             try:
                 self.pack(seg)
             except (CancelledError, PoolClosed):  # shutting down: packed at the next start
@@ -246,7 +250,22 @@ class Packer:
                 continue
             self._tries.pop(seg, None)
             packed += 1
-        return packed
+
+    def _next_sealed(self) -> str | None:
+        rows = self.index.query("SELECT id, updated, priority FROM segments WHERE state='sealed'"
+                                " ORDER BY priority DESC, created")
+        sealed = {r["id"] for r in rows}
+        for gone in [s for s in self._tries if s not in sealed]:  # released, deleted...
+            del self._tries[gone]
+        burst, now = self.receiving_burst(), time.time()
+        for r in rows:
+            if not may_pack_now(r["updated"], burst, self.cfg, now, r["priority"] >= PRIORITY_STAT):
+                continue
+            tries = self._tries.get(r["id"])
+            if tries and time.monotonic() < tries.not_before:
+                continue
+            return str(r["id"])
+        return None
 
     def _failed(self, seg: str, e: Exception) -> None:
         tries = self._tries.setdefault(seg, _Tries())
@@ -294,6 +313,7 @@ class Packer:
         self.remove_packed(seg_id)
         log.info("segment.packed", segment=seg_id, instances=len(rows), bytes_in=seg.bytes,
                  bytes_out=size, seconds=round(time.monotonic() - t0, 3), **tally.stats)
+        self.on_packed(seg_id)
         self.beat()
 
     def _submit(self, rid: str, size: int) -> _Pending:

@@ -124,11 +124,15 @@ class Queue:
     def claim_next(self, now: float, destination: str, min_priority: int = PRIORITY_ROUTINE) -> Item | None:
         """Take the next due item (stat first, then oldest; at least `min_priority`) and
         make it active, atomically: another lane or an operator command between choosing
-        and claiming cannot slip in."""
+        and claiming cannot slip in. Nothing due: no write transaction (lanes poll twice
+        a second; waiting for the write lock there would hold the index from the
+        receiver, which must answer the scanner)."""
+        due = ("SELECT * FROM segments WHERE (state='ready' OR (state='deferred' AND next_attempt<=?))"
+               " AND priority>=? ORDER BY priority DESC, created LIMIT 1")
+        if not self.index.query(due, (now, min_priority)):
+            return None
         with self.index.tx() as c:
-            row = c.execute(
-                "SELECT * FROM segments WHERE (state='ready' OR (state='deferred' AND next_attempt<=?))"
-                " AND priority>=? ORDER BY priority DESC, created LIMIT 1", (now, min_priority)).fetchone()
+            row = c.execute(due, (now, min_priority)).fetchone()
             if row is None:
                 return None
             transition(c, row["id"], "claim", now, destination=destination, progress=0)
@@ -350,9 +354,20 @@ def open_parked(conn: sqlite3.Connection, item_id: str, parent: str, idx: int, s
 
 
 def open_segment(conn: sqlite3.Connection, seg_id: str, study_key: str, now: float) -> None:
-    """A new segment for a study, in state receiving (inside the spool's transaction)."""
-    conn.execute("INSERT INTO segments(id, study_key, state, created, updated)"
-                 " VALUES (?,?,'receiving',?,?)", (seg_id, study_key, now, now))
+    """A new segment for a study, in state receiving (inside the spool's transaction). It
+    has the priority the study has already (a stat study's later segments are stat)."""
+    conn.execute("INSERT INTO segments(id, study_key, state, created, updated, priority)"
+                 " VALUES (?,?,'receiving',?,?, COALESCE((SELECT MAX(priority) FROM segments"
+                 " WHERE study_key=?), 0))", (seg_id, study_key, now, now, study_key))
+
+
+def raise_priority(conn: sqlite3.Connection, study_key: str, priority: int) -> int:
+    """A study found to be `priority` (a routing rule matched one of its instances): every
+    segment of it not yet delivered gets at least that priority, so what is already sealed,
+    packed or waiting goes first too. Inside the spool's transaction; returns the count."""
+    cur = conn.execute("UPDATE segments SET priority=? WHERE study_key=? AND priority<? AND"
+                       " state NOT IN ('delivered', 'failed')", (priority, study_key, priority))
+    return cur.rowcount
 
 
 def _item(r: sqlite3.Row) -> Item:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import dataclasses
 import io
 import ipaddress
 import re
@@ -35,8 +36,8 @@ import ssl
 import threading
 import time
 import zlib
-from collections import Counter
-from collections.abc import Callable
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -56,11 +57,13 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from appliance import __version__
 from appliance.core import dicomscan, part10
 from appliance.core import pynetdicom_compat as compat
-from appliance.core.config import Receive
+from appliance.core.config import Receive, Rule
 from appliance.core.errors import SpoolFullError
 from appliance.core.listener import Gate, Limits, listen_error
 from appliance.health.supervisor import Stage
+from appliance.queue.store import PRIORITY_STAT
 from appliance.receive import intake
+from appliance.receive import rules as routing
 from appliance.receive.intake import InstanceBuffer
 from appliance.spool.store import InstanceMeta, Spool, Stored, reader
 
@@ -430,8 +433,12 @@ class Receiver:
     """Builds the AE, binds handlers with their dependencies, starts and stops listeners."""
 
     def __init__(self, cfg: Receive, spool: Spool, stats: ReceiveStats,
-                 on_stored: Callable[[str], None] | None = None, stage: Stage | None = None) -> None:
+                 on_stored: Callable[[str], None] | None = None, stage: Stage | None = None,
+                 rules: Sequence[Rule] = ()) -> None:
         self.cfg = cfg
+        self.rules = tuple(rules)
+        self._read_attributes = routing.needs_attributes(self.rules)
+        self._stat_studies: OrderedDict[str, None] = OrderedDict()  # recent, bounded
         self.spool = spool
         self.stats = stats
         self.on_stored = on_stored
@@ -580,7 +587,7 @@ class Receiver:
             parts, nbytes = buf.parts, buf.size - buf.head_size
         try:
             with self.stage.job("store"):
-                stored = self._store(buf, parts, sop_uid, calling)
+                stored = self._store(buf, parts, sop_uid, calling, req.Priority)
         except Rejected as r:
             return self._answer(event, r.outcome, nbytes)
         except SpoolFullError:
@@ -608,14 +615,36 @@ class Receiver:
         return STATUS[outcome][0]
 
     def _store(self, buf: InstanceBuffer | None, parts: list[bytes | memoryview], sop_uid: str,
-               calling: str) -> Stored:
+               calling: str, cstore_priority: Any = 0) -> Stored:
         """Identify and spool one instance; raises Rejected, SpoolFullError, OSError, ..."""
         if buf is not None and buf.failed:
             raise Rejected(buf.failed if buf.failed in STATUS else "internal")
         if buf is not None and buf.incoming is not None:
-            meta = identify([bytes(buf.prefix)], sop_uid, calling, complete=buf.complete_prefix)
+            head = bytes(buf.prefix)
+            meta = self._prioritised(identify([head], sop_uid, calling, complete=buf.complete_prefix),
+                                     lambda: head, cstore_priority)
             return self.spool.store_incoming(buf.incoming, meta)
-        return self.spool.store(parts, identify(parts, sop_uid, calling))
+        meta = self._prioritised(identify(parts, sop_uid, calling),
+                                 lambda: _prefix(parts, routing.FACTS_PREFIX), cstore_priority)
+        return self.spool.store(parts, meta)
+
+    def _prioritised(self, meta: InstanceMeta, head: Callable[[], bytes],
+                     cstore_priority: Any) -> InstanceMeta:
+        """`meta` with the priority the routing rules give its study (receive/rules.py).
+        A study seen stat lately is not looked at again."""
+        if not self.rules or meta.study_uid in self._stat_studies:
+            return dataclasses.replace(meta, priority=PRIORITY_STAT) if self.rules else meta
+        priority = routing.cstore_priority(cstore_priority)
+        facts = (routing.read_facts(head(), meta.calling_ae, priority) if self._read_attributes
+                 else routing.Facts(calling_ae=meta.calling_ae, cstore_priority=priority))
+        rule = routing.first_match(self.rules, facts)
+        if rule is None or rule.priority != "stat":
+            return meta
+        self._stat_studies[meta.study_uid] = None
+        while len(self._stat_studies) > 256:
+            self._stat_studies.popitem(last=False)
+        log.info("study.stat", rule=rule.name)
+        return dataclasses.replace(meta, priority=PRIORITY_STAT)
 
     def _answer(self, event: Any, outcome: str, nbytes: int) -> int:
         status, meaning = STATUS[outcome]

@@ -75,6 +75,7 @@ class InstanceMeta:
     sop_class: str
     transfer_syntax: str
     calling_ae: str
+    priority: int = 0  # queue.store.PRIORITY_*: from the routing rules (receive/rules.py)
 
 
 @dataclass(frozen=True)
@@ -229,6 +230,8 @@ class Spool:
                 dup = self._duplicate(c, meta, digest, checked)
                 if dup is None:
                     seg = self._open_segment(c, skey, size, now)
+                    if meta.priority:
+                        queue_store.raise_priority(c, skey, meta.priority)
                     ckey = self.content_key(meta.sop_instance_uid, digest.value) if digest.done else None
                     c.execute(
                         "INSERT INTO instances(id, segment_id, study_key, sop_key, content_key,"

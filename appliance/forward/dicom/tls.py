@@ -15,6 +15,7 @@ from pynetdicom.transport import AddressInformation, AssociationSocket
 from appliance.core import pynetdicom_compat as compat
 from appliance.core.config import TLSClient
 from appliance.forward import Retryable
+from appliance.forward.bandwidth import Cap
 
 # OpenSSL reasons meaning "the peer does not accept our certificate" or "we cannot agree".
 _CERT_REJECTED = {
@@ -153,9 +154,10 @@ class ProbedSocket(compat.ClientSocket):
     """pynetdicom's socket plus: error capture, TCP_NODELAY, an I/O timeout, activity."""
 
     def __init__(self, assoc: Any, address: AddressInformation, probe: Probe,
-                 io_timeout: float) -> None:
+                 io_timeout: float, cap: Cap | None = None) -> None:
         self.probe = probe
         self._io_timeout = io_timeout
+        self._cap = cap
         super().__init__(assoc, address=address)
 
     def new_os_socket(self, family: socket.AddressFamily) -> socket.socket:
@@ -186,6 +188,8 @@ class ProbedSocket(compat.ClientSocket):
             sock.close()
 
     def send(self, bytestream: bytes) -> None:
+        if self._cap is not None:  # the destination's bandwidth cap, per PDU
+            self._cap.take(len(bytestream))
         super().send(bytestream)
         self.probe.activity = time.monotonic()
 
@@ -197,16 +201,17 @@ class ProbedSocket(compat.ClientSocket):
 
 
 class ProbedAE(compat.ClientAE):
-    def __init__(self, ae_title: str, io_timeout: float) -> None:
+    def __init__(self, ae_title: str, io_timeout: float, cap: Cap | None = None) -> None:
         super().__init__(ae_title=ae_title)
         self._io_timeout = io_timeout
+        self._cap = cap
 
     def new_socket(self, assoc: Any, address: AddressInformation,
                    tls_args: tuple[ssl.SSLContext, str] | None) -> AssociationSocket:
         probe = Probe()
         if tls_args is not None and isinstance(tls_args[0], ClientContext):
             tls_args[0].probe = probe  # one association at a time per transport
-        sock = ProbedSocket(assoc, address, probe, self._io_timeout)
+        sock = ProbedSocket(assoc, address, probe, self._io_timeout, self._cap)
         sock.tls_args = tls_args
         return sock
 

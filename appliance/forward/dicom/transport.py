@@ -32,7 +32,7 @@ from appliance.bundle.format import InstanceStream, ManifestEntry, PrivateKey, V
 from appliance.core.config import Destination, Receive
 from appliance.core.errors import ConfigError, IntegrityError, ListenError
 from appliance.core.listener import resolve
-from appliance.forward import Permanent, Plan, Retryable, Unreadable, conversion
+from appliance.forward import Permanent, Plan, Retryable, Unreadable, bandwidth, conversion
 from appliance.forward.dicom.commitment import (
     REPORT_GRACE_S,
     CommitmentListener,
@@ -132,7 +132,8 @@ class DicomTransport:
         self._listener: CommitmentListener | None = None
         self._listener_lock = threading.Lock()
         self._check_hostname = not _is_ip(dest.host)
-        ae = ProbedAE(self.calling_ae, self.timeout)
+        self.cap = bandwidth.for_destination(dest)  # shared by every lane sending here
+        ae = ProbedAE(self.calling_ae, self.timeout, self.cap)
         ae.acse_timeout = self.timeout
         ae.connection_timeout = self.timeout
         ae.dimse_timeout = self.timeout
