@@ -365,6 +365,7 @@ def test_two_ingest_processes_on_one_folder_store_each_bundle_once(
     assert new_instance_changes(pacs) == total - 1  # all but the Photoacoustic instance
     verdicts = collections.Counter(k for r in runs for k, v in r.counts.items() for _ in range(v))
     assert verdicts == {"stored": len(ids) - 1, "partial": 1}
+    assert list((center.state / "locks").iterdir()) == []  # each holder removed its lock file
 
 
 def test_with_orthanc_down_the_bundle_waits_and_is_stored_once_orthanc_is_back(

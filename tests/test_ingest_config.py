@@ -146,6 +146,8 @@ def test_the_example_passes_config_check_once_its_keys_and_folders_exist(tmp_pat
     eff = json.loads(r.stdout)
     assert eff["ingest"]["name"] == "reading-center-1"
     assert eff["ingest"]["pacs"]["tls"]["ca"] == str(tls.ca)
+    assert set(eff["ingest"]["pacs"]) == {f"{k}" for k in TRANSPORT_KEYS["dicom"]} - {"calling_ae_title",
+                                                                                    "commitment_port"}
 
 
 def test_config_check_names_a_state_dir_on_another_file_system(tmp_path: Path) -> None:

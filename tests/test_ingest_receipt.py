@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from appliance.bundle.format import BundleWriter, InstanceInfo, Manifest
 from appliance.ingest import receipt as receipts
-from appliance.ingest.claim import bundle_id_of_claim, bundle_id_of_drop
+from appliance.ingest.claim import bundle_id_of_claim, bundle_id_of_drop, bundle_lock
 from appliance.ingest.receipt import InstanceOutcome, Receipt, ReceiptError
 from appliance.ingest.service import Delivery, backoff_s, store
 from tests.fake_transport import FakeDestination, FakeTransport
@@ -174,3 +174,14 @@ def test_store_fails_a_bundle_that_does_not_verify_without_sending_anything(tmp_
     dest = FakeDestination()
     d = store(FakeTransport("pacs", dest, CENTER), "b-1", path, manifest, lambda n: None, threading.Event())
     assert (d.failed or "").startswith("bundle does not verify") and not dest.stored
+
+
+def test_one_copy_of_a_bundle_id_at_a_time_and_the_lock_file_goes_with_its_holder(tmp_path: Path) -> None:
+    with bundle_lock(tmp_path, "b-1") as first:
+        assert first
+        with bundle_lock(tmp_path, "b-1") as second, bundle_lock(tmp_path, "b-2") as other:
+            assert not second and other
+        assert [p.name for p in tmp_path.iterdir()] == ["b-1.lock"]
+    assert list(tmp_path.iterdir()) == []
+    with bundle_lock(tmp_path, "b-1") as again:
+        assert again

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import os
 import secrets
 from collections.abc import Iterator
@@ -38,7 +37,6 @@ from appliance.core import durable
 from appliance.ingest.receipt import valid_bundle_id
 
 BUNDLE_SUFFIX = ".bundle"
-LOCK_SLOTS = 64
 _SEP = "~"
 
 
@@ -148,22 +146,35 @@ def drops(drop_dir: Path) -> tuple[list[str], int]:
 
 @contextlib.contextmanager
 def bundle_lock(locks_dir: Path, bundle_id: str) -> Iterator[bool]:
-    """Hold the lock of `bundle_id`'s slot while one copy of it is ingested, so that a
-    second copy claimed meanwhile by another process (the appliance sent it again) waits
-    for the first to be recorded and is then found to be a duplicate. Yields False when
-    another process holds it (the caller leaves its claim for a later pass). 64 slot
-    files by hash of the id: a bounded number of files, and two ids sharing a slot only
-    wait for each other."""
-    slot = hashlib.sha256(bundle_id.encode()).digest()[0] % LOCK_SLOTS
-    fd = os.open(locks_dir / f"{slot:02d}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
+    """Hold `locks/<id>.lock` while one copy of `bundle_id` is ingested, so that a second
+    copy claimed meanwhile by another process (the appliance sent it again) is left for a
+    later pass, where it is found to be a duplicate. Yields False when another process
+    holds it. The file is removed by its holder, still locked, when done (so the folder
+    does not grow with every bundle); whoever opened it before that finds, once locked,
+    that the path names another file or none, and opens it again."""
+    path = locks_dir / f"{bundle_id}.lock"
+    for _ in range(100):  # another round only when a holder removed it in between
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
         except BlockingIOError:
+            os.close(fd)
             yield False
             return
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    else:
+        yield False
+        return
+    try:
         yield True
     finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
         os.close(fd)
 
 

@@ -158,7 +158,10 @@ def effective(cfg: CenterConfig) -> dict[str, Any]:
     keys of a dicom destination only."""
     out = core.effective(core.Config(destinations=(cfg.ingest.pacs,)))
     pacs = out["destinations"][0]
-    del pacs["name"], pacs["transport"]
+    # Not keys of [ingest.pacs]: a bandwidth cap is for the appliance's WAN uplink, and the
+    # center's PACS is on the center's own network.
+    for k in ("name", "transport", *core.COMMON_DEST_KEYS):
+        pacs.pop(k, None)
     ingest = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg.ingest).items()
               if k != "pacs"}
     return {"sources": [str(s) for s in cfg.sources], "ingest": {**ingest, "pacs": pacs}}
