@@ -185,3 +185,28 @@ def test_one_copy_of_a_bundle_id_at_a_time_and_the_lock_file_goes_with_its_holde
     assert list(tmp_path.iterdir()) == []
     with bundle_lock(tmp_path, "b-1") as again:
         assert again
+
+
+class _Refusing:
+    """A PACS that turns the association down for good (our AE title unknown)."""
+
+    name = "pacs"
+
+    def send(self, item_id: str, bundle: Path, progress: object, plan: object = None) -> None:
+        from appliance.forward import Permanent
+        raise Permanent("the PACS rejected the association: called AE title not recognized")
+
+    def probe(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_pacs_refusing_the_whole_association_leaves_the_bundle_for_a_retry(tmp_path: Path) -> None:
+    """Not the bundle's fault: failing it would need a human to drop it again once fixed."""
+    path, manifest = bundle(tmp_path)
+    d = store(_Refusing(), "b-1", path, manifest, lambda n: None, threading.Event())  # type: ignore[arg-type]
+    assert d.outcomes == () and d.failed is None
+    assert d.retry == ("the PACS refuses this bundle: "
+                       "the PACS rejected the association: called AE title not recognized")
