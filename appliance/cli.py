@@ -11,6 +11,11 @@
     appliance bundle inspect FILE [--key KEY | --config PATH] [--json]
     appliance bundle extract FILE [--key KEY | --config PATH] --out DIR
     appliance status         [--config PATH] [--json]
+    appliance ingest         --config CENTER.toml [--once]
+                                                 reading center: bundles from the drop folder into the PACS
+
+`config check` and `keys init` given a center config (a file with only an [ingest] table)
+check it, or create the center's keys, instead (appliance/ingest/commands.py).
 
 Every command takes --config. `bundle` opens a bundle with --key, else with the config's
 encryption.appliance_key (--config, or the default config when it exists).
@@ -128,6 +133,9 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("--out", type=Path, required=True, help="output folder (created if missing)")
     st = sub.add_parser("status", parents=[common], help="show the running daemon's status")
     st.add_argument("--json", action="store_true")
+    ing = sub.add_parser("ingest", parents=[common],
+                         help="reading center: store bundles from the drop folder into the PACS")
+    ing.add_argument("--once", action="store_true", help="one pass, print the counts, exit")
     return p
 
 
@@ -196,6 +204,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return cmd_bundle(args)
     if args.cmd == "status":
         return cmd_status(args)
+    if args.cmd == "ingest":
+        return cmd_ingest(args)
     raise UsageError(f"unknown command {args.cmd}")
 
 
@@ -226,7 +236,40 @@ def _raise_problems(cfg: config.Config, found: list[tuple[str, str]]) -> None:
         raise ConfigError([f"{cfg.file_of(key)}: {key}: {msg}" for key, msg in found])
 
 
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from appliance.ingest import commands
+    from appliance.ingest import config as center
+
+    if args.config is None:
+        raise UsageError("appliance ingest: --config CENTER.toml is required")
+    return commands.run(center.load(args.config), args.once)
+
+
+def _center_config_check(args: argparse.Namespace) -> int:
+    from appliance.ingest import commands
+    from appliance.ingest import config as center
+
+    cfg = center.load(args.config)
+    found = commands.problems(cfg)
+    if found:
+        raise ConfigError(found)
+    eff = center.effective(cfg)
+    if args.json:
+        print(json.dumps(eff, indent=2))
+    else:
+        _print_tree(eff)
+    return 0
+
+
+def _is_center(args: argparse.Namespace) -> bool:
+    from appliance.ingest.commands import is_center_file
+
+    return is_center_file(args.config)
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
+    if _is_center(args):
+        return _center_config_check(args)
     cfg = config.load(args.config)
     found = _check_files(cfg)
     if args.systemd or sandbox.unit_installed():
@@ -367,6 +410,12 @@ def _print_tree(d: Any, prefix: str = "") -> None:
 
 def cmd_keys_init(args: argparse.Namespace) -> int:
     """Create the keys the config names that do not exist yet; never replace one."""
+    if _is_center(args):
+        from appliance.ingest import commands
+        from appliance.ingest import config as center
+
+        print("\n".join(commands.keys_init(center.load(args.config))))
+        return 0
     cfg = config.load(args.config)
     p = cfg.spool.key_file
     if p.exists():

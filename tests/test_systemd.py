@@ -72,3 +72,32 @@ def test_core_dumps_are_off_and_resources_are_bounded() -> None:
 
 def test_a_directory_destination_on_a_nas_is_mounted_before_the_daemon_starts() -> None:
     assert "remote-fs.target" in settings("After")[0].split()
+
+
+# --- the reading center's ingest unit ---------------------------------------------------------
+
+INGEST_UNIT = REPO / "systemd" / "appliance-ingest.service"
+
+
+def test_ingest_unit_verifies_apart_from_the_not_installed_binary() -> None:
+    r = _analyze("verify", str(INGEST_UNIT))
+    problems = [ln for ln in (r.stdout + r.stderr).splitlines()
+                if ln.strip() and "/opt/appliance/venv/bin/appliance is not executable" not in ln]
+    assert problems == []
+
+
+def test_ingest_unit_exposure_is_low() -> None:
+    r = _analyze("security", "--offline=yes", str(INGEST_UNIT))
+    m = re.search(r"Overall exposure level for \S+: ([0-9.]+)", r.stdout + r.stderr)
+    assert m, r.stdout + r.stderr
+    assert float(m.group(1)) <= 2.0
+
+
+def test_ingest_unit_is_notify_with_watchdog_no_capabilities_and_no_restart_on_config_error() -> None:
+    text = INGEST_UNIT.read_text()
+    assert re.search(r"^Type=notify$", text, re.M) and re.search(r"^WatchdogSec=\d+", text, re.M)
+    assert re.search(r"^RestartPreventExitStatus=78$", text, re.M)
+    assert re.search(r"^CapabilityBoundingSet=$", text, re.M)
+    assert re.search(r"^ExecStart=\S+ ingest --config ", text, re.M)
+    main = {ln for ln in UNIT.read_text().splitlines() if ln.startswith("SystemCallFilter=")}
+    assert {ln for ln in text.splitlines() if ln.startswith("SystemCallFilter=")} == main
