@@ -95,6 +95,7 @@ class Pack:
     verify: bool = True
     study_quiet_s: float = 10.0
     segment_max_instances: int = 100
+    first_segment_instances: int = 16  # a study's first segment: on the link within ~1 s
     segment_max_mb: int = 64
     segment_max_age_s: float = 10.0
     stat_segment_max_age_s: float = 2.0  # a stat study's segment is sealed this often
@@ -572,6 +573,8 @@ def _parse_pack(t: _Table) -> Pack:
         study_quiet_s=t.number("study_quiet_s", d.study_quiet_s, 0.5, 3600),
         segment_max_instances=t.integer("segment_max_instances", d.segment_max_instances,
                                         1, 100_000),
+        first_segment_instances=t.integer("first_segment_instances", d.first_segment_instances,
+                                          1, 100_000),
         segment_max_mb=t.integer("segment_max_mb", d.segment_max_mb, 1, 16_384),
         segment_max_age_s=t.number("segment_max_age_s", d.segment_max_age_s, 0.5, 3600),
         stat_segment_max_age_s=t.number("stat_segment_max_age_s", d.stat_segment_max_age_s,
