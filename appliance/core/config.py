@@ -99,6 +99,7 @@ class Pack:
     segment_max_mb: int = 64
     segment_max_age_s: float = 10.0
     stat_segment_max_age_s: float = 2.0  # a stat study's segment is sealed this often
+    during_burst: str = "link-waits"  # what is packed while a scanner sends (pack.packer)
     workers: int = 0  # 0 = one per CPU
     stream_threshold_mb: int = 64  # instances this large are packed streaming (bounded memory)
     job_timeout_s: float = 60.0  # a codec job running longer is killed (its instance sent as is)
@@ -579,6 +580,7 @@ def _parse_pack(t: _Table) -> Pack:
         segment_max_age_s=t.number("segment_max_age_s", d.segment_max_age_s, 0.5, 3600),
         stat_segment_max_age_s=t.number("stat_segment_max_age_s", d.stat_segment_max_age_s,
                                         0.5, 3600),
+        during_burst=t.choice("during_burst", d.during_burst, ("link-waits", "always", "never")),
         workers=t.integer("workers", d.workers, 0, 256),
         stream_threshold_mb=t.integer("stream_threshold_mb", d.stream_threshold_mb, 1, 65_536),
         job_timeout_s=t.number("job_timeout_s", d.job_timeout_s, 1, 86_400),
