@@ -7,13 +7,15 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEV_CONFIG := config/appliance.dev.toml
 # Debian packages the tests talk to: the modality (dcmtk), the PACS (orthanc),
-# the SFTP server (openssh-server), the WAN tools (iproute2, nftables), and what boots
+# the SFTP server (openssh-server), the WAN tools (iproute2, nftables; wireguard-go and
+# wireguard-tools for the VPN path, as this kernel has no WireGuard), and what boots
 # the systemd unit in a Debian container (mmdebstrap, systemd-container for
 # systemd-nspawn; util-linux for nsenter/unshare).
-PEERS := dcmtk orthanc openssh-server iproute2 nftables mmdebstrap systemd-container util-linux
+PEERS := dcmtk orthanc openssh-server iproute2 nftables wireguard-go wireguard-tools mmdebstrap \
+	systemd-container util-linux
 PYTEST_ARGS ?=
 
-.PHONY: run test test-boot peers venv bench bench-receive bench-pack lint clean
+.PHONY: run test test-boot test-wan peers venv bench bench-receive bench-pack bench-wan lint clean
 
 $(BIN)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -33,6 +35,8 @@ peers:
 	test -x /usr/sbin/sshd || missing="$$missing openssh-server"; \
 	command -v ip >/dev/null || missing="$$missing iproute2"; \
 	command -v nft >/dev/null || missing="$$missing nftables"; \
+	command -v wireguard-go >/dev/null || missing="$$missing wireguard-go"; \
+	command -v wg >/dev/null || missing="$$missing wireguard-tools"; \
 	command -v mmdebstrap >/dev/null || missing="$$missing mmdebstrap"; \
 	command -v systemd-nspawn >/dev/null || missing="$$missing systemd-container"; \
 	command -v nsenter >/dev/null || missing="$$missing util-linux"; \
@@ -53,9 +57,14 @@ run: venv
 
 # The whole suite, the boot tier included (tests/test_systemd_boot.py, marker systemd_boot:
 # ~80 s, plus ~40-60 s the first time to build the container's root file system, cached
-# in .cache/nspawn/; docs/systemd.md).
+# in .cache/nspawn/; docs/systemd.md), but not the WAN tier: `make test-wan` (CI runs both).
 test: venv peers
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not wan" $(PYTEST_ARGS)
+
+# Only the WAN tier (marker wan, root): the emulated WAN of tests/wan.py and the appliance
+# over it (tests/test_wan_bed.py ~15 s, tests/test_wan_scenarios.py ~2.5 min; docs/wan.md).
+test-wan: venv peers
+	$(BIN)/python -m pytest -m wan $(PYTEST_ARGS)
 
 # Only the boot tier: the unit booted under systemd in a Debian 12 container.
 test-boot: venv peers
@@ -68,6 +77,10 @@ bench-receive: venv peers
 
 bench-pack: venv peers
 	$(BIN)/python bench/pack_bench.py
+
+# Time to center over the emulated WAN at 5, 20 and 100 Mbit/s (root; ~12 min).
+bench-wan: venv peers
+	$(BIN)/python bench/wan_bench.py
 
 lint: venv
 	$(BIN)/pip install --quiet ruff mypy

@@ -7,7 +7,10 @@
 
 Everything lives in the given directory: the JSON config, the storage area and the SQLite
 index, and Orthanc's log (`orthanc.log`). The DICOM and HTTP ports are free loopback
-ports. The REST API is only reachable from loopback (`RemoteAccessAllowed: false`) and
+ports. With `netns=NAME` it runs inside that network namespace (tests/wan.py): the DICOM
+port listens on every address there, and the REST API is reached from the namespace's own
+loopback (the calling thread enters it for each request). The REST API is only reachable
+from loopback (`RemoteAccessAllowed: false`) and
 needs no credentials. No plugin is loaded unless `plugins=` names one (the Debian
 package's own config loads its plugins folder; ours does not use that config at all).
 
@@ -39,6 +42,7 @@ from types import TracebackType
 from typing import Any
 
 from tests.peers import free_port
+from tests.wan import entered, exec_prefix
 
 ORTHANC_BIN = os.environ.get("ORTHANC_BIN") or shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 
@@ -81,8 +85,9 @@ class Orthanc:
     def __init__(self, root: Path, *, aet: str = "ORTHANC", modalities: dict[str, Modality] | None = None,
                  plugins: list[str | Path] | None = None, tls: OrthancTLS | None = None,
                  max_pdu: int = 16384, sync_storage: bool = True,
-                 extra: dict[str, Any] | None = None) -> None:
+                 extra: dict[str, Any] | None = None, netns: str | None = None) -> None:
         self.root = Path(root)
+        self.netns = netns  # run inside this network namespace (tests/wan.py)
         self.root.mkdir(parents=True, exist_ok=True)
         self.aet = aet
         self.dicom_port = free_port()
@@ -143,7 +148,8 @@ class Orthanc:
         log = self.log_path.open("ab")
         try:
             self.proc = subprocess.Popen(
-                [ORTHANC_BIN, str(self.config_path)], stdout=log, stderr=subprocess.STDOUT,
+                [*exec_prefix(self.netns), ORTHANC_BIN, str(self.config_path)], stdout=log,
+                stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, cwd=self.root, env={**os.environ, "TCP_NODELAY": "1"},
                 start_new_session=True)
         finally:
@@ -196,11 +202,15 @@ class Orthanc:
         if body is not None:
             req.add_header("Content-Type", content_type)
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 - our loopback URL
+            with self._in_netns(), urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310
                 data: bytes = r.read()
                 return data
         except urllib.error.HTTPError as e:
             raise OrthancError(f"{method} {path}: HTTP {e.code}: {e.read()[:500]!r}") from None
+
+    def _in_netns(self) -> contextlib.AbstractContextManager[None]:
+        """Connections to the REST API are made from inside Orthanc's namespace, if any."""
+        return entered(self.netns) if self.netns else contextlib.nullcontext()
 
     def get(self, path: str, timeout: float = 60) -> Any:
         return json.loads(self.request("GET", path, timeout=timeout))

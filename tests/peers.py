@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tests.wan import entered, exec_prefix
+
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = Path(os.environ.get("APPLIANCE_SAMPLES", REPO.parent / "shared" / "dicom-samples"))
@@ -144,12 +146,13 @@ class Appliance:
         self.state_dir = Path(cfg["appliance"]["state_dir"])
         self.env: dict[str, str] = {}  # extra environment for the daemon (NOTIFY_SOCKET, ...)
         self.launcher: list[str] = []  # a command that runs the daemon's command line
+        self.netns: str | None = None  # the network namespace it runs in (tests/wan.py)
         cli("keys", "init", "--config", str(self.config_path), check=True)
 
     def start(self, timeout: float = 30) -> Appliance:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [*self.launcher, sys.executable, "-m", "appliance", "run", "--config",
+            [*exec_prefix(self.netns), *self.launcher, sys.executable, "-m", "appliance", "run", "--config",
              str(self.config_path)],
             stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
             env={**os.environ, **self.env})
@@ -164,7 +167,7 @@ class Appliance:
         raise TimeoutError(f"daemon not ready:\n{self.log_text()}")
 
     def _port_open(self) -> bool:
-        with socket.socket() as s:
+        with entered(self.netns) if self.netns else contextlib.nullcontext(), socket.socket() as s:
             return s.connect_ex(("127.0.0.1", self.port)) == 0
 
     def log_text(self) -> str:
@@ -210,8 +213,10 @@ class Appliance:
 
 
 def storescu(port: int, files: Iterable[Path | str], aet: str = "MODALITY", called: str = "EDGE",
-             extra: Iterable[str] = (), timeout: float = 300) -> subprocess.CompletedProcess[str]:
+             extra: Iterable[str] = (), timeout: float = 300, host: str = "127.0.0.1",
+             netns: str | None = None) -> subprocess.CompletedProcess[str]:
     """DCMTK storescu, one association for all files; never aborts on a failing file.
+    With `netns`, it runs inside that network namespace (tests/wan.py).
 
     Proposes only the contexts the files need (-R), unless `extra` names a config file
     (-xf): DCMTK refuses -R together with --config-file, whose profile then decides.
@@ -219,8 +224,8 @@ def storescu(port: int, files: Iterable[Path | str], aet: str = "MODALITY", call
     extra = list(extra)
     required = [] if {"-xf", "--config-file"} & set(extra) else ["-R"]
     return subprocess.run(
-        ["storescu", "-aet", aet, "-aec", called, "--no-halt", *required, *extra, "127.0.0.1",
-         str(port), *map(str, files)],
+        [*exec_prefix(netns), "storescu", "-aet", aet, "-aec", called, "--no-halt", *required, *extra,
+         host, str(port), *map(str, files)],
         capture_output=True, text=True, timeout=timeout, env=dcmtk_env())
 
 
