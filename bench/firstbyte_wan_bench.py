@@ -49,7 +49,8 @@ from tests.wan import Wan  # noqa: E402
 
 def wait_marks(pacs: Orthanc, n: int, sender: subprocess.Popen[bytes], log: Path,
                timeout: float, t0: float) -> dict[str, float]:
-    """Seconds from t0 until the center holds 1, n // 2 and n instances."""
+    """Seconds from t0 until the center holds 1, n // 2 and n instances, and until the
+    scanner (storescu) was done ("scanner_s")."""
     marks = {"first_s": 1, "center_s": max(1, n // 2), "total_s": n}
     got: dict[str, float] = {}
     deadline = time.monotonic() + timeout
@@ -57,9 +58,12 @@ def wait_marks(pacs: Orthanc, n: int, sender: subprocess.Popen[bytes], log: Path
         count = pacs.count()
         now = time.perf_counter() - t0
         got.update({k: now for k, m in marks.items() if k not in got and count >= m})
-        if len(got) == len(marks):
+        rc = sender.poll()
+        if rc == 0 and "scanner_s" not in got:
+            got["scanner_s"] = now
+        if len(got) == len(marks) + 1:
             return got
-        if sender.poll() not in (None, 0):
+        if rc not in (None, 0):
             raise RuntimeError(f"storescu failed:\n{log.read_text(errors='replace')[-2000:]}")
         time.sleep(0.05)
     raise TimeoutError(f"center holds {pacs.count()} of {n} after {timeout:g} s")
@@ -126,13 +130,13 @@ def one_rate(mbit: float, work: Path, files: list[Path], runs: int) -> dict[str,
 
 def table(rows: list[dict[str, Any]]) -> str:
     out = ["| link | compressed limit | mode | first instance | half | all | all / compressed limit"
-           " | all / direct |", "|---|---:|---|---:|---:|---:|---:|---:|"]
+           " | all / direct | scanner done |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lim, direct = r["compressed_limit_s"], r["median"]["direct"]["total_s"]
         for m, v in r["median"].items():
             out.append(f"| {r['mbit']:g} Mbit/s | {lim:.1f} s | {m} | {v['first_s']:.1f} s |"
                        f" {v['center_s']:.1f} s | {v['total_s']:.1f} s | {v['total_s'] / lim:.2f}x |"
-                       f" {v['total_s'] / direct:.2f}x |")
+                       f" {v['total_s'] / direct:.2f}x | {v['scanner_s']:.1f} s |")
     return "\n".join(out)
 
 
