@@ -9,6 +9,8 @@ center Orthanc:
 
 - direct     storescu in `site` -> Orthanc in `center`;
 - appliance  storescu -> appliance (shipped pack defaults) -> DICOM C-STORE -> center;
+- first      the same with `pack.during_burst = "first"` (only a study's first segment
+             is packed during a burst);
 - before     the same with the pack settings from before the change
              (`pack.first_segment_instances = 100`, `pack.during_burst = "never"`).
 
@@ -109,7 +111,8 @@ def run_appliance(wan: Wan, work: Path, files: list[Path], timeout: float,
 def one_rate(mbit: float, work: Path, files: list[Path], runs: int) -> dict[str, Any]:
     raw = sum(f.stat().st_size for f in files)
     timeout = 600 + raw * 8 / (mbit * 1e6) * 3
-    modes: dict[str, list[dict[str, float]]] = {"direct": [], "appliance": [], "before": []}
+    modes: dict[str, list[dict[str, float]]] = {"direct": [], "appliance": [], "first": [],
+                                                "before": []}
     with Wan() as wan:
         wan.link.rate(mbit)
         link = wan.link.measure(seconds=4)
@@ -117,6 +120,8 @@ def one_rate(mbit: float, work: Path, files: list[Path], runs: int) -> dict[str,
         for run in range(runs):
             w = work / f"run{run}"
             modes["appliance"].append(run_appliance(wan, w / "appliance", files, timeout, {}))
+            modes["first"].append(run_appliance(wan, w / "first", files, timeout,
+                                                {"during_burst": "first"}))
             modes["before"].append(run_appliance(wan, w / "before", files, timeout, BEFORE))
             modes["direct"].append(run_direct(wan, w / "direct", files, timeout))
             print(f"  run {run + 1}: " + ", ".join(

@@ -415,6 +415,7 @@ def storescp(root: Path) -> Iterator[Receiver]:
 VARIANTS: dict[str, dict[str, Any]] = {
     "appliance-never": {"during_burst": "never"},
     "appliance-always": {"during_burst": "always"},
+    "appliance-first": {"during_burst": "first"},
     "appliance-before": {"during_burst": "never", "first_segment_instances": 100},
 }
 RECEIVERS: dict[str, Callable[[Path], contextlib.AbstractContextManager[Receiver]]] = {

@@ -38,12 +38,18 @@ def test_never_holds_even_a_first_segment_during_a_burst() -> None:
     assert may_pack_now(100, True, cfg, 110, burst=Burst())  # but not past the segment age
 
 
+def test_first_packs_only_a_first_segment_during_a_burst() -> None:
+    cfg = Pack(segment_max_age_s=10, during_burst="first")
+    assert may_pack_now(100, True, cfg, 101, burst=Burst(first=True))
+    assert not may_pack_now(100, True, cfg, 101, burst=Burst(link_waits=True))
+
+
 def test_always_packs_during_a_burst() -> None:
     assert may_pack_now(100, True, Pack(during_burst="always"), 101, burst=Burst())
 
 
 def test_no_burst_packs_whatever_the_policy() -> None:
-    for policy in ("link-waits", "never", "always"):
+    for policy in ("link-waits", "first", "never", "always"):
         assert may_pack_now(100, False, Pack(during_burst=policy), 100, burst=Burst())
 
 
@@ -97,4 +103,12 @@ def test_packer_takes_a_later_segment_once_the_last_bundle_is_on_the_link(
 
 def test_packer_with_never_takes_nothing_during_a_burst(tmp_path: Path, pool: CodecPool) -> None:
     box = _Box(tmp_path, pool, "never")
+    assert box.packer._next_sealed() is None
+
+
+def test_packer_with_first_takes_only_the_first_segment_during_a_burst(
+        tmp_path: Path, pool: CodecPool) -> None:
+    box = _Box(tmp_path, pool, "first")
+    assert box.packer._next_sealed() == box.first
+    box.set_state(box.first, "active")  # the link is idle behind it: still not the second
     assert box.packer._next_sealed() is None

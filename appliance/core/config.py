@@ -89,6 +89,10 @@ class Spool:
     reserve_free_mb: int = 2048
 
 
+# pack.during_burst: what is packed while a scanner sends a burst (pack.packer.may_pack_now)
+DURING_BURST = ("link-waits", "first", "always", "never")
+
+
 @dataclass(frozen=True)
 class Pack:
     codec: str = "jpeg2000"
@@ -580,7 +584,7 @@ def _parse_pack(t: _Table) -> Pack:
         segment_max_age_s=t.number("segment_max_age_s", d.segment_max_age_s, 0.5, 3600),
         stat_segment_max_age_s=t.number("stat_segment_max_age_s", d.stat_segment_max_age_s,
                                         0.5, 3600),
-        during_burst=t.choice("during_burst", d.during_burst, ("link-waits", "always", "never")),
+        during_burst=t.choice("during_burst", d.during_burst, DURING_BURST),
         workers=t.integer("workers", d.workers, 0, 256),
         stream_threshold_mb=t.integer("stream_threshold_mb", d.stream_threshold_mb, 1, 65_536),
         job_timeout_s=t.number("job_timeout_s", d.job_timeout_s, 1, 86_400),

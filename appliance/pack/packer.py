@@ -107,10 +107,6 @@ class SegmentTimes:
     stat: bool = False  # a stat study (queue.store.PRIORITY_STAT, from the routing rules)
 
 
-# pack.during_burst: which sealed segments are packed while a scanner sends a burst
-DURING_BURST = ("link-waits", "always", "never")
-
-
 @dataclass(frozen=True)
 class Burst:
     """What the packer knows about a sealed segment while a scanner sends a burst."""
@@ -128,8 +124,9 @@ def may_pack_now(sealed_at: float, receiving_burst: bool, cfg: Pack, now: float,
     with `pack.during_burst = "link-waits"` (the default) a segment is packed during a
     burst only when the link would otherwise wait for it: it is its study's first
     segment (small, `pack.first_segment_instances`: the study's first bytes leave within
-    seconds of its first C-STORE), or no packed bundle is waiting to be sent. "never"
-    packs nothing during a burst, "always" ignores bursts (docs/benchmarks.md, "Packing
+    seconds of its first C-STORE), or no packed bundle is waiting to be sent. "first"
+    packs only a study's first segment during a burst, "never" nothing, "always"
+    ignores bursts (docs/benchmarks.md, "Packing
     during a burst", has the figures). Whatever the policy, a segment waits at most
     `pack.segment_max_age_s` after it was sealed, and a stat study's is packed at once.
     """
@@ -139,6 +136,8 @@ def may_pack_now(sealed_at: float, receiving_burst: bool, cfg: Pack, now: float,
         return True
     if cfg.during_burst == "never":
         return False
+    if cfg.during_burst == "first":
+        return burst.first
     return burst.first or burst.link_waits
 
 
@@ -285,12 +284,12 @@ class Packer:
         link_waits: bool | None = None  # looked up only during a burst, once
         for r in rows:
             facts = Burst()
-            if burst and self.cfg.during_burst == "link-waits":
-                if link_waits is None:
+            if burst and self.cfg.during_burst in ("link-waits", "first"):
+                if link_waits is None and self.cfg.during_burst == "link-waits":
                     link_waits = not self.index.query(
                         "SELECT 1 FROM segments WHERE state='ready' LIMIT 1")
                 facts = Burst(first=self._first_of_study(r["study_key"], r["created"]),
-                              link_waits=link_waits)
+                              link_waits=bool(link_waits))
             if not may_pack_now(r["updated"], burst, self.cfg, now, r["priority"] >= PRIORITY_STAT,
                                 facts):
                 continue
