@@ -108,11 +108,12 @@ def run_appliance(wan: Wan, work: Path, files: list[Path], timeout: float,
         pacs.stop()
 
 
-def one_rate(mbit: float, work: Path, files: list[Path], runs: int) -> dict[str, Any]:
+def one_rate(mbit: float, work: Path, files: list[Path], runs: int,
+             extra: dict[str, dict[str, Any]]) -> dict[str, Any]:
     raw = sum(f.stat().st_size for f in files)
     timeout = 600 + raw * 8 / (mbit * 1e6) * 3
     modes: dict[str, list[dict[str, float]]] = {"direct": [], "appliance": [], "first": [],
-                                                "before": []}
+                                                "before": [], **{m: [] for m in extra}}
     with Wan() as wan:
         wan.link.rate(mbit)
         link = wan.link.measure(seconds=4)
@@ -123,6 +124,8 @@ def one_rate(mbit: float, work: Path, files: list[Path], runs: int) -> dict[str,
             modes["first"].append(run_appliance(wan, w / "first", files, timeout,
                                                 {"during_burst": "first"}))
             modes["before"].append(run_appliance(wan, w / "before", files, timeout, BEFORE))
+            for m, pack in extra.items():
+                modes[m].append(run_appliance(wan, w / m, files, timeout, pack))
             modes["direct"].append(run_direct(wan, w / "direct", files, timeout))
             print(f"  run {run + 1}: " + ", ".join(
                 f"{m} {v[-1]['first_s']:.1f}/{v[-1]['center_s']:.1f}/{v[-1]['total_s']:.1f} s"
@@ -150,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slices", type=int, default=300)
     ap.add_argument("--rates", default="20,100", help="Mbit/s, comma-separated")
     ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--jpegls", action="store_true",
+                    help="also run the appliance with pack.codec = jpeg-ls (mode jpeg-ls)")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None, help="JSON result file")
     args = ap.parse_args(argv)
@@ -158,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     root = Path(tempfile.mkdtemp(prefix="fb-wan-", dir=args.workdir))
     files = generate_study(root / "study", args.slices)
-    rows = [one_rate(float(m), root / f"r{m}", files, args.runs) for m in args.rates.split(",") if m]
+    extra = {"jpeg-ls": {"codec": "jpeg-ls"}} if args.jpegls else {}
+    rows = [one_rate(float(m), root / f"r{m}", files, args.runs, extra)
+            for m in args.rates.split(",") if m]
     print(f"\nStudy: {len(files)} slices, {rows[0]['raw_mb']:.1f} MB; median of {args.runs} run(s);"
           f" first instance / half / all at the center, from the first C-STORE\n")
     print(table(rows))
