@@ -126,9 +126,9 @@ def may_pack_now(sealed_at: float, receiving_burst: bool, cfg: Pack, now: float,
     segment (small, `pack.first_segment_instances`: the study's first bytes leave within
     seconds of its first C-STORE), or no packed bundle is waiting to be sent. "first"
     packs only a study's first segment during a burst, "never" nothing, "always"
-    ignores bursts (docs/benchmarks.md, "Packing
-    during a burst", has the figures). Whatever the policy, a segment waits at most
-    `pack.segment_max_age_s` after it was sealed, and a stat study's is packed at once.
+    ignores bursts (docs/benchmarks.md, "Keeping a thin link full", has the figures).
+    Whatever the policy, a segment waits at most `pack.segment_max_age_s` after it was
+    sealed, and a stat study's is packed at once.
     """
     if stat or not receiving_burst or now - sealed_at >= cfg.segment_max_age_s:
         return True
@@ -281,15 +281,13 @@ class Packer:
         for gone in [s for s in self._tries if s not in sealed]:  # released, deleted...
             del self._tries[gone]
         burst, now = self.receiving_burst(), time.time()
-        link_waits: bool | None = None  # looked up only during a burst, once
+        # looked up only during a burst, and only when the policy asks (once per call)
+        asks = bool(rows) and burst and self.cfg.during_burst in ("link-waits", "first")
+        link_waits = asks and self.cfg.during_burst == "link-waits" and not self.index.query(
+            "SELECT 1 FROM segments WHERE state='ready' LIMIT 1")
         for r in rows:
-            facts = Burst()
-            if burst and self.cfg.during_burst in ("link-waits", "first"):
-                if link_waits is None and self.cfg.during_burst == "link-waits":
-                    link_waits = not self.index.query(
-                        "SELECT 1 FROM segments WHERE state='ready' LIMIT 1")
-                facts = Burst(first=self._first_of_study(r["study_key"], r["created"]),
-                              link_waits=bool(link_waits))
+            facts = Burst(first=self._first_of_study(r["study_key"], r["created"]),
+                          link_waits=link_waits) if asks else Burst()
             if not may_pack_now(r["updated"], burst, self.cfg, now, r["priority"] >= PRIORITY_STAT,
                                 facts):
                 continue
