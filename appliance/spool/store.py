@@ -56,6 +56,7 @@ from appliance.core import crypto, durable
 from appliance.core.errors import IntegrityError, KeyFileError, NotFoundError, SpoolFullError
 from appliance.queue import store as queue_store
 from appliance.queue.index import Index
+from appliance.queue.state import STATES
 
 log = structlog.get_logger("appliance.spool")
 
@@ -67,6 +68,7 @@ KEY_ID_FILE = "spool.keyid"
 
 # Receiving first segments remembered before the set is pruned of sealed ones.
 _FIRST_PRUNE_AT = 64
+_STATE_MARKS = ",".join("?" * len(STATES))
 
 
 def new_id() -> str:
@@ -282,8 +284,9 @@ class Spool:
         if row:
             return str(row["id"])
         seg = new_id()
-        first = conn.execute("SELECT 1 FROM segments WHERE study_key=? LIMIT 1",
-                             (study_key,)).fetchone() is None
+        first = conn.execute(  # by the segments_state index: one probe per state
+            f"SELECT 1 FROM segments WHERE state IN ({_STATE_MARKS}) AND study_key=? LIMIT 1",  # noqa: S608
+            (*STATES, study_key)).fetchone() is None
         queue_store.open_segment(conn, seg, study_key, now)
         if first and self.seg_first_n < self.seg_max_n:
             self._remember_first(conn, seg)
