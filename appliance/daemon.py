@@ -157,7 +157,7 @@ class Daemon:
         self.spool = spool = Spool(
             cfg.appliance.state_dir, key, index, cfg.spool.reserve_free_mb << 20,
             cfg.pack.segment_max_instances, cfg.pack.segment_max_mb << 20,
-            key_file=cfg.spool.key_file)
+            key_file=cfg.spool.key_file, first_segment_instances=cfg.pack.first_segment_instances)
         spool.check_key()  # the wrong key must stop us before anything is moved
         recipients = [crypto.load_public_key(cfg.encryption.appliance_public_key)]
         recipients += [crypto.load_public_key(p) for p in cfg.encryption.recipients]

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import functools
 import json
 import os
 import platform
@@ -361,9 +362,12 @@ class Receiver:
 
 
 @contextlib.contextmanager
-def appliance(root: Path) -> Iterator[Receiver]:
+def appliance(root: Path, pack: dict[str, Any] | None = None) -> Iterator[Receiver]:
     port = free_port()
-    app = Appliance(root, base_config(root, port))
+    cfg = base_config(root, port)
+    if pack:
+        cfg["pack"] = pack
+    app = Appliance(root, cfg)
     try:
         app.start()
         assert app.proc is not None
@@ -404,7 +408,19 @@ def storescp(root: Path) -> Iterator[Receiver]:
         stop_pid(proc)
 
 
-RECEIVERS = {"appliance": appliance, "orthanc": orthanc, "storescp": storescp}
+# The appliance with another policy for packing during a burst (pack.during_burst);
+# "appliance-before" is the code before issue 11 item 8 (100-image first segment, no
+# packing during a burst). Packing goes on alongside receiving in every variant: the
+# outbox is a local directory, so a bundle never waits long for its "link".
+VARIANTS: dict[str, dict[str, Any]] = {
+    "appliance-never": {"during_burst": "never"},
+    "appliance-always": {"during_burst": "always"},
+    "appliance-first": {"during_burst": "first"},
+    "appliance-before": {"during_burst": "never", "first_segment_instances": 100},
+}
+RECEIVERS: dict[str, Callable[[Path], contextlib.AbstractContextManager[Receiver]]] = {
+    "appliance": appliance, "orthanc": orthanc, "storescp": storescp,
+    **{k: functools.partial(appliance, pack=v) for k, v in VARIANTS.items()}}
 
 
 # --- measurement ----------------------------------------------------------------------
@@ -520,12 +536,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"study: {len(files)} slices, {nbytes / 1e6:.1f} MB, generated in "
               f"{time.perf_counter() - t0:.1f} s in {work}", file=sys.stderr)
         series = {n: Series(n, 1) for n in names}
-        conc = (Series("appliance", args.concurrency)
-                if "appliance" in names and args.concurrency > 1 else None)
+        concs = ({n: Series(n, args.concurrency) for n in names if n.startswith("appliance")}
+                 if args.concurrency > 1 else {})
+        conc = concs.get("appliance")
         for run in range(args.runs):
             plan = [(series[n], n, 1) for n in names]
-            if conc:
-                plan.append((conc, "appliance", args.concurrency))
+            plan += [(c, n, args.concurrency) for n, c in concs.items()]
             for s, n, a in plan:
                 secs, rss, cpu = measure(n, work, run, files, a)
                 s.seconds.append(secs)
@@ -533,9 +549,7 @@ def main(argv: list[str] | None = None) -> int:
                 s.cpu_s.append(cpu)
                 print(f"run {run + 1}/{args.runs} {n} x{a}: {secs:.2f} s, {nbytes / secs / 1e6:.1f} MB/s,"
                       f" peak RSS {rss / 1024:.0f} MiB, CPU {cpu:.1f} s", file=sys.stderr)
-        rows = [s.summary(nbytes, len(files)) for s in series.values()]
-        if conc:
-            rows.append(conc.summary(nbytes, len(files)))
+        rows = [s.summary(nbytes, len(files)) for s in [*series.values(), *concs.values()]]
         by = {(r["receiver"], r["associations"]): r for r in rows}
         ratios: dict[str, float] = {}
         app = by.get(("appliance", 1))

@@ -50,7 +50,8 @@ def held_config(root: Path, port: int, **receive: Any) -> dict[str, Any]:
     """
     cfg = base_config(root, port, **receive)
     cfg["pack"] = {"study_quiet_s": 3600, "segment_max_age_s": 3600,
-                   "segment_max_instances": 100_000, "segment_max_mb": 16_384, "workers": 1}
+                   "segment_max_instances": 100_000, "first_segment_instances": 100_000,
+                   "segment_max_mb": 16_384, "workers": 1}
     return cfg
 
 

@@ -213,7 +213,8 @@ def keep_in_spool(cfg: dict[str, Any]) -> dict[str, Any]:
     """Config that keeps every instance in the spool for the test's lifetime: no segment is
     sealed by count, size or time, so the packer never consumes (and removes) them."""
     cfg["pack"] = {**cfg.get("pack", {}), "study_quiet_s": 3600, "segment_max_age_s": 3600,
-                   "segment_max_instances": 100_000, "segment_max_mb": 16_384}
+                   "segment_max_instances": 100_000, "first_segment_instances": 100_000,
+                   "segment_max_mb": 16_384}
     return cfg
 
 

@@ -204,6 +204,7 @@ def test_wrong_type_names_key_and_expected_type(data: dict[str, Any], expect: st
     ("spool", "reserve_free_mb", -1, "must be 0..10000000"),
     ("pack", "study_quiet_s", 0.1, "must be 0.5..3600"),
     ("pack", "segment_max_instances", 0, "must be 1..100000"),
+    ("pack", "first_segment_instances", 0, "must be 1..100000"),
     ("pack", "segment_max_mb", 20000, "must be 1..16384"),
     ("pack", "segment_max_age_s", float("inf"), "must be 0.5..3600"),
     ("pack", "workers", 257, "must be 0..256"),

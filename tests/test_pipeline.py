@@ -26,6 +26,21 @@ def _cfg(root: Path, **pack: Any) -> dict[str, Any]:
 
 
 
+def test_a_studys_first_segment_is_small_and_the_rest_full(
+        appliance_factory: Callable[..., Appliance], samples: Path, tmp_path: Path) -> None:
+    """pack.first_segment_instances through the daemon: 28 slices -> 4 + 10 + 10 + 4."""
+    root = tmp_path / "f"
+    app = appliance_factory(_cfg(root, first_segment_instances=4, segment_max_instances=10),
+                            root=root)
+    files = sorted((samples / "series" / "CT_Philips_Ingenuity_phantom_28sl").iterdir())
+    assert storescu(app.port, files).returncode == 0
+    rows = wait_for(lambda: (q := _queue(app)) and sum(r["instances"] for r in q) == len(files)
+                    and all(r["state"] == "delivered" for r in q) and q, timeout=60,
+                    what="every bundle delivered")
+    assert sorted(r["instances"] for r in rows) == [4, 4, 10, 10]
+    assert rows[0]["instances"] == 4  # `queue list` is in the order segments were opened
+
+
 def _queue(app: Appliance) -> list[dict[str, Any]]:
     import json
     r = cli("queue", "list", "--json", "--config", str(app.config_path), check=True)
@@ -42,7 +57,7 @@ def _extract(bundle: Path, key: Path, out: Path) -> list[pydicom.Dataset]:
 def test_series_arrives_as_one_compressed_bundle_with_identical_pixels(
         appliance_factory: Callable[..., Appliance], samples: Path, tmp_path: Path) -> None:
     root = tmp_path / "a"
-    app = appliance_factory(_cfg(root), root=root)
+    app = appliance_factory(_cfg(root, first_segment_instances=100), root=root)
     files = sorted((samples / "series" / "CT_Philips_Ingenuity_phantom_28sl").iterdir())
     assert storescu(app.port, files).returncode == 0
     bundles = wait_for(lambda: list((root / "outbox").glob("*.bundle")), what="a bundle")

@@ -90,15 +90,21 @@ class Spool:
     reserve_free_mb: int = 2048
 
 
+# pack.during_burst: what is packed while a scanner sends a burst (pack.packer.may_pack_now)
+DURING_BURST = ("link-waits", "first", "always", "never")
+
+
 @dataclass(frozen=True)
 class Pack:
     codec: str = "jpeg2000"
     verify: bool = True
     study_quiet_s: float = 10.0
     segment_max_instances: int = 100
+    first_segment_instances: int = 16  # a study's first segment: on the link within ~1 s
     segment_max_mb: int = 64
     segment_max_age_s: float = 10.0
     stat_segment_max_age_s: float = 2.0  # a stat study's segment is sealed this often
+    during_burst: str = "link-waits"  # what is packed while a scanner sends (pack.packer)
     workers: int = 0  # 0 = one per CPU
     stream_threshold_mb: int = 64  # instances this large are packed streaming (bounded memory)
     job_timeout_s: float = 60.0  # a codec job running longer is killed (its instance sent as is)
@@ -580,10 +586,13 @@ def _parse_pack(t: _Table) -> Pack:
         study_quiet_s=t.number("study_quiet_s", d.study_quiet_s, 0.5, 3600),
         segment_max_instances=t.integer("segment_max_instances", d.segment_max_instances,
                                         1, 100_000),
+        first_segment_instances=t.integer("first_segment_instances", d.first_segment_instances,
+                                          1, 100_000),
         segment_max_mb=t.integer("segment_max_mb", d.segment_max_mb, 1, 16_384),
         segment_max_age_s=t.number("segment_max_age_s", d.segment_max_age_s, 0.5, 3600),
         stat_segment_max_age_s=t.number("stat_segment_max_age_s", d.stat_segment_max_age_s,
                                         0.5, 3600),
+        during_burst=t.choice("during_burst", d.during_burst, DURING_BURST),
         workers=t.integer("workers", d.workers, 0, 256),
         stream_threshold_mb=t.integer("stream_threshold_mb", d.stream_threshold_mb, 1, 65_536),
         job_timeout_s=t.number("job_timeout_s", d.job_timeout_s, 1, 86_400),

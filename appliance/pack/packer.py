@@ -29,7 +29,9 @@ no more than the in-memory path holds), else packed as it came ("inflated-too-la
 Sealing policy (pure, `due_for_sealing`): a `receiving` segment is sealed when its study
 has been quiet for `pack.study_quiet_s`, or when it has been open for
 `pack.segment_max_age_s` while the study is still arriving (so forwarding overlaps
-receiving); count and size limits are applied by the spool as instances arrive.
+receiving); count and size limits are applied by the spool as instances arrive (a
+study's first segment is small: `pack.first_segment_instances`). While a scanner sends a
+burst, what is packed is decided by `may_pack_now` (`pack.during_burst`).
 
 How it fails (docs/architecture.md, "Failure behaviour"): one instance never stops its
 segment, and one segment never stops the others.
@@ -79,6 +81,7 @@ from appliance.pack import stream as stream_pack
 from appliance.pack.codec import Result, compress
 from appliance.pack.pool import CodecPool, PoolClosed, WorkerLost
 from appliance.pack.stream import Streamed
+from appliance.queue.state import STATES
 from appliance.queue.store import PRIORITY_STAT, Queue, transition
 from appliance.spool.store import Spool
 
@@ -104,18 +107,38 @@ class SegmentTimes:
     stat: bool = False  # a stat study (queue.store.PRIORITY_STAT, from the routing rules)
 
 
+@dataclass(frozen=True)
+class Burst:
+    """What the packer knows about a sealed segment while a scanner sends a burst."""
+
+    first: bool = False  # its study's first segment (no earlier segment of the study)
+    link_waits: bool = False  # no packed bundle is waiting for the link (none `ready`)
+
+
 def may_pack_now(sealed_at: float, receiving_burst: bool, cfg: Pack, now: float,
-                 stat: bool = False) -> bool:
+                 stat: bool = False, burst: Burst = Burst()) -> bool:
     """Whether to start packing a sealed segment now.
 
-    While a scanner is sending a burst (images back to back), packing waits, at most
-    `pack.segment_max_age_s` after the segment was sealed: on a small box the
-    compression would otherwise take CPU from the receiver and keep the scanner waiting
-    for every C-STORE response. A burst is short (a 300-slice CT takes ~1.5 s here), and
-    a scanner that sends slowly leaves gaps in which packing proceeds as before.
-    A stat study's segment is packed at once: its minutes count more than the burst's.
+    While a scanner is sending a burst (images back to back), packing takes CPU and GIL
+    time from the receiver and keeps the scanner waiting for each C-STORE response. So
+    with `pack.during_burst = "link-waits"` (the default) a segment is packed during a
+    burst only when the link would otherwise wait for it: it is its study's first
+    segment (small, `pack.first_segment_instances`: the study's first bytes leave within
+    seconds of its first C-STORE), or no packed bundle is waiting to be sent. "first"
+    packs only a study's first segment during a burst, "never" nothing, "always"
+    ignores bursts (docs/benchmarks.md, "Keeping a thin link full", has the figures).
+    Whatever the policy, a segment waits at most `pack.segment_max_age_s` after it was
+    sealed, and a stat study's is packed at once.
     """
-    return stat or not receiving_burst or now - sealed_at >= cfg.segment_max_age_s
+    if stat or not receiving_burst or now - sealed_at >= cfg.segment_max_age_s:
+        return True
+    if cfg.during_burst == "always":
+        return True
+    if cfg.during_burst == "never":
+        return False
+    if cfg.during_burst == "first":
+        return burst.first
+    return burst.first or burst.link_waits
 
 
 def inflate_cap(cfg: Pack, max_instance_bytes: int) -> int:
@@ -252,20 +275,35 @@ class Packer:
             packed += 1
 
     def _next_sealed(self) -> str | None:
-        rows = self.index.query("SELECT id, updated, priority FROM segments WHERE state='sealed'"
-                                " ORDER BY priority DESC, created")
+        rows = self.index.query("SELECT id, study_key, created, updated, priority FROM segments"
+                                " WHERE state='sealed' ORDER BY priority DESC, created")
         sealed = {r["id"] for r in rows}
         for gone in [s for s in self._tries if s not in sealed]:  # released, deleted...
             del self._tries[gone]
         burst, now = self.receiving_burst(), time.time()
+        # looked up only during a burst, and only when the policy asks (once per call)
+        asks = bool(rows) and burst and self.cfg.during_burst in ("link-waits", "first")
+        link_waits = asks and self.cfg.during_burst == "link-waits" and not self.index.query(
+            "SELECT 1 FROM segments WHERE state='ready' LIMIT 1")
         for r in rows:
-            if not may_pack_now(r["updated"], burst, self.cfg, now, r["priority"] >= PRIORITY_STAT):
+            facts = Burst(first=self._first_of_study(r["study_key"], r["created"]),
+                          link_waits=link_waits) if asks else Burst()
+            if not may_pack_now(r["updated"], burst, self.cfg, now, r["priority"] >= PRIORITY_STAT,
+                                facts):
                 continue
             tries = self._tries.get(r["id"])
             if tries and time.monotonic() < tries.not_before:
                 continue
             return str(r["id"])
         return None
+
+    def _first_of_study(self, study_key: str, created: float) -> bool:
+        """No segment of the study is older than one created at `created` (by the
+        segments_state index: one probe per state)."""
+        marks = ",".join("?" * len(STATES))
+        return not self.index.query(
+            f"SELECT 1 FROM segments WHERE state IN ({marks}) AND study_key=?"  # noqa: S608
+            " AND created<? LIMIT 1", (*STATES, study_key, created))
 
     def _failed(self, seg: str, e: Exception) -> None:
         tries = self._tries.setdefault(seg, _Tries())

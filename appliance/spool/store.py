@@ -15,7 +15,12 @@ the duplicate check makes that harmless) and quarantines it otherwise.
 
 Instances are grouped per study into segments: the open (`receiving`) segment of a study
 takes new instances until it reaches the configured count or size, then it is sealed and
-a new one opened. Time-based sealing belongs to the packer.
+a new one opened. A study's first segment (no other segment of the study existed when it
+was opened) is sealed at `first_segment_instances` already, so that its first bundle is
+packed and on the link within about a second of the first C-STORE instead of after a
+hundred images. Which receiving segments are first is kept in memory only (no schema
+change; after a restart the open segment takes the normal count). Time-based sealing
+belongs to the packer.
 
 Which key: `STATE/spool.keyid` records the public id of the spool key that seals this
 spool (written at the first start). `check_key` refuses a different key before anything
@@ -51,6 +56,7 @@ from appliance.core import crypto, durable
 from appliance.core.errors import IntegrityError, KeyFileError, NotFoundError, SpoolFullError
 from appliance.queue import store as queue_store
 from appliance.queue.index import Index
+from appliance.queue.state import STATES
 
 log = structlog.get_logger("appliance.spool")
 
@@ -59,6 +65,10 @@ _OVERHEAD = 64 * 1024
 
 # STATE/<this>: the hex id of the spool key that sealed the spool (see `check_key`).
 KEY_ID_FILE = "spool.keyid"
+
+# Receiving first segments remembered before the set is pruned of sealed ones.
+_FIRST_PRUNE_AT = 64
+_STATE_MARKS = ",".join("?" * len(STATES))
 
 
 def new_id() -> str:
@@ -98,7 +108,8 @@ ADOPT_PREFIX = 4 << 20
 class Spool:
     def __init__(self, state_dir: Path, key: crypto.SpoolKey, index: Index,
                  reserve_free_bytes: int, segment_max_instances: int = 100,
-                 segment_max_bytes: int = 64 << 20, key_file: Path | None = None) -> None:
+                 segment_max_bytes: int = 64 << 20, key_file: Path | None = None,
+                 first_segment_instances: int = 0) -> None:
         self.dir = state_dir / "spool"
         self.key_id_file = state_dir / KEY_ID_FILE
         self.key_file = key_file  # only to name it in messages
@@ -109,6 +120,11 @@ class Spool:
         self.reserve = reserve_free_bytes
         self.seg_max_n = segment_max_instances
         self.seg_max_bytes = segment_max_bytes
+        # 0: a study's first segment takes as many instances as any other
+        self.seg_first_n = min(first_segment_instances or segment_max_instances,
+                               segment_max_instances)
+        # receiving segments that are their study's first (under index.lock, like the rows)
+        self._first: set[str] = set()
         self._hkey = key.index_key()
         for d in (self.dir, self.quarantine_dir):
             durable.make_dirs(d)
@@ -252,19 +268,42 @@ class Spool:
         return Stored(rid, seg, skey, False)
 
     def _open_segment(self, conn: sqlite3.Connection, study_key: str, size: int, now: float) -> str:
-        """The study's receiving segment, sealing it first if this instance would overflow it."""
+        """The study's receiving segment, sealing it first if this instance would overflow it.
+
+        Runs inside the receive transaction for every instance: one indexed lookup, and
+        one more only when a segment is opened (is it the study's first?)."""
         row = conn.execute("SELECT id, instances, bytes FROM segments WHERE study_key=? AND"
                            " state='receiving' ORDER BY created DESC LIMIT 1", (study_key,)).fetchone()
         if row and row["instances"] > 0 and (
-            row["instances"] >= self.seg_max_n or row["bytes"] + size > self.seg_max_bytes
+            row["instances"] >= self.segment_limit(str(row["id"]))
+            or row["bytes"] + size > self.seg_max_bytes
         ):
             queue_store.transition(conn, row["id"], "seal", now)
+            self._first.discard(str(row["id"]))
             row = None
         if row:
             return str(row["id"])
         seg = new_id()
+        first = conn.execute(  # by the segments_state index: one probe per state
+            f"SELECT 1 FROM segments WHERE state IN ({_STATE_MARKS}) AND study_key=? LIMIT 1",  # noqa: S608
+            (*STATES, study_key)).fetchone() is None
         queue_store.open_segment(conn, seg, study_key, now)
+        if first and self.seg_first_n < self.seg_max_n:
+            self._remember_first(conn, seg)
         return seg
+
+    def segment_limit(self, seg_id: str) -> int:
+        """How many instances the receiving segment `seg_id` takes before it is sealed."""
+        return self.seg_first_n if seg_id in self._first else self.seg_max_n
+
+    def _remember_first(self, conn: sqlite3.Connection, seg_id: str) -> None:
+        """Note a study's first segment; forget those no longer receiving (sealed by the
+        packer's clock, or opened by a transaction that rolled back) when the set grows."""
+        if len(self._first) >= _FIRST_PRUNE_AT:
+            receiving = {r["id"] for r in conn.execute(
+                "SELECT id FROM segments WHERE state='receiving'")}
+            self._first &= receiving
+        self._first.add(seg_id)
 
     # --- read ---
 

@@ -1,0 +1,88 @@
+"""Pace: which codec keeps a destination's link busy when the packer is the bottleneck.
+
+Pure (issue 11 item 8). Compression saves link time only while the link is the slower
+stage. Delivering R raw bytes through codec c takes about R / min(pack_c, link * ratio_c)
+once packing and sending overlap: the packer consumes raw bytes at pack_c, the link
+carries raw bytes at its own rate times the codec's compression ratio. On a fast link
+with a slow packer (100 Mbit/s, J2K with verification at ~34 slices/s on 2 cores) a
+faster codec (JPEG-LS: ~4x the speed, about the same ratio here) or none at all delivers
+sooner; on a thin link the best ratio wins.
+
+`choose_codec` compares the configured codec with the faster ones after it in `BY_SPEED`
+(never a slower one: an operator who chose "jpeg-ls" or "none" keeps it), from what was
+measured here (`Recent`: the pack rate and ratio of the configured codec, the send rate
+of the destination) and `PRIORS` for the codecs not measured. It switches only when the
+other codec is faster by `margin` (no flapping on noise) and keeps the configured codec
+while either rate is unknown. Every codec is lossless: the choice changes bytes on the
+wire and time, never a pixel.
+
+Not yet wired in: the packer would ask before each segment with the send rate of the
+destinations it is for (forward/scheduler.py owns those; see the report of issue 11).
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+
+# Fastest last. Only a codec at or after the configured one is ever chosen.
+BY_SPEED = ("jpeg2000", "jpeg-ls", "none")
+
+# Relative pack speed (raw bytes/s, jpeg2000 = 1) and relative bundle size (jpeg2000 = 1;
+# "none" is the raw size whatever the ratio) with verification on, 2 cores, CT slices
+# (docs/benchmarks.md, "Pack": 33.5 slices/s J2K, 141.4 JPEG-LS; pass-through is
+# spool read + AES only, taken as 10x, which only matters on a link faster than ~4x
+# the J2K pack rate).
+PRIORS: dict[str, tuple[float, float]] = {"jpeg2000": (1.0, 1.0), "jpeg-ls": (4.2, 1.05),
+                                          "none": (10.0, 0.0)}
+
+
+@dataclass(frozen=True)
+class Rates:
+    """What was measured: None while unknown (no recent delivery or pack)."""
+
+    send_bps: float | None  # bundle bytes/s the destination took in recent deliveries
+    pack_bps: float | None  # raw bytes/s the packer consumed with the configured codec
+    ratio: float | None  # raw bytes / bundle bytes of those packs (>= 1 when compressing)
+
+
+def delivery_rate(codec: str, configured: str, r: Rates) -> float:
+    """Raw bytes/s delivered through `codec`, estimated from rates measured with
+    `configured`: the slower of the packer and the link (times the codec's ratio)."""
+    assert r.send_bps is not None and r.pack_bps is not None and r.ratio is not None
+    speed0, size0 = PRIORS[configured]
+    speed, size = PRIORS[codec]
+    pack = r.pack_bps * speed / speed0
+    # "none" sends raw bytes; a configured "none" is only ever compared with itself
+    ratio = 1.0 if codec == "none" else max(1.0, r.ratio * size0 / size)
+    return min(pack, r.send_bps * ratio)
+
+
+def choose_codec(configured: str, r: Rates, margin: float = 1.2) -> str:
+    """The codec to pack the next segment for this link with (see the module docstring)."""
+    if configured not in BY_SPEED or None in (r.send_bps, r.pack_bps, r.ratio):
+        return configured
+    best, best_rate = configured, delivery_rate(configured, configured, r)
+    for codec in BY_SPEED[BY_SPEED.index(configured) + 1:]:
+        rate = delivery_rate(codec, configured, r)
+        if rate > best_rate * margin:
+            best, best_rate = codec, rate
+    return best
+
+
+class Recent:
+    """Bytes per second over the last `keep` samples (deliveries or packs): the sum of
+    their bytes over the sum of their seconds, so a long transfer weighs more than a
+    short one. Not thread-safe: one owner."""
+
+    def __init__(self, keep: int = 8) -> None:
+        self._samples: collections.deque[tuple[float, float]] = collections.deque(maxlen=keep)
+
+    def add(self, nbytes: float, seconds: float) -> None:
+        if nbytes > 0 and seconds > 0:
+            self._samples.append((nbytes, seconds))
+
+    def rate(self) -> float | None:
+        if not self._samples:
+            return None
+        return sum(b for b, _ in self._samples) / sum(s for _, s in self._samples)
