@@ -17,7 +17,7 @@ from appliance.queue.index import open_index
 from appliance.queue.store import Queue
 from appliance.spool.store import InstanceMeta, Spool
 
-CFG = Pack(segment_max_age_s=10)
+CFG = Pack(segment_max_age_s=10, during_burst="link-waits")
 
 
 def test_link_waits_packs_a_first_segment_during_a_burst() -> None:
@@ -112,3 +112,11 @@ def test_packer_with_first_takes_only_the_first_segment_during_a_burst(
     assert box.packer._next_sealed() == box.first
     box.set_state(box.first, "active")  # the link is idle behind it: still not the second
     assert box.packer._next_sealed() is None
+
+
+def test_the_default_packs_only_a_first_segment_during_a_burst() -> None:
+    """The default keeps receiving at its speed (docs/benchmarks.md, "Keeping a thin link
+    full": "link-waits" halved the rate of four associations into a fast destination)."""
+    assert Pack().during_burst == "first"
+    assert may_pack_now(100, True, Pack(), 101, burst=Burst(first=True))
+    assert not may_pack_now(100, True, Pack(), 101, burst=Burst(link_waits=True))
