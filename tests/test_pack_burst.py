@@ -114,9 +114,8 @@ def test_packer_with_first_takes_only_the_first_segment_during_a_burst(
     assert box.packer._next_sealed() is None
 
 
-def test_the_default_packs_only_a_first_segment_during_a_burst() -> None:
+def test_the_default_packs_nothing_during_a_burst() -> None:
     """The default keeps receiving at its speed (docs/benchmarks.md, "Keeping a thin link
-    full": "link-waits" halved the rate of four associations into a fast destination)."""
-    assert Pack().during_burst == "first"
-    assert may_pack_now(100, True, Pack(), 101, burst=Burst(first=True))
-    assert not may_pack_now(100, True, Pack(), 101, burst=Burst(link_waits=True))
+    full": "first" cost one scanner 13-20 % of its rate, "link-waits" four half)."""
+    assert Pack().during_burst == "never"
+    assert not may_pack_now(100, True, Pack(), 101, burst=Burst(first=True, link_waits=True))

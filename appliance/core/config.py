@@ -104,7 +104,7 @@ class Pack:
     segment_max_mb: int = 64
     segment_max_age_s: float = 10.0
     stat_segment_max_age_s: float = 2.0  # a stat study's segment is sealed this often
-    during_burst: str = "first"  # what is packed while a scanner sends (pack.packer)
+    during_burst: str = "never"  # what is packed while a scanner sends (pack.packer)
     workers: int = 0  # 0 = one per CPU
     stream_threshold_mb: int = 64  # instances this large are packed streaming (bounded memory)
     job_timeout_s: float = 60.0  # a codec job running longer is killed (its instance sent as is)

@@ -121,12 +121,12 @@ def may_pack_now(sealed_at: float, receiving_burst: bool, cfg: Pack, now: float,
 
     While a scanner is sending a burst (images back to back), packing takes CPU and GIL
     time from the receiver and keeps the scanner waiting for each C-STORE response. So
-    with `pack.during_burst = "first"` (the default) only a study's first segment is
-    packed during a burst (small, `pack.first_segment_instances`: the study's first
-    bytes leave within seconds of its first C-STORE). "link-waits" also packs any
-    segment while no packed bundle is waiting to be sent (the link would wait for it),
-    "never" nothing, "always" ignores bursts (docs/benchmarks.md, "Keeping a thin link
-    full", has the figures).
+    with `pack.during_burst = "never"` (the default) nothing is packed during a burst
+    but what has waited `pack.segment_max_age_s`. "first" packs a study's first segment
+    (small, `pack.first_segment_instances`: the study's first bytes leave within seconds
+    of its first C-STORE); "link-waits" also any segment while no packed bundle is
+    waiting to be sent (the link would wait for it); "always" ignores bursts
+    (docs/benchmarks.md, "Keeping a thin link full", has the figures).
     Whatever the policy, a segment waits at most `pack.segment_max_age_s` after it was
     sealed, and a stat study's is packed at once.
     """
