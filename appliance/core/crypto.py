@@ -31,7 +31,7 @@ import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
@@ -339,24 +339,38 @@ def create_keypair(private_path: Path, public_path: Path) -> X25519PublicKey:
     return pub
 
 
-def load_private_key(path: Path) -> X25519PrivateKey:
+def load_private_key_of(path: Path, kind: type, what: str) -> Any:
+    """A PEM private key of type `kind` ("X25519", "Ed25519": `what`), from a file that
+    passes `check_private_key_file`; KeyFileError naming the file otherwise. (Typed Any:
+    the key classes are abstract, so callers annotate what they get.)"""
     check_private_key_file(path)
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except (ValueError, TypeError):
         raise KeyFileError(f"key file {path} is not a PEM private key") from None
-    if not isinstance(key, X25519PrivateKey):
-        raise KeyFileError(f"key file {path} is not an X25519 private key")
+    if not isinstance(key, kind):
+        raise KeyFileError(f"key file {path} is not an {what} private key")
     return key
 
 
-def load_public_key(path: Path) -> X25519PublicKey:
+def load_public_key_of(path: Path, kind: type, what: str) -> Any:
+    """A PEM public key of type `kind`; KeyFileError naming the file otherwise."""
     try:
         key = serialization.load_pem_public_key(path.read_bytes())
     except FileNotFoundError:
         raise KeyFileError(f"public key file {path} does not exist") from None
     except ValueError:
         raise KeyFileError(f"key file {path} is not a PEM public key") from None
-    if not isinstance(key, X25519PublicKey):
-        raise KeyFileError(f"key file {path} is not an X25519 public key")
+    if not isinstance(key, kind):
+        raise KeyFileError(f"key file {path} is not an {what} public key")
+    return key
+
+
+def load_private_key(path: Path) -> X25519PrivateKey:
+    key: X25519PrivateKey = load_private_key_of(path, X25519PrivateKey, "X25519")
+    return key
+
+
+def load_public_key(path: Path) -> X25519PublicKey:
+    key: X25519PublicKey = load_public_key_of(path, X25519PublicKey, "X25519")
     return key

@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from appliance.core import crypto, durable
-from appliance.core.errors import IntegrityError, KeyFileError
+from appliance.core.errors import IntegrityError
 
 FORMAT: Final = "appliance-ingest-receipt"
 VERSION: Final = 1
@@ -245,25 +245,12 @@ def _outcome(v: Any) -> InstanceOutcome:
 
 
 def load_signing_key(path: Path) -> Ed25519PrivateKey:
-    crypto.check_private_key_file(path)
-    try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except (ValueError, TypeError):
-        raise KeyFileError(f"key file {path} is not a PEM private key") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise KeyFileError(f"key file {path} is not an Ed25519 private key")
+    key: Ed25519PrivateKey = crypto.load_private_key_of(path, Ed25519PrivateKey, "Ed25519")
     return key
 
 
 def load_verify_key(path: Path) -> Ed25519PublicKey:
-    try:
-        key = serialization.load_pem_public_key(path.read_bytes())
-    except FileNotFoundError:
-        raise KeyFileError(f"public key file {path} does not exist") from None
-    except ValueError:
-        raise KeyFileError(f"key file {path} is not a PEM public key") from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise KeyFileError(f"key file {path} is not an Ed25519 public key")
+    key: Ed25519PublicKey = crypto.load_public_key_of(path, Ed25519PublicKey, "Ed25519")
     return key
 
 
