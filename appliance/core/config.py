@@ -951,9 +951,10 @@ def dropin_files(main: Path) -> list[Path]:
                   key=lambda p: p.name)
 
 
-def load(path: Path | None = None) -> Config:
-    """Read the main file and its conf.d drop-ins and parse them."""
-    main = (path or DEFAULT_CONFIG).absolute()
+def read(path: Path) -> tuple[dict[str, Any], dict[str, Path], Path, tuple[Path, ...]]:
+    """The merged data of a config file and its conf.d drop-ins, which file set each key,
+    the main file and every file read (any kind of config: the appliance's, a center's)."""
+    main = path.absolute()
     files = [main, *dropin_files(main)]
     data: dict[str, Any] = {}
     origins: dict[str, Path] = {}
@@ -965,7 +966,12 @@ def load(path: Path | None = None) -> Config:
             problems += e.problems
     if problems:
         raise ConfigError(problems)
-    return parse(data, origins, main, tuple(files))
+    return data, origins, main, tuple(files)
+
+
+def load(path: Path | None = None) -> Config:
+    """Read the main file and its conf.d drop-ins and parse them."""
+    return parse(*read(path or DEFAULT_CONFIG))
 
 
 def effective(cfg: Config) -> dict[str, Any]:

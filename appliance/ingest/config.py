@@ -33,10 +33,7 @@ from appliance.core.config import (  # the appliance's own TOML reader, shared o
     _Context,
     _dicom_keys,
     _file_of,
-    _merge,
-    _read_toml,
     _Table,
-    dropin_files,
 )
 from appliance.core.errors import ConfigError
 
@@ -130,21 +127,7 @@ def parse(data: Mapping[str, Any], origins: Mapping[str, Path], main_file: Path,
     return CenterConfig(ingest=ingest, sources=sources or (main_file,), origins=dict(origins))
 
 
-def read(path: Path) -> tuple[dict[str, Any], dict[str, Path], Path, tuple[Path, ...]]:
-    """The merged data of a config file and its drop-ins (either kind of config)."""
-    main = path.absolute()
-    files = [main, *dropin_files(main)]
-    data: dict[str, Any] = {}
-    origins: dict[str, Path] = {}
-    problems: list[str] = []
-    for f in files:
-        try:
-            _merge(data, _read_toml(f), origins, f)
-        except ConfigError as e:
-            problems += e.problems
-    if problems:
-        raise ConfigError(problems)
-    return data, origins, main, tuple(files)
+read = core.read  # the merged data of a config file and its drop-ins (either kind)
 
 
 def load(path: Path | None = None) -> CenterConfig:
