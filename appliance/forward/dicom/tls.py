@@ -5,6 +5,7 @@ contexts, and pynetdicom sockets that remember why a connection or handshake fai
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import socket
 import ssl
 import time
@@ -225,10 +226,23 @@ def err_text(e: BaseException) -> str:
     return type(e).__name__
 
 
-def client_context(tls: TLSClient, check_hostname: bool) -> ClientContext:
+def is_ip(host: str) -> bool:
+    """An IP address rather than a name: rarely in a certificate, so the host name is not
+    checked and `tls.ca` (the reading center's own CA) is the trust anchor."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def client_context(tls: TLSClient, check_hostname: bool,
+                   cls: type[ssl.SSLContext] = ClientContext) -> Any:
     """The client context for one bundle (files read again each time: renewed certificates
-    are used without a restart); Retryable when the files cannot be loaded."""
-    ctx = ClientContext(ssl.PROTOCOL_TLS_CLIENT)
+    are used without a restart); Retryable when the files cannot be loaded. `cls`: the
+    dicom transport's ClientContext (records socket errors), or a plain SSLContext (the
+    dicomweb transport's HTTPS)."""
+    ctx = cls(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.check_hostname = check_hostname

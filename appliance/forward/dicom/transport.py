@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import ipaddress
 import socket
 import ssl
 import threading
@@ -64,6 +63,7 @@ from appliance.forward.dicom.tls import (
     classify_tls_error,
     client_context,
     err_text,
+    is_ip,
     server_context,
 )
 from appliance.pack import codec
@@ -83,14 +83,6 @@ META_READ = 64 << 10
 MAX_META = 1 << 20
 
 # --- the transport ----------------------------------------------------------------------
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 class NoContextAccepted(Permanent):
@@ -136,7 +128,7 @@ class DicomTransport:
         self._converter_lock = threading.Lock()
         self._listener: CommitmentListener | None = None
         self._listener_lock = threading.Lock()
-        self._check_hostname = not _is_ip(dest.host)
+        self._check_hostname = not is_ip(dest.host)
         self.cap = bandwidth.for_destination(dest)  # shared by every lane sending here
         ae = ProbedAE(self.calling_ae, self.timeout, self.cap)
         ae.acse_timeout = self.timeout

@@ -4,7 +4,6 @@ See the package docstring for every decision.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import secrets
 import ssl
@@ -22,7 +21,7 @@ from appliance.core import crypto
 from appliance.core.config import Destination
 from appliance.core.errors import ConfigError, IntegrityError, KeyFileError
 from appliance.forward import Permanent, Plan, Retryable, TransportError, Unreadable, bandwidth
-from appliance.forward.dicom.tls import err_text
+from appliance.forward.dicom.tls import client_context, err_text, is_ip
 from appliance.forward.dicomweb import stow
 from appliance.forward.dicomweb.stow import Reply
 from appliance.forward.dicomweb.wire import Cancelled, Exchange, Response
@@ -38,14 +37,6 @@ MIN_LIMIT = 1 << 20  # a 413 never makes requests smaller than this (or one inst
 def response_cap(n: int) -> int:
     """The most response bytes read for a request of `n` instances (a few KiB each)."""
     return min(16 << 20, (64 << 10) + n * (8 << 10))
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 @dataclass
@@ -111,19 +102,9 @@ class DicomWebTransport:
         if tls is None:
             ctx = ssl.create_default_context()  # the system's CAs, host name checked
         else:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
             # As the dicom transport: an IP address is rarely in a certificate; `tls.ca`
             # (the reading center's own CA) is then the trust anchor.
-            ctx.check_hostname = not _is_ip(self.host)
-            try:
-                ctx.load_cert_chain(tls.cert, tls.key)
-            except (OSError, ssl.SSLError) as e:
-                raise Retryable(f"cannot load the TLS client certificate {tls.cert} / key {tls.key}: "
-                                f"{err_text(e)}") from None
-            try:
-                ctx.load_verify_locations(cafile=str(tls.ca))
-            except (OSError, ssl.SSLError) as e:
-                raise Retryable(f"cannot load the TLS CA file {tls.ca}: {err_text(e)}") from None
+            ctx = client_context(tls, not is_ip(self.host), ssl.SSLContext)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.verify_mode = ssl.CERT_REQUIRED
         return ctx
