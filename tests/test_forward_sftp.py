@@ -281,6 +281,18 @@ def test_a_full_remote_disk_is_retryable(tmp_path: Path, big: Path) -> None:
     assert not isinstance(e.value, Permanent)
 
 
+def test_a_channel_closed_mid_write_is_a_broken_connection_not_a_full_disk(
+        server: Sshd) -> None:
+    """paramiko says "Socket is closed" with no errno, like an SFTP status: a link cut
+    mid-upload must not send the technician looking for a full disk (seen in CI)."""
+    from appliance.forward.sftp import _Step
+    t = SftpTransport(server.destination(), KEY)
+    cut = t._failure(OSError("Socket is closed"), _Step("uploading"), threading.Event())
+    assert "failed while uploading" in str(cut) and "disk" not in str(cut)
+    full = t._failure(OSError("Failure"), _Step("uploading"), threading.Event())
+    assert "disk may be full" in str(full)
+
+
 def test_openssh_offers_fsync_and_posix_rename_and_they_are_used(server: Sshd) -> None:
     from appliance.forward.sftp import _Step
     t = SftpTransport(server.destination(), KEY)

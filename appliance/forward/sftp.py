@@ -83,6 +83,8 @@ _IN_FLIGHT = 64  # write requests unanswered at most (OpenSSH sftp's default, -R
 _RELEASE = "then `appliance queue release --all`"
 # paramiko's words for a peer that said nothing in time (banner, negotiation, auth)
 _TIMED_OUT = re.compile(r"banner|timed? ?out", re.IGNORECASE)
+# paramiko's words for a channel that is gone: an OSError without errno, like a status
+_CONNECTION_GONE = re.compile(r"socket is closed|connection (dropped|lost|reset)", re.IGNORECASE)
 # What an attempt may meet on the way; anything else is a bug and is not dressed up.
 _NETWORK_ERRORS = (OSError, EOFError, paramiko.SSHException, paramiko.SFTPError)
 _WRITING = ("uploading", "syncing the upload", "renaming the upload")
@@ -327,7 +329,8 @@ class SftpTransport:
         if isinstance(e, PermissionError):
             return Retryable(f"the server denied access while {step.what}: the account may not"
                              f" write the folder {folder!r} (remote_dir)")
-        if isinstance(e, OSError) and e.errno is None and step.what in _WRITING:
+        if (isinstance(e, OSError) and e.errno is None and step.what in _WRITING
+                and not _CONNECTION_GONE.search(str(e))):
             # OpenSSH answers a failed write (ENOSPC, EDQUOT, EIO) with SSH_FX_FAILURE and
             # the text "Failure": on a drop the likeliest cause is a full disk or quota.
             return Retryable(f"the server refused {step.what} ({e}): its disk may be full or"
