@@ -164,8 +164,12 @@ class Daemon:
         transports = [build_transport(d, cfg) for d in cfg.destinations]
         self.queue = queue = Queue(cfg.appliance.state_dir, index)
         pool = CodecPool(cfg.pack.workers)
+        copies = [d.name for d in cfg.destinations if d.mode == "copy"]
         lanes = [self._lane(f"forward-{i + 1}", PRIORITY_ROUTINE, housekeeping=i == 0)
                  for i in range(cfg.queue.lanes)] + [self._lane("forward-stat", PRIORITY_STAT)]
+        # each copy destination: a lane of its own, so that one that hangs holds up nothing
+        lanes += [self._lane(f"forward-copy-{i + 1}", PRIORITY_ROUTINE, only=n)
+                  for i, n in enumerate(copies)]
         prober = threading.Thread(target=self._loop, args=("failover", self._probe_step, self.wake_probe),
                                   name="failover", daemon=True)
         workers = [threading.Thread(target=self._loop, args=("pack", self._pack_step, self.wake_pack),
@@ -187,7 +191,7 @@ class Daemon:
         log.info("queue.recovered", **queue.recover())
         self.forwarder = forwarder = Forwarder(queue, transports, cfg.queue,
                                                beat=self.stages["forward"].beat,
-                                               wake=self.wake_forward.set)
+                                               wake=self.wake_forward.set, copies=copies)
         for h in forwarder.health.all():
             if not h.up:  # kept from before the restart (forward.failover)
                 log.warning("destination.still_down", destination=h.name, reason=h.last_error)
@@ -262,10 +266,12 @@ class Daemon:
         self.forwarder.probe_due(beat=self.stages["failover"].beat)
         return False
 
-    def _lane(self, name: str, min_priority: int, housekeeping: bool = False) -> threading.Thread:
-        """One forwarding lane: a thread that sends one item at a time (see forward/scheduler)."""
+    def _lane(self, name: str, min_priority: int, housekeeping: bool = False,
+              only: str | None = None) -> threading.Thread:
+        """One forwarding lane: a thread that sends one item at a time (see forward/scheduler):
+        the failover chain's items, or (`only`) the copies for one copy destination."""
         def step() -> bool:
-            if self.forwarder.run_once(min_priority=min_priority):
+            if self.forwarder.run_once(min_priority=min_priority, copies=False, only=only):
                 return True
             if housekeeping:
                 self.queue.expire_delivered(self.cfg.queue.keep_delivered_h * 3600, time.time())
