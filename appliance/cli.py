@@ -459,7 +459,10 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
              "study": r["study_key"], "instances": r["instances"], "bytes": r["bytes"],
              "age_s": round(now - r["created"], 1), "reason": r["reason"],
              "destination": r["destination"],
-             "incomplete": r["incomplete"] if "incomplete" in r.keys() else 0}  # noqa: SIM118
+             "incomplete": r["incomplete"] if "incomplete" in r.keys() else 0,  # noqa: SIM118
+             "copy_to": r["copy_to"] if "copy_to" in r.keys() else None,  # noqa: SIM118
+             "copy_of": r["parent"] if "copy_to" in r.keys() and r["copy_to"]  # noqa: SIM118
+             and r["only_index"] is None else None}
             for r in idx.query("SELECT * FROM segments ORDER BY created")
         ]
     except sqlite3.Error as e:
@@ -474,10 +477,17 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"{r['id']:28} {r['state']:10} {r['priority']:7} {r['study']:16} {r['instances']:>6}"
               f" {r['bytes']:>12}"
-              f" {_age(r['age_s']):>8} {r['destination'] or '-':16} {_list_reason(r)}")
+              f" {_age(r['age_s']):>8} {_list_destination(r):16} {_list_reason(r)}")
     if not rows:
         print("(the queue is empty)")
     return 0
+
+
+def _list_destination(row: dict[str, Any]) -> str:
+    """The DESTINATION column: where it went last; a copy: "copy:<its destination>"."""
+    if row["copy_to"]:
+        return f"copy:{row['copy_to']}"
+    return str(row["destination"] or "-")
 
 
 def _list_reason(row: dict[str, Any]) -> str:
@@ -551,11 +561,24 @@ def _print_item(d: dict[str, Any], as_json: bool) -> None:
     for k, v in d.items():
         if k == "deliveries":
             for dl in v:
-                print(f"{'delivery':14} {dl['destination']}: {dl['state']}, {dl['attempts']} attempt(s)"
-                      + (f", delivered {_when(dl['delivered'], now)}" if dl["delivered"] else "")
-                      + (f", last error: {dl['last_error']}" if dl["last_error"] else ""))
+                _print_delivery("delivery", dl, now)
+            continue
+        if k == "copies":
+            for c in v:
+                print(f"{'copy':14} {c['id']} to {c['destination']}: {c['state']}")
+                for dl in c["deliveries"]:
+                    _print_delivery("  delivery", dl, now)
+            continue
+        if k == "route":
+            print(f"{k:14} {', '.join(v) if v else 'every destination'}")
             continue
         print(f"{k:14} {_when(v, now) if k in TIME_FIELDS else '' if v is None else v}")
+
+
+def _print_delivery(label: str, dl: dict[str, Any], now: float) -> None:
+    print(f"{label:14} {dl['destination']}: {dl['state']}, {dl['attempts']} attempt(s)"
+          + (f", delivered {_when(dl['delivered'], now)}" if dl["delivered"] else "")
+          + (f", last error: {dl['last_error']}" if dl["last_error"] else ""))
 
 
 def _with_iso_times(d: dict[str, Any]) -> dict[str, Any]:
