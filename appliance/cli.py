@@ -767,7 +767,8 @@ def _print_status(st: dict[str, Any]) -> None:
         for dest, err in st.get("last_errors", {}).items():
             print(f"last error     {dest}: {err}")
     for d in st.get("destinations", []):
-        print(f"destination    {d['name']}: {d['state'].upper()}" + _destination_detail(d))
+        copy = " (copy)" if d.get("mode") == "copy" else ""
+        print(f"destination    {d['name']}{copy}: {d['state'].upper()}" + _destination_detail(d))
     if "forward" in st:
         fw = st["forward"]
         print(f"forwarding     {fw['lanes']} lanes + {fw['stat_lanes']} for stat studies;"

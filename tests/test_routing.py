@@ -9,6 +9,7 @@ real peers: tests/test_routing_peers.py.
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from appliance.core.config import Queue as QueueConfig
 from appliance.core.errors import ConfigError, StateError
 from appliance.forward import failover
 from appliance.forward.scheduler import Forwarder
+from appliance.queue import index as db
 from appliance.queue import state as machine
 from appliance.queue import store as queue_store
 from appliance.queue.index import open_index
@@ -197,6 +199,22 @@ def test_deleting_a_bundle_whose_copy_is_in_flight_is_refused(tmp_path: Path) ->
     assert q.get("b1").state == "ready" and q.path("b1").exists()
 
 
+def test_after_the_upgrade_only_bundles_still_waiting_are_copied(tmp_path: Path) -> None:
+    conn = sqlite3.connect(tmp_path / "queue.db")
+    for script in db._SCHEMA[:5]:
+        conn.executescript(script)
+    conn.execute("PRAGMA user_version=5")
+    for item_id, state in (("old1", "delivered"), ("old2", "failed"), ("new1", "ready")):
+        conn.execute("INSERT INTO segments(id, study_key, state, created, updated, bundle_bytes)"
+                     " VALUES (?,?,?,1,2,10)", (item_id, "k" * 16, state))
+    conn.commit()
+    conn.close()
+    q = Queue(tmp_path, open_index(tmp_path))
+    assert q.get("new1").route is None and q.get("new1").copy_to is None
+    assert q.make_copies(["archive"], time.time()) == 1
+    assert [c.parent for c in q.list() if c.is_copy] == ["new1"]
+
+
 def test_failover_chain_is_the_routes_failover_destinations_in_config_order() -> None:
     assert failover.chain(["a", "b", "c"], None) == ["a", "b", "c"]
     assert failover.chain(["a", "b", "c"], ("c", "archive", "a")) == ["a", "c"]
@@ -344,3 +362,8 @@ def test_a_restart_keeps_the_route(box: Box) -> None:
     box.drain()
     assert box.at(box.b, "b1") == [1, 1] and box.at(box.archive, "b1") == [1, 1]
     assert box.at(box.a, "b1") == [0, 0]
+
+
+def test_status_says_which_destination_is_a_copy(box: Box) -> None:
+    modes = {d["name"]: d["mode"] for d in box.fwd.snapshot(time.time())}
+    assert modes == {"center-a": "failover", "center-b": "failover", "archive": "copy"}

@@ -126,6 +126,8 @@ def test_the_archive_unmounted_never_delays_the_primary_and_catches_up(
     assert all(p.exists() for p in (app.state_dir / "bundles" / f"{r['id']}.bundle" for r in bundles))
     listed = cli("queue", "list", "--config", str(app.config_path), check=True).stdout
     assert listed.count("copy:archive") == len(bundles)
+    status = cli("status", "--config", str(app.config_path), check=True).stdout
+    assert "archive (copy): DOWN" in status and "center-a: UP" in status
     archive.mkdir()  # mounted again: the copies go, the prober having found it
     rows = wait_for(lambda: settled(app.state_dir), timeout=60, what="the copies delivered")
     assert _held(archive) == {r["parent"] for r in rows if r["copy_to"] == "archive"}

@@ -357,9 +357,10 @@ class Forwarder:
             return self.rng.random()
 
     def snapshot(self, now: float) -> list[dict[str, object]]:
-        """Each destination for `appliance status`: up or down, since when, the class of
-        its last failure, failures in a row, and when it is probed next."""
+        """Each destination for `appliance status`: its mode, up or down, since when, the
+        class of its last failure, failures in a row, and when it is probed next."""
         return [{"name": h.name, "state": h.state, "since": h.since or None,
+                 "mode": "copy" if h.name in self.copies else "failover",
                  "failures": h.failures, "last_error": h.last_error,
                  "next_probe": h.next_probe if not h.up else None,
                  "next_probe_in_s": round(max(0.0, h.next_probe - now), 1) if not h.up else None}
