@@ -158,9 +158,9 @@ def test_a_copy_pacs_that_hangs_on_every_instance_holds_no_lane_of_the_chain(
         slow.close()
 
 
-def _routed(app_root: Path, a: Path, b: Path) -> dict[str, Any]:
+def _routed(app_root: Path, a: Path, b: Path, priority: str = "routine") -> dict[str, Any]:
     return _config(app_root, [_folder(a), _folder(b)], rules=[
-        {"name": "er-to-b", "priority": "routine", "calling_ae": ["CT_ER"],
+        {"name": "er-to-b", "priority": priority, "calling_ae": ["CT_ER"],
          "destinations": ["center-b"]}])
 
 
@@ -202,3 +202,20 @@ def test_a_restart_while_a_routed_study_waits_keeps_its_route(
     rows = wait_for(lambda: settled(app.state_dir), timeout=60, what="the routed study delivered")
     assert _held(b) == {r["id"] for r in rows} and _held(a) == set()
     assert "study.routed" in app.log_text()
+
+
+def test_a_stat_rule_with_destinations_makes_every_segment_stat_and_sends_it_to_b_only(
+        appliance_factory: Callable[..., Appliance], samples: Path, tmp_path: Path) -> None:
+    """The receiver remembers a stat study and skips the rules for its later instances:
+    those must keep the route too (their segments take the study's)."""
+    a, b = tmp_path / "center-a", tmp_path / "center-b"
+    a.mkdir()
+    b.mkdir()
+    root = tmp_path / "app"
+    app = appliance_factory(_routed(root, a, b, priority="stat"), root=root)
+    er, _ = _series(samples, WRIST)
+    assert storescu(app.port, er, aet="CT_ER").returncode == 0
+    rows = wait_for(lambda: settled(app.state_dir), timeout=60, what="the stat study delivered")
+    assert len(rows) > 1 and sum(r["instances"] for r in rows) == len(er)
+    assert {(r["priority"], r["route"]) for r in rows} == {(10, ",center-b,")}
+    assert _held(b) == {r["id"] for r in rows} and _held(a) == set()
