@@ -189,6 +189,10 @@ class Daemon:
         counts = spool.recover(adopt=identify_stored)
         log.info("spool.recovered", **counts)
         log.info("queue.recovered", **queue.recover())
+        settled = queue.settle_routes([d.name for d in cfg.destinations if d.mode == "failover"],
+                                      copies)
+        if any(settled.values()):  # the config dropped destinations that items were meant for
+            log.warning("queue.routes_settled", **settled)
         self.forwarder = forwarder = Forwarder(queue, transports, cfg.queue,
                                                beat=self.stages["forward"].beat,
                                                wake=self.wake_forward.set, copies=copies)

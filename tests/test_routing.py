@@ -215,6 +215,24 @@ def test_after_the_upgrade_only_bundles_still_waiting_are_copied(tmp_path: Path)
     assert [c.parent for c in q.list() if c.is_copy] == ["new1"]
 
 
+def test_an_item_routed_only_to_a_destination_no_longer_configured_goes_everywhere(
+        tmp_path: Path) -> None:
+    q = Queue(tmp_path, open_index(tmp_path))
+    _ready(q, "gone", route=",center-c,")
+    _ready(q, "kept", route=",center-b,center-c,")
+    assert q.settle_routes(["center-a", "center-b"], []) == {"rerouted": 1, "copies_dropped": 0}
+    assert q.get("gone").route is None and q.get("kept").route == ("center-b", "center-c")
+
+
+def test_a_copy_for_a_copy_destination_no_longer_configured_is_dropped(tmp_path: Path) -> None:
+    q = Queue(tmp_path, open_index(tmp_path))
+    _ready(q, "b1")
+    q.make_copies(["archive", "vault"], time.time())
+    assert q.settle_routes(["center-a"], ["archive"]) == {"rerouted": 0, "copies_dropped": 1}
+    assert [c.copy_to for c in q.copies_of("b1")] == ["archive"]
+    assert q.path("b1").exists()
+
+
 def test_failover_chain_is_the_routes_failover_destinations_in_config_order() -> None:
     assert failover.chain(["a", "b", "c"], None) == ["a", "b", "c"]
     assert failover.chain(["a", "b", "c"], ("c", "archive", "a")) == ["a", "c"]

@@ -193,6 +193,30 @@ class Queue:
                 c.execute("UPDATE segments SET copied=1 WHERE id=?", (item.id,))
         return made
 
+    def settle_routes(self, chain: Sequence[str], copies: Sequence[str]) -> dict[str, int]:
+        """At start, against the config: an item whose route names no failover destination
+        any longer goes everywhere (route cleared: better than waiting for ever), and a
+        copy (or a copy's parked instance) for a copy destination no longer configured is
+        removed (`delete`; one in flight is left to finish). Returns the counts."""
+        counts = {"rerouted": 0, "copies_dropped": 0}
+        rows = self.index.query("SELECT id, route FROM segments WHERE route IS NOT NULL AND"
+                                " copy_to IS NULL AND state NOT IN ('delivered', 'failed')")
+        stale = [r["id"] for r in rows if not set(r["route"].split(",")) & set(chain)]
+        with self.index.tx() as c:  # not a state: where the item may go
+            for item_id in stale:
+                c.execute("UPDATE segments SET route=NULL WHERE id=?", (item_id,))
+        counts["rerouted"] = len(stale)
+        q = ",".join("?" * len(copies))
+        gone = self.index.query(
+            f"SELECT id, parent FROM segments WHERE copy_to IS NOT NULL AND copy_to NOT IN ({q})"  # noqa: S608
+            " AND state IN ('ready', 'deferred', 'held', 'delivered', 'failed')", tuple(copies))
+        for r in gone:
+            with self.index.tx() as c:
+                transition(c, r["id"], "delete", time.time())
+            self._drop_file_if_unused(r["parent"])
+        counts["copies_dropped"] = len(gone)
+        return counts
+
     def copies_of(self, item_id: str) -> Sequence[Item]:
         """The copy items of a bundle (config order of their making)."""
         rows = self.index.query("SELECT * FROM segments WHERE parent=? AND only_index IS NULL"
