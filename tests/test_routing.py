@@ -23,10 +23,12 @@ from appliance.core.errors import ConfigError, StateError
 from appliance.forward import failover
 from appliance.forward.scheduler import Forwarder
 from appliance.queue import index as db
+from appliance.queue import routes
 from appliance.queue import state as machine
 from appliance.queue import store as queue_store
 from appliance.queue.index import open_index
-from appliance.queue.store import Queue, copy_id
+from appliance.queue.routes import copy_id
+from appliance.queue.store import Queue
 from tests.fake_transport import FakeDestination, FakeTransport
 from tests.test_transport_contract import KEY, make_bundle
 
@@ -174,7 +176,7 @@ def test_a_route_set_by_a_rule_reaches_the_studys_later_segments(tmp_path: Path)
     q = Queue(tmp_path, open_index(tmp_path))
     with q.index.tx() as c:
         queue_store.open_segment(c, "s1", "k" * 16, time.time())
-        queue_store.set_route(c, "k" * 16, ("center-b",))
+        routes.set_route(c, "k" * 16, ("center-b",))
         queue_store.transition(c, "s1", "seal", time.time())
         queue_store.open_segment(c, "s2", "k" * 16, time.time())
     assert q.get("s1").route == q.get("s2").route == ("center-b",)
@@ -184,8 +186,8 @@ def test_the_first_route_a_study_gets_stays(tmp_path: Path) -> None:
     q = Queue(tmp_path, open_index(tmp_path))
     with q.index.tx() as c:
         queue_store.open_segment(c, "s1", "k" * 16, time.time())
-        queue_store.set_route(c, "k" * 16, ("center-b",))
-        assert queue_store.set_route(c, "k" * 16, ("center-a",)) == 0
+        routes.set_route(c, "k" * 16, ("center-b",))
+        assert routes.set_route(c, "k" * 16, ("center-a",)) == 0
     assert q.get("s1").route == ("center-b",)
 
 
@@ -231,6 +233,12 @@ def test_a_copy_for_a_copy_destination_no_longer_configured_is_dropped(tmp_path:
     assert q.settle_routes(["center-a"], ["archive"]) == {"rerouted": 0, "copies_dropped": 1}
     assert [c.copy_to for c in q.copies_of("b1")] == ["archive"]
     assert q.path("b1").exists()
+
+
+def test_nothing_is_claimable_when_nowhere_is_up() -> None:
+    assert routes.claimable([], []) == (None, [])
+    assert routes.names(routes.text(("center-b", "archive"))) == ("center-b", "archive")
+    assert routes.names(None) is None
 
 
 def test_failover_chain_is_the_routes_failover_destinations_in_config_order() -> None:

@@ -95,9 +95,9 @@ class Destinations:
         with self._lock:
             return [self._health[n] for n in self.order]
 
-    def pick(self, order: Sequence[str] | None = None) -> str | None:
+    def pick(self) -> str | None:
         with self._lock:
-            return failover.pick(self.order if order is None else order, self._health)
+            return failover.pick(self.order, self._health)
 
     def up(self, order: Sequence[str]) -> list[str]:
         with self._lock:

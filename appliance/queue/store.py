@@ -20,7 +20,6 @@ and the forwarder never race on a row.
 
 from __future__ import annotations
 
-import hashlib
 import random
 import sqlite3
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 
 from appliance.core import durable
 from appliance.core.errors import NotFoundError, StateError
+from appliance.queue import routes
 from appliance.queue import state as machine
 from appliance.queue.index import Index
 from appliance.queue.state import STATES
@@ -155,7 +155,7 @@ class Queue:
         goes to the first of them its route allows (no route: the first). `copies`: the
         copy destinations that are up; an item pinned to one of them goes there."""
         up = [destination] if isinstance(destination, str) else list(destination)
-        where, args = _routable(up, list(copies))
+        where, args = routes.claimable(up, list(copies))
         if where is None:
             return None
         due = ("SELECT * FROM segments WHERE (state='ready' OR (state='deferred' AND next_attempt<=?))"  # noqa: S608
@@ -201,7 +201,7 @@ class Queue:
         counts = {"rerouted": 0, "copies_dropped": 0}
         rows = self.index.query("SELECT id, route FROM segments WHERE route IS NOT NULL AND"
                                 " copy_to IS NULL AND state NOT IN ('delivered', 'failed')")
-        stale = [r["id"] for r in rows if not set(r["route"].split(",")) & set(chain)]
+        stale = [r["id"] for r in rows if not set(routes.names(r["route"]) or ()) & set(chain)]
         with self.index.tx() as c:  # not a state: where the item may go
             for item_id in stale:
                 c.execute("UPDATE segments SET route=NULL WHERE id=?", (item_id,))
@@ -548,20 +548,16 @@ def open_parked(conn: sqlite3.Connection, item_id: str, parent: str, idx: int, s
                   idx, route, copy_to))
 
 
-def copy_id(bundle_id: str, destination: str) -> str:
-    """The id of a bundle's copy for `destination`: opaque, alphanumeric, stable."""
-    return f"{bundle_id}c{hashlib.sha256(destination.encode()).hexdigest()[:8]}"
-
-
 def open_copy(conn: sqlite3.Connection, bundle: Item, destination: str, now: float) -> None:
     """A bundle's copy item for a copy destination (inside the caller's transaction):
     born ready, with the bundle's priority, age and sizes, pinned to `destination`."""
     conn.execute("INSERT OR IGNORE INTO segments(id, study_key, state, priority, created, updated,"
                  " instances, bytes, bundle_bytes, incomplete, parent, route, copy_to, copied)"
                  " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,1)",
-                 (copy_id(bundle.id, destination), bundle.study_key, machine.BORN["copy"],
+                 (routes.copy_id(bundle.id, destination), bundle.study_key, machine.BORN["copy"],
                   bundle.priority, bundle.created, now, bundle.instances, bundle.bytes,
-                  bundle.bundle_bytes, bundle.incomplete, bundle.id, f",{destination},", destination))
+                  bundle.bundle_bytes, bundle.incomplete, bundle.id, routes.text((destination,)),
+                  destination))
 
 
 def open_segment(conn: sqlite3.Connection, seg_id: str, study_key: str, now: float) -> None:
@@ -573,32 +569,6 @@ def open_segment(conn: sqlite3.Connection, seg_id: str, study_key: str, now: flo
                  " WHERE study_key=?), 0), (SELECT route FROM segments WHERE study_key=? AND"
                  " parent IS NULL AND route IS NOT NULL LIMIT 1))",
                  (seg_id, study_key, machine.BORN["segment"], now, now, study_key, study_key))
-
-
-def set_route(conn: sqlite3.Connection, study_key: str, route: Sequence[str]) -> int:
-    """A routing rule named destinations for the study (inside the spool's transaction):
-    its segments without a route that have not been sent or copied yet get it. The
-    first route a study gets stays (as the first matching rule decides). Returns the count."""
-    cur = conn.execute("UPDATE segments SET route=? WHERE study_key=? AND parent IS NULL AND"
-                       " route IS NULL AND copied=0 AND state IN ('receiving', 'sealed', 'ready',"
-                       " 'deferred', 'held')", (f",{','.join(route)},", study_key))
-    return cur.rowcount
-
-
-def _routable(up: list[str], copies: list[str]) -> tuple[str | None, list[str]]:
-    """The SQL condition (and its arguments) for items that can go somewhere now: pinned
-    to a copy destination that is up, or routed to (no route: any) failover destination
-    that is up. None: nowhere to go."""
-    parts: list[str] = []
-    args: list[str] = []
-    if up:
-        routed = " OR ".join("instr(route, ?) > 0" for _ in up)
-        parts.append(f"(copy_to IS NULL AND (route IS NULL OR {routed}))")
-        args += [f",{n}," for n in up]
-    if copies:
-        parts.append(f"copy_to IN ({','.join('?' * len(copies))})")
-        args += copies
-    return (" OR ".join(parts) if parts else None), args
 
 
 def _scope(conn: sqlite3.Connection, item_id: str) -> tuple[str, str]:
@@ -630,5 +600,5 @@ def _item(r: sqlite3.Row) -> Item:
                 updated=g("updated"), reason=g("reason"), destination=g("destination"),
                 progress=g("progress") or 0, parent=g("parent"), only_index=g("only_index"),
                 incomplete=g("incomplete") or 0,
-                route=tuple(n for n in g("route").split(",") if n) if g("route") else None,
+                route=routes.names(g("route")),
                 copy_to=g("copy_to"))

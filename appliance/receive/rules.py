@@ -12,7 +12,7 @@ waiting are raised too.
 
 A rule may also name destinations (`Rule.destinations`): the study goes only there. The
 first rule that matches an instance of the study decides; the spool stores its names as
-the study's route (`queue.store.set_route`), which the study's later segments take too,
+the study's route (`queue.routes.set_route`), which the study's later segments take too,
 so that a restart keeps it (docs/architecture.md, "Copy destinations and routing rules").
 
 Facts are read only when rules exist, from at most `FACTS_PREFIX` bytes of the instance
