@@ -771,7 +771,8 @@ def _print_status(st: dict[str, Any]) -> None:
         print(f"destination    {d['name']}{copy}: {d['state'].upper()}" + _destination_detail(d))
     if "forward" in st:
         fw = st["forward"]
-        print(f"forwarding     {fw['lanes']} lanes + {fw['stat_lanes']} for stat studies;"
+        copies = f" + {fw['copy_lanes']} for copies" if fw.get("copy_lanes") else ""
+        print(f"forwarding     {fw['lanes']} lanes + {fw['stat_lanes']} for stat studies{copies};"
               f" {fw['parked']} instance(s) parked (see queue list)")
     for name, stage in st.get("stages", {}).items():
         since = stage["since_progress_s"]

@@ -342,6 +342,7 @@ class Daemon:
             "last_errors": dict(self.forwarder.last_error),
             "destinations": self.forwarder.snapshot(time.time()),
             "forward": {"lanes": self.cfg.queue.lanes, "stat_lanes": 1,
+                        "copy_lanes": len(self.forwarder.copies),
                         "parked": self.queue.parked_count()},
             "stages": self.supervisor.snapshot(),
             "problems": self.supervisor.problems(),

@@ -128,6 +128,7 @@ def test_the_archive_unmounted_never_delays_the_primary_and_catches_up(
     assert listed.count("copy:archive") == len(bundles)
     status = cli("status", "--config", str(app.config_path), check=True).stdout
     assert "archive (copy): DOWN" in status and "center-a: UP" in status
+    assert "+ 1 for copies" in status
     archive.mkdir()  # mounted again: the copies go, the prober having found it
     rows = wait_for(lambda: settled(app.state_dir), timeout=60, what="the copies delivered")
     assert _held(archive) == {r["parent"] for r in rows if r["copy_to"] == "archive"}
