@@ -15,6 +15,10 @@ and the forwarder never race on a row.
     failed: the bundle file is missing, or it failed authentication when it was to be sent
             (moved to `STATE/quarantine/<id>.bundle.<time>`, kept; reason "quarantined: ...").
 
+Items that share a bundle's file (`parent` = the bundle): a parked instance (`only_index`)
+and a copy for a copy destination (`copy_to`, `make_copies`; queue/routes.py). The file
+goes with the last item that needs it. `route`: where a routing rule sent the study.
+
 `backoff` is pure.
 """
 
