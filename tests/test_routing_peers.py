@@ -10,6 +10,7 @@ calling AE title sends its studies to B only, and a restart while they wait keep
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -149,10 +150,13 @@ def test_a_copy_pacs_that_hangs_on_every_instance_holds_no_lane_of_the_chain(
             {**dicom_destination(slow.port, name="archive", ae_title="PACS", timeout_s=60),
              "mode": "copy"}]), root=root)
         files, _ = _series(samples, WRIST)
+        t0 = time.monotonic()
         assert storescu(app.port, files).returncode == 0
         wait_for(lambda: (rows := _bundles(app)) and sum(r["instances"] for r in rows) == len(files)
                  and all(r["state"] == "delivered" for r in rows),
-                 timeout=60, what="the study at the primary")
+                 timeout=60, poll=0.05, what="the study at the primary")
+        print(f"\nprimary done {time.monotonic() - t0:.1f} s after the first C-STORE, the copy PACS"
+              f" holding {sum(len(v) for v in slow.arrived.values())} of {len(files)}")
         assert sum(len(v) for v in slow.arrived.values()) < len(files)
         assert any(r["state"] == "active" for r in _copies(app))  # the copy is on its own lane
     finally:
