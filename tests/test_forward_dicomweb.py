@@ -83,6 +83,15 @@ def test_http_status_table(status: int, reply: Reply) -> None:
     assert stow.classify_http(status)[0] is reply
 
 
+def test_retry_after_is_read_as_seconds_from_a_delay_or_an_http_date() -> None:
+    now = 1_800_000_000.0  # 2027-01-15T08:00:00Z
+    assert stow.retry_after_seconds("120", now) == 120.0
+    assert stow.retry_after_seconds("Fri, 15 Jan 2027 08:02:00 GMT", now) == 120.0
+    assert stow.retry_after_seconds("Fri, 15 Jan 2027 07:00:00 GMT", now) == 0.0  # past: now
+    assert stow.retry_after_seconds(None, now) is None
+    assert stow.retry_after_seconds("soon", now) is None and stow.retry_after_seconds("-5", now) is None
+
+
 def test_retry_after_is_quoted_only_when_it_is_a_delay_or_a_date() -> None:
     assert stow.retry_after("120") == "; the server asks to retry after 120 s"
     assert "Wed, 21 Oct 2026 07:28:00 GMT" in stow.retry_after("Wed, 21 Oct 2026 07:28:00 GMT")
@@ -335,6 +344,7 @@ def test_a_503_is_retryable_for_the_destination_and_quotes_retry_after(tmp_path:
           pytest.raises(Retryable, match="HTTP 503.*retry after 120 s") as e):
         DicomWebTransport(web_destination(front.url + "/dicom-web"), KEY).send("b-1", bundle, Progress())
     assert e.value.instances == () and web_pacs.count() == 0
+    assert e.value.retry_after_s == 120.0  # the scheduler waits at least that (queue.retry_max_s caps it)
 
 
 @pytest.mark.peers

@@ -52,8 +52,9 @@ is Permanent ("raise the server's limit"). 401/403/407 -> Permanent, no instance
 blamed, the reason says which credential to fix. 404/405, redirects (never followed:
 they would carry the credentials elsewhere) and other 4xx -> Permanent. 5xx, 408, 429,
 a connection refused, reset or timed out -> Retryable, blaming no instance (the
-destination's trouble); a Retry-After header is quoted in the reason (the contract has
-no field for a delay: the queue's back-off applies). A server that answers before
+destination's trouble); a Retry-After header is quoted in the reason and passed on as the
+Retryable's `retry_after_s` (the scheduler waits at least that long, at most
+queue.retry_max_s). A server that answers before
 reading the whole body (a 413 or 401 from a proxy) and closes: that early answer is read
 and used.
 

@@ -5,6 +5,8 @@ docstring for the decisions.
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import enum
 import json
 import re
@@ -118,6 +120,24 @@ def retry_after(value: str | None) -> str:
     if re.fullmatch(r"[A-Za-z0-9 ,:]{1,40}", value):
         return f"; the server asks to retry after {value}"
     return ""
+
+
+def retry_after_seconds(value: str | None, now: float) -> float | None:
+    """The server's Retry-After header as seconds from `now` (RFC 9110 10.2.3: a number
+    of seconds or an HTTP date); None when absent or neither. The scheduler bounds it by
+    queue.retry_max_s."""
+    if not value:
+        return None
+    value = value.strip()
+    if re.fullmatch(r"\d{1,9}", value):
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # RFC 9110 dates are GMT
+        when = when.replace(tzinfo=datetime.UTC)
+    return max(0.0, when.timestamp() - now)
 
 
 # --- the response: DICOM JSON (PS3.18 F.2, 10.5.3.2) -------------------------------------

@@ -297,7 +297,8 @@ class _Attempt:
         reply, meaning = stow.classify_http(r.status)
         text = f"the server answered HTTP {r.status} ({meaning})"
         if reply is Reply.RETRY:
-            raise Retryable(text + stow.retry_after(r.retry_after))
+            raise Retryable(text + stow.retry_after(r.retry_after),
+                            retry_after_s=stow.retry_after_seconds(r.retry_after, time.time()))
         if reply is Reply.CREDENTIALS:
             raise Permanent(f"{text}: {self._credentials_fix()}")
         if reply is Reply.REFUSED:
