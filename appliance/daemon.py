@@ -77,7 +77,7 @@ def forward_deadline(cfg: Config) -> float:
     refuses the syntax, of an instance below the size that is converted as it is sent)."""
     convert = conversion.TIME_BASE_S + conversion.TIME_PER_MIB_S * (STREAM_THRESHOLD >> 20)
     waits = [2 * d.timeout_s + (d.commitment_timeout_s if d.storage_commitment else 0)
-             + (convert if d.transport == "dicom" else 0) for d in cfg.destinations]
+             + (convert if d.transport in ("dicom", "dicomweb") else 0) for d in cfg.destinations]
     return cfg.health.stall_s + max(waits, default=0)
 
 
