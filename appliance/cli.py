@@ -502,7 +502,8 @@ def cmd_queue_change(args: argparse.Namespace) -> int:
     req = {"verb": args.sub, "id": args.id, "all": args.all}
     results = control.request(cfg.control_socket, "queue.change", req)
     if results is None:  # no daemon: act on the index ourselves, holding its lock
-        from appliance.daemon import state_lock
+        from appliance.daemon import audit_trail, state_lock
+        from appliance.health.control import operator_name
         from appliance.queue.index import open_index
         from appliance.queue.store import Queue
 
@@ -510,8 +511,9 @@ def cmd_queue_change(args: argparse.Namespace) -> int:
         with state_lock(cfg.appliance.state_dir):
             idx = open_index(cfg.appliance.state_dir)
             try:
-                results = commands.change(Queue(cfg.appliance.state_dir, idx), args.sub, args.id,
-                                          args.all)
+                results = commands.change_audited(Queue(cfg.appliance.state_dir, idx), args.sub,
+                                                  args.id, args.all, audit_trail(cfg),
+                                                  operator_name(os.getuid()))
             finally:
                 idx.close()
     for r in results:

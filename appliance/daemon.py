@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import signal
 import threading
@@ -35,6 +36,7 @@ from typing import Any
 import structlog
 
 from appliance import __version__
+from appliance.audit import AuditTrail
 from appliance.core import crypto, durable, hardening
 from appliance.core import pynetdicom_compat as compat
 from appliance.core.config import Config, Destination
@@ -42,7 +44,7 @@ from appliance.core.errors import ConfigError, StateError
 from appliance.forward import Transport, conversion, registry
 from appliance.forward.dicom.transport import STREAM_THRESHOLD
 from appliance.forward.scheduler import PROBE_WAIT_S, Forwarder
-from appliance.health.control import ControlServer, DaemonUnavailable
+from appliance.health.control import ControlServer, DaemonUnavailable, operator_name
 from appliance.health.notify import Notifier
 from appliance.health.supervisor import Supervisor
 from appliance.pack.packer import Packer
@@ -131,6 +133,23 @@ def state_lock(state_dir: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def audit_trail(cfg: Config) -> AuditTrail:
+    """The appliance's audit trail (appliance.audit), in STATE/audit/."""
+    return AuditTrail(cfg.appliance.state_dir / "audit", cfg.appliance.name, cfg.receive.ae_title,
+                      cfg.audit.max_mb << 20, cfg.audit.files)
+
+
+def config_digest(cfg: Config) -> str:
+    """SHA-256 over the config files read (name and bytes each), for the audit trail."""
+    h = hashlib.sha256()
+    for p in cfg.sources:
+        h.update(str(p).encode() + b"\0")
+        with contextlib.suppress(OSError):
+            h.update(p.read_bytes())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
 class Daemon:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -152,6 +171,7 @@ class Daemon:
             log.warning("core_dumps.not_forbidden", steps=not_hardened)
         compat.check_version()
         lock_fd = lock_state_dir(cfg.appliance.state_dir)
+        self.audit = audit_trail(cfg)
         key = crypto.load_spool_key(cfg.spool.key_file)
         index = open_index(cfg.appliance.state_dir)
         self.spool = spool = Spool(
@@ -193,7 +213,7 @@ class Daemon:
                 log.warning("destination.still_down", destination=h.name, reason=h.last_error)
         self.receiver = receiver = Receiver(cfg.receive, spool, self.stats, stage=self.stages["receive"],
                                             on_stored=lambda seg: self.wake_pack.set(),
-                                            rules=cfg.rules)
+                                            rules=cfg.rules, audit=self.audit)
         status = ControlServer(cfg.control_socket, self._control_handlers())
         self._install_signals()
         try:
@@ -205,6 +225,8 @@ class Daemon:
                 w.start()
             self.notifier.ready(self.status_line())
             log.info("appliance.ready", name=cfg.appliance.name, version=__version__)
+            self.audit.application(started=True)
+            self.audit.config_seen(config_digest(cfg), [str(p) for p in cfg.sources])
             interval = watchdog_interval()
             while not self.stop_event.wait(interval):
                 self._watchdog()
@@ -225,6 +247,7 @@ class Daemon:
             pool.close(cancel_futures=True, grace_s=POOL_STOP_GRACE_S)
             status.stop()
             index.close()
+            self.audit.application(started=False)
             os.close(lock_fd)
             log.info("appliance.stopped")
         return 0
@@ -233,8 +256,9 @@ class Daemon:
         """What the control socket answers (see health/control.py)."""
         return {
             "status": lambda args: self.snapshot(),
-            "queue.change": lambda args: commands.change(
-                self.queue, str(args.get("verb")), args.get("id"), bool(args.get("all"))),
+            "queue.change": lambda args: commands.change_audited(
+                self.queue, str(args.get("verb")), args.get("id"), bool(args.get("all")),
+                self.audit, operator_name(args.get("_peer_uid"))),
         }
 
     def _watchdog(self) -> None:

@@ -204,6 +204,12 @@ class Health:
 
 
 @dataclass(frozen=True)
+class Audit:
+    max_mb: int = 32  # STATE/audit/audit.log is rotated past this size
+    files: int = 8  # audit.log and the rotated ones kept (the oldest beyond are removed)
+
+
+@dataclass(frozen=True)
 class Appliance:
     name: str = "appliance"
     state_dir: Path = Path("/var/lib/appliance")
@@ -220,6 +226,7 @@ class Config:
     encryption: Encryption = Encryption()
     queue: Queue = Queue()
     health: Health = Health()
+    audit: Audit = Audit()
     destinations: tuple[Destination, ...] = ()
     rules: tuple[Rule, ...] = ()
     # Files read, in order, and which file set each dotted key (so that problems found
@@ -640,6 +647,13 @@ def _parse_health(t: _Table) -> Health:
     return h
 
 
+def _parse_audit(t: _Table) -> Audit:
+    d = Audit()
+    a = Audit(max_mb=t.integer("max_mb", d.max_mb, 1, 4096), files=t.integer("files", d.files, 2, 1000))
+    t.finish()
+    return a
+
+
 def _dicom_keys(t: _Table) -> dict[str, Any]:
     kw: dict[str, Any] = {
         "host": t.string("host", max_len=253),
@@ -878,6 +892,7 @@ def parse(data: Mapping[str, Any], origins: Mapping[str, Path], main_file: Path,
         encryption=_parse_encryption(top.table("encryption")),
         queue=_parse_queue(top.table("queue")),
         health=_parse_health(top.table("health")),
+        audit=_parse_audit(top.table("audit")),
         destinations=_parse_destinations(top),
         rules=_parse_rules(top),
         sources=sources or (main_file,),
