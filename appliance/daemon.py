@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 
 import structlog
 
@@ -39,8 +39,9 @@ from appliance.core import crypto, durable, hardening
 from appliance.core import pynetdicom_compat as compat
 from appliance.core.config import Config, Destination
 from appliance.core.errors import ConfigError, StateError
-from appliance.forward import Transport, conversion, registry
+from appliance.forward import Transport, conversion, receipts, registry
 from appliance.forward.dicom.transport import STREAM_THRESHOLD
+from appliance.forward.receipts import ReceiptPoller
 from appliance.forward.scheduler import PROBE_WAIT_S, Forwarder
 from appliance.health.control import ControlServer, DaemonUnavailable
 from appliance.health.notify import Notifier
@@ -170,12 +171,27 @@ class Daemon:
                                   name="failover", daemon=True)
         workers = [threading.Thread(target=self._loop, args=("pack", self._pack_step, self.wake_pack),
                                     name="pack", daemon=True), *lanes, prober]
+        # receipt_key is an sftp key (core.config): these are SftpTransports
+        with_receipts = [(d, cast(receipts.ReceiptSource, t))
+                         for d, t in zip(cfg.destinations, transports, strict=True)
+                         if d.receipt_key is not None]
+        if with_receipts:
+            workers.append(threading.Thread(
+                target=self._loop, args=("receipts", self._receipts_step, threading.Event()),
+                name="receipts", daemon=True))
         sup, stall = self.supervisor, cfg.health.stall_s
         self.stages = {"receive": sup.stage("receive", stall, alive=lambda: receiver.listening()),
                        "pack": sup.stage("pack", stall, alive=workers[0].is_alive),
                        "forward": sup.stage("forward", forward_deadline(cfg),
                                             alive=lambda: all(t.is_alive() for t in lanes)),
                        "failover": sup.stage("failover", PROBE_WAIT_S + stall, alive=prober.is_alive)}
+        self.receipts: ReceiptPoller | None = None
+        if with_receipts:
+            poller_thread = workers[-1]
+            self.stages["receipts"] = sup.stage(
+                "receipts", stall + max(receipts.round_budget(d) for d, _ in with_receipts),
+                alive=poller_thread.is_alive)
+            self.receipts = ReceiptPoller(queue, with_receipts, beat=self.stages["receipts"].beat)
         self.packer = packer = Packer(
             cfg.pack, spool, queue, recipients, pool, beat=self.stages["pack"].beat,
             receiving_burst=lambda: self.receiver is not None and self.receiver.in_burst(),
@@ -262,6 +278,12 @@ class Daemon:
         self.forwarder.probe_due(beat=self.stages["failover"].beat)
         return False
 
+    def _receipts_step(self) -> bool:
+        """The receipt poller (forward.receipts), on a thread of its own: reading receipts
+        back from a slow center never holds a lane."""
+        assert self.receipts is not None
+        return self.receipts.step()
+
     def _lane(self, name: str, min_priority: int, housekeeping: bool = False) -> threading.Thread:
         """One forwarding lane: a thread that sends one item at a time (see forward/scheduler)."""
         def step() -> bool:
@@ -331,6 +353,7 @@ class Daemon:
             "oldest_waiting_s": round(self.queue.oldest_waiting_age(time.time()), 1),
             "last_errors": dict(self.forwarder.last_error),
             "destinations": self.forwarder.snapshot(time.time()),
+            "receipts": self.receipts.snapshot(time.time()) if self.receipts else [],
             "forward": {"lanes": self.cfg.queue.lanes, "stat_lanes": 1,
                         "parked": self.queue.parked_count()},
             "stages": self.supervisor.snapshot(),

@@ -46,7 +46,7 @@ import re
 import socket
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -66,6 +66,7 @@ from appliance.bundle import format as bundle_format
 from appliance.bundle.format import Manifest, PrivateKey
 from appliance.core.errors import IntegrityError
 from appliance.forward import Permanent, Plan, Retryable, TransportError, Unreadable, bandwidth
+from appliance.ingest.receipt import SUFFIX as RECEIPT_SUFFIX
 
 if TYPE_CHECKING:
     from appliance.core.config import Destination
@@ -242,6 +243,36 @@ class SftpTransport:
     def close(self) -> None:
         pass  # one connection per attempt, closed by it
 
+    # --- receipts (forward.receipts) -------------------------------------------------
+
+    def read_receipts(self, wanted: Sequence[tuple[str, int]], cancelled: threading.Event,
+                      beat: Callable[[], None] = lambda: None) -> dict[str, bytes | None]:
+        """The receipt files `<remote_dir>/receipts/<id>.receipt.json` of the bundle ids
+        `wanted` ((id, cap) pairs), over one connection: for each, its bytes, at most
+        cap + 1 of them (the caller refuses more than cap: nothing longer is read), or
+        None if there is none yet. Opened by name, not by listing the folder, which
+        grows with every bundle the center ever took. Raises Retryable (or Permanent for
+        a host key or login refused) as `send` does; `cancelled` stops it within a second."""
+        step = _Step("connecting to read receipts")
+        folder = posixpath.join(self.dest.remote_dir or ".", "receipts")
+        out: dict[str, bytes | None] = {}
+        try:
+            with self._session(step, cancelled) as sftp:
+                step.what = f"reading receipts in {folder}"
+                for bundle_id, cap in wanted:
+                    out[bundle_id] = _read_capped(sftp, posixpath.join(
+                        folder, f"{bundle_id}{RECEIPT_SUFFIX}"), cap)
+                    beat()
+        except TransportError:
+            raise
+        except _NETWORK_ERRORS as e:
+            raise self._failure(e, step, cancelled) from None
+        except Exception:
+            if cancelled.is_set():
+                raise self._failure(TimeoutError(), step, cancelled) from None
+            raise
+        return out
+
     # --- connection -------------------------------------------------------------------
 
     @contextlib.contextmanager
@@ -342,6 +373,17 @@ class SftpTransport:
             detail = (e.strerror if isinstance(e, OSError) and e.strerror else str(e)) or type(e).__name__
             return Retryable(f"the connection to {where} failed while {step.what}: {detail}")
         return Retryable(f"the upload to {where} failed while {step.what}: {type(e).__name__}")
+
+
+def _read_capped(sftp: _Sftp, path: str, cap: int) -> bytes | None:
+    """A remote file's first cap + 1 bytes; None if it does not exist."""
+    try:
+        f = sftp.open(path, "r")
+    except FileNotFoundError:
+        return None
+    with f:
+        data: bytes = f.read(cap + 1)
+    return data
 
 
 def _close_when(cancelled: threading.Event, done: threading.Event, t: paramiko.Transport,
