@@ -685,7 +685,7 @@ def _sftp_keys(t: _Table) -> dict[str, Any]:
         "remote_dir": t.string("remote_dir", "."),
         "timeout_s": t.number("timeout_s", 30.0, 1, 3600),
         "receipt_key": t.path("receipt_key", None),
-        "receipt_overdue_s": t.number("receipt_overdue_s", 1800.0, 60, 30 * 86400),
+        "receipt_overdue_s": t.number("receipt_overdue_s", 1800.0, 1, 30 * 86400),
     }
     if t.has("receipt_overdue_s") and not t.has("receipt_key"):
         t.ctx.problem(t.key("receipt_overdue_s"), "is set but receipt_key is not: without the"
