@@ -31,6 +31,10 @@ The bundle is verified with the appliance's key in the same pass that uploads it
 the directory transport does): one that fails authentication never gets its final name;
 its `.part` is removed and `Unreadable` sends it to quarantine.
 
+Receipts: `read_receipts` reads the center's receipts (`<remote_dir>/receipts/<id>.receipt.json`,
+written by `appliance ingest`) back for `forward.receipts`, by name and at most a given
+size each, over one connection; judging them is that module's business.
+
 Waits: each socket operation gives up after `timeout_s`; the attempt's budget
 (`plan.cancelled`) is watched by a thread that closes the connection at once, so a
 cancelled attempt stops within a second even when blocked in a write.
