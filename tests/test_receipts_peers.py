@@ -2,26 +2,31 @@
 -> a real OpenSSH sshd as the reading center's drop (tests/sshd.py) -> the real
 `appliance ingest --once` storing into a real Orthanc, which writes its signed receipt into
 the drop -> the appliance reads it back over SFTP and `appliance queue list` says
-"stored at center". Also: a receipt signed by another key is ignored, and a receipt that
-never comes makes the bundle overdue in `appliance status`."""
+"stored at center". Also: a study the center stored in part is shown partial with the
+count; a receipt signed by another key is ignored; a receipt that never comes makes the
+bundle overdue in `appliance status`; the transport reads receipts size-capped."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydicom.uid import UID
 
+from appliance.forward.sftp import SftpTransport
 from appliance.ingest import receipt as receipts
-from tests.e2e_support import queue_rows
+from tests.e2e_support import queue_rows, read_dataset
 from tests.orthanc import Orthanc
 from tests.peers import REPO, cli, free_port, storescu, wait_for
 from tests.sshd import REMOTE_DIR, Sshd
-from tests.test_ingest import Center, _center_keys
+from tests.test_ingest import PHOTOACOUSTIC, Center, _center_keys, _send_with_pynetdicom, _study
+from tests.test_transport_contract import KEY
 
 pytestmark = pytest.mark.peers
 
@@ -72,10 +77,13 @@ def shown(app: Any) -> list[str]:
     return [r["shown"] for r in queue_rows(app.config_path)]
 
 
-def uploaded(app: Any, server: Sshd) -> str:
+def uploaded(app: Any, server: Sshd, files: list[Path] | None = None) -> str:
     """Send the study; wait until its one bundle is in the drop and listed "uploaded"."""
-    r = storescu(app.port, FILES)
-    assert r.returncode == 0, r.stderr
+    if files is None:
+        r = storescu(app.port, FILES)
+        assert r.returncode == 0, r.stderr
+    else:
+        _send_with_pynetdicom(app.port, files)
     wait_for(lambda: shown(app) == ["uploaded"], WAIT_S, "the bundle to be uploaded",
              detail=app.log_text)
     (bundle,) = server.drop.glob("*.bundle")
@@ -136,3 +144,34 @@ def test_a_receipt_that_never_comes_makes_the_bundle_overdue_in_status(
                                  "overdue_after_s": 2.0, "last_error": None}
     text = cli("status", "--config", str(app.config_path)).stdout
     assert "receipts       center: 1 uploaded, awaiting the center's receipt, 1 OVERDUE" in text
+
+
+def test_a_study_the_center_stored_in_part_is_shown_partial_with_the_count(
+        appliance_factory: Any, server: Sshd, keys: Path, pacs: Orthanc, tmp_path: Path) -> None:
+    files = _study(FILES[:3], tmp_path / "study", "RECEIPT-ODD")
+    ds = read_dataset(files[1])  # a SOP class Orthanc 1.10.1 refuses
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = UID(PHOTOACOUSTIC)
+    ds.save_as(files[1], enforce_file_format=True)
+    app = site(appliance_factory, server, keys, tmp_path / "edge")
+    bundle_id = uploaded(app, server, files)
+    center = Center(tmp_path / "center", keys, pacs.dicom_port, drop_dir=str(server.drop))
+    assert center.once().counts == {"partial": 1}
+    wait_for(lambda: shown(app) == ["partial at center"], WAIT_S, "the receipt to be read back",
+             detail=app.log_text)
+    [row] = queue_rows(app.config_path)
+    assert (row["center"]["stored"], row["center"]["failed"]) == (2, 1)
+    table = cli("queue", "list", "--config", str(app.config_path)).stdout
+    assert "partial at center" in table and "the center stored 2 of 3 instance(s)" in table
+    [e] = events(app, "receipt.partial")
+    assert e == {**e, "bundle": bundle_id, "level": "warning", "stored": 2, "failed": 1}
+    assert "RECEIPT-ODD" not in app.log_text()
+
+
+def test_receipts_are_read_by_name_at_most_cap_plus_one_bytes_and_none_when_absent(
+        server: Sshd) -> None:
+    (server.drop / "receipts").mkdir()
+    (server.drop / "receipts" / f"big{receipts.SUFFIX}").write_bytes(b"x" * 1_000_000)
+    (server.drop / "receipts" / f"small{receipts.SUFFIX}").write_bytes(b"{}")
+    t = SftpTransport(server.destination(), KEY)
+    got = t.read_receipts([("big", 1000), ("small", 1000), ("none", 1000)], threading.Event())
+    assert got == {"big": b"x" * 1001, "small": b"{}", "none": None}
