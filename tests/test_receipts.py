@@ -296,3 +296,18 @@ def test_a_receipt_for_a_bundle_whose_file_is_gone_is_ignored(tmp_path: Path) ->
     with capture_logs() as logs:
         assert not _poller(tmp_path, q, src, clock).step()
     assert [(e["event"], e["why"]) for e in logs] == [("receipt.ignored", "our copy of the bundle is gone")]
+
+
+def test_a_bundle_without_a_receipt_past_the_overdue_limit_is_logged_once(tmp_path: Path) -> None:
+    q, src, clock = _queue(tmp_path), Source(), Clock(1500.0)
+    _delivered(q, "gg01", at=1000.0)
+    _delivered(q, "gg02", at=1400.0)
+    poller = _poller(tmp_path, q, src, clock)  # receipt_overdue_s = 600
+    with capture_logs() as logs:
+        poller.step()
+        clock.t = 1700.0
+        poller.step()
+        clock.t = 2000.0
+        poller.step()
+    assert [(e["event"], e["bundle"], e["uploaded_s_ago"]) for e in logs] == [
+        ("receipt.overdue", "gg01", 700)]

@@ -26,7 +26,8 @@ passes.
 What the center said: `stored` (info), `partial` / `failed` (warnings with the counts),
 `duplicate` (the center had it already; its outcomes are the first ingest's). A bundle
 delivered longer than `receipt_overdue_s` ago without a receipt is overdue:
-`appliance status` counts them per destination (`snapshot`).
+`appliance status` counts them per destination (`snapshot`), and each is logged once
+(`receipt.overdue`, a warning) when the poller first sees it so.
 
 How it fails: nothing here raises out of `step` for a peer's doing; a bug does, and the
 daemon's loop logs it and goes on.
@@ -129,6 +130,7 @@ class _Center:
     last_error: str | None = None
     checked: dict[str, float] = field(default_factory=dict)  # item id -> last check
     ignored: dict[str, str] = field(default_factory=dict)  # item id -> digest of a bad receipt
+    overdue: set[str] = field(default_factory=set)  # item ids logged overdue
 
 
 class ReceiptPoller:
@@ -156,6 +158,12 @@ class ReceiptPoller:
         for memo in (c.checked, c.ignored):  # forget bundles recorded or expired
             for k in [k for k in memo if k not in alive]:
                 del memo[k]
+        c.overdue &= alive
+        for a in awaiting:
+            if a.item_id not in c.overdue and now - a.delivered > c.dest.receipt_overdue_s:
+                log.warning("receipt.overdue", bundle=a.item_id, destination=c.dest.name,
+                            uploaded_s_ago=round(now - a.delivered))
+                c.overdue.add(a.item_id)
         when = {a.item_id: c.checked.get(a.item_id, 0.0) + check_interval(now - a.delivered)
                 for a in awaiting}
         due = sorted((a for a in awaiting if when[a.item_id] <= now),
