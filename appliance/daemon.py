@@ -145,6 +145,7 @@ class Daemon:
         self.listeners: list[tuple[str, int, bool]] = []
         self.receiver: Receiver | None = None
         self.supervisor = Supervisor()
+        self.receipts: ReceiptPoller | None = None  # forward.receipts, with a receipt_key
         self._problems: list[str] = []
 
     def run(self) -> int:
@@ -163,7 +164,15 @@ class Daemon:
         recipients = [crypto.load_public_key(cfg.encryption.appliance_public_key)]
         recipients += [crypto.load_public_key(p) for p in cfg.encryption.recipients]
         transports = [build_transport(d, cfg) for d in cfg.destinations]
+        # receipt_key is an sftp key (core.config): these are SftpTransports. Keys are
+        # loaded here, before any worker starts: a bad key file ends the start cleanly.
+        with_receipts = [(d, cast(receipts.ReceiptSource, t))
+                         for d, t in zip(cfg.destinations, transports, strict=True)
+                         if d.receipt_key is not None]
         self.queue = queue = Queue(cfg.appliance.state_dir, index)
+        self.receipts = ReceiptPoller(queue, with_receipts,
+                                      beat=lambda: self.stages["receipts"].beat()
+                                      ) if with_receipts else None
         pool = CodecPool(cfg.pack.workers)
         lanes = [self._lane(f"forward-{i + 1}", PRIORITY_ROUTINE, housekeeping=i == 0)
                  for i in range(cfg.queue.lanes)] + [self._lane("forward-stat", PRIORITY_STAT)]
@@ -171,10 +180,6 @@ class Daemon:
                                   name="failover", daemon=True)
         workers = [threading.Thread(target=self._loop, args=("pack", self._pack_step, self.wake_pack),
                                     name="pack", daemon=True), *lanes, prober]
-        # receipt_key is an sftp key (core.config): these are SftpTransports
-        with_receipts = [(d, cast(receipts.ReceiptSource, t))
-                         for d, t in zip(cfg.destinations, transports, strict=True)
-                         if d.receipt_key is not None]
         if with_receipts:
             workers.append(threading.Thread(
                 target=self._loop, args=("receipts", self._receipts_step, threading.Event()),
@@ -185,13 +190,10 @@ class Daemon:
                        "forward": sup.stage("forward", forward_deadline(cfg),
                                             alive=lambda: all(t.is_alive() for t in lanes)),
                        "failover": sup.stage("failover", PROBE_WAIT_S + stall, alive=prober.is_alive)}
-        self.receipts: ReceiptPoller | None = None
         if with_receipts:
-            poller_thread = workers[-1]
             self.stages["receipts"] = sup.stage(
                 "receipts", stall + max(receipts.round_budget(d) for d, _ in with_receipts),
-                alive=poller_thread.is_alive)
-            self.receipts = ReceiptPoller(queue, with_receipts, beat=self.stages["receipts"].beat)
+                alive=workers[-1].is_alive)
         self.packer = packer = Packer(
             cfg.pack, spool, queue, recipients, pool, beat=self.stages["pack"].beat,
             receiving_burst=lambda: self.receiver is not None and self.receiver.in_burst(),

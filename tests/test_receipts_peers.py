@@ -175,3 +175,13 @@ def test_receipts_are_read_by_name_at_most_cap_plus_one_bytes_and_none_when_abse
     t = SftpTransport(server.destination(), KEY)
     got = t.read_receipts([("big", 1000), ("small", 1000), ("none", 1000)], threading.Event())
     assert got == {"big": b"x" * 1001, "small": b"{}", "none": None}
+
+
+def test_the_daemon_refuses_to_start_with_a_receipt_key_that_is_not_an_ed25519_public_key(
+        appliance_factory: Any, server: Sshd, keys: Path, tmp_path: Path) -> None:
+    app = site(appliance_factory, server, keys, tmp_path / "edge")  # started: stop, break the key
+    app.stop()
+    (keys / "sign.pub").write_bytes((keys / "center.pub").read_bytes())  # an X25519 key
+    with pytest.raises(RuntimeError, match="daemon exited with 78") as e:
+        app.start()
+    assert f"key file {keys / 'sign.pub'} is not an Ed25519 public key" in str(e.value)
