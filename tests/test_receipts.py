@@ -6,6 +6,7 @@ the poller against a real queue with an in-memory receipt source (the real SFTP 
 from __future__ import annotations
 
 import hashlib
+import socket
 import sqlite3
 import threading
 import time
@@ -311,3 +312,33 @@ def test_a_bundle_without_a_receipt_past_the_overdue_limit_is_logged_once(tmp_pa
         poller.step()
     assert [(e["event"], e["bundle"], e["uploaded_s_ago"]) for e in logs] == [
         ("receipt.overdue", "gg01", 700)]
+
+
+def test_reading_receipts_from_a_server_that_never_answers_stops_when_cancelled() -> None:
+    from appliance.forward.sftp import SftpTransport
+    from tests.test_transport_contract import KEY
+
+    with socket.socket() as silent:  # connects, never says a word
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        dest = Destination(name="center", transport="sftp", host="127.0.0.1",
+                           port=silent.getsockname()[1], user="edge", key=Path("/nonexistent"),
+                           host_key_sha256="SHA256:" + "A" * 43, timeout_s=60)
+        cancelled = threading.Event()
+        threading.Timer(0.5, cancelled.set).start()
+        t0 = time.monotonic()
+        with pytest.raises(Retryable, match="ran out of its time budget"):
+            SftpTransport(dest, KEY).read_receipts([("aa01", 1000)], cancelled)
+        assert time.monotonic() - t0 < 10  # not the 60 s timeout_s
+
+
+def test_a_receipt_the_sftp_account_may_not_read_is_logged_and_skipped() -> None:
+    from appliance.forward.sftp import _read_capped
+
+    class Denying:  # the tests' sshd runs sessions as root, who may read any file
+        def open(self, path: str, mode: str) -> None:
+            raise PermissionError(13, "Permission denied")
+
+    with capture_logs() as logs:
+        assert _read_capped(Denying(), "/drop/receipts/aa01.receipt.json", 100) is None  # type: ignore[arg-type]
+    assert [(e["event"], e["file"]) for e in logs] == [("receipt.unreadable", "aa01.receipt.json")]

@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 import paramiko
+import structlog
 from paramiko.sftp import (
     CMD_EXTENDED,
     CMD_EXTENDED_REPLY,
@@ -75,6 +76,8 @@ from appliance.ingest.receipt import SUFFIX as RECEIPT_SUFFIX
 if TYPE_CHECKING:
     from appliance.core.config import Destination
     from appliance.forward.registry import Context
+
+log = structlog.get_logger("appliance.sftp")
 
 _CHUNK = 256 * 1024  # read from the bundle (and verified) per step
 _CHECK = 64 * 1024  # read back from each end of a .part before resuming it
@@ -380,10 +383,15 @@ class SftpTransport:
 
 
 def _read_capped(sftp: _Sftp, path: str, cap: int) -> bytes | None:
-    """A remote file's first cap + 1 bytes; None if it does not exist."""
+    """A remote file's first cap + 1 bytes; None if it does not exist, or if we may not
+    read it (one such file must not stop the others being read: it is logged)."""
     try:
         f = sftp.open(path, "r")
     except FileNotFoundError:
+        return None
+    except PermissionError:
+        log.warning("receipt.unreadable", file=posixpath.basename(path),
+                    detail="the SFTP account may not read it; the center must make it 0644")
         return None
     with f:
         data: bytes = f.read(cap + 1)
