@@ -12,12 +12,14 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from structlog.testing import capture_logs
 
 from appliance.core.config import Destination
+from appliance.core.errors import EX_CONFIG
 from appliance.forward import Retryable
 from appliance.forward import receipts as rc
 from appliance.ingest import receipt as receipts
@@ -25,6 +27,7 @@ from appliance.ingest.receipt import InstanceOutcome, Receipt, ReceiptError
 from appliance.queue import index as db
 from appliance.queue.index import Index, open_index
 from appliance.queue.store import Queue
+from tests.peers import base_config, cli, to_toml
 
 CENTER = Ed25519PrivateKey.generate()
 STRANGER = Ed25519PrivateKey.generate()
@@ -342,3 +345,31 @@ def test_a_receipt_the_sftp_account_may_not_read_is_logged_and_skipped() -> None
     with capture_logs() as logs:
         assert _read_capped(Denying(), "/drop/receipts/aa01.receipt.json", 100) is None  # type: ignore[arg-type]
     assert [(e["event"], e["file"]) for e in logs] == [("receipt.unreadable", "aa01.receipt.json")]
+
+
+def _checked_with_receipt_key(tmp_path: Path, pub: Path | None) -> tuple[Path, Any]:
+    """`config check` of a site with an sftp destination whose receipt_key is `pub` (None:
+    the appliance's own X25519 public key, the wrong kind)."""
+    from tests.sshd import keygen
+    from tests.test_cli import sftp_site
+
+    kind, blob = keygen(tmp_path / "host").with_suffix(".pub").read_text().split()[:2]
+    site = base_config(tmp_path, 11112)
+    path = Path(sftp_site(tmp_path, site, f"[upload.example]:2222 {kind} {blob}\n"))
+    key = pub or tmp_path / "keys" / "appliance.pub"
+    site["destinations"][0]["receipt_key"] = str(key)
+    path.write_text(to_toml(site))
+    return key, cli("config", "check", "--config", str(path))
+
+
+def test_config_check_accepts_the_centers_ed25519_public_key_as_receipt_key(tmp_path: Path) -> None:
+    pub = tmp_path / "center-receipts.pub"
+    pub.write_bytes(receipts.public_pem(CENTER))
+    _, r = _checked_with_receipt_key(tmp_path, pub)
+    assert r.returncode == 0, r.stderr
+
+
+def test_config_check_refuses_a_receipt_key_that_is_not_ed25519(tmp_path: Path) -> None:
+    key, r = _checked_with_receipt_key(tmp_path, None)
+    assert r.returncode == EX_CONFIG
+    assert f"destinations[0].receipt_key: key file {key} is not an Ed25519 public key" in r.stderr
