@@ -50,7 +50,7 @@ from appliance.core.config import Destination
 from appliance.forward import TransportError
 from appliance.ingest import receipt as receipts
 from appliance.ingest.receipt import Receipt, ReceiptError
-from appliance.queue.store import Queue
+from appliance.queue.store import AwaitingReceipt, Queue
 
 log = structlog.get_logger("appliance.receipts")
 
@@ -133,6 +133,15 @@ class _Center:
     overdue: set[str] = field(default_factory=set)  # item ids logged overdue
 
 
+def _note_overdue(c: _Center, awaiting: Sequence[AwaitingReceipt], now: float) -> None:
+    """Log each bundle once when it has waited longer than receipt_overdue_s."""
+    for a in awaiting:
+        if a.item_id not in c.overdue and now - a.delivered > c.dest.receipt_overdue_s:
+            log.warning("receipt.overdue", bundle=a.item_id, destination=c.dest.name,
+                        uploaded_s_ago=round(now - a.delivered))
+            c.overdue.add(a.item_id)
+
+
 class ReceiptPoller:
     def __init__(self, queue: Queue, centers: Sequence[tuple[Destination, ReceiptSource]],
                  beat: Callable[[], None] = lambda: None,
@@ -159,11 +168,7 @@ class ReceiptPoller:
             for k in [k for k in memo if k not in alive]:
                 del memo[k]
         c.overdue &= alive
-        for a in awaiting:
-            if a.item_id not in c.overdue and now - a.delivered > c.dest.receipt_overdue_s:
-                log.warning("receipt.overdue", bundle=a.item_id, destination=c.dest.name,
-                            uploaded_s_ago=round(now - a.delivered))
-                c.overdue.add(a.item_id)
+        _note_overdue(c, awaiting, now)
         when = {a.item_id: c.checked.get(a.item_id, 0.0) + check_interval(now - a.delivered)
                 for a in awaiting}
         due = sorted((a for a in awaiting if when[a.item_id] <= now),
@@ -171,6 +176,10 @@ class ReceiptPoller:
         if not due:  # a bundle delivered meanwhile is seen within FIRST_CHECK_S
             c.next_round = min([now + FIRST_CHECK_S, *when.values()])
             return False
+        return self._read(c, due, now)
+
+    def _read(self, c: _Center, due: Sequence[AwaitingReceipt], now: float) -> bool:
+        """Read the receipts of `due` over one connection, within the round's deadline."""
         caps = {a.item_id: receipt_cap(a.instances) for a in due}
         cancelled = threading.Event()
         timer = threading.Timer(round_budget(c.dest), cancelled.set)
