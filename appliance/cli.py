@@ -340,6 +340,8 @@ def _check_files(cfg: config.Config) -> list[tuple[str, str]]:
         if d.transport == "sftp" and d.known_hosts and d.host and d.port:
             checks.append((f"destinations[{i}].known_hosts", _known_hosts_for(d.host, d.port),
                            d.known_hosts))
+        if d.transport == "sftp" and d.receipt_key:
+            checks.append((f"destinations[{i}].receipt_key", _receipt_key, d.receipt_key))
         if d.transport == "directory" and d.path:
             checks.append((f"destinations[{i}].path", _directory_or_absent, d.path))
         if d.transport == "dicomweb" and d.token_file:
@@ -380,6 +382,13 @@ def _known_hosts_for(host: str, port: int) -> Callable[[Path], None]:
             raise _FileProblem(f"{p} has no key for {sftp.host_key_name(host, port)} (for a port"
                                " other than 22 a line starts with [host]:port)")
     return check
+
+
+def _receipt_key(p: Path) -> None:
+    """The reading center's Ed25519 public key, as the receipt poller loads it."""
+    from appliance.ingest.receipt import load_verify_key  # noqa: PLC0415
+
+    load_verify_key(p)
 
 
 def _private_key_file(p: Path) -> None:
@@ -462,17 +471,21 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
              "incomplete": r["incomplete"] if "incomplete" in r.keys() else 0}  # noqa: SIM118
             for r in idx.query("SELECT * FROM segments ORDER BY created")
         ]
+        found = _receipts(idx)
     except sqlite3.Error as e:
         raise StateError(f"cannot read the queue index in {cfg.appliance.state_dir}: {e}") from None
     finally:
         idx.close()
+    with_receipts = {d.name for d in cfg.destinations if d.receipt_key is not None}
+    for r in rows:
+        r["center"], r["shown"] = _center(r, found, with_receipts)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'ID':28} {'STATE':10} {'PRIO':7} {'STUDY':16} {'INST':>6} {'BYTES':>12} {'AGE':>8}"
+    print(f"{'ID':28} {'STATE':17} {'PRIO':7} {'STUDY':16} {'INST':>6} {'BYTES':>12} {'AGE':>8}"
           f" {'DESTINATION':16} REASON")
     for r in rows:
-        print(f"{r['id']:28} {r['state']:10} {r['priority']:7} {r['study']:16} {r['instances']:>6}"
+        print(f"{r['id']:28} {r['shown']:17} {r['priority']:7} {r['study']:16} {r['instances']:>6}"
               f" {r['bytes']:>12}"
               f" {_age(r['age_s']):>8} {r['destination'] or '-':16} {_list_reason(r)}")
     if not rows:
@@ -481,10 +494,46 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
 
 
 def _list_reason(row: dict[str, Any]) -> str:
-    """The REASON column: the state's reason, and an incomplete segment said first."""
+    """The REASON column: the state's reason, and an incomplete segment said first; what
+    the center stored of a bundle it did not store whole."""
+    c = row["center"]
+    center = (f"the center stored {c['stored']} of {c['stored'] + c['failed']} instance(s)"
+              if c and c["receipt"] and row["shown"] != "stored at center" else "")
     parts = [f"INCOMPLETE: {row['incomplete']} acknowledged instance(s) missing (see the log)"
-             if row["incomplete"] else "", row["reason"] or ""]
+             if row["incomplete"] else "", center, row["reason"] or ""]
     return "; ".join(p for p in parts if p)
+
+
+def _receipts(idx: Any) -> dict[tuple[str, str], dict[str, Any]]:
+    """(item, destination) -> its receipt columns; {} on an index older than schema 6."""
+    try:
+        rows = idx.query("SELECT item_id, destination, receipt, receipt_at, receipt_stored,"
+                         " receipt_failed, receipt_center FROM deliveries WHERE state='delivered'")
+    except sqlite3.OperationalError:  # no such column: the daemon has not migrated it yet
+        return {}
+    return {(r["item_id"], r["destination"]): dict(r) for r in rows}
+
+
+def _center(row: dict[str, Any], found: dict[tuple[str, str], dict[str, Any]],
+            with_receipts: set[str]) -> tuple[dict[str, Any] | None, str]:
+    """(what the reading center said of a delivered item, what STATE shows). A bundle
+    delivered to a destination with receipts is "uploaded" until its receipt comes."""
+    if row["state"] != "delivered" or row["destination"] not in with_receipts:
+        return None, row["state"]
+    d = found.get((row["id"], row["destination"]))
+    if d is None or d["receipt"] is None:
+        return {"receipt": None}, "uploaded"
+    c = {"receipt": d["receipt"], "stored": d["receipt_stored"], "failed": d["receipt_failed"],
+         "at": d["receipt_at"], "center": d["receipt_center"]}
+    return c, f"{center_verdict(c['stored'], c['failed'])} at center"
+
+
+def center_verdict(stored: int, failed: int) -> str:
+    """stored | partial | failed, from the counts (a "duplicate" receipt carries the first
+    ingest's outcomes, so it reads like the receipt it repeats)."""
+    if stored and not failed:
+        return "stored"
+    return "partial" if stored else "failed"
 
 
 def cmd_queue_change(args: argparse.Namespace) -> int:
@@ -556,6 +605,12 @@ def _print_item(d: dict[str, Any], as_json: bool) -> None:
                 print(f"{'delivery':14} {dl['destination']}: {dl['state']}, {dl['attempts']} attempt(s)"
                       + (f", delivered {_when(dl['delivered'], now)}" if dl["delivered"] else "")
                       + (f", last error: {dl['last_error']}" if dl["last_error"] else ""))
+                if dl.get("receipt"):
+                    print(f"{'receipt':14} {dl['destination']}: "
+                          f"{center_verdict(dl['receipt_stored'], dl['receipt_failed'])} at center"
+                          f" {dl['receipt_center']} ({dl['receipt']}): {dl['receipt_stored']} of"
+                          f" {dl['receipt_stored'] + dl['receipt_failed']} instance(s) stored,"
+                          f" receipt read {_when(dl['receipt_at'], now)}")
             continue
         print(f"{k:14} {_when(v, now) if k in TIME_FIELDS else '' if v is None else v}")
 
@@ -747,6 +802,12 @@ def _print_status(st: dict[str, Any]) -> None:
             print(f"last error     {dest}: {err}")
     for d in st.get("destinations", []):
         print(f"destination    {d['name']}: {d['state'].upper()}" + _destination_detail(d))
+    for rc in st.get("receipts", []):
+        late = (f", {rc['overdue']} OVERDUE (uploaded more than {_age(rc['overdue_after_s'])} ago)"
+                if rc["overdue"] else "")
+        err = f"; reading receipts failed: {rc['last_error']}" if rc.get("last_error") else ""
+        print(f"receipts       {rc['destination']}: {rc['awaiting']} uploaded, awaiting the"
+              f" center's receipt{late}{err}")
     if "forward" in st:
         fw = st["forward"]
         print(f"forwarding     {fw['lanes']} lanes + {fw['stat_lanes']} for stat studies;"

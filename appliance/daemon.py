@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 
 import structlog
 
@@ -41,8 +41,9 @@ from appliance.core import crypto, durable, hardening
 from appliance.core import pynetdicom_compat as compat
 from appliance.core.config import Config, Destination
 from appliance.core.errors import ConfigError, StateError
-from appliance.forward import Transport, conversion, registry
+from appliance.forward import Transport, conversion, receipts, registry
 from appliance.forward.dicom.transport import STREAM_THRESHOLD
+from appliance.forward.receipts import ReceiptPoller
 from appliance.forward.scheduler import PROBE_WAIT_S, Forwarder
 from appliance.health.control import ControlServer, DaemonUnavailable, operator_name
 from appliance.health.notify import Notifier
@@ -163,6 +164,7 @@ class Daemon:
         self.listeners: list[tuple[str, int, bool]] = []
         self.receiver: Receiver | None = None
         self.supervisor = Supervisor()
+        self.receipts: ReceiptPoller | None = None  # forward.receipts, with a receipt_key
         self._problems: list[str] = []
 
     def run(self) -> int:
@@ -182,7 +184,15 @@ class Daemon:
         recipients = [crypto.load_public_key(cfg.encryption.appliance_public_key)]
         recipients += [crypto.load_public_key(p) for p in cfg.encryption.recipients]
         transports = [build_transport(d, cfg) for d in cfg.destinations]
+        # receipt_key is an sftp key (core.config): these are SftpTransports. Keys are
+        # loaded here, before any worker starts: a bad key file ends the start cleanly.
+        with_receipts = [(d, cast(receipts.ReceiptSource, t))
+                         for d, t in zip(cfg.destinations, transports, strict=True)
+                         if d.receipt_key is not None]
         self.queue = queue = Queue(cfg.appliance.state_dir, index)
+        self.receipts = ReceiptPoller(queue, with_receipts,
+                                      beat=lambda: self.stages["receipts"].beat()
+                                      ) if with_receipts else None
         pool = CodecPool(cfg.pack.workers)
         lanes = [self._lane(f"forward-{i + 1}", PRIORITY_ROUTINE, housekeeping=i == 0)
                  for i in range(cfg.queue.lanes)] + [self._lane("forward-stat", PRIORITY_STAT)]
@@ -190,12 +200,20 @@ class Daemon:
                                   name="failover", daemon=True)
         workers = [threading.Thread(target=self._loop, args=("pack", self._pack_step, self.wake_pack),
                                     name="pack", daemon=True), *lanes, prober]
+        if with_receipts:
+            workers.append(threading.Thread(
+                target=self._loop, args=("receipts", self._receipts_step, threading.Event()),
+                name="receipts", daemon=True))
         sup, stall = self.supervisor, cfg.health.stall_s
         self.stages = {"receive": sup.stage("receive", stall, alive=lambda: receiver.listening()),
                        "pack": sup.stage("pack", stall, alive=workers[0].is_alive),
                        "forward": sup.stage("forward", forward_deadline(cfg),
                                             alive=lambda: all(t.is_alive() for t in lanes)),
                        "failover": sup.stage("failover", PROBE_WAIT_S + stall, alive=prober.is_alive)}
+        if with_receipts:
+            self.stages["receipts"] = sup.stage(
+                "receipts", stall + max(receipts.round_budget(d) for d, _ in with_receipts),
+                alive=workers[-1].is_alive)
         self.packer = packer = Packer(
             cfg.pack, spool, queue, recipients, pool, beat=self.stages["pack"].beat,
             receiving_burst=lambda: self.receiver is not None and self.receiver.in_burst(),
@@ -286,6 +304,12 @@ class Daemon:
         self.forwarder.probe_due(beat=self.stages["failover"].beat)
         return False
 
+    def _receipts_step(self) -> bool:
+        """The receipt poller (forward.receipts), on a thread of its own: reading receipts
+        back from a slow center never holds a lane."""
+        assert self.receipts is not None
+        return self.receipts.step()
+
     def _lane(self, name: str, min_priority: int, housekeeping: bool = False) -> threading.Thread:
         """One forwarding lane: a thread that sends one item at a time (see forward/scheduler)."""
         def step() -> bool:
@@ -355,6 +379,7 @@ class Daemon:
             "oldest_waiting_s": round(self.queue.oldest_waiting_age(time.time()), 1),
             "last_errors": dict(self.forwarder.last_error),
             "destinations": self.forwarder.snapshot(time.time()),
+            "receipts": self.receipts.snapshot(time.time()) if self.receipts else [],
             "forward": {"lanes": self.cfg.queue.lanes, "stat_lanes": 1,
                         "parked": self.queue.parked_count()},
             "stages": self.supervisor.snapshot(),

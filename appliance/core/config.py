@@ -163,6 +163,10 @@ class Destination:
     known_hosts: Path | None = None
     host_key_sha256: str | None = None  # "SHA256:<base64>": the other way to pin the host key
     remote_dir: str | None = None
+    # The reading center's Ed25519 public key (PEM): set, the appliance reads back the
+    # center's signed receipts (forward.receipts) and trusts only those that verify with it.
+    receipt_key: Path | None = None
+    receipt_overdue_s: float = 1800.0  # uploaded this long without a receipt: overdue
     # dicomweb (also tls, plaintext, timeout_s)
     url: str | None = None  # the DICOMweb root: STOW-RS posts to {url}/studies
     token_file: Path | None = None  # a bearer token, read at each attempt
@@ -251,7 +255,7 @@ TRANSPORT_KEYS: dict[str, tuple[str, ...]] = {
               "storage_commitment", "commitment_port", "commitment_bind", "commitment_timeout_s",
               "timeout_s"),
     "sftp": ("host", "port", "user", "key", "key_passphrase", "known_hosts", "host_key_sha256",
-             "remote_dir", "timeout_s"),
+             "remote_dir", "timeout_s", "receipt_key", "receipt_overdue_s"),
     "dicomweb": ("url", "tls", "token_file", "plaintext", "timeout_s", "max_request_mb"),
 }
 
@@ -694,7 +698,12 @@ def _sftp_keys(t: _Table) -> dict[str, Any]:
                                          " `ssh-keygen -lf` prints it"),
         "remote_dir": t.string("remote_dir", "."),
         "timeout_s": t.number("timeout_s", 30.0, 1, 3600),
+        "receipt_key": t.path("receipt_key", None),
+        "receipt_overdue_s": t.number("receipt_overdue_s", 1800.0, 1, 30 * 86400),
     }
+    if t.has("receipt_overdue_s") and not t.has("receipt_key"):
+        t.ctx.problem(t.key("receipt_overdue_s"), "is set but receipt_key is not: without the"
+                      " center's key no receipt is read back")
     # Exactly one host-key pin: without it the appliance cannot tell the reading center
     # from a machine in the middle; with two, which one counts would be a guess.
     pins = [k for k in ("known_hosts", "host_key_sha256") if t.has(k)]
@@ -761,7 +770,7 @@ def _check_url(key: str, v: Any) -> str:
 _SHA256_FP_RE = re.compile(r"^SHA256:[A-Za-z0-9+/]{43}$")
 # Keys that may be None in a valid Destination (sftp: the host-key pin not chosen).
 _OPTIONAL_DEST = ("calling_ae_title", "key_passphrase", "tls", "commitment_port", "cap_hours",
-                  "known_hosts", "host_key_sha256", "token_file")
+                  "known_hosts", "host_key_sha256", "token_file", "receipt_key")
 
 
 def _check_cap_hours(key: str, v: Any) -> str:
