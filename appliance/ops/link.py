@@ -145,6 +145,8 @@ class Link:
             with self.stage.job("ops"):
                 try:
                     self._session()
+                except OSError as e:  # refused, unreachable, TLS (ssl.SSLError is an OSError)
+                    log.warning("ops.connect_failed", conn_seq=self.conn_seq, error_type=type(e).__name__)
                 except Exception as e:
                     log.error("ops.link_error", error_type=type(e).__name__)
                 self._drop()
