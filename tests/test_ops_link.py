@@ -231,6 +231,38 @@ def test_a_box_cannot_read_or_write_another_box_nor_take_its_client_id(fleet: Fl
         intruder.close()
 
 
+def test_a_stuck_stage_shows_in_state_within_two_heartbeats(fleet: Fleet) -> None:
+    root = fleet.root / "stuck"
+    cfg = box_config(root, fleet, name="stuck-box")  # heartbeat_s 2
+    cfg["pack"] = {"study_quiet_s": 0.5}
+    cfg["health"] = {"stall_s": 5}
+    failpoints = root / "failpoints"
+    failpoints.mkdir(parents=True)
+    a = enrolled(root, fleet, cfg)
+    a.env = {"APPLIANCE_FAILPOINTS": str(failpoints)}
+    a.start()
+    topic = "appliance/stuck-box/state"
+    try:
+        wait_for(lambda: fleet.center.last(topic), 30, "state", detail=a.log_text)
+        (failpoints / "pack.hang").write_text("hang")
+        assert storescu(a.port, canary_study(root / "study", 1)).returncode == 0
+        wait_for(lambda: a.status()["stages"]["pack"]["state"] == "stuck", 30, "pack stuck locally")
+        seen_stuck = time.monotonic()
+        wait_for(lambda: (s := fleet.center.last(topic)) and s["stages"]["pack"]["state"] == "stuck",
+                 2 * 2 + 1, "stuck in state within two heartbeats")
+        assert time.monotonic() - seen_stuck <= 2 * 2 + 1
+        ev = wait_for(lambda: [m.json() for m in fleet.center.on("appliance/stuck-box/events")
+                               if m.json()["kind"] == "watchdog.withheld"], 20, "the stuck-stage event")
+        assert ev[0]["stages"] == ["pack"]
+        (failpoints / "pack.hang").unlink()
+        wait_for(lambda: (s := fleet.center.last(topic)) and s["stages"]["pack"]["state"] != "stuck",
+                 20, "pack moving again in state")
+    finally:
+        (failpoints / "pack.hang").unlink(missing_ok=True)
+        a.stop()
+        a.kill9()
+
+
 def test_broker_away_loses_no_event_and_sends_each_once(tmp_path: Path) -> None:
     ca = fleet_ca(tmp_path / "ca")
     broker = Broker(tmp_path / "broker", ca).start()
