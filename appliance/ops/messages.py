@@ -29,7 +29,6 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "bundle.held": ("bundle", "destination"),
     "bundle.quarantined": ("bundle", "destination"),
     "spool.quarantined": (),
-    "receive.refused_full": (),
     "watchdog.withheld": ("stages",),
     "watchdog.resumed": (),
 }
