@@ -14,10 +14,12 @@ that appliance/cli.py only calls in here. Errors are UsageError / KeyFileError l
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
 from appliance.core import config
+from appliance.core.errors import EX_USAGE
 from appliance.ops import pki
 
 
@@ -39,9 +41,9 @@ def add_parsers(sub: Any) -> None:
 
 def dispatch(args: argparse.Namespace) -> int:
     if args.sub == "ca":
-        if getattr(args, "ca_sub", None) != "init":
-            print("usage: appliance fleet ca init DIR [--broker-host HOST ...]")
-            return 64
+        if getattr(args, "ca_sub", None) != "init":  # `fleet ca` alone: its help, as main does
+            sys.stderr.write(args.help_of_level.format_help())
+            return EX_USAGE
         hosts = tuple(args.broker_host or ("localhost", "127.0.0.1"))
         print("\n".join(pki.ca_init(args.dir, hosts)))
         return 0
