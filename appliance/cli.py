@@ -767,5 +767,7 @@ def _print_status(st: dict[str, Any]) -> None:
         since = stage["since_progress_s"]
         print(f"stage {name:9}{stage['state']}, {stage['jobs']} job(s), {stage['progress']} steps"
               + (f", last {_age(since)} ago" if since is not None else ""))
+    if "ops" in st:
+        print(ops_cli.status_line(st["ops"]))
     for problem in st.get("problems", []):
         print(f"STUCK          {problem}")

@@ -25,7 +25,7 @@ from appliance.health.supervisor import Supervisor
 from appliance.ops.link import Link
 from appliance.ops.outbox import Outbox
 from tests.mosquitto import MOSQUITTO, Broker, Watcher, client_cert, fleet_ca, sign
-from tests.peers import Appliance, base_config, free_port, storescu, wait_for
+from tests.peers import Appliance, base_config, cli, free_port, storescu, wait_for
 
 pytestmark = [pytest.mark.peers,
               pytest.mark.skipif(not Path(MOSQUITTO).exists(), reason="mosquitto not installed (make peers)")]
@@ -124,6 +124,13 @@ def test_online_arrives_with_conn_seq(fleet: Fleet, box: Appliance) -> None:
                    detail=box.log_text)
     assert msg["online"] is True and msg["conn_seq"] >= 1 and msg["v"] == 1
     assert msg["boot_id"] and msg["since"] <= time.time()
+
+
+def test_status_shows_the_ops_link_connected(fleet: Fleet, box: Appliance) -> None:
+    wait_for(lambda: fleet.center.last(f"appliance/{BOX}/online"), 30, "online")
+    assert box.status()["ops"]["connected"] is True
+    r = cli("status", "--config", str(box.config_path))
+    assert r.returncode == 0 and "ops link       connected since" in r.stdout, r.stdout
 
 
 def test_state_carries_the_supervisors_view_within_8kb(fleet: Fleet, box: Appliance) -> None:

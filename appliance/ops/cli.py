@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -77,3 +78,12 @@ def check(cfg: config.Config) -> tuple[list[tuple[str, str]], list[str]]:
     errors, warnings = pki.cert_problems(ops.cert, cfg.appliance.name, ops.ca)
     found += [("operations.cert", e) for e in errors]
     return found, warnings
+
+
+def status_line(ops: dict[str, Any]) -> str:
+    """The ops link in `appliance status`: connected or not, since, events waiting."""
+    link = (f"connected since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(ops['since']))}"
+            if ops.get("connected") and ops.get("since") else "NOT CONNECTED")
+    gap = f", {ops['dropped']} dropped (outbox full)" if ops.get("dropped") else ""
+    return (f"ops link       {link} (conn_seq {ops.get('conn_seq')});"
+            f" {ops.get('waiting', 0)} event(s) waiting{gap}")

@@ -44,6 +44,7 @@ from appliance.ops.outbox import Outbox
 log = structlog.get_logger("appliance.ops")
 
 STATE_MIN_S = 2.0
+CHECK_S = 1.0  # how often the snapshot is taken to look for a change
 CONNACK_WAIT_S = 10.0
 BACKOFF_MIN_S = 1.0
 BACKOFF_MAX_S = 60.0
@@ -113,6 +114,7 @@ class Link:
         self._state_seq = 0
         self._last_state: dict[str, Any] | None = None
         self._last_state_at = 0.0
+        self._last_check = 0.0
         self._failures = 0
 
     # --- the daemon's side ---
@@ -193,7 +195,7 @@ class Link:
         self.connected_since = time.time()
         log.info("ops.connected", host=self.ops.host, port=self.ops.port, conn_seq=self.conn_seq)
         self._publish(c, "online", messages.online(self.conn_seq, self.boot_id, self.connected_since))
-        self._last_state = None
+        self._last_state, self._last_check = None, 0.0
         while not self._lost:
             if self.stop_event.is_set():
                 self._goodbye(c)
@@ -221,8 +223,9 @@ class Link:
         room = INFLIGHT_MAX // 2 - len(self._inflight)
         if room <= 0:
             return
-        dropped = self.outbox.counts()["dropped"]
-        for seq, ts, body in self.outbox.pending(after=self._sent_upto, limit=room):
+        pending = self.outbox.pending(after=self._sent_upto, limit=room)
+        dropped = self.outbox.counts()["dropped"] if pending else 0
+        for seq, ts, body in pending:
             msg = messages.event(self.name, self.boot_id, seq, ts, body, dropped)
             mid = self._publish(c, "events", msg, retain=False)
             self._inflight[mid] = seq
@@ -230,8 +233,9 @@ class Link:
 
     def _maybe_state(self, c: mqtt.Client) -> None:
         now = time.time()
-        if now - self._last_state_at < STATE_MIN_S:
+        if now - self._last_state_at < STATE_MIN_S or 0 <= now - self._last_check < CHECK_S:
             return
+        self._last_check = now
         msg = messages.state(self.snapshot(), seq=self._state_seq + 1, now=now, boot_id=self.boot_id,
                              conn_seq=self.conn_seq, certs=cert_not_after(self.certs),
                              time_synced=clock_synchronised(), outbox=self.outbox.counts())
