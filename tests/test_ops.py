@@ -110,9 +110,24 @@ def test_event_seq_continues_after_every_event_was_acknowledged(tmp_path: Path) 
 
 
 def test_an_event_keeps_only_its_listed_fields() -> None:
-    body = messages.event_body("destination.down", {"destination": "pacs", "failures": 3,
-                                                     "reason": "peer said DOE^JANE", "event": "x"})
-    assert body == {"kind": "destination.down", "destination": "pacs", "failures": 3}
+    body = messages.event_body("instance.parked", {"bundle": "b1", "item": "b1p3", "destination": "pacs",
+                                                    "reason": "peer said DOE^JANE", "event": "x"})
+    assert body == {"kind": "instance.parked", "bundle": "b1", "item": "b1p3", "destination": "pacs"}
+
+
+def test_a_destination_reason_leaves_only_as_a_known_class() -> None:
+    down = messages.event_body("destination.down", {"destination": "pacs", "reason": "timeout"})
+    odd = messages.event_body("destination.down", {"destination": "pacs", "reason": "DOE^JANE"})
+    assert down is not None and down["reason"] == "timeout"
+    assert odd is not None and odd["reason"] == "other"
+
+
+def test_every_failover_reason_class_is_a_known_class() -> None:
+    from appliance.forward import failover
+
+    classes = {cls for _, cls in failover._CLASSES} | {failover.reason_class("x", True),
+                                                        failover.reason_class("x", False)}
+    assert classes <= messages.REASON_CLASSES
 
 
 def test_a_log_event_not_listed_is_not_an_ops_event() -> None:

@@ -23,8 +23,8 @@ STATE_MAX_BYTES = 8192
 
 # Log events (appliance/core/log.py taps) that become ops events, and the fields kept.
 EVENT_FIELDS: dict[str, tuple[str, ...]] = {
-    "destination.down": ("destination", "failures"),
-    "destination.up": ("destination",),
+    "destination.down": ("destination", "failures", "reason"),
+    "destination.up": ("destination", "reason"),
     "instance.parked": ("bundle", "item", "destination"),
     "bundle.held": ("bundle", "destination"),
     "bundle.quarantined": ("bundle", "destination"),
@@ -32,6 +32,11 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "watchdog.withheld": ("stages",),
     "watchdog.resumed": (),
 }
+
+# `reason` of destination.down/up is a class (forward/failover.reason_class) or what
+# brought it back; any other value is sent as "other", never as text.
+REASON_CLASSES = frozenset({"timeout", "refused", "missing", "unreachable", "connection lost",
+                            "rejected", "failed", "probe answered", "delivered"})
 
 
 def dumps(msg: dict[str, Any]) -> bytes:
@@ -60,6 +65,8 @@ def event_body(kind: str, fields: dict[str, Any]) -> dict[str, Any] | None:
         v = fields.get(k)
         if isinstance(v, str | int | float | bool):
             body[k] = v
+    if "reason" in body and body["reason"] not in REASON_CLASSES:
+        body["reason"] = "other"
     if kind == "watchdog.withheld":  # problems name stages: "<stage>: <job> without progress ..."
         problems = fields.get("problems") or []
         body["stages"] = sorted({str(p).split(":", 1)[0] for p in problems})[:16]
