@@ -45,6 +45,7 @@ log = structlog.get_logger("appliance.ops")
 
 STATE_MIN_S = 2.0
 CHECK_S = 1.0  # how often the snapshot is taken to look for a change
+CERTS_S = 600.0
 CONNACK_WAIT_S = 10.0
 BACKOFF_MIN_S = 1.0
 BACKOFF_MAX_S = 60.0
@@ -102,7 +103,6 @@ class Link:
         self.topic = f"appliance/{name}"
         self.boot_id = boot_id()
         self.stop_event = threading.Event()
-        self.wake = threading.Event()
         self.thread = threading.Thread(target=self._run, name="ops-link", daemon=True)
         self.connected_since: float | None = None
         self.conn_seq = 0
@@ -115,6 +115,7 @@ class Link:
         self._last_state: dict[str, Any] | None = None
         self._last_state_at = 0.0
         self._last_check = 0.0
+        self._certs: tuple[float, dict[str, float]] = (0.0, {})  # read at, name -> not-after
         self._failures = 0
 
     # --- the daemon's side ---
@@ -124,7 +125,6 @@ class Link:
 
     def stop(self) -> None:
         self.stop_event.set()
-        self.wake.set()
         self.thread.join(STOP_WAIT_S + CONNACK_WAIT_S)
         if not self.thread.is_alive():
             self.outbox.close()
@@ -133,8 +133,7 @@ class Link:
         """A log tap: an ops event into the outbox (messages.EVENT_FIELDS decides)."""
         body = messages.event_body(kind, dict(fields))
         if body is not None:
-            self.outbox.add(time.time(), body)
-            self.wake.set()
+            self.outbox.add(time.time(), body)  # the link thread sends it within LOOP_S
 
     def status(self) -> dict[str, Any]:
         return {"connected": self._connected, "since": self.connected_since, "conn_seq": self.conn_seq,
@@ -186,7 +185,9 @@ class Link:
         c.connect(self.ops.host, self.ops.port, keepalive=self.ops.keepalive_s)
         deadline = time.monotonic() + CONNACK_WAIT_S
         while not self._connected:
-            if self._lost or time.monotonic() > deadline or self.stop_event.is_set():
+            if self.stop_event.is_set():
+                return
+            if self._lost or time.monotonic() > deadline:
                 log.warning("ops.connect_failed", conn_seq=self.conn_seq,
                             reason="refused" if self._lost else "no CONNACK")
                 return
@@ -210,8 +211,6 @@ class Link:
         rc = c.loop(timeout=LOOP_S)
         if rc != mqtt.MQTT_ERR_SUCCESS:
             self._lost = True
-        if self.wake.is_set():
-            self.wake.clear()
 
     def _publish(self, c: mqtt.Client, sub: str, msg: dict[str, Any], retain: bool = True) -> int:
         info = c.publish(f"{self.topic}/{sub}", messages.dumps(msg), qos=1, retain=retain)
@@ -237,7 +236,7 @@ class Link:
             return
         self._last_check = now
         msg = messages.state(self.snapshot(), seq=self._state_seq + 1, now=now, boot_id=self.boot_id,
-                             conn_seq=self.conn_seq, certs=cert_not_after(self.certs),
+                             conn_seq=self.conn_seq, certs=self._not_after(now),
                              time_synced=clock_synchronised(), outbox=self.outbox.counts())
         due = now - self._last_state_at >= self.ops.heartbeat_s
         if not due and self._last_state is not None and \
@@ -246,6 +245,12 @@ class Link:
         self._state_seq += 1
         self._publish(c, "state", msg)
         self._last_state, self._last_state_at = msg, now
+
+    def _not_after(self, now: float) -> dict[str, float]:
+        """The certificates' not-after times, read again every CERTS_S (a renewed one shows)."""
+        if now - self._certs[0] >= CERTS_S or now < self._certs[0]:
+            self._certs = (now, cert_not_after(self.certs))
+        return self._certs[1]
 
     def _goodbye(self, c: mqtt.Client) -> None:
         """A clean stop: `online` false from ourselves, then DISCONNECT (no will)."""
