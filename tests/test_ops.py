@@ -268,3 +268,21 @@ def test_config_check_fails_until_the_signed_cert_is_installed(ca: Path, tmp_pat
     assert r.returncode == 0, r.stderr
     assert "warning:" in r.stderr and "expires" in r.stderr
     assert json.loads(r.stdout)["operations"]["port"] == 8883
+
+
+def test_config_check_names_a_command_key_that_is_not_an_ed25519_public_key(ca: Path, tmp_path: Path) -> None:
+    from appliance.core import crypto
+
+    cfg = base_config(tmp_path, 11112)
+    cfg["appliance"]["name"] = "box-1"
+    keys = tmp_path / "keys"
+    crypto.create_keypair(tmp_path / "x25519.key", tmp_path / "x25519.pub")  # the wrong kind
+    cfg["operations"] = {"host": "127.0.0.1", "ca": str(ca / "ca.pem"), "cert": str(keys / "mqtt.pem"),
+                         "key": str(keys / "mqtt.key"), "command_keys": [str(tmp_path / "x25519.pub")]}
+    main = tmp_path / "appliance.toml"
+    main.write_text(to_toml(cfg))
+    assert cli("keys", "init", "--config", str(main)).returncode == 0
+    assert cli("fleet", "sign", str(keys / "mqtt.csr"), "--ca", str(ca)).returncode == 0
+    r = cli("config", "check", "--config", str(main))
+    assert r.returncode == 78
+    assert "operations.command_keys[0]" in r.stderr and "Ed25519" in r.stderr, r.stderr

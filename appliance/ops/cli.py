@@ -19,8 +19,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from appliance.core import config
-from appliance.core.errors import EX_USAGE
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from appliance.core import config, crypto
+from appliance.core.errors import EX_USAGE, KeyFileError
 from appliance.ops import pki
 
 
@@ -73,10 +75,15 @@ def check(cfg: config.Config) -> tuple[list[tuple[str, str]], list[str]]:
     found: list[tuple[str, str]] = []
     try:
         pki.load_key(ops.key)
-    except Exception as e:  # KeyFileError: its line names the file
+    except KeyFileError as e:
         found.append(("operations.key", str(e)))
     errors, warnings = pki.cert_problems(ops.cert, cfg.appliance.name, ops.ca)
     found += [("operations.cert", e) for e in errors]
+    for i, p in enumerate(ops.command_keys):
+        try:
+            crypto.load_public_key_of(p, Ed25519PublicKey, "Ed25519")
+        except KeyFileError as e:
+            found.append((f"operations.command_keys[{i}]", str(e)))
     return found, warnings
 
 
