@@ -58,7 +58,7 @@ def _name(cn: str) -> x509.Name:
 def new_key(path: Path) -> ec.EllipticCurvePrivateKey:
     """A new P-256 key written exclusively (0600); never overwrites a file."""
     key = ec.generate_private_key(ec.SECP256R1())
-    crypto._create_exclusive(path, _key_pem(key))
+    crypto.create_private_file(path, _key_pem(key))
     return key
 
 
