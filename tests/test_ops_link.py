@@ -9,6 +9,8 @@ in-process so that it can stop the broker around events it adds.
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -182,6 +184,25 @@ def test_kill9_flips_online_false_through_the_will(fleet: Fleet) -> None:
         assert gone["conn_seq"] == up["conn_seq"] and "clean" not in gone
         assert time.monotonic() - t0 <= 1.5 * 5 + 2  # keepalive_s 5
     finally:
+        a.kill9()
+
+
+def test_a_frozen_box_goes_offline_within_one_and_a_half_keepalives(fleet: Fleet) -> None:
+    """SIGSTOP keeps the socket open, as a power cut or a cut cable behind NAT does: only
+    the broker's keepalive can tell, after 1.5 x keepalive_s (5 s here)."""
+    root = fleet.root / "frozen"
+    a = enrolled(root, fleet, box_config(root, fleet, name="frozen-box")).start()
+    assert a.proc is not None
+    try:
+        wait_for(lambda: (m := fleet.center.last("appliance/frozen-box/online")) and m["online"],
+                 30, "online true", detail=a.log_text)
+        os.kill(a.proc.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        wait_for(lambda: (m := fleet.center.last("appliance/frozen-box/online")) and not m["online"],
+                 30, "online false (the will)")
+        assert time.monotonic() - t0 <= 1.5 * 5 + 2
+    finally:
+        os.kill(a.proc.pid, signal.SIGCONT)
         a.kill9()
 
 
