@@ -114,7 +114,8 @@ class Watcher:
     certificate take the session from each other, so a test has one per certificate."""
 
     def __init__(self, broker: Broker, cert: Path, key: Path, client_id: str = "ops-center",
-                 topics: tuple[str, ...] = ("appliance/#",), persistent: bool = True) -> None:
+                 topics: tuple[str, ...] = ("appliance/#",), persistent: bool = True,
+                 connect_timeout: float = 20) -> None:
         self.messages: list[Message] = []
         self.lock = threading.Lock()
         self.connected = threading.Event()
@@ -130,9 +131,15 @@ class Watcher:
         self.c.on_connect = self._on_connect
         self.c.on_message = self._on_message
         self.c.on_subscribe = lambda c, u, mid, codes, props: self.suback.extend(codes)
-        self.c.connect("127.0.0.1", broker.port, keepalive=30)
         self.c.loop_start()
-        wait_for(self.connected.is_set, 20, "watcher connected")
+        try:
+            self.c.connect("127.0.0.1", broker.port, keepalive=30)
+            wait_for(self.connected.is_set, connect_timeout, "watcher connected")
+        except (OSError, AssertionError) as e:
+            self.close()
+            if isinstance(e, OSError):  # the handshake refused: say so the way a timeout does
+                raise AssertionError(f"watcher connected: refused ({type(e).__name__})") from None
+            raise
 
     def _on_connect(self, c: mqtt.Client, u: Any, flags: Any, rc: Any, props: Any) -> None:
         if not rc.is_failure:

@@ -291,6 +291,21 @@ def test_a_stuck_stage_shows_in_state_within_two_heartbeats(fleet: Fleet) -> Non
         a.kill9()
 
 
+def test_a_revoked_box_is_refused_by_the_broker(tmp_path: Path) -> None:
+    ca = fleet_ca(tmp_path / "ca")
+    cert, key = client_cert(ca, "revoked-box", tmp_path)
+    good_cert, good_key = client_cert(ca, "good-box", tmp_path)
+    r = cli("fleet", "crl", "--ca", str(ca), "--revoke", str(cert))
+    assert r.returncode == 0 and "revoked: revoked-box" in r.stdout, r.stderr
+    broker = Broker(tmp_path / "broker", ca).start()  # reads the CRL at start
+    try:
+        with pytest.raises(AssertionError, match="watcher connected"):
+            Watcher(broker, cert, key, client_id="revoked-box", connect_timeout=5).close()
+        Watcher(broker, good_cert, good_key, client_id="good-box").close()  # the CRL is valid
+    finally:
+        broker.stop()
+
+
 def test_broker_away_loses_no_event_and_sends_each_once(tmp_path: Path) -> None:
     ca = fleet_ca(tmp_path / "ca")
     broker = Broker(tmp_path / "broker", ca).start()

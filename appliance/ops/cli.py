@@ -6,6 +6,9 @@
                   operations center's client certificate (ops-center.pem/.key)
     appliance fleet sign BOX.csr --ca DIR [--out BOX.pem] [--days N]
                   sign a box's CSR (made by `appliance keys init`); prints the box's name
+    appliance fleet crl --ca DIR [--revoke BOX.pem ...]
+                  re-issue the CRL (valid a year; the broker refuses everyone once it is
+                  out of date), adding the certificates to revoke
 
 Also the ops-link parts of `keys init` and `config check` (`keys_init`, `check`), so
 that appliance/cli.py only calls in here. Errors are UsageError / KeyFileError lines.
@@ -40,6 +43,9 @@ def add_parsers(sub: Any) -> None:
     sign.add_argument("--ca", type=Path, required=True, help="the fleet CA folder")
     sign.add_argument("--out", type=Path, default=None, help="default: the CSR's path with .pem")
     sign.add_argument("--days", type=int, default=pki.BOX_DAYS)
+    crl = fleet_sub.add_parser("crl", help="re-issue the CRL, revoking certificates")
+    crl.add_argument("--ca", type=Path, required=True, help="the fleet CA folder")
+    crl.add_argument("--revoke", type=Path, action="append", default=[], help="a certificate to revoke")
 
 
 def dispatch(args: argparse.Namespace) -> int:
@@ -49,6 +55,9 @@ def dispatch(args: argparse.Namespace) -> int:
             return EX_USAGE
         hosts = tuple(args.broker_host or ("localhost", "127.0.0.1"))
         print("\n".join(pki.ca_init(args.dir, hosts)))
+        return 0
+    if args.sub == "crl":
+        print("\n".join(pki.reissue_crl(args.ca, tuple(args.revoke))))
         return 0
     out = args.out or args.csr.with_suffix(".pem")
     name = pki.sign_csr(pki.load_ca(args.ca), args.csr, out, max(1, args.days))

@@ -165,12 +165,40 @@ def load_ca(directory: Path) -> FleetCA:
     return FleetCA(load_key(directory / "ca.key"), load_cert(directory / "ca.pem"))
 
 
-def write_crl(ca: FleetCA, path: Path) -> None:
+def write_crl(ca: FleetCA, path: Path, revoked: tuple[x509.RevokedCertificate, ...] = ()) -> None:
+    """A CRL valid CRL_DAYS: the broker refuses every client once it is out of date, so
+    `appliance fleet crl` must re-issue it within the year (docs/operations.md)."""
     now = _now()
-    crl = (x509.CertificateRevocationListBuilder().issuer_name(ca.cert.subject)
-           .last_update(now - dt.timedelta(minutes=5)).next_update(now + dt.timedelta(days=CRL_DAYS))
-           .sign(ca.key, hashes.SHA256()))
-    durable.atomic_write(path, crl.public_bytes(serialization.Encoding.PEM), mode=0o644)
+    b = (x509.CertificateRevocationListBuilder().issuer_name(ca.cert.subject)
+         .last_update(now - dt.timedelta(minutes=5)).next_update(now + dt.timedelta(days=CRL_DAYS)))
+    for r in revoked:
+        b = b.add_revoked_certificate(r)
+    durable.atomic_write(path, b.sign(ca.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM),
+                         mode=0o644)
+
+
+def reissue_crl(directory: Path, revoke: tuple[Path, ...] = ()) -> list[str]:
+    """`fleet crl`: the CRL again, valid CRL_DAYS from now, with what it revoked before and
+    the certificates in `revoke` (each must be one the fleet CA issued)."""
+    ca = load_ca(directory)
+    try:
+        old = x509.load_pem_x509_crl((directory / "crl.pem").read_bytes())
+        kept = {r.serial_number: r for r in old}
+    except (FileNotFoundError, ValueError):
+        kept = {}
+    out = []
+    for p in revoke:
+        cert = load_cert(p)
+        try:
+            cert.verify_directly_issued_by(ca.cert)
+        except (ValueError, TypeError, InvalidSignature):
+            raise UsageError(f"{p} was not issued by the fleet CA in {directory}") from None
+        kept.setdefault(cert.serial_number, x509.RevokedCertificateBuilder()
+                        .serial_number(cert.serial_number).revocation_date(_now()).build())
+        out.append(f"revoked: {common_name(cert.subject)} (serial {cert.serial_number:x})")
+    write_crl(ca, directory / "crl.pem", tuple(kept.values()))
+    return [*out, f"CRL: {directory}/crl.pem, {len(kept)} revoked, valid {CRL_DAYS} days;"
+            " the broker reads it at start: restart it"]
 
 
 def sign_csr(ca: FleetCA, csr_path: Path, out: Path, days: int = BOX_DAYS) -> str:
