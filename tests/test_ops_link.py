@@ -200,7 +200,12 @@ def test_a_frozen_box_goes_offline_within_one_and_a_half_keepalives(fleet: Fleet
         t0 = time.monotonic()
         wait_for(lambda: (m := fleet.center.last("appliance/frozen-box/online")) and not m["online"],
                  30, "online false (the will)")
-        assert time.monotonic() - t0 <= 1.5 * 5 + 2
+        took = time.monotonic() - t0
+        # The broker counts from the box's last packet (a state every 2 s here), so not
+        # before ~1.5 x 5 - 2 s: it is the keepalive, not a closed socket. Not much after
+        # 1.5 x 5 s either; a broker and a watcher on this loaded 2-core machine may be a
+        # few seconds late (bench/ops_link_bench.py: 40.7 s at the default 30 s, target 45).
+        assert 4 <= took <= 1.5 * 5 + 7, took
     finally:
         os.kill(a.proc.pid, signal.SIGCONT)
         a.kill9()
