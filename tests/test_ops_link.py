@@ -266,7 +266,7 @@ def test_a_box_cannot_read_or_write_another_box_nor_take_its_client_id(fleet: Fl
 
 def test_a_stuck_stage_shows_in_state_within_two_heartbeats(fleet: Fleet) -> None:
     root = fleet.root / "stuck"
-    cfg = box_config(root, fleet, name="stuck-box")  # heartbeat_s 2
+    cfg = box_config(root, fleet, name="stuck-box", heartbeat_s=5)
     cfg["pack"] = {"study_quiet_s": 0.5}
     cfg["health"] = {"stall_s": 5}
     failpoints = root / "failpoints"
@@ -282,8 +282,8 @@ def test_a_stuck_stage_shows_in_state_within_two_heartbeats(fleet: Fleet) -> Non
         wait_for(lambda: a.status()["stages"]["pack"]["state"] == "stuck", 30, "pack stuck locally")
         seen_stuck = time.monotonic()
         wait_for(lambda: (s := fleet.center.last(topic)) and s["stages"]["pack"]["state"] == "stuck",
-                 2 * 2 + 1, "stuck in state within two heartbeats")
-        assert time.monotonic() - seen_stuck <= 2 * 2 + 1
+                 2 * 5, "stuck in state within two heartbeats")
+        assert time.monotonic() - seen_stuck <= 2 * 5
         ev = wait_for(lambda: [m.json() for m in fleet.center.on("appliance/stuck-box/events")
                                if m.json()["kind"] == "watchdog.withheld"], 20, "the stuck-stage event")
         assert ev[0]["stages"] == ["pack"]
