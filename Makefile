@@ -11,9 +11,10 @@ DEV_CONFIG := config/appliance.dev.toml
 # (openssh-server), the WAN tools (iproute2, nftables; wireguard-go and wireguard-tools
 # for the VPN path, as this kernel has no WireGuard), and what boots the systemd unit in
 # a Debian container (mmdebstrap, systemd-container for systemd-nspawn; util-linux for
-# nsenter/unshare).
+# nsenter/unshare), and the MQTT broker of the ops link (mosquitto; the tests start their own
+# on a loopback port, so the system service the package enables is stopped and disabled).
 PEERS := dcmtk orthanc orthanc-dicomweb openssh-server iproute2 nftables wireguard-go \
-	wireguard-tools mmdebstrap systemd-container util-linux
+	wireguard-tools mmdebstrap systemd-container util-linux mosquitto
 PYTEST_ARGS ?=
 
 .PHONY: run test test-boot test-wan peers venv bench bench-receive bench-pack bench-wan lint clean
@@ -42,11 +43,17 @@ peers:
 	command -v mmdebstrap >/dev/null || missing="$$missing mmdebstrap"; \
 	command -v systemd-nspawn >/dev/null || missing="$$missing systemd-container"; \
 	command -v nsenter >/dev/null || missing="$$missing util-linux"; \
+	test -x /usr/sbin/mosquitto || missing="$$missing mosquitto"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing test peers:$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
 	  $$SUDO apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  case "$$missing" in *mosquitto*) \
+	    if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then \
+	      $$SUDO systemctl disable --now mosquitto.service >/dev/null 2>&1 || true; \
+	    fi;; \
+	  esac; \
 	fi
 
 run: venv

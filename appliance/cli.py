@@ -13,6 +13,8 @@
     appliance status         [--config PATH] [--json]
     appliance ingest         --config CENTER.toml [--once]
                                                  reading center: bundles from the drop folder into the PACS
+    appliance fleet ca init DIR | fleet sign BOX.csr --ca DIR
+                                                 operations center: fleet CA (appliance/ops/cli.py)
 
 `config check` and `keys init` given a center config (a file with only an [ingest] table)
 check it, or create the center's keys, instead (appliance/ingest/commands.py).
@@ -61,6 +63,7 @@ from appliance.core.errors import (
     StateError,
     UsageError,
 )
+from appliance.ops import cli as ops_cli
 
 EX_SIGPIPE = 128 + signal.SIGPIPE  # what a shell reports for a tool killed by SIGPIPE: 141
 
@@ -136,6 +139,7 @@ def _parser() -> argparse.ArgumentParser:
     ing = sub.add_parser("ingest", parents=[common],
                          help="reading center: store bundles from the drop folder into the PACS")
     ing.add_argument("--once", action="store_true", help="one pass, print the counts, exit")
+    ops_cli.add_parsers(sub)
     return p
 
 
@@ -206,6 +210,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return cmd_status(args)
     if args.cmd == "ingest":
         return cmd_ingest(args)
+    if args.cmd == "fleet":
+        return ops_cli.dispatch(args)
     raise UsageError(f"unknown command {args.cmd}")
 
 
@@ -272,6 +278,10 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         return _center_config_check(args)
     cfg = config.load(args.config)
     found = _check_files(cfg)
+    ops_found, ops_warnings = ops_cli.check(cfg)
+    found += ops_found
+    for w in ops_warnings:
+        print(f"warning: {w}", file=sys.stderr)
     if args.systemd or sandbox.unit_installed():
         found += sandbox.problems(cfg, sandbox.granted(args.unit_dir),
                                   sandbox.dropin_path(args.unit_dir))
@@ -451,6 +461,8 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
                                "move it aside first")
         crypto.create_keypair(priv, pub)
         print(f"appliance key: {priv} created, public key {pub}")
+    for line in ops_cli.keys_init(cfg):
+        print(line)
     return 0
 
 
@@ -816,5 +828,7 @@ def _print_status(st: dict[str, Any]) -> None:
         since = stage["since_progress_s"]
         print(f"stage {name:9}{stage['state']}, {stage['jobs']} job(s), {stage['progress']} steps"
               + (f", last {_age(since)} ago" if since is not None else ""))
+    if "ops" in st:
+        print(ops_cli.status_line(st["ops"]))
     for problem in st.get("problems", []):
         print(f"STUCK          {problem}")

@@ -38,6 +38,7 @@ import structlog
 from appliance import __version__
 from appliance.audit import AuditTrail
 from appliance.core import crypto, durable, hardening
+from appliance.core import log as applog
 from appliance.core import pynetdicom_compat as compat
 from appliance.core.config import Config, Destination
 from appliance.core.errors import ConfigError, StateError
@@ -48,6 +49,7 @@ from appliance.forward.scheduler import PROBE_WAIT_S, Forwarder
 from appliance.health.control import ControlServer, DaemonUnavailable, operator_name
 from appliance.health.notify import Notifier
 from appliance.health.supervisor import Supervisor
+from appliance.ops import link as ops_link
 from appliance.pack.packer import Packer
 from appliance.pack.pool import CodecPool
 from appliance.queue import commands
@@ -166,6 +168,8 @@ class Daemon:
         self.supervisor = Supervisor()
         self.receipts: ReceiptPoller | None = None  # forward.receipts, with a receipt_key
         self._problems: list[str] = []
+        self.link: ops_link.Link | None = None
+        self._untap: Callable[[], None] = lambda: None
 
     def run(self) -> int:
         cfg = self.cfg
@@ -232,6 +236,7 @@ class Daemon:
         self.receiver = receiver = Receiver(cfg.receive, spool, self.stats, stage=self.stages["receive"],
                                             on_stored=lambda seg: self.wake_pack.set(),
                                             rules=cfg.rules, audit=self.audit)
+        self.link = ops_link.build(cfg, sup, self.snapshot) if cfg.operations else None
         status = ControlServer(cfg.control_socket, self._control_handlers())
         self._install_signals()
         try:
@@ -241,6 +246,7 @@ class Daemon:
                 log.info("listening", host=host, port=port, tls=tls, ae_title=cfg.receive.ae_title)
             for w in workers:
                 w.start()
+            self._start_link()
             self.notifier.ready(self.status_line())
             log.info("appliance.ready", name=cfg.appliance.name, version=__version__)
             self.audit.application(started=True)
@@ -251,6 +257,7 @@ class Daemon:
         finally:
             self.notifier.stopping()
             log.info("appliance.stopping")
+            self._stop_link()  # `online` false now: the box is going away
             receiver.stop()
             self._drain(cfg.receive.dimse_timeout_s)
             self.wake_pack.set()
@@ -269,6 +276,17 @@ class Daemon:
             os.close(lock_fd)
             log.info("appliance.stopped")
         return 0
+
+    def _start_link(self) -> None:
+        """The ops link ([operations]): its events come from log taps (ops/messages.py)."""
+        if self.link is not None:
+            self._untap = applog.add_tap(self.link.on_log)
+            self.link.start()
+
+    def _stop_link(self) -> None:
+        self._untap()
+        if self.link is not None and self.link.thread.is_alive():
+            self.link.stop()
 
     def _control_handlers(self) -> dict[str, Any]:
         """What the control socket answers (see health/control.py)."""
@@ -384,4 +402,5 @@ class Daemon:
                         "parked": self.queue.parked_count()},
             "stages": self.supervisor.snapshot(),
             "problems": self.supervisor.problems(),
+            **({"ops": self.link.status()} if self.link is not None else {}),
         }

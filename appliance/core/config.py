@@ -207,6 +207,25 @@ class Health:
     stall_s: float = 120.0  # a stage working this long without progress is stuck
 
 
+# The ops link's box name: the certificate CN, the MQTT client id and a topic level, so
+# lowercase and never an MQTT wildcard (+ #) or level separator (/).
+OPS_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class Operations:
+    """[operations]: the ops link to the operations center's MQTT broker (appliance/ops/)."""
+    host: str
+    ca: Path
+    cert: Path
+    key: Path
+    port: int = 8883
+    heartbeat_s: float = 15.0  # `state` at least this often (and on change, at most every 2 s)
+    keepalive_s: int = 30  # MQTT keepalive: the broker publishes the will after 1.5 x this
+    command_keys: tuple[Path, ...] = ()  # Ed25519 public keys of the operations center
+    metrics_bind: str = "127.0.0.1:9110"  # empty = no metrics endpoint
+
+
 @dataclass(frozen=True)
 class Audit:
     max_mb: int = 32  # STATE/audit/audit.log is rotated past this size
@@ -233,6 +252,7 @@ class Config:
     audit: Audit = Audit()
     destinations: tuple[Destination, ...] = ()
     rules: tuple[Rule, ...] = ()
+    operations: Operations | None = None  # no [operations] table: no ops link
     # Files read, in order, and which file set each dotted key (so that problems found
     # later, such as a missing key file, can name the file the technician must edit).
     sources: tuple[Path, ...] = field(default=(), metadata=NOT_A_KEY)
@@ -644,6 +664,42 @@ def _parse_queue(t: _Table) -> Queue:
     return q
 
 
+def _check_bind(key: str, v: Any) -> str:
+    """metrics_bind: "" (off) or HOST:PORT with an IP address and a port."""
+    if not isinstance(v, str):
+        raise _Bad(f"must be a string, not {_tname(v)}")
+    if not v:
+        return v
+    host, sep, port = v.rpartition(":")
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        ok = bool(sep) and 1 <= int(port) <= 65535
+    except ValueError:
+        ok = False
+    if not ok:
+        raise _Bad(f"{v!r} is not IP:PORT (e.g. 127.0.0.1:9110), nor empty (off)")
+    return v
+
+
+def _parse_operations(top: _Table) -> Operations | None:
+    if not top.has("operations"):
+        return None
+    t = top.table("operations")
+    if not t.valid:
+        return None
+    o = Operations(
+        host=t.string("host", max_len=253),
+        port=t.integer("port", 8883, 1, 65535),
+        ca=t.path("ca"), cert=t.path("cert"), key=t.path("key"),
+        heartbeat_s=t.number("heartbeat_s", 15.0, 1, 3600),
+        keepalive_s=t.integer("keepalive_s", 30, 5, 3600),
+        command_keys=t.get("command_keys", (), _check_path_list(t.ctx)),
+        metrics_bind=t.get("metrics_bind", "127.0.0.1:9110", _check_bind),
+    )
+    t.finish()
+    return o
+
+
 def _parse_health(t: _Table) -> Health:
     d = Health()
     h = Health(stall_s=t.number("stall_s", d.stall_s, 5, 3600))
@@ -904,6 +960,7 @@ def parse(data: Mapping[str, Any], origins: Mapping[str, Path], main_file: Path,
         audit=_parse_audit(top.table("audit")),
         destinations=_parse_destinations(top),
         rules=_parse_rules(top),
+        operations=_parse_operations(top),
         sources=sources or (main_file,),
         origins=dict(origins),
     )
@@ -912,6 +969,10 @@ def parse(data: Mapping[str, Any], origins: Mapping[str, Path], main_file: Path,
         if 0 < d.max_kbit_s < cfg.queue.min_rate_kbit_s:
             ctx.problem(f"destinations[{i}].max_kbit_s", f"is below queue.min_rate_kbit_s "
                         f"({cfg.queue.min_rate_kbit_s:g}): every attempt would run out of time")
+    if cfg.operations is not None and not OPS_NAME_RE.match(cfg.appliance.name):
+        ctx.problem("appliance.name", f"{cfg.appliance.name!r} cannot name this box to the operations"
+                    " center ([operations]): use 1..63 lowercase letters, digits, '.', '_' or '-',"
+                    " starting with a letter or digit")
     if ctx.problems:
         raise ConfigError(ctx.problems)
     return cfg
