@@ -125,6 +125,15 @@ class Destinations:
             return event
 
 
+def not_before(delay: float, e: TransportError | None, max_s: float) -> float:
+    """The back-off `delay`, lengthened to what the destination asked for (a Retryable's
+    `retry_after_s`), but never beyond `max_s` (queue.retry_max_s)."""
+    asked = getattr(e, "retry_after_s", None)
+    if asked is None:
+        return delay
+    return max(delay, min(float(asked), max_s))
+
+
 def _ask(transport: Transport, answer: list[bool]) -> None:
     try:
         answer.append(bool(transport.probe()))
@@ -277,7 +286,7 @@ class Forwarder:
             self.queue.requeue(item.id, reason=f"moved on: {dest} is down ({reason})", moved=True)
             log.warning("bundle.moved", bundle=item.id, destination=dest, reason=reason)
         else:
-            self._defer(item, dest, reason)
+            self._defer(item, dest, reason, e)
 
     def _destination_failed(self, item: Item, dest: Transport, e: TransportError) -> None:
         """A failure that is the destination's: count it (probing right away while the
@@ -298,7 +307,7 @@ class Forwarder:
             self.queue.refused(item.id, reason)
             log.error("bundle.held", bundle=item.id, destination=dest.name, reason=reason)
         else:
-            self._defer(item, dest.name, reason)
+            self._defer(item, dest.name, reason, e)
 
     def _answered(self, name: str, why: str) -> None:
         self._announce(self.health.change(name, lambda h: failover.answered(h, time.time(), why)))
@@ -366,9 +375,10 @@ class Forwarder:
                  "next_probe_in_s": round(max(0.0, h.next_probe - now), 1) if not h.up else None}
                 for h in self.health.all()]
 
-    def _defer(self, item: Item, dest: str, reason: str) -> None:
+    def _defer(self, item: Item, dest: str, reason: str, e: TransportError | None = None) -> None:
         with self._rng_lock:
             delay = backoff(item.attempts + 1, self.cfg.retry_min_s, self.cfg.retry_max_s, self.rng)
+        delay = not_before(delay, e, self.cfg.retry_max_s)
         self.queue.defer(item.id, reason, delay, time.time())
         self.last_error[dest] = reason
         log.warning("bundle.deferred", bundle=item.id, destination=dest, reason=reason,

@@ -16,7 +16,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from appliance.core.errors import StateError, UsageError
+from appliance.audit import AuditTrail
+from appliance.core.errors import ApplianceError, StateError, UsageError
 from appliance.queue import state as machine
 from appliance.queue.store import Queue
 
@@ -61,6 +62,20 @@ def change(queue: Queue, verb: str, item_id: str | None, every: bool) -> list[di
             continue
         out.append({"id": item.id, "result": verb})
     return out
+
+
+def change_audited(queue: Queue, verb: str, item_id: str | None, every: bool,
+                   trail: AuditTrail, operator: str) -> list[dict[str, str]]:
+    """`change`, written to the audit trail (who, what, on which item, the outcome)."""
+    target = item_id or "all"
+    try:
+        results = change(queue, verb, item_id, every)
+    except ApplianceError as e:
+        trail.command(operator, verb, target, False, str(e))
+        raise
+    done = sum(1 for r in results if r["result"] == verb)
+    trail.command(operator, verb, target, True, f"{done} item(s)")
+    return results
 
 
 def _apply(queue: Queue, verb: str, item_id: str) -> None:

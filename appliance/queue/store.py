@@ -67,6 +67,15 @@ class DestinationRow:
 
 
 @dataclass(frozen=True)
+class AwaitingReceipt:
+    """A bundle delivered to a destination with receipts, whose receipt has not come."""
+
+    item_id: str
+    delivered: float
+    instances: int
+
+
+@dataclass(frozen=True)
 class Item:
     id: str
     study_key: str
@@ -405,11 +414,47 @@ class Queue:
     # --- deliveries and destination health (forward.failover) ---
 
     def deliveries(self, item_id: str) -> Sequence[dict[str, object]]:
-        """Where the item was tried and how it went there, oldest first."""
+        """Where the item was tried and how it went there, oldest first; with what the
+        reading center's receipt said (`receipt`: None until one was recorded)."""
         rows = self.index.query("SELECT destination, state, attempts, next_attempt, last_error,"
-                                " bytes_done, started, updated, delivered FROM deliveries"
+                                " bytes_done, started, updated, delivered, receipt, receipt_at,"
+                                " receipt_stored, receipt_failed, receipt_center FROM deliveries"
                                 " WHERE item_id=? ORDER BY started, destination", (item_id,))
         return [dict(r) for r in rows]
+
+    # --- end-to-end receipts (forward.receipts) ---
+
+    def awaiting_receipts(self, destination: str, limit: int) -> Sequence[AwaitingReceipt]:
+        """Bundles delivered to `destination` whose receipt has not come yet, the most
+        recently delivered first, at most `limit` (a parked instance's item is left out:
+        its file is its bundle's, which has a receipt of its own)."""
+        rows = self.index.query(
+            "SELECT d.item_id, d.delivered, s.instances FROM deliveries d JOIN segments s"
+            " ON s.id=d.item_id WHERE d.destination=? AND d.state='delivered' AND d.receipt IS NULL"
+            " AND s.parent IS NULL ORDER BY d.delivered DESC LIMIT ?", (destination, limit))
+        return [AwaitingReceipt(r["item_id"], float(r["delivered"] or 0), int(r["instances"]))
+                for r in rows]
+
+    def receipts_awaited(self, destination: str, delivered_before: float) -> tuple[int, int]:
+        """(bundles delivered to `destination` without a receipt, of which delivered
+        before `delivered_before`: the overdue ones)."""
+        rows = self.index.query(
+            "SELECT COUNT(*) n, COALESCE(SUM(d.delivered<?), 0) late FROM deliveries d JOIN segments s"
+            " ON s.id=d.item_id WHERE d.destination=? AND d.state='delivered' AND d.receipt IS NULL"
+            " AND s.parent IS NULL", (delivered_before, destination))
+        return int(rows[0]["n"]), int(rows[0]["late"])
+
+    def record_receipt(self, item_id: str, destination: str, verdict: str, stored: int,
+                       failed: int, center: str, now: float) -> bool:
+        """The center's receipt for a bundle delivered to `destination`, verified by the
+        caller (not a state: what the center says it did with a delivered bundle). The
+        first one counts; False if there is no such delivery without a receipt."""
+        with self.index.tx() as c:
+            n = c.execute("UPDATE deliveries SET receipt=?, receipt_at=?, receipt_stored=?,"
+                          " receipt_failed=?, receipt_center=? WHERE item_id=? AND destination=?"
+                          " AND state='delivered' AND receipt IS NULL",
+                          (verdict, now, stored, failed, center, item_id, destination)).rowcount
+        return n == 1
 
     def destinations(self) -> dict[str, DestinationRow]:
         """The health of each destination as last saved (forward.failover.Health)."""
