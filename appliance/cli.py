@@ -480,7 +480,10 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
              "study": r["study_key"], "instances": r["instances"], "bytes": r["bytes"],
              "age_s": round(now - r["created"], 1), "reason": r["reason"],
              "destination": r["destination"],
-             "incomplete": r["incomplete"] if "incomplete" in r.keys() else 0}  # noqa: SIM118
+             "incomplete": r["incomplete"] if "incomplete" in r.keys() else 0,  # noqa: SIM118
+             "copy_to": r["copy_to"] if "copy_to" in r.keys() else None,  # noqa: SIM118
+             "copy_of": r["parent"] if "copy_to" in r.keys() and r["copy_to"]  # noqa: SIM118
+             and r["only_index"] is None else None}
             for r in idx.query("SELECT * FROM segments ORDER BY created")
         ]
         found = _receipts(idx)
@@ -499,10 +502,17 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"{r['id']:28} {r['shown']:17} {r['priority']:7} {r['study']:16} {r['instances']:>6}"
               f" {r['bytes']:>12}"
-              f" {_age(r['age_s']):>8} {r['destination'] or '-':16} {_list_reason(r)}")
+              f" {_age(r['age_s']):>8} {_list_destination(r):16} {_list_reason(r)}")
     if not rows:
         print("(the queue is empty)")
     return 0
+
+
+def _list_destination(row: dict[str, Any]) -> str:
+    """The DESTINATION column: where it went last; a copy: "copy:<its destination>"."""
+    if row["copy_to"]:
+        return f"copy:{row['copy_to']}"
+    return str(row["destination"] or "-")
 
 
 def _list_reason(row: dict[str, Any]) -> str:
@@ -614,17 +624,31 @@ def _print_item(d: dict[str, Any], as_json: bool) -> None:
     for k, v in d.items():
         if k == "deliveries":
             for dl in v:
-                print(f"{'delivery':14} {dl['destination']}: {dl['state']}, {dl['attempts']} attempt(s)"
-                      + (f", delivered {_when(dl['delivered'], now)}" if dl["delivered"] else "")
-                      + (f", last error: {dl['last_error']}" if dl["last_error"] else ""))
-                if dl.get("receipt"):
-                    print(f"{'receipt':14} {dl['destination']}: "
-                          f"{center_verdict(dl['receipt_stored'], dl['receipt_failed'])} at center"
-                          f" {dl['receipt_center']} ({dl['receipt']}): {dl['receipt_stored']} of"
-                          f" {dl['receipt_stored'] + dl['receipt_failed']} instance(s) stored,"
-                          f" receipt read {_when(dl['receipt_at'], now)}")
+                _print_delivery("delivery", dl, now)
+            continue
+        if k == "copies":
+            for c in v:
+                print(f"{'copy':14} {c['id']} to {c['destination']}: {c['state']}")
+                for dl in c["deliveries"]:
+                    _print_delivery("  delivery", dl, now)
+            continue
+        if k == "route":
+            print(f"{k:14} {', '.join(v) if v else 'every destination'}")
             continue
         print(f"{k:14} {_when(v, now) if k in TIME_FIELDS else '' if v is None else v}")
+
+
+def _print_delivery(label: str, dl: dict[str, Any], now: float) -> None:
+    """One delivery of `queue show`, and the center's receipt for it when there is one."""
+    print(f"{label:14} {dl['destination']}: {dl['state']}, {dl['attempts']} attempt(s)"
+          + (f", delivered {_when(dl['delivered'], now)}" if dl["delivered"] else "")
+          + (f", last error: {dl['last_error']}" if dl["last_error"] else ""))
+    if dl.get("receipt"):
+        print(f"{'receipt':14} {dl['destination']}: "
+              f"{center_verdict(dl['receipt_stored'], dl['receipt_failed'])} at center"
+              f" {dl['receipt_center']} ({dl['receipt']}): {dl['receipt_stored']} of"
+              f" {dl['receipt_stored'] + dl['receipt_failed']} instance(s) stored,"
+              f" receipt read {_when(dl['receipt_at'], now)}")
 
 
 def _with_iso_times(d: dict[str, Any]) -> dict[str, Any]:
@@ -813,7 +837,8 @@ def _print_status(st: dict[str, Any]) -> None:
         for dest, err in st.get("last_errors", {}).items():
             print(f"last error     {dest}: {err}")
     for d in st.get("destinations", []):
-        print(f"destination    {d['name']}: {d['state'].upper()}" + _destination_detail(d))
+        copy = " (copy)" if d.get("mode") == "copy" else ""
+        print(f"destination    {d['name']}{copy}: {d['state'].upper()}" + _destination_detail(d))
     for rc in st.get("receipts", []):
         late = (f", {rc['overdue']} OVERDUE (uploaded more than {_age(rc['overdue_after_s'])} ago)"
                 if rc["overdue"] else "")
@@ -822,7 +847,8 @@ def _print_status(st: dict[str, Any]) -> None:
               f" center's receipt{late}{err}")
     if "forward" in st:
         fw = st["forward"]
-        print(f"forwarding     {fw['lanes']} lanes + {fw['stat_lanes']} for stat studies;"
+        copies = f" + {fw['copy_lanes']} for copies" if fw.get("copy_lanes") else ""
+        print(f"forwarding     {fw['lanes']} lanes + {fw['stat_lanes']} for stat studies{copies};"
               f" {fw['parked']} instance(s) parked (see queue list)")
     for name, stage in st.get("stages", {}).items():
         since = stage["since_progress_s"]

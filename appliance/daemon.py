@@ -198,8 +198,12 @@ class Daemon:
                                       beat=lambda: self.stages["receipts"].beat()
                                       ) if with_receipts else None
         pool = CodecPool(cfg.pack.workers)
+        copies = [d.name for d in cfg.destinations if d.mode == "copy"]
         lanes = [self._lane(f"forward-{i + 1}", PRIORITY_ROUTINE, housekeeping=i == 0)
                  for i in range(cfg.queue.lanes)] + [self._lane("forward-stat", PRIORITY_STAT)]
+        # each copy destination: a lane of its own, so that one that hangs holds up nothing
+        lanes += [self._lane(f"forward-copy-{i + 1}", PRIORITY_ROUTINE, only=n)
+                  for i, n in enumerate(copies)]
         prober = threading.Thread(target=self._loop, args=("failover", self._probe_step, self.wake_probe),
                                   name="failover", daemon=True)
         workers = [threading.Thread(target=self._loop, args=("pack", self._pack_step, self.wake_pack),
@@ -227,9 +231,13 @@ class Daemon:
         counts = spool.recover(adopt=identify_stored)
         log.info("spool.recovered", **counts)
         log.info("queue.recovered", **queue.recover())
+        settled = queue.settle_routes([d.name for d in cfg.destinations if d.mode == "failover"],
+                                      copies)
+        if any(settled.values()):  # the config dropped destinations that items were meant for
+            log.warning("queue.routes_settled", **settled)
         self.forwarder = forwarder = Forwarder(queue, transports, cfg.queue,
                                                beat=self.stages["forward"].beat,
-                                               wake=self.wake_forward.set)
+                                               wake=self.wake_forward.set, copies=copies)
         for h in forwarder.health.all():
             if not h.up:  # kept from before the restart (forward.failover)
                 log.warning("destination.still_down", destination=h.name, reason=h.last_error)
@@ -328,10 +336,12 @@ class Daemon:
         assert self.receipts is not None
         return self.receipts.step()
 
-    def _lane(self, name: str, min_priority: int, housekeeping: bool = False) -> threading.Thread:
-        """One forwarding lane: a thread that sends one item at a time (see forward/scheduler)."""
+    def _lane(self, name: str, min_priority: int, housekeeping: bool = False,
+              only: str | None = None) -> threading.Thread:
+        """One forwarding lane: a thread that sends one item at a time (see forward/scheduler):
+        the failover chain's items, or (`only`) the copies for one copy destination."""
         def step() -> bool:
-            if self.forwarder.run_once(min_priority=min_priority):
+            if self.forwarder.run_once(min_priority=min_priority, copies=False, only=only):
                 return True
             if housekeeping:
                 self.queue.expire_delivered(self.cfg.queue.keep_delivered_h * 3600, time.time())
@@ -399,6 +409,7 @@ class Daemon:
             "destinations": self.forwarder.snapshot(time.time()),
             "receipts": self.receipts.snapshot(time.time()) if self.receipts else [],
             "forward": {"lanes": self.cfg.queue.lanes, "stat_lanes": 1,
+                        "copy_lanes": len(self.forwarder.copies),
                         "parked": self.queue.parked_count()},
             "stages": self.supervisor.snapshot(),
             "problems": self.supervisor.problems(),

@@ -145,8 +145,8 @@ def test_config_check_shows_only_fields_of_the_transport(tmp_path: Path, site: d
     assert r.returncode == 0, r.stderr
     dest = sorted(line.split(" = ")[0] for line in r.stdout.splitlines()
                   if line.startswith("destinations[0]."))
-    assert dest == ["destinations[0].max_kbit_s", "destinations[0].name", "destinations[0].path",
-                    "destinations[0].transport"]  # max_kbit_s: every transport has a cap
+    assert dest == ["destinations[0].max_kbit_s", "destinations[0].mode", "destinations[0].name",
+                    "destinations[0].path", "destinations[0].transport"]  # max_kbit_s, mode: any transport
 
 
 def test_config_check_json(tmp_path: Path, site: dict[str, Any]) -> None:
@@ -156,7 +156,8 @@ def test_config_check_json(tmp_path: Path, site: dict[str, Any]) -> None:
     assert r.returncode == 0, r.stderr
     eff = json.loads(r.stdout)
     assert eff["destinations"][0] == {"name": "outbox", "transport": "directory",
-                                      "path": site["destinations"][0]["path"], "max_kbit_s": 0.0}
+                                      "path": site["destinations"][0]["path"], "max_kbit_s": 0.0,
+                                      "mode": "failover"}
     assert eff["receive"]["callers"] == [{"ae_title": "MODALITY", "hosts": []}]
 
 

@@ -460,7 +460,7 @@ def test_effective_elides_secrets() -> None:
 def test_effective_shows_only_the_fields_of_each_transport() -> None:
     eff = config.effective(parse(with_(destinations=[DIRECTORY, DICOM, SFTP])))
     directory, dicom, sftp = eff["destinations"]
-    common = {"name", "transport", "max_kbit_s"}  # and cap_hours, when set
+    common = {"name", "transport", "max_kbit_s", "mode"}  # and cap_hours, when set
     assert set(directory) == common | {"path"}
     assert set(dicom) == common | {"host", "port", "ae_title", "plaintext", "storage_commitment",
                                    "commitment_bind", "commitment_timeout_s", "timeout_s"}

@@ -174,10 +174,14 @@ class Destination:
     # any transport
     max_kbit_s: float = 0.0  # bandwidth cap, all lanes together; 0 = none
     cap_hours: str | None = None  # "HH:MM-HH:MM" local time: cap only then; None = always
+    # failover: one of the ordered chain (the first that is up takes the bundle);
+    # copy: every bundle also goes here, on its own, whatever the chain does
+    mode: str = "failover"
 
 
 # [[destinations]] keys that apply to every transport, besides `name` and `transport`.
-COMMON_DEST_KEYS = ("max_kbit_s", "cap_hours")
+COMMON_DEST_KEYS = ("max_kbit_s", "cap_hours", "mode")
+DEST_MODES = ("failover", "copy")
 
 
 # What a rule can match, each a list of patterns (any may match; case-insensitive shell
@@ -200,6 +204,9 @@ class Rule:
     requested_procedure: tuple[str, ...] = ()
     body_part: tuple[str, ...] = ()
     cstore_priority: tuple[str, ...] = ()  # high | medium | low (the C-STORE request's field)
+    # names of [[destinations]]: a matching study goes only there (failover ones in config
+    # order, copy ones copied); () = everywhere, as without a rule
+    destinations: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -844,7 +851,8 @@ def _check_cap_hours(key: str, v: Any) -> str:
 def _common_dest_keys(t: _Table) -> dict[str, Any]:
     d = Destination(name="", transport="")
     kw = {"max_kbit_s": t.number("max_kbit_s", d.max_kbit_s, 0, 100_000_000),
-          "cap_hours": t.get("cap_hours", None, _check_cap_hours)}
+          "cap_hours": t.get("cap_hours", None, _check_cap_hours),
+          "mode": t.choice("mode", d.mode, DEST_MODES)}
     if kw["cap_hours"] is not None and not kw["max_kbit_s"]:
         t.ctx.problem(t.key("cap_hours"), "is set but max_kbit_s is not: there is no cap to apply")
     return kw
@@ -926,6 +934,7 @@ def _parse_rules(top: _Table) -> tuple[Rule, ...]:
                               "starting with a letter or digit")
         kw: dict[str, Any] = {k: rt.get(k, (), _check_patterns) for k in RULE_MATCH_KEYS}
         kw["cstore_priority"] = rt.get("cstore_priority", (), _check_cstore_priorities)
+        kw["destinations"] = rt.get("destinations", (), _check_names)
         priority = rt.choice("priority", None, ("stat", "routine"))
         if priority is None and not rt.has("priority"):
             rt.ctx.problem(rt.key("priority"), "is required (stat or routine)")
@@ -937,6 +946,31 @@ def _parse_rules(top: _Table) -> tuple[Rule, ...]:
         if name is not None and priority is not None:
             rules.append(Rule(name=name, priority=priority, **kw))
     return tuple(rules)
+
+
+def _check_names(key: str, v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not v or not all(isinstance(n, str) and n for n in v):
+        raise _Bad("must be a non-empty array of destination names (like [\"center-b\"])")
+    if len(set(v)) != len(v):
+        raise _Bad("names a destination twice")
+    return tuple(v)
+
+
+def _check_routes(cfg: Config, ctx: _Context) -> None:
+    """Copy destinations need a failover one beside them; a rule names known destinations
+    and at least one failover destination (else its studies would have nowhere to go)."""
+    modes = {d.name: d.mode for d in cfg.destinations}
+    if modes and "failover" not in modes.values():
+        ctx.problem("destinations", 'every entry is mode = "copy": at least one must be'
+                    ' mode = "failover" (the chain every bundle goes through)')
+    for i, r in enumerate(cfg.rules):
+        unknown = [n for n in r.destinations if n not in modes]
+        if unknown:
+            ctx.problem(f"rules[{i}].destinations", f"names no [[destinations]] entry: "
+                        f"{', '.join(repr(n) for n in unknown)} (known: {', '.join(modes) or 'none'})")
+        elif r.destinations and all(modes[n] == "copy" for n in r.destinations):
+            ctx.problem(f"rules[{i}].destinations", 'names only mode = "copy" destinations: add'
+                        ' at least one failover destination')
 
 
 def parse(data: Mapping[str, Any], origins: Mapping[str, Path], main_file: Path,
@@ -965,6 +999,7 @@ def parse(data: Mapping[str, Any], origins: Mapping[str, Path], main_file: Path,
         origins=dict(origins),
     )
     top.finish()
+    _check_routes(cfg, ctx)
     for i, d in enumerate(cfg.destinations):
         if 0 < d.max_kbit_s < cfg.queue.min_rate_kbit_s:
             ctx.problem(f"destinations[{i}].max_kbit_s", f"is below queue.min_rate_kbit_s "

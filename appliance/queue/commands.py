@@ -25,8 +25,18 @@ VERBS = machine.OPERATOR_EVENTS
 
 
 def show(queue: Queue, item_id: str) -> dict[str, Any]:
-    """The item, and where it was tried (`deliveries`: one per destination)."""
-    return {**dataclasses.asdict(queue.get(item_id)), "deliveries": queue.deliveries(item_id)}
+    """The item, and where it was tried (`deliveries`: one per destination). A bundle with
+    copies also shows each copy (id, destination, state, its deliveries) and `overall`,
+    the state of the bundle and its copies together (`queue.state.overall`)."""
+    item = queue.get(item_id)
+    out: dict[str, Any] = {**dataclasses.asdict(item), "deliveries": queue.deliveries(item_id)}
+    out["route"] = list(item.route) if item.route is not None else None
+    copies = queue.copies_of(item_id) if item.parent is None else []
+    if copies:
+        out["overall"] = machine.overall(item.state, tuple(c.state for c in copies))
+        out["copies"] = [{"id": c.id, "destination": c.copy_to, "state": c.state,
+                          "deliveries": queue.deliveries(c.id)} for c in copies]
+    return out
 
 
 def change(queue: Queue, verb: str, item_id: str | None, every: bool) -> list[dict[str, str]]:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from appliance.core.errors import StateError
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 _SCHEMA = [
     # version 1
@@ -179,6 +179,19 @@ _SCHEMA = [
     ALTER TABLE deliveries ADD COLUMN receipt_stored INTEGER;
     ALTER TABLE deliveries ADD COLUMN receipt_failed INTEGER;
     ALTER TABLE deliveries ADD COLUMN receipt_center TEXT
+    """,
+    # version 7: routes and copies. `route`: the destinations a routing rule named for the
+    # item's study (",center-b,archive,"; NULL: every destination), so that a restart
+    # keeps it. `copy_to`: the copy destination (`mode = "copy"`) an item is pinned to - a
+    # copy of a bundle is an item of its own (`parent` = the bundle, `only_index` NULL) -
+    # and a parked instance of such a copy. `copied`: a bundle's copy items have been
+    # made. Bundles already delivered or failed are not copied after the upgrade.
+    """
+    ALTER TABLE segments ADD COLUMN route TEXT;
+    ALTER TABLE segments ADD COLUMN copy_to TEXT;
+    ALTER TABLE segments ADD COLUMN copied INTEGER NOT NULL DEFAULT 0;
+    UPDATE segments SET copied=1 WHERE state IN ('delivered', 'failed') OR parent IS NOT NULL;
+    CREATE INDEX segments_copied ON segments(copied, state)
     """,
 ]
 

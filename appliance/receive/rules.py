@@ -10,6 +10,11 @@ matches decides; none: routine. A study becomes stat as soon as one of its insta
 matches a stat rule, and stays stat (`Queue.raise_priority`): its segments already
 waiting are raised too.
 
+A rule may also name destinations (`Rule.destinations`): the study goes only there. The
+first rule that matches an instance of the study decides; the spool stores its names as
+the study's route (`queue.routes.set_route`), which the study's later segments take too,
+so that a restart keeps it (docs/architecture.md, "Copy destinations and routing rules").
+
 Facts are read only when rules exist, from at most `FACTS_PREFIX` bytes of the instance
 (inflated first if it is deflated, capped), with pydicom's partial reader stopping past
 (0032,1060). An instance whose start cannot be parsed gives empty attributes: criteria on

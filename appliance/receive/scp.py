@@ -442,7 +442,7 @@ class Receiver:
         self._audited = Received()  # per association and study, for the audit trail
         self.rules = tuple(rules)
         self._read_attributes = routing.needs_attributes(self.rules)
-        self._stat_studies: OrderedDict[str, None] = OrderedDict()  # recent, bounded
+        self._decided: OrderedDict[str, Rule] = OrderedDict()  # recent studies' rule, bounded
         self.spool = spool
         self.stats = stats
         self.on_stored = on_stored
@@ -650,21 +650,25 @@ class Receiver:
 
     def _prioritised(self, meta: InstanceMeta, head: Callable[[], bytes],
                      cstore_priority: Any) -> InstanceMeta:
-        """`meta` with the priority the routing rules give its study (receive/rules.py).
-        A study seen stat lately is not looked at again."""
-        if not self.rules or meta.study_uid in self._stat_studies:
-            return dataclasses.replace(meta, priority=PRIORITY_STAT) if self.rules else meta
-        priority = routing.cstore_priority(cstore_priority)
-        facts = (routing.read_facts(head(), meta.calling_ae, priority) if self._read_attributes
-                 else routing.Facts(calling_ae=meta.calling_ae, cstore_priority=priority))
-        rule = routing.first_match(self.rules, facts)
-        if rule is None or rule.priority != "stat":
+        """`meta` with the priority and route the routing rules give its study
+        (receive/rules.py). A study a rule decided lately is not looked at again."""
+        if not self.rules:
             return meta
-        self._stat_studies[meta.study_uid] = None
-        while len(self._stat_studies) > 256:
-            self._stat_studies.popitem(last=False)
-        log.info("study.stat", rule=rule.name)
-        return dataclasses.replace(meta, priority=PRIORITY_STAT)
+        rule = self._decided.get(meta.study_uid)
+        if rule is None:
+            priority = routing.cstore_priority(cstore_priority)
+            facts = (routing.read_facts(head(), meta.calling_ae, priority) if self._read_attributes
+                     else routing.Facts(calling_ae=meta.calling_ae, cstore_priority=priority))
+            rule = routing.first_match(self.rules, facts)
+            if rule is None or (rule.priority != "stat" and not rule.destinations):
+                return meta
+            self._decided[meta.study_uid] = rule
+            while len(self._decided) > 256:
+                self._decided.popitem(last=False)
+            log.info("study.stat" if rule.priority == "stat" else "study.routed", rule=rule.name,
+                     destinations=list(rule.destinations) or None)
+        return dataclasses.replace(meta, route=rule.destinations,
+                                   priority=PRIORITY_STAT if rule.priority == "stat" else meta.priority)
 
     def _answer(self, event: Any, outcome: str, nbytes: int) -> int:
         status, meaning = STATUS[outcome]
