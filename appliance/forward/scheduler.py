@@ -34,6 +34,9 @@ Items in flight elsewhere finish where they are. Every change between up and dow
 logged (`destination.down`, `destination.up`) and saved in the queue index, so a restart
 keeps it. What a destination holds of a bundle is recorded per destination: a bundle
 that moves sends all its instances to the next one.
+
+Send rate (read-only, for the packer's codec choice, `pack.pace`): each destination's
+recent bundle bytes per second of busy time over its whole deliveries (`link`).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from appliance.core import failpoints
 from appliance.core.config import Queue as QueueConfig
 from appliance.forward import Permanent, Plan, Transport, TransportError, Unreadable, failover, policy
 from appliance.forward.failover import Event, Health
+from appliance.pack.pace import Throughput
 from appliance.queue.store import DestinationRow, Item, Queue, backoff
 
 log = structlog.get_logger("appliance.forward")
@@ -148,6 +152,13 @@ class Forwarder:
             cfg.down_after, cfg.probe_min_s, cfg.probe_max_s))
         self._probing: dict[str, tuple[threading.Thread, list[bool]]] = {}
         self._probing_lock = threading.Lock()
+        self.sent = {t.name: Throughput() for t in self.transports}  # whole bundles only
+
+    def link(self) -> tuple[str | None, float | None]:
+        """The destination a bundle packed now would go to (the first that is up) and its
+        recent send rate in bundle bytes/s (None until a whole bundle was delivered there)."""
+        name = self.health.pick()
+        return name, None if name is None else self.sent[name].rate()
 
     def run_once(self, now: float | None = None, min_priority: int = 0) -> bool:
         """Attempt the next due item on the first destination that is up; returns False
@@ -176,6 +187,10 @@ class Forwarder:
         timer.daemon = True
         timer.start()
         t0 = time.monotonic()
+        whole = item.parent is None and not plan.skip  # bytes on the wire = bundle_bytes
+        meter = self.sent[dest.name]
+        meter.begin()
+        sent = 0
         try:
             failpoints.hit("forward.hang")
             dest.send(item.id, self.queue.path(item.bundle_id), self._progress(item.id), plan)
@@ -201,11 +216,13 @@ class Forwarder:
             self.queue.delivered(item.id, time.time(),
                                  reason=f"delivered without {parked} parked instance(s)" if parked else None)
             self.last_error.pop(dest.name, None)
+            sent = item.bundle_bytes if whole else 0
             log.info("bundle.delivered", bundle=item.id, destination=dest.name,
                      bytes=item.bundle_bytes, instances=len(delivered), parked=parked,
                      seconds=round(time.monotonic() - t0, 3))
         finally:
             timer.cancel()
+            meter.end(sent)
 
     def _record(self, item: Item, dest: str, delivered: list[int]) -> None:
         if delivered:

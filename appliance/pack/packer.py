@@ -33,6 +33,13 @@ receiving); count and size limits are applied by the spool as instances arrive (
 study's first segment is small: `pack.first_segment_instances`). While a scanner sends a
 burst, what is packed is decided by `may_pack_now` (`pack.during_burst`).
 
+Codec (`pack.adaptive`, pack/pace.py): before each segment the packer asks
+`pace.choose_codec` with the recent send rate of the destination the bundle goes to
+(`link`, from the forwarder) and its own recent pack rate and ratio with `pack.codec`;
+when the link would wait for the packer, a faster codec (JPEG-LS) or none is used for
+that segment. Each instance's transfer syntax is in the manifest, so a bundle may mix
+them; every codec is lossless. A change of choice is logged (`pack.codec_chosen`).
+
 How it fails (docs/architecture.md, "Failure behaviour"): one instance never stops its
 segment, and one segment never stops the others.
 
@@ -77,6 +84,7 @@ from appliance.bundle.format import BundleWriter
 from appliance.core import crypto, durable, failpoints, part10
 from appliance.core.config import Pack, Receive
 from appliance.core.errors import IntegrityError
+from appliance.pack import pace
 from appliance.pack import stream as stream_pack
 from appliance.pack.codec import Result, compress
 from appliance.pack.pool import CodecPool, PoolClosed, WorkerLost
@@ -217,8 +225,14 @@ class Packer:
                  pool: CodecPool, receiving_burst: Callable[[], bool] = lambda: False,
                  beat: Callable[..., None] = lambda **_: None, *,
                  max_instance_bytes: int = Receive.max_instance_mb << 20,
-                 on_packed: Callable[[str], None] = lambda seg: None) -> None:
+                 on_packed: Callable[[str], None] = lambda seg: None,
+                 link: Callable[[], tuple[str | None, float | None]] = lambda: (None, None)) -> None:
         self.cfg = cfg
+        # where a bundle packed now goes and its recent send rate (Forwarder.link)
+        self.link = link
+        self.packed = {c: pace.Throughput() for c in pace.BY_SPEED}  # raw bytes/s per codec
+        self.ratios = {c: pace.Recent() for c in pace.BY_SPEED}  # raw bytes per bundle byte
+        self.chosen = cfg.codec
         self.on_packed = on_packed  # a bundle is ready: the forwarder may take it now
         # progress, for the stage supervisor (health/supervisor.py); beat(expect=s) before a
         # wait that may last s seconds
@@ -319,19 +333,49 @@ class Packer:
                   exc_info=e)
         self.beat()
 
+    def choose_codec(self) -> str:
+        """The codec for the next segment: `pack.codec`, or a faster one when the link
+        would wait for the packer (`pace.choose_codec`; `pack.adaptive`)."""
+        if not self.cfg.adaptive:
+            return self.cfg.codec
+        dest, send_bps = self.link()
+        packed, ratio = self.packed.get(self.cfg.codec), self.ratios.get(self.cfg.codec)
+        rates = pace.Rates(send_bps=send_bps, pack_bps=packed.rate() if packed else None,
+                           ratio=ratio.rate() if ratio else None)
+        codec = pace.choose_codec(self.cfg.codec, rates)
+        if codec != self.chosen:
+            log.info("pack.codec_chosen", codec=codec, was=self.chosen, destination=dest,
+                     send_bps=_rounded(rates.send_bps), pack_bps=_rounded(rates.pack_bps),
+                     ratio=None if rates.ratio is None else round(rates.ratio, 2))
+            self.chosen = codec
+        return codec
+
     def pack(self, seg_id: str) -> None:
-        failpoints.hit("pack.hang")
+        codec = self.choose_codec()
+        meter = self.packed.get(codec)
+        if meter is not None:
+            meter.begin()  # before the failpoint: a test slows "the packer" with it
+        done = 0
+        try:
+            failpoints.hit("pack.hang")
+            done = self._pack(seg_id, codec)
+        finally:
+            if meter is not None:
+                meter.end(done)
+
+    def _pack(self, seg_id: str, codec: str) -> int:
+        """Pack one segment with `codec`; returns its raw bytes (for the pack rate)."""
         seg = self.queue.get(seg_id)
         rows = self.index.query("SELECT id, size FROM instances WHERE segment_id=? AND packed=0"
                                 " ORDER BY received, id", (seg_id,))
         t0 = time.monotonic()
-        tally = _Tally(seg_id)
+        tally = _Tally(seg_id, codec)
         pending: collections.deque[_Pending] = collections.deque()
         try:
             with durable.atomic_file(self.queue.path(seg_id)) as f:
                 writer = BundleWriter(f, seg_id, self.recipients, seg.study_key)
                 for row in rows:
-                    pending.append(self._submit(row["id"], row["size"]))
+                    pending.append(self._submit(row["id"], row["size"], codec))
                     while len(pending) >= self.window:
                         self._write(writer, pending.popleft(), tally)
                 while pending:
@@ -349,12 +393,15 @@ class Packer:
             transition(c, seg_id, "packed", now, bundle_bytes=size)
             c.execute("UPDATE instances SET packed=1 WHERE segment_id=?", (seg_id,))
         self.remove_packed(seg_id)
+        if codec in self.ratios:
+            self.ratios[codec].add(seg.bytes, size)
         log.info("segment.packed", segment=seg_id, instances=len(rows), bytes_in=seg.bytes,
-                 bytes_out=size, seconds=round(time.monotonic() - t0, 3), **tally.stats)
+                 bytes_out=size, codec=codec, seconds=round(time.monotonic() - t0, 3), **tally.stats)
         self.on_packed(seg_id)
         self.beat()
+        return seg.bytes
 
-    def _submit(self, rid: str, size: int) -> _Pending:
+    def _submit(self, rid: str, size: int, codec: str) -> _Pending:
         # The worker reads, decrypts and identifies the instance itself: done here, that
         # work held the GIL against the receiver's threads (the scanner waits on them).
         path = str(self.spool.dir / rid)
@@ -364,10 +411,10 @@ class Packer:
             # Named here, so that this thread removes it whatever happens to the worker;
             # the prefix makes Spool.recover remove it after a crash of the daemon.
             temp = str(self.spool.dir / f"{durable.TEMP_PREFIX}pack-{secrets.token_hex(8)}")
-            args: tuple[Any, ...] = (path, rid, key, self.cfg.codec, self.cfg.verify, temp)
+            args: tuple[Any, ...] = (path, rid, key, codec, self.cfg.verify, temp)
             return _Pending(rid, self.pool.submit_call(stream_pack.prepare_stream, args, limit),
                             temp, limit)
-        args = (path, rid, key, self.cfg.codec, self.cfg.verify, self.inflate_cap)
+        args = (path, rid, key, codec, self.cfg.verify, self.inflate_cap)
         return _Pending(rid, self.pool.submit_call(prepare, args, limit), None, limit)
 
     def _write(self, writer: BundleWriter, job: _Pending, tally: _Tally) -> None:
@@ -421,7 +468,7 @@ class Packer:
               error_type: str | None = None) -> None:
         tally.stats[action] += 1
         if reason.startswith("verify-"):
-            log.error("pack.verify_failed", instance=rid, codec=self.cfg.codec, reason=reason)
+            log.error("pack.verify_failed", instance=rid, codec=tally.codec, reason=reason)
         elif reason in _FAILURE_REASONS:
             tally.stats[reason] += 1
             log.warning("pack.instance_passed_through", instance=rid, segment=tally.segment,
@@ -507,8 +554,13 @@ class _Tally:
     """What happened to the instances of the segment being packed."""
 
     segment: str
+    codec: str
     stats: collections.Counter[str] = field(default_factory=collections.Counter)
     missing: int = 0  # acknowledged instances left out: unreadable or lost
+
+
+def _rounded(rate: float | None) -> int | None:
+    return None if rate is None else round(rate)
 
 
 def _remove_after(path: str, _done: Future[Any]) -> None:
