@@ -33,6 +33,13 @@ receiving); count and size limits are applied by the spool as instances arrive (
 study's first segment is small: `pack.first_segment_instances`). While a scanner sends a
 burst, what is packed is decided by `may_pack_now` (`pack.during_burst`).
 
+Several sealed segments are packed side by side (`segments_at_once`: one per worker, at
+most MAX_SEGMENTS_AT_ONCE), each on a thread of its own, so that the workers are not
+idle while one segment's last jobs finish and its bundle is synced and committed. A
+free place goes to the highest priority, then the oldest. Memory stays what one segment
+held: their codec jobs share one window of `window` results (`_Slots`), and a job's
+result is written into its bundle and dropped before another takes its place.
+
 Codec (`pack.adaptive`, pack/pace.py): before each segment the packer asks
 `pace.choose_codec` with the recent send rate of the destination the bundle goes to
 (`link`, from the forwarder) and its own recent pack rate and ratio with `pack.codec`;
@@ -69,8 +76,10 @@ import errno
 import functools
 import hashlib
 import os
+import queue
 import secrets
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError, Future
@@ -99,6 +108,7 @@ PACK_ATTEMPTS = 3  # tries of a whole segment before it is held
 PACK_RETRY_S = 5.0  # back-off after the first failed try; doubles after each
 PACK_RETRY_MAX_S = 300.0
 PACK_WAIT_S = 30.0  # between tries while the disk is full
+MAX_SEGMENTS_AT_ONCE = 4  # packed side by side (at most one per worker)
 POOL_GRACE_S = 60.0  # the pool kills a job at its limit; this thread waits this much more
 # errors of the box, not of the segment: waited out, never counted towards holding it
 _WAIT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -244,7 +254,10 @@ class Packer:
         self.index = spool.index
         self.recipients = list(recipients)
         self.pool = pool
+        # results held in memory at once, all segments together (`_Slots`)
         self.window = max(2, 2 * pool.workers)
+        self._slots = _Slots(self.window)
+        self.segments_at_once = max(1, min(pool.workers, MAX_SEGMENTS_AT_ONCE))
         self._tries: dict[str, _Tries] = {}  # segments whose pack failed, by id
 
     def seal_due(self, now: float) -> int:
@@ -268,27 +281,49 @@ class Packer:
         return sealed
 
     def pack_pending(self) -> int:
-        """Pack every sealed segment that is due, highest priority first, looking again
-        after each one (a stat segment sealed meanwhile goes next, not after the routine
-        ones seen before it); a failing one is set aside (retried after a back-off, held
-        after PACK_ATTEMPTS) and the others go on."""
+        """Pack every sealed segment that is due, up to `segments_at_once` side by side
+        (each on a thread of its own; their codec jobs share the pool and one window of
+        `window` results in memory, `_Slots`). A free place goes to the highest priority
+        first, then the oldest, looked up again each time (a stat segment sealed meanwhile
+        goes next, not after the routine ones seen before it); a failing one is set aside
+        (retried after a back-off, held after PACK_ATTEMPTS) and the others go on."""
         packed = 0
+        running: set[str] = set()
+        finished: queue.SimpleQueue[tuple[str, BaseException | None]] = queue.SimpleQueue()
+        stopping = False
         while True:
-            seg = self._next_sealed()
-            if seg is None:
+            while not stopping and len(running) < self.segments_at_once:
+                seg = self._next_sealed(exclude=running)
+                if seg is None:
+                    break
+                running.add(seg)
+                threading.Thread(target=self._pack_one, args=(seg, self.choose_codec(), finished),
+                                 name="pack-segment", daemon=True).start()
+            if not running:
                 return packed
-            try:
-                self.pack(seg)
-            except (CancelledError, PoolClosed):  # shutting down: packed at the next start
+            seg, error = finished.get()  # each pack's waits are bounded (job_limit, POOL_GRACE_S)
+            running.discard(seg)
+            if error is None:
+                self._tries.pop(seg, None)
+                packed += 1
+            elif isinstance(error, (CancelledError, PoolClosed)):  # shutting down: packed at the next start
                 log.info("pack.interrupted", segment=seg)
-                return packed
-            except Exception as e:
-                self._failed(seg, e)
-                continue
-            self._tries.pop(seg, None)
-            packed += 1
+                stopping = True
+            elif isinstance(error, Exception):
+                self._failed(seg, error)
+            else:
+                raise error
 
-    def _next_sealed(self) -> str | None:
+    def _pack_one(self, seg: str, codec: str,
+                  finished: queue.SimpleQueue[tuple[str, BaseException | None]]) -> None:
+        try:
+            self.pack(seg, codec)
+        except BaseException as e:  # reported to pack_pending, which decides
+            finished.put((seg, e))
+        else:
+            finished.put((seg, None))
+
+    def _next_sealed(self, exclude: set[str] | frozenset[str] = frozenset()) -> str | None:
         rows = self.index.query("SELECT id, study_key, created, updated, priority FROM segments"
                                 " WHERE state='sealed' ORDER BY priority DESC, created")
         sealed = {r["id"] for r in rows}
@@ -300,6 +335,8 @@ class Packer:
         link_waits = asks and self.cfg.during_burst == "link-waits" and not self.index.query(
             "SELECT 1 FROM segments WHERE state='ready' LIMIT 1")
         for r in rows:
+            if r["id"] in exclude:  # being packed
+                continue
             facts = Burst(first=self._first_of_study(r["study_key"], r["created"]),
                           link_waits=link_waits) if asks else Burst()
             if not may_pack_now(r["updated"], burst, self.cfg, now, r["priority"] >= PRIORITY_STAT,
@@ -350,8 +387,8 @@ class Packer:
             self.chosen = codec
         return codec
 
-    def pack(self, seg_id: str) -> None:
-        codec = self.choose_codec()
+    def pack(self, seg_id: str, codec: str | None = None) -> None:
+        codec = codec or self.choose_codec()
         meter = self.packed.get(codec)
         if meter is not None:
             meter.begin()  # before the failpoint: a test slows "the packer" with it
@@ -375,15 +412,19 @@ class Packer:
             with durable.atomic_file(self.queue.path(seg_id)) as f:
                 writer = BundleWriter(f, seg_id, self.recipients, seg.study_key)
                 for row in rows:
-                    pending.append(self._submit(row["id"], row["size"], codec))
-                    while len(pending) >= self.window:
-                        self._write(writer, pending.popleft(), tally)
+                    self._slot(writer, pending, tally)
+                    try:
+                        pending.append(self._submit(row["id"], row["size"], codec))
+                    except BaseException:
+                        self._slots.release()
+                        raise
                 while pending:
-                    self._write(writer, pending.popleft(), tally)
+                    self._write_next(writer, pending, tally)
                 writer.close()
                 size = f.tell()
         finally:
             for job in pending:  # an error left work in flight: drop its temp when done
+                self._slots.release()
                 if job.temp:
                     job.future.add_done_callback(functools.partial(_remove_after, job.temp))
         if tally.missing:  # before `ready`: a crash in between records the same count again
@@ -400,6 +441,27 @@ class Packer:
         self.on_packed(seg_id)
         self.beat()
         return seg.bytes
+
+    def _slot(self, writer: BundleWriter, pending: collections.deque[_Pending], tally: _Tally) -> None:
+        """Take a place in the window for one more job: while every place is held, write
+        this segment's oldest job (freeing its place); with none of its own in flight,
+        wait for another segment to free one (each frees its own as it writes, so this
+        never waits on a segment that waits in turn)."""
+        while not self._slots.acquire(0):
+            if pending:
+                self._write_next(writer, pending, tally)
+            elif self._slots.acquire(SLOT_POLL_S):
+                return
+            else:
+                self.beat()
+
+    def _write_next(self, writer: BundleWriter, pending: collections.deque[_Pending],
+                    tally: _Tally) -> None:
+        job = pending.popleft()
+        try:
+            self._write(writer, job, tally)
+        finally:
+            self._slots.release()
 
     def _submit(self, rid: str, size: int, codec: str) -> _Pending:
         # The worker reads, decrypts and identifies the instance itself: done here, that
@@ -539,6 +601,25 @@ class Packer:
             with self.index.tx() as c:
                 c.execute(f"DELETE FROM instances WHERE {where}", args)  # noqa: S608
         return len(rows)
+
+
+SLOT_POLL_S = 1.0  # a segment waiting for a place in the window beats this often
+
+
+class _Slots:
+    """The window: how many codec results (each up to an in-memory instance,
+    `pack.stream_threshold_mb`) may be in flight or waiting to be written, all segments
+    together, so that packing several segments at once holds no more in memory than
+    packing one did. A counting semaphore (stdlib)."""
+
+    def __init__(self, n: int) -> None:
+        self._sem = threading.BoundedSemaphore(n)
+
+    def acquire(self, timeout: float) -> bool:
+        return self._sem.acquire(timeout=timeout) if timeout > 0 else self._sem.acquire(blocking=False)
+
+    def release(self) -> None:
+        self._sem.release()
 
 
 @dataclass(frozen=True)
