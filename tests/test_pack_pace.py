@@ -15,13 +15,15 @@ import pydicom
 import pytest
 from structlog.testing import capture_logs
 
+from appliance.bundle import format as bundle
 from appliance.core import crypto
 from appliance.core.config import Pack
-from appliance.pack.pace import Throughput
-from appliance.pack.packer import Packer
+from appliance.pack.pace import Throughput, equivalent_bytes
+from appliance.pack.packer import Packer, _Window
 from appliance.pack.pool import CodecPool
 from appliance.queue.index import open_index
 from appliance.queue.store import Queue
+from appliance.receive.scp import identify
 from appliance.spool.store import Spool
 from tests.peers import Appliance, base_config, cli, free_port, storescu, wait_for
 
@@ -56,11 +58,11 @@ def _packer(root: Path, pool: CodecPool, link: tuple[str | None, float | None],
 def _measured(packer: Packer, raw_bytes_per_s: float, ratio: float) -> None:
     """As if the packer had packed 10 s of segments with its configured codec."""
     clock = Clock()
-    meter = packer.packed[packer.cfg.codec] = Throughput(clock=clock)
+    meter = packer.packed = Throughput(clock=clock)
     meter.begin()
     clock.now += 10.0
     meter.end(raw_bytes_per_s * 10)
-    packer.ratios[packer.cfg.codec].add(raw_bytes_per_s * 10, raw_bytes_per_s * 10 / ratio)
+    packer.ratio.add(raw_bytes_per_s * 10, raw_bytes_per_s * 10 / ratio)
 
 
 def test_packer_keeps_the_configured_codec_while_its_pack_rate_is_unknown(
@@ -105,6 +107,52 @@ def test_packer_with_adaptive_off_keeps_the_configured_codec(
 
 def test_adaptive_is_on_by_default() -> None:
     assert Pack().adaptive is True
+
+
+def test_bytes_packed_with_a_faster_codec_count_as_fewer_configured_ones() -> None:
+    assert equivalent_bytes({"jpeg2000": 10 * MB}, "jpeg2000") == 10 * MB
+    assert equivalent_bytes({"jpeg2000": 10 * MB, "none": 10 * MB}, "jpeg2000") == pytest.approx(11 * MB)
+
+
+def test_the_window_goes_to_the_first_segment_in_rank_still_submitting() -> None:
+    w = _Window(2)
+    w.feeding("routine", (0, 1.0, "routine"))
+    w.feeding("stat", (-10, 5.0, "stat"))  # sealed later, ranks first
+    assert not w.acquire("routine", 0)
+    assert w.acquire("stat", 0)
+    w.fed("stat")  # all its jobs submitted: the routine one fills what it leaves free
+    assert w.acquire("routine", 0)
+    assert not w.acquire("routine", 0)  # two places, both taken
+    w.release()
+    assert w.acquire("routine", 0)
+
+
+def test_a_switch_takes_effect_within_a_segment(tmp_path: Path, pool: CodecPool, samples: Path) -> None:
+    """The codec is chosen per instance as its job goes to the pool: once the link's rate
+    is known, the rest of the segment being packed goes out with the faster codec."""
+    asked: list[int] = []
+
+    def link() -> tuple[str | None, float | None]:
+        asked.append(1)
+        return ("pacs", None if len(asked) == 1 else 1000 * MB)
+
+    key = crypto.create_spool_key(tmp_path / "spool.key")
+    index = open_index(tmp_path)
+    spool, q = Spool(tmp_path, key, index, 0), Queue(tmp_path, index)
+    crypto.create_keypair(tmp_path / "a.key", tmp_path / "a.pub")
+    packer = Packer(Pack(), spool, q, [crypto.load_public_key(tmp_path / "a.pub")], pool, link=link)
+    _measured(packer, 17 * MB, 3.0)
+    files = sorted((samples / CT).iterdir())[:2]
+    raws = [f.read_bytes() for f in files]
+    seg = {spool.store([r], identify([r], pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID,
+                                     "MODALITY")).segment_id for r, f in zip(raws, files, strict=True)}
+    with index.tx() as c:
+        c.executemany("UPDATE segments SET state='sealed' WHERE id=?", [(x,) for x in seg])
+    assert packer.pack_pending() == 1
+    with q.path(seg.pop()).open("rb") as f:
+        got = [e for e, _ in bundle.iter_instances(f, crypto.load_private_key(tmp_path / "a.key"))]
+    assert [e.transfer_syntax for e in got] == [J2K_LOSSLESS, "1.2.840.10008.1.2.1"]
+    assert [e.reason for e in got] == ["ok", "codec-none"]
 
 
 # --- through the daemon ----------------------------------------------------------------------

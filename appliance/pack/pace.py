@@ -28,7 +28,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 # Fastest last. Only a codec at or after the configured one is ever chosen.
@@ -62,6 +62,14 @@ def delivery_rate(codec: str, configured: str, r: Rates) -> float:
     # "none" sends raw bytes; a configured "none" is only ever compared with itself
     ratio = 1.0 if codec == "none" else max(1.0, r.ratio * size0 / size)
     return min(pack, r.send_bps * ratio)
+
+
+def equivalent_bytes(raw_by_codec: Mapping[str, float], configured: str) -> float:
+    """Raw bytes packed with several codecs, counted as the bytes the configured codec
+    would have packed in the same time (by their relative speed in `PRIORS`): the pack
+    rate `choose_codec` is asked with stays that of the configured codec after a switch."""
+    speed0 = PRIORS[configured][0] if configured in PRIORS else 1.0
+    return sum(n * speed0 / PRIORS[c][0] for c, n in raw_by_codec.items() if c in PRIORS)
 
 
 def choose_codec(configured: str, r: Rates, margin: float = 1.2) -> str:

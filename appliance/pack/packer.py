@@ -37,8 +37,11 @@ Several sealed segments are packed side by side (`segments_at_once`: one per wor
 most MAX_SEGMENTS_AT_ONCE), each on a thread of its own, so that the workers are not
 idle while one segment's last jobs finish and its bundle is synced and committed. A
 free place goes to the highest priority, then the oldest. Memory stays what one segment
-held: their codec jobs share one window of `window` results (`_Slots`), and a job's
-result is written into its bundle and dropped before another takes its place.
+held: their codec jobs share one window of `window` results (`_Window`), and a job's
+result is written into its bundle and dropped before another takes its place. A place
+goes to the first segment in rank (stat, then oldest) that still has jobs to submit, so
+a later one only fills the cores the earlier one leaves free (its tail: the last
+results, the sync and commit), and a study's small first segment is not slowed down.
 
 Codec (`pack.adaptive`, pack/pace.py): before each segment the packer asks
 `pace.choose_codec` with the recent send rate of the destination the bundle goes to
@@ -240,9 +243,11 @@ class Packer:
         self.cfg = cfg
         # where a bundle packed now goes and its recent send rate (Forwarder.link)
         self.link = link
-        self.packed = {c: pace.Throughput() for c in pace.BY_SPEED}  # raw bytes/s per codec
-        self.ratios = {c: pace.Recent() for c in pace.BY_SPEED}  # raw bytes per bundle byte
+        # raw bytes/s packed, counted as with pack.codec (pace.equivalent_bytes)
+        self.packed = pace.Throughput()
+        self.ratio = pace.Recent()  # raw bytes per output byte of pack.codec's instances
         self.chosen = cfg.codec
+        self._choosing = threading.Lock()  # segment threads ask at once
         self.on_packed = on_packed  # a bundle is ready: the forwarder may take it now
         # progress, for the stage supervisor (health/supervisor.py); beat(expect=s) before a
         # wait that may last s seconds
@@ -254,9 +259,9 @@ class Packer:
         self.index = spool.index
         self.recipients = list(recipients)
         self.pool = pool
-        # results held in memory at once, all segments together (`_Slots`)
+        # results held in memory at once, all segments together (`_Window`)
         self.window = max(2, 2 * pool.workers)
-        self._slots = _Slots(self.window)
+        self._window = _Window(self.window)
         self.segments_at_once = max(1, min(pool.workers, MAX_SEGMENTS_AT_ONCE))
         self._tries: dict[str, _Tries] = {}  # segments whose pack failed, by id
 
@@ -283,10 +288,12 @@ class Packer:
     def pack_pending(self) -> int:
         """Pack every sealed segment that is due, up to `segments_at_once` side by side
         (each on a thread of its own; their codec jobs share the pool and one window of
-        `window` results in memory, `_Slots`). A free place goes to the highest priority
-        first, then the oldest, looked up again each time (a stat segment sealed meanwhile
-        goes next, not after the routine ones seen before it); a failing one is set aside
-        (retried after a back-off, held after PACK_ATTEMPTS) and the others go on."""
+        `window` results in memory, `_Window`, taken by the first in rank first). A free
+        place goes to the highest priority first, then the oldest, looked up again each
+        time (a stat segment sealed meanwhile goes next, not after the routine ones seen
+        before it); a failing one is set aside (retried after a back-off, held after
+        PACK_ATTEMPTS) and the others go on. Each instance's codec is chosen as its job
+        is submitted (`choose_codec`)."""
         packed = 0
         running: set[str] = set()
         finished: queue.SimpleQueue[tuple[str, BaseException | None]] = queue.SimpleQueue()
@@ -297,7 +304,7 @@ class Packer:
                 if seg is None:
                     break
                 running.add(seg)
-                threading.Thread(target=self._pack_one, args=(seg, self.choose_codec(), finished),
+                threading.Thread(target=self._pack_one, args=(seg, finished),
                                  name="pack-segment", daemon=True).start()
             if not running:
                 return packed
@@ -314,10 +321,9 @@ class Packer:
             else:
                 raise error
 
-    def _pack_one(self, seg: str, codec: str,
-                  finished: queue.SimpleQueue[tuple[str, BaseException | None]]) -> None:
+    def _pack_one(self, seg: str, finished: queue.SimpleQueue[tuple[str, BaseException | None]]) -> None:
         try:
-            self.pack(seg, codec)
+            self.pack(seg)
         except BaseException as e:  # reported to pack_pending, which decides
             finished.put((seg, e))
         else:
@@ -376,55 +382,60 @@ class Packer:
         if not self.cfg.adaptive:
             return self.cfg.codec
         dest, send_bps = self.link()
-        packed, ratio = self.packed.get(self.cfg.codec), self.ratios.get(self.cfg.codec)
-        rates = pace.Rates(send_bps=send_bps, pack_bps=packed.rate() if packed else None,
-                           ratio=ratio.rate() if ratio else None)
-        codec = pace.choose_codec(self.cfg.codec, rates)
-        if codec != self.chosen:
-            log.info("pack.codec_chosen", codec=codec, was=self.chosen, destination=dest,
-                     send_bps=_rounded(rates.send_bps), pack_bps=_rounded(rates.pack_bps),
-                     ratio=None if rates.ratio is None else round(rates.ratio, 2))
-            self.chosen = codec
+        with self._choosing:
+            rates = pace.Rates(send_bps=send_bps, pack_bps=self.packed.rate(),
+                               ratio=self.ratio.rate())
+            codec = pace.choose_codec(self.cfg.codec, rates)
+            if codec != self.chosen:
+                log.info("pack.codec_chosen", codec=codec, was=self.chosen, destination=dest,
+                         send_bps=_rounded(rates.send_bps), pack_bps=_rounded(rates.pack_bps),
+                         ratio=None if rates.ratio is None else round(rates.ratio, 2))
+                self.chosen = codec
         return codec
 
     def pack(self, seg_id: str, codec: str | None = None) -> None:
-        codec = codec or self.choose_codec()
-        meter = self.packed.get(codec)
-        if meter is not None:
-            meter.begin()  # before the failpoint: a test slows "the packer" with it
-        done = 0
+        """Pack one segment, each instance with `codec`, or (None) with the codec chosen
+        for it as its job is submitted (`choose_codec`: a switch takes effect at once,
+        not from the next segment)."""
+        self.packed.begin()  # before the failpoint: a test slows "the packer" with it
+        tally: _Tally | None = None
         try:
             failpoints.hit("pack.hang")
-            done = self._pack(seg_id, codec)
+            tally = self._pack(seg_id, codec)
         finally:
-            if meter is not None:
-                meter.end(done)
+            self.packed.end(pace.equivalent_bytes(tally.raw, self.cfg.codec) if tally else 0)
+        if tally is not None and tally.raw.get(self.cfg.codec):
+            self.ratio.add(tally.raw[self.cfg.codec], tally.out[self.cfg.codec])
 
-    def _pack(self, seg_id: str, codec: str) -> int:
-        """Pack one segment with `codec`; returns its raw bytes (for the pack rate)."""
+    def _pack(self, seg_id: str, codec: str | None) -> _Tally:
+        """Pack one segment; returns what happened to its instances."""
         seg = self.queue.get(seg_id)
         rows = self.index.query("SELECT id, size FROM instances WHERE segment_id=? AND packed=0"
                                 " ORDER BY received, id", (seg_id,))
         t0 = time.monotonic()
-        tally = _Tally(seg_id, codec)
+        tally = _Tally(seg_id)
+        self._window.feeding(seg_id, (-seg.priority, seg.created, seg_id))
         pending: collections.deque[_Pending] = collections.deque()
         try:
             with durable.atomic_file(self.queue.path(seg_id)) as f:
                 writer = BundleWriter(f, seg_id, self.recipients, seg.study_key)
                 for row in rows:
-                    self._slot(writer, pending, tally)
+                    self._slot(seg_id, writer, pending, tally)
                     try:
-                        pending.append(self._submit(row["id"], row["size"], codec))
+                        pending.append(self._submit(row["id"], row["size"],
+                                                    codec or self.choose_codec()))
                     except BaseException:
-                        self._slots.release()
+                        self._window.release()
                         raise
+                self._window.fed(seg_id)
                 while pending:
                     self._write_next(writer, pending, tally)
                 writer.close()
                 size = f.tell()
         finally:
+            self._window.fed(seg_id)
             for job in pending:  # an error left work in flight: drop its temp when done
-                self._slots.release()
+                self._window.release()
                 if job.temp:
                     job.future.add_done_callback(functools.partial(_remove_after, job.temp))
         if tally.missing:  # before `ready`: a crash in between records the same count again
@@ -434,23 +445,23 @@ class Packer:
             transition(c, seg_id, "packed", now, bundle_bytes=size)
             c.execute("UPDATE instances SET packed=1 WHERE segment_id=?", (seg_id,))
         self.remove_packed(seg_id)
-        if codec in self.ratios:
-            self.ratios[codec].add(seg.bytes, size)
         log.info("segment.packed", segment=seg_id, instances=len(rows), bytes_in=seg.bytes,
-                 bytes_out=size, codec=codec, seconds=round(time.monotonic() - t0, 3), **tally.stats)
+                 bytes_out=size, codecs=dict(tally.codecs), seconds=round(time.monotonic() - t0, 3),
+                 **tally.stats)
         self.on_packed(seg_id)
         self.beat()
-        return seg.bytes
+        return tally
 
-    def _slot(self, writer: BundleWriter, pending: collections.deque[_Pending], tally: _Tally) -> None:
-        """Take a place in the window for one more job: while every place is held, write
-        this segment's oldest job (freeing its place); with none of its own in flight,
-        wait for another segment to free one (each frees its own as it writes, so this
-        never waits on a segment that waits in turn)."""
-        while not self._slots.acquire(0):
+    def _slot(self, seg_id: str, writer: BundleWriter, pending: collections.deque[_Pending],
+              tally: _Tally) -> None:
+        """Take a place in the window for one more job (`_Window`: the first segment in
+        rank still submitting goes first): while it cannot, write this segment's oldest
+        job (freeing its place); with none of its own in flight, wait (the others free
+        theirs as they write, so this never waits on a segment that waits in turn)."""
+        while not self._window.acquire(seg_id, 0):
             if pending:
                 self._write_next(writer, pending, tally)
-            elif self._slots.acquire(SLOT_POLL_S):
+            elif self._window.acquire(seg_id, SLOT_POLL_S):
                 return
             else:
                 self.beat()
@@ -461,7 +472,7 @@ class Packer:
         try:
             self._write(writer, job, tally)
         finally:
-            self._slots.release()
+            self._window.release()
 
     def _submit(self, rid: str, size: int, codec: str) -> _Pending:
         # The worker reads, decrypts and identifies the instance itself: done here, that
@@ -475,9 +486,9 @@ class Packer:
             temp = str(self.spool.dir / f"{durable.TEMP_PREFIX}pack-{secrets.token_hex(8)}")
             args: tuple[Any, ...] = (path, rid, key, codec, self.cfg.verify, temp)
             return _Pending(rid, self.pool.submit_call(stream_pack.prepare_stream, args, limit),
-                            temp, limit)
+                            temp, limit, codec)
         args = (path, rid, key, codec, self.cfg.verify, self.inflate_cap)
-        return _Pending(rid, self.pool.submit_call(prepare, args, limit), None, limit)
+        return _Pending(rid, self.pool.submit_call(prepare, args, limit), None, limit, codec)
 
     def _write(self, writer: BundleWriter, job: _Pending, tally: _Tally) -> None:
         """Write one instance's job into the bundle; whatever went wrong with that one
@@ -509,10 +520,11 @@ class Packer:
                 self._pass_through(writer, rid, "pack-error", tally, type(e).__name__)
                 return
             if isinstance(p, Streamed):
-                self._write_streamed(writer, rid, p, job.temp or "", tally)
+                self._write_streamed(writer, rid, p, job.temp or "", tally, codec=job.codec)
                 return
             res = p.result
-            self._note(rid, res.action, res.reason, tally)
+            self._note(rid, res.action, res.reason, tally, codec=job.codec)
+            tally.packed_with(job.codec, res.input_size, res.output_size)
             writer.begin_instance({**p.facts, "transfer_syntax": res.transfer_syntax,
                                    "action": res.action, "reason": res.reason})
             writer.write(res.data)
@@ -527,10 +539,10 @@ class Packer:
             self.beat()
 
     def _note(self, rid: str, action: str, reason: str, tally: _Tally,
-              error_type: str | None = None) -> None:
+              error_type: str | None = None, codec: str = "") -> None:
         tally.stats[action] += 1
         if reason.startswith("verify-"):
-            log.error("pack.verify_failed", instance=rid, codec=tally.codec, reason=reason)
+            log.error("pack.verify_failed", instance=rid, codec=codec, reason=reason)
         elif reason in _FAILURE_REASONS:
             tally.stats[reason] += 1
             log.warning("pack.instance_passed_through", instance=rid, segment=tally.segment,
@@ -572,13 +584,16 @@ class Packer:
                   segment=tally.segment)
 
     def _write_streamed(self, writer: BundleWriter, rid: str, s: Streamed, temp: str,
-                        tally: _Tally, error_type: str | None = None) -> None:
+                        tally: _Tally, error_type: str | None = None, codec: str = "") -> None:
         """Copy a large instance into the bundle in 1 MiB pieces (never whole)."""
         assert s.facts is not None
-        self._note(rid, s.action, s.reason, tally, error_type)
+        self._note(rid, s.action, s.reason, tally, error_type, codec)
         tally.stats["streamed"] += 1
         writer.begin_instance({**s.facts, "transfer_syntax": s.transfer_syntax,
                                "action": s.action, "reason": s.reason})
+        if codec:
+            tally.packed_with(codec, s.facts["received_size"], s.output_size
+                              if s.action == "compressed" else s.facts["received_size"])
         if s.action == "compressed":
             stream_pack.copy_output(writer, s, temp)
             size, digest = s.output_size, None
@@ -606,20 +621,41 @@ class Packer:
 SLOT_POLL_S = 1.0  # a segment waiting for a place in the window beats this often
 
 
-class _Slots:
+class _Window:
     """The window: how many codec results (each up to an in-memory instance,
     `pack.stream_threshold_mb`) may be in flight or waiting to be written, all segments
     together, so that packing several segments at once holds no more in memory than
-    packing one did. A counting semaphore (stdlib)."""
+    packing one did. A place goes only to the segment first in rank (lowest key:
+    stat, then oldest) among those still submitting jobs (`feeding` .. `fed`)."""
 
     def __init__(self, n: int) -> None:
-        self._sem = threading.BoundedSemaphore(n)
+        self._free = n
+        self._cv = threading.Condition()
+        self._feeding: dict[str, tuple[Any, ...]] = {}
 
-    def acquire(self, timeout: float) -> bool:
-        return self._sem.acquire(timeout=timeout) if timeout > 0 else self._sem.acquire(blocking=False)
+    def feeding(self, seg: str, rank: tuple[Any, ...]) -> None:
+        with self._cv:
+            self._feeding[seg] = rank
+
+    def fed(self, seg: str) -> None:
+        with self._cv:
+            if self._feeding.pop(seg, None) is not None:
+                self._cv.notify_all()
+
+    def acquire(self, seg: str, timeout: float) -> bool:
+        def first_with_room() -> bool:
+            mine = self._feeding.get(seg)
+            return self._free > 0 and (mine is None or mine == min(self._feeding.values()))
+        with self._cv:
+            if not self._cv.wait_for(first_with_room, timeout):
+                return False
+            self._free -= 1
+            return True
 
     def release(self) -> None:
-        self._sem.release()
+        with self._cv:
+            self._free += 1
+            self._cv.notify_all()
 
 
 @dataclass(frozen=True)
@@ -628,6 +664,7 @@ class _Pending:
     future: Future[Any]  # of Prepared, or Streamed for a large instance
     temp: str | None  # the streamed output's temp file, removed after writing
     limit_s: float  # the job's time limit in the pool
+    codec: str
 
 
 @dataclass
@@ -635,8 +672,15 @@ class _Tally:
     """What happened to the instances of the segment being packed."""
 
     segment: str
-    codec: str
     stats: collections.Counter[str] = field(default_factory=collections.Counter)
+    codecs: collections.Counter[str] = field(default_factory=collections.Counter)  # instances
+    raw: collections.Counter[str] = field(default_factory=collections.Counter)  # bytes in, by codec
+    out: collections.Counter[str] = field(default_factory=collections.Counter)  # bytes out, by codec
+
+    def packed_with(self, codec: str, raw: int, out: int) -> None:
+        self.codecs[codec] += 1
+        self.raw[codec] += raw
+        self.out[codec] += out
     missing: int = 0  # acknowledged instances left out: unreadable or lost
 
 
