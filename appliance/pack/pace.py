@@ -19,8 +19,9 @@ wire and time, never a pixel.
 Wired in (`pack.adaptive`): the forwarder measures each destination's send rate with a
 `Throughput` (bytes over the time at least one send to it was in flight, so two lanes
 sharing a link are not counted at half its rate each); the packer measures its own pack
-rate the same way and the ratio of each codec (`Recent`), and asks `choose_codec` before
-each segment with the rate of the destination the segment goes to (pack/packer.py).
+rate the same way (as the configured codec's equivalent, `equivalent_bytes`) and the
+configured codec's ratio (`Recent`), and asks `choose_codec` as each instance's job goes
+to the codec pool, with the rate of the destination the segment goes to (pack/packer.py).
 """
 
 from __future__ import annotations

@@ -43,12 +43,13 @@ goes to the first segment in rank (stat, then oldest) that still has jobs to sub
 a later one only fills the cores the earlier one leaves free (its tail: the last
 results, the sync and commit), and a study's small first segment is not slowed down.
 
-Codec (`pack.adaptive`, pack/pace.py): before each segment the packer asks
-`pace.choose_codec` with the recent send rate of the destination the bundle goes to
-(`link`, from the forwarder) and its own recent pack rate and ratio with `pack.codec`;
-when the link would wait for the packer, a faster codec (JPEG-LS) or none is used for
-that segment. Each instance's transfer syntax is in the manifest, so a bundle may mix
-them; every codec is lossless. A change of choice is logged (`pack.codec_chosen`).
+Codec (`pack.adaptive`, pack/pace.py): as each instance's job goes to the pool, the
+packer asks `pace.choose_codec` with the recent send rate of the destination the bundle
+goes to (`link`, from the forwarder: today the first one that is up) and its own recent
+pack rate (as `pack.codec`'s equivalent, `pace.equivalent_bytes`) and `pack.codec`'s
+ratio; when the link would wait for the packer, a faster codec (JPEG-LS) or none is
+used, from that instance on. Each instance's transfer syntax is in the manifest, so a
+bundle may mix them; every codec is lossless. A change is logged (`pack.codec_chosen`).
 
 How it fails (docs/architecture.md, "Failure behaviour"): one instance never stops its
 segment, and one segment never stops the others.
@@ -377,7 +378,7 @@ class Packer:
         self.beat()
 
     def choose_codec(self) -> str:
-        """The codec for the next segment: `pack.codec`, or a faster one when the link
+        """The codec for the next instance: `pack.codec`, or a faster one when the link
         would wait for the packer (`pace.choose_codec`; `pack.adaptive`)."""
         if not self.cfg.adaptive:
             return self.cfg.codec
@@ -676,12 +677,12 @@ class _Tally:
     codecs: collections.Counter[str] = field(default_factory=collections.Counter)  # instances
     raw: collections.Counter[str] = field(default_factory=collections.Counter)  # bytes in, by codec
     out: collections.Counter[str] = field(default_factory=collections.Counter)  # bytes out, by codec
+    missing: int = 0  # acknowledged instances left out: unreadable or lost
 
     def packed_with(self, codec: str, raw: int, out: int) -> None:
         self.codecs[codec] += 1
         self.raw[codec] += raw
         self.out[codec] += out
-    missing: int = 0  # acknowledged instances left out: unreadable or lost
 
 
 def _rounded(rate: float | None) -> int | None:
