@@ -226,7 +226,8 @@ class Daemon:
             cfg.pack, spool, queue, recipients, pool, beat=self.stages["pack"].beat,
             receiving_burst=lambda: self.receiver is not None and self.receiver.in_burst(),
             max_instance_bytes=cfg.receive.max_instance_mb << 20,
-            on_packed=lambda seg: self.wake_forward.set())
+            on_packed=lambda seg: self.wake_forward.set(),
+            link=lambda: forwarder.link())  # bound below, before any thread starts
         packer.remove_packed()  # a crash between pack steps 2 and 3 left these
         counts = spool.recover(adopt=identify_stored)
         log.info("spool.recovered", **counts)

@@ -97,6 +97,7 @@ DURING_BURST = ("link-waits", "first", "always", "never")
 @dataclass(frozen=True)
 class Pack:
     codec: str = "jpeg2000"
+    adaptive: bool = True  # a faster codec when the link would wait for the packer (pack.pace)
     verify: bool = True
     study_quiet_s: float = 10.0
     segment_max_instances: int = 100
@@ -620,6 +621,7 @@ def _parse_pack(t: _Table) -> Pack:
     d = Pack()
     p = Pack(
         codec=t.choice("codec", d.codec, ("jpeg2000", "jpeg-ls", "none")),
+        adaptive=t.boolean("adaptive", d.adaptive),
         verify=t.boolean("verify", d.verify),
         study_quiet_s=t.number("study_quiet_s", d.study_quiet_s, 0.5, 3600),
         segment_max_instances=t.integer("segment_max_instances", d.segment_max_instances,

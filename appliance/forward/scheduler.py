@@ -43,6 +43,9 @@ parked or held on its own; its failures never move or defer the bundle, nor the 
 way round. The daemon gives each copy destination a lane of its own and the chain's
 lanes never take copies (`run_once(copies=False)` / `run_once(only=name)`), so a copy
 destination that hangs holds no lane of the chain.
+
+Send rate (read-only, for the packer's codec choice, `pack.pace`): each destination's
+recent bundle bytes per second of busy time over its whole deliveries (`link`).
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ from appliance.core import failpoints
 from appliance.core.config import Queue as QueueConfig
 from appliance.forward import Permanent, Plan, Transport, TransportError, Unreadable, failover, policy
 from appliance.forward.failover import Event, Health
+from appliance.pack.pace import Throughput
 from appliance.queue.store import DestinationRow, Item, Queue, backoff
 
 log = structlog.get_logger("appliance.forward")
@@ -172,6 +176,14 @@ class Forwarder:
             cfg.down_after, cfg.probe_min_s, cfg.probe_max_s))
         self._probing: dict[str, tuple[threading.Thread, list[bool]]] = {}
         self._probing_lock = threading.Lock()
+        self.sent = {t.name: Throughput() for t in self.transports}  # whole bundles only
+
+    def link(self) -> tuple[str | None, float | None]:
+        """The destination a bundle packed now would go to (the first of the failover chain
+        that is up; copies are not waited for) and its recent send rate in bundle bytes/s
+        (None until a whole bundle was delivered there)."""
+        name = next(iter(self.health.up(self.chain)), None)
+        return name, None if name is None else self.sent[name].rate()
 
     def run_once(self, now: float | None = None, min_priority: int = 0,
                  copies: bool = True, only: str | None = None) -> bool:
@@ -213,6 +225,10 @@ class Forwarder:
         timer.daemon = True
         timer.start()
         t0 = time.monotonic()
+        whole = item.parent is None and not plan.skip  # bytes on the wire = bundle_bytes
+        meter = self.sent[dest.name]
+        meter.begin()
+        sent = 0
         try:
             failpoints.hit("forward.hang")
             dest.send(item.id, self.queue.path(item.bundle_id), self._progress(item.id), plan)
@@ -238,11 +254,13 @@ class Forwarder:
             self.queue.delivered(item.id, time.time(),
                                  reason=f"delivered without {parked} parked instance(s)" if parked else None)
             self.last_error.pop(dest.name, None)
+            sent = item.bundle_bytes if whole else 0
             log.info("bundle.delivered", bundle=item.id, destination=dest.name,
                      bytes=item.bundle_bytes, instances=len(delivered), parked=parked,
                      seconds=round(time.monotonic() - t0, 3))
         finally:
             timer.cancel()
+            meter.end(sent)
 
     def _record(self, item: Item, dest: str, delivered: list[int]) -> None:
         if delivered:
