@@ -45,3 +45,22 @@ def test_the_link_is_the_first_destination_up(box: Box) -> None:
     box.drain()  # the primary fails, does not answer its probe: down; the backup takes it
     name, rate = box.fwd.link()
     assert name == "backup" and rate is not None and rate > 0
+
+
+def test_the_link_is_never_a_copy_destination(tmp_path: Path) -> None:
+    """An archive listed first as a copy is not where the packer's bundles must go fast."""
+    from appliance.forward.scheduler import Forwarder
+    from appliance.queue.index import open_index
+    from appliance.queue.store import Queue
+    from tests.fake_transport import FakeDestination, FakeTransport
+    from tests.test_forward_failover import CFG
+    from tests.test_transport_contract import KEY
+
+    q = Queue(tmp_path, open_index(tmp_path))
+    try:
+        fwd = Forwarder(q, [FakeTransport("archive", FakeDestination(), KEY),
+                            FakeTransport("center", FakeDestination(), KEY)], CFG,
+                        copies=["archive"])
+        assert fwd.link() == ("center", None)
+    finally:
+        q.index.close()
