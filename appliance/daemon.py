@@ -37,6 +37,7 @@ import structlog
 
 from appliance import __version__
 from appliance.audit import AuditTrail
+from appliance.audit.trail import destination as audit_destination
 from appliance.core import crypto, durable, hardening
 from appliance.core import log as applog
 from appliance.core import pynetdicom_compat as compat
@@ -54,7 +55,7 @@ from appliance.pack.packer import Packer
 from appliance.pack.pool import CodecPool
 from appliance.queue import commands
 from appliance.queue.index import open_index
-from appliance.queue.store import PRIORITY_ROUTINE, PRIORITY_STAT, Queue
+from appliance.queue.store import PRIORITY_ROUTINE, PRIORITY_STAT, Item, Queue
 from appliance.receive.scp import Receiver, ReceiveStats, identify_stored
 from appliance.spool.store import Spool
 
@@ -140,6 +141,20 @@ def audit_trail(cfg: Config) -> AuditTrail:
     """The appliance's audit trail (appliance.audit), in STATE/audit/."""
     return AuditTrail(cfg.appliance.state_dir / "audit", cfg.appliance.name, cfg.receive.ae_title,
                       cfg.audit.max_mb << 20, cfg.audit.files)
+
+
+class ForwardAudit:
+    """The forwarder's deliveries and parked instances, written to the audit trail with
+    the destination as the config names it (forward.scheduler.Audit)."""
+
+    def __init__(self, trail: AuditTrail, cfg: Config) -> None:
+        self.trail = trail
+        self.dests = {d.name: d for d in cfg.destinations}
+
+    def sent(self, item: Item, destination: str, instances: int, problem: str | None) -> None:
+        what = problem or f"{instances} instance(s) of bundle {item.bundle_id} delivered"
+        self.trail.sent(item.study_key, audit_destination(self.dests[destination]), instances,
+                        problem is None, f"{what} to {destination}")
 
 
 def config_digest(cfg: Config) -> str:
@@ -238,7 +253,8 @@ class Daemon:
             log.warning("queue.routes_settled", **settled)
         self.forwarder = forwarder = Forwarder(queue, transports, cfg.queue,
                                                beat=self.stages["forward"].beat,
-                                               wake=self.wake_forward.set, copies=copies)
+                                               wake=self.wake_forward.set, copies=copies,
+                                               audit=ForwardAudit(self.audit, cfg))
         for h in forwarder.health.all():
             if not h.up:  # kept from before the restart (forward.failover)
                 log.warning("destination.still_down", destination=h.name, reason=h.last_error)

@@ -133,6 +133,7 @@ def test_the_daemon_audits_a_store_a_refusal_and_an_operator_hold(appliance_fact
     first = pydicom.dcmread(files[0], stop_before_pixels=True)
     patient_id, study_uid = str(first.PatientID), str(first.StudyInstanceUID)
     app = appliance_factory()
+    Path(app.cfg["destinations"][0]["path"]).mkdir(exist_ok=True)  # the outbox folder
     audit_log = app.state_dir / "audit" / "audit.log"
     r = storescu(app.port, files)
     assert r.returncode == 0, r.stderr
@@ -155,8 +156,20 @@ def test_the_daemon_audits_a_store_a_refusal_and_an_operator_hold(appliance_fact
     assert [s.get("NumberOfInstances") for s in objs["2"].findall("SOPClass")] == ["3"]
     assert got.find("ActiveParticipant").get("AlternativeUserID") == "AETITLES=MODALITY"  # type: ignore[union-attr]
 
-    wait_for(lambda: bool(cli("queue", "list", "--config", str(app.config_path)).stdout.strip()), 60,
-             "a queue item")
+    # Sent on: DICOM Instances Transferred, action R, naming the study and its patient from
+    # what was remembered at receive time, and the destination.
+    wait_for(lambda: '"bundle.delivered"' in app.log_text(), 120, "the bundle delivered", detail=app.log_text)
+    wait_for(lambda: any(m.find("EventIdentification").get("EventActionCode") == "R"  # type: ignore[union-attr]
+                         for m in by_kind().get(("110104", None), [])), 10, "the delivery audited")
+    [sent] = [m for m in by_kind()[("110104", None)]
+              if m.find("EventIdentification").get("EventActionCode") == "R"]  # type: ignore[union-attr]
+    ids = {o.get("ParticipantObjectTypeCode"): o.get("ParticipantObjectID")
+           for o in sent.findall("ParticipantObjectIdentification")}
+    assert ids == {"1": patient_id, "2": study_uid}
+    roles = {p.find("RoleIDCode").get("csd-code"): p.get("UserID")  # type: ignore[union-attr]
+             for p in sent.findall("ActiveParticipant")}
+    assert roles == {"110153": "test-appliance", "110152": app.cfg["destinations"][0]["name"]}
+
     held = cli("queue", "hold", "--all", "--config", str(app.config_path))
     assert held.returncode == 0, held.stderr
     wait_for(lambda: ("110113", "110132") in by_kind(), 10, "the operator's command")

@@ -19,6 +19,10 @@ Events (PS3.15 A.5.3) and when they are written:
 * instances received: DICOM Instances Transferred, action C, one message per
   association naming each study (UID, patient ID, SOP classes and counts), when the
   association ends;
+* a bundle delivered, or an instance parked (it could not be delivered): DICOM Instances
+  Transferred, action R, this box the source and the destination as the config names
+  it, outcome 0 or 4; the study and its patient are named from what was remembered when
+  the study was received (`studies.db` in the audit directory, kept 90 days);
 * an association refused: Security Alert (Node Authentication), outcome 4;
 * an operator's command (hold, release, retry, delete), through the control socket
   (the operator named by SO_PEERCRED) or the CLI: Security Alert (Use of Restricted

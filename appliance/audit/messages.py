@@ -11,6 +11,7 @@ ParticipantObjectIdentification).
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
@@ -36,7 +37,7 @@ class Participant:
     requestor: bool
     role: tuple[str, str, str] | None = None  # (code, scheme, meaning)
     ae_title: str | None = None
-    address: str | None = None  # an IP address (NetworkAccessPointTypeCode 2)
+    address: str | None = None  # an IP address (NetworkAccessPointTypeCode 2) or a host name (1)
     user_name: str | None = None
 
 
@@ -129,7 +130,7 @@ def _participant(m: ET.Element, p: Participant) -> None:
         attrs["UserName"] = _clean(p.user_name)
     if p.address:
         attrs["NetworkAccessPointID"] = _clean(p.address)
-        attrs["NetworkAccessPointTypeCode"] = "2"
+        attrs["NetworkAccessPointTypeCode"] = "2" if _is_ip(p.address) else "1"  # IP / machine name
     a = ET.SubElement(m, "ActiveParticipant", attrs)
     if p.role is not None:
         _coded(a, "RoleIDCode", p.role)
@@ -155,6 +156,14 @@ def _clean(value: str) -> str:
     """A value from a peer (an AE title, a patient ID) as XML 1.0 may hold it: characters
     it forbids (control characters, lone surrogates) become U+FFFD."""
     return _NOT_XML.sub("\ufffd", value)
+
+
+def _is_ip(address: str) -> bool:
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return True
 
 
 def _time(when: datetime.datetime) -> str:

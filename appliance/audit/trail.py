@@ -14,9 +14,13 @@ start), so that a start with another configuration is audited as a change.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import sqlite3
 import threading
+import time
+import urllib.parse
 from pathlib import Path
 
 import structlog
@@ -24,6 +28,7 @@ import structlog
 from appliance.audit import messages
 from appliance.audit.messages import Participant, Study
 from appliance.core import durable
+from appliance.core.config import Destination
 
 log = structlog.get_logger("appliance.audit")
 
@@ -45,6 +50,7 @@ class AuditTrail:
         self._lock = threading.Lock()
         durable.make_dirs(self.dir)
         os.chmod(self.dir, 0o700)
+        self._studies = _Studies(self.dir / "studies.db")
 
     @property
     def path(self) -> Path:
@@ -60,12 +66,15 @@ class AuditTrail:
         return self.write(messages.application_activity(
             started, self.me(role=messages.APPLICATION), _now(), self.source_id))
 
-    def received(self, calling_ae: str, peer: str, studies: list[Study], refused: int,
+    def received(self, calling_ae: str, peer: str, keyed: list[tuple[str, Study]], refused: int,
                  unnamed: int = 0) -> bool:
-        """Instances received on one association (action C: created here); `unnamed`:
-        instances of studies past the per-association limit (receive.audited)."""
-        if not studies:
+        """Instances received on one association (action C: created here); `keyed`: each
+        study with its study key (remembered, so that its delivery can name it);
+        `unnamed`: instances of studies past the per-association limit (receive.audited)."""
+        if not keyed:
             return True
+        self._studies.remember({key: (s.uid, s.patient_id) for key, s in keyed})
+        studies = [s for _, s in keyed]
         source = Participant(user_id=peer, requestor=True, role=messages.SOURCE,
                              ae_title=calling_ae, address=peer)
         outcome = messages.MINOR_FAILURE if refused else messages.SUCCESS
@@ -75,6 +84,17 @@ class AuditTrail:
         return self.write(messages.instances_transferred(
             "C", source, self.me(role=messages.DESTINATION), studies, outcome, _now(),
             self.source_id, why))
+
+    def sent(self, study_key: str, destination: Participant, instances: int, ok: bool,
+             description: str) -> bool:
+        """Instances of a study sent on (action R: read here, created there), or one that
+        could not be (parked): the study named from what its receipt remembered."""
+        uid, pid = self._studies.lookup(study_key) or (f"unknown (study key {study_key})", "unknown")
+        study = Study(uid, pid, {})
+        return self.write(messages.instances_transferred(
+            "R", self.me(requestor=True, role=messages.SOURCE), destination, [study],
+            messages.SUCCESS if ok else messages.MINOR_FAILURE, _now(), self.source_id,
+            description))
 
     def refused_association(self, calling_ae: str, peer: str, reason: str) -> bool:
         who = Participant(user_id=peer, requestor=True, ae_title=calling_ae, address=peer)
@@ -153,6 +173,53 @@ class AuditTrail:
         self.path.rename(self.dir / f"{FILE}.1")
         durable.fsync_dir(self.dir)
         log.info("audit.rotated", files=self.files)
+
+
+class _Studies:
+    """study key -> (Study Instance UID, patient ID), remembered when a study is received
+    so that its delivery, hours later and after restarts, can be audited by name.
+    SQLite in the audit directory (0600); rows older than KEEP_S are removed."""
+
+    KEEP_S = 90 * 86400
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _connect(self) -> sqlite3.Connection:
+        if not self.path.exists():
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        conn = sqlite3.connect(self.path, timeout=10)
+        conn.execute("CREATE TABLE IF NOT EXISTS studies (key TEXT PRIMARY KEY, uid TEXT NOT NULL,"
+                     " patient_id TEXT NOT NULL, seen REAL NOT NULL)")
+        return conn
+
+    def remember(self, studies: dict[str, tuple[str, str]]) -> None:
+        now = time.time()
+        try:
+            with contextlib.closing(self._connect()) as conn, conn:
+                conn.executemany("INSERT OR REPLACE INTO studies VALUES (?,?,?,?)",
+                                 [(k, uid, pid, now) for k, (uid, pid) in studies.items()])
+                conn.execute("DELETE FROM studies WHERE seen < ?", (now - self.KEEP_S,))
+        except sqlite3.Error as e:
+            log.error("audit.write_failed", what="studies", error=type(e).__name__)
+
+    def lookup(self, key: str) -> tuple[str, str] | None:
+        try:
+            with contextlib.closing(self._connect()) as conn:
+                row = conn.execute("SELECT uid, patient_id FROM studies WHERE key=?", (key,)).fetchone()
+        except sqlite3.Error as e:
+            log.error("audit.read_failed", what="studies", error=type(e).__name__)
+            return None
+        return (str(row[0]), str(row[1])) if row else None
+
+
+def destination(d: Destination) -> Participant:
+    """A [[destinations]] entry as the audit names it: its name, its AE title (dicom),
+    its host (or the folder of a directory destination)."""
+    host = d.host or (urllib.parse.urlsplit(d.url).hostname if d.url else None)
+    return Participant(user_id=d.name, requestor=False, role=messages.DESTINATION,
+                       ae_title=d.ae_title if d.transport == "dicom" else None,
+                       address=host or (str(d.path) if d.path else None))
 
 
 def _now() -> datetime.datetime:

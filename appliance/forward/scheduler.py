@@ -55,6 +55,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import structlog
 
@@ -152,13 +153,21 @@ def _health(name: str, row: DestinationRow | None) -> Health:
                   last_error=row.last_error, next_probe=row.next_probe)
 
 
+class Audit(Protocol):
+    """What the audit trail is told (the daemon's adapter to appliance.audit)."""
+
+    def sent(self, item: Item, destination: str, instances: int, problem: str | None) -> None: ...
+
+
 class Forwarder:
     def __init__(self, queue: Queue, transports: Sequence[Transport], cfg: QueueConfig,
                  rng: random.Random | None = None, beat: Callable[[], None] = lambda: None,
                  budget_base_s: float = BUDGET_BASE_S, wake: Callable[[], None] = lambda: None,
                  lane_probe_wait_s: float = LANE_PROBE_WAIT_S,
-                 probe_wait_s: float = PROBE_WAIT_S, copies: Sequence[str] = ()) -> None:
+                 probe_wait_s: float = PROBE_WAIT_S, copies: Sequence[str] = (),
+                 audit: Audit | None = None) -> None:
         self.queue = queue
+        self.audit = audit  # told of each delivery and parked instance (appliance.audit)
         self.budget_base_s = budget_base_s
         self.transports = list(transports)
         self.by_name = {t.name: t for t in self.transports}
@@ -255,12 +264,21 @@ class Forwarder:
                                  reason=f"delivered without {parked} parked instance(s)" if parked else None)
             self.last_error.pop(dest.name, None)
             sent = item.bundle_bytes if whole else 0
+            self._audit(item, dest.name, len(delivered), None)
             log.info("bundle.delivered", bundle=item.id, destination=dest.name,
                      bytes=item.bundle_bytes, instances=len(delivered), parked=parked,
                      seconds=round(time.monotonic() - t0, 3))
         finally:
             timer.cancel()
             meter.end(sent)
+
+    def _audit(self, item: Item, dest: str, instances: int, problem: str | None) -> None:
+        if self.audit is None or not instances:
+            return
+        try:
+            self.audit.sent(item, dest, instances, problem)
+        except Exception:  # an audit failure never changes what happens to the bundle
+            log.exception("audit.sent_failed", bundle=item.id, destination=dest)
 
     def _record(self, item: Item, dest: str, delivered: list[int]) -> None:
         if delivered:
@@ -287,6 +305,7 @@ class Forwarder:
         now = time.time()
         for i in decision.park:
             child = self.queue.park(item.id, i, f"parked from {item.id} (instance {i}): {reason}", now)
+            self._audit(item, dest, 1, f"instance {i} parked: {reason}")
             log.error("instance.parked", bundle=item.id, instance=i, item=child, destination=dest,
                       reason=reason)
         for i in decision.suspect:

@@ -25,7 +25,7 @@ _TAGS = (0x00080005, PATIENT_ID)  # the character set first, so the ID decodes
 
 @dataclass
 class _Association:
-    studies: dict[str, tuple[str, Counter[str]]] = field(default_factory=dict)
+    studies: dict[str, tuple[str, Counter[str], str]] = field(default_factory=dict)  # uid -> pid, counts, key
     overflow: int = 0  # instances of studies beyond MAX_STUDIES
 
 
@@ -34,7 +34,8 @@ class Received:
         self._lock = threading.Lock()
         self._by_assoc: dict[int, _Association] = {}
 
-    def note(self, assoc: int, study_uid: str, sop_class: str, head: Callable[[], bytes]) -> None:
+    def note(self, assoc: int, study_uid: str, study_key: str, sop_class: str,
+             head: Callable[[], bytes]) -> None:
         with self._lock:
             a = self._by_assoc.setdefault(assoc, _Association())
             known = a.studies.get(study_uid)
@@ -45,14 +46,16 @@ class Received:
                 return
             pid = rules.attributes(head(), _TAGS, PATIENT_ID).get(PATIENT_ID, "")
             with self._lock:
-                known = a.studies.setdefault(study_uid, (pid, Counter()))
+                known = a.studies.setdefault(study_uid, (pid, Counter(), study_key))
         with self._lock:
             known[1][sop_class] += 1
 
-    def take(self, assoc: int) -> tuple[list[Study], int]:
-        """The studies the association stored, and how many instances went unnamed."""
+    def take(self, assoc: int) -> tuple[list[tuple[str, Study]], int]:
+        """The studies the association stored, each with its study key (the queue's
+        keyed hash of the UID), and how many instances went unnamed."""
         with self._lock:
             a = self._by_assoc.pop(assoc, None)
         if a is None:
             return [], 0
-        return [Study(uid, pid, dict(counts)) for uid, (pid, counts) in a.studies.items()], a.overflow
+        return [(key, Study(uid, pid, dict(counts))) for uid, (pid, counts, key) in a.studies.items()], \
+            a.overflow

@@ -643,7 +643,7 @@ class Receiver:
             stored = self.spool.store(parts, meta)
         if self.audit is not None and not stored.duplicate:
             try:  # stored and committed: nothing about the audit may refuse it now
-                self._audited.note(assoc, meta.study_uid, meta.sop_class, head)
+                self._audited.note(assoc, meta.study_uid, stored.study_key, meta.sop_class, head)
             except Exception:  # noqa: BLE001 - counted by the audit message's absence
                 log.exception("audit.note_failed")
         return stored
