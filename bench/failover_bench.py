@@ -11,7 +11,7 @@ on a fresh bed: a scanner sends the study in associations of 10 images; once A h
 and a bundle is on its way, A's link is partitioned (nft drop both ways: a silent link).
 Times from the partition (wall clock; the daemon's log timestamps for the steps):
 
-- silent_s  the daemon notices (first "went silent" failure logged);
+- silent_s  the dicom transport notices the silent link (`dicom.link_silent` logged);
 - down_s    center-a marked down (`destination.down`);
 - first_b_s center B's Orthanc holds its first instance (REST, polled every 0.05 s).
 
@@ -80,7 +80,7 @@ def one_run(root: Path, files: list[Path], rate: float, destination: dict[str, A
                  detail=bed.detail)
         log = bed.app.log_text()
         found = problems(bed.a, bed.b, sent)
-        return {"first_b_s": cut.seconds, "silent_s": first_event(log, cut.wall, "went silent"),
+        return {"first_b_s": cut.seconds, "silent_s": first_event(log, cut.wall, '"dicom.link_silent"'),
                 "down_s": first_event(log, cut.wall, '"destination.down"'),
                 "at_a_at_cut": cut.at_a, "active_at_cut": cut.active,
                 "at_a": bed.a.count(), "at_b": bed.b.count(), "problems": found,

@@ -310,6 +310,9 @@ class DicomTransport:
             # A PACS that stopped answering while sending an instance may have choked on
             # it; a silent link (its machine acknowledged nothing) is no instance's doing.
             blame = (current.index,) if current is not None and not link.probe.link_silent else ()
+            if link.probe.link_silent:
+                log.warning("dicom.link_silent", destination=self.name, bundle=item_id,
+                            link_timeout_s=self.link_timeout)
             raise Retryable(f"{e}{where}", instances=blame) from None
         except (Retryable, Permanent) as e:
             link.release()
