@@ -1,5 +1,7 @@
 """TLS for the dicom transport: the error classification (pure), the client and server
-contexts, and pynetdicom sockets that remember why a connection or handshake failed.
+contexts, and pynetdicom sockets that remember why a connection or handshake failed and
+watch their link (keep-alives, and `link_silent` from TCP_INFO: see "Dead peers and slow
+links" in the package docstring).
 """
 
 from __future__ import annotations
