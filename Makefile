@@ -11,9 +11,10 @@ DEV_CONFIG := config/appliance.dev.toml
 # (openssh-server), the WAN tools (iproute2, nftables; wireguard-go and wireguard-tools
 # for the VPN path, as this kernel has no WireGuard), and what boots the systemd unit in
 # a Debian container (mmdebstrap, systemd-container for systemd-nspawn; util-linux for
-# nsenter/unshare).
+# nsenter/unshare), and the MQTT broker of the ops link (mosquitto; the tests start their own
+# on a loopback port, so the system service the package enables is stopped and disabled).
 PEERS := dcmtk orthanc orthanc-dicomweb openssh-server iproute2 nftables wireguard-go \
-	wireguard-tools mmdebstrap systemd-container util-linux
+	wireguard-tools mmdebstrap systemd-container util-linux mosquitto
 PYTEST_ARGS ?=
 
 .PHONY: run test test-boot test-wan peers venv bench bench-receive bench-pack bench-wan bench-failover lint clean
@@ -42,11 +43,17 @@ peers:
 	command -v mmdebstrap >/dev/null || missing="$$missing mmdebstrap"; \
 	command -v systemd-nspawn >/dev/null || missing="$$missing systemd-container"; \
 	command -v nsenter >/dev/null || missing="$$missing util-linux"; \
+	test -x /usr/sbin/mosquitto || missing="$$missing mosquitto"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing test peers:$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
 	  $$SUDO apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  case "$$missing" in *mosquitto*) \
+	    if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then \
+	      $$SUDO systemctl disable --now mosquitto.service >/dev/null 2>&1 || true; \
+	    fi;; \
+	  esac; \
 	fi
 
 run: venv
@@ -57,11 +64,11 @@ run: venv
 	@echo "  try: storescu -aec EDGE 127.0.0.1 11112 FILE.dcm"
 	exec $(BIN)/appliance run --config $(DEV_CONFIG)
 
-# The whole suite, the boot tier included (tests/test_systemd_boot.py, marker systemd_boot:
-# ~80 s, plus ~40-60 s the first time to build the container's root file system, cached
-# in .cache/nspawn/; docs/systemd.md), but not the WAN tier: `make test-wan` (CI runs both).
+# The whole suite but its two slow tiers, each its own target that CI runs after it:
+# `make test-boot` and `make test-wan`. The slowest tests are listed at the end, so that
+# a test that grows is seen before `make test` outgrows its ~20 minutes.
 test: venv peers
-	$(BIN)/python -m pytest -m "not wan" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not wan and not systemd_boot" --durations=15 $(PYTEST_ARGS)
 
 # Only the WAN tier (marker wan, root): the emulated WAN of tests/wan.py and the appliance
 # over it (tests/test_wan_bed.py ~15 s, tests/test_wan_scenarios.py ~3.5 min,
@@ -70,7 +77,9 @@ test: venv peers
 test-wan: venv peers
 	$(BIN)/python -m pytest -m wan $(PYTEST_ARGS)
 
-# Only the boot tier: the unit booted under systemd in a Debian 12 container.
+# The boot tier (tests/test_systemd_boot.py, marker systemd_boot; ~2 minutes, plus ~40-60 s
+# the first time to build the container's root file system, cached in .cache/nspawn/;
+# docs/systemd.md): the unit booted under systemd in a Debian 12 container.
 test-boot: venv peers
 	$(BIN)/python -m pytest -m systemd_boot $(PYTEST_ARGS)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from appliance.pack.pace import Rates, Recent, choose_codec, delivery_rate
+from appliance.pack.pace import Rates, Recent, Throughput, choose_codec, delivery_rate
 
 MB = 1e6
 J2K_PACK = 17.6 * MB  # 33.5 slices/s of 0.526 MB (verify on, 2 cores)
@@ -67,3 +67,48 @@ def test_recent_rate_forgets_old_samples_and_ignores_empty_ones() -> None:
     r.add(1 * MB, 1.0)
     r.add(5 * MB, 0.0)
     assert r.rate() == pytest.approx(1 * MB)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_throughput_counts_overlapping_transfers_as_one_busy_stage() -> None:
+    clock = Clock()
+    t = Throughput(clock=clock)
+    t.begin()
+    t.begin()  # two lanes sharing one link: 10 MB each over the same 4 s
+    clock.now += 4.0
+    t.end(10 * MB)
+    t.end(10 * MB)
+    assert t.rate() == pytest.approx(5 * MB)
+
+
+def test_throughput_leaves_idle_time_out() -> None:
+    clock = Clock()
+    t = Throughput(clock=clock)
+    t.begin()
+    clock.now += 1.0
+    t.end(2 * MB)
+    clock.now += 60.0  # nothing to send for a minute
+    t.begin()
+    clock.now += 1.0
+    t.end(2 * MB)
+    assert t.rate() == pytest.approx(2 * MB)
+
+
+def test_throughput_drops_the_time_of_a_failed_transfer() -> None:
+    clock = Clock()
+    t = Throughput(clock=clock)
+    t.begin()
+    clock.now += 30.0
+    t.end(0)  # failed: neither its bytes nor its time say anything about the rate
+    assert t.rate() is None
+    t.begin()
+    clock.now += 2.0
+    t.end(4 * MB)
+    assert t.rate() == pytest.approx(2 * MB)

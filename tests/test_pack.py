@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import io
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -238,6 +239,93 @@ def test_each_bundle_is_announced_as_soon_as_it_is_ready_and_stat_goes_first(
                 c.execute("UPDATE segments SET priority=10 WHERE id=?", (late_stat,))
 
     packer.on_packed = announced
+    packer.segments_at_once = 1  # the order of places, one at a time (side by side: below)
     assert packer.pack_pending() == 4
     assert [s for s, _ in seen] == [segs[0], late_stat, segs[1], segs[2]]
     assert [len(ready) for _, ready in seen] == [1, 2, 3, 4]  # announced one at a time
+
+
+def _studies(spool: Spool, n: int, per_study: int) -> list[str]:
+    """`n` sealed segments of `per_study` CT slices each (a study each), oldest first."""
+    files = sorted(CT.iterdir())
+    segs = []
+    for i in range(n):
+        study = generate_uid()
+        raws = []
+        for f in files[i * per_study:(i + 1) * per_study]:
+            ds = pydicom.dcmread(f)
+            ds.StudyInstanceUID = study
+            buf = io.BytesIO()
+            ds.save_as(buf, enforce_file_format=True)
+            raws.append(buf.getvalue())
+        segs.append(_store(spool, raws)[0].segment_id)
+    return segs
+
+
+def test_two_sealed_segments_are_packed_side_by_side(tmp_path: Path, pool: CodecPool) -> None:
+    """The oldest segment is held inside its pack until the next one is ready: that
+    happens only if the two are packed at once (one at a time, it times out first)."""
+    spool, queue, packer, key = _box(tmp_path, pool)
+    first, second = _studies(spool, 2, 2)
+    second_ready = threading.Event()
+    waited: list[bool] = []
+    pack = packer._pack
+
+    def held(seg: str, codec: str) -> int:
+        if seg == first:
+            waited.append(second_ready.wait(60))
+        return pack(seg, codec)
+
+    packer._pack = held  # type: ignore[method-assign]
+    packer.on_packed = lambda seg: second_ready.set() if seg == second else None
+    assert packer.segments_at_once == 2  # one per worker
+    assert packer.pack_pending() == 2
+    assert waited == [True]
+    assert [len(_bundle(queue, s, key)) for s in (first, second)] == [2, 2]
+
+
+def test_segments_side_by_side_start_stat_first_then_oldest(tmp_path: Path, pool: CodecPool) -> None:
+    spool, queue, packer, _ = _box(tmp_path, pool)
+    old, mid, new, stat = _studies(spool, 4, 1)
+    with queue.index.tx() as c:
+        c.execute("UPDATE segments SET priority=10 WHERE id=?", (stat,))
+    started: list[str] = []
+    pick = packer._next_sealed
+
+    def noted(exclude: Any = frozenset()) -> str | None:
+        seg = pick(exclude)
+        if seg is not None:
+            started.append(seg)
+        return seg
+
+    packer._next_sealed = noted  # type: ignore[method-assign]
+    assert packer.pack_pending() == 4
+    assert started == [stat, old, mid, new]
+
+
+def test_segments_side_by_side_share_one_window_of_results(tmp_path: Path, pool: CodecPool) -> None:
+    """Memory stays what one segment at a time held: at most `window` codec results in
+    flight or waiting to be written, all segments together."""
+    spool, queue, packer, key = _box(tmp_path, pool)
+    segs = _studies(spool, 2, 6)
+    in_flight, most = [0], [0]
+    lock = threading.Lock()
+    submit, write = packer._submit, packer._write
+
+    def counted_submit(*a: Any) -> Any:
+        with lock:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+        return submit(*a)
+
+    def counted_write(*a: Any) -> None:
+        write(*a)
+        with lock:
+            in_flight[0] -= 1
+
+    packer._submit = counted_submit  # type: ignore[method-assign]
+    packer._write = counted_write  # type: ignore[method-assign]
+    assert packer.pack_pending() == 2
+    assert 0 < most[0] <= packer.window == 4
+    assert in_flight[0] == 0
+    assert [len(_bundle(queue, s, key)) for s in segs] == [6, 6]

@@ -16,13 +16,20 @@ other codec is faster by `margin` (no flapping on noise) and keeps the configure
 while either rate is unknown. Every codec is lossless: the choice changes bytes on the
 wire and time, never a pixel.
 
-Not yet wired in: the packer would ask before each segment with the send rate of the
-destinations it is for (forward/scheduler.py owns those; see the report of issue 11).
+Wired in (`pack.adaptive`): the forwarder measures each destination's send rate with a
+`Throughput` (bytes over the time at least one send to it was in flight, so two lanes
+sharing a link are not counted at half its rate each); the packer measures its own pack
+rate the same way (as the configured codec's equivalent, `equivalent_bytes`) and the
+configured codec's ratio (`Recent`), and asks `choose_codec` as each instance's job goes
+to the codec pool, with the rate of the destination the segment goes to (pack/packer.py).
 """
 
 from __future__ import annotations
 
 import collections
+import threading
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 # Fastest last. Only a codec at or after the configured one is ever chosen.
@@ -58,6 +65,14 @@ def delivery_rate(codec: str, configured: str, r: Rates) -> float:
     return min(pack, r.send_bps * ratio)
 
 
+def equivalent_bytes(raw_by_codec: Mapping[str, float], configured: str) -> float:
+    """Raw bytes packed with several codecs, counted as the bytes the configured codec
+    would have packed in the same time (by their relative speed in `PRIORS`): the pack
+    rate `choose_codec` is asked with stays that of the configured codec after a switch."""
+    speed0 = PRIORS[configured][0] if configured in PRIORS else 1.0
+    return sum(n * speed0 / PRIORS[c][0] for c, n in raw_by_codec.items() if c in PRIORS)
+
+
 def choose_codec(configured: str, r: Rates, margin: float = 1.2) -> str:
     """The codec to pack the next segment for this link with (see the module docstring)."""
     if configured not in BY_SPEED or None in (r.send_bps, r.pack_bps, r.ratio):
@@ -82,7 +97,51 @@ class Recent:
         if nbytes > 0 and seconds > 0:
             self._samples.append((nbytes, seconds))
 
+    def add_to_last(self, nbytes: float) -> None:
+        """More bytes for the last sample's time (transfers that ended together)."""
+        if self._samples and nbytes > 0:
+            b, s = self._samples[-1]
+            self._samples[-1] = (b + nbytes, s)
+
     def rate(self) -> float | None:
         if not self._samples:
             return None
         return sum(b for b, _ in self._samples) / sum(s for _, s in self._samples)
+
+
+class Throughput:
+    """Bytes per second of a stage that may run several transfers at once (lanes to one
+    destination, segments packed side by side): each finished transfer counts its bytes
+    and the busy time since the previous one finished (or since the stage became busy),
+    so the figure is what the stage as a whole moved while it was busy, not per transfer
+    (two sends sharing a 20 Mbit/s link each see 10). Idle time never counts.
+    Thread-safe: lanes and the packer call it from their own threads."""
+
+    def __init__(self, keep: int = 8, clock: Callable[[], float] = time.monotonic) -> None:
+        self._recent = Recent(keep)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._busy = 0  # transfers in flight
+        self._mark = 0.0  # when the time not yet counted began
+
+    def begin(self) -> None:
+        with self._lock:
+            if self._busy == 0:
+                self._mark = self._clock()
+            self._busy += 1
+
+    def end(self, nbytes: float) -> None:
+        """A transfer begun with `begin` finished; `nbytes` 0 for one that failed (its
+        time is dropped, not counted against the rate)."""
+        with self._lock:
+            now = self._clock()
+            self._busy = max(0, self._busy - 1)
+            if now > self._mark:
+                self._recent.add(nbytes, now - self._mark)
+            else:  # ended with the one before: its time is counted already
+                self._recent.add_to_last(nbytes)
+            self._mark = now
+
+    def rate(self) -> float | None:
+        with self._lock:
+            return self._recent.rate()

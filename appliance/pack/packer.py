@@ -33,6 +33,24 @@ receiving); count and size limits are applied by the spool as instances arrive (
 study's first segment is small: `pack.first_segment_instances`). While a scanner sends a
 burst, what is packed is decided by `may_pack_now` (`pack.during_burst`).
 
+Several sealed segments are packed side by side (`segments_at_once`: one per worker, at
+most MAX_SEGMENTS_AT_ONCE), each on a thread of its own, so that the workers are not
+idle while one segment's last jobs finish and its bundle is synced and committed. A
+free place goes to the highest priority, then the oldest. Memory stays what one segment
+held: their codec jobs share one window of `window` results (`_Window`), and a job's
+result is written into its bundle and dropped before another takes its place. A place
+goes to the first segment in rank (stat, then oldest) that still has jobs to submit, so
+a later one only fills the cores the earlier one leaves free (its tail: the last
+results, the sync and commit), and a study's small first segment is not slowed down.
+
+Codec (`pack.adaptive`, pack/pace.py): as each instance's job goes to the pool, the
+packer asks `pace.choose_codec` with the recent send rate of the destination the bundle
+goes to (`link`, from the forwarder: today the first one that is up) and its own recent
+pack rate (as `pack.codec`'s equivalent, `pace.equivalent_bytes`) and `pack.codec`'s
+ratio; when the link would wait for the packer, a faster codec (JPEG-LS) or none is
+used, from that instance on. Each instance's transfer syntax is in the manifest, so a
+bundle may mix them; every codec is lossless. A change is logged (`pack.codec_chosen`).
+
 How it fails (docs/architecture.md, "Failure behaviour"): one instance never stops its
 segment, and one segment never stops the others.
 
@@ -62,8 +80,10 @@ import errno
 import functools
 import hashlib
 import os
+import queue
 import secrets
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError, Future
@@ -77,6 +97,7 @@ from appliance.bundle.format import BundleWriter
 from appliance.core import crypto, durable, failpoints, part10
 from appliance.core.config import Pack, Receive
 from appliance.core.errors import IntegrityError
+from appliance.pack import pace
 from appliance.pack import stream as stream_pack
 from appliance.pack.codec import Result, compress
 from appliance.pack.pool import CodecPool, PoolClosed, WorkerLost
@@ -91,6 +112,7 @@ PACK_ATTEMPTS = 3  # tries of a whole segment before it is held
 PACK_RETRY_S = 5.0  # back-off after the first failed try; doubles after each
 PACK_RETRY_MAX_S = 300.0
 PACK_WAIT_S = 30.0  # between tries while the disk is full
+MAX_SEGMENTS_AT_ONCE = 4  # packed side by side (at most one per worker)
 POOL_GRACE_S = 60.0  # the pool kills a job at its limit; this thread waits this much more
 # errors of the box, not of the segment: waited out, never counted towards holding it
 _WAIT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -217,8 +239,16 @@ class Packer:
                  pool: CodecPool, receiving_burst: Callable[[], bool] = lambda: False,
                  beat: Callable[..., None] = lambda **_: None, *,
                  max_instance_bytes: int = Receive.max_instance_mb << 20,
-                 on_packed: Callable[[str], None] = lambda seg: None) -> None:
+                 on_packed: Callable[[str], None] = lambda seg: None,
+                 link: Callable[[], tuple[str | None, float | None]] = lambda: (None, None)) -> None:
         self.cfg = cfg
+        # where a bundle packed now goes and its recent send rate (Forwarder.link)
+        self.link = link
+        # raw bytes/s packed, counted as with pack.codec (pace.equivalent_bytes)
+        self.packed = pace.Throughput()
+        self.ratio = pace.Recent()  # raw bytes per output byte of pack.codec's instances
+        self.chosen = cfg.codec
+        self._choosing = threading.Lock()  # segment threads ask at once
         self.on_packed = on_packed  # a bundle is ready: the forwarder may take it now
         # progress, for the stage supervisor (health/supervisor.py); beat(expect=s) before a
         # wait that may last s seconds
@@ -230,7 +260,10 @@ class Packer:
         self.index = spool.index
         self.recipients = list(recipients)
         self.pool = pool
+        # results held in memory at once, all segments together (`_Window`)
         self.window = max(2, 2 * pool.workers)
+        self._window = _Window(self.window)
+        self.segments_at_once = max(1, min(pool.workers, MAX_SEGMENTS_AT_ONCE))
         self._tries: dict[str, _Tries] = {}  # segments whose pack failed, by id
 
     def seal_due(self, now: float) -> int:
@@ -254,27 +287,50 @@ class Packer:
         return sealed
 
     def pack_pending(self) -> int:
-        """Pack every sealed segment that is due, highest priority first, looking again
-        after each one (a stat segment sealed meanwhile goes next, not after the routine
-        ones seen before it); a failing one is set aside (retried after a back-off, held
-        after PACK_ATTEMPTS) and the others go on."""
+        """Pack every sealed segment that is due, up to `segments_at_once` side by side
+        (each on a thread of its own; their codec jobs share the pool and one window of
+        `window` results in memory, `_Window`, taken by the first in rank first). A free
+        place goes to the highest priority first, then the oldest, looked up again each
+        time (a stat segment sealed meanwhile goes next, not after the routine ones seen
+        before it); a failing one is set aside (retried after a back-off, held after
+        PACK_ATTEMPTS) and the others go on. Each instance's codec is chosen as its job
+        is submitted (`choose_codec`)."""
         packed = 0
+        running: set[str] = set()
+        finished: queue.SimpleQueue[tuple[str, BaseException | None]] = queue.SimpleQueue()
+        stopping = False
         while True:
-            seg = self._next_sealed()
-            if seg is None:
+            while not stopping and len(running) < self.segments_at_once:
+                seg = self._next_sealed(exclude=running)
+                if seg is None:
+                    break
+                running.add(seg)
+                threading.Thread(target=self._pack_one, args=(seg, finished),
+                                 name="pack-segment", daemon=True).start()
+            if not running:
                 return packed
-            try:
-                self.pack(seg)
-            except (CancelledError, PoolClosed):  # shutting down: packed at the next start
+            seg, error = finished.get()  # each pack's waits are bounded (job_limit, POOL_GRACE_S)
+            running.discard(seg)
+            if error is None:
+                self._tries.pop(seg, None)
+                packed += 1
+            elif isinstance(error, (CancelledError, PoolClosed)):  # shutting down: packed at the next start
                 log.info("pack.interrupted", segment=seg)
-                return packed
-            except Exception as e:
-                self._failed(seg, e)
-                continue
-            self._tries.pop(seg, None)
-            packed += 1
+                stopping = True
+            elif isinstance(error, Exception):
+                self._failed(seg, error)
+            else:
+                raise error
 
-    def _next_sealed(self) -> str | None:
+    def _pack_one(self, seg: str, finished: queue.SimpleQueue[tuple[str, BaseException | None]]) -> None:
+        try:
+            self.pack(seg)
+        except BaseException as e:  # reported to pack_pending, which decides
+            finished.put((seg, e))
+        else:
+            finished.put((seg, None))
+
+    def _next_sealed(self, exclude: set[str] | frozenset[str] = frozenset()) -> str | None:
         rows = self.index.query("SELECT id, study_key, created, updated, priority FROM segments"
                                 " WHERE state='sealed' ORDER BY priority DESC, created")
         sealed = {r["id"] for r in rows}
@@ -286,6 +342,8 @@ class Packer:
         link_waits = asks and self.cfg.during_burst == "link-waits" and not self.index.query(
             "SELECT 1 FROM segments WHERE state='ready' LIMIT 1")
         for r in rows:
+            if r["id"] in exclude:  # being packed
+                continue
             facts = Burst(first=self._first_of_study(r["study_key"], r["created"]),
                           link_waits=link_waits) if asks else Burst()
             if not may_pack_now(r["updated"], burst, self.cfg, now, r["priority"] >= PRIORITY_STAT,
@@ -319,27 +377,66 @@ class Packer:
                   exc_info=e)
         self.beat()
 
-    def pack(self, seg_id: str) -> None:
-        failpoints.hit("pack.hang")
+    def choose_codec(self) -> str:
+        """The codec for the next instance: `pack.codec`, or a faster one when the link
+        would wait for the packer (`pace.choose_codec`; `pack.adaptive`)."""
+        if not self.cfg.adaptive:
+            return self.cfg.codec
+        dest, send_bps = self.link()
+        with self._choosing:
+            rates = pace.Rates(send_bps=send_bps, pack_bps=self.packed.rate(),
+                               ratio=self.ratio.rate())
+            codec = pace.choose_codec(self.cfg.codec, rates)
+            if codec != self.chosen:
+                log.info("pack.codec_chosen", codec=codec, was=self.chosen, destination=dest,
+                         send_bps=_rounded(rates.send_bps), pack_bps=_rounded(rates.pack_bps),
+                         ratio=None if rates.ratio is None else round(rates.ratio, 2))
+                self.chosen = codec
+        return codec
+
+    def pack(self, seg_id: str, codec: str | None = None) -> None:
+        """Pack one segment, each instance with `codec`, or (None) with the codec chosen
+        for it as its job is submitted (`choose_codec`: a switch takes effect at once,
+        not from the next segment)."""
+        self.packed.begin()  # before the failpoint: a test slows "the packer" with it
+        tally: _Tally | None = None
+        try:
+            failpoints.hit("pack.hang")
+            tally = self._pack(seg_id, codec)
+        finally:
+            self.packed.end(pace.equivalent_bytes(tally.raw, self.cfg.codec) if tally else 0)
+        if tally is not None and tally.raw.get(self.cfg.codec):
+            self.ratio.add(tally.raw[self.cfg.codec], tally.out[self.cfg.codec])
+
+    def _pack(self, seg_id: str, codec: str | None) -> _Tally:
+        """Pack one segment; returns what happened to its instances."""
         seg = self.queue.get(seg_id)
         rows = self.index.query("SELECT id, size FROM instances WHERE segment_id=? AND packed=0"
                                 " ORDER BY received, id", (seg_id,))
         t0 = time.monotonic()
         tally = _Tally(seg_id)
+        self._window.feeding(seg_id, (-seg.priority, seg.created, seg_id))
         pending: collections.deque[_Pending] = collections.deque()
         try:
             with durable.atomic_file(self.queue.path(seg_id)) as f:
                 writer = BundleWriter(f, seg_id, self.recipients, seg.study_key)
                 for row in rows:
-                    pending.append(self._submit(row["id"], row["size"]))
-                    while len(pending) >= self.window:
-                        self._write(writer, pending.popleft(), tally)
+                    self._slot(seg_id, writer, pending, tally)
+                    try:
+                        pending.append(self._submit(row["id"], row["size"],
+                                                    codec or self.choose_codec()))
+                    except BaseException:
+                        self._window.release()
+                        raise
+                self._window.fed(seg_id)
                 while pending:
-                    self._write(writer, pending.popleft(), tally)
+                    self._write_next(writer, pending, tally)
                 writer.close()
                 size = f.tell()
         finally:
+            self._window.fed(seg_id)
             for job in pending:  # an error left work in flight: drop its temp when done
+                self._window.release()
                 if job.temp:
                     job.future.add_done_callback(functools.partial(_remove_after, job.temp))
         if tally.missing:  # before `ready`: a crash in between records the same count again
@@ -350,11 +447,35 @@ class Packer:
             c.execute("UPDATE instances SET packed=1 WHERE segment_id=?", (seg_id,))
         self.remove_packed(seg_id)
         log.info("segment.packed", segment=seg_id, instances=len(rows), bytes_in=seg.bytes,
-                 bytes_out=size, seconds=round(time.monotonic() - t0, 3), **tally.stats)
+                 bytes_out=size, codecs=dict(tally.codecs), seconds=round(time.monotonic() - t0, 3),
+                 **tally.stats)
         self.on_packed(seg_id)
         self.beat()
+        return tally
 
-    def _submit(self, rid: str, size: int) -> _Pending:
+    def _slot(self, seg_id: str, writer: BundleWriter, pending: collections.deque[_Pending],
+              tally: _Tally) -> None:
+        """Take a place in the window for one more job (`_Window`: the first segment in
+        rank still submitting goes first): while it cannot, write this segment's oldest
+        job (freeing its place); with none of its own in flight, wait (the others free
+        theirs as they write, so this never waits on a segment that waits in turn)."""
+        while not self._window.acquire(seg_id, 0):
+            if pending:
+                self._write_next(writer, pending, tally)
+            elif self._window.acquire(seg_id, SLOT_POLL_S):
+                return
+            else:
+                self.beat()
+
+    def _write_next(self, writer: BundleWriter, pending: collections.deque[_Pending],
+                    tally: _Tally) -> None:
+        job = pending.popleft()
+        try:
+            self._write(writer, job, tally)
+        finally:
+            self._window.release()
+
+    def _submit(self, rid: str, size: int, codec: str) -> _Pending:
         # The worker reads, decrypts and identifies the instance itself: done here, that
         # work held the GIL against the receiver's threads (the scanner waits on them).
         path = str(self.spool.dir / rid)
@@ -364,11 +485,11 @@ class Packer:
             # Named here, so that this thread removes it whatever happens to the worker;
             # the prefix makes Spool.recover remove it after a crash of the daemon.
             temp = str(self.spool.dir / f"{durable.TEMP_PREFIX}pack-{secrets.token_hex(8)}")
-            args: tuple[Any, ...] = (path, rid, key, self.cfg.codec, self.cfg.verify, temp)
+            args: tuple[Any, ...] = (path, rid, key, codec, self.cfg.verify, temp)
             return _Pending(rid, self.pool.submit_call(stream_pack.prepare_stream, args, limit),
-                            temp, limit)
-        args = (path, rid, key, self.cfg.codec, self.cfg.verify, self.inflate_cap)
-        return _Pending(rid, self.pool.submit_call(prepare, args, limit), None, limit)
+                            temp, limit, codec)
+        args = (path, rid, key, codec, self.cfg.verify, self.inflate_cap)
+        return _Pending(rid, self.pool.submit_call(prepare, args, limit), None, limit, codec)
 
     def _write(self, writer: BundleWriter, job: _Pending, tally: _Tally) -> None:
         """Write one instance's job into the bundle; whatever went wrong with that one
@@ -400,10 +521,11 @@ class Packer:
                 self._pass_through(writer, rid, "pack-error", tally, type(e).__name__)
                 return
             if isinstance(p, Streamed):
-                self._write_streamed(writer, rid, p, job.temp or "", tally)
+                self._write_streamed(writer, rid, p, job.temp or "", tally, codec=job.codec)
                 return
             res = p.result
-            self._note(rid, res.action, res.reason, tally)
+            self._note(rid, res.action, res.reason, tally, codec=job.codec)
+            tally.packed_with(job.codec, res.input_size, res.output_size)
             writer.begin_instance({**p.facts, "transfer_syntax": res.transfer_syntax,
                                    "action": res.action, "reason": res.reason})
             writer.write(res.data)
@@ -418,10 +540,10 @@ class Packer:
             self.beat()
 
     def _note(self, rid: str, action: str, reason: str, tally: _Tally,
-              error_type: str | None = None) -> None:
+              error_type: str | None = None, codec: str = "") -> None:
         tally.stats[action] += 1
         if reason.startswith("verify-"):
-            log.error("pack.verify_failed", instance=rid, codec=self.cfg.codec, reason=reason)
+            log.error("pack.verify_failed", instance=rid, codec=codec, reason=reason)
         elif reason in _FAILURE_REASONS:
             tally.stats[reason] += 1
             log.warning("pack.instance_passed_through", instance=rid, segment=tally.segment,
@@ -463,13 +585,16 @@ class Packer:
                   segment=tally.segment)
 
     def _write_streamed(self, writer: BundleWriter, rid: str, s: Streamed, temp: str,
-                        tally: _Tally, error_type: str | None = None) -> None:
+                        tally: _Tally, error_type: str | None = None, codec: str = "") -> None:
         """Copy a large instance into the bundle in 1 MiB pieces (never whole)."""
         assert s.facts is not None
-        self._note(rid, s.action, s.reason, tally, error_type)
+        self._note(rid, s.action, s.reason, tally, error_type, codec)
         tally.stats["streamed"] += 1
         writer.begin_instance({**s.facts, "transfer_syntax": s.transfer_syntax,
                                "action": s.action, "reason": s.reason})
+        if codec:
+            tally.packed_with(codec, s.facts["received_size"], s.output_size
+                              if s.action == "compressed" else s.facts["received_size"])
         if s.action == "compressed":
             stream_pack.copy_output(writer, s, temp)
             size, digest = s.output_size, None
@@ -494,12 +619,53 @@ class Packer:
         return len(rows)
 
 
+SLOT_POLL_S = 1.0  # a segment waiting for a place in the window beats this often
+
+
+class _Window:
+    """The window: how many codec results (each up to an in-memory instance,
+    `pack.stream_threshold_mb`) may be in flight or waiting to be written, all segments
+    together, so that packing several segments at once holds no more in memory than
+    packing one did. A place goes only to the segment first in rank (lowest key:
+    stat, then oldest) among those still submitting jobs (`feeding` .. `fed`)."""
+
+    def __init__(self, n: int) -> None:
+        self._free = n
+        self._cv = threading.Condition()
+        self._feeding: dict[str, tuple[Any, ...]] = {}
+
+    def feeding(self, seg: str, rank: tuple[Any, ...]) -> None:
+        with self._cv:
+            self._feeding[seg] = rank
+
+    def fed(self, seg: str) -> None:
+        with self._cv:
+            if self._feeding.pop(seg, None) is not None:
+                self._cv.notify_all()
+
+    def acquire(self, seg: str, timeout: float) -> bool:
+        def first_with_room() -> bool:
+            mine = self._feeding.get(seg)
+            return self._free > 0 and (mine is None or mine == min(self._feeding.values()))
+        with self._cv:
+            if not self._cv.wait_for(first_with_room, timeout):
+                return False
+            self._free -= 1
+            return True
+
+    def release(self) -> None:
+        with self._cv:
+            self._free += 1
+            self._cv.notify_all()
+
+
 @dataclass(frozen=True)
 class _Pending:
     rid: str
     future: Future[Any]  # of Prepared, or Streamed for a large instance
     temp: str | None  # the streamed output's temp file, removed after writing
     limit_s: float  # the job's time limit in the pool
+    codec: str
 
 
 @dataclass
@@ -508,7 +674,19 @@ class _Tally:
 
     segment: str
     stats: collections.Counter[str] = field(default_factory=collections.Counter)
+    codecs: collections.Counter[str] = field(default_factory=collections.Counter)  # instances
+    raw: collections.Counter[str] = field(default_factory=collections.Counter)  # bytes in, by codec
+    out: collections.Counter[str] = field(default_factory=collections.Counter)  # bytes out, by codec
     missing: int = 0  # acknowledged instances left out: unreadable or lost
+
+    def packed_with(self, codec: str, raw: int, out: int) -> None:
+        self.codecs[codec] += 1
+        self.raw[codec] += raw
+        self.out[codec] += out
+
+
+def _rounded(rate: float | None) -> int | None:
+    return None if rate is None else round(rate)
 
 
 def _remove_after(path: str, _done: Future[Any]) -> None:
