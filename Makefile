@@ -17,7 +17,7 @@ PEERS := dcmtk orthanc orthanc-dicomweb openssh-server iproute2 nftables wiregua
 	wireguard-tools mmdebstrap systemd-container util-linux mosquitto
 PYTEST_ARGS ?=
 
-.PHONY: run test test-boot test-wan peers venv bench bench-receive bench-pack bench-wan lint clean
+.PHONY: run test test-boot test-wan peers venv bench bench-receive bench-pack bench-wan bench-failover lint clean
 
 $(BIN)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -71,7 +71,8 @@ test: venv peers
 	$(BIN)/python -m pytest -m "not wan and not systemd_boot" --durations=15 $(PYTEST_ARGS)
 
 # Only the WAN tier (marker wan, root): the emulated WAN of tests/wan.py and the appliance
-# over it (tests/test_wan_bed.py ~15 s, tests/test_wan_scenarios.py ~2.5 min,
+# over it (tests/test_wan_bed.py ~15 s, tests/test_wan_scenarios.py ~3.5 min,
+# tests/test_wan_failover.py ~50 s, tests/test_wan_refused.py ~45 s,
 # tests/test_wan_bench_smoke.py ~30 s; docs/wan.md).
 test-wan: venv peers
 	$(BIN)/python -m pytest -m wan $(PYTEST_ARGS)
@@ -93,6 +94,10 @@ bench-pack: venv peers
 # Time to center over the emulated WAN at 5, 20 and 100 Mbit/s (root; ~12 min).
 bench-wan: venv peers
 	$(BIN)/python bench/wan_bench.py
+
+# Failover over the emulated WAN: cut -> first instance at center B, 5 runs (root; ~7 min).
+bench-failover: venv peers
+	$(BIN)/python bench/failover_bench.py
 
 lint: venv
 	$(BIN)/pip install --quiet ruff mypy

@@ -21,6 +21,9 @@ root); only the key in our `authorized_keys` is accepted, no password.
 `Sshd(root, drop_mb=N)` puts a tmpfs of N MiB at /drop instead of `drop/` (a server
 whose disk fills up; its files are then not visible from the test).
 
+`Sshd(root, netns=NAME, listen=ADDR)` runs it inside a network namespace of the emulated
+WAN (tests/wan.py), listening on that namespace's address ADDR.
+
 `Relay` is a TCP relay to put between client and server: it counts what the client sent
 and can cut every connection once the client has sent `cut_after` bytes (a link that
 dies mid-upload, at a known point), or stop passing on what the client sends once it has
@@ -41,6 +44,7 @@ from types import TracebackType
 
 from appliance.core.config import Destination
 from tests.peers import free_port, wait_for
+from tests.wan import entered, exec_prefix
 
 SSHD_BIN = "/usr/sbin/sshd"
 REMOTE_DIR = "/drop"  # where drop/ appears to the SFTP user (inside the chroot)
@@ -63,9 +67,12 @@ def fingerprint(pub: Path) -> str:
 class Sshd:
     """One sshd process with its own keys, config, log and upload folder in `root`."""
 
-    def __init__(self, root: Path, drop_mb: int | None = None) -> None:
+    def __init__(self, root: Path, drop_mb: int | None = None, netns: str | None = None,
+                 listen: str = "127.0.0.1") -> None:
         self.root = root
         self.drop_mb = drop_mb
+        self.netns = netns  # run inside this network namespace (tests/wan.py) ...
+        self.listen = listen  # ... on this address of it
         self.drop = root / "drop"
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -96,12 +103,12 @@ class Sshd:
 
     def known_hosts_line(self, pub: Path | None = None) -> str:
         kind, blob = (pub or self.host_pub).read_text().split()[:2]
-        return f"[127.0.0.1]:{self.port} {kind} {blob}\n"
+        return f"[{self.listen}]:{self.port} {kind} {blob}\n"
 
     def _config(self) -> str:
         r = self.root
         return "\n".join([
-            f"ListenAddress 127.0.0.1:{self.port}",
+            f"ListenAddress {self.listen}:{self.port}",
             f"HostKey {r / 'host_ed25519'}",
             f"PidFile {r / 'sshd.pid'}",
             f"AuthorizedKeysFile {r / 'authorized_keys'}",
@@ -123,8 +130,8 @@ class Sshd:
                   f' /run/sftp-root /run/sftp-root/drop && {drop} && exec "$@"')
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
-                ["unshare", "--mount", "--propagation", "private", "sh", "-c", script,
-                 str(self.drop), SSHD_BIN, "-D", "-e", "-f", str(self.root / "sshd_config")],
+                [*exec_prefix(self.netns), "unshare", "--mount", "--propagation", "private", "sh",
+                 "-c", script, str(self.drop), SSHD_BIN, "-D", "-e", "-f", str(self.root / "sshd_config")],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_for(self._ready, timeout=30, what="sshd to listen", detail=self.log_text)
 
@@ -132,8 +139,8 @@ class Sshd:
         assert self.proc is not None
         if self.proc.poll() is not None:
             raise RuntimeError(f"sshd exited with {self.proc.returncode}:\n{self.log_text()}")
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", self.port)) == 0
+        with entered(self.netns) if self.netns else contextlib.nullcontext(), socket.socket() as s:
+            return s.connect_ex((self.listen, self.port)) == 0
 
     def stop(self) -> None:
         """Stop sshd and, with it, every session it serves (they are in its group)."""

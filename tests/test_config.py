@@ -105,6 +105,7 @@ def test_destination_transport_defaults() -> None:
     cfg = parse(with_(destinations=[{**DICOM}, SFTP, DIRECTORY]))
     dicom, sftp, directory = cfg.destinations
     assert (dicom.port, dicom.timeout_s, dicom.tls, dicom.calling_ae_title) == (104, 30.0, None, None)
+    assert dicom.link_timeout_s == 6.0
     assert (sftp.port, sftp.remote_dir, sftp.key_passphrase) == (22, ".", None)
     assert directory.path == Path("/srv/outbox")
 
@@ -228,6 +229,11 @@ def test_range_limits_are_inclusive() -> None:
 def test_destination_port_range() -> None:
     p = one_problem(with_(destinations=[DIRECTORY, {**DICOM, "port": 70000}]))
     assert p == f"{MAIN}: destinations[1].port: must be 1..65535"
+
+
+def test_destination_link_timeout_range() -> None:
+    p = one_problem(with_(destinations=[{**DICOM, "link_timeout_s": 1}]))
+    assert p == f"{MAIN}: destinations[0].link_timeout_s: must be 2..600"
 
 
 def test_max_connections_below_max_associations() -> None:
@@ -463,7 +469,8 @@ def test_effective_shows_only_the_fields_of_each_transport() -> None:
     common = {"name", "transport", "max_kbit_s", "mode"}  # and cap_hours, when set
     assert set(directory) == common | {"path"}
     assert set(dicom) == common | {"host", "port", "ae_title", "plaintext", "storage_commitment",
-                                   "commitment_bind", "commitment_timeout_s", "timeout_s"}
+                                   "commitment_bind", "commitment_timeout_s", "timeout_s",
+                                   "link_timeout_s"}
     assert set(sftp) == common | {"host", "port", "user", "key", "known_hosts", "remote_dir",
                                   "timeout_s", "receipt_overdue_s"}
 

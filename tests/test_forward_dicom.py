@@ -486,6 +486,28 @@ def test_frozen_pacs_is_retryable_within_the_timeout(
     assert 1.5 < elapsed < 6
 
 
+@pytest.mark.peers
+def test_frozen_pacs_is_judged_by_the_timeout_not_the_link_timeout(
+        tmp_path: Path, pacs_factory: Callable[..., Orthanc], transports: list[DicomTransport]) -> None:
+    """A frozen PACS's machine still acknowledges (then answers zero-window probes): the
+    short link timeout (TCP_USER_TIMEOUT) must not cut it short, only `timeout_s` may."""
+    bundle = make_bundle(tmp_path / "b.bundle", ct_slices(6))
+    pacs = pacs_factory()
+    t = transport(transports, destination(pacs.dicom_port, timeout_s=6, link_timeout_s=2))
+    assert pacs.pid is not None
+    pid = pacs.pid
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(Retryable, match="no answer from the PACS within 6 s") as e:
+            t.send("b-1", bundle, Progress(lambda _: os.kill(pid, signal.SIGSTOP)))
+        elapsed = time.monotonic() - t0
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert "went silent" not in str(e.value)
+    assert e.value.instances, "a PACS that stopped answering mid-instance makes it a suspect"
+    assert 5 < elapsed < 12
+
+
 # --- TLS --------------------------------------------------------------------------------------
 
 

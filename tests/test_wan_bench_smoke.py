@@ -1,5 +1,5 @@
-"""The time-to-center benchmark runs end to end over the bed (6 slices, 100 Mbit/s, every
-mode); speed is not asserted."""
+"""The WAN benchmarks run end to end over the bed: time to center (6 slices, 100 Mbit/s,
+every mode) and failover (one run, 40 slices); speed is not asserted."""
 
 from __future__ import annotations
 
@@ -32,3 +32,19 @@ def test_wan_bench_smoke(tmp_path: Path) -> None:
     assert 0.9 < row["link"]["wire_bps"] / 100e6 < 1.05, row["link"]
     assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
     assert len(row["netns"]) == 2 and not set(row["netns"]) & set(netns_list())
+
+
+def test_failover_bench_smoke(tmp_path: Path) -> None:
+    """One failover run: the times are there and in order, nothing lost or repeated, and
+    no work dir or namespace is left."""
+    out = tmp_path / "result.json"
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "failover_bench.py"), "--runs", "1",
+                        "--slices", "40", "--workdir", str(tmp_path), "--out", str(out)],
+                       capture_output=True, text=True, timeout=400, cwd=REPO)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "| **median** |" in r.stdout, r.stdout
+    run = json.loads(out.read_text())["runs"][0]
+    assert 0 < run["silent_s"] <= run["down_s"] <= run["first_b_s"], run
+    assert run["problems"] == [] and run["at_b"] > 0, run
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
+    assert len(run["netns"]) == 3 and not set(run["netns"]) & set(netns_list())

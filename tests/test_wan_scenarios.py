@@ -5,7 +5,9 @@ Scenarios (issue 11, item 10): a study over a 20 Mbit/s link arrives complete an
 identical, and so does one sent through a wireguard-go VPN over that link; with 5 % loss
 each way everything is delivered; with the link flapping (3 s cut, 3 s up, for a minute)
 everything is delivered, nothing is left `active` in `queue list`, and the PACS holds
-every instance exactly once.
+every instance exactly once; on a 2 Mbit/s link a stat study arriving behind a big
+routine one is complete at the center long before it, within a bound that follows from
+the link rate.
 
 The center's Orthanc runs a Lua `ReceivedInstanceFilter` that logs every C-STORE it is
 given (before its own de-duplication), so a test can count what was sent twice: over a
@@ -23,6 +25,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -82,9 +85,10 @@ class Bed:
 
 
 @contextlib.contextmanager
-def running(tmp_path: Path, vpn: bool = False) -> Iterator[Bed]:
+def running(tmp_path: Path, vpn: bool = False, **config: Any) -> Iterator[Bed]:
     """The bed with the center's Orthanc and the appliance started; the appliance sends to
-    the center's link address, or with `vpn` through a wireguard-go tunnel over the link."""
+    the center's link address, or with `vpn` through a wireguard-go tunnel over the link.
+    `config`: top-level config tables merged over the test config (e.g. rules, pack)."""
     if os.geteuid() != 0:
         pytest.fail("the WAN scenarios need root (CI runs as root)")
     lua = tmp_path / "count-stores.lua"
@@ -94,8 +98,10 @@ def running(tmp_path: Path, vpn: bool = False) -> Iterator[Bed]:
         pacs = Orthanc(tmp_path / "center", netns=wan.center.name,
                        extra={"LuaScripts": [str(lua)]}).start()
         root = tmp_path / "appliance"
-        app = Appliance(root, appliance_config(root, free_port(),
-                                               dicom_destination(pacs.dicom_port, host=host)))
+        cfg = appliance_config(root, free_port(), dicom_destination(pacs.dicom_port, host=host))
+        for table, value in config.items():
+            cfg[table] = {**cfg[table], **value} if isinstance(value, dict) else value
+        app = Appliance(root, cfg)
         app.netns = wan.site.name
         try:
             app.start()
@@ -217,3 +223,59 @@ def test_flapping_link_everything_delivered_nothing_stuck_active(bed: Bed, study
     assert len(held_at_cut) >= 9
     # The link was cut at least three times while the study was part-way across.
     assert in_flight() >= 3, held_at_cut
+
+
+GOODPUT = 0.956  # TCP payload per bit on the wire (1448 of 1514 bytes: docs/wan.md)
+# Sealing a stat segment (pack.stat_segment_max_age_s, 2 s, after study_quiet_s 0.5 s),
+# packing 4 slices in J2K on a loaded 2-core machine and opening an association: time
+# the stat study spends before and around the link, not on it.
+STAT_BEFORE_LINK_S = 2 + 0.5 + 8
+
+
+def test_stat_study_behind_a_big_routine_one_on_2_mbit_arrives_long_before_it(
+        tmp_path: Path, study: list[Path]) -> None:
+    """2 Mbit/s; a 60-slice routine study is crossing the link (segments of 10, two
+    routine lanes) when a 4-slice stroke study arrives. It must not wait for the routine
+    study: with the stat lane it gets at least a fair share of the link, so it is complete
+    at the center within (routine lanes + 1) x its bundle bytes / link rate, plus the
+    time to seal and pack it; and the routine study is still a segment's time or more
+    from done."""
+    routine = study[:60]
+    stat = generate_study(tmp_path / "stat", 4)
+    for f in stat:
+        ds = read_dataset(f)
+        ds.StudyDescription = "CT HEAD STROKE PROTOCOL"
+        ds.save_as(f, enforce_file_format=True)
+    rules = [{"name": "stroke", "priority": "stat", "study_description": ["*STROKE*"]}]
+    with running(tmp_path, rules=rules, pack={"segment_max_instances": 10}) as bed:
+        mbit = 2.0
+        bed.wan.link.rate(mbit)
+        rate = mbit * 1e6 / 8 * GOODPUT  # payload bytes/s
+        routine_uids = {str(read_dataset(f).SOPInstanceUID) for f in routine}
+        stat_uids = {str(read_dataset(f).SOPInstanceUID) for f in stat}
+        bed.send(routine)  # returns once the appliance has it all; the link is the bottleneck
+        wait_for(lambda: bed.pacs.count() >= 5, 120, "the routine study crossing the link",
+                 poll=0.25, detail=bed.detail)
+        t0 = time.monotonic()
+        bed.send(stat)
+        held = lambda: {str(r["MainDicomTags"]["SOPInstanceUID"])  # noqa: E731
+                        for r in bed.pacs.get("/instances?expand")}
+        wait_for(lambda: stat_uids <= held(), 120, "the stat study at the center", poll=0.25,
+                 detail=bed.detail)
+        took = time.monotonic() - t0
+        routine_then = len(held() & routine_uids)
+        wait_for(lambda: routine_uids <= held(), 300, "the routine study at the center", poll=0.25,
+                 detail=bed.detail)
+        routine_after = time.monotonic() - t0 - took
+        rows = queue_db(bed.app.state_dir)
+        stat_bytes = sum(r["bundle_bytes"] for r in rows if r["priority"] > 0)
+        segment = max(r["bundle_bytes"] for r in rows if r["priority"] == 0)
+        lanes = 2  # queue.lanes, the default; plus the stat lane
+        bound = STAT_BEFORE_LINK_S + (lanes + 1) * stat_bytes / rate
+        print(f"\nstat study ({stat_bytes / 1e6:.2f} MB) complete {took:.1f} s after it was sent"
+              f" (bound {bound:.1f} s); routine {routine_then}/60 then, complete {routine_after:.1f} s"
+              f" later (a routine segment: {segment / 1e6:.2f} MB, {segment / rate:.1f} s)")
+        assert stat_bytes > 0, "the stroke study was not made stat"
+        assert took <= bound
+        assert routine_after >= segment / rate, "the routine study was nearly done anyway"
+        assert_each_once(bed, routine + stat)

@@ -157,6 +157,7 @@ class Destination:
     commitment_bind: str = "0.0.0.0"  # noqa: S104 - the PACS calls back
     commitment_timeout_s: float = 300.0
     timeout_s: float = 30.0
+    link_timeout_s: float = 6.0  # dicom: a silent link (nothing acknowledged) is lost after this
     # sftp
     user: str | None = None
     key: Path | None = None
@@ -281,7 +282,7 @@ TRANSPORT_KEYS: dict[str, tuple[str, ...]] = {
     "directory": ("path",),
     "dicom": ("host", "port", "ae_title", "calling_ae_title", "tls", "plaintext",
               "storage_commitment", "commitment_port", "commitment_bind", "commitment_timeout_s",
-              "timeout_s"),
+              "timeout_s", "link_timeout_s"),
     "sftp": ("host", "port", "user", "key", "key_passphrase", "known_hosts", "host_key_sha256",
              "remote_dir", "timeout_s", "receipt_key", "receipt_overdue_s"),
     "dicomweb": ("url", "tls", "token_file", "plaintext", "timeout_s", "max_request_mb"),
@@ -735,6 +736,7 @@ def _dicom_keys(t: _Table) -> dict[str, Any]:
         "commitment_bind": t.get("commitment_bind", "0.0.0.0", _check_ip),  # noqa: S104
         "commitment_timeout_s": t.number("commitment_timeout_s", 300.0, 1, 86400),
         "timeout_s": t.number("timeout_s", 30.0, 1, 3600),
+        "link_timeout_s": t.number("link_timeout_s", 6.0, 2, 600),
     }
     if t.has("tls"):
         tt = t.table("tls")

@@ -102,8 +102,18 @@ from the socket. The socket itself has a `timeout_s` send/receive timeout, so a 
 a peer that stopped reading (a frozen PACS, a partitioned link) fails instead of
 blocking. ACSE and connection timeouts are `timeout_s` too; pynetdicom's idle
 (network) timeout is off, because it only counts received data and would abort a long
-upload. Sockets have TCP_NODELAY (DIMSE writes a small command PDU before the data;
-without it Nagle + delayed ACK stall each C-STORE ~40 ms).
+upload.
+
+A silent link (a cut line: nothing refused, nothing acknowledged) is noticed sooner:
+after `link_timeout_s` (at most `timeout_s`) without an acknowledgement while data is in
+flight, or without an answer to the keep-alives sent every second while waiting
+(tls.watch_link, tls.link_silent, read from TCP_INFO at each poll). A PACS that keeps
+its window shut (slow to read) still answers the window probes: that is `timeout_s`'s
+call, so TCP_USER_TIMEOUT (which would end it too) is not used. A silent link is the
+destination's failure, never the instance's being sent.
+
+Sockets have TCP_NODELAY (DIMSE writes a small command PDU before the data; without it
+Nagle + delayed ACK stall each C-STORE ~40 ms).
 
 Idempotence
 -----------

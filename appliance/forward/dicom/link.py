@@ -19,7 +19,7 @@ from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.pdu_primitives import P_DATA
 
 from appliance.core import pynetdicom_compat as compat
-from appliance.forward.dicom.tls import Probe, classify_tls_error
+from appliance.forward.dicom.tls import Probe, classify_tls_error, link_silent
 
 log = structlog.get_logger("appliance.forward.dicom")
 
@@ -99,10 +99,12 @@ class Link:
     """One established association and the DIMSE exchanges on it."""
 
     def __init__(self, assoc: Any, probe: Probe, timeout_s: float,
-                 cancelled: threading.Event | None = None) -> None:
+                 cancelled: threading.Event | None = None,
+                 link_timeout_s: float | None = None) -> None:
         self.assoc = assoc
         self.probe = probe
         self.timeout = timeout_s
+        self.link_timeout = link_timeout_s or timeout_s
         self.cancelled = cancelled or threading.Event()
         self._msg_id = 0
         self.accepted: dict[str, list[tuple[int, str]]] = {}
@@ -123,6 +125,12 @@ class Link:
         tls = self.probe.tls_error
         if tls is not None:
             return classify_tls_error(tls)[1]
+        sock = getattr(a.dul.socket, "socket", None)
+        if not self.probe.link_silent and sock is not None and link_silent(sock, self.link_timeout):
+            self.probe.link_silent = True
+        if self.probe.link_silent:
+            return (f"the link to the PACS went silent: nothing acknowledged within"
+                    f" {self.link_timeout:g} s")
         if self.probe.write_timed_out:
             return f"no answer from the PACS within {self.timeout:g} s (it stopped reading)"
         if a.acse.is_aborted("a-abort"):

@@ -1,13 +1,19 @@
 """TLS for the dicom transport: the error classification (pure), the client and server
-contexts, and pynetdicom sockets that remember why a connection or handshake failed.
+contexts, and pynetdicom sockets that remember why a connection or handshake failed and
+watch their link (keep-alives, and `link_silent` from TCP_INFO: see "Dead peers and slow
+links" in the package docstring).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import ipaddress
 import socket
 import ssl
+import struct
+import termios
 import time
 from typing import Any
 
@@ -17,6 +23,8 @@ from appliance.core import pynetdicom_compat as compat
 from appliance.core.config import TLSClient
 from appliance.forward import Retryable
 from appliance.forward.bandwidth import Cap
+
+KEEPALIVE_S = 1  # idle seconds before a keep-alive, and between keep-alives (see watch_link)
 
 # OpenSSL reasons meaning "the peer does not accept our certificate" or "we cannot agree".
 _CERT_REJECTED = {
@@ -72,6 +80,16 @@ class Probe:
         # A write timed out (the I/O timeout): the peer stopped reading. pynetdicom only
         # sees a closed connection.
         self.write_timed_out = False
+        # The link went silent: `link_silent` said so, or the kernel gave up on the
+        # connection (ETIMEDOUT: keep-alives unanswered).
+        self.link_silent = False
+
+    def note_timeout(self, e: TimeoutError) -> None:
+        """A time-out on the socket: the kernel's (the link is silent) or our I/O one."""
+        if e.errno == errno.ETIMEDOUT:
+            self.link_silent = True
+        else:
+            self.write_timed_out = True
 
     def note(self, e: OSError) -> None:
         if isinstance(e, ssl.SSLError):
@@ -104,9 +122,17 @@ class _TCPSocket(socket.socket):
     def send(self, data: Any, flags: int = 0) -> int:
         try:
             return super().send(data, flags)
-        except TimeoutError:
+        except TimeoutError as e:
             if self.probe is not None:
-                self.probe.write_timed_out = True
+                self.probe.note_timeout(e)
+            raise
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        try:
+            return super().recv(bufsize, flags)
+        except TimeoutError as e:
+            if self.probe is not None and e.errno == errno.ETIMEDOUT:
+                self.probe.link_silent = True
             raise
 
 
@@ -132,6 +158,11 @@ class _RecordingSSLSocket(ssl.SSLSocket):
         except ssl.SSLError as e:
             self._note(e)
             raise
+        except TimeoutError as e:
+            probe = getattr(self.context, "probe", None)
+            if isinstance(probe, Probe) and e.errno == errno.ETIMEDOUT:
+                probe.link_silent = True
+            raise
 
     def send(self, data: Any, flags: int = 0) -> int:
         try:
@@ -139,10 +170,10 @@ class _RecordingSSLSocket(ssl.SSLSocket):
         except ssl.SSLError as e:
             self._note(e)
             raise
-        except TimeoutError:
+        except TimeoutError as e:
             probe = getattr(self.context, "probe", None)
             if isinstance(probe, Probe):
-                probe.write_timed_out = True
+                probe.note_timeout(e)
             raise
 
 
@@ -151,13 +182,50 @@ class ClientContext(ssl.SSLContext):
     probe: Probe | None = None
 
 
+def watch_link(sock: socket.socket, link_timeout: float) -> None:
+    """Keep-alives every KEEPALIVE_S while nothing is in flight (waiting for a response),
+    so that `link_silent` can tell a dead link from a PACS that is thinking. The kernel's
+    own give-up (TCP_KEEPCNT unanswered, ETIMEDOUT) comes a little after `link_timeout`,
+    as a backstop. (Not TCP_USER_TIMEOUT: it also ends a connection whose peer keeps its
+    window shut that long - a PACS that is slow to read - which is `timeout_s`'s call.)"""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_S)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_S)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, int(link_timeout / KEEPALIVE_S) + 2)
+
+
+# struct tcp_info (linux/tcp.h) up to tcpi_last_ack_recv: 8 bytes, then 13 u32
+_TCP_INFO = struct.Struct("8B13I")
+
+
+def link_silent(sock: socket.socket, link_timeout: float) -> bool:
+    """Whether nothing has come back over `sock`'s link for `link_timeout` s although
+    something was owed: data in flight unacknowledged (the kernel is retransmitting it),
+    or keep-alives unanswered while all was sent. Never while the peer's window is shut
+    (data queued, none in flight): its machine answers the window probes, so the link
+    is up and the PACS merely slow to read."""
+    try:
+        info = _TCP_INFO.unpack_from(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO,
+                                                     _TCP_INFO.size))
+        queued = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+    except (OSError, struct.error, ValueError):
+        return False  # closed: the other checks say why
+    probes, unacked, last_ack_ms = info[3], info[12], info[20]
+    if last_ack_ms < link_timeout * 1000:
+        return False
+    return bool(unacked > 0 or (probes > 0 and queued == 0))
+
+
 class ProbedSocket(compat.ClientSocket):
-    """pynetdicom's socket plus: error capture, TCP_NODELAY, an I/O timeout, activity."""
+    """pynetdicom's socket plus: error capture, TCP_NODELAY, an I/O timeout, keep-alives
+    (`watch_link`), activity."""
 
     def __init__(self, assoc: Any, address: AddressInformation, probe: Probe,
-                 io_timeout: float, cap: Cap | None = None) -> None:
+                 io_timeout: float, cap: Cap | None = None,
+                 link_timeout: float | None = None) -> None:
         self.probe = probe
         self._io_timeout = io_timeout
+        self._link_timeout = min(link_timeout or io_timeout, io_timeout)
         self._cap = cap
         super().__init__(assoc, address=address)
 
@@ -175,6 +243,7 @@ class ProbedSocket(compat.ClientSocket):
                 # pynetdicom leaves the connected socket blocking forever: a write to a
                 # peer that stopped reading would never return.
                 sock.settimeout(self._io_timeout)
+                watch_link(sock, self._link_timeout)
 
     def _shutdown_socket(self) -> None:
         """Shut down and close. pynetdicom 3.0 closes only if `shutdown` succeeded, and
@@ -202,9 +271,11 @@ class ProbedSocket(compat.ClientSocket):
 
 
 class ProbedAE(compat.ClientAE):
-    def __init__(self, ae_title: str, io_timeout: float, cap: Cap | None = None) -> None:
+    def __init__(self, ae_title: str, io_timeout: float, cap: Cap | None = None,
+                 link_timeout: float | None = None) -> None:
         super().__init__(ae_title=ae_title)
         self._io_timeout = io_timeout
+        self._link_timeout = link_timeout
         self._cap = cap
 
     def new_socket(self, assoc: Any, address: AddressInformation,
@@ -212,7 +283,7 @@ class ProbedAE(compat.ClientAE):
         probe = Probe()
         if tls_args is not None and isinstance(tls_args[0], ClientContext):
             tls_args[0].probe = probe  # one association at a time per transport
-        sock = ProbedSocket(assoc, address, probe, self._io_timeout, self._cap)
+        sock = ProbedSocket(assoc, address, probe, self._io_timeout, self._cap, self._link_timeout)
         sock.tls_args = tls_args
         return sock
 

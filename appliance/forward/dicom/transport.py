@@ -130,7 +130,8 @@ class DicomTransport:
         self._listener_lock = threading.Lock()
         self._check_hostname = not is_ip(dest.host)
         self.cap = bandwidth.for_destination(dest)  # shared by every lane sending here
-        ae = ProbedAE(self.calling_ae, self.timeout, self.cap)
+        self.link_timeout = min(float(dest.link_timeout_s), self.timeout)
+        ae = ProbedAE(self.calling_ae, self.timeout, self.cap, self.link_timeout)
         ae.acse_timeout = self.timeout
         ae.connection_timeout = self.timeout
         ae.dimse_timeout = self.timeout
@@ -306,7 +307,12 @@ class DicomTransport:
                 self._commit(link, item_id, stored or [])
         except Lost as e:
             link.kill()
-            blame = (current.index,) if current is not None else ()
+            # A PACS that stopped answering while sending an instance may have choked on
+            # it; a silent link (its machine acknowledged nothing) is no instance's doing.
+            blame = (current.index,) if current is not None and not link.probe.link_silent else ()
+            if link.probe.link_silent:
+                log.warning("dicom.link_silent", destination=self.name, bundle=item_id,
+                            link_timeout_s=self.link_timeout)
             raise Retryable(f"{e}{where}", instances=blame) from None
         except (Retryable, Permanent) as e:
             link.release()
@@ -338,7 +344,7 @@ class DicomTransport:
         sock = assoc.dul.socket
         probe = sock.probe if isinstance(sock, ProbedSocket) else Probe()
         if assoc.is_established:
-            link = Link(assoc, probe, self.timeout, cancelled)
+            link = Link(assoc, probe, self.timeout, cancelled, self.link_timeout)
             if (why := link.lost_reason()) is not None:  # TLS 1.3: alert after "success"
                 link.kill()
                 raise self._failure_from_probe(probe) or Retryable(why)
