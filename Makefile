@@ -11,12 +11,14 @@ DEV_CONFIG := config/appliance.dev.toml
 # (openssh-server), the WAN tools (iproute2, nftables; wireguard-go and wireguard-tools
 # for the VPN path, as this kernel has no WireGuard), and what boots the systemd unit in
 # a Debian container (mmdebstrap, systemd-container for systemd-nspawn; util-linux for
-# nsenter/unshare).
+# nsenter/unshare); what builds and boots the appliance image (grub-efi-amd64-bin,
+# mtools, dosfstools, fdisk for sfdisk; qemu-system-x86 and ovmf).
 PEERS := dcmtk orthanc orthanc-dicomweb openssh-server iproute2 nftables wireguard-go \
-	wireguard-tools mmdebstrap systemd-container util-linux
+	wireguard-tools mmdebstrap systemd-container util-linux grub-efi-amd64-bin mtools \
+	dosfstools fdisk qemu-system-x86 ovmf
 PYTEST_ARGS ?=
 
-.PHONY: run test test-boot test-wan peers venv bench bench-receive bench-pack bench-wan lint clean
+.PHONY: run test test-boot test-wan image peers venv bench bench-receive bench-pack bench-wan lint clean
 
 $(BIN)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -42,6 +44,12 @@ peers:
 	command -v mmdebstrap >/dev/null || missing="$$missing mmdebstrap"; \
 	command -v systemd-nspawn >/dev/null || missing="$$missing systemd-container"; \
 	command -v nsenter >/dev/null || missing="$$missing util-linux"; \
+	test -d /usr/lib/grub/x86_64-efi || missing="$$missing grub-efi-amd64-bin"; \
+	command -v mcopy >/dev/null || missing="$$missing mtools"; \
+	command -v mkfs.vfat >/dev/null || missing="$$missing dosfstools"; \
+	command -v sfdisk >/dev/null || missing="$$missing fdisk"; \
+	command -v qemu-system-x86_64 >/dev/null || missing="$$missing qemu-system-x86"; \
+	test -f /usr/share/OVMF/OVMF_CODE_4M.fd || missing="$$missing ovmf"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing test peers:$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
@@ -74,6 +82,12 @@ test-wan: venv peers
 # docs/systemd.md): the unit booted under systemd in a Debian 12 container.
 test-boot: venv peers
 	$(BIN)/python -m pytest -m systemd_boot $(PYTEST_ARGS)
+
+# The appliance image: image-build/out/appliance.img, a raw GPT disk (root;
+# image-build/README.md; ~1 min, plus ~2 min the first time for the Debian base, cached
+# in .cache/image/).
+image: venv peers
+	image-build/build.sh $(BIN)/python
 
 bench: bench-receive bench-pack
 
