@@ -10,7 +10,7 @@
 # No loop mounts: each file system is made in a file (mkfs.ext4 -d from a directory,
 # mkfs.vfat + mtools) and written into the disk at its partition's offset; sfdisk
 # writes the GPT. The Debian base (base.sh) is cached in .cache/image/; the rest is
-# redone each build from a copy of it.
+# redone each build from a copy of it. Also writes out/appliance.sbom.json (sbom.py).
 #
 # usage: build.sh PYTHON   (as root; PYTHON: the venv whose installed versions are pinned)
 set -euo pipefail
@@ -93,6 +93,9 @@ mkdir -p "$root/var/lib/appliance"
 if [ -e "$root/usr/sbin/sshd" ]; then echo "sshd is in the image" >&2; exit 1; fi
 if awk -F: '$2 !~ /^[!*]/ {bad=1; print "user " $1 " has a password"} END {exit bad}' \
   "$root/etc/shadow"; then :; else exit 1; fi
+mkdir -p "$root/usr/share/appliance"
+"$python" "$here/sbom.py" "$root" > "$out/appliance.sbom.json"
+install -m 0644 "$out/appliance.sbom.json" "$root/usr/share/appliance/sbom.cdx.json"
 
 # --- /data: the folders the fstab bind mounts need, owned by the image's users ----------
 data=$work/data
