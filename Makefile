@@ -18,7 +18,7 @@ PEERS := dcmtk orthanc orthanc-dicomweb openssh-server iproute2 nftables wiregua
 	dosfstools fdisk qemu-system-x86 ovmf
 PYTEST_ARGS ?=
 
-.PHONY: run test test-boot test-wan image peers venv bench bench-receive bench-pack bench-wan lint clean
+.PHONY: run test test-boot test-wan image image-test peers venv bench bench-receive bench-pack bench-wan lint clean
 
 $(BIN)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -69,7 +69,7 @@ run: venv
 # `make test-boot` and `make test-wan`. The slowest tests are listed at the end, so that
 # a test that grows is seen before `make test` outgrows its ~20 minutes.
 test: venv peers
-	$(BIN)/python -m pytest -m "not wan and not systemd_boot" --durations=15 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not wan and not systemd_boot and not image" --durations=15 $(PYTEST_ARGS)
 
 # Only the WAN tier (marker wan, root): the emulated WAN of tests/wan.py and the appliance
 # over it (tests/test_wan_bed.py ~15 s, tests/test_wan_scenarios.py ~2.5 min,
@@ -83,11 +83,16 @@ test-wan: venv peers
 test-boot: venv peers
 	$(BIN)/python -m pytest -m systemd_boot $(PYTEST_ARGS)
 
-# The appliance image: image-build/out/appliance.img, a raw GPT disk (root;
-# image-build/README.md; ~1 min, plus ~2 min the first time for the Debian base, cached
-# in .cache/image/).
+# The appliance image: image-build/out/appliance.img, a raw GPT disk, and its SBOM
+# (root; image-build/README.md; ~1 min, plus ~2 min the first time for the Debian base,
+# cached in .cache/image/).
 image: venv peers
 	image-build/build.sh $(BIN)/python
+
+# The image booted in QEMU (TCG, OVMF) and a C-ECHO and C-STORE from the host answered
+# (tests/test_image.py, marker image; ~1.5 min after `make image`, ~3 min in all).
+image-test: image
+	$(BIN)/python -m pytest -m image $(PYTEST_ARGS)
 
 bench: bench-receive bench-pack
 
