@@ -40,6 +40,8 @@ step() { echo "[$(( $(date +%s) - start ))s] $*"; }
 
 # --- the Debian base, cached -------------------------------------------------------
 mkdir -p "$cache" "$out"
+exec 9> "$cache/.lock"
+flock 9  # one build at a time: they share .cache/image/work
 key=$(sha256sum "$here/base.sh" | cut -c1-16)
 base=$cache/base-$key
 if [ ! -d "$base" ]; then
