@@ -139,6 +139,7 @@ for p in "${parts[@]}"; do set -- $p; total=$((total + $2)); done
 truncate -s "${total}M" "$img"
 {
   echo "label: gpt"
+  echo "label-id: 7D3A1C2E-5B1F-4F0A-9C61-0A0000000000"
   echo "unit: sectors"
   i=1
   for p in "${parts[@]}"; do

@@ -8,7 +8,9 @@ a free loopback port to the guest's DICOM port 104. What it shows: the image boo
 the appliance unit's ready marker (printed after READY=1), and DCMTK's echoscu and
 storescu on the host get answers from it. QEMU is stopped by its PID.
 
-Also checks the SBOM written beside the image. Run with `make image-test`.
+Also, without booting or mounting it, the disk as built (sfdisk, debugfs, mtools): its
+partitions, fstab, no SSH server and no passwords, GRUB on the ESP, the APPLCONFIG label,
+and the SBOM in it and beside it. Run with `make image-test`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -32,7 +35,9 @@ SBOM = REPO / "image-build" / "out" / "appliance.sbom.json"
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 READY = "appliance: ready (READY=1)"
-EMERGENCY = "You are in emergency mode"  # a boot that ends here never gets READY: stop waiting
+# Boots that will never print READY: stop waiting at the first sign (systemd's status
+# line shortens unit names, so match the start of the name only).
+GAVE_UP = re.compile(r"You are in emergency mode|Failed to start .*appliance")
 # Power-on to READY under TCG on this 2-core machine, shared with other work; a boot
 # that takes longer than this is a defect to look at, not to wait out.
 BOOT_DEADLINE_S = 600
@@ -47,6 +52,11 @@ class Guest:
 
     def console_text(self) -> str:
         return self.console.read_text(errors="replace") if self.console.exists() else ""
+
+    def settled(self) -> bool:
+        """The boot is over, one way or the other: ready, given up, or QEMU gone."""
+        text = self.console_text()
+        return READY in text or GAVE_UP.search(text) is not None or self.proc.poll() is not None
 
     def tail(self, lines: int = 60) -> str:
         return "\n".join(self.console_text().splitlines()[-lines:])
@@ -85,7 +95,7 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
                                 stdout=out, stderr=subprocess.STDOUT)
     g = Guest(proc, console, port)
     try:
-        wait_for(lambda: any(m in g.console_text() for m in (READY, EMERGENCY)) or proc.poll() is not None,
+        wait_for(g.settled,
                  timeout=BOOT_DEADLINE_S, poll=1.0, what="the appliance's ready marker on the console",
                  detail=g.tail)
         assert proc.poll() is None, f"QEMU exited ({proc.returncode}):\n{(tmp / 'qemu.out').read_text()}"
@@ -128,6 +138,81 @@ def test_image_stores_a_c_store_from_the_host(guest: Guest) -> None:
                        capture_output=True, text=True, timeout=300, env=dcmtk_env())
     assert r.returncode == 0, r.stderr + guest.tail()
     assert "Store Failed" not in r.stderr + r.stdout
+
+
+# --- the disk as built (read without mounting: sfdisk, debugfs, mtools) -----------------
+
+Parts = dict[str, dict[str, Any]]  # sfdisk --json's partitions by GPT name
+PARTS = [("esp", 64, "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"),
+         ("root-a", 1536, "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"),
+         ("root-b", 1536, "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"),
+         ("APPLCONFIG", 16, "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7"),
+         ("data", 512, "0FC63DAF-8483-4772-8E79-3D69D8477DE4")]
+
+
+@pytest.fixture(scope="module")
+def partitions() -> Parts:
+    if not IMAGE.is_file():
+        pytest.fail(f"{IMAGE} not found: build it with `make image`")
+    r = subprocess.run(["sfdisk", "--json", str(IMAGE)], capture_output=True, text=True, check=True,
+                       timeout=60)
+    return {p["name"]: p for p in json.loads(r.stdout)["partitiontable"]["partitions"]}
+
+
+def root_a_file(partitions: Parts, path: str) -> str:
+    """A file of root A's ext4, read with debugfs at the partition's offset."""
+    offset = int(partitions["root-a"]["start"]) * 512
+    r = subprocess.run(["debugfs", "-R", f"cat {path}", f"{IMAGE}?offset={offset}"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def fat(partitions: Parts, name: str) -> str:
+    return f"{IMAGE}@@{int(partitions[name]['start']) * 512}"
+
+
+def test_image_has_esp_two_root_slots_applconfig_and_data(partitions: Parts) -> None:
+    assert [(n, int(p["size"]) // 2048, p["type"]) for n, p in partitions.items()] == PARTS
+
+
+def test_image_fstab_mounts_root_read_only_and_data_by_partition_uuid(
+        partitions: Parts) -> None:
+    mounts = {f[1]: f for line in root_a_file(partitions, "/etc/fstab").splitlines()
+              if (f := line.split()) and not f[0].startswith("#")}
+    assert "ro" in mounts["/"][3].split(",")
+    assert mounts["/"][0] == f"PARTUUID={str(partitions['root-a']['uuid']).lower()}"
+    assert mounts["/data"][0] == f"PARTUUID={str(partitions['data']['uuid']).lower()}"
+    assert mounts["/var/lib/appliance"][:2] == ["/data/appliance", "/var/lib/appliance"]
+
+
+def test_image_has_no_ssh_server_and_no_account_with_a_password(
+        partitions: Parts) -> None:
+    offset = int(partitions["root-a"]["start"]) * 512
+    r = subprocess.run(["debugfs", "-R", "stat /usr/sbin/sshd", f"{IMAGE}?offset={offset}"],
+                       capture_output=True, text=True, timeout=60)
+    assert "File not found" in r.stderr
+    shadow = [line.split(":") for line in root_a_file(partitions, "/etc/shadow").splitlines()]
+    assert shadow and all(f[1].startswith(("*", "!")) for f in shadow), [f[0] for f in shadow]
+
+
+def test_image_esp_has_grub_on_the_removable_media_path(partitions: Parts) -> None:
+    r = subprocess.run(["mdir", "-b", "-i", fat(partitions, "esp"), "::/EFI/BOOT"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "::/EFI/BOOT/BOOTX64.EFI" in r.stdout.splitlines()
+
+
+def test_image_applconfig_is_fat_labelled_applconfig(partitions: Parts) -> None:
+    r = subprocess.run(["minfo", "-i", fat(partitions, "APPLCONFIG"), "::"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r'disk label="APPLCONFIG *"', r.stdout), r.stdout
+
+
+def test_image_carries_the_sbom_written_beside_it(partitions: Parts) -> None:
+    inside = root_a_file(partitions, "/usr/share/appliance/sbom.cdx.json")
+    assert json.loads(inside) == json.loads(SBOM.read_text())
 
 
 def test_sbom_lists_the_wheels_and_debian_packages_in_the_image() -> None:
