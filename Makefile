@@ -11,11 +11,13 @@ DEV_CONFIG := config/appliance.dev.toml
 # (openssh-server), the WAN tools (iproute2, nftables; wireguard-go and wireguard-tools
 # for the VPN path, as this kernel has no WireGuard), and what boots the systemd unit in
 # a Debian container (mmdebstrap, systemd-container for systemd-nspawn; util-linux for
-# nsenter/unshare); what builds and boots the appliance image (grub-efi-amd64-bin,
-# mtools, dosfstools, fdisk for sfdisk; qemu-system-x86 and ovmf).
+# nsenter/unshare), the MQTT broker of the ops link (mosquitto; the tests start their own
+# on a loopback port, so the system service the package enables is stopped and disabled),
+# and what builds and boots the appliance image (grub-efi-amd64-bin, mtools, dosfstools,
+# fdisk for sfdisk; qemu-system-x86 and ovmf).
 PEERS := dcmtk orthanc orthanc-dicomweb openssh-server iproute2 nftables wireguard-go \
-	wireguard-tools mmdebstrap systemd-container util-linux grub-efi-amd64-bin mtools \
-	dosfstools fdisk qemu-system-x86 ovmf
+	wireguard-tools mmdebstrap systemd-container util-linux mosquitto grub-efi-amd64-bin \
+	mtools dosfstools fdisk qemu-system-x86 ovmf
 PYTEST_ARGS ?=
 
 .PHONY: run test test-boot test-wan image image-test peers venv bench bench-receive bench-pack bench-wan lint clean
@@ -44,6 +46,7 @@ peers:
 	command -v mmdebstrap >/dev/null || missing="$$missing mmdebstrap"; \
 	command -v systemd-nspawn >/dev/null || missing="$$missing systemd-container"; \
 	command -v nsenter >/dev/null || missing="$$missing util-linux"; \
+	test -x /usr/sbin/mosquitto || missing="$$missing mosquitto"; \
 	test -d /usr/lib/grub/x86_64-efi || missing="$$missing grub-efi-amd64-bin"; \
 	command -v mcopy >/dev/null || missing="$$missing mtools"; \
 	command -v mkfs.vfat >/dev/null || missing="$$missing dosfstools"; \
@@ -55,6 +58,11 @@ peers:
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
 	  $$SUDO apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  case "$$missing" in *mosquitto*) \
+	    if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then \
+	      $$SUDO systemctl disable --now mosquitto.service >/dev/null 2>&1 || true; \
+	    fi;; \
+	  esac; \
 	fi
 
 run: venv

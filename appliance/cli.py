@@ -13,6 +13,8 @@
     appliance status         [--config PATH] [--json]
     appliance ingest         --config CENTER.toml [--once]
                                                  reading center: bundles from the drop folder into the PACS
+    appliance fleet ca init DIR | fleet sign BOX.csr --ca DIR
+                                                 operations center: fleet CA (appliance/ops/cli.py)
 
 `config check` and `keys init` given a center config (a file with only an [ingest] table)
 check it, or create the center's keys, instead (appliance/ingest/commands.py).
@@ -61,6 +63,7 @@ from appliance.core.errors import (
     StateError,
     UsageError,
 )
+from appliance.ops import cli as ops_cli
 
 EX_SIGPIPE = 128 + signal.SIGPIPE  # what a shell reports for a tool killed by SIGPIPE: 141
 
@@ -136,6 +139,7 @@ def _parser() -> argparse.ArgumentParser:
     ing = sub.add_parser("ingest", parents=[common],
                          help="reading center: store bundles from the drop folder into the PACS")
     ing.add_argument("--once", action="store_true", help="one pass, print the counts, exit")
+    ops_cli.add_parsers(sub)
     return p
 
 
@@ -206,6 +210,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return cmd_status(args)
     if args.cmd == "ingest":
         return cmd_ingest(args)
+    if args.cmd == "fleet":
+        return ops_cli.dispatch(args)
     raise UsageError(f"unknown command {args.cmd}")
 
 
@@ -272,6 +278,10 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         return _center_config_check(args)
     cfg = config.load(args.config)
     found = _check_files(cfg)
+    ops_found, ops_warnings = ops_cli.check(cfg)
+    found += ops_found
+    for w in ops_warnings:
+        print(f"warning: {w}", file=sys.stderr)
     if args.systemd or sandbox.unit_installed():
         found += sandbox.problems(cfg, sandbox.granted(args.unit_dir),
                                   sandbox.dropin_path(args.unit_dir))
@@ -340,6 +350,8 @@ def _check_files(cfg: config.Config) -> list[tuple[str, str]]:
         if d.transport == "sftp" and d.known_hosts and d.host and d.port:
             checks.append((f"destinations[{i}].known_hosts", _known_hosts_for(d.host, d.port),
                            d.known_hosts))
+        if d.transport == "sftp" and d.receipt_key:
+            checks.append((f"destinations[{i}].receipt_key", _receipt_key, d.receipt_key))
         if d.transport == "directory" and d.path:
             checks.append((f"destinations[{i}].path", _directory_or_absent, d.path))
         if d.transport == "dicomweb" and d.token_file:
@@ -380,6 +392,13 @@ def _known_hosts_for(host: str, port: int) -> Callable[[Path], None]:
             raise _FileProblem(f"{p} has no key for {sftp.host_key_name(host, port)} (for a port"
                                " other than 22 a line starts with [host]:port)")
     return check
+
+
+def _receipt_key(p: Path) -> None:
+    """The reading center's Ed25519 public key, as the receipt poller loads it."""
+    from appliance.ingest.receipt import load_verify_key  # noqa: PLC0415
+
+    load_verify_key(p)
 
 
 def _private_key_file(p: Path) -> None:
@@ -442,6 +461,8 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
                                "move it aside first")
         crypto.create_keypair(priv, pub)
         print(f"appliance key: {priv} created, public key {pub}")
+    for line in ops_cli.keys_init(cfg):
+        print(line)
     return 0
 
 
@@ -459,32 +480,82 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
              "study": r["study_key"], "instances": r["instances"], "bytes": r["bytes"],
              "age_s": round(now - r["created"], 1), "reason": r["reason"],
              "destination": r["destination"],
-             "incomplete": r["incomplete"] if "incomplete" in r.keys() else 0}  # noqa: SIM118
+             "incomplete": r["incomplete"] if "incomplete" in r.keys() else 0,  # noqa: SIM118
+             "copy_to": r["copy_to"] if "copy_to" in r.keys() else None,  # noqa: SIM118
+             "copy_of": r["parent"] if "copy_to" in r.keys() and r["copy_to"]  # noqa: SIM118
+             and r["only_index"] is None else None}
             for r in idx.query("SELECT * FROM segments ORDER BY created")
         ]
+        found = _receipts(idx)
     except sqlite3.Error as e:
         raise StateError(f"cannot read the queue index in {cfg.appliance.state_dir}: {e}") from None
     finally:
         idx.close()
+    with_receipts = {d.name for d in cfg.destinations if d.receipt_key is not None}
+    for r in rows:
+        r["center"], r["shown"] = _center(r, found, with_receipts)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'ID':28} {'STATE':10} {'PRIO':7} {'STUDY':16} {'INST':>6} {'BYTES':>12} {'AGE':>8}"
+    print(f"{'ID':28} {'STATE':17} {'PRIO':7} {'STUDY':16} {'INST':>6} {'BYTES':>12} {'AGE':>8}"
           f" {'DESTINATION':16} REASON")
     for r in rows:
-        print(f"{r['id']:28} {r['state']:10} {r['priority']:7} {r['study']:16} {r['instances']:>6}"
+        print(f"{r['id']:28} {r['shown']:17} {r['priority']:7} {r['study']:16} {r['instances']:>6}"
               f" {r['bytes']:>12}"
-              f" {_age(r['age_s']):>8} {r['destination'] or '-':16} {_list_reason(r)}")
+              f" {_age(r['age_s']):>8} {_list_destination(r):16} {_list_reason(r)}")
     if not rows:
         print("(the queue is empty)")
     return 0
 
 
+def _list_destination(row: dict[str, Any]) -> str:
+    """The DESTINATION column: where it went last; a copy: "copy:<its destination>"."""
+    if row["copy_to"]:
+        return f"copy:{row['copy_to']}"
+    return str(row["destination"] or "-")
+
+
 def _list_reason(row: dict[str, Any]) -> str:
-    """The REASON column: the state's reason, and an incomplete segment said first."""
+    """The REASON column: the state's reason, and an incomplete segment said first; what
+    the center stored of a bundle it did not store whole."""
+    c = row["center"]
+    center = (f"the center stored {c['stored']} of {c['stored'] + c['failed']} instance(s)"
+              if c and c["receipt"] and row["shown"] != "stored at center" else "")
     parts = [f"INCOMPLETE: {row['incomplete']} acknowledged instance(s) missing (see the log)"
-             if row["incomplete"] else "", row["reason"] or ""]
+             if row["incomplete"] else "", center, row["reason"] or ""]
     return "; ".join(p for p in parts if p)
+
+
+def _receipts(idx: Any) -> dict[tuple[str, str], dict[str, Any]]:
+    """(item, destination) -> its receipt columns; {} on an index older than schema 6."""
+    try:
+        rows = idx.query("SELECT item_id, destination, receipt, receipt_at, receipt_stored,"
+                         " receipt_failed, receipt_center FROM deliveries WHERE state='delivered'")
+    except sqlite3.OperationalError:  # no such column: the daemon has not migrated it yet
+        return {}
+    return {(r["item_id"], r["destination"]): dict(r) for r in rows}
+
+
+def _center(row: dict[str, Any], found: dict[tuple[str, str], dict[str, Any]],
+            with_receipts: set[str]) -> tuple[dict[str, Any] | None, str]:
+    """(what the reading center said of a delivered item, what STATE shows). A bundle
+    delivered to a destination with receipts is "uploaded" until its receipt comes."""
+    if row["state"] != "delivered" or row["destination"] not in with_receipts:
+        return None, row["state"]
+    d = found.get((row["id"], row["destination"]))
+    if d is None or d["receipt"] is None:
+        return {"receipt": None}, "uploaded"
+    c = {"receipt": d["receipt"], "stored": d["receipt_stored"], "failed": d["receipt_failed"],
+         "at": d["receipt_at"], "center": d["receipt_center"]}
+    return c, f"{center_verdict(c['stored'], c['failed'])} at center"
+
+
+def center_verdict(stored: int, failed: int) -> str:
+    """stored | partial | failed, from the counts (a "duplicate" receipt carries the first
+    ingest's outcomes, so it reads like the receipt it repeats)."""
+    if stored and not failed:
+        return "stored"
+    return "partial" if stored else "failed"
 
 
 def cmd_queue_change(args: argparse.Namespace) -> int:
@@ -502,7 +573,8 @@ def cmd_queue_change(args: argparse.Namespace) -> int:
     req = {"verb": args.sub, "id": args.id, "all": args.all}
     results = control.request(cfg.control_socket, "queue.change", req)
     if results is None:  # no daemon: act on the index ourselves, holding its lock
-        from appliance.daemon import state_lock
+        from appliance.daemon import audit_trail, state_lock
+        from appliance.health.control import operator_name
         from appliance.queue.index import open_index
         from appliance.queue.store import Queue
 
@@ -510,8 +582,9 @@ def cmd_queue_change(args: argparse.Namespace) -> int:
         with state_lock(cfg.appliance.state_dir):
             idx = open_index(cfg.appliance.state_dir)
             try:
-                results = commands.change(Queue(cfg.appliance.state_dir, idx), args.sub, args.id,
-                                          args.all)
+                results = commands.change_audited(Queue(cfg.appliance.state_dir, idx), args.sub,
+                                                  args.id, args.all, audit_trail(cfg),
+                                                  operator_name(os.getuid()))
             finally:
                 idx.close()
     for r in results:
@@ -551,11 +624,31 @@ def _print_item(d: dict[str, Any], as_json: bool) -> None:
     for k, v in d.items():
         if k == "deliveries":
             for dl in v:
-                print(f"{'delivery':14} {dl['destination']}: {dl['state']}, {dl['attempts']} attempt(s)"
-                      + (f", delivered {_when(dl['delivered'], now)}" if dl["delivered"] else "")
-                      + (f", last error: {dl['last_error']}" if dl["last_error"] else ""))
+                _print_delivery("delivery", dl, now)
+            continue
+        if k == "copies":
+            for c in v:
+                print(f"{'copy':14} {c['id']} to {c['destination']}: {c['state']}")
+                for dl in c["deliveries"]:
+                    _print_delivery("  delivery", dl, now)
+            continue
+        if k == "route":
+            print(f"{k:14} {', '.join(v) if v else 'every destination'}")
             continue
         print(f"{k:14} {_when(v, now) if k in TIME_FIELDS else '' if v is None else v}")
+
+
+def _print_delivery(label: str, dl: dict[str, Any], now: float) -> None:
+    """One delivery of `queue show`, and the center's receipt for it when there is one."""
+    print(f"{label:14} {dl['destination']}: {dl['state']}, {dl['attempts']} attempt(s)"
+          + (f", delivered {_when(dl['delivered'], now)}" if dl["delivered"] else "")
+          + (f", last error: {dl['last_error']}" if dl["last_error"] else ""))
+    if dl.get("receipt"):
+        print(f"{'receipt':14} {dl['destination']}: "
+              f"{center_verdict(dl['receipt_stored'], dl['receipt_failed'])} at center"
+              f" {dl['receipt_center']} ({dl['receipt']}): {dl['receipt_stored']} of"
+              f" {dl['receipt_stored'] + dl['receipt_failed']} instance(s) stored,"
+              f" receipt read {_when(dl['receipt_at'], now)}")
 
 
 def _with_iso_times(d: dict[str, Any]) -> dict[str, Any]:
@@ -744,14 +837,24 @@ def _print_status(st: dict[str, Any]) -> None:
         for dest, err in st.get("last_errors", {}).items():
             print(f"last error     {dest}: {err}")
     for d in st.get("destinations", []):
-        print(f"destination    {d['name']}: {d['state'].upper()}" + _destination_detail(d))
+        copy = " (copy)" if d.get("mode") == "copy" else ""
+        print(f"destination    {d['name']}{copy}: {d['state'].upper()}" + _destination_detail(d))
+    for rc in st.get("receipts", []):
+        late = (f", {rc['overdue']} OVERDUE (uploaded more than {_age(rc['overdue_after_s'])} ago)"
+                if rc["overdue"] else "")
+        err = f"; reading receipts failed: {rc['last_error']}" if rc.get("last_error") else ""
+        print(f"receipts       {rc['destination']}: {rc['awaiting']} uploaded, awaiting the"
+              f" center's receipt{late}{err}")
     if "forward" in st:
         fw = st["forward"]
-        print(f"forwarding     {fw['lanes']} lanes + {fw['stat_lanes']} for stat studies;"
+        copies = f" + {fw['copy_lanes']} for copies" if fw.get("copy_lanes") else ""
+        print(f"forwarding     {fw['lanes']} lanes + {fw['stat_lanes']} for stat studies{copies};"
               f" {fw['parked']} instance(s) parked (see queue list)")
     for name, stage in st.get("stages", {}).items():
         since = stage["since_progress_s"]
         print(f"stage {name:9}{stage['state']}, {stage['jobs']} job(s), {stage['progress']} steps"
               + (f", last {_age(since)} ago" if since is not None else ""))
+    if "ops" in st:
+        print(ops_cli.status_line(st["ops"]))
     for problem in st.get("problems", []):
         print(f"STUCK          {problem}")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import signal
 import threading
@@ -30,21 +31,25 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 
 import structlog
 
 from appliance import __version__
+from appliance.audit import AuditTrail
 from appliance.core import crypto, durable, hardening
+from appliance.core import log as applog
 from appliance.core import pynetdicom_compat as compat
 from appliance.core.config import Config, Destination
 from appliance.core.errors import ConfigError, StateError
-from appliance.forward import Transport, conversion, registry
+from appliance.forward import Transport, conversion, receipts, registry
 from appliance.forward.dicom.transport import STREAM_THRESHOLD
+from appliance.forward.receipts import ReceiptPoller
 from appliance.forward.scheduler import PROBE_WAIT_S, Forwarder
-from appliance.health.control import ControlServer, DaemonUnavailable
+from appliance.health.control import ControlServer, DaemonUnavailable, operator_name
 from appliance.health.notify import Notifier
 from appliance.health.supervisor import Supervisor
+from appliance.ops import link as ops_link
 from appliance.pack.packer import Packer
 from appliance.pack.pool import CodecPool
 from appliance.queue import commands
@@ -77,7 +82,7 @@ def forward_deadline(cfg: Config) -> float:
     refuses the syntax, of an instance below the size that is converted as it is sent)."""
     convert = conversion.TIME_BASE_S + conversion.TIME_PER_MIB_S * (STREAM_THRESHOLD >> 20)
     waits = [2 * d.timeout_s + (d.commitment_timeout_s if d.storage_commitment else 0)
-             + (convert if d.transport == "dicom" else 0) for d in cfg.destinations]
+             + (convert if d.transport in ("dicom", "dicomweb") else 0) for d in cfg.destinations]
     return cfg.health.stall_s + max(waits, default=0)
 
 
@@ -131,6 +136,23 @@ def state_lock(state_dir: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def audit_trail(cfg: Config) -> AuditTrail:
+    """The appliance's audit trail (appliance.audit), in STATE/audit/."""
+    return AuditTrail(cfg.appliance.state_dir / "audit", cfg.appliance.name, cfg.receive.ae_title,
+                      cfg.audit.max_mb << 20, cfg.audit.files)
+
+
+def config_digest(cfg: Config) -> str:
+    """SHA-256 over the config files read (name and bytes each), for the audit trail."""
+    h = hashlib.sha256()
+    for p in cfg.sources:
+        h.update(str(p).encode() + b"\0")
+        with contextlib.suppress(OSError):
+            h.update(p.read_bytes())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
 class Daemon:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -144,7 +166,10 @@ class Daemon:
         self.listeners: list[tuple[str, int, bool]] = []
         self.receiver: Receiver | None = None
         self.supervisor = Supervisor()
+        self.receipts: ReceiptPoller | None = None  # forward.receipts, with a receipt_key
         self._problems: list[str] = []
+        self.link: ops_link.Link | None = None
+        self._untap: Callable[[], None] = lambda: None
 
     def run(self) -> int:
         cfg = self.cfg
@@ -152,6 +177,7 @@ class Daemon:
             log.warning("core_dumps.not_forbidden", steps=not_hardened)
         compat.check_version()
         lock_fd = lock_state_dir(cfg.appliance.state_dir)
+        self.audit = audit_trail(cfg)
         key = crypto.load_spool_key(cfg.spool.key_file)
         index = open_index(cfg.appliance.state_dir)
         self.spool = spool = Spool(
@@ -162,20 +188,40 @@ class Daemon:
         recipients = [crypto.load_public_key(cfg.encryption.appliance_public_key)]
         recipients += [crypto.load_public_key(p) for p in cfg.encryption.recipients]
         transports = [build_transport(d, cfg) for d in cfg.destinations]
+        # receipt_key is an sftp key (core.config): these are SftpTransports. Keys are
+        # loaded here, before any worker starts: a bad key file ends the start cleanly.
+        with_receipts = [(d, cast(receipts.ReceiptSource, t))
+                         for d, t in zip(cfg.destinations, transports, strict=True)
+                         if d.receipt_key is not None]
         self.queue = queue = Queue(cfg.appliance.state_dir, index)
+        self.receipts = ReceiptPoller(queue, with_receipts,
+                                      beat=lambda: self.stages["receipts"].beat()
+                                      ) if with_receipts else None
         pool = CodecPool(cfg.pack.workers)
+        copies = [d.name for d in cfg.destinations if d.mode == "copy"]
         lanes = [self._lane(f"forward-{i + 1}", PRIORITY_ROUTINE, housekeeping=i == 0)
                  for i in range(cfg.queue.lanes)] + [self._lane("forward-stat", PRIORITY_STAT)]
+        # each copy destination: a lane of its own, so that one that hangs holds up nothing
+        lanes += [self._lane(f"forward-copy-{i + 1}", PRIORITY_ROUTINE, only=n)
+                  for i, n in enumerate(copies)]
         prober = threading.Thread(target=self._loop, args=("failover", self._probe_step, self.wake_probe),
                                   name="failover", daemon=True)
         workers = [threading.Thread(target=self._loop, args=("pack", self._pack_step, self.wake_pack),
                                     name="pack", daemon=True), *lanes, prober]
+        if with_receipts:
+            workers.append(threading.Thread(
+                target=self._loop, args=("receipts", self._receipts_step, threading.Event()),
+                name="receipts", daemon=True))
         sup, stall = self.supervisor, cfg.health.stall_s
         self.stages = {"receive": sup.stage("receive", stall, alive=lambda: receiver.listening()),
                        "pack": sup.stage("pack", stall, alive=workers[0].is_alive),
                        "forward": sup.stage("forward", forward_deadline(cfg),
                                             alive=lambda: all(t.is_alive() for t in lanes)),
                        "failover": sup.stage("failover", PROBE_WAIT_S + stall, alive=prober.is_alive)}
+        if with_receipts:
+            self.stages["receipts"] = sup.stage(
+                "receipts", stall + max(receipts.round_budget(d) for d, _ in with_receipts),
+                alive=workers[-1].is_alive)
         self.packer = packer = Packer(
             cfg.pack, spool, queue, recipients, pool, beat=self.stages["pack"].beat,
             receiving_burst=lambda: self.receiver is not None and self.receiver.in_burst(),
@@ -185,15 +231,20 @@ class Daemon:
         counts = spool.recover(adopt=identify_stored)
         log.info("spool.recovered", **counts)
         log.info("queue.recovered", **queue.recover())
+        settled = queue.settle_routes([d.name for d in cfg.destinations if d.mode == "failover"],
+                                      copies)
+        if any(settled.values()):  # the config dropped destinations that items were meant for
+            log.warning("queue.routes_settled", **settled)
         self.forwarder = forwarder = Forwarder(queue, transports, cfg.queue,
                                                beat=self.stages["forward"].beat,
-                                               wake=self.wake_forward.set)
+                                               wake=self.wake_forward.set, copies=copies)
         for h in forwarder.health.all():
             if not h.up:  # kept from before the restart (forward.failover)
                 log.warning("destination.still_down", destination=h.name, reason=h.last_error)
         self.receiver = receiver = Receiver(cfg.receive, spool, self.stats, stage=self.stages["receive"],
                                             on_stored=lambda seg: self.wake_pack.set(),
-                                            rules=cfg.rules)
+                                            rules=cfg.rules, audit=self.audit)
+        self.link = ops_link.build(cfg, sup, self.snapshot) if cfg.operations else None
         status = ControlServer(cfg.control_socket, self._control_handlers())
         self._install_signals()
         try:
@@ -203,14 +254,18 @@ class Daemon:
                 log.info("listening", host=host, port=port, tls=tls, ae_title=cfg.receive.ae_title)
             for w in workers:
                 w.start()
+            self._start_link()
             self.notifier.ready(self.status_line())
             log.info("appliance.ready", name=cfg.appliance.name, version=__version__)
+            self.audit.application(started=True)
+            self.audit.config_seen(config_digest(cfg), [str(p) for p in cfg.sources])
             interval = watchdog_interval()
             while not self.stop_event.wait(interval):
                 self._watchdog()
         finally:
             self.notifier.stopping()
             log.info("appliance.stopping")
+            self._stop_link()  # `online` false now: the box is going away
             receiver.stop()
             self._drain(cfg.receive.dimse_timeout_s)
             self.wake_pack.set()
@@ -225,16 +280,29 @@ class Daemon:
             pool.close(cancel_futures=True, grace_s=POOL_STOP_GRACE_S)
             status.stop()
             index.close()
+            self.audit.application(started=False)
             os.close(lock_fd)
             log.info("appliance.stopped")
         return 0
+
+    def _start_link(self) -> None:
+        """The ops link ([operations]): its events come from log taps (ops/messages.py)."""
+        if self.link is not None:
+            self._untap = applog.add_tap(self.link.on_log)
+            self.link.start()
+
+    def _stop_link(self) -> None:
+        self._untap()
+        if self.link is not None and self.link.thread.is_alive():
+            self.link.stop()
 
     def _control_handlers(self) -> dict[str, Any]:
         """What the control socket answers (see health/control.py)."""
         return {
             "status": lambda args: self.snapshot(),
-            "queue.change": lambda args: commands.change(
-                self.queue, str(args.get("verb")), args.get("id"), bool(args.get("all"))),
+            "queue.change": lambda args: commands.change_audited(
+                self.queue, str(args.get("verb")), args.get("id"), bool(args.get("all")),
+                self.audit, operator_name(args.get("_peer_uid"))),
         }
 
     def _watchdog(self) -> None:
@@ -262,10 +330,18 @@ class Daemon:
         self.forwarder.probe_due(beat=self.stages["failover"].beat)
         return False
 
-    def _lane(self, name: str, min_priority: int, housekeeping: bool = False) -> threading.Thread:
-        """One forwarding lane: a thread that sends one item at a time (see forward/scheduler)."""
+    def _receipts_step(self) -> bool:
+        """The receipt poller (forward.receipts), on a thread of its own: reading receipts
+        back from a slow center never holds a lane."""
+        assert self.receipts is not None
+        return self.receipts.step()
+
+    def _lane(self, name: str, min_priority: int, housekeeping: bool = False,
+              only: str | None = None) -> threading.Thread:
+        """One forwarding lane: a thread that sends one item at a time (see forward/scheduler):
+        the failover chain's items, or (`only`) the copies for one copy destination."""
         def step() -> bool:
-            if self.forwarder.run_once(min_priority=min_priority):
+            if self.forwarder.run_once(min_priority=min_priority, copies=False, only=only):
                 return True
             if housekeeping:
                 self.queue.expire_delivered(self.cfg.queue.keep_delivered_h * 3600, time.time())
@@ -331,8 +407,11 @@ class Daemon:
             "oldest_waiting_s": round(self.queue.oldest_waiting_age(time.time()), 1),
             "last_errors": dict(self.forwarder.last_error),
             "destinations": self.forwarder.snapshot(time.time()),
+            "receipts": self.receipts.snapshot(time.time()) if self.receipts else [],
             "forward": {"lanes": self.cfg.queue.lanes, "stat_lanes": 1,
+                        "copy_lanes": len(self.forwarder.copies),
                         "parked": self.queue.parked_count()},
             "stages": self.supervisor.snapshot(),
             "problems": self.supervisor.problems(),
+            **({"ops": self.link.status()} if self.link is not None else {}),
         }

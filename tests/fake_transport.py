@@ -39,6 +39,7 @@ class FakeDestination:
         self.down = False
         self.reject = False
         self.flaky = False
+        self.retry_after_s: float | None = None  # what a flaky one asks for (HTTP Retry-After)
         self.drop_after: int | None = None
         self.slow_s = 0.0
         self.echo_fails = False  # a PACS that chokes on everything, C-ECHO included
@@ -60,7 +61,8 @@ class FakeTransport:
         plan = plan or Plan()
         d = self.destination
         if d.down or d.flaky:
-            raise Retryable("the fake destination refused the connection")
+            raise Retryable("the fake destination refused the connection",
+                            retry_after_s=d.retry_after_s if d.flaky else None)
         if d.reject:
             raise Permanent("the fake destination rejected the association permanently")
         try:

@@ -80,7 +80,10 @@ def test_usage_error_exits_64_with_one_line(argv: list[str]) -> None:
 
 
 @pytest.mark.parametrize(("argv", "commands"), [
-    pytest.param([], ["run", "config", "keys", "queue", "bundle", "status", "ingest"], id="bare"),
+    pytest.param([], ["run", "config", "keys", "queue", "bundle", "status", "ingest", "fleet"],
+                 id="bare"),
+    pytest.param(["fleet"], ["ca", "sign", "crl"], id="fleet"),
+    pytest.param(["fleet", "ca"], ["init"], id="fleet-ca"),
     pytest.param(["config"], ["check", "systemd-dropin"], id="config"),
     pytest.param(["queue"], ["list", "show", "hold", "release", "retry", "delete"], id="queue"),
     pytest.param(["bundle"], ["inspect", "extract"], id="bundle"),
@@ -142,8 +145,8 @@ def test_config_check_shows_only_fields_of_the_transport(tmp_path: Path, site: d
     assert r.returncode == 0, r.stderr
     dest = sorted(line.split(" = ")[0] for line in r.stdout.splitlines()
                   if line.startswith("destinations[0]."))
-    assert dest == ["destinations[0].max_kbit_s", "destinations[0].name", "destinations[0].path",
-                    "destinations[0].transport"]  # max_kbit_s: every transport has a cap
+    assert dest == ["destinations[0].max_kbit_s", "destinations[0].mode", "destinations[0].name",
+                    "destinations[0].path", "destinations[0].transport"]  # max_kbit_s, mode: any transport
 
 
 def test_config_check_json(tmp_path: Path, site: dict[str, Any]) -> None:
@@ -153,7 +156,8 @@ def test_config_check_json(tmp_path: Path, site: dict[str, Any]) -> None:
     assert r.returncode == 0, r.stderr
     eff = json.loads(r.stdout)
     assert eff["destinations"][0] == {"name": "outbox", "transport": "directory",
-                                      "path": site["destinations"][0]["path"], "max_kbit_s": 0.0}
+                                      "path": site["destinations"][0]["path"], "max_kbit_s": 0.0,
+                                      "mode": "failover"}
     assert eff["receive"]["callers"] == [{"ae_title": "MODALITY", "hosts": []}]
 
 

@@ -460,12 +460,29 @@ def test_effective_elides_secrets() -> None:
 def test_effective_shows_only_the_fields_of_each_transport() -> None:
     eff = config.effective(parse(with_(destinations=[DIRECTORY, DICOM, SFTP])))
     directory, dicom, sftp = eff["destinations"]
-    common = {"name", "transport", "max_kbit_s"}  # and cap_hours, when set
+    common = {"name", "transport", "max_kbit_s", "mode"}  # and cap_hours, when set
     assert set(directory) == common | {"path"}
     assert set(dicom) == common | {"host", "port", "ae_title", "plaintext", "storage_commitment",
                                    "commitment_bind", "commitment_timeout_s", "timeout_s"}
     assert set(sftp) == common | {"host", "port", "user", "key", "known_hosts", "remote_dir",
-                                  "timeout_s"}
+                                  "timeout_s", "receipt_overdue_s"}
+
+
+def test_an_sftp_destination_with_receipt_key_reads_receipts_overdue_after_the_given_time() -> None:
+    cfg = parse(with_(destinations=[{**SFTP, "receipt_key": "/k/center.pub",
+                                     "receipt_overdue_s": 600}]))
+    assert (cfg.destinations[0].receipt_key, cfg.destinations[0].receipt_overdue_s) == (
+        Path("/k/center.pub"), 600.0)
+
+
+def test_receipt_overdue_s_without_receipt_key_is_refused_naming_the_missing_key() -> None:
+    p = one_problem(with_(destinations=[{**SFTP, "receipt_overdue_s": 600}]))
+    assert "destinations[0].receipt_overdue_s: is set but receipt_key is not" in p
+
+
+def test_receipt_key_on_a_dicom_destination_is_refused() -> None:
+    p = one_problem(with_(destinations=[{**DICOM, "receipt_key": "/k/center.pub"}]))
+    assert "destinations[0].receipt_key: does not apply to transport 'dicom'" in p
 
 
 def test_effective_lists_sources_and_hides_bookkeeping() -> None:

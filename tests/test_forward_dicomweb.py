@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from pydicom.uid import ExplicitVRLittleEndian
 
 from appliance.bundle.format import BundleWriter, InstanceInfo, ManifestEntry
 from appliance.core import config
@@ -36,12 +37,14 @@ from tests.test_forward_dicom import (
     KEY,
     PKI,
     Progress,
+    assert_same_pixels,
     ct_slices,
     j2k,
     make_bundle,
     mr_slice,
     pacs_factory,  # noqa: F401 - a fixture
     read,
+    stored_ts,
     uid_of,
 )
 
@@ -83,6 +86,15 @@ def test_http_status_table(status: int, reply: Reply) -> None:
     assert stow.classify_http(status)[0] is reply
 
 
+def test_retry_after_is_read_as_seconds_from_a_delay_or_an_http_date() -> None:
+    now = 1_800_000_000.0  # 2027-01-15T08:00:00Z
+    assert stow.retry_after_seconds("120", now) == 120.0
+    assert stow.retry_after_seconds("Fri, 15 Jan 2027 08:02:00 GMT", now) == 120.0
+    assert stow.retry_after_seconds("Fri, 15 Jan 2027 07:00:00 GMT", now) == 0.0  # past: now
+    assert stow.retry_after_seconds(None, now) is None
+    assert stow.retry_after_seconds("soon", now) is None and stow.retry_after_seconds("-5", now) is None
+
+
 def test_retry_after_is_quoted_only_when_it_is_a_delay_or_a_date() -> None:
     assert stow.retry_after("120") == "; the server asks to retry after 120 s"
     assert "Wed, 21 Oct 2026 07:28:00 GMT" in stow.retry_after("Wed, 21 Oct 2026 07:28:00 GMT")
@@ -105,7 +117,8 @@ def test_response_names_stored_failed_and_warned_instances() -> None:
     }).encode()
     j = stow.judge([entry(i, 1) for i in range(5)], Reply.PER_INSTANCE, stow.parse_response(body))
     assert j.stored == [0, 1] and j.warnings == [(1, 0xB000)]
-    assert [i for i, _ in j.permanent] == [2] and "transfer syntax" in j.permanent[0][1]
+    assert not j.permanent  # 0xC122: the transport decides (converted, or parked)
+    assert [i for i, _ in j.unsupported_syntax] == [2] and "transfer syntax" in j.unsupported_syntax[0][1]
     assert [i for i, _ in j.retryable] == [3] and j.unaccounted == [4]
 
 
@@ -335,6 +348,7 @@ def test_a_503_is_retryable_for_the_destination_and_quotes_retry_after(tmp_path:
           pytest.raises(Retryable, match="HTTP 503.*retry after 120 s") as e):
         DicomWebTransport(web_destination(front.url + "/dicom-web"), KEY).send("b-1", bundle, Progress())
     assert e.value.instances == () and web_pacs.count() == 0
+    assert e.value.retry_after_s == 120.0  # the scheduler waits at least that (queue.retry_max_s caps it)
 
 
 @pytest.mark.peers
@@ -358,6 +372,57 @@ def test_a_409_naming_each_instance_parks_the_refused_syntax_and_retries_the_res
             "b-1", bundle, Progress(), Plan(delivered=got.append))
     assert e.value.instances == (1,) and got == [0]
     assert [s.parts for s in front.seen] == [3, 1] and web_pacs.count() == 1
+
+
+def _refusing_syntax(uid: str, count: int, web_pacs: Orthanc) -> Front:
+    """A server that refuses instance `uid` in its transfer syntax (409, 0xC122) on the
+    first `count` requests (Orthanc stores every syntax; real servers do not)."""
+    body = json.dumps({"00081198": {"vr": "SQ", "Value": [_item(uid, "00081197", 0xC122)]}}).encode()
+    return Front(web_pacs.url, fail=(409, {"Content-Type": "application/dicom+json"}),
+                 fail_body=body, fail_count=count)
+
+
+@pytest.mark.peers
+def test_an_instance_refused_in_its_syntax_is_sent_again_converted_with_the_same_pixels(
+        tmp_path: Path, web_pacs: Orthanc) -> None:
+    """0xC122 for a JPEG 2000 slice: the rest is asked about alone and stored, then the
+    slice goes alone in Explicit VR LE, converted in a worker; the PACS holds it with the
+    original's UIDs and pixels."""
+    cts = ct_slices(3)
+    instances = [cts[0], j2k(cts[1]), cts[2]]
+    bundle = make_bundle(tmp_path / "b.bundle", instances)
+    got: list[int] = []
+    with _refusing_syntax(uid_of(instances[1]), 1, web_pacs) as front:
+        t = DicomWebTransport(web_destination(front.url + "/dicom-web"), KEY)
+        try:
+            t.send("b-1", bundle, Progress(), Plan(delivered=got.append))
+        finally:
+            t.close()
+    assert sorted(got) == [0, 1, 2] and web_pacs.count() == 3
+    assert [s.parts for s in front.seen] == [3, 1, 1, 1]
+    oid = web_pacs.find_instance(uid_of(instances[1]))
+    assert oid is not None and stored_ts(web_pacs, oid) == ExplicitVRLittleEndian
+    stored = web_pacs.instance_file(oid)
+    assert_same_pixels(stored, cts[1])
+    ds = read(stored, stop_before_pixels=True)
+    assert (ds.SOPInstanceUID, ds.StudyInstanceUID) == (read(cts[1]).SOPInstanceUID,
+                                                        read(cts[1]).StudyInstanceUID)
+
+
+@pytest.mark.peers
+def test_an_instance_refused_even_converted_is_parked_and_the_converter_is_not_tried_twice(
+        tmp_path: Path, web_pacs: Orthanc) -> None:
+    slice_ = j2k(ct_slices(1)[0])
+    bundle = make_bundle(tmp_path / "b.bundle", [slice_])
+    with _refusing_syntax(uid_of(slice_), 2, web_pacs) as front, \
+            pytest.raises(Permanent, match="not even converted to Explicit VR Little Endian") as e:
+        t = DicomWebTransport(web_destination(front.url + "/dicom-web"), KEY)
+        try:
+            t.send("b-1", bundle, Progress())
+        finally:
+            t.close()
+    assert e.value.instances == (0,) and [s.parts for s in front.seen] == [1, 1]
+    assert web_pacs.count() == 0
 
 
 @pytest.mark.peers

@@ -99,6 +99,25 @@ def test_a_primary_that_fails_and_does_not_answer_a_probe_is_down_at_once(box: B
     assert took < 5, f"the bundle took {took:.1f} s to reach the backup"
 
 
+@pytest.mark.parametrize(("asked", "waits"), [(0.8, 0.8), (3600.0, CFG.retry_max_s), (None, None)])
+def test_a_retry_after_lengthens_the_back_off_up_to_retry_max_s(
+        box: Box, asked: float | None, waits: float | None) -> None:
+    """A destination that says "not before" (HTTP Retry-After) is not asked again sooner,
+    nor later than queue.retry_max_s; without it, the back-off is the queue's own
+    (at most retry_min_s for a first attempt)."""
+    box.a.flaky, box.a.retry_after_s = True, asked
+    box.add("ra01")
+    before = time.time()
+    box.fwd.run_once()
+    item = box.queue.get("ra01")
+    assert item.state == "deferred"
+    delay = item.next_attempt - before
+    if waits is None:
+        assert delay <= CFG.retry_min_s + 0.5
+    else:
+        assert waits - 0.05 <= delay <= waits + 0.5
+
+
 def test_a_primary_that_answers_probes_is_down_after_three_failures_in_a_row(box: Box) -> None:
     box.a.flaky = True  # sends fail, probes answer: it is given its chances
     for i in range(3):

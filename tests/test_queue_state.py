@@ -64,6 +64,33 @@ def test_only_the_queue_writes_the_state_column() -> None:
     assert offenders == []
 
 
+# --- items born per kind, and a bundle with copies ------------------------------------
+
+
+def test_every_kind_of_item_is_born_in_a_state_the_table_moves_on() -> None:
+    """A segment, a parked instance, a copy: each starts in a state some event leaves."""
+    leaving = {s for moves in machine.TABLE.values() for s in moves}
+    assert set(machine.BORN) == {"segment", "parked", "copy"}
+    assert all(state in machine.STATES and state in leaving for state in machine.BORN.values())
+
+
+def test_a_copy_is_born_ready_to_claim() -> None:
+    assert machine.next_state(machine.BORN["copy"], "claim") == "active"
+
+
+@pytest.mark.parametrize(("state", "copies", "overall"), [
+    ("delivered", (), "delivered"),
+    ("delivered", ("delivered", "delivered"), "delivered"),
+    ("delivered", ("delivered", "ready"), "delivered, copies 1/2"),
+    ("delivered", ("held",), "delivered, copies 0/1"),
+    ("deferred", ("delivered",), "deferred"),  # the chain's own state: a copy never shows as it
+    ("active", ("failed",), "active"),
+])
+def test_a_bundle_is_delivered_only_when_its_chain_and_every_copy_are(
+        state: str, copies: tuple[str, ...], overall: str) -> None:
+    assert machine.overall(state, copies) == overall
+
+
 # --- deliveries: an item's record per destination ------------------------------------
 
 

@@ -163,6 +163,10 @@ class Destination:
     known_hosts: Path | None = None
     host_key_sha256: str | None = None  # "SHA256:<base64>": the other way to pin the host key
     remote_dir: str | None = None
+    # The reading center's Ed25519 public key (PEM): set, the appliance reads back the
+    # center's signed receipts (forward.receipts) and trusts only those that verify with it.
+    receipt_key: Path | None = None
+    receipt_overdue_s: float = 1800.0  # uploaded this long without a receipt: overdue
     # dicomweb (also tls, plaintext, timeout_s)
     url: str | None = None  # the DICOMweb root: STOW-RS posts to {url}/studies
     token_file: Path | None = None  # a bearer token, read at each attempt
@@ -170,10 +174,14 @@ class Destination:
     # any transport
     max_kbit_s: float = 0.0  # bandwidth cap, all lanes together; 0 = none
     cap_hours: str | None = None  # "HH:MM-HH:MM" local time: cap only then; None = always
+    # failover: one of the ordered chain (the first that is up takes the bundle);
+    # copy: every bundle also goes here, on its own, whatever the chain does
+    mode: str = "failover"
 
 
 # [[destinations]] keys that apply to every transport, besides `name` and `transport`.
-COMMON_DEST_KEYS = ("max_kbit_s", "cap_hours")
+COMMON_DEST_KEYS = ("max_kbit_s", "cap_hours", "mode")
+DEST_MODES = ("failover", "copy")
 
 
 # What a rule can match, each a list of patterns (any may match; case-insensitive shell
@@ -196,11 +204,39 @@ class Rule:
     requested_procedure: tuple[str, ...] = ()
     body_part: tuple[str, ...] = ()
     cstore_priority: tuple[str, ...] = ()  # high | medium | low (the C-STORE request's field)
+    # names of [[destinations]]: a matching study goes only there (failover ones in config
+    # order, copy ones copied); () = everywhere, as without a rule
+    destinations: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class Health:
     stall_s: float = 120.0  # a stage working this long without progress is stuck
+
+
+# The ops link's box name: the certificate CN, the MQTT client id and a topic level, so
+# lowercase and never an MQTT wildcard (+ #) or level separator (/).
+OPS_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class Operations:
+    """[operations]: the ops link to the operations center's MQTT broker (appliance/ops/)."""
+    host: str
+    ca: Path
+    cert: Path
+    key: Path
+    port: int = 8883
+    heartbeat_s: float = 15.0  # `state` at least this often (and on change, at most every 2 s)
+    keepalive_s: int = 30  # MQTT keepalive: the broker publishes the will after 1.5 x this
+    command_keys: tuple[Path, ...] = ()  # Ed25519 public keys of the operations center
+    metrics_bind: str = "127.0.0.1:9110"  # empty = no metrics endpoint
+
+
+@dataclass(frozen=True)
+class Audit:
+    max_mb: int = 32  # STATE/audit/audit.log is rotated past this size
+    files: int = 8  # audit.log and the rotated ones kept (the oldest beyond are removed)
 
 
 @dataclass(frozen=True)
@@ -220,8 +256,10 @@ class Config:
     encryption: Encryption = Encryption()
     queue: Queue = Queue()
     health: Health = Health()
+    audit: Audit = Audit()
     destinations: tuple[Destination, ...] = ()
     rules: tuple[Rule, ...] = ()
+    operations: Operations | None = None  # no [operations] table: no ops link
     # Files read, in order, and which file set each dotted key (so that problems found
     # later, such as a missing key file, can name the file the technician must edit).
     sources: tuple[Path, ...] = field(default=(), metadata=NOT_A_KEY)
@@ -244,7 +282,7 @@ TRANSPORT_KEYS: dict[str, tuple[str, ...]] = {
               "storage_commitment", "commitment_port", "commitment_bind", "commitment_timeout_s",
               "timeout_s"),
     "sftp": ("host", "port", "user", "key", "key_passphrase", "known_hosts", "host_key_sha256",
-             "remote_dir", "timeout_s"),
+             "remote_dir", "timeout_s", "receipt_key", "receipt_overdue_s"),
     "dicomweb": ("url", "tls", "token_file", "plaintext", "timeout_s", "max_request_mb"),
 }
 
@@ -633,11 +671,54 @@ def _parse_queue(t: _Table) -> Queue:
     return q
 
 
+def _check_bind(key: str, v: Any) -> str:
+    """metrics_bind: "" (off) or HOST:PORT with an IP address and a port."""
+    if not isinstance(v, str):
+        raise _Bad(f"must be a string, not {_tname(v)}")
+    if not v:
+        return v
+    host, sep, port = v.rpartition(":")
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        ok = bool(sep) and 1 <= int(port) <= 65535
+    except ValueError:
+        ok = False
+    if not ok:
+        raise _Bad(f"{v!r} is not IP:PORT (e.g. 127.0.0.1:9110), nor empty (off)")
+    return v
+
+
+def _parse_operations(top: _Table) -> Operations | None:
+    if not top.has("operations"):
+        return None
+    t = top.table("operations")
+    if not t.valid:
+        return None
+    o = Operations(
+        host=t.string("host", max_len=253),
+        port=t.integer("port", 8883, 1, 65535),
+        ca=t.path("ca"), cert=t.path("cert"), key=t.path("key"),
+        heartbeat_s=t.number("heartbeat_s", 15.0, 1, 3600),
+        keepalive_s=t.integer("keepalive_s", 30, 5, 3600),
+        command_keys=t.get("command_keys", (), _check_path_list(t.ctx)),
+        metrics_bind=t.get("metrics_bind", "127.0.0.1:9110", _check_bind),
+    )
+    t.finish()
+    return o
+
+
 def _parse_health(t: _Table) -> Health:
     d = Health()
     h = Health(stall_s=t.number("stall_s", d.stall_s, 5, 3600))
     t.finish()
     return h
+
+
+def _parse_audit(t: _Table) -> Audit:
+    d = Audit()
+    a = Audit(max_mb=t.integer("max_mb", d.max_mb, 1, 4096), files=t.integer("files", d.files, 2, 1000))
+    t.finish()
+    return a
 
 
 def _dicom_keys(t: _Table) -> dict[str, Any]:
@@ -680,7 +761,12 @@ def _sftp_keys(t: _Table) -> dict[str, Any]:
                                          " `ssh-keygen -lf` prints it"),
         "remote_dir": t.string("remote_dir", "."),
         "timeout_s": t.number("timeout_s", 30.0, 1, 3600),
+        "receipt_key": t.path("receipt_key", None),
+        "receipt_overdue_s": t.number("receipt_overdue_s", 1800.0, 1, 30 * 86400),
     }
+    if t.has("receipt_overdue_s") and not t.has("receipt_key"):
+        t.ctx.problem(t.key("receipt_overdue_s"), "is set but receipt_key is not: without the"
+                      " center's key no receipt is read back")
     # Exactly one host-key pin: without it the appliance cannot tell the reading center
     # from a machine in the middle; with two, which one counts would be a guess.
     pins = [k for k in ("known_hosts", "host_key_sha256") if t.has(k)]
@@ -747,7 +833,7 @@ def _check_url(key: str, v: Any) -> str:
 _SHA256_FP_RE = re.compile(r"^SHA256:[A-Za-z0-9+/]{43}$")
 # Keys that may be None in a valid Destination (sftp: the host-key pin not chosen).
 _OPTIONAL_DEST = ("calling_ae_title", "key_passphrase", "tls", "commitment_port", "cap_hours",
-                  "known_hosts", "host_key_sha256", "token_file")
+                  "known_hosts", "host_key_sha256", "token_file", "receipt_key")
 
 
 def _check_cap_hours(key: str, v: Any) -> str:
@@ -765,7 +851,8 @@ def _check_cap_hours(key: str, v: Any) -> str:
 def _common_dest_keys(t: _Table) -> dict[str, Any]:
     d = Destination(name="", transport="")
     kw = {"max_kbit_s": t.number("max_kbit_s", d.max_kbit_s, 0, 100_000_000),
-          "cap_hours": t.get("cap_hours", None, _check_cap_hours)}
+          "cap_hours": t.get("cap_hours", None, _check_cap_hours),
+          "mode": t.choice("mode", d.mode, DEST_MODES)}
     if kw["cap_hours"] is not None and not kw["max_kbit_s"]:
         t.ctx.problem(t.key("cap_hours"), "is set but max_kbit_s is not: there is no cap to apply")
     return kw
@@ -847,6 +934,7 @@ def _parse_rules(top: _Table) -> tuple[Rule, ...]:
                               "starting with a letter or digit")
         kw: dict[str, Any] = {k: rt.get(k, (), _check_patterns) for k in RULE_MATCH_KEYS}
         kw["cstore_priority"] = rt.get("cstore_priority", (), _check_cstore_priorities)
+        kw["destinations"] = rt.get("destinations", (), _check_names)
         priority = rt.choice("priority", None, ("stat", "routine"))
         if priority is None and not rt.has("priority"):
             rt.ctx.problem(rt.key("priority"), "is required (stat or routine)")
@@ -858,6 +946,31 @@ def _parse_rules(top: _Table) -> tuple[Rule, ...]:
         if name is not None and priority is not None:
             rules.append(Rule(name=name, priority=priority, **kw))
     return tuple(rules)
+
+
+def _check_names(key: str, v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not v or not all(isinstance(n, str) and n for n in v):
+        raise _Bad("must be a non-empty array of destination names (like [\"center-b\"])")
+    if len(set(v)) != len(v):
+        raise _Bad("names a destination twice")
+    return tuple(v)
+
+
+def _check_routes(cfg: Config, ctx: _Context) -> None:
+    """Copy destinations need a failover one beside them; a rule names known destinations
+    and at least one failover destination (else its studies would have nowhere to go)."""
+    modes = {d.name: d.mode for d in cfg.destinations}
+    if modes and "failover" not in modes.values():
+        ctx.problem("destinations", 'every entry is mode = "copy": at least one must be'
+                    ' mode = "failover" (the chain every bundle goes through)')
+    for i, r in enumerate(cfg.rules):
+        unknown = [n for n in r.destinations if n not in modes]
+        if unknown:
+            ctx.problem(f"rules[{i}].destinations", f"names no [[destinations]] entry: "
+                        f"{', '.join(repr(n) for n in unknown)} (known: {', '.join(modes) or 'none'})")
+        elif r.destinations and all(modes[n] == "copy" for n in r.destinations):
+            ctx.problem(f"rules[{i}].destinations", 'names only mode = "copy" destinations: add'
+                        ' at least one failover destination')
 
 
 def parse(data: Mapping[str, Any], origins: Mapping[str, Path], main_file: Path,
@@ -878,16 +991,23 @@ def parse(data: Mapping[str, Any], origins: Mapping[str, Path], main_file: Path,
         encryption=_parse_encryption(top.table("encryption")),
         queue=_parse_queue(top.table("queue")),
         health=_parse_health(top.table("health")),
+        audit=_parse_audit(top.table("audit")),
         destinations=_parse_destinations(top),
         rules=_parse_rules(top),
+        operations=_parse_operations(top),
         sources=sources or (main_file,),
         origins=dict(origins),
     )
     top.finish()
+    _check_routes(cfg, ctx)
     for i, d in enumerate(cfg.destinations):
         if 0 < d.max_kbit_s < cfg.queue.min_rate_kbit_s:
             ctx.problem(f"destinations[{i}].max_kbit_s", f"is below queue.min_rate_kbit_s "
                         f"({cfg.queue.min_rate_kbit_s:g}): every attempt would run out of time")
+    if cfg.operations is not None and not OPS_NAME_RE.match(cfg.appliance.name):
+        ctx.problem("appliance.name", f"{cfg.appliance.name!r} cannot name this box to the operations"
+                    " center ([operations]): use 1..63 lowercase letters, digits, '.', '_' or '-',"
+                    " starting with a letter or digit")
     if ctx.problems:
         raise ConfigError(ctx.problems)
     return cfg

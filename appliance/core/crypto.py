@@ -321,6 +321,11 @@ def _create_exclusive(path: Path, data: bytes, mode: int = 0o600) -> None:
     durable.fsync_dir(path.parent)
 
 
+def create_private_file(path: Path, data: bytes) -> None:
+    """A new private key file (0600, fsynced with its directory); never overwrites one."""
+    _create_exclusive(path, data)
+
+
 def create_keypair(private_path: Path, public_path: Path) -> X25519PublicKey:
     """Create an X25519 key pair: PKCS#8 PEM private key (0600) and SPKI PEM public key."""
     priv = X25519PrivateKey.generate()

@@ -9,10 +9,11 @@ through the same renderer with their message text dropped below ERROR.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import traceback
-from collections.abc import MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,24 @@ import structlog
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR}
+
+# Functions that see every log event that passes the level filter (event name, fields):
+# the ops link turns some of them into events for the operations center (ops/link.py).
+# A tap must be quick and must not log; its failure never stops the log line.
+_taps: list[Callable[[str, Mapping[str, Any]], None]] = []
+
+
+def add_tap(tap: Callable[[str, Mapping[str, Any]], None]) -> Callable[[], None]:
+    """Register `tap`; returns the function that removes it again."""
+    _taps.append(tap)
+    return lambda: _taps.remove(tap) if tap in _taps else None
+
+
+def _tap(logger: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for t in list(_taps):
+        with contextlib.suppress(Exception):  # a tap must never cost the log line
+            t(str(event.get("event", "")), event)
+    return event
 
 
 def redact_exc_info(logger: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -53,6 +72,7 @@ def setup(level: str = "info", fmt: str = "auto", stream: object = None) -> None
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
+            _tap,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             redact_exc_info,
             renderer,

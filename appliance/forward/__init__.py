@@ -22,6 +22,10 @@ healthy ones go first); a callback for each instance the destination now holds; 
 event set when the attempt's time budget has run out, on which the transport stops at
 its next poll and raises `Retryable`. Transports poll it at least every second.
 
+A `Retryable` may carry `retry_after_s`, the destination's own "not before" (an HTTP
+Retry-After): the scheduler then waits at least that long, but never longer than
+`queue.retry_max_s` (a peer cannot park the queue for a day).
+
 `probe()` asks whether the destination answers at all (C-ECHO, folder present): proof,
 after a failure tied to an instance, that the fault is the instance's and not the
 destination's.
@@ -62,7 +66,13 @@ class TransportError(Exception):
 
 
 class Retryable(TransportError):
-    """The destination may accept this later."""
+    """The destination may accept this later; `retry_after_s`: not before this many
+    seconds, when the destination said so (an HTTP Retry-After)."""
+
+    def __init__(self, message: str, *, instances: tuple[int, ...] = (), bundle: bool = False,
+                 retry_after_s: float | None = None) -> None:
+        super().__init__(message, instances=instances, bundle=bundle)
+        self.retry_after_s = retry_after_s
 
 
 class Permanent(TransportError):

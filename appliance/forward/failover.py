@@ -159,3 +159,14 @@ def pick(order: Sequence[str], healths: Mapping[str, Health]) -> str | None:
 def any_up(order: Sequence[str], healths: Mapping[str, Health], but: str | None = None) -> bool:
     """Whether some destination other than `but` is up (somewhere else to go)."""
     return any(n != but and (n not in healths or healths[n].up) for n in order)
+
+
+def up(order: Sequence[str], healths: Mapping[str, Health]) -> list[str]:
+    """The destinations of `order` that are up, in that order."""
+    return [n for n in order if n not in healths or healths[n].up]
+
+
+def chain(order: Sequence[str], route: Sequence[str] | None) -> list[str]:
+    """An item's failover chain: the failover destinations (config order) its route names;
+    no route: all of them."""
+    return list(order) if route is None else [n for n in order if n in route]

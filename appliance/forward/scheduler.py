@@ -34,6 +34,15 @@ Items in flight elsewhere finish where they are. Every change between up and dow
 logged (`destination.down`, `destination.up`) and saved in the queue index, so a restart
 keeps it. What a destination holds of a bundle is recorded per destination: a bundle
 that moves sends all its instances to the next one.
+
+Routes and copies: an item whose study a rule routed (`Item.route`) fails over only
+along the failover destinations the rule named, in config order. A destination with
+`mode = "copy"` is outside the chain: each bundle gets a copy item for it (`make_copies`,
+before every claim), pinned to it, claimed only while it is up and retried, deferred,
+parked or held on its own; its failures never move or defer the bundle, nor the other
+way round. The daemon gives each copy destination a lane of its own and the chain's
+lanes never take copies (`run_once(copies=False)` / `run_once(only=name)`), so a copy
+destination that hangs holds no lane of the chain.
 """
 
 from __future__ import annotations
@@ -90,10 +99,14 @@ class Destinations:
         with self._lock:
             return failover.pick(self.order, self._health)
 
-    def elsewhere(self, name: str) -> bool:
-        """Whether a destination other than `name` is up."""
+    def up(self, order: Sequence[str]) -> list[str]:
         with self._lock:
-            return failover.any_up(self.order, self._health, but=name)
+            return failover.up(order, self._health)
+
+    def elsewhere(self, name: str, order: Sequence[str] | None = None) -> bool:
+        """Whether a destination other than `name` is up (of `order`; default all)."""
+        with self._lock:
+            return failover.any_up(self.order if order is None else order, self._health, but=name)
 
     def down(self) -> list[str]:
         with self._lock:
@@ -110,6 +123,15 @@ class Destinations:
                 self.queue.save_destination(h.name, h.up, h.since, h.failures, h.probes,
                                             h.last_error, h.next_probe)
             return event
+
+
+def not_before(delay: float, e: TransportError | None, max_s: float) -> float:
+    """The back-off `delay`, lengthened to what the destination asked for (a Retryable's
+    `retry_after_s`), but never beyond `max_s` (queue.retry_max_s)."""
+    asked = getattr(e, "retry_after_s", None)
+    if asked is None:
+        return delay
+    return max(delay, min(float(asked), max_s))
 
 
 def _ask(transport: Transport, answer: list[bool]) -> None:
@@ -131,11 +153,13 @@ class Forwarder:
                  rng: random.Random | None = None, beat: Callable[[], None] = lambda: None,
                  budget_base_s: float = BUDGET_BASE_S, wake: Callable[[], None] = lambda: None,
                  lane_probe_wait_s: float = LANE_PROBE_WAIT_S,
-                 probe_wait_s: float = PROBE_WAIT_S) -> None:
+                 probe_wait_s: float = PROBE_WAIT_S, copies: Sequence[str] = ()) -> None:
         self.queue = queue
         self.budget_base_s = budget_base_s
         self.transports = list(transports)
         self.by_name = {t.name: t for t in self.transports}
+        self.copies = [t.name for t in self.transports if t.name in copies]  # mode = "copy"
+        self.chain = [t.name for t in self.transports if t.name not in copies]  # failover
         self.cfg = cfg
         self.rng = rng or random.Random()
         self._rng_lock = threading.Lock()
@@ -149,28 +173,41 @@ class Forwarder:
         self._probing: dict[str, tuple[threading.Thread, list[bool]]] = {}
         self._probing_lock = threading.Lock()
 
-    def run_once(self, now: float | None = None, min_priority: int = 0) -> bool:
-        """Attempt the next due item on the first destination that is up; returns False
-        when nothing was due (or no destination is up)."""
+    def run_once(self, now: float | None = None, min_priority: int = 0,
+                 copies: bool = True, only: str | None = None) -> bool:
+        """Attempt the next due item on the first destination of its chain that is up (or
+        a copy on its copy destination); returns False when nothing was due (or nowhere
+        to send it is up). `copies=False`: chain items only; `only`: copies for that copy
+        destination only (its lane)."""
         now = time.time() if now is None else now
-        name = self.health.pick()
-        if name is None:
-            return False
-        item = self.queue.claim_next(now, name, min_priority)
+        self.queue.make_copies(self.copies, now)
+        if only is not None:
+            up, copy_up = [], self.health.up([only])
+        else:
+            up, copy_up = self.health.up(self.chain), self.health.up(self.copies) if copies else []
+        item = self.queue.claim_next(now, up, min_priority, copies=copy_up)
         if item is None:
             return False
-        self._attempt(item, self.by_name[name])
+        self._attempt(item, self.by_name[str(item.destination)])
         return True
 
+    def _elsewhere(self, item: Item, name: str) -> bool:
+        """Whether the item can move on from `name`: another destination of its chain is
+        up (a copy has nowhere else to go)."""
+        if item.copy_to is not None:
+            return False
+        return self.health.elsewhere(name, failover.chain(self.chain, item.route))
+
     def _attempt(self, item: Item, dest: Transport) -> None:
-        known = {} if item.parent else self.queue.instances_of(item.id, dest.name)
+        known = ({} if item.only_index is not None else
+                 self.queue.instances_of(item.bundle_id, dest.name, exact=item.is_copy))
         delivered: list[int] = []
         plan = Plan(
             skip=frozenset(i for i, (st, _) in known.items() if st in ("delivered", "parked")),
             only=None if item.only_index is None else frozenset({item.only_index}),
             last=frozenset(i for i, (st, _) in known.items() if st == "suspect"),
             delivered=delivered.append)
-        size = item.bundle_bytes if item.parent is None else 0
+        size = item.bundle_bytes if item.only_index is None else 0
         timer = threading.Timer(budget(size, self.cfg.min_rate_kbit_s, self.budget_base_s),
                                 plan.cancelled.set)
         timer.daemon = True
@@ -218,7 +255,7 @@ class Forwarder:
             permanent=isinstance(e, Permanent), instances=e.instances, delivered_now=delivered_now,
             delivered_before=sum(1 for st, _ in known.values() if st == "delivered"),
             strikes={i: known.get(i, ("", 0))[1] for i in e.instances},
-            parked_item=item.parent is not None)
+            parked_item=item.only_index is not None)
         if policy.needs_probe(failure):
             answers = self._probe(self.by_name[dest], self.lane_probe_wait_s)
             log.info("destination.probed", destination=dest, bundle=item.id, answers=answers)
@@ -245,11 +282,11 @@ class Forwarder:
         elif decision.action == "refuse":
             self.queue.refused(item.id, reason)
             log.error("bundle.held", bundle=item.id, destination=dest, reason=reason)
-        elif not self.health.get(dest).up and self.health.elsewhere(dest):
+        elif not self.health.get(dest).up and self._elsewhere(item, dest):
             self.queue.requeue(item.id, reason=f"moved on: {dest} is down ({reason})", moved=True)
             log.warning("bundle.moved", bundle=item.id, destination=dest, reason=reason)
         else:
-            self._defer(item, dest, reason)
+            self._defer(item, dest, reason, e)
 
     def _destination_failed(self, item: Item, dest: Transport, e: TransportError) -> None:
         """A failure that is the destination's: count it (probing right away while the
@@ -263,14 +300,14 @@ class Forwarder:
             h, cls, time.time(), self.health.settings, self._uniform(), answers))
         self.last_error[dest.name] = reason
         self._announce(event)
-        if not self.health.get(dest.name).up and self.health.elsewhere(dest.name):
+        if not self.health.get(dest.name).up and self._elsewhere(item, dest.name):
             self.queue.requeue(item.id, reason=f"moved on: {dest.name} is down ({reason})", moved=True)
             log.warning("bundle.moved", bundle=item.id, destination=dest.name, reason=reason)
         elif permanent:
             self.queue.refused(item.id, reason)
             log.error("bundle.held", bundle=item.id, destination=dest.name, reason=reason)
         else:
-            self._defer(item, dest.name, reason)
+            self._defer(item, dest.name, reason, e)
 
     def _answered(self, name: str, why: str) -> None:
         self._announce(self.health.change(name, lambda h: failover.answered(h, time.time(), why)))
@@ -329,17 +366,19 @@ class Forwarder:
             return self.rng.random()
 
     def snapshot(self, now: float) -> list[dict[str, object]]:
-        """Each destination for `appliance status`: up or down, since when, the class of
-        its last failure, failures in a row, and when it is probed next."""
+        """Each destination for `appliance status`: its mode, up or down, since when, the
+        class of its last failure, failures in a row, and when it is probed next."""
         return [{"name": h.name, "state": h.state, "since": h.since or None,
+                 "mode": "copy" if h.name in self.copies else "failover",
                  "failures": h.failures, "last_error": h.last_error,
                  "next_probe": h.next_probe if not h.up else None,
                  "next_probe_in_s": round(max(0.0, h.next_probe - now), 1) if not h.up else None}
                 for h in self.health.all()]
 
-    def _defer(self, item: Item, dest: str, reason: str) -> None:
+    def _defer(self, item: Item, dest: str, reason: str, e: TransportError | None = None) -> None:
         with self._rng_lock:
             delay = backoff(item.attempts + 1, self.cfg.retry_min_s, self.cfg.retry_max_s, self.rng)
+        delay = not_before(delay, e, self.cfg.retry_max_s)
         self.queue.defer(item.id, reason, delay, time.time())
         self.last_error[dest] = reason
         log.warning("bundle.deferred", bundle=item.id, destination=dest, reason=reason,

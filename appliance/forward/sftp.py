@@ -31,6 +31,10 @@ The bundle is verified with the appliance's key in the same pass that uploads it
 the directory transport does): one that fails authentication never gets its final name;
 its `.part` is removed and `Unreadable` sends it to quarantine.
 
+Receipts: `read_receipts` reads the center's receipts (`<remote_dir>/receipts/<id>.receipt.json`,
+written by `appliance ingest`) back for `forward.receipts`, by name and at most a given
+size each, over one connection; judging them is that module's business.
+
 Waits: each socket operation gives up after `timeout_s`; the attempt's budget
 (`plan.cancelled`) is watched by a thread that closes the connection at once, so a
 cancelled attempt stops within a second even when blocked in a write.
@@ -46,11 +50,12 @@ import re
 import socket
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 import paramiko
+import structlog
 from paramiko.sftp import (
     CMD_EXTENDED,
     CMD_EXTENDED_REPLY,
@@ -66,10 +71,13 @@ from appliance.bundle import format as bundle_format
 from appliance.bundle.format import Manifest, PrivateKey
 from appliance.core.errors import IntegrityError
 from appliance.forward import Permanent, Plan, Retryable, TransportError, Unreadable, bandwidth
+from appliance.ingest.receipt import SUFFIX as RECEIPT_SUFFIX
 
 if TYPE_CHECKING:
     from appliance.core.config import Destination
     from appliance.forward.registry import Context
+
+log = structlog.get_logger("appliance.sftp")
 
 _CHUNK = 256 * 1024  # read from the bundle (and verified) per step
 _CHECK = 64 * 1024  # read back from each end of a .part before resuming it
@@ -242,6 +250,36 @@ class SftpTransport:
     def close(self) -> None:
         pass  # one connection per attempt, closed by it
 
+    # --- receipts (forward.receipts) -------------------------------------------------
+
+    def read_receipts(self, wanted: Sequence[tuple[str, int]], cancelled: threading.Event,
+                      beat: Callable[[], None] = lambda: None) -> dict[str, bytes | None]:
+        """The receipt files `<remote_dir>/receipts/<id>.receipt.json` of the bundle ids
+        `wanted` ((id, cap) pairs), over one connection: for each, its bytes, at most
+        cap + 1 of them (the caller refuses more than cap: nothing longer is read), or
+        None if there is none yet. Opened by name, not by listing the folder, which
+        grows with every bundle the center ever took. Raises Retryable (or Permanent for
+        a host key or login refused) as `send` does; `cancelled` stops it within a second."""
+        step = _Step("connecting to read receipts")
+        folder = posixpath.join(self.dest.remote_dir or ".", "receipts")
+        out: dict[str, bytes | None] = {}
+        try:
+            with self._session(step, cancelled) as sftp:
+                step.what = f"reading receipts in {folder}"
+                for bundle_id, cap in wanted:
+                    out[bundle_id] = _read_capped(sftp, posixpath.join(
+                        folder, f"{bundle_id}{RECEIPT_SUFFIX}"), cap)
+                    beat()
+        except TransportError:
+            raise
+        except _NETWORK_ERRORS as e:
+            raise self._failure(e, step, cancelled) from None
+        except Exception:
+            if cancelled.is_set():
+                raise self._failure(TimeoutError(), step, cancelled) from None
+            raise
+        return out
+
     # --- connection -------------------------------------------------------------------
 
     @contextlib.contextmanager
@@ -342,6 +380,22 @@ class SftpTransport:
             detail = (e.strerror if isinstance(e, OSError) and e.strerror else str(e)) or type(e).__name__
             return Retryable(f"the connection to {where} failed while {step.what}: {detail}")
         return Retryable(f"the upload to {where} failed while {step.what}: {type(e).__name__}")
+
+
+def _read_capped(sftp: _Sftp, path: str, cap: int) -> bytes | None:
+    """A remote file's first cap + 1 bytes; None if it does not exist, or if we may not
+    read it (one such file must not stop the others being read: it is logged)."""
+    try:
+        f = sftp.open(path, "r")
+    except FileNotFoundError:
+        return None
+    except PermissionError:
+        log.warning("receipt.unreadable", file=posixpath.basename(path),
+                    detail="the SFTP account may not read it; the center must make it 0644")
+        return None
+    with f:
+        data: bytes = f.read(cap + 1)
+    return data
 
 
 def _close_when(cancelled: threading.Event, done: threading.Event, t: paramiko.Transport,

@@ -22,7 +22,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
 import socket
+import struct
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -89,19 +91,21 @@ class ControlServer:
         try:
             with conn:
                 conn.settimeout(REQUEST_TIMEOUT_S)
-                answer = self._answer(_read_line(conn))
+                answer = self._answer(_read_line(conn), _peer_uid(conn))
                 conn.sendall(json.dumps(answer, default=str).encode() + b"\n")
         except (OSError, ValueError) as e:
             log.warning("control.client_failed", error_type=type(e).__name__)
         finally:
             self._slots.release()
 
-    def _answer(self, line: bytes) -> dict[str, Any]:
+    def _answer(self, line: bytes, peer_uid: int | None = None) -> dict[str, Any]:
         try:
             req = json.loads(line)
             cmd, args = req["cmd"], req.get("args", {})
             if not isinstance(cmd, str) or not isinstance(args, dict):
                 raise TypeError
+            args = {k: v for k, v in args.items() if not k.startswith("_")}
+            args["_peer_uid"] = peer_uid  # who asks (SO_PEERCRED), for the audit trail
         except (ValueError, KeyError, TypeError):
             return {"ok": False, "error": "malformed request", "exit_code": errors.EX_USAGE}
         handler = self.handlers.get(cmd)
@@ -123,6 +127,25 @@ class ControlServer:
             self._sock.close()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+
+
+def _peer_uid(conn: socket.socket) -> int | None:
+    """The user id of the process at the other end of the Unix socket (SO_PEERCRED)."""
+    try:
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    return int(struct.unpack("3i", creds)[1])
+
+
+def operator_name(uid: int | None) -> str:
+    """A local user's name for the audit trail ("uid N" when it has none)."""
+    if uid is None:
+        return "unknown"
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
 
 
 def _read_line(conn: socket.socket) -> bytes:

@@ -16,7 +16,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from appliance.core.errors import StateError, UsageError
+from appliance.audit import AuditTrail
+from appliance.core.errors import ApplianceError, StateError, UsageError
 from appliance.queue import state as machine
 from appliance.queue.store import Queue
 
@@ -24,8 +25,18 @@ VERBS = machine.OPERATOR_EVENTS
 
 
 def show(queue: Queue, item_id: str) -> dict[str, Any]:
-    """The item, and where it was tried (`deliveries`: one per destination)."""
-    return {**dataclasses.asdict(queue.get(item_id)), "deliveries": queue.deliveries(item_id)}
+    """The item, and where it was tried (`deliveries`: one per destination). A bundle with
+    copies also shows each copy (id, destination, state, its deliveries) and `overall`,
+    the state of the bundle and its copies together (`queue.state.overall`)."""
+    item = queue.get(item_id)
+    out: dict[str, Any] = {**dataclasses.asdict(item), "deliveries": queue.deliveries(item_id)}
+    out["route"] = list(item.route) if item.route is not None else None
+    copies = queue.copies_of(item_id) if item.parent is None else []
+    if copies:
+        out["overall"] = machine.overall(item.state, tuple(c.state for c in copies))
+        out["copies"] = [{"id": c.id, "destination": c.copy_to, "state": c.state,
+                          "deliveries": queue.deliveries(c.id)} for c in copies]
+    return out
 
 
 def change(queue: Queue, verb: str, item_id: str | None, every: bool) -> list[dict[str, str]]:
@@ -51,6 +62,20 @@ def change(queue: Queue, verb: str, item_id: str | None, every: bool) -> list[di
             continue
         out.append({"id": item.id, "result": verb})
     return out
+
+
+def change_audited(queue: Queue, verb: str, item_id: str | None, every: bool,
+                   trail: AuditTrail, operator: str) -> list[dict[str, str]]:
+    """`change`, written to the audit trail (who, what, on which item, the outcome)."""
+    target = item_id or "all"
+    try:
+        results = change(queue, verb, item_id, every)
+    except ApplianceError as e:
+        trail.command(operator, verb, target, False, str(e))
+        raise
+    done = sum(1 for r in results if r["result"] == verb)
+    trail.command(operator, verb, target, True, f"{done} item(s)")
+    return results
 
 
 def _apply(queue: Queue, verb: str, item_id: str) -> None:

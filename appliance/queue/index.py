@@ -22,7 +22,7 @@ from pathlib import Path
 
 from appliance.core.errors import StateError
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 7
 
 _SCHEMA = [
     # version 1
@@ -167,6 +167,31 @@ _SCHEMA = [
         FROM bundle_instances b LEFT JOIN segments s ON s.id = b.item_id;
     DROP TABLE bundle_instances;
     ALTER TABLE bundle_instances_v5 RENAME TO bundle_instances
+    """,
+    # version 6: end-to-end receipts (forward.receipts). What the reading center signed
+    # that it did with a bundle delivered to a destination with `receipt_key`: the verdict
+    # (stored | partial | failed | duplicate), when the appliance recorded it, the counts
+    # of instances stored and failed there, and the center's name. NULL: no receipt yet
+    # (or a destination without receipts). Rows of version 5 have none.
+    """
+    ALTER TABLE deliveries ADD COLUMN receipt TEXT;
+    ALTER TABLE deliveries ADD COLUMN receipt_at REAL;
+    ALTER TABLE deliveries ADD COLUMN receipt_stored INTEGER;
+    ALTER TABLE deliveries ADD COLUMN receipt_failed INTEGER;
+    ALTER TABLE deliveries ADD COLUMN receipt_center TEXT
+    """,
+    # version 7: routes and copies. `route`: the destinations a routing rule named for the
+    # item's study (",center-b,archive,"; NULL: every destination), so that a restart
+    # keeps it. `copy_to`: the copy destination (`mode = "copy"`) an item is pinned to - a
+    # copy of a bundle is an item of its own (`parent` = the bundle, `only_index` NULL) -
+    # and a parked instance of such a copy. `copied`: a bundle's copy items have been
+    # made. Bundles already delivered or failed are not copied after the upgrade.
+    """
+    ALTER TABLE segments ADD COLUMN route TEXT;
+    ALTER TABLE segments ADD COLUMN copy_to TEXT;
+    ALTER TABLE segments ADD COLUMN copied INTEGER NOT NULL DEFAULT 0;
+    UPDATE segments SET copied=1 WHERE state IN ('delivered', 'failed') OR parent IS NOT NULL;
+    CREATE INDEX segments_copied ON segments(copied, state)
     """,
 ]
 

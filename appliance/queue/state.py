@@ -17,6 +17,12 @@ operator commands (through the daemon's control socket) name an event, never a s
 
 `delete` (operator) and `expire` (delivered, after the keep period) remove the item.
 
+Items are born in the state `BORN` names: a segment receiving; a parked instance held
+(a human decides); a copy of a bundle for a `mode = "copy"` destination ready. A copy is
+an item of its own with this same table, pinned to its destination, so that the copy
+and the failover chain never wait on each other; the bundle's file stays while any of
+them needs it. `overall` says what the bundle and its copies mean together.
+
 An event that does not apply to the item's state raises `Invalid`, whose message names
 what the event needs, so that an operator command on the wrong item says why.
 """
@@ -54,6 +60,9 @@ TABLE: dict[str, dict[str, str | None]] = {
     "expire": {"delivered": GONE},
 }
 
+# kind of item -> the state it is created in (by an insert, not an event)
+BORN = {"segment": "receiving", "parked": "held", "copy": "ready"}
+
 # The events an operator may ask for by name.
 OPERATOR_EVENTS = ("hold", "release", "retry", "delete")
 
@@ -66,6 +75,17 @@ class Invalid(Exception):
         self.event = event
         needs = allowed if allowed is not None else allowed_from(event)
         super().__init__(f"is {state}; {event} needs one of: {', '.join(needs)}")
+
+
+def overall(state: str, copies: tuple[str, ...]) -> str:
+    """The state of a bundle counting its copies (`copies`: the state of each copy item):
+    delivered only when the failover chain and every copy delivered; while the chain is
+    done and a copy is not, "delivered, copies N/M" (the file is kept for the copies);
+    otherwise the bundle's own state (a copy never holds the chain up, nor shows as it)."""
+    if not copies or state != "delivered":
+        return state
+    done = sum(1 for c in copies if c == "delivered")
+    return "delivered" if done == len(copies) else f"delivered, copies {done}/{len(copies)}"
 
 
 def allowed_from(event: str) -> tuple[str, ...]:

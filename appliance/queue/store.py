@@ -15,6 +15,10 @@ and the forwarder never race on a row.
     failed: the bundle file is missing, or it failed authentication when it was to be sent
             (moved to `STATE/quarantine/<id>.bundle.<time>`, kept; reason "quarantined: ...").
 
+Items that share a bundle's file (`parent` = the bundle): a parked instance (`only_index`)
+and a copy for a copy destination (`copy_to`, `make_copies`; queue/routes.py). The file
+goes with the last item that needs it. `route`: where a routing rule sent the study.
+
 `backoff` is pure.
 """
 
@@ -29,6 +33,7 @@ from pathlib import Path
 
 from appliance.core import durable
 from appliance.core.errors import NotFoundError, StateError
+from appliance.queue import routes
 from appliance.queue import state as machine
 from appliance.queue.index import Index
 from appliance.queue.state import STATES
@@ -62,6 +67,15 @@ class DestinationRow:
 
 
 @dataclass(frozen=True)
+class AwaitingReceipt:
+    """A bundle delivered to a destination with receipts, whose receipt has not come."""
+
+    item_id: str
+    delivered: float
+    instances: int
+
+
+@dataclass(frozen=True)
 class Item:
     id: str
     study_key: str
@@ -80,11 +94,18 @@ class Item:
     parent: str | None = None  # a parked instance: the bundle whose file holds it
     only_index: int | None = None  # ... and its index in that bundle's manifest
     incomplete: int = 0  # acknowledged instances that could not be read back at packing
+    route: tuple[str, ...] | None = None  # the destinations a rule named; None: all
+    copy_to: str | None = None  # a copy (or a parked instance of one): its one destination
 
     @property
     def bundle_id(self) -> str:
         """The id of the bundle file that holds this item's instances."""
         return self.parent or self.id
+
+    @property
+    def is_copy(self) -> bool:
+        """A copy of a bundle for a copy destination (not a parked instance)."""
+        return self.copy_to is not None and self.only_index is None
 
 
 class Queue:
@@ -135,22 +156,85 @@ class Queue:
         with self.index.tx() as c:
             return transition(c, item_id, event, time.time() if now is None else now, None, **cols)
 
-    def claim_next(self, now: float, destination: str, min_priority: int = PRIORITY_ROUTINE) -> Item | None:
-        """Take the next due item (stat first, then oldest; at least `min_priority`) and
-        make it active, atomically: another lane or an operator command between choosing
-        and claiming cannot slip in. Nothing due: no write transaction (lanes poll twice
-        a second; waiting for the write lock there would hold the index from the
-        receiver, which must answer the scanner)."""
-        due = ("SELECT * FROM segments WHERE (state='ready' OR (state='deferred' AND next_attempt<=?))"
-               " AND priority>=? ORDER BY priority DESC, created LIMIT 1")
-        if not self.index.query(due, (now, min_priority)):
+    def claim_next(self, now: float, destination: str | Sequence[str],
+                   min_priority: int = PRIORITY_ROUTINE, copies: Sequence[str] = ()) -> Item | None:
+        """Take the next due item (stat first, then oldest; at least `min_priority`) that
+        can go somewhere now, and make it active, atomically: another lane or an operator
+        command between choosing and claiming cannot slip in. Nothing due: no write
+        transaction (lanes poll twice a second; waiting for the write lock there would
+        hold the index from the receiver, which must answer the scanner).
+
+        `destination`: the failover destinations that are up, in config order; an item
+        goes to the first of them its route allows (no route: the first). `copies`: the
+        copy destinations that are up; an item pinned to one of them goes there."""
+        up = [destination] if isinstance(destination, str) else list(destination)
+        where, args = routes.claimable(up, list(copies))
+        if where is None:
+            return None
+        due = ("SELECT * FROM segments WHERE (state='ready' OR (state='deferred' AND next_attempt<=?))"  # noqa: S608
+               f" AND priority>=? AND ({where}) ORDER BY priority DESC, created LIMIT 1")
+        if not self.index.query(due, (now, min_priority, *args)):
             return None
         with self.index.tx() as c:
-            row = c.execute(due, (now, min_priority)).fetchone()
+            row = c.execute(due, (now, min_priority, *args)).fetchone()
             if row is None:
                 return None
-            transition(c, row["id"], "claim", now, destination=destination, progress=0)
+            item = _item(row)
+            dest = item.copy_to or next(n for n in up if item.route is None or n in item.route)
+            transition(c, row["id"], "claim", now, destination=dest, progress=0)
         return self.get(row["id"])
+
+    def make_copies(self, copies: Sequence[str], now: float) -> int:
+        """Give each packed bundle not yet copied one copy item per copy destination its
+        route allows (`copies`, config order), born ready (`queue.state.BORN`), in one
+        transaction with marking it copied. The forwarder calls this before each claim,
+        so a bundle's copies exist before it can be delivered. Returns how many."""
+        if not copies:
+            return 0
+        todo = ("SELECT * FROM segments WHERE copied=0 AND parent IS NULL"
+                " AND state IN ('ready', 'deferred', 'held', 'active')")
+        if not self.index.query(todo + " LIMIT 1"):
+            return 0
+        made = 0
+        with self.index.tx() as c:
+            for row in c.execute(todo).fetchall():
+                item = _item(row)
+                for name in copies:
+                    if item.route is None or name in item.route:
+                        open_copy(c, item, name, now)
+                        made += 1
+                c.execute("UPDATE segments SET copied=1 WHERE id=?", (item.id,))
+        return made
+
+    def settle_routes(self, chain: Sequence[str], copies: Sequence[str]) -> dict[str, int]:
+        """At start, against the config: an item whose route names no failover destination
+        any longer goes everywhere (route cleared: better than waiting for ever), and a
+        copy (or a copy's parked instance) for a copy destination no longer configured is
+        removed (`delete`; one in flight is left to finish). Returns the counts."""
+        counts = {"rerouted": 0, "copies_dropped": 0}
+        rows = self.index.query("SELECT id, route FROM segments WHERE route IS NOT NULL AND"
+                                " copy_to IS NULL AND state NOT IN ('delivered', 'failed')")
+        stale = [r["id"] for r in rows if not set(routes.names(r["route"]) or ()) & set(chain)]
+        with self.index.tx() as c:  # not a state: where the item may go
+            for item_id in stale:
+                c.execute("UPDATE segments SET route=NULL WHERE id=?", (item_id,))
+        counts["rerouted"] = len(stale)
+        q = ",".join("?" * len(copies))
+        gone = self.index.query(
+            f"SELECT id, parent FROM segments WHERE copy_to IS NOT NULL AND copy_to NOT IN ({q})"  # noqa: S608
+            " AND state IN ('ready', 'deferred', 'held', 'delivered', 'failed')", tuple(copies))
+        for r in gone:
+            with self.index.tx() as c:
+                transition(c, r["id"], "delete", time.time())
+            self._drop_file_if_unused(r["parent"])
+        counts["copies_dropped"] = len(gone)
+        return counts
+
+    def copies_of(self, item_id: str) -> Sequence[Item]:
+        """The copy items of a bundle (config order of their making)."""
+        rows = self.index.query("SELECT * FROM segments WHERE parent=? AND only_index IS NULL"
+                                " AND copy_to IS NOT NULL ORDER BY id", (item_id,))
+        return [_item(r) for r in rows]
 
     def activate(self, item_id: str, destination: str) -> None:
         self._move(item_id, "claim", destination=destination, progress=0)
@@ -243,8 +327,12 @@ class Queue:
         """The bundle fails authentication: move its file to quarantine (kept for a human,
         never deleted) and mark the item failed with the reason. Returns the new path."""
         self.path(item_id)  # checks the id
-        kept = self._to_quarantine(self.get(item_id).bundle_id)
+        bundle_id = self.get(item_id).bundle_id
+        kept = self._to_quarantine(bundle_id)
         self.fail(item_id, f"quarantined: {reason}", event="quarantined")
+        for r in self.index.query("SELECT id FROM segments WHERE (id=? OR parent=?) AND id!=? AND"
+                                  " state IN ('ready', 'deferred', 'held')", (bundle_id, bundle_id, item_id)):
+            self.fail(r["id"], f"quarantined with {item_id}: {reason}", event="quarantined")
         return kept
 
     def _to_quarantine(self, name: str) -> Path:
@@ -256,16 +344,20 @@ class Queue:
 
     # --- per instance: what a destination holds, suspects, parked instances ---
 
-    def instances_of(self, item_id: str, destination: str | None = None) -> dict[int, tuple[str, int]]:
+    def instances_of(self, item_id: str, destination: str | None = None,
+                     exact: bool = False) -> dict[int, tuple[str, int]]:
         """{manifest index: (delivered | suspect | parked, strikes)} of a bundle, as seen
         by `destination` (delivered means: there; None: at any destination). Delivered
-        wins over parked (a released parked instance that arrived), parked over suspect."""
+        wins over parked (a released parked instance that arrived), parked over suspect.
+        `exact`: only what is recorded for `destination` itself (a copy destination: the
+        failover chain's suspects and parked instances are not its business)."""
         rows = self.index.query(
             "SELECT idx, destination, state, strikes FROM bundle_instances WHERE item_id=?",
             (item_id,))
+        mine = (destination,) if exact else ("", destination)
         out: dict[int, tuple[str, int]] = {}
         for r in rows:
-            if destination is not None and r["destination"] not in ("", destination):
+            if destination is not None and r["destination"] not in mine:
                 continue
             seen = out.get(r["idx"])
             if seen is None or _RANK[r["state"]] > _RANK[seen[0]]:
@@ -284,44 +376,85 @@ class Queue:
 
     def suspect(self, item_id: str, idx: int, reason: str, strike: bool) -> int:
         """An instance failed at the destination: sent last from now on; with `strike`, the
-        failure counts against it (see forward.policy). Returns its strikes."""
+        failure counts against it (see forward.policy). Returns its strikes. For a copy
+        item it is recorded for the bundle at the copy's destination only."""
         with self.index.tx() as c:
+            bundle, scope = _scope(c, item_id)
             c.execute("INSERT INTO bundle_instances(item_id, destination, idx, state, strikes, reason)"
-                      " VALUES (?,'',?,'suspect',?,?) ON CONFLICT(item_id, destination, idx) DO UPDATE"
+                      " VALUES (?,?,?,'suspect',?,?) ON CONFLICT(item_id, destination, idx) DO UPDATE"
                       " SET state='suspect', strikes=strikes+?, reason=?",
-                      (item_id, idx, int(strike), reason, int(strike), reason))
+                      (bundle, scope, idx, int(strike), reason, int(strike), reason))
             row = c.execute("SELECT strikes FROM bundle_instances WHERE item_id=? AND idx=?"
-                            " AND destination=''", (item_id, idx)).fetchone()
+                            " AND destination=?", (bundle, idx, scope)).fetchone()
         return int(row["strikes"])
 
     def park(self, item_id: str, idx: int, reason: str, now: float) -> str:
         """Set one instance of a bundle aside: the bundle is delivered without it, and it
         becomes a queue item of its own, held with the reason, until an operator releases
-        it (then it is sent alone) or deletes it. Returns the new item's id."""
+        it (then it is sent alone) or deletes it. Returns the new item's id. An instance
+        parked from a copy is parked for that copy's destination only, and goes there."""
         child = f"{item_id}p{idx}"
         with self.index.tx() as c:
-            row = c.execute("SELECT study_key, priority FROM segments WHERE id=?", (item_id,)).fetchone()
+            row = c.execute("SELECT * FROM segments WHERE id=?", (item_id,)).fetchone()
             if row is None:
                 raise NotFoundError(f"no queue item {item_id!r}")
+            bundle, scope = _scope(c, item_id)
             c.execute("INSERT INTO bundle_instances(item_id, destination, idx, state, reason)"
-                      " VALUES (?,'',?,'parked',?) ON CONFLICT(item_id, destination, idx)"
-                      " DO UPDATE SET state='parked', reason=?", (item_id, idx, reason, reason))
-            open_parked(c, child, item_id, idx, row["study_key"], row["priority"], reason, now)
+                      " VALUES (?,?,?,'parked',?) ON CONFLICT(item_id, destination, idx)"
+                      " DO UPDATE SET state='parked', reason=?", (bundle, scope, idx, reason, reason))
+            open_parked(c, child, bundle, idx, row["study_key"], row["priority"], reason, now,
+                        route=row["route"], copy_to=row["copy_to"])
         return child
 
     def parked_count(self) -> int:
-        rows = self.index.query("SELECT COUNT(*) n FROM segments WHERE parent IS NOT NULL"
+        rows = self.index.query("SELECT COUNT(*) n FROM segments WHERE only_index IS NOT NULL"
                                 " AND state IN ('held', 'ready', 'deferred', 'active')")
         return int(rows[0]["n"])
 
     # --- deliveries and destination health (forward.failover) ---
 
     def deliveries(self, item_id: str) -> Sequence[dict[str, object]]:
-        """Where the item was tried and how it went there, oldest first."""
+        """Where the item was tried and how it went there, oldest first; with what the
+        reading center's receipt said (`receipt`: None until one was recorded)."""
         rows = self.index.query("SELECT destination, state, attempts, next_attempt, last_error,"
-                                " bytes_done, started, updated, delivered FROM deliveries"
+                                " bytes_done, started, updated, delivered, receipt, receipt_at,"
+                                " receipt_stored, receipt_failed, receipt_center FROM deliveries"
                                 " WHERE item_id=? ORDER BY started, destination", (item_id,))
         return [dict(r) for r in rows]
+
+    # --- end-to-end receipts (forward.receipts) ---
+
+    def awaiting_receipts(self, destination: str, limit: int) -> Sequence[AwaitingReceipt]:
+        """Bundles delivered to `destination` whose receipt has not come yet, the most
+        recently delivered first, at most `limit` (a parked instance's item is left out:
+        its file is its bundle's, which has a receipt of its own)."""
+        rows = self.index.query(
+            "SELECT d.item_id, d.delivered, s.instances FROM deliveries d JOIN segments s"
+            " ON s.id=d.item_id WHERE d.destination=? AND d.state='delivered' AND d.receipt IS NULL"
+            " AND s.parent IS NULL ORDER BY d.delivered DESC LIMIT ?", (destination, limit))
+        return [AwaitingReceipt(r["item_id"], float(r["delivered"] or 0), int(r["instances"]))
+                for r in rows]
+
+    def receipts_awaited(self, destination: str, delivered_before: float) -> tuple[int, int]:
+        """(bundles delivered to `destination` without a receipt, of which delivered
+        before `delivered_before`: the overdue ones)."""
+        rows = self.index.query(
+            "SELECT COUNT(*) n, COALESCE(SUM(d.delivered<?), 0) late FROM deliveries d JOIN segments s"
+            " ON s.id=d.item_id WHERE d.destination=? AND d.state='delivered' AND d.receipt IS NULL"
+            " AND s.parent IS NULL", (delivered_before, destination))
+        return int(rows[0]["n"]), int(rows[0]["late"])
+
+    def record_receipt(self, item_id: str, destination: str, verdict: str, stored: int,
+                       failed: int, center: str, now: float) -> bool:
+        """The center's receipt for a bundle delivered to `destination`, verified by the
+        caller (not a state: what the center says it did with a delivered bundle). The
+        first one counts; False if there is no such delivery without a receipt."""
+        with self.index.tx() as c:
+            n = c.execute("UPDATE deliveries SET receipt=?, receipt_at=?, receipt_stored=?,"
+                          " receipt_failed=?, receipt_center=? WHERE item_id=? AND destination=?"
+                          " AND state='delivered' AND receipt IS NULL",
+                          (verdict, now, stored, failed, center, item_id, destination)).rowcount
+        return n == 1
 
     def destinations(self) -> dict[str, DestinationRow]:
         """The health of each destination as last saved (forward.failover.Health)."""
@@ -454,19 +587,49 @@ def _deliver(conn: sqlite3.Connection, item_id: str, dest: str, event: str, now:
 
 
 def open_parked(conn: sqlite3.Connection, item_id: str, parent: str, idx: int, study_key: str,
-                priority: int, reason: str, now: float) -> None:
-    """The item of a parked instance: held with the reason (inside the caller's transaction)."""
+                priority: int, reason: str, now: float, route: str | None = None,
+                copy_to: str | None = None) -> None:
+    """The item of a parked instance: held with the reason (inside the caller's
+    transaction); it keeps the route (and copy destination) of the item it came from."""
     conn.execute("INSERT INTO segments(id, study_key, state, priority, created, updated, instances,"
-                 " reason, parent, only_index) VALUES (?,?,'held',?,?,?,1,?,?,?)",
-                 (item_id, study_key, priority, now, now, reason, parent, idx))
+                 " reason, parent, only_index, route, copy_to, copied) VALUES (?,?,?,?,?,?,1,?,?,?,?,?,1)",
+                 (item_id, study_key, machine.BORN["parked"], priority, now, now, reason, parent,
+                  idx, route, copy_to))
+
+
+def open_copy(conn: sqlite3.Connection, bundle: Item, destination: str, now: float) -> None:
+    """A bundle's copy item for a copy destination (inside the caller's transaction):
+    born ready, with the bundle's priority, age and sizes, pinned to `destination`."""
+    conn.execute("INSERT OR IGNORE INTO segments(id, study_key, state, priority, created, updated,"
+                 " instances, bytes, bundle_bytes, incomplete, parent, route, copy_to, copied)"
+                 " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,1)",
+                 (routes.copy_id(bundle.id, destination), bundle.study_key, machine.BORN["copy"],
+                  bundle.priority, bundle.created, now, bundle.instances, bundle.bytes,
+                  bundle.bundle_bytes, bundle.incomplete, bundle.id, routes.text((destination,)),
+                  destination))
 
 
 def open_segment(conn: sqlite3.Connection, seg_id: str, study_key: str, now: float) -> None:
     """A new segment for a study, in state receiving (inside the spool's transaction). It
-    has the priority the study has already (a stat study's later segments are stat)."""
-    conn.execute("INSERT INTO segments(id, study_key, state, created, updated, priority)"
-                 " VALUES (?,?,'receiving',?,?, COALESCE((SELECT MAX(priority) FROM segments"
-                 " WHERE study_key=?), 0))", (seg_id, study_key, now, now, study_key))
+    has the priority and the route the study has already (a stat study's later segments
+    are stat; a routed study's go where its first did)."""
+    conn.execute("INSERT INTO segments(id, study_key, state, created, updated, priority, route)"
+                 " VALUES (?,?,?,?,?, COALESCE((SELECT MAX(priority) FROM segments"
+                 " WHERE study_key=?), 0), (SELECT route FROM segments WHERE study_key=? AND"
+                 " parent IS NULL AND route IS NOT NULL LIMIT 1))",
+                 (seg_id, study_key, machine.BORN["segment"], now, now, study_key, study_key))
+
+
+def _scope(conn: sqlite3.Connection, item_id: str) -> tuple[str, str]:
+    """Where an item's per-instance records go: (bundle id, destination scope). A bundle
+    and its parked instances: (itself, ''), as before; a copy: (its bundle, its destination)."""
+    row = conn.execute("SELECT parent, copy_to, only_index FROM segments WHERE id=?",
+                       (item_id,)).fetchone()
+    if row is None:
+        raise NotFoundError(f"no queue item {item_id!r}")
+    if row["copy_to"] is not None and row["only_index"] is None:
+        return row["parent"], row["copy_to"]
+    return item_id, ""
 
 
 def raise_priority(conn: sqlite3.Connection, study_key: str, priority: int) -> int:
@@ -485,4 +648,6 @@ def _item(r: sqlite3.Row) -> Item:
                 attempts=g("attempts"), next_attempt=g("next_attempt"), created=g("created"),
                 updated=g("updated"), reason=g("reason"), destination=g("destination"),
                 progress=g("progress") or 0, parent=g("parent"), only_index=g("only_index"),
-                incomplete=g("incomplete") or 0)
+                incomplete=g("incomplete") or 0,
+                route=routes.names(g("route")),
+                copy_to=g("copy_to"))

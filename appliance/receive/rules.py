@@ -10,6 +10,11 @@ matches decides; none: routine. A study becomes stat as soon as one of its insta
 matches a stat rule, and stays stat (`Queue.raise_priority`): its segments already
 waiting are raised too.
 
+A rule may also name destinations (`Rule.destinations`): the study goes only there. The
+first rule that matches an instance of the study decides; the spool stores its names as
+the study's route (`queue.routes.set_route`), which the study's later segments take too,
+so that a restart keeps it (docs/architecture.md, "Copy destinations and routing rules").
+
 Facts are read only when rules exist, from at most `FACTS_PREFIX` bytes of the instance
 (inflated first if it is deflated, capped), with pydicom's partial reader stopping past
 (0032,1060). An instance whose start cannot be parsed gives empty attributes: criteria on
@@ -92,6 +97,12 @@ def read_facts(head: bytes, calling_ae: str, priority: str) -> Facts:
 
 
 def _attributes(head: bytes) -> dict[int, str]:
+    return attributes(head, _TAGS, _STOP)
+
+
+def attributes(head: bytes, tags: Sequence[int], stop: int) -> dict[int, str]:
+    """Text values of `tags` (each at or below `stop`) read from the start of a Part-10
+    instance; a tag that is absent, past the prefix or does not decode is left out."""
     from appliance.receive.scp import inflated_prefix  # noqa: PLC0415 - scp imports us
 
     meta = dicomscan.file_meta(head)
@@ -106,17 +117,17 @@ def _attributes(head: bytes) -> dict[int, str]:
     little = ts != "1.2.840.10008.1.2.2"
 
     def past(tag: BaseTag, vr: str | None, length: int) -> bool:
-        return bool(tag > _STOP)
+        return bool(tag > stop)
 
     ds = Dataset()
     try:  # elements read before the prefix ends or breaks are kept
         for raw in data_element_generator(io.BytesIO(data), implicit, little, stop_when=past,
-                                          specific_tags=_TAGS):
+                                          specific_tags=list(tags)):
             ds[raw.tag] = raw
     except Exception:  # noqa: BLE001, S110 - the rest matches no attribute criterion
         pass
     out = {}
-    for tag in (0x00080060, 0x00081030, 0x00180015, _STOP):
+    for tag in tags:
         try:
             v = ds[tag].value if tag in ds else None
         except Exception:  # noqa: BLE001 - a value that does not decode matches nothing

@@ -55,6 +55,7 @@ from pynetdicom import (
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from appliance import __version__
+from appliance.audit import AuditTrail
 from appliance.core import dicomscan, part10
 from appliance.core import pynetdicom_compat as compat
 from appliance.core.config import Receive, Rule
@@ -64,6 +65,7 @@ from appliance.health.supervisor import Stage
 from appliance.queue.store import PRIORITY_STAT
 from appliance.receive import intake
 from appliance.receive import rules as routing
+from appliance.receive.audited import Received
 from appliance.receive.intake import InstanceBuffer
 from appliance.spool.store import InstanceMeta, Spool, Stored, reader
 
@@ -434,11 +436,13 @@ class Receiver:
 
     def __init__(self, cfg: Receive, spool: Spool, stats: ReceiveStats,
                  on_stored: Callable[[str], None] | None = None, stage: Stage | None = None,
-                 rules: Sequence[Rule] = ()) -> None:
+                 rules: Sequence[Rule] = (), audit: AuditTrail | None = None) -> None:
         self.cfg = cfg
+        self.audit = audit
+        self._audited = Received()  # per association and study, for the audit trail
         self.rules = tuple(rules)
         self._read_attributes = routing.needs_attributes(self.rules)
-        self._stat_studies: OrderedDict[str, None] = OrderedDict()  # recent, bounded
+        self._decided: OrderedDict[str, Rule] = OrderedDict()  # recent studies' rule, bounded
         self.spool = spool
         self.stats = stats
         self.on_stored = on_stored
@@ -522,6 +526,9 @@ class Receiver:
         result, source, diagnostic, text = REJECTIONS[reason]
         log.warning("association.rejected", calling_ae=rq.calling_ae_title.strip(),
                     called_ae=rq.called_ae_title.strip(), peer=assoc.requestor.address, reason=text)
+        if self.audit is not None:
+            self.audit.refused_association(str(rq.calling_ae_title).strip(),
+                                           str(assoc.requestor.address), text)
         # After the A-ASSOCIATE-RJ the peer should close the connection; wait for that at
         # most REJECT_LINGER_S (the ARTIM timer), so that a refused peer keeps neither
         # its connection nor an association slot for the whole ACSE timeout.
@@ -558,6 +565,11 @@ class Receiver:
                  stored=counts["stored"], duplicate=counts["duplicate"],
                  refused=sum(v for k, v in counts.items() if k not in ("stored", "duplicate", "bytes")),
                  bytes=counts["bytes"])
+        studies, unnamed = self._audited.take(id(event.assoc))
+        if self.audit is not None and (studies or unnamed):
+            refused = sum(v for k, v in counts.items() if k not in ("stored", "duplicate", "bytes"))
+            self.audit.received(str(event.assoc.requestor.ae_title).strip(),
+                                str(event.assoc.requestor.address), studies, refused, unnamed)
 
     def in_burst(self, gap_s: float = BURST_GAP_S) -> bool:
         """Is a scanner sending images back to back right now?"""
@@ -587,7 +599,7 @@ class Receiver:
             parts, nbytes = buf.parts, buf.size - buf.head_size
         try:
             with self.stage.job("store"):
-                stored = self._store(buf, parts, sop_uid, calling, req.Priority)
+                stored = self._store(buf, parts, sop_uid, calling, req.Priority, id(event.assoc))
         except Rejected as r:
             return self._answer(event, r.outcome, nbytes)
         except SpoolFullError:
@@ -615,36 +627,48 @@ class Receiver:
         return STATUS[outcome][0]
 
     def _store(self, buf: InstanceBuffer | None, parts: list[bytes | memoryview], sop_uid: str,
-               calling: str, cstore_priority: Any = 0) -> Stored:
+               calling: str, cstore_priority: Any = 0, assoc: int = 0) -> Stored:
         """Identify and spool one instance; raises Rejected, SpoolFullError, OSError, ..."""
         if buf is not None and buf.failed:
             raise Rejected(buf.failed if buf.failed in STATUS else "internal")
         if buf is not None and buf.incoming is not None:
-            head = bytes(buf.prefix)
-            meta = self._prioritised(identify([head], sop_uid, calling, complete=buf.complete_prefix),
-                                     lambda: head, cstore_priority)
-            return self.spool.store_incoming(buf.incoming, meta)
-        meta = self._prioritised(identify(parts, sop_uid, calling),
-                                 lambda: _prefix(parts, routing.FACTS_PREFIX), cstore_priority)
-        return self.spool.store(parts, meta)
+            prefix = bytes(buf.prefix)
+            meta = self._prioritised(identify([prefix], sop_uid, calling, complete=buf.complete_prefix),
+                                     lambda: prefix, cstore_priority)
+            stored = self.spool.store_incoming(buf.incoming, meta)
+            head: Callable[[], bytes] = lambda: prefix  # noqa: E731
+        else:
+            head = lambda: _prefix(parts, routing.FACTS_PREFIX)  # noqa: E731
+            meta = self._prioritised(identify(parts, sop_uid, calling), head, cstore_priority)
+            stored = self.spool.store(parts, meta)
+        if self.audit is not None and not stored.duplicate:
+            try:  # stored and committed: nothing about the audit may refuse it now
+                self._audited.note(assoc, meta.study_uid, meta.sop_class, head)
+            except Exception:  # noqa: BLE001 - counted by the audit message's absence
+                log.exception("audit.note_failed")
+        return stored
 
     def _prioritised(self, meta: InstanceMeta, head: Callable[[], bytes],
                      cstore_priority: Any) -> InstanceMeta:
-        """`meta` with the priority the routing rules give its study (receive/rules.py).
-        A study seen stat lately is not looked at again."""
-        if not self.rules or meta.study_uid in self._stat_studies:
-            return dataclasses.replace(meta, priority=PRIORITY_STAT) if self.rules else meta
-        priority = routing.cstore_priority(cstore_priority)
-        facts = (routing.read_facts(head(), meta.calling_ae, priority) if self._read_attributes
-                 else routing.Facts(calling_ae=meta.calling_ae, cstore_priority=priority))
-        rule = routing.first_match(self.rules, facts)
-        if rule is None or rule.priority != "stat":
+        """`meta` with the priority and route the routing rules give its study
+        (receive/rules.py). A study a rule decided lately is not looked at again."""
+        if not self.rules:
             return meta
-        self._stat_studies[meta.study_uid] = None
-        while len(self._stat_studies) > 256:
-            self._stat_studies.popitem(last=False)
-        log.info("study.stat", rule=rule.name)
-        return dataclasses.replace(meta, priority=PRIORITY_STAT)
+        rule = self._decided.get(meta.study_uid)
+        if rule is None:
+            priority = routing.cstore_priority(cstore_priority)
+            facts = (routing.read_facts(head(), meta.calling_ae, priority) if self._read_attributes
+                     else routing.Facts(calling_ae=meta.calling_ae, cstore_priority=priority))
+            rule = routing.first_match(self.rules, facts)
+            if rule is None or (rule.priority != "stat" and not rule.destinations):
+                return meta
+            self._decided[meta.study_uid] = rule
+            while len(self._decided) > 256:
+                self._decided.popitem(last=False)
+            log.info("study.stat" if rule.priority == "stat" else "study.routed", rule=rule.name,
+                     destinations=list(rule.destinations) or None)
+        return dataclasses.replace(meta, route=rule.destinations,
+                                   priority=PRIORITY_STAT if rule.priority == "stat" else meta.priority)
 
     def _answer(self, event: Any, outcome: str, nbytes: int) -> int:
         status, meaning = STATUS[outcome]

@@ -54,6 +54,7 @@ import structlog
 
 from appliance.core import crypto, durable
 from appliance.core.errors import IntegrityError, KeyFileError, NotFoundError, SpoolFullError
+from appliance.queue import routes as queue_routes
 from appliance.queue import store as queue_store
 from appliance.queue.index import Index
 from appliance.queue.state import STATES
@@ -86,6 +87,7 @@ class InstanceMeta:
     transfer_syntax: str
     calling_ae: str
     priority: int = 0  # queue.store.PRIORITY_*: from the routing rules (receive/rules.py)
+    route: tuple[str, ...] = ()  # destinations a routing rule named; (): all of them
 
 
 @dataclass(frozen=True)
@@ -248,6 +250,8 @@ class Spool:
                     seg = self._open_segment(c, skey, size, now)
                     if meta.priority:
                         queue_store.raise_priority(c, skey, meta.priority)
+                    if meta.route:
+                        queue_routes.set_route(c, skey, meta.route)
                     ckey = self.content_key(meta.sop_instance_uid, digest.value) if digest.done else None
                     c.execute(
                         "INSERT INTO instances(id, segment_id, study_key, sop_key, content_key,"

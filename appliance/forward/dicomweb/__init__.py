@@ -33,8 +33,14 @@ what was stored (a WarningReason (0008,1196) is logged; the instance counts as s
 FailedSOPSequence (0008,1198) what was not, with FailureReason (0008,1197), classified
 by the dicom transport's status table (`forward.dicom.status.classify_status`): e.g.
 0xA7xx out of resources and 0x0110 processing failure Retryable, 0xA9xx, 0xCxxx
-Permanent. 0xC122 (transfer syntax not supported) is Permanent for that instance with
-"sending it converted is not available yet": the instance is parked, the rest goes.
+Permanent. 0xC122 (transfer syntax not supported): at the end of the attempt the
+instance is sent again alone, converted to Explicit VR Little Endian (which PS3.18
+requires every STOW-RS origin server to take) in a `forward.conversion` worker (capped
+in output, time and memory, as for the dicom transport); whole conversions only, since
+the part's length goes in Content-Length. Refused again, already Explicit VR LE, or
+not convertible (the codec refuses it, the worker dies or breaks a limit): Permanent for
+that instance (parked), the rest goes. The file meta sent with it is the original's with
+only (0002,0010) changed; the data set is the converter's.
 `plan.delivered(i)` is called for each stored instance as soon as its response is read.
 Failures tied to instances do not stop the attempt: the other requests are sent, and at
 the end one error names them all in `instances` (Permanent when any failed for good,
@@ -52,8 +58,9 @@ is Permanent ("raise the server's limit"). 401/403/407 -> Permanent, no instance
 blamed, the reason says which credential to fix. 404/405, redirects (never followed:
 they would carry the credentials elsewhere) and other 4xx -> Permanent. 5xx, 408, 429,
 a connection refused, reset or timed out -> Retryable, blaming no instance (the
-destination's trouble); a Retry-After header is quoted in the reason (the contract has
-no field for a delay: the queue's back-off applies). A server that answers before
+destination's trouble); a Retry-After header is quoted in the reason and passed on as the
+Retryable's `retry_after_s` (the scheduler waits at least that long, at most
+queue.retry_max_s). A server that answers before
 reading the whole body (a 413 or 401 from a proxy) and closes: that early answer is read
 and used.
 
@@ -95,7 +102,7 @@ if TYPE_CHECKING:
 
 def build(dest: Destination, context: Context) -> DicomWebTransport:
     """The registry's factory (`forward.registry`)."""
-    return DicomWebTransport(dest, context.key)
+    return DicomWebTransport(dest, context.key, context.max_instance_bytes)
 
 
 __all__ = ["DicomWebTransport", "build"]

@@ -5,6 +5,8 @@ docstring for the decisions.
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import enum
 import json
 import re
@@ -120,20 +122,38 @@ def retry_after(value: str | None) -> str:
     return ""
 
 
+def retry_after_seconds(value: str | None, now: float) -> float | None:
+    """The server's Retry-After header as seconds from `now` (RFC 9110 10.2.3: a number
+    of seconds or an HTTP date); None when absent or neither. The scheduler bounds it by
+    queue.retry_max_s."""
+    if not value:
+        return None
+    value = value.strip()
+    if re.fullmatch(r"\d{1,9}", value):
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # RFC 9110 dates are GMT
+        when = when.replace(tzinfo=datetime.UTC)
+    return max(0.0, when.timestamp() - now)
+
+
 # --- the response: DICOM JSON (PS3.18 F.2, 10.5.3.2) -------------------------------------
 
 REFERENCED = "00081199"  # ReferencedSOPSequence
 FAILED = "00081198"  # FailedSOPSequence
 SOP_INSTANCE = "00081155"  # ReferencedSOPInstanceUID
 FAILURE_REASON = "00081197"
+UNSUPPORTED_SYNTAX = 0xC122  # PS3.18 10.5.3.2: the server refuses the transfer syntax
 WARNING_REASON = "00081196"
 
 # What a failure reason means on STOW-RS where the DIMSE wording would mislead (PS3.18
 # 10.5.3.2 / the Storage Commitment failure reasons it borrows); the outcome is still
 # the one `classify_status` gives.
 STOW_MEANINGS: Mapping[int, str] = {
-    0xC122: "the server does not accept this transfer syntax (sending it converted is not "
-            "available yet)",
+    0xC122: "the server does not accept this transfer syntax",
     0x0122: "the server does not accept this SOP class",
     0x0110: "processing failure",
     0x0111: "the server already has another instance with this UID",
@@ -195,6 +215,7 @@ class Judgement:
     permanent: list[tuple[int, str]] = field(default_factory=list)  # (index, reason text)
     retryable: list[tuple[int, str]] = field(default_factory=list)
     unaccounted: list[int] = field(default_factory=list)  # neither stored nor failed
+    unsupported_syntax: list[tuple[int, str]] = field(default_factory=list)  # 0xC122: convert?
 
 
 def judge(entries: Sequence[ManifestEntry], reply: Reply, response: StowResponse | None) -> Judgement:
@@ -223,7 +244,9 @@ def _failed(j: Judgement, e: ManifestEntry, reason: int | None) -> None:
     code = "no failure reason" if reason is None else f"failure reason 0x{reason:04X}"
     meaning = STOW_MEANINGS.get(reason or 0, verdict.meaning)
     text = f"the server did not store instance {e.index} ({code}: {meaning})"
-    if verdict.outcome is Outcome.PERMANENT:
+    if reason == UNSUPPORTED_SYNTAX:
+        j.unsupported_syntax.append((e.index, text))  # the transport decides: convert or not
+    elif verdict.outcome is Outcome.PERMANENT:
         j.permanent.append((e.index, text))
     else:
         # A "success" or warning code in the Failed SOP Sequence still says "not stored".

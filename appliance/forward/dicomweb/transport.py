@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
+from pydicom.uid import ExplicitVRLittleEndian
 
 from appliance.bundle.format import InstanceStream, ManifestEntry, PrivateKey, VerifiedBundle
-from appliance.core import crypto
+from appliance.core import crypto, part10
 from appliance.core.config import Destination
 from appliance.core.errors import ConfigError, IntegrityError, KeyFileError
-from appliance.forward import Permanent, Plan, Retryable, TransportError, Unreadable, bandwidth
+from appliance.forward import Permanent, Plan, Retryable, TransportError, Unreadable, bandwidth, conversion
 from appliance.forward.dicom.tls import client_context, err_text, is_ip
 from appliance.forward.dicomweb import stow
 from appliance.forward.dicomweb.stow import Reply
@@ -32,6 +33,7 @@ PIECE = 64 << 10  # bytes written at a time (the cancel event is looked at in be
 MAX_TOKEN = 4096
 _TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")  # RFC 6750 b64token
 MIN_LIMIT = 1 << 20  # a 413 never makes requests smaller than this (or one instance)
+HEAD_MAX = 1 << 20  # the most bytes read to find an instance's file meta before converting
 
 
 def response_cap(n: int) -> int:
@@ -63,9 +65,11 @@ class _Outcome:
 
 class DicomWebTransport:
     """STOW-RS to one DICOMweb server (the [[destinations]] entry, transport "dicomweb");
-    `private_key` opens the bundles (the appliance's own key)."""
+    `private_key` opens the bundles (the appliance's own key); `max_instance_bytes` caps
+    what converting one instance may produce (receive.max_instance_mb)."""
 
-    def __init__(self, dest: Destination, private_key: PrivateKey) -> None:
+    def __init__(self, dest: Destination, private_key: PrivateKey,
+                 max_instance_bytes: int = 4096 << 20) -> None:
         if dest.url is None:
             raise ConfigError([f"destination {dest.name}: url is required"])
         u = urllib.parse.urlsplit(dest.url)
@@ -82,6 +86,9 @@ class DicomWebTransport:
         self.limit = dest.max_request_mb << 20  # lowered when the server answers 413
         self._limit_lock = threading.Lock()
         self.cap = bandwidth.for_destination(dest)  # shared by every lane sending here
+        self.max_output = max_instance_bytes
+        self._converter: conversion.Converter | None = None
+        self._converter_lock = threading.Lock()
         if not self.https:
             if not dest.plaintext:
                 raise ConfigError([f"destination {dest.name}: https is required unless plaintext = true"])
@@ -162,6 +169,7 @@ class DicomWebTransport:
                 # instances are delivered first, and a failure of a suspect is its own.
                 attempt.deliver([e for e in wanted if e.index not in plan.last], None)
                 attempt.deliver([e for e in wanted if e.index in plan.last], 1)
+                attempt.deliver_converted()
             except IntegrityError as e:
                 raise Unreadable(f"bundle does not verify: {e}") from None
         out = attempt.outcome
@@ -190,7 +198,20 @@ class DicomWebTransport:
         return r.status < 500 and stow.classify_http(r.status)[0] is not Reply.CREDENTIALS
 
     def close(self) -> None:
-        pass  # one connection per request, closed with it
+        """One connection per request is closed with it; the conversion workers, if any
+        were started, stop here."""
+        with self._converter_lock:
+            if self._converter is not None:
+                self._converter.close()
+                self._converter = None
+
+    def converter(self) -> conversion.Converter:
+        """The conversion workers, started at the first instance the server refuses in
+        its transfer syntax."""
+        with self._converter_lock:
+            if self._converter is None:
+                self._converter = conversion.Converter()
+            return self._converter
 
     def lower_limit(self, tried: int) -> int:
         """After a 413 for a request of `tried` bytes: the new request size limit."""
@@ -210,6 +231,8 @@ class _Attempt:
         self.progress = progress
         self.plan = plan
         self.outcome = _Outcome()
+        self.to_convert: dict[int, ManifestEntry] = {}  # refused in their syntax (0xC122)
+        self.converting = False
         self.ssl_context = transport.ssl_context()
         self.token = transport.token()
 
@@ -297,7 +320,8 @@ class _Attempt:
         reply, meaning = stow.classify_http(r.status)
         text = f"the server answered HTTP {r.status} ({meaning})"
         if reply is Reply.RETRY:
-            raise Retryable(text + stow.retry_after(r.retry_after))
+            raise Retryable(text + stow.retry_after(r.retry_after),
+                            retry_after_s=stow.retry_after_seconds(r.retry_after, time.time()))
         if reply is Reply.CREDENTIALS:
             raise Permanent(f"{text}: {self._credentials_fix()}")
         if reply is Reply.REFUSED:
@@ -314,6 +338,8 @@ class _Attempt:
                         instance=index, warning=f"0x{code:04X}")
         self.outcome.permanent.update(j.permanent)
         self.outcome.retryable.update(j.retryable)
+        for index, why in j.unsupported_syntax:
+            self._unsupported_syntax(next(e for e in req if e.index == index), why)
         if not j.unaccounted:
             return [], 0
         if len(req) > 1:  # the server did not say which: ask it about each alone
@@ -324,6 +350,96 @@ class _Attempt:
         else:
             self.outcome.retryable[j.unaccounted[0]] = why
         return [], 0
+
+    def _unsupported_syntax(self, e: ManifestEntry, why: str) -> None:
+        """0xC122: send it again converted to Explicit VR LE (which every STOW-RS server
+        takes, PS3.18 8.7.3.5.2), unless it is that already or this was the conversion."""
+        if self.converting:
+            self.outcome.permanent[e.index] = f"{why}, not even converted to Explicit VR Little Endian"
+        elif e.transfer_syntax == ExplicitVRLittleEndian:
+            self.outcome.permanent[e.index] = f"{why}, and it is in Explicit VR Little Endian already"
+        else:
+            self.to_convert[e.index] = e
+
+    def deliver_converted(self) -> None:
+        """The instances the server refused in their transfer syntax, one per request,
+        converted to Explicit VR Little Endian in a worker process (`forward.conversion`:
+        capped in output, time and memory; nothing of it in the daemon but bytes relayed).
+        Whole conversions only: the part's length must be known before it is sent."""
+        entries = sorted(self.to_convert.values(), key=lambda e: e.index)
+        self.to_convert = {}
+        self.converting = True
+        streams = self.verified.streams()
+        for e in entries:
+            self._request_converted(e, streams)
+
+    def _request_converted(self, e: ManifestEntry,
+                           streams: Iterator[tuple[ManifestEntry, InstanceStream]]) -> None:
+        with Exchange(self.t.host, self.t.port, self.t.timeout, self.ssl_context,
+                      self.plan.cancelled, self.t.cap) as x:
+            x.check_cancelled()
+            stream = _stream_of(streams, e, x)
+            try:
+                head, source = _explicit_head(stream, e)
+                job = conversion.Job(how="explicit", transfer_syntax=e.transfer_syntax, size=e.size,
+                                     streamed=False, max_output=self.t.max_output)
+                conv = self.t.converter().open(job, source.read)
+            except (_NotConvertible, conversion.ConversionFailed) as why:
+                self.outcome.permanent[e.index] = (f"instance {e.index}: the server does not accept its"
+                                                   f" transfer syntax, and it cannot be converted ({why})")
+                return
+            except conversion.Unavailable as why:
+                self.outcome.retryable[e.index] = (f"instance {e.index} needs converting for this"
+                                                   f" server: {why}")
+                return
+            with conv:
+                r = self._send_converted(x, e, head, conv)
+        if r is not None:
+            log.info("dicomweb.converted", destination=self.t.name, bundle=self.item_id, instance=e.index,
+                     to="explicit-vr-le", status=r.status)
+            self._judge([e], r)
+
+    def _send_converted(self, x: Exchange, e: ManifestEntry, head: bytes,
+                        conv: conversion.Conversion) -> Response | None:
+        if conv.length is None:  # a whole conversion always says how long it is
+            self.outcome.permanent[e.index] = f"instance {e.index}: the conversion did not say its length"
+            return None
+        length = len(head) + conv.length
+        boundary = secrets.token_hex(24)
+        self.outcome.requests += 1
+        x.open()
+        x.conn.putrequest("POST", self.t.path, skip_accept_encoding=True)
+        x.conn.putheader("Content-Type", stow.content_type(boundary))
+        x.conn.putheader("Content-Length", str(stow.body_length([length], boundary)))
+        for k, v in self.t.headers(self.token).items():
+            x.conn.putheader(k, v)
+        where = f"while sending instance {e.index} converted"
+        try:
+            x.conn.endheaders()
+            x.send(stow.part_head(boundary, True), where)
+            x.send(head, where)
+            sent = len(head)
+            while piece := conv.read(PIECE):
+                sent += len(piece)
+                if sent > length:
+                    raise conversion.ConversionFailed("worker", "the conversion gave more than it said")
+                x.send(piece, where)
+                self._progress(len(piece))
+            if sent != length:
+                raise conversion.ConversionFailed("worker", "the conversion gave less than it said")
+            x.send(stow.closing(boundary), "at the end of the request")
+        except conversion.ConversionFailed as why:  # the request is cut short: the server drops it
+            self.outcome.permanent[e.index] = (f"instance {e.index}: converting it for this server"
+                                               f" failed midway ({why})")
+            return None
+        except (Retryable, OSError) as failed:
+            early = x.early_response(response_cap(1))
+            if early is None or early.status < 300:
+                if isinstance(failed, OSError):
+                    raise Retryable(f"connection to the server failed: {err_text(failed)}") from None
+                raise
+            return early
+        return x.response(response_cap(1))
 
     def _too_large(self, req: list[ManifestEntry], text: str) -> tuple[list[ManifestEntry], int]:
         if len(req) == 1:
@@ -351,6 +467,45 @@ class _Attempt:
                     "have the reading center authorize it, then `appliance queue release --all`")
         return ("the server wants credentials: set token_file (or use https:// with a tls "
                 "client certificate), then `appliance queue release --all`")
+
+
+class _NotConvertible(Exception):
+    pass
+
+
+class _Replay:
+    """A stream whose first bytes were read already (to find the file meta): those again,
+    then the rest."""
+
+    def __init__(self, first: bytes, stream: InstanceStream) -> None:
+        self.first = memoryview(first)
+        self.stream = stream
+
+    def read(self, n: int) -> bytes:
+        if self.first:
+            out, self.first = bytes(self.first[:n]), self.first[n:]
+            return out
+        return self.stream.read(n)
+
+
+def _explicit_head(stream: InstanceStream, e: ManifestEntry) -> tuple[bytes, _Replay]:
+    """The instance's preamble, "DICM" and file meta with only its Transfer Syntax UID
+    made Explicit VR Little Endian (the conversion gives the data set only), and the
+    instance to read again from its start."""
+    buf = b""
+    while True:
+        try:
+            m = part10.meta(buf)
+            break
+        except part10.Truncated:
+            more = stream.read(PIECE) if len(buf) < HEAD_MAX else b""
+            if not more:
+                raise _NotConvertible("its file meta does not end") from None
+            buf += more
+        except part10.Malformed as why:
+            raise _NotConvertible(f"its file meta: {why}") from None
+    head = buf[:part10.PREAMBLE] + part10.MAGIC + part10.with_transfer_syntax(buf, m, ExplicitVRLittleEndian)
+    return head, _Replay(buf, stream)
 
 
 def _stream_of(streams: Iterator[tuple[ManifestEntry, InstanceStream]],

@@ -1,0 +1,39 @@
+"""Audit: the local IHE ATNA audit trail (DICOM PS3.15 A.5), issue 13 item 6.
+
+What happened to patient data, and who did what to the box, as DICOM audit messages
+(`messages`: one XML AuditMessage per event, codes from pydicom's DCM code dictionary)
+written to a durable log in `STATE/audit/` (`trail`). The audit log holds patient IDs
+and study UIDs by design - that is what an audit trail is for - so, unlike every other
+output of the appliance:
+
+* it is kept apart: `STATE/audit/` is 0700 and each file 0600 (the appliance user only);
+* it never leaves the box over the ops link (MQTT) or in a diagnostics bundle; only the
+  hospital's own audit repository may receive it (syslog over TLS, RFC 5425: not built
+  yet);
+* nothing of it is logged: the journal says "audit written / failed" with counts only.
+
+Events (PS3.15 A.5.3) and when they are written:
+
+* the appliance starts / stops: Application Activity (Application Start / Stop), when
+  `run` is ready and at a clean stop;
+* instances received: DICOM Instances Transferred, action C, one message per
+  association naming each study (UID, patient ID, SOP classes and counts), when the
+  association ends;
+* an association refused: Security Alert (Node Authentication), outcome 4;
+* an operator's command (hold, release, retry, delete), through the control socket
+  (the operator named by SO_PEERCRED) or the CLI: Security Alert (Use of Restricted
+  Function);
+* a start with another configuration than the last start: Security Alert (Software
+  Configuration), with the SHA-256 of the files.
+
+Durability: each message is appended whole (one line: the XML has no raw newlines),
+flushed and fsynced before the call returns; writes are per association, never per
+instance, so the receive rate does not pay for it. A file over `audit.max_mb` is
+rotated (`audit.log` -> `audit.log.1` ...; `audit.files` kept). A write that fails
+(disk full) is counted and logged, never raised into the receive or forward path: an
+audit failure must not refuse images.
+"""
+
+from appliance.audit.trail import AuditTrail
+
+__all__ = ["AuditTrail"]

@@ -1,0 +1,159 @@
+"""The durable audit log: `STATE/audit/audit.log`, one DICOM AuditMessage per line.
+
+`AuditTrail.write(message)` appends, flushes and fsyncs before it returns, under a lock
+(association threads, the control socket and the daemon write). The directory is made
+0700 and every file 0600 whatever the umask. Rotation by size: when a write would take
+`audit.log` past `max_bytes`, it becomes `audit.log.1` (`.1` -> `.2` ...; the oldest
+beyond `files` is removed) and a new file is started; each rename is made durable. A
+write that fails is counted (`failed`) and logged with the errno only, and `write`
+returns False: the audit trail never stops the flow of images.
+
+The trail also keeps `last-config` (the SHA-256 of the last configuration it saw at
+start), so that a start with another configuration is audited as a change.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import threading
+from pathlib import Path
+
+import structlog
+
+from appliance.audit import messages
+from appliance.audit.messages import Participant, Study
+from appliance.core import durable
+
+log = structlog.get_logger("appliance.audit")
+
+FILE = "audit.log"
+
+
+class AuditTrail:
+    """The audit log of one appliance (`source_id`: its name, the AuditSourceID)."""
+
+    def __init__(self, directory: Path, source_id: str, ae_title: str,
+                 max_bytes: int = 32 << 20, files: int = 8) -> None:
+        self.dir = directory
+        self.source_id = source_id
+        self.ae_title = ae_title
+        self.max_bytes = max_bytes
+        self.files = files
+        self.written = 0
+        self.failed = 0
+        self._lock = threading.Lock()
+        durable.make_dirs(self.dir)
+        os.chmod(self.dir, 0o700)
+
+    @property
+    def path(self) -> Path:
+        return self.dir / FILE
+
+    # --- the events (see the package docstring) ---------------------------------------
+
+    def me(self, requestor: bool = False, role: tuple[str, str, str] | None = None) -> Participant:
+        return Participant(user_id=self.source_id, requestor=requestor, role=role,
+                           ae_title=self.ae_title)
+
+    def application(self, started: bool) -> bool:
+        return self.write(messages.application_activity(
+            started, self.me(role=messages.APPLICATION), _now(), self.source_id))
+
+    def received(self, calling_ae: str, peer: str, studies: list[Study], refused: int,
+                 unnamed: int = 0) -> bool:
+        """Instances received on one association (action C: created here); `unnamed`:
+        instances of studies past the per-association limit (receive.audited)."""
+        if not studies:
+            return True
+        source = Participant(user_id=peer, requestor=True, role=messages.SOURCE,
+                             ae_title=calling_ae, address=peer)
+        outcome = messages.MINOR_FAILURE if refused else messages.SUCCESS
+        notes = [f"{refused} instance(s) refused"] if refused else []
+        notes += [f"{unnamed} instance(s) of further studies not listed"] if unnamed else []
+        why = "; ".join(notes) or None
+        return self.write(messages.instances_transferred(
+            "C", source, self.me(role=messages.DESTINATION), studies, outcome, _now(),
+            self.source_id, why))
+
+    def refused_association(self, calling_ae: str, peer: str, reason: str) -> bool:
+        who = Participant(user_id=peer, requestor=True, ae_title=calling_ae, address=peer)
+        return self.write(messages.security_alert(
+            messages.DCM.NodeAuthentication, who, self.me(), messages.MINOR_FAILURE,
+            f"association refused: {reason}", f"dicom:{self.ae_title}", _now(), self.source_id))
+
+    def command(self, operator: str, op: str, target: str, outcome_ok: bool, detail: str) -> bool:
+        """An operator's command on the queue (through the control socket or the CLI)."""
+        who = Participant(user_id=operator, requestor=True, user_name=operator)
+        return self.write(messages.security_alert(
+            messages.DCM.UseOfRestrictedFunction, who, self.me(),
+            messages.SUCCESS if outcome_ok else messages.MINOR_FAILURE,
+            f"queue {op} {target}: {detail}", f"appliance:queue/{target}", _now(), self.source_id))
+
+    def config_seen(self, digest: str, files: list[str]) -> bool:
+        """At start: audit a configuration other than the last one seen (the first ever
+        counts as a change)."""
+        mark = self.dir / "last-config"
+        try:
+            last = mark.read_text().strip()
+        except FileNotFoundError:
+            last = ""
+        except OSError:
+            last = "?"
+        if last == digest:
+            return True
+        ok = self.write(messages.security_alert(
+            messages.DCM.SoftwareConfiguration, self.me(requestor=True), self.me(), messages.SUCCESS,
+            f"configuration sha256 {digest} from {', '.join(files)} (was {last or 'none'})",
+            "appliance:config", _now(), self.source_id))
+        if ok:
+            try:
+                durable.atomic_write(mark, (digest + "\n").encode(), mode=0o600)
+            except OSError as e:
+                log.error("audit.write_failed", errno=e.errno, what="last-config")
+        return ok
+
+    # --- the file -------------------------------------------------------------------------
+
+    def write(self, message: bytes) -> bool:
+        line = message.replace(b"\n", b" ") + b"\n"
+        with self._lock:
+            try:
+                self._rotate_for(len(line))
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                try:
+                    os.fchmod(fd, 0o600)
+                    view = memoryview(line)
+                    while view:
+                        view = view[os.write(fd, view):]
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                self.failed += 1
+                log.error("audit.write_failed", errno=e.errno, failed=self.failed)
+                return False
+            self.written += 1
+            return True
+
+    def _rotate_for(self, n: int) -> None:
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            return
+        if size == 0 or size + n <= self.max_bytes:
+            return
+        for i in range(self.files - 1, 0, -1):
+            older = self.dir / f"{FILE}.{i}"
+            if older.exists():
+                if i + 1 >= self.files:
+                    older.unlink()
+                else:
+                    older.rename(self.dir / f"{FILE}.{i + 1}")
+        self.path.rename(self.dir / f"{FILE}.1")
+        durable.fsync_dir(self.dir)
+        log.info("audit.rotated", files=self.files)
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)

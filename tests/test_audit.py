@@ -1,0 +1,169 @@
+"""The local audit trail (issue 13 item 6): DICOM audit messages, the durable log, and
+what the real daemon writes when DCMTK stores, when an association is refused and when
+an operator acts on the queue."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import stat
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from appliance.audit import AuditTrail, messages
+from appliance.audit.messages import Participant, Study
+from tests.peers import SAMPLES, cli, storescu, wait_for
+
+CT_DIR = SAMPLES / "series" / "CT_Philips_Ingenuity_phantom_28sl"
+WHEN = datetime.datetime(2026, 12, 7, 5, 30, tzinfo=datetime.UTC)
+
+
+def xml(raw: bytes) -> ET.Element:
+    return ET.fromstring(raw)  # noqa: S314 - our own output, read back
+
+
+def parse_lines(path: Path) -> list[ET.Element]:
+    return [xml(line) for line in path.read_bytes().splitlines()]
+
+
+def event(m: ET.Element) -> tuple[str, str | None]:
+    ident = m.find("EventIdentification")
+    assert ident is not None
+    eid, etype = ident.find("EventID"), ident.find("EventTypeCode")
+    assert eid is not None
+    return eid.get("csd-code", ""), None if etype is None else etype.get("csd-code")
+
+
+# --- messages (pure) -------------------------------------------------------------------
+
+
+def test_instances_transferred_names_both_nodes_each_study_and_its_patient() -> None:
+    src = Participant("10.0.0.5", True, messages.SOURCE, "CT1", "10.0.0.5")
+    dst = Participant("box-1", False, messages.DESTINATION, "EDGE")
+    studies = [Study("1.2.3", "PID-1", {"1.2.840.10008.5.1.4.1.1.2": 3}),
+               Study("1.2.4", "PID-1", {"1.2.840.10008.5.1.4.1.1.4": 1})]
+    m = xml(messages.instances_transferred("C", src, dst, studies, "0", WHEN, "box-1"))
+    assert event(m) == ("110104", None)
+    ident = m.find("EventIdentification")
+    assert ident is not None and ident.get("EventActionCode") == "C"
+    assert ident.get("EventDateTime") == "2026-12-07T05:30:00.000Z"
+    parts = m.findall("ActiveParticipant")
+    assert [(p.get("UserIsRequestor"), p.get("AlternativeUserID")) for p in parts] == [
+        ("true", "AETITLES=CT1"), ("false", "AETITLES=EDGE")]
+    assert [p.find("RoleIDCode").get("csd-code") for p in parts] == ["110153", "110152"]  # type: ignore[union-attr]
+    objs = m.findall("ParticipantObjectIdentification")
+    assert [(o.get("ParticipantObjectID"), o.get("ParticipantObjectTypeCode")) for o in objs] == [
+        ("1.2.3", "2"), ("1.2.4", "2"), ("PID-1", "1")]  # the patient once
+    sop = objs[0].find("SOPClass")
+    assert sop is not None and sop.get("NumberOfInstances") == "3"
+    source = m.find("AuditSourceIdentification")
+    assert source is not None and source.get("AuditSourceID") == "box-1"
+
+
+def test_values_from_a_peer_cannot_break_the_xml_or_the_line() -> None:
+    src = Participant("10.0.0.5", True, messages.SOURCE, "A\x01B\nC", "10.0.0.5")
+    raw = messages.instances_transferred("C", src, src, [Study("1.2", "P\x00<&>\"\n", {})], "0",
+                                         WHEN, "box", description="two\nlines")
+    assert b"\n" not in raw
+    m = xml(raw)
+    pid = m.findall("ParticipantObjectIdentification")[-1].get("ParticipantObjectID")
+    assert pid == "P\ufffd<&>\"\n"  # the newline survives as &#10;, the NUL does not
+
+
+def test_security_alert_carries_its_kind_outcome_and_subject() -> None:
+    who = Participant("10.0.0.9", True, None, "ROGUE", "10.0.0.9")
+    me = Participant("box", False, None, "EDGE")
+    m = xml(messages.security_alert(messages.DCM.NodeAuthentication, who, me, "4",
+                                              "association refused: calling AE title not recognised",
+                                              "dicom:EDGE", WHEN, "box"))
+    assert event(m) == ("110113", "110126")
+    ident = m.find("EventIdentification")
+    assert ident is not None and ident.get("EventOutcomeIndicator") == "4"
+    assert "calling AE title" in (ident.findtext("EventOutcomeDescription") or "")
+
+
+# --- the durable log ------------------------------------------------------------------------
+
+
+def test_the_log_is_private_and_one_message_per_line(tmp_path: Path) -> None:
+    os.umask(0o022)
+    trail = AuditTrail(tmp_path / "audit", "box", "EDGE")
+    assert trail.application(started=True) and trail.application(started=False)
+    assert stat.S_IMODE((tmp_path / "audit").stat().st_mode) == 0o700
+    assert stat.S_IMODE(trail.path.stat().st_mode) == 0o600
+    assert [event(m)[1] for m in parse_lines(trail.path)] == ["110120", "110121"]
+
+
+def test_rotation_keeps_the_configured_number_of_files(tmp_path: Path) -> None:
+    trail = AuditTrail(tmp_path / "audit", "box", "EDGE", max_bytes=2000, files=3)
+    for _ in range(40):
+        assert trail.application(started=True)
+    names = sorted(p.name for p in (tmp_path / "audit").iterdir())
+    assert names == ["audit.log", "audit.log.1", "audit.log.2"]
+    assert all(p.stat().st_size <= 2000 for p in (tmp_path / "audit").iterdir())
+    assert all(parse_lines(p) for p in (tmp_path / "audit").iterdir())
+
+
+def test_a_write_that_fails_is_counted_and_never_raised(tmp_path: Path) -> None:
+    trail = AuditTrail(tmp_path / "audit", "box", "EDGE")
+    trail.path.mkdir()  # the log cannot be opened for writing
+    assert trail.application(started=True) is False
+    assert trail.failed == 1 and trail.written == 0
+
+
+def test_a_configuration_is_audited_once_until_it_changes(tmp_path: Path) -> None:
+    trail = AuditTrail(tmp_path / "audit", "box", "EDGE")
+    trail.config_seen("a" * 64, ["/etc/appliance/appliance.toml"])
+    trail.config_seen("a" * 64, ["/etc/appliance/appliance.toml"])
+    trail.config_seen("b" * 64, ["/etc/appliance/appliance.toml"])
+    alerts = [m for m in parse_lines(trail.path) if event(m) == ("110113", "110131")]
+    assert len(alerts) == 2
+    assert "(was " + "a" * 64 in (alerts[1].findtext("EventIdentification/EventOutcomeDescription") or "")
+
+
+# --- the daemon, with DCMTK --------------------------------------------------------------------
+
+
+@pytest.mark.peers
+def test_the_daemon_audits_a_store_a_refusal_and_an_operator_hold(appliance_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    files = sorted(CT_DIR.iterdir())[:3]
+    first = pydicom.dcmread(files[0], stop_before_pixels=True)
+    patient_id, study_uid = str(first.PatientID), str(first.StudyInstanceUID)
+    app = appliance_factory()
+    audit_log = app.state_dir / "audit" / "audit.log"
+    r = storescu(app.port, files)
+    assert r.returncode == 0, r.stderr
+    storescu(app.port, files[:1], called="WRONG")
+
+    def by_kind() -> dict[tuple[str, str | None], list[ET.Element]]:
+        out: dict[tuple[str, str | None], list[ET.Element]] = {}
+        for m in parse_lines(audit_log) if audit_log.exists() else []:
+            out.setdefault(event(m), []).append(m)
+        return out
+
+    wait_for(lambda: ("110113", "110126") in by_kind() and ("110104", None) in by_kind(), 30,
+             "the store and the refusal in the audit log")
+    kinds = by_kind()
+    assert ("110100", "110120") in kinds and ("110113", "110131") in kinds  # started; its config
+    [got] = kinds[("110104", None)]
+    objs = {o.get("ParticipantObjectTypeCode"): o for o in got.findall("ParticipantObjectIdentification")}
+    assert objs["1"].get("ParticipantObjectID") == patient_id
+    assert objs["2"].get("ParticipantObjectID") == study_uid
+    assert [s.get("NumberOfInstances") for s in objs["2"].findall("SOPClass")] == ["3"]
+    assert got.find("ActiveParticipant").get("AlternativeUserID") == "AETITLES=MODALITY"  # type: ignore[union-attr]
+
+    wait_for(lambda: bool(cli("queue", "list", "--config", str(app.config_path)).stdout.strip()), 60,
+             "a queue item")
+    held = cli("queue", "hold", "--all", "--config", str(app.config_path))
+    assert held.returncode == 0, held.stderr
+    wait_for(lambda: ("110113", "110132") in by_kind(), 10, "the operator's command")
+    [cmd] = by_kind()[("110113", "110132")]
+    assert cmd.find("ActiveParticipant").get("UserID") == "root"  # type: ignore[union-attr]
+
+    # The audit log holds the patient ID by design; the daemon's own log never does.
+    assert patient_id not in app.log_text() and study_uid not in app.log_text()
+    app.stop()
+    assert ("110100", "110121") in by_kind()

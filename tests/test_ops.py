@@ -1,0 +1,288 @@
+"""The ops link's pure and local parts: [operations] config, the outbox, the payloads,
+the fleet CA and the certificate checks of `config check` (no broker: test_ops_link.py)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance.core import config
+from appliance.core.errors import ConfigError, UsageError
+from appliance.ops import messages, pki
+from appliance.ops.outbox import Outbox
+from tests.peers import base_config, cli, to_toml
+
+OPS = {"host": "ops.example", "ca": "/k/ca.pem", "cert": "/k/mqtt.pem", "key": "/k/mqtt.key"}
+
+
+def parse(**sections: Any) -> config.Config:
+    data: dict[str, Any] = {"receive": {"callers": [{"ae_title": "CT"}]}, **sections}
+    return config.parse(data, {}, Path("/etc/appliance/appliance.toml"))
+
+
+def problems(**sections: Any) -> list[str]:
+    with pytest.raises(ConfigError) as e:
+        parse(**sections)
+    return e.value.problems
+
+
+# --- config ---
+
+
+def test_no_operations_table_means_no_link() -> None:
+    assert parse().operations is None
+
+
+def test_operations_defaults_are_the_issues() -> None:
+    o = parse(appliance={"name": "box-1"}, operations=OPS).operations
+    assert o is not None
+    assert (o.port, o.heartbeat_s, o.keepalive_s, o.command_keys, o.metrics_bind) == \
+        (8883, 15.0, 30, (), "127.0.0.1:9110")
+    assert o.cert == Path("/k/mqtt.pem")
+
+
+@pytest.mark.parametrize(("key", "value", "says"), [
+    ("port", 0, "operations.port"), ("heartbeat_s", 0, "operations.heartbeat_s"),
+    ("keepalive_s", 2, "operations.keepalive_s"), ("metrics_bind", "localhost", "operations.metrics_bind"),
+    ("command_keys", "one.pub", "operations.command_keys"), ("colour", "red", "operations.colour"),
+])
+def test_a_bad_operations_value_names_its_key(key: str, value: Any, says: str) -> None:
+    ps = problems(appliance={"name": "box-1"}, operations={**OPS, key: value})
+    assert len(ps) == 1 and says in ps[0], ps
+
+
+def test_operations_requires_host_and_certificates() -> None:
+    ps = problems(appliance={"name": "box-1"}, operations={"port": 8883})
+    assert {p.split(": ")[1] for p in ps} == {f"operations.{k}" for k in ("host", "ca", "cert", "key")}
+
+
+def test_metrics_bind_empty_is_off() -> None:
+    o = parse(appliance={"name": "box-1"}, operations={**OPS, "metrics_bind": ""}).operations
+    assert o is not None and o.metrics_bind == ""
+
+
+def test_an_uppercase_name_is_refused_only_with_an_ops_link() -> None:
+    assert parse(appliance={"name": "Box-1"}).appliance.name == "Box-1"
+    ps = problems(appliance={"name": "Box-1"}, operations=OPS)
+    assert len(ps) == 1 and "appliance.name" in ps[0] and "lowercase" in ps[0]
+
+
+# --- outbox ---
+
+
+def test_outbox_deletes_an_event_only_when_acknowledged(tmp_path: Path) -> None:
+    o = Outbox(tmp_path)
+    a, b = o.add(1.0, {"kind": "x"}), o.add(2.0, {"kind": "y"})
+    assert [s for s, _, _ in o.pending()] == [a, b] == [1, 2]
+    o.ack(a)
+    assert [s for s, _, _ in o.pending()] == [b]
+    o.close()
+    assert [s for s, _, _ in Outbox(tmp_path).pending()] == [b]  # on disk
+
+
+def test_outbox_overflow_drops_the_oldest_and_counts_the_gap(tmp_path: Path) -> None:
+    o = Outbox(tmp_path, max_events=3)
+    for i in range(5):
+        o.add(float(i), {"kind": "x", "i": i})
+    assert [s for s, _, _ in o.pending()] == [3, 4, 5]
+    assert o.counts() == {"waiting": 3, "dropped": 2, "last_seq": 5}
+
+
+def test_conn_seq_grows_across_reopen(tmp_path: Path) -> None:
+    o = Outbox(tmp_path)
+    first = [o.next_conn_seq(), o.next_conn_seq()]
+    o.close()
+    assert Outbox(tmp_path).next_conn_seq() == first[-1] + 1 == 3
+
+
+def test_event_seq_continues_after_every_event_was_acknowledged(tmp_path: Path) -> None:
+    o = Outbox(tmp_path)
+    o.ack(o.add(1.0, {"kind": "x"}))
+    o.close()
+    assert Outbox(tmp_path).add(2.0, {"kind": "x"}) == 2
+
+
+# --- payloads ---
+
+
+def test_an_event_keeps_only_its_listed_fields() -> None:
+    body = messages.event_body("instance.parked", {"bundle": "b1", "item": "b1p3", "destination": "pacs",
+                                                    "reason": "peer said DOE^JANE", "event": "x"})
+    assert body == {"kind": "instance.parked", "bundle": "b1", "item": "b1p3", "destination": "pacs"}
+
+
+def test_a_destination_reason_leaves_only_as_a_known_class() -> None:
+    down = messages.event_body("destination.down", {"destination": "pacs", "reason": "timeout"})
+    odd = messages.event_body("destination.down", {"destination": "pacs", "reason": "DOE^JANE"})
+    assert down is not None and down["reason"] == "timeout"
+    assert odd is not None and odd["reason"] == "other"
+
+
+def test_every_failover_reason_class_is_a_known_class() -> None:
+    from appliance.forward import failover
+
+    classes = {cls for _, cls in failover._CLASSES} | {failover.reason_class("x", True),
+                                                        failover.reason_class("x", False)}
+    assert classes <= messages.REASON_CLASSES
+
+
+def test_a_log_event_not_listed_is_not_an_ops_event() -> None:
+    assert messages.event_body("instance.stored", {"bundle": "b1"}) is None
+
+
+def test_a_stuck_stage_event_names_the_stages_only() -> None:
+    problems = ["pack: segment without progress for 300 s"]
+    body = messages.event_body("watchdog.withheld", {"problems": problems})
+    assert body == {"kind": "watchdog.withheld", "stages": ["pack"]}
+
+
+def snapshot(refusals: int = 2) -> dict[str, Any]:
+    return {"name": "box-1", "version": "0.1.0", "problems": [],
+            "stages": {"pack": {"state": "stuck", "since_progress_s": 400.0, "progress": 7}},
+            "queue": {"ready": 2}, "oldest_waiting_s": 60.0, "forward": {"parked": 1},
+            "destinations": [{"name": "pacs", "state": "down", "since": 5.0, "last_error": "refused",
+                              "failures": 3}],
+            "spool": {"free_bytes": 10, "reserve_bytes": 5, "instances": 1, "bytes": 2},
+            "receive": {"instances_received": 4,
+                        "instances_refused": {f"reason-{i:04d}": i for i in range(refusals)}}}
+
+
+def state(snap: dict[str, Any], now: float = 1000.0) -> dict[str, Any]:
+    return messages.state(snap, seq=1, now=now, boot_id="b", conn_seq=2, certs={"mqtt": 9.0},
+                          time_synced=True, outbox={"waiting": 0, "dropped": 0, "last_seq": 0})
+
+
+def test_state_shows_a_stuck_stage_and_a_down_destination_by_class() -> None:
+    st = state(snapshot())
+    assert st["stages"]["pack"]["state"] == "stuck"
+    assert st["destinations"] == [{"name": "pacs", "up": False, "since": 5.0, "last_error": "refused",
+                                   "failures": 3}]
+    assert st["queue"] == {"items": {"ready": 2}, "oldest_unsent_ts": 940, "parked": 1}
+
+
+def test_state_never_exceeds_8_kb() -> None:
+    st = state(snapshot(refusals=2000))
+    assert len(messages.dumps(st)) <= messages.STATE_MAX_BYTES and st["truncated"] is True
+
+
+def test_state_change_ignores_the_clock_and_counters() -> None:
+    later = {**snapshot(refusals=5), "oldest_waiting_s": 63.0}  # the same oldest item, 3 s on
+    a, b = state(snapshot(), 1000.0), state(later, 1003.0)
+    assert messages.comparable(a) == messages.comparable(b)
+    c = snapshot()
+    c["stages"]["pack"]["state"] = "idle"
+    assert messages.comparable(a) != messages.comparable(state(c, 1003.0))
+
+
+# --- fleet CA and certificates ---
+
+
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("ca") / "fleet"
+    pki.ca_init(d, ("127.0.0.1",))
+    return d
+
+
+def test_keys_init_csr_carries_the_box_name_and_the_signed_cert_passes(ca: Path, tmp_path: Path) -> None:
+    pki.box_key_and_csr("box-1", tmp_path / "mqtt.key", tmp_path / "mqtt.csr")
+    assert (tmp_path / "mqtt.key").stat().st_mode & 0o077 == 0
+    assert pki.sign_csr(pki.load_ca(ca), tmp_path / "mqtt.csr", tmp_path / "mqtt.pem") == "box-1"
+    assert pki.cert_problems(tmp_path / "mqtt.pem", "box-1", ca / "ca.pem") == ([], [])
+
+
+def test_a_second_keys_init_keeps_key_and_csr(tmp_path: Path) -> None:
+    pki.box_key_and_csr("box-1", tmp_path / "k", tmp_path / "c")
+    before = (tmp_path / "k").read_bytes(), (tmp_path / "c").read_bytes()
+    lines = pki.box_key_and_csr("box-1", tmp_path / "k", tmp_path / "c")
+    assert all("kept" in line for line in lines)
+    assert ((tmp_path / "k").read_bytes(), (tmp_path / "c").read_bytes()) == before
+
+
+@pytest.mark.parametrize("cn", ["Box-1", "ops-center", "a/b", "box+1"])
+def test_sign_refuses_a_cn_that_is_not_a_box_name(ca: Path, tmp_path: Path, cn: str) -> None:
+    key = pki.new_key(tmp_path / "k")
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
+    csr = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])).sign(key, hashes.SHA256())
+    (tmp_path / "c.csr").write_bytes(csr.public_bytes(serialization.Encoding.PEM))
+    with pytest.raises(UsageError, match="CN must be one box name"):
+        pki.sign_csr(pki.load_ca(ca), tmp_path / "c.csr", tmp_path / "c.pem")
+
+
+def test_a_certificate_for_another_name_is_an_error(ca: Path, tmp_path: Path) -> None:
+    pki.box_key_and_csr("box-2", tmp_path / "k", tmp_path / "c.csr")
+    pki.sign_csr(pki.load_ca(ca), tmp_path / "c.csr", tmp_path / "c.pem")
+    errors, _ = pki.cert_problems(tmp_path / "c.pem", "box-1", ca / "ca.pem")
+    assert len(errors) == 1 and "'box-2'" in errors[0] and "'box-1'" in errors[0]
+
+
+def test_a_certificate_expiring_within_30_days_warns(ca: Path, tmp_path: Path) -> None:
+    pki.box_key_and_csr("box-1", tmp_path / "k", tmp_path / "c.csr")
+    pki.sign_csr(pki.load_ca(ca), tmp_path / "c.csr", tmp_path / "c.pem", days=20)
+    errors, warnings = pki.cert_problems(tmp_path / "c.pem", "box-1", ca / "ca.pem")
+    assert errors == [] and len(warnings) == 1 and "expires" in warnings[0]
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=21)
+    assert "expired" in pki.cert_problems(tmp_path / "c.pem", "box-1", ca / "ca.pem", later)[0][0]
+
+
+def test_a_certificate_from_another_ca_is_an_error(ca: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    pki.ca_init(other, ("127.0.0.1",))
+    pki.box_key_and_csr("box-1", tmp_path / "k", tmp_path / "c.csr")
+    pki.sign_csr(pki.load_ca(other), tmp_path / "c.csr", tmp_path / "c.pem")
+    errors, _ = pki.cert_problems(tmp_path / "c.pem", "box-1", ca / "ca.pem")
+    assert errors and "not signed by the fleet CA" in errors[0]
+
+
+def test_fleet_ca_init_never_overwrites(ca: Path) -> None:
+    with pytest.raises(UsageError, match="already holds a fleet CA"):
+        pki.ca_init(ca, ("127.0.0.1",))
+
+
+# --- through the CLI ---
+
+
+def test_config_check_fails_until_the_signed_cert_is_installed(ca: Path, tmp_path: Path) -> None:
+    cfg = base_config(tmp_path, 11112)
+    cfg["appliance"]["name"] = "box-1"
+    keys = tmp_path / "keys"
+    cfg["operations"] = {"host": "127.0.0.1", "ca": str(ca / "ca.pem"), "cert": str(keys / "mqtt.pem"),
+                         "key": str(keys / "mqtt.key")}
+    main = tmp_path / "appliance.toml"
+    main.write_text(to_toml(cfg))
+    r = cli("keys", "init", "--config", str(main))
+    assert r.returncode == 0 and "mqtt csr" in r.stdout, r.stderr
+    r = cli("config", "check", "--config", str(main))
+    assert r.returncode == 78 and "operations.cert" in r.stderr
+    r = cli("fleet", "sign", str(keys / "mqtt.csr"), "--ca", str(ca), "--days", "10")
+    assert r.returncode == 0 and r.stdout.startswith("box-1:"), r.stderr
+    r = cli("config", "check", "--config", str(main), "--json")
+    assert r.returncode == 0, r.stderr
+    assert "warning:" in r.stderr and "expires" in r.stderr
+    assert json.loads(r.stdout)["operations"]["port"] == 8883
+
+
+def test_config_check_names_a_command_key_that_is_not_an_ed25519_public_key(ca: Path, tmp_path: Path) -> None:
+    from appliance.core import crypto
+
+    cfg = base_config(tmp_path, 11112)
+    cfg["appliance"]["name"] = "box-1"
+    keys = tmp_path / "keys"
+    crypto.create_keypair(tmp_path / "x25519.key", tmp_path / "x25519.pub")  # the wrong kind
+    cfg["operations"] = {"host": "127.0.0.1", "ca": str(ca / "ca.pem"), "cert": str(keys / "mqtt.pem"),
+                         "key": str(keys / "mqtt.key"), "command_keys": [str(tmp_path / "x25519.pub")]}
+    main = tmp_path / "appliance.toml"
+    main.write_text(to_toml(cfg))
+    assert cli("keys", "init", "--config", str(main)).returncode == 0
+    assert cli("fleet", "sign", str(keys / "mqtt.csr"), "--ca", str(ca)).returncode == 0
+    r = cli("config", "check", "--config", str(main))
+    assert r.returncode == 78
+    assert "operations.command_keys[0]" in r.stderr and "Ed25519" in r.stderr, r.stderr
