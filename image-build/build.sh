@@ -110,9 +110,11 @@ install -m 0644 "$out/appliance.sbom.json" "$root/usr/share/appliance/sbom.cdx.j
 # --- /data: the folders the fstab bind mounts need, owned by the image's users ----------
 data=$work/data
 uid=$(awk -F: '$1 == "appliance" {print $3}' "$root/etc/passwd")
-mkdir -p "$data/appliance" "$data/keys"
-chown "$uid:$uid" "$data/appliance" "$data/keys"
-chmod 0700 "$data/appliance" "$data/keys"
+# outbox: the default config's directory destination, which the appliance does not
+# create (a missing folder there means an unmounted share).
+mkdir -p "$data/appliance/outbox" "$data/keys"
+chown "$uid:$uid" "$data/appliance" "$data/appliance/outbox" "$data/keys"
+chmod 0700 "$data/appliance" "$data/appliance/outbox" "$data/keys"
 cp -a "$root/var/lib/systemd" "$data/systemd"
 
 # --- file systems, each in a file --------------------------------------------------------
