@@ -5,8 +5,9 @@ code read-only, a copy of OVMF_VARS in the test's temp dir. The disk is opened w
 `snapshot=on`, so the guest's writes go to a temp file QEMU deletes and the built image
 never changes. The serial console goes to a file the tests read; user networking forwards
 a free loopback port to the guest's DICOM port 104. What it shows: the image boots to
-the appliance unit's ready marker (printed after READY=1), and DCMTK's echoscu and
-storescu on the host get answers from it. QEMU is stopped by its PID.
+the appliance unit's ready marker (printed after READY=1), DCMTK's echoscu and storescu
+on the host get answers from it, and what it stores is packed and delivered to the
+default config's outbox (its log lines on the console). QEMU is stopped by its PID.
 
 Also, without booting or mounting it, the disk as built (sfdisk, debugfs, mtools): its
 partitions, fstab, no SSH server and no passwords, GRUB on the ESP, the APPLCONFIG label,
@@ -138,6 +139,26 @@ def test_image_stores_a_c_store_from_the_host(guest: Guest) -> None:
                        capture_output=True, text=True, timeout=300, env=dcmtk_env())
     assert r.returncode == 0, r.stderr + guest.tail()
     assert "Store Failed" not in r.stderr + r.stdout
+
+
+def delivered_to_outbox(text: str) -> list[dict[str, Any]]:
+    """The `bundle.delivered` log lines (JSON after the kernel's prefix) for the outbox."""
+    events = (json.loads(line[line.index("{"):]) for line in text.splitlines()
+              if '"bundle.delivered"' in line and "{" in line)
+    return [e for e in events if e.get("destination") == "outbox"]
+
+
+def test_image_packs_and_delivers_a_stored_study_to_its_outbox(guest: Guest) -> None:
+    seen = len(guest.console_text())
+    files = sorted(CT.iterdir())[3:6]
+    r = subprocess.run(["storescu", "-aet", "MODALITY", "-aec", "EDGE", "-R", "127.0.0.1",
+                        str(guest.dicom_port), *map(str, files)],
+                       capture_output=True, text=True, timeout=300, env=dcmtk_env())
+    assert r.returncode == 0, r.stderr + guest.tail()
+    # study_quiet_s (10 s), then packing with verification under TCG: minutes at most.
+    events = wait_for(lambda: delivered_to_outbox(guest.console_text()[seen:]), timeout=300, poll=1.0,
+                      what="bundle.delivered to the outbox on the console", detail=guest.tail)
+    assert sum(int(e["instances"]) for e in events) >= 3, events
 
 
 # --- the disk as built (read without mounting: sfdisk, debugfs, mtools) -----------------
