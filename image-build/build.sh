@@ -14,6 +14,7 @@
 #
 # usage: build.sh PYTHON   (as root; PYTHON: the venv whose installed versions are pinned)
 set -euo pipefail
+[ "$(id -u)" = 0 ] || { echo "build.sh needs root (mmdebstrap, chroot, file owners)" >&2; exit 77; }
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
 python=$1
