@@ -11,13 +11,17 @@ DEV_CONFIG := config/appliance.dev.toml
 # (openssh-server), the WAN tools (iproute2, nftables; wireguard-go and wireguard-tools
 # for the VPN path, as this kernel has no WireGuard), and what boots the systemd unit in
 # a Debian container (mmdebstrap, systemd-container for systemd-nspawn; util-linux for
-# nsenter/unshare), and the MQTT broker of the ops link (mosquitto; the tests start their own
-# on a loopback port, so the system service the package enables is stopped and disabled).
+# nsenter/unshare), the MQTT broker of the ops link (mosquitto; the tests start their own
+# on a loopback port, so the system service the package enables is stopped and disabled),
+# and what builds and boots the appliance image (grub-efi-amd64-bin, mtools, dosfstools,
+# fdisk for sfdisk; qemu-system-x86 and ovmf).
 PEERS := dcmtk orthanc orthanc-dicomweb openssh-server iproute2 nftables wireguard-go \
-	wireguard-tools mmdebstrap systemd-container util-linux mosquitto
+	wireguard-tools mmdebstrap systemd-container util-linux mosquitto grub-efi-amd64-bin \
+	mtools dosfstools fdisk qemu-system-x86 ovmf
 PYTEST_ARGS ?=
 
-.PHONY: run test test-boot test-wan peers venv bench bench-receive bench-pack bench-wan bench-failover lint clean
+.PHONY: run test test-boot test-wan image image-test peers venv bench bench-receive bench-pack bench-wan \
+	bench-failover lint clean
 
 $(BIN)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -44,6 +48,12 @@ peers:
 	command -v systemd-nspawn >/dev/null || missing="$$missing systemd-container"; \
 	command -v nsenter >/dev/null || missing="$$missing util-linux"; \
 	test -x /usr/sbin/mosquitto || missing="$$missing mosquitto"; \
+	test -d /usr/lib/grub/x86_64-efi || missing="$$missing grub-efi-amd64-bin"; \
+	command -v mcopy >/dev/null || missing="$$missing mtools"; \
+	command -v mkfs.vfat >/dev/null || missing="$$missing dosfstools"; \
+	command -v sfdisk >/dev/null || missing="$$missing fdisk"; \
+	command -v qemu-system-x86_64 >/dev/null || missing="$$missing qemu-system-x86"; \
+	test -f /usr/share/OVMF/OVMF_CODE_4M.fd || missing="$$missing ovmf"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing test peers:$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
@@ -68,7 +78,7 @@ run: venv
 # `make test-boot` and `make test-wan`. The slowest tests are listed at the end, so that
 # a test that grows is seen before `make test` outgrows its ~20 minutes.
 test: venv peers
-	$(BIN)/python -m pytest -m "not wan and not systemd_boot" --durations=15 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not wan and not systemd_boot and not image" --durations=15 $(PYTEST_ARGS)
 
 # Only the WAN tier (marker wan, root): the emulated WAN of tests/wan.py and the appliance
 # over it (tests/test_wan_bed.py ~15 s, tests/test_wan_scenarios.py ~3.5 min,
@@ -82,6 +92,17 @@ test-wan: venv peers
 # docs/systemd.md): the unit booted under systemd in a Debian 12 container.
 test-boot: venv peers
 	$(BIN)/python -m pytest -m systemd_boot $(PYTEST_ARGS)
+
+# The appliance image: image-build/out/appliance.img, a raw GPT disk, and its SBOM
+# (root; image-build/README.md; ~1 min, plus ~2 min the first time for the Debian base,
+# cached in .cache/image/).
+image: venv peers
+	image-build/build.sh $(BIN)/python
+
+# The image booted in QEMU (TCG, OVMF) and a C-ECHO and C-STORE from the host answered
+# (tests/test_image.py, marker image; ~1.5 min after `make image`, ~3 min in all).
+image-test: image
+	$(BIN)/python -m pytest -m image $(PYTEST_ARGS)
 
 bench: bench-receive bench-pack
 
