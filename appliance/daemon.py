@@ -340,7 +340,15 @@ class Daemon:
     def _metrics_extra(self) -> dict[str, Any]:
         """What the metrics need beyond the snapshot."""
         return {"queue_bytes": self.queue.bytes_by_state(), "pack_bps": self.packer.packed.rate(),
-                "ratio": self.packer.ratio.rate()}
+                "ratio": self._pack_ratio()}
+
+    def _pack_ratio(self) -> float | None:
+        """The packer's recent ratio (pace.Recent has one owner and no lock: a pack that
+        ends while it is summed makes the deque change under us; read again)."""
+        for _ in range(3):
+            with contextlib.suppress(RuntimeError):
+                return self.packer.ratio.rate()
+        return None
 
     def _control_handlers(self) -> dict[str, Any]:
         """What the control socket answers (see health/control.py)."""
