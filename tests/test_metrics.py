@@ -9,10 +9,12 @@ MetricsServer.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -219,6 +221,25 @@ def test_a_silent_client_is_dropped_after_the_client_timeout(server: metrics.Met
         t0 = time.monotonic()
         assert c.recv(100) == b""  # closed by the server, not by our timeout
         assert time.monotonic() - t0 < metrics.CLIENT_TIMEOUT_S + 10
+
+
+def test_a_trickling_client_is_cut_at_the_connection_deadline(server: metrics.MetricsServer) -> None:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as c:
+        t0 = time.monotonic()
+        c.setblocking(False)
+        got = None
+        while got != b"" and time.monotonic() - t0 < metrics.CONNECTION_DEADLINE_S + 20:
+            with contextlib.suppress(BlockingIOError, BrokenPipeError, ConnectionResetError):
+                c.send(b"G")  # one byte a second: never silent for CLIENT_TIMEOUT_S
+            try:
+                got = c.recv(100)
+            except BlockingIOError:
+                got = None
+            except ConnectionResetError:
+                got = b""
+            time.sleep(1)
+        assert got == b"", "the server never cut the connection"
+        assert metrics.CONNECTION_DEADLINE_S - 1 < time.monotonic() - t0 < metrics.CONNECTION_DEADLINE_S + 10
 
 
 def test_connections_beyond_the_cap_are_closed_and_served_again_later(server: metrics.MetricsServer) -> None:

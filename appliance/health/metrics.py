@@ -16,7 +16,8 @@ anything a peer sent. Every labelled series is present from the start, at 0.
 
 The server: prometheus_client's WSGI app on wsgiref, bounded: at most MAX_CLIENTS
 connections at once (one more is closed at once), each socket read or write times out
-after CLIENT_TIMEOUT_S, and a request line or header is capped by http.server itself.
+after CLIENT_TIMEOUT_S, a whole connection ends after CONNECTION_DEADLINE_S (a client
+that trickles bytes), and a request line or header is capped by http.server itself.
 
 How it fails: a scrape that cannot read a part of the state (e.g. the index busy) fails
 that scrape with HTTP 500 and a log line with the error class; the next scrape tries
@@ -25,6 +26,7 @@ again. A bind failure is the caller's (the daemon logs it and runs on without me
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import platform
 import socket
@@ -52,6 +54,7 @@ log = structlog.get_logger("appliance.metrics")
 P = "appliance_"
 MAX_CLIENTS = 4
 CLIENT_TIMEOUT_S = 5.0
+CONNECTION_DEADLINE_S = 10.0
 CERTS_S = 600.0
 REFUSED = tuple(k for k in STATUS if k not in ("stored", "duplicate"))
 
@@ -96,7 +99,7 @@ class Tally:
 
 
 def _int(v: Any) -> int:
-    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0
+    return int(v) if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0
 
 
 class Certificates:
@@ -272,6 +275,23 @@ def _by_reason(name: str, doc: str, reasons: tuple[str, ...], got: Mapping[str, 
 
 class _Handler(WSGIRequestHandler):
     timeout = CLIENT_TIMEOUT_S  # StreamRequestHandler: on every read and write of the socket
+
+    def setup(self) -> None:
+        # a client that sends a byte now and then never meets the timeout above: the whole
+        # connection has CONNECTION_DEADLINE_S, then its socket is shut down under it
+        self._cut = threading.Timer(CONNECTION_DEADLINE_S, self._shut)
+        self._cut.daemon = True
+        self._cut.start()
+        super().setup()
+
+    def _shut(self) -> None:
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def finish(self) -> None:
+        self._cut.cancel()
+        with contextlib.suppress(OSError):  # the socket shut down under a write
+            super().finish()
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
         pass  # wsgiref writes each request to stderr; a scrape is not an event
