@@ -46,6 +46,7 @@ from prometheus_client.registry import Collector
 from appliance import __version__
 from appliance.core.config import Config
 from appliance.core.listener import REFUSALS
+from appliance.ops.link import cert_not_after, cert_paths
 from appliance.queue.state import STATES
 from appliance.receive.scp import REJECTIONS, STATUS
 
@@ -402,8 +403,6 @@ def build(cfg: Config, stages: Iterable[str], snapshot: Callable[[], dict[str, A
     is there."""
     if cfg.operations is None or not cfg.operations.metrics_bind:
         return None
-    from appliance.ops.link import cert_not_after, cert_paths
-
     dests = [d.name for d in cfg.destinations]
     tally = Tally(dests)
     collector = DaemonCollector(snapshot, extra, tally, Certificates(cert_paths(cfg), cert_not_after),
