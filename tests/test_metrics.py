@@ -140,6 +140,7 @@ def test_a_study_moves_the_counters_and_leaves_no_phi(box: tuple[Appliance, int]
     assert value(s, "appliance_pack_segments_total") >= 1
     assert value(s, "appliance_pack_in_bytes_total") > 0
     assert value(s, "appliance_pack_compression_ratio") > 0
+    assert value(s, "appliance_pack_rate_bytes_per_second") > 0
     assert value(s, "appliance_queue_items", state="delivered") >= 1
     for v in (*CANARY.values(), "MODALITY"):
         assert v not in text
