@@ -59,6 +59,7 @@ def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Appliance, i
     ca = fleet_ca(root / "ca")
     cfg = base_config(root / "box", free_port())
     cfg["pack"] = {"study_quiet_s": 1}
+    (root / "box" / "outbox").mkdir(parents=True)
     mport = free_port()
     cfg["operations"] = {"host": "127.0.0.1", "port": free_port(), "ca": str(ca / "ca.pem"),
                          "cert": str(root / "box" / "keys" / "mqtt.pem"),
@@ -261,4 +262,5 @@ def test_connections_beyond_the_cap_are_closed_and_served_again_later(server: me
 def test_only_metrics_is_served(server: metrics.MetricsServer) -> None:
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(f"http://127.0.0.1:{server.port}/admin", timeout=10)  # noqa: S310
+    e.value.close()
     assert e.value.code == 404
