@@ -14,10 +14,11 @@ DEV_CONFIG := config/appliance.dev.toml
 # nsenter/unshare), the MQTT broker of the ops link (mosquitto; the tests start their own
 # on a loopback port, so the system service the package enables is stopped and disabled),
 # and what builds and boots the appliance image (grub-efi-amd64-bin, mtools, dosfstools,
-# fdisk for sfdisk; qemu-system-x86 and ovmf).
+# fdisk for sfdisk; qemu-system-x86 and ovmf); and prometheus for `promtool check metrics`
+# on a scrape of the metrics endpoint (its system service is stopped and disabled too).
 PEERS := dcmtk orthanc orthanc-dicomweb openssh-server iproute2 nftables wireguard-go \
 	wireguard-tools mmdebstrap systemd-container util-linux mosquitto grub-efi-amd64-bin \
-	mtools dosfstools fdisk qemu-system-x86 ovmf
+	mtools dosfstools fdisk qemu-system-x86 ovmf prometheus
 PYTEST_ARGS ?=
 
 .PHONY: run test test-boot test-wan image image-test peers venv bench bench-receive bench-pack bench-wan \
@@ -54,6 +55,7 @@ peers:
 	command -v sfdisk >/dev/null || missing="$$missing fdisk"; \
 	command -v qemu-system-x86_64 >/dev/null || missing="$$missing qemu-system-x86"; \
 	test -f /usr/share/OVMF/OVMF_CODE_4M.fd || missing="$$missing ovmf"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing test peers:$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \

@@ -47,6 +47,7 @@ from appliance.forward import Transport, conversion, receipts, registry
 from appliance.forward.dicom.transport import STREAM_THRESHOLD
 from appliance.forward.receipts import ReceiptPoller
 from appliance.forward.scheduler import PROBE_WAIT_S, Forwarder
+from appliance.health import metrics as health_metrics
 from appliance.health.control import ControlServer, DaemonUnavailable, operator_name
 from appliance.health.notify import Notifier
 from appliance.health.supervisor import Supervisor
@@ -185,6 +186,8 @@ class Daemon:
         self._problems: list[str] = []
         self.link: ops_link.Link | None = None
         self._untap: Callable[[], None] = lambda: None
+        self.metrics: tuple[health_metrics.MetricsServer, health_metrics.Tally] | None = None
+        self._untap_metrics: Callable[[], None] = lambda: None
 
     def run(self) -> int:
         cfg = self.cfg
@@ -263,10 +266,12 @@ class Daemon:
                                             rules=cfg.rules, audit=self.audit)
         self.link = ops_link.build(cfg, sup, self.snapshot) if cfg.operations else None
         status = ControlServer(cfg.control_socket, self._control_handlers())
+        self.metrics = health_metrics.build(cfg, sup.snapshot().keys(), self.snapshot, self._metrics_extra)
         self._install_signals()
         try:
             self.listeners = receiver.start()
             status.start()
+            self._start_metrics()
             for host, port, tls in self.listeners:
                 log.info("listening", host=host, port=port, tls=tls, ae_title=cfg.receive.ae_title)
             for w in workers:
@@ -296,6 +301,7 @@ class Daemon:
             # its segment stays sealed and is packed again at the next start
             pool.close(cancel_futures=True, grace_s=POOL_STOP_GRACE_S)
             status.stop()
+            self._stop_metrics()
             index.close()
             self.audit.application(started=False)
             os.close(lock_fd)
@@ -312,6 +318,37 @@ class Daemon:
         self._untap()
         if self.link is not None and self.link.thread.is_alive():
             self.link.stop()
+
+    def _start_metrics(self) -> None:
+        """The metrics endpoint (health/metrics.py), if configured: its tally taps the log
+        before any stage runs. A port it cannot bind is logged and the box runs on
+        without metrics: images come first."""
+        if self.metrics is None:
+            return
+        server, tally = self.metrics
+        self._untap_metrics = applog.add_tap(tally.on_log)
+        try:
+            server.start()
+        except OSError as e:
+            log.error("metrics.bind_failed", bind=server.bind, error=e.strerror or type(e).__name__)
+
+    def _stop_metrics(self) -> None:
+        self._untap_metrics()
+        if self.metrics is not None:
+            self.metrics[0].stop()
+
+    def _metrics_extra(self) -> dict[str, Any]:
+        """What the metrics need beyond the snapshot."""
+        return {"queue_bytes": self.queue.bytes_by_state(), "pack_bps": self.packer.packed.rate(),
+                "ratio": self._pack_ratio()}
+
+    def _pack_ratio(self) -> float | None:
+        """The packer's recent ratio (pace.Recent has one owner and no lock: a pack that
+        ends while it is summed makes the deque change under us; read again)."""
+        for _ in range(3):
+            with contextlib.suppress(RuntimeError):
+                return self.packer.ratio.rate()
+        return None
 
     def _control_handlers(self) -> dict[str, Any]:
         """What the control socket answers (see health/control.py)."""

@@ -22,8 +22,9 @@ import structlog
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR}
 
-# Functions that see every log event that passes the level filter (event name, fields):
-# the ops link turns some of them into events for the operations center (ops/link.py).
+# Functions that see every log event at INFO or above, whatever `log_level` hides from the
+# log itself (event name, fields): the ops link turns some of them into events for the
+# operations center (ops/link.py), the metrics endpoint counts some (health/metrics.py).
 # A tap must be quick and must not log; its failure never stops the log line.
 _taps: list[Callable[[str, Mapping[str, Any]], None]] = []
 
@@ -62,6 +63,15 @@ def redact_exc_info(logger: Any, method: str, event: MutableMapping[str, Any]) -
     return event
 
 
+def _below(threshold: int) -> structlog.typing.Processor:
+    """Drop an event under the configured level, after the taps have seen it."""
+    def drop(logger: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        if _LEVELS.get(str(event.get("level")), logging.ERROR) < threshold:
+            raise structlog.DropEvent
+        return event
+    return drop
+
+
 def setup(level: str = "info", fmt: str = "auto", stream: object = None) -> None:
     out = stream or sys.stdout
     json = fmt == "json" or (fmt == "auto" and not getattr(out, "isatty", lambda: False)())
@@ -73,11 +83,13 @@ def setup(level: str = "info", fmt: str = "auto", stream: object = None) -> None
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             _tap,
+            _below(_LEVELS[level]),
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             redact_exc_info,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        # INFO and above reach the taps at any log_level; debug costs nothing unless asked
+        wrapper_class=structlog.make_filtering_bound_logger(min(_LEVELS[level], logging.INFO)),
         logger_factory=structlog.PrintLoggerFactory(file=out),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )

@@ -295,15 +295,22 @@ class Link:
             self.outbox.ack(seq)
 
 
+def cert_paths(cfg: Config) -> dict[str, Path]:
+    """The certificates the box uses, by a name from the config (never a subject): the ops
+    link's, the DICOM listener's and each destination's TLS client certificate."""
+    certs = {"mqtt": cfg.operations.cert} if cfg.operations is not None else {}
+    if cfg.receive.tls is not None:
+        certs["receive.tls"] = cfg.receive.tls.cert
+    certs.update({f"destinations.{d.name}": d.tls.cert for d in cfg.destinations if d.tls is not None})
+    return certs
+
+
 def build(cfg: Config, supervisor: Supervisor, snapshot: Callable[[], dict[str, Any]]) -> Link:
     """The link of a config with [operations], registered as the supervisor's `ops` stage
     (deadline: a connection attempt plus the stall limit)."""
     ops = cfg.operations
     assert ops is not None
-    certs = {"mqtt": ops.cert}
-    if cfg.receive.tls is not None:
-        certs["receive.tls"] = cfg.receive.tls.cert
-    certs.update({f"destinations.{d.name}": d.tls.cert for d in cfg.destinations if d.tls is not None})
+    certs = cert_paths(cfg)
     stage = supervisor.stage("ops", CONNACK_WAIT_S + cfg.health.stall_s,
                              alive=lambda: link.thread.is_alive())
     link = Link(cfg.appliance.name, ops, Outbox(cfg.appliance.state_dir), snapshot, stage, certs)

@@ -145,6 +145,13 @@ class Queue:
         rows = self.index.query("SELECT state, COUNT(*) n FROM segments GROUP BY state")
         return {r["state"]: r["n"] for r in rows}
 
+    def bytes_by_state(self) -> dict[str, int]:
+        """Bytes of the items in each state: the instances' before packing, the bundle's
+        after (for the metrics endpoint)."""
+        rows = self.index.query("SELECT state, COALESCE(SUM(COALESCE(bundle_bytes, bytes)), 0) b"
+                                " FROM segments GROUP BY state")
+        return {r["state"]: int(r["b"]) for r in rows}
+
     def oldest_waiting_age(self, now: float) -> float:
         rows = self.index.query("SELECT MIN(created) m FROM segments WHERE state NOT IN"
                                 " ('delivered')")
