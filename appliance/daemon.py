@@ -50,6 +50,7 @@ from appliance.forward.scheduler import PROBE_WAIT_S, Forwarder
 from appliance.health.control import ControlServer, DaemonUnavailable, operator_name
 from appliance.health.notify import Notifier
 from appliance.health.supervisor import Supervisor
+from appliance.ops import commands as ops_commands
 from appliance.ops import link as ops_link
 from appliance.pack.packer import Packer
 from appliance.pack.pool import CodecPool
@@ -184,6 +185,7 @@ class Daemon:
         self.receipts: ReceiptPoller | None = None  # forward.receipts, with a receipt_key
         self._problems: list[str] = []
         self.link: ops_link.Link | None = None
+        self.commands: ops_commands.Commands | None = None
         self._untap: Callable[[], None] = lambda: None
 
     def run(self) -> int:
@@ -261,7 +263,9 @@ class Daemon:
         self.receiver = receiver = Receiver(cfg.receive, spool, self.stats, stage=self.stages["receive"],
                                             on_stored=lambda seg: self.wake_pack.set(),
                                             rules=cfg.rules, audit=self.audit)
-        self.link = ops_link.build(cfg, sup, self.snapshot) if cfg.operations else None
+        if cfg.operations:
+            self.commands = ops_commands.build(cfg, self._control_handlers(), self.audit)
+            self.link = ops_link.build(cfg, sup, self.snapshot, self.commands.handle)
         status = ControlServer(cfg.control_socket, self._control_handlers())
         self._install_signals()
         try:
@@ -319,7 +323,7 @@ class Daemon:
             "status": lambda args: self.snapshot(),
             "queue.change": lambda args: commands.change_audited(
                 self.queue, str(args.get("verb")), args.get("id"), bool(args.get("all")),
-                self.audit, operator_name(args.get("_peer_uid"))),
+                self.audit, args.get("_operator") or operator_name(args.get("_peer_uid"))),
         }
 
     def _watchdog(self) -> None:
@@ -430,5 +434,6 @@ class Daemon:
                         "parked": self.queue.parked_count()},
             "stages": self.supervisor.snapshot(),
             "problems": self.supervisor.problems(),
-            **({"ops": self.link.status()} if self.link is not None else {}),
+            **({"ops": {**self.link.status(), "last_command": self.commands and self.commands.last}}
+               if self.link is not None else {}),
         }
