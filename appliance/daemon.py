@@ -434,6 +434,6 @@ class Daemon:
                         "parked": self.queue.parked_count()},
             "stages": self.supervisor.snapshot(),
             "problems": self.supervisor.problems(),
-            **({"ops": {**self.link.status(), "last_command": self.commands and self.commands.last}}
+            **({"ops": {**self.link.status(), "last_command": self.commands.last if self.commands else None}}
                if self.link is not None else {}),
         }

@@ -96,13 +96,21 @@ def test_a_good_ping_answers_200_and_a_queue_op_goes_through_the_control_handler
     (lambda k: signed(k, op="shell"), 404),
     (lambda k: signed(k, "hold", {"id": "a", "all": True}), 422),
     (lambda k: signed(k, "hold", {"path": "/etc"}), 422),
-    (lambda k: signed(k, "hold", {"id": "missing"}), 404),
+    (lambda k: signed(k, issued_at=float("nan")), 400),
 ], ids=["not-json", "fields", "not-canonical", "too-big", "unknown-key", "wrong-key-id", "other-box",
-        "lifetime", "expired", "unknown-op", "id-and-all", "bad-arg", "unknown-item"])
+        "lifetime", "expired", "unknown-op", "id-and-all", "bad-arg", "nan"])
 def test_each_refusal_has_its_code_and_is_audited(local: Local, payload: Any, code: int) -> None:
     res = local.cmds.handle(TOPIC, payload(local.key), now=NOW)
     assert (res["code"], res["ok"]) == (code, False), res
     assert f"{code} " in local.audit_log.read_text()
+
+
+def test_an_unknown_item_is_404_from_the_queue_handler_which_audits_it_itself(local: Local) -> None:
+    res = local.cmds.handle(TOPIC, signed(local.key, "hold", {"id": "missing"}), now=NOW)
+    assert (res["code"], res["detail"]) == (404, "no item missing")
+    assert [c[0] for c in local.calls] == ["queue.change"]
+    trail = local.audit_log.read_text() if local.audit_log.exists() else ""
+    assert "ops hold" not in trail  # the daemon's change_audited writes that entry
 
 
 def test_a_command_on_another_boxs_topic_is_refused_422(local: Local) -> None:
@@ -121,8 +129,11 @@ def test_a_replay_is_refused_409_even_after_a_restart(local: Local, tmp_path: Pa
     assert local.cmds.handle(TOPIC, first, now=NOW)["code"] == 200
     assert local.cmds.handle(TOPIC, signed(local.key, nonce="N" * 20), now=NOW)["code"] == 409
     local.cmds.seen.close()
-    local.cmds.seen = commands.Seen(tmp_path)  # the record is on disk
-    assert local.cmds.handle(TOPIC, first, now=NOW)["code"] == 409
+    local.cmds.seen = reopened = commands.Seen(tmp_path)  # the record is on disk
+    try:
+        assert local.cmds.handle(TOPIC, first, now=NOW)["code"] == 409
+    finally:
+        reopened.close()
 
 
 def test_the_replay_record_forgets_expired_commands_and_is_bounded(tmp_path: Path) -> None:
@@ -228,7 +239,7 @@ def test_fleet_send_hold_then_release_delivers_the_held_bundle(site: Site) -> No
              detail=site.box.log_text)
     assert any(outbox.iterdir())
     kid = commands.key_id(site.key.public_key())
-    audited = [(u, d.split(":")[0]) for u, _, d in site.audit()]
+    audited = [(u, d.rsplit(": ", 1)[0]) for u, _, d in site.audit()]
     assert (f"ops-center:{kid}", "queue hold all") in audited
     assert (f"ops-center:{kid}", f"queue release {item['id']}") in audited
 

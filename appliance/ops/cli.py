@@ -65,7 +65,7 @@ def add_parsers(sub: Any) -> None:
     send.add_argument("box")
     send.add_argument("op", help=", ".join(commands.OPS))
     send.add_argument("--arg", action="append", default=[], metavar="K=V",
-                      help="an argument (V read as JSON when it is, e.g. all=true; else a string)")
+                      help="an argument (V: true or false as booleans, else a string)")
     send.add_argument("--key", type=Path, required=True, help="the command key (fleet keys init)")
     send.add_argument("--ca", type=Path, required=True, help="the fleet CA folder (ops-center.pem/.key)")
     send.add_argument("--host", default="127.0.0.1")
@@ -118,18 +118,19 @@ def parse_args(pairs: list[str]) -> dict[str, Any]:
         k, sep, v = pair.partition("=")
         if not sep or not k:
             raise UsageError(f"--arg {pair!r}: give K=V")
-        try:
-            out[k] = json.loads(v)
-        except ValueError:
-            out[k] = v
+        out[k] = {"true": True, "false": False}.get(v, v)
     return out
 
 
 def send(args: argparse.Namespace) -> int:
     key: Ed25519PrivateKey = crypto.load_private_key_of(args.key, Ed25519PrivateKey, "Ed25519")
     cmd = commands.body(args.box, args.op, parse_args(args.arg), key, now=time.time(), ttl_s=args.ttl)
-    result = publish_and_wait(args.host, args.port, args.ca, args.box, commands.envelope(cmd, key),
-                              cmd["cmd_id"], args.timeout)
+    try:
+        result = publish_and_wait(args.host, args.port, args.ca, args.box, commands.envelope(cmd, key),
+                                  cmd["cmd_id"], args.timeout)
+    except OSError as e:  # refused, unreachable, TLS (ssl.SSLError is an OSError)
+        print(f"cannot reach the broker {args.host}:{args.port} ({type(e).__name__})", file=sys.stderr)
+        return EX_UNAVAILABLE
     if result is None:
         print(f"no result from {args.box} within {args.timeout:g} s (cmd_id {cmd['cmd_id']})",
               file=sys.stderr)

@@ -35,6 +35,7 @@ import base64
 import binascii
 import hashlib
 import json
+import math
 import os
 import re
 import sqlite3
@@ -164,6 +165,8 @@ def parse(payload: bytes) -> tuple[dict[str, Any], bytes, bytes]:
     for k, t in FIELDS.items():
         if not isinstance(cmd[k], t) or isinstance(cmd[k], bool):
             raise Refused(400, f"{k} has the wrong type")
+    if not (math.isfinite(cmd["issued_at"]) and math.isfinite(cmd["expires_at"])):
+        raise Refused(400, "issued_at and expires_at must be finite")
     for k in ("cmd_id", "box", "op", "key_id"):
         if not TOKEN.match(cmd[k]):
             raise Refused(400, f"{k} is not a token")
@@ -259,6 +262,7 @@ class Commands:
         now = time.time() if now is None else now
         cmd: dict[str, Any] = {}
         operator = "ops-center:unverified"
+        audited = False
         try:
             cmd, signed, sig = parse(payload)
             verify(signed, sig, cmd["key_id"], self.keys)
@@ -274,13 +278,17 @@ class Commands:
                 args = op.args(cmd["args"])
             except ValueError as e:
                 raise Refused(422, f"bad args: {e}") from None
+            audited = op.handler == "queue.change"  # change_audited writes the trail itself
             code, detail, result = self._run(op, args, operator)
         except Refused as e:
             code, detail, result = e.code, e.detail, None
         except Exception as e:  # a result in any case: the center is waiting for one
             log.exception("ops.command_failed", error_type=type(e).__name__)
             code, detail, result = 500, f"internal error ({type(e).__name__})", None
-        return self._answer(cmd, operator, code, detail, result, now)
+        if not audited:
+            self.audit.command(operator, str(cmd.get("op") or "?"), _target(cmd.get("args")), code == 200,
+                               f"{code} {detail}", area="ops")
+        return self._answer(cmd, code, detail, result, now)
 
     def _run(self, op: Op, args: dict[str, Any], operator: str) -> tuple[int, str, Any]:
         if op.handler is None:
@@ -295,15 +303,11 @@ class Commands:
             return 200, "ok", self.summary(got)
         return 200, "ok", got
 
-    def _answer(self, cmd: Mapping[str, Any], operator: str, code: int, detail: str, result: Any,
+    def _answer(self, cmd: Mapping[str, Any], code: int, detail: str, result: Any,
                 now: float) -> dict[str, Any]:
         op, cmd_id = cmd.get("op"), cmd.get("cmd_id")
-        target = _target(cmd.get("args"))
-        if not (code == 200 and OPS[str(op)].handler == "queue.change"):  # that one audits itself
-            self.audit.command(operator, str(op or "?"), target, code == 200, f"{code} {detail}",
-                               area="ops")
         if code == 200:
-            log.info("ops.command", cmd_id=cmd_id, op=op, code=code, operator=operator)
+            log.info("ops.command", cmd_id=cmd_id, op=op, code=code, key_id=cmd.get("key_id"))
         else:
             log.warning("command.refused", cmd_id=cmd_id, op=op, code=code, reason=CODES.get(code))
         msg = {"v": SCHEMA, "cmd_id": cmd_id, "box": self.name, "op": op, "code": code, "ok": code == 200,
