@@ -285,6 +285,7 @@ class Commands:
         except Exception as e:  # a result in any case: the center is waiting for one
             log.exception("ops.command_failed", error_type=type(e).__name__)
             code, detail, result = 500, f"internal error ({type(e).__name__})", None
+            audited = False  # change_audited records ApplianceErrors only
         if not audited:
             self.audit.command(operator, str(cmd.get("op") or "?"), _target(cmd.get("args")), code == 200,
                                f"{code} {detail}", area="ops")
