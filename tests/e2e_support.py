@@ -104,8 +104,12 @@ def dicom_destination(port: int, **kw: Any) -> dict[str, Any]:
 
 def appliance_config(root: Path, port: int, destination: dict[str, Any], codec: str = "jpeg2000",
                      **pack: Any) -> dict[str, Any]:
+    """The appliance for end-to-end runs: `codec` for every instance (`pack.adaptive` off,
+    so that a run tests that codec on every sample; tests/test_pack_pace.py tests the
+    adaptive choice, pixels compared too)."""
     cfg = base_config(root, port)
-    cfg["pack"] = {"codec": codec, "study_quiet_s": 0.5, "segment_max_age_s": 5, "workers": 2, **pack}
+    cfg["pack"] = {"codec": codec, "study_quiet_s": 0.5, "segment_max_age_s": 5, "workers": 2,
+                   "adaptive": False, **pack}
     cfg["queue"] = {"retry_min_s": 0.2, "retry_max_s": 1}
     cfg["destinations"] = [destination]
     return cfg

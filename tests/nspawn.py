@@ -125,14 +125,15 @@ def cached_rootfs(log: Path) -> Path:
 
 def site_config(**override: object) -> dict[str, object]:
     """The config the container's appliance runs with: port 104 (the unit's capability),
-    a directory destination in its state dir, JPEG 2000 with verification."""
+    a directory destination in its state dir, JPEG 2000 with verification (pinned:
+    `pack.adaptive` off, so that every bundle shows a live codec worker's J2K)."""
     cfg: dict[str, dict[str, object] | list[dict[str, object]]] = {
         "appliance": {"name": "nspawn-test", "log_format": "json"},
         "receive": {"ae_title": "EDGE", "bind": "127.0.0.1", "port": 104,
                     "callers": [{"ae_title": "MODALITY"}]},
         "spool": {"reserve_free_mb": 256},
         "pack": {"codec": "jpeg2000", "verify": True, "study_quiet_s": 1.0,
-                 "segment_max_age_s": 1.0},
+                 "segment_max_age_s": 1.0, "adaptive": False},
         "destinations": [{"name": "outbox", "transport": "directory",
                           "path": "/var/lib/appliance/outbox"}],
     }

@@ -142,15 +142,10 @@ class AuditTrail:
         with self._lock:
             try:
                 self._rotate_for(len(line))
-                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-                try:
-                    os.fchmod(fd, 0o600)
-                    view = memoryview(line)
-                    while view:
-                        view = view[os.write(fd, view):]
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                with open(self.path, "ab", opener=_private) as f:
+                    os.fchmod(f.fileno(), 0o600)
+                    f.write(line)
+                    durable.fsync_file(f)
             except OSError as e:
                 self.failed += 1
                 log.error("audit.write_failed", errno=e.errno, failed=self.failed)
@@ -213,6 +208,10 @@ class _Studies:
             log.error("audit.read_failed", what="studies", error=type(e).__name__)
             return None
         return (str(row[0]), str(row[1])) if row else None
+
+
+def _private(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_CLOEXEC, 0o600)
 
 
 def destination(d: Destination) -> Participant:
