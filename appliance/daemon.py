@@ -51,6 +51,7 @@ from appliance.health import metrics as health_metrics
 from appliance.health.control import ControlServer, DaemonUnavailable, operator_name
 from appliance.health.notify import Notifier
 from appliance.health.supervisor import Supervisor
+from appliance.ops import commands as ops_commands
 from appliance.ops import link as ops_link
 from appliance.pack.packer import Packer
 from appliance.pack.pool import CodecPool
@@ -185,6 +186,7 @@ class Daemon:
         self.receipts: ReceiptPoller | None = None  # forward.receipts, with a receipt_key
         self._problems: list[str] = []
         self.link: ops_link.Link | None = None
+        self.commands: ops_commands.Commands | None = None
         self._untap: Callable[[], None] = lambda: None
         self.metrics: tuple[health_metrics.MetricsServer, health_metrics.Tally] | None = None
         self._untap_metrics: Callable[[], None] = lambda: None
@@ -264,7 +266,9 @@ class Daemon:
         self.receiver = receiver = Receiver(cfg.receive, spool, self.stats, stage=self.stages["receive"],
                                             on_stored=lambda seg: self.wake_pack.set(),
                                             rules=cfg.rules, audit=self.audit)
-        self.link = ops_link.build(cfg, sup, self.snapshot) if cfg.operations else None
+        if cfg.operations:
+            self.commands = ops_commands.build(cfg, self._control_handlers(), self.audit)
+            self.link = ops_link.build(cfg, sup, self.snapshot, self.commands.handle)
         status = ControlServer(cfg.control_socket, self._control_handlers())
         self.metrics = health_metrics.build(cfg, sup.snapshot().keys(), self.snapshot, self._metrics_extra)
         self._install_signals()
@@ -356,7 +360,7 @@ class Daemon:
             "status": lambda args: self.snapshot(),
             "queue.change": lambda args: commands.change_audited(
                 self.queue, str(args.get("verb")), args.get("id"), bool(args.get("all")),
-                self.audit, operator_name(args.get("_peer_uid"))),
+                self.audit, args.get("_operator") or operator_name(args.get("_peer_uid"))),
         }
 
     def _watchdog(self) -> None:
@@ -467,5 +471,6 @@ class Daemon:
                         "parked": self.queue.parked_count()},
             "stages": self.supervisor.snapshot(),
             "problems": self.supervisor.problems(),
-            **({"ops": self.link.status()} if self.link is not None else {}),
+            **({"ops": {**self.link.status(), "last_command": self.commands.last if self.commands else None}}
+               if self.link is not None else {}),
         }

@@ -82,8 +82,9 @@ def test_usage_error_exits_64_with_one_line(argv: list[str]) -> None:
 @pytest.mark.parametrize(("argv", "commands"), [
     pytest.param([], ["run", "config", "keys", "queue", "bundle", "status", "ingest", "fleet"],
                  id="bare"),
-    pytest.param(["fleet"], ["ca", "sign", "crl"], id="fleet"),
+    pytest.param(["fleet"], ["ca", "sign", "crl", "keys", "send"], id="fleet"),
     pytest.param(["fleet", "ca"], ["init"], id="fleet-ca"),
+    pytest.param(["fleet", "keys"], ["init"], id="fleet-keys"),
     pytest.param(["config"], ["check", "systemd-dropin"], id="config"),
     pytest.param(["queue"], ["list", "show", "hold", "release", "retry", "delete"], id="queue"),
     pytest.param(["bundle"], ["inspect", "extract"], id="bundle"),

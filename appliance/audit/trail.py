@@ -102,13 +102,15 @@ class AuditTrail:
             messages.DCM.NodeAuthentication, who, self.me(), messages.MINOR_FAILURE,
             f"association refused: {reason}", f"dicom:{self.ae_title}", _now(), self.source_id))
 
-    def command(self, operator: str, op: str, target: str, outcome_ok: bool, detail: str) -> bool:
-        """An operator's command on the queue (through the control socket or the CLI)."""
+    def command(self, operator: str, op: str, target: str, outcome_ok: bool, detail: str,
+                area: str = "queue") -> bool:
+        """An operator's command on the queue (through the control socket or the CLI), or
+        (area "ops") a command of the operations center, run or refused."""
         who = Participant(user_id=operator, requestor=True, user_name=operator)
         return self.write(messages.security_alert(
             messages.DCM.UseOfRestrictedFunction, who, self.me(),
             messages.SUCCESS if outcome_ok else messages.MINOR_FAILURE,
-            f"queue {op} {target}: {detail}", f"appliance:queue/{target}", _now(), self.source_id))
+            f"{area} {op} {target}: {detail}", f"appliance:{area}/{target}", _now(), self.source_id))
 
     def config_seen(self, digest: str, files: list[str]) -> bool:
         """At start: audit a configuration other than the last one seen (the first ever

@@ -2,8 +2,10 @@
 
 Everything a local operator asks of the running daemon goes through here: `appliance
 status` reads its status document, `appliance queue hold|release|retry|delete` ask it to
-move items (the queue keeps one writer; see `queue.commands`). Later the operations
-center's signed commands arrive the same way.
+move items (the queue keeps one writer; see `queue.commands`). The operations center's
+signed commands (ops/commands.py) call the same handlers in the daemon, with an `_operator`
+argument naming the signing key; `_` arguments from the socket are dropped, so a local
+client cannot pose as the operations center.
 
 On the wire: the client sends one JSON object on one line, {"cmd": NAME, "args": {...}},
 and reads one JSON object back, then EOF: {"ok": true, "result": ...} or

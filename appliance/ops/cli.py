@@ -9,6 +9,16 @@
     appliance fleet crl --ca DIR [--revoke BOX.pem ...]
                   re-issue the CRL (valid a year; the broker refuses everyone once it is
                   out of date), adding the certificates to revoke
+    appliance fleet keys init DIR
+                  the operations center's Ed25519 command key: DIR/command.key (0600) and
+                  DIR/command.pub (for the boxes' [operations] command_keys); prints its key_id
+    appliance fleet send BOX OP [--arg K=V ...] --key KEY --ca DIR [--host H] [--port N]
+                  sign a command (ops/commands.py), publish it on appliance/BOX/cmd with the
+                  operations center's certificate (DIR/ops-center.pem), wait for the box's
+                  result and print it (JSON). Exit 0 when the box ran it (code 200), 1 when
+                  it refused or failed it, 69 when no result came within --timeout.
+                  The broker lets one client per certificate in: a `fleet send` takes the
+                  session of another client running with the ops-center certificate.
 
 Also the ops-link parts of `keys init` and `config check` (`keys_init`, `check`), so
 that appliance/cli.py only calls in here. Errors are UsageError / KeyFileError lines.
@@ -17,16 +27,17 @@ that appliance/cli.py only calls in here. Errors are UsageError / KeyFileError l
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from appliance.core import config, crypto
-from appliance.core.errors import EX_USAGE, KeyFileError
-from appliance.ops import pki
+from appliance.core.errors import EX_UNAVAILABLE, EX_USAGE, KeyFileError, UsageError
+from appliance.ops import commands, pki
 
 
 def add_parsers(sub: Any) -> None:
@@ -46,6 +57,21 @@ def add_parsers(sub: Any) -> None:
     crl = fleet_sub.add_parser("crl", help="re-issue the CRL, revoking certificates")
     crl.add_argument("--ca", type=Path, required=True, help="the fleet CA folder")
     crl.add_argument("--revoke", type=Path, action="append", default=[], help="a certificate to revoke")
+    keys = fleet_sub.add_parser("keys", help="the operations center's command key")
+    keys_sub = keys.add_subparsers(dest="keys_sub")
+    kinit = keys_sub.add_parser("init", help="create the Ed25519 command key (command.key, command.pub)")
+    kinit.add_argument("dir", type=Path)
+    send = fleet_sub.add_parser("send", help="sign and send a command to a box, wait for its result")
+    send.add_argument("box")
+    send.add_argument("op", help=", ".join(commands.OPS))
+    send.add_argument("--arg", action="append", default=[], metavar="K=V",
+                      help="an argument (V: true or false as booleans, else a string)")
+    send.add_argument("--key", type=Path, required=True, help="the command key (fleet keys init)")
+    send.add_argument("--ca", type=Path, required=True, help="the fleet CA folder (ops-center.pem/.key)")
+    send.add_argument("--host", default="127.0.0.1")
+    send.add_argument("--port", type=int, default=8883)
+    send.add_argument("--ttl", type=float, default=300.0, help="seconds the command stays valid")
+    send.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the result")
 
 
 def dispatch(args: argparse.Namespace) -> int:
@@ -56,6 +82,14 @@ def dispatch(args: argparse.Namespace) -> int:
         hosts = tuple(args.broker_host or ("localhost", "127.0.0.1"))
         print("\n".join(pki.ca_init(args.dir, hosts)))
         return 0
+    if args.sub == "keys":
+        if getattr(args, "keys_sub", None) != "init":
+            sys.stderr.write(args.help_of_level.format_help())
+            return EX_USAGE
+        print(keys_init_center(args.dir))
+        return 0
+    if args.sub == "send":
+        return send(args)
     if args.sub == "crl":
         print("\n".join(pki.reissue_crl(args.ca, tuple(args.revoke))))
         return 0
@@ -63,6 +97,90 @@ def dispatch(args: argparse.Namespace) -> int:
     name = pki.sign_csr(pki.load_ca(args.ca), args.csr, out, max(1, args.days))
     print(f"{name}: {out}")
     return 0
+
+
+def keys_init_center(directory: Path) -> str:
+    """DIR/command.key and DIR/command.pub (never overwrites); returns a line with the key_id."""
+    from cryptography.hazmat.primitives import serialization
+
+    key = Ed25519PrivateKey.generate()
+    crypto.create_private_file(directory / "command.key", key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    pub = directory / "command.pub"
+    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                  serialization.PublicFormat.SubjectPublicKeyInfo))
+    return f"command key {commands.key_id(key.public_key())}: {directory / 'command.key'}, {pub}"
+
+
+def parse_args(pairs: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        k, sep, v = pair.partition("=")
+        if not sep or not k:
+            raise UsageError(f"--arg {pair!r}: give K=V")
+        out[k] = {"true": True, "false": False}.get(v, v)
+    return out
+
+
+def send(args: argparse.Namespace) -> int:
+    key: Ed25519PrivateKey = crypto.load_private_key_of(args.key, Ed25519PrivateKey, "Ed25519")
+    cmd = commands.body(args.box, args.op, parse_args(args.arg), key, now=time.time(), ttl_s=args.ttl)
+    try:
+        result = publish_and_wait(args.host, args.port, args.ca, args.box, commands.envelope(cmd, key),
+                                  cmd["cmd_id"], args.timeout)
+    except OSError as e:  # refused, unreachable, TLS (ssl.SSLError is an OSError)
+        print(f"cannot reach the broker {args.host}:{args.port} ({type(e).__name__})", file=sys.stderr)
+        return EX_UNAVAILABLE
+    if result is None:
+        print(f"no result from {args.box} within {args.timeout:g} s (cmd_id {cmd['cmd_id']})",
+              file=sys.stderr)
+        return EX_UNAVAILABLE
+    print(json.dumps(result, indent=2, sort_keys=True))
+    return 0 if result.get("code") == 200 else 1
+
+
+def publish_and_wait(host: str, port: int, ca: Path, box: str, payload: bytes, cmd_id: str,
+                     timeout: float) -> dict[str, Any] | None:
+    """Publish a command as the operations center and wait for its result (None: none came)."""
+    import ssl
+    import threading
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    got: dict[str, Any] = {}
+    ready, done = threading.Event(), threading.Event()
+
+    def on_message(c: mqtt.Client, u: Any, m: mqtt.MQTTMessage) -> None:
+        try:
+            doc = json.loads(m.payload)
+        except ValueError:
+            return
+        if isinstance(doc, dict) and doc.get("cmd_id") == cmd_id:
+            got.update(doc)
+            done.set()
+
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=pki.OPS_CENTER_CN, protocol=mqtt.MQTTv311,
+                    clean_session=True)
+    ctx = ssl.create_default_context(cafile=str(ca / "ca.pem"))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(ca / f"{pki.OPS_CENTER_CN}.pem"), str(ca / f"{pki.OPS_CENTER_CN}.key"))
+    c.tls_set_context(ctx)
+    c.on_message = on_message
+    c.on_subscribe = lambda c, u, mid, codes, props: ready.set()
+    c.on_connect = lambda c, u, f, rc, p: None if rc.is_failure else c.subscribe(
+        f"appliance/{box}/cmd/result", qos=1)
+    deadline = time.monotonic() + timeout
+    c.loop_start()
+    try:
+        c.connect(host, port, keepalive=30)
+        if not ready.wait(max(0.0, deadline - time.monotonic())):
+            return None
+        c.publish(f"appliance/{box}/cmd", payload, qos=1)
+        return got if done.wait(max(0.0, deadline - time.monotonic())) else None
+    finally:
+        c.disconnect()
+        c.loop_stop()
 
 
 def csr_path(ops: config.Operations) -> Path:
@@ -101,5 +219,8 @@ def status_line(ops: dict[str, Any]) -> str:
     link = (f"connected since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(ops['since']))}"
             if ops.get("connected") and ops.get("since") else "NOT CONNECTED")
     gap = f", {ops['dropped']} dropped (outbox full)" if ops.get("dropped") else ""
+    last = ops.get("last_command")
+    cmd = (f"; last command {last['op']} -> {last['code']} at"
+           f" {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last['ts']))}" if last else "")
     return (f"ops link       {link} (conn_seq {ops.get('conn_seq')});"
-            f" {ops.get('waiting', 0)} event(s) waiting{gap}")
+            f" {ops.get('waiting', 0)} event(s) waiting{gap}{cmd}")

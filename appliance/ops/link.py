@@ -16,6 +16,11 @@ is sent again from the outbox, oldest first. Connection failures back off from 1
 every `heartbeat_s`, and at once (at most every STATE_MIN_S) when something in it that
 matters changed (messages.comparable). Events come from log taps (`on_log`).
 
+Commands: with a command handler (ops/commands.py), the link subscribes to `cmd` (QoS 1)
+after each CONNACK; what arrives is queued (at most COMMANDS_MAX waiting, more are
+dropped and logged) and run on this thread between turns of the loop, and each result
+is published on `cmd/result` (QoS 1, not retained).
+
 Fails soft: a broker that is away, refuses us or is misconfigured never stops the flow
 of images; the reason is in the log and `appliance status`.
 """
@@ -52,6 +57,9 @@ BACKOFF_MAX_S = 60.0
 LOOP_S = 0.2
 INFLIGHT_MAX = 20
 STOP_WAIT_S = 3.0
+COMMANDS_MAX = 16
+
+CommandHandler = Callable[[str, bytes], dict[str, Any]]
 
 
 def boot_id() -> str:
@@ -93,7 +101,7 @@ def cert_not_after(paths: Mapping[str, Path]) -> dict[str, float]:
 
 class Link:
     def __init__(self, name: str, ops: Operations, outbox: Outbox, snapshot: Callable[[], dict[str, Any]],
-                 stage: Stage, certs: Mapping[str, Path]) -> None:
+                 stage: Stage, certs: Mapping[str, Path], on_command: CommandHandler | None = None) -> None:
         self.name = name
         self.ops = ops
         self.outbox = outbox
@@ -117,6 +125,8 @@ class Link:
         self._last_check = 0.0
         self._certs: tuple[float, dict[str, float]] = (0.0, {})  # read at, name -> not-after
         self._failures = 0
+        self.on_command = on_command
+        self._commands: list[tuple[str, bytes]] = []
 
     # --- the daemon's side ---
 
@@ -175,6 +185,7 @@ class Link:
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_publish = self._on_publish
+        c.on_message = self._on_message
         return c
 
     def _session(self) -> None:
@@ -196,6 +207,8 @@ class Link:
         self.connected_since = time.time()
         log.info("ops.connected", host=self.ops.host, port=self.ops.port, conn_seq=self.conn_seq)
         self._publish(c, "online", messages.online(self.conn_seq, self.boot_id, self.connected_since))
+        if self.on_command is not None:
+            c.subscribe(f"{self.topic}/cmd", qos=1)
         self._last_state, self._last_check = None, 0.0
         while not self._lost:
             if self.stop_event.is_set():
@@ -203,6 +216,7 @@ class Link:
                 return
             self.stage.beat()
             self._send_events(c)
+            self._run_commands(c)
             self._maybe_state(c)
             self._loop(c)
         log.warning("ops.disconnected", conn_seq=self.conn_seq)
@@ -229,6 +243,11 @@ class Link:
             mid = self._publish(c, "events", msg, retain=False)
             self._inflight[mid] = seq
             self._sent_upto = seq
+
+    def _run_commands(self, c: mqtt.Client) -> None:
+        while self._commands and self.on_command is not None:
+            topic, payload = self._commands.pop(0)
+            self._publish(c, "cmd/result", self.on_command(topic, payload), retain=False)
 
     def _maybe_state(self, c: mqtt.Client) -> None:
         now = time.time()
@@ -271,6 +290,7 @@ class Link:
                 with contextlib.suppress(OSError):
                     sock.close()
         self._connected = False
+        self._commands.clear()  # QoS 1 acknowledged by paho; the center sees no result and may resend
         self.connected_since = None
         self._inflight.clear()
         self._sent_upto = 0  # what the broker did not acknowledge goes again, oldest first
@@ -287,6 +307,12 @@ class Link:
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
                        properties: Any) -> None:
         self._lost = True
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, m: mqtt.MQTTMessage) -> None:
+        if len(self._commands) >= COMMANDS_MAX:
+            log.warning("ops.command_dropped", waiting=len(self._commands))
+            return
+        self._commands.append((m.topic, bytes(m.payload)))
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any,
                     properties: Any) -> None:
@@ -305,7 +331,8 @@ def cert_paths(cfg: Config) -> dict[str, Path]:
     return certs
 
 
-def build(cfg: Config, supervisor: Supervisor, snapshot: Callable[[], dict[str, Any]]) -> Link:
+def build(cfg: Config, supervisor: Supervisor, snapshot: Callable[[], dict[str, Any]],
+          on_command: CommandHandler | None = None) -> Link:
     """The link of a config with [operations], registered as the supervisor's `ops` stage
     (deadline: a connection attempt plus the stall limit)."""
     ops = cfg.operations
@@ -313,5 +340,6 @@ def build(cfg: Config, supervisor: Supervisor, snapshot: Callable[[], dict[str, 
     certs = cert_paths(cfg)
     stage = supervisor.stage("ops", CONNACK_WAIT_S + cfg.health.stall_s,
                              alive=lambda: link.thread.is_alive())
-    link = Link(cfg.appliance.name, ops, Outbox(cfg.appliance.state_dir), snapshot, stage, certs)
+    link = Link(cfg.appliance.name, ops, Outbox(cfg.appliance.state_dir), snapshot, stage, certs,
+                on_command)
     return link

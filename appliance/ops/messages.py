@@ -31,11 +31,14 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "spool.quarantined": (),
     "watchdog.withheld": ("stages",),
     "watchdog.resumed": (),
+    "command.refused": ("cmd_id", "op", "code", "reason"),  # ops/commands.py: tokens and codes
 }
 
 # `reason` of destination.down/up is a class (forward/failover.reason_class) or what
 # brought it back; any other value is sent as "other", never as text.
-REASON_CLASSES = frozenset({"timeout", "refused", "missing", "unreachable", "connection lost",
+REASON_CLASSES = frozenset({"malformed", "forbidden", "not found", "replay", "expired",
+                            "unprocessable", "too many", "internal error", "clock not synchronised",
+                            "timeout", "refused", "missing", "unreachable", "connection lost",
                             "rejected", "failed", "probe answered", "delivered"})
 
 
