@@ -16,10 +16,10 @@ from pydicom.uid import generate_uid
 from appliance.bundle import format as bundle
 from appliance.core import crypto
 from appliance.core.config import Pack
-from appliance.pack import packer as packer_mod
-from appliance.pack.packer import (
+from appliance.pack import policy
+from appliance.pack.packer import Packer
+from appliance.pack.policy import (
     PACK_ATTEMPTS,
-    Packer,
     SegmentTimes,
     after_failure,
     due_for_sealing,
@@ -90,7 +90,7 @@ def test_an_instance_that_fails_authentication_is_quarantined_and_the_rest_packe
 
 
 def test_packing_waits_for_a_burst_but_not_longer_than_the_segment_age() -> None:
-    from appliance.pack.packer import may_pack_now
+    from appliance.pack.policy import may_pack_now
     cfg = Pack(segment_max_age_s=10)
     assert may_pack_now(sealed_at=100, receiving_burst=False, cfg=cfg, now=100)
     assert not may_pack_now(sealed_at=100, receiving_burst=True, cfg=cfg, now=109)
@@ -172,7 +172,7 @@ def test_a_poisoned_instance_is_passed_through_and_the_rest_compressed(
 
 def test_a_segment_that_keeps_failing_is_held_and_the_next_one_packed(
         tmp_path: Path, pool: CodecPool, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(packer_mod, "PACK_RETRY_S", 0.05)
+    monkeypatch.setattr(policy, "PACK_RETRY_S", 0.05)
     spool, queue, packer, key = _box(tmp_path, pool)
     files = sorted(CT.iterdir())[:2]
     first = _store(spool, [files[0].read_bytes()])[0].segment_id

@@ -11,7 +11,8 @@ import pytest
 
 from appliance.core import crypto
 from appliance.core.config import Pack
-from appliance.pack.packer import Burst, Packer, may_pack_now
+from appliance.pack.packer import Packer
+from appliance.pack.policy import Burst, may_pack_now
 from appliance.pack.pool import CodecPool
 from appliance.queue.index import open_index
 from appliance.queue.store import Queue

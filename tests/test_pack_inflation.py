@@ -28,7 +28,8 @@ from appliance.core.config import Pack
 from appliance.pack import codec
 from appliance.pack import packer as packer_mod
 from appliance.pack import stream as stream_pack
-from appliance.pack.packer import Packer, inflate_cap
+from appliance.pack.packer import Packer
+from appliance.pack.policy import inflate_cap
 from appliance.pack.pool import CodecPool
 from appliance.queue.index import open_index
 from appliance.queue.store import Queue

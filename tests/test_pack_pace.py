@@ -19,8 +19,9 @@ from appliance.bundle import format as bundle
 from appliance.core import crypto
 from appliance.core.config import Pack
 from appliance.pack.pace import Throughput, equivalent_bytes
-from appliance.pack.packer import Packer, _Window
+from appliance.pack.packer import Packer
 from appliance.pack.pool import CodecPool
+from appliance.pack.window import Window
 from appliance.queue.index import open_index
 from appliance.queue.store import Queue
 from appliance.receive.scp import identify
@@ -115,7 +116,7 @@ def test_bytes_packed_with_a_faster_codec_count_as_fewer_configured_ones() -> No
 
 
 def test_the_window_goes_to_the_first_segment_in_rank_still_submitting() -> None:
-    w = _Window(2)
+    w = Window(2)
     w.feeding("routine", (0, 1.0, "routine"))
     w.feeding("stat", (-10, 5.0, "stat"))  # sealed later, ranks first
     assert not w.acquire("routine", 0)

@@ -21,7 +21,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from appliance.core import config
 from appliance.core.config import Pack, Rule
 from appliance.core.errors import ConfigError
-from appliance.pack.packer import SegmentTimes, due_for_sealing, may_pack_now
+from appliance.pack.policy import SegmentTimes, due_for_sealing, may_pack_now
 from appliance.queue import store as queue_store
 from appliance.queue.index import open_index
 from appliance.queue.store import PRIORITY_STAT, Queue

@@ -90,7 +90,7 @@ class Spool:
     reserve_free_mb: int = 2048
 
 
-# pack.during_burst: what is packed while a scanner sends a burst (pack.packer.may_pack_now)
+# pack.during_burst: what is packed while a scanner sends a burst (pack.policy.may_pack_now)
 DURING_BURST = ("link-waits", "first", "always", "never")
 
 
@@ -105,7 +105,7 @@ class Pack:
     segment_max_mb: int = 64
     segment_max_age_s: float = 10.0
     stat_segment_max_age_s: float = 2.0  # a stat study's segment is sealed this often
-    during_burst: str = "never"  # what is packed while a scanner sends (pack.packer)
+    during_burst: str = "never"  # what is packed while a scanner sends (pack.policy)
     workers: int = 0  # 0 = one per CPU
     stream_threshold_mb: int = 64  # instances this large are packed streaming (bounded memory)
     job_timeout_s: float = 60.0  # a codec job running longer is killed (its instance sent as is)

@@ -1,5 +1,5 @@
 """What the command line does with a center config: `appliance ingest`, and the center's
-side of `appliance config check` and `appliance keys init` (cli.py picks these when the
+side of `appliance config check` and `appliance keys init` (appliance/cli/ picks these when the
 --config file is a center config, `config.is_center_config`).
 
 How it fails: problems with the config or its files are `ConfigError` (exit 78, one line

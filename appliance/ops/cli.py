@@ -21,7 +21,7 @@
                   session of another client running with the ops-center certificate.
 
 Also the ops-link parts of `keys init` and `config check` (`keys_init`, `check`), so
-that appliance/cli.py only calls in here. Errors are UsageError / KeyFileError lines.
+that appliance/cli/ only calls in here. Errors are UsageError / KeyFileError lines.
 """
 
 from __future__ import annotations

@@ -26,22 +26,16 @@ manifest's facts come from our own file meta (`stream.meta_facts`). A deflated d
 is inflated in a worker up to `inflate_cap` (the configured maximum instance size, and
 no more than the in-memory path holds), else packed as it came ("inflated-too-large").
 
-Sealing policy (pure, `due_for_sealing`): a `receiving` segment is sealed when its study
-has been quiet for `pack.study_quiet_s`, or when it has been open for
-`pack.segment_max_age_s` while the study is still arriving (so forwarding overlaps
-receiving); count and size limits are applied by the spool as instances arrive (a
-study's first segment is small: `pack.first_segment_instances`). While a scanner sends a
-burst, what is packed is decided by `may_pack_now` (`pack.during_burst`).
+What is pure is in pack/policy.py: the sealing rule (`due_for_sealing`), what is packed
+while a scanner sends a burst (`may_pack_now`, `pack.during_burst`), the job limit, the
+inflation cap and the failure table (`after_failure`).
 
 Several sealed segments are packed side by side (`segments_at_once`: one per worker, at
 most MAX_SEGMENTS_AT_ONCE), each on a thread of its own, so that the workers are not
 idle while one segment's last jobs finish and its bundle is synced and committed. A
 free place goes to the highest priority, then the oldest. Memory stays what one segment
-held: their codec jobs share one window of `window` results (`_Window`), and a job's
-result is written into its bundle and dropped before another takes its place. A place
-goes to the first segment in rank (stat, then oldest) that still has jobs to submit, so
-a later one only fills the cores the earlier one leaves free (its tail: the last
-results, the sync and commit), and a study's small first segment is not slowed down.
+held: their codec jobs share one window of `window` results (pack/window.py, which says
+which segment a free place goes to).
 
 Codec (`pack.adaptive`, pack/pace.py): as each instance's job goes to the pool, the
 packer asks `pace.choose_codec` with the recent send rate of the destination the bundle
@@ -66,7 +60,7 @@ segment, and one segment never stops the others.
   `pack.instance_unreadable`, at error) and the segment is marked incomplete in the
   queue (`Queue.mark_incomplete`): it is delivered without it, never as if complete.
 - A segment that fails as a whole (the bundle cannot be written...) is tried again after
-  a back-off, PACK_ATTEMPTS times in all, then held with its reason
+  a back-off, PACK_ATTEMPTS times in all (`policy.after_failure`), then held with its reason
   (`Queue.pack_failed`); other segments are packed meanwhile. A full disk is waited
   out instead, however long (it clears as bundles are delivered). The count lives in
   memory: a restart gives every segment its full tries again.
@@ -76,13 +70,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import errno
 import functools
 import hashlib
 import os
 import queue
 import secrets
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -100,129 +92,30 @@ from appliance.core.errors import IntegrityError
 from appliance.pack import pace
 from appliance.pack import stream as stream_pack
 from appliance.pack.codec import Result, compress
+from appliance.pack.policy import (
+    Burst,
+    SegmentTimes,
+    after_failure,
+    due_for_sealing,
+    inflate_cap,
+    job_limit,
+    may_pack_now,
+)
 from appliance.pack.pool import CodecPool, PoolClosed, WorkerLost
 from appliance.pack.stream import Streamed
+from appliance.pack.window import Window
 from appliance.queue.state import STATES
 from appliance.queue.store import PRIORITY_STAT, Queue, transition
 from appliance.spool.store import Spool
 
 log = structlog.get_logger("appliance.pack")
 
-PACK_ATTEMPTS = 3  # tries of a whole segment before it is held
-PACK_RETRY_S = 5.0  # back-off after the first failed try; doubles after each
-PACK_RETRY_MAX_S = 300.0
-PACK_WAIT_S = 30.0  # between tries while the disk is full
 MAX_SEGMENTS_AT_ONCE = 4  # packed side by side (at most one per worker)
 POOL_GRACE_S = 60.0  # the pool kills a job at its limit; this thread waits this much more
-# errors of the box, not of the segment: waited out, never counted towards holding it
-_WAIT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 # pass-through reasons that mean something went wrong with this instance (logged as such)
 _FAILURE_REASONS = frozenset({"unparseable", "encode-error", "reencode-error",
                               "reencode-mismatch", "worker-crashed", "worker-timeout",
                               "pack-error", "temp-write-error"})
-
-
-@dataclass(frozen=True)
-class SegmentTimes:
-    created: float
-    updated: float
-    stat: bool = False  # a stat study (queue.store.PRIORITY_STAT, from the routing rules)
-
-
-@dataclass(frozen=True)
-class Burst:
-    """What the packer knows about a sealed segment while a scanner sends a burst."""
-
-    first: bool = False  # its study's first segment (no earlier segment of the study)
-    link_waits: bool = False  # no packed bundle is waiting for the link (none `ready`)
-
-
-def may_pack_now(sealed_at: float, receiving_burst: bool, cfg: Pack, now: float,
-                 stat: bool = False, burst: Burst = Burst()) -> bool:
-    """Whether to start packing a sealed segment now.
-
-    While a scanner is sending a burst (images back to back), packing takes CPU and GIL
-    time from the receiver and keeps the scanner waiting for each C-STORE response. So
-    with `pack.during_burst = "never"` (the default) nothing is packed during a burst
-    but what has waited `pack.segment_max_age_s`. "first" packs a study's first segment
-    (small, `pack.first_segment_instances`: the study's first bytes leave within seconds
-    of its first C-STORE); "link-waits" also any segment while no packed bundle is
-    waiting to be sent (the link would wait for it); "always" ignores bursts
-    (docs/benchmarks.md, "Keeping a thin link full", has the figures).
-    Whatever the policy, a segment waits at most `pack.segment_max_age_s` after it was
-    sealed, and a stat study's is packed at once.
-    """
-    if stat or not receiving_burst or now - sealed_at >= cfg.segment_max_age_s:
-        return True
-    if cfg.during_burst == "always":
-        return True
-    if cfg.during_burst == "never":
-        return False
-    if cfg.during_burst == "first":
-        return burst.first
-    return burst.first or burst.link_waits
-
-
-def inflate_cap(cfg: Pack, max_instance_bytes: int) -> int:
-    """Most bytes a deflated instance may inflate to in a codec worker before it is
-    passed through as it came ("inflated-too-large"): the configured maximum instance
-    size, and no more than the in-memory path takes (`pack.stream_threshold_mb`; larger
-    instances are packed streaming precisely so that no worker holds one whole, and a
-    deflated one is compressed already)."""
-    return min(max_instance_bytes, cfg.stream_threshold_mb << 20)
-
-
-def due_for_sealing(seg: SegmentTimes, cfg: Pack, now: float) -> str | None:
-    """Why a receiving segment should be sealed now ("quiet", "age"), or None. A stat
-    study's segment is sealed every `pack.stat_segment_max_age_s` (when shorter), so that
-    its first images are on their way within seconds while the rest still arrives."""
-    if now - seg.updated >= cfg.study_quiet_s:
-        return "quiet"
-    max_age = min(cfg.segment_max_age_s, cfg.stat_segment_max_age_s) if seg.stat else cfg.segment_max_age_s
-    if now - seg.created >= max_age:
-        return "age"
-    return None
-
-
-def job_limit(size: int, cfg: Pack) -> float:
-    """Seconds one instance's codec job may run: `pack.job_timeout_s` plus
-    `pack.job_timeout_s_per_mb` per MiB (a 1 GiB multi-frame object needs minutes)."""
-    return cfg.job_timeout_s + cfg.job_timeout_s_per_mb * size / (1 << 20)
-
-
-@dataclass(frozen=True)
-class AfterFailure:
-    """What to do with a segment whose pack just failed (see `after_failure`)."""
-
-    hold: bool
-    delay_s: float  # before the next try (when not held)
-    attempts: int  # counted failures so far
-    reason: str  # a class, never a message (messages can quote patient data)
-
-
-def failure_reason(e: BaseException) -> str:
-    """The exception's class, with the errno name for an OSError ("OSError ENOSPC")."""
-    name = type(e).__name__
-    if isinstance(e, OSError) and e.errno is not None and e.errno in errno.errorcode:
-        return f"{name} {errno.errorcode[e.errno]}"
-    return name
-
-
-def after_failure(e: BaseException, attempts: int) -> AfterFailure:
-    """Pure: a segment failed to pack after `attempts` earlier counted failures.
-
-    A full disk or a busy index is the box's trouble, not the segment's: wait with the
-    back-off, count nothing. Anything else counts; at PACK_ATTEMPTS the segment is held.
-    """
-    waited = (isinstance(e, OSError) and e.errno in _WAIT_ERRNOS) or isinstance(
-        e, sqlite3.OperationalError)
-    if waited:
-        return AfterFailure(hold=False, delay_s=PACK_WAIT_S, attempts=attempts,
-                            reason=failure_reason(e))
-    n = attempts + 1
-    delay = min(PACK_RETRY_MAX_S, PACK_RETRY_S * 2 ** (n - 1))
-    return AfterFailure(hold=n >= PACK_ATTEMPTS, delay_s=delay, attempts=n,
-                        reason=failure_reason(e))
 
 
 @dataclass
@@ -260,9 +153,9 @@ class Packer:
         self.index = spool.index
         self.recipients = list(recipients)
         self.pool = pool
-        # results held in memory at once, all segments together (`_Window`)
+        # results held in memory at once, all segments together (`Window`)
         self.window = max(2, 2 * pool.workers)
-        self._window = _Window(self.window)
+        self._window = Window(self.window)
         self.segments_at_once = max(1, min(pool.workers, MAX_SEGMENTS_AT_ONCE))
         self._tries: dict[str, _Tries] = {}  # segments whose pack failed, by id
 
@@ -289,7 +182,7 @@ class Packer:
     def pack_pending(self) -> int:
         """Pack every sealed segment that is due, up to `segments_at_once` side by side
         (each on a thread of its own; their codec jobs share the pool and one window of
-        `window` results in memory, `_Window`, taken by the first in rank first). A free
+        `window` results in memory, `Window`, taken by the first in rank first). A free
         place goes to the highest priority first, then the oldest, looked up again each
         time (a stat segment sealed meanwhile goes next, not after the routine ones seen
         before it); a failing one is set aside (retried after a back-off, held after
@@ -455,7 +348,7 @@ class Packer:
 
     def _slot(self, seg_id: str, writer: BundleWriter, pending: collections.deque[_Pending],
               tally: _Tally) -> None:
-        """Take a place in the window for one more job (`_Window`: the first segment in
+        """Take a place in the window for one more job (`Window`: the first segment in
         rank still submitting goes first): while it cannot, write this segment's oldest
         job (freeing its place); with none of its own in flight, wait (the others free
         theirs as they write, so this never waits on a segment that waits in turn)."""
@@ -620,43 +513,6 @@ class Packer:
 
 
 SLOT_POLL_S = 1.0  # a segment waiting for a place in the window beats this often
-
-
-class _Window:
-    """The window: how many codec results (each up to an in-memory instance,
-    `pack.stream_threshold_mb`) may be in flight or waiting to be written, all segments
-    together, so that packing several segments at once holds no more in memory than
-    packing one did. A place goes only to the segment first in rank (lowest key:
-    stat, then oldest) among those still submitting jobs (`feeding` .. `fed`)."""
-
-    def __init__(self, n: int) -> None:
-        self._free = n
-        self._cv = threading.Condition()
-        self._feeding: dict[str, tuple[Any, ...]] = {}
-
-    def feeding(self, seg: str, rank: tuple[Any, ...]) -> None:
-        with self._cv:
-            self._feeding[seg] = rank
-
-    def fed(self, seg: str) -> None:
-        with self._cv:
-            if self._feeding.pop(seg, None) is not None:
-                self._cv.notify_all()
-
-    def acquire(self, seg: str, timeout: float) -> bool:
-        def first_with_room() -> bool:
-            mine = self._feeding.get(seg)
-            return self._free > 0 and (mine is None or mine == min(self._feeding.values()))
-        with self._cv:
-            if not self._cv.wait_for(first_with_room, timeout):
-                return False
-            self._free -= 1
-            return True
-
-    def release(self) -> None:
-        with self._cv:
-            self._free += 1
-            self._cv.notify_all()
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,118 @@
+"""`appliance status`: the running daemon's counters, asked over its control socket.
+Nothing listening is DaemonNotRunningError (69), a daemon that does not answer in time
+DaemonUnavailable (69), a socket we may not open PermissionDeniedError (77)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from appliance.cli.times import age, when
+from appliance.core import config
+from appliance.core.errors import (
+    ApplianceError,
+    ConfigError,
+    DaemonNotRunningError,
+    PermissionDeniedError,
+)
+from appliance.ops import cli as ops_cli
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """The running daemon's counters. With --json every outcome is one JSON document on
+    stdout, `running` true, false (nothing listens) or null (cannot tell), and the exit
+    code is the same as without --json."""
+    if not args.json:
+        _print_status(_daemon_status(args.config))
+        return 0
+    try:
+        st = _daemon_status(args.config)
+    except ApplianceError as e:
+        running = False if isinstance(e, DaemonNotRunningError) else None
+        out: dict[str, Any] = {"running": running, "error": str(e)}
+        if isinstance(e, ConfigError):
+            out["error"], out["problems"] = "the configuration is not valid", e.problems
+        print(json.dumps(out, indent=2))
+        return e.exit_code
+    print(json.dumps({"running": True, **st}, indent=2))
+    return 0
+
+
+def _daemon_status(config_path: Path | None) -> dict[str, Any]:
+    from appliance.health import control
+
+    sock = config.load(config_path).control_socket
+    try:
+        st = control.request(sock, "status", timeout=5.0)
+    except PermissionError:
+        raise PermissionDeniedError(f"permission denied on {sock}: run as root or the appliance's"
+                                    " user") from None
+    except control.DaemonUnavailable:  # a hung daemon (timeout) or one that died mid-answer
+        raise control.DaemonUnavailable(f"the appliance daemon did not answer on {sock}") from None
+    if st is None:
+        raise DaemonNotRunningError(f"the appliance daemon is not running (nothing listens on"
+                                    f" {sock})")
+    result: dict[str, Any] = st
+    return result
+
+
+def _destination_detail(d: dict[str, Any]) -> str:
+    """`status`: since when, the last failure's class, failures in a row, the next probe."""
+    now = time.time()
+    parts = [f"since {when(d['since'], now)}" if d.get("since") else ""]
+    if d.get("last_error") and (d["state"] == "down" or d["failures"]):
+        parts.append(f"last error {d['last_error']}")
+    if d.get("failures"):
+        parts.append(f"{d['failures']} failure(s) in a row")
+    if d.get("next_probe_in_s") is not None:
+        parts.append(f"next probe in {age(d['next_probe_in_s'])}")
+    shown = [p for p in parts if p]
+    return f" ({'; '.join(shown)})" if shown else ""
+
+
+def _print_status(st: dict[str, Any]) -> None:
+    r, sp = st["receive"], st["spool"]
+    for listener in st["listening"]:
+        print(f"listening      {listener['host']}:{listener['port']}{' (TLS)' if listener['tls'] else ''}"
+              f" as {st['ae_title']}")
+    print(f"uptime         {age(st['uptime_s'])} (pid {st['pid']}, version {st['version']})")
+    why = ", ".join(f"{k} {v}" for k, v in sorted(r.get("associations_rejected_by_reason", {}).items()))
+    print(f"associations   {r['associations_active']} active, {r['associations_total']} total,"
+          f" {r['associations_rejected']} rejected{f' ({why})' if why else ''}")
+    conns = ", ".join(f"{k} {v}" for k, v in sorted(r.get("connections_refused", {}).items())) or "none"
+    print(f"connections    refused: {conns}")
+    print(f"received       {r['instances_received']} instances ({r['instances_duplicate']} duplicates)")
+    refused = ", ".join(f"{k} {v}" for k, v in sorted(r["instances_refused"].items())) or "none"
+    print(f"refused        {refused}")
+    print(f"spool          {sp['instances']} instances, {sp['bytes'] >> 20} MiB")
+    print(f"spool free     {sp['free_bytes'] >> 20} MiB (reserve {sp['reserve_bytes'] >> 20} MiB)")
+    if "queue" in st:
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(st["queue"].items())) or "empty"
+        print(f"queue          {counts}; oldest waiting {age(st['oldest_waiting_s'])}")
+        for dest, err in st.get("last_errors", {}).items():
+            print(f"last error     {dest}: {err}")
+    for d in st.get("destinations", []):
+        copy = " (copy)" if d.get("mode") == "copy" else ""
+        print(f"destination    {d['name']}{copy}: {d['state'].upper()}" + _destination_detail(d))
+    for rc in st.get("receipts", []):
+        late = (f", {rc['overdue']} OVERDUE (uploaded more than {age(rc['overdue_after_s'])} ago)"
+                if rc["overdue"] else "")
+        err = f"; reading receipts failed: {rc['last_error']}" if rc.get("last_error") else ""
+        print(f"receipts       {rc['destination']}: {rc['awaiting']} uploaded, awaiting the"
+              f" center's receipt{late}{err}")
+    if "forward" in st:
+        fw = st["forward"]
+        copies = f" + {fw['copy_lanes']} for copies" if fw.get("copy_lanes") else ""
+        print(f"forwarding     {fw['lanes']} lanes + {fw['stat_lanes']} for stat studies{copies};"
+              f" {fw['parked']} instance(s) parked (see queue list)")
+    for name, stage in st.get("stages", {}).items():
+        since = stage["since_progress_s"]
+        print(f"stage {name:9}{stage['state']}, {stage['jobs']} job(s), {stage['progress']} steps"
+              + (f", last {age(since)} ago" if since is not None else ""))
+    if "ops" in st:
+        print(ops_cli.status_line(st["ops"]))
+    for problem in st.get("problems", []):
+        print(f"STUCK          {problem}")
