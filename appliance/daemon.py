@@ -139,10 +139,12 @@ def state_lock(state_dir: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def audit_trail(cfg: Config) -> AuditTrail:
-    """The appliance's audit trail (appliance.audit), in STATE/audit/."""
+def audit_trail(cfg: Config, key: crypto.SpoolKey | None = None) -> AuditTrail:
+    """The appliance's audit trail (appliance.audit), in STATE/audit/, sealed under the
+    audit key derived from the spool key (loaded here unless given)."""
+    key = key or crypto.load_spool_key(cfg.spool.key_file)
     return AuditTrail(cfg.appliance.state_dir / "audit", cfg.appliance.name, cfg.receive.ae_title,
-                      cfg.audit.max_mb << 20, cfg.audit.files)
+                      key.audit_key(), cfg.audit.max_mb << 20, cfg.audit.files)
 
 
 class ForwardAudit:
@@ -197,8 +199,8 @@ class Daemon:
             log.warning("core_dumps.not_forbidden", steps=not_hardened)
         compat.check_version()
         lock_fd = lock_state_dir(cfg.appliance.state_dir)
-        self.audit = audit_trail(cfg)
         key = crypto.load_spool_key(cfg.spool.key_file)
+        self.audit = audit_trail(cfg, key)
         index = open_index(cfg.appliance.state_dir)
         self.spool = spool = Spool(
             cfg.appliance.state_dir, key, index, cfg.spool.reserve_free_mb << 20,

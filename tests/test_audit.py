@@ -15,18 +15,24 @@ import pytest
 
 from appliance.audit import AuditTrail, messages
 from appliance.audit.messages import Participant, Study
+from appliance.audit.trail import read
 from tests.peers import SAMPLES, cli, storescu, wait_for
 
 CT_DIR = SAMPLES / "series" / "CT_Philips_Ingenuity_phantom_28sl"
 WHEN = datetime.datetime(2026, 12, 7, 5, 30, tzinfo=datetime.UTC)
+KEY = bytes(range(32))
 
 
 def xml(raw: bytes) -> ET.Element:
     return ET.fromstring(raw)  # noqa: S314 - our own output, read back
 
 
-def parse_lines(path: Path) -> list[ET.Element]:
-    return [xml(line) for line in path.read_bytes().splitlines()]
+def parse_lines(path: Path, key: bytes = KEY) -> list[ET.Element]:
+    out = []
+    for message in read(path, key):
+        assert message is not None, f"a line of {path} does not open"
+        out.append(xml(message))
+    return out
 
 
 def event(m: ET.Element) -> tuple[str, str | None]:
@@ -90,7 +96,7 @@ def test_security_alert_carries_its_kind_outcome_and_subject() -> None:
 
 def test_the_log_is_private_and_one_message_per_line(tmp_path: Path) -> None:
     os.umask(0o022)
-    trail = AuditTrail(tmp_path / "audit", "box", "EDGE")
+    trail = AuditTrail(tmp_path / "audit", "box", "EDGE", KEY)
     assert trail.application(started=True) and trail.application(started=False)
     assert stat.S_IMODE((tmp_path / "audit").stat().st_mode) == 0o700
     assert stat.S_IMODE(trail.path.stat().st_mode) == 0o600
@@ -98,7 +104,7 @@ def test_the_log_is_private_and_one_message_per_line(tmp_path: Path) -> None:
 
 
 def test_rotation_keeps_the_configured_number_of_files(tmp_path: Path) -> None:
-    trail = AuditTrail(tmp_path / "audit", "box", "EDGE", max_bytes=2000, files=3)
+    trail = AuditTrail(tmp_path / "audit", "box", "EDGE", KEY, max_bytes=2000, files=3)
     for _ in range(40):
         assert trail.application(started=True)
     names = sorted(p.name for p in (tmp_path / "audit").iterdir())
@@ -107,15 +113,34 @@ def test_rotation_keeps_the_configured_number_of_files(tmp_path: Path) -> None:
     assert all(parse_lines(p) for p in (tmp_path / "audit").iterdir())
 
 
+def test_the_log_is_sealed_at_rest_and_a_tampered_line_is_reported(tmp_path: Path) -> None:
+    trail = AuditTrail(tmp_path / "audit", "box", "EDGE", KEY)
+    src = Participant("10.0.0.5", True, messages.SOURCE, "CT1", "10.0.0.5")
+    trail.received("CT1", "10.0.0.5", [("k" * 16, Study("1.2.3.4.5", "PATIENT-X", {"1.2": 1}))], 0)
+    trail.application(started=True)
+    raw = trail.path.read_bytes()
+    assert b"PATIENT-X" not in raw and b"1.2.3.4.5" not in raw and b"AuditMessage" not in raw
+    assert b"PATIENT-X" not in (tmp_path / "audit" / "studies.db").read_bytes()
+    assert trail.sent("k" * 16, src, 1, True, "x")  # the study is named from studies.db
+    assert "PATIENT-X" in [o.get("ParticipantObjectID") for o in parse_lines(trail.path)[-1]
+                           .findall("ParticipantObjectIdentification")]
+    lines = trail.path.read_bytes().splitlines()
+    lines[1] = lines[1][:-8] + b"AAAAAAAA"
+    trail.path.write_bytes(b"\n".join(lines) + b"\n")
+    opened = list(read(trail.path, KEY))
+    assert opened[1] is None and opened[0] is not None and opened[2] is not None
+    assert all(m is None for m in read(trail.path, bytes(32)))  # another key opens nothing
+
+
 def test_a_write_that_fails_is_counted_and_never_raised(tmp_path: Path) -> None:
-    trail = AuditTrail(tmp_path / "audit", "box", "EDGE")
+    trail = AuditTrail(tmp_path / "audit", "box", "EDGE", KEY)
     trail.path.mkdir()  # the log cannot be opened for writing
     assert trail.application(started=True) is False
     assert trail.failed == 1 and trail.written == 0
 
 
 def test_a_configuration_is_audited_once_until_it_changes(tmp_path: Path) -> None:
-    trail = AuditTrail(tmp_path / "audit", "box", "EDGE")
+    trail = AuditTrail(tmp_path / "audit", "box", "EDGE", KEY)
     trail.config_seen("a" * 64, ["/etc/appliance/appliance.toml"])
     trail.config_seen("a" * 64, ["/etc/appliance/appliance.toml"])
     trail.config_seen("b" * 64, ["/etc/appliance/appliance.toml"])
@@ -135,13 +160,18 @@ def test_the_daemon_audits_a_store_a_refusal_and_an_operator_hold(appliance_fact
     app = appliance_factory()
     Path(app.cfg["destinations"][0]["path"]).mkdir(exist_ok=True)  # the outbox folder
     audit_log = app.state_dir / "audit" / "audit.log"
+
+    def shown() -> list[ET.Element]:  # what `appliance audit show` prints, one message a line
+        r = cli("audit", "show", "--config", str(app.config_path))
+        assert r.returncode == 0, r.stderr
+        return [xml(line.encode()) for line in r.stdout.splitlines()]
     r = storescu(app.port, files)
     assert r.returncode == 0, r.stderr
     storescu(app.port, files[:1], called="WRONG")
 
     def by_kind() -> dict[tuple[str, str | None], list[ET.Element]]:
         out: dict[tuple[str, str | None], list[ET.Element]] = {}
-        for m in parse_lines(audit_log) if audit_log.exists() else []:
+        for m in shown() if audit_log.exists() else []:
             out.setdefault(event(m), []).append(m)
         return out
 
@@ -176,7 +206,9 @@ def test_the_daemon_audits_a_store_a_refusal_and_an_operator_hold(appliance_fact
     [cmd] = by_kind()[("110113", "110132")]
     assert cmd.find("ActiveParticipant").get("UserID") == "root"  # type: ignore[union-attr]
 
-    # The audit log holds the patient ID by design; the daemon's own log never does.
+    # The audit log holds the patient ID by design, sealed at rest; the daemon's own log
+    # never holds it.
     assert patient_id not in app.log_text() and study_uid not in app.log_text()
+    assert patient_id.encode() not in audit_log.read_bytes()
     app.stop()
     assert ("110100", "110121") in by_kind()

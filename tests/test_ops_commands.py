@@ -22,6 +22,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from appliance.audit import AuditTrail
+from appliance.audit.trail import read
 from appliance.core import crypto
 from appliance.core.errors import NotFoundError
 from appliance.ops import commands
@@ -32,6 +33,14 @@ from tests.test_ops_link import CANARY, canary_study
 
 BOX = "cmd-box"
 NOW = 1_800_000_000.0
+
+
+AUDIT_KEY = bytes(range(32))
+
+
+def opened(path: Path) -> str:
+    """The audit file's messages, opened (it is sealed at rest), as one text."""
+    return "\n".join(m.decode() for m in read(path, AUDIT_KEY) if m is not None)
 
 
 # --- in-process: the checks ---------------------------------------------------------------
@@ -56,7 +65,7 @@ def local(tmp_path: Path) -> Iterator[Local]:
             raise NotFoundError("no item missing")
         return [{"id": args["id"], "result": args["verb"]}]
 
-    trail = AuditTrail(tmp_path / "audit", BOX, "EDGE", 1 << 20, 2)
+    trail = AuditTrail(tmp_path / "audit", BOX, "EDGE", AUDIT_KEY, 1 << 20, 2)
     seen = commands.Seen(tmp_path)
     c = commands.Commands(BOX, {commands.key_id(key.public_key()): key.public_key()}, seen,
                           {"queue.change": change, "status": lambda a: {}}, trail,
@@ -102,14 +111,14 @@ def test_a_good_ping_answers_200_and_a_queue_op_goes_through_the_control_handler
 def test_each_refusal_has_its_code_and_is_audited(local: Local, payload: Any, code: int) -> None:
     res = local.cmds.handle(TOPIC, payload(local.key), now=NOW)
     assert (res["code"], res["ok"]) == (code, False), res
-    assert f"{code} " in local.audit_log.read_text()
+    assert f"{code} " in opened(local.audit_log)
 
 
 def test_an_unknown_item_is_404_from_the_queue_handler_which_audits_it_itself(local: Local) -> None:
     res = local.cmds.handle(TOPIC, signed(local.key, "hold", {"id": "missing"}), now=NOW)
     assert (res["code"], res["detail"]) == (404, "no item missing")
     assert [c[0] for c in local.calls] == ["queue.change"]
-    trail = local.audit_log.read_text() if local.audit_log.exists() else ""
+    trail = opened(local.audit_log) if local.audit_log.exists() else ""
     assert "ops hold" not in trail  # the daemon's change_audited writes that entry
 
 
@@ -165,7 +174,8 @@ class Site:
         """(user, outcome, description) of each audited command."""
         log = self.box.state_dir / "audit" / "audit.log"
         out = []
-        for line in log.read_bytes().splitlines() if log.exists() else []:
+        shown = cli("audit", "show", "--config", str(self.box.config_path)) if log.exists() else None
+        for line in shown.stdout.encode().splitlines() if shown is not None else []:
             m = ET.fromstring(line)  # noqa: S314 - our own output, read back
             desc = m.find("EventIdentification/EventOutcomeDescription")
             who = m.find("ActiveParticipant")

@@ -6,6 +6,9 @@ written to a durable log in `STATE/audit/` (`trail`). The audit log holds patien
 and study UIDs by design - that is what an audit trail is for - so, unlike every other
 output of the appliance:
 
+* it is sealed at rest: each message is AES-256-GCM under a key derived from the spool
+  key, so a stolen disk shows no more of it than of the spool; `appliance audit show`
+  opens it for the hospital's auditor;
 * it is kept apart: `STATE/audit/` is 0700 and each file 0600 (the appliance user only);
 * it never leaves the box over the ops link (MQTT) or in a diagnostics bundle; only the
   hospital's own audit repository may receive it (syslog over TLS, RFC 5425: not built
@@ -30,7 +33,7 @@ Events (PS3.15 A.5.3) and when they are written:
 * a start with another configuration than the last start: Security Alert (Software
   Configuration), with the SHA-256 of the files.
 
-Durability: each message is appended whole (one line: the XML has no raw newlines),
+Durability: each message is appended whole (one line: base64 of the sealed XML),
 flushed and fsynced before the call returns; writes are per association, never per
 instance, so the receive rate does not pay for it. A file over `audit.max_mb` is
 rotated (`audit.log` -> `audit.log.1` ...; `audit.files` kept). A write that fails

@@ -1,4 +1,8 @@
-"""The durable audit log: `STATE/audit/audit.log`, one DICOM AuditMessage per line.
+"""The durable audit log: `STATE/audit/audit.log`, one sealed DICOM AuditMessage per line.
+
+Each line is base64 of a record sealed with AES-256-GCM under the audit key (derived from
+the spool key: `SpoolKey.audit_key`), so the patient IDs in it are no more readable on a
+stolen disk than the spool; `read` (and `appliance audit show`) opens them again.
 
 `AuditTrail.write(message)` appends, flushes and fsyncs before it returns, under a lock
 (association threads, the control socket and the daemon write). The directory is made
@@ -14,33 +18,39 @@ start), so that a start with another configuration is audited as a change.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime
+import json
 import os
 import sqlite3
 import threading
 import time
 import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
 
 import structlog
+from cryptography.exceptions import InvalidTag
 
 from appliance.audit import messages
 from appliance.audit.messages import Participant, Study
-from appliance.core import durable
+from appliance.core import crypto, durable
 from appliance.core.config import Destination
 
 log = structlog.get_logger("appliance.audit")
 
 FILE = "audit.log"
+AAD = b"appliance audit record v1"
 
 
 class AuditTrail:
     """The audit log of one appliance (`source_id`: its name, the AuditSourceID)."""
 
-    def __init__(self, directory: Path, source_id: str, ae_title: str,
+    def __init__(self, directory: Path, source_id: str, ae_title: str, key: bytes,
                  max_bytes: int = 32 << 20, files: int = 8) -> None:
         self.dir = directory
+        self.key = key
         self.source_id = source_id
         self.ae_title = ae_title
         self.max_bytes = max_bytes
@@ -50,7 +60,7 @@ class AuditTrail:
         self._lock = threading.Lock()
         durable.make_dirs(self.dir)
         os.chmod(self.dir, 0o700)
-        self._studies = _Studies(self.dir / "studies.db")
+        self._studies = _Studies(self.dir / "studies.db", key)
 
     @property
     def path(self) -> Path:
@@ -138,7 +148,7 @@ class AuditTrail:
     # --- the file -------------------------------------------------------------------------
 
     def write(self, message: bytes) -> bool:
-        line = message.replace(b"\n", b" ") + b"\n"
+        line = base64.b64encode(crypto.seal_record(self.key, AAD, message)) + b"\n"
         with self._lock:
             try:
                 self._rotate_for(len(line))
@@ -172,30 +182,43 @@ class AuditTrail:
         log.info("audit.rotated", files=self.files)
 
 
+def read(path: Path, key: bytes) -> Iterator[bytes | None]:
+    """The messages of one audit file, in order; None for a line that does not open
+    (altered, truncated by a crash, or sealed under another key)."""
+    with path.open("rb") as f:
+        for line in f:
+            try:
+                yield crypto.open_record(key, AAD, base64.b64decode(line.strip(), validate=True))
+            except (InvalidTag, ValueError):
+                yield None
+
+
 class _Studies:
     """study key -> (Study Instance UID, patient ID), remembered when a study is received
     so that its delivery, hours later and after restarts, can be audited by name.
-    SQLite in the audit directory (0600); rows older than KEEP_S are removed."""
+    SQLite in the audit directory (0600), each pair sealed like the log's lines; rows
+    older than KEEP_S are removed."""
 
     KEEP_S = 90 * 86400
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, key: bytes) -> None:
         self.path = path
+        self.key = key
 
     def _connect(self) -> sqlite3.Connection:
         if not self.path.exists():
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
         conn = sqlite3.connect(self.path, timeout=10)
-        conn.execute("CREATE TABLE IF NOT EXISTS studies (key TEXT PRIMARY KEY, uid TEXT NOT NULL,"
-                     " patient_id TEXT NOT NULL, seen REAL NOT NULL)")
+        conn.execute("CREATE TABLE IF NOT EXISTS studies (key TEXT PRIMARY KEY, sealed BLOB NOT NULL,"
+                     " seen REAL NOT NULL)")
         return conn
 
     def remember(self, studies: dict[str, tuple[str, str]]) -> None:
         now = time.time()
         try:
             with contextlib.closing(self._connect()) as conn, conn:
-                conn.executemany("INSERT OR REPLACE INTO studies VALUES (?,?,?,?)",
-                                 [(k, uid, pid, now) for k, (uid, pid) in studies.items()])
+                conn.executemany("INSERT OR REPLACE INTO studies VALUES (?,?,?)",
+                                 [(k, self._seal(k, uid, pid), now) for k, (uid, pid) in studies.items()])
                 conn.execute("DELETE FROM studies WHERE seen < ?", (now - self.KEEP_S,))
         except sqlite3.Error as e:
             log.error("audit.write_failed", what="studies", error=type(e).__name__)
@@ -203,11 +226,21 @@ class _Studies:
     def lookup(self, key: str) -> tuple[str, str] | None:
         try:
             with contextlib.closing(self._connect()) as conn:
-                row = conn.execute("SELECT uid, patient_id FROM studies WHERE key=?", (key,)).fetchone()
+                row = conn.execute("SELECT sealed FROM studies WHERE key=?", (key,)).fetchone()
         except sqlite3.Error as e:
             log.error("audit.read_failed", what="studies", error=type(e).__name__)
             return None
-        return (str(row[0]), str(row[1])) if row else None
+        if row is None:
+            return None
+        try:
+            uid, pid = json.loads(crypto.open_record(self.key, b"audit study " + key.encode(), row[0]))
+        except (InvalidTag, ValueError):
+            log.error("audit.read_failed", what="studies", error="does not open")
+            return None
+        return str(uid), str(pid)
+
+    def _seal(self, key: str, uid: str, pid: str) -> bytes:
+        return crypto.seal_record(self.key, b"audit study " + key.encode(), json.dumps([uid, pid]).encode())
 
 
 def _private(path: str, flags: int) -> int:

@@ -11,6 +11,8 @@
     appliance bundle inspect FILE [--key KEY | --config PATH] [--json]
     appliance bundle extract FILE [--key KEY | --config PATH] --out DIR
     appliance status         [--config PATH] [--json]
+    appliance audit show     [--config PATH] [--all]
+                                                 the local audit trail, opened (holds patient IDs)
     appliance ingest         --config CENTER.toml [--once]
                                                  reading center: bundles from the drop folder into the PACS
     appliance fleet ca init DIR | fleet sign BOX.csr --ca DIR
@@ -34,7 +36,7 @@ list | head`) ends quietly with 141, as a tool killed by SIGPIPE does.
 
 This module owns the parser, the dispatch and that one handler; each command lives beside
 it: run.py (run, ingest), config_cmds.py (config check, systemd-dropin, and the file
-checks `run` makes too), keys.py, queue.py, bundle.py, status.py; times.py shows times.
+checks `run` makes too), keys.py, queue.py, bundle.py, status.py, audit.py; times.py shows times.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance import __version__
+from appliance.cli.audit import cmd_audit_show
 from appliance.cli.bundle import cmd_bundle
 from appliance.cli.config_cmds import cmd_config_check, cmd_systemd_dropin
 from appliance.cli.keys import cmd_keys_init
@@ -132,6 +135,11 @@ def _parser() -> argparse.ArgumentParser:
     ing = sub.add_parser("ingest", parents=[common],
                          help="reading center: store bundles from the drop folder into the PACS")
     ing.add_argument("--once", action="store_true", help="one pass, print the counts, exit")
+    au = sub.add_parser("audit", help="the local audit trail (IHE ATNA)")
+    au_sub = au.add_subparsers(dest="sub")
+    aus = au_sub.add_parser("show", parents=[common],
+                            help="print the audit messages, opened (they hold patient IDs)")
+    aus.add_argument("--all", action="store_true", help="the rotated files too, oldest first")
     ops_cli.add_parsers(sub)
     return p
 
@@ -191,6 +199,8 @@ def _stdout_reader_gone() -> bool:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "run":
         return cmd_run(args)
+    if args.cmd == "audit":
+        return cmd_audit_show(args)
     if args.cmd == "config":
         return cmd_config_check(args) if args.sub == "check" else cmd_systemd_dropin(args)
     if args.cmd == "keys":

@@ -172,6 +172,22 @@ class SpoolKey:
         """Key for keyed hashes stored in the index (study keys, content digests)."""
         return derive(self.key, b"", b"appliance index hmac v1")
 
+    def audit_key(self) -> bytes:
+        """Key that seals the audit trail's records (appliance.audit): patient IDs at rest
+        are as unreadable on a stolen disk as the spool."""
+        return derive(self.key, b"", b"appliance audit record v1")
+
+
+def seal_record(key: bytes, aad: bytes, data: bytes) -> bytes:
+    """One small record under AES-256-GCM: a random 96-bit nonce, then the ciphertext."""
+    nonce = os.urandom(12)
+    return nonce + AESGCM(key).encrypt(nonce, data, aad)
+
+
+def open_record(key: bytes, aad: bytes, sealed: bytes) -> bytes:
+    """`seal_record`'s inverse; cryptography's InvalidTag when altered or another key."""
+    return AESGCM(key).decrypt(sealed[:12], sealed[12:], aad)
+
 
 def seal_spool_file(
     spool_key: SpoolKey, record_id: str, src: BinaryIO, dst: BinaryIO, chunk_size: int = DEFAULT_CHUNK
