@@ -368,7 +368,16 @@ class Daemon:
                 self.audit, args.get("_operator") or operator_name(args.get("_peer_uid"))),
             "forward.switch": lambda args: self._switch(args),
             "log.level": lambda args: self._log_level(args),
+            "events.replay": lambda args: self._replay(args),
         }
+
+    def _replay(self, args: dict[str, Any]) -> dict[str, int]:
+        if self.link is None:
+            raise StateError("no ops link: [operations] is not configured")
+        since = args.get("since")
+        if isinstance(since, bool) or not isinstance(since, int) or since < 0:
+            raise UsageError("since: an event_seq, 0 or more")
+        return self.link.replay(since)
 
     def _switch(self, args: dict[str, Any]) -> dict[str, Any]:
         """An operator's switch (forward/controls.py), audited: `pause`/`resume` forwarding,

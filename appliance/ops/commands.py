@@ -25,7 +25,8 @@ exactly like `appliance queue ...`, with `_operator` = "ops-center:<key_id>" for
 audit trail: ping, status (the `state` summary: no patient data), hold/release/retry
 one item (`{"id": ID}`) or every item (`{"all": true}`), pause/resume forwarding,
 off/on a destination (`{"destination": NAME}`, forward/controls.py), log_level
-(`{"level": L}`, until the daemon restarts). None touches images, reveals
+(`{"level": L}`, until the daemon restarts), replay_events (`{"since": N}`: the kept
+events after N are sent again). None touches images, reveals
 patient data or opens a shell. Every command and every refusal is audited
 (AuditTrail.command) and logged (`ops.command` / `command.refused`, which is also an ops
 event), with opaque ids only.
@@ -242,6 +243,15 @@ def _switch(verb: str) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
     return build
 
 
+def _since(args: Mapping[str, Any]) -> dict[str, Any]:
+    since = args.get("since")
+    if isinstance(since, str) and since.isascii() and since.isdigit() and len(since) <= 18:
+        since = int(since)  # `fleet send ... --arg since=N` sends text
+    if set(args) != {"since"} or isinstance(since, bool) or not isinstance(since, int) or since < 0:
+        raise ValueError("takes since, an event_seq (0: every event kept)")
+    return {"since": since}
+
+
 def _log_level(args: Mapping[str, Any]) -> dict[str, Any]:
     if set(args) != {"level"} or args["level"] not in LOG_LEVELS:
         raise ValueError(f"takes level, one of {', '.join(LOG_LEVELS)}")
@@ -259,6 +269,7 @@ OPS: dict[str, Op] = {
     "off": Op("forward.switch", _switch("off")),
     "on": Op("forward.switch", _switch("on")),
     "log_level": Op("log.level", _log_level),
+    "replay_events": Op("events.replay", _since),
 }
 # The daemon's handlers that write the audit trail themselves (with the outcome they know).
 SELF_AUDITED = {"queue.change", "forward.switch", "log.level"}
