@@ -371,3 +371,21 @@ def test_fleet_send_pauses_and_switches_off_through_the_daemon_and_the_box_says_
     assert st["forward"]["paused"] is None and [d["state"] for d in st["destinations"]] == ["up"]
     trail = [d for _, _, d in site.audit()]
     assert not [d for d in trail if d.startswith("ops ") and " off " in d]  # the daemon audits these
+
+
+@pytest.mark.peers
+@pytest.mark.skipif(not Path(MOSQUITTO).exists(), reason="mosquitto not installed (make peers)")
+def test_fleet_send_diagnostics_puts_the_parts_together_and_no_patient_data_is_in_them(site: Site) -> None:
+    out = site.root / "diag.json"
+    rc, res = site.send("diagnostics", "--out", str(out))
+    assert rc == 0 and res["code"] == 200, res
+    assert res["result"]["parts"] >= 1 and len(res["result"]["sha256"]) == 64
+    doc = json.loads(out.read_text())
+    assert doc["name"] == BOX and doc["status"]["name"] == BOX
+    assert doc["config"]["operations"]["heartbeat_s"] == 2
+    assert "ops.command" in {e["event"] for e in doc["log"]}
+    text = out.read_text()
+    assert not any(part in text for v in CANARY.values() for part in v.split("^"))
+    r = cli("fleet", "send", BOX, "diagnostics", "--key", str(site.key_path), "--ca", str(site.ca),
+            "--port", str(site.broker.port))
+    assert r.returncode == 64 and "--out" in r.stderr

@@ -262,7 +262,10 @@ class Link:
     def _run_commands(self, c: mqtt.Client) -> None:
         while self._commands and self.on_command is not None:
             topic, payload = self._commands.pop(0)
-            self._publish(c, "cmd/result", self.on_command(topic, payload), retain=False)
+            msg = self.on_command(topic, payload)
+            for part in msg.pop("_parts", []):  # diagnostics: the parts before the result
+                self._publish(c, f"diagnostics/{msg['cmd_id']}", part, retain=False)
+            self._publish(c, "cmd/result", msg, retain=False)
 
     def _maybe_state(self, c: mqtt.Client) -> None:
         now = time.time()
