@@ -321,3 +321,18 @@ def test_config_check_names_a_command_key_that_is_not_an_ed25519_public_key(ca: 
     r = cli("config", "check", "--config", str(main))
     assert r.returncode == 78
     assert "operations.command_keys[0]" in r.stderr and "Ed25519" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize(("kind", "fields", "body"), [
+    ("spool.reserve_reached", {"free_bytes": 5, "reserve_bytes": 9, "path": "/x"},
+     {"kind": "spool.reserve_reached", "free_bytes": 5, "reserve_bytes": 9}),
+    ("forward.loop_error", {"error_type": "OperationalError", "exception": "Traceback ... DOE^JOHN"},
+     {"kind": "forward.loop_error", "error_type": "OperationalError"}),
+    ("destination.off", {"destination": "pacs", "by": "ops-center:k1"},
+     {"kind": "destination.off", "destination": "pacs", "by": "ops-center:k1"}),
+    ("log.level_changed", {"level": "warning", "was": "info", "by": "root"},
+     {"kind": "log.level_changed", "level": "warning", "was": "info", "by": "root"}),
+])
+def test_the_reserve_a_stage_loop_error_and_an_operators_switch_are_ops_events(
+        kind: str, fields: dict[str, Any], body: dict[str, Any]) -> None:
+    assert messages.event_body(kind, fields) == body
