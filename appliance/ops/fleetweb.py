@@ -130,7 +130,8 @@ def _cells(b: dict[str, Any], now: float) -> list[str]:
             "online" if b["online"] else "OFFLINE",
             e(", ".join(b["alarms"]) or "none"),
             f"{e(age(b['last_seen'], now))} ago", e(queue),
-            e(age(b["oldest_unsent_ts"], now)) if b["oldest_unsent_ts"] is not None else "nothing unsent",
+            f"{e(age(b['oldest_unsent_ts'], now))} ago" if b["oldest_unsent_ts"] is not None
+            else "nothing unsent",
             e(dests), f"{e(mib(b['free_bytes']))} free, reserve {e(mib(b['reserve_bytes']))}",
             e(when(soonest)), f'<span class="src">{e(source(b))}</span>']
 
@@ -165,16 +166,20 @@ def box_page(b: dict[str, Any], now: float) -> bytes:
              for d in b["destinations"]]
     rows += [(f"stage {k}", s, src) for k, s in sorted(b["stages"].items())]
     rows += [(f"certificate {k}", f"expires {when(t)}", src) for k, t in sorted(b["certs"].items())]
-    values = "".join(f'<tr><th>{e(k)}</th><td>{e(v)}</td><td class="src">{e(s)}</td></tr>'
+    values = "".join(f'<tr{_red(k, b)}><th>{e(k)}</th><td>{e(v)}</td><td class="src">{e(s)}</td></tr>'
                      for k, v, s in rows)
     events = "".join(f"<tr><td>{e(when(_num(ev.get('ts'))))}</td><td>{e(str(ev.get('event_seq')))}</td>"
                      f"<td>{e(str(ev.get('kind')))}</td><td>{e(_fields(ev))}</td></tr>"
                      for ev in reversed(b["events"]))
     body = (f'<p><a href="/">fleet</a></p><h1>{e(b["name"])}</h1>'
-            f'<table class="{"alarm" if b["alarms"] else "ok"}">{values}</table>'
+            f"<table>{values}</table>"
             f"<h2>Recent events (since the center started)</h2><table><tr><th>at (box clock)</th>"
             f"<th>event_seq</th><th>kind</th><th>fields</th></tr>{events}</table>")
     return page(b["name"], body)
+
+
+def _red(key: str, b: dict[str, Any]) -> str:
+    return ' class="alarm"' if key == "alarms" and b["alarms"] else ""
 
 
 def _num(v: Any) -> float | None:
