@@ -91,6 +91,26 @@ def test_events_sent_again_after_a_reconnect_are_kept_once() -> None:
     assert box is not None and [e["event_seq"] for e in box["events"]] == [1, 2, 3]
 
 
+def test_an_outbox_made_anew_on_the_box_restarts_its_event_numbers() -> None:
+    f = healthy()
+    f.receive("appliance/ct-1/events", b'{"event_seq": 40, "kind": "bundle.held"}', NOW)
+    f.receive("appliance/ct-1/state", json.dumps(state(events={"dropped": 0, "last_seq": 1})).encode(), NOW)
+    f.receive("appliance/ct-1/events", b'{"event_seq": 2, "kind": "bundle.held"}', NOW)
+    box = f.box("ct-1", NOW)
+    assert box is not None and [e["event_seq"] for e in box["events"]] == [40, 2]
+
+
+def test_an_event_keeps_only_the_schemas_fields_and_short_strings() -> None:
+    f = healthy()
+    ev = {"event_seq": 1, "kind": "destination.down", "x": "y", "destination": "d" * 500,
+          "stages": list(range(99))}
+    f.receive("appliance/ct-1/events", json.dumps(ev).encode(), NOW)
+    box = f.box("ct-1", NOW)
+    assert box is not None
+    ev = box["events"][0]
+    assert "x" not in ev and len(ev["destination"]) == fl.TEXT_MAX and len(ev["stages"]) == fl.LABELS_MAX
+
+
 @pytest.mark.parametrize(("topic", "payload"), [
     ("appliance/CT-1/state", b"{}"),            # not a box name
     ("appliance/ct-1/other", b"{}"),            # not a fleet topic
