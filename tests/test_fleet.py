@@ -5,6 +5,8 @@ tests/test_fleet_peers.py runs it against a real Mosquitto and real boxes)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -12,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from appliance.ops import fleet as fl
 from appliance.ops.fleetweb import FleetApp
+from tests.peers import REPO
 
 NOW = 1_800_000_000.0
 
@@ -193,3 +196,12 @@ def test_the_detail_labels_values_last_known_when_the_box_is_silent() -> None:
 def test_an_unknown_box_or_path_is_not_found() -> None:
     for path in ("/box/ct-9", "/box/../etc", "/nothing"):
         assert scrape(healthy(), path)[0].startswith("404")
+
+
+
+def test_the_fleet_bench_runs() -> None:
+    """bench/fleet_bench.py end to end with 10 boxes; speed is not asserted."""
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "fleet_bench.py"), "--boxes", "10",
+                        "--runs", "1"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert "10 boxes: 20 messages" in r.stdout and "| `/metrics` |" in r.stdout

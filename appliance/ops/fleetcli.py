@@ -86,7 +86,8 @@ def row(b: dict[str, Any], now: float) -> tuple[str, ...]:
         f" ({', '.join(down)} down)" if down else "")
     soonest = min(b["certs"].values(), default=None)
     return (b["name"], "online" if b["online"] else "OFFLINE", source(b), f"{age(b['last_seen'], now)} ago",
-            f"{sum(b['queue'].values())} items", age(b["oldest_unsent_ts"], now),
+            f"{sum(b['queue'].values())} items",
+            "none" if b["oldest_unsent_ts"] is None else f"{age(b['oldest_unsent_ts'], now)} ago",
             dests, f"{mib(b['free_bytes'])}/{mib(b['reserve_bytes'])}",
             "-" if soonest is None else f"in {(soonest - now) / 86400:.0f} d",
             ", ".join(b["alarms"]) or "none")
