@@ -60,6 +60,18 @@ def test_each_alarm_of_the_table_is_raised_by_its_condition(over: dict[str, Any]
     assert healthy(**over).view(NOW)[0]["alarms"] == [alarm]
 
 
+def test_a_destination_an_operator_switched_off_is_not_down_and_has_no_up_series() -> None:
+    f = healthy(destinations=[{"name": "pacs", "up": False, "off": True}])
+    assert f.view(NOW)[0]["alarms"] == []
+    assert "fleet_box_destination_up{" not in scrape(f)[1]
+    assert "pacs off (by an operator)" in scrape(f, "/")[1]
+
+
+def test_a_paused_queue_shows_on_the_page_without_an_alarm() -> None:
+    f = healthy(queue={"items": {"queued": 2}, "oldest_unsent_ts": None, "parked": 0, "paused": True})
+    assert f.view(NOW)[0]["alarms"] == [] and "PAUSED" in scrape(f, "/")[1]
+
+
 def test_the_alarms_stay_quiet_below_their_thresholds() -> None:
     f = healthy(queue={"items": {}, "oldest_unsent_ts": NOW - 29 * 60},
                 disk={"free_bytes": 3 * 2**30, "reserve_bytes": 2 * 2**30}, certs={"mqtt": NOW + 15 * 86400})

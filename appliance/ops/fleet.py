@@ -190,7 +190,7 @@ def box_view(b: Box, now: float, heartbeat_s: float) -> dict[str, Any]:
         "last_seen": b.last_seen, "state_received": b.state_at, "state_ts": _number(st.get("ts")),
         "version": st["version"][:TEXT_MAX] if isinstance(st.get("version"), str) else None,
         "queue": {k: int(n) for k, n in _labels(queue.get("items")).items() if _number(n) is not None},
-        "parked": _number(queue.get("parked")),
+        "parked": _number(queue.get("parked")), "paused": queue.get("paused") is True,
         "oldest_unsent_ts": _number(queue.get("oldest_unsent_ts")),
         "destinations": _destinations(st.get("destinations")),
         "stages": {k: s.get("state") for k, s in _labels(st.get("stages")).items()
@@ -213,7 +213,7 @@ def _destinations(ds: Any) -> list[dict[str, Any]]:
     for d in ds[:LABELS_MAX] if isinstance(ds, list) else []:
         if isinstance(d, dict) and isinstance(d.get("name"), str) and LABEL.fullmatch(d["name"]):
             err = d.get("last_error")
-            out.append({"name": d["name"], "up": d.get("up") is True,
+            out.append({"name": d["name"], "up": d.get("up") is True, "off": d.get("off") is True,
                         "last_error": err[:TEXT_MAX] if isinstance(err, str) else None})
     return out
 
@@ -234,7 +234,7 @@ ALARMS: tuple[tuple[str, Callable[[dict[str, Any], float, float], bool]], ...] =
     ("offline", lambda v, now, hb: not v["online"]),
     ("silent", lambda v, now, hb: v["online"] and _silent(v, now, hb)),
     ("stage stuck", lambda v, now, hb: any(s in ("stuck", "dead") for s in v["stages"].values())),
-    ("destination down", lambda v, now, hb: any(not d["up"] for d in v["destinations"])),
+    ("destination down", lambda v, now, hb: any(not d["up"] and not d["off"] for d in v["destinations"])),
     ("oldest unsent", lambda v, now, hb: v["oldest_unsent_ts"] is not None
      and now - v["oldest_unsent_ts"] > OLDEST_UNSENT_S),
     ("disk near reserve", lambda v, now, hb: _near_reserve(v)),
