@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from appliance.core.errors import KeyFileError
 from appliance.ops import fleet as fl
 from appliance.ops.fleetweb import FleetApp
 from tests.peers import REPO
@@ -217,3 +219,8 @@ def test_the_fleet_bench_runs() -> None:
                         "--runs", "1"], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert r.returncode == 0, r.stderr
     assert "10 boxes: 20 messages" in r.stdout and "| `/metrics` |" in r.stdout
+
+
+def test_a_ca_folder_without_the_centers_certificate_is_a_key_file_error(tmp_path: Path) -> None:
+    with pytest.raises(KeyFileError, match="fleet ca init"):
+        fl.tls_context(tmp_path)

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from appliance.core.errors import KeyFileError
 from appliance.ops import messages
 
 BOX_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
@@ -255,9 +256,13 @@ def tls_context(ca: Path) -> ssl.SSLContext:
     """The operations center's client context from the fleet CA folder (fleet ca init)."""
     from appliance.ops import pki
 
-    ctx = ssl.create_default_context(cafile=str(ca / "ca.pem"))
+    try:
+        ctx = ssl.create_default_context(cafile=str(ca / "ca.pem"))
+        ctx.load_cert_chain(str(ca / f"{pki.OPS_CENTER_CN}.pem"), str(ca / f"{pki.OPS_CENTER_CN}.key"))
+    except (OSError, ValueError) as e:  # missing, unreadable, not PEM (ssl.SSLError is an OSError)
+        raise KeyFileError(f"{ca}: cannot load ca.pem and {pki.OPS_CENTER_CN}.pem/.key"
+                           f" ({type(e).__name__}); made by `appliance fleet ca init`") from None
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(str(ca / f"{pki.OPS_CENTER_CN}.pem"), str(ca / f"{pki.OPS_CENTER_CN}.key"))
     return ctx
 
 
