@@ -224,3 +224,10 @@ def test_the_fleet_bench_runs() -> None:
 def test_a_ca_folder_without_the_centers_certificate_is_a_key_file_error(tmp_path: Path) -> None:
     with pytest.raises(KeyFileError, match="fleet ca init"):
         fl.tls_context(tmp_path)
+
+
+def test_the_fleet_page_says_when_the_broker_is_not_connected() -> None:
+    link = {"connected": False, "since": None, "broker": "127.0.0.1:8883"}
+    app = FleetApp(healthy(), clock=lambda: NOW, link=lambda: link)
+    page = b"".join(app({"REQUEST_METHOD": "GET", "PATH_INFO": "/"}, lambda s, h: None)).decode()
+    assert "broker 127.0.0.1:8883: NOT CONNECTED" in page

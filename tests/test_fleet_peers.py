@@ -164,9 +164,10 @@ class Served:
 @pytest.fixture(scope="module")
 def served(bed: Bed) -> Iterator[Served]:
     settled(bed)
-    proc = subprocess.Popen([sys.executable, "-m", "appliance", "fleet", "serve", "--bind", "127.0.0.1:0",
-                             *bed.fleet_args()], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            cwd=REPO, start_new_session=True)
+    with (bed.root / "serve.log").open("ab") as log:  # its lines about the broker connection
+        proc = subprocess.Popen([sys.executable, "-m", "appliance", "fleet", "serve", "--bind", "127.0.0.1:0",
+                                 *bed.fleet_args()], stdout=subprocess.PIPE, stderr=log, text=True,
+                                cwd=REPO, start_new_session=True)
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()  # the process prints its URL once it serves
@@ -215,13 +216,16 @@ def test_fleet_serve_comes_back_after_fleet_status_took_its_session(bed: Bed, se
              "serve hearing the boxes again")
 
 
-def test_fleet_serve_stops_on_sigterm(bed: Bed, served: Served) -> None:
-    """A second server, stopped: it exits 0 within the deadline (the module's keeps running)."""
+def test_fleet_serve_without_a_broker_says_so_and_stops_on_sigterm(bed: Bed, served: Served) -> None:
+    """A second server, with no broker on its port: the page says so; SIGTERM ends it with 0."""
     proc = subprocess.Popen([sys.executable, "-m", "appliance", "fleet", "serve", "--bind", "127.0.0.1:0",
                              "--ca", str(bed.ca), "--port", str(free_port())], stdout=subprocess.PIPE,
-                            text=True, cwd=REPO, start_new_session=True)
+                            stderr=subprocess.DEVNULL, text=True, cwd=REPO, start_new_session=True)
     try:
-        assert proc.stdout is not None and "serving" in proc.stdout.readline()
+        assert proc.stdout is not None
+        m = re.search(r"serving (http://127\.0\.0\.1:\d+)/", proc.stdout.readline())
+        assert m
+        assert ": NOT CONNECTED</b>" in Served(m.group(1), proc).get("/")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
     finally:
@@ -257,10 +261,12 @@ needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium not insta
 
 
 @needs_chromium
-def test_the_fleet_page_in_chromium_shows_both_boxes_north_in_red(served: Served, tmp_path: Path) -> None:
+def test_the_fleet_page_in_chromium_shows_both_boxes_north_in_red(bed: Bed, served: Served,
+                                                                    tmp_path: Path) -> None:
     wait_for(lambda: "destination down" in served.get("/"), 30, "north's alarm on the page")
     dom = chromium(tmp_path, "--dump-dom", served.url + "/")
     assert dom.returncode == 0, dom.stderr[-2000:]
+    assert f"broker 127.0.0.1:{bed.broker.port}: connected since" in dom.stdout
     assert re.search(rf'<tr class="alarm" id="box-{NORTH}">', dom.stdout), dom.stdout
     assert re.search(rf'<tr class="ok" id="box-{SOUTH}">', dom.stdout), dom.stdout
     png = tmp_path / "fleet-page.png"

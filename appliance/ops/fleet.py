@@ -283,13 +283,31 @@ class Subscriber:
                              protocol=mqtt.MQTTv311, clean_session=True)
         self.c.tls_set_context(tls_context(ca))
         self.c.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
+        self.connected_since: float | None = None  # None: not connected to the broker now
+        self.on_change: Callable[[str], None] = lambda line: None
         self.c.on_connect = self._on_connect
+        self.c.on_disconnect = self._on_disconnect
         self.c.on_subscribe = lambda c, u, mid, codes, props: self.subscribed.set()
         self.c.on_message = self._on_message
 
     def _on_connect(self, c: Any, u: Any, flags: Any, rc: Any, props: Any) -> None:
-        if not rc.is_failure:
-            c.subscribe([(f"appliance/+/{k}", 1) for k in KINDS])
+        if rc.is_failure:
+            self.on_change(f"broker refused the connection ({rc})")  # a CONNACK code, not a peer's text
+            return
+        self.connected_since = time.time()
+        c.subscribe([(f"appliance/+/{k}", 1) for k in KINDS])
+        self.on_change("broker connected")
+
+    def _on_disconnect(self, c: Any, u: Any, flags: Any, rc: Any, props: Any) -> None:
+        if self.connected_since is not None:
+            self.on_change("broker connection lost (another client with the ops-center certificate"
+                           " takes the session, or the broker went away); reconnecting")
+        self.connected_since = None
+
+    def link(self) -> dict[str, Any]:
+        """The broker connection as the page shows it."""
+        return {"connected": self.connected_since is not None, "since": self.connected_since,
+                "broker": f"{self.host}:{self.port}"}
 
     def _on_message(self, c: Any, u: Any, m: Any) -> None:
         self.last_message = time.monotonic()

@@ -109,16 +109,17 @@ def serve(args: argparse.Namespace) -> int:
     except ValueError:
         raise UsageError(f"--bind {args.bind!r} is not IP:PORT (e.g. 127.0.0.1:9120)") from None
     fleet, sub = _subscriber(args)
-    server = FleetServer(args.bind, FleetApp(fleet))
+    sub.on_change = lambda line: print(f"fleet: {line}", file=sys.stderr, flush=True)
+    server = FleetServer(args.bind, FleetApp(fleet, link=sub.link))
     server.start()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    sub.c.connect_async(args.host, args.port, keepalive=30)  # paho retries while the broker is away
-    sub.c.loop_start()
     host, _, _ = metrics.parse_bind(args.bind)
     print(f"fleet: serving http://{host}:{server.port}/ (/box/NAME, /fleet.json, /metrics);"
           f" broker {args.host}:{args.port}", flush=True)
+    sub.c.connect_async(args.host, args.port, keepalive=30)  # paho retries while the broker is away
+    sub.c.loop_start()
     try:
         while not stop.wait(1.0):
             pass

@@ -117,7 +117,7 @@ def source(b: dict[str, Any]) -> str:
 
 CSS = ("body{font-family:sans-serif;margin:1em}table{border-collapse:collapse}"
        "td,th{border:1px solid #999;padding:.3em .6em;text-align:left;vertical-align:top}"
-       "tr.alarm td{background:#f8c8c8}tr.ok td{background:#e6f4e6}.src{color:#555;font-size:.85em}")
+       "tr.alarm td,p.alarm{background:#f8c8c8}tr.ok td{background:#e6f4e6}.src{color:#555;font-size:.85em}")
 
 
 def page(title: str, body: str, refresh: bool = True) -> bytes:
@@ -146,11 +146,21 @@ HEAD = ("box", "link", "alarms", "last seen", "queue", "oldest unsent", "destina
         "first certificate expiry", "values")
 
 
-def fleet_page(boxes: list[dict[str, Any]], now: float) -> bytes:
+def broker_line(link: dict[str, Any] | None) -> str:
+    if link is None:
+        return ""
+    if link["connected"]:
+        return f"<p>broker {html.escape(link['broker'])}: connected since {when(link['since'])}.</p>"
+    return (f'<p class="alarm"><b>broker {html.escape(link["broker"])}: NOT CONNECTED</b>; every value is'
+            " the last known.</p>")
+
+
+def fleet_page(boxes: list[dict[str, Any]], now: float, link: dict[str, Any] | None = None) -> bytes:
     rows = "".join(f'<tr class="{"alarm" if b["alarms"] else "ok"}" id="box-{html.escape(b["name"])}">'
                    + "".join(f"<td>{c}</td>" for c in _cells(b, now)) + "</tr>" for b in boxes)
     need = sum(1 for b in boxes if b["alarms"])
-    body = (f"<h1>Fleet</h1><p>{len(boxes)} box(es), {need} need a person; at {when(now)}.</p>"
+    body = (f"<h1>Fleet</h1>{broker_line(link)}<p>{len(boxes)} box(es), {need} need a person;"
+            f" at {when(now)}.</p>"
             f"<table><tr>{''.join(f'<th>{h}</th>' for h in HEAD)}</tr>{rows}</table>")
     return page("Fleet", body)
 
@@ -204,8 +214,9 @@ def _fields(ev: dict[str, Any]) -> str:
 # --- the WSGI app and the server ---
 
 class FleetApp:
-    def __init__(self, fleet: Fleet, clock: Callable[[], float] = time.time) -> None:
-        self.fleet, self.clock = fleet, clock
+    def __init__(self, fleet: Fleet, clock: Callable[[], float] = time.time,
+                 link: Callable[[], dict[str, Any]] | None = None) -> None:
+        self.fleet, self.clock, self.link = fleet, clock, link
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(FleetCollector(fleet, clock))
 
@@ -225,7 +236,8 @@ class FleetApp:
             return "405 Method Not Allowed", "text/plain", b"GET only\n"
         now = self.clock()
         if path == "/":
-            return "200 OK", "text/html; charset=utf-8", fleet_page(self.fleet.view(now), now)
+            link = self.link() if self.link is not None else None
+            return "200 OK", "text/html; charset=utf-8", fleet_page(self.fleet.view(now), now, link)
         if path == "/metrics":
             return "200 OK", "text/plain; version=0.0.4; charset=utf-8", generate_latest(self.registry)
         if path == "/fleet.json":
