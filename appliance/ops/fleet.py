@@ -332,5 +332,6 @@ class Subscriber:
         return True
 
     def stop(self) -> None:
+        self.on_change = lambda line: None  # our own DISCONNECT is not a lost connection
         self.c.disconnect()
         self.c.loop_stop()
