@@ -42,6 +42,7 @@ from appliance.core import crypto, durable, hardening
 from appliance.core import log as applog
 from appliance.core import pynetdicom_compat as compat
 from appliance.core.config import Config, Destination
+from appliance.core.config import effective as effective_config
 from appliance.core.errors import ApplianceError, ConfigError, StateError, UsageError
 from appliance.forward import Transport, conversion, receipts, registry
 from appliance.forward.controls import Controls
@@ -53,6 +54,7 @@ from appliance.health.control import ControlServer, DaemonUnavailable, operator_
 from appliance.health.notify import Notifier
 from appliance.health.supervisor import Supervisor
 from appliance.ops import commands as ops_commands
+from appliance.ops import diagnostics as ops_diagnostics
 from appliance.ops import link as ops_link
 from appliance.pack.packer import Packer
 from appliance.pack.pool import CodecPool
@@ -193,6 +195,8 @@ class Daemon:
         self._untap: Callable[[], None] = lambda: None
         self.metrics: tuple[health_metrics.MetricsServer, health_metrics.Tally] | None = None
         self._untap_metrics: Callable[[], None] = lambda: None
+        self.recent = ops_diagnostics.Recent()  # the last log events, for diagnostics
+        self._untap_recent: Callable[[], None] = lambda: None
 
     def run(self) -> int:
         cfg = self.cfg
@@ -280,6 +284,7 @@ class Daemon:
         try:
             self.listeners = receiver.start()
             status.start()
+            self._untap_recent = applog.add_tap(self.recent)
             self._start_metrics()
             for host, port, tls in self.listeners:
                 log.info("listening", host=host, port=port, tls=tls, ae_title=cfg.receive.ae_title)
@@ -313,6 +318,7 @@ class Daemon:
             self._stop_metrics()
             index.close()
             self.audit.application(started=False)
+            self._untap_recent()
             os.close(lock_fd)
             log.info("appliance.stopped")
         return 0
@@ -368,7 +374,18 @@ class Daemon:
                 self.audit, args.get("_operator") or operator_name(args.get("_peer_uid"))),
             "forward.switch": lambda args: self._switch(args),
             "log.level": lambda args: self._log_level(args),
+            "events.replay": lambda args: self._replay(args),
+            "diagnostics": lambda args: ops_diagnostics.collect(
+                self.snapshot(), effective_config(self.cfg), self.recent.events()),
         }
+
+    def _replay(self, args: dict[str, Any]) -> dict[str, int]:
+        if self.link is None:
+            raise StateError("no ops link: [operations] is not configured")
+        since = args.get("since")
+        if isinstance(since, bool) or not isinstance(since, int) or since < 0:
+            raise UsageError("since: an event_seq, 0 or more")
+        return self.link.replay(since)
 
     def _switch(self, args: dict[str, Any]) -> dict[str, Any]:
         """An operator's switch (forward/controls.py), audited: `pause`/`resume` forwarding,

@@ -41,6 +41,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diagnostics(args: argparse.Namespace) -> int:
+    """The running daemon's diagnostics document (ops/diagnostics.py: status, config with
+    secrets elided, versions, recent log events made safe), written to --out."""
+    from appliance.core import durable
+    from appliance.health import control
+
+    sock = config.load(args.config).control_socket
+    doc = control.request(sock, "diagnostics", timeout=30.0)
+    if doc is None:
+        raise DaemonNotRunningError(f"the appliance daemon is not running (nothing listens on {sock})")
+    durable.atomic_write(args.out, json.dumps(doc, indent=1, sort_keys=True).encode(), mode=0o600)
+    print(f"{args.out}: status, config (secrets elided), versions, {len(doc.get('log', []))} log events")
+    return 0
+
+
 def _daemon_status(config_path: Path | None) -> dict[str, Any]:
     from appliance.health import control
 

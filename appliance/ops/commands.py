@@ -25,7 +25,9 @@ exactly like `appliance queue ...`, with `_operator` = "ops-center:<key_id>" for
 audit trail: ping, status (the `state` summary: no patient data), hold/release/retry
 one item (`{"id": ID}`) or every item (`{"all": true}`), pause/resume forwarding,
 off/on a destination (`{"destination": NAME}`, forward/controls.py), log_level
-(`{"level": L}`, until the daemon restarts). None touches images, reveals
+(`{"level": L}`, until the daemon restarts), replay_events (`{"since": N}`: the kept
+events after N are sent again), diagnostics (ops/diagnostics.py: a PHI-free document in
+parts on diagnostics/<cmd_id>). None touches images, reveals
 patient data or opens a shell. Every command and every refusal is audited
 (AuditTrail.command) and logged (`ops.command` / `command.refused`, which is also an ops
 event), with opaque ids only.
@@ -57,7 +59,7 @@ from appliance.audit import AuditTrail
 from appliance.core import durable
 from appliance.core.config import Config
 from appliance.core.errors import ApplianceError, NotFoundError
-from appliance.ops import messages
+from appliance.ops import diagnostics, messages
 from appliance.ops.link import boot_id
 from appliance.ops.link import clock_synchronised as kernel_clock_synchronised
 
@@ -242,6 +244,15 @@ def _switch(verb: str) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
     return build
 
 
+def _since(args: Mapping[str, Any]) -> dict[str, Any]:
+    since = args.get("since")
+    if isinstance(since, str) and since.isascii() and since.isdigit() and len(since) <= 18:
+        since = int(since)  # `fleet send ... --arg since=N` sends text
+    if set(args) != {"since"} or isinstance(since, bool) or not isinstance(since, int) or since < 0:
+        raise ValueError("takes since, an event_seq (0: every event kept)")
+    return {"since": since}
+
+
 def _log_level(args: Mapping[str, Any]) -> dict[str, Any]:
     if set(args) != {"level"} or args["level"] not in LOG_LEVELS:
         raise ValueError(f"takes level, one of {', '.join(LOG_LEVELS)}")
@@ -259,6 +270,8 @@ OPS: dict[str, Op] = {
     "off": Op("forward.switch", _switch("off")),
     "on": Op("forward.switch", _switch("on")),
     "log_level": Op("log.level", _log_level),
+    "replay_events": Op("events.replay", _since),
+    "diagnostics": Op("diagnostics", _no_args),
 }
 # The daemon's handlers that write the audit trail themselves (with the outcome they know).
 SELF_AUDITED = {"queue.change", "forward.switch", "log.level"}
@@ -292,6 +305,7 @@ class Commands:
         cmd: dict[str, Any] = {}
         operator = "ops-center:unverified"
         audited = False
+        attached: list[dict[str, Any]] = []
         try:
             cmd, signed, sig = parse(payload)
             verify(signed, sig, cmd["key_id"], self.keys)
@@ -309,6 +323,8 @@ class Commands:
                 raise Refused(422, f"bad args: {e}") from None
             audited = op.handler in SELF_AUDITED
             code, detail, result = self._run(op, args, operator)
+            if op.handler == "diagnostics" and code == 200:  # sent in parts before the result
+                attached, result = diagnostics.parts(diagnostics.pack(result), str(cmd["cmd_id"]))
         except Refused as e:
             code, detail, result = e.code, e.detail, None
         except Exception as e:  # a result in any case: the center is waiting for one
@@ -318,7 +334,10 @@ class Commands:
         if not audited:
             self.audit.command(operator, str(cmd.get("op") or "?"), _target(cmd.get("args")), code == 200,
                                f"{code} {detail}", area="ops")
-        return self._answer(cmd, code, detail, result, now)
+        msg = self._answer(cmd, code, detail, result, now)
+        if attached:
+            msg["_parts"] = attached  # ops/link.py publishes them on diagnostics/<cmd_id> first
+        return msg
 
     def _run(self, op: Op, args: dict[str, Any], operator: str) -> tuple[int, str, Any]:
         if op.handler is None:

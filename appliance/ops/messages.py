@@ -32,6 +32,16 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "watchdog.withheld": ("stages",),
     "watchdog.resumed": (),
     "command.refused": ("cmd_id", "op", "code", "reason"),  # ops/commands.py: tokens and codes
+    "spool.reserve_reached": ("free_bytes", "reserve_bytes"),  # every scanner answered A700
+    "spool.reserve_left": ("free_bytes", "reserve_bytes"),
+    # a stage's loop caught an exception and runs again (daemon._loop): its class only
+    **{f"{stage}.loop_error": ("error_type",) for stage in ("pack", "forward", "failover", "receipts")},
+    # an operator's switches (forward/controls.py) and the log level (daemon): who and what
+    "forward.paused": ("by",),
+    "forward.resumed": (),
+    "destination.off": ("destination", "by"),
+    "destination.on": ("destination",),
+    "log.level_changed": ("level", "was", "by"),
 }
 
 # `reason` of destination.down/up is a class (forward/failover.reason_class) or what
