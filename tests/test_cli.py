@@ -85,7 +85,7 @@ def test_usage_error_exits_64_with_one_line(argv: list[str]) -> None:
     pytest.param(["forward"], ["pause", "resume"], id="forward"),
     pytest.param(["destination"], ["off", "on"], id="destination"),
     pytest.param(["audit"], ["show"], id="audit"),
-    pytest.param(["fleet"], ["ca", "sign", "crl", "keys", "send"], id="fleet"),
+    pytest.param(["fleet"], ["ca", "sign", "crl", "keys", "send", "status", "serve"], id="fleet"),
     pytest.param(["fleet", "ca"], ["init"], id="fleet-ca"),
     pytest.param(["fleet", "keys"], ["init"], id="fleet-keys"),
     pytest.param(["config"], ["check", "systemd-dropin"], id="config"),

@@ -19,6 +19,9 @@
                   it refused or failed it, 69 when no result came within --timeout.
                   The broker lets one client per certificate in: a `fleet send` takes the
                   session of another client running with the ops-center certificate.
+    appliance fleet status --ca DIR [--json] | fleet serve --ca DIR --bind IP:PORT
+                  the fleet view: a table (or JSON) once, or a page and /metrics
+                  (ops/fleetcli.py, ops/fleet.py, ops/fleetweb.py)
 
 Also the ops-link parts of `keys init` and `config check` (`keys_init`, `check`), so
 that appliance/cli/ only calls in here. Errors are UsageError / KeyFileError lines.
@@ -39,7 +42,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from appliance.core import config, crypto, durable
 from appliance.core.errors import EX_DATAERR, EX_UNAVAILABLE, EX_USAGE, KeyFileError, UsageError
-from appliance.ops import commands, diagnostics, pki
+from appliance.ops import commands, diagnostics, fleetcli, pki
 
 
 def add_parsers(sub: Any) -> None:
@@ -76,6 +79,7 @@ def add_parsers(sub: Any) -> None:
     send.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the result")
     send.add_argument("--out", type=Path, default=None,
                       help="diagnostics: the file to write the box's document to (JSON)")
+    fleetcli.add_parsers(fleet_sub)
 
 
 def dispatch(args: argparse.Namespace) -> int:
@@ -94,6 +98,10 @@ def dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.sub == "send":
         return send(args)
+    if args.sub == "status":
+        return fleetcli.status(args)
+    if args.sub == "serve":
+        return fleetcli.serve(args)
     if args.sub == "crl":
         print("\n".join(pki.reissue_crl(args.ca, tuple(args.revoke))))
         return 0
