@@ -15,7 +15,7 @@
                                                  the local audit trail, opened (holds patient IDs)
     appliance ingest         --config CENTER.toml [--once]
                                                  reading center: bundles from the drop folder into the PACS
-    appliance fleet ca init DIR | fleet sign BOX.csr --ca DIR
+    appliance fleet ca init DIR | fleet sign BOX.csr --ca DIR | fleet status | fleet serve
                                                  operations center: fleet CA (appliance/ops/cli.py)
 
 `config check` and `keys init` given a center config (a file with only an [ingest] table)

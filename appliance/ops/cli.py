@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from appliance.core import config, crypto
 from appliance.core.errors import EX_UNAVAILABLE, EX_USAGE, KeyFileError, UsageError
-from appliance.ops import commands, pki
+from appliance.ops import commands, fleetcli, pki
 
 
 def add_parsers(sub: Any) -> None:
@@ -72,6 +72,7 @@ def add_parsers(sub: Any) -> None:
     send.add_argument("--port", type=int, default=8883)
     send.add_argument("--ttl", type=float, default=300.0, help="seconds the command stays valid")
     send.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the result")
+    fleetcli.add_parsers(fleet_sub)
 
 
 def dispatch(args: argparse.Namespace) -> int:
@@ -90,6 +91,10 @@ def dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.sub == "send":
         return send(args)
+    if args.sub == "status":
+        return fleetcli.status(args)
+    if args.sub == "serve":
+        return fleetcli.serve(args)
     if args.sub == "crl":
         print("\n".join(pki.reissue_crl(args.ca, tuple(args.revoke))))
         return 0
