@@ -25,19 +25,22 @@ PROMETHEUS = "/usr/bin/prometheus"
 SHIPPED = REPO / "config" / "ops-center"
 
 
-def config_for_test(shipped: str, fleet_target: str, interval_s: int = 1) -> str:
-    """The shipped config with every interval `interval_s`, the fleet job at `fleet_target`
-    and no Alertmanager. Each rewrite must hit exactly once: a config that drifts from what
-    this expects fails here, not silently."""
+def config_for_test(shipped: str, fleet_target: str, interval_s: int | None = 1) -> str:
+    """The shipped config with every interval `interval_s` (None: the shipped ones), the
+    fleet job at `fleet_target` and no Alertmanager. Each rewrite must hit exactly once: a
+    config that drifts from what this expects fails here, not silently."""
     rewrites = [
-        ("  scrape_interval: 15s\n  evaluation_interval: 15s\n",
-         f"  scrape_interval: {interval_s}s\n  evaluation_interval: {interval_s}s\n"),
-        ("    scrape_interval: 10s\n    scrape_timeout: 5s\n",
-         f"    scrape_interval: {interval_s}s\n    scrape_timeout: {interval_s}s\n"),
         ('      - targets: ["127.0.0.1:9120"]\n', f'      - targets: ["{fleet_target}"]\n'),
         ('alerting:\n  alertmanagers:\n    - static_configs:\n'
          '        - targets: ["127.0.0.1:9093"]  # Debian prometheus-alertmanager\n', ""),
     ]
+    if interval_s is not None:
+        rewrites += [
+            ("  scrape_interval: 15s\n  evaluation_interval: 15s\n",
+             f"  scrape_interval: {interval_s}s\n  evaluation_interval: {interval_s}s\n"),
+            ("    scrape_interval: 10s\n    scrape_timeout: 5s\n",
+             f"    scrape_interval: {interval_s}s\n    scrape_timeout: {interval_s}s\n"),
+        ]
     text = shipped
     for old, new in rewrites:
         assert text.count(old) == 1, f"prometheus.yml no longer has {old!r}"
@@ -46,12 +49,13 @@ def config_for_test(shipped: str, fleet_target: str, interval_s: int = 1) -> str
 
 
 class Prometheus:
-    def __init__(self, root: Path, fleet_target: str) -> None:
+    def __init__(self, root: Path, fleet_target: str, interval_s: int | None = 1) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.config = root / "prometheus.yml"
-        self.config.write_text(config_for_test((SHIPPED / "prometheus.yml").read_text(), fleet_target))
+        self.config.write_text(config_for_test((SHIPPED / "prometheus.yml").read_text(), fleet_target,
+                                                interval_s))
         (root / "alerts.yml").write_text((SHIPPED / "alerts.yml").read_text())
         self.log = root / "prometheus.log"
         self.proc: subprocess.Popen[bytes] | None = None

@@ -10,10 +10,6 @@ Everything on free loopback ports in temp dirs, stopped by PID.
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,8 +18,9 @@ from typing import Any
 
 import pytest
 
+from tests.fleetserve import FleetServe
 from tests.mosquitto import MOSQUITTO, Broker, fleet_ca, sign
-from tests.peers import REPO, Appliance, base_config, free_port, wait_for
+from tests.peers import Appliance, base_config, free_port, wait_for
 from tests.prometheus import PROMETHEUS, Prometheus
 
 pytestmark = [
@@ -34,39 +31,6 @@ pytestmark = [
 
 BOX = "ct-alerted"
 HEARTBEAT_S, KEEPALIVE_S = 2, 5
-
-
-class FleetServe:
-    """`appliance fleet serve` as a subprocess on a free loopback port."""
-
-    def __init__(self, root: Path, ca: Path, broker: Broker) -> None:
-        root.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.log = root / "fleet-serve.log"
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "appliance", "fleet", "serve", "--ca", str(ca), "--host", "127.0.0.1",
-                 "--port", str(broker.port), "--heartbeat", str(HEARTBEAT_S),
-                 "--bind", f"127.0.0.1:{self.port}"],
-                stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
-        wait_for(lambda: "serving http://" in self.log_text() or self._exited(), 30, "fleet serve listening",
-                 detail=self.log_text)
-        assert self.proc.poll() is None, self.log_text()
-
-    def _exited(self) -> bool:
-        return self.proc.poll() is not None
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:] if self.log.exists() else ""
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
 
 
 @dataclass
@@ -86,7 +50,7 @@ def center(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Center]:
     serve: FleetServe | None = None
     prom: Prometheus | None = None
     try:
-        serve = FleetServe(root / "serve", ca, broker)
+        serve = FleetServe(root / "serve", ca, broker, heartbeat_s=HEARTBEAT_S)
         prom = Prometheus(root / "prometheus", f"127.0.0.1:{serve.port}").start()
         yield Center(root, ca, broker, serve, prom)
     finally:
