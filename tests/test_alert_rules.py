@@ -14,8 +14,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
+from appliance.health import metrics
 from tests.peers import REPO
+from tests.test_fleet import NOW, healthy, scrape
 
 CENTER = REPO / "config" / "ops-center"
 RULES = CENTER / "alerts.yml"
@@ -70,6 +74,31 @@ def test_the_unit_tests_fail_when_a_rule_is_broken(tmp_path: Path) -> None:
     unit.write_text(UNIT.read_text())
     r = promtool("test", "rules", str(unit))
     assert r.returncode != 0 and "alertname: BoxOffline" in r.stdout + r.stderr, r.stdout + r.stderr
+
+
+def series_in_rules() -> set[str]:
+    return set(re.findall(r"\b((?:fleet|appliance)_[a-z_]+)\b", RULES.read_text()))
+
+
+def exported(text: str) -> set[str]:
+    return {s.name for m in text_string_to_metric_families(text) for s in m.samples}
+
+
+def test_the_rules_read_only_series_fleet_serve_exports() -> None:
+    f = healthy(queue={"items": {}, "oldest_unsent_ts": NOW - 60})
+    used = {n for n in series_in_rules() if n.startswith("fleet_")}
+    assert used and used <= exported(scrape(f)[1]), used - exported(scrape(f)[1])
+
+
+def test_the_rules_read_only_series_the_box_exports() -> None:
+    certs = metrics.Certificates({"mqtt": Path("/nonexistent")}, lambda paths: {})
+    collector = metrics.DaemonCollector(lambda: {}, lambda: {}, metrics.Tally(["pacs"]), certs,
+                                        ["receive"], ["pacs"])
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    got = exported(generate_latest(registry).decode())
+    used = {n for n in series_in_rules() if n.startswith("appliance_")}
+    assert used and used <= got, used - got
 
 
 def test_every_alert_is_unit_tested() -> None:
