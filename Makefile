@@ -14,12 +14,13 @@ DEV_CONFIG := config/appliance.dev.toml
 # nsenter/unshare), the MQTT broker of the ops link (mosquitto; the tests start their own
 # on a loopback port, so the system service the package enables is stopped and disabled),
 # and what builds and boots the appliance image (grub-efi-amd64-bin, mtools, dosfstools,
-# fdisk for sfdisk; qemu-system-x86 and ovmf); and prometheus: `promtool check metrics` on
+# fdisk for sfdisk; qemu-system-x86 and ovmf); prometheus: `promtool check metrics` on
 # a scrape of the metrics endpoint, `promtool check/test rules` on config/ops-center/, and a
-# real Prometheus in tests/test_alerts_fleet.py (its system service is stopped and disabled too).
+# real Prometheus in tests/test_alerts_fleet.py (its system service is stopped and disabled too);
+# and chromium, the headless browser that reads and screenshots the fleet page.
 PEERS := dcmtk orthanc orthanc-dicomweb openssh-server iproute2 nftables wireguard-go \
 	wireguard-tools mmdebstrap systemd-container util-linux mosquitto grub-efi-amd64-bin \
-	mtools dosfstools fdisk qemu-system-x86 ovmf prometheus
+	mtools dosfstools fdisk qemu-system-x86 ovmf prometheus chromium
 PYTEST_ARGS ?=
 
 .PHONY: run test test-boot test-wan image image-test peers venv bench bench-receive bench-pack bench-wan \
@@ -57,6 +58,7 @@ peers:
 	command -v qemu-system-x86_64 >/dev/null || missing="$$missing qemu-system-x86"; \
 	test -f /usr/share/OVMF/OVMF_CODE_4M.fd || missing="$$missing ovmf"; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing test peers:$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \

@@ -42,8 +42,9 @@ from appliance.core import crypto, durable, hardening
 from appliance.core import log as applog
 from appliance.core import pynetdicom_compat as compat
 from appliance.core.config import Config, Destination
-from appliance.core.errors import ConfigError, StateError
+from appliance.core.errors import ApplianceError, ConfigError, StateError, UsageError
 from appliance.forward import Transport, conversion, receipts, registry
+from appliance.forward.controls import Controls
 from appliance.forward.dicom.transport import STREAM_THRESHOLD
 from appliance.forward.receipts import ReceiptPoller
 from appliance.forward.scheduler import PROBE_WAIT_S, Forwarder
@@ -261,7 +262,9 @@ class Daemon:
         self.forwarder = forwarder = Forwarder(queue, transports, cfg.queue,
                                                beat=self.stages["forward"].beat,
                                                wake=self.wake_forward.set, copies=copies,
-                                               audit=ForwardAudit(self.audit, cfg))
+                                               audit=ForwardAudit(self.audit, cfg),
+                                               controls=Controls(cfg.appliance.state_dir,
+                                                                 [t.name for t in transports]))
         for h in forwarder.health.all():
             if not h.up:  # kept from before the restart (forward.failover)
                 log.warning("destination.still_down", destination=h.name, reason=h.last_error)
@@ -363,7 +366,43 @@ class Daemon:
             "queue.change": lambda args: commands.change_audited(
                 self.queue, str(args.get("verb")), args.get("id"), bool(args.get("all")),
                 self.audit, args.get("_operator") or operator_name(args.get("_peer_uid"))),
+            "forward.switch": lambda args: self._switch(args),
+            "log.level": lambda args: self._log_level(args),
         }
+
+    def _switch(self, args: dict[str, Any]) -> dict[str, Any]:
+        """An operator's switch (forward/controls.py), audited: `pause`/`resume` forwarding,
+        or a destination `off`/`on` (args: verb, destination)."""
+        verb, name = str(args.get("verb")), args.get("destination")
+        who = args.get("_operator") or operator_name(args.get("_peer_uid"))
+        fw = self.forwarder
+        acts: dict[str, Callable[[], bool]] = {
+            "pause": lambda: fw.pause(who), "resume": fw.resume,
+            "off": lambda: fw.switch_off(str(name), who), "on": lambda: fw.switch_on(str(name))}
+        if verb not in acts or (verb in ("off", "on")) != isinstance(name, str):
+            raise UsageError("pause, resume, or off/on with a destination")
+        target = str(name) if verb in ("off", "on") else "forwarding"
+        try:
+            changed = acts[verb]()
+        except ApplianceError as e:
+            self.audit.command(who, verb, target, False, str(e), area="forward")
+            raise
+        self.audit.command(who, verb, target, True, "changed" if changed else "already so",
+                           area="forward")
+        return {"verb": verb, "target": target, "changed": changed}
+
+    def _log_level(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Change the log level until the next restart (audited)."""
+        who = args.get("_operator") or operator_name(args.get("_peer_uid"))
+        want = str(args.get("level"))
+        try:
+            before = applog.set_level(want)
+        except ValueError as e:
+            self.audit.command(who, "log_level", want, False, str(e), area="log")
+            raise UsageError(str(e)) from None
+        self.audit.command(who, "log_level", want, True, f"was {before}", area="log")
+        log.warning("log.level_changed", level=want, was=before, by=who)
+        return {"level": want, "was": before}
 
     def _watchdog(self) -> None:
         """WATCHDOG=1 only while every stage is idle or moving (health/supervisor.py)."""
@@ -452,6 +491,11 @@ class Daemon:
                 f" spooled {sp['instances']}, free {sp['free_bytes'] >> 20} MiB"
                 + (f"; destination down: {', '.join(down)}" if down else ""))
 
+    def _paused(self) -> dict[str, Any] | None:
+        controls = self.forwarder.controls
+        p = controls.paused if controls is not None else None
+        return {"since": p.since, "by": p.by} if p is not None else None
+
     def snapshot(self) -> dict[str, Any]:
         sp = self.spool.stats()
         return {
@@ -468,7 +512,9 @@ class Daemon:
             "last_errors": dict(self.forwarder.last_error),
             "destinations": self.forwarder.snapshot(time.time()),
             "receipts": self.receipts.snapshot(time.time()) if self.receipts else [],
-            "forward": {"lanes": self.cfg.queue.lanes, "stat_lanes": 1,
+            "log_level": applog.level(),
+            "forward": {"paused": self._paused(),
+                        "lanes": self.cfg.queue.lanes, "stat_lanes": 1,
                         "copy_lanes": len(self.forwarder.copies),
                         "parked": self.queue.parked_count()},
             "stages": self.supervisor.snapshot(),

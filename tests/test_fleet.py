@@ -5,13 +5,18 @@ tests/test_fleet_peers.py runs it against a real Mosquitto and real boxes)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from appliance.core.errors import KeyFileError
 from appliance.ops import fleet as fl
 from appliance.ops.fleetweb import FleetApp
+from tests.peers import REPO
 
 NOW = 1_800_000_000.0
 
@@ -57,6 +62,18 @@ def test_each_alarm_of_the_table_is_raised_by_its_condition(over: dict[str, Any]
     assert healthy(**over).view(NOW)[0]["alarms"] == [alarm]
 
 
+def test_a_destination_an_operator_switched_off_is_not_down_and_has_no_up_series() -> None:
+    f = healthy(destinations=[{"name": "pacs", "up": False, "off": True}])
+    assert f.view(NOW)[0]["alarms"] == []
+    assert "fleet_box_destination_up{" not in scrape(f)[1]
+    assert "pacs off (by an operator)" in scrape(f, "/")[1]
+
+
+def test_a_paused_queue_shows_on_the_page_without_an_alarm() -> None:
+    f = healthy(queue={"items": {"queued": 2}, "oldest_unsent_ts": None, "parked": 0, "paused": True})
+    assert f.view(NOW)[0]["alarms"] == [] and "PAUSED" in scrape(f, "/")[1]
+
+
 def test_the_alarms_stay_quiet_below_their_thresholds() -> None:
     f = healthy(queue={"items": {}, "oldest_unsent_ts": NOW - 29 * 60},
                 disk={"free_bytes": 3 * 2**30, "reserve_bytes": 2 * 2**30}, certs={"mqtt": NOW + 15 * 86400})
@@ -89,6 +106,26 @@ def test_events_sent_again_after_a_reconnect_are_kept_once() -> None:
                                                         "dropped": 0}).encode(), NOW)
     box = f.box("ct-1", NOW)
     assert box is not None and [e["event_seq"] for e in box["events"]] == [1, 2, 3]
+
+
+def test_an_outbox_made_anew_on_the_box_restarts_its_event_numbers() -> None:
+    f = healthy()
+    f.receive("appliance/ct-1/events", b'{"event_seq": 40, "kind": "bundle.held"}', NOW)
+    f.receive("appliance/ct-1/state", json.dumps(state(events={"dropped": 0, "last_seq": 1})).encode(), NOW)
+    f.receive("appliance/ct-1/events", b'{"event_seq": 2, "kind": "bundle.held"}', NOW)
+    box = f.box("ct-1", NOW)
+    assert box is not None and [e["event_seq"] for e in box["events"]] == [40, 2]
+
+
+def test_an_event_keeps_only_the_schemas_fields_and_short_strings() -> None:
+    f = healthy()
+    ev = {"event_seq": 1, "kind": "destination.down", "x": "y", "destination": "d" * 500,
+          "stages": list(range(99))}
+    f.receive("appliance/ct-1/events", json.dumps(ev).encode(), NOW)
+    box = f.box("ct-1", NOW)
+    assert box is not None
+    ev = box["events"][0]
+    assert "x" not in ev and len(ev["destination"]) == fl.TEXT_MAX and len(ev["stages"]) == fl.LABELS_MAX
 
 
 @pytest.mark.parametrize(("topic", "payload"), [
@@ -173,3 +210,17 @@ def test_the_detail_labels_values_last_known_when_the_box_is_silent() -> None:
 def test_an_unknown_box_or_path_is_not_found() -> None:
     for path in ("/box/ct-9", "/box/../etc", "/nothing"):
         assert scrape(healthy(), path)[0].startswith("404")
+
+
+
+def test_the_fleet_bench_runs() -> None:
+    """bench/fleet_bench.py end to end with 10 boxes; speed is not asserted."""
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "fleet_bench.py"), "--boxes", "10",
+                        "--runs", "1"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert "10 boxes: 20 messages" in r.stdout and "| `/metrics` |" in r.stdout
+
+
+def test_a_ca_folder_without_the_centers_certificate_is_a_key_file_error(tmp_path: Path) -> None:
+    with pytest.raises(KeyFileError, match="fleet ca init"):
+        fl.tls_context(tmp_path)

@@ -159,9 +159,9 @@ def state(snap: dict[str, Any], now: float = 1000.0) -> dict[str, Any]:
 def test_state_shows_a_stuck_stage_and_a_down_destination_by_class() -> None:
     st = state(snapshot())
     assert st["stages"]["pack"]["state"] == "stuck"
-    assert st["destinations"] == [{"name": "pacs", "up": False, "since": 5.0, "last_error": "refused",
-                                   "failures": 3}]
-    assert st["queue"] == {"items": {"ready": 2}, "oldest_unsent_ts": 940, "parked": 1}
+    assert st["destinations"] == [{"name": "pacs", "up": False, "off": False, "since": 5.0,
+                                   "last_error": "refused", "failures": 3}]
+    assert st["queue"] == {"items": {"ready": 2}, "oldest_unsent_ts": 940, "parked": 1, "paused": False}
 
 
 def test_state_never_exceeds_8_kb() -> None:

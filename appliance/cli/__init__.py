@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance import __version__
+from appliance.cli import switches
 from appliance.cli.audit import cmd_audit_show
 from appliance.cli.bundle import cmd_bundle
 from appliance.cli.config_cmds import cmd_config_check, cmd_systemd_dropin
@@ -140,6 +141,7 @@ def _parser() -> argparse.ArgumentParser:
     aus = au_sub.add_parser("show", parents=[common],
                             help="print the audit messages, opened (they hold patient IDs)")
     aus.add_argument("--all", action="store_true", help="the rotated files too, oldest first")
+    switches.add_parsers(sub, common)
     ops_cli.add_parsers(sub)
     return p
 
@@ -213,6 +215,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return cmd_status(args)
     if args.cmd == "ingest":
         return cmd_ingest(args)
+    if args.cmd in ("forward", "destination"):
+        return switches.cmd_switch(args)
+    if args.cmd == "log-level":
+        return switches.cmd_log_level(args)
     if args.cmd == "fleet":
         return ops_cli.dispatch(args)
     raise UsageError(f"unknown command {args.cmd}")

@@ -63,6 +63,8 @@ def _destination_detail(d: dict[str, Any]) -> str:
     """`status`: since when, the last failure's class, failures in a row, the next probe."""
     now = time.time()
     parts = [f"since {when(d['since'], now)}" if d.get("since") else ""]
+    if d.get("off_by"):
+        parts.append(f"switched off by {d['off_by']}; 'appliance destination on {d['name']}'")
     if d.get("last_error") and (d["state"] == "down" or d["failures"]):
         parts.append(f"last error {d['last_error']}")
     if d.get("failures"):
@@ -108,6 +110,10 @@ def _print_status(st: dict[str, Any]) -> None:
         copies = f" + {fw['copy_lanes']} for copies" if fw.get("copy_lanes") else ""
         print(f"forwarding     {fw['lanes']} lanes + {fw['stat_lanes']} for stat studies{copies};"
               f" {fw['parked']} instance(s) parked (see queue list)")
+        if fw.get("paused"):
+            p = fw["paused"]
+            print(f"forwarding     PAUSED since {when(p['since'], time.time())} by {p['by']}"
+                  " (receiving and packing go on; 'appliance forward resume')")
     for name, stage in st.get("stages", {}).items():
         since = stage["since_progress_s"]
         print(f"stage {name:9}{stage['state']}, {stage['jobs']} job(s), {stage['progress']} steps"

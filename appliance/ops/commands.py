@@ -23,7 +23,9 @@ most once, even across a restart.
 Operations (`OPS`) go through the daemon's control socket handlers (health/control.py),
 exactly like `appliance queue ...`, with `_operator` = "ops-center:<key_id>" for the
 audit trail: ping, status (the `state` summary: no patient data), hold/release/retry
-one item (`{"id": ID}`) or every item (`{"all": true}`). None touches images, reveals
+one item (`{"id": ID}`) or every item (`{"all": true}`), pause/resume forwarding,
+off/on a destination (`{"destination": NAME}`, forward/controls.py), log_level
+(`{"level": L}`, until the daemon restarts). None touches images, reveals
 patient data or opens a shell. Every command and every refusal is audited
 (AuditTrail.command) and logged (`ops.command` / `command.refused`, which is also an ops
 event), with opaque ids only.
@@ -75,6 +77,8 @@ FIELDS: dict[str, type | tuple[type, ...]] = {
 TOKEN = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
 NONCE = re.compile(r"[A-Za-z0-9_-]{16,64}\Z")
 ITEM_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z")
+DEST_NAME = TOKEN  # a destination as the config names it
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 CODES = {200: "ok", 400: "malformed", 403: "forbidden", 404: "not found", 409: "replay",
          410: "expired", 422: "unprocessable", 429: "too many", 500: "internal error",
@@ -226,13 +230,38 @@ def _queue(verb: str) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
     return build
 
 
+def _switch(verb: str) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
+    """pause/resume forwarding (no args), a destination off/on (args: destination)."""
+    def build(args: Mapping[str, Any]) -> dict[str, Any]:
+        if verb in ("pause", "resume"):
+            return {"verb": verb, **_no_args(args)}
+        name = args.get("destination")
+        if set(args) != {"destination"} or not (isinstance(name, str) and DEST_NAME.match(name)):
+            raise ValueError("takes destination, a destination's name")
+        return {"verb": verb, "destination": name}
+    return build
+
+
+def _log_level(args: Mapping[str, Any]) -> dict[str, Any]:
+    if set(args) != {"level"} or args["level"] not in LOG_LEVELS:
+        raise ValueError(f"takes level, one of {', '.join(LOG_LEVELS)}")
+    return {"level": args["level"]}
+
+
 OPS: dict[str, Op] = {
     "ping": Op(None, _no_args),
     "status": Op("status", _no_args),
     "hold": Op("queue.change", _queue("hold")),
     "release": Op("queue.change", _queue("release")),
     "retry": Op("queue.change", _queue("retry")),
+    "pause": Op("forward.switch", _switch("pause")),
+    "resume": Op("forward.switch", _switch("resume")),
+    "off": Op("forward.switch", _switch("off")),
+    "on": Op("forward.switch", _switch("on")),
+    "log_level": Op("log.level", _log_level),
 }
+# The daemon's handlers that write the audit trail themselves (with the outcome they know).
+SELF_AUDITED = {"queue.change", "forward.switch", "log.level"}
 
 
 def clock_synchronised() -> bool | None:
@@ -278,7 +307,7 @@ class Commands:
                 args = op.args(cmd["args"])
             except ValueError as e:
                 raise Refused(422, f"bad args: {e}") from None
-            audited = op.handler == "queue.change"  # change_audited writes the trail itself
+            audited = op.handler in SELF_AUDITED
             code, detail, result = self._run(op, args, operator)
         except Refused as e:
             code, detail, result = e.code, e.detail, None
@@ -325,6 +354,9 @@ def _target(args: Any) -> str:
             return str(args["id"])
         if args.get("all") is True:
             return "all"
+        for k in ("destination", "level"):
+            if isinstance(args.get(k), str) and DEST_NAME.match(args[k]):
+                return str(args[k])
     return "-"
 
 

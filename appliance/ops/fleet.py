@@ -36,6 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from appliance.core.errors import KeyFileError
+from appliance.ops import messages
+
 BOX_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 LABEL = re.compile(r"[A-Za-z0-9._:-]{1,64}")  # stage, destination, certificate names
 PAYLOAD_MAX_BYTES = 16384  # a state is at most 8192 (messages.STATE_MAX_BYTES)
@@ -111,8 +114,11 @@ class Fleet:
 
     def _state(self, box: Box, msg: dict[str, Any], now: float) -> None:
         box.state, box.state_at = msg, now
-        events = msg.get("events")
-        self._dropped(box, _number(events.get("dropped")) if isinstance(events, dict) else None, now)
+        events = _table(msg, "events")
+        self._dropped(box, _number(events.get("dropped")), now)
+        last = _number(events.get("last_seq"))
+        if last is not None and last < box.event_seq:
+            box.event_seq = int(last)  # the box's outbox was made anew (reinstalled): its numbers restart
 
     def _events(self, box: Box, msg: dict[str, Any], now: float) -> None:
         seq = int(_number(msg.get("event_seq")) or 0)
@@ -120,7 +126,7 @@ class Fleet:
         if seq <= box.event_seq:
             return  # sent again after a reconnect (event_seq grows on the box, across restarts)
         box.event_seq = seq
-        box.events.append({**msg, "received_at": now})
+        box.events.append({**event_fields(msg), "received_at": now})
 
     @staticmethod
     def _dropped(box: Box, dropped: float | None, now: float) -> None:
@@ -137,6 +143,27 @@ class Fleet:
         with self._lock:
             b = self.boxes.get(name)
             return None if b is None else {**box_view(b, now, self.heartbeat_s), "events": list(b.events)}
+
+
+EVENT_KEPT = frozenset({"v", "name", "boot_id", "event_seq", "ts", "dropped", "kind",
+                        *(f for fields in messages.EVENT_FIELDS.values() for f in fields)})
+TEXT_MAX = 64
+
+
+def event_fields(msg: dict[str, Any]) -> dict[str, Any]:
+    """What the center keeps of an event: the schema's fields only, strings cut at TEXT_MAX,
+    lists at LABELS_MAX (a box is trusted to be itself, not to be well-behaved)."""
+    out: dict[str, Any] = {}
+    for k, v in msg.items():
+        if k not in EVENT_KEPT:
+            continue
+        if isinstance(v, list):
+            out[k] = [str(x)[:TEXT_MAX] for x in v[:LABELS_MAX]]
+        elif isinstance(v, str):
+            out[k] = v[:TEXT_MAX]
+        elif v is None or isinstance(v, int | float | bool):
+            out[k] = v
+    return out
 
 
 def _parse(topic: str, payload: bytes) -> tuple[str, str, dict[str, Any]] | None:
@@ -162,9 +189,9 @@ def box_view(b: Box, now: float, heartbeat_s: float) -> dict[str, Any]:
     v = {
         "name": b.name, "online": online, "live": live,
         "last_seen": b.last_seen, "state_received": b.state_at, "state_ts": _number(st.get("ts")),
-        "version": st.get("version") if isinstance(st.get("version"), str) else None,
+        "version": st["version"][:TEXT_MAX] if isinstance(st.get("version"), str) else None,
         "queue": {k: int(n) for k, n in _labels(queue.get("items")).items() if _number(n) is not None},
-        "parked": _number(queue.get("parked")),
+        "parked": _number(queue.get("parked")), "paused": queue.get("paused") is True,
         "oldest_unsent_ts": _number(queue.get("oldest_unsent_ts")),
         "destinations": _destinations(st.get("destinations")),
         "stages": {k: s.get("state") for k, s in _labels(st.get("stages")).items()
@@ -187,8 +214,8 @@ def _destinations(ds: Any) -> list[dict[str, Any]]:
     for d in ds[:LABELS_MAX] if isinstance(ds, list) else []:
         if isinstance(d, dict) and isinstance(d.get("name"), str) and LABEL.fullmatch(d["name"]):
             err = d.get("last_error")
-            out.append({"name": d["name"], "up": d.get("up") is True,
-                        "last_error": err[:64] if isinstance(err, str) else None})
+            out.append({"name": d["name"], "up": d.get("up") is True, "off": d.get("off") is True,
+                        "last_error": err[:TEXT_MAX] if isinstance(err, str) else None})
     return out
 
 
@@ -208,7 +235,7 @@ ALARMS: tuple[tuple[str, Callable[[dict[str, Any], float, float], bool]], ...] =
     ("offline", lambda v, now, hb: not v["online"]),
     ("silent", lambda v, now, hb: v["online"] and _silent(v, now, hb)),
     ("stage stuck", lambda v, now, hb: any(s in ("stuck", "dead") for s in v["stages"].values())),
-    ("destination down", lambda v, now, hb: any(not d["up"] for d in v["destinations"])),
+    ("destination down", lambda v, now, hb: any(not d["up"] and not d["off"] for d in v["destinations"])),
     ("oldest unsent", lambda v, now, hb: v["oldest_unsent_ts"] is not None
      and now - v["oldest_unsent_ts"] > OLDEST_UNSENT_S),
     ("disk near reserve", lambda v, now, hb: _near_reserve(v)),
@@ -229,9 +256,13 @@ def tls_context(ca: Path) -> ssl.SSLContext:
     """The operations center's client context from the fleet CA folder (fleet ca init)."""
     from appliance.ops import pki
 
-    ctx = ssl.create_default_context(cafile=str(ca / "ca.pem"))
+    try:
+        ctx = ssl.create_default_context(cafile=str(ca / "ca.pem"))
+        ctx.load_cert_chain(str(ca / f"{pki.OPS_CENTER_CN}.pem"), str(ca / f"{pki.OPS_CENTER_CN}.key"))
+    except (OSError, ValueError) as e:  # missing, unreadable, not PEM (ssl.SSLError is an OSError)
+        raise KeyFileError(f"{ca}: cannot load ca.pem and {pki.OPS_CENTER_CN}.pem/.key"
+                           f" ({type(e).__name__}); made by `appliance fleet ca init`") from None
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(str(ca / f"{pki.OPS_CENTER_CN}.pem"), str(ca / f"{pki.OPS_CENTER_CN}.key"))
     return ctx
 
 

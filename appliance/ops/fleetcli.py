@@ -81,12 +81,15 @@ COLUMNS = ("BOX", "LINK", "VALUES", "LAST SEEN", "QUEUE", "OLDEST UNSENT", "DEST
 
 
 def row(b: dict[str, Any], now: float) -> tuple[str, ...]:
-    down = [d["name"] for d in b["destinations"] if not d["up"]]
-    dests = f"{len(b['destinations']) - len(down)}/{len(b['destinations'])} up" + (
-        f" ({', '.join(down)} down)" if down else "")
+    down = [d["name"] for d in b["destinations"] if not d["up"] and not d["off"]]
+    off = [d["name"] for d in b["destinations"] if d["off"]]
+    up = len(b["destinations"]) - len(down) - len(off)
+    dests = f"{up}/{len(b['destinations'])} up" + (f" ({', '.join(down)} down)" if down else "") + (
+        f" ({', '.join(off)} off)" if off else "")
     soonest = min(b["certs"].values(), default=None)
     return (b["name"], "online" if b["online"] else "OFFLINE", source(b), f"{age(b['last_seen'], now)} ago",
-            f"{sum(b['queue'].values())} items", age(b["oldest_unsent_ts"], now),
+            f"{sum(b['queue'].values())} items" + (", PAUSED" if b["paused"] else ""),
+            "none" if b["oldest_unsent_ts"] is None else f"{age(b['oldest_unsent_ts'], now)} ago",
             dests, f"{mib(b['free_bytes'])}/{mib(b['reserve_bytes'])}",
             "-" if soonest is None else f"in {(soonest - now) / 86400:.0f} d",
             ", ".join(b["alarms"]) or "none")

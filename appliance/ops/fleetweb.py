@@ -80,7 +80,8 @@ class FleetCollector(Collector):
             if b[key] is not None:
                 g[series].add_metric([box], b[key])
         for d in b["destinations"]:
-            g["destination_up"].add_metric([box, d["name"]], 1 if d["up"] else 0)
+            if not d["off"]:  # switched off by an operator: absent, so no alert rule takes it for down
+                g["destination_up"].add_metric([box, d["name"]], 1 if d["up"] else 0)
         for cert, t in b["certs"].items():
             g["certificate_expiry_timestamp_seconds"].add_metric([box, cert], t)
         for stage, s in b["stages"].items():
@@ -105,6 +106,10 @@ def mib(n: float | None) -> str:
     return "-" if n is None else f"{n / 2**20:,.0f} MiB"
 
 
+def dest_state(d: dict[str, Any]) -> str:
+    return "off (by an operator)" if d["off"] else "up" if d["up"] else "DOWN"
+
+
 def source(b: dict[str, Any]) -> str:
     """Where the values of a box come from: live, or the last state the center received."""
     return "live" if b["live"] else f"last known at {when(b['state_received'])}"
@@ -123,14 +128,16 @@ def page(title: str, body: str, refresh: bool = True) -> bytes:
 
 def _cells(b: dict[str, Any], now: float) -> list[str]:
     e = html.escape
-    dests = ", ".join(f"{d['name']} {'up' if d['up'] else 'DOWN'}" for d in b["destinations"]) or "-"
-    queue = ", ".join(f"{k} {n}" for k, n in sorted(b["queue"].items())) or "-"
+    dests = ", ".join(f"{d['name']} {dest_state(d)}" for d in b["destinations"]) or "-"
+    items = ", ".join(f"{k} {n}" for k, n in sorted(b["queue"].items())) or "-"
+    queue = f"PAUSED; {items}" if b["paused"] else items
     soonest = min(b["certs"].values(), default=None)
     return [f'<a href="/box/{e(b["name"])}">{e(b["name"])}</a>',
             "online" if b["online"] else "OFFLINE",
             e(", ".join(b["alarms"]) or "none"),
             f"{e(age(b['last_seen'], now))} ago", e(queue),
-            e(age(b["oldest_unsent_ts"], now)) if b["oldest_unsent_ts"] is not None else "nothing unsent",
+            f"{e(age(b['oldest_unsent_ts'], now))} ago" if b["oldest_unsent_ts"] is not None
+            else "nothing unsent",
             e(dests), f"{e(mib(b['free_bytes']))} free, reserve {e(mib(b['reserve_bytes']))}",
             e(when(soonest)), f'<span class="src">{e(source(b))}</span>']
 
@@ -161,20 +168,26 @@ def box_page(b: dict[str, Any], now: float) -> bytes:
             ("spool free", mib(b["free_bytes"]), src), ("spool reserve", mib(b["reserve_bytes"]), src),
             ("events dropped (ever)", str(b["events_dropped"]), src)]
     rows += [(f"queue {k}", str(n), src) for k, n in sorted(b["queue"].items())]
-    rows += [(f"destination {d['name']}", "up" if d["up"] else f"DOWN ({d['last_error'] or '-'})", src)
+    rows += [(f"destination {d['name']}", dest_state(d) + ("" if d["up"] or d["off"] else
+                                                           f" ({d['last_error'] or '-'})"), src)
              for d in b["destinations"]]
+    rows.insert(3, ("forwarding", "PAUSED (by an operator)" if b["paused"] else "running", src))
     rows += [(f"stage {k}", s, src) for k, s in sorted(b["stages"].items())]
     rows += [(f"certificate {k}", f"expires {when(t)}", src) for k, t in sorted(b["certs"].items())]
-    values = "".join(f'<tr><th>{e(k)}</th><td>{e(v)}</td><td class="src">{e(s)}</td></tr>'
+    values = "".join(f'<tr{_red(k, b)}><th>{e(k)}</th><td>{e(v)}</td><td class="src">{e(s)}</td></tr>'
                      for k, v, s in rows)
     events = "".join(f"<tr><td>{e(when(_num(ev.get('ts'))))}</td><td>{e(str(ev.get('event_seq')))}</td>"
                      f"<td>{e(str(ev.get('kind')))}</td><td>{e(_fields(ev))}</td></tr>"
                      for ev in reversed(b["events"]))
     body = (f'<p><a href="/">fleet</a></p><h1>{e(b["name"])}</h1>'
-            f'<table class="{"alarm" if b["alarms"] else "ok"}">{values}</table>'
+            f"<table>{values}</table>"
             f"<h2>Recent events (since the center started)</h2><table><tr><th>at (box clock)</th>"
             f"<th>event_seq</th><th>kind</th><th>fields</th></tr>{events}</table>")
     return page(b["name"], body)
+
+
+def _red(key: str, b: dict[str, Any]) -> str:
+    return ' class="alarm"' if key == "alarms" and b["alarms"] else ""
 
 
 def _num(v: Any) -> float | None:

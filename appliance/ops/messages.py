@@ -108,8 +108,10 @@ def state(snap: dict[str, Any], *, seq: int, now: float, boot_id: str, conn_seq:
         "stages": _stages(snap.get("stages", {})),
         "queue": {"items": dict(snap.get("queue", {})),
                   "oldest_unsent_ts": round(now - oldest) if oldest else None,
-                  "parked": snap.get("forward", {}).get("parked", 0)},
-        "destinations": [{"name": d["name"], "up": d.get("state") == "up", "since": d.get("since"),
+                  "parked": snap.get("forward", {}).get("parked", 0),
+                  "paused": snap.get("forward", {}).get("paused") is not None},
+        "destinations": [{"name": d["name"], "up": d.get("state") == "up", "off": d.get("state") == "off",
+                          "since": d.get("since"),
                           "last_error": d.get("last_error"), "failures": d.get("failures", 0)}
                          for d in snap.get("destinations", [])],
         "disk": {"free_bytes": spool.get("free_bytes"), "reserve_bytes": spool.get("reserve_bytes"),
