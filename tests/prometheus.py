@@ -93,6 +93,13 @@ class Prometheus:
         assert doc["status"] == "success", doc
         return doc["data"]
 
+    def api_text(self, path: str, **params: str) -> str:
+        """A non-API path's text, e.g. `federate` (every series in the text format)."""
+        url = f"{self.url}/{path}" + (f"?{urllib.parse.urlencode(params)}" if params else "")
+        with urllib.request.urlopen(url, timeout=10) as r:  # noqa: S310 (http, loopback)
+            text: str = r.read(16 << 20).decode()
+        return text
+
     def query(self, promql: str) -> list[dict[str, Any]]:
         """An instant query's vector: [{"metric": {...}, "value": [t, "v"]}, ...]."""
         data = self.api("query", query=promql)

@@ -4,12 +4,14 @@ fleet serve` subscribed with the operations center's certificate, and a real Pro
 (Debian `prometheus`, tests/prometheus.py) scraping the fleet view every second with the
 shipped alerts.yml unchanged. `kill -9` of the appliance must fire BoxOffline (the will
 makes `fleet_box_online` 0; the rule's `for: 30s` runs out), and its restart clear it.
-Everything on free loopback ports in temp dirs, stopped by PID.
+A box that received the canary study leaves no trace in Prometheus. Everything on free
+loopback ports in temp dirs, stopped by PID.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,8 +22,9 @@ import pytest
 
 from tests.fleetserve import FleetServe
 from tests.mosquitto import MOSQUITTO, Broker, fleet_ca, sign
-from tests.peers import Appliance, base_config, free_port, wait_for
+from tests.peers import Appliance, base_config, free_port, storescu, to_toml, wait_for
 from tests.prometheus import PROMETHEUS, Prometheus
+from tests.test_ops_link import CANARY, canary_study
 
 pytestmark = [
     pytest.mark.peers,
@@ -122,4 +125,36 @@ def test_kill9_of_a_box_fires_box_offline_and_its_restart_clears_it(center: Cent
     finally:
         with contextlib.suppress(Exception):
             a.stop()
+        a.kill9()
+
+
+def test_no_patient_data_reaches_prometheus(center: Center) -> None:
+    """A box that received the canary study, and a destination that fails on it: nothing
+    Prometheus holds (every series, the alerts, the rules) carries any of its values."""
+    prom, name = center.prometheus, "ct-canary"
+    a = box(center, name)
+    a.cfg["destinations"] = [{"name": "pacs", "transport": "dicom", "host": "127.0.0.1", "port": free_port(),
+                              "ae_title": "PACS", "plaintext": True, "timeout_s": 5}]
+    a.cfg["queue"] = {"retry_min_s": 0.2, "retry_max_s": 1, "down_after": 1, "probe_min_s": 1}
+    a.cfg["pack"] = {"study_quiet_s": 0.5}
+    a.config_path.write_text(to_toml(a.cfg))
+    a.start()
+    try:
+        assert storescu(a.port, canary_study(a.root / "study")).returncode == 0
+        wait_for(lambda: value(prom, f'fleet_box_destination_up{{box="{name}",destination="pacs"}}') == 0,
+                 90, "pacs down, scraped", detail=a.log_text)
+        wait_for(lambda: value(prom, f'fleet_box_oldest_unsent_timestamp_seconds{{box="{name}"}}'), 60,
+                 "the canary study unsent, scraped")
+        everything = "\n".join([
+            center.serve.get("/metrics").decode(),
+            prom.api_text("federate", **{"match[]": '{__name__=~".+"}'}),
+            json.dumps(prom.alerts()), json.dumps(prom.api("rules")),
+            json.dumps(prom.api("labels")),
+        ])
+        assert f'box="{name}"' in everything
+        for v in CANARY.values():
+            for part in v.split("^"):
+                assert part not in everything, part
+    finally:
+        a.stop()
         a.kill9()
