@@ -44,24 +44,28 @@ def alert_blocks() -> dict[str, str]:
     return blocks
 
 
+@pytest.mark.peers
 def test_promtool_checks_the_rules() -> None:
     r = promtool("check", "rules", str(RULES))
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"SUCCESS: {len(alert_blocks())} rules found" in r.stdout
 
 
+@pytest.mark.peers
 def test_promtool_checks_the_config_with_its_rules() -> None:
     r = promtool("check", "config", str(CENTER / "prometheus.yml"))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "SUCCESS: 1 rule files found" in r.stdout
 
 
+@pytest.mark.peers
 def test_promtool_unit_tests_of_the_rules_pass() -> None:
     r = promtool("test", "rules", str(UNIT))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "SUCCESS" in r.stdout
 
 
+@pytest.mark.peers
 def test_the_unit_tests_fail_when_a_rule_is_broken(tmp_path: Path) -> None:
     """The unit tests can fail: BoxOffline without its `for:` fires too early for them."""
     (tmp_path / "config" / "ops-center").mkdir(parents=True)
