@@ -202,6 +202,19 @@ def test_fleet_serve_metrics_has_both_boxes_as_series(served: Served) -> None:
         assert got[cert] > time.time()
 
 
+def test_fleet_serve_comes_back_after_fleet_status_took_its_session(bed: Bed, served: Served) -> None:
+    """The broker lets one client per certificate in: status takes serve's session, serve reconnects."""
+    taken = "Client ops-center already connected, closing old connection"
+    before = bed.broker.log_text().count(taken)
+    r = cli("fleet", "status", *bed.fleet_args())
+    after = time.time()
+    assert NORTH in r.stdout
+    assert bed.broker.log_text().count(taken) > before  # status did take serve's session
+    wait_for(lambda: samples(served.get("/metrics"))[("fleet_box_last_seen_timestamp_seconds",
+                                                      (("box", SOUTH),))] > after + 1, 60,
+             "serve hearing the boxes again")
+
+
 def test_fleet_serve_stops_on_sigterm(bed: Bed, served: Served) -> None:
     """A second server, stopped: it exits 0 within the deadline (the module's keeps running)."""
     proc = subprocess.Popen([sys.executable, "-m", "appliance", "fleet", "serve", "--bind", "127.0.0.1:0",
