@@ -14,8 +14,9 @@ DEV_CONFIG := config/appliance.dev.toml
 # nsenter/unshare), the MQTT broker of the ops link (mosquitto; the tests start their own
 # on a loopback port, so the system service the package enables is stopped and disabled),
 # and what builds and boots the appliance image (grub-efi-amd64-bin, mtools, dosfstools,
-# fdisk for sfdisk; qemu-system-x86 and ovmf); and prometheus for `promtool check metrics`
-# on a scrape of the metrics endpoint (its system service is stopped and disabled too);
+# fdisk for sfdisk; qemu-system-x86 and ovmf); prometheus: `promtool check metrics` on
+# a scrape of the metrics endpoint, `promtool check/test rules` on config/ops-center/, and a
+# real Prometheus in tests/test_alerts_fleet.py (its system service is stopped and disabled too);
 # and chromium, the headless browser that reads and screenshots the fleet page.
 PEERS := dcmtk orthanc orthanc-dicomweb openssh-server iproute2 nftables wireguard-go \
 	wireguard-tools mmdebstrap systemd-container util-linux mosquitto grub-efi-amd64-bin \
@@ -66,6 +67,11 @@ peers:
 	  case "$$missing" in *mosquitto*) \
 	    if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then \
 	      $$SUDO systemctl disable --now mosquitto.service >/dev/null 2>&1 || true; \
+	    fi;; \
+	  esac; \
+	  case "$$missing" in *prometheus*) \
+	    if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then \
+	      $$SUDO systemctl disable --now prometheus.service prometheus-node-exporter.service >/dev/null 2>&1 || true; \
 	    fi;; \
 	  esac; \
 	fi
