@@ -921,3 +921,9 @@ def test_dev_config_parses(tmp_path: Path) -> None:
     shutil.copy(REPO / "config" / "appliance.dev.toml", dev)
     assert config.load(dev).receive.accept_any_caller is True
 
+
+
+def test_an_sftp_destination_takes_link_timeout_s() -> None:
+    assert parse(with_(destinations=[SFTP])).destinations[0].link_timeout_s == 6.0
+    cfg = parse(with_(destinations=[{**SFTP, "link_timeout_s": 12}]))
+    assert cfg.destinations[0].link_timeout_s == 12.0

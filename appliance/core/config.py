@@ -765,6 +765,7 @@ def _sftp_keys(t: _Table) -> dict[str, Any]:
                                          " `ssh-keygen -lf` prints it"),
         "remote_dir": t.string("remote_dir", "."),
         "timeout_s": t.number("timeout_s", 30.0, 1, 3600),
+        "link_timeout_s": t.number("link_timeout_s", 6.0, 2, 600),
         "receipt_key": t.path("receipt_key", None),
         "receipt_overdue_s": t.number("receipt_overdue_s", 1800.0, 1, 30 * 86400),
     }
