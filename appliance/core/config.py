@@ -157,7 +157,7 @@ class Destination:
     commitment_bind: str = "0.0.0.0"  # noqa: S104 - the PACS calls back
     commitment_timeout_s: float = 300.0
     timeout_s: float = 30.0
-    link_timeout_s: float = 6.0  # dicom: a silent link (nothing acknowledged) is lost after this
+    link_timeout_s: float = 6.0  # dicom, sftp: a silent link (nothing acknowledged) is lost after this
     # sftp
     user: str | None = None
     key: Path | None = None
@@ -284,7 +284,7 @@ TRANSPORT_KEYS: dict[str, tuple[str, ...]] = {
               "storage_commitment", "commitment_port", "commitment_bind", "commitment_timeout_s",
               "timeout_s", "link_timeout_s"),
     "sftp": ("host", "port", "user", "key", "key_passphrase", "known_hosts", "host_key_sha256",
-             "remote_dir", "timeout_s", "receipt_key", "receipt_overdue_s"),
+             "remote_dir", "timeout_s", "link_timeout_s", "receipt_key", "receipt_overdue_s"),
     "dicomweb": ("url", "tls", "token_file", "plaintext", "timeout_s", "max_request_mb"),
 }
 
@@ -765,6 +765,7 @@ def _sftp_keys(t: _Table) -> dict[str, Any]:
                                          " `ssh-keygen -lf` prints it"),
         "remote_dir": t.string("remote_dir", "."),
         "timeout_s": t.number("timeout_s", 30.0, 1, 3600),
+        "link_timeout_s": t.number("link_timeout_s", 6.0, 2, 600),
         "receipt_key": t.path("receipt_key", None),
         "receipt_overdue_s": t.number("receipt_overdue_s", 1800.0, 1, 30 * 86400),
     }
