@@ -52,6 +52,7 @@ from appliance.health.control import ControlServer, DaemonUnavailable, operator_
 from appliance.health.notify import Notifier
 from appliance.health.supervisor import Supervisor
 from appliance.ops import commands as ops_commands
+from appliance.ops import desired
 from appliance.ops import link as ops_link
 from appliance.pack.packer import Packer
 from appliance.pack.pool import CodecPool
@@ -173,8 +174,12 @@ def config_digest(cfg: Config) -> str:
 
 
 class Daemon:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, checker: desired.Checker = desired.parse_checker) -> None:
         self.cfg = cfg
+        self.checker = checker  # a remote config's check (the CLI passes `config check`'s)
+        self.main_file = cfg.sources[0] if cfg.sources else Path("appliance.toml")
+        self.desired: desired.Desired | None = None
+        self.reexec = False  # set with stop_event: run() returns and `appliance run` re-executes
         self.stop_event = threading.Event()
         self.wake_pack = threading.Event()
         self.wake_forward = threading.Event()
@@ -270,7 +275,8 @@ class Daemon:
                                             rules=cfg.rules, audit=self.audit)
         if cfg.operations:
             self.commands = ops_commands.build(cfg, self._control_handlers(), self.audit)
-            self.link = ops_link.build(cfg, sup, self.snapshot, self.commands.handle)
+            self.desired = desired.build(self.main_file, cfg, self.audit, self.checker)
+            self.link = ops_link.build(cfg, sup, self.snapshot, self.commands.handle, self._on_config)
         status = ControlServer(cfg.control_socket, self._control_handlers())
         self.metrics = health_metrics.build(cfg, sup.snapshot().keys(), self.snapshot, self._metrics_extra)
         self._install_signals()
@@ -283,6 +289,8 @@ class Daemon:
             for w in workers:
                 w.start()
             self._start_link()
+            if self.desired is not None:
+                desired.report(self.main_file)  # a rollback at this start, as an ops event
             self.notifier.ready(self.status_line())
             log.info("appliance.ready", name=cfg.appliance.name, version=__version__)
             self.audit.application(started=True)
@@ -319,6 +327,24 @@ class Daemon:
         if self.link is not None:
             self._untap = applog.add_tap(self.link.on_log)
             self.link.start()
+
+    def _on_config(self, topic: str, payload: bytes) -> None:
+        """A desired config (ops/desired.py): a new drop-in in place means a restart."""
+        assert self.desired is not None
+        if self.desired.handle(topic, payload):
+            self.restart("config applying")
+
+    def restart(self, why: str) -> None:
+        """Stop as for SIGTERM, then `appliance run` executes itself again (same PID)."""
+        log.info("appliance.restarting", reason=why)
+        self.reexec = True
+        self.stop_event.set()
+
+    def _probation(self, healthy: bool) -> None:
+        """A remote config on probation: kept once healthy, rolled back past its deadline."""
+        if self.desired is not None and \
+                self.desired.check(healthy, time.time() - self.started) == "rolled back":
+            self.restart("config rolled back")
 
     def _stop_link(self) -> None:
         self._untap()
@@ -378,6 +404,7 @@ class Daemon:
             self.notifier.watchdog()
             self.notifier.status(self.status_line())
         self._problems = problems
+        self._probation(not problems)
 
     def _pack_step(self) -> bool:
         sealed = self.packer.seal_due(time.time())
@@ -473,6 +500,7 @@ class Daemon:
                         "parked": self.queue.parked_count()},
             "stages": self.supervisor.snapshot(),
             "problems": self.supervisor.problems(),
-            **({"ops": {**self.link.status(), "last_command": self.commands.last if self.commands else None}}
+            **({"ops": {**self.link.status(), "last_command": self.commands.last if self.commands else None},
+                "config": desired.status(self.main_file)}
                if self.link is not None else {}),
         }

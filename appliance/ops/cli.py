@@ -19,6 +19,9 @@
                   it refused or failed it, 69 when no result came within --timeout.
                   The broker lets one client per certificate in: a `fleet send` takes the
                   session of another client running with the ops-center certificate.
+    appliance fleet config push FILE --version N --box B [--group NAME --boxes B2 ...] --key KEY --ca DIR
+                  a signed desired config (ops/push.py): to B, and to the rest only once
+                  B reports it applied and healthy.
 
 Also the ops-link parts of `keys init` and `config check` (`keys_init`, `check`), so
 that appliance/cli/ only calls in here. Errors are UsageError / KeyFileError lines.
@@ -38,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from appliance.core import config, crypto
 from appliance.core.errors import EX_UNAVAILABLE, EX_USAGE, KeyFileError, UsageError
 from appliance.ops import commands, pki
+from appliance.ops import push as config_push
 
 
 def add_parsers(sub: Any) -> None:
@@ -72,6 +76,7 @@ def add_parsers(sub: Any) -> None:
     send.add_argument("--port", type=int, default=8883)
     send.add_argument("--ttl", type=float, default=300.0, help="seconds the command stays valid")
     send.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the result")
+    config_push.add_parser(fleet_sub)
 
 
 def dispatch(args: argparse.Namespace) -> int:
@@ -90,6 +95,8 @@ def dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.sub == "send":
         return send(args)
+    if args.sub == "config":
+        return config_push.push(args)
     if args.sub == "crl":
         print("\n".join(pki.reissue_crl(args.ca, tuple(args.revoke))))
         return 0
