@@ -231,3 +231,19 @@ def status_line(ops: dict[str, Any]) -> str:
            f" {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last['ts']))}" if last else "")
     return (f"ops link       {link} (conn_seq {ops.get('conn_seq')});"
             f" {ops.get('waiting', 0)} event(s) waiting{gap}{cmd}")
+
+
+def config_line(c: dict[str, Any]) -> str:
+    """The desired config in `appliance status`: the applied version, one on probation,
+    the last rolled back or refused (ops/desired.py)."""
+    parts = [f"remote config  version {c.get('version') or 0} applied"
+             if c.get("version") else "remote config  none applied"]
+    if c.get("pending") is not None:
+        parts.append(f"version {c['pending']} on probation")
+    if c.get("rolled_back") is not None:
+        at = c.get("rolled_back_at")
+        when = f" at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(at))}" if at else ""
+        parts.append(f"version {c['rolled_back']} ROLLED BACK{when}")
+    if c.get("refused") is not None:
+        parts.append(f"version {c['refused']} refused ({c.get('refused_code')})")
+    return "; ".join(parts)
