@@ -299,7 +299,10 @@ class Daemon:
             while not self.stop_event.wait(interval):
                 self._watchdog()
         finally:
-            self.notifier.stopping()
+            if self.reexec:
+                self.notifier.reloading()
+            else:
+                self.notifier.stopping()
             log.info("appliance.stopping")
             self._stop_link()  # `online` false now: the box is going away
             receiver.stop()

@@ -8,6 +8,8 @@ queue and once the listeners are bound; WATCHDOG=1 is sent by the working loops 
 
 from __future__ import annotations
 
+import time
+
 import sdnotify
 
 
@@ -26,3 +28,8 @@ class Notifier:
 
     def stopping(self) -> None:
         self._n.notify("STOPPING=1")
+
+    def reloading(self) -> None:
+        """The daemon executes itself again (a desired config, ops/desired.py): systemd
+        waits for READY=1 from the same PID instead of seeing the service stop."""
+        self._n.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")

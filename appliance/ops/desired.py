@@ -206,10 +206,11 @@ class Desired:
         now = time.time() if now is None else now
         digest = hashlib.sha256(payload).hexdigest()
         a, p = applied(self.main), pending(self.main)
-        known = {a.get("digest"), (a.get("rolled_back") or {}).get("digest"),
-                 (a.get("refused") or {}).get("digest"), (p or {}).get("digest")}
-        if digest in known:
-            return False  # seen (a retained message, again at a reconnect): applied once
+        known = {a.get("digest"): "applied", (a.get("rolled_back") or {}).get("digest"): "rolled back",
+                 (a.get("refused") or {}).get("digest"): "refused", (p or {}).get("digest"): "pending"}
+        if digest in known:  # seen (a retained message, again at a reconnect): applied once
+            log.info("config.reconciled", outcome=known[digest], version=a.get("version", 0))
+            return False
         version: Any = None
         operator = "ops-center:unverified"
         try:
