@@ -334,7 +334,12 @@ class Daemon:
     def _on_config(self, topic: str, payload: bytes) -> None:
         """A desired config (ops/desired.py): a new drop-in in place means a restart."""
         assert self.desired is not None
-        if self.desired.handle(topic, payload):
+        try:
+            applying = self.desired.handle(topic, payload)
+        except Exception as e:  # the link must live on: the retained config comes again
+            log.exception("config.failed", error_type=type(e).__name__)
+            return
+        if applying:
             self.restart("config applying")
 
     def restart(self, why: str) -> None:

@@ -57,20 +57,28 @@ def local(tmp_path: Path) -> Iterator[Local]:
     yield Local(main, d, key, tmp_path / "audit" / "audit.log")
 
 
+def applied(local: Local, version: int, text: str = GOOD) -> None:
+    """Handled, restarted under (at_start) and kept."""
+    assert local.d.handle(TOPIC, local.msg(version, text), now=NOW)
+    assert desired.at_start(local.main) is False
+    assert local.d.check(True, desired.CONFIRM_AFTER_S, now=NOW + 1) == "applied"
+
+
 def test_a_good_config_is_written_with_a_pending_record_and_kept_once_healthy(local: Local) -> None:
     assert local.d.handle(TOPIC, local.msg(1), now=NOW) is True
     assert local.dropin() == GOOD
     assert config.load(local.main).receive.ae_title == "EDGE2"
     assert desired.status(local.main)["pending"] == 1
+    assert desired.at_start(local.main) is False  # the restart under it
     assert local.d.check(healthy=True, uptime_s=desired.CONFIRM_AFTER_S + 1, now=NOW + 10) == "applied"
     assert desired.status(local.main) == {"version": 1, "pending": None, "rolled_back": None,
                                                "rolled_back_at": None, "refused": None, "refused_code": None}
 
 
 def test_not_yet_healthy_waits_and_past_the_deadline_restores_the_previous_dropin(local: Local) -> None:
-    assert local.d.handle(TOPIC, local.msg(1), now=NOW)
-    local.d.check(True, 10, now=NOW + 1)
+    applied(local, 1)
     assert local.d.handle(TOPIC, local.msg(2, '[receive]\nae_title = "EDGE3"\n'), now=NOW + 2)
+    desired.at_start(local.main)
     assert local.d.check(healthy=False, uptime_s=30, now=NOW + 30) is None  # within 60 s
     assert local.d.check(healthy=True, uptime_s=1, now=NOW + 31) is None  # healthy, but too soon
     assert local.d.check(healthy=False, uptime_s=90, now=NOW + 63) == "rolled back"
@@ -102,8 +110,7 @@ def test_the_same_retained_message_is_applied_once_even_after_a_rollback(local: 
     desired.rollback(local.main, "did not start")
     assert not local.d.handle(TOPIC, m, now=NOW)  # rolled back: not tried again
     assert local.dropin() is None
-    assert local.d.handle(TOPIC, local.msg(2), now=NOW)  # a newer version is
-    local.d.check(True, 10, now=NOW)
+    applied(local, 2)  # a newer version is
     assert not local.d.handle(TOPIC, local.msg(2), now=NOW)  # re-signed, same version: 409
 
 
@@ -146,8 +153,7 @@ def test_a_forbidden_key_is_refused_422_naming_it(local: Local, text: str) -> No
 
 
 def test_a_version_not_newer_than_the_applied_is_refused_409(local: Local) -> None:
-    assert local.d.handle(TOPIC, local.msg(3), now=NOW)
-    local.d.check(True, 10, now=NOW)
+    applied(local, 3)
     assert not local.d.handle(TOPIC, local.msg(2), now=NOW)
     assert desired.status(local.main)["refused_code"] == 409
 
@@ -173,3 +179,31 @@ def test_config_events_keep_versions_codes_and_reason_classes_only() -> None:
     assert messages.event_body("config.rolled_back", {"version": 4, "reason": "did not start",
                                                       "applied_version": 3})["reason"] == "did not start"
     assert messages.event_body("config.applied", {"version": 4}) == {"kind": "config.applied", "version": 4}
+
+
+def test_nothing_is_kept_or_rolled_back_before_the_restart_under_the_new_dropin(local: Local) -> None:
+    assert local.d.handle(TOPIC, local.msg(1), now=NOW)
+    assert local.d.check(True, 100, now=NOW + 1) is None  # this process runs the old config
+    assert local.d.check(False, 100, now=NOW + 3600) is None
+    assert desired.status(local.main)["pending"] == 1
+
+
+def test_a_dropin_that_cannot_be_written_is_refused_500_and_tried_again_later(local: Local) -> None:
+    confd = local.main.parent / "conf.d"
+    confd.write_text("")  # a file where the folder should be: cannot be written into
+    m = local.msg(1)
+    assert local.d.handle(TOPIC, m, now=NOW) is False
+    assert desired.status(local.main)["refused"] is None and "500 cannot write" in opened(local.audit_log)
+    confd.unlink()
+    assert local.d.handle(TOPIC, m, now=NOW) is True  # the same retained message, next connection
+    assert local.dropin() == GOOD
+
+
+def test_a_clock_not_synchronised_refuses_503_and_the_same_message_is_taken_once_it_is(local: Local) -> None:
+    synced = [False]
+    local.d.synced = lambda: synced[0]
+    m = local.msg(1)
+    assert local.d.handle(TOPIC, m, now=NOW) is False
+    assert desired.pending(local.main) is None
+    synced[0] = True
+    assert local.d.handle(TOPIC, m, now=NOW) is True

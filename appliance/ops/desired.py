@@ -32,6 +32,7 @@ is the center's business): versions, digests and codes only.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -66,6 +67,10 @@ FORBIDDEN = ("operations", "appliance.name", "appliance.state_dir", "spool.key_f
              "encryption", "audit")
 
 Checker = Callable[[Path, dict[str, Any]], list[str]]
+# Refusals not recorded, so that the same message is looked at again at the next
+# connection: a forgery (it does not get to fill the record), a clock not yet
+# synchronised, a drop-in that could not be written (conf.d not writable).
+TRY_AGAIN = frozenset({403, 500, 503})
 
 
 @dataclass(frozen=True)
@@ -105,10 +110,17 @@ def parse_checker(main: Path, data: dict[str, Any]) -> list[str]:
 
 # --- the records ---
 
+def _text(p: Path) -> str | None:
+    try:
+        return p.read_text()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
 def _read(p: Path) -> dict[str, Any] | None:
     try:
         doc = json.loads(p.read_bytes())
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     except (OSError, ValueError):
         log.error("config.record_unreadable", record=p.name)
@@ -225,10 +237,10 @@ class Desired:
             commands.check_time(cmd, now, self.synced())
             data = _toml(text)
             self._check(data)
+            self._apply(digest, version, text, now)
         except Refused as e:
             self._refused(digest, version, operator, e, now)
             return False
-        self._apply(digest, version, text, now)
         self.audit.command(operator, OP, f"v{version}", True, "200 applying", area="ops")
         return True
 
@@ -245,7 +257,7 @@ class Desired:
         key = next((k for k in FORBIDDEN if e.detail.startswith(f"{k} may not")), None)
         log.warning("config.refused", version=v, code=e.code, reason=commands.CODES.get(e.code),
                     **({"key": key} if key else {}))
-        if e.code != 403:  # a forgery does not get to fill the record
+        if e.code not in TRY_AGAIN:
             a = applied(self.main)
             _write(self.paths.applied, {**a, "refused": {"version": v, "digest": digest, "code": e.code,
                                                           "at": now}})
@@ -253,22 +265,26 @@ class Desired:
 
     def _apply(self, digest: str, version: int, text: str, now: float) -> None:
         try:
-            previous: str | None = self.paths.dropin.read_text()
-        except FileNotFoundError:
-            previous = None
-        _write(self.paths.pending, {"version": version, "digest": digest, "at": now,
-                                    "deadline": now + self.deadline_s, "previous": previous,
-                                    "tried": False})
-        durable.atomic_write(self.paths.dropin, text.encode())
+            previous = _text(self.paths.dropin)
+            _write(self.paths.pending, {"version": version, "digest": digest, "at": now,
+                                        "deadline": now + self.deadline_s, "previous": previous,
+                                        "tried": False})
+            durable.atomic_write(self.paths.dropin, text.encode())
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                durable.unlink_durable(self.paths.pending)
+            raise Refused(500, f"cannot write {self.paths.dropin.parent} ({e.strerror or type(e).__name__})"
+                          ) from None
         log.info("config.applying", version=version)
 
     def check(self, healthy: bool, uptime_s: float, now: float | None = None) -> str | None:
-        """During a probation: "applied" once healthy for CONFIRM_AFTER_S, "rolled back"
-        past the deadline (the daemon must then restart), None otherwise."""
+        """During a probation (a start under the drop-in: `at_start` marked it tried):
+        "applied" once healthy for CONFIRM_AFTER_S, "rolled back" past the deadline (the
+        daemon must then restart), None otherwise."""
         now = time.time() if now is None else now
         p = pending(self.main)
-        if p is None:
-            return None
+        if p is None or not p.get("tried"):
+            return None  # nothing on probation, or not yet restarted under it
         if healthy and uptime_s >= CONFIRM_AFTER_S:
             a = applied(self.main)
             _write(self.paths.applied, {**a, "version": p["version"], "digest": p["digest"], "at": now})
