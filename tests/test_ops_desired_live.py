@@ -21,10 +21,12 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from appliance.audit import AuditTrail
 from appliance.core import crypto
 from appliance.ops import commands, desired
 from tests.mosquitto import MOSQUITTO, Broker, Watcher, fleet_ca, sign
 from tests.peers import Appliance, base_config, cli, free_port, wait_for
+from tests.test_ops_commands import AUDIT_KEY
 
 BOX = "dcfg-box"
 TOPIC = f"appliance/{BOX}/config"
@@ -181,6 +183,24 @@ def test_the_retained_config_is_applied_once_across_a_reconnect(site: Site) -> N
              detail=site.box.log_text)
     assert site.log_count("appliance.restarting") == restarts
     assert site.status()["config"]["version"] == 3
+
+
+def test_a_start_that_died_under_the_new_dropin_is_rolled_back_before_the_config_is_read(site: Site) -> None:
+    """The process under probation killed (no word, no exit code: SIGKILL, the watchdog):
+    the next start finds the pending record already tried and puts the previous drop-in
+    back before it reads the config. The pending state is made with the box's own code,
+    as the link would (handle) and the killed start did (at_start), while it is stopped."""
+    assert site.box.stop() == 0
+    trail = AuditTrail(site.root / "scratch-audit", BOX, "EDGE", AUDIT_KEY, 1 << 20, 2)
+    keys = {commands.key_id(site.key.public_key()): site.key.public_key()}
+    d = desired.Desired(site.box.config_path, BOX, keys, 60, trail, synced=lambda: True)
+    assert d.handle(TOPIC, site.signed(8, '[receive]\nae_title = "DIED"\n'))
+    assert desired.at_start(site.box.config_path) is False  # the start that then died
+    site.box.start(timeout=WAIT_S)
+    ev = site.event("config.rolled_back", version=8)
+    assert (ev["reason"], ev["applied_version"]) == ("did not start", 3)
+    st = site.status()
+    assert (st["ae_title"], st["config"]["version"], st["config"]["rolled_back"]) == ("EDGE4", 3, 8)
 
 
 def push(site: Site, version: int, text: str, *rest: str) -> tuple[int, dict[str, Any]]:
