@@ -350,8 +350,14 @@ class Daemon:
 
     def _probation(self, healthy: bool) -> None:
         """A remote config on probation: kept once healthy, rolled back past its deadline."""
-        if self.desired is not None and \
-                self.desired.check(healthy, time.time() - self.started) == "rolled back":
+        if self.desired is None:
+            return
+        try:
+            outcome = self.desired.check(healthy, time.time() - self.started)
+        except OSError as e:  # conf.d not writable: judged again at the next turn
+            log.error("config.check_failed", error=e.strerror or type(e).__name__)
+            return
+        if outcome == "rolled back":
             self.restart("config rolled back")
 
     def _stop_link(self) -> None:

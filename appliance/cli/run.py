@@ -26,7 +26,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from appliance.daemon import Daemon
 
     main = args.config or config.DEFAULT_CONFIG
-    desired.at_start(main)  # a start under the remote drop-in already failed: the previous back
+    try:
+        desired.at_start(main)  # a start under the remote drop-in already failed: the previous back
+    except OSError as e:  # images first: start with what is there, and say why
+        print(f"appliance: cannot judge the remote config in {desired.paths(main).dropin.parent}"
+              f" ({e.strerror or type(e).__name__}); starting with the files as they are", file=sys.stderr)
     try:
         cfg = _checked(main)
         daemon = Daemon(cfg, checker=remote_checker)

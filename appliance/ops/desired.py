@@ -22,7 +22,9 @@ like a command (ops/commands.py: the same parse, signature, box and time checks;
      start fails with an error (`rollback` from `appliance run`), the previous drop-in is
      restored and the daemon restarts; the rolled-back start says `config.rolled_back`.
 A retained config is seen again on every connection: one already applied, pending,
-rolled back or refused (same bytes) is left alone, so it is applied once.
+rolled back or refused (same bytes) is left alone, so it is applied once; only the
+refusals of TRY_AGAIN (a forgery, the clock, a drop-in that could not be written: 500)
+are looked at again at the next connection.
 
 The records live beside the drop-in (hidden files are not config: core/config.py) so
 that they are found before the state directory is known, and whatever the new config
