@@ -301,8 +301,8 @@ class Daemon:
         finally:
             if self.reexec:
                 self.notifier.reloading()
-            else:
-                self.notifier.stopping()
+            elif self.notifier.readied:  # a start that fails says nothing: it may be rolled
+                self.notifier.stopping()  # back and executed again (cli/run.py), same PID
             log.info("appliance.stopping")
             self._stop_link()  # `online` false now: the box is going away
             receiver.stop()

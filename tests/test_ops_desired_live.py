@@ -27,6 +27,7 @@ from appliance.ops import commands, desired
 from tests.mosquitto import MOSQUITTO, Broker, Watcher, fleet_ca, sign
 from tests.peers import Appliance, base_config, cli, free_port, wait_for
 from tests.test_ops_commands import AUDIT_KEY
+from tests.test_watchdog import NotifySocket
 
 BOX = "dcfg-box"
 TOPIC = f"appliance/{BOX}/config"
@@ -45,6 +46,12 @@ class Site:
     key: Ed25519PrivateKey
     box: Appliance
     center: Watcher
+    notify: NotifySocket  # the daemon's sd_notify datagrams, as systemd would get them
+
+    def notified(self, since: float) -> list[str]:
+        """READY, RELOADING and STOPPING since `since` (monotonic), in order."""
+        return [m.split("\n")[0] for when, m in list(self.notify.messages)
+                if when >= since and m.startswith(("READY=1", "RELOADING=1", "STOPPING=1"))]
 
     def publish(self, payload: bytes, topic: str = TOPIC) -> None:
         info = self.center.c.publish(topic, payload, qos=1, retain=True)
@@ -109,9 +116,11 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     box = Appliance(root / "box", cfg)
     sign(ca, root / "box" / "keys" / "mqtt.csr")
     box.env["APPLIANCE_CLOCK_SYNCED"] = "1"
+    notify = NotifySocket(root / "notify.sock")
+    box.env["NOTIFY_SOCKET"] = str(notify.path)
     key = crypto.load_private_key_of(key_path, Ed25519PrivateKey, "Ed25519")
     center = Watcher(broker, ca / "ops-center.pem", ca / "ops-center.key")
-    s = Site(root, ca, broker, key_path, key, box, center)
+    s = Site(root, ca, broker, key_path, key, box, center, notify)
     try:
         box.start()
         wait_for(lambda: center.last(f"appliance/{BOX}/state"), WAIT_S, "the box's state",
@@ -121,13 +130,17 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         box.stop()
         box.kill9()
         s.center.close()
+        notify.close()
         broker.stop()
 
 
 def test_a_good_dropin_is_applied_by_a_restart_in_the_same_process_and_reported(site: Site) -> None:
     pid = site.status()["pid"]
+    since = time.monotonic()
     site.publish(site.signed(1, '[receive]\nae_title = "EDGE2"\n'))
     site.event("config.applied", version=1)
+    # systemd (Type=notify) sees a reload of the same main process, never a stop
+    assert site.notified(since) == ["RELOADING=1", "READY=1"]
     st = site.status()
     assert (st["ae_title"], st["pid"], st["config"]["version"]) == ("EDGE2", pid, 1)
     assert site.log_count("appliance.restarting") == 1
@@ -142,11 +155,13 @@ def test_a_dropin_whose_port_is_taken_is_rolled_back_with_an_event(site: Site) -
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
+        since = time.monotonic()
         site.publish(site.signed(2, f'[receive]\nae_title = "EDGE3"\nport = {port}\n'))
         ev = site.event("config.rolled_back", version=2)
         assert (ev["reason"], ev["applied_version"]) == ("did not start", 1)
         st = site.status()
     assert (st["ae_title"], st["listening"][0]["port"]) == ("EDGE2", site.box.port)  # version 1's
+    assert site.notified(since) == ["RELOADING=1", "READY=1"]  # the start that failed said nothing
     assert (st["config"]["version"], st["config"]["rolled_back"]) == (1, 2)
     wait_for(lambda: site.state_config().get("rolled_back") == 2, WAIT_S, "state reports the rollback")
     assert "version 2 ROLLED BACK" in cli("status", "--config", str(site.box.config_path)).stdout

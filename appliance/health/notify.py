@@ -16,9 +16,11 @@ import sdnotify
 class Notifier:
     def __init__(self) -> None:
         self._n = sdnotify.SystemdNotifier()
+        self.readied = False  # READY=1 sent by this process
 
     def ready(self, status: str) -> None:
         self._n.notify(f"READY=1\nSTATUS={status}")
+        self.readied = True
 
     def watchdog(self) -> None:
         self._n.notify("WATCHDOG=1")
