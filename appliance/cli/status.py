@@ -135,5 +135,7 @@ def _print_status(st: dict[str, Any]) -> None:
               + (f", last {age(since)} ago" if since is not None else ""))
     if "ops" in st:
         print(ops_cli.status_line(st["ops"]))
+    if "config" in st:
+        print(ops_cli.config_line(st["config"]))
     for problem in st.get("problems", []):
         print(f"STUCK          {problem}")

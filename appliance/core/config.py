@@ -233,6 +233,7 @@ class Operations:
     keepalive_s: int = 30  # MQTT keepalive: the broker publishes the will after 1.5 x this
     command_keys: tuple[Path, ...] = ()  # Ed25519 public keys of the operations center
     metrics_bind: str = "127.0.0.1:9110"  # empty = no metrics endpoint
+    config_deadline_s: float = 120.0  # a remote config is kept only if healthy within this
 
 
 @dataclass(frozen=True)
@@ -705,6 +706,7 @@ def _parse_operations(top: _Table) -> Operations | None:
         keepalive_s=t.integer("keepalive_s", 30, 5, 3600),
         command_keys=t.get("command_keys", (), _check_path_list(t.ctx)),
         metrics_bind=t.get("metrics_bind", "127.0.0.1:9110", _check_bind),
+        config_deadline_s=t.number("config_deadline_s", 120.0, 10, 3600),
     )
     t.finish()
     return o
@@ -1076,17 +1078,26 @@ def dropin_files(main: Path) -> list[Path]:
                   key=lambda p: p.name)
 
 
-def read(path: Path) -> tuple[dict[str, Any], dict[str, Path], Path, tuple[Path, ...]]:
+def read(path: Path, instead: Mapping[Path, dict[str, Any] | None] | None = None
+         ) -> tuple[dict[str, Any], dict[str, Path], Path, tuple[Path, ...]]:
     """The merged data of a config file and its conf.d drop-ins, which file set each key,
-    the main file and every file read (any kind of config: the appliance's, a center's)."""
+    the main file and every file read (any kind of config: the appliance's, a center's).
+
+    `instead` maps a drop-in's path to the data to use for it (None: left out), whether
+    the file exists or not: a candidate drop-in is checked as if it were in place
+    (ops/desired.py) without being written first."""
     main = path.absolute()
-    files = [main, *dropin_files(main)]
+    instead = dict(instead or {})
+    files = sorted({*dropin_files(main), *(p for p, d in instead.items() if d is not None)},
+                   key=lambda p: p.name)
+    files = [main, *(f for f in files if f not in instead or instead[f] is not None)]
     data: dict[str, Any] = {}
     origins: dict[str, Path] = {}
     problems: list[str] = []
     for f in files:
         try:
-            _merge(data, _read_toml(f), origins, f)
+            got = instead.get(f)
+            _merge(data, got if got is not None else _read_toml(f), origins, f)
         except ConfigError as e:
             problems += e.problems
     if problems:

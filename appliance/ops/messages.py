@@ -42,6 +42,10 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "destination.off": ("destination", "by"),
     "destination.on": ("destination",),
     "log.level_changed": ("level", "was", "by"),
+    # ops/desired.py: versions, codes, a reason class and a key name of desired.FORBIDDEN
+    "config.applied": ("version",),
+    "config.rolled_back": ("version", "reason", "applied_version"),
+    "config.refused": ("version", "code", "reason", "key"),
 }
 
 # `reason` of destination.down/up is a class (forward/failover.reason_class) or what
@@ -49,7 +53,8 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
 REASON_CLASSES = frozenset({"malformed", "forbidden", "not found", "replay", "expired",
                             "unprocessable", "too many", "internal error", "clock not synchronised",
                             "timeout", "refused", "missing", "unreachable", "connection lost",
-                            "rejected", "failed", "probe answered", "delivered"})
+                            "rejected", "failed", "probe answered", "delivered",
+                            "did not start", "not healthy"})
 
 
 def dumps(msg: dict[str, Any]) -> bytes:
@@ -130,6 +135,7 @@ def state(snap: dict[str, Any], *, seq: int, now: float, boot_id: str, conn_seq:
         "time": {"synchronised": time_synced},
         "counters": _counters(snap.get("receive", {})),
         "events": outbox,
+        **({"config": snap["config"]} if "config" in snap else {}),
     }
     return fit(msg)
 
