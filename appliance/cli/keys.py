@@ -7,6 +7,7 @@ import argparse
 
 from cryptography.hazmat.primitives import serialization
 
+from appliance.cli import vpn as vpn_cli
 from appliance.cli.config_cmds import is_center
 from appliance.core import config, crypto, durable
 from appliance.core.errors import KeyFileError
@@ -49,4 +50,13 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
         print(f"appliance key: {priv} created, public key {pub}")
     for line in ops_cli.keys_init(cfg):
         print(line)
+    if cfg.vpn is not None:
+        try:
+            lines = vpn_cli.key_lines(cfg.vpn)
+        except PermissionError:
+            # The image's appliance-keys.service runs as the appliance user, who may not
+            # even look into /data/vpn (networkd's): the root unit makes that key.
+            lines = [f"vpn key: {cfg.vpn.private_key} is not this user's to make or read;"
+                     " `appliance vpn render` as root makes it (appliance-vpn.service)"]
+        print("\n".join(lines))
     return 0
