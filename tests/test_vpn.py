@@ -20,6 +20,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -247,6 +248,29 @@ def test_vpn_render_with_a_bad_vpn_table_is_a_config_error(tmp_path: Path) -> No
     assert r.returncode == EX_CONFIG
     assert "vpn.mtu: must be 1280..9000" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def vpn_module(*args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m appliance.vpn`: what appliance-vpn.service runs at boot."""
+    return subprocess.run([sys.executable, "-m", "appliance.vpn", *args], capture_output=True, text=True,
+                          timeout=60, cwd=REPO)
+
+
+def test_vpn_module_renders_as_the_cli_does(tmp_path: Path, open_dir: Path) -> None:
+    main = site_config(tmp_path, open_dir / "vpn")
+    r = vpn_module("render", "--config", str(main), "--out", str(tmp_path / "a"))
+    assert r.returncode == 0, r.stderr
+    assert cli("vpn", "render", "--config", str(main), "--out", str(tmp_path / "b")).returncode == 0
+    for name in netdev.FILES:
+        assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text()
+    assert "vpn public key: " in r.stdout
+
+
+def test_vpn_module_says_each_config_problem_and_exits_78(tmp_path: Path) -> None:
+    r = vpn_module("render", "--config", str(site_config(tmp_path, tmp_path, mtu=1, endpoint="x")),
+                   "--out", str(tmp_path / "o"))
+    assert r.returncode == EX_CONFIG
+    assert [line.split(": ")[2] for line in r.stderr.splitlines()] == ["vpn.endpoint", "vpn.mtu"]
 
 
 def test_keys_init_makes_the_vpn_key_too(tmp_path: Path, open_dir: Path) -> None:

@@ -7,11 +7,11 @@ import argparse
 
 from cryptography.hazmat.primitives import serialization
 
-from appliance.cli import vpn as vpn_cli
 from appliance.cli.config_cmds import is_center
 from appliance.core import config, crypto, durable
 from appliance.core.errors import KeyFileError
 from appliance.ops import cli as ops_cli
+from appliance.vpn import boot as vpn_boot
 
 
 def cmd_keys_init(args: argparse.Namespace) -> int:
@@ -52,7 +52,7 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
         print(line)
     if cfg.vpn is not None:
         try:
-            lines = vpn_cli.key_lines(cfg.vpn)
+            lines = vpn_boot.key_lines(cfg.vpn)
         except PermissionError:
             # The image's appliance-keys.service runs as the appliance user, who may not
             # even look into /data/vpn (networkd's): the root unit makes that key.

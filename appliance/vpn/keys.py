@@ -76,7 +76,7 @@ def ensure_key(path: Path) -> tuple[str, bool]:
             durable.make_dirs(path.parent, mode=0o700)
             if gid is not None:  # chmod: the process's umask (077) applied to mkdir
                 os.chown(path.parent, 0, gid)
-                os.chmod(path.parent, 0o750)
+                os.chmod(path.parent, 0o750)  # noqa: S103 (networkd's group must enter it)
         durable.atomic_write(path, (new_private_key() + "\n").encode(), mode=0o600)
     if gid is not None:
         # Also on an existing key: a key restored from a backup gets networkd's access back.
