@@ -13,9 +13,15 @@ the tunnel. QEMU's user networking can only reach the host's own loopback (10.0.
 a small UDP relay in this test carries datagrams between a socket on the host's loopback
 and one inside the namespace (WireGuard does not care what the outer addresses are).
 
+The ops broker (Mosquitto, as tests/mosquitto.py configures it) is in the namespace too,
+so the box's ops link also goes through the tunnel, and its `state` shows the handshake
+age that the root timer read and the unprivileged daemon reported.
+
 The site config is a drop-in written into a sparse copy of the image's root A with
-debugfs (the image stays as built): [vpn] with the host peer's public key, and a dicom
-destination at Orthanc's tunnel address. The guest makes its own key at boot and prints
+debugfs (the image stays as built): [vpn] with the host peer's public key, a dicom
+destination at Orthanc's tunnel address and [operations] at the broker's; the box's MQTT
+key and certificate (signed by a fleet CA made here) go into the copy's /data/keys, owned
+by the appliance user. The guest makes its own key at boot and prints
 the public key on the console (appliance-vpn.service); the test gives it to its
 wireguard-go, the guest's keepalive starts the handshake, and then a C-STORE into the
 guest (hostfwd) is packed, forwarded through the tunnel and compared with the original.
@@ -38,10 +44,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.e2e_support import J2K_LOSSLESS, compare_instance, read_dataset
+from tests.mosquitto import MOSQUITTO, Watcher
 from tests.orthanc import Orthanc
 from tests.peers import REPO, SAMPLES, dcmtk_env, free_port, wait_for
 from tests.wan import WG_RUN, Wan, _host_networks, free_subnet
@@ -157,7 +165,7 @@ def start_center(wan: Wan, tmp: Path) -> Center:
 # --- the guest: a copy of the image with the site's drop-in --------------------------------
 
 
-def site_dropin(c: Center, pacs_port: int) -> str:
+def site_dropin(c: Center, pacs_port: int, broker_port: int) -> str:
     return f"""# tests/test_image_vpn.py: the center is reached only through the tunnel
 [vpn]
 addresses = ["{c.guest_addr}/30"]
@@ -178,27 +186,49 @@ port = {pacs_port}
 ae_title = "ORTHANC"
 plaintext = true
 timeout_s = 60
+
+[operations]
+host = "{c.addr}"
+port = {broker_port}
+ca = "/data/keys/fleet-ca.pem"
+cert = "/data/keys/mqtt.pem"
+key = "/data/keys/mqtt.key"
+heartbeat_s = 5
 """
 
 
-def image_with_dropin(tmp: Path, dropin: str) -> Path:
-    """A sparse copy of the image with /etc/appliance/conf.d/vpn.toml in root A."""
+def debugfs(fs: str, script: str) -> str:
+    r = subprocess.run(["debugfs", "-w", "-f", "-", fs], input=script, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and "debugfs:" in r.stdout, r.stdout + r.stderr
+    return r.stdout + r.stderr
+
+
+def image_with(tmp: Path, dropin: str, keys: dict[str, tuple[Path, int]]) -> Path:
+    """A sparse copy of the image: /etc/appliance/conf.d/vpn.toml in root A, and `keys`
+    (name -> (file, mode)) in /data/keys, owned by the appliance user as keys init
+    would leave them."""
     disk = tmp / "disk.img"
     subprocess.run(["cp", "--sparse=always", str(IMAGE), str(disk)], check=True, timeout=300)
     r = subprocess.run(["sfdisk", "--json", str(disk)], capture_output=True, text=True, check=True,
                        timeout=60)
     parts = {p["name"]: p for p in json.loads(r.stdout)["partitiontable"]["partitions"]}
-    fs = f"{disk}?offset={int(parts['root-a']['start']) * 512}"
+    root, data = (f"{disk}?offset={int(parts[n]['start']) * 512}" for n in ("root-a", "data"))
     src = tmp / "vpn.toml"
     src.write_text(dropin)
     src.chmod(0o644)
-    script = f"mkdir /etc/appliance/conf.d\ncd /etc/appliance/conf.d\nwrite {src} vpn.toml\n"
-    r = subprocess.run(["debugfs", "-w", "-f", "-", fs], input=script, capture_output=True, text=True,
-                       timeout=60)
-    assert r.returncode == 0, r.stderr
-    got = subprocess.run(["debugfs", "-R", "cat /etc/appliance/conf.d/vpn.toml", fs], capture_output=True,
+    debugfs(root, f"mkdir /etc/appliance/conf.d\ncd /etc/appliance/conf.d\nwrite {src} vpn.toml\n")
+    passwd = subprocess.run(["debugfs", "-R", "cat /etc/passwd", root], capture_output=True, text=True,
+                            timeout=60).stdout
+    uid = next(int(f[2]) for line in passwd.splitlines() if (f := line.split(":"))[0] == "appliance")
+    script = ["cd /keys"]
+    for name, (path, mode) in keys.items():
+        script += [f"write {path} {name}", f"sif {name} uid {uid}", f"sif {name} gid {uid}",
+                   f"sif {name} mode 0{0o100000 | mode:o}"]
+    debugfs(data, "\n".join(script) + "\n")
+    got = subprocess.run(["debugfs", "-R", "cat /etc/appliance/conf.d/vpn.toml", root], capture_output=True,
                          text=True, timeout=60).stdout
-    assert got == dropin, r.stdout + r.stderr
+    assert got == dropin
     return disk
 
 
@@ -234,11 +264,45 @@ def qemu_command(tmp: Path, disk: Path, console: Path, port: int) -> list[str]:
     ]
 
 
+class CenterBroker:
+    """Mosquitto as tests/mosquitto.py configures it, but inside the center's namespace on
+    every address there (the guest reaches it through the tunnel), and a watcher."""
+
+    def __init__(self, wan: Wan, tmp: Path, center: Center) -> None:
+        from appliance.ops import pki
+        from tests.mosquitto import Broker
+
+        self.ca = tmp / "fleet"
+        pki.ca_init(self.ca, (center.addr, "127.0.0.1"))
+        self.broker = Broker(tmp / "broker", self.ca)
+        conf = self.broker.conf.read_text()
+        self.broker.conf.write_text(conf.replace(f"listener {self.broker.port} 127.0.0.1",
+                                                 f"listener {self.broker.port}"))
+        with self.broker.log.open("ab") as log:
+            wan.site.popen(MOSQUITTO, "-c", str(self.broker.conf), stdout=log, stderr=subprocess.STDOUT)
+        self.wan = wan
+        wait_for(self.listening, 30, "mosquitto listening in the center", detail=self.broker.log_text)
+        self.box_key, self.box_csr = tmp / "mqtt.key", tmp / "mqtt.csr"
+        pki.box_key_and_csr("appliance", self.box_key, self.box_csr)  # the image's [appliance] name
+        pki.sign_csr(pki.load_ca(self.ca), self.box_csr, tmp / "mqtt.pem")
+        self.box_cert = tmp / "mqtt.pem"
+
+    def listening(self) -> bool:
+        with self.wan.site.entered(), socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", self.broker.port)) == 0
+
+    def watcher(self) -> Watcher:
+        with self.wan.site.entered():  # its socket, made in connect(), lives in the namespace
+            return Watcher(self.broker, self.ca / "ops-center.pem", self.ca / "ops-center.key")
+
+
 @dataclass
 class Bed:
     center: Center
     relay: UdpRelay
     pacs: Orthanc
+    broker: CenterBroker
+    watcher: Watcher
     guest: Guest
     guest_public_key: str
 
@@ -256,7 +320,11 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
         center = start_center(wan, tmp)
         relay = UdpRelay(wan, center.relay_port)
         pacs = Orthanc(tmp / "orthanc", netns=wan.site.name).start()
-        disk = image_with_dropin(tmp, site_dropin(center, pacs.dicom_port))
+        broker = CenterBroker(wan, tmp, center)
+        watcher = broker.watcher()
+        disk = image_with(tmp, site_dropin(center, pacs.dicom_port, broker.broker.port), {
+            "mqtt.key": (broker.box_key, 0o600), "mqtt.pem": (broker.box_cert, 0o644),
+            "fleet-ca.pem": (broker.ca / "ca.pem", 0o644)})
         console, port = tmp / "console.log", free_port()
         with (tmp / "qemu.out").open("wb") as out:
             proc = subprocess.Popen(qemu_command(tmp, disk, console, port), stdin=subprocess.DEVNULL,
@@ -270,7 +338,7 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
             m = PUBKEY_LINE.search(g.console_text())
             assert m, f"no 'vpn public key:' line on the console:\n{g.tail()}"
             center.accept(m.group(1))
-            yield Bed(center, relay, pacs, g, m.group(1))
+            yield Bed(center, relay, pacs, broker, watcher, g, m.group(1))
         finally:
             proc.terminate()
             try:
@@ -278,6 +346,7 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=30)
+            watcher.close()
             pacs.stop()
             relay.close()
             disk.unlink(missing_ok=True)
@@ -310,3 +379,19 @@ def test_image_vpn_carries_the_forwarded_study_to_the_center(bed: Bed) -> None:
         if c.problems or category != "compressed":
             problems.append(f"{f.name}: {category}: {c.problems[:4]}")
     assert not problems, problems
+
+
+def test_image_vpn_state_reaches_the_ops_broker_through_the_tunnel_with_the_handshake_age(
+        bed: Bed) -> None:
+    """The ops link's broker is in the center too: the box's `state` arrives through the
+    tunnel and carries what the handshake timer read, via the unprivileged daemon."""
+    def vpn_up() -> dict[str, Any] | None:
+        for m in reversed(bed.watcher.on("appliance/appliance/state")):
+            vpn = m.json().get("vpn") or {}
+            if vpn.get("up") is True:
+                return dict(vpn)
+        return None
+    vpn = wait_for(vpn_up, timeout=240, poll=1.0, detail=lambda: str(bed.watcher.last(
+        "appliance/appliance/state")) + bed.guest.tail(), what="a state with the VPN up")
+    assert vpn["interface"] == "wg0" and vpn["reading"] == "ok", vpn
+    assert 0 <= vpn["handshake_age_s"] < 180, vpn
