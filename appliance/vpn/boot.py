@@ -5,8 +5,9 @@ key, made if missing (keys.py).
 Run as root at each boot by appliance-vpn.service, before systemd-networkd, into
 /run/systemd/network (the root file system is read-only), as `python -m appliance.vpn`:
 networkd, and so the whole network, waits for it, and importing only this (not the
-whole command line) makes it start about 8 times faster (0.06 s of CPU instead of 0.47 s
-on the build machine; ~30 s instead of ~4 s under QEMU TCG). Without [vpn] it removes the
+whole command line) costs 8 times less CPU (0.06 s instead of 0.47 s on the build
+machine, `appliance vpn render` against `python -m appliance.vpn render` with a config
+without [vpn]). Without [vpn] it removes the
 files an earlier render left there, so that taking [vpn] out of the config takes the
 tunnel away at the next boot. It reports the box's public key: the center's WireGuard
 server needs it (docs/vpn.md).
