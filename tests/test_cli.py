@@ -80,8 +80,10 @@ def test_usage_error_exits_64_with_one_line(argv: list[str]) -> None:
 
 
 @pytest.mark.parametrize(("argv", "commands"), [
-    pytest.param([], ["run", "config", "keys", "queue", "bundle", "status", "ingest", "audit", "fleet"],
-                 id="bare"),
+    pytest.param([], ["run", "config", "keys", "queue", "bundle", "status", "diagnostics", "ingest",
+                      "audit", "forward", "destination", "log-level", "fleet"], id="bare"),
+    pytest.param(["forward"], ["pause", "resume"], id="forward"),
+    pytest.param(["destination"], ["off", "on"], id="destination"),
     pytest.param(["audit"], ["show"], id="audit"),
     pytest.param(["fleet"], ["ca", "sign", "crl", "keys", "send"], id="fleet"),
     pytest.param(["fleet", "ca"], ["init"], id="fleet-ca"),

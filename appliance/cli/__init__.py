@@ -53,13 +53,14 @@ from pathlib import Path
 from typing import Any
 
 from appliance import __version__
+from appliance.cli import switches
 from appliance.cli.audit import cmd_audit_show
 from appliance.cli.bundle import cmd_bundle
 from appliance.cli.config_cmds import cmd_config_check, cmd_systemd_dropin
 from appliance.cli.keys import cmd_keys_init
 from appliance.cli.queue import cmd_queue_change, cmd_queue_list
 from appliance.cli.run import cmd_ingest, cmd_run
-from appliance.cli.status import cmd_status
+from appliance.cli.status import cmd_diagnostics, cmd_status
 from appliance.cli.vpn import add_parsers as add_vpn_parsers
 from appliance.cli.vpn import cmd_vpn_render
 from appliance.core import config, sandbox
@@ -137,6 +138,9 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("--out", type=Path, required=True, help="output folder (created if missing)")
     st = sub.add_parser("status", parents=[common], help="show the running daemon's status")
     st.add_argument("--json", action="store_true")
+    dg = sub.add_parser("diagnostics", parents=[common],
+                        help="write the running daemon's diagnostics (no patient data) to a file")
+    dg.add_argument("--out", type=Path, required=True)
     ing = sub.add_parser("ingest", parents=[common],
                          help="reading center: store bundles from the drop folder into the PACS")
     ing.add_argument("--once", action="store_true", help="one pass, print the counts, exit")
@@ -145,6 +149,7 @@ def _parser() -> argparse.ArgumentParser:
     aus = au_sub.add_parser("show", parents=[common],
                             help="print the audit messages, opened (they hold patient IDs)")
     aus.add_argument("--all", action="store_true", help="the rotated files too, oldest first")
+    switches.add_parsers(sub, common)
     add_vpn_parsers(sub, common)
     ops_cli.add_parsers(sub)
     return p
@@ -217,8 +222,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         return cmd_bundle(args)
     if args.cmd == "status":
         return cmd_status(args)
+    if args.cmd == "diagnostics":
+        return cmd_diagnostics(args)
     if args.cmd == "ingest":
         return cmd_ingest(args)
+    if args.cmd in ("forward", "destination"):
+        return switches.cmd_switch(args)
+    if args.cmd == "log-level":
+        return switches.cmd_log_level(args)
     if args.cmd == "vpn":
         return cmd_vpn_render(args)
     if args.cmd == "fleet":

@@ -119,6 +119,8 @@ class Link:
         self._lost = False
         self._inflight: dict[int, int] = {}  # mid -> event_seq
         self._sent_upto = 0
+        self._rewind: int | None = None  # replay(): send again from here (set by any thread)
+        self._rewind_lock = threading.Lock()
         self._state_seq = 0
         self._last_state: dict[str, Any] | None = None
         self._last_state_at = 0.0
@@ -144,6 +146,15 @@ class Link:
         body = messages.event_body(kind, dict(fields))
         if body is not None:
             self.outbox.add(time.time(), body)  # the link thread sends it within LOOP_S
+
+    def replay(self, since: int) -> dict[str, int]:
+        """The `replay_events` command: the kept events after `since` go out again, oldest
+        first, with their own event_seq (the center drops what it has by number)."""
+        got = self.outbox.replay(since)
+        with self._rewind_lock:
+            self._rewind = since if self._rewind is None else min(self._rewind, since)
+        log.info("ops.events_replayed", since=since, **got)
+        return got
 
     def status(self) -> dict[str, Any]:
         return {"connected": self._connected, "since": self.connected_since, "conn_seq": self.conn_seq,
@@ -233,6 +244,10 @@ class Link:
         return int(info.mid)
 
     def _send_events(self, c: mqtt.Client) -> None:
+        with self._rewind_lock:
+            rewind, self._rewind = self._rewind, None
+        if rewind is not None:
+            self._sent_upto = min(self._sent_upto, rewind)
         room = INFLIGHT_MAX // 2 - len(self._inflight)
         if room <= 0:
             return
@@ -247,7 +262,10 @@ class Link:
     def _run_commands(self, c: mqtt.Client) -> None:
         while self._commands and self.on_command is not None:
             topic, payload = self._commands.pop(0)
-            self._publish(c, "cmd/result", self.on_command(topic, payload), retain=False)
+            msg = self.on_command(topic, payload)
+            for part in msg.pop("_parts", []):  # diagnostics: the parts before the result
+                self._publish(c, f"diagnostics/{msg['cmd_id']}", part, retain=False)
+            self._publish(c, "cmd/result", msg, retain=False)
 
     def _maybe_state(self, c: mqtt.Client) -> None:
         now = time.time()

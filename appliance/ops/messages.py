@@ -32,6 +32,16 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "watchdog.withheld": ("stages",),
     "watchdog.resumed": (),
     "command.refused": ("cmd_id", "op", "code", "reason"),  # ops/commands.py: tokens and codes
+    "spool.reserve_reached": ("free_bytes", "reserve_bytes"),  # every scanner answered A700
+    "spool.reserve_left": ("free_bytes", "reserve_bytes"),
+    # a stage's loop caught an exception and runs again (daemon._loop): its class only
+    **{f"{stage}.loop_error": ("error_type",) for stage in ("pack", "forward", "failover", "receipts")},
+    # an operator's switches (forward/controls.py) and the log level (daemon): who and what
+    "forward.paused": ("by",),
+    "forward.resumed": (),
+    "destination.off": ("destination", "by"),
+    "destination.on": ("destination",),
+    "log.level_changed": ("level", "was", "by"),
 }
 
 # `reason` of destination.down/up is a class (forward/failover.reason_class) or what
@@ -108,8 +118,10 @@ def state(snap: dict[str, Any], *, seq: int, now: float, boot_id: str, conn_seq:
         "stages": _stages(snap.get("stages", {})),
         "queue": {"items": dict(snap.get("queue", {})),
                   "oldest_unsent_ts": round(now - oldest) if oldest else None,
-                  "parked": snap.get("forward", {}).get("parked", 0)},
-        "destinations": [{"name": d["name"], "up": d.get("state") == "up", "since": d.get("since"),
+                  "parked": snap.get("forward", {}).get("parked", 0),
+                  "paused": snap.get("forward", {}).get("paused") is not None},
+        "destinations": [{"name": d["name"], "up": d.get("state") == "up", "off": d.get("state") == "off",
+                          "since": d.get("since"),
                           "last_error": d.get("last_error"), "failures": d.get("failures", 0)}
                          for d in snap.get("destinations", [])],
         "disk": {"free_bytes": spool.get("free_bytes"), "reserve_bytes": spool.get("reserve_bytes"),
