@@ -15,6 +15,7 @@ import base64
 import grp
 import json
 import os
+import pwd
 import re
 import shutil
 import socket
@@ -279,6 +280,26 @@ def test_keys_init_makes_the_vpn_key_too(tmp_path: Path, open_dir: Path) -> None
     key = open_dir / "vpn" / "wireguard.key"
     assert f"vpn key: {key} created" in r.stdout
     assert f"vpn public key: {wg_pubkey(key.read_text())}" in r.stdout
+
+
+def test_keys_init_as_a_user_who_may_not_see_the_vpn_key_leaves_it_to_root(open_dir: Path) -> None:
+    """As the image's appliance-keys.service (the appliance user): /data/vpn is networkd's
+    (root:systemd-network 0750); keys init makes the other keys and says who makes that one."""
+    if os.geteuid() != 0:
+        pytest.fail("needs root (to run keys init as another user)")
+    box, vpn_dir = open_dir / "box", open_dir / "vpn"
+    box.mkdir()
+    vpn_dir.mkdir(mode=0o750)
+    nobody = pwd.getpwnam("nobody")
+    os.chown(box, nobody.pw_uid, nobody.pw_gid)
+    main = site_config(box, vpn_dir)
+    r = subprocess.run(["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups",
+                        sys.executable, "-m", "appliance", "keys", "init", "--config", str(main)],
+                       capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert f"vpn key: {vpn_dir / 'wireguard.key'} is not this user's to make or read;" in r.stdout
+    assert (box / "keys" / "spool.key").exists()
+    assert not list(vpn_dir.iterdir())
 
 
 # --- the handshake age ------------------------------------------------------------------
