@@ -57,6 +57,7 @@ from appliance.cli import switches
 from appliance.cli.audit import cmd_audit_show
 from appliance.cli.bundle import cmd_bundle
 from appliance.cli.config_cmds import cmd_config_check, cmd_systemd_dropin
+from appliance.cli.echo import cmd_echo
 from appliance.cli.keys import cmd_keys_init
 from appliance.cli.queue import cmd_queue_change, cmd_queue_list
 from appliance.cli.run import cmd_ingest, cmd_run
@@ -138,6 +139,9 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("--out", type=Path, required=True, help="output folder (created if missing)")
     st = sub.add_parser("status", parents=[common], help="show the running daemon's status")
     st.add_argument("--json", action="store_true")
+    ec = sub.add_parser("echo", parents=[common],
+                        help="does each destination answer (C-ECHO, SSH, HTTP, folder), and if not, why")
+    ec.add_argument("destinations", nargs="*", metavar="DEST", help="default: every destination")
     dg = sub.add_parser("diagnostics", parents=[common],
                         help="write the running daemon's diagnostics (no patient data) to a file")
     dg.add_argument("--out", type=Path, required=True)
@@ -222,6 +226,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return cmd_bundle(args)
     if args.cmd == "status":
         return cmd_status(args)
+    if args.cmd == "echo":
+        return cmd_echo(args)
     if args.cmd == "diagnostics":
         return cmd_diagnostics(args)
     if args.cmd == "ingest":

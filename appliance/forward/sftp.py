@@ -70,7 +70,7 @@ from paramiko.sftp import (
 from appliance.bundle import format as bundle_format
 from appliance.bundle.format import Manifest, PrivateKey
 from appliance.core.errors import IntegrityError
-from appliance.forward import Permanent, Plan, Retryable, TransportError, Unreadable, bandwidth
+from appliance.forward import Answer, Permanent, Plan, Retryable, TransportError, Unreadable, bandwidth
 from appliance.ingest.receipt import SUFFIX as RECEIPT_SUFFIX
 
 if TYPE_CHECKING:
@@ -240,12 +240,15 @@ class SftpTransport:
             plan.delivered(entry.index)
 
     def probe(self) -> bool:
-        """TCP connect, SSH handshake and host-key check within timeout_s."""
+        return self.check().ok
+
+    def check(self) -> Answer:
+        """TCP connect, SSH handshake, host-key check and login within timeout_s."""
         try:
             with self._connected(_Step("probing"), threading.Event()):
-                return True
-        except Exception:  # noqa: BLE001 - a probe answers yes or no
-            return False
+                return Answer(True, "SSH handshake done, host key as pinned, logged in")
+        except Exception as e:  # noqa: BLE001 - a probe answers, it never raises
+            return Answer(False, str(e) or type(e).__name__)
 
     def close(self) -> None:
         pass  # one connection per attempt, closed by it
