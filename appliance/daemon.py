@@ -64,6 +64,7 @@ from appliance.queue.index import open_index
 from appliance.queue.store import PRIORITY_ROUTINE, PRIORITY_STAT, Item, Queue
 from appliance.receive.scp import Receiver, ReceiveStats, identify_stored
 from appliance.spool.store import Spool
+from appliance.vpn import handshake as vpn_handshake
 
 log = structlog.get_logger("appliance.daemon")
 
@@ -580,4 +581,6 @@ class Daemon:
             **({"ops": {**self.link.status(), "last_command": self.commands.last if self.commands else None},
                 "config": desired.status(self.main_file)}
                if self.link is not None else {}),
+            **({"vpn": vpn_handshake.read(self.cfg.vpn.interface, self.cfg.vpn.peer_public_key, time.time())}
+               if self.cfg.vpn is not None else {}),
         }

@@ -11,6 +11,8 @@
     appliance bundle inspect FILE [--key KEY | --config PATH] [--json]
     appliance bundle extract FILE [--key KEY | --config PATH] --out DIR
     appliance status         [--config PATH] [--json]
+    appliance vpn render     --out DIR [--config PATH]
+                                                 the systemd-networkd files for [vpn] (root, at boot)
     appliance audit show     [--config PATH] [--all]
                                                  the local audit trail, opened (holds patient IDs)
     appliance ingest         --config CENTER.toml [--once]
@@ -36,7 +38,8 @@ list | head`) ends quietly with 141, as a tool killed by SIGPIPE does.
 
 This module owns the parser, the dispatch and that one handler; each command lives beside
 it: run.py (run, ingest), config_cmds.py (config check, systemd-dropin, and the file
-checks `run` makes too), keys.py, queue.py, bundle.py, status.py, audit.py; times.py shows times.
+checks `run` makes too), keys.py, queue.py, bundle.py, status.py, audit.py, vpn.py; times.py shows
+times.
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ from appliance.cli.keys import cmd_keys_init
 from appliance.cli.queue import cmd_queue_change, cmd_queue_list
 from appliance.cli.run import cmd_ingest, cmd_run
 from appliance.cli.status import cmd_diagnostics, cmd_status
+from appliance.cli.vpn import add_parsers as add_vpn_parsers
+from appliance.cli.vpn import cmd_vpn_render
 from appliance.core import config, sandbox
 from appliance.core.errors import EX_USAGE, ApplianceError, ConfigError, UsageError
 from appliance.ops import cli as ops_cli
@@ -149,6 +154,7 @@ def _parser() -> argparse.ArgumentParser:
                             help="print the audit messages, opened (they hold patient IDs)")
     aus.add_argument("--all", action="store_true", help="the rotated files too, oldest first")
     switches.add_parsers(sub, common)
+    add_vpn_parsers(sub, common)
     ops_cli.add_parsers(sub)
     return p
 
@@ -230,6 +236,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return switches.cmd_switch(args)
     if args.cmd == "log-level":
         return switches.cmd_log_level(args)
+    if args.cmd == "vpn":
+        return cmd_vpn_render(args)
     if args.cmd == "fleet":
         return ops_cli.dispatch(args)
     raise UsageError(f"unknown command {args.cmd}")

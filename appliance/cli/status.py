@@ -90,6 +90,26 @@ def _destination_detail(d: dict[str, Any]) -> str:
     return f" ({'; '.join(shown)})" if shown else ""
 
 
+# What `status` says of a VPN reading that is not "ok" (vpn/handshake.py's view).
+VPN_READING = {
+    "missing": "handshake unknown (no reading from appliance-vpn-handshake.timer yet)",
+    "stale": "handshake unknown (the last reading is old: is appliance-vpn-handshake.timer running?)",
+    "no interface": "NO INTERFACE (systemd-networkd did not make it: journalctl -u systemd-networkd)",
+    "no peer": "the interface has no peer with [vpn] peer_public_key (render again, restart networkd)",
+}
+
+
+def vpn_line(v: dict[str, Any]) -> str:
+    """`status`: the tunnel's state by its latest handshake with the center."""
+    if v.get("reading") != "ok":
+        what = VPN_READING.get(str(v.get("reading")), "handshake unknown")
+    elif v.get("handshake_age_s") is None:
+        what = "DOWN, no handshake yet"
+    else:
+        what = f"{'UP' if v['up'] else 'DOWN'}, last handshake {age(v['handshake_age_s'])} ago"
+    return f"vpn            {v['interface']}: {what}"
+
+
 def _print_status(st: dict[str, Any]) -> None:
     r, sp = st["receive"], st["spool"]
     for listener in st["listening"]:
@@ -137,5 +157,7 @@ def _print_status(st: dict[str, Any]) -> None:
         print(ops_cli.status_line(st["ops"]))
     if "config" in st:
         print(ops_cli.config_line(st["config"]))
+    if "vpn" in st:
+        print(vpn_line(st["vpn"]))
     for problem in st.get("problems", []):
         print(f"STUCK          {problem}")

@@ -22,6 +22,7 @@ technician; a test fails when a field here is missing there (or the other way ro
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import ipaddress
 import os
@@ -39,6 +40,7 @@ DEFAULT_CONFIG = Path("/etc/appliance/appliance.toml")
 DROPIN_DIR = "conf.d"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_HOST_RE = re.compile(r"^[A-Za-z0-9:.-]{1,253}$")  # a DNS name or an IP address
 SECRET = {"secret": True}  # field metadata: `effective` prints it as ELIDED
 ELIDED = "<elided>"
 NOT_A_KEY = {"not_a_key": True}  # field metadata: bookkeeping, not settable in a file
@@ -242,6 +244,25 @@ class Audit:
     files: int = 8  # audit.log and the rotated ones kept (the oldest beyond are removed)
 
 
+# WireGuard interface names: the kernel's limit (IFNAMSIZ 16 with the NUL), and nothing
+# a unit file or a path would read differently.
+VPN_IFACE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,14}$")
+
+
+@dataclass(frozen=True)
+class Vpn:
+    """[vpn]: a WireGuard tunnel to the center, set up by systemd-networkd from the files
+    `appliance vpn render` writes (appliance/vpn/, docs/vpn.md)."""
+    addresses: tuple[str, ...]  # this box's address(es) inside the tunnel, with prefix
+    peer_public_key: str  # the center's WireGuard public key (base64 of 32 bytes)
+    endpoint: str  # the center's WireGuard server, HOST:PORT
+    allowed_ips: tuple[str, ...]  # networks reached through the tunnel
+    interface: str = "wg0"
+    private_key: Path = Path("/data/vpn/wireguard.key")  # made by `appliance keys init`
+    persistent_keepalive_s: int = 25  # 0 = off
+    mtu: int = 1420
+
+
 @dataclass(frozen=True)
 class Appliance:
     name: str = "appliance"
@@ -263,6 +284,7 @@ class Config:
     destinations: tuple[Destination, ...] = ()
     rules: tuple[Rule, ...] = ()
     operations: Operations | None = None  # no [operations] table: no ops link
+    vpn: Vpn | None = None  # no [vpn] table: no tunnel (the site routes to the center)
     # Files read, in order, and which file set each dotted key (so that problems found
     # later, such as a missing key file, can name the file the technician must edit).
     sources: tuple[Path, ...] = field(default=(), metadata=NOT_A_KEY)
@@ -712,6 +734,99 @@ def _parse_operations(top: _Table) -> Operations | None:
     return o
 
 
+def _check_networks(interfaces: bool) -> Check:
+    """An array of IP networks (allowed_ips) or of addresses with a prefix (addresses)."""
+    def check(key: str, v: Any) -> tuple[str, ...]:
+        what = "addresses with a prefix (like 10.8.0.2/24)" if interfaces else \
+            "IP networks (like 10.8.0.0/24)"
+        if not isinstance(v, list) or not v or not all(isinstance(x, str) for x in v):
+            raise _Bad(f"must be a non-empty array of {what}")
+        out = []
+        for x in v:
+            try:
+                out.append(str(ipaddress.ip_interface(x) if interfaces
+                               else ipaddress.ip_network(x, strict=False)))
+            except ValueError:
+                raise _Bad(f"{x!r} is not one of {what}") from None
+            if interfaces and "/" not in x:
+                raise _Bad(f"{x!r} has no prefix: write it as {x}/24 or the tunnel's own")
+        return tuple(out)
+    return check
+
+
+def _check_wg_key(key: str, v: Any) -> str:
+    if not isinstance(v, str):
+        raise _Bad(f"must be a string, not {_tname(v)}")
+    try:
+        raw = base64.b64decode(v, validate=True)
+    except ValueError:
+        raw = b""
+    if len(raw) != 32:
+        raise _Bad("is not a WireGuard public key (44 characters of base64, as `wg pubkey` prints)")
+    return v
+
+
+def _check_endpoint(key: str, v: Any) -> str:
+    """HOST:PORT, HOST a DNS name or an IPv4 address, or [IPv6]:PORT."""
+    if not isinstance(v, str):
+        raise _Bad(f"must be a string, not {_tname(v)}")
+    host, sep, port = v.rpartition(":")
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ok = bool(sep) and 1 <= int(port) <= 65535
+        if bare != host:
+            ipaddress.IPv6Address(bare)
+    except ValueError:
+        ok = False
+    unbracketed_v6 = ":" in host and bare == host
+    if not ok or unbracketed_v6 or not _HOST_RE.match(bare):
+        raise _Bad(f"{v!r} is not HOST:PORT (e.g. vpn.example.org:51820, [2001:db8::1]:51820)")
+    return v
+
+
+def _parse_vpn(top: _Table) -> Vpn | None:
+    if not top.has("vpn"):
+        return None
+    t = top.table("vpn")
+    if not t.valid:
+        return None
+    d = Vpn((), "", "", ())
+    v = Vpn(
+        interface=t.string("interface", d.interface, max_len=15, pattern=VPN_IFACE_RE,
+                           hint="must be 1..15 letters, digits, '_' or '-', starting with a letter"),
+        addresses=t.get("addresses", None, _check_networks(True)),
+        private_key=t.path("private_key", d.private_key),
+        peer_public_key=t.get("peer_public_key", None, _check_wg_key),
+        endpoint=t.get("endpoint", None, _check_endpoint),
+        allowed_ips=t.get("allowed_ips", None, _check_networks(False)),
+        persistent_keepalive_s=t.integer("persistent_keepalive_s", d.persistent_keepalive_s, 0, 3600),
+        mtu=t.integer("mtu", d.mtu, 1280, 9000),
+    )
+    for name in ("addresses", "peer_public_key", "endpoint", "allowed_ips"):
+        if not t.has(name):
+            t.ctx.problem(t.key(name), "is required")
+    t.finish()
+    if v.allowed_ips and v.endpoint:
+        _check_vpn_routes(t, v)
+    return v
+
+
+def _check_vpn_routes(t: _Table, v: Vpn) -> None:
+    """The tunnel's routes must not capture the tunnel's own packets to its endpoint."""
+    nets = [ipaddress.ip_network(n) for n in v.allowed_ips]
+    if any(n.prefixlen == 0 for n in nets):
+        t.ctx.problem(t.key("allowed_ips"), "must not hold a default route (0.0.0.0/0, ::/0): name"
+                      " the center's networks (the tunnel's own packets must not enter it)")
+        return
+    try:
+        ip = ipaddress.ip_address(v.endpoint.rpartition(":")[0].strip("[]"))
+    except ValueError:
+        return  # a DNS name: resolved by networkd, not known here
+    if any(ip in n for n in nets):
+        t.ctx.problem(t.key("endpoint"), f"{ip} is inside allowed_ips: the tunnel's own packets"
+                      " would be routed into it")
+
+
 def _parse_health(t: _Table) -> Health:
     d = Health()
     h = Health(stall_s=t.number("stall_s", d.stall_s, 5, 3600))
@@ -1002,6 +1117,7 @@ def parse(data: Mapping[str, Any], origins: Mapping[str, Path], main_file: Path,
         destinations=_parse_destinations(top),
         rules=_parse_rules(top),
         operations=_parse_operations(top),
+        vpn=_parse_vpn(top),
         sources=sources or (main_file,),
         origins=dict(origins),
     )

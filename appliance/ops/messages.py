@@ -137,6 +137,8 @@ def state(snap: dict[str, Any], *, seq: int, now: float, boot_id: str, conn_seq:
         "events": outbox,
         **({"config": snap["config"]} if "config" in snap else {}),
     }
+    if "vpn" in snap:  # [vpn]: vpn/handshake.py's view (interface, up, handshake_age_s, reading)
+        msg["vpn"] = {k: snap["vpn"].get(k) for k in ("interface", "up", "handshake_age_s", "reading")}
     return fit(msg)
 
 
@@ -158,4 +160,6 @@ def comparable(msg: dict[str, Any]) -> dict[str, Any]:
     move on their own)."""
     out = {k: v for k, v in msg.items() if k not in ("ts", "seq", "counters", "disk")}
     out["stages"] = {n: s["state"] for n, s in msg["stages"].items()}
+    if "vpn" in msg:  # the tunnel going up or down is a change; its age ticking is not
+        out["vpn"] = {k: v for k, v in msg["vpn"].items() if k != "handshake_age_s"}
     return out
