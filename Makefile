@@ -23,7 +23,7 @@ PEERS := dcmtk orthanc orthanc-dicomweb openssh-server iproute2 nftables wiregua
 	mtools dosfstools fdisk qemu-system-x86 ovmf prometheus chromium
 PYTEST_ARGS ?=
 
-.PHONY: run test test-boot test-wan image image-test peers venv bench bench-receive bench-pack bench-wan \
+.PHONY: run test test-field test-ops test-boot test-wan image image-test peers venv bench bench-receive bench-pack bench-wan \
 	bench-failover lint clean
 
 $(BIN)/.installed: pyproject.toml
@@ -84,11 +84,27 @@ run: venv
 	@echo "  try: storescu -aec EDGE 127.0.0.1 11112 FILE.dcm"
 	exec $(BIN)/appliance run --config $(DEV_CONFIG)
 
-# The whole suite but its two slow tiers, each its own target that CI runs after it:
-# `make test-boot` and `make test-wan`. The slowest tests are listed at the end, so that
-# a test that grows is seen before `make test` outgrows its ~20 minutes.
+# The whole suite but its slow tiers, each its own target that CI (.ci/run) runs after it:
+# `make test-field`, `make test-ops`, `make test-boot`, `make image-test` and `make test-wan`.
+# The slowest tests are listed at the end, so that a test that grows is seen before
+# `make test` outgrows its ~20 minutes.
 test: venv peers
-	$(BIN)/python -m pytest -m "not wan and not systemd_boot and not image" --durations=15 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not wan and not systemd_boot and not image and not field and not ops" \
+	  --durations=15 $(PYTEST_ARGS)
+
+# The field tier (marker field): the real daemon and real peers killed (kill -9, SIGTERM),
+# cut and restarted for minutes: tests/test_end_to_end.py, test_durability.py,
+# test_failover_peers.py, test_pack_isolation.py, test_forward_isolation.py,
+# test_routing_peers.py (~9 minutes).
+test-field: venv peers
+	$(BIN)/python -m pytest -m field --durations=10 $(PYTEST_ARGS)
+
+# The operations-center tier (marker ops): the ops link, signed commands, desired config,
+# the fleet view and the alert rules with a real Mosquitto, Prometheus and headless
+# Chromium (tests/test_ops_link.py, test_ops_commands.py, test_ops_desired_live.py,
+# test_fleet_peers.py, test_alerts_fleet.py; ~6 minutes).
+test-ops: venv peers
+	$(BIN)/python -m pytest -m ops --durations=10 $(PYTEST_ARGS)
 
 # Only the WAN tier (marker wan, root): the emulated WAN of tests/wan.py and the appliance
 # over it (tests/test_wan_bed.py ~15 s, tests/test_wan_scenarios.py ~3.5 min,

@@ -27,6 +27,7 @@ from tests.prometheus import PROMETHEUS, Prometheus
 from tests.test_ops_link import CANARY, canary_study
 
 pytestmark = [
+    pytest.mark.ops,
     pytest.mark.peers,
     pytest.mark.skipif(not Path(MOSQUITTO).exists(), reason="mosquitto not installed (make peers)"),
     pytest.mark.skipif(not Path(PROMETHEUS).exists(), reason="prometheus not installed (make peers)"),

@@ -37,7 +37,7 @@ from tests.peers import REPO, Appliance, base_config, cli, free_port, storescu, 
 from tests.test_ops_link import CANARY, canary_study
 
 CHROMIUM = shutil.which("chromium")
-pytestmark = [pytest.mark.peers,
+pytestmark = [pytest.mark.peers, pytest.mark.ops,
               pytest.mark.skipif(not Path(MOSQUITTO).exists(), reason="mosquitto not installed (make peers)")]
 
 NORTH, SOUTH = "ct-north", "ct-south"

@@ -33,7 +33,7 @@ BOX = "dcfg-box"
 TOPIC = f"appliance/{BOX}/config"
 WAIT_S = 120  # a restart by re-exec, then CONFIRM_AFTER_S healthy, on a loaded machine
 
-pytestmark = [pytest.mark.peers,
+pytestmark = [pytest.mark.peers, pytest.mark.ops,
               pytest.mark.skipif(not Path(MOSQUITTO).exists(), reason="mosquitto not installed (make peers)")]
 
 

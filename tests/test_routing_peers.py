@@ -23,7 +23,7 @@ from tests.orthanc import Orthanc
 from tests.peers import Appliance, cli, free_port, storescu, wait_for
 from tests.test_rules import SlowPacs
 
-pytestmark = pytest.mark.peers
+pytestmark = [pytest.mark.peers, pytest.mark.field]
 
 SMALL = "MR_Philips_abdomen_11sl"
 WRIST = "MR_GE_Signa_wrist_16sl"
