@@ -86,7 +86,8 @@ def test_usage_error_exits_64_with_one_line(argv: list[str]) -> None:
     pytest.param(["fleet"], ["ca", "sign", "crl", "keys", "send"], id="fleet"),
     pytest.param(["fleet", "ca"], ["init"], id="fleet-ca"),
     pytest.param(["fleet", "keys"], ["init"], id="fleet-keys"),
-    pytest.param(["config"], ["check", "systemd-dropin"], id="config"),
+    pytest.param(["config"], ["check", "systemd-dropin", "import"], id="config"),
+    pytest.param(["keys"], ["init", "show"], id="keys"),
     pytest.param(["queue"], ["list", "show", "hold", "release", "retry", "delete"], id="queue"),
     pytest.param(["bundle"], ["inspect", "extract"], id="bundle"),
 ])
