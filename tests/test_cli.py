@@ -285,6 +285,17 @@ def test_status_json_of_a_running_daemon_says_running(appliance_factory: Callabl
     assert d["running"] is True and d["pid"] == app.proc.pid
 
 
+def test_status_shows_the_boxs_identity_after_the_counters(appliance_factory: Callable[..., Any]) -> None:
+    app = appliance_factory()
+    r = cli("status", "--config", str(app.config_path))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    first = lines.index("identity       box name: test-appliance")
+    assert all(line.startswith("identity       ") for line in lines[first:]), lines
+    key = re.compile(r"identity       appliance key \(X25519\) sha256: [0-9a-f ]{79}")
+    assert any(key.fullmatch(line) for line in lines[first:]), lines
+
+
 def test_status_with_stale_socket_exits_69(tmp_path: Path, site: dict[str, Any]) -> None:
     """A socket file left behind by a killed daemon: nobody listens on it."""
     sock_path = Path(site["appliance"]["state_dir"]) / "run" / "control.sock"
