@@ -35,8 +35,11 @@ OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 READY = "appliance: ready (READY=1)"
 # Boots that will never print READY: stop waiting at the first sign (systemd's status
-# line shortens unit names, so match the start of the name only).
-GAVE_UP = re.compile(r"You are in emergency mode|Failed to start .*appliance")
+# line shortens unit names, so match the start of the name only; a config import that
+# failed, appliance-config-import@, is not one: appliance-keys failing shows as appliance's
+# dependency failing).
+GAVE_UP = re.compile(r"You are in emergency mode|Failed to start .*appliance(?!-)"
+                     r"|Dependency failed for .*appliance")
 # Power-on to READY under TCG on this 2-core machine, shared with other work; a boot
 # that takes longer than this is a defect to look at, not to wait out.
 BOOT_DEADLINE_S = 600
