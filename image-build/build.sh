@@ -68,7 +68,7 @@ install -m 0644 "$repo/systemd/appliance.service" "$root/usr/lib/systemd/system/
 install -D -m 0644 "$repo/README.md" "$root/opt/appliance/README.md"  # the unit's Documentation=
 systemd-sysusers --root="$root"
 systemctl --root="$root" enable appliance.service appliance-keys.service appliance-identity.service \
-  systemd-networkd.service
+  systemd-networkd.service chrony.service
 # Timers that would fetch packages or write to the read-only root.
 systemctl --root="$root" mask apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.timer
 cp -r "$work/wheelhouse" "$root/opt/wheelhouse"
@@ -122,6 +122,8 @@ mkdir -p "$data/appliance/outbox" "$data/keys" "$data/config"
 chown "$uid:$uid" "$data/appliance" "$data/appliance/outbox" "$data/keys" "$data/config"
 chmod 0700 "$data/appliance" "$data/appliance/outbox" "$data/keys" "$data/config"
 cp -a "$root/var/lib/systemd" "$data/systemd"
+# chrony's drift file and NTS keys (/var/lib/chrony, a bind mount of /data/chrony).
+cp -a "$root/var/lib/chrony" "$data/chrony"
 
 # --- file systems, each in a file --------------------------------------------------------
 step "file systems"

@@ -4,7 +4,9 @@ Shared by tests/test_image*.py. QEMU in TCG mode (`/dev/kvm` here cannot boot a 
 kernel) with OVMF: the firmware code read-only, a copy of OVMF_VARS in the test's temp
 dir. The disk is opened with `snapshot=on`, so the guest's writes go to a temp file QEMU
 deletes and the built image never changes. The serial console goes to a file the tests
-read; user networking forwards a free loopback port to the guest's DICOM port 104. A
+read; user networking forwards a free loopback port to the guest's DICOM port 104 and,
+`restrict=on`, routes nothing the guest sends anywhere (its NTP client, chrony, would
+reach for public servers through QEMU's NAT otherwise). A
 human monitor (HMP) listens on a Unix socket in the temp dir, for tests that plug a
 device in while the guest runs (`Guest.monitor`). QEMU is stopped by its PID.
 
@@ -91,7 +93,8 @@ def qemu_command(tmp: Path, console: Path, port: int, monitor: Path,
                  extra: Sequence[str] = ()) -> list[str]:
     """`-cpu max`: numpy 2's wheels need x86-64-v2 (SSE4.2, POPCNT), which QEMU's default
     CPU model lacks (the daemon dies with SIGILL at import); any box we ship on has it.
-    A qemu-xhci USB controller (id `xhci`) is always there, for USB sticks."""
+    A qemu-xhci USB controller (id `xhci`) is always there, for USB sticks, and an
+    i6300esb watchdog, which systemd's RuntimeWatchdogSec= arms."""
     vars_copy = tmp / "OVMF_VARS.fd"
     shutil.copyfile(OVMF_VARS, vars_copy)
     return [
@@ -100,9 +103,10 @@ def qemu_command(tmp: Path, console: Path, port: int, monitor: Path,
         "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
         "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}",
         "-drive", f"if=virtio,format=raw,snapshot=on,file={IMAGE}",
-        "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{port}-:104",
+        "-netdev", f"user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:104",
         "-device", "virtio-net-pci,netdev=net0",
         "-device", "qemu-xhci,id=xhci",
+        "-device", "i6300esb",
         *extra,
     ]
 

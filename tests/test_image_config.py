@@ -6,7 +6,8 @@ appliance-config-import@.service): the site config is installed under /data/conf
 daemon answers as the site's AE title, and the stick's appliance-result.txt says so. Then
 a second stick with a broken config is plugged in while the box runs (the QEMU monitor's
 drive_add/device_add): it is refused, the result file on it gives the check's error
-line, and the daemon keeps the site config and is not restarted. The sticks are files
+line, and the daemon keeps the site config and is not restarted. The same boot also shows
+the clock (chrony, its state on /data). The sticks are files
 made with mkfs.vfat and mtools (no loop mounts) and read back with mtools once the guest
 says it has unmounted them. Run with `make image-test` (marker image).
 """
@@ -146,3 +147,12 @@ def test_image_shows_the_identity_on_the_console(guest: Guest) -> None:
     shown = re.compile(r"appliance key \(X25519\) sha256: [0-9a-f ]{79}")
     assert wait_for(lambda: shown.search(guest.console_text()), timeout=120, poll=1.0,
                     what="the identity on the console", detail=guest.tail)
+
+
+# --- the same boot: the clock ---------------------------------------------------------------
+
+
+def test_image_runs_chrony_with_its_state_on_data(guest: Guest) -> None:
+    text = guest.console_text()
+    assert re.search(r"Started .*chrony", text), guest.tail()
+    assert re.search(r"Mounted .*var-lib-chrony", text), guest.tail()  # /data/chrony
