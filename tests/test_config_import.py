@@ -241,3 +241,15 @@ def test_keys_show_prints_the_fingerprint_of_the_appliance_public_key(
     shown = re.search(r"appliance key \(X25519\) sha256: (.*)", out)
     assert shown and shown.group(1).replace(" ", "") == hashlib.sha256(der).hexdigest()
     assert "box name: site-box" in out and "software version: " in out
+
+
+def test_identity_names_the_slot_from_the_kernel_command_line(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from appliance.cli import identity
+
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text("BOOT_IMAGE=/vmlinuz root=PARTUUID=x ro rauc.slot=B console=ttyS0\n")
+    monkeypatch.setattr(identity, "CMDLINE", cmdline)
+    assert identity.slot() == "B"
+    cmdline.write_text("root=PARTUUID=x ro\n")
+    assert identity.slot().startswith("unknown")
