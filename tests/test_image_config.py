@@ -7,7 +7,9 @@ daemon answers as the site's AE title, and the stick's appliance-result.txt says
 a second stick with a broken config is plugged in while the box runs (the QEMU monitor's
 drive_add/device_add): it is refused, the result file on it gives the check's error
 line, and the daemon keeps the site config and is not restarted. The same boot also shows
-the clock (chrony, its state on /data). The sticks are files
+the clock (chrony, its state on /data) and, last, the hardware watchdog: an NMI panics
+the guest and QEMU's i6300esb, armed by systemd's RuntimeWatchdogSec=, resets it. The
+sticks are files
 made with mkfs.vfat and mtools (no loop mounts) and read back with mtools once the guest
 says it has unmounted them. Run with `make image-test` (marker image).
 """
@@ -156,3 +158,18 @@ def test_image_runs_chrony_with_its_state_on_data(guest: Guest) -> None:
     text = guest.console_text()
     assert re.search(r"Started .*chrony", text), guest.tail()
     assert re.search(r"Mounted .*var-lib-chrony", text), guest.tail()  # /data/chrony
+
+
+# --- last, as it resets the guest: the hardware watchdog ----------------------------------
+
+
+def test_image_hung_by_a_kernel_panic_is_reset_by_the_watchdog(guest: Guest) -> None:
+    """RuntimeWatchdogSec=60s on QEMU's i6300esb: the NMI panics the kernel (sysctl
+    kernel.unknown_nmi_panic), nothing pets the watchdog, and it resets the machine: the
+    firmware and the kernel start again. Must stay the module's last test."""
+    boots = guest.console_text().count("Linux version")
+    guest.monitor("nmi")
+    wait_for(lambda: "Kernel panic" in guest.console_text(), timeout=120, poll=1.0,
+             what="the kernel's panic after the NMI", detail=guest.tail)
+    wait_for(lambda: guest.console_text().count("Linux version") > boots, timeout=600, poll=2.0,
+             what="a second boot (the watchdog's reset)", detail=guest.tail)
