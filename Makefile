@@ -126,7 +126,9 @@ image: venv peers
 	image-build/build.sh $(BIN)/python
 
 # The image booted in QEMU (TCG, OVMF) and a C-ECHO and C-STORE from the host answered
-# (tests/test_image.py, marker image; ~1.5 min after `make image`, ~3 min in all).
+# (tests/test_image.py, marker image; ~1.5 min after `make image`, ~3 min in all), and a
+# site config imported from a USB stick and the watchdog's reset (tests/test_image_config.py,
+# one more boot: ~4 min).
 image-test: image
 	$(BIN)/python -m pytest -m image $(PYTEST_ARGS)
 

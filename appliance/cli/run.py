@@ -25,7 +25,7 @@ from appliance.ops import desired
 def cmd_run(args: argparse.Namespace) -> int:
     from appliance.daemon import Daemon
 
-    main = args.config or config.DEFAULT_CONFIG
+    main = args.config or config.default_path()
     try:
         desired.at_start(main)  # a start under the remote drop-in already failed: the previous back
     except OSError as e:  # images first: start with what is there, and say why

@@ -1,4 +1,5 @@
-"""`appliance status`: the running daemon's counters, asked over its control socket.
+"""`appliance status`: the running daemon's counters, asked over its control socket, then
+the box's identity (identity.py; not in --json).
 Nothing listening is DaemonNotRunningError (69), a daemon that does not answer in time
 DaemonUnavailable (69), a socket we may not open PermissionDeniedError (77)."""
 
@@ -27,6 +28,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     code is the same as without --json."""
     if not args.json:
         _print_status(_daemon_status(args.config))
+        _print_identity(args.config)
         return 0
     try:
         st = _daemon_status(args.config)
@@ -54,6 +56,15 @@ def cmd_diagnostics(args: argparse.Namespace) -> int:
     durable.atomic_write(args.out, json.dumps(doc, indent=1, sort_keys=True).encode(), mode=0o600)
     print(f"{args.out}: status, config (secrets elided), versions, {len(doc.get('log', []))} log events")
     return 0
+
+
+def _print_identity(config_path: Path | None) -> None:
+    """The box's identity (`appliance keys show`), as the console's login screen shows it."""
+    from appliance.cli import identity
+
+    for line in identity.lines(config.load(config_path)):
+        name, _, value = line.partition(": ")
+        print(f"{'identity':15}{name}: {value}")
 
 
 def _daemon_status(config_path: Path | None) -> dict[str, Any]:

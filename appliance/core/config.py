@@ -1,6 +1,7 @@
 """Configuration: one frozen dataclass tree, parsed once.
 
-Sources, in order: the main file (`/etc/appliance/appliance.toml`, or `--config PATH`)
+Sources, in order: the main file (`--config PATH`; without it the imported site config
+`/data/config/current/appliance.toml` when there is one, else `/etc/appliance/appliance.toml`)
 and then the drop-ins `conf.d/*.toml` beside it, in name order. A drop-in overrides the
 keys it names; tables merge key by key, arrays (such as `[[destinations]]`) are replaced
 whole, so a drop-in never half-edits a list.
@@ -37,6 +38,11 @@ from typing import Any
 from appliance.core.errors import ConfigError
 
 DEFAULT_CONFIG = Path("/etc/appliance/appliance.toml")
+# The site's config as `appliance config import` installs it (appliance/cli/config_import.py)
+# on /data, where the image's read-only root leaves room for it: when it is there, it is
+# the default instead of DEFAULT_CONFIG (which the image ships as its fallback).
+SITE_CONFIG_DIR = Path("/data/config")
+SITE_CONFIG_LINK = "current"  # SITE_CONFIG_DIR/current -> the installed set's folder
 DROPIN_DIR = "conf.d"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -1221,9 +1227,20 @@ def read(path: Path, instead: Mapping[Path, dict[str, Any] | None] | None = None
     return data, origins, main, tuple(files)
 
 
+def site_config() -> Path:
+    return SITE_CONFIG_DIR / SITE_CONFIG_LINK / "appliance.toml"
+
+
+def default_path() -> Path:
+    """The config read when no --config is given: the imported site config when there
+    is one, else DEFAULT_CONFIG."""
+    site = site_config()
+    return site if site.is_file() else DEFAULT_CONFIG
+
+
 def load(path: Path | None = None) -> Config:
     """Read the main file and its conf.d drop-ins and parse them."""
-    return parse(*read(path or DEFAULT_CONFIG))
+    return parse(*read(path or default_path()))
 
 
 def effective(cfg: Config) -> dict[str, Any]:
