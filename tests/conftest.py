@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,17 @@ from typing import Any
 import pytest
 
 from tests.peers import SAMPLES, Appliance, base_config, free_port
+
+
+@pytest.fixture(autouse=True)
+def _process_umask() -> Iterator[None]:
+    """Each test gets the umask it started with back: appliance.cli.main sets 0077 in the
+    process (as the real command should), and a test calling it in-process must not leave
+    the next test's files unreadable to the other users it runs things as."""
+    old = os.umask(0o022)
+    os.umask(old)
+    yield
+    os.umask(old)
 
 
 @pytest.fixture
