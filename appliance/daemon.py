@@ -54,6 +54,7 @@ from appliance.health.control import ControlServer, DaemonUnavailable, operator_
 from appliance.health.notify import Notifier
 from appliance.health.supervisor import Supervisor
 from appliance.ops import commands as ops_commands
+from appliance.ops import desired
 from appliance.ops import diagnostics as ops_diagnostics
 from appliance.ops import link as ops_link
 from appliance.pack.packer import Packer
@@ -63,6 +64,7 @@ from appliance.queue.index import open_index
 from appliance.queue.store import PRIORITY_ROUTINE, PRIORITY_STAT, Item, Queue
 from appliance.receive.scp import Receiver, ReceiveStats, identify_stored
 from appliance.spool.store import Spool
+from appliance.vpn import handshake as vpn_handshake
 
 log = structlog.get_logger("appliance.daemon")
 
@@ -176,8 +178,12 @@ def config_digest(cfg: Config) -> str:
 
 
 class Daemon:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, checker: desired.Checker = desired.parse_checker) -> None:
         self.cfg = cfg
+        self.checker = checker  # a remote config's check (the CLI passes `config check`'s)
+        self.main_file = cfg.sources[0] if cfg.sources else Path("appliance.toml")
+        self.desired: desired.Desired | None = None
+        self.reexec = False  # set with stop_event: run() returns and `appliance run` re-executes
         self.stop_event = threading.Event()
         self.wake_pack = threading.Event()
         self.wake_forward = threading.Event()
@@ -277,7 +283,8 @@ class Daemon:
                                             rules=cfg.rules, audit=self.audit)
         if cfg.operations:
             self.commands = ops_commands.build(cfg, self._control_handlers(), self.audit)
-            self.link = ops_link.build(cfg, sup, self.snapshot, self.commands.handle)
+            self.desired = desired.build(self.main_file, cfg, self.audit, self.checker)
+            self.link = ops_link.build(cfg, sup, self.snapshot, self.commands.handle, self._on_config)
         status = ControlServer(cfg.control_socket, self._control_handlers())
         self.metrics = health_metrics.build(cfg, sup.snapshot().keys(), self.snapshot, self._metrics_extra)
         self._install_signals()
@@ -291,6 +298,8 @@ class Daemon:
             for w in workers:
                 w.start()
             self._start_link()
+            if self.desired is not None:
+                desired.report(self.main_file)  # a rollback at this start, as an ops event
             self.notifier.ready(self.status_line())
             log.info("appliance.ready", name=cfg.appliance.name, version=__version__)
             self.audit.application(started=True)
@@ -299,7 +308,10 @@ class Daemon:
             while not self.stop_event.wait(interval):
                 self._watchdog()
         finally:
-            self.notifier.stopping()
+            if self.reexec:
+                self.notifier.reloading()
+            elif self.notifier.readied:  # a start that fails says nothing: it may be rolled
+                self.notifier.stopping()  # back and executed again (cli/run.py), same PID
             log.info("appliance.stopping")
             self._stop_link()  # `online` false now: the box is going away
             receiver.stop()
@@ -328,6 +340,35 @@ class Daemon:
         if self.link is not None:
             self._untap = applog.add_tap(self.link.on_log)
             self.link.start()
+
+    def _on_config(self, topic: str, payload: bytes) -> None:
+        """A desired config (ops/desired.py): a new drop-in in place means a restart."""
+        assert self.desired is not None
+        try:
+            applying = self.desired.handle(topic, payload)
+        except Exception as e:  # the link must live on: the retained config comes again
+            log.exception("config.failed", error_type=type(e).__name__)
+            return
+        if applying:
+            self.restart("config applying")
+
+    def restart(self, why: str) -> None:
+        """Stop as for SIGTERM, then `appliance run` executes itself again (same PID)."""
+        log.info("appliance.restarting", reason=why)
+        self.reexec = True
+        self.stop_event.set()
+
+    def _probation(self, healthy: bool) -> None:
+        """A remote config on probation: kept once healthy, rolled back past its deadline."""
+        if self.desired is None:
+            return
+        try:
+            outcome = self.desired.check(healthy, time.time() - self.started)
+        except OSError as e:  # conf.d not writable: judged again at the next turn
+            log.error("config.check_failed", error=e.strerror or type(e).__name__)
+            return
+        if outcome == "rolled back":
+            self.restart("config rolled back")
 
     def _stop_link(self) -> None:
         self._untap()
@@ -434,6 +475,7 @@ class Daemon:
             self.notifier.watchdog()
             self.notifier.status(self.status_line())
         self._problems = problems
+        self._probation(not problems)
 
     def _pack_step(self) -> bool:
         sealed = self.packer.seal_due(time.time())
@@ -536,6 +578,9 @@ class Daemon:
                         "parked": self.queue.parked_count()},
             "stages": self.supervisor.snapshot(),
             "problems": self.supervisor.problems(),
-            **({"ops": {**self.link.status(), "last_command": self.commands.last if self.commands else None}}
+            **({"ops": {**self.link.status(), "last_command": self.commands.last if self.commands else None},
+                "config": desired.status(self.main_file)}
                if self.link is not None else {}),
+            **({"vpn": vpn_handshake.read(self.cfg.vpn.interface, self.cfg.vpn.peer_public_key, time.time())}
+               if self.cfg.vpn is not None else {}),
         }

@@ -81,14 +81,17 @@ def test_usage_error_exits_64_with_one_line(argv: list[str]) -> None:
 
 @pytest.mark.parametrize(("argv", "commands"), [
     pytest.param([], ["run", "config", "keys", "queue", "bundle", "status", "echo", "diagnostics", "ingest",
-                      "audit", "forward", "destination", "log-level", "fleet"], id="bare"),
+                      "audit", "forward", "destination", "log-level", "vpn", "fleet"], id="bare"),
+    pytest.param(["vpn"], ["render"], id="vpn"),
     pytest.param(["forward"], ["pause", "resume"], id="forward"),
     pytest.param(["destination"], ["off", "on"], id="destination"),
     pytest.param(["audit"], ["show"], id="audit"),
-    pytest.param(["fleet"], ["ca", "sign", "crl", "keys", "send"], id="fleet"),
+    pytest.param(["fleet"], ["ca", "sign", "crl", "keys", "send", "status", "serve", "config"], id="fleet"),
+    pytest.param(["fleet", "config"], ["push"], id="fleet-config"),
     pytest.param(["fleet", "ca"], ["init"], id="fleet-ca"),
     pytest.param(["fleet", "keys"], ["init"], id="fleet-keys"),
-    pytest.param(["config"], ["check", "systemd-dropin"], id="config"),
+    pytest.param(["config"], ["check", "systemd-dropin", "import"], id="config"),
+    pytest.param(["keys"], ["init", "show"], id="keys"),
     pytest.param(["queue"], ["list", "show", "hold", "release", "retry", "delete"], id="queue"),
     pytest.param(["bundle"], ["inspect", "extract"], id="bundle"),
 ])
@@ -284,6 +287,17 @@ def test_status_json_of_a_running_daemon_says_running(appliance_factory: Callabl
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["running"] is True and d["pid"] == app.proc.pid
+
+
+def test_status_shows_the_boxs_identity_after_the_counters(appliance_factory: Callable[..., Any]) -> None:
+    app = appliance_factory()
+    r = cli("status", "--config", str(app.config_path))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    first = lines.index("identity       box name: test-appliance")
+    assert all(line.startswith("identity       ") for line in lines[first:]), lines
+    key = re.compile(r"identity       appliance key \(X25519\) sha256: [0-9a-f ]{79}")
+    assert any(key.fullmatch(line) for line in lines[first:]), lines
 
 
 def test_status_with_stale_socket_exits_69(tmp_path: Path, site: dict[str, Any]) -> None:

@@ -1,13 +1,8 @@
-"""The appliance image (image-build/out/appliance.img, made by `make image`) booted in QEMU.
-
-QEMU in TCG mode (`/dev/kvm` here cannot boot a Debian kernel) with OVMF: the firmware
-code read-only, a copy of OVMF_VARS in the test's temp dir. The disk is opened with
-`snapshot=on`, so the guest's writes go to a temp file QEMU deletes and the built image
-never changes. The serial console goes to a file the tests read; user networking forwards
-a free loopback port to the guest's DICOM port 104. What it shows: the image boots to
-the appliance unit's ready marker (printed after READY=1), DCMTK's echoscu and storescu
-on the host get answers from it, and what it stores is packed and delivered to the
-default config's outbox (its log lines on the console). QEMU is stopped by its PID.
+"""The appliance image (image-build/out/appliance.img, made by `make image`) booted in QEMU
+(tests/qemu.py: TCG, OVMF, the disk in snapshot mode, the console in a file). What it
+shows: the image boots to the appliance unit's ready marker (printed after READY=1),
+DCMTK's echoscu and storescu on the host get answers from it, and what it stores is
+packed and delivered to the default config's outbox (its log lines on the console).
 
 Also, without booting or mounting it, the disk as built (sfdisk, debugfs, mtools): its
 partitions, fstab, no SSH server and no passwords, GRUB on the ESP, the APPLCONFIG label,
@@ -18,97 +13,26 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.peers import REPO, SAMPLES, dcmtk_env, free_port, wait_for
+from tests.peers import SAMPLES, dcmtk_env, wait_for
+from tests.qemu import IMAGE, READY, SBOM, Guest, booted, require_tools
 
 pytestmark = [pytest.mark.image]
 
-IMAGE = REPO / "image-build" / "out" / "appliance.img"
-SBOM = REPO / "image-build" / "out" / "appliance.sbom.json"
-OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
-OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
-READY = "appliance: ready (READY=1)"
-# Boots that will never print READY: stop waiting at the first sign (systemd's status
-# line shortens unit names, so match the start of the name only).
-GAVE_UP = re.compile(r"You are in emergency mode|Failed to start .*appliance")
-# Power-on to READY under TCG on this 2-core machine, shared with other work; a boot
-# that takes longer than this is a defect to look at, not to wait out.
-BOOT_DEADLINE_S = 600
 CT = SAMPLES / "series" / "CT_Philips_Ingenuity_phantom_28sl"
-
-
-@dataclass
-class Guest:
-    proc: subprocess.Popen[bytes]
-    console: Path
-    dicom_port: int
-
-    def console_text(self) -> str:
-        return self.console.read_text(errors="replace") if self.console.exists() else ""
-
-    def settled(self) -> bool:
-        """The boot is over, one way or the other: ready, given up, or QEMU gone."""
-        text = self.console_text()
-        return READY in text or GAVE_UP.search(text) is not None or self.proc.poll() is not None
-
-    def tail(self, lines: int = 60) -> str:
-        return "\n".join(self.console_text().splitlines()[-lines:])
-
-
-def qemu_command(tmp: Path, console: Path, port: int) -> list[str]:
-    """`-cpu max`: numpy 2's wheels need x86-64-v2 (SSE4.2, POPCNT), which QEMU's default
-    CPU model lacks (the daemon dies with SIGILL at import); any box we ship on has it."""
-    vars_copy = tmp / "OVMF_VARS.fd"
-    shutil.copyfile(OVMF_VARS, vars_copy)
-    return [
-        "qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-cpu", "max", "-m", "2048", "-smp", "2",
-        "-nographic", "-monitor", "none", "-serial", f"file:{console}",
-        "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
-        "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}",
-        "-drive", f"if=virtio,format=raw,snapshot=on,file={IMAGE}",
-        "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{port}-:104",
-        "-device", "virtio-net-pci,netdev=net0",
-    ]
 
 
 @pytest.fixture(scope="module")
 def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
     """The image booted until the appliance unit is ready; QEMU stopped by PID after."""
-    if not IMAGE.is_file():
-        pytest.fail(f"{IMAGE} not found: build it with `make image` (make image-test does)")
-    for tool in ("qemu-system-x86_64", "echoscu", "storescu"):
-        if shutil.which(tool) is None:
-            pytest.fail(f"{tool} not found (make peers installs it)")
-    if not OVMF_CODE.is_file():
-        pytest.fail(f"{OVMF_CODE} not found (Debian package ovmf)")
-    tmp = tmp_path_factory.mktemp("qemu")
-    console, port = tmp / "console.log", free_port()
-    with (tmp / "qemu.out").open("wb") as out:
-        proc = subprocess.Popen(qemu_command(tmp, console, port), stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=subprocess.STDOUT)
-    g = Guest(proc, console, port)
-    try:
-        wait_for(g.settled,
-                 timeout=BOOT_DEADLINE_S, poll=1.0, what="the appliance's ready marker on the console",
-                 detail=g.tail)
-        assert proc.poll() is None, f"QEMU exited ({proc.returncode}):\n{(tmp / 'qemu.out').read_text()}"
-        assert READY in g.console_text(), f"the guest did not come up:\n{g.tail()}"
+    require_tools("echoscu", "storescu")
+    with booted(tmp_path_factory.mktemp("qemu")) as g:
         yield g
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
 
 
 def test_image_boots_to_the_ready_appliance_unit(guest: Guest) -> None:

@@ -43,6 +43,8 @@ def opened(path: Path) -> str:
     return "\n".join(m.decode() for m in read(path, AUDIT_KEY) if m is not None)
 
 
+pytestmark = pytest.mark.ops  # the ops-center tier (make test-ops)
+
 # --- in-process: the checks ---------------------------------------------------------------
 
 

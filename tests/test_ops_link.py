@@ -29,7 +29,7 @@ from appliance.ops.outbox import Outbox
 from tests.mosquitto import MOSQUITTO, Broker, Watcher, client_cert, fleet_ca, sign
 from tests.peers import Appliance, base_config, cli, free_port, storescu, wait_for
 
-pytestmark = [pytest.mark.peers,
+pytestmark = [pytest.mark.peers, pytest.mark.ops,
               pytest.mark.skipif(not Path(MOSQUITTO).exists(), reason="mosquitto not installed (make peers)")]
 
 BOX = "mobile-ct-07"

@@ -5,17 +5,23 @@
                                                  print the effective config, or every problem
     appliance config systemd-dropin [--config PATH] [--write]
                                                  the unit drop-in for paths outside /var/lib/appliance
+    appliance config import  SRC [--config-dir DIR] [--changed-marker FILE]
+                                                 check SRC/appliance.toml (+ conf.d) and install it
+                                                 under /data/config; the verdict to SRC/appliance-result.txt
     appliance keys init      [--config PATH]     create missing keys (never overwrites)
+    appliance keys show      [--config PATH]     the box's identity (name, version, slot, fingerprints)
     appliance queue list     [--config PATH] [--json]
     appliance queue show|hold|release|retry|delete ID|--all [--config PATH]
     appliance bundle inspect FILE [--key KEY | --config PATH] [--json]
     appliance bundle extract FILE [--key KEY | --config PATH] --out DIR
     appliance status         [--config PATH] [--json]
+    appliance vpn render     --out DIR [--config PATH]
+                                                 the systemd-networkd files for [vpn] (root, at boot)
     appliance audit show     [--config PATH] [--all]
                                                  the local audit trail, opened (holds patient IDs)
     appliance ingest         --config CENTER.toml [--once]
                                                  reading center: bundles from the drop folder into the PACS
-    appliance fleet ca init DIR | fleet sign BOX.csr --ca DIR
+    appliance fleet ca init DIR | fleet sign BOX.csr --ca DIR | fleet status | fleet serve
                                                  operations center: fleet CA (appliance/ops/cli.py)
 
 `config check` and `keys init` given a center config (a file with only an [ingest] table)
@@ -36,7 +42,9 @@ list | head`) ends quietly with 141, as a tool killed by SIGPIPE does.
 
 This module owns the parser, the dispatch and that one handler; each command lives beside
 it: run.py (run, ingest), config_cmds.py (config check, systemd-dropin, and the file
-checks `run` makes too), keys.py, queue.py, bundle.py, status.py, audit.py; times.py shows times.
+checks `run` makes too), config_import.py (config import), keys.py, identity.py (what
+`keys show` prints), queue.py, bundle.py, status.py, audit.py, vpn.py, switches.py,
+echo.py; times.py shows times.
 """
 
 from __future__ import annotations
@@ -54,11 +62,14 @@ from appliance.cli import switches
 from appliance.cli.audit import cmd_audit_show
 from appliance.cli.bundle import cmd_bundle
 from appliance.cli.config_cmds import cmd_config_check, cmd_systemd_dropin
+from appliance.cli.config_import import cmd_config_import
 from appliance.cli.echo import cmd_echo
-from appliance.cli.keys import cmd_keys_init
+from appliance.cli.keys import cmd_keys_init, cmd_keys_show
 from appliance.cli.queue import cmd_queue_change, cmd_queue_list
 from appliance.cli.run import cmd_ingest, cmd_run
 from appliance.cli.status import cmd_diagnostics, cmd_status
+from appliance.cli.vpn import add_parsers as add_vpn_parsers
+from appliance.cli.vpn import cmd_vpn_render
 from appliance.core import config, sandbox
 from appliance.core.errors import EX_USAGE, ApplianceError, ConfigError, UsageError
 from appliance.ops import cli as ops_cli
@@ -83,7 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"appliance {__version__}")
     common = _Parser(add_help=False)
     common.add_argument("--config", type=Path, default=None,
-                        help=f"main config file (default {config.DEFAULT_CONFIG})")
+                        help=f"main config file (default {config.site_config()} when it exists,"
+                             f" else {config.DEFAULT_CONFIG})")
     sub = p.add_subparsers(dest="cmd")
     sub.add_parser("run", parents=[common], help="run the daemon in the foreground")
     cfg = sub.add_parser("config", help="configuration")
@@ -100,10 +112,23 @@ def _parser() -> argparse.ArgumentParser:
     dropin.add_argument("--write", action="store_true",
                         help=f"write it to {sandbox.dropin_path()} instead of printing it")
     dropin.add_argument("--unit-dir", type=Path, default=sandbox.UNIT_DIR, help=argparse.SUPPRESS)
+    imp = cfg_sub.add_parser("import", help="check a config from an APPLCONFIG stick or partition"
+                                            " and install it under /data if it is valid")
+    imp.add_argument("src", type=Path, help="the mounted APPLCONFIG folder (appliance.toml, conf.d/)")
+    imp.add_argument("--config-dir", type=Path, default=config.SITE_CONFIG_DIR,
+                     help=f"where the config is installed (default {config.SITE_CONFIG_DIR})")
+    imp.add_argument("--changed-marker", type=Path, default=None,
+                     help="a file to create when a new config was installed (to restart the daemon)")
+    imp.add_argument("--systemd", action="store_true",
+                     help="also check the folders against the systemd unit's writable paths"
+                          " (automatic when the unit is installed)")
+    imp.add_argument("--unit-dir", type=Path, default=sandbox.UNIT_DIR, help=argparse.SUPPRESS)
     keys = sub.add_parser("keys", help="key management")
     keys_sub = keys.add_subparsers(dest="sub")
     keys_sub.add_parser("init", parents=[common],
                         help="create the spool key and appliance key pair if missing")
+    keys_sub.add_parser("show", parents=[common],
+                        help="the box's identity: name, version, slot, public key fingerprints")
     q = sub.add_parser("queue", help="inspect the queue")
     q_sub = q.add_subparsers(dest="sub")
     ql = q_sub.add_parser("list", parents=[common], help="list segments and bundles")
@@ -149,6 +174,7 @@ def _parser() -> argparse.ArgumentParser:
                             help="print the audit messages, opened (they hold patient IDs)")
     aus.add_argument("--all", action="store_true", help="the rotated files too, oldest first")
     switches.add_parsers(sub, common)
+    add_vpn_parsers(sub, common)
     ops_cli.add_parsers(sub)
     return p
 
@@ -211,9 +237,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "audit":
         return cmd_audit_show(args)
     if args.cmd == "config":
+        if args.sub == "import":
+            return cmd_config_import(args)
         return cmd_config_check(args) if args.sub == "check" else cmd_systemd_dropin(args)
     if args.cmd == "keys":
-        return cmd_keys_init(args)
+        return cmd_keys_init(args) if args.sub == "init" else cmd_keys_show(args)
     if args.cmd == "queue":
         return cmd_queue_list(args) if args.sub == "list" else cmd_queue_change(args)
     if args.cmd == "bundle":
@@ -230,6 +258,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return switches.cmd_switch(args)
     if args.cmd == "log-level":
         return switches.cmd_log_level(args)
+    if args.cmd == "vpn":
+        return cmd_vpn_render(args)
     if args.cmd == "fleet":
         return ops_cli.dispatch(args)
     raise UsageError(f"unknown command {args.cmd}")

@@ -25,7 +25,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
         return 0
     if key_path is None:
         raise UsageError("appliance bundle extract: give --key, or --config to use its"
-                         f" encryption.appliance_key ({config.DEFAULT_CONFIG} does not exist)")
+                         f" encryption.appliance_key ({config.default_path()} does not exist)")
     key = crypto.load_private_key(key_path)
     args.out.mkdir(parents=True, exist_ok=True)
     with _open_input(args.file) as f:
@@ -67,7 +67,7 @@ def _bundle_key(args: argparse.Namespace) -> tuple[Path | None, bool]:
     config's encryption.appliance_key (--config, or the default config when it exists)."""
     if args.key is not None:
         return args.key, True
-    if args.config is not None or config.DEFAULT_CONFIG.exists():
+    if args.config is not None or config.default_path().exists():
         return config.load(args.config).encryption.appliance_key, False
     return None, False
 

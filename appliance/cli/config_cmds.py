@@ -49,14 +49,9 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     if is_center(args):
         return _center_config_check(args)
     cfg = config.load(args.config)
-    found = check_files(cfg)
-    ops_found, ops_warnings = ops_cli.check(cfg)
-    found += ops_found
-    for w in ops_warnings:
+    found, warnings = check(cfg, args.systemd, args.unit_dir)
+    for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
-    if args.systemd or sandbox.unit_installed():
-        found += sandbox.problems(cfg, sandbox.granted(args.unit_dir),
-                                  sandbox.dropin_path(args.unit_dir))
     raise_problems(cfg, found)
     eff = config.effective(cfg)
     if args.json:
@@ -64,6 +59,18 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     else:
         print_tree(eff)
     return 0
+
+
+def check(cfg: config.Config, systemd: bool = False,
+          unit_dir: Path = sandbox.UNIT_DIR) -> tuple[list[tuple[str, str]], list[str]]:
+    """What `config check` checks beyond parsing (the files the config names, the ops
+    link's, the unit's writable paths when asked or installed): (problems, warnings)."""
+    found = check_files(cfg)
+    ops_found, warnings = ops_cli.check(cfg)
+    found += ops_found
+    if systemd or sandbox.unit_installed():
+        found += sandbox.problems(cfg, sandbox.granted(unit_dir), sandbox.dropin_path(unit_dir))
+    return found, warnings
 
 
 def cmd_systemd_dropin(args: argparse.Namespace) -> int:

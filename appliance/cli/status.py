@@ -1,4 +1,5 @@
-"""`appliance status`: the running daemon's counters, asked over its control socket.
+"""`appliance status`: the running daemon's counters, asked over its control socket, then
+the box's identity (identity.py; not in --json).
 Nothing listening is DaemonNotRunningError (69), a daemon that does not answer in time
 DaemonUnavailable (69), a socket we may not open PermissionDeniedError (77)."""
 
@@ -27,6 +28,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     code is the same as without --json."""
     if not args.json:
         _print_status(_daemon_status(args.config))
+        _print_identity(args.config)
         return 0
     try:
         st = _daemon_status(args.config)
@@ -54,6 +56,15 @@ def cmd_diagnostics(args: argparse.Namespace) -> int:
     durable.atomic_write(args.out, json.dumps(doc, indent=1, sort_keys=True).encode(), mode=0o600)
     print(f"{args.out}: status, config (secrets elided), versions, {len(doc.get('log', []))} log events")
     return 0
+
+
+def _print_identity(config_path: Path | None) -> None:
+    """The box's identity (`appliance keys show`), as the console's login screen shows it."""
+    from appliance.cli import identity
+
+    for line in identity.lines(config.load(config_path)):
+        name, _, value = line.partition(": ")
+        print(f"{'identity':15}{name}: {value}")
 
 
 def _daemon_status(config_path: Path | None) -> dict[str, Any]:
@@ -88,6 +99,26 @@ def _destination_detail(d: dict[str, Any]) -> str:
         parts.append(f"next probe in {age(d['next_probe_in_s'])}")
     shown = [p for p in parts if p]
     return f" ({'; '.join(shown)})" if shown else ""
+
+
+# What `status` says of a VPN reading that is not "ok" (vpn/handshake.py's view).
+VPN_READING = {
+    "missing": "handshake unknown (no reading from appliance-vpn-handshake.timer yet)",
+    "stale": "handshake unknown (the last reading is old: is appliance-vpn-handshake.timer running?)",
+    "no interface": "NO INTERFACE (systemd-networkd did not make it: journalctl -u systemd-networkd)",
+    "no peer": "the interface has no peer with [vpn] peer_public_key (render again, restart networkd)",
+}
+
+
+def vpn_line(v: dict[str, Any]) -> str:
+    """`status`: the tunnel's state by its latest handshake with the center."""
+    if v.get("reading") != "ok":
+        what = VPN_READING.get(str(v.get("reading")), "handshake unknown")
+    elif v.get("handshake_age_s") is None:
+        what = "DOWN, no handshake yet"
+    else:
+        what = f"{'UP' if v['up'] else 'DOWN'}, last handshake {age(v['handshake_age_s'])} ago"
+    return f"vpn            {v['interface']}: {what}"
 
 
 def _print_status(st: dict[str, Any]) -> None:
@@ -135,5 +166,9 @@ def _print_status(st: dict[str, Any]) -> None:
               + (f", last {age(since)} ago" if since is not None else ""))
     if "ops" in st:
         print(ops_cli.status_line(st["ops"]))
+    if "config" in st:
+        print(ops_cli.config_line(st["config"]))
+    if "vpn" in st:
+        print(vpn_line(st["vpn"]))
     for problem in st.get("problems", []):
         print(f"STUCK          {problem}")

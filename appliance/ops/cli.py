@@ -19,6 +19,12 @@
                   it refused or failed it, 69 when no result came within --timeout.
                   The broker lets one client per certificate in: a `fleet send` takes the
                   session of another client running with the ops-center certificate.
+    appliance fleet status --ca DIR [--json] | fleet serve --ca DIR --bind IP:PORT
+                  the fleet view: a table (or JSON) once, or a page and /metrics
+                  (ops/fleetcli.py, ops/fleet.py, ops/fleetweb.py)
+    appliance fleet config push FILE --version N --box B [--group NAME --boxes B2 ...] --key KEY --ca DIR
+                  a signed desired config (ops/push.py): to B, and to the rest only once
+                  B reports it applied and healthy.
 
 Also the ops-link parts of `keys init` and `config check` (`keys_init`, `check`), so
 that appliance/cli/ only calls in here. Errors are UsageError / KeyFileError lines.
@@ -39,7 +45,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from appliance.core import config, crypto, durable
 from appliance.core.errors import EX_DATAERR, EX_UNAVAILABLE, EX_USAGE, KeyFileError, UsageError
-from appliance.ops import commands, diagnostics, pki
+from appliance.ops import commands, diagnostics, fleetcli, pki
+from appliance.ops import push as config_push
 
 
 def add_parsers(sub: Any) -> None:
@@ -76,6 +83,8 @@ def add_parsers(sub: Any) -> None:
     send.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the result")
     send.add_argument("--out", type=Path, default=None,
                       help="diagnostics: the file to write the box's document to (JSON)")
+    fleetcli.add_parsers(fleet_sub)
+    config_push.add_parser(fleet_sub)
 
 
 def dispatch(args: argparse.Namespace) -> int:
@@ -94,6 +103,12 @@ def dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.sub == "send":
         return send(args)
+    if args.sub == "status":
+        return fleetcli.status(args)
+    if args.sub == "serve":
+        return fleetcli.serve(args)
+    if args.sub == "config":
+        return config_push.push(args)
     if args.sub == "crl":
         print("\n".join(pki.reissue_crl(args.ca, tuple(args.revoke))))
         return 0
@@ -258,3 +273,19 @@ def status_line(ops: dict[str, Any]) -> str:
            f" {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last['ts']))}" if last else "")
     return (f"ops link       {link} (conn_seq {ops.get('conn_seq')});"
             f" {ops.get('waiting', 0)} event(s) waiting{gap}{cmd}")
+
+
+def config_line(c: dict[str, Any]) -> str:
+    """The desired config in `appliance status`: the applied version, one on probation,
+    the last rolled back or refused (ops/desired.py)."""
+    parts = [f"remote config  version {c.get('version') or 0} applied"
+             if c.get("version") else "remote config  none applied"]
+    if c.get("pending") is not None:
+        parts.append(f"version {c['pending']} on probation")
+    if c.get("rolled_back") is not None:
+        at = c.get("rolled_back_at")
+        when = f" at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(at))}" if at else ""
+        parts.append(f"version {c['rolled_back']} ROLLED BACK{when}")
+    if c.get("refused") is not None:
+        parts.append(f"version {c['refused']} refused ({c.get('refused_code')})")
+    return "; ".join(parts)

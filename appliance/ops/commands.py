@@ -154,10 +154,11 @@ class Seen:
 
 # --- checks (pure) ---
 
-def parse(payload: bytes) -> tuple[dict[str, Any], bytes, bytes]:
-    """(body, signed bytes, signature) of an envelope; Refused 400 otherwise."""
-    if len(payload) > MAX_COMMAND_BYTES:
-        raise Refused(400, f"command larger than {MAX_COMMAND_BYTES} bytes")
+def parse(payload: bytes, limit: int = MAX_COMMAND_BYTES) -> tuple[dict[str, Any], bytes, bytes]:
+    """(body, signed bytes, signature) of an envelope of at most `limit` bytes; Refused
+    400 otherwise."""
+    if len(payload) > limit:
+        raise Refused(400, f"command larger than {limit} bytes")
     try:
         env = json.loads(payload)
         text, sig = env["body"], base64.b64decode(env["sig"], validate=True)

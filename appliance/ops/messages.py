@@ -42,6 +42,10 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "destination.off": ("destination", "by"),
     "destination.on": ("destination",),
     "log.level_changed": ("level", "was", "by"),
+    # ops/desired.py: versions, codes, a reason class and a key name of desired.FORBIDDEN
+    "config.applied": ("version",),
+    "config.rolled_back": ("version", "reason", "applied_version"),
+    "config.refused": ("version", "code", "reason", "key"),
 }
 
 # `reason` of destination.down/up is a class (forward/failover.reason_class) or what
@@ -49,7 +53,8 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
 REASON_CLASSES = frozenset({"malformed", "forbidden", "not found", "replay", "expired",
                             "unprocessable", "too many", "internal error", "clock not synchronised",
                             "timeout", "refused", "missing", "unreachable", "connection lost",
-                            "rejected", "failed", "probe answered", "delivered"})
+                            "rejected", "failed", "probe answered", "delivered",
+                            "did not start", "not healthy"})
 
 
 def dumps(msg: dict[str, Any]) -> bytes:
@@ -130,7 +135,10 @@ def state(snap: dict[str, Any], *, seq: int, now: float, boot_id: str, conn_seq:
         "time": {"synchronised": time_synced},
         "counters": _counters(snap.get("receive", {})),
         "events": outbox,
+        **({"config": snap["config"]} if "config" in snap else {}),
     }
+    if "vpn" in snap:  # [vpn]: vpn/handshake.py's view (interface, up, handshake_age_s, reading)
+        msg["vpn"] = {k: snap["vpn"].get(k) for k in ("interface", "up", "handshake_age_s", "reading")}
     return fit(msg)
 
 
@@ -152,4 +160,6 @@ def comparable(msg: dict[str, Any]) -> dict[str, Any]:
     move on their own)."""
     out = {k: v for k, v in msg.items() if k not in ("ts", "seq", "counters", "disk")}
     out["stages"] = {n: s["state"] for n, s in msg["stages"].items()}
+    if "vpn" in msg:  # the tunnel going up or down is a change; its age ticking is not
+        out["vpn"] = {k: v for k, v in msg["vpn"].items() if k != "handshake_age_s"}
     return out
