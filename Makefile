@@ -128,7 +128,7 @@ peers-rabbitmq:
 	  fi; \
 	fi
 
-# The telemetry tests of the ops link against RabbitMQ (marker rabbitmq; ~4 min;
+# The telemetry tests of the ops link against RabbitMQ (marker rabbitmq; 3.5-5 min;
 # tests/test_ops_link_rabbitmq.py, docs/operations.md "A clustered broker").
 test-rabbitmq: venv peers peers-rabbitmq
 	$(BIN)/python -m pytest -m rabbitmq $(PYTEST_ARGS)
