@@ -23,7 +23,7 @@ PEERS := dcmtk orthanc orthanc-dicomweb openssh-server iproute2 nftables wiregua
 	mtools dosfstools fdisk qemu-system-x86 ovmf prometheus chromium
 PYTEST_ARGS ?=
 
-.PHONY: run test test-field test-ops test-boot test-wan image image-test peers venv bench bench-receive bench-pack bench-wan \
+.PHONY: run test test-field test-ops test-rabbitmq peers-rabbitmq test-boot test-wan image image-test peers venv bench bench-receive bench-pack bench-wan \
 	bench-failover lint clean
 
 $(BIN)/.installed: pyproject.toml
@@ -85,11 +85,12 @@ run: venv
 	exec $(BIN)/appliance run --config $(DEV_CONFIG)
 
 # The whole suite but its slow tiers, each its own target that CI (.ci/run) runs after it:
-# `make test-field`, `make test-ops`, `make test-boot`, `make image-test` and `make test-wan`.
+# `make test-field`, `make test-ops`, `make test-boot`, `make image-test`, `make test-wan` and
+# `make test-rabbitmq`.
 # The slowest tests are listed at the end, so that a test that grows is seen before
 # `make test` outgrows its ~20 minutes.
 test: venv peers
-	$(BIN)/python -m pytest -m "not wan and not systemd_boot and not image and not field and not ops" \
+	$(BIN)/python -m pytest -m "not wan and not systemd_boot and not image and not field and not ops and not rabbitmq" \
 	  --durations=15 $(PYTEST_ARGS)
 
 # The field tier (marker field): the real daemon and real peers killed (kill -9, SIGTERM),
@@ -112,6 +113,25 @@ test-ops: venv peers
 # tests/test_wan_bench_smoke.py ~30 s; docs/wan.md).
 test-wan: venv peers
 	$(BIN)/python -m pytest -m wan $(PYTEST_ARGS)
+
+# RabbitMQ's MQTT plugin for the ops link, for this target only (not in PEERS: `make test`
+# does not need it). The tests start a node of their own; the system service the package
+# enables is stopped and disabled, and so is the epmd it starts.
+peers-rabbitmq:
+	@if [ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ]; then \
+	  echo "installing test peers: rabbitmq-server"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends rabbitmq-server >/dev/null; \
+	  if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then \
+	    $$SUDO systemctl disable --now rabbitmq-server.service epmd.socket epmd.service >/dev/null 2>&1 || true; \
+	  fi; \
+	fi
+
+# The telemetry tests of the ops link against RabbitMQ (marker rabbitmq; 3.5-5 min;
+# tests/test_ops_link_rabbitmq.py, docs/operations.md "A clustered broker").
+test-rabbitmq: venv peers peers-rabbitmq
+	$(BIN)/python -m pytest -m rabbitmq $(PYTEST_ARGS)
 
 # The boot tier (tests/test_systemd_boot.py, marker systemd_boot; ~2 minutes, plus ~40-60 s
 # the first time to build the container's root file system, cached in .cache/nspawn/;

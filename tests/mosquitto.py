@@ -9,6 +9,7 @@ the fleet CA (the operations center's by default) that records what arrives.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ import ssl
 import subprocess
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,13 +134,25 @@ class Watcher:
         self.c.on_message = self._on_message
         self.c.on_subscribe = lambda c, u, mid, codes, props: self.suback.extend(codes)
         self.c.loop_start()
+        # paho does not close a TLS socket whose handshake failed: it is freed with the
+        # exception, here, and not reported in some later test's garbage collection.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            try:
+                self.c.connect("127.0.0.1", broker.port, keepalive=30)
+            except OSError as e:  # the handshake refused: say so the way a timeout does
+                self.close()
+                refused = type(e).__name__
+            else:
+                refused = ""
+            if refused:
+                gc.collect()
+        if refused:
+            raise AssertionError(f"watcher connected: refused ({refused})")
         try:
-            self.c.connect("127.0.0.1", broker.port, keepalive=30)
             wait_for(self.connected.is_set, connect_timeout, "watcher connected")
-        except (OSError, AssertionError) as e:
+        except AssertionError:
             self.close()
-            if isinstance(e, OSError):  # the handshake refused: say so the way a timeout does
-                raise AssertionError(f"watcher connected: refused ({type(e).__name__})") from None
             raise
 
     def _on_connect(self, c: mqtt.Client, u: Any, flags: Any, rc: Any, props: Any) -> None:
