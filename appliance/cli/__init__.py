@@ -15,6 +15,9 @@
                                                  the local audit trail, opened (holds patient IDs)
     appliance ingest         --config CENTER.toml [--once]
                                                  reading center: bundles from the drop folder into the PACS
+    appliance update FILE    [--config PATH] [--no-reboot] [--once]
+                                                 install an update bundle (RAUC) and reboot into it
+    appliance update-gate    [--config PATH]     the mark-good unit: keep the booted slot if healthy
     appliance fleet ca init DIR | fleet sign BOX.csr --ca DIR
                                                  operations center: fleet CA (appliance/ops/cli.py)
 
@@ -36,7 +39,7 @@ list | head`) ends quietly with 141, as a tool killed by SIGPIPE does.
 
 This module owns the parser, the dispatch and that one handler; each command lives beside
 it: run.py (run, ingest), config_cmds.py (config check, systemd-dropin, and the file
-checks `run` makes too), keys.py, queue.py, bundle.py, status.py, audit.py; times.py shows times.
+checks `run` makes too), keys.py, queue.py, bundle.py, status.py, audit.py, update.py; times.py shows times.
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ from appliance.cli.keys import cmd_keys_init
 from appliance.cli.queue import cmd_queue_change, cmd_queue_list
 from appliance.cli.run import cmd_ingest, cmd_run
 from appliance.cli.status import cmd_status
+from appliance.cli.update import add_parsers as add_update_parsers
+from appliance.cli.update import cmd_update, cmd_update_gate
 from appliance.core import config, sandbox
 from appliance.core.errors import EX_USAGE, ApplianceError, ConfigError, UsageError
 from appliance.ops import cli as ops_cli
@@ -140,6 +145,7 @@ def _parser() -> argparse.ArgumentParser:
     aus = au_sub.add_parser("show", parents=[common],
                             help="print the audit messages, opened (they hold patient IDs)")
     aus.add_argument("--all", action="store_true", help="the rotated files too, oldest first")
+    add_update_parsers(sub, common)
     ops_cli.add_parsers(sub)
     return p
 
@@ -213,6 +219,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return cmd_status(args)
     if args.cmd == "ingest":
         return cmd_ingest(args)
+    if args.cmd == "update":
+        return cmd_update(args)
+    if args.cmd == "update-gate":
+        return cmd_update_gate(args)
     if args.cmd == "fleet":
         return ops_cli.dispatch(args)
     raise UsageError(f"unknown command {args.cmd}")
