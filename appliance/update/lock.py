@@ -48,6 +48,18 @@ def _try(fd: int, how: int) -> bool:
         raise
 
 
+def pending(path: Path) -> bool:
+    """Does an update hold or wait for the lock (so new work would be refused)?"""
+    try:
+        fd = _open(path.with_name(PENDING_NAME))
+    except OSError:
+        return False
+    try:
+        return not _try(fd, fcntl.LOCK_SH)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def work(path: Path) -> Iterator[None]:
     """Hold a shared lock while the body runs; UpdatePending at once if an update holds
