@@ -14,14 +14,15 @@ DEV_CONFIG := config/appliance.dev.toml
 # nsenter/unshare), the MQTT broker of the ops link (mosquitto; the tests start their own
 # on a loopback port, so the system service the package enables is stopped and disabled),
 # and what builds and boots the appliance image (grub-efi-amd64-bin, mtools, dosfstools,
-# fdisk for sfdisk; qemu-system-x86 and ovmf); and prometheus for `promtool check metrics`
+# fdisk for sfdisk; qemu-system-x86 and ovmf; rauc and squashfs-tools for the update
+# bundle); and prometheus for `promtool check metrics`
 # on a scrape of the metrics endpoint (its system service is stopped and disabled too).
 PEERS := dcmtk orthanc orthanc-dicomweb openssh-server iproute2 nftables wireguard-go \
 	wireguard-tools mmdebstrap systemd-container util-linux mosquitto grub-efi-amd64-bin \
-	mtools dosfstools fdisk qemu-system-x86 ovmf prometheus
+	mtools dosfstools fdisk qemu-system-x86 ovmf prometheus rauc squashfs-tools
 PYTEST_ARGS ?=
 
-.PHONY: run test test-boot test-wan image image-test peers venv bench bench-receive bench-pack bench-wan \
+.PHONY: run test test-boot test-wan image image-test update-bundle peers venv bench bench-receive bench-pack bench-wan \
 	bench-failover lint clean
 
 $(BIN)/.installed: pyproject.toml
@@ -56,6 +57,8 @@ peers:
 	command -v qemu-system-x86_64 >/dev/null || missing="$$missing qemu-system-x86"; \
 	test -f /usr/share/OVMF/OVMF_CODE_4M.fd || missing="$$missing ovmf"; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	command -v rauc >/dev/null || missing="$$missing rauc"; \
+	command -v mksquashfs >/dev/null || missing="$$missing squashfs-tools"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing test peers:$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
@@ -100,6 +103,14 @@ test-boot: venv peers
 # cached in .cache/image/).
 image: venv peers
 	image-build/build.sh $(BIN)/python
+
+# A signed RAUC update bundle (verity) of the root file system `make image` built:
+# image-build/out/update.raucb (docs/updates.md). VERSION names it (default: the
+# appliance's version and the build's UTC time); RAUC_KEY, RAUC_CERT, RAUC_KEYRING name
+# release signing files (default: development ones, made in .cache/rauc-keys/).
+update-bundle: image
+	image-build/update-bundle.sh image-build/out/rootfs.ext4 image-build/out/update.raucb \
+	  "$${VERSION:-$$($(BIN)/python -c 'import appliance; print(appliance.__version__)')-$$(date -u +%Y%m%d%H%M%S)}"
 
 # The image booted in QEMU (TCG, OVMF) and a C-ECHO and C-STORE from the host answered
 # (tests/test_image.py, marker image; ~1.5 min after `make image`, ~3 min in all).
