@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,9 @@ from appliance.core.errors import ApplianceError
 RAUC = "rauc"
 INSTALL_TIMEOUT_S = 3600.0  # 1.5 GiB written and checked on a slow eMMC: minutes, not an hour
 QUERY_TIMEOUT_S = 60.0
+BUSY = "already processing"  # RAUC's D-Bus answer while another call (an install) runs
+BUSY_WAIT_S = INSTALL_TIMEOUT_S
+BUSY_POLL_S = 5.0
 
 
 class UpdateError(ApplianceError):
@@ -25,14 +29,22 @@ class UpdateError(ApplianceError):
     exit_code = 65
 
 
-def _run(args: list[str], timeout: float) -> str:
-    try:
-        r = subprocess.run([RAUC, *args], capture_output=True, text=True, timeout=timeout,
-                           stdin=subprocess.DEVNULL)
-    except FileNotFoundError:
-        raise UpdateError("rauc is not installed (updates need the appliance image)") from None
-    except subprocess.TimeoutExpired:
-        raise UpdateError(f"rauc {args[0]} did not finish within {timeout:.0f} s") from None
+def _run(args: list[str], timeout: float, busy_wait_s: float = BUSY_WAIT_S) -> str:
+    """RAUC's service does one thing at a time: while it installs, a query or a mark is
+    refused ("already processing"); it is asked again every BUSY_POLL_S, for at most
+    `busy_wait_s`."""
+    deadline = time.monotonic() + busy_wait_s
+    while True:
+        try:
+            r = subprocess.run([RAUC, *args], capture_output=True, text=True, timeout=timeout,
+                               stdin=subprocess.DEVNULL)
+        except FileNotFoundError:
+            raise UpdateError("rauc is not installed (updates need the appliance image)") from None
+        except subprocess.TimeoutExpired:
+            raise UpdateError(f"rauc {args[0]} did not finish within {timeout:.0f} s") from None
+        if r.returncode == 0 or BUSY not in r.stderr or time.monotonic() >= deadline:
+            break
+        time.sleep(BUSY_POLL_S)
     if r.returncode != 0:
         said = [line for line in (r.stderr + r.stdout).splitlines() if line.strip()]
         raise UpdateError(f"rauc {args[0]} failed: {said[-1] if said else f'exit {r.returncode}'}")
