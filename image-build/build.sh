@@ -137,7 +137,8 @@ mkfs.ext4 -q -F -L data -U "$data_fsuuid" -d "$data" "$work/data.ext4" "$(size d
 sed -e "s/@ROOT_A_PARTUUID@/$(partuuid 2)/" -e "s/@ROOT_B_PARTUUID@/$(partuuid 3)/" \
   "$here/grub.cfg" > "$work/grub.cfg"
 grub-script-check "$work/grub.cfg"
-sed -e "s/@ESP_FSUUID@/$esp_fsuuid/" "$here/grub-early.cfg" > "$work/grub-early.cfg"
+# (without its comments: GRUB runs an embedded config without normal mode, which knows no "#")
+sed -e "s/@ESP_FSUUID@/$esp_fsuuid/" -e "/^#/d" "$here/grub-early.cfg" > "$work/grub-early.cfg"
 grub-mkimage --format=x86_64-efi --output="$work/BOOTX64.EFI" --prefix=/EFI/BOOT \
   --config="$work/grub-early.cfg" part_gpt fat ext2 search search_fs_uuid normal linux boot \
   serial terminal echo test efi_gop loadenv regexp

@@ -4,7 +4,8 @@ update-bundle` made, image-build/out/update.raucb).
 One disk for the whole module: a sparse copy of the built image (which never changes),
 kept across the QEMU runs the scenarios need, in order: the update installed from a
 stick, booted and kept; then a broken update (its appliance.service fails) installed the
-same way, which fails the health gate and falls back to the old slot by itself. The
+same way, QEMU killed during its trial boot (a power cut) and started again: GRUB tries
+it again, the health gate rejects it, and the box falls back to the old slot by itself. The
 stick is a second, read-only virtio disk with a file system labelled APPLUPDATE
 (udev starts appliance-update-stick.service for it: `appliance update --once`). Each
 check is on the serial console: GRUB's "grub: booting slot X", the updater's and the
@@ -174,7 +175,8 @@ def kept(box: Box) -> Iterator[tuple[Run, float]]:
         run.wait(r"grub: booting slot A")
         m = run.wait(r"appliance-update: installed into slot B in (\d+) s")
         run.wait(r"grub: booting slot B", after=m.end())
-        run.wait(r"appliance-update: kept slot B", after=m.end())
+        kept = run.wait(r"appliance-update: kept slot B", after=m.end())
+        run.wait(r"appliance-update: rauc status \{", after=kept.end())
         yield run, float(m.group(1))
     finally:
         run.stop()
@@ -195,8 +197,12 @@ def test_update_bundle_is_installed_boots_and_is_kept(kept: tuple[Run, float]) -
     print(f"install: {kept[1]:.0f} s (rauc install, as appliance update measured it)")
 
 
-def test_broken_update_fails_the_gate_and_falls_back_by_itself(
+def test_broken_update_killed_in_its_trial_boot_falls_back_by_itself_spool_intact(
         box: Box, kept: tuple[Run, float]) -> None:
+    """A bundle whose appliance.service fails, installed from a stick; QEMU killed (power
+    cut) during its first trial boot; powered on again without the stick: GRUB tries the
+    new slot again (boot 2 of 3), the gate rejects it (the daemon restarted 3 times), and
+    the box reboots into the old slot by itself, which it keeps; /data came through."""
     bundle = make_broken_bundle(box.tmp, f"broken-{int(time.time())}")
     stick = box.tmp / "stick-broken.img"
     make_stick(bundle, stick)
@@ -204,17 +210,29 @@ def test_broken_update_fails_the_gate_and_falls_back_by_itself(
     try:
         run.wait(r"grub: booting slot B")
         m = run.wait(r"appliance-update: installed into slot A in \d+ s")
-        trial = run.wait(r"grub: booting slot A", after=m.end())
+        run.wait(r"grub: booting slot A \(boot 1 of 3\)", after=m.end())
+    finally:
+        run.proc.kill()  # the power cut: no shutdown, no flush
+        run.proc.wait(timeout=60)
+    run = box.start(None)
+    try:
+        trial = run.wait(r"grub: booting slot A \(boot 2 of 3\)")
         t0 = time.monotonic()
-        rejected = run.wait(r"appliance-update: rejected slot A \(appliance.service", after=trial.end())
+        rejected = run.wait(r"appliance-update: rejected slot A \(appliance.service restarted",
+                            after=trial.end())
         back = run.wait(r"grub: booting slot B", after=rejected.end())
         run.wait(r"appliance-update: slot A \(version broken-\d+\) failed its trial: back on slot B",
                  after=back.end())
-        run.wait(r"appliance-update: kept slot B", after=back.end())
-        print(f"fallback: {time.monotonic() - t0:.0f} s from the trial boot to the old slot kept")
+        kept = run.wait(r"appliance-update: kept slot B", after=back.end())
+        run.wait(r"appliance-update: rauc status \{", after=kept.end())
+        print(f"fallback: {time.monotonic() - t0:.0f} s from the trial boot's GRUB line to the old slot kept")
     finally:
         run.stop()
-    st = rauc_status(run.text())
+    text = run.text()
+    st = rauc_status(text)
     assert st["booted"] == "B"
     assert slot_by_bootname(st, "A")["boot_status"] == "bad"
     assert slot_by_bootname(st, "B")["boot_status"] == "good"
+    recovered = [json.loads(line[line.index("{"):]) for line in text[back.end():].splitlines()
+                 if '"spool.recovered"' in line]
+    assert recovered and recovered[-1]["quarantined"] == 0 and recovered[-1]["adopt_failed"] == 0, recovered
