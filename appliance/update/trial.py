@@ -27,19 +27,20 @@ class Trial:
     ops_link_was_up: bool
 
 
-def read(path: Path = PATH) -> Trial | None:
+def read(path: Path | None = None) -> Trial | None:
     try:
-        d = json.loads(path.read_text())
+        d = json.loads((path or PATH).read_text())
         return Trial(slot=str(d["slot"]), version=str(d["version"]),
                      ops_link_was_up=bool(d["ops_link_was_up"]))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def write(trial: Trial, path: Path = PATH) -> None:
+def write(trial: Trial, path: Path | None = None) -> None:
+    path = path or PATH
     durable.make_dirs(path.parent)
     durable.atomic_write(path, json.dumps(asdict(trial)).encode())
 
 
-def clear(path: Path = PATH) -> None:
-    durable.unlink_durable(path)
+def clear(path: Path | None = None) -> None:
+    durable.unlink_durable(path or PATH)
