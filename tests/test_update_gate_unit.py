@@ -82,3 +82,17 @@ def test_healthy_slot_not_on_trial_is_marked_good(box: Any) -> None:
     b, args = box("A", HEALTHY, on_trial=None)
     assert cli_update.cmd_update_gate(args, sleep=lambda s: None) == 0
     assert b.marks == [("good", "booted")]
+
+
+def test_update_of_a_missing_bundle_is_not_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli_update.os, "geteuid", lambda: 0)
+    args = argparse.Namespace(file=tmp_path / "update.raucb", config=None)
+    with pytest.raises(cli_update.NotFoundError):
+        cli_update.cmd_update(args)
+
+
+def test_update_needs_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli_update.os, "geteuid", lambda: 1000)
+    args = argparse.Namespace(file=tmp_path / "update.raucb", config=None)
+    with pytest.raises(cli_update.PermissionDeniedError):
+        cli_update.cmd_update(args)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.core import config
-from appliance.core.errors import EX_TEMPFAIL, PermissionDeniedError
+from appliance.core.errors import EX_TEMPFAIL, NotFoundError, PermissionDeniedError
 from appliance.update import gate, lock, rauc, trial
 
 UNIT = "appliance.service"
@@ -75,6 +75,8 @@ def _ops_link_up(st: dict[str, Any] | None) -> bool | None:
 
 def cmd_update(args: argparse.Namespace) -> int:
     _need_root()
+    if not args.file.is_file():
+        raise NotFoundError(f"{args.file}: no such bundle")
     cfg = config.load(args.config)
     version = str(rauc.info(args.file).get("version", ""))
     if args.once and version in rauc.installed_versions(rauc.status()):
