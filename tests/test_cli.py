@@ -80,7 +80,8 @@ def test_usage_error_exits_64_with_one_line(argv: list[str]) -> None:
 
 
 @pytest.mark.parametrize(("argv", "commands"), [
-    pytest.param([], ["run", "config", "keys", "queue", "bundle", "status", "ingest", "audit", "fleet"],
+    pytest.param([], ["run", "config", "keys", "queue", "bundle", "status", "ingest", "audit", "update",
+                      "update-gate", "fleet"],
                  id="bare"),
     pytest.param(["audit"], ["show"], id="audit"),
     pytest.param(["fleet"], ["ca", "sign", "crl", "keys", "send"], id="fleet"),
