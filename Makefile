@@ -15,14 +15,16 @@ DEV_CONFIG := config/appliance.dev.toml
 # on a loopback port, so the system service the package enables is stopped and disabled),
 # and what builds and boots the appliance image (grub-efi-amd64-bin, mtools, dosfstools,
 # fdisk for sfdisk; qemu-system-x86 and ovmf; rauc and squashfs-tools for the update
-# bundle); and prometheus for `promtool check metrics`
-# on a scrape of the metrics endpoint (its system service is stopped and disabled too).
+# bundle); prometheus: `promtool check metrics` on
+# a scrape of the metrics endpoint, `promtool check/test rules` on config/ops-center/, and a
+# real Prometheus in tests/test_alerts_fleet.py (its system service is stopped and disabled too);
+# and chromium, the headless browser that reads and screenshots the fleet page.
 PEERS := dcmtk orthanc orthanc-dicomweb openssh-server iproute2 nftables wireguard-go \
 	wireguard-tools mmdebstrap systemd-container util-linux mosquitto grub-efi-amd64-bin \
-	mtools dosfstools fdisk qemu-system-x86 ovmf prometheus rauc squashfs-tools
+	mtools dosfstools fdisk qemu-system-x86 ovmf prometheus chromium rauc squashfs-tools
 PYTEST_ARGS ?=
 
-.PHONY: run test test-boot test-wan image image-test update-bundle peers venv bench bench-receive bench-pack bench-wan \
+.PHONY: run test test-field test-ops test-boot test-wan image image-test update-bundle peers venv bench bench-receive bench-pack bench-wan \
 	bench-failover lint clean
 
 $(BIN)/.installed: pyproject.toml
@@ -57,6 +59,7 @@ peers:
 	command -v qemu-system-x86_64 >/dev/null || missing="$$missing qemu-system-x86"; \
 	test -f /usr/share/OVMF/OVMF_CODE_4M.fd || missing="$$missing ovmf"; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	command -v rauc >/dev/null || missing="$$missing rauc"; \
 	command -v mksquashfs >/dev/null || missing="$$missing squashfs-tools"; \
 	if [ -n "$$missing" ]; then \
@@ -69,6 +72,11 @@ peers:
 	      $$SUDO systemctl disable --now mosquitto.service >/dev/null 2>&1 || true; \
 	    fi;; \
 	  esac; \
+	  case "$$missing" in *prometheus*) \
+	    if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then \
+	      $$SUDO systemctl disable --now prometheus.service prometheus-node-exporter.service >/dev/null 2>&1 || true; \
+	    fi;; \
+	  esac; \
 	fi
 
 run: venv
@@ -79,11 +87,27 @@ run: venv
 	@echo "  try: storescu -aec EDGE 127.0.0.1 11112 FILE.dcm"
 	exec $(BIN)/appliance run --config $(DEV_CONFIG)
 
-# The whole suite but its two slow tiers, each its own target that CI runs after it:
-# `make test-boot` and `make test-wan`. The slowest tests are listed at the end, so that
-# a test that grows is seen before `make test` outgrows its ~20 minutes.
+# The whole suite but its slow tiers, each its own target that CI (.ci/run) runs after it:
+# `make test-field`, `make test-ops`, `make test-boot`, `make image-test` and `make test-wan`.
+# The slowest tests are listed at the end, so that a test that grows is seen before
+# `make test` outgrows its ~20 minutes.
 test: venv peers
-	$(BIN)/python -m pytest -m "not wan and not systemd_boot and not image" --durations=15 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not wan and not systemd_boot and not image and not field and not ops" \
+	  --durations=15 $(PYTEST_ARGS)
+
+# The field tier (marker field): the real daemon and real peers killed (kill -9, SIGTERM),
+# cut and restarted for minutes: tests/test_end_to_end.py, test_durability.py,
+# test_failover_peers.py, test_pack_isolation.py, test_forward_isolation.py,
+# test_routing_peers.py (~9 minutes).
+test-field: venv peers
+	$(BIN)/python -m pytest -m field --durations=10 $(PYTEST_ARGS)
+
+# The operations-center tier (marker ops): the ops link, signed commands, desired config,
+# the fleet view and the alert rules with a real Mosquitto, Prometheus and headless
+# Chromium (tests/test_ops_link.py, test_ops_commands.py, test_ops_desired_live.py,
+# test_fleet_peers.py, test_alerts_fleet.py; ~6 minutes).
+test-ops: venv peers
+	$(BIN)/python -m pytest -m ops --durations=10 $(PYTEST_ARGS)
 
 # Only the WAN tier (marker wan, root): the emulated WAN of tests/wan.py and the appliance
 # over it (tests/test_wan_bed.py ~15 s, tests/test_wan_scenarios.py ~3.5 min,

@@ -42,8 +42,10 @@ from appliance.core import crypto, durable, hardening
 from appliance.core import log as applog
 from appliance.core import pynetdicom_compat as compat
 from appliance.core.config import Config, Destination
-from appliance.core.errors import ConfigError, StateError
+from appliance.core.config import effective as effective_config
+from appliance.core.errors import ApplianceError, ConfigError, StateError, UsageError
 from appliance.forward import Transport, conversion, receipts, registry
+from appliance.forward.controls import Controls
 from appliance.forward.dicom.transport import STREAM_THRESHOLD
 from appliance.forward.receipts import ReceiptPoller
 from appliance.forward.scheduler import PROBE_WAIT_S, Forwarder
@@ -52,6 +54,8 @@ from appliance.health.control import ControlServer, DaemonUnavailable, operator_
 from appliance.health.notify import Notifier
 from appliance.health.supervisor import Supervisor
 from appliance.ops import commands as ops_commands
+from appliance.ops import desired
+from appliance.ops import diagnostics as ops_diagnostics
 from appliance.ops import link as ops_link
 from appliance.pack.packer import Packer
 from appliance.pack.pool import CodecPool
@@ -61,6 +65,7 @@ from appliance.queue.store import PRIORITY_ROUTINE, PRIORITY_STAT, Item, Queue
 from appliance.receive.scp import Receiver, ReceiveStats, identify_stored
 from appliance.spool.store import Spool
 from appliance.update import lock as update_lock
+from appliance.vpn import handshake as vpn_handshake
 
 log = structlog.get_logger("appliance.daemon")
 
@@ -174,8 +179,12 @@ def config_digest(cfg: Config) -> str:
 
 
 class Daemon:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, checker: desired.Checker = desired.parse_checker) -> None:
         self.cfg = cfg
+        self.checker = checker  # a remote config's check (the CLI passes `config check`'s)
+        self.main_file = cfg.sources[0] if cfg.sources else Path("appliance.toml")
+        self.desired: desired.Desired | None = None
+        self.reexec = False  # set with stop_event: run() returns and `appliance run` re-executes
         self.stop_event = threading.Event()
         self.wake_pack = threading.Event()
         self.wake_forward = threading.Event()
@@ -193,6 +202,8 @@ class Daemon:
         self._untap: Callable[[], None] = lambda: None
         self.metrics: tuple[health_metrics.MetricsServer, health_metrics.Tally] | None = None
         self._untap_metrics: Callable[[], None] = lambda: None
+        self.recent = ops_diagnostics.Recent()  # the last log events, for diagnostics
+        self._untap_recent: Callable[[], None] = lambda: None
 
     def run(self) -> int:
         cfg = self.cfg
@@ -262,7 +273,9 @@ class Daemon:
         self.forwarder = forwarder = Forwarder(queue, transports, cfg.queue,
                                                beat=self.stages["forward"].beat,
                                                wake=self.wake_forward.set, copies=copies,
-                                               audit=ForwardAudit(self.audit, cfg))
+                                               audit=ForwardAudit(self.audit, cfg),
+                                               controls=Controls(cfg.appliance.state_dir,
+                                                                 [t.name for t in transports]))
         for h in forwarder.health.all():
             if not h.up:  # kept from before the restart (forward.failover)
                 log.warning("destination.still_down", destination=h.name, reason=h.last_error)
@@ -272,19 +285,23 @@ class Daemon:
                                             update_lock=update_lock.path_in(cfg.appliance.state_dir))
         if cfg.operations:
             self.commands = ops_commands.build(cfg, self._control_handlers(), self.audit)
-            self.link = ops_link.build(cfg, sup, self.snapshot, self.commands.handle)
+            self.desired = desired.build(self.main_file, cfg, self.audit, self.checker)
+            self.link = ops_link.build(cfg, sup, self.snapshot, self.commands.handle, self._on_config)
         status = ControlServer(cfg.control_socket, self._control_handlers())
         self.metrics = health_metrics.build(cfg, sup.snapshot().keys(), self.snapshot, self._metrics_extra)
         self._install_signals()
         try:
             self.listeners = receiver.start()
             status.start()
+            self._untap_recent = applog.add_tap(self.recent)
             self._start_metrics()
             for host, port, tls in self.listeners:
                 log.info("listening", host=host, port=port, tls=tls, ae_title=cfg.receive.ae_title)
             for w in workers:
                 w.start()
             self._start_link()
+            if self.desired is not None:
+                desired.report(self.main_file)  # a rollback at this start, as an ops event
             self.notifier.ready(self.status_line())
             log.info("appliance.ready", name=cfg.appliance.name, version=__version__)
             self.audit.application(started=True)
@@ -293,7 +310,10 @@ class Daemon:
             while not self.stop_event.wait(interval):
                 self._watchdog()
         finally:
-            self.notifier.stopping()
+            if self.reexec:
+                self.notifier.reloading()
+            elif self.notifier.readied:  # a start that fails says nothing: it may be rolled
+                self.notifier.stopping()  # back and executed again (cli/run.py), same PID
             log.info("appliance.stopping")
             self._stop_link()  # `online` false now: the box is going away
             receiver.stop()
@@ -312,6 +332,7 @@ class Daemon:
             self._stop_metrics()
             index.close()
             self.audit.application(started=False)
+            self._untap_recent()
             os.close(lock_fd)
             log.info("appliance.stopped")
         return 0
@@ -321,6 +342,35 @@ class Daemon:
         if self.link is not None:
             self._untap = applog.add_tap(self.link.on_log)
             self.link.start()
+
+    def _on_config(self, topic: str, payload: bytes) -> None:
+        """A desired config (ops/desired.py): a new drop-in in place means a restart."""
+        assert self.desired is not None
+        try:
+            applying = self.desired.handle(topic, payload)
+        except Exception as e:  # the link must live on: the retained config comes again
+            log.exception("config.failed", error_type=type(e).__name__)
+            return
+        if applying:
+            self.restart("config applying")
+
+    def restart(self, why: str) -> None:
+        """Stop as for SIGTERM, then `appliance run` executes itself again (same PID)."""
+        log.info("appliance.restarting", reason=why)
+        self.reexec = True
+        self.stop_event.set()
+
+    def _probation(self, healthy: bool) -> None:
+        """A remote config on probation: kept once healthy, rolled back past its deadline."""
+        if self.desired is None:
+            return
+        try:
+            outcome = self.desired.check(healthy, time.time() - self.started)
+        except OSError as e:  # conf.d not writable: judged again at the next turn
+            log.error("config.check_failed", error=e.strerror or type(e).__name__)
+            return
+        if outcome == "rolled back":
+            self.restart("config rolled back")
 
     def _stop_link(self) -> None:
         self._untap()
@@ -365,7 +415,54 @@ class Daemon:
             "queue.change": lambda args: commands.change_audited(
                 self.queue, str(args.get("verb")), args.get("id"), bool(args.get("all")),
                 self.audit, args.get("_operator") or operator_name(args.get("_peer_uid"))),
+            "forward.switch": lambda args: self._switch(args),
+            "log.level": lambda args: self._log_level(args),
+            "events.replay": lambda args: self._replay(args),
+            "diagnostics": lambda args: ops_diagnostics.collect(
+                self.snapshot(), effective_config(self.cfg), self.recent.events()),
         }
+
+    def _replay(self, args: dict[str, Any]) -> dict[str, int]:
+        if self.link is None:
+            raise StateError("no ops link: [operations] is not configured")
+        since = args.get("since")
+        if isinstance(since, bool) or not isinstance(since, int) or since < 0:
+            raise UsageError("since: an event_seq, 0 or more")
+        return self.link.replay(since)
+
+    def _switch(self, args: dict[str, Any]) -> dict[str, Any]:
+        """An operator's switch (forward/controls.py), audited: `pause`/`resume` forwarding,
+        or a destination `off`/`on` (args: verb, destination)."""
+        verb, name = str(args.get("verb")), args.get("destination")
+        who = args.get("_operator") or operator_name(args.get("_peer_uid"))
+        fw = self.forwarder
+        acts: dict[str, Callable[[], bool]] = {
+            "pause": lambda: fw.pause(who), "resume": fw.resume,
+            "off": lambda: fw.switch_off(str(name), who), "on": lambda: fw.switch_on(str(name))}
+        if verb not in acts or (verb in ("off", "on")) != isinstance(name, str):
+            raise UsageError("pause, resume, or off/on with a destination")
+        target = str(name) if verb in ("off", "on") else "forwarding"
+        try:
+            changed = acts[verb]()
+        except ApplianceError as e:
+            self.audit.command(who, verb, target, False, str(e), area="forward")
+            raise
+        self.audit.command(who, verb, target, True, "changed" if changed else "already so",
+                           area="forward")
+        return {"verb": verb, "target": target, "changed": changed}
+
+    def _log_level(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Change the log level until the next restart (audited)."""
+        who = args.get("_operator") or operator_name(args.get("_peer_uid"))
+        want = str(args.get("level"))
+        try:
+            before = applog.set_level(want)
+        except ValueError as e:
+            self.audit.command(who, "log_level", want, False, str(e), area="log")
+            raise UsageError(str(e)) from None
+        self.audit.command(who, "log_level", want, True, f"was {before}", area="log")
+        log.warning("log.level_changed", level=want, was=before, by=who)
+        return {"level": want, "was": before}
 
     def _watchdog(self) -> None:
         """WATCHDOG=1 only while every stage is idle or moving (health/supervisor.py)."""
@@ -380,6 +477,7 @@ class Daemon:
             self.notifier.watchdog()
             self.notifier.status(self.status_line())
         self._problems = problems
+        self._probation(not problems)
 
     def _pack_step(self) -> bool:
         sealed = self.packer.seal_due(time.time())
@@ -458,6 +556,11 @@ class Daemon:
                 f" spooled {sp['instances']}, free {sp['free_bytes'] >> 20} MiB"
                 + (f"; destination down: {', '.join(down)}" if down else ""))
 
+    def _paused(self) -> dict[str, Any] | None:
+        controls = self.forwarder.controls
+        p = controls.paused if controls is not None else None
+        return {"since": p.since, "by": p.by} if p is not None else None
+
     def snapshot(self) -> dict[str, Any]:
         sp = self.spool.stats()
         return {
@@ -474,11 +577,16 @@ class Daemon:
             "last_errors": dict(self.forwarder.last_error),
             "destinations": self.forwarder.snapshot(time.time()),
             "receipts": self.receipts.snapshot(time.time()) if self.receipts else [],
-            "forward": {"lanes": self.cfg.queue.lanes, "stat_lanes": 1,
+            "log_level": applog.level(),
+            "forward": {"paused": self._paused(),
+                        "lanes": self.cfg.queue.lanes, "stat_lanes": 1,
                         "copy_lanes": len(self.forwarder.copies),
                         "parked": self.queue.parked_count()},
             "stages": self.supervisor.snapshot(),
             "problems": self.supervisor.problems(),
-            **({"ops": {**self.link.status(), "last_command": self.commands.last if self.commands else None}}
+            **({"ops": {**self.link.status(), "last_command": self.commands.last if self.commands else None},
+                "config": desired.status(self.main_file)}
                if self.link is not None else {}),
+            **({"vpn": vpn_handshake.read(self.cfg.vpn.interface, self.cfg.vpn.peer_public_key, time.time())}
+               if self.cfg.vpn is not None else {}),
         }

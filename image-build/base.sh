@@ -12,6 +12,7 @@ packages=(
   python3 python3-venv                      # Python 3.11, the venv in /opt/appliance/venv
   rauc                                      # A/B updates (the D-Bus service files are ours: overlay/)
   grub-common                               # grub-editenv: RAUC's GRUB backend writes the grubenv with it
+  wireguard-tools                           # wg: the VPN's handshake age (appliance-vpn-handshake.service)
 )
 # --variant=apt: Essential packages, apt and the list above, no Recommends (so no
 # openssh-server, no editors, no man pages). No mirror named: Debian's default, with

@@ -100,6 +100,7 @@ for unit in appliance.service appliance-keys.service; do
   systemd-analyze security --offline=yes --root="$root" --threshold=20 "$unit" > "$work/security.txt" ||
     { tail -3 "$work/security.txt"; echo "$unit scores above 2.0 (systemd-analyze security)" >&2; exit 1; }
 done
+bash "$here/steps/vpn.sh" "$root"  # the WireGuard VPN (docs/vpn.md)
 # Mount points: the read-only root cannot make them at boot.
 mkdir -p "$root/var/lib/appliance"
 rauc_root "$root" "$work/data"

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from appliance.bundle.format import PrivateKey, VerifiedBundle
 from appliance.core.errors import IntegrityError
-from appliance.forward import Permanent, Plan, Retryable, Unreadable
+from appliance.forward import Answer, Permanent, Plan, Retryable, Unreadable
 
 
 class FakeDestination:
@@ -112,8 +112,17 @@ class FakeTransport:
                 d.sending.discard(item_id)
 
     def probe(self) -> bool:
+        return self.check().ok
+
+    def check(self) -> Answer:
         d = self.destination
-        return not (d.down or d.reject or d.echo_fails)
+        if d.down:
+            return Answer(False, "the fake destination refused the connection")
+        if d.reject:
+            return Answer(False, "the fake destination rejected the association")
+        if d.echo_fails:
+            return Answer(False, "the fake destination did not answer the echo")
+        return Answer(True, "the fake destination answered")
 
     def close(self) -> None:
         pass

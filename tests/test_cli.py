@@ -80,11 +80,15 @@ def test_usage_error_exits_64_with_one_line(argv: list[str]) -> None:
 
 
 @pytest.mark.parametrize(("argv", "commands"), [
-    pytest.param([], ["run", "config", "keys", "queue", "bundle", "status", "ingest", "audit", "update",
-                      "update-gate", "fleet"],
-                 id="bare"),
+    pytest.param([], ["run", "config", "keys", "queue", "bundle", "status", "echo", "diagnostics", "ingest",
+                      "audit", "forward", "destination", "log-level", "vpn", "update",
+                      "update-gate", "fleet"], id="bare"),
+    pytest.param(["vpn"], ["render"], id="vpn"),
+    pytest.param(["forward"], ["pause", "resume"], id="forward"),
+    pytest.param(["destination"], ["off", "on"], id="destination"),
     pytest.param(["audit"], ["show"], id="audit"),
-    pytest.param(["fleet"], ["ca", "sign", "crl", "keys", "send"], id="fleet"),
+    pytest.param(["fleet"], ["ca", "sign", "crl", "keys", "send", "status", "serve", "config"], id="fleet"),
+    pytest.param(["fleet", "config"], ["push"], id="fleet-config"),
     pytest.param(["fleet", "ca"], ["init"], id="fleet-ca"),
     pytest.param(["fleet", "keys"], ["init"], id="fleet-keys"),
     pytest.param(["config"], ["check", "systemd-dropin"], id="config"),

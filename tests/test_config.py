@@ -472,7 +472,7 @@ def test_effective_shows_only_the_fields_of_each_transport() -> None:
                                    "commitment_bind", "commitment_timeout_s", "timeout_s",
                                    "link_timeout_s"}
     assert set(sftp) == common | {"host", "port", "user", "key", "known_hosts", "remote_dir",
-                                  "timeout_s", "receipt_overdue_s"}
+                                  "timeout_s", "link_timeout_s", "receipt_overdue_s"}
 
 
 def test_an_sftp_destination_with_receipt_key_reads_receipts_overdue_after_the_given_time() -> None:
@@ -921,3 +921,9 @@ def test_dev_config_parses(tmp_path: Path) -> None:
     shutil.copy(REPO / "config" / "appliance.dev.toml", dev)
     assert config.load(dev).receive.accept_any_caller is True
 
+
+
+def test_an_sftp_destination_takes_link_timeout_s() -> None:
+    assert parse(with_(destinations=[SFTP])).destinations[0].link_timeout_s == 6.0
+    cfg = parse(with_(destinations=[{**SFTP, "link_timeout_s": 12}]))
+    assert cfg.destinations[0].link_timeout_s == 12.0

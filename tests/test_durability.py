@@ -46,7 +46,7 @@ from tests.spoolcheck import (
     write_config,
 )
 
-pytestmark = pytest.mark.peers
+pytestmark = [pytest.mark.peers, pytest.mark.field]
 
 # storescu sends these two series byte for byte (it re-encodes some others), so the spool
 # must hold exactly the data set bytes of each file.

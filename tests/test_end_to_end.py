@@ -68,7 +68,7 @@ from tests.spoolcheck import (
 )
 from tests.test_forward_dicom import PKI
 
-pytestmark = pytest.mark.peers
+pytestmark = [pytest.mark.peers, pytest.mark.field]
 
 MODES = ("jpeg2000", "jpeg-ls", "none", "tls")
 ORTHANC_ACCEPT_ALL = {"UnknownSopClassAccepted": True}

@@ -28,7 +28,7 @@ from tests.e2e_support import appliance_config, dicom_destination, settled
 from tests.orthanc import Orthanc
 from tests.peers import Appliance, cli, free_port, storescu, wait_for
 
-pytestmark = pytest.mark.peers
+pytestmark = [pytest.mark.peers, pytest.mark.field]
 
 FAILOVER_TARGET_S = 15.0
 BIG = "MR_GE_MR750_EPI_150sl"

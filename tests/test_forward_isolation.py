@@ -28,7 +28,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from tests.orthanc import Orthanc
 from tests.peers import Appliance, base_config, cli, free_port, storescu, wait_for
 
-pytestmark = pytest.mark.peers
+pytestmark = [pytest.mark.peers, pytest.mark.field]
 
 CT = "CT_Philips_Ingenuity_phantom_28sl"
 PHOTOACOUSTIC = "1.2.840.10008.5.1.4.1.1.6.3"  # a storage SOP class Orthanc 1.10.1 does not know

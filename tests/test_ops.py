@@ -92,6 +92,41 @@ def test_outbox_overflow_drops_the_oldest_and_counts_the_gap(tmp_path: Path) -> 
     assert o.counts() == {"waiting": 3, "dropped": 2, "last_seq": 5}
 
 
+def test_acknowledged_events_are_kept_up_to_keep_acked_for_a_replay(tmp_path: Path) -> None:
+    o = Outbox(tmp_path, keep_acked=3)
+    for i in range(6):
+        o.ack(o.add(float(i), {"kind": "x", "i": i}))
+    assert o.pending() == [] and o.counts()["waiting"] == 0
+    got = o.replay(since=4)
+    assert got == {"replayed": 2, "first": 4, "last_seq": 6}  # 1-3 are gone: the center sees first=4
+    assert [s for s, _, _ in o.pending()] == [5, 6]
+    assert o.replay(since=0)["replayed"] == 1  # 4 (5 and 6 wait already)
+    assert [s for s, _, _ in o.pending()] == [4, 5, 6]
+
+
+def test_a_replay_never_drops_and_kept_events_do_not_count_against_max_events(tmp_path: Path) -> None:
+    o = Outbox(tmp_path, max_events=2, keep_acked=10)
+    for i in range(4):
+        o.ack(o.add(float(i), {"kind": "x"}))
+    o.add(9.0, {"kind": "y"})
+    o.add(9.0, {"kind": "y"})
+    assert o.counts() == {"waiting": 2, "dropped": 0, "last_seq": 6}
+
+
+def test_an_outbox_of_the_version_before_keeps_its_waiting_events(tmp_path: Path) -> None:
+    import sqlite3
+    (tmp_path / "ops").mkdir()
+    db = sqlite3.connect(tmp_path / "ops" / "outbox.db")
+    db.executescript("CREATE TABLE events (seq INTEGER PRIMARY KEY, ts REAL NOT NULL, body TEXT NOT NULL);"
+                     "CREATE TABLE meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);"
+                     "INSERT INTO events VALUES (7, 1.0, '{\"kind\":\"x\"}');"
+                     "INSERT INTO meta VALUES ('event_seq', 7);")
+    db.commit()
+    db.close()
+    o = Outbox(tmp_path)
+    assert [s for s, _, _ in o.pending()] == [7] and o.add(2.0, {"kind": "y"}) == 8
+
+
 def test_conn_seq_grows_across_reopen(tmp_path: Path) -> None:
     o = Outbox(tmp_path)
     first = [o.next_conn_seq(), o.next_conn_seq()]
@@ -159,9 +194,9 @@ def state(snap: dict[str, Any], now: float = 1000.0) -> dict[str, Any]:
 def test_state_shows_a_stuck_stage_and_a_down_destination_by_class() -> None:
     st = state(snapshot())
     assert st["stages"]["pack"]["state"] == "stuck"
-    assert st["destinations"] == [{"name": "pacs", "up": False, "since": 5.0, "last_error": "refused",
-                                   "failures": 3}]
-    assert st["queue"] == {"items": {"ready": 2}, "oldest_unsent_ts": 940, "parked": 1}
+    assert st["destinations"] == [{"name": "pacs", "up": False, "off": False, "since": 5.0,
+                                   "last_error": "refused", "failures": 3}]
+    assert st["queue"] == {"items": {"ready": 2}, "oldest_unsent_ts": 940, "parked": 1, "paused": False}
 
 
 def test_state_never_exceeds_8_kb() -> None:
@@ -286,3 +321,18 @@ def test_config_check_names_a_command_key_that_is_not_an_ed25519_public_key(ca: 
     r = cli("config", "check", "--config", str(main))
     assert r.returncode == 78
     assert "operations.command_keys[0]" in r.stderr and "Ed25519" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize(("kind", "fields", "body"), [
+    ("spool.reserve_reached", {"free_bytes": 5, "reserve_bytes": 9, "path": "/x"},
+     {"kind": "spool.reserve_reached", "free_bytes": 5, "reserve_bytes": 9}),
+    ("forward.loop_error", {"error_type": "OperationalError", "exception": "Traceback ... DOE^JOHN"},
+     {"kind": "forward.loop_error", "error_type": "OperationalError"}),
+    ("destination.off", {"destination": "pacs", "by": "ops-center:k1"},
+     {"kind": "destination.off", "destination": "pacs", "by": "ops-center:k1"}),
+    ("log.level_changed", {"level": "warning", "was": "info", "by": "root"},
+     {"kind": "log.level_changed", "level": "warning", "was": "info", "by": "root"}),
+])
+def test_the_reserve_a_stage_loop_error_and_an_operators_switch_are_ops_events(
+        kind: str, fields: dict[str, Any], body: dict[str, Any]) -> None:
+    assert messages.event_body(kind, fields) == body

@@ -43,6 +43,8 @@ def opened(path: Path) -> str:
     return "\n".join(m.decode() for m in read(path, AUDIT_KEY) if m is not None)
 
 
+pytestmark = pytest.mark.ops  # the ops-center tier (make test-ops)
+
 # --- in-process: the checks ---------------------------------------------------------------
 
 
@@ -106,12 +108,53 @@ def test_a_good_ping_answers_200_and_a_queue_op_goes_through_the_control_handler
     (lambda k: signed(k, "hold", {"id": "a", "all": True}), 422),
     (lambda k: signed(k, "hold", {"path": "/etc"}), 422),
     (lambda k: signed(k, issued_at=float("nan")), 400),
+    (lambda k: signed(k, "pause", {"for": 60}), 422),
+    (lambda k: signed(k, "off", {}), 422),
+    (lambda k: signed(k, "off", {"destination": "../etc"}), 422),
+    (lambda k: signed(k, "log_level", {"level": "trace"}), 422),
+    (lambda k: signed(k, "replay_events", {"since": -1}), 422),
+    (lambda k: signed(k, "replay_events", {"since": "1e3"}), 422),
 ], ids=["not-json", "fields", "not-canonical", "too-big", "unknown-key", "wrong-key-id", "other-box",
-        "lifetime", "expired", "unknown-op", "id-and-all", "bad-arg", "nan"])
+        "lifetime", "expired", "unknown-op", "id-and-all", "bad-arg", "nan", "pause-args", "off-no-name",
+        "off-bad-name", "log-level", "since-negative", "since-text"])
 def test_each_refusal_has_its_code_and_is_audited(local: Local, payload: Any, code: int) -> None:
     res = local.cmds.handle(TOPIC, payload(local.key), now=NOW)
     assert (res["code"], res["ok"]) == (code, False), res
     assert f"{code} " in opened(local.audit_log)
+
+
+@pytest.mark.parametrize(("op", "args", "handler", "passed"), [
+    ("pause", {}, "forward.switch", {"verb": "pause"}),
+    ("resume", {}, "forward.switch", {"verb": "resume"}),
+    ("off", {"destination": "pacs-a"}, "forward.switch", {"verb": "off", "destination": "pacs-a"}),
+    ("on", {"destination": "pacs-a"}, "forward.switch", {"verb": "on", "destination": "pacs-a"}),
+    ("log_level", {"level": "warning"}, "log.level", {"level": "warning"}),
+    ("replay_events", {"since": "12"}, "events.replay", {"since": 12}),
+    ("replay_events", {"since": 0}, "events.replay", {"since": 0}),
+])
+def test_the_switches_and_the_log_level_go_to_their_control_handler_which_audits_them(
+        tmp_path: Path, op: str, args: dict[str, Any], handler: str, passed: dict[str, Any]) -> None:
+    key = Ed25519PrivateKey.generate()
+    calls: list[tuple[str, dict[str, Any]]] = []
+
+    def record(name: str) -> Any:
+        return lambda a: calls.append((name, a)) or {"changed": True}
+
+    trail = AuditTrail(tmp_path / "audit", BOX, "EDGE", AUDIT_KEY, 1 << 20, 2)
+    seen = commands.Seen(tmp_path)
+    c = commands.Commands(BOX, {commands.key_id(key.public_key()): key.public_key()}, seen,
+                          {"forward.switch": record("forward.switch"), "log.level": record("log.level"),
+                           "events.replay": record("events.replay")},
+                          trail, summary=lambda snap: {}, synced=lambda: True)
+    try:
+        res = c.handle(TOPIC, signed(key, op, args), now=NOW)
+    finally:
+        seen.close()
+    assert res["code"] == 200, res
+    kid = commands.key_id(key.public_key())
+    assert calls == [(handler, {**passed, "_operator": f"ops-center:{kid}"})]
+    # the daemon's handler audits a change itself; a replay changes nothing and is audited here
+    assert (tmp_path / "audit" / "audit.log").exists() == (handler == "events.replay")
 
 
 def test_an_unknown_item_is_404_from_the_queue_handler_which_audits_it_itself(local: Local) -> None:
@@ -308,3 +351,43 @@ def test_a_replayed_nonce_is_refused_409(site: Site) -> None:
     again = {**commands.body(BOX, "ping", {}, site.key, now=time.time()), "nonce": first["nonce"]}
     refused_and_audited(site, site.raw(again), 409)
     assert rc_of(site.raw(first)) == 409  # the very same message again
+
+
+@pytest.mark.peers
+@pytest.mark.skipif(not Path(MOSQUITTO).exists(), reason="mosquitto not installed (make peers)")
+def test_fleet_send_pauses_and_switches_off_through_the_daemon_and_the_box_says_so(site: Site) -> None:
+    try:
+        assert site.send("pause")[1]["code"] == 200
+        rc, off = site.send("off", "--arg", "destination=outbox")
+        assert rc == 0 and off["result"] == {"verb": "off", "target": "outbox", "changed": True}, off
+        st = site.box.status()
+        kid = commands.key_id(site.key.public_key())
+        assert st["forward"]["paused"]["by"] == f"ops-center:{kid}"
+        assert [d["state"] for d in st["destinations"]] == ["off"]
+        assert site.send("off", "--arg", "destination=nowhere")[1]["code"] == 404
+        assert site.send("log_level", "--arg", "level=debug")[1]["code"] == 422  # needs a restart
+    finally:
+        assert site.send("resume")[1]["code"] == 200
+        assert site.send("on", "--arg", "destination=outbox")[1]["code"] == 200
+    st = site.box.status()
+    assert st["forward"]["paused"] is None and [d["state"] for d in st["destinations"]] == ["up"]
+    trail = [d for _, _, d in site.audit()]
+    assert not [d for d in trail if d.startswith("ops ") and " off " in d]  # the daemon audits these
+
+
+@pytest.mark.peers
+@pytest.mark.skipif(not Path(MOSQUITTO).exists(), reason="mosquitto not installed (make peers)")
+def test_fleet_send_diagnostics_puts_the_parts_together_and_no_patient_data_is_in_them(site: Site) -> None:
+    out = site.root / "diag.json"
+    rc, res = site.send("diagnostics", "--out", str(out))
+    assert rc == 0 and res["code"] == 200, res
+    assert res["result"]["parts"] >= 1 and len(res["result"]["sha256"]) == 64
+    doc = json.loads(out.read_text())
+    assert doc["name"] == BOX and doc["status"]["name"] == BOX
+    assert doc["config"]["operations"]["heartbeat_s"] == 2
+    assert "ops.command" in {e["event"] for e in doc["log"]}
+    text = out.read_text()
+    assert not any(part in text for v in CANARY.values() for part in v.split("^"))
+    r = cli("fleet", "send", BOX, "diagnostics", "--key", str(site.key_path), "--ca", str(site.ca),
+            "--port", str(site.broker.port))
+    assert r.returncode == 64 and "--out" in r.stderr

@@ -29,7 +29,7 @@ from appliance.ops.outbox import Outbox
 from tests.mosquitto import MOSQUITTO, Broker, Watcher, client_cert, fleet_ca, sign
 from tests.peers import Appliance, base_config, cli, free_port, storescu, wait_for
 
-pytestmark = [pytest.mark.peers,
+pytestmark = [pytest.mark.peers, pytest.mark.ops,
               pytest.mark.skipif(not Path(MOSQUITTO).exists(), reason="mosquitto not installed (make peers)")]
 
 BOX = "mobile-ct-07"
@@ -352,6 +352,42 @@ def test_broker_away_loses_no_event_and_sends_each_once(tmp_path: Path) -> None:
         seqs = [m.json()["event_seq"] for m in center.on("appliance/lab-box/events")]
         assert sorted(seqs) == list(range(1, 9))
         assert wait_for(lambda: link.status()["waiting"] == 0, 10, "outbox emptied by PUBACKs")
+    finally:
+        link.stop()
+        if center is not None:
+            center.close()
+        broker.stop()
+
+
+def test_replay_sends_the_kept_events_again_with_their_own_numbers(tmp_path: Path) -> None:
+    ca = fleet_ca(tmp_path / "ca")
+    broker = Broker(tmp_path / "broker", ca).start()
+    cert, key = client_cert(ca, "lab-box", tmp_path)
+    ops = Operations(host="127.0.0.1", port=broker.port, ca=ca / "ca.pem", cert=cert, key=key,
+                     heartbeat_s=1, keepalive_s=5)
+    sup = Supervisor()
+    holder: list[Link] = []
+    stage = sup.stage("ops", 60, alive=lambda: holder[0].thread.is_alive())
+    link = Link("lab-box", ops, Outbox(tmp_path / "state"), lambda: {"name": "lab-box"}, stage,
+                {"mqtt": cert})
+    holder.append(link)
+    link.start()
+    center: Watcher | None = None
+    topic = "appliance/lab-box/events"
+    try:
+        wait_for(lambda: link.status()["connected"], 30, "connected", detail=broker.log_text)
+        center = Watcher(broker, ca / "ops-center.pem", ca / "ops-center.key")
+        for i in range(4):
+            link.on_log("destination.down", {"destination": f"d{i}", "failures": 1, "reason": "x"})
+        wait_for(lambda: len(center.on(topic)) == 4, 20, "four events")
+        wait_for(lambda: link.status()["waiting"] == 0, 10, "all acknowledged")
+        assert link.replay(since=2) == {"replayed": 2, "first": 1, "last_seq": 4}
+        wait_for(lambda: len(center.on(topic)) == 6, 20, "events 3 and 4 again")
+        again = [m.json() for m in center.on(topic)[4:]]
+        first = {m.json()["event_seq"]: m.json() for m in center.on(topic)[:4]}
+        assert [e["event_seq"] for e in again] == [3, 4]
+        assert all({**e, "dropped": 0} == {**first[e["event_seq"]], "dropped": 0} for e in again)
+        wait_for(lambda: link.status()["waiting"] == 0, 10, "acknowledged again")
     finally:
         link.stop()
         if center is not None:

@@ -39,7 +39,7 @@ from tests.pack_support import large_image, send_raw, write_poisoned
 from tests.peers import REPO, SAMPLES, Appliance, base_config, free_port, storescu, to_toml, wait_for
 from tests.spoolcheck import log_events
 
-pytestmark = pytest.mark.peers
+pytestmark = [pytest.mark.peers, pytest.mark.field]
 
 CT = SAMPLES / "series" / "CT_Philips_Ingenuity_phantom_28sl"
 

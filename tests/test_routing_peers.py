@@ -23,7 +23,7 @@ from tests.orthanc import Orthanc
 from tests.peers import Appliance, cli, free_port, storescu, wait_for
 from tests.test_rules import SlowPacs
 
-pytestmark = pytest.mark.peers
+pytestmark = [pytest.mark.peers, pytest.mark.field]
 
 SMALL = "MR_Philips_abdomen_11sl"
 WRIST = "MR_GE_Signa_wrist_16sl"
@@ -120,8 +120,14 @@ def test_the_archive_unmounted_never_delays_the_primary_and_catches_up(
 
     bundles = wait_for(primary_done, timeout=60, what="the study at the primary")
     assert _held(primary) == {r["id"] for r in bundles}
-    copies = _copies(app)
-    assert len(copies) == len(bundles) and all(r["state"] != "delivered" for r in copies)
+    # a bundle's copy item is made by the next claim after the bundle is ready: a moment
+    # after the primary took it, on a loaded machine
+    def all_copies() -> list[dict[str, Any]] | None:
+        rows = _copies(app)
+        return rows if len(rows) == len(bundles) else None
+
+    copies = wait_for(all_copies, timeout=30, what="a copy item for each bundle")
+    assert all(r["state"] != "delivered" for r in copies)
     shown = _show(app, bundles[0]["id"])
     assert shown["state"] == "delivered" and shown["overall"] == "delivered, copies 0/1"
     assert all(p.exists() for p in (app.state_dir / "bundles" / f"{r['id']}.bundle" for r in bundles))

@@ -179,3 +179,20 @@ def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     conn.close()
     with pytest.raises(Exception, match="newer than this version"):
         db.open_index(tmp_path)
+
+
+def test_reaching_the_reserve_is_logged_once_and_leaving_it_once(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from appliance.core.errors import SpoolFullError
+
+    s = spool(tmp_path)
+    s.reserve = 1 << 62  # more than any disk: every store refused
+    for _ in range(3):
+        with pytest.raises(SpoolFullError):
+            s.check_room(100)
+    s.reserve = 0
+    s.check_room(100)
+    s.check_room(100)
+    out = capsys.readouterr().out
+    assert out.count("spool.reserve_reached") == 1 and out.count("spool.reserve_left") == 1
+    assert out.index("spool.reserve_reached") < out.index("spool.reserve_left")

@@ -193,6 +193,12 @@ def test_skip_and_only_leave_out_what_the_plan_says(partial_kind: Kind, tmp_path
     assert got == [0] and kind.holds(uids) == 3
 
 
+def test_a_check_gives_the_probes_answer_and_says_why(kind: Kind) -> None:
+    good, bad = kind.transport.check(), kind.unreachable.check()
+    assert good.ok is True and good.detail
+    assert bad.ok is False and bad.detail and bad.detail != good.detail
+
+
 def test_a_probe_says_whether_the_destination_answers(kind: Kind) -> None:
     assert kind.transport.probe() is True
     t0 = time.monotonic()

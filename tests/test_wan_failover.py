@@ -11,13 +11,17 @@ at the same PACS. When the link heals, A's probe answers and a new study goes to
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 
 from bench.receive_bench import generate_study
-from tests.e2e_support import read_dataset, settled
-from tests.peers import cli, storescu, wait_for
+from tests.e2e_support import appliance_config, dicom_destination, read_dataset, settled
+from tests.orthanc import Orthanc
+from tests.peers import Appliance, cli, free_port, storescu, wait_for
+from tests.sshd import REMOTE_DIR, Sshd
+from tests.wan import Wan
 from tests.wan_failover import TIMEOUT_S, Modality, held, problems, two_centers
 
 pytestmark = pytest.mark.wan
@@ -70,3 +74,47 @@ def test_primary_cut_mid_bundle_moves_to_b_within_target_then_fails_back(tmp_pat
         assert not problems(bed.a, bed.b, uids(study) | uids(later))
         assert held(bed.b), "nothing went to B"
         assert not uids(later) & set(held(bed.b))
+
+
+def test_an_sftp_upload_on_a_link_cut_mid_file_moves_to_b_within_target(tmp_path: Path) -> None:
+    """The same silent cut under an SFTP upload: the transport watches its socket
+    (forward/netlink.py) and gives up after link_timeout_s, not after timeout_s (60 s)."""
+    study = generate_study(tmp_path / "study", 40)
+    with Wan(centers=("center", "center_b")) as wan, \
+            Sshd(tmp_path / "sshd", netns=wan.center.name, listen=wan.center.addr) as server:
+        b = Orthanc(tmp_path / "center-b", netns=wan.by_role("center_b").name).start()
+        app: Appliance | None = None
+        try:
+            cfg = appliance_config(tmp_path / "appliance", free_port(), {}, segment_max_instances=40)
+            cfg["destinations"] = [
+                {"name": "center-a", "transport": "sftp", "host": wan.center.addr, "port": server.port,
+                 "user": "root", "key": str(server.client_key), "known_hosts": str(server.known_hosts),
+                 "remote_dir": REMOTE_DIR, "timeout_s": TIMEOUT_S},
+                dicom_destination(b.dicom_port, name="center-b", host=wan.by_role("center_b").addr,
+                                  timeout_s=TIMEOUT_S)]
+            cfg["queue"] = {"retry_min_s": 0.5, "retry_max_s": 2, "probe_min_s": 1, "probe_max_s": 2}
+            app = Appliance(tmp_path / "appliance", cfg)
+            app.netns = wan.site.name
+            app.start()
+            wan.link.rate(2)  # site <-> center A: the upload takes long enough to be cut
+            r = storescu(app.port, study, netns=wan.site.name, timeout=300)
+            assert r.returncode == 0, r.stderr[-2000:]
+            wait_for(lambda: any(p.stat().st_size > 200_000 for p in server.drop.glob("*.part")), 120,
+                     "an upload well under way at A", poll=0.1, detail=app.log_text)
+            wan.link.partition()
+            t0 = time.monotonic()
+            wait_for(lambda: b.count() > 0, 120, "the first instance at center B", poll=0.05,
+                     detail=app.log_text)
+            took = time.monotonic() - t0
+            print(f"\nsftp failover over the WAN: {took:.1f} s from the cut to the first instance at B")
+            assert took <= FAILOVER_TARGET_S < TIMEOUT_S
+            wait_for(lambda: b.count() == len(study), 120, "the whole study at B", detail=app.log_text)
+            assert "went silent while uploading" in app.log_text()
+            dest = {d["name"]: d for d in app.status()["destinations"]}["center-a"]
+            assert dest["state"] == "down", dest
+            assert not list(server.drop.glob("*.bundle")), "a bundle completed at A after the cut"
+        finally:
+            if app is not None:
+                app.stop()
+                app.kill9()
+            b.stop()

@@ -11,6 +11,8 @@
     appliance bundle inspect FILE [--key KEY | --config PATH] [--json]
     appliance bundle extract FILE [--key KEY | --config PATH] --out DIR
     appliance status         [--config PATH] [--json]
+    appliance vpn render     --out DIR [--config PATH]
+                                                 the systemd-networkd files for [vpn] (root, at boot)
     appliance audit show     [--config PATH] [--all]
                                                  the local audit trail, opened (holds patient IDs)
     appliance ingest         --config CENTER.toml [--once]
@@ -18,7 +20,7 @@
     appliance update FILE    [--config PATH] [--no-reboot] [--once]
                                                  install an update bundle (RAUC) and reboot into it
     appliance update-gate    [--config PATH]     the mark-good unit: keep the booted slot if healthy
-    appliance fleet ca init DIR | fleet sign BOX.csr --ca DIR
+    appliance fleet ca init DIR | fleet sign BOX.csr --ca DIR | fleet status | fleet serve
                                                  operations center: fleet CA (appliance/ops/cli.py)
 
 `config check` and `keys init` given a center config (a file with only an [ingest] table)
@@ -39,7 +41,8 @@ list | head`) ends quietly with 141, as a tool killed by SIGPIPE does.
 
 This module owns the parser, the dispatch and that one handler; each command lives beside
 it: run.py (run, ingest), config_cmds.py (config check, systemd-dropin, and the file
-checks `run` makes too), keys.py, queue.py, bundle.py, status.py, audit.py, update.py; times.py shows times.
+checks `run` makes too), keys.py, queue.py, bundle.py, status.py, audit.py, vpn.py, update.py; times.py shows
+times.
 """
 
 from __future__ import annotations
@@ -53,15 +56,19 @@ from pathlib import Path
 from typing import Any
 
 from appliance import __version__
+from appliance.cli import switches
 from appliance.cli.audit import cmd_audit_show
 from appliance.cli.bundle import cmd_bundle
 from appliance.cli.config_cmds import cmd_config_check, cmd_systemd_dropin
+from appliance.cli.echo import cmd_echo
 from appliance.cli.keys import cmd_keys_init
 from appliance.cli.queue import cmd_queue_change, cmd_queue_list
 from appliance.cli.run import cmd_ingest, cmd_run
-from appliance.cli.status import cmd_status
+from appliance.cli.status import cmd_diagnostics, cmd_status
 from appliance.cli.update import add_parsers as add_update_parsers
 from appliance.cli.update import cmd_update, cmd_update_gate
+from appliance.cli.vpn import add_parsers as add_vpn_parsers
+from appliance.cli.vpn import cmd_vpn_render
 from appliance.core import config, sandbox
 from appliance.core.errors import EX_USAGE, ApplianceError, ConfigError, UsageError
 from appliance.ops import cli as ops_cli
@@ -137,6 +144,12 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("--out", type=Path, required=True, help="output folder (created if missing)")
     st = sub.add_parser("status", parents=[common], help="show the running daemon's status")
     st.add_argument("--json", action="store_true")
+    ec = sub.add_parser("echo", parents=[common],
+                        help="does each destination answer (C-ECHO, SSH, HTTP, folder), and if not, why")
+    ec.add_argument("destinations", nargs="*", metavar="DEST", help="default: every destination")
+    dg = sub.add_parser("diagnostics", parents=[common],
+                        help="write the running daemon's diagnostics (no patient data) to a file")
+    dg.add_argument("--out", type=Path, required=True)
     ing = sub.add_parser("ingest", parents=[common],
                          help="reading center: store bundles from the drop folder into the PACS")
     ing.add_argument("--once", action="store_true", help="one pass, print the counts, exit")
@@ -145,6 +158,8 @@ def _parser() -> argparse.ArgumentParser:
     aus = au_sub.add_parser("show", parents=[common],
                             help="print the audit messages, opened (they hold patient IDs)")
     aus.add_argument("--all", action="store_true", help="the rotated files too, oldest first")
+    switches.add_parsers(sub, common)
+    add_vpn_parsers(sub, common)
     add_update_parsers(sub, common)
     ops_cli.add_parsers(sub)
     return p
@@ -217,12 +232,22 @@ def _dispatch(args: argparse.Namespace) -> int:
         return cmd_bundle(args)
     if args.cmd == "status":
         return cmd_status(args)
+    if args.cmd == "echo":
+        return cmd_echo(args)
+    if args.cmd == "diagnostics":
+        return cmd_diagnostics(args)
     if args.cmd == "ingest":
         return cmd_ingest(args)
     if args.cmd == "update":
         return cmd_update(args)
     if args.cmd == "update-gate":
         return cmd_update_gate(args)
+    if args.cmd in ("forward", "destination"):
+        return switches.cmd_switch(args)
+    if args.cmd == "log-level":
+        return switches.cmd_log_level(args)
+    if args.cmd == "vpn":
+        return cmd_vpn_render(args)
     if args.cmd == "fleet":
         return ops_cli.dispatch(args)
     raise UsageError(f"unknown command {args.cmd}")

@@ -11,6 +11,7 @@ from appliance.cli.config_cmds import is_center
 from appliance.core import config, crypto, durable
 from appliance.core.errors import KeyFileError
 from appliance.ops import cli as ops_cli
+from appliance.vpn import boot as vpn_boot
 
 
 def cmd_keys_init(args: argparse.Namespace) -> int:
@@ -49,4 +50,13 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
         print(f"appliance key: {priv} created, public key {pub}")
     for line in ops_cli.keys_init(cfg):
         print(line)
+    if cfg.vpn is not None:
+        try:
+            lines = vpn_boot.key_lines(cfg.vpn)
+        except PermissionError:
+            # The image's appliance-keys.service runs as the appliance user, who may not
+            # even look into /data/vpn (networkd's): the root unit makes that key.
+            lines = [f"vpn key: {cfg.vpn.private_key} is not this user's to make or read;"
+                     " `appliance vpn render` as root makes it (appliance-vpn.service)"]
+        print("\n".join(lines))
     return 0

@@ -41,6 +41,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diagnostics(args: argparse.Namespace) -> int:
+    """The running daemon's diagnostics document (ops/diagnostics.py: status, config with
+    secrets elided, versions, recent log events made safe), written to --out."""
+    from appliance.core import durable
+    from appliance.health import control
+
+    sock = config.load(args.config).control_socket
+    doc = control.request(sock, "diagnostics", timeout=30.0)
+    if doc is None:
+        raise DaemonNotRunningError(f"the appliance daemon is not running (nothing listens on {sock})")
+    durable.atomic_write(args.out, json.dumps(doc, indent=1, sort_keys=True).encode(), mode=0o600)
+    print(f"{args.out}: status, config (secrets elided), versions, {len(doc.get('log', []))} log events")
+    return 0
+
+
 def _daemon_status(config_path: Path | None) -> dict[str, Any]:
     from appliance.health import control
 
@@ -63,6 +78,8 @@ def _destination_detail(d: dict[str, Any]) -> str:
     """`status`: since when, the last failure's class, failures in a row, the next probe."""
     now = time.time()
     parts = [f"since {when(d['since'], now)}" if d.get("since") else ""]
+    if d.get("off_by"):
+        parts.append(f"switched off by {d['off_by']}; 'appliance destination on {d['name']}'")
     if d.get("last_error") and (d["state"] == "down" or d["failures"]):
         parts.append(f"last error {d['last_error']}")
     if d.get("failures"):
@@ -71,6 +88,26 @@ def _destination_detail(d: dict[str, Any]) -> str:
         parts.append(f"next probe in {age(d['next_probe_in_s'])}")
     shown = [p for p in parts if p]
     return f" ({'; '.join(shown)})" if shown else ""
+
+
+# What `status` says of a VPN reading that is not "ok" (vpn/handshake.py's view).
+VPN_READING = {
+    "missing": "handshake unknown (no reading from appliance-vpn-handshake.timer yet)",
+    "stale": "handshake unknown (the last reading is old: is appliance-vpn-handshake.timer running?)",
+    "no interface": "NO INTERFACE (systemd-networkd did not make it: journalctl -u systemd-networkd)",
+    "no peer": "the interface has no peer with [vpn] peer_public_key (render again, restart networkd)",
+}
+
+
+def vpn_line(v: dict[str, Any]) -> str:
+    """`status`: the tunnel's state by its latest handshake with the center."""
+    if v.get("reading") != "ok":
+        what = VPN_READING.get(str(v.get("reading")), "handshake unknown")
+    elif v.get("handshake_age_s") is None:
+        what = "DOWN, no handshake yet"
+    else:
+        what = f"{'UP' if v['up'] else 'DOWN'}, last handshake {age(v['handshake_age_s'])} ago"
+    return f"vpn            {v['interface']}: {what}"
 
 
 def _print_status(st: dict[str, Any]) -> None:
@@ -108,11 +145,19 @@ def _print_status(st: dict[str, Any]) -> None:
         copies = f" + {fw['copy_lanes']} for copies" if fw.get("copy_lanes") else ""
         print(f"forwarding     {fw['lanes']} lanes + {fw['stat_lanes']} for stat studies{copies};"
               f" {fw['parked']} instance(s) parked (see queue list)")
+        if fw.get("paused"):
+            p = fw["paused"]
+            print(f"forwarding     PAUSED since {when(p['since'], time.time())} by {p['by']}"
+                  " (receiving and packing go on; 'appliance forward resume')")
     for name, stage in st.get("stages", {}).items():
         since = stage["since_progress_s"]
         print(f"stage {name:9}{stage['state']}, {stage['jobs']} job(s), {stage['progress']} steps"
               + (f", last {age(since)} ago" if since is not None else ""))
     if "ops" in st:
         print(ops_cli.status_line(st["ops"]))
+    if "config" in st:
+        print(ops_cli.config_line(st["config"]))
+    if "vpn" in st:
+        print(vpn_line(st["vpn"]))
     for problem in st.get("problems", []):
         print(f"STUCK          {problem}")

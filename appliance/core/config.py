@@ -22,6 +22,7 @@ technician; a test fails when a field here is missing there (or the other way ro
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import ipaddress
 import os
@@ -39,6 +40,7 @@ DEFAULT_CONFIG = Path("/etc/appliance/appliance.toml")
 DROPIN_DIR = "conf.d"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_HOST_RE = re.compile(r"^[A-Za-z0-9:.-]{1,253}$")  # a DNS name or an IP address
 SECRET = {"secret": True}  # field metadata: `effective` prints it as ELIDED
 ELIDED = "<elided>"
 NOT_A_KEY = {"not_a_key": True}  # field metadata: bookkeeping, not settable in a file
@@ -157,7 +159,7 @@ class Destination:
     commitment_bind: str = "0.0.0.0"  # noqa: S104 - the PACS calls back
     commitment_timeout_s: float = 300.0
     timeout_s: float = 30.0
-    link_timeout_s: float = 6.0  # dicom: a silent link (nothing acknowledged) is lost after this
+    link_timeout_s: float = 6.0  # dicom, sftp: a silent link (nothing acknowledged) is lost after this
     # sftp
     user: str | None = None
     key: Path | None = None
@@ -233,12 +235,32 @@ class Operations:
     keepalive_s: int = 30  # MQTT keepalive: the broker publishes the will after 1.5 x this
     command_keys: tuple[Path, ...] = ()  # Ed25519 public keys of the operations center
     metrics_bind: str = "127.0.0.1:9110"  # empty = no metrics endpoint
+    config_deadline_s: float = 120.0  # a remote config is kept only if healthy within this
 
 
 @dataclass(frozen=True)
 class Audit:
     max_mb: int = 32  # STATE/audit/audit.log is rotated past this size
     files: int = 8  # audit.log and the rotated ones kept (the oldest beyond are removed)
+
+
+# WireGuard interface names: the kernel's limit (IFNAMSIZ 16 with the NUL), and nothing
+# a unit file or a path would read differently.
+VPN_IFACE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,14}$")
+
+
+@dataclass(frozen=True)
+class Vpn:
+    """[vpn]: a WireGuard tunnel to the center, set up by systemd-networkd from the files
+    `appliance vpn render` writes (appliance/vpn/, docs/vpn.md)."""
+    addresses: tuple[str, ...]  # this box's address(es) inside the tunnel, with prefix
+    peer_public_key: str  # the center's WireGuard public key (base64 of 32 bytes)
+    endpoint: str  # the center's WireGuard server, HOST:PORT
+    allowed_ips: tuple[str, ...]  # networks reached through the tunnel
+    interface: str = "wg0"
+    private_key: Path = Path("/data/vpn/wireguard.key")  # made by `appliance keys init`
+    persistent_keepalive_s: int = 25  # 0 = off
+    mtu: int = 1420
 
 
 @dataclass(frozen=True)
@@ -262,6 +284,7 @@ class Config:
     destinations: tuple[Destination, ...] = ()
     rules: tuple[Rule, ...] = ()
     operations: Operations | None = None  # no [operations] table: no ops link
+    vpn: Vpn | None = None  # no [vpn] table: no tunnel (the site routes to the center)
     # Files read, in order, and which file set each dotted key (so that problems found
     # later, such as a missing key file, can name the file the technician must edit).
     sources: tuple[Path, ...] = field(default=(), metadata=NOT_A_KEY)
@@ -284,7 +307,7 @@ TRANSPORT_KEYS: dict[str, tuple[str, ...]] = {
               "storage_commitment", "commitment_port", "commitment_bind", "commitment_timeout_s",
               "timeout_s", "link_timeout_s"),
     "sftp": ("host", "port", "user", "key", "key_passphrase", "known_hosts", "host_key_sha256",
-             "remote_dir", "timeout_s", "receipt_key", "receipt_overdue_s"),
+             "remote_dir", "timeout_s", "link_timeout_s", "receipt_key", "receipt_overdue_s"),
     "dicomweb": ("url", "tls", "token_file", "plaintext", "timeout_s", "max_request_mb"),
 }
 
@@ -705,9 +728,103 @@ def _parse_operations(top: _Table) -> Operations | None:
         keepalive_s=t.integer("keepalive_s", 30, 5, 3600),
         command_keys=t.get("command_keys", (), _check_path_list(t.ctx)),
         metrics_bind=t.get("metrics_bind", "127.0.0.1:9110", _check_bind),
+        config_deadline_s=t.number("config_deadline_s", 120.0, 10, 3600),
     )
     t.finish()
     return o
+
+
+def _check_networks(interfaces: bool) -> Check:
+    """An array of IP networks (allowed_ips) or of addresses with a prefix (addresses)."""
+    def check(key: str, v: Any) -> tuple[str, ...]:
+        what = "addresses with a prefix (like 10.8.0.2/24)" if interfaces else \
+            "IP networks (like 10.8.0.0/24)"
+        if not isinstance(v, list) or not v or not all(isinstance(x, str) for x in v):
+            raise _Bad(f"must be a non-empty array of {what}")
+        out = []
+        for x in v:
+            try:
+                out.append(str(ipaddress.ip_interface(x) if interfaces
+                               else ipaddress.ip_network(x, strict=False)))
+            except ValueError:
+                raise _Bad(f"{x!r} is not one of {what}") from None
+            if interfaces and "/" not in x:
+                raise _Bad(f"{x!r} has no prefix: write it as {x}/24 or the tunnel's own")
+        return tuple(out)
+    return check
+
+
+def _check_wg_key(key: str, v: Any) -> str:
+    if not isinstance(v, str):
+        raise _Bad(f"must be a string, not {_tname(v)}")
+    try:
+        raw = base64.b64decode(v, validate=True)
+    except ValueError:
+        raw = b""
+    if len(raw) != 32:
+        raise _Bad("is not a WireGuard public key (44 characters of base64, as `wg pubkey` prints)")
+    return v
+
+
+def _check_endpoint(key: str, v: Any) -> str:
+    """HOST:PORT, HOST a DNS name or an IPv4 address, or [IPv6]:PORT."""
+    if not isinstance(v, str):
+        raise _Bad(f"must be a string, not {_tname(v)}")
+    host, sep, port = v.rpartition(":")
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ok = bool(sep) and 1 <= int(port) <= 65535
+        if bare != host:
+            ipaddress.IPv6Address(bare)
+    except ValueError:
+        ok = False
+    unbracketed_v6 = ":" in host and bare == host
+    if not ok or unbracketed_v6 or not _HOST_RE.match(bare):
+        raise _Bad(f"{v!r} is not HOST:PORT (e.g. vpn.example.org:51820, [2001:db8::1]:51820)")
+    return v
+
+
+def _parse_vpn(top: _Table) -> Vpn | None:
+    if not top.has("vpn"):
+        return None
+    t = top.table("vpn")
+    if not t.valid:
+        return None
+    d = Vpn((), "", "", ())
+    v = Vpn(
+        interface=t.string("interface", d.interface, max_len=15, pattern=VPN_IFACE_RE,
+                           hint="must be 1..15 letters, digits, '_' or '-', starting with a letter"),
+        addresses=t.get("addresses", None, _check_networks(True)),
+        private_key=t.path("private_key", d.private_key),
+        peer_public_key=t.get("peer_public_key", None, _check_wg_key),
+        endpoint=t.get("endpoint", None, _check_endpoint),
+        allowed_ips=t.get("allowed_ips", None, _check_networks(False)),
+        persistent_keepalive_s=t.integer("persistent_keepalive_s", d.persistent_keepalive_s, 0, 3600),
+        mtu=t.integer("mtu", d.mtu, 1280, 9000),
+    )
+    for name in ("addresses", "peer_public_key", "endpoint", "allowed_ips"):
+        if not t.has(name):
+            t.ctx.problem(t.key(name), "is required")
+    t.finish()
+    if v.allowed_ips and v.endpoint:
+        _check_vpn_routes(t, v)
+    return v
+
+
+def _check_vpn_routes(t: _Table, v: Vpn) -> None:
+    """The tunnel's routes must not capture the tunnel's own packets to its endpoint."""
+    nets = [ipaddress.ip_network(n) for n in v.allowed_ips]
+    if any(n.prefixlen == 0 for n in nets):
+        t.ctx.problem(t.key("allowed_ips"), "must not hold a default route (0.0.0.0/0, ::/0): name"
+                      " the center's networks (the tunnel's own packets must not enter it)")
+        return
+    try:
+        ip = ipaddress.ip_address(v.endpoint.rpartition(":")[0].strip("[]"))
+    except ValueError:
+        return  # a DNS name: resolved by networkd, not known here
+    if any(ip in n for n in nets):
+        t.ctx.problem(t.key("endpoint"), f"{ip} is inside allowed_ips: the tunnel's own packets"
+                      " would be routed into it")
 
 
 def _parse_health(t: _Table) -> Health:
@@ -765,6 +882,7 @@ def _sftp_keys(t: _Table) -> dict[str, Any]:
                                          " `ssh-keygen -lf` prints it"),
         "remote_dir": t.string("remote_dir", "."),
         "timeout_s": t.number("timeout_s", 30.0, 1, 3600),
+        "link_timeout_s": t.number("link_timeout_s", 6.0, 2, 600),
         "receipt_key": t.path("receipt_key", None),
         "receipt_overdue_s": t.number("receipt_overdue_s", 1800.0, 1, 30 * 86400),
     }
@@ -999,6 +1117,7 @@ def parse(data: Mapping[str, Any], origins: Mapping[str, Path], main_file: Path,
         destinations=_parse_destinations(top),
         rules=_parse_rules(top),
         operations=_parse_operations(top),
+        vpn=_parse_vpn(top),
         sources=sources or (main_file,),
         origins=dict(origins),
     )
@@ -1075,17 +1194,26 @@ def dropin_files(main: Path) -> list[Path]:
                   key=lambda p: p.name)
 
 
-def read(path: Path) -> tuple[dict[str, Any], dict[str, Path], Path, tuple[Path, ...]]:
+def read(path: Path, instead: Mapping[Path, dict[str, Any] | None] | None = None
+         ) -> tuple[dict[str, Any], dict[str, Path], Path, tuple[Path, ...]]:
     """The merged data of a config file and its conf.d drop-ins, which file set each key,
-    the main file and every file read (any kind of config: the appliance's, a center's)."""
+    the main file and every file read (any kind of config: the appliance's, a center's).
+
+    `instead` maps a drop-in's path to the data to use for it (None: left out), whether
+    the file exists or not: a candidate drop-in is checked as if it were in place
+    (ops/desired.py) without being written first."""
     main = path.absolute()
-    files = [main, *dropin_files(main)]
+    instead = dict(instead or {})
+    files = sorted({*dropin_files(main), *(p for p, d in instead.items() if d is not None)},
+                   key=lambda p: p.name)
+    files = [main, *(f for f in files if f not in instead or instead[f] is not None)]
     data: dict[str, Any] = {}
     origins: dict[str, Path] = {}
     problems: list[str] = []
     for f in files:
         try:
-            _merge(data, _read_toml(f), origins, f)
+            got = instead.get(f)
+            _merge(data, got if got is not None else _read_toml(f), origins, f)
         except ConfigError as e:
             problems += e.problems
     if problems:

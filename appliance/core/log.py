@@ -63,17 +63,41 @@ def redact_exc_info(logger: Any, method: str, event: MutableMapping[str, Any]) -
     return event
 
 
-def _below(threshold: int) -> structlog.typing.Processor:
-    """Drop an event under the configured level, after the taps have seen it."""
-    def drop(logger: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-        if _LEVELS.get(str(event.get("level")), logging.ERROR) < threshold:
-            raise structlog.DropEvent
-        return event
-    return drop
+# The level in force (`set_level` changes it at run time) and the lowest level the loggers
+# were built to pass at all (`setup`): debug events cost nothing unless asked at start.
+_level = {"threshold": logging.INFO, "floor": logging.INFO}
+
+
+def _below(logger: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Drop an event under the level in force, after the taps have seen it."""
+    if _LEVELS.get(str(event.get("level")), logging.ERROR) < _level["threshold"]:
+        raise structlog.DropEvent
+    return event
+
+
+def level() -> str:
+    """The level in force, by name."""
+    return next(n for n, v in _LEVELS.items() if v == _level["threshold"])
+
+
+def set_level(name: str) -> str:
+    """Change the level at run time (an operator's `log-level`, not kept over a restart);
+    returns the level it replaced. ValueError for an unknown level, or for a level below
+    the one the daemon started with when that is under INFO's floor (debug needs
+    `log_level = "debug"` in the config and a restart)."""
+    if name not in _LEVELS:
+        raise ValueError(f"unknown level {name!r} (one of {', '.join(_LEVELS)})")
+    if _LEVELS[name] < _level["floor"]:
+        raise ValueError(f"{name} needs log_level = \"{name}\" in the config and a restart")
+    before = level()
+    _level["threshold"] = _LEVELS[name]
+    return before
 
 
 def setup(level: str = "info", fmt: str = "auto", stream: object = None) -> None:
     out = stream or sys.stdout
+    _level["threshold"] = _LEVELS[level]
+    _level["floor"] = min(_LEVELS[level], logging.INFO)
     json = fmt == "json" or (fmt == "auto" and not getattr(out, "isatty", lambda: False)())
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
@@ -83,7 +107,7 @@ def setup(level: str = "info", fmt: str = "auto", stream: object = None) -> None
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             _tap,
-            _below(_LEVELS[level]),
+            _below,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             redact_exc_info,
             renderer,

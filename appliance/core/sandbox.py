@@ -26,7 +26,8 @@ from pathlib import Path
 from appliance.core.config import Config
 
 UNIT_NAME = "appliance.service"
-UNIT_WRITABLE: tuple[Path, ...] = (Path("/var/lib/appliance"),)  # ReadWritePaths= of the unit
+# ReadWritePaths= of the unit (conf.d: ops/desired.py writes the remote drop-in there)
+UNIT_WRITABLE: tuple[Path, ...] = (Path("/var/lib/appliance"), Path("/etc/appliance/conf.d"))
 # Folders the unit replaces or hides whatever the drop-ins say, and why.
 UNIT_HIDDEN: dict[Path, str] = {
     Path("/tmp"): "PrivateTmp=yes gives the appliance its own empty /tmp",  # noqa: S108

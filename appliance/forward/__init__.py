@@ -89,6 +89,16 @@ def _nothing(index: int) -> None:
 
 
 @dataclass(frozen=True)
+class Answer:
+    """A destination's answer to `check()`: whether it answers, and what an operator on
+    site reads (`appliance echo`): "C-ECHO answered", "connection refused", ... Our own
+    words and the transport's error text; shown locally, never logged or sent."""
+
+    ok: bool
+    detail: str
+
+
+@dataclass(frozen=True)
 class Plan:
     """What one attempt sends of a bundle (see the module docstring)."""
 
@@ -108,7 +118,11 @@ class Transport(Protocol):
     def probe(self) -> bool:
         """Does the destination answer at all (a C-ECHO, the folder is there)? Within the
         transport's own time limit; never raises. The scheduler asks after a failure that
-        blames an instance when nothing else shows that the destination works."""
+        blames an instance when nothing else shows that the destination works.
+        (`check().ok`.)"""
+
+    def check(self) -> Answer:
+        """The probe with its reason, for `appliance echo`; the same limits, never raises."""
 
     def send(self, item_id: str, bundle: Path, progress: Callable[[int], None],
              plan: Plan | None = None) -> None:

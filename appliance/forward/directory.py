@@ -19,6 +19,7 @@ sends the file to quarantine, as the dicom transport does.
 from __future__ import annotations
 
 import errno
+import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +29,7 @@ from appliance.bundle import format as bundle_format
 from appliance.bundle.format import PrivateKey
 from appliance.core import durable
 from appliance.core.errors import IntegrityError
-from appliance.forward import Permanent, Plan, Retryable, Unreadable, bandwidth
+from appliance.forward import Answer, Permanent, Plan, Retryable, Unreadable, bandwidth
 from appliance.forward.bandwidth import Cap
 
 if TYPE_CHECKING:
@@ -112,8 +113,16 @@ class DirectoryTransport:
             plan.delivered(entry.index)
 
     def probe(self) -> bool:
-        """The folder is there (a share that is mounted)."""
-        return self.path.is_dir()
+        return self.check().ok
+
+    def check(self) -> Answer:
+        """The folder is there (a share that is mounted) and this user may write in it."""
+        if not self.path.is_dir():
+            return Answer(False, f"folder {self.path} does not exist (not mounted?)")
+        if not os.access(self.path, os.W_OK | os.X_OK):
+            return Answer(False, f"folder {self.path} is there but not writable by this user"
+                                 " (or its file system is read-only)")
+        return Answer(True, f"folder {self.path} is there and writable")
 
     def close(self) -> None:
         pass

@@ -62,6 +62,7 @@ import structlog
 from appliance.core import failpoints
 from appliance.core.config import Queue as QueueConfig
 from appliance.forward import Permanent, Plan, Transport, TransportError, Unreadable, failover, policy
+from appliance.forward.controls import Controls
 from appliance.forward.failover import Event, Health
 from appliance.pack.pace import Throughput
 from appliance.queue.store import DestinationRow, Item, Queue, backoff
@@ -165,8 +166,9 @@ class Forwarder:
                  budget_base_s: float = BUDGET_BASE_S, wake: Callable[[], None] = lambda: None,
                  lane_probe_wait_s: float = LANE_PROBE_WAIT_S,
                  probe_wait_s: float = PROBE_WAIT_S, copies: Sequence[str] = (),
-                 audit: Audit | None = None) -> None:
+                 audit: Audit | None = None, controls: Controls | None = None) -> None:
         self.queue = queue
+        self.controls = controls  # the operator's switches: paused, destinations off
         self.audit = audit  # told of each delivery and parked instance (appliance.audit)
         self.budget_base_s = budget_base_s
         self.transports = list(transports)
@@ -191,7 +193,7 @@ class Forwarder:
         """The destination a bundle packed now would go to (the first of the failover chain
         that is up; copies are not waited for) and its recent send rate in bundle bytes/s
         (None until a whole bundle was delivered there)."""
-        name = next(iter(self.health.up(self.chain)), None)
+        name = next(iter(self._up(self.chain)), None)
         return name, None if name is None else self.sent[name].rate()
 
     def run_once(self, now: float | None = None, min_priority: int = 0,
@@ -202,10 +204,12 @@ class Forwarder:
         destination only (its lane)."""
         now = time.time() if now is None else now
         self.queue.make_copies(self.copies, now)
+        if self.controls is not None and self.controls.paused is not None:
+            return False  # paused by an operator: a send in progress finishes, none starts
         if only is not None:
-            up, copy_up = [], self.health.up([only])
+            up, copy_up = [], self._up([only])
         else:
-            up, copy_up = self.health.up(self.chain), self.health.up(self.copies) if copies else []
+            up, copy_up = self._up(self.chain), self._up(self.copies) if copies else []
         item = self.queue.claim_next(now, up, min_priority, copies=copy_up)
         if item is None:
             return False
@@ -217,7 +221,51 @@ class Forwarder:
         up (a copy has nowhere else to go)."""
         if item.copy_to is not None:
             return False
-        return self.health.elsewhere(name, failover.chain(self.chain, item.route))
+        return any(n != name for n in self._up(failover.chain(self.chain, item.route)))
+
+    def _up(self, order: Sequence[str]) -> list[str]:
+        """The destinations of `order` that are up and not switched off by an operator."""
+        up = self.health.up(order)
+        if self.controls is None:
+            return up
+        off = self.controls.off()
+        return [n for n in up if n not in off]
+
+    # --- the operator's switches (forward/controls.py) ---
+
+    def pause(self, by: str) -> bool:
+        assert self.controls is not None
+        changed = self.controls.pause(by)
+        if changed:
+            log.warning("forward.paused", by=by)
+        return changed
+
+    def resume(self) -> bool:
+        assert self.controls is not None
+        changed = self.controls.resume()
+        if changed:
+            log.warning("forward.resumed")
+            self.wake()
+        return changed
+
+    def switch_off(self, name: str, by: str) -> bool:
+        """Switch `name` off: deferred items waiting for it become due now, so that they
+        move on to the next destination of their chain."""
+        assert self.controls is not None
+        changed = self.controls.switch_off(name, by)
+        if changed:
+            log.warning("destination.off", destination=name, by=by)
+            self.queue.due_now([name], time.time())
+            self.wake()
+        return changed
+
+    def switch_on(self, name: str) -> bool:
+        assert self.controls is not None
+        changed = self.controls.switch_on(name)
+        if changed:
+            log.warning("destination.on", destination=name)
+            self.wake()
+        return changed
 
     def _attempt(self, item: Item, dest: Transport) -> None:
         known = ({} if item.only_index is not None else
@@ -370,6 +418,8 @@ class Forwarder:
         """Probe each down destination whose next probe is due (the daemon's prober
         thread; each probe bounded by `probe_wait_s`). Returns how many were probed."""
         names = failover.due(self.health.all(), time.time() if now is None else now)
+        off = self.controls.off() if self.controls is not None else {}
+        names = [n for n in names if n not in off]  # off: not probed until switched on
         for name in names:
             answers = self._probe(self.by_name[name], self.probe_wait_s)
             log.info("destination.probed", destination=name, answers=answers)
@@ -405,11 +455,15 @@ class Forwarder:
     def snapshot(self, now: float) -> list[dict[str, object]]:
         """Each destination for `appliance status`: its mode, up or down, since when, the
         class of its last failure, failures in a row, and when it is probed next."""
-        return [{"name": h.name, "state": h.state, "since": h.since or None,
+        off = self.controls.off() if self.controls is not None else {}
+        return [{"name": h.name, "state": "off" if h.name in off else h.state,
+                 "since": off[h.name].since if h.name in off else (h.since or None),
                  "mode": "copy" if h.name in self.copies else "failover",
                  "failures": h.failures, "last_error": h.last_error,
-                 "next_probe": h.next_probe if not h.up else None,
-                 "next_probe_in_s": round(max(0.0, h.next_probe - now), 1) if not h.up else None}
+                 "next_probe": h.next_probe if not h.up and h.name not in off else None,
+                 "next_probe_in_s": (round(max(0.0, h.next_probe - now), 1)
+                                     if not h.up and h.name not in off else None),
+                 **({"off_by": off[h.name].by} if h.name in off else {})}
                 for h in self.health.all()]
 
     def _defer(self, item: Item, dest: str, reason: str, e: TransportError | None = None) -> None:

@@ -70,7 +70,8 @@ from paramiko.sftp import (
 from appliance.bundle import format as bundle_format
 from appliance.bundle.format import Manifest, PrivateKey
 from appliance.core.errors import IntegrityError
-from appliance.forward import Permanent, Plan, Retryable, TransportError, Unreadable, bandwidth
+from appliance.forward import Answer, Permanent, Plan, Retryable, TransportError, Unreadable, bandwidth
+from appliance.forward.netlink import link_silent, watch_link
 from appliance.ingest.receipt import SUFFIX as RECEIPT_SUFFIX
 
 if TYPE_CHECKING:
@@ -197,6 +198,7 @@ class _Step:
 
     def __init__(self, what: str) -> None:
         self.what = what
+        self.silent = False  # the link went silent (forward/netlink.py) and was closed
 
 
 class SftpTransport:
@@ -240,12 +242,15 @@ class SftpTransport:
             plan.delivered(entry.index)
 
     def probe(self) -> bool:
-        """TCP connect, SSH handshake and host-key check within timeout_s."""
+        return self.check().ok
+
+    def check(self) -> Answer:
+        """TCP connect, SSH handshake, host-key check and login within timeout_s."""
         try:
             with self._connected(_Step("probing"), threading.Event()):
-                return True
-        except Exception:  # noqa: BLE001 - a probe answers yes or no
-            return False
+                return Answer(True, "SSH handshake done, host key as pinned, logged in")
+        except Exception as e:  # noqa: BLE001 - a probe answers, it never raises
+            return Answer(False, str(e) or type(e).__name__)
 
     def close(self) -> None:
         pass  # one connection per attempt, closed by it
@@ -294,8 +299,10 @@ class SftpTransport:
             sock.close()
             raise
         done = threading.Event()
-        threading.Thread(target=_close_when, args=(cancelled, done, t, sock), daemon=True,
-                         name=f"sftp-budget-{d.name}").start()
+        link_timeout = min(float(d.link_timeout_s), d.timeout_s)
+        watch_link(sock, link_timeout)
+        threading.Thread(target=_close_when, args=(cancelled, done, t, sock, step, link_timeout),
+                         daemon=True, name=f"sftp-budget-{d.name}").start()
         try:
             t.banner_timeout = t.handshake_timeout = t.auth_timeout = d.timeout_s
             pin.prefer(t)
@@ -353,6 +360,10 @@ class SftpTransport:
         if cancelled.is_set():
             return Retryable(f"the upload to {where} ran out of its time budget while"
                              f" {step.what} (is the link very slow?)")
+        if step.silent:
+            return Retryable(f"the link to {where} went silent while {step.what}: nothing was"
+                             f" acknowledged within {min(d.link_timeout_s, d.timeout_s):g} s"
+                             " (link_timeout_s)")
         if isinstance(e, TimeoutError | socket.timeout):
             return Retryable(f"{where} did not answer within {d.timeout_s:g} s while {step.what}")
         if isinstance(e, ConnectionRefusedError):
@@ -399,11 +410,14 @@ def _read_capped(sftp: _Sftp, path: str, cap: int) -> bytes | None:
 
 
 def _close_when(cancelled: threading.Event, done: threading.Event, t: paramiko.Transport,
-                sock: socket.socket) -> None:
-    """Close the connection once the budget runs out, until the attempt is done: a
-    handshake or a write blocked on the server's window returns at once with an error."""
+                sock: socket.socket, step: _Step, link_timeout: float) -> None:
+    """Close the connection once the budget runs out, or once the link has gone silent
+    (nothing owed acknowledged for `link_timeout`: forward/netlink.py), until the attempt
+    is done: a handshake or a write blocked on the server's window returns at once with
+    an error, and a cut link is known in seconds, not after `timeout_s`."""
     while not done.is_set():
-        if cancelled.wait(0.5):
+        if cancelled.wait(0.5) or link_silent(sock, link_timeout):
+            step.silent = not cancelled.is_set()
             t.close()
             sock.close()
             return

@@ -339,6 +339,9 @@ class _Server(socketserver.ThreadingMixIn, WSGIServer):
             self.busy -= 1
 
 
+BoundedServer = _Server  # also serves the fleet page (ops/fleetweb.py)
+
+
 def parse_bind(bind: str) -> tuple[str, int, socket.AddressFamily]:
     """`IP:PORT` (config._check_bind checked it) -> host, port, address family."""
     host, _, port = bind.rpartition(":")

@@ -8,15 +8,19 @@ queue and once the listeners are bound; WATCHDOG=1 is sent by the working loops 
 
 from __future__ import annotations
 
+import time
+
 import sdnotify
 
 
 class Notifier:
     def __init__(self) -> None:
         self._n = sdnotify.SystemdNotifier()
+        self.readied = False  # READY=1 sent by this process
 
     def ready(self, status: str) -> None:
         self._n.notify(f"READY=1\nSTATUS={status}")
+        self.readied = True
 
     def watchdog(self) -> None:
         self._n.notify("WATCHDOG=1")
@@ -26,3 +30,8 @@ class Notifier:
 
     def stopping(self) -> None:
         self._n.notify("STOPPING=1")
+
+    def reloading(self) -> None:
+        """The daemon executes itself again (a desired config, ops/desired.py): systemd
+        waits for READY=1 from the same PID instead of seeing the service stop."""
+        self._n.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")

@@ -19,6 +19,12 @@
                   it refused or failed it, 69 when no result came within --timeout.
                   The broker lets one client per certificate in: a `fleet send` takes the
                   session of another client running with the ops-center certificate.
+    appliance fleet status --ca DIR [--json] | fleet serve --ca DIR --bind IP:PORT
+                  the fleet view: a table (or JSON) once, or a page and /metrics
+                  (ops/fleetcli.py, ops/fleet.py, ops/fleetweb.py)
+    appliance fleet config push FILE --version N --box B [--group NAME --boxes B2 ...] --key KEY --ca DIR
+                  a signed desired config (ops/push.py): to B, and to the rest only once
+                  B reports it applied and healthy.
 
 Also the ops-link parts of `keys init` and `config check` (`keys_init`, `check`), so
 that appliance/cli/ only calls in here. Errors are UsageError / KeyFileError lines.
@@ -27,6 +33,8 @@ that appliance/cli/ only calls in here. Errors are UsageError / KeyFileError lin
 from __future__ import annotations
 
 import argparse
+import binascii
+import contextlib
 import json
 import sys
 import time
@@ -35,9 +43,10 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from appliance.core import config, crypto
-from appliance.core.errors import EX_UNAVAILABLE, EX_USAGE, KeyFileError, UsageError
-from appliance.ops import commands, pki
+from appliance.core import config, crypto, durable
+from appliance.core.errors import EX_DATAERR, EX_UNAVAILABLE, EX_USAGE, KeyFileError, UsageError
+from appliance.ops import commands, diagnostics, fleetcli, pki
+from appliance.ops import push as config_push
 
 
 def add_parsers(sub: Any) -> None:
@@ -72,6 +81,10 @@ def add_parsers(sub: Any) -> None:
     send.add_argument("--port", type=int, default=8883)
     send.add_argument("--ttl", type=float, default=300.0, help="seconds the command stays valid")
     send.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the result")
+    send.add_argument("--out", type=Path, default=None,
+                      help="diagnostics: the file to write the box's document to (JSON)")
+    fleetcli.add_parsers(fleet_sub)
+    config_push.add_parser(fleet_sub)
 
 
 def dispatch(args: argparse.Namespace) -> int:
@@ -90,6 +103,12 @@ def dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.sub == "send":
         return send(args)
+    if args.sub == "status":
+        return fleetcli.status(args)
+    if args.sub == "serve":
+        return fleetcli.serve(args)
+    if args.sub == "config":
+        return config_push.push(args)
     if args.sub == "crl":
         print("\n".join(pki.reissue_crl(args.ca, tuple(args.revoke))))
         return 0
@@ -123,11 +142,14 @@ def parse_args(pairs: list[str]) -> dict[str, Any]:
 
 
 def send(args: argparse.Namespace) -> int:
+    if (args.op == "diagnostics") != (args.out is not None):
+        raise UsageError("--out FILE goes with diagnostics, and diagnostics needs it")
     key: Ed25519PrivateKey = crypto.load_private_key_of(args.key, Ed25519PrivateKey, "Ed25519")
     cmd = commands.body(args.box, args.op, parse_args(args.arg), key, now=time.time(), ttl_s=args.ttl)
+    parts = diagnostics.Assembler(cmd["cmd_id"]) if args.op == "diagnostics" else None
     try:
         result = publish_and_wait(args.host, args.port, args.ca, args.box, commands.envelope(cmd, key),
-                                  cmd["cmd_id"], args.timeout)
+                                  cmd["cmd_id"], args.timeout, parts)
     except OSError as e:  # refused, unreachable, TLS (ssl.SSLError is an OSError)
         print(f"cannot reach the broker {args.host}:{args.port} ({type(e).__name__})", file=sys.stderr)
         return EX_UNAVAILABLE
@@ -136,12 +158,30 @@ def send(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EX_UNAVAILABLE
     print(json.dumps(result, indent=2, sort_keys=True))
+    if parts is not None and result.get("code") == 200:
+        return _write_diagnostics(parts, args.out)
     return 0 if result.get("code") == 200 else 1
 
 
+def _write_diagnostics(parts: diagnostics.Assembler, out: Path) -> int:
+    if not parts.complete():
+        print(f"diagnostics: {len(parts.got)} of {parts.parts or '?'} parts arrived", file=sys.stderr)
+        return EX_UNAVAILABLE
+    try:
+        doc = parts.document()
+    except (ValueError, OSError, EOFError) as e:
+        print(f"diagnostics: the parts do not make a document ({e})", file=sys.stderr)
+        return EX_DATAERR
+    durable.atomic_write(out, json.dumps(doc, indent=1, sort_keys=True).encode(), mode=0o600)
+    print(f"diagnostics: {out} ({len(doc.get('log', []))} log events)", file=sys.stderr)
+    return 0
+
+
 def publish_and_wait(host: str, port: int, ca: Path, box: str, payload: bytes, cmd_id: str,
-                     timeout: float) -> dict[str, Any] | None:
-    """Publish a command as the operations center and wait for its result (None: none came)."""
+                     timeout: float, parts: diagnostics.Assembler | None = None) -> dict[str, Any] | None:
+    """Publish a command as the operations center and wait for its result (None: none came);
+    with `parts`, also collect the command's diagnostics parts (until complete, or the
+    deadline)."""
     import ssl
     import threading
 
@@ -156,8 +196,14 @@ def publish_and_wait(host: str, port: int, ca: Path, box: str, payload: bytes, c
             doc = json.loads(m.payload)
         except ValueError:
             return
-        if isinstance(doc, dict) and doc.get("cmd_id") == cmd_id:
+        if not isinstance(doc, dict) or doc.get("cmd_id") != cmd_id:
+            return
+        if m.topic.endswith("/cmd/result"):
             got.update(doc)
+        elif parts is not None:
+            with contextlib.suppress(ValueError, binascii.Error):
+                parts.add(doc)
+        if got and (parts is None or parts.complete() or got.get("code") != 200):
             done.set()
 
     c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=pki.OPS_CENTER_CN, protocol=mqtt.MQTTv311,
@@ -168,8 +214,10 @@ def publish_and_wait(host: str, port: int, ca: Path, box: str, payload: bytes, c
     c.tls_set_context(ctx)
     c.on_message = on_message
     c.on_subscribe = lambda c, u, mid, codes, props: ready.set()
-    c.on_connect = lambda c, u, f, rc, p: None if rc.is_failure else c.subscribe(
-        f"appliance/{box}/cmd/result", qos=1)
+    topics = [(f"appliance/{box}/cmd/result", 1)]
+    if parts is not None:
+        topics.append((f"appliance/{box}/diagnostics/{cmd_id}", 1))
+    c.on_connect = lambda c, u, f, rc, p: None if rc.is_failure else c.subscribe(topics)
     deadline = time.monotonic() + timeout
     c.loop_start()
     try:
@@ -177,7 +225,8 @@ def publish_and_wait(host: str, port: int, ca: Path, box: str, payload: bytes, c
         if not ready.wait(max(0.0, deadline - time.monotonic())):
             return None
         c.publish(f"appliance/{box}/cmd", payload, qos=1)
-        return got if done.wait(max(0.0, deadline - time.monotonic())) else None
+        done.wait(max(0.0, deadline - time.monotonic()))
+        return got or None
     finally:
         c.disconnect()
         c.loop_stop()
@@ -224,3 +273,19 @@ def status_line(ops: dict[str, Any]) -> str:
            f" {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last['ts']))}" if last else "")
     return (f"ops link       {link} (conn_seq {ops.get('conn_seq')});"
             f" {ops.get('waiting', 0)} event(s) waiting{gap}{cmd}")
+
+
+def config_line(c: dict[str, Any]) -> str:
+    """The desired config in `appliance status`: the applied version, one on probation,
+    the last rolled back or refused (ops/desired.py)."""
+    parts = [f"remote config  version {c.get('version') or 0} applied"
+             if c.get("version") else "remote config  none applied"]
+    if c.get("pending") is not None:
+        parts.append(f"version {c['pending']} on probation")
+    if c.get("rolled_back") is not None:
+        at = c.get("rolled_back_at")
+        when = f" at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(at))}" if at else ""
+        parts.append(f"version {c['rolled_back']} ROLLED BACK{when}")
+    if c.get("refused") is not None:
+        parts.append(f"version {c['refused']} refused ({c.get('refused_code')})")
+    return "; ".join(parts)

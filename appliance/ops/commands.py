@@ -23,7 +23,11 @@ most once, even across a restart.
 Operations (`OPS`) go through the daemon's control socket handlers (health/control.py),
 exactly like `appliance queue ...`, with `_operator` = "ops-center:<key_id>" for the
 audit trail: ping, status (the `state` summary: no patient data), hold/release/retry
-one item (`{"id": ID}`) or every item (`{"all": true}`). None touches images, reveals
+one item (`{"id": ID}`) or every item (`{"all": true}`), pause/resume forwarding,
+off/on a destination (`{"destination": NAME}`, forward/controls.py), log_level
+(`{"level": L}`, until the daemon restarts), replay_events (`{"since": N}`: the kept
+events after N are sent again), diagnostics (ops/diagnostics.py: a PHI-free document in
+parts on diagnostics/<cmd_id>). None touches images, reveals
 patient data or opens a shell. Every command and every refusal is audited
 (AuditTrail.command) and logged (`ops.command` / `command.refused`, which is also an ops
 event), with opaque ids only.
@@ -55,7 +59,7 @@ from appliance.audit import AuditTrail
 from appliance.core import durable
 from appliance.core.config import Config
 from appliance.core.errors import ApplianceError, NotFoundError
-from appliance.ops import messages
+from appliance.ops import diagnostics, messages
 from appliance.ops.link import boot_id
 from appliance.ops.link import clock_synchronised as kernel_clock_synchronised
 
@@ -75,6 +79,8 @@ FIELDS: dict[str, type | tuple[type, ...]] = {
 TOKEN = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
 NONCE = re.compile(r"[A-Za-z0-9_-]{16,64}\Z")
 ITEM_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}\Z")
+DEST_NAME = TOKEN  # a destination as the config names it
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 CODES = {200: "ok", 400: "malformed", 403: "forbidden", 404: "not found", 409: "replay",
          410: "expired", 422: "unprocessable", 429: "too many", 500: "internal error",
@@ -148,10 +154,11 @@ class Seen:
 
 # --- checks (pure) ---
 
-def parse(payload: bytes) -> tuple[dict[str, Any], bytes, bytes]:
-    """(body, signed bytes, signature) of an envelope; Refused 400 otherwise."""
-    if len(payload) > MAX_COMMAND_BYTES:
-        raise Refused(400, f"command larger than {MAX_COMMAND_BYTES} bytes")
+def parse(payload: bytes, limit: int = MAX_COMMAND_BYTES) -> tuple[dict[str, Any], bytes, bytes]:
+    """(body, signed bytes, signature) of an envelope of at most `limit` bytes; Refused
+    400 otherwise."""
+    if len(payload) > limit:
+        raise Refused(400, f"command larger than {limit} bytes")
     try:
         env = json.loads(payload)
         text, sig = env["body"], base64.b64decode(env["sig"], validate=True)
@@ -226,13 +233,49 @@ def _queue(verb: str) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
     return build
 
 
+def _switch(verb: str) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
+    """pause/resume forwarding (no args), a destination off/on (args: destination)."""
+    def build(args: Mapping[str, Any]) -> dict[str, Any]:
+        if verb in ("pause", "resume"):
+            return {"verb": verb, **_no_args(args)}
+        name = args.get("destination")
+        if set(args) != {"destination"} or not (isinstance(name, str) and DEST_NAME.match(name)):
+            raise ValueError("takes destination, a destination's name")
+        return {"verb": verb, "destination": name}
+    return build
+
+
+def _since(args: Mapping[str, Any]) -> dict[str, Any]:
+    since = args.get("since")
+    if isinstance(since, str) and since.isascii() and since.isdigit() and len(since) <= 18:
+        since = int(since)  # `fleet send ... --arg since=N` sends text
+    if set(args) != {"since"} or isinstance(since, bool) or not isinstance(since, int) or since < 0:
+        raise ValueError("takes since, an event_seq (0: every event kept)")
+    return {"since": since}
+
+
+def _log_level(args: Mapping[str, Any]) -> dict[str, Any]:
+    if set(args) != {"level"} or args["level"] not in LOG_LEVELS:
+        raise ValueError(f"takes level, one of {', '.join(LOG_LEVELS)}")
+    return {"level": args["level"]}
+
+
 OPS: dict[str, Op] = {
     "ping": Op(None, _no_args),
     "status": Op("status", _no_args),
     "hold": Op("queue.change", _queue("hold")),
     "release": Op("queue.change", _queue("release")),
     "retry": Op("queue.change", _queue("retry")),
+    "pause": Op("forward.switch", _switch("pause")),
+    "resume": Op("forward.switch", _switch("resume")),
+    "off": Op("forward.switch", _switch("off")),
+    "on": Op("forward.switch", _switch("on")),
+    "log_level": Op("log.level", _log_level),
+    "replay_events": Op("events.replay", _since),
+    "diagnostics": Op("diagnostics", _no_args),
 }
+# The daemon's handlers that write the audit trail themselves (with the outcome they know).
+SELF_AUDITED = {"queue.change", "forward.switch", "log.level"}
 
 
 def clock_synchronised() -> bool | None:
@@ -263,6 +306,7 @@ class Commands:
         cmd: dict[str, Any] = {}
         operator = "ops-center:unverified"
         audited = False
+        attached: list[dict[str, Any]] = []
         try:
             cmd, signed, sig = parse(payload)
             verify(signed, sig, cmd["key_id"], self.keys)
@@ -278,8 +322,10 @@ class Commands:
                 args = op.args(cmd["args"])
             except ValueError as e:
                 raise Refused(422, f"bad args: {e}") from None
-            audited = op.handler == "queue.change"  # change_audited writes the trail itself
+            audited = op.handler in SELF_AUDITED
             code, detail, result = self._run(op, args, operator)
+            if op.handler == "diagnostics" and code == 200:  # sent in parts before the result
+                attached, result = diagnostics.parts(diagnostics.pack(result), str(cmd["cmd_id"]))
         except Refused as e:
             code, detail, result = e.code, e.detail, None
         except Exception as e:  # a result in any case: the center is waiting for one
@@ -289,7 +335,10 @@ class Commands:
         if not audited:
             self.audit.command(operator, str(cmd.get("op") or "?"), _target(cmd.get("args")), code == 200,
                                f"{code} {detail}", area="ops")
-        return self._answer(cmd, code, detail, result, now)
+        msg = self._answer(cmd, code, detail, result, now)
+        if attached:
+            msg["_parts"] = attached  # ops/link.py publishes them on diagnostics/<cmd_id> first
+        return msg
 
     def _run(self, op: Op, args: dict[str, Any], operator: str) -> tuple[int, str, Any]:
         if op.handler is None:
@@ -325,6 +374,9 @@ def _target(args: Any) -> str:
             return str(args["id"])
         if args.get("all") is True:
             return "all"
+        for k in ("destination", "level"):
+            if isinstance(args.get(k), str) and DEST_NAME.match(args[k]):
+                return str(args[k])
     return "-"
 
 

@@ -17,9 +17,10 @@ every `heartbeat_s`, and at once (at most every STATE_MIN_S) when something in i
 matters changed (messages.comparable). Events come from log taps (`on_log`).
 
 Commands: with a command handler (ops/commands.py), the link subscribes to `cmd` (QoS 1)
-after each CONNACK; what arrives is queued (at most COMMANDS_MAX waiting, more are
-dropped and logged) and run on this thread between turns of the loop, and each result
-is published on `cmd/result` (QoS 1, not retained).
+after each CONNACK, and with a config handler (ops/desired.py) to the retained `config`;
+what arrives is queued (at most COMMANDS_MAX waiting, more are dropped and logged) and
+run on this thread between turns of the loop; each command's result is published on
+`cmd/result` (QoS 1, not retained), a config's outcome shows in `state` and events.
 
 Fails soft: a broker that is away, refuses us or is misconfigured never stops the flow
 of images; the reason is in the log and `appliance status`.
@@ -60,6 +61,7 @@ STOP_WAIT_S = 3.0
 COMMANDS_MAX = 16
 
 CommandHandler = Callable[[str, bytes], dict[str, Any]]
+ConfigHandler = Callable[[str, bytes], None]
 
 
 def boot_id() -> str:
@@ -101,7 +103,8 @@ def cert_not_after(paths: Mapping[str, Path]) -> dict[str, float]:
 
 class Link:
     def __init__(self, name: str, ops: Operations, outbox: Outbox, snapshot: Callable[[], dict[str, Any]],
-                 stage: Stage, certs: Mapping[str, Path], on_command: CommandHandler | None = None) -> None:
+                 stage: Stage, certs: Mapping[str, Path], on_command: CommandHandler | None = None,
+                 on_config: ConfigHandler | None = None) -> None:
         self.name = name
         self.ops = ops
         self.outbox = outbox
@@ -119,6 +122,8 @@ class Link:
         self._lost = False
         self._inflight: dict[int, int] = {}  # mid -> event_seq
         self._sent_upto = 0
+        self._rewind: int | None = None  # replay(): send again from here (set by any thread)
+        self._rewind_lock = threading.Lock()
         self._state_seq = 0
         self._last_state: dict[str, Any] | None = None
         self._last_state_at = 0.0
@@ -126,6 +131,7 @@ class Link:
         self._certs: tuple[float, dict[str, float]] = (0.0, {})  # read at, name -> not-after
         self._failures = 0
         self.on_command = on_command
+        self.on_config = on_config
         self._commands: list[tuple[str, bytes]] = []
 
     # --- the daemon's side ---
@@ -144,6 +150,15 @@ class Link:
         body = messages.event_body(kind, dict(fields))
         if body is not None:
             self.outbox.add(time.time(), body)  # the link thread sends it within LOOP_S
+
+    def replay(self, since: int) -> dict[str, int]:
+        """The `replay_events` command: the kept events after `since` go out again, oldest
+        first, with their own event_seq (the center drops what it has by number)."""
+        got = self.outbox.replay(since)
+        with self._rewind_lock:
+            self._rewind = since if self._rewind is None else min(self._rewind, since)
+        log.info("ops.events_replayed", since=since, **got)
+        return got
 
     def status(self) -> dict[str, Any]:
         return {"connected": self._connected, "since": self.connected_since, "conn_seq": self.conn_seq,
@@ -209,6 +224,8 @@ class Link:
         self._publish(c, "online", messages.online(self.conn_seq, self.boot_id, self.connected_since))
         if self.on_command is not None:
             c.subscribe(f"{self.topic}/cmd", qos=1)
+        if self.on_config is not None:  # retained: the desired config comes at each connection
+            c.subscribe(f"{self.topic}/config", qos=1)
         self._last_state, self._last_check = None, 0.0
         while not self._lost:
             if self.stop_event.is_set():
@@ -233,6 +250,10 @@ class Link:
         return int(info.mid)
 
     def _send_events(self, c: mqtt.Client) -> None:
+        with self._rewind_lock:
+            rewind, self._rewind = self._rewind, None
+        if rewind is not None:
+            self._sent_upto = min(self._sent_upto, rewind)
         room = INFLIGHT_MAX // 2 - len(self._inflight)
         if room <= 0:
             return
@@ -245,9 +266,18 @@ class Link:
             self._sent_upto = seq
 
     def _run_commands(self, c: mqtt.Client) -> None:
-        while self._commands and self.on_command is not None:
+        while self._commands:
             topic, payload = self._commands.pop(0)
-            self._publish(c, "cmd/result", self.on_command(topic, payload), retain=False)
+            if topic == f"{self.topic}/config":
+                if self.on_config is not None:
+                    self.on_config(topic, payload)
+                continue
+            if self.on_command is None:
+                continue
+            msg = self.on_command(topic, payload)
+            for part in msg.pop("_parts", []):  # diagnostics: the parts before the result
+                self._publish(c, f"diagnostics/{msg['cmd_id']}", part, retain=False)
+            self._publish(c, "cmd/result", msg, retain=False)
 
     def _maybe_state(self, c: mqtt.Client) -> None:
         now = time.time()
@@ -332,7 +362,7 @@ def cert_paths(cfg: Config) -> dict[str, Path]:
 
 
 def build(cfg: Config, supervisor: Supervisor, snapshot: Callable[[], dict[str, Any]],
-          on_command: CommandHandler | None = None) -> Link:
+          on_command: CommandHandler | None = None, on_config: ConfigHandler | None = None) -> Link:
     """The link of a config with [operations], registered as the supervisor's `ops` stage
     (deadline: a connection attempt plus the stall limit)."""
     ops = cfg.operations
@@ -341,5 +371,5 @@ def build(cfg: Config, supervisor: Supervisor, snapshot: Callable[[], dict[str, 
     stage = supervisor.stage("ops", CONNACK_WAIT_S + cfg.health.stall_s,
                              alive=lambda: link.thread.is_alive())
     link = Link(cfg.appliance.name, ops, Outbox(cfg.appliance.state_dir), snapshot, stage, certs,
-                on_command)
+                on_command, on_config)
     return link

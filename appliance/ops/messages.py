@@ -32,6 +32,20 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "watchdog.withheld": ("stages",),
     "watchdog.resumed": (),
     "command.refused": ("cmd_id", "op", "code", "reason"),  # ops/commands.py: tokens and codes
+    "spool.reserve_reached": ("free_bytes", "reserve_bytes"),  # every scanner answered A700
+    "spool.reserve_left": ("free_bytes", "reserve_bytes"),
+    # a stage's loop caught an exception and runs again (daemon._loop): its class only
+    **{f"{stage}.loop_error": ("error_type",) for stage in ("pack", "forward", "failover", "receipts")},
+    # an operator's switches (forward/controls.py) and the log level (daemon): who and what
+    "forward.paused": ("by",),
+    "forward.resumed": (),
+    "destination.off": ("destination", "by"),
+    "destination.on": ("destination",),
+    "log.level_changed": ("level", "was", "by"),
+    # ops/desired.py: versions, codes, a reason class and a key name of desired.FORBIDDEN
+    "config.applied": ("version",),
+    "config.rolled_back": ("version", "reason", "applied_version"),
+    "config.refused": ("version", "code", "reason", "key"),
 }
 
 # `reason` of destination.down/up is a class (forward/failover.reason_class) or what
@@ -39,7 +53,8 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
 REASON_CLASSES = frozenset({"malformed", "forbidden", "not found", "replay", "expired",
                             "unprocessable", "too many", "internal error", "clock not synchronised",
                             "timeout", "refused", "missing", "unreachable", "connection lost",
-                            "rejected", "failed", "probe answered", "delivered"})
+                            "rejected", "failed", "probe answered", "delivered",
+                            "did not start", "not healthy"})
 
 
 def dumps(msg: dict[str, Any]) -> bytes:
@@ -108,8 +123,10 @@ def state(snap: dict[str, Any], *, seq: int, now: float, boot_id: str, conn_seq:
         "stages": _stages(snap.get("stages", {})),
         "queue": {"items": dict(snap.get("queue", {})),
                   "oldest_unsent_ts": round(now - oldest) if oldest else None,
-                  "parked": snap.get("forward", {}).get("parked", 0)},
-        "destinations": [{"name": d["name"], "up": d.get("state") == "up", "since": d.get("since"),
+                  "parked": snap.get("forward", {}).get("parked", 0),
+                  "paused": snap.get("forward", {}).get("paused") is not None},
+        "destinations": [{"name": d["name"], "up": d.get("state") == "up", "off": d.get("state") == "off",
+                          "since": d.get("since"),
                           "last_error": d.get("last_error"), "failures": d.get("failures", 0)}
                          for d in snap.get("destinations", [])],
         "disk": {"free_bytes": spool.get("free_bytes"), "reserve_bytes": spool.get("reserve_bytes"),
@@ -118,7 +135,10 @@ def state(snap: dict[str, Any], *, seq: int, now: float, boot_id: str, conn_seq:
         "time": {"synchronised": time_synced},
         "counters": _counters(snap.get("receive", {})),
         "events": outbox,
+        **({"config": snap["config"]} if "config" in snap else {}),
     }
+    if "vpn" in snap:  # [vpn]: vpn/handshake.py's view (interface, up, handshake_age_s, reading)
+        msg["vpn"] = {k: snap["vpn"].get(k) for k in ("interface", "up", "handshake_age_s", "reading")}
     return fit(msg)
 
 
@@ -140,4 +160,6 @@ def comparable(msg: dict[str, Any]) -> dict[str, Any]:
     move on their own)."""
     out = {k: v for k, v in msg.items() if k not in ("ts", "seq", "counters", "disk")}
     out["stages"] = {n: s["state"] for n, s in msg["stages"].items()}
+    if "vpn" in msg:  # the tunnel going up or down is a change; its age ticking is not
+        out["vpn"] = {k: v for k, v in msg["vpn"].items() if k != "handshake_age_s"}
     return out

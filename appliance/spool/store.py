@@ -120,6 +120,7 @@ class Spool:
         self.key = key
         self.index = index
         self.reserve = reserve_free_bytes
+        self._at_reserve = False  # the last check_room refused (see there)
         self.seg_max_n = segment_max_instances
         self.seg_max_bytes = segment_max_bytes
         # 0: a study's first segment takes as many instances as any other
@@ -146,13 +147,23 @@ class Spool:
     # --- store ---
 
     def check_room(self, size: int) -> None:
-        """Raise SpoolFullError if storing `size` more bytes would cross the reserve."""
+        """Raise SpoolFullError if storing `size` more bytes would cross the reserve.
+
+        The first refusal is logged once as `spool.reserve_reached` (an ops event: every
+        scanner is being answered A700), and the first instance stored again as
+        `spool.reserve_left`; not once per instance."""
         free = durable.free_bytes(self.dir)
         if free - size - _OVERHEAD < self.reserve:
+            if not self._at_reserve:
+                self._at_reserve = True
+                log.error("spool.reserve_reached", free_bytes=free, reserve_bytes=self.reserve)
             raise SpoolFullError(
                 f"spool filesystem has {free // (1 << 20)} MiB free; reserve is "
                 f"{self.reserve // (1 << 20)} MiB"
             )
+        if self._at_reserve:
+            self._at_reserve = False
+            log.warning("spool.reserve_left", free_bytes=free, reserve_bytes=self.reserve)
 
     def store(self, parts: list[bytes | memoryview], meta: InstanceMeta,
               check_reserve: bool = True) -> Stored:

@@ -107,7 +107,7 @@ upload.
 A silent link (a cut line: nothing refused, nothing acknowledged) is noticed sooner:
 after `link_timeout_s` (at most `timeout_s`) without an acknowledgement while data is in
 flight, or without an answer to the keep-alives sent every second while waiting
-(tls.watch_link, tls.link_silent, read from TCP_INFO at each poll). A PACS that keeps
+(forward/netlink.py: watch_link, link_silent, read from TCP_INFO at each poll). A PACS that keeps
 its window shut (slow to read) still answers the window probes: that is `timeout_s`'s
 call, so TCP_USER_TIMEOUT (which would end it too) is not used. A silent link is the
 destination's failure, never the instance's being sent.

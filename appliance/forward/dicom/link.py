@@ -19,7 +19,8 @@ from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.pdu_primitives import P_DATA
 
 from appliance.core import pynetdicom_compat as compat
-from appliance.forward.dicom.tls import Probe, classify_tls_error, link_silent
+from appliance.forward.dicom.tls import Probe, classify_tls_error
+from appliance.forward.netlink import link_silent
 
 log = structlog.get_logger("appliance.forward.dicom")
 

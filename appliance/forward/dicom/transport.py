@@ -31,7 +31,7 @@ from appliance.bundle.format import InstanceStream, ManifestEntry, PrivateKey, V
 from appliance.core.config import Destination, Receive
 from appliance.core.errors import ConfigError, IntegrityError, ListenError
 from appliance.core.listener import resolve
-from appliance.forward import Permanent, Plan, Retryable, Unreadable, bandwidth, conversion
+from appliance.forward import Answer, Permanent, Plan, Retryable, Unreadable, bandwidth, conversion
 from appliance.forward.dicom.commitment import (
     REPORT_GRACE_S,
     CommitmentListener,
@@ -218,27 +218,33 @@ class DicomTransport:
         return len(groups)
 
     def probe(self) -> bool:
+        return self.check().ok
+
+    def check(self) -> Answer:
         """A C-ECHO on an association of its own, within `timeout_s`: does the PACS answer?
         A PACS that answers the association but does not offer Verification answers too
         (else a destination marked down would never come back)."""
         try:
             link = self._associate([(VERIFICATION, UNCOMPRESSED)], self._client_context())
         except NoContextAccepted:
-            return True
-        except (Retryable, Permanent):
-            return False
+            return Answer(True, "the association was accepted (without Verification: no C-ECHO)")
+        except (Retryable, Permanent) as e:
+            return Answer(False, str(e))
         try:
             options = link.accepted.get(VERIFICATION)
             if not options:
-                return False
+                return Answer(False, "the association was accepted but not Verification")
             req = C_ECHO()
             req.MessageID = link.next_id()
             req.AffectedSOPClassUID = VERIFICATION
             rsp = link.request(req, options[0][0])
-            return bool(rsp.is_valid_response and rsp.Status == 0x0000)
+            if rsp.is_valid_response and rsp.Status == 0x0000:
+                return Answer(True, "C-ECHO answered Success")
+            status = f"status 0x{int(rsp.Status):04X}" if rsp.is_valid_response else "no valid response"
+            return Answer(False, f"C-ECHO answered with {status}")
         except Lost:
             link.kill()
-            return False
+            return Answer(False, "the connection was lost during the C-ECHO")
         finally:
             link.release()
 

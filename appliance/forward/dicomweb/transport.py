@@ -21,7 +21,16 @@ from appliance.bundle.format import InstanceStream, ManifestEntry, PrivateKey, V
 from appliance.core import crypto, part10
 from appliance.core.config import Destination
 from appliance.core.errors import ConfigError, IntegrityError, KeyFileError
-from appliance.forward import Permanent, Plan, Retryable, TransportError, Unreadable, bandwidth, conversion
+from appliance.forward import (
+    Answer,
+    Permanent,
+    Plan,
+    Retryable,
+    TransportError,
+    Unreadable,
+    bandwidth,
+    conversion,
+)
 from appliance.forward.dicom.tls import client_context, err_text, is_ip
 from appliance.forward.dicomweb import stow
 from appliance.forward.dicomweb.stow import Reply
@@ -182,6 +191,9 @@ class DicomWebTransport:
             raise failure
 
     def probe(self) -> bool:
+        return self.check().ok
+
+    def check(self) -> Answer:
         """A QIDO-RS `GET {url}/studies?limit=1` within `timeout_s`: does the server answer
         (any HTTP answer but 5xx, 401, 403, 407)? Never raises."""
         try:
@@ -193,9 +205,13 @@ class DicomWebTransport:
                     x.conn.putheader(k, v)
                 x.conn.endheaders()
                 r = x.response(response_cap(1))
-        except (Retryable, Permanent, OSError):
-            return False
-        return r.status < 500 and stow.classify_http(r.status)[0] is not Reply.CREDENTIALS
+        except (Retryable, Permanent, OSError) as e:
+            return Answer(False, str(e) or type(e).__name__)
+        if r.status >= 500:
+            return Answer(False, f"the server answered HTTP {r.status}")
+        if stow.classify_http(r.status)[0] is Reply.CREDENTIALS:
+            return Answer(False, f"the server answered HTTP {r.status}: our credentials are refused")
+        return Answer(True, f"the server answered HTTP {r.status}")
 
     def close(self) -> None:
         """One connection per request is closed with it; the conversion workers, if any
