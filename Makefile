@@ -14,16 +14,18 @@ DEV_CONFIG := config/appliance.dev.toml
 # nsenter/unshare), the MQTT broker of the ops link (mosquitto; the tests start their own
 # on a loopback port, so the system service the package enables is stopped and disabled),
 # and what builds and boots the appliance image (grub-efi-amd64-bin, mtools, dosfstools,
-# fdisk for sfdisk; qemu-system-x86 and ovmf); prometheus: `promtool check metrics` on
+# fdisk for sfdisk; qemu-system-x86 and ovmf; rauc and squashfs-tools for the update
+# bundle); prometheus: `promtool check metrics` on
 # a scrape of the metrics endpoint, `promtool check/test rules` on config/ops-center/, and a
 # real Prometheus in tests/test_alerts_fleet.py (its system service is stopped and disabled too);
 # and chromium, the headless browser that reads and screenshots the fleet page.
 PEERS := dcmtk orthanc orthanc-dicomweb openssh-server iproute2 nftables wireguard-go \
 	wireguard-tools mmdebstrap systemd-container util-linux mosquitto grub-efi-amd64-bin \
-	mtools dosfstools fdisk qemu-system-x86 ovmf prometheus chromium
+	mtools dosfstools fdisk qemu-system-x86 ovmf prometheus chromium rauc squashfs-tools
 PYTEST_ARGS ?=
 
-.PHONY: run test test-field test-ops test-rabbitmq peers-rabbitmq test-boot test-wan image image-test peers venv bench bench-receive bench-pack bench-wan \
+.PHONY: run test test-field test-ops test-rabbitmq peers-rabbitmq test-boot test-wan image image-test \
+	update-bundle image-update-test peers venv bench bench-receive bench-pack bench-wan \
 	bench-failover lint clean
 
 $(BIN)/.installed: pyproject.toml
@@ -59,6 +61,8 @@ peers:
 	test -f /usr/share/OVMF/OVMF_CODE_4M.fd || missing="$$missing ovmf"; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v rauc >/dev/null || missing="$$missing rauc"; \
+	command -v mksquashfs >/dev/null || missing="$$missing squashfs-tools"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing test peers:$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
@@ -145,12 +149,27 @@ test-boot: venv peers
 image: venv peers
 	image-build/build.sh $(BIN)/python
 
+# A signed RAUC update bundle (verity) of the root file system `make image` built:
+# image-build/out/update.raucb (docs/updates.md). VERSION names it (default: the
+# appliance's version and the build's UTC time); RAUC_KEY, RAUC_CERT, RAUC_KEYRING name
+# release signing files (default: development ones, made in .cache/rauc-keys/).
+update-bundle: image
+	image-build/update-bundle.sh image-build/out/rootfs.ext4 image-build/out/update.raucb \
+	  "$${VERSION:-$$($(BIN)/python -c 'import appliance; print(appliance.__version__)')-$$(date -u +%Y%m%d%H%M%S)}"
+
 # The image booted in QEMU (TCG, OVMF) and a C-ECHO and C-STORE from the host answered
-# (tests/test_image.py, marker image; ~1.5 min after `make image`, ~3 min in all), and a
+# (tests/test_image.py, marker image; ~1.5 min after `make image`, ~3 min in all), a
 # site config imported from a USB stick and the watchdog's reset (tests/test_image_config.py,
-# one more boot: ~4 min).
+# one more boot: ~4 min) and the WireGuard tunnel (tests/test_image_vpn.py, ~2-4 min).
 image-test: image
-	$(BIN)/python -m pytest -m image $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "image and not image_update" $(PYTEST_ARGS)
+
+# RAUC updates in QEMU (tests/test_image_update.py, marker image_update): an update
+# installed and kept, a broken one falling back by itself (~16 min under TCG on a shared
+# 2-core machine: two 1.5 GiB installs, five boots). Not run by .ci/run yet: with it the
+# CI would pass its 60 minutes (docs/updates.md).
+image-update-test: update-bundle
+	$(BIN)/python -m pytest -m image_update $(PYTEST_ARGS)
 
 bench: bench-receive bench-pack
 

@@ -64,6 +64,7 @@ from appliance.queue.index import open_index
 from appliance.queue.store import PRIORITY_ROUTINE, PRIORITY_STAT, Item, Queue
 from appliance.receive.scp import Receiver, ReceiveStats, identify_stored
 from appliance.spool.store import Spool
+from appliance.update import lock as update_lock
 from appliance.vpn import handshake as vpn_handshake
 
 log = structlog.get_logger("appliance.daemon")
@@ -280,7 +281,8 @@ class Daemon:
                 log.warning("destination.still_down", destination=h.name, reason=h.last_error)
         self.receiver = receiver = Receiver(cfg.receive, spool, self.stats, stage=self.stages["receive"],
                                             on_stored=lambda seg: self.wake_pack.set(),
-                                            rules=cfg.rules, audit=self.audit)
+                                            rules=cfg.rules, audit=self.audit,
+                                            update_lock=update_lock.path_in(cfg.appliance.state_dir))
         if cfg.operations:
             self.commands = ops_commands.build(cfg, self._control_handlers(), self.audit)
             self.desired = desired.build(self.main_file, cfg, self.audit, self.checker)
@@ -499,8 +501,12 @@ class Daemon:
         """One forwarding lane: a thread that sends one item at a time (see forward/scheduler):
         the failover chain's items, or (`only`) the copies for one copy destination."""
         def step() -> bool:
-            if self.forwarder.run_once(min_priority=min_priority, copies=False, only=only):
-                return True
+            try:  # a reboot into an updated slot waits for the delivery (update/lock.py)
+                with update_lock.work(update_lock.path_in(self.cfg.appliance.state_dir)):
+                    if self.forwarder.run_once(min_priority=min_priority, copies=False, only=only):
+                        return True
+            except update_lock.UpdatePending:
+                return False
             if housekeeping:
                 self.queue.expire_delivered(self.cfg.queue.keep_delivered_h * 3600, time.time())
             return False

@@ -10,6 +10,8 @@ packages=(
   systemd systemd-sysv udev dbus kmod      # init; systemd-networkd is in systemd
   linux-image-amd64                         # with initramfs-tools (MODULES=most: virtio, NVMe, SATA, USB)
   python3 python3-venv                      # Python 3.11, the venv in /opt/appliance/venv
+  rauc                                      # A/B updates (the D-Bus service files are ours: overlay/)
+  grub-common                               # grub-editenv: RAUC's GRUB backend writes the grubenv with it
   wireguard-tools                           # wg: the VPN's handshake age (appliance-vpn-handshake.service)
   chrony                                    # NTP: the ops link's TLS and the audit trail need a true clock
 )

@@ -23,10 +23,12 @@ out=$here/out
 work=$cache/work
 start=$(date +%s)
 
-# Fixed identities: GRUB finds root A by its file system UUID, the kernel and fstab
-# find partitions by their GPT partition UUID.
+# Fixed identities: GRUB finds the ESP by its FAT volume id and the root slots as
+# partitions 2 and 3 of the same disk; the kernel and fstab find partitions by their
+# GPT partition UUID.
 root_a_fsuuid=7d3a1c2e-5b1f-4f0a-9c61-0b0000000002
 data_fsuuid=7d3a1c2e-5b1f-4f0a-9c61-0b0000000005
+esp_fsuuid=7D3A-0001  # the FAT volume id: the embedded GRUB config finds the ESP by it
 partuuid() { echo "7d3a1c2e-5b1f-4f0a-9c61-0a000000000$1"; }
 # name size(MiB) GPT type
 parts=(
@@ -37,6 +39,7 @@ parts=(
   "data 512 0FC63DAF-8483-4772-8E79-3D69D8477DE4"
 )
 
+source "$here/steps/rauc.sh"
 step() { echo "[$(( $(date +%s) - start ))s] $*"; }
 
 # --- the Debian base, cached -------------------------------------------------------
@@ -68,7 +71,7 @@ install -m 0644 "$repo/systemd/appliance.service" "$root/usr/lib/systemd/system/
 install -D -m 0644 "$repo/README.md" "$root/opt/appliance/README.md"  # the unit's Documentation=
 systemd-sysusers --root="$root"
 systemctl --root="$root" enable appliance.service appliance-keys.service appliance-identity.service \
-  systemd-networkd.service chrony.service
+  systemd-networkd.service chrony.service appliance-update-gate.service
 # Timers that would fetch packages or write to the read-only root.
 systemctl --root="$root" mask apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.timer
 cp -r "$work/wheelhouse" "$root/opt/wheelhouse"
@@ -104,6 +107,7 @@ said=$(systemd-analyze verify --root="$root" appliance-config-media@boot.service
 bash "$here/steps/vpn.sh" "$root"  # the WireGuard VPN (docs/vpn.md)
 # Mount points: the read-only root cannot make them at boot.
 mkdir -p "$root/var/lib/appliance"
+rauc_root "$root" "$work/data"
 # An empty machine-id: systemd makes one per boot on the read-only root.
 : > "$root/etc/machine-id"
 # What must not be in the image.
@@ -137,15 +141,20 @@ offset() {
 # mkfs.ext4 -d copies each file's owner and mode from the directory.
 mkfs.ext4 -q -F -L root-a -U "$root_a_fsuuid" -d "$root" "$work/root-a.ext4" "$(size root-a)M"
 mkfs.ext4 -q -F -L data -U "$data_fsuuid" -d "$data" "$work/data.ext4" "$(size data)M"
-sed -e "s/@ROOT_A_FSUUID@/$root_a_fsuuid/" -e "s/@ROOT_A_PARTUUID@/$(partuuid 2)/" \
+sed -e "s/@ROOT_A_PARTUUID@/$(partuuid 2)/" -e "s/@ROOT_B_PARTUUID@/$(partuuid 3)/" \
   "$here/grub.cfg" > "$work/grub.cfg"
+grub-script-check "$work/grub.cfg"
+# (without its comments: GRUB runs an embedded config without normal mode, which knows no "#")
+sed -e "s/@ESP_FSUUID@/$esp_fsuuid/" -e "/^#/d" "$here/grub-early.cfg" > "$work/grub-early.cfg"
 grub-mkimage --format=x86_64-efi --output="$work/BOOTX64.EFI" --prefix=/EFI/BOOT \
-  --config="$work/grub.cfg" part_gpt fat ext2 search search_fs_uuid normal linux boot \
-  serial terminal echo test efi_gop
+  --config="$work/grub-early.cfg" part_gpt fat ext2 search search_fs_uuid normal linux boot \
+  serial terminal echo test efi_gop loadenv regexp
 truncate -s "$(size esp)M" "$work/esp.fat"
-mkfs.vfat -F 32 -n ESP "$work/esp.fat" > /dev/null
+mkfs.vfat -F 32 -n ESP -i "${esp_fsuuid/-/}" "$work/esp.fat" > /dev/null
 mmd -i "$work/esp.fat" ::/EFI ::/EFI/BOOT
 mcopy -i "$work/esp.fat" "$work/BOOTX64.EFI" ::/EFI/BOOT/BOOTX64.EFI
+mcopy -i "$work/esp.fat" "$work/grub.cfg" ::/EFI/BOOT/grub.cfg
+rauc_esp "$work/esp.fat"
 truncate -s "$(size APPLCONFIG)M" "$work/applconfig.fat"
 mkfs.vfat -n APPLCONFIG "$work/applconfig.fat" > /dev/null
 mcopy -i "$work/applconfig.fat" "$here/APPLCONFIG-README.txt" ::/README.txt
@@ -173,6 +182,7 @@ put "$work/root-a.ext4" "$(offset root-a)"
 put "$work/applconfig.fat" "$(offset APPLCONFIG)"
 put "$work/data.ext4" "$(offset data)"
 mv "$img" "$out/appliance.img"
+mv "$work/root-a.ext4" "$out/rootfs.ext4"  # what `make update-bundle` puts in a bundle
 rm -rf "$work"
 
 step "done: $out/appliance.img"

@@ -121,12 +121,14 @@ def test_image_has_esp_two_root_slots_applconfig_and_data(partitions: Parts) -> 
     assert [(n, int(p["size"]) // 2048, p["type"]) for n, p in partitions.items()] == PARTS
 
 
-def test_image_fstab_mounts_root_read_only_and_data_by_partition_uuid(
+def test_image_fstab_mounts_data_by_partition_uuid_and_leaves_root_to_grub(
         partitions: Parts) -> None:
+    """No line for /: the same root file system goes into slot A or B (RAUC), and GRUB
+    names the slot it boots, read-only (tests/test_image_update.py boots both)."""
     mounts = {f[1]: f for line in root_a_file(partitions, "/etc/fstab").splitlines()
               if (f := line.split()) and not f[0].startswith("#")}
-    assert "ro" in mounts["/"][3].split(",")
-    assert mounts["/"][0] == f"PARTUUID={str(partitions['root-a']['uuid']).lower()}"
+    assert "/" not in mounts
+    assert mounts["/boot/efi"][0] == f"PARTUUID={str(partitions['esp']['uuid']).lower()}"
     assert mounts["/data"][0] == f"PARTUUID={str(partitions['data']['uuid']).lower()}"
     assert mounts["/var/lib/appliance"][:2] == ["/data/appliance", "/var/lib/appliance"]
 

@@ -21,6 +21,9 @@
                                                  the local audit trail, opened (holds patient IDs)
     appliance ingest         --config CENTER.toml [--once]
                                                  reading center: bundles from the drop folder into the PACS
+    appliance update FILE    [--config PATH] [--no-reboot] [--once]
+                                                 install an update bundle (RAUC) and reboot into it
+    appliance update-gate    [--config PATH]     the mark-good unit: keep the booted slot if healthy
     appliance fleet ca init DIR | fleet sign BOX.csr --ca DIR | fleet status | fleet serve
                                                  operations center: fleet CA (appliance/ops/cli.py)
 
@@ -44,7 +47,7 @@ This module owns the parser, the dispatch and that one handler; each command liv
 it: run.py (run, ingest), config_cmds.py (config check, systemd-dropin, and the file
 checks `run` makes too), config_import.py (config import), keys.py, identity.py (what
 `keys show` prints), queue.py, bundle.py, status.py, audit.py, vpn.py, switches.py,
-echo.py; times.py shows times.
+echo.py, update.py; times.py shows times.
 """
 
 from __future__ import annotations
@@ -68,6 +71,8 @@ from appliance.cli.keys import cmd_keys_init, cmd_keys_show
 from appliance.cli.queue import cmd_queue_change, cmd_queue_list
 from appliance.cli.run import cmd_ingest, cmd_run
 from appliance.cli.status import cmd_diagnostics, cmd_status
+from appliance.cli.update import add_parsers as add_update_parsers
+from appliance.cli.update import cmd_update, cmd_update_gate
 from appliance.cli.vpn import add_parsers as add_vpn_parsers
 from appliance.cli.vpn import cmd_vpn_render
 from appliance.core import config, sandbox
@@ -175,6 +180,7 @@ def _parser() -> argparse.ArgumentParser:
     aus.add_argument("--all", action="store_true", help="the rotated files too, oldest first")
     switches.add_parsers(sub, common)
     add_vpn_parsers(sub, common)
+    add_update_parsers(sub, common)
     ops_cli.add_parsers(sub)
     return p
 
@@ -254,6 +260,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return cmd_diagnostics(args)
     if args.cmd == "ingest":
         return cmd_ingest(args)
+    if args.cmd == "update":
+        return cmd_update(args)
+    if args.cmd == "update-gate":
+        return cmd_update_gate(args)
     if args.cmd in ("forward", "destination"):
         return switches.cmd_switch(args)
     if args.cmd == "log-level":

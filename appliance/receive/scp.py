@@ -39,6 +39,7 @@ import zlib
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import structlog
@@ -68,6 +69,7 @@ from appliance.receive import rules as routing
 from appliance.receive.audited import Received
 from appliance.receive.intake import InstanceBuffer
 from appliance.spool.store import InstanceMeta, Spool, Stored, reader
+from appliance.update import lock as update_lock
 
 log = structlog.get_logger("appliance.receive")
 
@@ -128,6 +130,9 @@ class Rejected(Exception):
 REJECTIONS: dict[str, tuple[int, int, int, str]] = {
     "calling_ae": (0x01, 0x01, 0x03, "calling AE title not recognised"),
     "called_ae": (0x01, 0x01, 0x07, "called AE title not recognised"),
+    # Rejected transient, by the service provider: temporary congestion (the scanner
+    # tries again later, by then on the updated slot).
+    "update": (0x02, 0x03, 0x01, "an update is rebooting the appliance"),
 }
 # How long a rejected peer has to close its connection after the A-ASSOCIATE-RJ.
 REJECT_LINGER_S = 2.0
@@ -436,8 +441,13 @@ class Receiver:
 
     def __init__(self, cfg: Receive, spool: Spool, stats: ReceiveStats,
                  on_stored: Callable[[str], None] | None = None, stage: Stage | None = None,
-                 rules: Sequence[Rule] = (), audit: AuditTrail | None = None) -> None:
+                 rules: Sequence[Rule] = (), audit: AuditTrail | None = None,
+                 update_lock: Path | None = None) -> None:
         self.cfg = cfg
+        # update/lock.py: each established association holds it, so a reboot into an
+        # updated slot waits for it; while a reboot waits, requests are rejected transient.
+        self.update_lock = update_lock
+        self._holds: dict[int, contextlib.ExitStack] = {}
         self.audit = audit
         self._audited = Received()  # per association and study, for the audit trail
         self.rules = tuple(rules)
@@ -520,6 +530,8 @@ class Receiver:
         rq = assoc.requestor.primitive
         reason = association_refusal(self.cfg, rq.calling_ae_title, rq.called_ae_title,
                                      assoc.requestor.address)
+        if reason is None and self.update_lock is not None and update_lock.pending(self.update_lock):
+            reason = "update"
         if reason is None:
             return
         self.stats.reject(reason)
@@ -542,6 +554,12 @@ class Receiver:
         assoc.kill()
 
     def _on_established(self, event: Any) -> None:
+        if self.update_lock is not None:
+            hold = contextlib.ExitStack()
+            # A reboot that began since the request: this association is not waited for.
+            with contextlib.suppress(update_lock.UpdatePending):
+                hold.enter_context(update_lock.work(self.update_lock))
+            self._holds[id(event.assoc)] = hold
         with self.stats.lock:
             self.stats.associations_active += 1
             self.stats.associations_total += 1
@@ -558,6 +576,9 @@ class Receiver:
         with self.stats.lock:
             self.stats.associations_active = max(0, self.stats.associations_active - 1)
             counts = self._per_assoc.pop(id(event.assoc), Counter())
+        hold = self._holds.pop(id(event.assoc), None)
+        if hold is not None:
+            hold.close()
         # One line per association at INFO (a CT study is hundreds of images: one line
         # each would bury everything else in the journal); per image at DEBUG.
         log.info("association.closed", calling_ae=event.assoc.requestor.ae_title,

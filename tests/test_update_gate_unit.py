@@ -1,0 +1,98 @@
+"""`appliance update-gate` (cli/update.py), the mark-good unit's decisions, with RAUC,
+systemd and the daemon replaced by recorders: which slot is marked good or bad, when
+the box reboots, and what happens to the trial record."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance.cli import update as cli_update
+from appliance.update import gate, rauc, trial
+from tests.peers import base_config, to_toml
+
+HEALTHY = gate.Observation(unit_state="active", restarts=0, problems=(), config_ok=True,
+                           ops_link_up=None, ops_link_was_up=False)
+CRASHING = gate.Observation(unit_state="activating", restarts=3, problems=None, config_ok=True,
+                            ops_link_up=None, ops_link_was_up=False)
+
+
+class Box:
+    def __init__(self, booted: str, observation: gate.Observation) -> None:
+        self.booted, self.observation = booted, observation
+        self.marks: list[tuple[str, str]] = []
+        self.reboots = 0
+
+
+@pytest.fixture
+def box(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    def make(booted: str, observation: gate.Observation,
+             on_trial: str | None) -> tuple[Box, argparse.Namespace]:
+        b = Box(booted, observation)
+        monkeypatch.setattr(trial, "PATH", tmp_path / "update" / "trial.json")
+        if on_trial:
+            trial.write(trial.Trial(slot=on_trial, version="2.0", ops_link_was_up=False))
+        monkeypatch.setattr(cli_update.os, "geteuid", lambda: 0)
+        monkeypatch.setattr(rauc, "status", lambda: {"booted": b.booted, "slots": []})
+        monkeypatch.setattr(rauc, "mark", lambda state, which: b.marks.append((state, which)))
+        monkeypatch.setattr(cli_update, "config_checks", lambda path: observation.config_ok)
+        monkeypatch.setattr(cli_update, "observe", lambda cfg, ok, was_up: b.observation)
+
+        def reboot(cfg: Any, wait_s: float) -> int:
+            b.reboots += 1
+            return 0
+        monkeypatch.setattr(cli_update, "_reboot", reboot)
+        cfg = tmp_path / "appliance.toml"
+        cfg.write_text(to_toml(base_config(tmp_path, 11112)))
+        return b, argparse.Namespace(config=cfg, deadline_s=gate.DEADLINE_S)
+    return make
+
+
+def test_healthy_slot_on_trial_is_kept_and_its_trial_ends(box: Any) -> None:
+    b, args = box("B", HEALTHY, on_trial="B")
+    assert cli_update.cmd_update_gate(args, sleep=lambda s: None) == 0
+    assert b.marks == [("good", "booted")] and b.reboots == 0
+    assert trial.read() is None
+
+
+def test_crashing_slot_on_trial_is_marked_bad_and_the_box_reboots(box: Any) -> None:
+    b, args = box("A", CRASHING, on_trial="A")
+    cli_update.cmd_update_gate(args, sleep=lambda s: None)
+    assert b.marks == [("bad", "booted")] and b.reboots == 1
+    assert trial.read() is not None  # the old slot's gate reports the outcome and clears it
+
+
+def test_back_on_the_old_slot_the_new_one_is_marked_bad_and_the_old_kept(box: Any) -> None:
+    b, args = box("B", HEALTHY, on_trial="A")
+    assert cli_update.cmd_update_gate(args, sleep=lambda s: None) == 0
+    assert b.marks == [("bad", "other"), ("good", "booted")] and b.reboots == 0
+    assert trial.read() is None
+
+
+def test_unhealthy_slot_not_on_trial_is_neither_marked_nor_left(box: Any) -> None:
+    b, args = box("A", CRASHING, on_trial=None)
+    assert cli_update.cmd_update_gate(args, sleep=lambda s: None) == 1
+    assert b.marks == [] and b.reboots == 0
+
+
+def test_healthy_slot_not_on_trial_is_marked_good(box: Any) -> None:
+    b, args = box("A", HEALTHY, on_trial=None)
+    assert cli_update.cmd_update_gate(args, sleep=lambda s: None) == 0
+    assert b.marks == [("good", "booted")]
+
+
+def test_update_of_a_missing_bundle_is_not_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli_update.os, "geteuid", lambda: 0)
+    args = argparse.Namespace(file=tmp_path / "update.raucb", config=None)
+    with pytest.raises(cli_update.NotFoundError):
+        cli_update.cmd_update(args)
+
+
+def test_update_needs_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli_update.os, "geteuid", lambda: 1000)
+    args = argparse.Namespace(file=tmp_path / "update.raucb", config=None)
+    with pytest.raises(cli_update.PermissionDeniedError):
+        cli_update.cmd_update(args)
