@@ -3,6 +3,7 @@ images and the spool key): `appliance.core.hardening`, called first in `Daemon.r
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from collections.abc import Callable
@@ -25,8 +26,12 @@ def test_forbid_core_dumps_zeroes_the_limit_and_clears_dumpable() -> None:
 
 
 def children(pid: int) -> list[int]:
-    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
-            for c in (task / "children").read_text().split()]
+    """Every thread's children; a thread that ends between the listing and the read has none."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            found += [int(c) for c in (task / "children").read_text().split()]
+    return found
 
 
 def core_limit(pid: int) -> list[str]:
