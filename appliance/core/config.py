@@ -165,7 +165,7 @@ class Destination:
     commitment_bind: str = "0.0.0.0"  # noqa: S104 - the PACS calls back
     commitment_timeout_s: float = 300.0
     timeout_s: float = 30.0
-    link_timeout_s: float = 6.0  # dicom, sftp: a silent link (nothing acknowledged) is lost after this
+    link_timeout_s: float = 6.0  # dicom, sftp, dicomweb: a silent link is lost after this
     # sftp
     user: str | None = None
     key: Path | None = None
@@ -314,7 +314,8 @@ TRANSPORT_KEYS: dict[str, tuple[str, ...]] = {
               "timeout_s", "link_timeout_s"),
     "sftp": ("host", "port", "user", "key", "key_passphrase", "known_hosts", "host_key_sha256",
              "remote_dir", "timeout_s", "link_timeout_s", "receipt_key", "receipt_overdue_s"),
-    "dicomweb": ("url", "tls", "token_file", "plaintext", "timeout_s", "max_request_mb"),
+    "dicomweb": ("url", "tls", "token_file", "plaintext", "timeout_s", "link_timeout_s",
+                 "max_request_mb"),
 }
 
 # Transports whose keys are parsed (above) but that this version cannot send with yet,
@@ -912,6 +913,7 @@ def _dicomweb_keys(t: _Table) -> dict[str, Any]:
         "token_file": t.path("token_file", None),
         "plaintext": t.boolean("plaintext", False),
         "timeout_s": t.number("timeout_s", 30.0, 1, 3600),
+        "link_timeout_s": t.number("link_timeout_s", 6.0, 2, 600),
         "max_request_mb": t.integer("max_request_mb", 64, 1, 4096),
     }
     if not t.has("url"):
