@@ -283,3 +283,12 @@ def test_config_check_names_the_file_that_set_each_key_and_the_remote_one_as_suc
     assert f"# set by {dropin} (operations center: remote config): receive.ae_title\n" in r.stdout
     r = cli("config", "check", "--json", "--config", str(local.main))
     assert json.loads(r.stdout)["set_by"] == {str(dropin): ["receive.ae_title"]}
+
+
+def test_appliance_status_says_which_version_a_technician_cleared(local: Local) -> None:
+    from appliance.ops import cli as ops_cli
+
+    applied(local, 2)
+    desired.clear(config.remote_dir(local.main))
+    line = ops_cli.config_line(desired.status(local.main))
+    assert line.startswith("remote config  version 2 applied; version 2 cleared on site at "), line

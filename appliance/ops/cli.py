@@ -288,4 +288,8 @@ def config_line(c: dict[str, Any]) -> str:
         parts.append(f"version {c['rolled_back']} ROLLED BACK{when}")
     if c.get("refused") is not None:
         parts.append(f"version {c['refused']} refused ({c.get('refused_code')})")
+    if c.get("cleared") is not None:
+        at = c.get("cleared_at")
+        when = f" at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(at))}" if at else ""
+        parts.append(f"version {c['cleared']} cleared on site{when}")
     return "; ".join(parts)
