@@ -291,4 +291,4 @@ def test_appliance_status_says_which_version_a_technician_cleared(local: Local) 
     applied(local, 2)
     desired.clear(config.remote_dir(local.main))
     line = ops_cli.config_line(desired.status(local.main))
-    assert line.startswith("remote config  version 2 applied; version 2 cleared on site at "), line
+    assert line.startswith("remote config  none in force (version 2 cleared on site at "), line
