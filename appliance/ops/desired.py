@@ -79,7 +79,7 @@ FORBIDDEN = ("operations", "appliance.name", "appliance.state_dir", "spool.key_f
 Checker = Callable[[Path, dict[str, Any]], list[str]]
 # Refusals not recorded, so that the same message is looked at again at the next
 # connection: a forgery (it does not get to fill the record), a clock not yet
-# synchronised, a drop-in that could not be written (conf.d not writable).
+# synchronised, a drop-in that could not be written (remote.d not writable).
 TRY_AGAIN = frozenset({403, 500, 503})
 
 
