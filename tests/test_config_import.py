@@ -328,3 +328,21 @@ def test_a_stick_with_clear_remote_config_removes_the_remote_dropin_once(tmp_pat
            "remote config (operations center): none\r\n" in text, text
     st = desired.status(config.default_path())
     assert (st["version"], st["cleared"]) == (4, 4)  # v4 is not taken again, only a newer one
+
+
+def test_a_clear_that_cannot_write_says_not_cleared_and_the_set_is_still_installed(
+        tmp_path: Path, box: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from appliance.ops import desired
+
+    assert run_import(stick(tmp_path, site(tmp_path)), box) == 0
+    dropin = remote_in_force(box)
+
+    def read_only(folder: Path, now: float | None = None) -> int | None:
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(desired, "clear", read_only)
+    src = stick(tmp_path, site(tmp_path, ae_title="STICK"), "clearing")
+    (src / "clear-remote-config.txt").write_text("")
+    assert run_import(src, box) == 0
+    assert f"remote config: NOT cleared ({box / 'remote.d'} cannot be written: Permission denied)\r\n" \
+        in result(src)
+    assert dropin.exists() and in_force(box).receive.ae_title == "REMOTE"

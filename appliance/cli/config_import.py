@@ -149,9 +149,13 @@ def _import(src: Path, cfg_dir: Path, systemd: bool, unit_dir: Path) -> Verdict:
     _switch(cfg_dir, site)
     done = [f"imported: {digest}", "config check: ok"]
     if clearing:
-        cleared = desired.clear(remote)
-        done.append("remote config: cleared" + (f" (version {cleared})" if cleared else "")
-                    if cleared is not None else "remote config: none to clear")
+        try:
+            cleared = desired.clear(remote)
+        except OSError as e:  # the new set is in force; the remote drop-in still wins over it
+            done.append(f"remote config: NOT cleared ({remote} cannot be written: {e.strerror})")
+        else:
+            done.append("remote config: cleared" + (f" (version {cleared})" if cleared else "")
+                        if cleared is not None else "remote config: none to clear")
     return INSTALLED, [*head, *done], 0, candidate
 
 
