@@ -222,8 +222,27 @@ def test_the_fleet_bench_runs() -> None:
 
 
 def test_a_ca_folder_without_the_centers_certificate_is_a_key_file_error(tmp_path: Path) -> None:
-    with pytest.raises(KeyFileError, match="fleet ca init"):
-        fl.tls_context(tmp_path)
+    with pytest.raises(KeyFileError, match="ops-center-serve.pem/.key.*fleet ca init.*fleet ca center"):
+        fl.tls_context(tmp_path, "ops-center-serve")
+
+
+def test_the_view_subscribes_by_wildcard_and_to_each_rostered_box_by_name() -> None:
+    wildcard, exact = fl.subscriptions(["ct-1", "ct-2"])
+    assert wildcard == [("appliance/+/online", 1), ("appliance/+/state", 1), ("appliance/+/events", 1)]
+    assert exact == [[("appliance/ct-1/online", 1), ("appliance/ct-1/state", 1),
+                      ("appliance/ct-2/online", 1), ("appliance/ct-2/state", 1)]]
+
+
+def test_by_name_subscriptions_come_in_bounded_packets_for_at_most_boxes_max() -> None:
+    _, exact = fl.subscriptions([f"ct-{i}" for i in range(fl.BOXES_MAX + 5)])
+    assert all(len(packet) <= fl.EXACT_PER_PACKET for packet in exact)
+    assert sum(len(packet) for packet in exact) == 2 * fl.BOXES_MAX
+
+
+def test_a_name_that_is_not_a_box_name_never_becomes_a_filter() -> None:
+    _, exact = fl.subscriptions(["ct-1", "+", "#", "a/b", "ct-2"])
+    assert [t for packet in exact for t, _ in packet if "ct-" not in t] == []
+    assert len(exact[0]) == 4
 
 
 def test_the_fleet_page_says_when_the_broker_is_not_connected() -> None:

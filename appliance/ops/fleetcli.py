@@ -1,14 +1,16 @@
 """`appliance fleet status` and `appliance fleet serve` (ops/cli.py adds their parsers).
 
     appliance fleet status --ca DIR [--host H] [--port N] [--json] [--settle S]
-                  connect with the operations center's certificate, wait for the
-                  retained `online` and `state` of every box (quiet 0.5 s, at most
+                  connect with the certificate ops-center-status (read only), wait for
+                  the retained `online` and `state` of every box (quiet 0.5 s, at most
                   --settle s), print one line per box (or the view as JSON). Exit 0 when
                   no box needs a person, 1 when one does (any alarm), 69 when the broker
                   cannot be reached or does not confirm the subscription in time.
     appliance fleet serve --ca DIR [--host H] [--port N] --bind IP:PORT
                   the fleet page, /box/NAME, /fleet.json and /metrics (ops/fleetweb.py)
                   until SIGTERM or SIGINT; prints the URL it serves (port 0: any free one).
+                  Its certificate is ops-center-serve (read only): `fleet send` and
+                  `fleet status` never take its session.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 
 from appliance.core.errors import EX_UNAVAILABLE, UsageError
 from appliance.health import metrics
+from appliance.ops import pki
 from appliance.ops.fleet import HEARTBEAT_S, Fleet, Subscriber
 from appliance.ops.fleetweb import FleetApp, FleetServer, age, mib, source
 
@@ -35,7 +38,7 @@ def add_parsers(fleet_sub: Any) -> None:
                        ("serve", "the fleet page and the fleet's Prometheus series over HTTP")):
         p = fleet_sub.add_parser(name, help=text)
         p.add_argument("--ca", type=Path, required=True,
-                       help="the fleet CA folder (ops-center.pem/.key, ca.pem)")
+                       help="the fleet CA folder (ca.pem, roster, ops-center-serve/-status.pem/.key)")
         p.add_argument("--host", default="127.0.0.1", help="the broker")
         p.add_argument("--port", type=int, default=8883)
         p.add_argument("--heartbeat", type=float, default=HEARTBEAT_S,
@@ -48,15 +51,15 @@ def add_parsers(fleet_sub: Any) -> None:
     serve.add_argument("--bind", default="127.0.0.1:9120", help="IP:PORT to serve on (port 0: any free one)")
 
 
-def _subscriber(args: argparse.Namespace) -> tuple[Fleet, Subscriber]:
+def _subscriber(args: argparse.Namespace, cn: str) -> tuple[Fleet, Subscriber]:
     if not 1 <= args.port <= 65535 or args.heartbeat <= 0:
         raise UsageError("--port must be 1..65535 and --heartbeat above 0")
     fleet = Fleet(args.heartbeat)
-    return fleet, Subscriber(fleet, args.host, args.port, args.ca)
+    return fleet, Subscriber(fleet, args.host, args.port, args.ca, cn)
 
 
 def status(args: argparse.Namespace) -> int:
-    fleet, sub = _subscriber(args)
+    fleet, sub = _subscriber(args, pki.STATUS_CN)
     try:
         sub.start()
     except OSError as e:  # refused, unreachable, TLS (ssl.SSLError is an OSError)
@@ -108,7 +111,7 @@ def serve(args: argparse.Namespace) -> int:
         metrics.parse_bind(args.bind)
     except ValueError:
         raise UsageError(f"--bind {args.bind!r} is not IP:PORT (e.g. 127.0.0.1:9120)") from None
-    fleet, sub = _subscriber(args)
+    fleet, sub = _subscriber(args, pki.SERVE_CN)
     sub.on_change = lambda line: print(f"fleet: {line}", file=sys.stderr, flush=True)
     server = FleetServer(args.bind, FleetApp(fleet, link=sub.link))
     server.start()
