@@ -322,7 +322,12 @@ class Subscriber:
             self.on_change(f"broker refused the connection ({rc})")  # a CONNACK code, not a peer's text
             return
         self.connected_since = time.time()
-        wildcard, exact = subscriptions(pki.read_roster(self.ca))
+        try:
+            roster = pki.read_roster(self.ca)
+        except OSError as e:  # unreadable: the wildcards still bring every box's next state
+            roster = []
+            self.on_change(f"cannot read {self.ca / pki.ROSTER} ({type(e).__name__}): boxes by wildcard only")
+        wildcard, exact = subscriptions(roster)
         self._pending = {}
         for filters in (wildcard, *exact):  # paho's thread: no SUBACK is read before this returns
             _, mid = c.subscribe(filters)
