@@ -303,3 +303,11 @@ def test_an_unreadable_roster_leaves_the_wildcards_and_says_so(tmp_path: Path) -
     sub, fake, lines = connected(tmp_path, None)
     assert [len(f) for f in fake.subscribed] == [3]
     assert any("cannot read" in line and "wildcard only" in line for line in lines), lines
+
+
+def test_fleet_status_waits_longer_with_more_boxes_in_the_roster(tmp_path: Path) -> None:
+    from appliance.ops import fleetcli
+
+    assert fleetcli.default_settle_s(tmp_path) == fleetcli.SETTLE_S  # no roster
+    (tmp_path / "roster").write_text("".join(f"ct-{i} 1 x\n" for i in range(2 * fl.BOXES_MAX)))
+    assert fleetcli.default_settle_s(tmp_path) == fleetcli.SETTLE_S + fleetcli.SETTLE_PER_BOX_S * fl.BOXES_MAX
