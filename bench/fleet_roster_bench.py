@@ -6,10 +6,10 @@ view"): what the by-name subscriptions of the roster cost and what they bring.
 roster); each box connects once with its own certificate and publishes a retained
 `online` and `state` (about 1 KB) and disconnects cleanly, as boxes that published and
 are still retained. Then `appliance fleet status --json` (a subprocess, as an operator
-runs it) with the roster, and once more with the roster moved away (the wildcard
-subscriptions only, as before), at its default --settle: its wall time and the boxes it shows online. Against a
-real Mosquitto (config/ops-center/) and a real RabbitMQ node (config/ops-center/rabbitmq/),
-each on loopback in a temp dir.
+runs it, at its default --settle) with the roster, and once more with the roster moved
+away (the wildcard subscriptions only, as before): its wall time and the boxes it shows
+online. Against a real Mosquitto (config/ops-center/) and a real RabbitMQ node
+(config/ops-center/rabbitmq/), each on loopback in a temp dir.
 
 Usage: .venv/bin/python bench/fleet_roster_bench.py [--boxes 1000] [--broker mosquitto|rabbitmq|both]
 Results: a markdown table on stdout.
