@@ -13,12 +13,14 @@
 - the boxes: --workers processes of bench/broker_boxes.py (each many paho clients on one
   selector; method in its docstring): own certificate, client id = CN, a will, a retained
   `online`, a retained `state` every --heartbeat-s and an event every --event-s, QoS 1;
-- ramp: from starting the workers to every box's CONNACK, and to `/fleet.json` showing
-  every box online and live;
-- a steady window (--window-s, default 3 heartbeats) once every box is live: CPU %
+- ramp: from starting the workers to every box's CONNACK (and the CPU seconds the broker
+  and `fleet serve` spent meanwhile: a reconnect storm's cost), and to `/fleet.json`
+  showing every box online and live;
+- two steady windows (--window-s each, default 3 heartbeats) once every box is live: CPU %
   (utime + stime from /proc/PID/stat, of one core) and RSS (VmRSS, and the peak VmHWM) of
-  Mosquitto, of `fleet serve` and, apart, of the load generator; `/metrics` is scraped
-  every --scrape-s (10: the shipped Prometheus interval) meanwhile, as in production;
+  Mosquitto, of `fleet serve` and, apart, of the load generator; first with nobody
+  reading the view (the ingest alone), then with `/metrics` scraped every --scrape-s (10:
+  the shipped Prometheus interval), as in production (keys ending `_scraped`);
 - then the page loads: GET `/`, `/box/NAME`, `/fleet.json`, `/metrics`, --gets times each
   (best and median, bytes), checking that the page lists every box online and with no
   alarm;
@@ -35,6 +37,7 @@ Results: a markdown table on stdout and JSON in --out (default bench/results/, g
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -148,10 +151,8 @@ class Worker:
     def stop(self) -> dict[str, Any] | None:
         answer = None
         if self.proc.poll() is None:
-            try:
+            with contextlib.suppress(AssertionError, BrokenPipeError):  # gone: its counters with it
                 answer = self.ask("stop")
-            except (AssertionError, BrokenPipeError):
-                pass
             try:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
@@ -202,14 +203,21 @@ class Sampler:
         self.t0 = time.monotonic()
         self.c0 = {k: sum(cpu_s(p) for p in ps) for k, ps in pids.items()}
 
+    def used(self) -> dict[str, float]:
+        return {k: sum(cpu_s(p) for p in ps) - self.c0[k] for k, ps in self.pids.items()}
+
+    def seconds(self) -> dict[str, float]:
+        return {k: round(s, 2) for k, s in self.used().items()}
+
     def percent(self) -> dict[str, float]:
         dt = time.monotonic() - self.t0
-        return {k: round(100 * (sum(cpu_s(p) for p in ps) - self.c0[k]) / dt, 2) for k, ps in self.pids.items()}
+        return {k: round(100 * s / dt, 2) for k, s in self.used().items()}
 
 
 def window(args: argparse.Namespace, broker: Broker, serve: FleetServe, workers: list[Worker],
-           out: dict[str, Any]) -> None:
-    """The steady window: CPU and memory of the broker, fleet serve and the load generator."""
+           scrape_s: float, suffix: str, out: dict[str, Any]) -> None:
+    """A steady window: CPU and memory of the broker, fleet serve and the load generator;
+    `/metrics` scraped every `scrape_s` meanwhile (0: not at all). Keys end in `suffix`."""
     assert broker.proc is not None
     before = summed([w.ask("stats") for w in workers])
     sampler = Sampler({"broker": [broker.proc.pid], "fleet_serve": [serve.proc.pid],
@@ -217,26 +225,26 @@ def window(args: argparse.Namespace, broker: Broker, serve: FleetServe, workers:
     end = time.monotonic() + args.window_s
     scrapes = 0
     while (left := end - time.monotonic()) > 0:
-        time.sleep(min(left, args.scrape_s) if args.scrape_s > 0 else left)
-        if args.scrape_s > 0 and end - time.monotonic() > 0:
+        time.sleep(min(left, scrape_s) if scrape_s > 0 else left)
+        if scrape_s > 0 and end - time.monotonic() > 0:
             serve.get("/metrics")
             scrapes += 1
     cpu = sampler.percent()
     after = summed([w.ask("stats") for w in workers])
     window_s = time.monotonic() - sampler.t0
-    out["window_s"] = round(window_s, 1)
-    out["metrics_scrapes_in_window"] = scrapes
+    out[f"window_s{suffix}"] = round(window_s, 1)
+    out[f"metrics_scrapes_in_window{suffix}"] = scrapes
     for k in ("state", "events", "published", "acked"):
-        out[f"window_{k}_per_s"] = round((after.get(k, 0) - before.get(k, 0)) / window_s, 1)
+        out[f"window_{k}_per_s{suffix}"] = round((after.get(k, 0) - before.get(k, 0)) / window_s, 1)
     for who, pct in cpu.items():
-        out[f"{who}_cpu_pct"] = pct
+        out[f"{who}_cpu_pct{suffix}"] = pct
+    for who in ("broker", "fleet_serve"):
+        out[f"{who}_cpu_pct_per_1000_boxes{suffix}"] = round(cpu[who] * 1000 / args.boxes, 2)
     for who, pid in (("broker", broker.proc.pid), ("fleet_serve", serve.proc.pid)):
         mem = memory_mib(pid)
-        out[f"{who}_rss_mib"], out[f"{who}_peak_rss_mib"] = mem["VmRSS"], mem["VmHWM"]
+        out[f"{who}_rss_mib{suffix}"], out[f"{who}_peak_rss_mib{suffix}"] = mem["VmRSS"], mem["VmHWM"]
     gen = [memory_mib(w.proc.pid) for w in workers]
-    out["load_generator_rss_mib"] = round(sum(m["VmRSS"] for m in gen), 1)
-    out["broker_cpu_pct_per_1000_boxes"] = round(out["broker_cpu_pct"] * 1000 / args.boxes, 2)
-    out["fleet_serve_cpu_pct_per_1000_boxes"] = round(out["fleet_serve_cpu_pct"] * 1000 / args.boxes, 2)
+    out[f"load_generator_rss_mib{suffix}"] = round(sum(m["VmRSS"] for m in gen), 1)
 
 
 def pages(args: argparse.Namespace, serve: FleetServe, out: dict[str, Any]) -> None:
@@ -274,8 +282,8 @@ def run(args: argparse.Namespace, root: Path, cache: Path) -> dict[str, Any]:
     ca = cache / "ca"
     if not (ca / "ca.pem").exists():
         fleet_ca(ca)
-    out["certificates_s"], out["certificates_made"] = (round(x, 2) if isinstance(x, float) else x
-                                                        for x in certificates(ca, cache / "boxes", args.boxes))
+    took, made = certificates(ca, cache / "boxes", args.boxes)
+    out["certificates_s"], out["certificates_made"] = round(took, 2), made
     broker = Broker(root / "broker", ca).start()
     assert broker.proc is not None
     out["broker_fd_limit"] = open_files_limit(broker.proc.pid)
@@ -284,19 +292,24 @@ def run(args: argparse.Namespace, root: Path, cache: Path) -> dict[str, Any]:
     try:
         serve = FleetServe(root / "serve", ca, broker, heartbeat_s=args.heartbeat_s)
         t0 = time.monotonic()
+        assert broker.proc is not None
+        ramp = Sampler({"broker": [broker.proc.pid], "fleet_serve": [serve.proc.pid]})
         share = math.ceil(args.boxes / args.workers)
         for first in range(0, args.boxes, share):
             workers.append(Worker(args, broker.port, cache / "boxes", ca / "ca.pem", first,
                                   min(share, args.boxes - first), root / f"worker-{first}.log"))
         ready = [w.answer(args.boxes * 0.5 + 60) for w in workers]
         out["ramp_all_connected_s"] = round(time.monotonic() - t0, 2)
+        out.update({f"ramp_{k}_cpu_s": v for k, v in ramp.seconds().items()})
         got = summed(ready)
         out["connected"] = got.get("connected", 0)
-        assert out["connected"] == args.boxes, f"only {out['connected']} of {args.boxes} boxes connected: {got}"
+        assert out["connected"] == args.boxes, f"{out['connected']} of {args.boxes} boxes connected: {got}"
         wait_for(lambda: all_live(serve, args.boxes), args.heartbeat_s * 3 + 60, "every box live at the view",
                  poll=0.5)
         out["ramp_all_live_at_fleet_view_s"] = round(time.monotonic() - t0, 2)
-        window(args, broker, serve, workers, out)
+        window(args, broker, serve, workers, 0, "", out)  # the ingest alone
+        if args.scrape_s > 0:  # and with Prometheus scraping, as in production
+            window(args, broker, serve, workers, args.scrape_s, "_scraped", out)
         pages(args, serve, out)
         serve = restart_serve(args, root, ca, broker, serve, out)
     finally:
@@ -305,7 +318,7 @@ def run(args: argparse.Namespace, root: Path, cache: Path) -> dict[str, Any]:
             serve.stop()
         broker.stop()
     total = summed(finals)
-    out.update({f"total_{k}": total.get(k, 0) for k in ("published", "acked", "disconnected", "refused",
+    out.update({f"total_{k}": total.get(k, 0) for k in ("published", "acked", "lost", "refused",
                                                          "publish_failed")})
     out["state_bytes_mean"] = round(total.get("state_bytes", 0) / max(1, total.get("state", 0)))
     log = broker.log_text()
@@ -322,7 +335,8 @@ def main() -> int:
     p.add_argument("--heartbeat-s", type=float, default=15)
     p.add_argument("--event-s", type=float, default=60)
     p.add_argument("--window-s", type=float, help="the steady window (default 3 heartbeats)")
-    p.add_argument("--scrape-s", type=float, default=10, help="/metrics scraped every S in the window (0: none)")
+    p.add_argument("--scrape-s", type=float, default=10,
+                   help="a second window with /metrics scraped every S (0: no second window)")
     p.add_argument("--gets", type=int, default=5, help="GETs of each page")
     p.add_argument("--cache", type=Path, help="keep the CA and box certificates here, reused across runs")
     p.add_argument("--workdir", type=Path, help="where the run's temp dir goes")

@@ -15,7 +15,8 @@ boxes are connected one per turn of the loop, so the connected ones are served m
 
 Driven over stdin/stdout, one JSON object a line: it prints `{"ready": ...}` once every
 box has its CONNACK (or --connect-timeout-s has passed), and its counters on each `stats`
-line read from stdin; `stop` disconnects every box, prints the counters and exits.
+line read from stdin (`lost`: connections lost before `stop`); `stop` disconnects every
+box, prints the counters and exits.
 
 Usage (by broker_bench.py): broker_boxes.py --port N --certs DIR --ca CA.pem --first 0 --count 500
 """
@@ -56,9 +57,11 @@ def snapshot(name: str, received: int, now: float) -> dict[str, Any]:
     return {
         "name": name, "version": __version__, "problems": [],
         "receive": {"instances_received": received, "instances_refused": {"sop class not accepted": 2},
-                    "associations_total": received // 40, "associations_rejected_by_reason": {"calling ae": 1},
+                    "associations_total": received // 40,
+                    "associations_rejected_by_reason": {"calling ae": 1},
                     "connections_refused": {}, "bytes_received": received * 524_288},
-        "spool": {"free_bytes": 180 * 2**30, "reserve_bytes": 2 * 2**30, "instances": 40, "bytes": 21 * 2**20},
+        "spool": {"free_bytes": 180 * 2**30, "reserve_bytes": 2 * 2**30, "instances": 40,
+                  "bytes": 21 * 2**20},
         "queue": {"queued": 2, "sending": 1, "delivered": received // 40, "held": 0},
         "oldest_waiting_s": 35.0,
         "forward": {"paused": None, "parked": 0},
@@ -87,7 +90,7 @@ class Box:
         c.will_set(f"{self.topic}/online", messages.dumps(messages.will(self.conn_seq, self.boot_id)),
                    qos=1, retain=True)
         c.on_connect = self._on_connect
-        c.on_disconnect = lambda *a: fleet.count("disconnected")
+        c.on_disconnect = lambda *a: fleet.stopping or fleet.count("lost")  # a connection lost
         c.on_publish = lambda *a: fleet.count("acked")
         sel = fleet.sel
         c.on_socket_open = lambda cl, u, s: sel.register(s, selectors.EVENT_READ, self)
@@ -116,7 +119,8 @@ class Box:
         msg = messages.state(snapshot(self.name, self.received, now), seq=self.seq, now=now,
                              boot_id=self.boot_id, conn_seq=self.conn_seq,
                              certs={"mqtt": now + 800 * 86_400, "receive.tls": now + 300 * 86_400},
-                             time_synced=True, outbox={"waiting": 0, "dropped": 0, "last_seq": self.event_seq})
+                             time_synced=True,
+                             outbox={"waiting": 0, "dropped": 0, "last_seq": self.event_seq})
         self.fleet.count("state_bytes", len(messages.dumps(msg)))
         self.publish("state", msg)
 
@@ -151,6 +155,7 @@ class Boxes:
         self.tie = 0
         self.boxes: list[Box] = []
         self.ready_at: float | None = None
+        self.stopping = False
 
     def count(self, key: str, n: int = 1) -> None:
         self.counters[key] = self.counters.get(key, 0) + n
@@ -216,6 +221,7 @@ def main() -> int:
             if key.data is None:
                 line = sys.stdin.readline().strip()
                 if line in ("stop", ""):
+                    fleet.stopping = True
                     for b in fleet.boxes:
                         b.c.disconnect()
                         b.c.loop_write()
