@@ -25,7 +25,14 @@
   (best and median, bytes), checking that the page lists every box online and with no
   alarm;
 - last, `fleet serve` restarted: time until it shows every box online again from the
-  broker's retained messages (a center restarted under a full fleet).
+  broker's retained messages (a center restarted under a full fleet), and whether the
+  broker dropped some of them (its per-client queue, `max_queued_messages`; --max-queued
+  replaces the shipped value).
+
+A limit run (--broker-nofile N: the broker's open-files limit, as systemd would set it;
+--max-connections N: the broker's max_connections) stops after the ramp: how many boxes
+got in, how the broker refused the others (its log), and whether the operations center,
+reconnecting then, still gets in.
 
 The machine is shared (2 cores): the load generator competes with the broker for them.
 
@@ -64,6 +71,8 @@ from tests.peers import wait_for  # noqa: E402
 
 FDS_PER_BOX = 1  # the broker: one socket per box; each worker: one socket per box of its share
 FDS_SPARE = 256
+MAX_QUEUED = re.compile(r"\nmax_queued_messages (\d+)")
+DROPPED = "Outgoing messages are being dropped"  # Mosquitto's notice: a client's queue was full
 
 
 def cpu_s(pid: int) -> float:
@@ -260,20 +269,85 @@ def pages(args: argparse.Namespace, serve: FleetServe, out: dict[str, Any]) -> N
 
 def restart_serve(args: argparse.Namespace, root: Path, ca: Path, broker: Broker, serve: FleetServe,
                   out: dict[str, Any]) -> FleetServe:
-    """fleet serve stopped and started again: how soon it shows the whole fleet online."""
+    """fleet serve stopped and started again: how soon it shows the whole fleet online (the
+    retained `online`s) and live (a `state` within 3 heartbeats: the retained ones, or the
+    next heartbeat's when the broker dropped some), and whether the broker dropped any."""
     serve.stop()
+    dropped_before = broker.log_text().count(DROPPED)
     t0 = time.monotonic()
     serve = FleetServe(root / "serve2", ca, broker, heartbeat_s=args.heartbeat_s)
-    try:
-        wait_for(lambda: sum(b["online"] for b in serve.json()) == args.boxes,
-                 args.heartbeat_s * 3 + 30, "every box online after fleet serve restarted", poll=0.2)
-        out["serve_restart_to_all_online_s"] = round(time.monotonic() - t0, 2)
-    except AssertionError:
-        out["serve_restart_to_all_online_s"] = None
-    seen = serve.json()
-    out["serve_restart_boxes_seen"] = len(seen)
-    out["serve_restart_boxes_online"] = sum(b["online"] for b in seen)
+    for what in ("online", "live"):
+        def whole(what: str = what) -> list[dict[str, Any]] | None:
+            view = serve.json()
+            return view if sum(b[what] for b in view) == args.boxes else None
+        try:
+            view = wait_for(whole, args.heartbeat_s * 3 + 30, f"every box {what} after fleet serve restarted",
+                            poll=0.2)
+            out[f"serve_restart_to_all_{what}_s"] = round(time.monotonic() - t0, 2)
+        except AssertionError:
+            out[f"serve_restart_to_all_{what}_s"] = None
+            view = serve.json()
+        out[f"serve_restart_boxes_{what}"] = sum(b[what] for b in view)
+        if what == "online":  # how many states had come with them (None: not all online in time)
+            states = sum(b["state_received"] is not None for b in view)
+            complete = out["serve_restart_to_all_online_s"] is not None
+            out["serve_restart_states_when_all_online"] = states if complete else None
+    out["serve_restart_broker_dropped_notices"] = broker.log_text().count(DROPPED) - dropped_before
     return serve
+
+
+def start_broker(args: argparse.Namespace, root: Path, ca: Path, out: dict[str, Any]) -> Broker:
+    broker = Broker(root / "broker", ca)
+    if args.max_queued is not None:  # the shipped value replaced, to find the limit
+        conf = broker.conf.read_text()
+        assert "\nmax_queued_messages " in conf
+        broker.conf.write_text(MAX_QUEUED.sub(f"\nmax_queued_messages {args.max_queued}", conf))
+    if args.max_connections is not None:
+        broker.conf.write_text(broker.conf.read_text() + f"\nmax_connections {args.max_connections}\n")
+    out["broker_max_queued_messages"] = int(MAX_QUEUED.findall(broker.conf.read_text())[0])
+    broker.start()
+    assert broker.proc is not None
+    if args.broker_nofile is not None:  # as systemd would start it (Debian 12: 1024)
+        resource.prlimit(broker.proc.pid, resource.RLIMIT_NOFILE, (args.broker_nofile, args.broker_nofile))
+    out["broker_fd_limit"] = open_files_limit(broker.proc.pid)
+    return broker
+
+
+def over_the_limit(args: argparse.Namespace, root: Path, ca: Path, broker: Broker, serve: FleetServe,
+                   got: dict[str, int], out: dict[str, Any]) -> FleetServe:
+    """More boxes than the broker lets in: how it refuses them, and whether the operations
+    center, reconnecting now, still gets in."""
+    out["connect_errors"] = sum(v for k, v in got.items() if k.startswith("connect_error."))
+    out["broker_refusals"] = sorted({line.split(": ", 1)[-1] for line in broker.log_text().splitlines()
+                                     if "denied" in line})
+    serve.stop()
+    serve = FleetServe(root / "serve2", ca, broker, heartbeat_s=args.heartbeat_s)
+    with contextlib.suppress(AssertionError):
+        wait_for(lambda: "broker connected" in serve.log_text(), 15, "fleet serve connected")
+    out["center_reconnected_when_full"] = "broker connected" in serve.log_text()
+    return serve
+
+
+def ramp(args: argparse.Namespace, root: Path, ca: Path, cache: Path, broker: Broker, serve: FleetServe,
+         workers: list[Worker], out: dict[str, Any]) -> dict[str, int]:
+    """Start the workers; when every box has its CONNACK (or was refused): their counters."""
+    assert broker.proc is not None
+    t0 = time.monotonic()
+    sampler = Sampler({"broker": [broker.proc.pid], "fleet_serve": [serve.proc.pid]})
+    share = math.ceil(args.boxes / args.workers)
+    for first in range(0, args.boxes, share):
+        workers.append(Worker(args, broker.port, cache / "boxes", ca / "ca.pem", first,
+                              min(share, args.boxes - first), root / f"worker-{first}.log"))
+    got = summed([w.answer(args.boxes * 0.5 + 60) for w in workers])
+    out["ramp_all_connected_s"] = round(time.monotonic() - t0, 2)
+    out.update({f"ramp_{k}_cpu_s": v for k, v in sampler.seconds().items()})
+    out["connected"] = got.get("connected", 0)
+    if args.broker_nofile is None and args.max_connections is None:
+        assert out["connected"] == args.boxes, f"{out['connected']} of {args.boxes} boxes connected: {got}"
+        wait_for(lambda: all_live(serve, args.boxes), args.heartbeat_s * 3 + 60, "every box live at the view",
+                 poll=0.5)
+        out["ramp_all_live_at_fleet_view_s"] = round(time.monotonic() - t0, 2)
+    return got
 
 
 def run(args: argparse.Namespace, root: Path, cache: Path) -> dict[str, Any]:
@@ -284,41 +358,27 @@ def run(args: argparse.Namespace, root: Path, cache: Path) -> dict[str, Any]:
         fleet_ca(ca)
     took, made = certificates(ca, cache / "boxes", args.boxes)
     out["certificates_s"], out["certificates_made"] = round(took, 2), made
-    broker = Broker(root / "broker", ca).start()
-    assert broker.proc is not None
-    out["broker_fd_limit"] = open_files_limit(broker.proc.pid)
+    broker = start_broker(args, root, ca, out)
     serve: FleetServe | None = None
     workers: list[Worker] = []
     try:
         serve = FleetServe(root / "serve", ca, broker, heartbeat_s=args.heartbeat_s)
-        t0 = time.monotonic()
-        assert broker.proc is not None
-        ramp = Sampler({"broker": [broker.proc.pid], "fleet_serve": [serve.proc.pid]})
-        share = math.ceil(args.boxes / args.workers)
-        for first in range(0, args.boxes, share):
-            workers.append(Worker(args, broker.port, cache / "boxes", ca / "ca.pem", first,
-                                  min(share, args.boxes - first), root / f"worker-{first}.log"))
-        ready = [w.answer(args.boxes * 0.5 + 60) for w in workers]
-        out["ramp_all_connected_s"] = round(time.monotonic() - t0, 2)
-        out.update({f"ramp_{k}_cpu_s": v for k, v in ramp.seconds().items()})
-        got = summed(ready)
-        out["connected"] = got.get("connected", 0)
-        assert out["connected"] == args.boxes, f"{out['connected']} of {args.boxes} boxes connected: {got}"
-        wait_for(lambda: all_live(serve, args.boxes), args.heartbeat_s * 3 + 60, "every box live at the view",
-                 poll=0.5)
-        out["ramp_all_live_at_fleet_view_s"] = round(time.monotonic() - t0, 2)
-        window(args, broker, serve, workers, 0, "", out)  # the ingest alone
-        if args.scrape_s > 0:  # and with Prometheus scraping, as in production
-            window(args, broker, serve, workers, args.scrape_s, "_scraped", out)
-        pages(args, serve, out)
-        serve = restart_serve(args, root, ca, broker, serve, out)
+        got = ramp(args, root, ca, cache, broker, serve, workers, out)
+        if args.broker_nofile is not None or args.max_connections is not None:
+            serve = over_the_limit(args, root, ca, broker, serve, got, out)
+        else:
+            window(args, broker, serve, workers, 0, "", out)  # the ingest alone
+            if args.scrape_s > 0:  # and with Prometheus scraping, as in production
+                window(args, broker, serve, workers, args.scrape_s, "_scraped", out)
+            pages(args, serve, out)
+            serve = restart_serve(args, root, ca, broker, serve, out)
     finally:
         finals = [a for a in (w.stop() for w in workers) if a is not None]
         if serve is not None:
             serve.stop()
         broker.stop()
     total = summed(finals)
-    out.update({f"total_{k}": total.get(k, 0) for k in ("published", "acked", "lost", "refused",
+    out.update({f"total_{k}": total.get(k, 0) for k in ("published", "acked", "inflight", "lost", "refused",
                                                          "publish_failed")})
     out["state_bytes_mean"] = round(total.get("state_bytes", 0) / max(1, total.get("state", 0)))
     log = broker.log_text()
@@ -337,6 +397,10 @@ def main() -> int:
     p.add_argument("--window-s", type=float, help="the steady window (default 3 heartbeats)")
     p.add_argument("--scrape-s", type=float, default=10,
                    help="a second window with /metrics scraped every S (0: no second window)")
+    p.add_argument("--max-queued", type=int, help="the broker's max_queued_messages (not the shipped one)")
+    p.add_argument("--broker-nofile", type=int, help="the broker's open-files limit (a limit run: the ramp,"
+                   " how the broker refuses the boxes beyond it, whether the center gets back in)")
+    p.add_argument("--max-connections", type=int, help="the broker's max_connections (a limit run too)")
     p.add_argument("--gets", type=int, default=5, help="GETs of each page")
     p.add_argument("--cache", type=Path, help="keep the CA and box certificates here, reused across runs")
     p.add_argument("--workdir", type=Path, help="where the run's temp dir goes")

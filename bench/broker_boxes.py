@@ -15,8 +15,9 @@ boxes are connected one per turn of the loop, so the connected ones are served m
 
 Driven over stdin/stdout, one JSON object a line: it prints `{"ready": ...}` once every
 box has its CONNACK (or --connect-timeout-s has passed), and its counters on each `stats`
-line read from stdin (`lost`: connections lost before `stop`); `stop` disconnects every
-box, prints the counters and exits.
+line read from stdin (`lost`: connections lost before `stop`); `stop` publishes no more,
+waits for what is in flight to be acknowledged (at most DRAIN_S), disconnects every box,
+prints the counters (`inflight`: still unacknowledged) and exits.
 
 Usage (by broker_bench.py): broker_boxes.py --port N --certs DIR --ca CA.pem --first 0 --count 500
 """
@@ -46,6 +47,7 @@ from appliance.ops import messages  # noqa: E402
 STAGES = ("receive", "pack", "forward", "failover", "receipts", "ops")
 EVENT_KINDS = ("destination.down", "destination.up")
 MISC_S = 1.0
+DRAIN_S = 10.0  # at `stop`, how long to wait for the acknowledgements of what was sent
 
 
 def box_name(i: int) -> str:
@@ -100,6 +102,7 @@ class Box:
         c.on_socket_unregister_write = lambda cl, u, s: sel.modify(s, selectors.EVENT_READ, self)
 
     def _on_connect(self, c: mqtt.Client, u: Any, flags: Any, rc: Any, props: Any) -> None:
+        self.fleet.count("answered")
         if rc.is_failure:
             self.fleet.count("refused")
             return
@@ -179,9 +182,12 @@ class Boxes:
             period = self.args.heartbeat_s if what == "state" else self.args.event_s
             self.schedule(at + period, what, box)
 
+    def inflight(self) -> int:
+        """QoS 1 messages sent and not yet acknowledged (paho has no public count)."""
+        return sum(len(b.c._out_messages) for b in self.boxes)  # noqa: SLF001
+
     def stats(self) -> dict[str, Any]:
-        return {**self.counters, "boxes": len(self.boxes), "inflight": sum(
-            len(b.c._out_messages) for b in self.boxes)}  # noqa: SLF001 - paho exposes no count
+        return {**self.counters, "boxes": len(self.boxes), "inflight": self.inflight()}
 
 
 def main() -> int:
@@ -202,6 +208,7 @@ def main() -> int:
     names = [box_name(i) for i in range(args.first, args.first + args.count)]
     start = time.monotonic()
     misc_at = start + MISC_S
+    drain_until: float | None = None
     while True:
         now = time.monotonic()
         if names:  # the ramp: one TLS handshake per turn
@@ -209,34 +216,37 @@ def main() -> int:
             fleet.boxes.append(box)
             try:
                 box.c.connect(args.host, args.port, keepalive=args.keepalive_s)
-            except OSError as e:
+            except OSError as e:  # the broker closed it during the TLS handshake (over its limits)
                 fleet.count(f"connect_error.{type(e).__name__}")
+                fleet.count("answered")
         if fleet.ready_at is None and not names and (
-                fleet.counters.get("connected", 0) + fleet.counters.get("refused", 0) >= args.count
+                fleet.counters.get("answered", 0) >= args.count
                 or now - start > args.connect_timeout_s):
             fleet.ready_at = now
             print(json.dumps({"ready": round(now - start, 3), **fleet.stats()}), flush=True)
+        if drain_until is not None and (fleet.inflight() == 0 or now > drain_until):
+            fleet.stopping = True
+            for b in fleet.boxes:
+                b.c.disconnect()
+                b.c.loop_write()
+            print(json.dumps({"stopped": True, **fleet.stats()}), flush=True)
+            return 0
         wait = 0.0 if names else max(0.0, min(misc_at, fleet.due[0][0] if fleet.due else misc_at) - now)
-        for key, events in fleet.sel.select(wait):
-            if key.data is None:
-                line = sys.stdin.readline().strip()
-                if line in ("stop", ""):
-                    fleet.stopping = True
-                    for b in fleet.boxes:
-                        b.c.disconnect()
-                        b.c.loop_write()
-                    print(json.dumps({"stopped": True, **fleet.stats()}), flush=True)
-                    return 0
-                print(json.dumps({"stats": True, **fleet.stats()}), flush=True)
-            else:
+        for key, events in fleet.sel.select(wait if drain_until is None else min(wait, 0.05)):
+            if key.data is not None:
                 key.data.service(events)
+            elif sys.stdin.readline().strip() == "stats":
+                print(json.dumps({"stats": True, **fleet.stats()}), flush=True)
+            else:  # stop (or the bench gone): publish no more, wait for the acknowledgements
+                drain_until = now + DRAIN_S
+                fleet.sel.unregister(sys.stdin)
         now = time.monotonic()
-        fleet.run_due(now)
+        if drain_until is None:
+            fleet.run_due(now)
         if now >= misc_at:
             misc_at = now + MISC_S
             for b in fleet.boxes:
                 b.c.loop_misc()
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -33,11 +33,14 @@ def test_broker_bench_with_20_boxes_reports_every_box_online_and_sane_costs(tmp_
     # every box connected, shown online and live with no alarm, and again after a restart of the view
     assert res["connected"] == BOXES
     assert (res["page_rows"], res["page_online"], res["page_no_alarm"]) == (BOXES, BOXES, BOXES)
-    assert res["serve_restart_boxes_online"] == BOXES
+    assert res["serve_restart_boxes_online"] == res["serve_restart_boxes_live"] == BOXES
     assert res["serve_restart_to_all_online_s"] is not None
+    assert res["serve_restart_broker_dropped_notices"] == 0
+    assert res["broker_max_queued_messages"] > 0  # read from the shipped config
     # what the boxes sent arrived: every QoS 1 publish acknowledged, no box refused or dropped
     assert res["total_published"] > 0
     assert res["total_acked"] == res["total_published"]
+    assert res["total_inflight"] == 0
     assert res["total_refused"] == res["total_publish_failed"] == 0
     assert res["total_lost"] == 0  # no connection lost before the clean stop at the end
     # the window's rates are the schedule's: a state per heartbeat and an event per event_s per box
