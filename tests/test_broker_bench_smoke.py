@@ -64,3 +64,17 @@ def test_broker_bench_with_20_boxes_reports_every_box_online_and_sane_costs(tmp_
     assert res["broker_fd_limit"] >= BOXES
     # the run's temp dir (certificates, broker, fleet serve) was removed
     assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
+
+
+def test_broker_bench_limit_run_reports_the_boxes_the_broker_refused(tmp_path: Path) -> None:
+    out = tmp_path / "result.json"
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "broker_bench.py"), "--boxes", str(BOXES),
+                        "--max-connections", "11", "--workdir", str(tmp_path), "--out", str(out)],
+                       capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads(out.read_text())
+    # fleet serve holds one of the 11 connections: 10 boxes get in, the other 10 are refused
+    assert (res["connected"], res["connect_errors"]) == (10, BOXES - 10)
+    assert res["broker_refusals"] == ["Client connection from 127.0.0.1 denied: max_connections exceeded."]
+    assert res["fleet_status_exit_when_full"] == 69  # an operator's new connection is refused too
+    assert res["total_acked"] == res["total_published"] > 0
