@@ -182,6 +182,21 @@ class Boxes:
             period = self.args.heartbeat_s if what == "state" else self.args.event_s
             self.schedule(at + period, what, box)
 
+    def connect(self, name: str) -> None:
+        box = Box(name, self.args, self)
+        self.boxes.append(box)
+        try:
+            box.c.connect(self.args.host, self.args.port, keepalive=self.args.keepalive_s)
+        except OSError as e:  # the broker closed it during the TLS handshake (over its limits)
+            self.count(f"connect_error.{type(e).__name__}")
+            self.count("answered")
+
+    def disconnect(self) -> None:
+        self.stopping = True
+        for b in self.boxes:
+            b.c.disconnect()
+            b.c.loop_write()
+
     def inflight(self) -> int:
         """QoS 1 messages sent and not yet acknowledged (paho has no public count)."""
         return sum(len(b.c._out_messages) for b in self.boxes)  # noqa: SLF001
@@ -190,7 +205,7 @@ class Boxes:
         return {**self.counters, "boxes": len(self.boxes), "inflight": self.inflight()}
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
@@ -202,51 +217,50 @@ def main() -> int:
     p.add_argument("--event-s", type=float, default=60)
     p.add_argument("--keepalive-s", type=int, default=30)
     p.add_argument("--connect-timeout-s", type=float, default=60)
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def say(what: str, fleet: Boxes, **extra: Any) -> None:
+    print(json.dumps({what: True, **extra, **fleet.stats()}), flush=True)
+
+
+def main() -> int:
+    args = parse_args()
     fleet = Boxes(args)
     fleet.sel.register(sys.stdin, selectors.EVENT_READ, None)
     names = [box_name(i) for i in range(args.first, args.first + args.count)]
     start = time.monotonic()
     misc_at = start + MISC_S
-    drain_until: float | None = None
+    drain_until: float | None = None  # after `stop`: publish no more, wait for the acknowledgements
     while True:
         now = time.monotonic()
         if names:  # the ramp: one TLS handshake per turn
-            box = Box(names.pop(0), args, fleet)
-            fleet.boxes.append(box)
-            try:
-                box.c.connect(args.host, args.port, keepalive=args.keepalive_s)
-            except OSError as e:  # the broker closed it during the TLS handshake (over its limits)
-                fleet.count(f"connect_error.{type(e).__name__}")
-                fleet.count("answered")
+            fleet.connect(names.pop(0))
         if fleet.ready_at is None and not names and (
-                fleet.counters.get("answered", 0) >= args.count
-                or now - start > args.connect_timeout_s):
+                fleet.counters.get("answered", 0) >= args.count or now - start > args.connect_timeout_s):
             fleet.ready_at = now
-            print(json.dumps({"ready": round(now - start, 3), **fleet.stats()}), flush=True)
+            say("ready", fleet, ramp_s=round(now - start, 3))
         if drain_until is not None and (fleet.inflight() == 0 or now > drain_until):
-            fleet.stopping = True
-            for b in fleet.boxes:
-                b.c.disconnect()
-                b.c.loop_write()
-            print(json.dumps({"stopped": True, **fleet.stats()}), flush=True)
+            fleet.disconnect()
+            say("stopped", fleet)
             return 0
         wait = 0.0 if names else max(0.0, min(misc_at, fleet.due[0][0] if fleet.due else misc_at) - now)
         for key, events in fleet.sel.select(wait if drain_until is None else min(wait, 0.05)):
             if key.data is not None:
                 key.data.service(events)
             elif sys.stdin.readline().strip() == "stats":
-                print(json.dumps({"stats": True, **fleet.stats()}), flush=True)
-            else:  # stop (or the bench gone): publish no more, wait for the acknowledgements
+                say("stats", fleet)
+            else:  # `stop`, or the bench gone
                 drain_until = now + DRAIN_S
                 fleet.sel.unregister(sys.stdin)
         now = time.monotonic()
         if drain_until is None:
             fleet.run_due(now)
-        if now >= misc_at:
+        if now >= misc_at:  # keepalive pings, and the timeouts of paho's own
             misc_at = now + MISC_S
             for b in fleet.boxes:
                 b.c.loop_misc()
+
 
 if __name__ == "__main__":
     sys.exit(main())
