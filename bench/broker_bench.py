@@ -37,7 +37,8 @@ fleet status` (a new connection) still gets in.
 The machine is shared (2 cores): the load generator competes with the broker for them.
 
 Usage: .venv/bin/python bench/broker_bench.py [--boxes 1000] [--workers 2] [--heartbeat-s 15]
-           [--event-s 60] [--window-s 45] [--gets 5] [--cache DIR] [--out FILE]
+           [--event-s 60] [--window-s 45] [--scrape-s 10] [--gets 5] [--max-queued N]
+           [--broker-nofile N | --max-connections N] [--cache DIR] [--workdir DIR] [--out FILE]
 Results: a markdown table on stdout and JSON in --out (default bench/results/, git-ignored).
 """
 
