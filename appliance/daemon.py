@@ -65,6 +65,7 @@ from appliance.queue.store import PRIORITY_ROUTINE, PRIORITY_STAT, Item, Queue
 from appliance.receive.scp import Receiver, ReceiveStats, identify_stored
 from appliance.spool.store import Spool
 from appliance.update import lock as update_lock
+from appliance.update import remote as update_remote
 from appliance.vpn import handshake as vpn_handshake
 
 log = structlog.get_logger("appliance.daemon")
@@ -199,6 +200,7 @@ class Daemon:
         self._problems: list[str] = []
         self.link: ops_link.Link | None = None
         self.commands: ops_commands.Commands | None = None
+        self.updates = update_remote.Runner(cfg)  # the ops center's `update` command
         self._untap: Callable[[], None] = lambda: None
         self.metrics: tuple[health_metrics.MetricsServer, health_metrics.Tally] | None = None
         self._untap_metrics: Callable[[], None] = lambda: None
@@ -420,6 +422,7 @@ class Daemon:
             "events.replay": lambda args: self._replay(args),
             "diagnostics": lambda args: ops_diagnostics.collect(
                 self.snapshot(), effective_config(self.cfg), self.recent.events()),
+            "update.start": lambda args: self.updates.start(args),
         }
 
     def _replay(self, args: dict[str, Any]) -> dict[str, int]:

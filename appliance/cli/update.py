@@ -51,6 +51,12 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     g = sub.add_parser("update-gate", parents=[common],
                        help="the mark-good unit: keep the booted slot if the appliance is healthy")
     g.add_argument("--deadline-s", type=float, default=gate.DEADLINE_S)
+    f = sub.add_parser("update-fetch", parents=[common],
+                       help="the ops center's update command: fetch, check and install a bundle"
+                            " (started by the daemon; one JSON line per step)")
+    f.add_argument("--url", required=True, help="under an [update] source")
+    f.add_argument("--sha256", required=True, help="the bundle's SHA-256 (64 hex digits)")
+    f.add_argument("--no-reboot", action="store_true", help="install only; reboot later yourself")
 
 
 def _need_root() -> None:
@@ -82,19 +88,28 @@ def cmd_update(args: argparse.Namespace) -> int:
     if args.once and version in rauc.installed_versions(rauc.status()):
         say(f"a slot already holds version {version}: nothing to do")
         return 0
-    was_up = bool(_ops_link_up(_daemon_status(cfg)))
-    failures = spool_failures(cfg)
-    say(f"installing version {version}")
-    started = time.monotonic()
-    rauc.install(args.file)
-    slot = rauc.primary_bootname(rauc.status()) or "?"
-    trial.write(trial.Trial(slot=slot, version=version, ops_link_was_up=was_up,
-                            spool_failures=failures))
-    say(f"installed into slot {slot} in {time.monotonic() - started:.0f} s")
+    install(cfg, args.file, version)
     if args.no_reboot:
         say("reboot to try it (the mark-good unit keeps it only if the appliance is healthy)")
         return 0
     return _reboot(cfg, args.reboot_wait_s)
+
+
+def install(cfg: config.Config, bundle: Path, version: str) -> str:
+    """`rauc install` into the inactive slot and the trial record (what was true before:
+    the ops link, the spool's authentication failures); the slot's bootname. Shared by
+    `appliance update FILE` and the ops center's `update` command (update/remote.py).
+    UpdateError when RAUC refuses the bundle."""
+    was_up = bool(_ops_link_up(_daemon_status(cfg)))
+    failures = spool_failures(cfg)
+    say(f"installing version {version}")
+    started = time.monotonic()
+    rauc.install(bundle)
+    slot = rauc.primary_bootname(rauc.status()) or "?"
+    trial.write(trial.Trial(slot=slot, version=version, ops_link_was_up=was_up,
+                            spool_failures=failures))
+    say(f"installed into slot {slot} in {time.monotonic() - started:.0f} s")
+    return slot
 
 
 def _reboot(cfg: config.Config, wait_s: float) -> int:
@@ -142,6 +157,13 @@ def config_checks(config_path: Path | None) -> bool:
     r = subprocess.run(["runuser", "-u", "appliance", "--", *argv], capture_output=True,
                        timeout=120, stdin=subprocess.DEVNULL)
     return r.returncode == 0
+
+
+def cmd_update_fetch(args: argparse.Namespace) -> int:
+    from appliance.update import remote
+
+    return remote.cmd_update_fetch(config.load(args.config), args.url, args.sha256,
+                                   not args.no_reboot)
 
 
 def cmd_update_gate(args: argparse.Namespace,

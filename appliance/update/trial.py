@@ -12,12 +12,15 @@ A record that cannot be parsed counts as no record.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from appliance.core import durable
 
-PATH = Path("/data/update/trial.json")
+# On /data, beside RAUC's slot status; APPLIANCE_UPDATE_TRIAL moves it (tests only: the
+# ops center's `update` command runs `install` in a worker process).
+PATH = Path(os.environ.get("APPLIANCE_UPDATE_TRIAL", "/data/update/trial.json"))
 
 
 @dataclass(frozen=True)
