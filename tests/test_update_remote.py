@@ -225,7 +225,7 @@ def test_update_command_fetches_the_bundle_and_installs_it_with_rauc(tmp_path: P
         res = c.send({"url": srv.url, "sha256": SHA, "reboot": False})
         assert (res["code"], res["result"]) == (200, {"accepted": True})
         kind, fields = c.outcome()
-    assert (kind, fields) == ("update.installed", {"cmd_id": res["cmd_id"], "version": "2.0",
+    assert (kind, fields) == ("update.installed", {"cmd_id": res["cmd_id"], "bundle_version": "2.0",
                                                    "slot": "B", "reboot": False})
     kinds = [k for k, _ in c.events]
     assert kinds[0] == "update.accepted" and "update.fetched" in kinds and "update.progress" in kinds
@@ -272,3 +272,40 @@ def test_update_command_without_an_update_table_is_refused(tmp_path: Path, box: 
     c.runner.cfg = dataclasses.replace(c.cfg, update=None)
     res = c.send({"url": "https://127.0.0.1:1/updates/u.raucb", "sha256": SHA})
     assert res["code"] == 422 and "[update]" in res["detail"]
+
+
+# --- [update] in the config -----------------------------------------------------------------
+
+def _parse_update(update: Any) -> config.Config:
+    return config.parse({"receive": {"callers": [{"ae_title": "CT"}]}, "update": update}, {},
+                        Path("/etc/appliance/appliance.toml"))
+
+
+def _update_problems(update: Any) -> list[str]:
+    with pytest.raises(config.ConfigError) as e:
+        _parse_update(update)
+    return e.value.problems
+
+
+def test_update_table_defaults() -> None:
+    u = _parse_update({"sources": ["https://10.8.0.1/updates/"]}).update
+    assert u is not None and (u.max_mb, u.deadline_s, u.download_dir, u.ca) == (2048, 3600.0, None, None)
+
+
+@pytest.mark.parametrize(("update", "key", "says"), [
+    ({}, "update.sources", "is required"),
+    ({"sources": []}, "update.sources", "array of 1..32"),
+    ({"sources": ["http://10.8.0.1/updates/"]}, "update.sources", "https:// or sftp://"),
+    ({"sources": ["https://10.8.0.1/updates"]}, "update.sources", "ending in '/'"),
+    ({"sources": ["https://10.8.0.1/a/../b/"]}, "update.sources", "without '..'"),
+    ({"sources": ["sftp://10.8.0.1/updates/"]}, "update.sources", "names its user"),
+    ({"sources": ["https://u:pw@10.8.0.1/updates/"]}, "update.sources", "neither a password"),
+    ({"sources": ["sftp://u@10.8.0.1/updates/"], "known_hosts": "/k/kh"}, "update.ssh_key",
+     "required with an sftp:// source"),
+    ({"sources": ["https://10.8.0.1/updates/"], "max_mb": 8}, "update.max_mb", "16..16384"),
+    ({"sources": ["https://10.8.0.1/updates/"], "deadline_s": 10}, "update.deadline_s", "60..86400"),
+    ({"sources": ["https://10.8.0.1/updates/"], "url": "x"}, "update.url", "unknown key"),
+])
+def test_update_table_mistakes_name_their_key(update: dict[str, Any], key: str, says: str) -> None:
+    ps = _update_problems(update)
+    assert len(ps) == 1 and key in ps[0] and says in ps[0], ps

@@ -50,7 +50,7 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "update.accepted": ("cmd_id",),
     "update.progress": ("cmd_id", "bytes", "total"),
     "update.fetched": ("cmd_id", "bytes"),
-    "update.installed": ("cmd_id", "version", "slot", "reboot"),
+    "update.installed": ("cmd_id", "bundle_version", "slot", "reboot"),
     "update.refused": ("cmd_id", "reason"),
     "update.failed": ("cmd_id", "reason"),
 }

@@ -50,7 +50,7 @@ TOKEN = re.compile(r"[A-Za-z0-9._+~ -]{1,64}\Z")  # versions, slots, reason clas
 STEPS: dict[str, tuple[str, ...]] = {
     "update.progress": ("bytes", "total"),
     "update.fetched": ("bytes",),
-    "update.installed": ("version", "slot", "reboot"),
+    "update.installed": ("bundle_version", "slot", "reboot"),
     "update.refused": ("reason",),  # RAUC refused the bundle
     "update.failed": ("reason",),  # the fetch failed, or the worker did
 }
@@ -206,7 +206,7 @@ def work(cfg: config.Config, url: str, sha256: str, reboot: bool) -> int:
         bundle.unlink()
         return rauc.UpdateError.exit_code
     bundle.unlink()  # in the slot now; /data needs the room
-    say("update.installed", version=version, slot=slot, reboot=reboot)
+    say("update.installed", bundle_version=version, slot=slot, reboot=reboot)
     return cli_update._reboot(cfg, cli_update.REBOOT_WAIT_S) if reboot else 0
 
 
