@@ -60,7 +60,7 @@ from appliance.ops import link as ops_link
 from appliance.pack.packer import Packer
 from appliance.pack.pool import CodecPool
 from appliance.queue import commands
-from appliance.queue.index import open_index
+from appliance.queue.index import SCHEMA_VERSION, open_index
 from appliance.queue.store import PRIORITY_ROUTINE, PRIORITY_STAT, Item, Queue
 from appliance.receive.scp import Receiver, ReceiveStats, identify_stored
 from appliance.spool.store import Spool
@@ -216,6 +216,8 @@ class Daemon:
         key = crypto.load_spool_key(cfg.spool.key_file)
         self.audit = audit_trail(cfg, key)
         index = open_index(cfg.appliance.state_dir)
+        if index.newer is not None:  # back on the old slot after an update's trial boot
+            log.warning("queue.schema_newer", schema=index.newer, ours=SCHEMA_VERSION)
         self.spool = spool = Spool(
             cfg.appliance.state_dir, key, index, cfg.spool.reserve_free_mb << 20,
             cfg.pack.segment_max_instances, cfg.pack.segment_max_mb << 20,
