@@ -309,3 +309,19 @@ def test_update_table_defaults() -> None:
 def test_update_table_mistakes_name_their_key(update: dict[str, Any], key: str, says: str) -> None:
     ps = _update_problems(update)
     assert len(ps) == 1 and key in ps[0] and says in ps[0], ps
+
+
+def test_update_command_while_an_update_waits_to_reboot_is_refused(tmp_path: Path, box: Any) -> None:
+    from appliance.update import lock
+
+    make, _ = box
+    c = make(["https://127.0.0.1:1/updates/"])
+    c.cfg.appliance.state_dir.mkdir(parents=True, exist_ok=True)
+    held = lock.exclusive(lock.path_in(c.cfg.appliance.state_dir), 5)  # `appliance update` rebooting
+    assert held is not None
+    try:
+        res = c.send({"url": "https://127.0.0.1:1/updates/u.raucb", "sha256": SHA})
+    finally:
+        for fd in held:
+            os.close(fd)
+    assert res["code"] == 422 and "about to reboot" in res["detail"] and not c.runner.running()

@@ -38,7 +38,7 @@ import structlog
 
 from appliance.core import config, durable
 from appliance.core.errors import ApplianceError, PermissionDeniedError, StateError, UsageError
-from appliance.update import fetch, rauc
+from appliance.update import fetch, lock, rauc
 
 log = structlog.get_logger("appliance.update")
 
@@ -100,6 +100,8 @@ class Runner:
         with self._lock:
             if self._proc is not None and self._proc.poll() is None:
                 raise StateError("an update is already in progress")
+            if lock.pending(lock.path_in(self.cfg.appliance.state_dir)):
+                raise StateError("an update is about to reboot the appliance")
             argv = [sys.executable, "-m", "appliance", "update-fetch", "--url", url, "--sha256", sha,
                     *(["--config", str(self.cfg.sources[0])] if self.cfg.sources else []),
                     *([] if reboot else ["--no-reboot"])]
