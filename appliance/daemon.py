@@ -62,7 +62,8 @@ from appliance.pack.pool import CodecPool
 from appliance.queue import commands
 from appliance.queue.index import SCHEMA_VERSION, open_index
 from appliance.queue.store import PRIORITY_ROUTINE, PRIORITY_STAT, Item, Queue
-from appliance.receive.scp import Receiver, ReceiveStats, identify_stored
+from appliance.receive.identify import identify_stored
+from appliance.receive.scp import Receiver, ReceiveStats
 from appliance.spool.store import Spool
 from appliance.update import lock as update_lock
 from appliance.update import remote as update_remote
@@ -370,7 +371,7 @@ class Daemon:
             return
         try:
             outcome = self.desired.check(healthy, time.time() - self.started)
-        except OSError as e:  # conf.d not writable: judged again at the next turn
+        except OSError as e:  # remote.d not writable: judged again at the next turn
             log.error("config.check_failed", error=e.strerror or type(e).__name__)
             return
         if outcome == "rolled back":

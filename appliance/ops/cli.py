@@ -276,16 +276,23 @@ def status_line(ops: dict[str, Any]) -> str:
 
 
 def config_line(c: dict[str, Any]) -> str:
-    """The desired config in `appliance status`: the applied version, one on probation,
-    the last rolled back or refused (ops/desired.py)."""
-    parts = [f"remote config  version {c.get('version') or 0} applied"
-             if c.get("version") else "remote config  none applied"]
+    """The desired config in `appliance status`: the applied version (or that a technician
+    cleared it on site), one on probation, the last rolled back or refused (ops/desired.py)."""
+    def at(ts: Any) -> str:
+        return f" at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(ts))}" if ts else ""
+    if c.get("cleared") is not None and c.get("cleared") in (c.get("version"), 0):
+        when = at(c.get("cleared_at"))
+        parts = [f"remote config  none in force (version {c['cleared']} cleared on site{when})"]
+    elif c.get("version"):
+        parts = [f"remote config  version {c['version']} applied"]
+        if c.get("cleared") is not None:
+            parts.append(f"version {c['cleared']} cleared on site{at(c.get('cleared_at'))}")
+    else:
+        parts = ["remote config  none applied"]
     if c.get("pending") is not None:
         parts.append(f"version {c['pending']} on probation")
     if c.get("rolled_back") is not None:
-        at = c.get("rolled_back_at")
-        when = f" at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(at))}" if at else ""
-        parts.append(f"version {c['rolled_back']} ROLLED BACK{when}")
+        parts.append(f"version {c['rolled_back']} ROLLED BACK{at(c.get('rolled_back_at'))}")
     if c.get("refused") is not None:
         parts.append(f"version {c['refused']} refused ({c.get('refused_code')})")
     return "; ".join(parts)
