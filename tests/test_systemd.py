@@ -122,3 +122,26 @@ def test_the_unit_and_the_image_let_the_daemon_write_only_the_remote_config_fold
     assert image == [config.SITE_CONFIG_DIR / config.REMOTE_DIR]
     assert f"d {config.SITE_CONFIG_DIR / config.REMOTE_DIR} 0700 appliance appliance -\n" \
         in IMAGE_TMPFILES.read_text()
+
+
+# --- the root side of a remote update (update/handoff.py) ---------------------------------
+
+INSTALL_PATH = REPO / "systemd" / "appliance-update-install.path"
+INSTALL_UNIT = REPO / "systemd" / "appliance-update-install.service"
+
+
+def test_update_install_units_verify_apart_from_the_not_installed_binary() -> None:
+    r = _analyze("verify", str(INSTALL_PATH), str(INSTALL_UNIT))
+    problems = [ln for ln in (r.stdout + r.stderr).splitlines()
+                if ln.strip() and "/opt/appliance/venv/bin/appliance is not executable" not in ln]
+    assert problems == []
+
+
+def test_update_install_path_watches_the_request_in_the_folder_the_daemon_may_write() -> None:
+    from appliance.update import handoff
+
+    watched = Path(re.findall(r"^PathExists=(.*)$", INSTALL_PATH.read_text(), re.M)[0])
+    state_dir = Path("/var/lib/appliance")  # the unit's StateDirectory=appliance
+    assert watched == state_dir / handoff.FOLDER / handoff.REQUEST
+    assert state_dir in sandbox.parse_read_write_paths(UNIT.read_text())
+    assert re.search(r"^ExecStart=\S+ update-install$", INSTALL_UNIT.read_text(), re.M)

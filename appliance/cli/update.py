@@ -57,6 +57,9 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     f.add_argument("--url", required=True, help="under an [update] source")
     f.add_argument("--sha256", required=True, help="the bundle's SHA-256 (64 hex digits)")
     f.add_argument("--no-reboot", action="store_true", help="install only; reboot later yourself")
+    f.add_argument("--cmd-id", default="-", help="the command's id, for the hand-off's request")
+    sub.add_parser("update-install", parents=[common],
+                   help="install the bundle the daemon handed off (appliance-update-install.service)")
 
 
 def _need_root() -> None:
@@ -163,7 +166,24 @@ def cmd_update_fetch(args: argparse.Namespace) -> int:
     from appliance.update import remote
 
     return remote.cmd_update_fetch(config.load(args.config), args.url, args.sha256,
-                                   not args.no_reboot)
+                                   not args.no_reboot, args.cmd_id)
+
+
+def cmd_update_install(args: argparse.Namespace) -> int:
+    """The root side of the hand-off (update/handoff.py): install, answer, then reboot
+    through the update lock if the command asked for it."""
+    from appliance.update import handoff
+
+    _need_root()
+    cfg = config.load(args.config)
+    result, reboot = handoff.install(cfg)
+    if result is None:
+        say("no update handed off: nothing to do")
+        return 0
+    say(f"handed-off update: {result['step']}")
+    if result["step"] != "update.installed":
+        return 0 if result["step"] == "update.refused" else 70
+    return _reboot(cfg, REBOOT_WAIT_S) if reboot else 0
 
 
 def cmd_update_gate(args: argparse.Namespace,

@@ -38,7 +38,7 @@ import structlog
 
 from appliance.core import config, durable
 from appliance.core.errors import ApplianceError, PermissionDeniedError, StateError, UsageError
-from appliance.update import fetch, lock, rauc
+from appliance.update import fetch, handoff, lock, rauc
 
 log = structlog.get_logger("appliance.update")
 
@@ -103,6 +103,7 @@ class Runner:
             if lock.pending(lock.path_in(self.cfg.appliance.state_dir)):
                 raise StateError("an update is about to reboot the appliance")
             argv = [sys.executable, "-m", "appliance", "update-fetch", "--url", url, "--sha256", sha,
+                    "--cmd-id", cmd_id,
                     *(["--config", str(self.cfg.sources[0])] if self.cfg.sources else []),
                     *([] if reboot else ["--no-reboot"])]
             self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -178,8 +179,9 @@ def where(cfg: config.Config) -> fetch.Where:
     return fetch.Where(tls=tls, ssh_key=u.ssh_key, known_hosts=u.known_hosts)
 
 
-def work(cfg: config.Config, url: str, sha256: str, reboot: bool) -> int:
-    """Fetch, check, install, reboot; its steps on stdout. The exit code: 0 installed."""
+def work(cfg: config.Config, url: str, sha256: str, reboot: bool, cmd_id: str = "-") -> int:
+    """Fetch, check, install (here as root, else through the hand-off), reboot; its steps
+    on stdout. The exit code: 0 installed."""
     from appliance.cli import update as cli_update  # noqa: PLC0415 - cli imports us
 
     url, sha256, reboot = check_args(cfg, {"url": url, "sha256": sha256, "reboot": reboot})
@@ -200,6 +202,8 @@ def work(cfg: config.Config, url: str, sha256: str, reboot: bool) -> int:
         say("update.failed", reason=e.reason)
         return e.exit_code
     say("update.fetched", bytes=bundle.stat().st_size)
+    if handoff.wanted():
+        return _through_handoff(cfg, bundle, sha256, cmd_id, reboot)
     try:
         version = str(rauc.info(bundle).get("version", ""))
         slot = cli_update.install(cfg, bundle, version)
@@ -210,6 +214,22 @@ def work(cfg: config.Config, url: str, sha256: str, reboot: bool) -> int:
     bundle.unlink()  # in the slot now; /data needs the room
     say("update.installed", bundle_version=version, slot=slot, reboot=reboot)
     return cli_update._reboot(cfg, cli_update.REBOOT_WAIT_S) if reboot else 0
+
+
+def _through_handoff(cfg: config.Config, bundle: Path, sha256: str, cmd_id: str,
+                     reboot: bool) -> int:
+    """The root unit installs (and reboots); its result becomes this worker's last step."""
+    handoff.hand_off(cfg, bundle, sha256, cmd_id, reboot)
+    got = handoff.wait_result(cfg, sha256)
+    if got is None:
+        say("update.failed", reason="timeout")
+        return 75
+    step = str(got.get("step"))
+    if step not in FINAL:
+        say("update.failed", reason="internal error")
+        return 70
+    say(step, **{k: got[k] for k in STEPS[step] if k in got})
+    return {"update.installed": 0, "update.refused": rauc.UpdateError.exit_code}.get(step, 70)
 
 
 class _Progress:
@@ -226,9 +246,10 @@ class _Progress:
                 self.next += PROGRESS_EVERY
 
 
-def cmd_update_fetch(cfg: config.Config, url: str, sha256: str, reboot: bool) -> int:
+def cmd_update_fetch(cfg: config.Config, url: str, sha256: str, reboot: bool,
+                     cmd_id: str = "-") -> int:
     try:
-        return work(cfg, url, sha256, reboot)
+        return work(cfg, url, sha256, reboot, cmd_id)
     except ApplianceError as e:
         say("update.failed", reason="refused")
         log.error("update.worker_failed", error_type=type(e).__name__)

@@ -1,0 +1,165 @@
+"""The hand-off from the unprivileged daemon to the root install unit (docs/updates.md
+"Remote updates").
+
+The daemon (and so its `update-fetch` worker) runs as the `appliance` user under
+NoNewPrivileges; installing needs root (RAUC's D-Bus policy, /data/update/trial.json,
+`systemctl reboot`). So the worker, once the SHA-256 matched, moves the bundle into
+`<state_dir>/update-ready/` (inside the daemon's ReadWritePaths) and writes
+`request.json` there last; `appliance-update-install.path` (root) sees it and starts
+`appliance update-install`, which installs the bundle as `appliance update FILE` does
+(cli/update.install), writes `result.json` (the final step: installed, refused or
+failed, with version and slot or a reason class; never RAUC's text), removes the bundle
+and the request, and reboots through the update lock if the request asks. The worker
+waits for the result and prints it as its own step, so the daemon's Runner turns it into
+the same ops events as an install in process.
+
+The folder belongs to the appliance user, so the root side trusts nothing in it: the
+request is read with O_NOFOLLOW and a size cap and must name `<sha256>.raucb`, the
+bundle must be a regular file (RAUC's signature check is the real gate: a swapped file
+is refused by it), and the result is written as a new file renamed into place (a link
+planted under its name is replaced, never followed). A result the root side could not
+write, or a root side that never runs, leaves the worker waiting until its deadline and
+the Runner reports `update.failed` `timeout`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import stat
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from appliance.core import config, durable
+from appliance.core.errors import ApplianceError
+from appliance.update import fetch, rauc
+
+FOLDER = "update-ready"
+REQUEST = "request.json"
+RESULT = "result.json"
+RECORD_MAX = 4096
+POLL_S = 1.0
+WAIT_S = rauc.INSTALL_TIMEOUT_S + 600  # RAUC's hour, and the spool check before it
+
+
+def folder(cfg: config.Config) -> Path:
+    return cfg.appliance.state_dir / FOLDER
+
+
+def wanted() -> bool:
+    """Hand off unless this process may install itself (root: a developer's `make run`,
+    the tests). APPLIANCE_UPDATE_HANDOFF=1 forces the hand-off (tests only)."""
+    return os.geteuid() != 0 or os.environ.get("APPLIANCE_UPDATE_HANDOFF") == "1"
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    """A small JSON object, or None (missing, a link, too big, not JSON)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            return None
+        raw = f.read(RECORD_MAX + 1)
+    try:
+        d = json.loads(raw) if len(raw) <= RECORD_MAX else None
+    except ValueError:
+        return None
+    return d if isinstance(d, dict) else None
+
+
+# --- the worker's side (the appliance user) ---
+
+def hand_off(cfg: config.Config, bundle: Path, sha256: str, cmd_id: str, reboot: bool) -> Path:
+    """Move the checked bundle into the folder and write the request (last: the path
+    unit starts on it). Returns the folder."""
+    into = folder(cfg)
+    durable.make_dirs(into)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(into / RESULT)  # an answer to an earlier request
+    target = into / f"{sha256}.raucb"
+    try:
+        os.replace(bundle, target)  # the default download_dir is in the state dir too
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+        with bundle.open("rb") as src, durable.atomic_file(target, mode=0o644) as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        bundle.unlink()
+    durable.fsync_dir(bundle.parent)
+    record = {"sha256": sha256, "cmd_id": cmd_id, "reboot": reboot}
+    durable.atomic_write(into / REQUEST, json.dumps(record).encode(), mode=0o644)
+    return into
+
+
+def wait_result(cfg: config.Config, sha256: str, wait_s: float = WAIT_S,
+                sleep: Callable[[float], None] = time.sleep) -> dict[str, Any] | None:
+    """The root side's result for this bundle (removed once read); None at the deadline."""
+    path = folder(cfg) / RESULT
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        got = _read_record(path)
+        if got is not None and got.get("sha256") == sha256:
+            durable.unlink_durable(path)
+            return got
+        sleep(POLL_S)
+    return None
+
+
+# --- the root side (appliance-update-install.service) ---
+
+def take_request(into: Path) -> tuple[dict[str, Any], Path] | None:
+    """(request, bundle) if the folder holds a well-formed request for a regular file."""
+    req = _read_record(into / REQUEST)
+    if req is None or not fetch.valid_sha256(req.get("sha256")) or \
+            not isinstance(req.get("reboot"), bool):
+        return None
+    bundle = into / f"{req['sha256']}.raucb"
+    try:
+        if not stat.S_ISREG(bundle.lstat().st_mode):
+            return None
+    except OSError:
+        return None
+    return req, bundle
+
+
+def install(cfg: config.Config) -> tuple[dict[str, Any] | None, bool]:
+    """Install the handed-off bundle; (the result written, reboot wanted). The request
+    and the bundle are removed whatever happened, so the path unit does not start again."""
+    from appliance.cli import update as cli_update  # noqa: PLC0415 - cli imports us
+
+    into = folder(cfg)
+    if not (into / REQUEST).exists():
+        return None, False  # started by hand, or the request already answered
+    taken = take_request(into)
+    if taken is None:
+        result: dict[str, Any] = {"step": "update.failed", "reason": "bad request",
+                                  "sha256": (_read_record(into / REQUEST) or {}).get("sha256")}
+        reboot = False
+    else:
+        req, bundle = taken
+        reboot = req["reboot"]
+        result = {"sha256": req["sha256"], **_install_step(cli_update.install, cfg, bundle, reboot)}
+    durable.atomic_write(into / RESULT, json.dumps(result).encode(), mode=0o644)
+    for name in (REQUEST, *(p.name for p in into.glob("*.raucb"))):
+        with contextlib.suppress(OSError):
+            durable.unlink_durable(into / name)
+    return result, reboot and result["step"] == "update.installed"
+
+
+def _install_step(do_install: Callable[[config.Config, Path, str], str], cfg: config.Config,
+                  bundle: Path, reboot: bool) -> dict[str, Any]:
+    try:
+        version = str(rauc.info(bundle).get("version", ""))
+        slot = do_install(cfg, bundle, version)
+    except rauc.UpdateError:
+        return {"step": "update.refused", "reason": "rauc refused"}
+    except (ApplianceError, OSError) as e:
+        return {"step": "update.failed", "reason": "internal error", "error_type": type(e).__name__}
+    return {"step": "update.installed", "bundle_version": version, "slot": slot, "reboot": reboot}

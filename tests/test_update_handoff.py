@@ -1,0 +1,143 @@
+"""The hand-off of a remote update from the unprivileged worker to the root install unit
+(update/handoff.py; docs/updates.md "Remote updates").
+
+The command end to end in process as tests/test_update_remote.py runs it (a signed
+envelope, the Runner, the worker as a real subprocess, a real HTTPS server, the stand-in
+`rauc`), with the hand-off forced (APPLIANCE_UPDATE_HANDOFF=1: these tests run as root,
+where the worker would install itself), and the root side run as the path unit runs it:
+`appliance update-install`, started once the request appears. Under the real units
+(the daemon as the `appliance` user, the path unit as root) it is in
+tests/test_systemd_boot.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance.core import config
+from appliance.update import handoff
+from tests.bundle_server import BundleServer
+from tests.peers import base_config, cli, to_toml, wait_for
+from tests.test_update_remote import DATA, SHA, Center, fake_rauc, quick_retries  # noqa: F401
+
+
+class RootSide:
+    """What appliance-update-install.path does: run `appliance update-install` when the
+    request appears (once)."""
+
+    def __init__(self, center: Center) -> None:
+        self.center = center
+        self.request = handoff.folder(center.cfg) / handoff.REQUEST
+        self.ran: list[subprocess.CompletedProcess[str]] = []
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        wait_for(self.request.exists, 120, "the worker's request")
+        self.ran.append(cli("update-install", "--config", str(self.center.config_path), timeout=120))
+
+
+@pytest.fixture
+def box(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    rauc_dir = tmp_path / "bin"
+    monkeypatch.setenv("PATH", f"{rauc_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("APPLIANCE_UPDATE_TRIAL", str(tmp_path / "data" / "trial.json"))
+    monkeypatch.setenv("APPLIANCE_UPDATE_HANDOFF", "1")
+    made: list[Center] = []
+
+    def make(sources: list[str], refuse: bool = False, **extra: Any) -> Center:
+        fake_rauc(rauc_dir, refuse)
+        c = Center(tmp_path, sources, extra)
+        made.append(c)
+        return c
+    yield make, rauc_dir
+    for c in made:
+        if c.runner.running():
+            c.outcome()
+        c.seen.close()
+
+
+def test_handed_off_bundle_is_installed_by_the_root_command_and_reported_as_installed(
+        tmp_path: Path, box: Any) -> None:
+    make, rauc_dir = box
+    with BundleServer(tmp_path / "srv", DATA) as srv:
+        c = make([srv.url.rsplit("/", 1)[0] + "/"], ca=str(srv.ca))
+        root = RootSide(c)
+        res = c.send({"url": srv.url, "sha256": SHA, "reboot": False})
+        kind, fields = c.outcome()
+    assert (kind, fields) == ("update.installed", {"cmd_id": res["cmd_id"], "bundle_version": "2.0",
+                                                   "slot": "B", "reboot": False})
+    root.thread.join(30)
+    assert root.ran[0].returncode == 0, root.ran[0].stdout + root.ran[0].stderr
+    ready = handoff.folder(c.cfg)
+    assert f"install {ready / SHA}.raucb" in (rauc_dir / "args").read_text()
+    assert list(ready.iterdir()) == []  # bundle, request and result all gone
+    trial = json.loads((tmp_path / "data" / "trial.json").read_text())
+    assert (trial["slot"], trial["version"]) == ("B", "2.0")
+
+
+def test_handed_off_bundle_rauc_refuses_is_reported_as_refused_and_removed(
+        tmp_path: Path, box: Any) -> None:
+    make, _ = box
+    with BundleServer(tmp_path / "srv", DATA) as srv:
+        c = make([srv.url.rsplit("/", 1)[0] + "/"], refuse=True, ca=str(srv.ca))
+        RootSide(c)
+        c.send({"url": srv.url, "sha256": SHA, "reboot": False})
+        kind, fields = c.outcome()
+    assert (kind, fields["reason"]) == ("update.refused", "rauc refused")
+    assert list(handoff.folder(c.cfg).iterdir()) == []
+    assert not (tmp_path / "data" / "trial.json").exists()
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> config.Config:
+    path = tmp_path / "appliance.toml"
+    path.write_text(to_toml(base_config(tmp_path, 11112)))
+    return config.load(path)
+
+
+def test_a_request_for_a_bundle_that_is_a_link_is_not_installed(
+        tmp_path: Path, cfg: config.Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    rauc_dir = fake_rauc(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{rauc_dir}:{os.environ['PATH']}")
+    ready = handoff.folder(cfg)
+    ready.mkdir(parents=True)
+    (tmp_path / "elsewhere").write_bytes(DATA)
+    (ready / f"{SHA}.raucb").symlink_to(tmp_path / "elsewhere")
+    (ready / handoff.REQUEST).write_text(json.dumps({"sha256": SHA, "cmd_id": "c1", "reboot": False}))
+    result, reboot = handoff.install(cfg)
+    assert (result, reboot) == ({"step": "update.failed", "reason": "bad request", "sha256": SHA}, False)
+    assert not (rauc_dir / "args").exists()  # RAUC never asked
+    assert sorted(p.name for p in ready.iterdir()) == [handoff.RESULT]
+
+
+def test_the_result_replaces_a_link_planted_under_its_name_without_writing_through_it(
+        tmp_path: Path, cfg: config.Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    rauc_dir = fake_rauc(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{rauc_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("APPLIANCE_UPDATE_TRIAL", str(tmp_path / "data" / "trial.json"))
+    ready = handoff.folder(cfg)
+    ready.mkdir(parents=True)
+    victim = tmp_path / "victim"
+    victim.write_text("root's file\n")
+    (ready / handoff.RESULT).symlink_to(victim)
+    (ready / f"{SHA}.raucb").write_bytes(DATA)
+    (ready / handoff.REQUEST).write_text(json.dumps({"sha256": SHA, "cmd_id": "c1", "reboot": True}))
+    result, reboot = handoff.install(cfg)
+    assert result is not None and result["step"] == "update.installed" and reboot is True
+    assert victim.read_text() == "root's file\n"
+    assert not (ready / handoff.RESULT).is_symlink()
+    assert json.loads((ready / handoff.RESULT).read_text())["slot"] == "B"
+
+
+def test_update_install_without_a_request_does_nothing(tmp_path: Path, cfg: config.Config) -> None:
+    assert handoff.install(cfg) == (None, False)
+    assert not handoff.folder(cfg).exists()
