@@ -8,7 +8,8 @@ Three layers, each built from the one before:
 2. overlay layers over it (overlayfs, mounted in a private mount namespace, so the cache
    never changes and nothing stays mounted): one per test module with the appliance
    installed from a wheel of this checkout (`pip wheel` on the host, `pip install
-   --no-index` in the chroot) and the unit from `systemd/` (`install_layer`); one per
+   --no-index` in the chroot) and the units from `systemd/` (`install_layer`: the
+   daemon's, and the remote update's root path unit); one per
    booted container with a config in /etc/appliance, keys made by `appliance keys init`
    run as the `appliance` user, and the test's unit drop-ins (`boot_script`);
 3. the running container: `systemd-nspawn --register=no --keep-unit --private-network -b`
@@ -45,6 +46,9 @@ PACKAGES = ("systemd", "systemd-sysv", "dbus", "python3", "python3-venv")
 BUILD_SCRIPT = REPO / "tests" / "nspawn-rootfs.sh"
 CACHE = REPO / ".cache" / "nspawn"
 UNIT = REPO / "systemd" / "appliance.service"
+# the root side of a remote update (update/handoff.py): the path unit is enabled, as on the image
+INSTALL_UNITS = (REPO / "systemd" / "appliance-update-install.path",
+                 REPO / "systemd" / "appliance-update-install.service")
 CONFIG = Path("/etc/appliance/appliance.toml")
 VENV_BIN = Path("/opt/appliance/venv/bin")
 TOOLS = ("mmdebstrap", "systemd-nspawn", "nsenter")
@@ -184,7 +188,11 @@ def install_layer(cache: Path, layer: Path, wheel: Path) -> Path:
         f"install -m 0644 {shlex.quote(str(UNIT))} {root}/etc/systemd/system/appliance.service\n"
         f"mkdir -p {root}/etc/systemd/system/multi-user.target.wants\n"
         f"ln -s /etc/systemd/system/appliance.service"
-        f" {root}/etc/systemd/system/multi-user.target.wants/appliance.service\n")
+        f" {root}/etc/systemd/system/multi-user.target.wants/appliance.service\n"
+        + "".join(f"install -m 0644 {shlex.quote(str(u))} {root}/etc/systemd/system/{u.name}\n"
+                  for u in INSTALL_UNITS)
+        + f"ln -s /etc/systemd/system/{INSTALL_UNITS[0].name}"
+        f" {root}/etc/systemd/system/multi-user.target.wants/{INSTALL_UNITS[0].name}\n")
     subprocess.run(_private_mounts(script), check=True, timeout=600, capture_output=True, text=True)
     return upper
 

@@ -382,10 +382,10 @@ class NetnsBroker(Broker):
         return self.c.run_in_netns(sys.executable, "-c", probe, timeout=30).returncode == 0
 
 
-def enroll(c: Container, root: Path, ca: Path, port: int) -> None:
+def enroll(c: Container, root: Path, ca: Path, port: int, **extra: object) -> None:
     """The box joins the fleet as on site: [operations] in its config, `keys init` (as the
     service user) makes its MQTT key and CSR, the fleet CA signs it; then a restart."""
-    cfg = nspawn.site_config(operations={
+    cfg = nspawn.site_config(**extra, operations={
         "host": "127.0.0.1", "port": port, "ca": "/etc/appliance/ops/ca.pem",
         "cert": "/etc/appliance/keys/mqtt.pem", "key": "/etc/appliance/keys/mqtt.key",
         "heartbeat_s": 2, "keepalive_s": 5, "command_keys": ["/etc/appliance/ops/command.pub"],
@@ -448,3 +448,108 @@ def test_a_pushed_config_is_applied_in_remote_d_under_the_unit_and_a_bad_one_rol
             assert '"event": "config.rolled_back"' in c.journal()
         finally:
             broker.stop()
+
+
+# --- a remote update under the units (update/handoff.py; docs/updates.md "Remote updates") --
+
+SERVE = """
+import sys
+from pathlib import Path
+from tests.bundle_server import BundleServer
+srv = BundleServer(Path(sys.argv[1]), Path(sys.argv[2]).read_bytes()).__enter__()
+print(srv.port, flush=True)
+sys.stdin.read()
+"""
+
+
+def stand_in_rauc(c: Container, tmp: Path) -> Path:
+    """tests/test_update_remote.py's stand-in `rauc`, as /usr/local/bin/rauc in the container
+    (first on the root unit's PATH; only QEMU runs the real one); returns its folder there."""
+    from tests.test_update_remote import fake_rauc
+
+    made = fake_rauc(tmp / "rauc")
+    inside = c.path("/opt/fake-rauc")
+    inside.mkdir()
+    for f in made.iterdir():
+        (inside / f.name).write_text(f.read_text().replace(str(made), "/opt/fake-rauc"))
+    c.run("chmod", "0755", "/opt/fake-rauc/rauc", check=True)
+    c.run("ln", "-s", "/opt/fake-rauc/rauc", "/usr/local/bin/rauc", check=True)
+    return inside
+
+
+def test_an_update_command_is_fetched_by_the_daemon_user_and_installed_by_the_root_path_unit(
+        installed: tuple[Path, ...], tmp_path: Path) -> None:
+    from tests.test_update_remote import DATA, SHA
+
+    root = tmp_path / "fleet"
+    ca = fleet_ca(root / "ca")
+    cli("fleet", "keys", "init", str(root / "center"), check=True)
+    (tmp_path / "bundle").write_bytes(DATA)
+    clock = "[Service]\nEnvironment=APPLIANCE_CLOCK_SYNCED=1\n"
+    with nspawn.booted(installed, tmp_path / "box", nspawn.site_config(), {"test.conf": clock}) as c:
+        wait_active(c)
+        rauc = stand_in_rauc(c, tmp_path)
+        # the HTTPS server on the container's loopback, as the box's update source
+        srv = subprocess.Popen(["nsenter", "-t", str(c.leader), "-n", sys.executable, "-c", SERVE,
+                                str(tmp_path / "srv"), str(tmp_path / "bundle")],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=nspawn.REPO)
+        broker = NetnsBroker(root / "broker", ca, c).start()
+        try:
+            assert srv.stdout is not None
+            port = int(srv.stdout.readline())
+            url = f"https://127.0.0.1:{port}/updates/update.raucb"
+            shutil.copy(tmp_path / "srv" / "tls" / "ca.pem", c.path("/etc/appliance/update-ca.pem"))
+            c.run("chmod", "0644", "/etc/appliance/update-ca.pem", check=True)
+            enroll(c, root, ca, broker.port, update={
+                "sources": [f"https://127.0.0.1:{port}/updates/"], "ca": "/etc/appliance/update-ca.pem",
+                "deadline_s": 120})
+            r = c.run_in_netns(sys.executable, "-m", "appliance", "fleet", "send", BOX, "update",
+                               "--arg", f"url={url}", "--arg", f"sha256={SHA}", "--arg", "reboot=false",
+                               "--key", str(root / "center" / "command.key"), "--ca", str(ca),
+                               "--port", str(broker.port), "--timeout", "120", timeout=300)
+            res = json.loads(r.stdout) if r.stdout.strip() else {"stderr": r.stderr}
+            assert r.returncode == 0 and res.get("result") == {"accepted": True}, str(res) + c.journal()
+            event = wait_for(lambda: _update_outcome(c, res["cmd_id"], tmp_path / "outbox"), 240,
+                             "the update's outcome event", poll=1, detail=lambda: _update_detail(c))
+            assert (event["kind"], event["bundle_version"], event["slot"], event["reboot"]) == \
+                ("update.installed", "2.0", "B", False), event
+            # installed by the root unit from the folder the daemon's user filled
+            assert f"install /var/lib/appliance/update-ready/{SHA}.raucb" in (rauc / "args").read_text()
+            assert "handed-off update: update.installed" in c.journal("appliance-update-install.service")
+            assert _user_of(c, c.show("MainPID")["MainPID"]) == "appliance"
+            assert list(c.path("/var/lib/appliance/update-ready").iterdir()) == []
+            trial = json.loads(c.path("/data/update/trial.json").read_text())
+            assert (trial["slot"], trial["version"]) == ("B", "2.0")
+        finally:
+            broker.stop()
+            srv.terminate()
+            srv.communicate(timeout=30)  # and its pipes closed
+
+
+def _update_detail(c: Container) -> str:
+    return "\n".join((c.journal(), c.journal("appliance-update-install.service"),
+                      c.run("ls", "-la", "/var/lib/appliance/update-ready").stdout,
+                      c.run("cat", "/var/lib/appliance/update-ready/result.json").stdout))
+
+
+def _update_outcome(c: Container, cmd_id: str, tmp: Path) -> dict[str, Any] | None:
+    """The final update.* event for `cmd_id` in the daemon's outbox of ops events (what the
+    link sends the center), read from a copy: SQLite resolves /proc/PID/root to the host's /."""
+    import sqlite3
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for name in ("outbox.db", "outbox.db-wal"):
+        if c.path(f"/var/lib/appliance/ops/{name}").exists():
+            shutil.copy(c.path(f"/var/lib/appliance/ops/{name}"), tmp / name)
+    if not (tmp / "outbox.db").exists():
+        return None
+    db = sqlite3.connect(tmp / "outbox.db")
+    try:
+        events = [json.loads(b) for (b,) in db.execute("SELECT body FROM events ORDER BY seq")]
+    except sqlite3.Error:  # copied mid-write: read again
+        return None
+    finally:
+        db.close()
+    return next((e for e in events if e.get("cmd_id") == cmd_id and e["kind"] in
+                 ("update.installed", "update.refused", "update.failed")), None)

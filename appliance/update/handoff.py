@@ -146,7 +146,9 @@ def install(cfg: config.Config) -> tuple[dict[str, Any] | None, bool]:
         req, bundle = taken
         reboot = req["reboot"]
         result = {"sha256": req["sha256"], **_install_step(cli_update.install, cfg, bundle, reboot)}
-    durable.atomic_write(into / RESULT, json.dumps(result).encode(), mode=0o644)
+    with durable.atomic_file(into / RESULT) as f:
+        f.write(json.dumps(result).encode())
+        os.fchmod(f.fileno(), 0o644)  # root's file, read by the appliance user: whatever the umask
     for name in (REQUEST, *(p.name for p in into.glob("*.raucb"))):
         with contextlib.suppress(OSError):
             durable.unlink_durable(into / name)
