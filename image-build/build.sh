@@ -68,10 +68,12 @@ root=$work/root
 cp -a "$base" "$root"
 tar -C "$here/overlay" --owner=0 --group=0 -c . | tar -C "$root" -x
 install -m 0644 "$repo/systemd/appliance.service" "$root/usr/lib/systemd/system/"
+install -m 0644 "$repo"/systemd/appliance-update-install.{path,service} "$root/usr/lib/systemd/system/"  # remote updates, root side (update/handoff.py)
 install -D -m 0644 "$repo/README.md" "$root/opt/appliance/README.md"  # the unit's Documentation=
 systemd-sysusers --root="$root"
 systemctl --root="$root" enable appliance.service appliance-keys.service appliance-identity.service \
   systemd-networkd.service chrony.service appliance-update-gate.service
+systemctl --root="$root" enable appliance-update-install.path
 # Timers that would fetch packages or write to the read-only root.
 systemctl --root="$root" mask apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.timer
 cp -r "$work/wheelhouse" "$root/opt/wheelhouse"
@@ -104,6 +106,7 @@ done
 # Root by necessity (mount(8)), so not held to 2.0: verified only.
 said=$(systemd-analyze verify --root="$root" appliance-config-media@boot.service 2>&1)
 [ -z "$said" ] || { echo "$said"; echo "systemd-analyze verify: appliance-config-media@boot.service" >&2; exit 1; }
+said=$(systemd-analyze verify --root="$root" appliance-update-install.path appliance-update-install.service 2>&1); [ -z "$said" ] || { echo "$said"; echo "systemd-analyze verify: appliance-update-install" >&2; exit 1; }  # root by necessity (RAUC, reboot)
 bash "$here/steps/vpn.sh" "$root"  # the WireGuard VPN (docs/vpn.md)
 # Mount points: the read-only root cannot make them at boot.
 mkdir -p "$root/var/lib/appliance"
