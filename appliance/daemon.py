@@ -37,6 +37,7 @@ import structlog
 
 from appliance import __version__
 from appliance.audit import AuditTrail
+from appliance.audit import repository as audit_repository
 from appliance.audit.trail import destination as audit_destination
 from appliance.core import crypto, durable, hardening
 from appliance.core import log as applog
@@ -204,6 +205,7 @@ class Daemon:
         self._untap_metrics: Callable[[], None] = lambda: None
         self.recent = ops_diagnostics.Recent()  # the last log events, for diagnostics
         self._untap_recent: Callable[[], None] = lambda: None
+        self.audit_sender: audit_repository.Sender | None = None
 
     def run(self) -> int:
         cfg = self.cfg
@@ -213,6 +215,10 @@ class Daemon:
         lock_fd = lock_state_dir(cfg.appliance.state_dir)
         key = crypto.load_spool_key(cfg.spool.key_file)
         self.audit = audit_trail(cfg, key)
+        if cfg.audit.syslog_host:  # the hospital's audit repository (audit/repository.py)
+            self.audit_sender = audit_repository.Sender(cfg.audit, self.audit.dir, key.audit_key(),
+                                                        cfg.appliance.name)
+            self.audit.on_write = self.audit_sender.wake
         index = open_index(cfg.appliance.state_dir)
         self.spool = spool = Spool(
             cfg.appliance.state_dir, key, index, cfg.spool.reserve_free_mb << 20,
@@ -299,6 +305,8 @@ class Daemon:
                 log.info("listening", host=host, port=port, tls=tls, ae_title=cfg.receive.ae_title)
             for w in workers:
                 w.start()
+            if self.audit_sender is not None:
+                self.audit_sender.start()
             self._start_link()
             if self.desired is not None:
                 desired.report(self.main_file)  # a rollback at this start, as an ops event
@@ -332,6 +340,8 @@ class Daemon:
             self._stop_metrics()
             index.close()
             self.audit.application(started=False)
+            if self.audit_sender is not None:
+                self.audit_sender.stop()  # sends what is waiting if it is connected, briefly
             self._untap_recent()
             os.close(lock_fd)
             log.info("appliance.stopped")
@@ -584,6 +594,8 @@ class Daemon:
                         "parked": self.queue.parked_count()},
             "stages": self.supervisor.snapshot(),
             "problems": self.supervisor.problems(),
+            "audit": {"written": self.audit.written, "failed": self.audit.failed,
+                      "repository": self.audit_sender.status() if self.audit_sender else None},
             **({"ops": {**self.link.status(), "last_command": self.commands.last if self.commands else None},
                 "config": desired.status(self.main_file)}
                if self.link is not None else {}),

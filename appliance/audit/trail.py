@@ -21,13 +21,14 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime
+import fcntl
 import json
 import os
 import sqlite3
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import structlog
@@ -41,6 +42,7 @@ from appliance.core.config import Destination
 log = structlog.get_logger("appliance.audit")
 
 FILE = "audit.log"
+LOCK = ".lock"  # flock'ed around each write: the daemon and the CLI (keys, updates) both write
 AAD = b"appliance audit record v1"
 
 
@@ -58,6 +60,7 @@ class AuditTrail:
         self.written = 0
         self.failed = 0
         self._lock = threading.Lock()
+        self.on_write: Callable[[], None] = lambda: None  # the repository sender's wake
         durable.make_dirs(self.dir)
         os.chmod(self.dir, 0o700)
         self._studies = _Studies(self.dir / "studies.db", key)
@@ -151,17 +154,22 @@ class AuditTrail:
         line = base64.b64encode(crypto.seal_record(self.key, AAD, message)) + b"\n"
         with self._lock:
             try:
-                self._rotate_for(len(line))
-                with open(self.path, "ab", opener=_private) as f:
-                    os.fchmod(f.fileno(), 0o600)
-                    f.write(line)
-                    durable.fsync_file(f)
+                with open(self.dir / LOCK, "ab", opener=_private) as lock:
+                    _own(lock.fileno(), self.dir)
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                    self._rotate_for(len(line))
+                    with open(self.path, "ab", buffering=0, opener=_private) as f:
+                        os.fchmod(f.fileno(), 0o600)
+                        _own(f.fileno(), self.dir)
+                        f.write(line)  # unbuffered: one write(2) of the whole line
+                        durable.fsync_file(f)
             except OSError as e:
                 self.failed += 1
                 log.error("audit.write_failed", errno=e.errno, failed=self.failed)
                 return False
             self.written += 1
-            return True
+        self.on_write()
+        return True
 
     def _rotate_for(self, n: int) -> None:
         try:
@@ -187,10 +195,15 @@ def read(path: Path, key: bytes) -> Iterator[bytes | None]:
     (altered, truncated by a crash, or sealed under another key)."""
     with path.open("rb") as f:
         for line in f:
-            try:
-                yield crypto.open_record(key, AAD, base64.b64decode(line.strip(), validate=True))
-            except (InvalidTag, ValueError):
-                yield None
+            yield open_line(line, key)
+
+
+def open_line(line: bytes, key: bytes) -> bytes | None:
+    """One line of an audit file opened; None if it does not open."""
+    try:
+        return crypto.open_record(key, AAD, base64.b64decode(line.strip(), validate=True))
+    except (InvalidTag, ValueError):
+        return None
 
 
 class _Studies:
@@ -245,6 +258,15 @@ class _Studies:
 
 def _private(path: str, flags: int) -> int:
     return os.open(path, flags | os.O_CLOEXEC, 0o600)
+
+
+def _own(fd: int, directory: Path) -> None:
+    """A file root made (`appliance update` and its gate write the trail too) goes to the
+    directory's owner, the appliance user, who must go on writing and rotating it."""
+    if os.geteuid() == 0:
+        d = directory.stat()
+        if os.fstat(fd).st_uid != d.st_uid:
+            os.fchown(fd, d.st_uid, d.st_gid)
 
 
 def destination(d: Destination) -> Participant:
