@@ -289,8 +289,10 @@ def _closed_by_peer(sock: ssl.SSLSocket) -> bool:
 class Sender:
     """Sends the trail in `directory` (sealed under `key`) to the repository of `cfg`."""
 
-    def __init__(self, cfg: Audit, directory: Path, key: bytes, hostname: str) -> None:
+    def __init__(self, cfg: Audit, directory: Path, key: bytes, hostname: str,
+                 backoff_max_s: float = BACKOFF_MAX_S) -> None:
         self.cfg = cfg
+        self.backoff_max_s = backoff_max_s
         self.host = cfg.syslog_host
         self.port = cfg.syslog_port
         self.hostname = hostname
@@ -342,16 +344,15 @@ class Sender:
             except Exception as e:  # noqa: BLE001 - the thread must go on; the class is logged
                 self._failed(e)
                 progressed = False
-            if not progressed:
-                self._wake.wait(self._pause())
+            if self.last_error is not None and not self.connected:
+                self._stop.wait(self._backoff)  # new messages do not shorten a back-off
+            elif not progressed:
+                self._wake.wait(POLL_S)
                 self._wake.clear()
         if self.connected:  # at a stop: what is waiting (the stop's own message), one batch
             with contextlib.suppress(Exception):
                 self.step()
         log.info("audit.repository_stopped", sent=self.sent, waiting=self.waiting)
-
-    def _pause(self) -> float:
-        return self._backoff if self.last_error is not None and not self.connected else POLL_S
 
     def step(self) -> bool:
         """Send one batch; True if something was sent (more may wait)."""
@@ -399,7 +400,7 @@ class Sender:
                         reason=reason, waiting=self.waiting)
         self.last_error, self.last_error_reason, self.last_error_at = cls, reason, time.time()
         self._close()
-        self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)
+        self._backoff = min(self._backoff * 2, self.backoff_max_s)
 
     def _close(self, graceful: bool = False) -> None:
         self.connected = False

@@ -1,0 +1,283 @@
+"""The audit trail sent to the hospital's audit record repository (audit/repository.py):
+RFC 5425 framing of the RFC 5424 message (pure), the cursor over the rotating sealed trail
+(files only), the [audit] syslog keys, and a real rsyslog with TLS (tests/rsyslog.py):
+the daemon's messages of a DCMTK association, a repository down at first, a restart, and
+a certificate that names another host."""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance.audit import AuditTrail, messages
+from appliance.audit.messages import Participant
+from appliance.audit.repository import BOM, Cursor, Sender, frame
+from appliance.audit.trail import read
+from appliance.core import config
+from appliance.core.config import Audit
+from appliance.core.errors import ConfigError
+from tests import rsyslog
+from tests.peers import SAMPLES, storescu, to_toml, wait_for
+
+KEY = bytes(range(32))
+CT_DIR = SAMPLES / "series" / "CT_Philips_Ingenuity_phantom_28sl"
+needs_rsyslog = pytest.mark.skipif(not rsyslog.available(), reason="rsyslog + rsyslog-gnutls: make peers")
+
+
+def trail(tmp_path: Path, **kw: Any) -> AuditTrail:
+    return AuditTrail(tmp_path / "audit", "box-1", "EDGE", KEY, **kw)
+
+
+def alert(t: AuditTrail, n: int, ok: bool = True) -> bool:
+    """A distinguishable message: an operator command on target `n`."""
+    return t.command("root", "hold", f"item-{n}", ok, "x")
+
+
+def target(message: bytes) -> str:
+    m = ET.fromstring(message)  # noqa: S314 - our own output
+    return m.findall("ParticipantObjectIdentification")[0].get("ParticipantObjectID", "")
+
+
+# --- the message on the wire (pure) ----------------------------------------------------
+
+
+def test_a_frame_is_octet_counted_with_the_atna_syslog_header() -> None:
+    raw = messages.application_activity(True, Participant("box-1", False), _when(), "box-1")
+    out = frame(raw, "box-1", "42")
+    length, _, rest = out.partition(b" ")
+    assert int(length) == len(rest)
+    header, _, msg = rest.partition(BOM)
+    assert msg == raw
+    assert header == b"<85>1 2026-12-07T05:30:00.000Z box-1 appliance 42 IHE+RFC-3881 - "
+
+
+def test_a_failed_event_is_sent_as_a_warning() -> None:
+    who = Participant("10.0.0.9", True, None, "ROGUE", "10.0.0.9")
+    raw = messages.security_alert(messages.DCM.NodeAuthentication, who, who, messages.MINOR_FAILURE,
+                                  "refused", "dicom:EDGE", _when(), "box-1")
+    assert frame(raw, "box-1").split(b" ", 2)[1].startswith(b"<84>1")  # facility 10, severity 4
+
+
+def test_a_header_field_holds_no_space_or_control_character() -> None:
+    raw = messages.application_activity(True, Participant("b", False), _when(), "b")
+    assert b" my_box\x01 " not in frame(raw, "my box\x01")
+    assert b" my_box_ appliance " in frame(raw, "my box\x01")
+
+
+def _when() -> Any:
+    import datetime
+    return datetime.datetime(2026, 12, 7, 5, 30, tzinfo=datetime.UTC)
+
+
+# --- the cursor over the trail (files) ---------------------------------------------------
+
+
+def drain(c: Cursor) -> list[bytes]:
+    got = []
+    while batch := c.read(7):
+        for message, after in batch:
+            got.append(message)
+            c.advance(after)
+    return got
+
+
+def test_the_cursor_reads_across_rotations_in_order_and_resumes_after_a_restart(tmp_path: Path) -> None:
+    t = trail(tmp_path, max_bytes=3000, files=50)
+    for n in range(30):
+        assert alert(t, n)
+    c = Cursor(t.dir, KEY)
+    assert len(list(t.dir.glob("audit.log.*"))) >= 3  # it did rotate
+    assert [target(m) for m in drain(c)] == [f"appliance:queue/item-{n}" for n in range(30)]
+    c.save()
+    for n in range(30, 45):
+        assert alert(t, n)  # rotates again under the saved cursor
+    again = Cursor(t.dir, KEY)  # a restart
+    assert [target(m) for m in drain(again)] == [f"appliance:queue/item-{n}" for n in range(30, 45)]
+    assert again.waiting() == 0 and again.gaps == 0
+
+
+def test_a_cursor_whose_file_was_rotated_away_restarts_at_the_oldest_and_counts_a_gap(tmp_path: Path) -> None:
+    t = trail(tmp_path, max_bytes=3000, files=2)
+    assert alert(t, 0)
+    c = Cursor(t.dir, KEY)
+    [(_, after)] = c.read(1)
+    c.advance(after)
+    for n in range(1, 40):
+        assert alert(t, n)  # the first file is long gone
+    got = [target(m) for m in drain(c)]
+    assert c.gaps == 1
+    kept = [target(m) for p in (t.dir / "audit.log.1", t.dir / "audit.log") for m in read(p, KEY) if m]
+    assert got == kept and got[-1] == "appliance:queue/item-39"
+
+
+def test_an_unreadable_line_is_passed_over_and_counted(tmp_path: Path) -> None:
+    t = trail(tmp_path)
+    for n in range(3):
+        assert alert(t, n)
+    lines = t.path.read_bytes().splitlines(keepends=True)
+    t.path.write_bytes(lines[0] + b"Zm9v\n" + b"".join(lines[1:]))
+    c = Cursor(t.dir, KEY)
+    assert [target(m) for m in drain(c)] == [f"appliance:queue/item-{n}" for n in range(3)]
+    assert c.unreadable == 1
+
+
+# --- the configuration ----------------------------------------------------------------------
+
+
+def audit_problems(**audit: Any) -> list[str]:
+    with pytest.raises(ConfigError) as e:
+        config.parse({"receive": {"callers": [{"ae_title": "CT"}]}, "audit": audit}, {}, Path("/etc/a.toml"))
+    return [p.removeprefix("/etc/a.toml: ") for p in e.value.problems]
+
+
+def test_a_repository_needs_its_ca() -> None:
+    [p] = audit_problems(syslog_host="audit.hospital.example")
+    assert p.startswith("audit.syslog_ca") and "required" in p
+
+
+def test_a_client_certificate_needs_its_key() -> None:
+    [p] = audit_problems(syslog_host="audit.hospital.example", syslog_ca="ca.pem", syslog_cert="c.pem")
+    assert p.startswith("audit.syslog_key")
+
+
+def test_the_syslog_host_and_port_are_checked() -> None:
+    ps = audit_problems(syslog_host="bad host/", syslog_ca="ca.pem", syslog_port=0)
+    assert [p.split(":")[0] for p in sorted(ps)] == ["audit.syslog_host", "audit.syslog_port"]
+
+
+def test_no_host_no_repository() -> None:
+    cfg = config.parse({"receive": {"callers": [{"ae_title": "CT"}]}}, {}, Path("/etc/a.toml"))
+    assert cfg.audit.syslog_host == "" and cfg.audit.syslog_port == 6514
+
+
+# --- a real rsyslog over TLS -----------------------------------------------------------------
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> rsyslog.Pki:
+    return rsyslog.make_pki(tmp_path / "pki")
+
+
+@pytest.fixture
+def repository(tmp_path: Path, pki: rsyslog.Pki) -> Iterator[rsyslog.Rsyslog]:
+    r = rsyslog.Rsyslog(tmp_path / "rsyslog", pki)
+    yield r
+    r.stop()
+
+
+def sender(t: AuditTrail, r: rsyslog.Rsyslog, ca: Path, host: str = "127.0.0.1") -> Sender:
+    s = Sender(Audit(syslog_host=host, syslog_port=r.port, syslog_ca=ca), t.dir, KEY, "box-1",
+               backoff_max_s=2.0)  # the daemon's is 60 s
+    t.on_write = s.wake
+    return s
+
+
+@needs_rsyslog
+def test_a_repository_down_at_first_gets_everything_later_in_order_once(
+        tmp_path: Path, pki: rsyslog.Pki, repository: rsyslog.Rsyslog) -> None:
+    t = trail(tmp_path)
+    s = sender(t, repository, pki.ca)
+    s.start()
+    try:
+        for n in range(40):
+            assert alert(t, n)
+        wait_for(lambda: s.last_error == "refused" and s.waiting == 40, 30, "refused, all waiting",
+                 detail=lambda: str(s.status()))
+        repository.start()
+        wait_for(lambda: len(repository.messages()) >= 40 and s.waiting == 0, 30, "all 40 received",
+                 detail=lambda: f"{s.status()}\n{repository.log_text()}")
+        for n in range(40, 45):
+            assert alert(t, n)
+        wait_for(lambda: len(repository.messages()) >= 45, 30, "the later ones too")
+    finally:
+        s.stop()
+    got = [target(m.msg) for m in repository.messages()]
+    assert got == [f"appliance:queue/item-{n}" for n in range(45)]  # in order, none twice
+    assert s.status()["sent"] == 45 and s.status()["connected"] is False
+
+
+@needs_rsyslog
+def test_a_restart_resends_nothing_already_sent(tmp_path: Path, pki: rsyslog.Pki,
+                                                repository: rsyslog.Rsyslog) -> None:
+    t = trail(tmp_path)
+    repository.start()
+    for n in range(10):
+        assert alert(t, n)
+    first = sender(t, repository, pki.ca)
+    first.start()
+    wait_for(lambda: len(repository.messages()) >= 10, 30, "the first ten")
+    first.stop()
+    for n in range(10, 15):
+        assert alert(t, n)  # written while no sender runs
+    second = sender(t, repository, pki.ca)  # the next start of the daemon
+    second.start()
+    try:
+        wait_for(lambda: len(repository.messages()) >= 15, 30, "the next five")
+    finally:
+        second.stop()
+    assert [target(m.msg) for m in repository.messages()] == [f"appliance:queue/item-{n}" for n in range(15)]
+    assert second.sent == 5
+
+
+@needs_rsyslog
+def test_a_repository_whose_certificate_names_another_host_is_refused_and_says_so(
+        tmp_path: Path, repository: rsyslog.Rsyslog) -> None:
+    wrong = rsyslog.make_pki(tmp_path / "wrong", names=("audit.elsewhere.example",))
+    r = rsyslog.Rsyslog(tmp_path / "rsyslog-wrong", wrong)
+    r.start()
+    t = trail(tmp_path)
+    assert alert(t, 0)
+    s = sender(t, r, wrong.ca)
+    s.start()
+    try:
+        wait_for(lambda: s.last_error is not None, 30, "the handshake refused")
+    finally:
+        s.stop()
+        r.stop()
+    assert s.last_error == "certificate"
+    assert re.search(r"mismatch.*127\.0\.0\.1", s.last_error_reason or ""), s.last_error_reason
+    assert r.messages() == [] and s.sent == 0 and s.waiting == 1
+
+
+@needs_rsyslog
+@pytest.mark.peers
+def test_the_daemon_sends_its_trail_of_a_dcmtk_association_to_rsyslog(
+        appliance_factory, tmp_path: Path, pki: rsyslog.Pki,  # type: ignore[no-untyped-def]
+        repository: rsyslog.Rsyslog) -> None:
+    repository.start()
+    app = appliance_factory(start=False)
+    app.cfg["audit"] = {"syslog_host": "127.0.0.1", "syslog_port": repository.port, "syslog_ca": str(pki.ca)}
+    app.config_path.write_text(to_toml(app.cfg))
+    app.start()
+    files = sorted(CT_DIR.iterdir())[:2]
+    assert storescu(app.port, files).returncode == 0
+    local = app.state_dir / "audit" / "audit.log"
+
+    def trail_messages() -> list[bytes]:
+        return [m for m in read(local, _audit_key(app)) if m is not None]
+    wait_for(lambda: any(b'csd-code="110104"' in m for m in trail_messages()), 30, "the store audited")
+    wait_for(lambda: len(repository.messages()) >= len(trail_messages()), 30, "the trail received",
+             detail=lambda: f"{app.status().get('audit')}\n{repository.log_text()}")
+    got = repository.messages()
+    assert [m.msg for m in got] == trail_messages()[:len(got)]  # the ATNA XML of the trail, in order
+    assert {(m.pri, m.msgid, m.app, m.hostname) for m in got} == {(85, "IHE+RFC-3881", "appliance",
+                                                                    "test-appliance")}
+    status = app.status()["audit"]["repository"]
+    assert status["connected"] is True and status["sent"] == len(got) and status["last_error"] is None
+    patient = _patient_id(files[0])
+    assert patient not in app.log_text()
+
+
+def _audit_key(app: Any) -> bytes:
+    from appliance.core import crypto
+    return crypto.load_spool_key(Path(app.cfg["spool"]["key_file"])).audit_key()
+
+
+def _patient_id(path: Path) -> str:
+    import pydicom
+    return str(pydicom.dcmread(path, stop_before_pixels=True).PatientID)
