@@ -39,6 +39,7 @@ from appliance import __version__
 from appliance.audit import AuditTrail
 from appliance.audit import repository as audit_repository
 from appliance.audit.trail import destination as audit_destination
+from appliance.audit.trail import for_config as audit_for_config
 from appliance.core import crypto, durable, hardening
 from appliance.core import log as applog
 from appliance.core import pynetdicom_compat as compat
@@ -149,9 +150,7 @@ def state_lock(state_dir: Path) -> Iterator[None]:
 def audit_trail(cfg: Config, key: crypto.SpoolKey | None = None) -> AuditTrail:
     """The appliance's audit trail (appliance.audit), in STATE/audit/, sealed under the
     audit key derived from the spool key (loaded here unless given)."""
-    key = key or crypto.load_spool_key(cfg.spool.key_file)
-    return AuditTrail(cfg.appliance.state_dir / "audit", cfg.appliance.name, cfg.receive.ae_title,
-                      key.audit_key(), cfg.audit.max_mb << 20, cfg.audit.files)
+    return audit_for_config(cfg, key)
 
 
 class ForwardAudit:
