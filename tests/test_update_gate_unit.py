@@ -176,6 +176,7 @@ def test_an_install_is_audited_when_it_starts_and_when_it_fails(
     with pytest.raises(rauc.UpdateError):
         cli_update.cmd_update(args)
     events = update_events(cfg)
-    assert [(o, s) for o, s, _ in events] == [("0", "appliance:update/install"), ("8", "appliance:update/install")]
+    assert [(o, s) for o, s, _ in events] == [("0", "appliance:update/install"),
+                                              ("8", "appliance:update/install")]
     assert "version 2.1 from update.raucb started" in events[0][2]
     assert "signature verification failed" in events[1][2]
