@@ -92,7 +92,12 @@ def test_the_cursor_reads_across_rotations_in_order_and_resumes_after_a_restart(
         assert alert(t, n)
     c = Cursor(t.dir, KEY)
     assert len(list(t.dir.glob("audit.log.*"))) >= 3  # it did rotate
-    assert [target(m) for m in drain(c)] == [f"appliance:queue/item-{n}" for n in range(30)]
+    assert c.waiting() == 30
+    for _, after in c.read(13):
+        c.advance(after)
+    assert c.waiting() == 17
+    assert [target(m) for m in drain(c)] == [f"appliance:queue/item-{n}" for n in range(13, 30)]
+    assert c.waiting() == 0
     c.save()
     for n in range(30, 45):
         assert alert(t, n)  # rotates again under the saved cursor
@@ -281,3 +286,42 @@ def _audit_key(app: Any) -> bytes:
 def _patient_id(path: Path) -> str:
     import pydicom
     return str(pydicom.dcmread(path, stop_before_pixels=True).PatientID)
+
+
+# --- status, metrics, config check ----------------------------------------------------------
+
+
+def test_the_repository_counters_are_metrics() -> None:
+    from appliance.health import metrics
+
+    snap = {"audit": {"written": 7, "failed": 1,
+                      "repository": {"sent": 5, "waiting": 2, "connected": False}}}
+    certs = metrics.Certificates({}, lambda paths: {})
+    c = metrics.DaemonCollector(lambda: snap, lambda: {}, metrics.Tally([]), certs, [], [])
+    got = {s.name: s.value for fam in c.collect() for s in fam.samples
+           if s.name.startswith("appliance_audit")}
+    assert got == {"appliance_audit_messages_written_total": 7, "appliance_audit_write_failures_total": 1,
+                   "appliance_audit_repository_sent_total": 5, "appliance_audit_repository_waiting": 2,
+                   "appliance_audit_repository_connected": 0}
+
+
+def test_status_says_why_the_repository_is_not_connected() -> None:
+    from appliance.cli.status import audit_line
+
+    line = audit_line({"host": "audit.example", "port": 6514, "connected": False, "sent": 3,
+                       "waiting": 12, "gaps": 0, "last_error": "certificate",
+                       "last_error_reason": "Hostname mismatch"})
+    assert line == ("audit repo     audit.example:6514 not connected, 3 sent, 12 waiting;"
+                    " last error certificate: Hostname mismatch")
+
+
+def test_config_check_names_a_missing_syslog_ca(tmp_path: Path) -> None:
+    from tests.peers import base_config, cli, free_port
+
+    cfg = base_config(tmp_path, free_port())
+    cfg["audit"] = {"syslog_host": "audit.example", "syslog_ca": str(tmp_path / "nowhere.pem")}
+    path = tmp_path / "appliance.toml"
+    path.write_text(to_toml(cfg))
+    cli("keys", "init", "--config", str(path), check=True)
+    r = cli("config", "check", "--config", str(path))
+    assert r.returncode != 0 and "audit.syslog_ca" in r.stderr and "nowhere.pem" in r.stderr

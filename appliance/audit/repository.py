@@ -123,6 +123,11 @@ class Cursor:
         self.gaps = 0  # times the place was rotated away before it was sent
         self.unreadable = 0  # lines that did not open (a crash cut them): skipped
         self.position = self._load()
+        self._saved = self.position
+        # name -> (bytes counted, lines in them): `waiting` counts each byte about twice
+        # in its life, not at each call (the files only grow, and rotated ones not at all)
+        self._total: dict[str, tuple[int, int]] = {}
+        self._before: dict[str, tuple[int, int]] = {}
 
     def _load(self) -> Position | None:
         try:
@@ -135,10 +140,11 @@ class Cursor:
             return None
 
     def save(self) -> None:
-        if self.position is None:
+        if self.position is None or self.position == self._saved:
             return
         data = json.dumps({"file": self.position.file, "offset": self.position.offset})
         durable.atomic_write(self.path, data.encode(), mode=0o600)
+        self._saved = self.position
 
     def files(self) -> list[tuple[str, Path]]:
         """The trail's files, oldest first, each with its name (first line's digest);
@@ -216,18 +222,37 @@ class Cursor:
         self.position = to
 
     def waiting(self) -> int:
-        """Messages after the cursor (lines; counted, not opened)."""
+        """Messages after the cursor (whole lines; counted, not opened)."""
         files = self.files()
         i = self._start(files)
-        offset = self.position.offset if self.position is not None else 0
+        names = {name for name, _ in files}
+        for cache in (self._total, self._before):
+            for gone in set(cache) - names:
+                del cache[gone]
         n = 0
-        for _, path in files[i:]:
-            with contextlib.suppress(FileNotFoundError), path.open("rb") as f:
-                f.seek(offset)
-                while chunk := f.read(1 << 20):
-                    n += chunk.count(b"\n")
-            offset = 0
-        return n
+        try:
+            for name, path in files[i:]:
+                n += _count(self._total, name, path, path.stat().st_size)
+            if self.position is not None and files and files[i][0] == self.position.file:
+                n -= _count(self._before, files[i][0], files[i][1], self.position.offset)
+        except FileNotFoundError:  # rotated while counted: the next count is right
+            pass
+        return max(n, 0)
+
+
+def _count(cache: dict[str, tuple[int, int]], name: str, path: Path, upto: int) -> int:
+    """Newlines in the first `upto` bytes of `path`, counting on from what `cache` has."""
+    done, lines = cache.get(name, (0, 0))
+    if upto < done:
+        done, lines = 0, 0
+    if upto > done:
+        with path.open("rb") as f:
+            f.seek(done)
+            while done < upto and (chunk := f.read(min(1 << 20, upto - done))):
+                lines += chunk.count(b"\n")
+                done += len(chunk)
+    cache[name] = (done, lines)
+    return lines
 
 
 # --- the connection ----------------------------------------------------------------------
