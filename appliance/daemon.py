@@ -215,8 +215,10 @@ class Daemon:
         key = crypto.load_spool_key(cfg.spool.key_file)
         self.audit = audit_trail(cfg, key)
         if cfg.audit.syslog_host:  # the hospital's audit repository (audit/repository.py)
-            self.audit_sender = audit_repository.Sender(cfg.audit, self.audit.dir, key.audit_key(),
-                                                        cfg.appliance.name)
+            stage = self.supervisor.stage("audit", 2 * audit_repository.TIMEOUT_S + cfg.health.stall_s,
+                                          alive=lambda: sender.alive())
+            self.audit_sender = sender = audit_repository.Sender(
+                cfg.audit, self.audit.dir, key.audit_key(), cfg.appliance.name, stage=stage)
             self.audit.on_write = self.audit_sender.wake
         index = open_index(cfg.appliance.state_dir)
         self.spool = spool = Spool(

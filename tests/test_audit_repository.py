@@ -249,6 +249,33 @@ def test_a_repository_whose_certificate_names_another_host_is_refused_and_says_s
     assert r.messages() == [] and s.sent == 0 and s.waiting == 1
 
 
+def test_a_repository_that_never_answers_times_out_and_writes_do_not_wait_for_it(tmp_path: Path) -> None:
+    import socket
+    import time
+
+    with socket.socket() as mute:  # accepts connections (the backlog) and never says a word
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(8)
+        t = trail(tmp_path)
+        s = Sender(Audit(syslog_host="127.0.0.1", syslog_port=mute.getsockname()[1],
+                         syslog_ca=rsyslog.make_pki(tmp_path / "pki").ca), t.dir, KEY, "box-1",
+                   backoff_max_s=1.0, timeout_s=1.0)
+        t.on_write = s.wake
+        s.start()
+        try:
+            slowest = 0.0
+            for n in range(20):
+                started = time.monotonic()
+                assert alert(t, n)
+                slowest = max(slowest, time.monotonic() - started)
+            wait_for(lambda: s.last_error == "timeout", 20, "the handshake timed out",
+                     detail=lambda: str(s.status()))
+        finally:
+            s.stop()
+    assert slowest < 0.5, slowest  # an fsync'ed append, never the repository's silence
+    assert s.sent == 0 and s.status()["last_error_reason"] == "no answer within 1 s"
+
+
 @needs_rsyslog
 @pytest.mark.peers
 def test_the_daemon_sends_its_trail_of_a_dcmtk_association_to_rsyslog(
@@ -274,6 +301,7 @@ def test_the_daemon_sends_its_trail_of_a_dcmtk_association_to_rsyslog(
                                                                     "test-appliance")}
     status = app.status()["audit"]["repository"]
     assert status["connected"] is True and status["sent"] == len(got) and status["last_error"] is None
+    assert app.status()["stages"]["audit"]["state"] in ("idle", "working")  # a supervised stage
     patient = _patient_id(files[0])
     assert patient not in app.log_text()
 

@@ -25,10 +25,12 @@ RFC 5425 has no acknowledgement: messages written into a connection that then br
 may be lost; the sender checks, before each batch, that the repository has not closed
 the connection, which is how an idle connection usually ends.
 
-`Sender` runs on its own thread: it never blocks receiving or forwarding (the trail's
-write only sets an event). Connect, handshake and each write have a deadline
-(TIMEOUT_S); a failure closes the connection and waits (back-off from 1 s doubling to
-BACKOFF_MAX_S). `status()`: sent, waiting, connected, the last error's class and when.
+`Sender` runs on its own thread, the supervisor's `audit` stage (a dead thread, or a
+send past its deadlines, withholds the watchdog like any stage): it never blocks
+receiving or forwarding (the trail's write only sets an event). Connect, handshake and
+each write have a deadline (TIMEOUT_S); a failure closes the connection and waits
+(back-off from 1 s doubling to BACKOFF_MAX_S; new messages do not cut it short).
+`status()`: running, connected, sent, waiting, gaps, the last error's class and when.
 Logs name the error class and the TLS library's reason (a certificate name that does
 not match, an unknown CA): never a message, which holds patient IDs.
 """
@@ -56,6 +58,7 @@ from appliance.audit import trail as audit_trail
 from appliance.core import durable
 from appliance.core.config import Audit
 from appliance.core.errors import KeyFileError
+from appliance.health.supervisor import Stage
 
 log = structlog.get_logger("appliance.audit")
 
@@ -273,7 +276,7 @@ def tls_context(cfg: Audit) -> ssl.SSLContext:
     return ctx
 
 
-def error_class(e: BaseException) -> tuple[str, str]:
+def error_class(e: BaseException, timeout_s: float = TIMEOUT_S) -> tuple[str, str]:
     """(class, reason) of a failure, for status and the log: no message content."""
     if isinstance(e, ssl.SSLCertVerificationError):
         return "certificate", str(e.verify_message or e.reason or "verify failed")
@@ -282,7 +285,7 @@ def error_class(e: BaseException) -> tuple[str, str]:
     if isinstance(e, socket.gaierror):
         return "dns", "the repository's name does not resolve"
     if isinstance(e, TimeoutError | socket.timeout):
-        return "timeout", f"no answer within {TIMEOUT_S:g} s"
+        return "timeout", f"no answer within {timeout_s:g} s"
     if isinstance(e, ConnectionRefusedError):
         return "refused", "connection refused"
     if isinstance(e, ConnectionError | EOFError):
@@ -290,7 +293,7 @@ def error_class(e: BaseException) -> tuple[str, str]:
     return "network", os.strerror(e.errno) if isinstance(e, OSError) and e.errno else type(e).__name__
 
 
-def _closed_by_peer(sock: ssl.SSLSocket) -> bool:
+def _closed_by_peer(sock: ssl.SSLSocket, timeout_s: float) -> bool:
     """The repository sends nothing: a readable socket means it closed (or failed)."""
     try:
         readable, _, _ = select.select([sock], [], [], 0)
@@ -300,8 +303,7 @@ def _closed_by_peer(sock: ssl.SSLSocket) -> bool:
         try:
             return sock.recv(1) == b""
         finally:
-            sock.setblocking(True)
-            sock.settimeout(TIMEOUT_S)
+            sock.settimeout(timeout_s)
     except ssl.SSLWantReadError:
         return False
     except OSError:
@@ -315,8 +317,11 @@ class Sender:
     """Sends the trail in `directory` (sealed under `key`) to the repository of `cfg`."""
 
     def __init__(self, cfg: Audit, directory: Path, key: bytes, hostname: str,
-                 backoff_max_s: float = BACKOFF_MAX_S) -> None:
+                 backoff_max_s: float = BACKOFF_MAX_S, timeout_s: float = TIMEOUT_S,
+                 stage: Stage | None = None) -> None:
         self.cfg = cfg
+        self.timeout_s = timeout_s
+        self.stage = stage
         self.backoff_max_s = backoff_max_s
         self.host = cfg.syslog_host
         self.port = cfg.syslog_port
@@ -343,7 +348,7 @@ class Sender:
         self._thread = threading.Thread(target=self._run, name="audit-repository", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout_s: float = TIMEOUT_S + 5) -> None:
+    def stop(self, timeout_s: float = 5.0) -> None:
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
@@ -356,7 +361,7 @@ class Sender:
         return self._thread is not None and self._thread.is_alive()
 
     def status(self) -> dict[str, Any]:
-        return {"host": self.host, "port": self.port, "connected": self.connected,
+        return {"host": self.host, "port": self.port, "running": self.alive(), "connected": self.connected,
                 "sent": self.sent, "waiting": self.waiting, "gaps": self.cursor.gaps,
                 "unreadable": self.cursor.unreadable, "last_error": self.last_error,
                 "last_error_reason": self.last_error_reason, "last_error_at": self.last_error_at}
@@ -365,7 +370,8 @@ class Sender:
         log.info("audit.repository_started", host=self.host, port=self.port)
         while not self._stop.is_set():
             try:
-                progressed = self.step()
+                with self.stage.job("audit") if self.stage else contextlib.nullcontext():
+                    progressed = self.step()
             except Exception as e:  # noqa: BLE001 - the thread must go on; the class is logged
                 self._failed(e)
                 progressed = False
@@ -392,6 +398,8 @@ class Sender:
                 sock.sendall(frame(message, self.hostname, str(os.getpid())))
                 self.cursor.advance(after)
                 self.sent += 1
+                if self.stage is not None:
+                    self.stage.beat()
         except (OSError, ssl.SSLError, EOFError) as e:
             self._failed(e)
             self.waiting = self.cursor.waiting()
@@ -402,16 +410,16 @@ class Sender:
         return True
 
     def _connection(self) -> ssl.SSLSocket:
-        if self._sock is not None and _closed_by_peer(self._sock):
+        if self._sock is not None and _closed_by_peer(self._sock, self.timeout_s):
             self._close()
         if self._sock is None:
-            raw = socket.create_connection((self.host, self.port), timeout=TIMEOUT_S)
+            raw = socket.create_connection((self.host, self.port), timeout=self.timeout_s)
             try:
                 self._sock = self.context.wrap_socket(raw, server_hostname=self.host)
             except BaseException:
                 raw.close()
                 raise
-            self._sock.settimeout(TIMEOUT_S)
+            self._sock.settimeout(self.timeout_s)
             was = self.last_error
             self.connected, self.last_error, self._backoff = True, None, BACKOFF_MIN_S
             log.info("audit.repository_connected", host=self.host, port=self.port,
@@ -419,7 +427,7 @@ class Sender:
         return self._sock
 
     def _failed(self, e: BaseException) -> None:
-        cls, reason = error_class(e)
+        cls, reason = error_class(e, self.timeout_s)
         if (cls, reason) != (self.last_error, self.last_error_reason):
             log.warning("audit.repository_failed", host=self.host, port=self.port, error=cls,
                         reason=reason, waiting=self.waiting)
