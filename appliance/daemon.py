@@ -64,7 +64,8 @@ from appliance.pack.pool import CodecPool
 from appliance.queue import commands
 from appliance.queue.index import open_index
 from appliance.queue.store import PRIORITY_ROUTINE, PRIORITY_STAT, Item, Queue
-from appliance.receive.scp import Receiver, ReceiveStats, identify_stored
+from appliance.receive.identify import identify_stored
+from appliance.receive.scp import Receiver, ReceiveStats
 from appliance.spool.store import Spool
 from appliance.update import lock as update_lock
 from appliance.vpn import handshake as vpn_handshake
