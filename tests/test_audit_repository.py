@@ -353,3 +353,13 @@ def test_config_check_names_a_missing_syslog_ca(tmp_path: Path) -> None:
     cli("keys", "init", "--config", str(path), check=True)
     r = cli("config", "check", "--config", str(path))
     assert r.returncode != 0 and "audit.syslog_ca" in r.stderr and "nowhere.pem" in r.stderr
+
+
+def test_a_repository_failure_reaches_the_ops_center_as_its_class_only() -> None:
+    from appliance.ops import messages as ops_messages
+
+    body = ops_messages.event_body("audit.repository_failed", {
+        "host": "audit.example", "port": 6514, "error": "certificate",
+        "reason": "Hostname mismatch, certificate is not valid for 'audit.example'", "waiting": 4})
+    assert body == {"kind": "audit.repository_failed", "error": "certificate", "waiting": 4}
+

@@ -46,6 +46,10 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "config.applied": ("version",),
     "config.rolled_back": ("version", "reason", "applied_version"),
     "config.refused": ("version", "code", "reason", "key"),
+    # audit/repository.py: the hospital's audit repository, by error class (never a message)
+    "audit.repository_failed": ("error", "waiting"),
+    "audit.repository_connected": ("waiting",),
+    "audit.repository_gap": ("gaps",),
 }
 
 # `reason` of destination.down/up is a class (forward/failover.reason_class) or what
