@@ -121,13 +121,15 @@ def test_a_cursor_whose_file_was_rotated_away_restarts_at_the_oldest_and_counts_
 
 
 def test_an_unreadable_line_is_passed_over_and_counted(tmp_path: Path) -> None:
-    t = trail(tmp_path)
-    for n in range(3):
+    t = trail(tmp_path, max_bytes=3000, files=50)
+    for n in range(12):
         assert alert(t, n)
-    lines = t.path.read_bytes().splitlines(keepends=True)
-    t.path.write_bytes(lines[0] + b"Zm9v\n" + b"".join(lines[1:]))
+    oldest = max(t.dir.glob("audit.log.*"), key=lambda p: int(p.suffix[1:]))
+    lines = oldest.read_bytes().splitlines(keepends=True)
+    assert len(lines) >= 2
+    oldest.write_bytes(lines[0] + b"Zm9v\n" + b"".join(lines[1:]))  # torn, then rotated
     c = Cursor(t.dir, KEY)
-    assert [target(m) for m in drain(c)] == [f"appliance:queue/item-{n}" for n in range(3)]
+    assert [target(m) for m in drain(c)] == [f"appliance:queue/item-{n}" for n in range(12)]
     assert c.unreadable == 1
 
 

@@ -188,38 +188,37 @@ class Cursor:
         offset = self.position.offset if self.position is not None else 0
         while i < len(files) and len(out) < limit:
             name, path = files[i]
-            offset = self._read_file(path, name, offset, limit, out)
-            if i + 1 < len(files):
-                i, offset = i + 1, 0
-                if not out:  # a rotated file fully sent: the cursor moves to the next
-                    self.position = Position(files[i][0], 0)
-            else:
-                break
+            if not self._read_file(path, name, offset, limit, out) or i + 1 == len(files):
+                break  # the batch is full, an unreadable line waits for the next, or the end
+            i, offset = i + 1, 0
+            if not out:  # a rotated file fully sent: the cursor moves to the next
+                self.position = Position(files[i][0], 0)
         return out
 
     def _read_file(self, path: Path, name: str, offset: int, limit: int,
-                   out: list[tuple[bytes, Position]]) -> int:
+                   out: list[tuple[bytes, Position]]) -> bool:
+        """Messages of one file from `offset` into `out`; True if it was read to its end."""
         try:
             f = path.open("rb")
         except FileNotFoundError:
-            return offset
+            return True
         with f:
             f.seek(offset)
             while len(out) < limit:
                 line = f.readline(MAX_LINE)
                 if not line.endswith(b"\n"):
-                    break  # the end, or a line being written
+                    return True  # the end, or a line being written
                 offset += len(line)
                 message = audit_trail.open_line(line, self.key)
                 if message is None:
                     if out:  # counted and passed over when it is first in a batch
-                        return offset - len(line)
+                        return False
                     self.unreadable += 1
                     log.error("audit.repository_line_unreadable", unreadable=self.unreadable)
                     self.position = Position(name, offset)
                     continue
                 out.append((message, Position(name, offset)))
-        return offset
+        return False
 
     def advance(self, to: Position) -> None:
         self.position = to
