@@ -308,6 +308,48 @@ def test_the_daemon_sends_its_trail_of_a_dcmtk_association_to_rsyslog(
     assert patient not in app.log_text()
 
 
+@needs_rsyslog
+@pytest.mark.peers
+@pytest.mark.field
+def test_a_repository_away_and_a_daemon_killed_lose_nothing_and_resend_little(
+        appliance_factory, tmp_path: Path, pki: rsyslog.Pki,  # type: ignore[no-untyped-def]
+        repository: rsyslog.Rsyslog) -> None:
+    from appliance.audit.repository import BATCH
+
+    repository.start()
+    app = appliance_factory(start=False)
+    app.cfg["audit"] = {"syslog_host": "127.0.0.1", "syslog_port": repository.port, "syslog_ca": str(pki.ca)}
+    app.config_path.write_text(to_toml(app.cfg))
+    app.start()
+    files = sorted(CT_DIR.iterdir())
+    local = app.state_dir / "audit" / "audit.log"
+
+    def trail_messages() -> list[bytes]:
+        return [m for m in read(local, _audit_key(app)) if m is not None]
+    for f in files[:3]:  # three associations: three messages of instances received
+        assert storescu(app.port, [f]).returncode == 0
+    wait_for(lambda: len(repository.messages()) >= len(trail_messages()) >= 5, 60, "the first ones sent")
+    repository.stop()  # the repository goes away
+    for f in files[3:6]:
+        assert storescu(app.port, [f]).returncode == 0  # receiving does not wait for it
+    wait_for(lambda: app.status()["audit"]["repository"]["waiting"] >= 3, 60, "messages waiting",
+             detail=lambda: str(app.status()["audit"]))
+    app.kill9()  # no clean stop: the cursor is what the last batch left
+    app.start()
+    back = rsyslog.Rsyslog(tmp_path / "rsyslog", pki, port=repository.port)  # same file, appended
+    back.start()
+    try:
+        wait_for(lambda: {m.msg for m in back.messages()} >= set(trail_messages()), 120,
+                 "every message of the trail in the repository",
+                 detail=lambda: f"{app.status()['audit']}\n{back.log_text()}")
+    finally:
+        back.stop()
+    got = [m.msg for m in back.messages()]
+    first_seen = list(dict.fromkeys(got))
+    assert first_seen == trail_messages()[:len(first_seen)]  # oldest first, nothing missing
+    assert len(got) - len(first_seen) <= BATCH  # resent: at most the batch of the kill
+
+
 def _audit_key(app: Any) -> bytes:
     from appliance.core import crypto
     return crypto.load_spool_key(Path(app.cfg["spool"]["key_file"])).audit_key()
