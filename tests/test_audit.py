@@ -252,3 +252,15 @@ def test_reading_the_trail_is_audited_before_it_is_shown(tmp_path: Path) -> None
     [obj] = shown[-1].findall("ParticipantObjectIdentification")
     assert obj.get("ParticipantObjectTypeCodeRole") == "13" and obj.get("ParticipantObjectID") == log.as_uri()
     assert len(parse_lines(log, _spool_audit_key(tmp_path))) == len(shown)
+
+
+@pytest.mark.root
+def test_what_root_writes_stays_the_state_directorys_owners(tmp_path: Path) -> None:
+    """`appliance update` (root) writes the trail too; the daemon's user must go on writing
+    and rotating it."""
+    state = tmp_path / "state"
+    state.mkdir()
+    os.chown(state, 4321, 4321)  # the appliance user
+    trail = AuditTrail(state / "audit", "box", "EDGE", KEY)  # root makes the directory
+    assert trail.application(started=True)
+    assert {(p.stat().st_uid, p.stat().st_gid) for p in (state / "audit", trail.path)} == {(4321, 4321)}

@@ -64,6 +64,10 @@ class AuditTrail:
         self.on_write: Callable[[], None] = lambda: None  # the repository sender's wake
         durable.make_dirs(self.dir)
         os.chmod(self.dir, 0o700)
+        if os.geteuid() == 0:  # made by root (`appliance update`): the daemon's user keeps it
+            parent = self.dir.parent.stat()
+            if self.dir.stat().st_uid != parent.st_uid:
+                os.chown(self.dir, parent.st_uid, parent.st_gid)
         self._studies = _Studies(self.dir / "studies.db", key)
 
     @property
