@@ -26,7 +26,6 @@ from tests.peers import SAMPLES, storescu, to_toml, wait_for
 
 KEY = bytes(range(32))
 CT_DIR = SAMPLES / "series" / "CT_Philips_Ingenuity_phantom_28sl"
-needs_rsyslog = pytest.mark.skipif(not rsyslog.available(), reason="rsyslog + rsyslog-gnutls: make peers")
 
 
 def trail(tmp_path: Path, **kw: Any) -> AuditTrail:
@@ -172,6 +171,7 @@ def pki(tmp_path: Path) -> rsyslog.Pki:
 
 @pytest.fixture
 def repository(tmp_path: Path, pki: rsyslog.Pki) -> Iterator[rsyslog.Rsyslog]:
+    assert rsyslog.available(), "rsyslog or rsyslog-gnutls is missing: make peers installs them"
     r = rsyslog.Rsyslog(tmp_path / "rsyslog", pki)
     yield r
     r.stop()
@@ -184,7 +184,6 @@ def sender(t: AuditTrail, r: rsyslog.Rsyslog, ca: Path, host: str = "127.0.0.1")
     return s
 
 
-@needs_rsyslog
 def test_a_repository_down_at_first_gets_everything_later_in_order_once(
         tmp_path: Path, pki: rsyslog.Pki, repository: rsyslog.Rsyslog) -> None:
     t = trail(tmp_path)
@@ -208,7 +207,6 @@ def test_a_repository_down_at_first_gets_everything_later_in_order_once(
     assert s.status()["sent"] == 45 and s.status()["connected"] is False
 
 
-@needs_rsyslog
 def test_a_restart_resends_nothing_already_sent(tmp_path: Path, pki: rsyslog.Pki,
                                                 repository: rsyslog.Rsyslog) -> None:
     t = trail(tmp_path)
@@ -231,7 +229,6 @@ def test_a_restart_resends_nothing_already_sent(tmp_path: Path, pki: rsyslog.Pki
     assert second.sent == 5
 
 
-@needs_rsyslog
 def test_a_repository_whose_certificate_names_another_host_is_refused_and_says_so(
         tmp_path: Path, repository: rsyslog.Rsyslog) -> None:
     wrong = rsyslog.make_pki(tmp_path / "wrong", names=("audit.elsewhere.example",))
@@ -278,7 +275,6 @@ def test_a_repository_that_never_answers_times_out_and_writes_do_not_wait_for_it
     assert s.sent == 0 and s.status()["last_error_reason"] == "no answer within 1 s"
 
 
-@needs_rsyslog
 @pytest.mark.peers
 def test_the_daemon_sends_its_trail_of_a_dcmtk_association_to_rsyslog(
         appliance_factory, tmp_path: Path, pki: rsyslog.Pki,  # type: ignore[no-untyped-def]
@@ -308,7 +304,6 @@ def test_the_daemon_sends_its_trail_of_a_dcmtk_association_to_rsyslog(
     assert patient not in app.log_text()
 
 
-@needs_rsyslog
 @pytest.mark.peers
 @pytest.mark.field
 def test_a_repository_away_and_a_daemon_killed_lose_nothing_and_resend_little(
