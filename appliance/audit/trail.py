@@ -4,7 +4,7 @@ Each line is base64 of a record sealed with AES-256-GCM under the audit key (der
 the spool key: `SpoolKey.audit_key`), so the patient IDs in it are no more readable on a
 stolen disk than the spool; `read` (and `appliance audit show`) opens them again.
 
-`AuditTrail.write(message)` appends (one write(2)), flushes and fsyncs before it returns,
+`AuditTrail.write(message)` appends, flushes and fsyncs before it returns,
 under a lock (association threads, the control socket and the daemon write) and a flock
 of the directory (the CLI writes too: `keys init`, `audit show`, `update`; a file root
 makes is given to the directory's owner). The directory is made
@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime
+import errno
 import fcntl
 import json
 import os
@@ -196,7 +197,12 @@ class AuditTrail:
                     with open(self.path, "ab", buffering=0, opener=_private) as f:
                         os.fchmod(f.fileno(), 0o600)
                         _own(f.fileno(), self.dir)
-                        f.write(line)  # unbuffered: one write(2) of the whole line
+                        rest = memoryview(line)
+                        while rest:  # a short write (a nearly full disk) goes on, or raises
+                            n = f.write(rest)
+                            if not n:
+                                raise OSError(errno.ENOSPC, "no byte written")
+                            rest = rest[n:]
                         durable.fsync_file(f)
             except OSError as e:
                 self.failed += 1
