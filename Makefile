@@ -117,7 +117,8 @@ test-field: venv peers
 # The operations-center tier (marker ops): the ops link, signed commands, desired config,
 # the fleet view and the alert rules with a real Mosquitto, Prometheus and headless
 # Chromium (tests/test_ops_link.py, test_ops_commands.py, test_ops_desired_live.py,
-# test_fleet_peers.py, test_alerts_fleet.py; 79 tests, 5.5 minutes in CI on 2026-12-07).
+# test_fleet_peers.py, test_alerts_fleet.py; 79 tests, 5.5 minutes in CI on 2026-12-07;
+# test_fleet_peers.py has 13 since, 2 more, ~2.7 min alone).
 test-ops: venv peers
 	$(BIN)/python -m pytest -m ops --durations=10 $(PYTEST_ARGS)
 
@@ -143,7 +144,8 @@ peers-rabbitmq:
 	fi
 
 # The telemetry tests of the ops link against RabbitMQ (marker rabbitmq; 3.5-5 min;
-# tests/test_ops_link_rabbitmq.py, docs/operations.md "A clustered broker").
+# tests/test_ops_link_rabbitmq.py, docs/operations.md "A clustered broker") and the fleet
+# view's (tests/test_fleet_rabbitmq.py, 6 tests, ~2 min more).
 test-rabbitmq: venv peers peers-rabbitmq
 	$(BIN)/python -m pytest -m rabbitmq $(PYTEST_ARGS)
 

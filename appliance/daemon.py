@@ -378,7 +378,7 @@ class Daemon:
             return
         try:
             outcome = self.desired.check(healthy, time.time() - self.started)
-        except OSError as e:  # conf.d not writable: judged again at the next turn
+        except OSError as e:  # remote.d not writable: judged again at the next turn
             log.error("config.check_failed", error=e.strerror or type(e).__name__)
             return
         if outcome == "rolled back":

@@ -54,11 +54,22 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         print(f"warning: {w}", file=sys.stderr)
     raise_problems(cfg, found)
     eff = config.effective(cfg)
+    set_by = {str(f): keys for f, keys in config.set_by(cfg).items()}
     if args.json:
-        print(json.dumps(eff, indent=2))
+        print(json.dumps({**eff, "set_by": set_by}, indent=2))
     else:
         print_tree(eff)
+        print_set_by(cfg, set_by)
     return 0
+
+
+def print_set_by(cfg: config.Config, set_by: dict[str, list[str]]) -> None:
+    """Which drop-in set which keys (the main file set the rest); the operations
+    center's are named as such, so a technician sees a remote setting and where it is."""
+    remote = config.remote_dir(cfg.sources[0]) if cfg.sources else None
+    for f, keys in set_by.items():
+        who = " (operations center: remote config)" if remote and Path(f).parent == remote else ""
+        print(f"# set by {f}{who}: {', '.join(keys) or '(nothing)'}")
 
 
 def check(cfg: config.Config, systemd: bool = False,
