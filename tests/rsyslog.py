@@ -39,6 +39,8 @@ class Pki:
     ca: Path
     server_cert: Path
     server_key: Path
+    client_cert: Path  # the appliance's, signed by the same CA
+    client_key: Path
 
 
 def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
@@ -61,6 +63,17 @@ def make_pki(where: Path, names: tuple[str, ...] = ("127.0.0.1", "localhost")) -
           .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False),
                          critical=True)
           .sign(ca_key, hashes.SHA256()))
+    pki = Pki(where / "ca.pem", where / "server.pem", where / "server.key", where / "client.pem",
+              where / "client.key")
+    pki.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    _leaf(pki.server_cert, pki.server_key, names, ca, ca_key, x509.oid.ExtendedKeyUsageOID.SERVER_AUTH)
+    _leaf(pki.client_cert, pki.client_key, ("box-1",), ca, ca_key, x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH)
+    return pki
+
+
+def _leaf(cert_path: Path, key_path: Path, names: tuple[str, ...], ca: x509.Certificate,
+          ca_key: ec.EllipticCurvePrivateKey, usage: x509.ObjectIdentifier) -> None:
+    now = datetime.datetime.now(datetime.UTC)
     key = ec.generate_private_key(ec.SECP256R1())
     sans: list[x509.GeneralName] = []
     for n in names:
@@ -70,18 +83,15 @@ def make_pki(where: Path, names: tuple[str, ...] = ("127.0.0.1", "localhost")) -
             sans.append(x509.DNSName(n))
     cert = (x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
-            .issuer_name(ca_name).public_key(key.public_key())
+            .issuer_name(ca.subject).public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(days=2))
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
             .sign(ca_key, hashes.SHA256()))
-    pki = Pki(where / "ca.pem", where / "server.pem", where / "server.key")
-    pki.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    pki.server_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    _write_key(key, pki.server_key)
-    return pki
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_key(key, key_path)
 
 
 @dataclass(frozen=True)
@@ -94,7 +104,10 @@ class Received:
 
 
 class Rsyslog:
-    def __init__(self, root: Path, pki: Pki, port: int | None = None) -> None:
+    """`client_certs`: the repository asks for the appliance's certificate (gtls
+    authMode x509/certvalid: signed by the CA) and drops a session without one."""
+
+    def __init__(self, root: Path, pki: Pki, port: int | None = None, client_certs: bool = False) -> None:
         self.root, self.pki = root, pki
         self.port = port or free_port()
         root.mkdir(parents=True, exist_ok=True)
@@ -110,7 +123,8 @@ global(workDirectory="{root / 'work'}" maxMessageSize="256k"
        defaultNetstreamDriverCAFile="{pki.ca}"
        defaultNetstreamDriverCertFile="{pki.server_cert}"
        defaultNetstreamDriverKeyFile="{pki.server_key}")
-module(load="imtcp" streamDriver.name="gtls" streamDriver.mode="1" streamDriver.authMode="anon")
+module(load="imtcp" streamDriver.name="gtls" streamDriver.mode="1"
+       streamDriver.authMode="{'x509/certvalid' if client_certs else 'anon'}")
 input(type="imtcp" address="127.0.0.1" port="{self.port}")
 template(name="fields" type="string" string="{fields}\\n")
 *.* action(type="omfile" file="{self.out}" template="fields")

@@ -248,6 +248,42 @@ def test_a_repository_whose_certificate_names_another_host_is_refused_and_says_s
     assert r.messages() == [] and s.sent == 0 and s.waiting == 1
 
 
+def test_a_repository_that_wants_a_client_certificate_gets_this_boxs(tmp_path: Path,
+                                                                     pki: rsyslog.Pki) -> None:
+    r = rsyslog.Rsyslog(tmp_path / "rsyslog-x509", pki, client_certs=True).start()
+    t = trail(tmp_path)
+    for n in range(3):
+        assert alert(t, n)
+    s = Sender(Audit(syslog_host="127.0.0.1", syslog_port=r.port, syslog_ca=pki.ca,
+                     syslog_cert=pki.client_cert, syslog_key=pki.client_key), t.dir, KEY, "box-1")
+    s.start()
+    try:
+        wait_for(lambda: len(r.messages()) >= 3, 30, "the three received", detail=r.log_text)
+    finally:
+        s.stop()
+        r.stop()
+    assert [target(m.msg) for m in r.messages()] == [f"appliance:queue/item-{n}" for n in range(3)]
+
+
+def test_without_the_client_certificate_it_wants_nothing_counts_as_sent(tmp_path: Path,
+                                                                       pki: rsyslog.Pki) -> None:
+    """rsyslog ends the session only after the handshake: what was written then would be
+    lost without a word, so the sender waits a moment after each handshake."""
+    r = rsyslog.Rsyslog(tmp_path / "rsyslog-x509", pki, client_certs=True).start()
+    t = trail(tmp_path)
+    for n in range(3):
+        assert alert(t, n)
+    s = sender(t, r, pki.ca)  # no client certificate
+    s.start()
+    try:
+        wait_for(lambda: s.last_error is not None, 30, "the session ended", detail=lambda: str(s.status()))
+    finally:
+        s.stop()
+        r.stop()
+    assert s.last_error == "closed" and "client certificate" in (s.last_error_reason or "")
+    assert s.sent == 0 and s.waiting == 3 and r.messages() == []
+
+
 def test_a_repository_that_never_answers_times_out_and_writes_do_not_wait_for_it(tmp_path: Path) -> None:
     import socket
     import time

@@ -23,7 +23,9 @@ was rotated away restarts at the oldest file, counted in `gaps` and logged), and
 restart resends at most one batch. The queue is as bounded as the trail (max_mb x files).
 RFC 5425 has no acknowledgement: messages written into a connection that then breaks
 may be lost; the sender checks, before each batch, that the repository has not closed
-the connection, which is how an idle connection usually ends.
+the connection, which is how an idle connection usually ends, and after each handshake
+waits SETTLE_S for a repository that refuses this box's client certificate (or its
+absence) only then, by an alert or by closing.
 
 `Sender` runs on its own thread, the supervisor's `audit` stage (a dead thread, or a
 send past its deadlines, withholds the watchdog like any stage): it never blocks
@@ -67,6 +69,7 @@ BATCH = 200  # messages written before the cursor is made durable
 TIMEOUT_S = 15.0  # connect, TLS handshake, each write
 BACKOFF_MIN_S = 0.5  # doubled at each failure: the first wait is 1 s
 BACKOFF_MAX_S = 60.0
+SETTLE_S = 1.0  # after a handshake: how long a repository may take to end the session
 POLL_S = 1.0  # another process (the CLI) may write the trail: looked at this often
 MAX_LINE = 16 << 20  # a trail line longer than this is not ours: skipped, never read whole
 
@@ -287,9 +290,31 @@ def error_class(e: BaseException, timeout_s: float = TIMEOUT_S) -> tuple[str, st
         return "timeout", f"no answer within {timeout_s:g} s"
     if isinstance(e, ConnectionRefusedError):
         return "refused", "connection refused"
+    if isinstance(e, ConnectionAbortedError) and e.args and not e.errno:
+        return "closed", str(e.args[0])
     if isinstance(e, ConnectionError | EOFError):
         return "closed", type(e).__name__
     return "network", os.strerror(e.errno) if isinstance(e, OSError) and e.errno else type(e).__name__
+
+
+def _settle(sock: ssl.SSLSocket, wait_s: float, timeout_s: float) -> None:
+    """Raise if the repository ends the session just after the handshake: a repository
+    that wants a client certificate (and got none, or one it does not trust) says so only
+    then, by an alert or by closing (TLS 1.3; rsyslog's gtls x509/certvalid closes), and
+    what was written before would be lost without a word."""
+    readable, _, _ = select.select([sock], [], [], wait_s)
+    if not readable:
+        return
+    sock.setblocking(False)
+    try:
+        got = sock.recv(1)
+    except ssl.SSLWantReadError:
+        return  # session tickets, no data: the session stands
+    finally:
+        sock.settimeout(timeout_s)
+    if got == b"":
+        raise ConnectionAbortedError("the repository ended the session after the TLS handshake"
+                                     " (does it want this box's client certificate?)")
 
 
 def _closed_by_peer(sock: ssl.SSLSocket, timeout_s: float) -> bool:
@@ -419,8 +444,10 @@ class Sender:
                 raw.close()
                 raise
             self._sock.settimeout(self.timeout_s)
+            _settle(self._sock, SETTLE_S, self.timeout_s)
             was = self.last_error
             self.connected, self.last_error, self._backoff = True, None, BACKOFF_MIN_S
+            self.last_error_reason = None
             log.info("audit.repository_connected", host=self.host, port=self.port,
                      after_error=was, waiting=self.waiting)
         return self._sock
