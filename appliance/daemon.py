@@ -62,12 +62,13 @@ from appliance.ops import link as ops_link
 from appliance.pack.packer import Packer
 from appliance.pack.pool import CodecPool
 from appliance.queue import commands
-from appliance.queue.index import open_index
+from appliance.queue.index import SCHEMA_VERSION, open_index
 from appliance.queue.store import PRIORITY_ROUTINE, PRIORITY_STAT, Item, Queue
 from appliance.receive.identify import identify_stored
 from appliance.receive.scp import Receiver, ReceiveStats
 from appliance.spool.store import Spool
 from appliance.update import lock as update_lock
+from appliance.update import remote as update_remote
 from appliance.vpn import handshake as vpn_handshake
 
 log = structlog.get_logger("appliance.daemon")
@@ -200,6 +201,7 @@ class Daemon:
         self._problems: list[str] = []
         self.link: ops_link.Link | None = None
         self.commands: ops_commands.Commands | None = None
+        self.updates = update_remote.Runner(cfg)  # the ops center's `update` command
         self._untap: Callable[[], None] = lambda: None
         self.metrics: tuple[health_metrics.MetricsServer, health_metrics.Tally] | None = None
         self._untap_metrics: Callable[[], None] = lambda: None
@@ -222,6 +224,8 @@ class Daemon:
                 cfg.audit, self.audit.dir, key.audit_key(), cfg.appliance.name, stage=stage)
             self.audit.on_write = self.audit_sender.wake
         index = open_index(cfg.appliance.state_dir)
+        if index.newer is not None:  # back on the old slot after an update's trial boot
+            log.warning("queue.schema_newer", schema=index.newer, ours=SCHEMA_VERSION)
         self.spool = spool = Spool(
             cfg.appliance.state_dir, key, index, cfg.spool.reserve_free_mb << 20,
             cfg.pack.segment_max_instances, cfg.pack.segment_max_mb << 20,
@@ -432,6 +436,7 @@ class Daemon:
             "events.replay": lambda args: self._replay(args),
             "diagnostics": lambda args: ops_diagnostics.collect(
                 self.snapshot(), effective_config(self.cfg), self.recent.events()),
+            "update.start": lambda args: self.updates.start(args),
         }
 
     def _replay(self, args: dict[str, Any]) -> dict[str, int]:

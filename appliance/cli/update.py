@@ -32,8 +32,8 @@ from typing import Any
 
 from appliance.cli import audited
 from appliance.core import config
-from appliance.core.errors import EX_TEMPFAIL, NotFoundError, PermissionDeniedError
-from appliance.update import gate, lock, rauc, trial
+from appliance.core.errors import EX_TEMPFAIL, ApplianceError, NotFoundError, PermissionDeniedError
+from appliance.update import gate, lock, rauc, spoolcheck, trial
 
 UNIT = "appliance.service"
 POLL_S = 5.0
@@ -56,6 +56,12 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     g = sub.add_parser("update-gate", parents=[common],
                        help="the mark-good unit: keep the booted slot if the appliance is healthy")
     g.add_argument("--deadline-s", type=float, default=gate.DEADLINE_S)
+    f = sub.add_parser("update-fetch", parents=[common],
+                       help="the ops center's update command: fetch, check and install a bundle"
+                            " (started by the daemon; one JSON line per step)")
+    f.add_argument("--url", required=True, help="under an [update] source")
+    f.add_argument("--sha256", required=True, help="the bundle's SHA-256 (64 hex digits)")
+    f.add_argument("--no-reboot", action="store_true", help="install only; reboot later yourself")
 
 
 def _need_root() -> None:
@@ -87,23 +93,34 @@ def cmd_update(args: argparse.Namespace) -> int:
     if args.once and version in rauc.installed_versions(rauc.status()):
         say(f"a slot already holds version {version}: nothing to do")
         return 0
-    was_up = bool(_ops_link_up(_daemon_status(cfg)))
-    say(f"installing version {version}")
-    _audit(cfg, "install", True, f"version {version} from {args.file.name} started")
-    started = time.monotonic()
-    try:
-        rauc.install(args.file)
-    except rauc.UpdateError as e:
-        _audit(cfg, "install", False, f"version {version} failed: {e}")
-        raise
-    slot = rauc.primary_bootname(rauc.status()) or "?"
-    trial.write(trial.Trial(slot=slot, version=version, ops_link_was_up=was_up))
-    say(f"installed into slot {slot} in {time.monotonic() - started:.0f} s")
-    _audit(cfg, "install", True, f"version {version} installed into slot {slot}, on trial")
+    install(cfg, args.file, version)
     if args.no_reboot:
         say("reboot to try it (the mark-good unit keeps it only if the appliance is healthy)")
         return 0
     return _reboot(cfg, args.reboot_wait_s)
+
+
+def install(cfg: config.Config, bundle: Path, version: str) -> str:
+    """`rauc install` into the inactive slot and the trial record (what was true before:
+    the ops link, the spool's authentication failures); the slot's bootname. Shared by
+    `appliance update FILE` and the ops center's `update` command (update/remote.py).
+    UpdateError when RAUC refuses the bundle. Audited: started, then installed or failed."""
+    was_up = bool(_ops_link_up(_daemon_status(cfg)))
+    failures = spool_failures(cfg)
+    say(f"installing version {version}")
+    _audit(cfg, "install", True, f"version {version} from {bundle.name} started")
+    started = time.monotonic()
+    try:
+        rauc.install(bundle)
+    except rauc.UpdateError as e:
+        _audit(cfg, "install", False, f"version {version} failed: {e}")
+        raise
+    slot = rauc.primary_bootname(rauc.status()) or "?"
+    trial.write(trial.Trial(slot=slot, version=version, ops_link_was_up=was_up,
+                            spool_failures=failures))
+    say(f"installed into slot {slot} in {time.monotonic() - started:.0f} s")
+    _audit(cfg, "install", True, f"version {version} installed into slot {slot}, on trial")
+    return slot
 
 
 def _audit(cfg: config.Config, step: str, ok: bool, detail: str) -> None:
@@ -122,7 +139,21 @@ def _reboot(cfg: config.Config, wait_s: float) -> int:
     return 0
 
 
-def observe(cfg: config.Config, config_ok: bool, was_up: bool) -> gate.Observation:
+def spool_failures(cfg: config.Config) -> int | None:
+    """Spool entries failing authentication as this software reads them (spoolcheck.py);
+    None when they cannot be counted (the spool key unreadable)."""
+    try:
+        got = spoolcheck.count_for(cfg.appliance.state_dir, cfg.spool.key_file)
+    except (ApplianceError, OSError) as e:
+        say(f"the spool's authentication was not checked ({type(e).__name__})")
+        return None
+    say(f"spool: {got.checked} entries checked in {got.seconds:.0f} s, {got.failing} failing"
+        f" authentication, {got.quarantined} quarantined")
+    return got.failures
+
+
+def observe(cfg: config.Config, config_ok: bool, was_up: bool,
+            spool_before: int | None = None, spool_now: int | None = None) -> gate.Observation:
     r = subprocess.run(["systemctl", "show", UNIT, "--property=ActiveState,NRestarts"],
                        capture_output=True, text=True, timeout=30)
     props = dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
@@ -132,7 +163,8 @@ def observe(cfg: config.Config, config_ok: bool, was_up: bool) -> gate.Observati
         unit_state=props.get("ActiveState", "unknown"),
         restarts=int(props.get("NRestarts", "0") or 0),
         problems=None if problems is None else tuple(str(p) for p in problems),
-        config_ok=config_ok, ops_link_up=_ops_link_up(st), ops_link_was_up=was_up)
+        config_ok=config_ok, ops_link_up=_ops_link_up(st), ops_link_was_up=was_up,
+        spool_failures_before=spool_before, spool_failures_now=spool_now)
 
 
 def config_checks(config_path: Path | None) -> bool:
@@ -141,6 +173,13 @@ def config_checks(config_path: Path | None) -> bool:
     r = subprocess.run(["runuser", "-u", "appliance", "--", *argv], capture_output=True,
                        timeout=120, stdin=subprocess.DEVNULL)
     return r.returncode == 0
+
+
+def cmd_update_fetch(args: argparse.Namespace) -> int:
+    from appliance.update import remote
+
+    return remote.cmd_update_fetch(config.load(args.config), args.url, args.sha256,
+                                   not args.no_reboot)
 
 
 def cmd_update_gate(args: argparse.Namespace,
@@ -159,8 +198,11 @@ def cmd_update_gate(args: argparse.Namespace,
                f" trial: back on slot {booted}")
         on_trial = None
     config_ok = config_checks(args.config)
+    # The new software reads every spool file once, while the daemon starts beside it.
+    before = on_trial.spool_failures if on_trial else None
+    now = spool_failures(cfg) if before is not None else None
     while True:
-        o = observe(cfg, config_ok, on_trial.ops_link_was_up if on_trial else False)
+        o = observe(cfg, config_ok, on_trial.ops_link_was_up if on_trial else False, before, now)
         verdict, why = gate.judge(o, time.monotonic() - started, args.deadline_s)
         if verdict != "wait":
             break

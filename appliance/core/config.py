@@ -281,6 +281,19 @@ class Vpn:
 
 
 @dataclass(frozen=True)
+class Update:
+    """[update]: where the operations center's `update` command may fetch a bundle from
+    (appliance/update/fetch.py, docs/updates.md)."""
+    sources: tuple[str, ...]  # URL prefixes: https://HOST[:PORT]/PATH/ or sftp://USER@HOST[:PORT]/PATH/
+    download_dir: Path | None = None  # None: <state_dir>/update
+    max_mb: int = 2048  # a bundle larger than this is not fetched
+    deadline_s: float = 3600.0  # the whole fetch, resumed across cuts, within this
+    ca: Path | None = None  # HTTPS: None = [operations] ca, else the system's trust store
+    ssh_key: Path | None = None  # SFTP: this box's private key (required with an sftp:// source)
+    known_hosts: Path | None = None  # SFTP: the server's host key (required with an sftp:// source)
+
+
+@dataclass(frozen=True)
 class Appliance:
     name: str = "appliance"
     state_dir: Path = Path("/var/lib/appliance")
@@ -302,6 +315,7 @@ class Config:
     rules: tuple[Rule, ...] = ()
     operations: Operations | None = None  # no [operations] table: no ops link
     vpn: Vpn | None = None  # no [vpn] table: no tunnel (the site routes to the center)
+    update: Update | None = None  # no [update] table: the `update` command is refused
     # Files read, in order, and which file set each dotted key (so that problems found
     # later, such as a missing key file, can name the file the technician must edit).
     sources: tuple[Path, ...] = field(default=(), metadata=NOT_A_KEY)
@@ -845,6 +859,59 @@ def _check_vpn_routes(t: _Table, v: Vpn) -> None:
                       " would be routed into it")
 
 
+def check_source(key: str, v: Any) -> str:
+    """An update source: https://HOST[:PORT]/PATH/ or sftp://USER@HOST[:PORT]/PATH/, a
+    prefix ending in '/', without password, query, fragment or '..'."""
+    if not isinstance(v, str):
+        raise _Bad(f"must be a string, not {_tname(v)}")
+    hint = "like https://10.8.0.1/updates/ or sftp://updates@10.8.0.1/updates/"
+    if len(v) > 1024 or any(not (0x21 <= ord(c) < 0x7F) for c in v):
+        raise _Bad(f"{v[:40]!r}... is not a URL of printable ASCII without spaces ({hint})")
+    u = urllib.parse.urlsplit(v)
+    try:
+        u.port  # noqa: B018 - raises on a port out of range
+    except ValueError:
+        raise _Bad(f"{v!r} has an invalid port") from None
+    if u.scheme not in ("https", "sftp") or not u.hostname or not _HOST_RE.match(u.hostname):
+        raise _Bad(f"{v!r} is not an https:// or sftp:// URL with a host ({hint})")
+    if (u.scheme == "sftp") != (u.username is not None) or u.password is not None:
+        raise _Bad(f"{v!r}: an sftp:// source names its user (sftp://USER@HOST/...), an https://"
+                   " one none, and neither a password")
+    if u.query or u.fragment or not u.path.endswith("/") or "/../" in u.path + "/":
+        raise _Bad(f"{v!r} must be a folder ending in '/', without '..', query or fragment ({hint})")
+    return v
+
+
+def _check_sources(key: str, v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not v or len(v) > 32:
+        raise _Bad("must be an array of 1..32 URL prefixes (https:// or sftp://)")
+    return tuple(check_source(key, x) for x in v)
+
+
+def _parse_update(top: _Table) -> Update | None:
+    if not top.has("update"):
+        return None
+    t = top.table("update")
+    if not t.valid:
+        return None
+    d = Update(())
+    u = Update(
+        sources=t.get("sources", (), _check_sources),
+        download_dir=t.path("download_dir", None),
+        max_mb=t.integer("max_mb", d.max_mb, 16, 16384),
+        deadline_s=t.number("deadline_s", d.deadline_s, 60, 86400),
+        ca=t.path("ca", None), ssh_key=t.path("ssh_key", None), known_hosts=t.path("known_hosts", None),
+    )
+    if not t.has("sources"):
+        t.ctx.problem(t.key("sources"), "is required (where update bundles may be fetched from)")
+    if any(s.startswith("sftp:") for s in u.sources):
+        for k in ("ssh_key", "known_hosts"):
+            if not t.has(k):
+                t.ctx.problem(t.key(k), "is required with an sftp:// source")
+    t.finish()
+    return u
+
+
 def _parse_health(t: _Table) -> Health:
     d = Health()
     h = Health(stall_s=t.number("stall_s", d.stall_s, 5, 3600))
@@ -1155,6 +1222,7 @@ def parse(data: Mapping[str, Any], origins: Mapping[str, Path], main_file: Path,
         rules=_parse_rules(top),
         operations=_parse_operations(top),
         vpn=_parse_vpn(top),
+        update=_parse_update(top),
         sources=sources or (main_file,),
         origins=dict(origins),
     )
