@@ -37,7 +37,9 @@ import structlog
 
 from appliance import __version__
 from appliance.audit import AuditTrail
+from appliance.audit import repository as audit_repository
 from appliance.audit.trail import destination as audit_destination
+from appliance.audit.trail import for_config as audit_for_config
 from appliance.core import crypto, durable, hardening
 from appliance.core import log as applog
 from appliance.core import pynetdicom_compat as compat
@@ -150,9 +152,7 @@ def state_lock(state_dir: Path) -> Iterator[None]:
 def audit_trail(cfg: Config, key: crypto.SpoolKey | None = None) -> AuditTrail:
     """The appliance's audit trail (appliance.audit), in STATE/audit/, sealed under the
     audit key derived from the spool key (loaded here unless given)."""
-    key = key or crypto.load_spool_key(cfg.spool.key_file)
-    return AuditTrail(cfg.appliance.state_dir / "audit", cfg.appliance.name, cfg.receive.ae_title,
-                      key.audit_key(), cfg.audit.max_mb << 20, cfg.audit.files)
+    return audit_for_config(cfg, key)
 
 
 class ForwardAudit:
@@ -207,6 +207,7 @@ class Daemon:
         self._untap_metrics: Callable[[], None] = lambda: None
         self.recent = ops_diagnostics.Recent()  # the last log events, for diagnostics
         self._untap_recent: Callable[[], None] = lambda: None
+        self.audit_sender: audit_repository.Sender | None = None
 
     def run(self) -> int:
         cfg = self.cfg
@@ -216,6 +217,12 @@ class Daemon:
         lock_fd = lock_state_dir(cfg.appliance.state_dir)
         key = crypto.load_spool_key(cfg.spool.key_file)
         self.audit = audit_trail(cfg, key)
+        if cfg.audit.syslog_host:  # the hospital's audit repository (audit/repository.py)
+            stage = self.supervisor.stage("audit", 2 * audit_repository.TIMEOUT_S + cfg.health.stall_s,
+                                          alive=lambda: sender.alive())
+            self.audit_sender = sender = audit_repository.Sender(
+                cfg.audit, self.audit.dir, key.audit_key(), cfg.appliance.name, stage=stage)
+            self.audit.on_write = self.audit_sender.wake
         index = open_index(cfg.appliance.state_dir)
         if index.newer is not None:  # back on the old slot after an update's trial boot
             log.warning("queue.schema_newer", schema=index.newer, ours=SCHEMA_VERSION)
@@ -304,6 +311,8 @@ class Daemon:
                 log.info("listening", host=host, port=port, tls=tls, ae_title=cfg.receive.ae_title)
             for w in workers:
                 w.start()
+            if self.audit_sender is not None:
+                self.audit_sender.start()
             self._start_link()
             if self.desired is not None:
                 desired.report(self.main_file)  # a rollback at this start, as an ops event
@@ -337,6 +346,8 @@ class Daemon:
             self._stop_metrics()
             index.close()
             self.audit.application(started=False)
+            if self.audit_sender is not None:
+                self.audit_sender.stop()  # sends what is waiting if it is connected, briefly
             self._untap_recent()
             os.close(lock_fd)
             log.info("appliance.stopped")
@@ -590,6 +601,8 @@ class Daemon:
                         "parked": self.queue.parked_count()},
             "stages": self.supervisor.snapshot(),
             "problems": self.supervisor.problems(),
+            "audit": {"written": self.audit.written, "failed": self.audit.failed,
+                      "repository": self.audit_sender.status() if self.audit_sender else None},
             **({"ops": {**self.link.status(), "last_command": self.commands.last if self.commands else None},
                 "config": desired.status(self.main_file)}
                if self.link is not None else {}),

@@ -89,7 +89,7 @@ def test_usage_error_exits_64_with_one_line(argv: list[str]) -> None:
     pytest.param(["audit"], ["show"], id="audit"),
     pytest.param(["fleet"], ["ca", "sign", "crl", "keys", "send", "status", "serve", "config"], id="fleet"),
     pytest.param(["fleet", "config"], ["push"], id="fleet-config"),
-    pytest.param(["fleet", "ca"], ["init"], id="fleet-ca"),
+    pytest.param(["fleet", "ca"], ["init", "center"], id="fleet-ca"),
     pytest.param(["fleet", "keys"], ["init"], id="fleet-keys"),
     pytest.param(["config"], ["check", "systemd-dropin", "import"], id="config"),
     pytest.param(["keys"], ["init", "show"], id="keys"),

@@ -156,3 +156,87 @@ def test_spool_file_quarantined_after_the_update_still_counts(tmp_path: Path) ->
     after = spoolcheck.count_for(cfg.appliance.state_dir, cfg.spool.key_file)
     assert (before.failing, before.quarantined) == (1, 0)
     assert (after.failing, after.quarantined) == (0, 1) and after.failures == before.failures
+
+
+# --- the audit trail (Security Alert, Software Configuration: DCM 110131) -------------------
+
+
+def update_events(cfg_path: Path) -> list[tuple[str, str, str]]:
+    """(outcome, subject, description) of each software-update alert in the trail."""
+    import xml.etree.ElementTree as ET
+
+    from appliance.audit.trail import read
+    from appliance.core import config, crypto
+
+    cfg = config.load(cfg_path)
+    key = crypto.load_spool_key(cfg.spool.key_file).audit_key()
+    log = cfg.appliance.state_dir / "audit" / "audit.log"
+    out = []
+    for raw in read(log, key) if log.exists() else []:
+        assert raw is not None
+        m = ET.fromstring(raw)  # noqa: S314 - our own output
+        ident = m.find("EventIdentification")
+        assert ident is not None
+        if ident.find("EventTypeCode[@csd-code='110131']") is not None:
+            subject = m.find("ParticipantObjectIdentification")
+            assert subject is not None
+            out.append((ident.get("EventOutcomeIndicator", ""), subject.get("ParticipantObjectID", ""),
+                        ident.findtext("EventOutcomeDescription") or ""))
+    return out
+
+
+def with_spool_key(args: argparse.Namespace) -> argparse.Namespace:
+    from appliance.core import config, crypto
+
+    crypto.create_spool_key(config.load(args.config).spool.key_file)
+    return args
+
+
+def test_the_gate_audits_a_slot_on_trial_kept(box: Any) -> None:
+    b, args = box("B", HEALTHY, on_trial="B")
+    assert cli_update.cmd_update_gate(with_spool_key(args), sleep=lambda s: None) == 0
+    [(outcome, subject, what)] = update_events(args.config)
+    assert (outcome, subject) == ("0", "appliance:update/gate")
+    assert "slot B (version 2.0) kept" in what
+
+
+def test_the_gate_audits_a_rejected_slot_as_a_serious_failure(box: Any) -> None:
+    b, args = box("A", CRASHING, on_trial="A")
+    cli_update.cmd_update_gate(with_spool_key(args), sleep=lambda s: None)
+    [(outcome, subject, what)] = update_events(args.config)
+    assert (outcome, subject) == ("8", "appliance:update/gate") and "slot A (version 2.0) rejected" in what
+
+
+def test_the_gate_audits_a_slot_that_failed_its_trial(box: Any) -> None:
+    b, args = box("B", HEALTHY, on_trial="A")
+    cli_update.cmd_update_gate(with_spool_key(args), sleep=lambda s: None)
+    assert [(o, s) for o, s, _ in update_events(args.config)] == [("8", "appliance:update/trial")]
+
+
+def test_a_slot_not_on_trial_kept_again_is_not_audited(box: Any) -> None:
+    b, args = box("A", HEALTHY, on_trial=None)
+    assert cli_update.cmd_update_gate(with_spool_key(args), sleep=lambda s: None) == 0
+    assert update_events(args.config) == []
+
+
+def test_an_install_is_audited_when_it_starts_and_when_it_fails(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli_update.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(rauc, "info", lambda f: {"version": "2.1"})
+    monkeypatch.setattr(cli_update, "_daemon_status", lambda cfg: None)
+
+    def refused(bundle: Path, timeout: float = 0) -> None:
+        raise rauc.UpdateError("rauc install failed: signature verification failed")
+    monkeypatch.setattr(rauc, "install", refused)
+    cfg = tmp_path / "appliance.toml"
+    cfg.write_text(to_toml(base_config(tmp_path, 11112)))
+    bundle = tmp_path / "update.raucb"
+    bundle.write_bytes(b"not really a bundle")
+    args = with_spool_key(argparse.Namespace(file=bundle, config=cfg, once=False, no_reboot=True))
+    with pytest.raises(rauc.UpdateError):
+        cli_update.cmd_update(args)
+    events = update_events(cfg)
+    assert [(o, s) for o, s, _ in events] == [("0", "appliance:update/install"),
+                                              ("8", "appliance:update/install")]
+    assert "version 2.1 from update.raucb started" in events[0][2]
+    assert "signature verification failed" in events[1][2]

@@ -146,6 +146,12 @@ def check_files(cfg: config.Config) -> list[tuple[str, str]]:
             checks.append((f"destinations[{i}].path", _directory_or_absent, d.path))
         if d.transport == "dicomweb" and d.token_file:
             checks.append((f"destinations[{i}].token_file", _private_key_file, d.token_file))
+    a = cfg.audit
+    if a.syslog_host and a.syslog_ca is not None:
+        checks.append(("audit.syslog_ca", _regular_file, a.syslog_ca))
+        if a.syslog_cert is not None and a.syslog_key is not None:
+            checks += [("audit.syslog_cert", _regular_file, a.syslog_cert),
+                       ("audit.syslog_key", _private_key_file, a.syslog_key)]
     checks.append(("appliance.state_dir", _directory_or_absent, cfg.appliance.state_dir))
     out = []
     if len(bytes(cfg.control_socket)) > CONTROL_SOCKET_MAX:

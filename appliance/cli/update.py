@@ -12,6 +12,10 @@ slot. Kept: `rauc status mark-good booted` (which also resets GRUB's try count).
 on a slot on trial: mark-bad, then reboot into the old slot. A slot not on trial is never
 marked bad. Its lines start with "appliance-update:" (the console and the journal show
 them) and name slots, versions and conditions only.
+
+Audited (cli/audited.py; Security Alert, Software Configuration, DCM 110131): an install
+started, finished or failed; at the gate, a slot on trial kept or rejected, and a slot
+that failed its trial (GRUB or the gate brought the old one back).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from appliance.cli import audited
 from appliance.core import config
 from appliance.core.errors import EX_TEMPFAIL, ApplianceError, NotFoundError, PermissionDeniedError
 from appliance.update import gate, lock, rauc, spoolcheck, trial
@@ -102,17 +107,28 @@ def install(cfg: config.Config, bundle: Path, version: str) -> str:
     """`rauc install` into the inactive slot and the trial record (what was true before:
     the ops link, the spool's authentication failures); the slot's bootname. Shared by
     `appliance update FILE` and the ops center's `update` command (update/remote.py).
-    UpdateError when RAUC refuses the bundle."""
+    UpdateError when RAUC refuses the bundle. Audited: started, then installed or failed."""
     was_up = bool(_ops_link_up(_daemon_status(cfg)))
     failures = spool_failures(cfg)
     say(f"installing version {version}")
+    _audit(cfg, "install", True, f"version {version} from {bundle.name} started")
     started = time.monotonic()
-    rauc.install(bundle)
+    try:
+        rauc.install(bundle)
+    except rauc.UpdateError as e:
+        _audit(cfg, "install", False, f"version {version} failed: {e}")
+        raise
     slot = rauc.primary_bootname(rauc.status()) or "?"
     trial.write(trial.Trial(slot=slot, version=version, ops_link_was_up=was_up,
                             spool_failures=failures))
     say(f"installed into slot {slot} in {time.monotonic() - started:.0f} s")
+    _audit(cfg, "install", True, f"version {version} installed into slot {slot}, on trial")
     return slot
+
+
+def _audit(cfg: config.Config, step: str, ok: bool, detail: str) -> None:
+    """A software update, in the audit trail (Security Alert, Software Configuration)."""
+    audited.record(cfg, lambda t: t.software_update(audited.operator(), step, ok, detail))
 
 
 def _reboot(cfg: config.Config, wait_s: float) -> int:
@@ -198,6 +214,8 @@ def cmd_update_gate(args: argparse.Namespace,
         rauc.mark("bad", "other")
         trial.clear()
         say(f"slot {on_trial.slot} (version {on_trial.version}) failed its trial: back on slot {booted}")
+        _audit(cfg, "trial", False, f"slot {on_trial.slot} (version {on_trial.version}) failed its"
+               f" trial: back on slot {booted}")
         on_trial = None
     config_ok = config_checks(args.config)
     # The new software reads every spool file once, while the daemon starts beside it.
@@ -214,6 +232,8 @@ def cmd_update_gate(args: argparse.Namespace,
         if on_trial is not None:
             trial.clear()
         say(f"kept slot {booted} ({why})")
+        if on_trial is not None:  # a slot not on trial kept again at each boot is no change
+            _audit(cfg, "gate", True, f"slot {booted} (version {on_trial.version}) kept: {why}")
         say(f"rauc status {json.dumps(rauc.status(), separators=(',', ':'))}")
         return 0
     if on_trial is None:
@@ -221,4 +241,5 @@ def cmd_update_gate(args: argparse.Namespace,
         return 1
     rauc.mark("bad", "booted")
     say(f"rejected slot {booted} ({why}): rebooting into the old slot")
+    _audit(cfg, "gate", False, f"slot {booted} (version {on_trial.version}) rejected: {why}")
     return _reboot(cfg, REBOOT_WAIT_S)

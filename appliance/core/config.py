@@ -253,6 +253,12 @@ class Operations:
 class Audit:
     max_mb: int = 32  # STATE/audit/audit.log is rotated past this size
     files: int = 8  # audit.log and the rotated ones kept (the oldest beyond are removed)
+    # The hospital's audit record repository (syslog over TLS, RFC 5425; audit/repository.py)
+    syslog_host: str = ""  # empty = the trail stays on the box
+    syslog_port: int = 6514
+    syslog_ca: Path | None = None  # the CA that signed the repository's certificate (required with a host)
+    syslog_cert: Path | None = None  # this box's client certificate, if the repository asks for one
+    syslog_key: Path | None = None  # its private key (with syslog_cert)
 
 
 # WireGuard interface names: the kernel's limit (IFNAMSIZ 16 with the NUL), and nothing
@@ -915,9 +921,27 @@ def _parse_health(t: _Table) -> Health:
 
 def _parse_audit(t: _Table) -> Audit:
     d = Audit()
-    a = Audit(max_mb=t.integer("max_mb", d.max_mb, 1, 4096), files=t.integer("files", d.files, 2, 1000))
+    host = t.get("syslog_host", d.syslog_host, _check_syslog_host)
+    a = Audit(max_mb=t.integer("max_mb", d.max_mb, 1, 4096), files=t.integer("files", d.files, 2, 1000),
+              syslog_host=host, syslog_port=t.integer("syslog_port", d.syslog_port, 1, 65535),
+              syslog_ca=t.path("syslog_ca", None), syslog_cert=t.path("syslog_cert", None),
+              syslog_key=t.path("syslog_key", None))
+    if host and a.syslog_ca is None:
+        t.ctx.problem(t.key("syslog_ca"), "is required with syslog_host (the CA that signed the"
+                      " audit repository's certificate)")
+    if (a.syslog_cert is None) != (a.syslog_key is None):
+        t.ctx.problem(t.key("syslog_cert" if a.syslog_cert is None else "syslog_key"),
+                      "syslog_cert and syslog_key go together (the client certificate and its key)")
     t.finish()
     return a
+
+
+def _check_syslog_host(key: str, v: Any) -> str:
+    if not isinstance(v, str):
+        raise _Bad(f"must be a string, not {_tname(v)}")
+    if v and not _HOST_RE.match(v):
+        raise _Bad("must be a DNS name or an IP address (empty: no audit repository)")
+    return v
 
 
 def _dicom_keys(t: _Table) -> dict[str, Any]:

@@ -53,6 +53,10 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "update.installed": ("cmd_id", "bundle_version", "slot", "reboot"),
     "update.refused": ("cmd_id", "reason"),
     "update.failed": ("cmd_id", "reason"),
+    # audit/repository.py: the hospital's audit repository, by error class (never a message)
+    "audit.repository_failed": ("error", "waiting"),
+    "audit.repository_connected": ("waiting",),
+    "audit.repository_gap": ("gaps",),
 }
 
 # `reason` of destination.down/up is a class (forward/failover.reason_class) or what
