@@ -82,7 +82,7 @@ def test_usage_error_exits_64_with_one_line(argv: list[str]) -> None:
 @pytest.mark.parametrize(("argv", "commands"), [
     pytest.param([], ["run", "config", "keys", "queue", "bundle", "status", "echo", "diagnostics", "ingest",
                       "audit", "forward", "destination", "log-level", "vpn", "update",
-                      "update-gate", "update-fetch", "fleet"], id="bare"),
+                      "update-gate", "update-fetch", "update-install", "fleet"], id="bare"),
     pytest.param(["vpn"], ["render"], id="vpn"),
     pytest.param(["forward"], ["pause", "resume"], id="forward"),
     pytest.param(["destination"], ["off", "on"], id="destination"),
