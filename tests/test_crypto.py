@@ -347,6 +347,34 @@ def test_load_refuses_file_of_another_user(tmp_path: Path) -> None:
         crypto.load_spool_key(p)
 
 
+def test_root_uses_the_service_users_key_in_the_service_users_folder(tmp_path: Path) -> None:
+    """The update units run as root and count the spool's authentication failures with
+    the daemon's key, which the service user owns."""
+    if os.geteuid() != 0:
+        pytest.skip("chown to another uid needs root")
+    folder = tmp_path / "keys"
+    folder.mkdir(mode=0o700)
+    p = folder / "spool.key"
+    key = crypto.create_spool_key(p)
+    os.chown(p, 65534, -1)
+    os.chown(folder, 65534, -1)
+    assert crypto.load_spool_key(p) == key
+
+
+def test_root_refuses_the_service_users_key_in_a_folder_others_may_write(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("chown to another uid needs root")
+    folder = tmp_path / "keys"
+    folder.mkdir()
+    p = folder / "spool.key"
+    crypto.create_spool_key(p)
+    os.chown(p, 65534, -1)
+    os.chown(folder, 65534, -1)
+    folder.chmod(0o775)
+    with pytest.raises(KeyFileError, match="owned by uid 65534"):
+        crypto.load_spool_key(p)
+
+
 def test_load_refuses_missing_file_with_hint(tmp_path: Path) -> None:
     with pytest.raises(KeyFileError, match="appliance keys init"):
         crypto.load_spool_key(tmp_path / "nope.key")

@@ -14,7 +14,8 @@ HPKE); nothing here invents a cipher. What this module owns:
   associated data so that two sealed files cannot be swapped under each other's names.
 - Key files: the spool key (32 random bytes, base64 in a one-line text file) and X25519
   key pairs (PEM). Private key files must be mode 0600 (no group/other bits) and owned by
-  the user running the appliance; anything else is refused with `KeyFileError`.
+  the user running the appliance (or, for root, by the service user who owns the key's
+  folder: the update units); anything else is refused with `KeyFileError`.
 
 How it fails: authentication failures raise `IntegrityError` and no plaintext of a
 failing chunk is ever returned; callers that write plaintext to disk write it to a temp
@@ -303,9 +304,24 @@ def check_private_key_file(path: Path) -> None:
             f"key file {path} is accessible by group or others (mode {stat.S_IMODE(st.st_mode):04o});"
             f" run: chmod 600 {path}"
         )
-    if st.st_uid != os.geteuid():
+    if st.st_uid != os.geteuid() and not _root_may_use(path, st):
         raise KeyFileError(f"key file {path} is owned by uid {st.st_uid}, not by the service user"
                            f" (uid {os.geteuid()})")
+
+
+def _root_may_use(path: Path, st: os.stat_result) -> bool:
+    """Root (the update units: the install and the mark-good gate count the spool's
+    authentication failures) may use the service user's key: one owned by the user who
+    owns its folder, a folder that no group or other may write. A key someone else
+    planted in a folder of the service user's, or the service user's key in a folder of
+    another's, is still refused."""
+    if os.geteuid() != 0:
+        return False
+    try:
+        folder = path.parent.stat()
+    except OSError:
+        return False
+    return folder.st_uid == st.st_uid and not folder.st_mode & 0o022
 
 
 def load_spool_key(path: Path) -> SpoolKey:
