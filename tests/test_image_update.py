@@ -12,8 +12,7 @@ check is on the serial console: GRUB's "grub: booting slot X", the updater's and
 mark-good unit's "appliance-update:" lines, and the `rauc status --output-format=json`
 the mark-good unit prints once it has kept a slot. QEMU is stopped by its PID.
 
-The QEMU command and the console helpers are a minimal copy of tests/test_image.py's
-(the applconfig branch moves them to tests/qemu.py; then this file should use it).
+QEMU itself and the console helpers are tests/qemu.py's (`start`, `Guest.wait`).
 """
 
 from __future__ import annotations
@@ -30,50 +29,20 @@ from typing import Any
 
 import pytest
 
-from tests.peers import REPO, wait_for
+from tests import qemu
+from tests.peers import REPO
 
 pytestmark = [pytest.mark.image, pytest.mark.image_update]
 
 OUT = REPO / "image-build" / "out"
 IMAGE, ROOTFS, BUNDLE = OUT / "appliance.img", OUT / "rootfs.ext4", OUT / "update.raucb"
-OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
-OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 # A boot under TCG is 45-90 s, an install a few minutes; a scenario is a few boots.
 SCENARIO_DEADLINE_S = 1500
 BROKEN_DROPIN = "[Service]\nExecStart=\nExecStart=/bin/false\n"
 
 
-@dataclass
-class Run:
-    proc: subprocess.Popen[bytes]
-    console: Path
-
-    def text(self) -> str:
-        return self.console.read_text(errors="replace") if self.console.exists() else ""
-
-    def tail(self, lines: int = 80) -> str:
-        return "\n".join(self.text().splitlines()[-lines:])
-
-    def wait(self, pattern: str, after: int = 0, timeout: float = SCENARIO_DEADLINE_S) -> re.Match[str]:
-        """The first match of `pattern` on the console after character `after`."""
-        rx = re.compile(pattern)
-
-        def seen() -> re.Match[str] | None:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"QEMU exited ({self.proc.returncode}):\n{self.tail()}")
-            return rx.search(self.text(), after)
-
-        return wait_for(seen, timeout=timeout, poll=1.0, what=f"{pattern!r} on the console",
-                        detail=self.tail)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=60)
+def wait(run: qemu.Guest, pattern: str, after: int = 0) -> re.Match[str]:
+    return run.wait(pattern, after, SCENARIO_DEADLINE_S)
 
 
 @dataclass
@@ -84,20 +53,11 @@ class Box:
     vars: Path
     runs: int = 0
 
-    def start(self, stick: Path | None) -> Run:
+    def start(self, stick: Path | None) -> qemu.Guest:
         self.runs += 1
-        console = self.tmp / f"console-{self.runs}.log"
-        cmd = ["qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-cpu", "max", "-m", "2048",
-               "-smp", "2", "-nographic", "-monitor", "none", "-serial", f"file:{console}",
-               "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
-               "-drive", f"if=pflash,format=raw,unit=1,file={self.vars}",
-               "-drive", f"if=virtio,format=raw,file={self.disk}",
-               "-nic", "user,model=virtio-net-pci"]
-        if stick is not None:
-            cmd += ["-drive", f"if=virtio,format=raw,readonly=on,file={stick}"]
-        with (self.tmp / f"qemu-{self.runs}.out").open("wb") as out:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-        return Run(proc, console)
+        extra = [] if stick is None else ["-drive", f"if=virtio,format=raw,readonly=on,file={stick}"]
+        return qemu.start(self.tmp, extra, disk=self.disk, vars_file=self.vars, name=f"-{self.runs}",
+                          restrict=False)
 
 
 def make_stick(bundle: Path, stick: Path) -> None:
@@ -160,31 +120,29 @@ def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Box]:
     tmp = tmp_path_factory.mktemp("update")
     disk = tmp / "disk.img"
     subprocess.run(["cp", "--sparse=always", str(IMAGE), str(disk)], check=True, timeout=600)
-    vars_copy = tmp / "OVMF_VARS.fd"
-    shutil.copyfile(OVMF_VARS, vars_copy)
-    yield Box(tmp, disk, vars_copy)
+    yield Box(tmp, disk, qemu.fresh_vars(tmp / "OVMF_VARS.fd"))
 
 
 @pytest.fixture(scope="module")
-def kept(box: Box) -> Iterator[tuple[Run, float]]:
+def kept(box: Box) -> Iterator[tuple[qemu.Guest, float]]:
     """The good bundle installed from the stick, booted and kept; the install's seconds."""
     stick = box.tmp / "stick-good.img"
     make_stick(BUNDLE, stick)
     run = box.start(stick)
     try:
-        run.wait(r"grub: booting slot A")
-        m = run.wait(r"appliance-update: installed into slot B in (\d+) s")
-        run.wait(r"grub: booting slot B", after=m.end())
-        kept = run.wait(r"appliance-update: kept slot B", after=m.end())
-        run.wait(r"appliance-update: rauc status \{", after=kept.end())
+        wait(run, r"grub: booting slot A")
+        m = wait(run, r"appliance-update: installed into slot B in (\d+) s")
+        wait(run, r"grub: booting slot B", after=m.end())
+        kept = wait(run, r"appliance-update: kept slot B", after=m.end())
+        wait(run, r"appliance-update: rauc status \{", after=kept.end())
     finally:
         run.stop()  # the disk is the next scenario's: one QEMU at a time
     yield run, float(m.group(1))
 
 
-def test_update_bundle_is_installed_boots_and_is_kept(kept: tuple[Run, float]) -> None:
+def test_update_bundle_is_installed_boots_and_is_kept(kept: tuple[qemu.Guest, float]) -> None:
     run, _ = kept
-    st = rauc_status(run.text())
+    st = rauc_status(run.console_text())
     assert st["booted"] == "B"
     b = slot_by_bootname(st, "B")
     assert b["boot_status"] == "good"
@@ -198,7 +156,7 @@ def test_update_bundle_is_installed_boots_and_is_kept(kept: tuple[Run, float]) -
 
 
 def test_broken_update_killed_in_its_trial_boot_falls_back_by_itself_spool_intact(
-        box: Box, kept: tuple[Run, float]) -> None:
+        box: Box, kept: tuple[qemu.Guest, float]) -> None:
     """A bundle whose appliance.service fails, installed from a stick; QEMU killed (power
     cut) during its first trial boot; powered on again without the stick: GRUB tries the
     new slot again (boot 2 of 3), the gate rejects it (the daemon restarted 3 times), and
@@ -208,27 +166,26 @@ def test_broken_update_killed_in_its_trial_boot_falls_back_by_itself_spool_intac
     make_stick(bundle, stick)
     run = box.start(stick)
     try:
-        run.wait(r"grub: booting slot B")
-        m = run.wait(r"appliance-update: installed into slot A in \d+ s")
-        run.wait(r"grub: booting slot A \(boot 1 of 3\)", after=m.end())
+        wait(run, r"grub: booting slot B")
+        m = wait(run, r"appliance-update: installed into slot A in \d+ s")
+        wait(run, r"grub: booting slot A \(boot 1 of 3\)", after=m.end())
     finally:
-        run.proc.kill()  # the power cut: no shutdown, no flush
-        run.proc.wait(timeout=60)
+        run.kill()  # the power cut: no shutdown, no flush
     run = box.start(None)
     try:
-        trial = run.wait(r"grub: booting slot A \(boot 2 of 3\)")
+        trial = wait(run, r"grub: booting slot A \(boot 2 of 3\)")
         t0 = time.monotonic()
-        rejected = run.wait(r"appliance-update: rejected slot A \(appliance.service restarted",
-                            after=trial.end())
-        back = run.wait(r"grub: booting slot B", after=rejected.end())
-        run.wait(r"appliance-update: slot A \(version broken-\d+\) failed its trial: back on slot B",
-                 after=back.end())
-        kept = run.wait(r"appliance-update: kept slot B", after=back.end())
-        run.wait(r"appliance-update: rauc status \{", after=kept.end())
+        rejected = wait(run, r"appliance-update: rejected slot A \(appliance.service restarted",
+                        after=trial.end())
+        back = wait(run, r"grub: booting slot B", after=rejected.end())
+        wait(run, r"appliance-update: slot A \(version broken-\d+\) failed its trial: back on slot B",
+             after=back.end())
+        kept_line = wait(run, r"appliance-update: kept slot B", after=back.end())
+        wait(run, r"appliance-update: rauc status \{", after=kept_line.end())
         print(f"fallback: {time.monotonic() - t0:.0f} s from the trial boot's GRUB line to the old slot kept")
     finally:
         run.stop()
-    text = run.text()
+    text = run.console_text()
     st = rauc_status(text)
     assert st["booted"] == "B"
     assert slot_by_bootname(st, "A")["boot_status"] == "bad"
