@@ -18,10 +18,13 @@ DEV_CONFIG := config/appliance.dev.toml
 # bundle); prometheus: `promtool check metrics` on
 # a scrape of the metrics endpoint, `promtool check/test rules` on config/ops-center/, and a
 # real Prometheus in tests/test_alerts_fleet.py (its system service is stopped and disabled too);
-# and chromium, the headless browser that reads and screenshots the fleet page.
+# chromium, the headless browser that reads and screenshots the fleet page; and the
+# hospital's audit record repository, rsyslog with its TLS driver (rsyslog-gnutls; the
+# tests start their own on a loopback port, so the system service is stopped and disabled).
 PEERS := dcmtk orthanc orthanc-dicomweb openssh-server iproute2 nftables wireguard-go \
 	wireguard-tools mmdebstrap systemd-container util-linux mosquitto grub-efi-amd64-bin \
-	mtools dosfstools fdisk qemu-system-x86 ovmf prometheus chromium rauc squashfs-tools
+	mtools dosfstools fdisk qemu-system-x86 ovmf prometheus chromium rauc squashfs-tools \
+	rsyslog rsyslog-gnutls
 PYTEST_ARGS ?=
 
 .PHONY: run test test-field test-ops test-rabbitmq peers-rabbitmq test-boot test-wan image image-test \
@@ -63,6 +66,8 @@ peers:
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	command -v rauc >/dev/null || missing="$$missing rauc"; \
 	command -v mksquashfs >/dev/null || missing="$$missing squashfs-tools"; \
+	test -x /usr/sbin/rsyslogd || missing="$$missing rsyslog"; \
+	dpkg -s rsyslog-gnutls >/dev/null 2>&1 || missing="$$missing rsyslog-gnutls"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing test peers:$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
@@ -76,6 +81,11 @@ peers:
 	  case "$$missing" in *prometheus*) \
 	    if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then \
 	      $$SUDO systemctl disable --now prometheus.service prometheus-node-exporter.service >/dev/null 2>&1 || true; \
+	    fi;; \
+	  esac; \
+	  case "$$missing" in *"rsyslog "*|*rsyslog) \
+	    if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then \
+	      $$SUDO systemctl disable --now rsyslog.service >/dev/null 2>&1 || true; \
 	    fi;; \
 	  esac; \
 	fi
@@ -107,7 +117,8 @@ test-field: venv peers
 # The operations-center tier (marker ops): the ops link, signed commands, desired config,
 # the fleet view and the alert rules with a real Mosquitto, Prometheus and headless
 # Chromium (tests/test_ops_link.py, test_ops_commands.py, test_ops_desired_live.py,
-# test_fleet_peers.py, test_alerts_fleet.py; 79 tests, 5.5 minutes in CI on 2026-12-07).
+# test_fleet_peers.py, test_alerts_fleet.py; 79 tests, 5.5 minutes in CI on 2026-12-07;
+# test_fleet_peers.py has 13 since, 2 more, ~2.7 min alone).
 test-ops: venv peers
 	$(BIN)/python -m pytest -m ops --durations=10 $(PYTEST_ARGS)
 
@@ -133,7 +144,8 @@ peers-rabbitmq:
 	fi
 
 # The telemetry tests of the ops link against RabbitMQ (marker rabbitmq; 3.5-5 min;
-# tests/test_ops_link_rabbitmq.py, docs/operations.md "A clustered broker").
+# tests/test_ops_link_rabbitmq.py, docs/operations.md "A clustered broker") and the fleet
+# view's (tests/test_fleet_rabbitmq.py, 6 tests, ~2 min more).
 test-rabbitmq: venv peers peers-rabbitmq
 	$(BIN)/python -m pytest -m rabbitmq $(PYTEST_ARGS)
 

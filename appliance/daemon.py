@@ -37,7 +37,9 @@ import structlog
 
 from appliance import __version__
 from appliance.audit import AuditTrail
+from appliance.audit import repository as audit_repository
 from appliance.audit.trail import destination as audit_destination
+from appliance.audit.trail import for_config as audit_for_config
 from appliance.core import crypto, durable, hardening
 from appliance.core import log as applog
 from appliance.core import pynetdicom_compat as compat
@@ -60,11 +62,13 @@ from appliance.ops import link as ops_link
 from appliance.pack.packer import Packer
 from appliance.pack.pool import CodecPool
 from appliance.queue import commands
-from appliance.queue.index import open_index
+from appliance.queue.index import SCHEMA_VERSION, open_index
 from appliance.queue.store import PRIORITY_ROUTINE, PRIORITY_STAT, Item, Queue
-from appliance.receive.scp import Receiver, ReceiveStats, identify_stored
+from appliance.receive.identify import identify_stored
+from appliance.receive.scp import Receiver, ReceiveStats
 from appliance.spool.store import Spool
 from appliance.update import lock as update_lock
+from appliance.update import remote as update_remote
 from appliance.vpn import handshake as vpn_handshake
 
 log = structlog.get_logger("appliance.daemon")
@@ -148,9 +152,7 @@ def state_lock(state_dir: Path) -> Iterator[None]:
 def audit_trail(cfg: Config, key: crypto.SpoolKey | None = None) -> AuditTrail:
     """The appliance's audit trail (appliance.audit), in STATE/audit/, sealed under the
     audit key derived from the spool key (loaded here unless given)."""
-    key = key or crypto.load_spool_key(cfg.spool.key_file)
-    return AuditTrail(cfg.appliance.state_dir / "audit", cfg.appliance.name, cfg.receive.ae_title,
-                      key.audit_key(), cfg.audit.max_mb << 20, cfg.audit.files)
+    return audit_for_config(cfg, key)
 
 
 class ForwardAudit:
@@ -199,11 +201,13 @@ class Daemon:
         self._problems: list[str] = []
         self.link: ops_link.Link | None = None
         self.commands: ops_commands.Commands | None = None
+        self.updates = update_remote.Runner(cfg)  # the ops center's `update` command
         self._untap: Callable[[], None] = lambda: None
         self.metrics: tuple[health_metrics.MetricsServer, health_metrics.Tally] | None = None
         self._untap_metrics: Callable[[], None] = lambda: None
         self.recent = ops_diagnostics.Recent()  # the last log events, for diagnostics
         self._untap_recent: Callable[[], None] = lambda: None
+        self.audit_sender: audit_repository.Sender | None = None
 
     def run(self) -> int:
         cfg = self.cfg
@@ -213,7 +217,15 @@ class Daemon:
         lock_fd = lock_state_dir(cfg.appliance.state_dir)
         key = crypto.load_spool_key(cfg.spool.key_file)
         self.audit = audit_trail(cfg, key)
+        if cfg.audit.syslog_host:  # the hospital's audit repository (audit/repository.py)
+            stage = self.supervisor.stage("audit", 2 * audit_repository.TIMEOUT_S + cfg.health.stall_s,
+                                          alive=lambda: sender.alive())
+            self.audit_sender = sender = audit_repository.Sender(
+                cfg.audit, self.audit.dir, key.audit_key(), cfg.appliance.name, stage=stage)
+            self.audit.on_write = self.audit_sender.wake
         index = open_index(cfg.appliance.state_dir)
+        if index.newer is not None:  # back on the old slot after an update's trial boot
+            log.warning("queue.schema_newer", schema=index.newer, ours=SCHEMA_VERSION)
         self.spool = spool = Spool(
             cfg.appliance.state_dir, key, index, cfg.spool.reserve_free_mb << 20,
             cfg.pack.segment_max_instances, cfg.pack.segment_max_mb << 20,
@@ -299,6 +311,8 @@ class Daemon:
                 log.info("listening", host=host, port=port, tls=tls, ae_title=cfg.receive.ae_title)
             for w in workers:
                 w.start()
+            if self.audit_sender is not None:
+                self.audit_sender.start()
             self._start_link()
             if self.desired is not None:
                 desired.report(self.main_file)  # a rollback at this start, as an ops event
@@ -332,6 +346,8 @@ class Daemon:
             self._stop_metrics()
             index.close()
             self.audit.application(started=False)
+            if self.audit_sender is not None:
+                self.audit_sender.stop()  # sends what is waiting if it is connected, briefly
             self._untap_recent()
             os.close(lock_fd)
             log.info("appliance.stopped")
@@ -366,7 +382,7 @@ class Daemon:
             return
         try:
             outcome = self.desired.check(healthy, time.time() - self.started)
-        except OSError as e:  # conf.d not writable: judged again at the next turn
+        except OSError as e:  # remote.d not writable: judged again at the next turn
             log.error("config.check_failed", error=e.strerror or type(e).__name__)
             return
         if outcome == "rolled back":
@@ -420,6 +436,7 @@ class Daemon:
             "events.replay": lambda args: self._replay(args),
             "diagnostics": lambda args: ops_diagnostics.collect(
                 self.snapshot(), effective_config(self.cfg), self.recent.events()),
+            "update.start": lambda args: self.updates.start(args),
         }
 
     def _replay(self, args: dict[str, Any]) -> dict[str, int]:
@@ -584,6 +601,8 @@ class Daemon:
                         "parked": self.queue.parked_count()},
             "stages": self.supervisor.snapshot(),
             "problems": self.supervisor.problems(),
+            "audit": {"written": self.audit.written, "failed": self.audit.failed,
+                      "repository": self.audit_sender.status() if self.audit_sender else None},
             **({"ops": {**self.link.status(), "last_command": self.commands.last if self.commands else None},
                 "config": desired.status(self.main_file)}
                if self.link is not None else {}),

@@ -42,10 +42,9 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from e2e_bench import BEFORE  # noqa: E402
 from receive_bench import generate_study, machine, source  # noqa: E402
-from wan_bench import bundle_bytes, center, storescu  # noqa: E402
+from wan_bench import appliance_at_site, bundle_bytes, center, storescu  # noqa: E402
 
 from tests.orthanc import Orthanc  # noqa: E402
-from tests.peers import Appliance, base_config, free_port  # noqa: E402
 from tests.wan import Wan  # noqa: E402
 
 
@@ -85,27 +84,12 @@ def run_direct(wan: Wan, work: Path, files: list[Path], timeout: float) -> dict[
 
 def run_appliance(wan: Wan, work: Path, files: list[Path], timeout: float,
                   pack: dict[str, Any]) -> dict[str, float]:
-    pacs = center(wan, work / "center")
-    try:
-        cfg = base_config(work / "a", free_port())
-        if pack:
-            cfg["pack"] = pack
-        cfg["destinations"] = [{"name": "center", "transport": "dicom", "host": wan.center.addr,
-                                "port": pacs.dicom_port, "ae_title": "ORTHANC", "plaintext": True}]
-        app = Appliance(work / "a", cfg)
-        app.netns = wan.site.name
-        try:
-            app.start()
-            t0 = time.perf_counter()
-            p = storescu(wan, "127.0.0.1", app.port, "EDGE", files, work / "storescu.log")
-            times = wait_marks(pacs, len(files), p, work / "storescu.log", timeout, t0)
-            p.wait(60)
-            return {**times, "bundle_mb": bundle_bytes(app.state_dir) / 1e6}
-        finally:
-            app.stop()
-            app.kill9()
-    finally:
-        pacs.stop()
+    with appliance_at_site(wan, work, pack) as (app, pacs):
+        t0 = time.perf_counter()
+        p = storescu(wan, "127.0.0.1", app.port, "EDGE", files, work / "storescu.log")
+        times = wait_marks(pacs, len(files), p, work / "storescu.log", timeout, t0)
+        p.wait(60)
+        return {**times, "bundle_mb": bundle_bytes(app.state_dir) / 1e6}
 
 
 def one_rate(mbit: float, work: Path, files: list[Path], runs: int,

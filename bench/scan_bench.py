@@ -2,8 +2,8 @@
 """Time of the receive hot path's UID scan (`dicomscan.scan_identifiers`) per CT slice.
 
 The receiver scans each instance as it is acknowledged: our own file meta
-(`receive.scp.part10_header`) followed by the data set as received, cut to
-`receive.scp.IDENTIFY_PREFIX` bytes (what `identify` hands the scanner). Here the data
+(`receive.identify.part10_header`) followed by the data set as received, cut to
+`receive.identify.IDENTIFY_PREFIX` bytes (what `identify` hands the scanner). Here the data
 sets are those of the samples' 28-slice Philips CT phantom, cycled to `--slices`
 instances; each timing is one pass over all of them, the best and the median of
 `--repeat` passes are reported in microseconds per slice. Every slice must be scanned
@@ -33,7 +33,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from appliance.core import dicomscan  # noqa: E402
-from appliance.receive.scp import IDENTIFY_PREFIX, part10_header  # noqa: E402
+from appliance.receive.identify import IDENTIFY_PREFIX, part10_header  # noqa: E402
 from tests.peers import SAMPLES  # noqa: E402
 
 CT_SERIES = SAMPLES / "series" / "CT_Philips_Ingenuity_phantom_28sl"

@@ -72,7 +72,7 @@ def _box(state: Path, codec: str, verify: bool, threshold_mb: int) -> Any:
 
 
 def child_store(state: Path, plain: Path) -> dict[str, Any]:
-    from appliance.receive.scp import identify_stored
+    from appliance.receive.identify import identify_stored
 
     spool, _, _, _ = _box(state, "none", False, 64)
     with plain.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:

@@ -30,6 +30,7 @@ Needs root (network namespaces). Prints a markdown table; JSON goes to bench/res
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -39,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -107,8 +109,11 @@ def run_direct(wan: Wan, work: Path, files: list[Path], timeout: float) -> dict[
         pacs.stop()
 
 
-def run_appliance(wan: Wan, work: Path, files: list[Path], timeout: float,
-                  pack: dict[str, Any]) -> dict[str, Any]:
+@contextlib.contextmanager
+def appliance_at_site(wan: Wan, work: Path, pack: dict[str, Any]) -> Iterator[tuple[Appliance, Orthanc]]:
+    """A fresh center Orthanc, and an appliance in `site` forwarding to it by DICOM with
+    the given pack settings (shipped defaults when empty); both stopped on the way out.
+    Shared with bench/firstbyte_wan_bench.py."""
     pacs = center(wan, work / "center")
     try:
         cfg = base_config(work / "a", free_port())
@@ -120,21 +125,27 @@ def run_appliance(wan: Wan, work: Path, files: list[Path], timeout: float,
         app.netns = wan.site.name
         try:
             app.start()
-            seen: dict[str, Any] = {}
-            tx0 = wan.link.counter(wan.site)
-            t0 = time.perf_counter()
-            p = storescu(wan, "127.0.0.1", app.port, "EDGE", files, work / "storescu.log")
-            done = wait_all(pacs, len(files), p, work / "storescu.log", timeout, t0, seen)
-            wire = wan.link.counter(wan.site) - tx0
-            p.wait(60)
-            bundle = bundle_bytes(app.state_dir)
-            seen["pack_s"] = packing_seconds(app.log_text())
+            yield app, pacs
         finally:
             app.stop()
             app.kill9()
-        return {"total_s": done - t0, "wire_mb": wire / 1e6, "bundle_mb": bundle / 1e6, **seen}
     finally:
         pacs.stop()
+
+
+def run_appliance(wan: Wan, work: Path, files: list[Path], timeout: float,
+                  pack: dict[str, Any]) -> dict[str, Any]:
+    with appliance_at_site(wan, work, pack) as (app, pacs):
+        seen: dict[str, Any] = {}
+        tx0 = wan.link.counter(wan.site)
+        t0 = time.perf_counter()
+        p = storescu(wan, "127.0.0.1", app.port, "EDGE", files, work / "storescu.log")
+        done = wait_all(pacs, len(files), p, work / "storescu.log", timeout, t0, seen)
+        wire = wan.link.counter(wan.site) - tx0
+        p.wait(60)
+        bundle = bundle_bytes(app.state_dir)
+        seen["pack_s"] = packing_seconds(app.log_text())
+    return {"total_s": done - t0, "wire_mb": wire / 1e6, "bundle_mb": bundle / 1e6, **seen}
 
 
 def packing_seconds(log: str) -> list[float]:

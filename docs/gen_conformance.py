@@ -52,7 +52,8 @@ from appliance.core import config
 from appliance.forward.dicom import contexts, status
 from appliance.forward.dicom.contexts import STORAGE_COMMITMENT_PUSH, UNCOMPRESSED
 from appliance.pack.codec import CODECS
-from appliance.receive.scp import STATUS, part10_header
+from appliance.receive.identify import part10_header
+from appliance.receive.scp import STATUS
 
 DOC = Path(__file__).resolve().parent / "conformance-statement.md"
 BLOCK_RE = re.compile(r"(<!-- generated: ([\w-]+) -->\n)(.*?)(<!-- end: \2 -->)", re.S)

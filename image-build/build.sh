@@ -123,9 +123,9 @@ data=$work/data
 uid=$(awk -F: '$1 == "appliance" {print $3}' "$root/etc/passwd")
 # outbox: the default config's directory destination, which the appliance does not
 # create (a missing folder there means an unmounted share).
-mkdir -p "$data/appliance/outbox" "$data/keys" "$data/config"
-chown "$uid:$uid" "$data/appliance" "$data/appliance/outbox" "$data/keys" "$data/config"
-chmod 0700 "$data/appliance" "$data/appliance/outbox" "$data/keys" "$data/config"
+mkdir -p "$data/appliance/outbox" "$data/keys" "$data/config/remote.d"
+chown "$uid:$uid" "$data/appliance" "$data/appliance/outbox" "$data/keys" "$data/config" "$data/config/remote.d"
+chmod 0700 "$data/appliance" "$data/appliance/outbox" "$data/keys" "$data/config" "$data/config/remote.d"
 cp -a "$root/var/lib/systemd" "$data/systemd"
 # chrony's drift file and NTS keys (/var/lib/chrony, a bind mount of /data/chrony).
 cp -a "$root/var/lib/chrony" "$data/chrony"

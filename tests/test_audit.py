@@ -212,3 +212,55 @@ def test_the_daemon_audits_a_store_a_refusal_and_an_operator_hold(appliance_fact
     assert patient_id.encode() not in audit_log.read_bytes()
     app.stop()
     assert ("110100", "110121") in by_kind()
+
+
+# --- key use, from the CLI -------------------------------------------------------------------
+
+
+def _cli_config(tmp_path: Path) -> tuple[Path, Path]:
+    from tests.peers import base_config, free_port, to_toml
+
+    cfg = tmp_path / "appliance.toml"
+    cfg.write_text(to_toml(base_config(tmp_path, free_port())))
+    return cfg, tmp_path / "state" / "audit" / "audit.log"
+
+
+def _spool_audit_key(tmp_path: Path) -> bytes:
+    from appliance.core import crypto
+
+    return crypto.load_spool_key(tmp_path / "keys" / "spool.key").audit_key()
+
+
+def test_keys_init_audits_the_keys_it_made_and_not_those_it_kept(tmp_path: Path) -> None:
+    cfg, log = _cli_config(tmp_path)
+    cli("keys", "init", "--config", str(cfg), check=True)
+    cli("keys", "init", "--config", str(cfg), check=True)  # everything kept: no change
+    alerts = [m for m in parse_lines(log, _spool_audit_key(tmp_path)) if event(m) == ("110113", "110129")]
+    assert len(alerts) == 1  # Security Alert, Security Configuration
+    what = alerts[0].findtext("EventIdentification/EventOutcomeDescription") or ""
+    assert "spool key" in what and "appliance key" in what and "created" in what
+    import pwd
+    assert alerts[0].find("ActiveParticipant").get("UserID") == pwd.getpwuid(os.getuid()).pw_name  # type: ignore[union-attr]
+
+
+def test_reading_the_trail_is_audited_before_it_is_shown(tmp_path: Path) -> None:
+    cfg, log = _cli_config(tmp_path)
+    cli("keys", "init", "--config", str(cfg), check=True)
+    r = cli("audit", "show", "--config", str(cfg), check=True)
+    shown = [xml(line.encode()) for line in r.stdout.splitlines()]
+    assert event(shown[-1]) == ("110101", None)  # Audit Log Used, the read itself
+    [obj] = shown[-1].findall("ParticipantObjectIdentification")
+    assert obj.get("ParticipantObjectTypeCodeRole") == "13" and obj.get("ParticipantObjectID") == log.as_uri()
+    assert len(parse_lines(log, _spool_audit_key(tmp_path))) == len(shown)
+
+
+@pytest.mark.root
+def test_what_root_writes_stays_the_state_directorys_owners(tmp_path: Path) -> None:
+    """`appliance update` (root) writes the trail too; the daemon's user must go on writing
+    and rotating it."""
+    state = tmp_path / "state"
+    state.mkdir()
+    os.chown(state, 4321, 4321)  # the appliance user
+    trail = AuditTrail(state / "audit", "box", "EDGE", KEY)  # root makes the directory
+    assert trail.application(started=True)
+    assert {(p.stat().st_uid, p.stat().st_gid) for p in (state / "audit", trail.path)} == {(4321, 4321)}

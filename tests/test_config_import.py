@@ -253,3 +253,96 @@ def test_identity_names_the_slot_from_the_kernel_command_line(tmp_path: Path,
     assert identity.slot() == "B"
     cmdline.write_text("root=PARTUUID=x ro\n")
     assert identity.slot().startswith("unknown")
+
+
+# --- the operations center's remote drop-in (ops/desired.py) across an import ----------
+
+REMOTE = '[receive]\nae_title = "REMOTE"\n'
+
+
+def remote_in_force(box: Path, text: str = REMOTE, version: int = 4) -> Path:
+    """A remote drop-in as the daemon leaves it once applied: config-dir/remote.d."""
+    from appliance.ops import desired
+
+    ps = desired.paths_in(box / config.REMOTE_DIR)
+    ps.dropin.parent.mkdir(parents=True, exist_ok=True)
+    ps.dropin.write_text(text)
+    ps.applied.write_text(f'{{"version": {version}, "digest": "d{version}", "at": 1}}')
+    return ps.dropin
+
+
+def test_an_import_keeps_the_remote_dropin_and_it_still_wins(tmp_path: Path, box: Path) -> None:
+    assert run_import(stick(tmp_path, site(tmp_path)), box) == 0
+    dropin = remote_in_force(box)
+    assert config.remote_dir(config.default_path()) == box / "remote.d"
+    src = stick(tmp_path, site(tmp_path, ae_title="STICK"), "second")
+    assert run_import(src, box) == 0
+    cfg = in_force(box)
+    assert dropin.read_text() == REMOTE
+    assert (cfg.receive.ae_title, cfg.file_of("receive.ae_title")) == ("REMOTE", dropin)
+
+
+def test_the_result_file_names_the_kept_remote_dropin_its_version_keys_and_how_to_clear_it(
+        tmp_path: Path, box: Path) -> None:
+    assert run_import(stick(tmp_path, site(tmp_path)), box) == 0
+    dropin = remote_in_force(box, version=4)
+    src = stick(tmp_path, site(tmp_path, ae_title="STICK"), "second")
+    assert run_import(src, box) == 0
+    text = result(src)
+    assert f"remote config (operations center): {dropin} (version 4 applied); it is kept by an import" \
+           " and wins over these files for: receive.ae_title\r\n" in text, text
+    assert "remote config: to remove it, import a stick with clear-remote-config.txt beside" \
+           " appliance.toml\r\n" in text
+
+
+def test_an_import_checks_the_new_files_with_the_remote_dropin_and_refuses_a_clash(
+        tmp_path: Path, box: Path) -> None:
+    assert run_import(stick(tmp_path, site(tmp_path)), box) == 0
+    # valid with the set in force (no bandwidth cap); the new set caps its destination
+    # below the floor the center set
+    remote_in_force(box, "[queue]\nmin_rate_kbit_s = 100\n")
+    new = site(tmp_path, ae_title="STICK")
+    new["destinations"][0]["max_kbit_s"] = 50
+    src = stick(tmp_path, new, "second")
+    assert run_import(src, box) == 78
+    text = result(src)
+    assert re.search(r"^config check: appliance\.toml: destinations\[0\]\.max_kbit_s: is below"
+                     r" queue\.min_rate_kbit_s \(100\)", text, re.M), text
+    assert "put clear-remote-config.txt beside appliance.toml" in text
+    assert in_force(box).receive.ae_title == "EDGE"  # nothing changed
+
+
+def test_a_stick_with_clear_remote_config_removes_the_remote_dropin_once(tmp_path: Path, box: Path) -> None:
+    from appliance.ops import desired
+
+    assert run_import(stick(tmp_path, site(tmp_path)), box) == 0
+    dropin = remote_in_force(box, version=4)
+    src = stick(tmp_path, site(tmp_path, ae_title="STICK"), "clearing")
+    (src / "clear-remote-config.txt").write_text("")
+    marker = tmp_path / "changed"
+    assert run_import(src, box, "--changed-marker", str(marker)) == 0
+    assert marker.exists() and not dropin.exists()
+    assert in_force(box).receive.ae_title == "STICK"
+    text = result(src)
+    assert "remote config: cleared (version 4)\r\n" in text and \
+           "remote config (operations center): none\r\n" in text, text
+    st = desired.status(config.default_path())
+    assert (st["version"], st["cleared"]) == (4, 4)  # v4 is not taken again, only a newer one
+
+
+def test_a_clear_that_cannot_write_says_not_cleared_and_the_set_is_still_installed(
+        tmp_path: Path, box: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from appliance.ops import desired
+
+    assert run_import(stick(tmp_path, site(tmp_path)), box) == 0
+    dropin = remote_in_force(box)
+
+    def read_only(folder: Path, now: float | None = None) -> int | None:
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(desired, "clear", read_only)
+    src = stick(tmp_path, site(tmp_path, ae_title="STICK"), "clearing")
+    (src / "clear-remote-config.txt").write_text("")
+    assert run_import(src, box) == 0
+    assert f"remote config: NOT cleared ({box / 'remote.d'} cannot be written: Permission denied)\r\n" \
+        in result(src)
+    assert dropin.exists() and in_force(box).receive.ae_title == "REMOTE"

@@ -58,7 +58,7 @@ from appliance.core.config import Destination
 from appliance.forward import Permanent
 from appliance.forward.dicom import DicomTransport
 from appliance.pack import codec
-from appliance.receive.scp import part10_header
+from appliance.receive.identify import part10_header
 from tests.peers import REPO, SAMPLES, Appliance, base_config, free_port, wait_for
 
 DOC = REPO / "docs" / "conformance-statement.md"

@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from appliance.core import dicomscan
-from appliance.receive.scp import IDENTIFY_PREFIX, _read_identifiers, part10_header
+from appliance.receive.identify import IDENTIFY_PREFIX, _read_identifiers, part10_header
 from tests.peers import SAMPLES
 
 UIDS = (dicomscan.STUDY_INSTANCE_UID, dicomscan.SERIES_INSTANCE_UID, dicomscan.SOP_INSTANCE_UID)

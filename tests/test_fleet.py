@@ -222,8 +222,27 @@ def test_the_fleet_bench_runs() -> None:
 
 
 def test_a_ca_folder_without_the_centers_certificate_is_a_key_file_error(tmp_path: Path) -> None:
-    with pytest.raises(KeyFileError, match="fleet ca init"):
-        fl.tls_context(tmp_path)
+    with pytest.raises(KeyFileError, match="ops-center-serve.pem/.key.*fleet ca init.*fleet ca center"):
+        fl.tls_context(tmp_path, "ops-center-serve")
+
+
+def test_the_view_subscribes_by_wildcard_and_to_each_rostered_box_by_name() -> None:
+    wildcard, exact = fl.subscriptions(["ct-1", "ct-2"])
+    assert wildcard == [("appliance/+/online", 1), ("appliance/+/state", 1), ("appliance/+/events", 1)]
+    assert exact == [[("appliance/ct-1/online", 1), ("appliance/ct-1/state", 1),
+                      ("appliance/ct-2/online", 1), ("appliance/ct-2/state", 1)]]
+
+
+def test_by_name_subscriptions_come_in_bounded_packets_for_at_most_boxes_max() -> None:
+    _, exact = fl.subscriptions([f"ct-{i}" for i in range(fl.BOXES_MAX + 5)])
+    assert all(len(packet) <= fl.EXACT_PER_PACKET for packet in exact)
+    assert sum(len(packet) for packet in exact) == 2 * fl.BOXES_MAX
+
+
+def test_a_name_that_is_not_a_box_name_never_becomes_a_filter() -> None:
+    _, exact = fl.subscriptions(["ct-1", "+", "#", "a/b", "ct-2"])
+    assert [t for packet in exact for t, _ in packet if "ct-" not in t] == []
+    assert len(exact[0]) == 4
 
 
 def test_the_fleet_page_says_when_the_broker_is_not_connected() -> None:
@@ -231,3 +250,64 @@ def test_the_fleet_page_says_when_the_broker_is_not_connected() -> None:
     app = FleetApp(healthy(), clock=lambda: NOW, link=lambda: link)
     page = b"".join(app({"REQUEST_METHOD": "GET", "PATH_INFO": "/"}, lambda s, h: None)).decode()
     assert "broker 127.0.0.1:8883: NOT CONNECTED" in page
+
+
+class FakeClient:
+    """What the subscriber asks of paho's client: SUBSCRIBE and UNSUBSCRIBE, recorded."""
+
+    def __init__(self) -> None:
+        self.subscribed: list[list[tuple[str, int]]] = []
+        self.unsubscribed: list[list[str]] = []
+
+    def subscribe(self, filters: list[tuple[str, int]]) -> tuple[int, int]:
+        self.subscribed.append(filters)
+        return 0, len(self.subscribed)  # (rc, mid)
+
+    def unsubscribe(self, topics: list[str]) -> None:
+        self.unsubscribed.append(topics)
+
+
+class Ok:
+    is_failure = False
+
+
+def connected(tmp_path: Path, roster: str | None) -> tuple[fl.Subscriber, FakeClient, list[str]]:
+    from appliance.ops import pki
+
+    pki.ca_init(tmp_path / "ca", ("127.0.0.1",))
+    if roster is not None:
+        (tmp_path / "ca" / pki.ROSTER).write_text(roster)
+    sub = fl.Subscriber(fl.Fleet(), "127.0.0.1", 8883, tmp_path / "ca", pki.SERVE_CN)
+    lines: list[str] = []
+    sub.on_change = lines.append
+    fake = FakeClient()
+    sub._on_connect(fake, None, None, Ok(), None)
+    return sub, fake, lines
+
+
+def test_by_name_filters_are_unsubscribed_once_their_suback_came_and_then_it_is_subscribed(
+        tmp_path: Path) -> None:
+    sub, fake, _ = connected(tmp_path, "ct-1 1 x\nct-2 2 x\n")
+    assert [len(f) for f in fake.subscribed] == [3, 4]  # the wildcards, then the roster by name
+    sub._on_subscribe(fake, None, 2, [], None)
+    assert fake.unsubscribed == [["appliance/ct-1/online", "appliance/ct-1/state",
+                                  "appliance/ct-2/online", "appliance/ct-2/state"]]
+    assert not sub.subscribed.is_set()  # the wildcards' SUBACK has not come
+    sub._on_subscribe(fake, None, 1, [], None)
+    assert sub.subscribed.is_set() and len(fake.unsubscribed) == 1  # the wildcards stay
+
+
+def test_an_unreadable_roster_leaves_the_wildcards_and_says_so(tmp_path: Path) -> None:
+    (tmp_path / "ca").mkdir()
+    (tmp_path / "ca" / "roster").mkdir()  # reading it is an OSError (IsADirectoryError)
+    sub, fake, lines = connected(tmp_path, None)
+    assert [len(f) for f in fake.subscribed] == [3]
+    assert any("cannot read" in line and "wildcard only" in line for line in lines), lines
+
+
+def test_fleet_status_waits_longer_with_more_boxes_in_the_roster(tmp_path: Path) -> None:
+    from appliance.ops import fleetcli
+
+    assert fleetcli.default_settle_s(tmp_path) == fleetcli.SETTLE_S  # no roster
+    (tmp_path / "roster").write_text("".join(f"ct-{i} 1 x\n" for i in range(2 * fl.BOXES_MAX)))
+    assert fleetcli.default_settle_s(tmp_path) == fleetcli.SETTLE_S + fleetcli.SETTLE_PER_BOX_S * fl.BOXES_MAX

@@ -5,9 +5,10 @@ and `appliance fleet serve` (a subprocess, its page read by headless Chromium).
 Box `ct-north` has a PACS that never answers (its destination goes down: a person is
 needed) and has received the PHI canary study; `ct-south` delivers to a folder.
 
-The broker lets one client per certificate in, and `fleet status` and `fleet serve` both
-use the operations center's: the status tests come before the serve fixture starts, and
-no Watcher with that certificate runs here.
+The broker lets one client per certificate in: `fleet serve`, `fleet status` and `fleet
+send` each have their own (ops-center-serve, ops-center-status, ops-center), so the page
+stays connected while the others run. tests/test_fleet_rabbitmq.py runs these tests
+against RabbitMQ (the `make_broker` fixture).
 
 Screenshots are kept under the test's tmp dir and, when APPLIANCE_TEST_ARTIFACTS names
 a folder, copied there (fleet-page.png, fleet-box.png).
@@ -15,6 +16,7 @@ a folder, copied there (fleet-page.png, fleet-box.png).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -24,15 +26,18 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.mosquitto import MOSQUITTO, Broker, fleet_ca, sign
+from appliance.core import crypto
+from appliance.ops import commands
+from tests.mosquitto import MOSQUITTO, Broker, Watcher, fleet_ca, sign
 from tests.peers import REPO, Appliance, base_config, cli, free_port, storescu, wait_for
 from tests.test_ops_link import CANARY, canary_study
 
@@ -49,35 +54,47 @@ PNG = b"\x89PNG\r\n\x1a\n"
 class Bed:
     root: Path
     ca: Path
-    broker: Broker
+    broker: Any  # tests.mosquitto.Broker or tests.rabbitmq.RabbitBroker
     boxes: dict[str, Appliance]
 
     def fleet_args(self) -> list[str]:
         return ["--ca", str(self.ca), "--host", "127.0.0.1", "--port", str(self.broker.port),
                 "--heartbeat", str(HEARTBEAT_S)]
 
+    def send(self, box: str, op: str) -> subprocess.CompletedProcess[str]:
+        return cli("fleet", "send", box, op, "--key", str(self.root / "center" / "command.key"),
+                   "--ca", str(self.ca), "--port", str(self.broker.port), "--timeout", "30")
 
-def box(root: Path, ca: Path, broker: Broker, name: str, pacs_down: bool) -> Appliance:
+
+@pytest.fixture(scope="module")
+def make_broker() -> Callable[[Path, Path], Any]:
+    return Broker
+
+
+def box(root: Path, ca: Path, broker: Any, name: str, pacs_down: bool) -> Appliance:
     cfg = base_config(root, free_port())
     cfg["appliance"]["name"] = name
     cfg["operations"] = {"host": "127.0.0.1", "port": broker.port, "ca": str(ca / "ca.pem"),
                          "cert": str(root / "keys" / "mqtt.pem"), "key": str(root / "keys" / "mqtt.key"),
-                         "heartbeat_s": HEARTBEAT_S, "keepalive_s": 5, "metrics_bind": ""}
+                         "heartbeat_s": HEARTBEAT_S, "keepalive_s": 5, "metrics_bind": "",
+                         "command_keys": [str(root.parent / "center" / "command.pub")]}
     if pacs_down:
         cfg["queue"] = {"retry_min_s": 0.2, "retry_max_s": 1, "down_after": 1, "probe_min_s": 1}
         cfg["pack"] = {"study_quiet_s": 1}
         cfg["destinations"] = [{"name": "pacs", "transport": "dicom", "host": "127.0.0.1",
                                 "port": free_port(), "ae_title": "PACS", "plaintext": True, "timeout_s": 5}]
     a = Appliance(root, cfg)  # `keys init`: the box's key and CSR
-    sign(ca, root / "keys" / "mqtt.csr")
+    sign(ca, root / "keys" / "mqtt.csr")  # and the CA's roster names the box
+    a.env["APPLIANCE_CLOCK_SYNCED"] = "1"  # commands (the machine's clock may not be NTP-synced)
     return a.start()
 
 
 @pytest.fixture(scope="module")
-def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
+def bed(tmp_path_factory: pytest.TempPathFactory, make_broker: Callable[[Path, Path], Any]) -> Iterator[Bed]:
     root = tmp_path_factory.mktemp("fleetview")
     ca = fleet_ca(root / "ca")
-    broker = Broker(root / "broker", ca).start()
+    cli("fleet", "keys", "init", str(root / "center"), check=True)
+    broker = make_broker(root / "broker", ca).start()
     boxes: dict[str, Appliance] = {}
     try:
         boxes[NORTH] = box(root / NORTH, ca, broker, NORTH, pacs_down=True)
@@ -203,17 +220,63 @@ def test_fleet_serve_metrics_has_both_boxes_as_series(served: Served) -> None:
         assert got[cert] > time.time()
 
 
-def test_fleet_serve_comes_back_after_fleet_status_took_its_session(bed: Bed, served: Served) -> None:
-    """The broker lets one client per certificate in: status takes serve's session, serve reconnects."""
-    taken = "Client ops-center already connected, closing old connection"
-    before = bed.broker.log_text().count(taken)
-    r = cli("fleet", "status", *bed.fleet_args())
-    after = time.time()
-    assert NORTH in r.stdout
-    assert bed.broker.log_text().count(taken) > before  # status did take serve's session
+def serve_kept_its_session(bed: Bed, served: Served, since: str, after: float) -> None:
+    """The page connected since `since` all along, and hearing the boxes after `after`."""
     wait_for(lambda: samples(served.get("/metrics"))[("fleet_box_last_seen_timestamp_seconds",
                                                       (("box", SOUTH),))] > after + 1, 60,
-             "serve hearing the boxes again")
+             "serve hearing the boxes")
+    assert since in served.get("/")
+    assert "connection lost" not in (bed.root / "serve.log").read_text()
+    assert "Client ops-center-serve already connected" not in bed.broker.log_text()
+
+
+def connected_since(served: Served) -> str:
+    m = re.search(r"connected since [^<]+", served.get("/"))
+    assert m, served.get("/")
+    return m.group(0)
+
+
+def test_fleet_send_while_serve_runs_leaves_the_page_connected(bed: Bed, served: Served) -> None:
+    """`fleet send` connects with ops-center, `fleet serve` with ops-center-serve: the
+    broker has no reason to close the page's session."""
+    since = connected_since(served)
+    r = bed.send(SOUTH, "ping")
+    assert r.returncode == 0 and json.loads(r.stdout)["code"] == 200, r.stdout + r.stderr
+    serve_kept_its_session(bed, served, since, time.time())
+
+
+def test_fleet_status_while_serve_runs_leaves_the_page_connected(bed: Bed, served: Served) -> None:
+    since = connected_since(served)
+    r = cli("fleet", "status", *bed.fleet_args())
+    assert NORTH in r.stdout and SOUTH in r.stdout, r.stdout + r.stderr
+    serve_kept_its_session(bed, served, since, time.time())
+
+
+def test_only_the_ops_center_certificate_gets_a_command_to_a_box(bed: Bed) -> None:
+    """The same signed ping published with ops-center-status goes nowhere (the broker
+    refuses the write: Mosquitto drops it, RabbitMQ closes the connection); with
+    ops-center, the box answers it."""
+    key = crypto.load_private_key_of(bed.root / "center" / "command.key", Ed25519PrivateKey, "Ed25519")
+    results = f"appliance/{SOUTH}/cmd/result"
+    center = Watcher(bed.broker, bed.ca / "ops-center.pem", bed.ca / "ops-center.key", client_id="ops-center",
+                     topics=(results,), persistent=False)
+    try:
+        denied = commands.body(SOUTH, "ping", {}, key, now=time.time())
+        reader = Watcher(bed.broker, bed.ca / "ops-center-status.pem", bed.ca / "ops-center-status.key",
+                         client_id="ops-center-status", topics=(), persistent=False)
+        try:
+            sent = reader.c.publish(f"appliance/{SOUTH}/cmd", commands.envelope(denied, key), qos=1)
+            with contextlib.suppress(RuntimeError):  # Mosquitto acks (and drops) it; RabbitMQ closes
+                sent.wait_for_publish(10)
+        finally:
+            reader.close()
+        allowed = commands.body(SOUTH, "ping", {}, key, now=time.time())
+        center.c.publish(f"appliance/{SOUTH}/cmd", commands.envelope(allowed, key), qos=1)
+        wait_for(lambda: any(m.json().get("cmd_id") == allowed["cmd_id"] for m in center.on(results)), 30,
+                 "the ops-center's ping answered", detail=lambda: bed.boxes[SOUTH].log_text()[-3000:])
+        assert not [m for m in center.on(results) if m.json().get("cmd_id") == denied["cmd_id"]]
+    finally:
+        center.close()
 
 
 def test_fleet_serve_without_a_broker_says_so_and_stops_on_sigterm(bed: Bed, served: Served) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -145,10 +146,10 @@ def _parse(tmp_path: Path, dest: dict[str, Any]) -> Any:
 
 def test_config_takes_a_dicomweb_destination(tmp_path: Path) -> None:
     cfg = _parse(tmp_path, {"url": "https://pacs.example/dicom-web/", "token_file": "token",
-                            "max_request_mb": 16, "timeout_s": 10})
+                            "max_request_mb": 16, "timeout_s": 10, "link_timeout_s": 4})
     d = cfg.destinations[0]
-    assert (d.url, d.token_file, d.max_request_mb, d.timeout_s) == (
-        "https://pacs.example/dicom-web", tmp_path / "token", 16, 10.0)
+    assert (d.url, d.token_file, d.max_request_mb, d.timeout_s, d.link_timeout_s) == (
+        "https://pacs.example/dicom-web", tmp_path / "token", 16, 10.0, 4.0)
 
 
 @pytest.mark.parametrize(("dest", "message"), [
@@ -163,6 +164,8 @@ def test_config_takes_a_dicomweb_destination(tmp_path: Path) -> None:
     ({"url": "https://pacs/dw", "token_file": "t", "max_request_mb": 0},
      "destinations[0].max_request_mb: must be 1..4096"),
     ({"url": "http://pacs/dw", "plaintext": True, "host": "x"}, "destinations[0].host: does not apply"),
+    ({"url": "http://pacs/dw", "plaintext": True, "link_timeout_s": 1},
+     "destinations[0].link_timeout_s: must be 2..600"),
 ])
 def test_config_errors_name_the_key(tmp_path: Path, dest: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError) as e:
@@ -338,6 +341,20 @@ def test_the_server_down_is_retryable_and_blames_no_instance(tmp_path: Path) -> 
         DicomWebTransport(web_destination(f"http://127.0.0.1:{free_port()}/dicom-web"), KEY).send(
             "b-1", bundle, Progress())
     assert e.value.instances == () and time.monotonic() - t0 < 5
+
+
+def test_a_connect_nobody_answers_gives_up_after_link_timeout_not_timeout(tmp_path: Path) -> None:
+    """A listener whose accept queue is full: the kernel drops further SYNs, as a silent
+    link would. The connect ends after link_timeout_s (2), not timeout_s (30)."""
+    bundle = make_bundle(tmp_path / "b.bundle", ct_slices(1))
+    with socket.create_server(("127.0.0.1", 0), backlog=0) as full, socket.socket() as queued:
+        queued.connect(full.getsockname())  # fills the queue: nothing accepts it
+        dest = web_destination(f"http://127.0.0.1:{full.getsockname()[1]}/dicom-web",
+                               timeout_s=30.0, link_timeout_s=2.0)
+        t0 = time.monotonic()
+        with pytest.raises(Retryable, match=r"cannot connect .*: no answer within 2 s \(link_timeout_s\)"):
+            DicomWebTransport(dest, KEY).send("b-1", bundle, Progress())
+    assert time.monotonic() - t0 < 10
 
 
 @pytest.mark.peers

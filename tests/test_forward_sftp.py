@@ -232,6 +232,21 @@ def test_a_server_that_never_answers_is_retryable_within_its_timeout(tmp_path: P
     assert time.monotonic() - t0 < 15
 
 
+def test_a_connect_nobody_answers_gives_up_after_link_timeout_not_timeout(
+        tmp_path: Path, server: Sshd) -> None:
+    """A listener whose accept queue is full: the kernel drops further SYNs, as a silent
+    link would. The connect ends after link_timeout_s (2), not timeout_s (30)."""
+    bundle, _ = make_bundle(tmp_path / "b1.bundle")
+    with socket.create_server(("127.0.0.1", 0), backlog=0) as full, socket.socket() as queued:
+        queued.connect(full.getsockname())  # fills the queue: nothing accepts it
+        dest = server.destination(port=full.getsockname()[1], timeout_s=30.0, link_timeout_s=2.0,
+                                  host_key_sha256=fingerprint(server.host_pub))
+        t0 = time.monotonic()
+        with pytest.raises(Retryable, match=r"did not answer within 2 s while connecting \(link_timeout_s\)"):
+            send(SftpTransport(dest, KEY), bundle)
+    assert time.monotonic() - t0 < 10
+
+
 def test_a_refused_connection_is_retryable(tmp_path: Path, server: Sshd) -> None:
     bundle, _ = make_bundle(tmp_path / "b1.bundle")
     with pytest.raises(Retryable, match="refused the connection"):

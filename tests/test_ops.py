@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ from appliance.core import config
 from appliance.core.errors import ConfigError, UsageError
 from appliance.ops import messages, pki
 from appliance.ops.outbox import Outbox
-from tests.peers import base_config, cli, to_toml
+from tests.peers import REPO, base_config, cli, to_toml
 
 OPS = {"host": "ops.example", "ca": "/k/ca.pem", "cert": "/k/mqtt.pem", "key": "/k/mqtt.key"}
 
@@ -238,7 +240,7 @@ def test_a_second_keys_init_keeps_key_and_csr(tmp_path: Path) -> None:
     assert ((tmp_path / "k").read_bytes(), (tmp_path / "c").read_bytes()) == before
 
 
-@pytest.mark.parametrize("cn", ["Box-1", "ops-center", "a/b", "box+1"])
+@pytest.mark.parametrize("cn", ["Box-1", "ops-center", "ops-center-serve", "ops-center-x", "a/b", "box+1"])
 def test_sign_refuses_a_cn_that_is_not_a_box_name(ca: Path, tmp_path: Path, cn: str) -> None:
     key = pki.new_key(tmp_path / "k")
     from cryptography import x509
@@ -280,6 +282,71 @@ def test_a_certificate_from_another_ca_is_an_error(ca: Path, tmp_path: Path) -> 
 def test_fleet_ca_init_never_overwrites(ca: Path) -> None:
     with pytest.raises(UsageError, match="already holds a fleet CA"):
         pki.ca_init(ca, ("127.0.0.1",))
+
+
+def test_fleet_ca_init_issues_one_client_certificate_per_center_client(ca: Path) -> None:
+    names = [pki.common_name(pki.load_cert(ca / f"{cn}.pem").subject) for cn in pki.CENTER_CNS]
+    assert names == ["ops-center", "ops-center-serve", "ops-center-status"]
+    for cn in pki.CENTER_CNS:
+        pki.load_cert(ca / f"{cn}.pem").verify_directly_issued_by(pki.load_ca(ca).cert)
+        assert (ca / f"{cn}.key").stat().st_mode & 0o077 == 0
+
+
+def test_fleet_ca_center_adds_the_missing_center_certificates_to_an_older_ca(tmp_path: Path) -> None:
+    d = tmp_path / "fleet"
+    pki.ca_init(d, ("127.0.0.1",))
+    for cn in ("ops-center-serve", "ops-center-status"):
+        (d / f"{cn}.pem").unlink()
+        (d / f"{cn}.key").unlink()  # a CA made before there were three
+    before = (d / "ops-center.pem").read_bytes()
+    lines = pki.center_init(d)
+    assert lines[0].endswith("exists, kept") and all(line.endswith("created") for line in lines[1:])
+    assert (d / "ops-center.pem").read_bytes() == before
+    assert pki.common_name(pki.load_cert(d / "ops-center-status.pem").subject) == "ops-center-status"
+    assert all(line.endswith("exists, kept") for line in pki.center_init(d))
+
+
+def test_fleet_sign_enrols_each_box_once_in_the_roster_in_order(tmp_path: Path) -> None:
+    d = tmp_path / "fleet"
+    pki.ca_init(d, ("127.0.0.1",))
+    assert pki.read_roster(d) == []
+    for name in ("ct-2", "ct-1", "ct-2"):  # ct-2 signed again (renewed)
+        pki.box_key_and_csr(name, tmp_path / f"{name}.key", tmp_path / f"{name}.csr")
+        pki.sign_csr(pki.load_ca(d), tmp_path / f"{name}.csr", tmp_path / f"{name}.pem")
+    assert pki.read_roster(d) == ["ct-2", "ct-1"]
+    lines = (d / pki.ROSTER).read_text().splitlines()
+    serial = f"{pki.load_cert(tmp_path / 'ct-1.pem').serial_number:x}"
+    assert lines[0].startswith("#") and len(lines) == 4 and lines[2].split(" ")[:2] == ["ct-1", serial]
+
+
+FLEET_DEFINITIONS = REPO / "config" / "ops-center" / "rabbitmq" / "fleet-definitions"
+
+
+@pytest.mark.parametrize("name", ["ops-center", "ops-center-serve", "ops-center-any"])
+def test_fleet_definitions_refuse_a_center_name_for_a_box(name: str) -> None:
+    r = subprocess.run(["sh", str(FLEET_DEFINITIONS), "ct-1", name], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 2 and f"not a box name for RabbitMQ: {name}" in r.stderr
+
+
+def test_fleet_definitions_let_only_ops_center_write_and_the_views_read_telemetry_only() -> None:
+    r = subprocess.run(["sh", str(FLEET_DEFINITIONS), "ct-1"], capture_output=True, text=True, timeout=30)
+    topics = {t["user"]: t for t in json.loads(r.stdout)["topic_permissions"]}
+    assert set(topics) == {*pki.CENTER_CNS, "ct-1"}
+    writes = {u: [k for k in ("appliance.ct-1.cmd", "appliance.ct-1.config", "appliance.ct-1.state")
+                  if re.search(t["write"], k)] for u, t in topics.items() if u != "ct-1"}
+    assert writes == {"ops-center": ["appliance.ct-1.cmd", "appliance.ct-1.config"],
+                      "ops-center-serve": [], "ops-center-status": []}
+    for view in ("ops-center-serve", "ops-center-status"):
+        read = topics[view]["read"]
+        assert [k for k in ("appliance.*.online", "appliance.ct-1.state", "appliance.*.events",
+                            "appliance.ct-1.config", "appliance.ct-1.cmd.result", "appliance.#")
+                if re.search(read, k)] == ["appliance.*.online", "appliance.ct-1.state", "appliance.*.events"]
+
+
+def test_a_roster_line_that_is_not_a_box_name_is_skipped(tmp_path: Path) -> None:
+    (tmp_path / pki.ROSTER).write_text("# comment\nct-1 1 x\n+ 2 x\n# 3\nops-center 4 x\nCT 5 x\n\nct-2\n")
+    assert pki.read_roster(tmp_path) == ["ct-1", "ct-2"]
 
 
 # --- through the CLI ---
@@ -336,3 +403,13 @@ def test_config_check_names_a_command_key_that_is_not_an_ed25519_public_key(ca: 
 def test_the_reserve_a_stage_loop_error_and_an_operators_switch_are_ops_events(
         kind: str, fields: dict[str, Any], body: dict[str, Any]) -> None:
     assert messages.event_body(kind, fields) == body
+
+
+def test_fleet_ca_center_through_the_cli_issues_what_is_missing(tmp_path: Path) -> None:
+    d = tmp_path / "fleet"
+    pki.ca_init(d, ("127.0.0.1",))
+    (d / "ops-center-serve.pem").unlink()
+    (d / "ops-center-serve.key").unlink()
+    r = cli("fleet", "ca", "center", str(d))
+    assert r.returncode == 0 and "ops-center-serve: " in r.stdout and "created" in r.stdout, r.stderr
+    assert pki.common_name(pki.load_cert(d / "ops-center-serve.pem").subject) == "ops-center-serve"

@@ -5,6 +5,7 @@ tests/test_ops_desired_live.py."""
 
 from __future__ import annotations
 
+import json
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -72,7 +73,8 @@ def test_a_good_config_is_written_with_a_pending_record_and_kept_once_healthy(lo
     assert desired.at_start(local.main) is False  # the restart under it
     assert local.d.check(healthy=True, uptime_s=desired.CONFIRM_AFTER_S + 1, now=NOW + 10) == "applied"
     assert desired.status(local.main) == {"version": 1, "pending": None, "rolled_back": None,
-                                               "rolled_back_at": None, "refused": None, "refused_code": None}
+                                               "rolled_back_at": None, "refused": None, "refused_code": None,
+                                               "cleared": None, "cleared_at": None}
 
 
 def test_not_yet_healthy_waits_and_past_the_deadline_restores_the_previous_dropin(local: Local) -> None:
@@ -158,18 +160,20 @@ def test_a_version_not_newer_than_the_applied_is_refused_409(local: Local) -> No
     assert desired.status(local.main)["refused_code"] == 409
 
 
-def test_the_checker_sees_the_candidate_with_the_other_dropins_in_place(local: Local, tmp_path: Path) -> None:
+def test_the_checker_sees_the_candidate_read_after_the_technicians_dropins(local: Local,
+                                                                         tmp_path: Path) -> None:
     (tmp_path / "conf.d").mkdir()
     (tmp_path / "conf.d" / "60-local.toml").write_text('[receive]\nae_title = "LOCAL"\n')
-    seen: list[str] = []
+    seen: list[tuple[str, int]] = []
 
     def checker(main: Path, data: dict[str, Any]) -> list[str]:
         cfg = config.parse(*config.read(main, {desired.paths(main).dropin: data}))
-        seen.append(cfg.receive.ae_title)
+        seen.append((cfg.receive.ae_title, cfg.receive.port))
         return []
     local.d.checker = checker
-    assert local.d.handle(TOPIC, local.msg(1), now=NOW)
-    assert seen == ["LOCAL"]  # 60-local.toml comes after 50-remote.toml
+    assert local.d.handle(TOPIC, local.msg(1, '[receive]\nae_title = "REMOTE"\n'), now=NOW)
+    # remote.d comes after conf.d whatever the names: the center's key wins, the rest stays
+    assert seen == [("REMOTE", config.load(local.main).receive.port)]
 
 
 def test_config_events_keep_versions_codes_and_reason_classes_only() -> None:
@@ -189,7 +193,7 @@ def test_nothing_is_kept_or_rolled_back_before_the_restart_under_the_new_dropin(
 
 
 def test_a_dropin_that_cannot_be_written_is_refused_500_and_tried_again_later(local: Local) -> None:
-    confd = local.main.parent / "conf.d"
+    confd = local.main.parent / config.REMOTE_DIR
     confd.write_text("")  # a file where the folder should be: cannot be written into
     m = local.msg(1)
     assert local.d.handle(TOPIC, m, now=NOW) is False
@@ -207,3 +211,84 @@ def test_a_clock_not_synchronised_refuses_503_and_the_same_message_is_taken_once
     assert desired.pending(local.main) is None
     synced[0] = True
     assert local.d.handle(TOPIC, m, now=NOW) is True
+
+
+# --- where the remote drop-in lives, and a technician's clear ---------------------------
+
+
+def test_the_remote_dropin_and_its_records_live_in_remote_d_not_conf_d(local: Local) -> None:
+    assert local.d.handle(TOPIC, local.msg(1), now=NOW)
+    remote = local.main.parent / "remote.d"
+    assert sorted(p.name for p in remote.iterdir()) == [".remote-pending.json", "50-remote.toml"]
+    assert not (local.main.parent / "conf.d").exists()
+
+
+def test_an_imported_site_config_has_its_remote_folder_beside_the_current_link(tmp_path: Path) -> None:
+    (tmp_path / "site-a").mkdir()
+    (tmp_path / "current").symlink_to("site-a")
+    assert config.remote_dir(tmp_path / "current" / "appliance.toml") == tmp_path / "remote.d"
+    # the set itself (as the import stages it) and any other folder: beside the main file
+    assert config.remote_dir(tmp_path / "site-a" / "appliance.toml") == tmp_path / "site-a" / "remote.d"
+
+
+def test_the_remote_dropin_wins_over_a_technicians_dropin_that_sorts_after_it(local: Local) -> None:
+    applied(local, 1, '[receive]\nae_title = "REMOTE"\nport = 2000\n')
+    confd = local.main.parent / "conf.d"
+    confd.mkdir()
+    (confd / "99-site.toml").write_text('[receive]\nae_title = "LOCAL"\n[queue]\nmin_rate_kbit_s = 100\n')
+    cfg = config.load(local.main)
+    assert (cfg.receive.ae_title, cfg.receive.port, cfg.queue.min_rate_kbit_s) == ("REMOTE", 2000, 100)
+    assert config.set_by(cfg) == {confd / "99-site.toml": ["queue.min_rate_kbit_s"],
+                                  desired.paths(local.main).dropin: ["receive.ae_title", "receive.port"]}
+
+
+def test_clear_removes_the_dropin_and_the_retained_message_is_not_applied_again(local: Local) -> None:
+    m = local.msg(2)
+    assert local.d.handle(TOPIC, m, now=NOW)
+    desired.at_start(local.main)
+    assert local.d.check(True, desired.CONFIRM_AFTER_S + 1, now=NOW + 10) == "applied"
+    assert desired.clear(config.remote_dir(local.main), now=NOW + 20) == 2
+    assert local.dropin() is None
+    assert local.d.handle(TOPIC, m, now=NOW + 30) is False  # the same message at a reconnect
+    assert local.dropin() is None
+    again = local.msg(2, '[receive]\nae_title = "AGAIN"\n')
+    assert local.d.handle(TOPIC, again, now=NOW + 30) is False  # 409: not newer
+    assert local.d.handle(TOPIC, local.msg(3), now=NOW + 30) is True  # only a newer version
+    assert desired.status(local.main)["cleared"] == 2
+
+
+def test_clear_during_the_probation_ends_it_without_a_rollback(local: Local) -> None:
+    applied(local, 1)
+    m = local.msg(2, '[receive]\nae_title = "BAD"\n')
+    assert local.d.handle(TOPIC, m, now=NOW)
+    assert desired.clear(config.remote_dir(local.main), now=NOW + 1) == 2
+    assert desired.pending(local.main) is None and local.dropin() is None
+    assert desired.at_start(local.main) is False and local.dropin() is None
+    assert local.d.handle(TOPIC, m, now=NOW + 2) is False  # not taken again
+
+
+def test_clear_with_nothing_there_changes_nothing(local: Local) -> None:
+    assert desired.clear(config.remote_dir(local.main)) is None
+    assert not (local.main.parent / "remote.d").exists()
+
+
+def test_config_check_names_the_file_that_set_each_key_and_the_remote_one_as_such(local: Local) -> None:
+    from tests.peers import cli
+
+    applied(local, 1)
+    cli("keys", "init", "--config", str(local.main), check=True)
+    r = cli("config", "check", "--config", str(local.main))
+    assert r.returncode == 0, r.stderr
+    dropin = desired.paths(local.main).dropin
+    assert f"# set by {dropin} (operations center: remote config): receive.ae_title\n" in r.stdout
+    r = cli("config", "check", "--json", "--config", str(local.main))
+    assert json.loads(r.stdout)["set_by"] == {str(dropin): ["receive.ae_title"]}
+
+
+def test_appliance_status_says_which_version_a_technician_cleared(local: Local) -> None:
+    from appliance.ops import cli as ops_cli
+
+    applied(local, 2)
+    desired.clear(config.remote_dir(local.main))
+    line = ops_cli.config_line(desired.status(local.main))
+    assert line.startswith("remote config  none in force (version 2 cleared on site at "), line

@@ -147,7 +147,7 @@ def test_a_good_dropin_is_applied_by_a_restart_in_the_same_process_and_reported(
     wait_for(lambda: site.state_config().get("version") == 1, WAIT_S, "state reports version 1")
     shown = cli("status", "--config", str(site.box.config_path), check=True).stdout
     assert "remote config  version 1 applied" in shown
-    assert (site.box.config_path.parent / "conf.d" / desired.REMOTE_NAME).exists()
+    assert (site.box.config_path.parent / "remote.d" / desired.REMOTE_NAME).exists()
 
 
 def test_a_dropin_whose_port_is_taken_is_rolled_back_with_an_event(site: Site) -> None:

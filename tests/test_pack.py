@@ -28,7 +28,7 @@ from appliance.pack.policy import (
 from appliance.pack.pool import CodecPool
 from appliance.queue.index import open_index
 from appliance.queue.store import Queue
-from appliance.receive.scp import identify, identify_stored
+from appliance.receive.identify import identify, identify_stored
 from appliance.spool.store import Spool
 from tests.pack_support import poisoned_instance
 from tests.peers import SAMPLES, wait_for

@@ -24,7 +24,7 @@ from appliance.pack.pool import CodecPool
 from appliance.pack.window import Window
 from appliance.queue.index import open_index
 from appliance.queue.store import Queue
-from appliance.receive.scp import identify
+from appliance.receive.identify import identify
 from appliance.spool.store import Spool
 from tests.peers import Appliance, base_config, cli, free_port, storescu, wait_for
 

@@ -25,6 +25,7 @@ from appliance.forward import receipts as rc
 from appliance.ingest import receipt as receipts
 from appliance.ingest.receipt import InstanceOutcome, Receipt, ReceiptError
 from appliance.queue import index as db
+from appliance.queue import routes
 from appliance.queue.index import Index, open_index
 from appliance.queue.store import Queue
 from tests.peers import base_config, cli, to_toml
@@ -47,6 +48,20 @@ def _delivered(q: Queue, item_id: str, dest: str = "center", at: float = 1000.0,
     q.path(item_id).write_bytes(BUNDLE)
     q.activate(item_id, dest)
     q.delivered(item_id, at)
+
+
+def _copy_delivered(q: Queue, bundle_id: str, dest: str = "archive", at: float = 1000.0) -> str:
+    """A bundle (delivered nowhere yet) and its copy for copy destination `dest`,
+    delivered there; returns the copy's item id."""
+    with q.index.tx() as c:
+        c.execute("INSERT INTO segments(id, study_key, state, created, updated, instances, bytes)"
+                  " VALUES (?,?,'ready',?,?,3,10)", (bundle_id, "k" * 16, at, at))
+    q.path(bundle_id).write_bytes(BUNDLE)
+    assert q.make_copies([dest], at) == 1
+    copy = routes.copy_id(bundle_id, dest)
+    q.activate(copy, dest)
+    q.delivered(copy, at)
+    return copy
 
 
 def signed(bundle_id: str, verdict: str = "stored", sha: str = SHA,
@@ -115,6 +130,29 @@ def test_awaiting_receipts_are_the_most_recently_delivered_first_up_to_the_limit
     for i, at in enumerate((100.0, 300.0, 200.0)):
         _delivered(q, f"cc0{i}", at=at)
     assert [a.item_id for a in q.awaiting_receipts("center", 2)] == ["cc01", "cc02"]
+
+
+def test_a_copy_delivered_to_a_copy_destination_awaits_its_bundles_receipt_there(tmp_path: Path) -> None:
+    q = _queue(tmp_path)
+    copy = _copy_delivered(q, "cd01")
+    [a] = q.awaiting_receipts("archive", 10)
+    assert (a.item_id, a.bundle_id, a.instances) == (copy, "cd01", 3)
+    assert q.awaiting_receipts("center", 10) == []
+    assert q.receipts_awaited("archive", delivered_before=2000.0) == (1, 1)
+    assert q.record_receipt(copy, "archive", "stored", 3, 0, "rc-test", 2000.0)
+    assert q.awaiting_receipts("archive", 10) == []
+
+
+def test_a_parked_instance_of_a_copy_awaits_no_receipt(tmp_path: Path) -> None:
+    q = _queue(tmp_path)
+    copy = _copy_delivered(q, "cd02")
+    with q.index.tx() as c:  # as open_parked makes it: the copy's file, one index
+        c.execute("INSERT INTO segments(id, study_key, state, created, updated, instances, bytes,"
+                  " parent, only_index, copy_to, copied) VALUES ('cd02p1',?,'ready',1,1,1,1,"
+                  "'cd02',1,'archive',1)", ("k" * 16,))
+    q.activate("cd02p1", "archive")
+    q.delivered("cd02p1", 1100.0)
+    assert [a.item_id for a in q.awaiting_receipts("archive", 10)] == [copy]
 
 
 # --- what a receipt must be to be trusted ------------------------------------------------
@@ -240,6 +278,40 @@ def test_a_forged_receipt_is_ignored_and_logged_once_however_often_it_is_read(tm
     assert [e["event"] for e in logs] == ["receipt.ignored"]  # ... said once
     assert logs[0]["why"] == "receipt is signed by a key that is not trusted"
     assert q.deliveries("dd03")[0]["receipt"] is None
+
+
+def _copy_poller(tmp_path: Path, q: Queue, source: Source, clock: Clock) -> rc.ReceiptPoller:
+    pub = tmp_path / "center.pub"
+    pub.write_bytes(receipts.public_pem(CENTER))
+    dest = Destination(name="archive", transport="sftp", receipt_key=pub, mode="copy")
+    return rc.ReceiptPoller(q, [(dest, source)], clock=clock)
+
+
+def test_the_poller_reads_a_copys_receipt_by_its_bundle_and_records_it_for_the_copy(
+        tmp_path: Path) -> None:
+    q, src, clock = _queue(tmp_path), Source(), Clock(1010.0)
+    copy = _copy_delivered(q, "dd11")
+    src.files["dd11"] = signed("dd11")
+    with capture_logs() as logs:
+        assert _copy_poller(tmp_path, q, src, clock).step()
+    assert src.asked == [["dd11"]]
+    assert q.deliveries(copy)[0]["receipt"] == "stored"
+    assert q.deliveries("dd11") == []  # the bundle itself went nowhere yet
+    assert [e for e in logs if e["event"] == "receipt.stored"] == [
+        {"event": "receipt.stored", "log_level": "info", "bundle": copy, "copy_of": "dd11",
+         "destination": "archive", "verdict": "stored", "stored": 3, "failed": 0}]
+
+
+def test_a_receipt_for_a_copy_of_another_bundle_file_is_ignored(tmp_path: Path) -> None:
+    q, src, clock = _queue(tmp_path), Source(), Clock(1010.0)
+    copy = _copy_delivered(q, "dd12")
+    src.files["dd12"] = signed("dd12", sha=hashlib.sha256(b"another upload").hexdigest())
+    with capture_logs() as logs:
+        assert not _copy_poller(tmp_path, q, src, clock).step()
+    [e] = [e for e in logs if e["event"].startswith("receipt.")]
+    assert (e["event"], e["bundle"], e["why"]) == (
+        "receipt.ignored", copy, "receipt is for another copy of the bundle (its SHA-256 differs)")
+    assert q.deliveries(copy)[0]["receipt"] is None
 
 
 def test_a_bundle_is_not_read_again_before_its_interval(tmp_path: Path) -> None:

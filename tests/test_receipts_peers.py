@@ -4,7 +4,9 @@
 the drop -> the appliance reads it back over SFTP and `appliance queue list` says
 "stored at center". Also: a study the center stored in part is shown partial with the
 count; a receipt signed by another key is ignored; a receipt that never comes makes the
-bundle overdue in `appliance status`; the transport reads receipts size-capped."""
+bundle overdue in `appliance status`; the transport reads receipts size-capped. A copy
+destination (`mode = "copy"`) over SFTP with `receipt_key` has its copy's receipt read
+back and verified as a bundle's; a receipt that does not match the copy is refused."""
 
 from __future__ import annotations
 
@@ -59,6 +61,10 @@ def keys(tmp_path: Path) -> Path:
 def site(appliance_factory: Any, server: Sshd, keys: Path, root: Path,
          overdue_s: float = 1800) -> Any:
     """The daemon sending to the sshd drop, with receipts checked against sign.pub."""
+    return appliance_factory(site_config(server, keys, root, overdue_s), root=root)
+
+
+def site_config(server: Sshd, keys: Path, root: Path, overdue_s: float = 1800) -> dict[str, Any]:
     from tests.peers import base_config
 
     cfg = base_config(root, free_port())
@@ -70,7 +76,35 @@ def site(appliance_factory: Any, server: Sshd, keys: Path, root: Path,
                             "port": dest.port, "user": dest.user, "key": str(dest.key),
                             "known_hosts": str(dest.known_hosts), "remote_dir": REMOTE_DIR,
                             "receipt_key": str(keys / "sign.pub"), "receipt_overdue_s": overdue_s}]
+    return cfg
+
+
+def copy_site(appliance_factory: Any, server: Sshd, keys: Path, root: Path) -> Any:
+    """The daemon delivering to a folder (the failover chain) and copying every bundle to
+    the sshd drop (`mode = "copy"`), with receipts for the copy checked against sign.pub."""
+    cfg = site_config(server, keys, root)
+    cfg["destinations"] = [{"name": "pacs", "transport": "directory", "path": str(root / "out")},
+                           {**cfg["destinations"][0], "name": "archive", "mode": "copy"}]
+    (root / "out").mkdir(parents=True)
     return appliance_factory(cfg, root=root)
+
+
+def copy_row(app: Any) -> dict[str, Any]:
+    rows = [r for r in queue_rows(app.config_path) if r["copy_to"] == "archive"]
+    return rows[0] if len(rows) == 1 else {"shown": f"{len(rows)} copy rows"}
+
+
+def copy_uploaded(app: Any, server: Sshd) -> tuple[str, str]:
+    """Send the study; wait until its copy is in the drop and listed "uploaded";
+    (the bundle id, the copy's item id)."""
+    r = storescu(app.port, FILES)
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: copy_row(app)["shown"] == "uploaded", WAIT_S, "the copy to be uploaded",
+             detail=app.log_text)
+    (bundle,) = server.drop.glob("*.bundle")
+    row = copy_row(app)
+    assert row["copy_of"] == bundle.name.removesuffix(".bundle")
+    return row["copy_of"], row["id"]
 
 
 def shown(app: Any) -> list[str]:
@@ -165,6 +199,46 @@ def test_a_study_the_center_stored_in_part_is_shown_partial_with_the_count(
     [e] = events(app, "receipt.partial")
     assert e == {**e, "bundle": bundle_id, "level": "warning", "stored": 2, "failed": 1}
     assert "RECEIPT-ODD" not in app.log_text()
+
+
+def test_a_copy_stored_by_the_center_is_shown_stored_at_center(
+        appliance_factory: Any, server: Sshd, keys: Path, pacs: Orthanc, tmp_path: Path) -> None:
+    app = copy_site(appliance_factory, server, keys, tmp_path / "edge")
+    bundle_id, copy_id = copy_uploaded(app, server)
+    center = Center(tmp_path / "center", keys, pacs.dicom_port, drop_dir=str(server.drop))
+    assert center.once().counts["stored"] == 1
+    wait_for(lambda: copy_row(app)["shown"] == "stored at center", WAIT_S,
+             "the copy's receipt to be read back", detail=app.log_text)
+    row = copy_row(app)
+    assert row["center"]["receipt"] == "stored" and row["center"]["stored"] == len(FILES)
+    assert len(pacs.get("/instances")) == len(FILES)
+    r = cli("queue", "show", bundle_id, "--config", str(app.config_path))
+    assert (f"receipt        archive: stored at center rc-test (stored): {len(FILES)} of"
+            f" {len(FILES)} instance(s)") in r.stdout, r.stdout
+    [e] = events(app, "receipt.stored")
+    assert (e["bundle"], e["copy_of"], e["destination"], e["stored"]) == (
+        copy_id, bundle_id, "archive", len(FILES))
+    assert app.status()["receipts"][0]["awaiting"] == 0
+
+
+def test_a_receipt_signed_by_the_center_for_another_file_is_refused_for_a_copy(
+        appliance_factory: Any, server: Sshd, keys: Path, tmp_path: Path) -> None:
+    """Signed with the center's own key, naming the bundle, but for another upload of it
+    (its SHA-256 differs from the file the copy sent): refused, the copy stays uploaded."""
+    app = copy_site(appliance_factory, server, keys, tmp_path / "edge")
+    bundle_id, copy_id = copy_uploaded(app, server)
+    other = hashlib.sha256(b"another upload of this bundle").hexdigest()
+    mismatched = receipts.Receipt(bundle_id, other, "rc-test", "2026-12-07T05:00:00Z", "stored",
+                                  tuple(receipts.InstanceOutcome(i, "stored") for i in range(len(FILES))))
+    receipts.write(server.drop, bundle_id,
+                   receipts.sign(mismatched, receipts.load_signing_key(keys / "sign.key")))
+    [e] = wait_for(lambda: events(app, "receipt.ignored"), WAIT_S, "the receipt to be read",
+                   detail=app.log_text)
+    assert (e["bundle"], e["destination"], e["why"]) == (
+        copy_id, "archive", "receipt is for another copy of the bundle (its SHA-256 differs)")
+    assert copy_row(app)["shown"] == "uploaded"
+    assert app.status()["receipts"][0]["awaiting"] == 1
+    assert not events(app, "receipt.stored")
 
 
 def test_receipts_are_read_by_name_at_most_cap_plus_one_bytes_and_none_when_absent(

@@ -1,5 +1,5 @@
 """A deflated data set is identified by inflating only a bounded prefix of it
-(receive.scp.identify), in the daemon and in crash recovery; never inflated whole."""
+(receive.identify.identify), in the daemon and in crash recovery; never inflated whole."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.receive.scp import (
+from appliance.receive.identify import (
     DEFLATED_PREFIXES,
     Rejected,
     identify,

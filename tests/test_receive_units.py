@@ -6,13 +6,12 @@ import pytest
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
 
 from appliance.core.config import Caller, Receive
+from appliance.receive.identify import part10_header, valid_uid
 from appliance.receive.scp import (
     REJECTIONS,
     STATUS,
     association_refusal,
     caller_allowed,
-    part10_header,
-    valid_uid,
 )
 
 
@@ -86,7 +85,7 @@ def test_file_meta_is_what_pydicom_would_write(sop_class: str, sop_instance: str
 
 def test_reactors_poll_fast_only_while_one_association_sends(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from appliance.receive import scp as receive
+    from appliance.receive import tuning as receive
 
     monkeypatch.setattr(receive, "_senders", {})
     slept: list[float] = []

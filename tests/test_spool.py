@@ -14,7 +14,7 @@ import pytest
 from appliance.core import crypto
 from appliance.queue import index as db
 from appliance.queue.index import Index
-from appliance.receive.scp import identify_stored, part10_header
+from appliance.receive.identify import identify_stored, part10_header
 from appliance.spool.store import InstanceMeta, Spool, Stored, _sha256
 
 KEY = crypto.SpoolKey(b"\x07" * 32)

@@ -32,7 +32,7 @@ from appliance.pack.packer import Packer
 from appliance.pack.pool import CodecPool
 from appliance.queue.index import open_index
 from appliance.queue.store import Queue
-from appliance.receive.scp import identify_stored
+from appliance.receive.identify import identify_stored
 from appliance.spool.store import Spool
 from tests.peers import SAMPLES
 

@@ -5,12 +5,17 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
+from appliance.core import config, sandbox
 from tests.peers import REPO
 
 UNIT = REPO / "systemd" / "appliance.service"
+OVERLAY = REPO / "image-build" / "overlay" / "usr" / "lib"
+IMAGE_DROPIN = OVERLAY / "systemd" / "system" / "appliance.service.d" / "image.conf"
+IMAGE_TMPFILES = OVERLAY / "tmpfiles.d" / "appliance.conf"
 
 
 def _analyze(*args: str) -> subprocess.CompletedProcess[str]:
@@ -101,3 +106,19 @@ def test_ingest_unit_is_notify_with_watchdog_no_capabilities_and_no_restart_on_c
     assert re.search(r"^ExecStart=\S+ ingest --config ", text, re.M)
     main = {ln for ln in UNIT.read_text().splitlines() if ln.startswith("SystemCallFilter=")}
     assert {ln for ln in text.splitlines() if ln.startswith("SystemCallFilter=")} == main
+
+
+def test_the_unit_and_the_image_let_the_daemon_write_only_the_remote_config_folder(tmp_path: Path) -> None:
+    """ops/desired.py writes config.remote_dir of the config the daemon runs: under the
+    shipped unit (--config /etc/appliance/appliance.toml) and on the image (the imported
+    /data/config/current/appliance.toml, a link: its remote.d is beside the link)."""
+    granted = sandbox.parse_read_write_paths(UNIT.read_text())
+    assert config.remote_dir(Path("/etc/appliance/appliance.toml")) in granted
+    assert Path("/etc/appliance/conf.d") not in granted  # the technician's drop-ins stay read-only
+    (tmp_path / "site-1").mkdir()
+    (tmp_path / "current").symlink_to("site-1")
+    assert config.remote_dir(tmp_path / "current" / "appliance.toml") == tmp_path / config.REMOTE_DIR
+    image = sandbox.parse_read_write_paths(IMAGE_DROPIN.read_text())
+    assert image == [config.SITE_CONFIG_DIR / config.REMOTE_DIR]
+    assert f"d {config.SITE_CONFIG_DIR / config.REMOTE_DIR} 0700 appliance appliance -\n" \
+        in IMAGE_TMPFILES.read_text()

@@ -8,7 +8,9 @@ leaves it failed (and why the check is not an ExecStartPre=); a state_dir or des
 outside /var/lib/appliance works once the drop-in `appliance config systemd-dropin`
 writes is in place, and is refused or held with the fix named until then; a frozen
 daemon, and a frozen pack stage (with the stage supervisor), are restarted by the
-watchdog and nothing acknowledged is lost.
+watchdog and nothing acknowledged is lost; a desired config pushed by `appliance fleet
+config push` through a real Mosquitto is written into remote.d and applied under the
+unit's sandbox, and one that breaks the start is rolled back.
 
 Run alone with `make test-boot`. Needs root, mmdebstrap, systemd-nspawn and DCMTK.
 """
@@ -18,17 +20,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
 import pytest
 
 from tests import nspawn
+from tests.mosquitto import MOSQUITTO, Broker, fleet_ca, sign
 from tests.nspawn import Container
-from tests.peers import cli, dcmtk_env, wait_for
+from tests.peers import cli, dcmtk_env, to_toml, wait_for
 
 pytestmark = [pytest.mark.systemd_boot, pytest.mark.root]
 
@@ -343,3 +349,102 @@ def test_a_moved_state_dir_fails_the_unit_once_naming_the_dropin_then_runs_with_
         send(c, ct_files(samples)[:1])
         wait_for(lambda: instances_in(c, f"{state}/outbox") == 1, 120, "a bundle in the moved state dir",
                  poll=1, detail=c.journal)
+
+
+# --- desired config under the unit (ops/desired.py; docs/operations.md "Desired config") --
+
+BOX = "nspawn-test"
+REMOTE = "/etc/appliance/remote.d"
+
+
+class NetnsBroker(Broker):
+    """Mosquitto (the host's binary, the shipped config) in the container's network
+    namespace only (the container has a private network), so that the daemon in it
+    reaches the broker on 127.0.0.1 as a box reaches its operations center."""
+
+    def __init__(self, root: Path, ca: Path, c: Container) -> None:
+        super().__init__(root, ca)
+        self.c = c
+
+    def start(self) -> NetnsBroker:
+        with self.log.open("ab") as log:  # nsenter execs mosquitto: this PID is the broker's
+            self.proc = subprocess.Popen(["nsenter", "-t", str(self.c.leader), "-n", MOSQUITTO, "-c",
+                                          str(self.conf)], stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        wait_for(self._in_netns, 30, "mosquitto listening in the container", detail=self.log_text)
+        return self
+
+    def _in_netns(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"mosquitto exited {self.proc.returncode}:\n{self.log_text()}")
+        probe = f"import socket; socket.create_connection(('127.0.0.1', {self.port}), 2).close()"
+        return self.c.run_in_netns(sys.executable, "-c", probe, timeout=30).returncode == 0
+
+
+def enroll(c: Container, root: Path, ca: Path, port: int) -> None:
+    """The box joins the fleet as on site: [operations] in its config, `keys init` (as the
+    service user) makes its MQTT key and CSR, the fleet CA signs it; then a restart."""
+    cfg = nspawn.site_config(operations={
+        "host": "127.0.0.1", "port": port, "ca": "/etc/appliance/ops/ca.pem",
+        "cert": "/etc/appliance/keys/mqtt.pem", "key": "/etc/appliance/keys/mqtt.key",
+        "heartbeat_s": 2, "keepalive_s": 5, "command_keys": ["/etc/appliance/ops/command.pub"],
+        "metrics_bind": "", "config_deadline_s": 90})
+    (c.path("/etc/appliance/ops")).mkdir(mode=0o755)
+    shutil.copy(ca / "ca.pem", c.path("/etc/appliance/ops/ca.pem"))
+    shutil.copy(root / "center" / "command.pub", c.path("/etc/appliance/ops/command.pub"))
+    c.path(str(nspawn.CONFIG)).write_text(to_toml(cfg))
+    r = c.appliance("keys", "init", "--config", str(nspawn.CONFIG))
+    assert r.returncode == 0, r.stdout + r.stderr
+    shutil.copy(c.path("/etc/appliance/keys/mqtt.csr"), root / "mqtt.csr")
+    shutil.copy(sign(ca, root / "mqtt.csr"), c.path("/etc/appliance/keys/mqtt.pem"))
+    c.run("chmod", "0644", "/etc/appliance/keys/mqtt.pem", "/etc/appliance/ops/ca.pem",
+          "/etc/appliance/ops/command.pub", check=True)
+    c.run("systemctl", "restart", "appliance.service", check=True)
+    wait_active(c)
+
+
+def push(c: Container, root: Path, ca: Path, port: int, version: int,
+         text: str) -> tuple[int, dict[str, Any]]:
+    """`appliance fleet config push` from the host, in the container's network namespace."""
+    f = root / f"v{version}.toml"
+    f.write_text(text)
+    r = c.run_in_netns(sys.executable, "-m", "appliance", "fleet", "config", "push", str(f),
+                       "--version", str(version), "--box", BOX, "--key", str(root / "center" / "command.key"),
+                       "--ca", str(ca), "--port", str(port), "--timeout", "240", timeout=600)
+    return r.returncode, json.loads(r.stdout) if r.stdout.strip() else {"stderr": r.stderr}
+
+
+def test_a_pushed_config_is_applied_in_remote_d_under_the_unit_and_a_bad_one_rolled_back(
+        installed: tuple[Path, ...], tmp_path: Path) -> None:
+    root = tmp_path / "fleet"
+    ca = fleet_ca(root / "ca")
+    cli("fleet", "keys", "init", str(root / "center"), check=True)
+    # the box's clock counts as synchronised (a container's is the host's; timedated may not say so)
+    clock = "[Service]\nEnvironment=APPLIANCE_CLOCK_SYNCED=1\n"
+    with nspawn.booted(installed, tmp_path / "box", nspawn.site_config(), {"test.conf": clock},
+                       dirs=(REMOTE,)) as c:
+        wait_active(c)
+        broker = NetnsBroker(root / "broker", ca, c).start()
+        try:
+            enroll(c, root, ca, broker.port)
+            pid = c.show("MainPID")["MainPID"]
+            rc, out = push(c, root, ca, broker.port, 1, '[receive]\nae_title = "REMOTE"\n')
+            assert (rc, out.get("boxes")) == (0, {BOX: "applied"}), str(out) + c.journal()
+            # written by the daemon under ProtectSystem=strict into its one writable config folder;
+            # applied by a re-exec: the same main process, no restart counted by systemd
+            assert c.path(f"{REMOTE}/50-remote.toml").read_text() == '[receive]\nae_title = "REMOTE"\n'
+            assert c.show("MainPID", "NRestarts") == {"MainPID": pid, "NRestarts": "0"}
+            shown = c.appliance("config", "check", "--config", str(nspawn.CONFIG))
+            assert f"# set by {REMOTE}/50-remote.toml (operations center: remote config): receive.ae_title" \
+                in shown.stdout, shown.stdout + shown.stderr
+            # version 2 takes the broker's port for DICOM: the start fails, the unit rolls it back
+            rc, out = push(c, root, ca, broker.port, 2, f"[receive]\nport = {broker.port}\n")
+            assert (rc, out.get("boxes")) == (1, {BOX: "rolled back"}), str(out) + c.journal()
+            assert c.path(f"{REMOTE}/50-remote.toml").read_text() == '[receive]\nae_title = "REMOTE"\n'
+            wait_active(c)
+            st = json.loads(c.appliance("status", "--json", "--config", str(nspawn.CONFIG)).stdout)
+            assert (st["ae_title"], st["config"]["version"], st["config"]["rolled_back"]) == ("REMOTE", 1, 2)
+            assert '"event": "config.rolled_back"' in c.journal()
+        finally:
+            broker.stop()

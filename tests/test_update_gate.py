@@ -59,3 +59,22 @@ def test_ops_link_down_before_the_update_need_not_come_up() -> None:
 
 def test_ops_link_up_again_keeps_the_slot() -> None:
     assert judge(replace(HEALTHY, ops_link_up=True, ops_link_was_up=True), 1.0)[0] == "keep"
+
+
+def test_more_spool_entries_failing_authentication_than_before_rejects_at_once() -> None:
+    o = replace(HEALTHY, spool_failures_before=2, spool_failures_now=3)
+    assert judge(o, 1.0) == ("reject", "1 spool entry newly fails authentication")
+
+
+def test_as_many_spool_entries_failing_as_before_keeps_the_slot() -> None:
+    assert judge(replace(HEALTHY, spool_failures_before=2, spool_failures_now=2), 1.0)[0] == "keep"
+
+
+def test_spool_not_counted_on_this_slot_waits_then_rejects() -> None:
+    o = replace(HEALTHY, spool_failures_before=0, spool_failures_now=None)
+    assert judge(o, 1.0)[0] == "wait"
+    assert judge(o, DEADLINE_S)[0] == "reject"
+
+
+def test_trial_record_without_a_spool_count_skips_the_condition() -> None:
+    assert judge(replace(HEALTHY, spool_failures_before=None, spool_failures_now=5), 1.0)[0] == "keep"

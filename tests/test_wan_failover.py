@@ -7,6 +7,8 @@ notice it by its link timeout (TCP_USER_TIMEOUT and keep-alives, `link_timeout_s
 after the PACS's own `timeout_s` (60 s here), and send to center B within the target.
 Nothing is lost (every acknowledged instance is at A or B) and nothing is C-STOREd twice
 at the same PACS. When the link heals, A's probe answers and a new study goes to A.
+The same cut under an SFTP upload and under a STOW-RS request (center A then an sshd, or
+an Orthanc with the DICOMweb plugin) moves to B within the target too.
 """
 
 from __future__ import annotations
@@ -117,4 +119,53 @@ def test_an_sftp_upload_on_a_link_cut_mid_file_moves_to_b_within_target(tmp_path
             if app is not None:
                 app.stop()
                 app.kill9()
+            b.stop()
+
+
+def test_a_dicomweb_request_on_a_link_cut_mid_body_moves_to_b_within_target(tmp_path: Path) -> None:
+    """The same silent cut under a STOW-RS request: the transport watches the request's
+    socket (forward/netlink.py) and gives up after link_timeout_s, not after timeout_s
+    (60 s); the request never completed at A, so A stored nothing."""
+    study = generate_study(tmp_path / "study", 40)
+    with Wan(centers=("center", "center_b")) as wan:
+        a = Orthanc(tmp_path / "center-a", netns=wan.center.name, dicomweb=True,
+                    extra={"RemoteAccessAllowed": True}).start()
+        b = Orthanc(tmp_path / "center-b", netns=wan.by_role("center_b").name).start()
+        app: Appliance | None = None
+        try:
+            cfg = appliance_config(tmp_path / "appliance", free_port(), {}, segment_max_instances=40)
+            cfg["destinations"] = [
+                {"name": "center-a", "transport": "dicomweb", "plaintext": True,
+                 "url": f"http://{wan.center.addr}:{a.http_port}/dicom-web", "timeout_s": TIMEOUT_S},
+                dicom_destination(b.dicom_port, name="center-b", host=wan.by_role("center_b").addr,
+                                  timeout_s=TIMEOUT_S)]
+            cfg["queue"] = {"retry_min_s": 0.5, "retry_max_s": 2, "probe_min_s": 1, "probe_max_s": 2}
+            app = Appliance(tmp_path / "appliance", cfg)
+            app.netns = wan.site.name
+            app.start()
+            wan.link.rate(2)  # site <-> center A: the request takes long enough to be cut
+            sent = wan.link.counter(wan.site)
+            r = storescu(app.port, study, netns=wan.site.name, timeout=300)
+            assert r.returncode == 0, r.stderr[-2000:]
+            wait_for(lambda: wan.link.counter(wan.site) - sent > 400_000, 120,
+                     "a STOW-RS request well under way to A", poll=0.1, detail=app.log_text)
+            wan.link.partition()
+            t0 = time.monotonic()
+            assert a.count() == 0, "the request completed before the cut"
+            wait_for(lambda: b.count() > 0, 120, "the first instance at center B", poll=0.05,
+                     detail=app.log_text)
+            took = time.monotonic() - t0
+            print(f"\ndicomweb failover over the WAN: {took:.1f} s from the cut to the first"
+                  " instance at B")
+            assert took <= FAILOVER_TARGET_S < TIMEOUT_S
+            wait_for(lambda: b.count() == len(study), 120, "the whole study at B", detail=app.log_text)
+            assert "went silent while sending instance" in app.log_text(), "not noticed as a silent link"
+            dest = {d["name"]: d for d in app.status()["destinations"]}["center-a"]
+            assert dest["state"] == "down", dest
+            assert a.count() == 0, "a request completed at A after the cut"
+        finally:
+            if app is not None:
+                app.stop()
+                app.kill9()
+            a.stop()
             b.stop()

@@ -11,8 +11,10 @@ output of the appliance:
   opens it for the hospital's auditor;
 * it is kept apart: `STATE/audit/` is 0700 and each file 0600 (the appliance user only);
 * it never leaves the box over the ops link (MQTT) or in a diagnostics bundle; only the
-  hospital's own audit repository may receive it (syslog over TLS, RFC 5425: not built
-  yet);
+  hospital's own audit record repository may receive it: syslog over TLS (RFC 5425,
+  DICOM PS3.15 A.6, IHE ITI-20) when `audit.syslog_host` is set (`repository`: a thread
+  of its own sends from a durable cursor on the sealed trail, oldest first; the stdlib's
+  SysLogHandler does not do RFC 5425 over TLS);
 * nothing of it is logged: the journal says "audit written / failed" with counts only.
 
 Events (PS3.15 A.5.3) and when they are written:
@@ -31,12 +33,22 @@ Events (PS3.15 A.5.3) and when they are written:
   (the operator named by SO_PEERCRED) or the CLI: Security Alert (Use of Restricted
   Function);
 * a start with another configuration than the last start: Security Alert (Software
-  Configuration), with the SHA-256 of the files.
+  Configuration), with the SHA-256 of the files; a remote config of the operations
+  center, applied or refused: Security Alert (Use of Restricted Function, area "ops");
+* key use, from the CLI (cli/audited.py, as the user running the command): keys made by
+  `appliance keys init` (Security Alert, Security Configuration, DCM 110129; keys kept
+  are no change, and `keys show` reads public files only: neither is audited); the
+  trail opened by `appliance audit show` (Audit Log Used, A.5.3.2, DCM 110101);
+* software updates (cli/update.py): an install started, finished or failed, and at the
+  next boot the slot on trial kept or rejected by the health gate, or found failed
+  (Security Alert, Software Configuration, DCM 110131: PS3.16 CID 403's code for a
+  change of the software; outcome 8 for a failure: the action was ended).
 
 Durability: each message is appended whole (one line: base64 of the sealed XML),
 flushed and fsynced before the call returns; writes are per association, never per
 instance, so the receive rate does not pay for it. A file over `audit.max_mb` is
-rotated (`audit.log` -> `audit.log.1` ...; `audit.files` kept). A write that fails
+rotated (`audit.log` -> `audit.log.1` ...; `audit.files` kept). The daemon and the CLI
+both write: each write holds a flock of the directory. A write that fails
 (disk full) is counted and logged, never raised into the receive or forward path: an
 audit failure must not refuse images.
 """

@@ -102,6 +102,18 @@ def security_alert(kind: object, who: Participant, reporter: Participant, outcom
     return _bytes(m)
 
 
+def audit_log_used(who: Participant, app: Participant, log_uri: str, when: datetime.datetime,
+                   source_id: str) -> bytes:
+    """A.5.3.2 Audit Log Used: `who` read the audit log (at `log_uri`) through `app`."""
+    m = _message(code(DCM.AuditLogUsed), "R", SUCCESS, when, None)
+    _participant(m, app)
+    _participant(m, who)
+    _source(m, source_id)
+    o = _object(m, log_uri, "2", "13", URI)  # system object, security resource
+    o.set("ParticipantObjectName", "Security Audit Log")
+    return _bytes(m)
+
+
 # --- building blocks ----------------------------------------------------------------
 
 

@@ -4,8 +4,10 @@ Each line is base64 of a record sealed with AES-256-GCM under the audit key (der
 the spool key: `SpoolKey.audit_key`), so the patient IDs in it are no more readable on a
 stolen disk than the spool; `read` (and `appliance audit show`) opens them again.
 
-`AuditTrail.write(message)` appends, flushes and fsyncs before it returns, under a lock
-(association threads, the control socket and the daemon write). The directory is made
+`AuditTrail.write(message)` appends, flushes and fsyncs before it returns,
+under a lock (association threads, the control socket and the daemon write) and a flock
+of the directory (the CLI writes too: `keys init`, `audit show`, `update`; a file root
+makes is given to the directory's owner). The directory is made
 0700 and every file 0600 whatever the umask. Rotation by size: when a write would take
 `audit.log` past `max_bytes`, it becomes `audit.log.1` (`.1` -> `.2` ...; the oldest
 beyond `files` is removed) and a new file is started; each rename is made durable. A
@@ -21,13 +23,15 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime
+import errno
+import fcntl
 import json
 import os
 import sqlite3
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import structlog
@@ -36,7 +40,7 @@ from cryptography.exceptions import InvalidTag
 from appliance.audit import messages
 from appliance.audit.messages import Participant, Study
 from appliance.core import crypto, durable
-from appliance.core.config import Destination
+from appliance.core.config import Config, Destination
 
 log = structlog.get_logger("appliance.audit")
 
@@ -58,8 +62,13 @@ class AuditTrail:
         self.written = 0
         self.failed = 0
         self._lock = threading.Lock()
+        self.on_write: Callable[[], None] = lambda: None  # the repository sender's wake
         durable.make_dirs(self.dir)
         os.chmod(self.dir, 0o700)
+        if os.geteuid() == 0:  # made by root (`appliance update`): the daemon's user keeps it
+            parent = self.dir.parent.stat()
+            if self.dir.stat().st_uid != parent.st_uid:
+                os.chown(self.dir, parent.st_uid, parent.st_gid)
         self._studies = _Studies(self.dir / "studies.db", key)
 
     @property
@@ -122,6 +131,38 @@ class AuditTrail:
             messages.SUCCESS if outcome_ok else messages.MINOR_FAILURE,
             f"{area} {op} {target}: {detail}", f"appliance:{area}/{target}", _now(), self.source_id))
 
+    def keys_created(self, operator: str, created: list[str]) -> bool:
+        """`appliance keys init` made keys (the spool key, the appliance key pair, the ops
+        link's key): Security Alert, Security Configuration (PS3.15 A.5.3.11, DCM 110129).
+        A key kept as it was is no change and is not audited."""
+        if not created:
+            return True
+        who = Participant(user_id=operator, requestor=True, user_name=operator)
+        return self.write(messages.security_alert(
+            messages.DCM.SecurityConfiguration, who, self.me(), messages.SUCCESS,
+            "keys created: " + "; ".join(created), "appliance:keys", _now(), self.source_id))
+
+    def log_used(self, operator: str) -> bool:
+        """The trail opened for reading (`appliance audit show`, with the audit key):
+        Audit Log Used (PS3.15 A.5.3.2, DCM 110101)."""
+        who = Participant(user_id=operator, requestor=True, user_name=operator)
+        return self.write(messages.audit_log_used(
+            who, self.me(role=messages.APPLICATION), self.path.as_uri(), _now(), self.source_id))
+
+    def software_update(self, operator: str, step: str, ok: bool, detail: str,
+                        serious: bool = True) -> bool:
+        """A software update (appliance/update/): an install started, finished or failed,
+        the booted slot kept or rejected by the health gate, a slot that failed its trial.
+        Security Alert, Software Configuration (PS3.15 A.5.3.11, DCM 110131: a change of
+        the software); a failure is outcome 8 (serious: the action was ended) unless
+        `serious` is False (4)."""
+        who = Participant(user_id=operator, requestor=True, user_name=operator)
+        failed = messages.SERIOUS_FAILURE if serious else messages.MINOR_FAILURE
+        outcome = messages.SUCCESS if ok else failed
+        return self.write(messages.security_alert(
+            messages.DCM.SoftwareConfiguration, who, self.me(), outcome, f"update {step}: {detail}",
+            f"appliance:update/{step}", _now(), self.source_id))
+
     def config_seen(self, digest: str, files: list[str]) -> bool:
         """At start: audit a configuration other than the last one seen (the first ever
         counts as a change)."""
@@ -151,17 +192,25 @@ class AuditTrail:
         line = base64.b64encode(crypto.seal_record(self.key, AAD, message)) + b"\n"
         with self._lock:
             try:
-                self._rotate_for(len(line))
-                with open(self.path, "ab", opener=_private) as f:
-                    os.fchmod(f.fileno(), 0o600)
-                    f.write(line)
-                    durable.fsync_file(f)
+                with _locked(self.dir):
+                    self._rotate_for(len(line))
+                    with open(self.path, "ab", buffering=0, opener=_private) as f:
+                        os.fchmod(f.fileno(), 0o600)
+                        _own(f.fileno(), self.dir)
+                        rest = memoryview(line)
+                        while rest:  # a short write (a nearly full disk) goes on, or raises
+                            n = f.write(rest)
+                            if not n:
+                                raise OSError(errno.ENOSPC, "no byte written")
+                            rest = rest[n:]
+                        durable.fsync_file(f)
             except OSError as e:
                 self.failed += 1
                 log.error("audit.write_failed", errno=e.errno, failed=self.failed)
                 return False
             self.written += 1
-            return True
+        self.on_write()
+        return True
 
     def _rotate_for(self, n: int) -> None:
         try:
@@ -182,15 +231,28 @@ class AuditTrail:
         log.info("audit.rotated", files=self.files)
 
 
+def for_config(cfg: Config, key: crypto.SpoolKey | None = None) -> AuditTrail:
+    """The appliance's audit trail, in STATE/audit/, sealed under the audit key derived
+    from the spool key (loaded here unless given)."""
+    key = key or crypto.load_spool_key(cfg.spool.key_file)
+    return AuditTrail(cfg.appliance.state_dir / "audit", cfg.appliance.name, cfg.receive.ae_title,
+                      key.audit_key(), cfg.audit.max_mb << 20, cfg.audit.files)
+
+
 def read(path: Path, key: bytes) -> Iterator[bytes | None]:
     """The messages of one audit file, in order; None for a line that does not open
     (altered, truncated by a crash, or sealed under another key)."""
     with path.open("rb") as f:
         for line in f:
-            try:
-                yield crypto.open_record(key, AAD, base64.b64decode(line.strip(), validate=True))
-            except (InvalidTag, ValueError):
-                yield None
+            yield open_line(line, key)
+
+
+def open_line(line: bytes, key: bytes) -> bytes | None:
+    """One line of an audit file opened; None if it does not open."""
+    try:
+        return crypto.open_record(key, AAD, base64.b64decode(line.strip(), validate=True))
+    except (InvalidTag, ValueError):
+        return None
 
 
 class _Studies:
@@ -245,6 +307,27 @@ class _Studies:
 
 def _private(path: str, flags: int) -> int:
     return os.open(path, flags | os.O_CLOEXEC, 0o600)
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """The audit directory flock'ed: the daemon and the CLI (`keys init`, `audit show`,
+    `update`) both write the trail, and rotate it."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _own(fd: int, directory: Path) -> None:
+    """A file root made (`appliance update` and its gate write the trail too) goes to the
+    directory's owner, the appliance user, who must go on writing and rotating it."""
+    if os.geteuid() == 0:
+        d = directory.stat()
+        if os.fstat(fd).st_uid != d.st_uid:
+            os.fchown(fd, d.st_uid, d.st_gid)
 
 
 def destination(d: Destination) -> Participant:

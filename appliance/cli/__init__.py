@@ -24,6 +24,7 @@
     appliance update FILE    [--config PATH] [--no-reboot] [--once]
                                                  install an update bundle (RAUC) and reboot into it
     appliance update-gate    [--config PATH]     the mark-good unit: keep the booted slot if healthy
+    appliance update-fetch   --url U --sha256 H  the ops center's `update` (the daemon starts it)
     appliance fleet ca init DIR | fleet sign BOX.csr --ca DIR | fleet status | fleet serve
                                                  operations center: fleet CA (appliance/ops/cli.py)
 
@@ -72,7 +73,7 @@ from appliance.cli.queue import cmd_queue_change, cmd_queue_list
 from appliance.cli.run import cmd_ingest, cmd_run
 from appliance.cli.status import cmd_diagnostics, cmd_status
 from appliance.cli.update import add_parsers as add_update_parsers
-from appliance.cli.update import cmd_update, cmd_update_gate
+from appliance.cli.update import cmd_update, cmd_update_fetch, cmd_update_gate
 from appliance.cli.vpn import add_parsers as add_vpn_parsers
 from appliance.cli.vpn import cmd_vpn_render
 from appliance.core import config, sandbox
@@ -264,6 +265,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return cmd_update(args)
     if args.cmd == "update-gate":
         return cmd_update_gate(args)
+    if args.cmd == "update-fetch":
+        return cmd_update_fetch(args)
     if args.cmd in ("forward", "destination"):
         return switches.cmd_switch(args)
     if args.cmd == "log-level":

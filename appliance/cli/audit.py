@@ -5,7 +5,8 @@ Prints each DICOM AuditMessage of `STATE/audit/audit.log` (oldest file first wit
 auditor or to feed its audit repository. The output holds patient IDs and study UIDs
 by design: it goes to stdout only. A line that does not open (altered, torn by a crash,
 or sealed under another spool key) is reported on stderr by file and line number, and
-the exit code is then 65 (data error).
+the exit code is then 65 (data error). Each use is itself audited first (Audit Log
+Used, PS3.15 A.5.3.2), so the output ends with it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import sys
 
 from appliance.audit.trail import FILE, read
+from appliance.cli import audited
 from appliance.core import config, crypto
 
 EX_DATAERR = 65
@@ -22,6 +24,7 @@ EX_DATAERR = 65
 def cmd_audit_show(args: argparse.Namespace) -> int:
     cfg = config.load(args.config)
     key = crypto.load_spool_key(cfg.spool.key_file).audit_key()
+    audited.record(cfg, lambda t: t.log_used(audited.operator()))  # before it is read
     folder = cfg.appliance.state_dir / "audit"
     files = [folder / FILE]
     if args.all:

@@ -54,11 +54,22 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         print(f"warning: {w}", file=sys.stderr)
     raise_problems(cfg, found)
     eff = config.effective(cfg)
+    set_by = {str(f): keys for f, keys in config.set_by(cfg).items()}
     if args.json:
-        print(json.dumps(eff, indent=2))
+        print(json.dumps({**eff, "set_by": set_by}, indent=2))
     else:
         print_tree(eff)
+        print_set_by(cfg, set_by)
     return 0
+
+
+def print_set_by(cfg: config.Config, set_by: dict[str, list[str]]) -> None:
+    """Which drop-in set which keys (the main file set the rest); the operations
+    center's are named as such, so a technician sees a remote setting and where it is."""
+    remote = config.remote_dir(cfg.sources[0]) if cfg.sources else None
+    for f, keys in set_by.items():
+        who = " (operations center: remote config)" if remote and Path(f).parent == remote else ""
+        print(f"# set by {f}{who}: {', '.join(keys) or '(nothing)'}")
 
 
 def check(cfg: config.Config, systemd: bool = False,
@@ -135,6 +146,12 @@ def check_files(cfg: config.Config) -> list[tuple[str, str]]:
             checks.append((f"destinations[{i}].path", _directory_or_absent, d.path))
         if d.transport == "dicomweb" and d.token_file:
             checks.append((f"destinations[{i}].token_file", _private_key_file, d.token_file))
+    a = cfg.audit
+    if a.syslog_host and a.syslog_ca is not None:
+        checks.append(("audit.syslog_ca", _regular_file, a.syslog_ca))
+        if a.syslog_cert is not None and a.syslog_key is not None:
+            checks += [("audit.syslog_cert", _regular_file, a.syslog_cert),
+                       ("audit.syslog_key", _private_key_file, a.syslog_key)]
     checks.append(("appliance.state_dir", _directory_or_absent, cfg.appliance.state_dir))
     out = []
     if len(bytes(cfg.control_socket)) > CONTROL_SOCKET_MAX:

@@ -19,6 +19,14 @@ and the verdict written back to SRC as `appliance-result.txt` (and `box.csr`).
   force and a stale `site-*` folder the next import removes.
 - Relative paths in the files resolve against `current/` once installed; the check runs
   on the staged folder, which `current` will point to, so it sees the same files.
+- The operations center's remote drop-in (`config-dir/remote.d`, ops/desired.py) is not
+  part of a set: an import keeps it, and it still wins over the stick's keys. So the
+  check runs on the staged set *with* it (what the daemon will run), and the result file
+  names it, its version and the keys it sets. A stick that holds CLEAR_REMOTE beside
+  appliance.toml removes it (and any probation) when its set is installed: the check
+  then runs without it, and the result file says `remote config: cleared`. This is how
+  a technician on site sees and undoes a bad remote setting; the center can only bring
+  one back with a newer version.
 - Verdicts: INSTALLED (a new config is in force; `--changed-marker` is created so that
   the unit restarts the daemon), UNCHANGED (the files are the config in force), ALREADY
   IMPORTED (SRC's result file says these very files were imported before: they are not
@@ -57,6 +65,7 @@ from appliance.cli.config_cmds import check
 from appliance.cli.keys import make_keys
 from appliance.core import config, durable
 from appliance.core.errors import EX_CANTCREAT, EX_CONFIG, EX_DATAERR, ConfigError, KeyFileError
+from appliance.ops import desired
 
 MAIN = "appliance.toml"
 RESULT = "appliance-result.txt"
@@ -66,6 +75,7 @@ DROPINS_MAX = 32
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 CERTS = "certs"  # public material a config names relatively: certs/ca.pem, certs/center.pub
 CERT_SUFFIXES = (".pem", ".crt", ".pub", ".crl")
+CLEAR_REMOTE = "clear-remote-config.txt"  # on SRC: remove the center's remote drop-in
 SITE_PREFIX = "site-"
 PREVIOUS = "previous"
 
@@ -124,13 +134,29 @@ def _import(src: Path, cfg_dir: Path, systemd: bool, unit_dir: Path) -> Verdict:
     if imported_before(src) == digest:
         return ALREADY, [*head, f"imported: {digest}",
                          f"not imported again (delete {RESULT} to import these files again)"], 0, None
+    clearing = CLEAR_REMOTE in files
+    remote = cfg_dir / config.REMOTE_DIR
     _stage(site, files)
-    problems, candidate = _check(site, systemd, unit_dir)
+    # Checked with the remote drop-in the daemon will read too, unless this import clears it
+    # (then with a remote folder that does not exist: none).
+    problems, candidate = _check(site, systemd, unit_dir, remote if not clearing else site / ".no-remote")
     if problems:
         shutil.rmtree(site, ignore_errors=True)
-        return REFUSED, [*head, *(f"config check: {p}" for p in problems)], EX_CONFIG, candidate
+        hint = ([f"config check: the config checked includes the operations center's remote"
+                 f" config ({desired.paths_in(remote).dropin}); to import without it, put {CLEAR_REMOTE}"
+                 f" beside {MAIN}"] if not clearing and desired.in_force(remote) else [])
+        return REFUSED, [*head, *(f"config check: {p}" for p in problems), *hint], EX_CONFIG, candidate
     _switch(cfg_dir, site)
-    return INSTALLED, [*head, f"imported: {digest}", "config check: ok"], 0, candidate
+    done = [f"imported: {digest}", "config check: ok"]
+    if clearing:
+        try:
+            cleared = desired.clear(remote)
+        except OSError as e:  # the new set is in force; the remote drop-in still wins over it
+            done.append(f"remote config: NOT cleared ({remote} cannot be written: {e.strerror})")
+        else:
+            done.append("remote config: cleared" + (f" (version {cleared})" if cleared else "")
+                        if cleared is not None else "remote config: none to clear")
+    return INSTALLED, [*head, *done], 0, candidate
 
 
 def read_source(src: Path) -> dict[str, bytes] | None:
@@ -140,6 +166,9 @@ def read_source(src: Path) -> dict[str, bytes] | None:
     if main is None:
         return None
     files = {MAIN: main}
+    clear = _read_file(src, CLEAR_REMOTE)
+    if clear is not None:
+        files[CLEAR_REMOTE] = clear
     files.update(_read_folder(src, config.DROPIN_DIR, (".toml",)))
     for name, data in _read_folder(src, CERTS, CERT_SUFFIXES).items():
         if b"PRIVATE KEY" in data:
@@ -227,7 +256,7 @@ def _stage(site: Path, files: dict[str, bytes]) -> None:
         durable.atomic_write(site / name, data, mode=0o600)
 
 
-def _check(site: Path, systemd: bool, unit_dir: Path) -> tuple[list[str], bytes | None]:
+def _check(site: Path, systemd: bool, unit_dir: Path, remote: Path) -> tuple[list[str], bytes | None]:
     """`config check`'s problem lines (file names as on SRC), and the ops CSR `keys init`
     made for the config (beside its certificate: in the staged folder when the config
     names it relatively, so it is read before a refused folder is removed).
@@ -238,7 +267,7 @@ def _check(site: Path, systemd: bool, unit_dir: Path) -> tuple[list[str], bytes 
     def on_src(line: str) -> str:
         return line.replace(f"{site}/", "")
     try:
-        cfg = config.load(site / MAIN)
+        cfg = config.load(site / MAIN, remote=remote)
     except ConfigError as e:
         return [on_src(p) for p in e.problems], None
     try:
@@ -285,13 +314,28 @@ def result_text(verdict: str, lines: list[str],
     the config in force, else of the checked one (made for it even when it was refused)."""
     cfg, in_force = _in_force()
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-    out = [f"appliance config import: {verdict}", f"at: {now}", *lines, in_force]
+    out = [f"appliance config import: {verdict}", f"at: {now}", *lines, in_force,
+           *remote_lines(config.remote_dir(config.default_path()))]
     if cfg is not None:
         out += identity.lines(cfg)
     csr = (identity.csr_pem(cfg) if cfg is not None else None) or candidate_csr
     if csr is not None:
         out += [f"ops center CSR (also as {CSR}):", *csr.decode("ascii", "replace").splitlines()]
     return "\r\n".join(out) + "\r\n", csr
+
+
+def remote_lines(folder: Path) -> list[str]:
+    """The operations center's remote drop-in in force, as a technician must see it: it
+    wins over the stick's keys, and how to remove it."""
+    r = desired.in_force(folder)
+    if r is None:
+        return ["remote config (operations center): none"]
+    state = f"version {r['version']} applied" if r["version"] else "no version applied"
+    if r["pending"] is not None:
+        state += f", version {r['pending']} on probation"
+    return [f"remote config (operations center): {r['file']} ({state}); it is kept by an import"
+            f" and wins over these files for: {', '.join(r['keys']) or '(no keys)'}",
+            f"remote config: to remove it, import a stick with {CLEAR_REMOTE} beside {MAIN}"]
 
 
 def _report(src: Path, verdict: str, lines: list[str], candidate_csr: bytes | None) -> None:

@@ -1,6 +1,7 @@
 """`appliance keys init`: create the keys the config names that are missing, never
-replace one (a center config: the center's keys, appliance/ingest/commands.py);
-`appliance keys show`: the box's identity (identity.py)."""
+replace one (a center config: the center's keys, appliance/ingest/commands.py); the keys
+it made are audited (Security Alert, Security Configuration: cli/audited.py);
+`appliance keys show`: the box's identity (identity.py), public files only, not audited."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import argparse
 
 from cryptography.hazmat.primitives import serialization
 
+from appliance.cli import audited
 from appliance.cli.config_cmds import is_center
 from appliance.core import config, crypto, durable
 from appliance.core.errors import KeyFileError
@@ -23,8 +25,13 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
 
         print("\n".join(commands.keys_init(center.load(args.config))))
         return 0
-    for line in make_keys(config.load(args.config)):
+    cfg = config.load(args.config)
+    lines = make_keys(cfg)
+    for line in lines:
         print(line)
+    made = [line for line in lines if " created" in line or "written again" in line]
+    if made:  # key use: a key made is a change of the box's security configuration
+        audited.record(cfg, lambda t: t.keys_created(audited.operator(), made))
     return 0
 
 

@@ -110,6 +110,15 @@ VPN_READING = {
 }
 
 
+def audit_line(r: dict[str, Any]) -> str:
+    """The audit repository's sender (audit/repository.py)."""
+    state = "connected" if r["connected"] else "not connected"
+    err = f"; last error {r['last_error']}: {r['last_error_reason']}" if r.get("last_error") else ""
+    gaps = f"; {r['gaps']} gap(s) (rotated away before sent)" if r.get("gaps") else ""
+    return (f"audit repo     {r['host']}:{r['port']} {state}, {r['sent']} sent, {r['waiting']} waiting"
+            f"{gaps}{err}")
+
+
 def vpn_line(v: dict[str, Any]) -> str:
     """`status`: the tunnel's state by its latest handshake with the center."""
     if v.get("reading") != "ok":
@@ -170,5 +179,7 @@ def _print_status(st: dict[str, Any]) -> None:
         print(ops_cli.config_line(st["config"]))
     if "vpn" in st:
         print(vpn_line(st["vpn"]))
+    if (st.get("audit") or {}).get("repository"):
+        print(audit_line(st["audit"]["repository"]))
     for problem in st.get("problems", []):
         print(f"STUCK          {problem}")

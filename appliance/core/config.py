@@ -2,9 +2,12 @@
 
 Sources, in order: the main file (`--config PATH`; without it the imported site config
 `/data/config/current/appliance.toml` when there is one, else `/etc/appliance/appliance.toml`)
-and then the drop-ins `conf.d/*.toml` beside it, in name order. A drop-in overrides the
-keys it names; tables merge key by key, arrays (such as `[[destinations]]`) are replaced
-whole, so a drop-in never half-edits a list.
+then the drop-ins `conf.d/*.toml` beside it, in name order, and last the operations
+center's remote drop-ins `remote.d/*.toml` (`remote_dir`: beside the `current` link for an
+imported site config, so that a stick import never replaces them; ops/desired.py writes
+them), so the center's keys win over the technician's. A drop-in overrides the keys it
+names; tables merge key by key, arrays (such as `[[destinations]]`) are replaced whole,
+so a drop-in never half-edits a list.
 
 `parse` is pure: it takes the merged mapping and the map of which file set which key,
 and returns a `Config` or raises `ConfigError` listing *every* problem, each as
@@ -44,6 +47,8 @@ DEFAULT_CONFIG = Path("/etc/appliance/appliance.toml")
 SITE_CONFIG_DIR = Path("/data/config")
 SITE_CONFIG_LINK = "current"  # SITE_CONFIG_DIR/current -> the installed set's folder
 DROPIN_DIR = "conf.d"
+# The operations center's drop-ins (ops/desired.py), read after conf.d: see `remote_dir`.
+REMOTE_DIR = "remote.d"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _HOST_RE = re.compile(r"^[A-Za-z0-9:.-]{1,253}$")  # a DNS name or an IP address
@@ -165,7 +170,7 @@ class Destination:
     commitment_bind: str = "0.0.0.0"  # noqa: S104 - the PACS calls back
     commitment_timeout_s: float = 300.0
     timeout_s: float = 30.0
-    link_timeout_s: float = 6.0  # dicom, sftp: a silent link (nothing acknowledged) is lost after this
+    link_timeout_s: float = 6.0  # dicom, sftp, dicomweb: a silent link is lost after this
     # sftp
     user: str | None = None
     key: Path | None = None
@@ -248,6 +253,12 @@ class Operations:
 class Audit:
     max_mb: int = 32  # STATE/audit/audit.log is rotated past this size
     files: int = 8  # audit.log and the rotated ones kept (the oldest beyond are removed)
+    # The hospital's audit record repository (syslog over TLS, RFC 5425; audit/repository.py)
+    syslog_host: str = ""  # empty = the trail stays on the box
+    syslog_port: int = 6514
+    syslog_ca: Path | None = None  # the CA that signed the repository's certificate (required with a host)
+    syslog_cert: Path | None = None  # this box's client certificate, if the repository asks for one
+    syslog_key: Path | None = None  # its private key (with syslog_cert)
 
 
 # WireGuard interface names: the kernel's limit (IFNAMSIZ 16 with the NUL), and nothing
@@ -267,6 +278,19 @@ class Vpn:
     private_key: Path = Path("/data/vpn/wireguard.key")  # made by `appliance keys init`
     persistent_keepalive_s: int = 25  # 0 = off
     mtu: int = 1420
+
+
+@dataclass(frozen=True)
+class Update:
+    """[update]: where the operations center's `update` command may fetch a bundle from
+    (appliance/update/fetch.py, docs/updates.md)."""
+    sources: tuple[str, ...]  # URL prefixes: https://HOST[:PORT]/PATH/ or sftp://USER@HOST[:PORT]/PATH/
+    download_dir: Path | None = None  # None: <state_dir>/update
+    max_mb: int = 2048  # a bundle larger than this is not fetched
+    deadline_s: float = 3600.0  # the whole fetch, resumed across cuts, within this
+    ca: Path | None = None  # HTTPS: None = [operations] ca, else the system's trust store
+    ssh_key: Path | None = None  # SFTP: this box's private key (required with an sftp:// source)
+    known_hosts: Path | None = None  # SFTP: the server's host key (required with an sftp:// source)
 
 
 @dataclass(frozen=True)
@@ -291,6 +315,7 @@ class Config:
     rules: tuple[Rule, ...] = ()
     operations: Operations | None = None  # no [operations] table: no ops link
     vpn: Vpn | None = None  # no [vpn] table: no tunnel (the site routes to the center)
+    update: Update | None = None  # no [update] table: the `update` command is refused
     # Files read, in order, and which file set each dotted key (so that problems found
     # later, such as a missing key file, can name the file the technician must edit).
     sources: tuple[Path, ...] = field(default=(), metadata=NOT_A_KEY)
@@ -314,7 +339,8 @@ TRANSPORT_KEYS: dict[str, tuple[str, ...]] = {
               "timeout_s", "link_timeout_s"),
     "sftp": ("host", "port", "user", "key", "key_passphrase", "known_hosts", "host_key_sha256",
              "remote_dir", "timeout_s", "link_timeout_s", "receipt_key", "receipt_overdue_s"),
-    "dicomweb": ("url", "tls", "token_file", "plaintext", "timeout_s", "max_request_mb"),
+    "dicomweb": ("url", "tls", "token_file", "plaintext", "timeout_s", "link_timeout_s",
+                 "max_request_mb"),
 }
 
 # Transports whose keys are parsed (above) but that this version cannot send with yet,
@@ -833,6 +859,59 @@ def _check_vpn_routes(t: _Table, v: Vpn) -> None:
                       " would be routed into it")
 
 
+def check_source(key: str, v: Any) -> str:
+    """An update source: https://HOST[:PORT]/PATH/ or sftp://USER@HOST[:PORT]/PATH/, a
+    prefix ending in '/', without password, query, fragment or '..'."""
+    if not isinstance(v, str):
+        raise _Bad(f"must be a string, not {_tname(v)}")
+    hint = "like https://10.8.0.1/updates/ or sftp://updates@10.8.0.1/updates/"
+    if len(v) > 1024 or any(not (0x21 <= ord(c) < 0x7F) for c in v):
+        raise _Bad(f"{v[:40]!r}... is not a URL of printable ASCII without spaces ({hint})")
+    u = urllib.parse.urlsplit(v)
+    try:
+        u.port  # noqa: B018 - raises on a port out of range
+    except ValueError:
+        raise _Bad(f"{v!r} has an invalid port") from None
+    if u.scheme not in ("https", "sftp") or not u.hostname or not _HOST_RE.match(u.hostname):
+        raise _Bad(f"{v!r} is not an https:// or sftp:// URL with a host ({hint})")
+    if (u.scheme == "sftp") != (u.username is not None) or u.password is not None:
+        raise _Bad(f"{v!r}: an sftp:// source names its user (sftp://USER@HOST/...), an https://"
+                   " one none, and neither a password")
+    if u.query or u.fragment or not u.path.endswith("/") or "/../" in u.path + "/":
+        raise _Bad(f"{v!r} must be a folder ending in '/', without '..', query or fragment ({hint})")
+    return v
+
+
+def _check_sources(key: str, v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not v or len(v) > 32:
+        raise _Bad("must be an array of 1..32 URL prefixes (https:// or sftp://)")
+    return tuple(check_source(key, x) for x in v)
+
+
+def _parse_update(top: _Table) -> Update | None:
+    if not top.has("update"):
+        return None
+    t = top.table("update")
+    if not t.valid:
+        return None
+    d = Update(())
+    u = Update(
+        sources=t.get("sources", (), _check_sources),
+        download_dir=t.path("download_dir", None),
+        max_mb=t.integer("max_mb", d.max_mb, 16, 16384),
+        deadline_s=t.number("deadline_s", d.deadline_s, 60, 86400),
+        ca=t.path("ca", None), ssh_key=t.path("ssh_key", None), known_hosts=t.path("known_hosts", None),
+    )
+    if not t.has("sources"):
+        t.ctx.problem(t.key("sources"), "is required (where update bundles may be fetched from)")
+    if any(s.startswith("sftp:") for s in u.sources):
+        for k in ("ssh_key", "known_hosts"):
+            if not t.has(k):
+                t.ctx.problem(t.key(k), "is required with an sftp:// source")
+    t.finish()
+    return u
+
+
 def _parse_health(t: _Table) -> Health:
     d = Health()
     h = Health(stall_s=t.number("stall_s", d.stall_s, 5, 3600))
@@ -842,9 +921,27 @@ def _parse_health(t: _Table) -> Health:
 
 def _parse_audit(t: _Table) -> Audit:
     d = Audit()
-    a = Audit(max_mb=t.integer("max_mb", d.max_mb, 1, 4096), files=t.integer("files", d.files, 2, 1000))
+    host = t.get("syslog_host", d.syslog_host, _check_syslog_host)
+    a = Audit(max_mb=t.integer("max_mb", d.max_mb, 1, 4096), files=t.integer("files", d.files, 2, 1000),
+              syslog_host=host, syslog_port=t.integer("syslog_port", d.syslog_port, 1, 65535),
+              syslog_ca=t.path("syslog_ca", None), syslog_cert=t.path("syslog_cert", None),
+              syslog_key=t.path("syslog_key", None))
+    if host and a.syslog_ca is None:
+        t.ctx.problem(t.key("syslog_ca"), "is required with syslog_host (the CA that signed the"
+                      " audit repository's certificate)")
+    if (a.syslog_cert is None) != (a.syslog_key is None):
+        t.ctx.problem(t.key("syslog_cert" if a.syslog_cert is None else "syslog_key"),
+                      "syslog_cert and syslog_key go together (the client certificate and its key)")
     t.finish()
     return a
+
+
+def _check_syslog_host(key: str, v: Any) -> str:
+    if not isinstance(v, str):
+        raise _Bad(f"must be a string, not {_tname(v)}")
+    if v and not _HOST_RE.match(v):
+        raise _Bad("must be a DNS name or an IP address (empty: no audit repository)")
+    return v
 
 
 def _dicom_keys(t: _Table) -> dict[str, Any]:
@@ -912,6 +1009,7 @@ def _dicomweb_keys(t: _Table) -> dict[str, Any]:
         "token_file": t.path("token_file", None),
         "plaintext": t.boolean("plaintext", False),
         "timeout_s": t.number("timeout_s", 30.0, 1, 3600),
+        "link_timeout_s": t.number("link_timeout_s", 6.0, 2, 600),
         "max_request_mb": t.integer("max_request_mb", 64, 1, 4096),
     }
     if not t.has("url"):
@@ -1124,6 +1222,7 @@ def parse(data: Mapping[str, Any], origins: Mapping[str, Path], main_file: Path,
         rules=_parse_rules(top),
         operations=_parse_operations(top),
         vpn=_parse_vpn(top),
+        update=_parse_update(top),
         sources=sources or (main_file,),
         origins=dict(origins),
     )
@@ -1187,32 +1286,58 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError([f"{path}: cannot be read: {e.strerror}"]) from None
 
 
-def dropin_files(main: Path) -> list[Path]:
-    """The drop-ins of `main`, in the order they apply: `conf.d/*.toml` by name.
-
-    Hidden files (`.name.toml`, as editors and package managers leave behind) are not
-    read, so a half-written copy never becomes configuration.
-    """
-    d = main.parent / DROPIN_DIR
+def _toml_files(d: Path) -> list[Path]:
+    """`d/*.toml` by name. Hidden files (`.name.toml`, as editors and package managers
+    leave behind) are not read, so a half-written copy never becomes configuration."""
     if not d.is_dir():
         return []
     return sorted((p for p in d.glob("*.toml") if p.is_file() and not p.name.startswith(".")),
                   key=lambda p: p.name)
 
 
-def read(path: Path, instead: Mapping[Path, dict[str, Any] | None] | None = None
-         ) -> tuple[dict[str, Any], dict[str, Path], Path, tuple[Path, ...]]:
-    """The merged data of a config file and its conf.d drop-ins, which file set each key,
-    the main file and every file read (any kind of config: the appliance's, a center's).
+def dropin_files(main: Path) -> list[Path]:
+    """The technician's drop-ins of `main`, in the order they apply: `conf.d/*.toml` by name."""
+    return _toml_files(main.parent / DROPIN_DIR)
+
+
+def remote_dir(main: Path) -> Path:
+    """Where the operations center's drop-ins of `main` live (ops/desired.py writes there).
+
+    Fixed by the config's location, so that every reader finds the same folder without a
+    setting (the daemon, `config check` in a technician's shell, the import, the records
+    read before the config is): `remote.d` beside the main file; for an imported site
+    config (`.../current/appliance.toml`, `current` the import's link) beside the link,
+    i.e. `/data/config/remote.d`, because an import replaces the whole set `current`
+    points to and must not drop the center's keys with it."""
+    folder = main.absolute().parent
+    if folder.name == SITE_CONFIG_LINK and folder.is_symlink():
+        return folder.parent / REMOTE_DIR
+    return folder / REMOTE_DIR
+
+
+def remote_files(main: Path, remote: Path | None = None) -> list[Path]:
+    """The operations center's drop-ins, in the order they apply (after `dropin_files`)."""
+    return _toml_files(remote_dir(main) if remote is None else remote)
+
+
+def read(path: Path, instead: Mapping[Path, dict[str, Any] | None] | None = None,
+         remote: Path | None = None) -> tuple[dict[str, Any], dict[str, Path], Path, tuple[Path, ...]]:
+    """The merged data of a config file, its conf.d drop-ins and then its remote drop-ins,
+    which file set each key, the main file and every file read (any kind of config: the
+    appliance's, a center's).
 
     `instead` maps a drop-in's path to the data to use for it (None: left out), whether
     the file exists or not: a candidate drop-in is checked as if it were in place
-    (ops/desired.py) without being written first."""
+    (ops/desired.py) without being written first. `remote` names the remote folder
+    instead of `remote_dir(path)` (the import checks a staged set with the one in force)."""
     main = path.absolute()
+    rdir = remote_dir(main) if remote is None else remote.absolute()
     instead = dict(instead or {})
-    files = sorted({*dropin_files(main), *(p for p, d in instead.items() if d is not None)},
-                   key=lambda p: p.name)
-    files = [main, *(f for f in files if f not in instead or instead[f] is not None)]
+    added = [p for p, d in instead.items() if d is not None]
+    local = {*dropin_files(main), *(p for p in added if p.parent != rdir)}
+    far = {*remote_files(main, rdir), *(p for p in added if p.parent == rdir)}
+    ordered = [*sorted(local, key=lambda p: p.name), *sorted(far, key=lambda p: p.name)]
+    files = [main, *(f for f in ordered if f not in instead or instead[f] is not None)]
     data: dict[str, Any] = {}
     origins: dict[str, Path] = {}
     problems: list[str] = []
@@ -1227,6 +1352,22 @@ def read(path: Path, instead: Mapping[Path, dict[str, Any] | None] | None = None
     return data, origins, main, tuple(files)
 
 
+def set_by(cfg: Config) -> dict[Path, list[str]]:
+    """For every file but the main one: the keys it set, in the order read; a table as its
+    keys (`queue.min_rate_kbit_s`), a list whole (`destinations`: a drop-in replaces a
+    list whole). What `config check` shows, so that a technician sees which drop-in
+    (theirs, the center's) won."""
+    main = cfg.sources[0] if cfg.sources else DEFAULT_CONFIG
+    out: dict[Path, list[str]] = {f: [] for f in cfg.sources if f != main}
+    for key, f in cfg.origins.items():
+        shown = key.split("[", 1)[0]
+        if f in out and shown not in out[f]:
+            out[f].append(shown)
+    for f, keys in out.items():  # a table's own entry goes when its keys are there
+        out[f] = [k for k in keys if not any(o.startswith(k + ".") for o in keys)]
+    return out
+
+
 def site_config() -> Path:
     return SITE_CONFIG_DIR / SITE_CONFIG_LINK / "appliance.toml"
 
@@ -1238,9 +1379,9 @@ def default_path() -> Path:
     return site if site.is_file() else DEFAULT_CONFIG
 
 
-def load(path: Path | None = None) -> Config:
-    """Read the main file and its conf.d drop-ins and parse them."""
-    return parse(*read(path or default_path()))
+def load(path: Path | None = None, remote: Path | None = None) -> Config:
+    """Read the main file, its conf.d drop-ins and its remote drop-ins and parse them."""
+    return parse(*read(path or default_path(), remote=remote))
 
 
 def effective(cfg: Config) -> dict[str, Any]:

@@ -273,6 +273,9 @@ def open_spool_file(spool_key: SpoolKey, record_id: str, src: BinaryIO) -> Itera
         raise IntegrityError("sealed spool file is truncated (no complete header)")
     magic, kid, salt, chunk_size = _SPOOL_HEADER.unpack(raw)
     if magic != SPOOL_MAGIC:
+        if magic[:7] == SPOOL_MAGIC[:7] and magic[7:].isdigit():  # APSPOOL<n>: another release's
+            raise IntegrityError(f"sealed spool file of format {magic[7:].decode()}, which this"
+                                 f" version does not read (it reads {SPOOL_MAGIC[7:].decode()})")
         raise IntegrityError("not a sealed spool file (bad magic)")
     if kid != spool_key.id:
         raise IntegrityError("sealed under a different spool key")

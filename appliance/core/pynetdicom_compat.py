@@ -12,7 +12,7 @@ pyproject.toml).
 What we rely on, and who uses it:
 - the reactors' `time` module (`pynetdicom.association.time`, `pynetdicom.dul.time`):
   replaced by a stand-in whose `sleep` is shorter while images arrive
-  (`replace_reactor_sleep`; receive.scp decides how long);
+  (`replace_reactor_sleep`; receive.tuning decides how long);
 - the chunked C-STORE receive (`_config.STORE_RECV_CHUNKED_DATASET` and the names
   `NamedTemporaryFile`, `create_file_meta`, `write_file_meta_info` in
   `pynetdicom.dimse_messages`): routed into our own buffer (`route_chunked_store`;

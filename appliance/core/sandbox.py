@@ -26,8 +26,9 @@ from pathlib import Path
 from appliance.core.config import Config
 
 UNIT_NAME = "appliance.service"
-# ReadWritePaths= of the unit (conf.d: ops/desired.py writes the remote drop-in there)
-UNIT_WRITABLE: tuple[Path, ...] = (Path("/var/lib/appliance"), Path("/etc/appliance/conf.d"))
+# ReadWritePaths= of the unit (remote.d: ops/desired.py writes the remote drop-in there,
+# config.remote_dir of the unit's --config; the image's drop-in adds /data/config/remote.d)
+UNIT_WRITABLE: tuple[Path, ...] = (Path("/var/lib/appliance"), Path("/etc/appliance/remote.d"))
 # Folders the unit replaces or hides whatever the drop-ins say, and why.
 UNIT_HIDDEN: dict[Path, str] = {
     Path("/tmp"): "PrivateTmp=yes gives the appliance its own empty /tmp",  # noqa: S108

@@ -179,8 +179,9 @@ class ReceiptPoller:
         return self._read(c, due, now)
 
     def _read(self, c: _Center, due: Sequence[AwaitingReceipt], now: float) -> bool:
-        """Read the receipts of `due` over one connection, within the round's deadline."""
-        caps = {a.item_id: receipt_cap(a.instances) for a in due}
+        """Read the receipts of `due` over one connection, within the round's deadline
+        (by bundle id: a copy's receipt is its bundle's, written by the copy's center)."""
+        caps = {a.bundle_id: receipt_cap(a.instances) for a in due}
         cancelled = threading.Event()
         timer = threading.Timer(round_budget(c.dest), cancelled.set)
         timer.daemon = True
@@ -203,17 +204,19 @@ class ReceiptPoller:
         recorded = False
         for a in due:
             c.checked[a.item_id] = now
-            data = found.get(a.item_id)
+            data = found.get(a.bundle_id)
             if data is not None:
-                recorded |= self._take(c, a.item_id, data, caps[a.item_id])
+                recorded |= self._take(c, a, data, caps[a.bundle_id])
             self.beat()
         return recorded
 
-    def _take(self, c: _Center, item_id: str, data: bytes, cap: int) -> bool:
-        name = c.dest.name
+    def _take(self, c: _Center, a: AwaitingReceipt, data: bytes, cap: int) -> bool:
+        """Record the receipt `data` for `a` (a bundle, or a copy: the receipt names and
+        hashes the bundle, and is recorded for the copy's own delivery)."""
+        name, item_id = c.dest.name, a.item_id
         try:
-            r = judge(data, c.trusted, item_id, cap,
-                      lambda: file_sha256(self.queue.path(item_id)))
+            r = judge(data, c.trusted, a.bundle_id, cap,
+                      lambda: file_sha256(self.queue.path(a.bundle_id)))
         except (ReceiptError, OSError) as e:
             digest = hashlib.sha256(data).hexdigest()
             if c.ignored.get(item_id) != digest:  # once per receipt, not once per check
@@ -227,6 +230,8 @@ class ReceiptPoller:
             return False
         event = {"bundle": item_id, "destination": name, "verdict": r.verdict,
                  "stored": stored, "failed": failed}
+        if a.bundle_id != item_id:
+            event["copy_of"] = a.bundle_id
         if r.verdict in ("partial", "failed"):
             log.warning(f"receipt.{r.verdict}", **event)
         else:

@@ -35,7 +35,8 @@ Receipts: `read_receipts` reads the center's receipts (`<remote_dir>/receipts/<i
 written by `appliance ingest`) back for `forward.receipts`, by name and at most a given
 size each, over one connection; judging them is that module's business.
 
-Waits: each socket operation gives up after `timeout_s`; the attempt's budget
+Waits: each socket operation gives up after `timeout_s` (the TCP connect after
+`link_timeout_s`: the SYN is answered by the server's kernel); the attempt's budget
 (`plan.cancelled`) is watched by a thread that closes the connection at once, so a
 cancelled attempt stops within a second even when blocked in a write.
 """
@@ -292,14 +293,21 @@ class SftpTransport:
         """An SSH transport to a server that showed the pinned host key."""
         d = self.dest
         pin = _HostKeyPin(d)
-        sock = socket.create_connection((d.host, d.port), timeout=d.timeout_s)
+        link_timeout = min(float(d.link_timeout_s), d.timeout_s)
+        try:
+            # The SYN is answered by the server's kernel, not by sshd: no answer for
+            # link_timeout is a silent link (or a host that is gone), not a slow server.
+            sock = socket.create_connection((d.host, d.port), timeout=link_timeout)
+        except TimeoutError:
+            raise Retryable(f"{d.host}:{d.port} did not answer within {link_timeout:g} s while"
+                            f" {step.what} (link_timeout_s)") from None
+        sock.settimeout(d.timeout_s)
         try:
             t = paramiko.Transport(sock, default_window_size=_WINDOW, default_max_packet_size=_PACKET)
         except BaseException:
             sock.close()
             raise
         done = threading.Event()
-        link_timeout = min(float(d.link_timeout_s), d.timeout_s)
         watch_link(sock, link_timeout)
         threading.Thread(target=_close_when, args=(cancelled, done, t, sock, step, link_timeout),
                          daemon=True, name=f"sftp-budget-{d.name}").start()

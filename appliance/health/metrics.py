@@ -149,6 +149,7 @@ class DaemonCollector(Collector):
         yield from self._spool(snap.get("spool", {}))
         yield from self._certs(now)
         yield from self._ops(snap)
+        yield from self._audit(snap.get("audit") or {})
         info = InfoMetricFamily(P + "build", "The software running", labels=["version", "python"])
         info.add_metric([__version__, platform.python_version()], {})
         yield info
@@ -262,6 +263,23 @@ class DaemonCollector(Collector):
         if ops is not None:
             yield GaugeMetricFamily(P + "ops_link_connected", "1 while the ops link is connected",
                                     value=1 if ops.get("connected") else 0)
+
+
+    def _audit(self, a: Mapping[str, Any]) -> Iterable[Metric]:
+        if not a:
+            return
+        yield CounterMetricFamily(P + "audit_messages_written", "Audit messages written to the"
+                                  " local trail", value=_int(a.get("written")))
+        yield CounterMetricFamily(P + "audit_write_failures", "Audit messages that could not be"
+                                  " written (a full disk)", value=_int(a.get("failed")))
+        repo = a.get("repository")
+        if repo:
+            yield CounterMetricFamily(P + "audit_repository_sent", "Audit messages sent to the"
+                                      " hospital's audit repository", value=_int(repo.get("sent")))
+            yield GaugeMetricFamily(P + "audit_repository_waiting", "Audit messages not yet sent to"
+                                    " the repository", value=_int(repo.get("waiting")))
+            yield GaugeMetricFamily(P + "audit_repository_connected", "1 while connected to the audit"
+                                    " repository", value=1 if repo.get("connected") else 0)
 
 
 def _by_reason(name: str, doc: str, reasons: tuple[str, ...], got: Mapping[str, Any]) -> Metric:

@@ -3,9 +3,14 @@
     appliance fleet ca init DIR [--broker-host HOST ...]
                   a fleet CA in DIR: ca.pem/ca.key, crl.pem, the broker's certificate
                   (broker.pem/.key, for HOSTs; default localhost and 127.0.0.1) and the
-                  operations center's client certificate (ops-center.pem/.key)
+                  operations center's client certificates (ops-center.pem/.key: commands
+                  and desired config; ops-center-serve, ops-center-status: read only)
+    appliance fleet ca center DIR
+                  the operations center's client certificates a CA made before lacks
+                  (ops-center-serve, ops-center-status); never overwrites one
     appliance fleet sign BOX.csr --ca DIR [--out BOX.pem] [--days N]
-                  sign a box's CSR (made by `appliance keys init`); prints the box's name
+                  sign a box's CSR (made by `appliance keys init`), enrol the box in
+                  DIR/roster (the fleet view subscribes to it by name); prints its name
     appliance fleet crl --ca DIR [--revoke BOX.pem ...]
                   re-issue the CRL (valid a year; the broker refuses everyone once it is
                   out of date), adding the certificates to revoke
@@ -18,7 +23,9 @@
                   result and print it (JSON). Exit 0 when the box ran it (code 200), 1 when
                   it refused or failed it, 69 when no result came within --timeout.
                   The broker lets one client per certificate in: a `fleet send` takes the
-                  session of another client running with the ops-center certificate.
+                  session of another client running with the ops-center certificate (another
+                  `fleet send`, a `fleet config push`), never that of `fleet serve` or
+                  `fleet status` (their own certificates).
     appliance fleet status --ca DIR [--json] | fleet serve --ca DIR --bind IP:PORT
                   the fleet view: a table (or JSON) once, or a page and /metrics
                   (ops/fleetcli.py, ops/fleet.py, ops/fleetweb.py)
@@ -58,6 +65,9 @@ def add_parsers(sub: Any) -> None:
     init.add_argument("dir", type=Path)
     init.add_argument("--broker-host", action="append", default=None,
                       help="a name or IP address of the broker (repeat; default localhost, 127.0.0.1)")
+    center = ca_sub.add_parser("center", help="issue the operations center's client certificates"
+                               " a fleet CA made before lacks")
+    center.add_argument("dir", type=Path)
     sign = fleet_sub.add_parser("sign", help="sign a box's certificate signing request")
     sign.add_argument("csr", type=Path)
     sign.add_argument("--ca", type=Path, required=True, help="the fleet CA folder")
@@ -89,6 +99,9 @@ def add_parsers(sub: Any) -> None:
 
 def dispatch(args: argparse.Namespace) -> int:
     if args.sub == "ca":
+        if getattr(args, "ca_sub", None) == "center":
+            print("\n".join(pki.center_init(args.dir)))
+            return 0
         if getattr(args, "ca_sub", None) != "init":  # `fleet ca` alone: its help, as main does
             sys.stderr.write(args.help_of_level.format_help())
             return EX_USAGE
@@ -276,16 +289,23 @@ def status_line(ops: dict[str, Any]) -> str:
 
 
 def config_line(c: dict[str, Any]) -> str:
-    """The desired config in `appliance status`: the applied version, one on probation,
-    the last rolled back or refused (ops/desired.py)."""
-    parts = [f"remote config  version {c.get('version') or 0} applied"
-             if c.get("version") else "remote config  none applied"]
+    """The desired config in `appliance status`: the applied version (or that a technician
+    cleared it on site), one on probation, the last rolled back or refused (ops/desired.py)."""
+    def at(ts: Any) -> str:
+        return f" at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(ts))}" if ts else ""
+    if c.get("cleared") is not None and c.get("cleared") in (c.get("version"), 0):
+        when = at(c.get("cleared_at"))
+        parts = [f"remote config  none in force (version {c['cleared']} cleared on site{when})"]
+    elif c.get("version"):
+        parts = [f"remote config  version {c['version']} applied"]
+        if c.get("cleared") is not None:
+            parts.append(f"version {c['cleared']} cleared on site{at(c.get('cleared_at'))}")
+    else:
+        parts = ["remote config  none applied"]
     if c.get("pending") is not None:
         parts.append(f"version {c['pending']} on probation")
     if c.get("rolled_back") is not None:
-        at = c.get("rolled_back_at")
-        when = f" at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(at))}" if at else ""
-        parts.append(f"version {c['rolled_back']} ROLLED BACK{when}")
+        parts.append(f"version {c['rolled_back']} ROLLED BACK{at(c.get('rolled_back_at'))}")
     if c.get("refused") is not None:
         parts.append(f"version {c['refused']} refused ({c.get('refused_code')})")
     return "; ".join(parts)

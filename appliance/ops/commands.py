@@ -27,7 +27,9 @@ one item (`{"id": ID}`) or every item (`{"all": true}`), pause/resume forwarding
 off/on a destination (`{"destination": NAME}`, forward/controls.py), log_level
 (`{"level": L}`, until the daemon restarts), replay_events (`{"since": N}`: the kept
 events after N are sent again), diagnostics (ops/diagnostics.py: a PHI-free document in
-parts on diagnostics/<cmd_id>). None touches images, reveals
+parts on diagnostics/<cmd_id>), update (`{"url", "sha256", "reboot"}`: update/remote.py
+fetches and installs a bundle in a worker; 200 says accepted, update.* events follow; a
+url outside `[update] sources` is 403). None touches images, reveals
 patient data or opens a shell. Every command and every refusal is audited
 (AuditTrail.command) and logged (`ops.command` / `command.refused`, which is also an ops
 event), with opaque ids only.
@@ -58,7 +60,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from appliance.audit import AuditTrail
 from appliance.core import durable
 from appliance.core.config import Config
-from appliance.core.errors import ApplianceError, NotFoundError
+from appliance.core.errors import ApplianceError, NotFoundError, PermissionDeniedError
 from appliance.ops import diagnostics, messages
 from appliance.ops.link import boot_id
 from appliance.ops.link import clock_synchronised as kernel_clock_synchronised
@@ -211,6 +213,7 @@ def check_time(cmd: Mapping[str, Any], now: float, synced: bool | None) -> None:
 class Op:
     handler: str | None  # the control socket's command, None: answered here
     args: Callable[[Mapping[str, Any]], dict[str, Any]]  # ValueError: 422
+    cmd_id: bool = False  # the handler also gets `_cmd_id` (for the events that follow)
 
 
 def _no_args(args: Mapping[str, Any]) -> dict[str, Any]:
@@ -273,6 +276,9 @@ OPS: dict[str, Op] = {
     "log_level": Op("log.level", _log_level),
     "replay_events": Op("events.replay", _since),
     "diagnostics": Op("diagnostics", _no_args),
+    # url, sha256, reboot: checked against [update] by the handler (update/remote.py), which
+    # answers 403 for a url outside the sources; the outcome follows as update.* events
+    "update": Op("update.start", dict, cmd_id=True),
 }
 # The daemon's handlers that write the audit trail themselves (with the outcome they know).
 SELF_AUDITED = {"queue.change", "forward.switch", "log.level"}
@@ -323,7 +329,7 @@ class Commands:
             except ValueError as e:
                 raise Refused(422, f"bad args: {e}") from None
             audited = op.handler in SELF_AUDITED
-            code, detail, result = self._run(op, args, operator)
+            code, detail, result = self._run(op, args, operator, str(cmd["cmd_id"]))
             if op.handler == "diagnostics" and code == 200:  # sent in parts before the result
                 attached, result = diagnostics.parts(diagnostics.pack(result), str(cmd["cmd_id"]))
         except Refused as e:
@@ -340,13 +346,16 @@ class Commands:
             msg["_parts"] = attached  # ops/link.py publishes them on diagnostics/<cmd_id> first
         return msg
 
-    def _run(self, op: Op, args: dict[str, Any], operator: str) -> tuple[int, str, Any]:
+    def _run(self, op: Op, args: dict[str, Any], operator: str, cmd_id: str) -> tuple[int, str, Any]:
         if op.handler is None:
             return 200, "pong", {"pong": True}
         try:
-            got = self.handlers[op.handler]({**args, "_operator": operator})
+            extra = {"_cmd_id": cmd_id} if op.cmd_id else {}
+            got = self.handlers[op.handler]({**args, "_operator": operator, **extra})
         except NotFoundError as e:
             return 404, str(e), None
+        except PermissionDeniedError as e:
+            return 403, str(e), None
         except ApplianceError as e:
             return 422, str(e), None
         if op.handler == "status":

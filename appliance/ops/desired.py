@@ -8,8 +8,8 @@ like a command (ops/commands.py: the same parse, signature, box and time checks;
      another box, expired (410), not newer than the applied version (409), not TOML, sets a
      key of FORBIDDEN (422 naming it), or fails the checks of `appliance config check`
      (422, the checker is the CLI's, passed in);
-  2. else writes the pending record (`conf.d/.remote-pending.json`: version, digest,
-     deadline, the previous drop-in's text), then the drop-in `conf.d/50-remote.toml`,
+  2. else writes the pending record (`remote.d/.remote-pending.json`: version, digest,
+     deadline, the previous drop-in's text), then the drop-in `remote.d/50-remote.toml`,
      each atomically and durably (core/durable.py), and asks the daemon to restart
      (re-exec of the same command line: the same PID, so it works under systemd and in
      the foreground alike);
@@ -17,7 +17,7 @@ like a command (ops/commands.py: the same parse, signature, box and time checks;
      start has already tried means that start failed (it exited, was killed or hung):
      the previous drop-in is put back. Otherwise the record is marked tried;
   4. the running daemon confirms (`check`) once every stage has been healthy for
-     CONFIRM_AFTER_S: the version is applied (`conf.d/.remote-applied.json`, event
+     CONFIRM_AFTER_S: the version is applied (`remote.d/.remote-applied.json`, event
      `config.applied`). Past `[operations] config_deadline_s` without that, or when the
      start fails with an error (`rollback` from `appliance run`), the previous drop-in is
      restored and the daemon restarts; the rolled-back start says `config.rolled_back`.
@@ -26,10 +26,18 @@ rolled back or refused (same bytes) is left alone, so it is applied once; only t
 refusals of TRY_AGAIN (a forgery, the clock, a drop-in that could not be written: 500)
 are looked at again at the next connection.
 
-The records live beside the drop-in (hidden files are not config: core/config.py) so
-that they are found before the state directory is known, and whatever the new config
-says. Nothing here logs the TOML (it names hosts and paths, never patient data, but it
-is the center's business): versions, digests and codes only.
+The drop-in and its records live in the config's remote folder (`config.remote_dir`:
+`/data/config/remote.d` on the image, beside the link to the imported set, so that a
+stick import does not replace them; `remote.d` beside the main file otherwise), read
+after the technician's conf.d so that the center's keys win. The records are hidden files
+there (not config: core/config.py) so that they are found before the state directory is
+known, and whatever the new config says. A technician removes a bad remote drop-in on
+site with a stick (`clear`, below; cli/config_import.py): the applied record keeps the
+cleared version and digest, so the retained message is not applied again, and only a
+newer version from the center puts a remote drop-in back.
+
+Nothing here logs the TOML (it names hosts and paths, never patient data, but it is the
+center's business): versions, digests and codes only.
 """
 
 from __future__ import annotations
@@ -71,7 +79,7 @@ FORBIDDEN = ("operations", "appliance.name", "appliance.state_dir", "spool.key_f
 Checker = Callable[[Path, dict[str, Any]], list[str]]
 # Refusals not recorded, so that the same message is looked at again at the next
 # connection: a forgery (it does not get to fill the record), a clock not yet
-# synchronised, a drop-in that could not be written (conf.d not writable).
+# synchronised, a drop-in that could not be written (remote.d not writable).
 TRY_AGAIN = frozenset({403, 500, 503})
 
 
@@ -83,8 +91,12 @@ class Paths:
 
 
 def paths(main: Path) -> Paths:
-    d = main.absolute().parent / config.DROPIN_DIR
-    return Paths(d / REMOTE_NAME, d / PENDING_NAME, d / APPLIED_NAME)
+    return paths_in(config.remote_dir(main))
+
+
+def paths_in(folder: Path) -> Paths:
+    """The drop-in and records in a remote folder (`config.remote_dir`)."""
+    return Paths(folder / REMOTE_NAME, folder / PENDING_NAME, folder / APPLIED_NAME)
 
 
 def forbidden_key(data: Mapping[str, Any]) -> str | None:
@@ -147,10 +159,11 @@ def status(main: Path) -> dict[str, Any]:
     """For `state` and `appliance status`: the applied version, the one on probation, the
     last rolled back and the last refused (versions and codes only)."""
     a, p = applied(main), pending(main)
-    rb, rf = a.get("rolled_back") or {}, a.get("refused") or {}
+    rb, rf, cl = a.get("rolled_back") or {}, a.get("refused") or {}, a.get("cleared") or {}
     return {"version": a.get("version", 0), "pending": p.get("version") if p else None,
             "rolled_back": rb.get("version"), "rolled_back_at": rb.get("at"),
-            "refused": rf.get("version"), "refused_code": rf.get("code")}
+            "refused": rf.get("version"), "refused_code": rf.get("code"),
+            "cleared": cl.get("version"), "cleared_at": cl.get("at")}
 
 
 def at_start(main: Path, now: float | None = None) -> bool:
@@ -184,6 +197,52 @@ def rollback(main: Path, reason: str, now: float | None = None) -> bool:
     _write(ps.applied, a)
     durable.unlink_durable(ps.pending)
     return True
+
+
+def in_force(folder: Path) -> dict[str, Any] | None:
+    """What the remote folder holds now, for a technician (the import's result file):
+    the drop-in (its path and the keys it sets), the applied version, one on probation.
+    None: no remote drop-in."""
+    ps = paths_in(folder)
+    text = _text(ps.dropin)
+    if text is None:
+        return None
+    a, p = _read(ps.applied) or {}, _read(ps.pending)
+    try:
+        keys = sorted(_leaf_keys(tomllib.loads(text)))
+    except tomllib.TOMLDecodeError:
+        keys = ["(not valid TOML)"]
+    return {"file": ps.dropin, "version": a.get("version", 0), "pending": p.get("version") if p else None,
+            "keys": keys}
+
+
+def _leaf_keys(data: Mapping[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else k
+        out += _leaf_keys(v, key) if isinstance(v, Mapping) else [key]
+    return out
+
+
+def clear(folder: Path, now: float | None = None) -> int | None:
+    """Remove the remote drop-in (a technician's stick: cli/config_import.py) and any
+    probation. The applied record keeps its version and digest and records what was
+    cleared, so that the retained message is not applied again: only a newer version
+    from the center brings a remote drop-in back. The version cleared (0: a drop-in of
+    no known version); None when there was nothing to clear."""
+    ps = paths_in(folder)
+    p = _read(ps.pending)
+    if p is None and not ps.dropin.exists():
+        return None
+    a = _read(ps.applied) or {"version": 0}
+    gone = p if p is not None else a
+    a["cleared"] = {"version": gone.get("version", 0), "digest": gone.get("digest"),
+                    "at": time.time() if now is None else now}
+    durable.unlink_durable(ps.dropin)
+    durable.unlink_durable(ps.pending)
+    _write(ps.applied, a)
+    log.warning("config.cleared", version=gone.get("version", 0))
+    return int(gone.get("version", 0))
 
 
 def report(main: Path) -> None:
@@ -221,7 +280,9 @@ class Desired:
         digest = hashlib.sha256(payload).hexdigest()
         a, p = applied(self.main), pending(self.main)
         known = {a.get("digest"): "applied", (a.get("rolled_back") or {}).get("digest"): "rolled back",
-                 (a.get("refused") or {}).get("digest"): "refused", (p or {}).get("digest"): "pending"}
+                 (a.get("refused") or {}).get("digest"): "refused", (p or {}).get("digest"): "pending",
+                 (a.get("cleared") or {}).get("digest"): "cleared on site"}
+        known.pop(None, None)
         if digest in known:  # seen (a retained message, again at a reconnect): applied once
             log.info("config.reconciled", outcome=known[digest], version=a.get("version", 0))
             return False

@@ -4,9 +4,20 @@ person must look at (`appliance fleet status`, `appliance fleet serve`).
 
 Owns nothing on disk: the model is rebuilt from the broker's retained `online` and
 `state` messages at each start (events are not retained: a center that was away sees
-only events sent since). `Subscriber` is an MQTT client with the operations center's
-certificate (`ops-center.pem`) that subscribes to `appliance/+/online`, `state` and
-`events` and feeds `Fleet.receive`.
+only events sent since). `Subscriber` is an MQTT client with one of the operations
+center's read-only certificates (`ops-center-serve.pem` for `fleet serve`,
+`ops-center-status.pem` for `fleet status`: never the client id of `fleet send`) that
+subscribes to `appliance/+/online`, `state` and `events` and feeds `Fleet.receive`.
+
+Retained messages on a clustered broker: RabbitMQ 3.x sends a retained message only to
+a subscription of the topic itself, never to a wildcard one (rabbitmq-server issue 8824;
+tests/test_ops_link_rabbitmq.py shows it). So after each CONNACK the subscriber also
+subscribes to `appliance/<box>/online` and `state` of every box in the fleet CA's roster
+(`fleet sign` writes it; pki.read_roster), in SUBSCRIBE packets of EXACT_PER_PACKET
+filters, and unsubscribes each packet's filters once its SUBACK came: the broker sent
+their retained messages with it, and the wildcard brings everything after (Mosquitto
+would otherwise send each message twice). A box not in the roster (signed by another
+CA folder) appears on such a broker at its next `state`. Plain MQTT 3.1.1: no box changes.
 
 Everything a box sends is untrusted: a topic whose box name does not match
 BOX_NAME, a payload over PAYLOAD_MAX_BYTES, not JSON or not an object is dropped and
@@ -19,8 +30,8 @@ logged with a box's text in it.
 
 How it fails: the broker away makes every box go "last known at T" (and then silent);
 `Subscriber` reconnects after RECONNECT_MIN_S..RECONNECT_MAX_S. The broker lets one
-client per certificate in: a `fleet send` or `fleet status` takes the `ops-center`
-session from a running `fleet serve` for the few seconds it runs; `serve` reconnects.
+client per certificate in: two `fleet serve` (or two `fleet status`) at once take the
+session from each other, and reconnect.
 """
 
 from __future__ import annotations
@@ -53,6 +64,8 @@ RESERVE_MARGIN = 1.25  # "near the reserve": free below 1.25 x reserve
 DROPPED_WINDOW_S = 3600.0  # events dropped: red for an hour after the count grew
 KINDS = ("online", "state", "events")
 RECONNECT_MIN_S, RECONNECT_MAX_S = 2, 60
+RETAINED_KINDS = ("online", "state")  # what a box keeps on the broker
+EXACT_PER_PACKET = 200  # topic filters in one SUBSCRIBE by name (~7 KB)
 
 
 @dataclass
@@ -252,55 +265,85 @@ def alarms(v: dict[str, Any], now: float, heartbeat_s: float) -> list[str]:
 
 # --- the MQTT side ---
 
-def tls_context(ca: Path) -> ssl.SSLContext:
-    """The operations center's client context from the fleet CA folder (fleet ca init)."""
-    from appliance.ops import pki
-
+def tls_context(ca: Path, cn: str) -> ssl.SSLContext:
+    """A client context of the operations center from the fleet CA folder (fleet ca
+    init): ca.pem and the certificate `cn` (pki.CENTER_CNS)."""
     try:
         ctx = ssl.create_default_context(cafile=str(ca / "ca.pem"))
-        ctx.load_cert_chain(str(ca / f"{pki.OPS_CENTER_CN}.pem"), str(ca / f"{pki.OPS_CENTER_CN}.key"))
+        ctx.load_cert_chain(str(ca / f"{cn}.pem"), str(ca / f"{cn}.key"))
     except (OSError, ValueError) as e:  # missing, unreadable, not PEM (ssl.SSLError is an OSError)
-        raise KeyFileError(f"{ca}: cannot load ca.pem and {pki.OPS_CENTER_CN}.pem/.key"
-                           f" ({type(e).__name__}); made by `appliance fleet ca init`") from None
+        raise KeyFileError(f"{ca}: cannot load ca.pem and {cn}.pem/.key ({type(e).__name__});"
+                           " made by `appliance fleet ca init` (or `fleet ca center` for a CA"
+                           " made before)") from None
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     return ctx
+
+
+Filters = list[tuple[str, int]]
+
+
+def subscriptions(roster: list[str]) -> tuple[Filters, list[Filters]]:
+    """The wildcard filters, and the by-name filters of the roster's boxes in packets of
+    at most EXACT_PER_PACKET (at most BOXES_MAX boxes; names that are not box names are
+    left out: a filter must never hold a wildcard)."""
+    wildcard = [(f"appliance/+/{k}", 1) for k in KINDS]
+    names = [n for n in roster if BOX_NAME.fullmatch(n)][:BOXES_MAX]
+    exact = [(f"appliance/{n}/{k}", 1) for n in names for k in RETAINED_KINDS]
+    return wildcard, [exact[i:i + EXACT_PER_PACKET] for i in range(0, len(exact), EXACT_PER_PACKET)]
 
 
 class Subscriber:
     """The center's MQTT client feeding a Fleet, on paho's own thread (reconnects)."""
 
-    def __init__(self, fleet: Fleet, host: str, port: int, ca: Path) -> None:
+    def __init__(self, fleet: Fleet, host: str, port: int, ca: Path, cn: str) -> None:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
 
-        from appliance.ops import pki
-
         self.fleet = fleet
-        self.host, self.port = host, port
-        self.subscribed = threading.Event()
+        self.host, self.port, self.ca, self.cn = host, port, ca, cn
+        self.subscribed = threading.Event()  # every SUBACK of the last connection came
         self.last_message = 0.0  # monotonic
-        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=pki.OPS_CENTER_CN,
+        self._pending: dict[int, Filters] = {}  # SUBSCRIBE mid -> its by-name filters
+        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cn,
                              protocol=mqtt.MQTTv311, clean_session=True)
-        self.c.tls_set_context(tls_context(ca))
+        self.c.tls_set_context(tls_context(ca, cn))
         self.c.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
         self.connected_since: float | None = None  # None: not connected to the broker now
         self.on_change: Callable[[str], None] = lambda line: None
         self.c.on_connect = self._on_connect
         self.c.on_disconnect = self._on_disconnect
-        self.c.on_subscribe = lambda c, u, mid, codes, props: self.subscribed.set()
+        self.c.on_subscribe = self._on_subscribe
         self.c.on_message = self._on_message
 
     def _on_connect(self, c: Any, u: Any, flags: Any, rc: Any, props: Any) -> None:
+        from appliance.ops import pki
+
         if rc.is_failure:
             self.on_change(f"broker refused the connection ({rc})")  # a CONNACK code, not a peer's text
             return
         self.connected_since = time.time()
-        c.subscribe([(f"appliance/+/{k}", 1) for k in KINDS])
+        try:
+            roster = pki.read_roster(self.ca)
+        except OSError as e:  # unreadable: the wildcards still bring every box's next state
+            roster = []
+            self.on_change(f"cannot read {self.ca / pki.ROSTER} ({type(e).__name__}): boxes by wildcard only")
+        wildcard, exact = subscriptions(roster)
+        self._pending = {}
+        for filters in (wildcard, *exact):  # paho's thread: no SUBACK is read before this returns
+            _, mid = c.subscribe(filters)
+            self._pending[mid] = filters if filters is not wildcard else []
         self.on_change("broker connected")
+
+    def _on_subscribe(self, c: Any, u: Any, mid: int, codes: Any, props: Any) -> None:
+        exact = self._pending.pop(mid, None)
+        if exact:  # their retained messages came with the SUBACK; the wildcard brings the rest
+            c.unsubscribe([t for t, _ in exact])
+        if not self._pending:
+            self.subscribed.set()
 
     def _on_disconnect(self, c: Any, u: Any, flags: Any, rc: Any, props: Any) -> None:
         if self.connected_since is not None:
-            self.on_change("broker connection lost (another client with the ops-center certificate"
+            self.on_change(f"broker connection lost (another client with the {self.cn} certificate"
                            " takes the session, or the broker went away); reconnecting")
         self.connected_since = None
 

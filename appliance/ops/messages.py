@@ -46,6 +46,17 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "config.applied": ("version",),
     "config.rolled_back": ("version", "reason", "applied_version"),
     "config.refused": ("version", "code", "reason", "key"),
+    # update/remote.py: the ops center's `update` command, step by step (tokens, counts, classes)
+    "update.accepted": ("cmd_id",),
+    "update.progress": ("cmd_id", "bytes", "total"),
+    "update.fetched": ("cmd_id", "bytes"),
+    "update.installed": ("cmd_id", "bundle_version", "slot", "reboot"),
+    "update.refused": ("cmd_id", "reason"),
+    "update.failed": ("cmd_id", "reason"),
+    # audit/repository.py: the hospital's audit repository, by error class (never a message)
+    "audit.repository_failed": ("error", "waiting"),
+    "audit.repository_connected": ("waiting",),
+    "audit.repository_gap": ("gaps",),
 }
 
 # `reason` of destination.down/up is a class (forward/failover.reason_class) or what
@@ -54,7 +65,9 @@ REASON_CLASSES = frozenset({"malformed", "forbidden", "not found", "replay", "ex
                             "unprocessable", "too many", "internal error", "clock not synchronised",
                             "timeout", "refused", "missing", "unreachable", "connection lost",
                             "rejected", "failed", "probe answered", "delivered",
-                            "did not start", "not healthy"})
+                            "did not start", "not healthy",
+                            # update/fetch.py and update/remote.py
+                            "too big", "sha256 mismatch", "host key", "rauc refused", "busy"})
 
 
 def dumps(msg: dict[str, Any]) -> bytes:

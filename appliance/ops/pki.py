@@ -5,8 +5,22 @@ Enrollment never moves a private key: `appliance keys init` makes the box's MQTT
 the CSR with its fleet CA (`appliance fleet ca init DIR`, `appliance fleet sign BOX.csr`)
 and sends back the certificate. The broker (config/ops-center/mosquitto.conf) takes the
 CN as the MQTT user name and client id, so the CN is the box's identity: the same name
-rule as the config (`OPS_NAME_RE`) is enforced at signing, and `ops-center` is reserved
-for the operations center's own client certificate.
+rule as the config (`OPS_NAME_RE`) is enforced at signing, and `ops-center` and every
+`ops-center-*` name are reserved for the operations center's own client certificates.
+
+The operations center has one client certificate per kind of client (CENTER_CNS), so
+that they never share a client id (the broker would disconnect the older session):
+`ops-center` signs nothing but may write commands and desired config (`fleet send`,
+`fleet config push`); `ops-center-serve` (`fleet serve`) and `ops-center-status`
+(`fleet status`) may only read the boxes' `online`, `state` and `events`
+(config/ops-center/acl, rabbitmq/fleet-definitions). `fleet ca init` issues all of
+them; `fleet ca center` issues those missing in a CA made before.
+
+The CA folder keeps a roster of the boxes it signed (ROSTER, one line per signature:
+name, serial, not-after; like OpenSSL's index.txt), written by `fleet sign`: the fleet
+view subscribes to each known box's topics by name, because a broker may send retained
+messages only to a subscription of the topic itself (RabbitMQ 3.x, rabbitmq-server
+issue 8824).
 
 Everything here uses the `cryptography` library (X.509 building and verification); it
 fails with KeyFileError / ConfigError naming the file, never with a library's text.
@@ -29,9 +43,14 @@ from appliance.core import crypto, durable
 from appliance.core.config import OPS_NAME_RE
 from appliance.core.errors import KeyFileError, UsageError
 
-OPS_CENTER_CN = "ops-center"  # the operations center's client certificate (reads all boxes)
-CA_FILES = ("ca.key", "ca.pem", "crl.pem", "broker.key", "broker.pem", "ops-center.key",
-            "ops-center.pem")
+OPS_CENTER_CN = "ops-center"  # reads every box, writes commands and desired config
+SERVE_CN = "ops-center-serve"  # `fleet serve`: reads online, state, events
+STATUS_CN = "ops-center-status"  # `fleet status`: reads online, state, events
+CENTER_CNS = (OPS_CENTER_CN, SERVE_CN, STATUS_CN)
+CENTER_FILES = tuple(f"{cn}.{ext}" for cn in CENTER_CNS for ext in ("key", "pem"))
+CA_FILES = ("ca.key", "ca.pem", "crl.pem", "broker.key", "broker.pem", *CENTER_FILES)
+ROSTER = "roster"  # the boxes `fleet sign` signed, in the CA folder
+ROSTER_HEADER = b"# boxes signed by this fleet CA (appliance fleet sign): name serial not-after\n"
 CA_DAYS = 3650
 BOX_DAYS = 825
 CRL_DAYS = 365
@@ -137,6 +156,7 @@ def _issue(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate | None,
 class FleetCA:
     key: ec.EllipticCurvePrivateKey
     cert: x509.Certificate
+    roster: Path | None = None  # where `sign_csr` enrols a box (ROSTER in the CA folder)
 
 
 def ca_init(directory: Path, broker_hosts: tuple[str, ...]) -> list[str]:
@@ -150,19 +170,70 @@ def ca_init(directory: Path, broker_hosts: tuple[str, ...]) -> list[str]:
     ca_key = new_key(directory / "ca.key")
     ca_cert = _issue(ca_key, None, "appliance fleet CA", ca_key.public_key(), CA_DAYS, ca=True)
     durable.atomic_write(directory / "ca.pem", _cert_pem(ca_cert), mode=0o644)
-    ca = FleetCA(ca_key, ca_cert)
+    ca = FleetCA(ca_key, ca_cert, directory / ROSTER)
     write_crl(ca, directory / "crl.pem")
-    for cn, hosts in (("broker", broker_hosts), (OPS_CENTER_CN, ())):
-        k = new_key(directory / f"{cn}.key")
-        cert = _issue(ca_key, ca_cert, cn, k.public_key(), BOX_DAYS,
-                      server_names=hosts)
-        durable.atomic_write(directory / f"{cn}.pem", _cert_pem(cert), mode=0o644)
+    _issue_into(ca, directory, "broker", broker_hosts)
+    for cn in CENTER_CNS:
+        _issue_into(ca, directory, cn)
     return [f"fleet CA: {directory}/ca.pem (key ca.key), CRL crl.pem, broker certificate broker.pem"
-            f" for {', '.join(broker_hosts)}, operations-center client certificate ops-center.pem"]
+            f" for {', '.join(broker_hosts)}, operations-center client certificates"
+            f" {', '.join(f'{cn}.pem' for cn in CENTER_CNS)}"]
+
+
+def _issue_into(ca: FleetCA, directory: Path, cn: str, hosts: tuple[str, ...] = ()) -> None:
+    k = new_key(directory / f"{cn}.key")
+    cert = _issue(ca.key, ca.cert, cn, k.public_key(), BOX_DAYS, server_names=hosts)
+    durable.atomic_write(directory / f"{cn}.pem", _cert_pem(cert), mode=0o644)
+
+
+def center_init(directory: Path) -> list[str]:
+    """`fleet ca center`: the operations center's client certificates (CENTER_CNS) that
+    the CA in `directory` does not hold yet (a CA made before they existed); never
+    overwrites one. The broker's ACL must name them (config/ops-center/acl)."""
+    ca = load_ca(directory)
+    out = []
+    for cn in CENTER_CNS:
+        if (directory / f"{cn}.key").exists() or (directory / f"{cn}.pem").exists():
+            out.append(f"{cn}: {directory}/{cn}.pem exists, kept")
+            continue
+        _issue_into(ca, directory, cn)
+        out.append(f"{cn}: {directory}/{cn}.pem created")
+    return out
 
 
 def load_ca(directory: Path) -> FleetCA:
-    return FleetCA(load_key(directory / "ca.key"), load_cert(directory / "ca.pem"))
+    return FleetCA(load_key(directory / "ca.key"), load_cert(directory / "ca.pem"), directory / ROSTER)
+
+
+def reserved(cn: str) -> bool:
+    """A name only the operations center's own certificates carry."""
+    return cn == OPS_CENTER_CN or cn.startswith(OPS_CENTER_CN + "-")
+
+
+def read_roster(directory: Path) -> list[str]:
+    """The box names in the CA folder's roster, each once, in the order first signed;
+    a line that is not `name ...` with a box name is skipped (the file is the center's
+    own, but a hand edit must not put a wildcard into a subscription)."""
+    try:
+        text = (directory / ROSTER).read_text(errors="replace")
+    except FileNotFoundError:
+        return []
+    names: dict[str, None] = {}
+    for line in text.splitlines():
+        name = line.split(" ", 1)[0]
+        if OPS_NAME_RE.match(name) and not reserved(name):
+            names.setdefault(name)
+    return list(names)
+
+
+def _enrol(roster: Path, cn: str, cert: x509.Certificate) -> None:
+    """One line for a signed certificate at the end of the roster (rewritten atomically)."""
+    try:
+        old = roster.read_bytes()
+    except FileNotFoundError:
+        old = ROSTER_HEADER
+    line = f"{cn} {cert.serial_number:x} {cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}\n"
+    durable.atomic_write(roster, old + line.encode(), mode=0o644)
 
 
 def write_crl(ca: FleetCA, path: Path, revoked: tuple[x509.RevokedCertificate, ...] = ()) -> None:
@@ -202,7 +273,8 @@ def reissue_crl(directory: Path, revoke: tuple[Path, ...] = ()) -> list[str]:
 
 
 def sign_csr(ca: FleetCA, csr_path: Path, out: Path, days: int = BOX_DAYS) -> str:
-    """Sign a box's CSR into a client certificate at `out`; the box's name (its CN)."""
+    """Sign a box's CSR into a client certificate at `out`, enrol it in the roster; the
+    box's name (its CN)."""
     try:
         csr = x509.load_pem_x509_csr(csr_path.read_bytes())
     except FileNotFoundError:
@@ -212,14 +284,16 @@ def sign_csr(ca: FleetCA, csr_path: Path, out: Path, days: int = BOX_DAYS) -> st
     if not csr.is_signature_valid:
         raise UsageError(f"{csr_path}: the request's signature is not valid")
     cn = common_name(csr.subject)
-    if cn is None or not OPS_NAME_RE.match(cn) or cn == OPS_CENTER_CN:
+    if cn is None or not OPS_NAME_RE.match(cn) or reserved(cn):
         raise UsageError(f"{csr_path}: CN must be one box name (lowercase a-z, 0-9, '.', '_', '-',"
-                         f" not {OPS_CENTER_CN!r})")
+                         f" not {OPS_CENTER_CN!r} nor {OPS_CENTER_CN}-*)")
     pub = csr.public_key()
     if not isinstance(pub, ec.EllipticCurvePublicKey):
         raise UsageError(f"{csr_path}: the request's key is not an EC key")
     cert = _issue(ca.key, ca.cert, cn, pub, days)
     durable.atomic_write(out, _cert_pem(cert), mode=0o644)
+    if ca.roster is not None:
+        _enrol(ca.roster, cn, cert)
     return cn
 
 

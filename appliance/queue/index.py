@@ -3,7 +3,14 @@
 Owns `STATE/queue.db` (+ `-wal`, `-shm`). WAL mode lets the CLI read while the daemon
 writes; `synchronous=FULL` makes every commit durable before it returns, which is what
 lets the receiver answer Success right after its commit. The schema is versioned with
-`PRAGMA user_version`; `open_index` migrates forward and refuses a newer schema.
+`PRAGMA user_version`; `open_index` migrates forward. A newer schema is used as it is
+only when the newer release said so: the table `schema_compat` (outside the versioned
+schema: created on open, ignored by releases that do not know it) holds `readable_by`, the
+lowest schema version whose code may still read and write this database (a migration that
+only adds tables, or columns with defaults, keeps the previous release's number). A
+newer schema whose `readable_by` is above ours, or that has none, is refused untouched
+(StateError). This is what lets an update fall back to the old slot after its trial boot
+migrated the index (docs/updates.md, "Formats across releases").
 
 No patient data is stored here: studies are grouped by a keyed hash of the Study
 Instance UID (`study_key`); duplicates are found by a keyed hash of the SOP Instance UID
@@ -23,6 +30,10 @@ from pathlib import Path
 from appliance.core.errors import StateError
 
 SCHEMA_VERSION = 7
+# The lowest schema version whose code can use a database of SCHEMA_VERSION. Raise it
+# (to SCHEMA_VERSION) only for a migration the previous release cannot live with; then
+# an update that falls back after its trial boot leaves a daemon that cannot start.
+READABLE_BY = 7
 
 _SCHEMA = [
     # version 1
@@ -202,6 +213,7 @@ class Index:
     def __init__(self, path: Path, readonly: bool = False) -> None:
         self.path = path
         self.lock = threading.RLock()
+        self.newer: int | None = None  # a newer release's schema, used as it is
         try:
             if readonly:
                 self.conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True,
@@ -222,14 +234,29 @@ class Index:
     def _migrate(self) -> None:
         version = self.conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
-            raise StateError(
-                f"queue index {self.path} has schema {version}, newer than this version "
-                f"understands ({SCHEMA_VERSION}); refusing to touch it"
-            )
+            readable_by = self._readable_by()
+            if readable_by is None or readable_by > SCHEMA_VERSION:
+                raise StateError(
+                    f"queue index {self.path} has schema {version}, newer than this version "
+                    f"understands ({SCHEMA_VERSION}); refusing to touch it"
+                )
+            self.newer = version  # used as it is: its additions are ignored
+            return
         for v in range(version, SCHEMA_VERSION):
             with self.tx():
                 self._script(_SCHEMA[v])
                 self.conn.execute(f"PRAGMA user_version={v + 1}")
+        with self.tx():
+            self.conn.execute("CREATE TABLE IF NOT EXISTS schema_compat (readable_by INTEGER NOT NULL)")
+            self.conn.execute("DELETE FROM schema_compat")
+            self.conn.execute("INSERT INTO schema_compat VALUES (?)", (READABLE_BY,))
+
+    def _readable_by(self) -> int | None:
+        try:
+            row = self.conn.execute("SELECT min(readable_by) FROM schema_compat").fetchone()
+        except sqlite3.OperationalError:  # no such table: a release that did not say
+            return None
+        return row[0] if row and isinstance(row[0], int) else None
 
     def _script(self, sql: str) -> None:
         for stmt in sql.split(";"):

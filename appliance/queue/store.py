@@ -68,11 +68,14 @@ class DestinationRow:
 
 @dataclass(frozen=True)
 class AwaitingReceipt:
-    """A bundle delivered to a destination with receipts, whose receipt has not come."""
+    """A bundle (or a copy of one) delivered to a destination with receipts, whose
+    receipt has not come. `bundle_id`: the bundle file uploaded, which the center's
+    receipt names (a copy's parent; the item itself otherwise)."""
 
     item_id: str
     delivered: float
     instances: int
+    bundle_id: str
 
 
 @dataclass(frozen=True)
@@ -432,23 +435,27 @@ class Queue:
     # --- end-to-end receipts (forward.receipts) ---
 
     def awaiting_receipts(self, destination: str, limit: int) -> Sequence[AwaitingReceipt]:
-        """Bundles delivered to `destination` whose receipt has not come yet, the most
-        recently delivered first, at most `limit` (a parked instance's item is left out:
-        its file is its bundle's, which has a receipt of its own)."""
+        """Bundles, and copies of bundles (their parent's file, uploaded whole), delivered
+        to `destination` whose receipt has not come yet, the most recently delivered
+        first, at most `limit` (a parked instance's item is left out: its file is its
+        bundle's, which has a receipt of its own)."""
         rows = self.index.query(
-            "SELECT d.item_id, d.delivered, s.instances FROM deliveries d JOIN segments s"
-            " ON s.id=d.item_id WHERE d.destination=? AND d.state='delivered' AND d.receipt IS NULL"
-            " AND s.parent IS NULL ORDER BY d.delivered DESC LIMIT ?", (destination, limit))
-        return [AwaitingReceipt(r["item_id"], float(r["delivered"] or 0), int(r["instances"]))
-                for r in rows]
+            "SELECT d.item_id, d.delivered, s.instances, COALESCE(s.parent, s.id) bundle"
+            " FROM deliveries d JOIN segments s ON s.id=d.item_id WHERE d.destination=?"
+            " AND d.state='delivered' AND d.receipt IS NULL"
+            " AND (s.parent IS NULL OR (s.copy_to IS NOT NULL AND s.only_index IS NULL))"
+            " ORDER BY d.delivered DESC LIMIT ?", (destination, limit))
+        return [AwaitingReceipt(r["item_id"], float(r["delivered"] or 0), int(r["instances"]),
+                                r["bundle"]) for r in rows]
 
     def receipts_awaited(self, destination: str, delivered_before: float) -> tuple[int, int]:
-        """(bundles delivered to `destination` without a receipt, of which delivered
-        before `delivered_before`: the overdue ones)."""
+        """(bundles and copies delivered to `destination` without a receipt, of which
+        delivered before `delivered_before`: the overdue ones)."""
         rows = self.index.query(
             "SELECT COUNT(*) n, COALESCE(SUM(d.delivered<?), 0) late FROM deliveries d JOIN segments s"
             " ON s.id=d.item_id WHERE d.destination=? AND d.state='delivered' AND d.receipt IS NULL"
-            " AND s.parent IS NULL", (delivered_before, destination))
+            " AND (s.parent IS NULL OR (s.copy_to IS NOT NULL AND s.only_index IS NULL))",
+            (delivered_before, destination))
         return int(rows[0]["n"]), int(rows[0]["late"])
 
     def record_receipt(self, item_id: str, destination: str, verdict: str, stored: int,

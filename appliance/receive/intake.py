@@ -40,6 +40,7 @@ import structlog
 from appliance.core import durable
 from appliance.core import pynetdicom_compat as compat
 from appliance.core.errors import SpoolFullError
+from appliance.receive.identify import part10_header
 from appliance.spool.store import Incoming, Spool, new_id
 
 log = structlog.get_logger("appliance.intake")
@@ -73,8 +74,6 @@ class InstanceBuffer:
     """One C-STORE data set as it arrives: in memory while small, sealed to disk when large."""
 
     def __init__(self, spool: Spool, limit: int, max_size: int) -> None:
-        from appliance.receive.scp import part10_header  # receive imports us
-
         self._part10_header = part10_header
         self._spool = spool
         self._limit = limit

@@ -37,6 +37,7 @@ from pydicom.tag import BaseTag, Tag
 from appliance.core import dicomscan
 from appliance.core.config import Rule
 from appliance.queue.store import PRIORITY_ROUTINE, PRIORITY_STAT
+from appliance.receive.identify import inflated_prefix
 
 FACTS_PREFIX = 64 << 10
 _STOP = 0x00321060  # Requested Procedure Description, the last tag rules look at
@@ -103,8 +104,6 @@ def _attributes(head: bytes) -> dict[int, str]:
 def attributes(head: bytes, tags: Sequence[int], stop: int) -> dict[int, str]:
     """Text values of `tags` (each at or below `stop`) read from the start of a Part-10
     instance; a tag that is absent, past the prefix or does not decode is left out."""
-    from appliance.receive.scp import inflated_prefix  # noqa: PLC0415 - scp imports us
-
     meta = dicomscan.file_meta(head)
     if meta is None:
         return {}

@@ -25,39 +25,28 @@ association. Log lines carry opaque ids and the study key hash, never a UID or a
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import dataclasses
-import io
 import ipaddress
-import re
 import sqlite3
 import ssl
 import threading
 import time
-import zlib
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import structlog
 from pydicom import config as pydicom_config
-from pydicom.errors import InvalidDicomError
-from pydicom.filereader import read_dataset, read_partial
-from pydicom.tag import BaseTag, Tag
 from pynetdicom import (
     AE,
-    PYNETDICOM_IMPLEMENTATION_UID,
-    PYNETDICOM_IMPLEMENTATION_VERSION,
     evt,
 )
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from appliance import __version__
 from appliance.audit import AuditTrail
-from appliance.core import dicomscan, part10
 from appliance.core import pynetdicom_compat as compat
 from appliance.core.config import Receive, Rule
 from appliance.core.errors import SpoolFullError
@@ -67,8 +56,10 @@ from appliance.queue.store import PRIORITY_STAT
 from appliance.receive import intake
 from appliance.receive import rules as routing
 from appliance.receive.audited import Received
+from appliance.receive.identify import Rejected, identify, leading, part10_header
 from appliance.receive.intake import InstanceBuffer
-from appliance.spool.store import InstanceMeta, Spool, Stored, reader
+from appliance.receive.tuning import mark_activity, shorten_polling, tune_malloc
+from appliance.spool.store import InstanceMeta, Spool, Stored
 from appliance.update import lock as update_lock
 
 log = structlog.get_logger("appliance.receive")
@@ -87,43 +78,6 @@ STATUS: dict[str, tuple[int, str]] = {
     "uid_mismatch": (0xC212, "Error: Cannot understand (SOP Instance UID differs from the request)"),
     "internal": (0x0110, "Failure: Processing failure"),
 }
-
-_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-
-
-def valid_uid(v: Any) -> bool:
-    return isinstance(v, str) and 0 < len(v) <= 64 and bool(_UID_RE.match(v))
-
-
-def part10_header(sop_class: str, sop_instance: str, transfer_syntax: str, source_ae: str) -> bytes:
-    """Preamble, "DICM" and the file meta group for a received data set.
-
-    The same bytes pydicom's write_file_meta_info produces for these elements (a test
-    checks it), written directly: on the receive path pydicom's general encoder cost
-    ~0.5 ms per image, a tenth of the whole budget. Values come from the C-STORE request
-    and the presentation context; they are only ever compared, never used as paths.
-    """
-    def enc(v: str) -> bytes:
-        return v.encode("latin-1", "replace")
-
-    return part10.file_meta([
-        part10.element(0x00020001, b"OB", b"\x00\x01"),
-        part10.element(0x00020002, b"UI", enc(sop_class)),
-        part10.element(0x00020003, b"UI", enc(sop_instance)),
-        part10.element(0x00020010, b"UI", enc(transfer_syntax)),
-        part10.element(0x00020012, b"UI", enc(PYNETDICOM_IMPLEMENTATION_UID)),
-        part10.element(0x00020013, b"SH", enc(PYNETDICOM_IMPLEMENTATION_VERSION)),
-        part10.element(0x00020016, b"AE", enc(source_ae)),
-    ])
-
-
-class Rejected(Exception):
-    """A data set we refuse; `outcome` is a key of STATUS."""
-
-    def __init__(self, outcome: str) -> None:
-        super().__init__(outcome)
-        self.outcome = outcome
-
 
 # Association rejections: reason -> (result, source, diagnostic, text). Rejected
 # permanent, by the service user (PS3.8 9.3.4).
@@ -171,143 +125,6 @@ def caller_allowed(cfg: Receive, ae_title: str, address: str) -> bool:
     return False
 
 
-_IDENTIFYING_TAGS: list[BaseTag | int] = [Tag(k) for k in (
-    "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")]
-
-
-# identify() parses this much of an instance first; the UIDs are near the start.
-IDENTIFY_PREFIX = 64 << 10
-
-
-def _read_identifiers(src: BinaryIO) -> tuple[Any, bool]:
-    """Parse up to the first element after Series Instance UID; (dataset, got that far)."""
-    reached = False
-
-    def past_series_uid(tag: BaseTag, vr: str | None, length: int) -> bool:
-        nonlocal reached
-        reached = bool(tag > 0x0020000E)
-        return reached
-
-    return read_partial(src, past_series_uid, specific_tags=_IDENTIFYING_TAGS), reached
-
-
-def _prefix(parts: list[bytes | memoryview], n: int) -> bytes:
-    out = bytearray()
-    for p in parts:
-        out += p[: n - len(out)]
-        if len(out) >= n:
-            break
-    return bytes(out)
-
-
-def identify(parts: list[bytes | memoryview], request_sop_uid: str, calling_ae: str,
-             *, complete: bool = True) -> InstanceMeta:
-    """Read the identifying UIDs of a Part-10 instance (given in pieces); raise Rejected if unusable.
-
-    Parsing stops right after Series Instance UID (elements are in ascending tag order;
-    the rest of the header cost ~4x as much), and first tries only the leading
-    `IDENTIFY_PREFIX` bytes from a BytesIO: pydicom's many small reads through a Python
-    file object cost more than the parse itself. If that prefix does not reach past the
-    UIDs, all of `parts` is parsed. `complete=False` says `parts` is only the start of the
-    instance (one sealed to disk as it arrived): the UIDs must then lie within it. A
-    deflated data set is never inflated whole (see `_deflated_identifiers`).
-    """
-    return _checked(*_identifiers(parts, complete), request_sop_uid, calling_ae)
-
-
-Identifiers = tuple[Any, Any, Any, str, str]  # study, series, SOP instance, syntax, SOP class
-
-
-def _identifiers(parts: list[bytes | memoryview], complete: bool) -> Identifiers:
-    total = sum(len(p) for p in parts)
-    head = _prefix(parts, IDENTIFY_PREFIX)
-    fast = dicomscan.scan_identifiers(head)
-    if fast is not None:
-        return (fast.get(dicomscan.STUDY_INSTANCE_UID), fast.get(dicomscan.SERIES_INSTANCE_UID),
-                fast.get(dicomscan.SOP_INSTANCE_UID), fast[dicomscan.TRANSFER_SYNTAX],
-                fast[dicomscan.MEDIA_SOP_CLASS])
-    meta = dicomscan.file_meta(head)
-    if meta is not None and meta[1][dicomscan.TRANSFER_SYNTAX] == dicomscan.DEFLATED:
-        return _deflated_identifiers(parts, *meta)
-    ds = None
-    if len(head) < total or not complete:
-        with contextlib.suppress(Exception):  # truncated prefix: any error means "parse it all"
-            parsed, reached = _read_identifiers(io.BytesIO(head))
-            ds = parsed if reached else None
-    try:
-        if ds is None:
-            ds, reached = _read_identifiers(io.BytesIO(head) if len(head) == total else reader(parts))
-            if not (complete or reached):
-                raise EOFError("identifying UIDs not within the part of the instance kept")
-        study, series, sop = (ds.get(k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
-        ts = str(ds.file_meta.TransferSyntaxUID)
-        sop_class = str(ds.file_meta.MediaStorageSOPClassUID)
-    except _PARSE_ERRORS:
-        raise Rejected("unparseable") from None
-    return study, series, sop, ts, sop_class
-
-
-_PARSE_ERRORS = (InvalidDicomError, ValueError, TypeError, KeyError, AttributeError, EOFError,
-                 OverflowError, NotImplementedError, UnicodeError, IndexError, OSError, zlib.error)
-
-# A deflated data set is inflated only this far to find its UIDs: first the short
-# prefix, then (UIDs behind a long element or sequence) the long one, never more. pydicom
-# would inflate it whole: 0.5 MiB on the wire can be 512 MiB inflated.
-DEFLATED_PREFIXES = (64 << 10, 4 << 20)
-
-
-def _deflated_identifiers(parts: list[bytes | memoryview], start: int, meta: dict[int, str]) -> Identifiers:
-    for limit in DEFLATED_PREFIXES:
-        try:
-            data, whole = inflated_prefix(parts, start, limit)
-            reached = False
-
-            def past_series_uid(tag: BaseTag, vr: str | None, length: int) -> bool:
-                nonlocal reached
-                reached = bool(tag > 0x0020000E)
-                return reached
-
-            ds = read_dataset(io.BytesIO(data), False, True, stop_when=past_series_uid,
-                              specific_tags=_IDENTIFYING_TAGS)
-        except _PARSE_ERRORS:
-            raise Rejected("unparseable") from None
-        if reached or whole:
-            return (ds.get("StudyInstanceUID"), ds.get("SeriesInstanceUID"), ds.get("SOPInstanceUID"),
-                    meta[dicomscan.TRANSFER_SYNTAX], meta[dicomscan.MEDIA_SOP_CLASS])
-    log.warning("instance.unidentified", reason="identifying UIDs not within the first "
-                f"{DEFLATED_PREFIXES[-1] >> 20} MiB of the inflated data set")
-    raise Rejected("unparseable")
-
-
-def inflated_prefix(parts: list[bytes | memoryview], start: int, limit: int) -> tuple[bytes, bool]:
-    """Inflate (raw deflate, PS3.5 A.5) the bytes of `parts` from offset `start` until
-    `limit` bytes came out; (those bytes, whether that is the whole data set). Memory and
-    work stay proportional to `limit` whatever the input inflates to."""
-    d = zlib.decompressobj(-zlib.MAX_WBITS)
-    out = bytearray()
-    pos = 0
-    for p in parts:
-        skip, pos = max(0, start - pos), pos + len(p)
-        chunk: bytes | memoryview = p[skip:] if skip < len(p) else b""
-        while chunk and len(out) < limit and not d.eof:
-            out += d.decompress(chunk, limit - len(out))
-            chunk = d.unconsumed_tail
-        if len(out) >= limit or d.eof:
-            break
-    return bytes(out[:limit]), d.eof
-
-
-def _checked(study: Any, series: Any, sop: Any, ts: str, sop_class: str, request_sop_uid: str,
-             calling_ae: str) -> InstanceMeta:
-    study, series, sop = (str(v).strip("\x00 ") if v is not None else None for v in (study, series, sop))
-    if not (valid_uid(study) and valid_uid(series) and valid_uid(sop)):
-        raise Rejected("missing_uids")
-    if sop != request_sop_uid.strip("\x00 "):
-        raise Rejected("uid_mismatch")
-    return InstanceMeta(study_uid=study, sop_instance_uid=sop, sop_class=sop_class,
-                        transfer_syntax=ts, calling_ae=calling_ae)
-
-
 # --- I/O edge: the SCP --------------------------------------------------------------
 
 
@@ -350,76 +167,6 @@ class ReceiveStats:
                 "instances_refused": refused,
                 "bytes_received": self.bytes_received,
             }
-
-
-# glibc malloc serves every allocation >= 128 KiB with a fresh mmap() and gives it back
-# with munmap() (and trims the heap top above 128 KiB): each PDU, data set and sealed
-# copy of a 0.5 MB CT slice then costs ~130 page faults plus zeroing, ~0.8 ms of system
-# CPU per image on the bench machine. Serving such buffers from the heap and keeping
-# freed memory for reuse cut the receiver's CPU by ~16 % and raised single-association
-# throughput by ~30 % with no change in peak RSS (docs/benchmarks.md).
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
-MALLOC_MMAP_THRESHOLD = 4 << 20   # below this, buffers come from the heap (CT/MR slices)
-MALLOC_TRIM_THRESHOLD = 64 << 20  # free heap kept for reuse before it goes back to the OS
-
-
-def tune_malloc() -> bool:
-    """Apply the thresholds above with mallopt(3); False where that is not glibc."""
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)
-                and mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD))
-
-
-# pynetdicom's reactors poll: the DUL thread sleeps `_run_loop_delay` (1 ms) whenever it
-# finds nothing to do, and the association thread sleeps a fixed 1 ms per loop. C-STORE is
-# one request in flight at a time, so each image waits for several of these sleeps (~2 ms,
-# more than the rest of our handler). While images are arriving (a C-STORE answered in the
-# last BUSY_WINDOW_S) both sleep POLL_BUSY_S instead; otherwise they keep pynetdicom's 1 ms,
-# so an association a scanner keeps open between studies costs no more CPU than before.
-# The same sleeps serve the forwarder's associations in this process.
-POLL_BUSY_S = 0.00005
-POLL_IDLE_S = 0.001
-BUSY_WINDOW_S = 0.05
-_last_activity = 0.0  # time.monotonic() of the last C-STORE answered (any association)
-_busy_sleep_s = POLL_BUSY_S  # what a reactor sleeps within BUSY_WINDOW_S of _last_activity
-_senders: dict[int, float] = {}  # id(association) -> time.monotonic() of its last C-STORE
-
-
-def mark_activity(assoc: object = None) -> None:
-    """A C-STORE was answered on `assoc`: poll fast for a while, unless several are sending.
-
-    With two or more associations sending at once the CPUs are already busy with their
-    images, so a reactor that sleeps its 1 ms loses no time, while a fast-polling one
-    would only take CPU from them (measured: 4 associations at 50 us reached 0.77x the
-    single association's rate; bench/receive_bench.py).
-    """
-    global _last_activity, _busy_sleep_s
-    now = time.monotonic()
-    _last_activity = now
-    _senders[id(assoc)] = now
-    for key, seen in list(_senders.items()):
-        if now - seen >= BUSY_WINDOW_S:
-            _senders.pop(key, None)
-    _busy_sleep_s = POLL_BUSY_S if len(_senders) <= 1 else POLL_IDLE_S
-
-
-class _AdaptiveSleepTime:
-    """Stands in for the `time` module inside pynetdicom's reactors: shortens their sleeps."""
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(time, name)
-
-    @staticmethod
-    def sleep(seconds: float) -> None:
-        busy = time.monotonic() - _last_activity < BUSY_WINDOW_S
-        time.sleep(min(seconds, _busy_sleep_s if busy else POLL_IDLE_S))
-
-
-def shorten_polling() -> None:
-    compat.replace_reactor_sleep(_AdaptiveSleepTime())
 
 
 def tls_server_context(cert: str, key: str, ca: str, require_client_cert: bool) -> ssl.SSLContext:
@@ -659,7 +406,7 @@ class Receiver:
             stored = self.spool.store_incoming(buf.incoming, meta)
             head: Callable[[], bytes] = lambda: prefix  # noqa: E731
         else:
-            head = lambda: _prefix(parts, routing.FACTS_PREFIX)  # noqa: E731
+            head = lambda: leading(parts, routing.FACTS_PREFIX)  # noqa: E731
             meta = self._prioritised(identify(parts, sop_uid, calling), head, cstore_priority)
             stored = self.spool.store(parts, meta)
         if self.audit is not None and not stored.duplicate:
@@ -696,15 +443,3 @@ class Receiver:
         self._count(event, outcome, nbytes)
         log.warning("instance.refused", outcome=outcome, status=f"0x{status:04X}", meaning=meaning)
         return status
-
-
-def identify_stored(part10: bytes, complete: bool = True) -> InstanceMeta:
-    """Identify a Part-10 file the spool already holds (crash recovery of orphans), from
-    all of it or, with `complete=False`, from its start only (the UIDs must lie within)."""
-    try:
-        study, series, sop, ts, sop_class = _identifiers([part10], complete)
-        meta = dicomscan.file_meta(part10[:IDENTIFY_PREFIX])
-        calling = meta[1].get(dicomscan.SOURCE_AE, "") if meta else ""
-        return _checked(study, series, sop, ts, sop_class, str(sop or ""), calling.strip())
-    except Rejected as r:
-        raise ValueError(r.outcome) from None

@@ -103,7 +103,7 @@ class Stored:
 Adopter = Callable[[bytes, bool], InstanceMeta]
 
 # Recovery identifies an orphan from at most this much of its start (the UIDs are near
-# the start; `receive.scp.identify` finds them within it, a deflated one included).
+# the start; `receive.identify.identify` finds them within it, a deflated one included).
 ADOPT_PREFIX = 4 << 20
 
 

@@ -2,10 +2,12 @@
 a verdict out; the mark-good unit (cli/update.py `gate`) observes and acts.
 
 A slot is kept when the daemon has sent READY (its unit is active), the supervisor
-reports no problem, the config checks clean and, if the ops link was up before the
-update, it is up again. It is rejected at once when the config does not check, the
-daemon's unit has failed for good or has been restarted `MAX_RESTARTS` times, and when
-the deadline passes without the conditions for keeping it. Verdict reasons name
+reports no problem, the config checks clean, no spool entry newly fails authentication
+(update/spoolcheck.py: counted by the old software before the install and by the new one
+on the trial boot) and, if the ops link was up before the update, it is up again. It is
+rejected at once when the config does not check, more spool entries fail authentication
+than before, the daemon's unit has failed for good or has been restarted `MAX_RESTARTS`
+times, and when the deadline passes without the conditions for keeping it. Verdict reasons name
 conditions, never data.
 """
 
@@ -28,12 +30,21 @@ class Observation:
     config_ok: bool
     ops_link_up: bool | None  # None: no ops link configured, or the daemon did not answer
     ops_link_was_up: bool  # recorded by `appliance update` before the install
+    # Spool entries failing authentication (spoolcheck.SpoolAuth.failures): before the
+    # install (the trial record; None: a record from a release that did not count) and on
+    # this boot (None: not counted, e.g. the spool key unreadable).
+    spool_failures_before: int | None = None
+    spool_failures_now: int | None = None
 
 
 def judge(o: Observation, elapsed_s: float, deadline_s: float = DEADLINE_S) -> tuple[Verdict, str]:
     """The verdict and the condition it rests on."""
     if not o.config_ok:
         return "reject", "the config does not check"
+    newly = _newly_failing(o)
+    if newly:
+        what = "entry newly fails" if newly == 1 else "entries newly fail"
+        return "reject", f"{newly} spool {what} authentication"
     if o.unit_state == "failed":
         return "reject", "appliance.service failed"
     if o.restarts >= MAX_RESTARTS:
@@ -46,6 +57,12 @@ def judge(o: Observation, elapsed_s: float, deadline_s: float = DEADLINE_S) -> t
     return "wait", waiting
 
 
+def _newly_failing(o: Observation) -> int:
+    if o.spool_failures_before is None or o.spool_failures_now is None:
+        return 0
+    return max(0, o.spool_failures_now - o.spool_failures_before)
+
+
 def _waiting_for(o: Observation) -> str | None:
     """The first condition for keeping the slot that is not met yet, or None."""
     if o.unit_state != "active":
@@ -54,6 +71,8 @@ def _waiting_for(o: Observation) -> str | None:
         return "the daemon does not answer on its control socket"
     if o.problems:
         return f"the supervisor reports {len(o.problems)} problem(s)"
+    if o.spool_failures_before is not None and o.spool_failures_now is None:
+        return "the spool's authentication was not checked on this slot"
     if o.ops_link_was_up and not o.ops_link_up:
         return "the ops link was up before the update and is not up again"
     return None

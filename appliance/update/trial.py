@@ -12,12 +12,15 @@ A record that cannot be parsed counts as no record.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from appliance.core import durable
 
-PATH = Path("/data/update/trial.json")
+# On /data, beside RAUC's slot status; APPLIANCE_UPDATE_TRIAL moves it (tests only: the
+# ops center's `update` command runs `install` in a worker process).
+PATH = Path(os.environ.get("APPLIANCE_UPDATE_TRIAL", "/data/update/trial.json"))
 
 
 @dataclass(frozen=True)
@@ -25,13 +28,18 @@ class Trial:
     slot: str  # the bootname RAUC installed into: A or B
     version: str  # the bundle's version (its manifest), for the log
     ops_link_was_up: bool
+    # spoolcheck.SpoolAuth.failures before the install; None: not counted (the key was
+    # unreadable) or a record written by a release that did not count.
+    spool_failures: int | None = None
 
 
 def read(path: Path | None = None) -> Trial | None:
     try:
         d = json.loads((path or PATH).read_text())
+        failures = d.get("spool_failures")
         return Trial(slot=str(d["slot"]), version=str(d["version"]),
-                     ops_link_was_up=bool(d["ops_link_was_up"]))
+                     ops_link_was_up=bool(d["ops_link_was_up"]),
+                     spool_failures=failures if type(failures) is int else None)
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

@@ -73,11 +73,19 @@ Bearer`; it is never logged or put in a reason. Certificates, key and token are 
 again at each attempt; files that cannot be read are Retryable. TLS verification
 failures and the server refusing our certificate -> Permanent (`dicom.tls`'s table).
 
-Timeouts and cancel: connect, each write and each read are bounded by `timeout_s`
-(the response must begin within `timeout_s` of the last byte sent: raise it for a server
-that stores a large request slowly). A watcher thread looks at `plan.cancelled` every
-0.25 s and shuts the socket down, so a blocked connect, write or read ends at once:
-`Retryable`. Each piece written waits first for the destination's bandwidth cap
+Timeouts and cancel: each write and each read are bounded by `timeout_s` (the response
+must begin within `timeout_s` of the last byte sent: raise it for a server that stores a
+large request slowly). A watcher thread looks at `plan.cancelled` every 0.25 s and shuts
+the socket down, so a blocked connect, write or read ends at once: `Retryable`. A silent
+link (a cut line: no RST, no ICMP) is noticed after `link_timeout_s` (at most
+`timeout_s`), as by the dicom and sftp transports: the connection has keep-alives, and
+the same watcher reads the socket's TCP_INFO (`forward.netlink.link_silent`): nothing
+owed acknowledged for that long shuts it down, and the attempt fails "the link to the
+server at HOST:PORT went silent while sending instance N", which blames the destination
+(no instance), so the bundle moves to the next one. A server slow to store still
+acknowledges the bytes and the keep-alives, so it is judged by `timeout_s` only. The
+connect is bounded by `link_timeout_s` too: the SYN is answered by the server's kernel,
+whatever the PACS is doing. Each piece written waits first for the destination's bandwidth cap
 (`max_kbit_s`, `cap_hours`: `forward.bandwidth`, one per transport, shared by its
 lanes). The response body is read only up to 64 KiB + 8 KiB per instance (16 MiB
 at most), checked against Content-Length first; a longer one is ignored.

@@ -92,6 +92,7 @@ class DicomWebTransport:
         self.port = u.port or (443 if self.https else 80)
         self.path = (u.path.rstrip("/") or "") + "/studies"
         self.timeout = float(dest.timeout_s)
+        self.link_timeout = min(float(dest.link_timeout_s), self.timeout)
         self.limit = dest.max_request_mb << 20  # lowered when the server answers 413
         self._limit_lock = threading.Lock()
         self.cap = bandwidth.for_destination(dest)  # shared by every lane sending here
@@ -198,7 +199,7 @@ class DicomWebTransport:
         (any HTTP answer but 5xx, 401, 403, 407)? Never raises."""
         try:
             with Exchange(self.host, self.port, self.timeout, self.ssl_context(),
-                          threading.Event()) as x:
+                          threading.Event(), link_timeout=self.link_timeout) as x:
                 x.open()
                 x.conn.putrequest("GET", f"{self.path}?limit=1", skip_accept_encoding=True)
                 for k, v in self.headers(self.token()).items():
@@ -278,7 +279,7 @@ class _Attempt:
         cap = response_cap(len(req))
         self.outcome.requests += 1
         with Exchange(self.t.host, self.t.port, self.t.timeout, self.ssl_context,
-                      self.plan.cancelled, self.t.cap) as x:
+                      self.plan.cancelled, self.t.cap, self.t.link_timeout) as x:
             x.check_cancelled()
             x.open()
             x.conn.putrequest("POST", self.t.path, skip_accept_encoding=True)
@@ -297,6 +298,7 @@ class _Attempt:
             except (Retryable, OSError) as failed:
                 r = x.early_response(cap)
                 if r is None or r.status < 300:
+                    x.check_cancelled()  # the watcher cut it: say why (silent link, budget)
                     if isinstance(failed, OSError):
                         raise Retryable(f"connection to the server failed: {err_text(failed)}") from None
                     raise
@@ -392,7 +394,7 @@ class _Attempt:
     def _request_converted(self, e: ManifestEntry,
                            streams: Iterator[tuple[ManifestEntry, InstanceStream]]) -> None:
         with Exchange(self.t.host, self.t.port, self.t.timeout, self.ssl_context,
-                      self.plan.cancelled, self.t.cap) as x:
+                      self.plan.cancelled, self.t.cap, self.t.link_timeout) as x:
             x.check_cancelled()
             stream = _stream_of(streams, e, x)
             try:
@@ -451,6 +453,7 @@ class _Attempt:
         except (Retryable, OSError) as failed:
             early = x.early_response(response_cap(1))
             if early is None or early.status < 300:
+                x.check_cancelled()  # the watcher cut it: say why (silent link, budget)
                 if isinstance(failed, OSError):
                     raise Retryable(f"connection to the server failed: {err_text(failed)}") from None
                 raise

@@ -1,9 +1,12 @@
 """One HTTP exchange of the dicomweb transport: a connection of its own (TCP, then TLS),
 a request whose body is written piece by piece, the response read under a cap, and a
 watcher thread that shuts the socket down when the attempt is cancelled, so that a
-blocked connect, send or receive returns within half a second. Writes wait for the
-destination's bandwidth cap (`forward.bandwidth`) first. Every failure becomes
-`Retryable` or `Permanent` with a reason for the operator (no URL path, no body).
+blocked connect, send or receive returns within half a second. The same watcher reads
+the socket's TCP_INFO (`forward.netlink`, as the dicom and sftp transports) and shuts it
+down once nothing owed has been acknowledged for `link_timeout`: a cut link is known in
+seconds, not after `timeout`. Writes wait for the destination's bandwidth cap
+(`forward.bandwidth`) first. Every failure becomes `Retryable` or `Permanent` with a
+reason for the operator (no URL path, no body).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 from appliance.forward import Permanent, Retryable
 from appliance.forward.bandwidth import Cap
 from appliance.forward.dicom.tls import classify_tls_error, err_text
+from appliance.forward.netlink import link_silent, watch_link
 
 WATCH_S = 0.25  # how often the watcher looks at the attempt's cancel event
 
@@ -40,12 +44,23 @@ class Cancelled(Retryable):
     """The attempt's time budget ran out (the scheduler set `plan.cancelled`)."""
 
 
+class LinkSilent(Retryable):
+    """The link went silent: nothing owed acknowledged for `link_timeout` (the watcher
+    shut the socket down)."""
+
+
 class Exchange:
-    """One request/response; use as a context manager (closes the socket, stops the watcher)."""
+    """One request/response; use as a context manager (closes the socket, stops the watcher).
+    `link_timeout` (at most `timeout`; None: `timeout`) is how long the link may stay
+    silent while something is owed (`forward.netlink.link_silent`)."""
 
     def __init__(self, host: str, port: int, timeout: float, ssl_context: ssl.SSLContext | None,
-                 cancelled: threading.Event, cap: Cap | None = None) -> None:
+                 cancelled: threading.Event, cap: Cap | None = None,
+                 link_timeout: float | None = None) -> None:
         self.host, self.port, self.timeout = host, port, timeout
+        self.link_timeout = min(link_timeout or timeout, timeout)
+        self._silent = False
+        self.where = "connecting"  # what the exchange was doing, for a reason
         self._cap = cap
         self._ssl = ssl_context
         self._cancelled = cancelled
@@ -71,12 +86,15 @@ class Exchange:
 
     def _watch(self) -> None:
         while not self._done.wait(WATCH_S):
-            if self._cancelled.is_set():
-                with self._lock:
+            with self._lock:
+                sock = self._sock
+                silent = sock is not None and link_silent(sock, self.link_timeout)
+                if self._cancelled.is_set() or silent:
+                    self._silent = silent and not self._cancelled.is_set()
                     self._tripped = True
-                    if self._sock is not None:
-                        _shutdown(self._sock)
-                return
+                    if sock is not None:
+                        _shutdown(sock)
+                    return
 
     def _attach(self, sock: socket.socket) -> None:
         with self._lock:
@@ -85,6 +103,11 @@ class Exchange:
                 _shutdown(sock)
 
     def check_cancelled(self) -> None:
+        """Raise if the watcher ended the exchange: LinkSilent, or Cancelled (the budget)."""
+        if self._silent:
+            raise LinkSilent(f"the link to the server at {self.host}:{self.port} went silent"
+                             f" {self.where}: nothing was acknowledged within"
+                             f" {self.link_timeout:g} s (link_timeout_s)")
         if self._tripped or self._cancelled.is_set():
             raise Cancelled("the attempt ran out of its time budget while talking to the server "
                             "(is the link very slow?)")
@@ -93,9 +116,11 @@ class Exchange:
 
     def open(self) -> None:
         """Connect (and TLS handshake); the connection is then `self.conn`."""
+        self.where = "connecting"
         sock = self._connect()
         self._attach(sock)
         if self._ssl is not None:
+            self.where = "during the TLS handshake"
             try:
                 sock = self._ssl.wrap_socket(sock, server_hostname=self.host)
             except (OSError, ssl.SSLError) as e:
@@ -105,8 +130,10 @@ class Exchange:
         self.conn.sock = sock
 
     def _connect(self) -> socket.socket:
-        """A TCP connection within `timeout`, looking at the cancel event meanwhile."""
-        deadline = time.monotonic() + self.timeout
+        """A TCP connection within `link_timeout`, looking at the cancel event meanwhile:
+        the SYN is answered by the server's kernel, not by the PACS, so no answer for
+        that long is a silent link (or a host that is gone), not a slow PACS."""
+        deadline = time.monotonic() + self.link_timeout
         try:
             infos = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
         except socket.gaierror:
@@ -134,7 +161,8 @@ class Exchange:
             self.check_cancelled()
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError(errno.ETIMEDOUT, f"no answer within {self.timeout:g} s")
+                raise TimeoutError(errno.ETIMEDOUT, f"no answer within {self.link_timeout:g} s"
+                                   " (link_timeout_s)")
             _, writable, _ = select.select([], [sock], [], min(WATCH_S, left))
             if writable:
                 err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -142,6 +170,7 @@ class Exchange:
             raise OSError(err, os.strerror(err))
         sock.settimeout(self.timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        watch_link(sock, self.link_timeout)
 
     # --- request and response ---
 
@@ -149,6 +178,7 @@ class Exchange:
         """Write `data` (after waiting for the destination's bandwidth cap, if any)."""
         if self._cap is not None:
             self._cap.take(len(data), self._cancelled)
+        self.where = where
         self.check_cancelled()
         try:
             self.conn.send(data)
@@ -159,6 +189,7 @@ class Exchange:
     def response(self, cap: int) -> Response:
         """The response, its body read only up to `cap` bytes (a longer one is dropped
         unread: nothing reads a peer-declared length before checking it)."""
+        self.where = "waiting for the answer"
         try:
             r = self.conn.getresponse()
             ctype = (r.getheader("Content-Type") or "").split(";")[0].strip().lower()

@@ -1,0 +1,102 @@
+"""The `update` command through the whole path: `appliance fleet send` at the center, a
+real Mosquitto, a real daemon, its worker fetching from a real HTTPS server on loopback,
+and RAUC replaced by the stand-in `rauc` of tests/test_update_remote.py (first on the
+daemon's PATH). The outcome is read where the ops link sends it from: the daemon's
+outbox of ops events (STATE/ops/outbox.db)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.bundle_server import BundleServer
+from tests.mosquitto import MOSQUITTO, Broker, fleet_ca, sign
+from tests.peers import Appliance, base_config, cli, free_port, wait_for
+from tests.test_update_remote import DATA, SHA, fake_rauc
+
+BOX = "update-ops-box"
+pytestmark = [pytest.mark.ops, pytest.mark.peers,
+              pytest.mark.skipif(not Path(MOSQUITTO).exists(), reason="mosquitto not installed (make peers)")]
+
+
+class Site:
+    def __init__(self, root: Path, ca: Path, broker: Broker, box: Appliance, srv: BundleServer) -> None:
+        self.root, self.ca, self.broker, self.box, self.srv = root, ca, broker, box, srv
+
+    def send(self, *args: str) -> tuple[int, dict[str, Any]]:
+        r = cli("fleet", "send", BOX, "update", *args, "--key", str(self.root / "center" / "command.key"),
+                "--ca", str(self.ca), "--port", str(self.broker.port), "--timeout", "30")
+        return r.returncode, json.loads(r.stdout) if r.stdout.strip() else {"stderr": r.stderr}
+
+    def events(self) -> list[dict[str, Any]]:
+        db = sqlite3.connect(f"file:{self.box.state_dir / 'ops' / 'outbox.db'}?mode=ro", uri=True)
+        try:
+            return [json.loads(b) for (b,) in db.execute("SELECT body FROM events ORDER BY seq")]
+        finally:
+            db.close()
+
+    def outcome(self, cmd_id: str) -> dict[str, Any]:
+        def final() -> dict[str, Any] | None:
+            return next((e for e in self.events() if e.get("cmd_id") == cmd_id and e["kind"] in
+                         ("update.installed", "update.refused", "update.failed")), None)
+        got = wait_for(final, 120, "the update's outcome event", detail=self.box.log_text)
+        assert got is not None
+        return got
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    root = tmp_path_factory.mktemp("update-ops")
+    ca = fleet_ca(root / "ca")
+    cli("fleet", "keys", "init", str(root / "center"), check=True)
+    broker = Broker(root / "broker", ca).start()
+    srv = BundleServer(root / "srv", DATA).__enter__()
+    cfg = base_config(root / "box", free_port())
+    cfg["appliance"]["name"] = BOX
+    cfg["operations"] = {"host": "127.0.0.1", "port": broker.port, "ca": str(ca / "ca.pem"),
+                         "cert": str(root / "box" / "keys" / "mqtt.pem"),
+                         "key": str(root / "box" / "keys" / "mqtt.key"), "heartbeat_s": 2, "keepalive_s": 5,
+                         "command_keys": [str(root / "center" / "command.pub")]}
+    cfg["update"] = {"sources": [srv.url.rsplit("/", 1)[0] + "/"], "ca": str(srv.ca), "deadline_s": 120}
+    box = Appliance(root / "box", cfg)
+    sign(ca, root / "box" / "keys" / "mqtt.csr")
+    fake_rauc(root / "bin")
+    box.env.update({"APPLIANCE_CLOCK_SYNCED": "1", "PATH": f"{root / 'bin'}:{os.environ['PATH']}",
+                    "APPLIANCE_UPDATE_TRIAL": str(root / "data" / "trial.json")})
+    box.start()
+    try:
+        s = Site(root, ca, broker, box, srv)
+        wait_for(lambda: cli("fleet", "send", BOX, "ping", "--key", str(root / "center" / "command.key"),
+                             "--ca", str(ca), "--port", str(broker.port), "--timeout", "20").returncode == 0,
+                 60, "the box answers a ping", detail=box.log_text)
+        yield s
+    finally:
+        box.stop()
+        box.kill9()
+        broker.stop()
+        srv.close()
+
+
+def test_fleet_send_update_installs_the_bundle_and_the_outcome_is_an_ops_event(site: Site) -> None:
+    rc, res = site.send("--arg", f"url={site.srv.url}", "--arg", f"sha256={SHA}", "--arg", "reboot=false")
+    assert rc == 0 and (res["code"], res["result"]) == (200, {"accepted": True}), res
+    ev = site.outcome(res["cmd_id"])
+    assert (ev["kind"], ev["bundle_version"], ev["slot"], ev["reboot"]) == \
+        ("update.installed", "2.0", "B", False)
+    kinds = [e["kind"] for e in site.events() if e.get("cmd_id") == res["cmd_id"]]
+    assert kinds[:2] == ["update.accepted", "update.progress"] and "update.fetched" in kinds
+    assert f"install {site.box.state_dir / 'update' / SHA}.raucb" in (site.root / "bin" / "args").read_text()
+
+
+def test_fleet_send_update_for_a_url_outside_the_sources_is_refused_403(site: Site) -> None:
+    url = site.srv.url.replace("/updates/", "/other/")
+    rc, res = site.send("--arg", f"url={url}", "--arg", f"sha256={SHA}")
+    assert rc == 1 and res["code"] == 403, res
+    kinds = [e["kind"] for e in site.events() if e.get("cmd_id") == res["cmd_id"]]
+    assert kinds == ["command.refused"]  # and no worker: no update.* event
