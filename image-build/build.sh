@@ -2,7 +2,7 @@
 # Builds image-build/out/appliance.img: a raw GPT disk that boots the appliance (UEFI).
 #
 #   1 ESP         64 MiB  FAT32: the standalone GRUB (EFI/BOOT/BOOTX64.EFI, config embedded)
-#   2 root A    1536 MiB  ext4, read-only at run time: Debian 12 + /opt/appliance/venv
+#   2 root A    1536 MiB  ext4 (sized to its content, ~1 GiB), read-only at run time: Debian 12 + /opt/appliance/venv
 #   3 root B    1536 MiB  empty (not formatted): the slot an update (RAUC, later) writes
 #   4 APPLCONFIG  16 MiB  FAT: where a technician puts appliance.toml (imported at boot)
 #   5 data       512 MiB  ext4, /data: spool, queue, keys (grown to the disk later)
@@ -142,7 +142,17 @@ offset() {
   for p in "${parts[@]}"; do set -- $p; if [ "$1" = "$want" ]; then echo $at; fi; at=$((at + $2)); done
 }
 # mkfs.ext4 -d copies each file's owner and mode from the directory.
-mkfs.ext4 -q -F -L root-a -U "$root_a_fsuuid" -d "$root" "$work/root-a.ext4" "$(size root-a)M"
+# Root A's file system is only as large as its content (+5 %, +64 MiB for the journal and
+# metadata, a quarter more inodes than files), not its 1536 MiB slot: the root is
+# read-only, so free space in it is never used, and an update (RAUC writes the whole
+# image, out/rootfs.ext4, into the other slot) writes only this much.
+root_kb=$(du -s --block-size=1K "$root" | cut -f1)
+root_files=$(find "$root" | wc -l)
+root_mb=$(( root_kb * 105 / 100 / 1024 + 64 ))
+[ "$root_mb" -le "$(size root-a)" ] ||
+  { echo "the root file system ($root_mb MiB) does not fit its slot ($(size root-a) MiB)" >&2; exit 1; }
+mkfs.ext4 -q -F -L root-a -U "$root_a_fsuuid" -N $(( root_files + root_files / 4 + 1024 )) -d "$root" \
+  "$work/root-a.ext4" "${root_mb}M"
 mkfs.ext4 -q -F -L data -U "$data_fsuuid" -d "$data" "$work/data.ext4" "$(size data)M"
 sed -e "s/@ROOT_A_PARTUUID@/$(partuuid 2)/" -e "s/@ROOT_B_PARTUUID@/$(partuuid 3)/" \
   "$here/grub.cfg" > "$work/grub.cfg"

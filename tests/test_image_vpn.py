@@ -26,8 +26,8 @@ the public key on the console (appliance-vpn.service); the test gives it to its
 wireguard-go, the guest's keepalive starts the handshake, and then a C-STORE into the
 guest (hostfwd) is packed, forwarded through the tunnel and compared with the original.
 
-QEMU start and stop are copied in small from tests/test_image.py (tests/qemu.py, once
-merged, takes a disk path: then use it). Run with `make image-test`.
+QEMU is tests/qemu.py's, on the copy and with user networking not restricted (the guest
+must reach the host's 10.0.2.2). Run with `make image-test`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ import ipaddress
 import json
 import re
 import select
-import shutil
 import socket
 import subprocess
 import threading
@@ -48,20 +47,15 @@ from typing import Any
 
 import pytest
 
+from tests import qemu
 from tests.e2e_support import J2K_LOSSLESS, compare_instance, read_dataset
 from tests.mosquitto import MOSQUITTO, Watcher
 from tests.orthanc import Orthanc
-from tests.peers import REPO, SAMPLES, dcmtk_env, free_port, wait_for
+from tests.peers import SAMPLES, dcmtk_env, free_port, wait_for
 from tests.wan import WG_RUN, Wan, _host_networks, free_subnet
 
 pytestmark = [pytest.mark.image]
 
-IMAGE = REPO / "image-build" / "out" / "appliance.img"
-OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
-OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
-READY = "appliance: ready (READY=1)"
-GAVE_UP = re.compile(r"You are in emergency mode|Failed to start .*appliance")
-BOOT_DEADLINE_S = 600
 PUBKEY_LINE = re.compile(r"vpn public key: ([A-Za-z0-9+/]{43}=)")
 CT = SAMPLES / "series" / "CT_Philips_Ingenuity_phantom_28sl"
 WG_LISTEN = 51820
@@ -209,7 +203,7 @@ def image_with(tmp: Path, dropin: str, keys: dict[str, tuple[Path, int]]) -> Pat
     (name -> (file, mode)) in /data/keys, owned by the appliance user as keys init
     would leave them."""
     disk = tmp / "disk.img"
-    subprocess.run(["cp", "--sparse=always", str(IMAGE), str(disk)], check=True, timeout=300)
+    subprocess.run(["cp", "--sparse=always", str(qemu.IMAGE), str(disk)], check=True, timeout=300)
     r = subprocess.run(["sfdisk", "--json", str(disk)], capture_output=True, text=True, check=True,
                        timeout=60)
     parts = {p["name"]: p for p in json.loads(r.stdout)["partitiontable"]["partitions"]}
@@ -230,38 +224,6 @@ def image_with(tmp: Path, dropin: str, keys: dict[str, tuple[Path, int]]) -> Pat
                          text=True, timeout=60).stdout
     assert got == dropin
     return disk
-
-
-@dataclass
-class Guest:
-    proc: subprocess.Popen[bytes]
-    console: Path
-    dicom_port: int
-
-    def console_text(self) -> str:
-        return self.console.read_text(errors="replace") if self.console.exists() else ""
-
-    def settled(self) -> bool:
-        text = self.console_text()
-        return READY in text or GAVE_UP.search(text) is not None or self.proc.poll() is not None
-
-    def tail(self, lines: int = 60) -> str:
-        return "\n".join(self.console_text().splitlines()[-lines:])
-
-
-def qemu_command(tmp: Path, disk: Path, console: Path, port: int) -> list[str]:
-    """As tests/test_image.py's (`-cpu max`: numpy 2 needs x86-64-v2), with its own disk."""
-    vars_copy = tmp / "OVMF_VARS.fd"
-    shutil.copyfile(OVMF_VARS, vars_copy)
-    return [
-        "qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-cpu", "max", "-m", "2048", "-smp", "2",
-        "-nographic", "-monitor", "none", "-serial", f"file:{console}",
-        "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
-        "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}",
-        "-drive", f"if=virtio,format=raw,file={disk}",
-        "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{port}-:104",
-        "-device", "virtio-net-pci,netdev=net0",
-    ]
 
 
 class CenterBroker:
@@ -303,18 +265,14 @@ class Bed:
     pacs: Orthanc
     broker: CenterBroker
     watcher: Watcher
-    guest: Guest
+    guest: qemu.Guest
     guest_public_key: str
 
 
 @pytest.fixture(scope="module")
 def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
     """The center (namespace, wireguard-go, relay, Orthanc) and the guest booted to READY."""
-    if not IMAGE.is_file():
-        pytest.fail(f"{IMAGE} not found: build it with `make image` (make image-test does)")
-    for tool in ("qemu-system-x86_64", "storescu", "wireguard-go", "wg", "debugfs"):
-        if shutil.which(tool) is None:
-            pytest.fail(f"{tool} not found (make peers installs it)")
+    qemu.require_tools("storescu", "wireguard-go", "wg", "debugfs")
     tmp = tmp_path_factory.mktemp("qemu-vpn")
     with Wan(centers=()) as wan:
         center = start_center(wan, tmp)
@@ -325,27 +283,13 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
         disk = image_with(tmp, site_dropin(center, pacs.dicom_port, broker.broker.port), {
             "mqtt.key": (broker.box_key, 0o600), "mqtt.pem": (broker.box_cert, 0o644),
             "fleet-ca.pem": (broker.ca / "ca.pem", 0o644)})
-        console, port = tmp / "console.log", free_port()
-        with (tmp / "qemu.out").open("wb") as out:
-            proc = subprocess.Popen(qemu_command(tmp, disk, console, port), stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=subprocess.STDOUT)
-        g = Guest(proc, console, port)
         try:
-            wait_for(g.settled, timeout=BOOT_DEADLINE_S, poll=1.0, detail=g.tail,
-                     what="the appliance's ready marker on the console")
-            assert proc.poll() is None, f"QEMU exited ({proc.returncode}):\n{(tmp / 'qemu.out').read_text()}"
-            assert READY in g.console_text(), f"the guest did not come up:\n{g.tail()}"
-            m = PUBKEY_LINE.search(g.console_text())
-            assert m, f"no 'vpn public key:' line on the console:\n{g.tail()}"
-            center.accept(m.group(1))
-            yield Bed(center, relay, pacs, broker, watcher, g, m.group(1))
+            with qemu.booted(tmp, disk=disk, restrict=False) as g:
+                m = PUBKEY_LINE.search(g.console_text())
+                assert m, f"no 'vpn public key:' line on the console:\n{g.tail()}"
+                center.accept(m.group(1))
+                yield Bed(center, relay, pacs, broker, watcher, g, m.group(1))
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=30)
             watcher.close()
             pacs.stop()
             relay.close()
