@@ -199,8 +199,7 @@ def _https_pass(u: urllib.parse.SplitResult, part: Path, where: Where, max_bytes
             except (OSError, http.client.HTTPException) as e:
                 raise FetchError("connection lost", type(e).__name__, retry=True) from None
             finally:
-                f.flush()
-                os.fsync(f.fileno())
+                durable.fsync_file(f)
         if total is not None and got != total:
             raise FetchError("connection lost", f"{got} of {total} bytes", retry=True)
     finally:
@@ -249,8 +248,7 @@ def _sftp_pass(u: urllib.parse.SplitResult, part: Path, where: Where, max_bytes:
                     got = _copy(src, f, start, total, max_bytes, deadline,
                                 sftp.get_channel().settimeout, progress)
                 finally:
-                    f.flush()
-                    os.fsync(f.fileno())
+                    durable.fsync_file(f)
         except FileNotFoundError:
             raise FetchError("not found") from None
         except paramiko.AuthenticationException:
