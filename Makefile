@@ -110,14 +110,14 @@ test: venv peers
 # The field tier (marker field): the real daemon and real peers killed (kill -9, SIGTERM),
 # cut and restarted for minutes: tests/test_end_to_end.py, test_durability.py,
 # test_failover_peers.py, test_pack_isolation.py, test_forward_isolation.py,
-# test_routing_peers.py (39 tests, 7.5 minutes in CI on 2026-12-07).
+# test_routing_peers.py (40 tests, 10 minutes in CI on 2026-12-07).
 test-field: venv peers
 	$(BIN)/python -m pytest -m field --durations=10 $(PYTEST_ARGS)
 
 # The operations-center tier (marker ops): the ops link, signed commands, desired config,
 # the fleet view and the alert rules with a real Mosquitto, Prometheus and headless
 # Chromium (tests/test_ops_link.py, test_ops_commands.py, test_ops_desired_live.py,
-# test_fleet_peers.py, test_alerts_fleet.py; 79 tests, 5.5 minutes in CI on 2026-12-07;
+# test_fleet_peers.py, test_alerts_fleet.py; 85 tests, 6.5 minutes in CI on 2026-12-07;
 # test_fleet_peers.py has 13 since, 2 more, ~2.7 min alone).
 test-ops: venv peers
 	$(BIN)/python -m pytest -m ops --durations=10 $(PYTEST_ARGS)
@@ -143,13 +143,13 @@ peers-rabbitmq:
 	  fi; \
 	fi
 
-# The telemetry tests of the ops link against RabbitMQ (marker rabbitmq; 3.5-5 min;
+# The telemetry tests of the ops link against RabbitMQ (marker rabbitmq; with the fleet view 4 min in CI on 2026-12-07;
 # tests/test_ops_link_rabbitmq.py, docs/operations.md "A clustered broker") and the fleet
 # view's (tests/test_fleet_rabbitmq.py, 6 tests, ~2 min more).
 test-rabbitmq: venv peers peers-rabbitmq
 	$(BIN)/python -m pytest -m rabbitmq $(PYTEST_ARGS)
 
-# The boot tier (tests/test_systemd_boot.py, marker systemd_boot; ~2 minutes, plus ~40-60 s
+# The boot tier (tests/test_systemd_boot.py, marker systemd_boot; ~2.5 minutes, plus ~40-60 s
 # the first time to build the container's root file system, cached in .cache/nspawn/;
 # docs/systemd.md): the unit booted under systemd in a Debian 12 container.
 test-boot: venv peers
