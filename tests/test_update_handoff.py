@@ -26,7 +26,7 @@ from appliance.core import config
 from appliance.update import handoff
 from tests.bundle_server import BundleServer
 from tests.peers import base_config, cli, to_toml, wait_for
-from tests.test_update_remote import DATA, SHA, Center, fake_rauc, quick_retries  # noqa: F401
+from tests.test_update_remote import DATA, SHA, Center, centers, fake_rauc, quick_retries  # noqa: F401
 
 
 class RootSide:
@@ -47,22 +47,8 @@ class RootSide:
 
 @pytest.fixture
 def box(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    rauc_dir = tmp_path / "bin"
-    monkeypatch.setenv("PATH", f"{rauc_dir}:{os.environ['PATH']}")
-    monkeypatch.setenv("APPLIANCE_UPDATE_TRIAL", str(tmp_path / "data" / "trial.json"))
     monkeypatch.setenv("APPLIANCE_UPDATE_HANDOFF", "1")
-    made: list[Center] = []
-
-    def make(sources: list[str], refuse: bool = False, **extra: Any) -> Center:
-        fake_rauc(rauc_dir, refuse)
-        c = Center(tmp_path, sources, extra)
-        made.append(c)
-        return c
-    yield make, rauc_dir
-    for c in made:
-        if c.runner.running():
-            c.outcome()
-        c.seen.close()
+    yield from centers(tmp_path, monkeypatch)
 
 
 def test_handed_off_bundle_is_installed_by_the_root_command_and_reported_as_installed(

@@ -201,6 +201,11 @@ class Center:
 def box(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """(make_center, rauc dir): the worker finds the stand-in rauc first on PATH and writes
     its trial record in the temp dir."""
+    yield from centers(tmp_path, monkeypatch)
+
+
+def centers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """The `box` fixture's body (tests/test_update_handoff.py uses it too)."""
     rauc_dir = tmp_path / "bin"
     monkeypatch.setenv("PATH", f"{rauc_dir}:{os.environ['PATH']}")
     monkeypatch.setenv("APPLIANCE_UPDATE_TRIAL", str(tmp_path / "data" / "trial.json"))
