@@ -109,9 +109,6 @@ def cmd_systemd_dropin(args: argparse.Namespace) -> int:
     return 0
 
 
-CONTROL_SOCKET_MAX = 107  # sockaddr_un.sun_path is 108 bytes with its NUL
-
-
 def check_files(cfg: config.Config) -> list[tuple[str, str]]:
     """(dotted key, problem) for every file the config names that the daemon could not use.
 
@@ -154,9 +151,6 @@ def check_files(cfg: config.Config) -> list[tuple[str, str]]:
                        ("audit.syslog_key", _private_key_file, a.syslog_key)]
     checks.append(("appliance.state_dir", _directory_or_absent, cfg.appliance.state_dir))
     out = []
-    if len(bytes(cfg.control_socket)) > CONTROL_SOCKET_MAX:
-        out.append(("appliance.state_dir", f"path too long: {cfg.control_socket} must be at most"
-                    f" {CONTROL_SOCKET_MAX} bytes (a Unix socket limit)"))
     for key, check, path in checks:
         try:
             check(path)

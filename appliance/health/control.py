@@ -28,14 +28,14 @@ import pwd
 import socket
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from appliance.core import errors
-from appliance.core.errors import ApplianceError, StateError
+from appliance.core.errors import ApplianceError
 
 log = structlog.get_logger("appliance.control")
 
@@ -43,6 +43,21 @@ MAX_REQUEST = 64 << 10
 REQUEST_TIMEOUT_S = 5.0
 MAX_CLIENTS = 8
 SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes with its NUL
+
+
+@contextlib.contextmanager
+def unix_address(path: Path) -> Iterator[str]:
+    """An address for the socket file at path that fits sun_path: the path itself, or, when
+    it is longer, /proc/self/fd/N/NAME through an O_PATH descriptor of its folder (what
+    systemd does for long socket paths), so any appliance.state_dir works."""
+    if len(os.fsencode(path)) <= SUN_PATH_MAX:
+        yield str(path)
+        return
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
 
 Handler = Callable[[dict[str, Any]], Any]
 
@@ -61,15 +76,13 @@ class ControlServer:
         self._slots = threading.BoundedSemaphore(MAX_CLIENTS)
 
     def start(self) -> None:
-        if len(bytes(self.path)) > SUN_PATH_MAX:
-            raise StateError(f"the control socket path {self.path} is longer than {SUN_PATH_MAX}"
-                             " bytes; use a shorter appliance.state_dir")
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)  # 0600: root and the service user only
         try:
-            s.bind(str(self.path))
+            with unix_address(self.path) as address:
+                s.bind(address)
         finally:
             os.umask(old)
         s.listen(16)
@@ -177,7 +190,8 @@ def request(path: Path, cmd: str, args: dict[str, Any] | None = None,
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)
-            s.connect(str(path))
+            with unix_address(path) as address:
+                s.connect(address)
             s.sendall(json.dumps({"cmd": cmd, "args": args or {}}).encode() + b"\n")
             chunks = []
             while b := s.recv(65536):
