@@ -8,7 +8,9 @@ with that key on stderr. The example file must document every key the code has.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
+import pkgutil
 import re
 import shutil
 import typing
@@ -900,7 +902,8 @@ def test_example_explains_every_key_and_states_its_default() -> None:
 
 
 def test_every_dataclass_in_config_is_reachable_from_config() -> None:
-    """A new settings table must hang off Config, or the drift test would not see it."""
+    """A new settings table, in any module of the config package, must hang off Config,
+    or the drift test would not see it."""
     reached: set[type] = {Config}
 
     def walk(cls: type) -> None:
@@ -910,8 +913,10 @@ def test_every_dataclass_in_config_is_reachable_from_config() -> None:
                 reached.add(sub)
                 walk(sub)
     walk(Config)
-    defined = {v for v in vars(config).values()
-               if isinstance(v, type) and dataclasses.is_dataclass(v) and v.__module__ == config.__name__}
+    modules = [config, *(importlib.import_module(f"{config.__name__}.{m.name}")
+                         for m in pkgutil.iter_modules(config.__path__))]
+    defined = {v for mod in modules for v in vars(mod).values()
+               if isinstance(v, type) and dataclasses.is_dataclass(v) and v.__module__ == mod.__name__}
     assert defined == reached
 
 
