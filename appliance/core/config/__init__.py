@@ -61,6 +61,37 @@ from appliance.core.config.base import (
     _tname,
     check_ae_title,
 )
+from appliance.core.config.box import (
+    DURING_BURST,
+    Appliance,
+    Encryption,
+    Health,
+    Pack,
+    Queue,
+    Spool,
+    _parse_appliance,
+    _parse_encryption,
+    _parse_health,
+    _parse_pack,
+    _parse_queue,
+    _parse_spool,
+)
+from appliance.core.config.receive import (
+    CSTORE_PRIORITIES,
+    RULE_MATCH_KEYS,
+    Caller,
+    Receive,
+    ReceiveTLS,
+    Rule,
+    _check_cstore_priorities,
+    _check_names,
+    _check_patterns,
+    _check_receive,
+    _parse_callers,
+    _parse_receive,
+    _parse_receive_tls,
+    _parse_rules,
+)
 from appliance.core.errors import ConfigError
 
 __all__ = ["Appliance", "Audit", "COMMON_DEST_KEYS", "CSTORE_PRIORITIES", "Caller", "Check",
@@ -81,90 +112,6 @@ __all__ = ["Appliance", "Audit", "COMMON_DEST_KEYS", "CSTORE_PRIORITIES", "Calle
     "_parse_operations", "_parse_pack", "_parse_queue", "_parse_receive", "_parse_receive_tls",
     "_parse_rules", "_parse_spool", "_parse_update", "_parse_vpn", "_read_toml", "_record",
     "_resolve", "_sftp_keys", "_tname", "_toml_files"]
-
-
-@dataclass(frozen=True)
-class Caller:
-    ae_title: str
-    hosts: tuple[str, ...] = ()  # IP addresses or networks; empty = any source address
-
-
-@dataclass(frozen=True)
-class ReceiveTLS:
-    port: int
-    cert: Path
-    key: Path
-    ca: Path
-    bind: str | None = None  # defaults to receive.bind
-    require_client_cert: bool = True
-
-
-@dataclass(frozen=True)
-class Receive:
-    ae_title: str = "EDGE"
-    bind: str = "0.0.0.0"  # noqa: S104 - scanners reach the box over the LAN by design
-    port: int = 104
-    plain: bool = True
-    accept_any_caller: bool = False
-    callers: tuple[Caller, ...] = ()
-    max_associations: int = 8
-    max_connections: int = 32  # TCP connections at once, handshaking or associated
-    max_connections_per_host: int = 8
-    check_called_ae: bool = True
-    max_pdu: int = 262144
-    acse_timeout_s: float = 30.0
-    dimse_timeout_s: float = 60.0
-    network_timeout_s: float = 60.0
-    in_memory_limit_mb: int = 32
-    max_instance_mb: int = 4096  # larger data sets are refused; also the cap on inflating one
-    tls: ReceiveTLS | None = None
-
-
-@dataclass(frozen=True)
-class Spool:
-    key_file: Path = Path("/etc/appliance/keys/spool.key")
-    reserve_free_mb: int = 2048
-
-
-# pack.during_burst: what is packed while a scanner sends a burst (pack.policy.may_pack_now)
-DURING_BURST = ("link-waits", "first", "always", "never")
-
-
-@dataclass(frozen=True)
-class Pack:
-    codec: str = "jpeg2000"
-    adaptive: bool = True  # a faster codec when the link would wait for the packer (pack.pace)
-    verify: bool = True
-    study_quiet_s: float = 10.0
-    segment_max_instances: int = 100
-    first_segment_instances: int = 16  # a study's first segment: on the link within ~1 s
-    segment_max_mb: int = 64
-    segment_max_age_s: float = 10.0
-    stat_segment_max_age_s: float = 2.0  # a stat study's segment is sealed this often
-    during_burst: str = "never"  # what is packed while a scanner sends (pack.policy)
-    workers: int = 0  # 0 = one per CPU
-    stream_threshold_mb: int = 64  # instances this large are packed streaming (bounded memory)
-    job_timeout_s: float = 60.0  # a codec job running longer is killed (its instance sent as is)
-    job_timeout_s_per_mb: float = 1.0  # ...plus this much per MB of the instance
-
-
-@dataclass(frozen=True)
-class Encryption:
-    appliance_key: Path = Path("/etc/appliance/keys/appliance.key")
-    appliance_public_key: Path = Path("/etc/appliance/keys/appliance.pub")
-    recipients: tuple[Path, ...] = ()
-
-
-@dataclass(frozen=True)
-class Queue:
-    retry_min_s: float = 5.0
-    retry_max_s: float = 600.0
-    keep_delivered_h: float = 24.0
-    lanes: int = 2  # bundles sent at once (plus one lane kept for stat studies)
-    min_rate_kbit_s: float = 256.0  # an attempt slower than this is cancelled
-    down_after: int = 3  # consecutive destination failures that mark it down (forward.failover)
-    probe_min_s: float = 5.0  # a down destination is probed after this, doubling ...
-    probe_max_s: float = 60.0  # ... up to this
 
 
 @dataclass(frozen=True)
@@ -220,36 +167,6 @@ class Destination:
 # [[destinations]] keys that apply to every transport, besides `name` and `transport`.
 COMMON_DEST_KEYS = ("max_kbit_s", "cap_hours", "mode")
 DEST_MODES = ("failover", "copy")
-
-
-# What a rule can match, each a list of patterns (any may match; case-insensitive shell
-# globs: * ? [..]), besides cstore_priority.
-RULE_MATCH_KEYS = ("calling_ae", "modality", "study_description", "requested_procedure",
-                   "body_part")
-CSTORE_PRIORITIES = ("high", "medium", "low")
-
-
-@dataclass(frozen=True)
-class Rule:
-    """One [[rules]] entry: a study matching every criterion given gets `priority`.
-    Rules are tried in order and the first that matches decides (receive/rules.py)."""
-
-    name: str
-    priority: str  # stat | routine
-    calling_ae: tuple[str, ...] = ()
-    modality: tuple[str, ...] = ()
-    study_description: tuple[str, ...] = ()
-    requested_procedure: tuple[str, ...] = ()
-    body_part: tuple[str, ...] = ()
-    cstore_priority: tuple[str, ...] = ()  # high | medium | low (the C-STORE request's field)
-    # names of [[destinations]]: a matching study goes only there (failover ones in config
-    # order, copy ones copied); () = everywhere, as without a rule
-    destinations: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Health:
-    stall_s: float = 120.0  # a stage working this long without progress is stuck
 
 
 # The ops link's box name: the certificate CN, the MQTT client id and a topic level, so
@@ -317,14 +234,6 @@ class Update:
 
 
 @dataclass(frozen=True)
-class Appliance:
-    name: str = "appliance"
-    state_dir: Path = Path("/var/lib/appliance")
-    log_level: str = "info"
-    log_format: str = "auto"  # auto | json | console
-
-
-@dataclass(frozen=True)
 class Config:
     appliance: Appliance = Appliance()
     receive: Receive = Receive()
@@ -370,167 +279,6 @@ TRANSPORT_KEYS: dict[str, tuple[str, ...]] = {
 # and what `config check` and `run` say at once when a destination names one, rather
 # than first asking for every key of it. (None today.)
 UNAVAILABLE_TRANSPORTS: dict[str, str] = {}
-
-
-def _parse_appliance(t: _Table) -> Appliance:
-    d = Appliance()
-    a = Appliance(
-        name=t.string("name", d.name, max_len=63, pattern=_NAME_RE,
-                      hint="must be 1..63 letters, digits, '.', '_' or '-', "
-                           "starting with a letter or digit"),
-        state_dir=t.path("state_dir", d.state_dir),
-        log_level=t.choice("log_level", d.log_level, ("debug", "info", "warning", "error")),
-        log_format=t.choice("log_format", d.log_format, ("auto", "json", "console")),
-    )
-    t.finish()
-    return a
-
-
-def _parse_callers(t: _Table) -> tuple[Caller, ...]:
-    callers: list[Caller] = []
-    seen: dict[str, str] = {}
-    for ct in t.tables("callers"):
-        ae = ct.ae("ae_title")
-        hosts = ct.get("hosts", (), _check_hosts)
-        ct.finish()
-        if ae is None:
-            continue
-        if ae in seen:
-            # The allowlist matches the first entry with a title, so a second entry
-            # would be dead: its hosts would never be allowed.
-            t.ctx.problem(ct.key("ae_title"), f"duplicate of {seen[ae]} ({ae!r}); "
-                          "list all of a caller's hosts in one entry")
-            continue
-        seen[ae] = ct.key("ae_title")
-        callers.append(Caller(ae, hosts))
-    return tuple(callers)
-
-
-def _parse_receive_tls(t: _Table) -> ReceiveTLS | None:
-    if not t.has("tls"):
-        return None
-    tt = t.table("tls")
-    if not tt.valid:
-        return None
-    tls = ReceiveTLS(
-        port=tt.integer("port", 2762, 1, 65535),
-        cert=tt.path("cert"), key=tt.path("key"), ca=tt.path("ca"),
-        bind=tt.get("bind", None, _check_ip),
-        require_client_cert=tt.boolean("require_client_cert", True),
-    )
-    tt.finish()
-    return tls
-
-
-def _parse_receive(t: _Table) -> Receive:
-    d = Receive()
-    r = Receive(
-        ae_title=t.ae("ae_title", d.ae_title),
-        bind=t.get("bind", d.bind, _check_ip),
-        port=t.integer("port", d.port, 1, 65535),
-        plain=t.boolean("plain", d.plain),
-        accept_any_caller=t.boolean("accept_any_caller", d.accept_any_caller),
-        callers=_parse_callers(t),
-        max_associations=t.integer("max_associations", d.max_associations, 1, 64),
-        max_connections=t.integer("max_connections", d.max_connections, 1, 1024),
-        max_connections_per_host=t.integer("max_connections_per_host", d.max_connections_per_host,
-                                           1, 1024),
-        check_called_ae=t.boolean("check_called_ae", d.check_called_ae),
-        max_pdu=t.integer("max_pdu", d.max_pdu, 4096, 16 * 1024 * 1024),
-        acse_timeout_s=t.number("acse_timeout_s", d.acse_timeout_s, 1, 600),
-        dimse_timeout_s=t.number("dimse_timeout_s", d.dimse_timeout_s, 1, 3600),
-        network_timeout_s=t.number("network_timeout_s", d.network_timeout_s, 1, 3600),
-        in_memory_limit_mb=t.integer("in_memory_limit_mb", d.in_memory_limit_mb, 0, 1024),
-        max_instance_mb=t.integer("max_instance_mb", d.max_instance_mb, 1, 65536),
-        tls=_parse_receive_tls(t),
-    )
-    t.finish()
-    if t.valid:
-        _check_receive(t, r)
-    return r
-
-
-def _check_receive(t: _Table, r: Receive) -> None:
-    """Problems that involve more than one [receive] key."""
-    if not r.plain and r.tls is None and "tls" not in t.data:
-        t.ctx.problem(t.key("plain"), "is false but there is no [receive.tls]: nothing would listen")
-    # Safe default: nobody may send until the technician lists the scanners (a malformed
-    # callers value was reported already).
-    if not r.accept_any_caller and t.data.get("callers", []) == []:
-        t.ctx.problem(t.key("callers"), "is empty: add a [[receive.callers]] entry per scanner, "
-                      "or set accept_any_caller = true on a closed network")
-    if r.max_connections < r.max_associations:
-        t.ctx.problem(t.key("max_connections"), f"must be at least receive.max_associations "
-                      f"({r.max_associations}): every association is a connection")
-    if r.max_connections_per_host > r.max_connections:
-        t.ctx.problem(t.key("max_connections_per_host"),
-                      f"must not be greater than receive.max_connections ({r.max_connections})")
-    if r.tls and r.plain and r.tls.port == r.port and (r.tls.bind or r.bind) == r.bind:
-        t.ctx.problem(t.key("tls.port"), f"is the same as receive.port ({r.port})")
-
-
-def _parse_spool(t: _Table) -> Spool:
-    d = Spool()
-    s = Spool(key_file=t.path("key_file", d.key_file),
-              reserve_free_mb=t.integer("reserve_free_mb", d.reserve_free_mb, 0, 10_000_000))
-    t.finish()
-    return s
-
-
-def _parse_pack(t: _Table) -> Pack:
-    d = Pack()
-    p = Pack(
-        codec=t.choice("codec", d.codec, ("jpeg2000", "jpeg-ls", "none")),
-        adaptive=t.boolean("adaptive", d.adaptive),
-        verify=t.boolean("verify", d.verify),
-        study_quiet_s=t.number("study_quiet_s", d.study_quiet_s, 0.5, 3600),
-        segment_max_instances=t.integer("segment_max_instances", d.segment_max_instances,
-                                        1, 100_000),
-        first_segment_instances=t.integer("first_segment_instances", d.first_segment_instances,
-                                          1, 100_000),
-        segment_max_mb=t.integer("segment_max_mb", d.segment_max_mb, 1, 16_384),
-        segment_max_age_s=t.number("segment_max_age_s", d.segment_max_age_s, 0.5, 3600),
-        stat_segment_max_age_s=t.number("stat_segment_max_age_s", d.stat_segment_max_age_s,
-                                        0.5, 3600),
-        during_burst=t.choice("during_burst", d.during_burst, DURING_BURST),
-        workers=t.integer("workers", d.workers, 0, 256),
-        stream_threshold_mb=t.integer("stream_threshold_mb", d.stream_threshold_mb, 1, 65_536),
-        job_timeout_s=t.number("job_timeout_s", d.job_timeout_s, 1, 86_400),
-        job_timeout_s_per_mb=t.number("job_timeout_s_per_mb", d.job_timeout_s_per_mb, 0, 3600),
-    )
-    t.finish()
-    return p
-
-
-def _parse_encryption(t: _Table) -> Encryption:
-    d = Encryption()
-    e = Encryption(
-        appliance_key=t.path("appliance_key", d.appliance_key),
-        appliance_public_key=t.path("appliance_public_key", d.appliance_public_key),
-        recipients=t.get("recipients", d.recipients, _check_path_list(t.ctx)),
-    )
-    t.finish()
-    return e
-
-
-def _parse_queue(t: _Table) -> Queue:
-    d = Queue()
-    q = Queue(
-        retry_min_s=t.number("retry_min_s", d.retry_min_s, 0.1, 86400),
-        retry_max_s=t.number("retry_max_s", d.retry_max_s, 1, 7 * 86400),
-        keep_delivered_h=t.number("keep_delivered_h", d.keep_delivered_h, 0, 24 * 365),
-        lanes=t.integer("lanes", d.lanes, 1, 8),
-        min_rate_kbit_s=t.number("min_rate_kbit_s", d.min_rate_kbit_s, 8, 10_000_000),
-        down_after=t.integer("down_after", d.down_after, 1, 100),
-        probe_min_s=t.number("probe_min_s", d.probe_min_s, 0.1, 3600),
-        probe_max_s=t.number("probe_max_s", d.probe_max_s, 1, 86400),
-    )
-    t.finish()
-    if q.retry_min_s > q.retry_max_s:
-        t.ctx.problem(t.key("retry_min_s"), "must not be greater than queue.retry_max_s")
-    if q.probe_min_s > q.probe_max_s:
-        t.ctx.problem(t.key("probe_min_s"), "must not be greater than queue.probe_max_s")
-    return q
 
 
 def _check_bind(key: str, v: Any) -> str:
@@ -714,13 +462,6 @@ def _parse_update(top: _Table) -> Update | None:
                 t.ctx.problem(t.key(k), "is required with an sftp:// source")
     t.finish()
     return u
-
-
-def _parse_health(t: _Table) -> Health:
-    d = Health()
-    h = Health(stall_s=t.number("stall_s", d.stall_s, 5, 3600))
-    t.finish()
-    return h
 
 
 def _parse_audit(t: _Table) -> Audit:
@@ -935,55 +676,6 @@ def _parse_destinations(top: _Table) -> tuple[Destination, ...]:
         if dest is not None:
             dests.append(dest)
     return tuple(dests)
-
-
-def _check_patterns(key: str, v: Any) -> tuple[str, ...]:
-    if isinstance(v, str):
-        v = [v]
-    if not isinstance(v, list) or not v or not all(isinstance(p, str) and p for p in v):
-        raise _Bad("must be a non-empty array of patterns (like [\"CT\"] or [\"*STROKE*\"])")
-    if any(len(p) > 128 for p in v):
-        raise _Bad("a pattern is longer than 128 characters")
-    return tuple(v)
-
-
-def _check_cstore_priorities(key: str, v: Any) -> tuple[str, ...]:
-    if isinstance(v, str):
-        v = [v]
-    if not isinstance(v, list) or not v or not all(p in CSTORE_PRIORITIES for p in v):
-        raise _Bad(f"must be one or more of {', '.join(CSTORE_PRIORITIES)}")
-    return tuple(v)
-
-
-def _parse_rules(top: _Table) -> tuple[Rule, ...]:
-    rules: list[Rule] = []
-    names: dict[str, str] = {}
-    for rt in top.tables("rules"):
-        name = rt.string("name", max_len=63, pattern=_NAME_RE,
-                         hint="must be 1..63 letters, digits, '.', '_' or '-', "
-                              "starting with a letter or digit")
-        kw: dict[str, Any] = {k: rt.get(k, (), _check_patterns) for k in RULE_MATCH_KEYS}
-        kw["cstore_priority"] = rt.get("cstore_priority", (), _check_cstore_priorities)
-        kw["destinations"] = rt.get("destinations", (), _check_names)
-        priority = rt.choice("priority", None, ("stat", "routine"))
-        if priority is None and not rt.has("priority"):
-            rt.ctx.problem(rt.key("priority"), "is required (stat or routine)")
-        rt.finish()
-        if isinstance(name, str):
-            if name in names:
-                rt.ctx.problem(rt.key("name"), f"duplicate of {names[name]} ({name!r})")
-            names.setdefault(name, rt.key("name"))
-        if name is not None and priority is not None:
-            rules.append(Rule(name=name, priority=priority, **kw))
-    return tuple(rules)
-
-
-def _check_names(key: str, v: Any) -> tuple[str, ...]:
-    if not isinstance(v, list) or not v or not all(isinstance(n, str) and n for n in v):
-        raise _Bad("must be a non-empty array of destination names (like [\"center-b\"])")
-    if len(set(v)) != len(v):
-        raise _Bad("names a destination twice")
-    return tuple(v)
 
 
 def _check_routes(cfg: Config, ctx: _Context) -> None:
