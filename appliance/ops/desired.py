@@ -30,7 +30,7 @@ The drop-in and its records live in the config's remote folder (`config.remote_d
 `/data/config/remote.d` on the image, beside the link to the imported set, so that a
 stick import does not replace them; `remote.d` beside the main file otherwise), read
 after the technician's conf.d so that the center's keys win. The records are hidden files
-there (not config: core/config.py) so that they are found before the state directory is
+there (not config: core/config/) so that they are found before the state directory is
 known, and whatever the new config says. A technician removes a bad remote drop-in on
 site with a stick (`clear`, below; cli/config_import.py): the applied record keeps the
 cleared version and digest, so the retained message is not applied again, and only a
