@@ -8,7 +8,8 @@ after the PACS's own `timeout_s` (60 s here), and send to center B within the ta
 Nothing is lost (every acknowledged instance is at A or B) and nothing is C-STOREd twice
 at the same PACS. When the link heals, A's probe answers and a new study goes to A.
 The same cut under an SFTP upload and under a STOW-RS request (center A then an sshd, or
-an Orthanc with the DICOMweb plugin) moves to B within the target too.
+an Orthanc with the DICOMweb plugin) moves to B within the target too, and a study that
+arrives while A is already unreachable does not wait out `timeout_s` on the connect.
 """
 
 from __future__ import annotations
@@ -79,6 +80,28 @@ def test_primary_cut_mid_bundle_moves_to_b_within_target_then_fails_back(tmp_pat
         assert not problems(bed.a, bed.b, uids(study) | uids(later))
         assert held(bed.b), "nothing went to B"
         assert not uids(later) & set(held(bed.b))
+
+
+def test_a_study_arriving_while_center_a_is_unreachable_goes_to_b_well_before_timeout(
+        tmp_path: Path) -> None:
+    """Center A's link is already silent when a study arrives (its site lost power): the
+    TCP connect to A is given up after link_timeout_s (6), not after timeout_s (60), and
+    the study goes to B. From the modality's last instance to B: packing, the connect
+    (6 s), the lane's probe of A (at most 5 s), the send; well under timeout_s."""
+    study = generate_study(tmp_path / "study", 10)
+    with two_centers(tmp_path / "bed") as bed:
+        bed.wan.link.partition()
+        r = storescu(bed.app.port, study, netns=bed.wan.site.name, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        t0 = time.monotonic()
+        wait_for(lambda: bed.b.count() > 0, 120, "the first instance at center B", poll=0.05,
+                 detail=bed.detail)
+        took = time.monotonic() - t0
+        print(f"\ncenter A unreachable: the first instance at B {took:.1f} s after the modality finished")
+        assert took < TIMEOUT_S / 2
+        wait_for(lambda: bed.b.count() == len(study), 120, "the whole study at B", detail=bed.detail)
+        assert bed.a.count() == 0
+        assert "no answer within 6 s (link_timeout_s)" in bed.app.log_text(), bed.detail()
 
 
 @contextlib.contextmanager
