@@ -462,7 +462,8 @@ def test_fleet_crl_through_the_cli_says_which_box_left_the_roster(tmp_path: Path
     assert cli("fleet", "ca", "init", str(d), "--broker-host", "127.0.0.1").returncode == 0
     for name in ("ct-1", "ct-2"):
         pki.box_key_and_csr(name, tmp_path / f"{name}.key", tmp_path / f"{name}.csr")
-        r = cli("fleet", "sign", str(tmp_path / f"{name}.csr"), "--ca", str(d), "--out", str(tmp_path / f"{name}.pem"))
+        r = cli("fleet", "sign", str(tmp_path / f"{name}.csr"), "--ca", str(d),
+                "--out", str(tmp_path / f"{name}.pem"))
         assert r.returncode == 0, r.stderr
     r = cli("fleet", "crl", "--ca", str(d), "--revoke", str(tmp_path / "ct-2.pem"))
     assert r.returncode == 0, r.stderr
