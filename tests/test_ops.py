@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
 
 from appliance.core import config
 from appliance.core.errors import ConfigError, UsageError
@@ -388,6 +389,26 @@ def test_a_roster_written_before_is_pruned_by_serial_and_keeps_a_name_alone(tmp_
     pki.reissue_crl(d, (ct1,))
     assert pki.read_roster(d) == ["ct-0"] and pki.revoked_boxes(d) == ["ct-1"]
     assert (d / pki.ROSTER).read_text().endswith("\nct-0\n")
+
+
+def test_a_box_signed_anew_after_its_revocation_is_back_in_the_roster(tmp_path: Path) -> None:
+    d = tmp_path / "fleet"
+    pki.ca_init(d, ("127.0.0.1",))
+    pki.reissue_crl(d, (signed(d, tmp_path, "ct-1", 1),))
+    signed(d, tmp_path, "ct-1", 2)
+    assert pki.read_roster(d) == ["ct-1"] and pki.revoked_boxes(d) == []
+
+
+def test_an_unwritable_roster_still_revokes_and_says_to_run_fleet_crl_again(tmp_path: Path) -> None:
+    d = tmp_path / "fleet"
+    pki.ca_init(d, ("127.0.0.1",))
+    ct1 = signed(d, tmp_path, "ct-1")
+    (d / pki.ROSTER).unlink()
+    (d / pki.ROSTER).mkdir()  # reading it is an OSError (IsADirectoryError)
+    out = pki.reissue_crl(d, (ct1,))
+    assert out[-1].startswith("roster: cannot update") and "run `fleet crl` again" in out[-1], out
+    crl = x509.load_pem_x509_crl((d / "crl.pem").read_bytes())
+    assert crl.get_revoked_certificate_by_serial_number(pki.load_cert(ct1).serial_number) is not None
 
 
 def test_fleet_crl_also_prunes_what_an_earlier_crl_revoked(tmp_path: Path) -> None:

@@ -319,10 +319,15 @@ def reissue_crl(directory: Path, revoke: tuple[Path, ...] = ()) -> list[str]:
         out.append(f"revoked: {common_name(cert.subject)} (serial {cert.serial_number:x})")
         names.append(common_name(cert.subject))
     write_crl(ca, directory / "crl.pem", tuple(kept.values()))
-    left = prune_roster(directory, set(kept))  # the CRL's serials: also those revoked before
-    staying = [n for n in read_roster(directory) if n in names]
-    return [*out, f"CRL: {directory}/crl.pem, {len(kept)} revoked, valid {CRL_DAYS} days;"
-            " the broker reads it at start: restart it",
+    out.append(f"CRL: {directory}/crl.pem, {len(kept)} revoked, valid {CRL_DAYS} days;"
+               " the broker reads it at start: restart it")
+    try:
+        left = prune_roster(directory, set(kept))  # the CRL's serials: also those revoked before
+        staying = [n for n in read_roster(directory) if n in names]
+    except OSError as e:  # the CRL is written: `fleet crl` again prunes what it revokes
+        return [*out, f"roster: cannot update {directory / ROSTER} ({type(e).__name__}):"
+                " the revoked boxes stay in the fleet view; run `fleet crl` again"]
+    return [*out,
             *(f"left the roster: {name} (no unrevoked certificate; the fleet view drops it)"
               for name in left),
             *(f"stays in the roster: {name} (a certificate of it is not revoked)" for name in staying)]
