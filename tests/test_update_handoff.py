@@ -100,7 +100,8 @@ def test_a_request_for_a_bundle_that_is_a_link_is_not_installed(
     (ready / f"{SHA}.raucb").symlink_to(tmp_path / "elsewhere")
     (ready / handoff.REQUEST).write_text(json.dumps({"sha256": SHA, "cmd_id": "c1", "reboot": False}))
     result, reboot = handoff.install(cfg)
-    assert (result, reboot) == ({"step": "update.failed", "reason": "bad request", "sha256": SHA}, False)
+    assert (result, reboot) == ({"step": "update.failed", "reason": "bad request", "sha256": SHA,
+                                 "cmd_id": "c1"}, False)
     assert not (rauc_dir / "args").exists()  # RAUC never asked
     assert sorted(p.name for p in ready.iterdir()) == [handoff.RESULT]
 
@@ -122,6 +123,59 @@ def test_the_result_replaces_a_link_planted_under_its_name_without_writing_throu
     assert victim.read_text() == "root's file\n"
     assert not (ready / handoff.RESULT).is_symlink()
     assert json.loads((ready / handoff.RESULT).read_text())["slot"] == "B"
+
+
+def test_the_result_carries_the_requests_cmd_id(
+        tmp_path: Path, cfg: config.Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    rauc_dir = fake_rauc(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{rauc_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("APPLIANCE_UPDATE_TRIAL", str(tmp_path / "data" / "trial.json"))
+    ready = handoff.folder(cfg)
+    ready.mkdir(parents=True)
+    (ready / f"{SHA}.raucb").write_bytes(DATA)
+    (ready / handoff.REQUEST).write_text(json.dumps({"sha256": SHA, "cmd_id": "0123abcd", "reboot": False}))
+    handoff.install(cfg)
+    assert json.loads((ready / handoff.RESULT).read_text())["cmd_id"] == "0123abcd"
+
+
+def test_an_install_step_raising_unexpectedly_still_answers_failed_and_clears_the_request(
+        tmp_path: Path, cfg: config.Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Else the request stays and the path unit (PathExists=) starts the service again, in a loop."""
+    from appliance.cli import update as cli_update
+
+    def broken(*_: Any) -> str:
+        raise RuntimeError("a bug the install step did not expect")
+    rauc_dir = fake_rauc(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{rauc_dir}:{os.environ['PATH']}")
+    monkeypatch.setattr(cli_update, "install", broken)
+    ready = handoff.folder(cfg)
+    ready.mkdir(parents=True)
+    (ready / f"{SHA}.raucb").write_bytes(DATA)
+    (ready / handoff.REQUEST).write_text(json.dumps({"sha256": SHA, "cmd_id": "c2", "reboot": True}))
+    result, reboot = handoff.install(cfg)
+    assert (result, reboot) == ({"step": "update.failed", "reason": "internal error", "error_type": "RuntimeError",
+                                 "sha256": SHA, "cmd_id": "c2"}, False)
+    assert sorted(p.name for p in ready.iterdir()) == [handoff.RESULT]  # request and bundle gone
+    assert json.loads((ready / handoff.RESULT).read_text()) == result
+
+
+def test_a_result_that_cannot_be_written_still_clears_the_request(
+        tmp_path: Path, cfg: config.Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    from appliance.core import durable
+
+    def no_room(*_: Any, **__: Any) -> Any:
+        raise OSError(28, "No space left on device")
+    rauc_dir = fake_rauc(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{rauc_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("APPLIANCE_UPDATE_TRIAL", str(tmp_path / "data" / "trial.json"))
+    monkeypatch.setattr(durable, "atomic_file", no_room)
+    ready = handoff.folder(cfg)
+    ready.mkdir(parents=True)
+    (ready / f"{SHA}.raucb").write_bytes(DATA)
+    (ready / handoff.REQUEST).write_text(json.dumps({"sha256": SHA, "cmd_id": "c3", "reboot": False}))
+    with pytest.raises(OSError):
+        handoff.install(cfg)
+    assert list(ready.iterdir()) == []
 
 
 def test_update_install_without_a_request_does_nothing(tmp_path: Path, cfg: config.Config) -> None:
