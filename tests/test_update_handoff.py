@@ -153,8 +153,8 @@ def test_an_install_step_raising_unexpectedly_still_answers_failed_and_clears_th
     (ready / f"{SHA}.raucb").write_bytes(DATA)
     (ready / handoff.REQUEST).write_text(json.dumps({"sha256": SHA, "cmd_id": "c2", "reboot": True}))
     result, reboot = handoff.install(cfg)
-    assert (result, reboot) == ({"step": "update.failed", "reason": "internal error", "error_type": "RuntimeError",
-                                 "sha256": SHA, "cmd_id": "c2"}, False)
+    assert (result, reboot) == ({"step": "update.failed", "reason": "internal error",
+                                 "error_type": "RuntimeError", "sha256": SHA, "cmd_id": "c2"}, False)
     assert sorted(p.name for p in ready.iterdir()) == [handoff.RESULT]  # request and bundle gone
     assert json.loads((ready / handoff.RESULT).read_text()) == result
 
@@ -181,3 +181,35 @@ def test_a_result_that_cannot_be_written_still_clears_the_request(
 def test_update_install_without_a_request_does_nothing(tmp_path: Path, cfg: config.Config) -> None:
     assert handoff.install(cfg) == (None, False)
     assert not handoff.folder(cfg).exists()
+
+
+def _plant_request(c: Center, cmd_id: str) -> Path:
+    ready = handoff.folder(c.cfg)
+    ready.mkdir(parents=True)
+    (ready / f"{SHA}.raucb").write_bytes(DATA)
+    (ready / handoff.REQUEST).write_text(json.dumps({"sha256": SHA, "cmd_id": cmd_id, "reboot": False}))
+    return ready
+
+
+def test_pending_handoff_found_at_start_refuses_a_new_update_until_answered(tmp_path: Path, box: Any) -> None:
+    make, _ = box
+    c = make(["https://127.0.0.1:1/updates/"])
+    _plant_request(c, "c4")
+    c.runner.recover()
+    res = c.send({"url": "https://127.0.0.1:1/updates/u.raucb", "sha256": SHA})
+    assert res["code"] == 422 and "already in progress" in res["detail"]
+    RootSide(c)  # now the root side answers
+    assert c.outcome() == ("update.installed", {"cmd_id": "c4", "bundle_version": "2.0", "slot": "B",
+                                                "reboot": False})
+
+
+def test_pending_handoff_never_answered_is_reported_as_timeout_and_withdrawn(
+        tmp_path: Path, box: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    make, _ = box
+    c = make(["https://127.0.0.1:1/updates/"])
+    ready = _plant_request(c, "c5")
+    monkeypatch.setattr(handoff, "WAIT_S", 2.0)
+    monkeypatch.setattr(handoff, "POLL_S", 0.2)
+    c.runner.recover()
+    assert c.outcome() == ("update.failed", {"cmd_id": "c5", "reason": "timeout"})
+    assert list(ready.iterdir()) == []  # a root side starting later finds nothing to do
