@@ -213,3 +213,40 @@ def test_pending_handoff_never_answered_is_reported_as_timeout_and_withdrawn(
     c.runner.recover()
     assert c.outcome() == ("update.failed", {"cmd_id": "c5", "reason": "timeout"})
     assert list(ready.iterdir()) == []  # a root side starting later finds nothing to do
+
+
+def _units_with_the_path_unit(tmp_path: Path) -> Path:
+    units = tmp_path / "units"
+    units.mkdir()
+    shipped = Path(__file__).resolve().parents[1] / "systemd" / handoff.PATH_UNIT
+    (units / handoff.PATH_UNIT).write_text(shipped.read_text())
+    return units
+
+
+def _update_config(tmp_path: Path) -> Path:
+    doc = base_config(tmp_path, 11112)
+    doc["update"] = {"sources": ["https://127.0.0.1:1/updates/"]}
+    path = tmp_path / "appliance.toml"
+    path.write_text(to_toml(doc))
+    cli("keys", "init", "--config", str(path), check=True)
+    return path
+
+
+def test_config_check_warns_when_the_path_unit_does_not_watch_this_state_dir(tmp_path: Path) -> None:
+    units, path = _units_with_the_path_unit(tmp_path), _update_config(tmp_path)
+    r = cli("config", "check", "--unit-dir", str(units), "--config", str(path))
+    assert r.returncode == 0, r.stderr
+    want = handoff.folder(config.load(path)) / handoff.REQUEST
+    assert f"watches /var/lib/appliance/update-ready/request.json, not {want}" in r.stderr
+
+
+def test_config_check_says_nothing_of_the_path_unit_once_a_drop_in_watches_this_state_dir(
+        tmp_path: Path) -> None:
+    units, path = _units_with_the_path_unit(tmp_path), _update_config(tmp_path)
+    want = handoff.folder(config.load(path)) / handoff.REQUEST
+    dropins = units / f"{handoff.PATH_UNIT}.d"
+    dropins.mkdir()
+    (dropins / "state-dir.conf").write_text(f"[Path]\nPathExists=\nPathExists={want}\n")
+    assert handoff.watched((units,)) == [want]  # the shipped path reset by the empty line
+    r = cli("config", "check", "--unit-dir", str(units), "--config", str(path))
+    assert r.returncode == 0 and handoff.PATH_UNIT not in r.stderr, r.stderr

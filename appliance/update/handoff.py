@@ -43,7 +43,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from appliance.core import config, durable
+from appliance.core import config, durable, sandbox
 from appliance.core.errors import ApplianceError
 from appliance.update import fetch, rauc
 
@@ -56,8 +56,46 @@ WAIT_S = rauc.INSTALL_TIMEOUT_S + 600  # RAUC's hour, and the spool check before
 CMD_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}\Z")  # ops/commands.py makes 16 hex digits
 
 
+PATH_UNIT = "appliance-update-install.path"  # systemd/: watches the request (PathExists=)
+_PATH_EXISTS = re.compile(r"^\s*PathExists\s*=\s*(.*?)\s*$")
+
+
 def folder(cfg: config.Config) -> Path:
     return cfg.appliance.state_dir / FOLDER
+
+
+def watched(unit_dirs: tuple[Path, ...] = sandbox.UNIT_SEARCH) -> list[Path] | None:
+    """The paths the installed path unit watches: the PathExists= of its file (the first
+    found, /etc first) and then of its `*.conf` drop-ins (an empty one resets the list,
+    as systemd reads it); None when the unit is not installed."""
+    unit = next((d / PATH_UNIT for d in unit_dirs if (d / PATH_UNIT).is_file()), None)
+    if unit is None:
+        return None
+    files = [unit, *sorted((f for d in unit_dirs for f in (d / f"{PATH_UNIT}.d").glob("*.conf")),
+                           key=lambda f: f.name)]
+    out: list[Path] = []
+    for f in files:
+        try:
+            text = f.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue  # unreadable: it watches nothing we can vouch for
+        for line in text.splitlines():
+            if m := _PATH_EXISTS.match(line):
+                out = out + [Path(m.group(1))] if m.group(1) else []
+    return out
+
+
+def watch_warnings(cfg: config.Config, unit_dirs: tuple[Path, ...] = sandbox.UNIT_SEARCH) -> list[str]:
+    """`config check`'s warning when remote updates are on and the installed path unit
+    does not watch this state_dir's request (a state_dir moved needs a drop-in)."""
+    want = folder(cfg) / REQUEST
+    got = watched(unit_dirs) if cfg.update is not None else None
+    if got is None or want in got:
+        return []
+    return [f"[update]: {PATH_UNIT} watches {', '.join(map(str, got)) or 'nothing'}, not {want}: "
+            f"an update command handed off to root would time out; add a drop-in "
+            f"{PATH_UNIT}.d/state-dir.conf with [Path], PathExists= (empty) and PathExists={want}"
+            f" (docs/updates.md \"Remote updates\")"]
 
 
 def wanted() -> bool:
