@@ -49,6 +49,8 @@ UNIT = REPO / "systemd" / "appliance.service"
 # the root side of a remote update (update/handoff.py): the path unit is enabled, as on the image
 INSTALL_UNITS = (REPO / "systemd" / "appliance-update-install.path",
                  REPO / "systemd" / "appliance-update-install.service")
+# the image's units (image-build/overlay): a test may boot the one that makes the keys
+IMAGE_UNITS = REPO / "image-build" / "overlay" / "usr" / "lib" / "systemd" / "system"
 CONFIG = Path("/etc/appliance/appliance.toml")
 VENV_BIN = Path("/opt/appliance/venv/bin")
 TOOLS = ("mmdebstrap", "systemd-nspawn", "nsenter")
@@ -199,15 +201,24 @@ def install_layer(cache: Path, layer: Path, wheel: Path) -> Path:
 
 def boot_script(lowers: tuple[Path, ...], tmp: Path, config: dict[str, object],
                 dropins: dict[str, str], dirs: tuple[str, ...],
-                boot_config: dict[str, object] | None) -> str:
+                boot_config: dict[str, object] | None, keys_unit: bool = False) -> str:
     """The shell script that lays a container's own layer over `lowers` and execs nspawn.
 
     The layer: /etc/appliance/appliance.toml, the unit drop-ins, folders for the
-    appliance user, and keys made by `appliance keys init` run as that user; then
-    `boot_config`, if given, replaces the config (so a test can boot a broken one)."""
+    appliance user, and keys made by `appliance keys init` run as that user (or, with
+    `keys_unit`, by the image's appliance-keys.service at boot, enabled as the image
+    enables it); then `boot_config`, if given, replaces the config (so a test can boot a
+    broken one)."""
     stage = tmp / "stage"
     (stage / "etc/appliance").mkdir(parents=True)
     (stage / "etc/appliance/appliance.toml").write_text(to_toml(config))
+    if keys_unit:
+        units = stage / "etc/systemd/system"
+        (units / "multi-user.target.wants").mkdir(parents=True)
+        shutil.copy(IMAGE_UNITS / "appliance-keys.service", units / "appliance-keys.service")
+        (units / "appliance-keys.service").chmod(0o644)
+        (units / "multi-user.target.wants/appliance-keys.service").symlink_to(
+            "/etc/systemd/system/appliance-keys.service")
     if dropins:
         (stage / "etc/systemd/system/appliance.service.d").mkdir(parents=True)
         for name, text in dropins.items():
@@ -219,8 +230,9 @@ def boot_script(lowers: tuple[Path, ...], tmp: Path, config: dict[str, object],
     script += f"tar -C {shlex.quote(str(stage))} -cf - . | tar -C {root} --no-overwrite-dir -xf -\n"
     for d in ("/var/lib/appliance", "/var/lib/appliance/outbox", "/etc/appliance/keys", *dirs):
         script += _in_chroot(merged, "install", "-d", "-m", "0700", "-o", "appliance", "-g", "appliance", d)
-    script += _in_chroot(merged, str(VENV_BIN / "appliance"), "keys", "init", "--config", str(CONFIG),
-                         user="appliance")
+    if not keys_unit:
+        script += _in_chroot(merged, str(VENV_BIN / "appliance"), "keys", "init", "--config",
+                             str(CONFIG), user="appliance")
     if boot_config is not None:
         (tmp / "boot.toml").write_text(to_toml(boot_config))
         script += f"install -m 0644 {shlex.quote(str(tmp / 'boot.toml'))} {root}{CONFIG}\n"
@@ -318,10 +330,11 @@ class Container:
 @contextlib.contextmanager
 def booted(lowers: tuple[Path, ...], tmp: Path, config: dict[str, object],
            dropins: dict[str, str] | None = None, dirs: tuple[str, ...] = (),
-           boot_config: dict[str, object] | None = None) -> Iterator[Container]:
+           boot_config: dict[str, object] | None = None,
+           keys_unit: bool = False) -> Iterator[Container]:
     """A container booted from its own overlay layer over `lowers` (see `boot_script`);
     the layer is removed afterwards, its nspawn.log stays in `tmp`."""
-    script = boot_script(lowers, tmp, config, dropins or {}, dirs, boot_config)
+    script = boot_script(lowers, tmp, config, dropins or {}, dirs, boot_config, keys_unit)
     c = Container(_private_mounts(script), tmp / "nspawn.log")
     try:
         yield c.boot()

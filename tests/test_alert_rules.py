@@ -96,7 +96,9 @@ def test_the_rules_read_only_series_fleet_serve_exports() -> None:
 
 def test_the_rules_read_only_series_the_box_exports() -> None:
     certs = metrics.Certificates({"mqtt": Path("/nonexistent")}, lambda paths: {})
-    collector = metrics.DaemonCollector(lambda: {}, lambda: {}, metrics.Tally(["pacs"]), certs,
+    snapshot = {"audit": {"written": 0, "failed": 0,  # a box with an audit repository
+                          "repository": {"sent": 0, "waiting": 0, "connected": True}}}
+    collector = metrics.DaemonCollector(lambda: snapshot, lambda: {}, metrics.Tally(["pacs"]), certs,
                                         ["receive"], ["pacs"])
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)

@@ -1,8 +1,9 @@
 """The audit trail sent to the hospital's audit record repository (audit/repository.py):
 RFC 5425 framing of the RFC 5424 message (pure), the cursor over the rotating sealed trail
 (files only), the [audit] syslog keys, and a real rsyslog with TLS (tests/rsyslog.py):
-the daemon's messages of a DCMTK association, a repository down at first, a restart, and
-a certificate that names another host."""
+the daemon's messages of a DCMTK association, a repository down at first (and what a
+daemon's /metrics says then: what the audit alert reads), a restart, and a certificate
+that names another host."""
 
 from __future__ import annotations
 
@@ -406,6 +407,51 @@ def test_the_repository_counters_are_metrics() -> None:
     assert got == {"appliance_audit_messages_written_total": 7, "appliance_audit_write_failures_total": 1,
                    "appliance_audit_repository_sent_total": 5, "appliance_audit_repository_waiting": 2,
                    "appliance_audit_repository_connected": 0}
+
+
+@pytest.mark.peers
+def test_a_daemon_whose_repository_is_down_exports_connected_0_and_messages_waiting(
+        tmp_path: Path, pki: rsyslog.Pki, repository: rsyslog.Rsyslog) -> None:
+    """What the alert ApplianceAuditRepositoryUnreachable (config/ops-center/alerts.yml)
+    reads, scraped from a real daemon's /metrics: rsyslog not running yet (connection
+    refused), the daemon's own messages (its start) wait; once it runs, they are sent."""
+    from tests.mosquitto import fleet_ca, sign
+    from tests.peers import Appliance, base_config, free_port
+    from tests.test_metrics import samples, scrape_text, value
+
+    ca = fleet_ca(tmp_path / "ca")
+    box = tmp_path / "box"
+    cfg = base_config(box, free_port())
+    (box / "outbox").mkdir(parents=True)
+    mport = free_port()
+    cfg["operations"] = {"host": "127.0.0.1", "port": free_port(), "ca": str(ca / "ca.pem"),
+                         "cert": str(box / "keys" / "mqtt.pem"), "key": str(box / "keys" / "mqtt.key"),
+                         "metrics_bind": f"127.0.0.1:{mport}"}
+    cfg["audit"] = {"syslog_host": "127.0.0.1", "syslog_port": repository.port, "syslog_ca": str(pki.ca)}
+    app = Appliance(box, cfg)
+    sign(ca, box / "keys" / "mqtt.csr")
+    app.start()
+    try:
+        def audit() -> dict[str, float]:
+            try:
+                s = samples(scrape_text(mport))
+            except OSError:
+                return {}
+            return {n: value(s, f"appliance_audit_repository_{n}")
+                    for n in ("connected", "waiting", "sent_total")}
+        down = wait_for(lambda: (a := audit()) and a["waiting"] > 0 and a, 60,
+                        "messages waiting for the repository", poll=0.5,
+                        detail=lambda: str(app.status()["audit"]))
+        assert down["connected"] == 0 and down["sent_total"] == 0, down
+        assert app.status()["audit"]["repository"]["last_error"] == "refused"
+        repository.start()
+        up = wait_for(lambda: (a := audit()) and a["waiting"] == 0 and a["connected"] == 1 and a, 120,
+                      "the repository connected and nothing waiting", poll=0.5,
+                      detail=lambda: f"{app.status()['audit']}\n{repository.log_text()}")
+        assert up["sent_total"] >= down["waiting"], (down, up)
+    finally:
+        app.stop()
+        app.kill9()
 
 
 def test_status_says_why_the_repository_is_not_connected() -> None:

@@ -70,6 +70,22 @@ def test_import_makes_the_keys_the_new_config_names(tmp_path: Path, box: Path) -
     assert (tmp_path / "keys" / "spool.key").is_file() and (tmp_path / "keys" / "appliance.pub").is_file()
 
 
+def test_import_audits_the_keys_it_made_and_not_those_it_kept(tmp_path: Path, box: Path) -> None:
+    """On the image's first boot the import runs before appliance-keys.service, which then
+    finds every key made: the import's own record is the only one of their creation."""
+    from appliance.audit.trail import FILE, read
+    from appliance.core import crypto
+
+    cfg = site(tmp_path)
+    assert run_import(stick(tmp_path, cfg), box) == 0
+    assert run_import(stick(tmp_path, site(tmp_path, name="renamed-box"), label="again"), box) == 0
+    key = crypto.load_spool_key(tmp_path / "keys" / "spool.key").audit_key()
+    trail = Path(cfg["appliance"]["state_dir"]) / "audit" / FILE
+    made = [m for m in read(trail, key) if m is not None and b"keys created: " in m]
+    assert len(made) == 1, made  # the second import kept them all
+    assert b"spool key: " in made[0] and b"appliance key: " in made[0]
+
+
 def test_import_refuses_a_broken_config_and_keeps_the_one_in_force(tmp_path: Path, box: Path) -> None:
     assert run_import(stick(tmp_path, site(tmp_path)), box) == 0
     bad = site(tmp_path, name="broken-box")

@@ -311,3 +311,59 @@ def test_fleet_status_waits_longer_with_more_boxes_in_the_roster(tmp_path: Path)
     assert fleetcli.default_settle_s(tmp_path) == fleetcli.SETTLE_S  # no roster
     (tmp_path / "roster").write_text("".join(f"ct-{i} 1 x\n" for i in range(2 * fl.BOXES_MAX)))
     assert fleetcli.default_settle_s(tmp_path) == fleetcli.SETTLE_S + fleetcli.SETTLE_PER_BOX_S * fl.BOXES_MAX
+
+
+def test_an_excluded_box_leaves_the_view_and_its_messages_are_ignored() -> None:
+    f = fed(("appliance/ct-1/state", state("ct-1")), ("appliance/ct-2/state", state("ct-2")))
+    assert f.exclude(frozenset({"ct-2"})) == ["ct-2"]
+    assert not f.receive("appliance/ct-2/state", json.dumps(state("ct-2")).encode(), NOW)
+    assert [b["name"] for b in f.view(NOW)] == ["ct-1"] and f.refused == 0
+
+
+def test_a_box_no_longer_excluded_is_heard_again() -> None:
+    f = fl.Fleet()
+    f.exclude(frozenset({"ct-2"}))
+    f.exclude(frozenset())  # signed anew: not revoked any more
+    assert f.receive("appliance/ct-2/state", json.dumps(state("ct-2")).encode(), NOW)
+
+
+def revoke(ca: Path, tmp_path: Path, name: str) -> None:
+    """Sign box `name` into the CA's roster, then revoke its certificate (fleet crl)."""
+    from appliance.ops import pki
+
+    pki.box_key_and_csr(name, tmp_path / f"{name}.key", tmp_path / f"{name}.csr")
+    pki.sign_csr(pki.load_ca(ca), tmp_path / f"{name}.csr", tmp_path / f"{name}.pem")
+    pki.reissue_crl(ca, (tmp_path / f"{name}.pem",))
+
+
+def test_a_box_revoked_while_the_view_runs_leaves_it_at_the_next_refresh(tmp_path: Path) -> None:
+    sub, fake, lines = connected(tmp_path, "ct-1 1 x\nct-2 2 x\n")
+    for name in ("ct-1", "ct-2", "ct-3"):
+        assert sub.fleet.receive(f"appliance/{name}/state", json.dumps(state(name)).encode(), NOW)
+    revoke(tmp_path / "ca", tmp_path, "ct-3")
+    sub.refresh()  # what fleet serve does every second: no reconnect
+    assert [b["name"] for b in sub.fleet.view(NOW)] == ["ct-1", "ct-2"]
+    assert "left the roster (revoked), dropped from the view: ct-3" in lines, lines
+
+
+def test_the_roster_is_read_again_only_when_the_file_changed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from appliance.ops import pki
+
+    sub, _, _ = connected(tmp_path, "ct-1 1 x\n")
+    reads: list[Path] = []
+    monkeypatch.setattr(pki, "revoked_boxes", lambda d: reads.append(d) or [])
+    sub.refresh()
+    assert reads == []  # unchanged since the connect read it
+    with (tmp_path / "ca" / pki.ROSTER).open("a") as f:
+        f.write("ct-2 2 x\n")
+    sub.refresh()
+    assert reads == [tmp_path / "ca"]
+
+
+def test_a_revoked_box_gets_no_subscription_by_name_at_the_next_connect(tmp_path: Path) -> None:
+    sub, fake, _ = connected(tmp_path, None)
+    revoke(tmp_path / "ca", tmp_path, "ct-1")
+    sub._on_connect(fake, None, None, Ok(), None)
+    assert [len(f) for f in fake.subscribed] == [3, 3]  # the wildcards at each connect, nothing by name
+    assert sub.fleet.excluded == frozenset({"ct-1"})

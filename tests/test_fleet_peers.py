@@ -378,3 +378,23 @@ def test_a_box_killed_shows_offline_with_its_values_last_known(bed: Bed, served:
              "south offline in /metrics")
     detail = served.get(f"/box/{SOUTH}")
     assert "OFFLINE" in detail and "last known at " in detail and "destination outbox" in detail
+
+
+def revoked_box_leaves_the_view(bed: Bed, served: Served, name: str) -> None:
+    """`fleet crl --revoke` of box `name`'s certificate: it leaves the roster, the running
+    `fleet serve` (not restarted, its session kept) and `fleet status`, though the broker
+    still holds its retained messages."""
+    since = connected_since(served)
+    r = cli("fleet", "crl", "--ca", str(bed.ca), "--revoke", str(bed.root / name / "keys" / "mqtt.pem"))
+    assert r.returncode == 0 and f"left the roster: {name}" in r.stdout, r.stdout + r.stderr
+    wait_for(lambda: f'box="{name}"' not in served.get("/metrics"), 30, f"{name} gone from /metrics")
+    assert served.proc.poll() is None and connected_since(served) == since
+    assert f"dropped from the view: {name}" in (bed.root / "serve.log").read_text()
+    _, boxes = status_json(bed)
+    assert name not in boxes and set(boxes) == set(bed.boxes) - {name}, boxes
+
+
+def test_a_killed_box_revoked_leaves_the_fleet_view(bed: Bed, served: Served) -> None:
+    """After the test above (south killed, offline on the page): revoking it takes it off
+    the page and out of `fleet status`, whose wildcard still gets its retained messages."""
+    revoked_box_leaves_the_view(bed, served, SOUTH)

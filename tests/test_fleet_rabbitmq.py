@@ -51,3 +51,10 @@ def test_fleet_status_has_each_box_online_from_its_retained_message(bed: Bed) ->
     boxes = {b["name"]: b for b in json.loads(r.stdout)}
     assert boxes[NORTH]["online"] is True and boxes[SOUTH]["online"] is True, r.stdout
     assert boxes[SOUTH]["state_received"] is not None and boxes[SOUTH]["state_received"] <= time.time()
+
+
+def test_a_revoked_box_leaves_the_fleet_view(bed: Bed, served: base.Served) -> None:
+    """Last in this module: south, still connected and publishing, is revoked; the page
+    running and `fleet status` leave it out (no by-name subscription, its messages ignored)."""
+    settled(bed)
+    base.revoked_box_leaves_the_view(bed, served, SOUTH)

@@ -14,6 +14,7 @@ import hashlib
 import ipaddress
 import os
 import signal
+import socket
 import ssl
 import time
 import warnings
@@ -508,6 +509,21 @@ def test_frozen_pacs_is_judged_by_the_timeout_not_the_link_timeout(
     assert 5 < elapsed < 12
 
 
+def test_a_connect_nobody_answers_gives_up_after_link_timeout_not_timeout(
+        tmp_path: Path, transports: list[DicomTransport]) -> None:
+    """A listener whose accept queue is full: the kernel drops further SYNs, as a silent
+    link would. The TCP connect ends after link_timeout_s (2), not timeout_s (30): the SYN
+    is answered by the server's kernel, not by the PACS."""
+    bundle = make_bundle(tmp_path / "b.bundle", ct_slices(1))
+    with socket.create_server(("127.0.0.1", 0), backlog=0) as full, socket.socket() as queued:
+        queued.connect(full.getsockname())  # fills the queue: nothing accepts it
+        t = transport(transports, destination(full.getsockname()[1], timeout_s=30, link_timeout_s=2))
+        t0 = time.monotonic()
+        with pytest.raises(Retryable, match=r"cannot connect .*: no answer within 2 s \(link_timeout_s\)"):
+            t.send("b-1", bundle, Progress())
+    assert time.monotonic() - t0 < 10
+
+
 # --- TLS --------------------------------------------------------------------------------------
 
 
@@ -619,6 +635,36 @@ def test_tls_certificate_failures_are_permanent(
         t.send("b-1", bundle, Progress())
     assert time.monotonic() - t0 < 5
     assert pacs.count() == 0
+
+
+def test_a_tls_connect_nobody_answers_gives_up_after_link_timeout(
+        tmp_path: Path, pki: PKI, transports: list[DicomTransport]) -> None:
+    """The same full accept queue under TLS: the TCP connect is bounded by link_timeout_s
+    (2) although pynetdicom wraps the socket before connecting."""
+    bundle = make_bundle(tmp_path / "b.bundle", ct_slices(1))
+    with socket.create_server(("127.0.0.1", 0), backlog=0) as full, socket.socket() as queued:
+        queued.connect(full.getsockname())
+        t = transport(transports, destination(full.getsockname()[1], tls=pki.client(), timeout_s=30,
+                                              link_timeout_s=2))
+        t0 = time.monotonic()
+        with pytest.raises(Retryable, match=r"cannot connect .*: no answer within 2 s \(link_timeout_s\)"):
+            t.send("b-1", bundle, Progress())
+    assert time.monotonic() - t0 < 10
+
+
+def test_a_tls_handshake_nobody_answers_is_judged_by_the_timeout_not_the_link_timeout(
+        tmp_path: Path, pki: PKI, transports: list[DicomTransport]) -> None:
+    """A server that accepts but never answers the ClientHello (the PACS process, not its
+    kernel, is slow): the handshake may take timeout_s (4), not only link_timeout_s (1)."""
+    bundle = make_bundle(tmp_path / "b.bundle", ct_slices(1))
+    with socket.create_server(("127.0.0.1", 0)) as mute:
+        t = transport(transports, destination(mute.getsockname()[1], tls=pki.client(), timeout_s=4,
+                                              link_timeout_s=1))
+        t0 = time.monotonic()
+        with pytest.raises(Retryable, match="timed out after 4 s"):
+            t.send("b-1", bundle, Progress())
+        elapsed = time.monotonic() - t0
+    assert 3.5 < elapsed < 9
 
 
 def test_missing_tls_files_are_a_config_error(tmp_path: Path) -> None:

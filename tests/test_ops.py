@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
 
 from appliance.core import config
 from appliance.core.errors import ConfigError, UsageError
@@ -349,6 +350,78 @@ def test_a_roster_line_that_is_not_a_box_name_is_skipped(tmp_path: Path) -> None
     assert pki.read_roster(tmp_path) == ["ct-1", "ct-2"]
 
 
+def signed(d: Path, tmp: Path, name: str, n: int = 1) -> Path:
+    """Box `name` signed by the CA in `d` (its n-th certificate); the certificate."""
+    key, csr, pem = tmp / f"{name}-{n}.key", tmp / f"{name}-{n}.csr", tmp / f"{name}-{n}.pem"
+    pki.box_key_and_csr(name, key, csr)
+    pki.sign_csr(pki.load_ca(d), csr, pem)
+    return pem
+
+
+def test_revoking_a_boxs_only_certificate_takes_it_out_of_the_roster(tmp_path: Path) -> None:
+    d = tmp_path / "fleet"
+    pki.ca_init(d, ("127.0.0.1",))
+    ct1, _ = signed(d, tmp_path, "ct-1"), signed(d, tmp_path, "ct-2")
+    out = pki.reissue_crl(d, (ct1,))
+    assert pki.read_roster(d) == ["ct-2"] and pki.revoked_boxes(d) == ["ct-1"]
+    assert "left the roster: ct-1 (no unrevoked certificate; the fleet view drops it)" in out, out
+    serial = f"{pki.load_cert(ct1).serial_number:x}"
+    assert f"{pki.REVOKED_PREFIX}ct-1 {serial} " in (d / pki.ROSTER).read_text()
+
+
+def test_a_box_with_a_newer_unrevoked_certificate_stays_in_the_roster(tmp_path: Path) -> None:
+    d = tmp_path / "fleet"
+    pki.ca_init(d, ("127.0.0.1",))
+    old, _ = signed(d, tmp_path, "ct-1", 1), signed(d, tmp_path, "ct-1", 2)  # renewed
+    out = pki.reissue_crl(d, (old,))
+    assert pki.read_roster(d) == ["ct-1"] and pki.revoked_boxes(d) == []
+    assert "stays in the roster: ct-1 (a certificate of it is not revoked)" in out
+    assert not any(line.startswith("left the roster") for line in out), out
+    assert len((d / pki.ROSTER).read_text().splitlines()) == 3  # header, revoked line, the newer one
+
+
+def test_a_roster_written_before_is_pruned_by_serial_and_keeps_a_name_alone(tmp_path: Path) -> None:
+    d = tmp_path / "fleet"
+    pki.ca_init(d, ("127.0.0.1",))
+    ct1 = signed(d, tmp_path, "ct-1")
+    serial = pki.load_cert(ct1).serial_number
+    (d / pki.ROSTER).write_text(f"ct-1 {serial:X} 2029-01-01T00:00:00Z\nct-0\n")  # upper-case hex, no header
+    pki.reissue_crl(d, (ct1,))
+    assert pki.read_roster(d) == ["ct-0"] and pki.revoked_boxes(d) == ["ct-1"]
+    assert (d / pki.ROSTER).read_text().endswith("\nct-0\n")
+
+
+def test_a_box_signed_anew_after_its_revocation_is_back_in_the_roster(tmp_path: Path) -> None:
+    d = tmp_path / "fleet"
+    pki.ca_init(d, ("127.0.0.1",))
+    pki.reissue_crl(d, (signed(d, tmp_path, "ct-1", 1),))
+    signed(d, tmp_path, "ct-1", 2)
+    assert pki.read_roster(d) == ["ct-1"] and pki.revoked_boxes(d) == []
+
+
+def test_an_unwritable_roster_still_revokes_and_says_to_run_fleet_crl_again(tmp_path: Path) -> None:
+    d = tmp_path / "fleet"
+    pki.ca_init(d, ("127.0.0.1",))
+    ct1 = signed(d, tmp_path, "ct-1")
+    (d / pki.ROSTER).unlink()
+    (d / pki.ROSTER).mkdir()  # reading it is an OSError (IsADirectoryError)
+    out = pki.reissue_crl(d, (ct1,))
+    assert out[-1].startswith("roster: cannot update") and "run `fleet crl` again" in out[-1], out
+    crl = x509.load_pem_x509_crl((d / "crl.pem").read_bytes())
+    assert crl.get_revoked_certificate_by_serial_number(pki.load_cert(ct1).serial_number) is not None
+
+
+def test_fleet_crl_also_prunes_what_an_earlier_crl_revoked(tmp_path: Path) -> None:
+    d = tmp_path / "fleet"
+    pki.ca_init(d, ("127.0.0.1",))
+    ct1 = signed(d, tmp_path, "ct-1")
+    before = (d / pki.ROSTER).read_bytes()
+    pki.reissue_crl(d, (ct1,))
+    (d / pki.ROSTER).write_bytes(before)  # a roster from before pruning, with a CRL that revokes ct-1
+    assert "left the roster: ct-1" in " ".join(pki.reissue_crl(d))
+    assert pki.read_roster(d) == []
+
+
 # --- through the CLI ---
 
 
@@ -403,6 +476,20 @@ def test_config_check_names_a_command_key_that_is_not_an_ed25519_public_key(ca: 
 def test_the_reserve_a_stage_loop_error_and_an_operators_switch_are_ops_events(
         kind: str, fields: dict[str, Any], body: dict[str, Any]) -> None:
     assert messages.event_body(kind, fields) == body
+
+
+def test_fleet_crl_through_the_cli_says_which_box_left_the_roster(tmp_path: Path) -> None:
+    d = tmp_path / "fleet"
+    assert cli("fleet", "ca", "init", str(d), "--broker-host", "127.0.0.1").returncode == 0
+    for name in ("ct-1", "ct-2"):
+        pki.box_key_and_csr(name, tmp_path / f"{name}.key", tmp_path / f"{name}.csr")
+        r = cli("fleet", "sign", str(tmp_path / f"{name}.csr"), "--ca", str(d),
+                "--out", str(tmp_path / f"{name}.pem"))
+        assert r.returncode == 0, r.stderr
+    r = cli("fleet", "crl", "--ca", str(d), "--revoke", str(tmp_path / "ct-2.pem"))
+    assert r.returncode == 0, r.stderr
+    assert "left the roster: ct-2" in r.stdout and "ct-1" not in r.stdout, r.stdout
+    assert pki.read_roster(d) == ["ct-1"]
 
 
 def test_fleet_ca_center_through_the_cli_issues_what_is_missing(tmp_path: Path) -> None:

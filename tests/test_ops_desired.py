@@ -141,6 +141,25 @@ def test_each_refusal_has_its_code_writes_nothing_and_is_audited(local: Local, m
     assert st["refused_code"] == (None if code == 403 else code)
 
 
+def test_a_config_signed_a_week_ago_for_a_box_that_was_off_is_applied(local: Local) -> None:
+    """A config lives up to desired.MAX_TTL_S (its version, not a replay record, stops a
+    replay): `fleet config push`'s default week reaches a box that was off for six days."""
+    m = commands.envelope(commands.body(BOX, "config", {"version": 1, "toml": GOOD}, local.key,
+                                        now=NOW - 6 * 86400, ttl_s=desired.PUSH_TTL_S), local.key)
+    assert local.d.handle(TOPIC, m, now=NOW)
+    assert local.dropin() == GOOD
+
+
+def test_a_config_older_than_its_lifetime_or_signed_for_longer_than_30_days_is_refused(
+        local: Local) -> None:
+    refused(local, commands.envelope(commands.body(
+        BOX, "config", {"version": 1, "toml": GOOD}, local.key, now=NOW - 8 * 86400,
+        ttl_s=desired.PUSH_TTL_S), local.key), 410)
+    refused(local, commands.envelope(commands.body(
+        BOX, "config", {"version": 2, "toml": GOOD}, local.key, now=NOW,
+        ttl_s=desired.MAX_TTL_S + 60), local.key), 422)
+
+
 def test_a_message_on_another_boxs_topic_is_refused_422(local: Local) -> None:
     refused(local, local.msg(1), 422, topic="appliance/other-box/config")
 

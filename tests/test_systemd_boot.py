@@ -10,7 +10,8 @@ writes is in place, and is refused or held with the fix named until then; a froz
 daemon, and a frozen pack stage (with the stage supervisor), are restarted by the
 watchdog and nothing acknowledged is lost; a desired config pushed by `appliance fleet
 config push` through a real Mosquitto is written into remote.d and applied under the
-unit's sandbox, and one that breaks the start is rolled back.
+unit's sandbox, and one that breaks the start is rolled back; the keys the image's
+appliance-keys.service makes at the first boot are recorded in the audit trail.
 
 Run alone with `make test-boot`. Needs root, mmdebstrap, systemd-nspawn and DCMTK.
 """
@@ -349,6 +350,33 @@ def test_a_moved_state_dir_fails_the_unit_once_naming_the_dropin_then_runs_with_
         send(c, ct_files(samples)[:1])
         wait_for(lambda: instances_in(c, f"{state}/outbox") == 1, 120, "a bundle in the moved state dir",
                  poll=1, detail=c.journal)
+
+
+# --- the image's first boot (image-build/overlay: appliance-keys.service) ---------------------
+
+IMAGE_DROPIN = nspawn.IMAGE_UNITS / "appliance.service.d" / "image.conf"
+
+
+def test_keys_the_image_unit_makes_at_first_boot_are_recorded_in_the_audit_trail(
+        installed: tuple[Path, ...], tmp_path: Path) -> None:
+    """No key before the boot: the image's appliance-keys.service makes them, under its
+    sandbox, and its "keys created" record must reach the trail in STATE/audit (the
+    daemon's unit, with the image's drop-in, then starts with those keys)."""
+    cfg = nspawn.site_config(
+        spool={"reserve_free_mb": 256, "key_file": "/data/keys/spool.key"},
+        encryption={"appliance_key": "/data/keys/appliance.key",
+                    "appliance_public_key": "/data/keys/appliance.pub"})
+    with nspawn.booted(installed, tmp_path, cfg, {"image.conf": IMAGE_DROPIN.read_text()},
+                       dirs=("/data/keys", "/data/config", "/data/config/remote.d"),
+                       keys_unit=True) as c:
+        wait_active(c)
+        keys = c.show("Result", "ExecMainStatus", unit="appliance-keys.service")
+        assert keys == {"Result": "success", "ExecMainStatus": "0"}, c.journal("appliance-keys.service")
+        assert "audit trail not written" not in c.journal("appliance-keys.service")
+        shown = c.appliance("audit", "show", "--config", str(nspawn.CONFIG))
+        assert shown.returncode == 0, shown.stderr
+        assert "keys created: spool key: /data/keys/spool.key created" in shown.stdout, (
+            shown.stdout + c.journal("appliance-keys.service"))
 
 
 # --- desired config under the unit (ops/desired.py; docs/operations.md "Desired config") --

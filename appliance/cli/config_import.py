@@ -62,7 +62,7 @@ from pathlib import Path
 
 from appliance.cli import identity
 from appliance.cli.config_cmds import check
-from appliance.cli.keys import make_keys
+from appliance.cli.keys import audit_made, make_keys
 from appliance.core import config, durable
 from appliance.core.errors import EX_CANTCREAT, EX_CONFIG, EX_DATAERR, ConfigError, KeyFileError
 from appliance.ops import desired
@@ -261,9 +261,10 @@ def _check(site: Path, systemd: bool, unit_dir: Path, remote: Path) -> tuple[lis
     made for the config (beside its certificate: in the staged folder when the config
     names it relatively, so it is read before a refused folder is removed).
 
-    The keys the new config names are made first (`keys init`), as the first boot makes
-    them: a new [operations] table gets its key and CSR even while its certificate is
-    missing, so that the result file carries the CSR to the operations center."""
+    The keys the new config names are made first (`keys init`, audited as it audits
+    them), as the first boot makes them: a new [operations] table gets its key and CSR
+    even while its certificate is missing, so that the result file carries the CSR to
+    the operations center."""
     def on_src(line: str) -> str:
         return line.replace(f"{site}/", "")
     try:
@@ -271,7 +272,9 @@ def _check(site: Path, systemd: bool, unit_dir: Path, remote: Path) -> tuple[lis
     except ConfigError as e:
         return [on_src(p) for p in e.problems], None
     try:
-        make_keys(cfg)
+        # audited as `keys init` audits them: on a first boot the import runs before
+        # appliance-keys.service, which then finds every key there and records nothing
+        audit_made(cfg, make_keys(cfg))
         found, _warnings = check(cfg, systemd, unit_dir)
     except (ConfigError, KeyFileError) as e:
         return [on_src(p) for p in getattr(e, "problems", [str(e)])], identity.csr_pem(cfg)

@@ -29,10 +29,16 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
     lines = make_keys(cfg)
     for line in lines:
         print(line)
-    made = [line for line in lines if " created" in line or "written again" in line]
-    if made:  # key use: a key made is a change of the box's security configuration
-        audited.record(cfg, lambda t: t.keys_created(audited.operator(), made))
+    audit_made(cfg, lines)
     return 0
+
+
+def audit_made(cfg: config.Config, lines: list[str]) -> None:
+    """The keys `make_keys` said it made (its `lines`), audited in `cfg`'s trail; nothing
+    when it made none. Key use: a key made is a change of the box's security configuration."""
+    made = [line for line in lines if " created" in line or "written again" in line]
+    if made:
+        audited.record(cfg, lambda t: t.keys_created(audited.operator(), made))
 
 
 def cmd_keys_show(args: argparse.Namespace) -> int:

@@ -13,7 +13,9 @@
                   DIR/roster (the fleet view subscribes to it by name); prints its name
     appliance fleet crl --ca DIR [--revoke BOX.pem ...]
                   re-issue the CRL (valid a year; the broker refuses everyone once it is
-                  out of date), adding the certificates to revoke
+                  out of date), adding the certificates to revoke; their lines in
+                  DIR/roster become `# revoked` comments, and it prints each box that
+                  thereby left the roster (and the fleet view)
     appliance fleet keys init DIR
                   the operations center's Ed25519 command key: DIR/command.key (0600) and
                   DIR/command.pub (for the boxes' [operations] command_keys); prints its key_id

@@ -5,9 +5,9 @@ The center publishes on `appliance/<name>/config` (retained, QoS 1) an envelope 
 like a command (ops/commands.py: the same parse, signature, box and time checks; `op`
 "config", `args` `{"version": N, "toml": TEXT}`, at most MAX_CONFIG_BYTES). The box:
   1. refuses (logged `config.refused`, an ops event, and audited) what is unsigned, for
-     another box, expired (410), not newer than the applied version (409), not TOML, sets a
-     key of FORBIDDEN (422 naming it), or fails the checks of `appliance config check`
-     (422, the checker is the CLI's, passed in);
+     another box, expired (410; a config may live MAX_TTL_S, 30 days), not newer than
+     the applied version (409), not TOML, sets a key of FORBIDDEN (422 naming it), or
+     fails the checks of `appliance config check` (422, the checker is the CLI's, passed in);
   2. else writes the pending record (`remote.d/.remote-pending.json`: version, digest,
      deadline, the previous drop-in's text), then the drop-in `remote.d/50-remote.toml`,
      each atomically and durably (core/durable.py), and asks the daemon to restart
@@ -69,6 +69,12 @@ APPLIED_NAME = ".remote-applied.json"
 MAX_CONFIG_BYTES = 64 << 10
 CONFIRM_AFTER_S = 5.0  # healthy at least this long after the start before it is kept
 OP = "config"
+# A signed config may stay valid far longer than a command (commands.MAX_TTL_S, an hour):
+# its replay rule is its version (only a newer one is applied), not a replay record, and
+# a retained config must still reach a box that was off for days (a truck in the yard
+# over a long weekend). `fleet config push --ttl` defaults to PUSH_TTL_S.
+MAX_TTL_S = 30 * 86400.0
+PUSH_TTL_S = 7 * 86400.0
 
 # What a remote config may never set: the link it came by and the box's identity, state
 # and keys (a wrong one is not undone by a restart: the box would be cut off, or its
@@ -297,7 +303,7 @@ class Desired:
             version, text = _args(cmd)
             if version <= int(a.get("version", 0)):
                 raise Refused(409, f"version {version} is not newer than the applied {a.get('version', 0)}")
-            commands.check_time(cmd, now, self.synced())
+            commands.check_time(cmd, now, self.synced(), MAX_TTL_S)
             data = _toml(text)
             self._check(data)
             self._apply(digest, version, text, now)
@@ -386,7 +392,7 @@ def build(main: Path, cfg: config.Config, audit: AuditTrail, checker: Checker = 
 
 
 def envelope(box: str, version: int, text: str, key: Any, *, now: float,
-             ttl_s: float = commands.MAX_TTL_S) -> bytes:
+             ttl_s: float = PUSH_TTL_S) -> bytes:
     """The center's side: the signed message for appliance/<box>/config."""
     return commands.envelope(commands.body(box, OP, {"version": version, "toml": text}, key,
                                            now=now, ttl_s=ttl_s), key)

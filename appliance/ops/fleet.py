@@ -19,6 +19,13 @@ their retained messages with it, and the wildcard brings everything after (Mosqu
 would otherwise send each message twice). A box not in the roster (signed by another
 CA folder) appears on such a broker at its next `state`. Plain MQTT 3.1.1: no box changes.
 
+A box whose every certificate `fleet crl --revoke` revoked has left the roster
+(pki.revoked_boxes): the view drops it and ignores its messages (`Fleet.exclude`), since
+the broker keeps its retained `online` and `state` (Mosquitto sends them to the wildcard)
+and a connected box keeps publishing until the broker is restarted with the new CRL. The
+subscriber reads the roster at each CONNACK and, through `refresh`, whenever the file
+changed (`fleet serve` calls it every second: a stat).
+
 Everything a box sends is untrusted: a topic whose box name does not match
 BOX_NAME, a payload over PAYLOAD_MAX_BYTES, not JSON or not an object is dropped and
 counted (`Fleet.refused`); no more than BOXES_MAX boxes are kept; names of stages,
@@ -102,12 +109,27 @@ class Fleet:
         self.heartbeat_s = heartbeat_s
         self.boxes: dict[str, Box] = {}
         self.refused = 0
+        self.excluded: frozenset[str] = frozenset()  # boxes that left the roster (revoked)
         self._lock = threading.Lock()
 
+    def exclude(self, names: frozenset[str]) -> list[str]:
+        """From now on leave out `names` (the boxes revoked: pki.revoked_boxes), forgetting
+        what was heard from them; a name not in `names` any more is heard again (signed
+        anew). The names dropped from the view, sorted."""
+        with self._lock:
+            self.excluded = names
+            gone = sorted(n for n in self.boxes if n in names)
+            for n in gone:
+                del self.boxes[n]
+            return gone
+
     def receive(self, topic: str, payload: bytes, now: float) -> bool:
-        """One message from the broker; False when it was dropped (and counted)."""
+        """One message from the broker; False when it was dropped (and counted as refused,
+        unless it came from an excluded box)."""
         doc = _parse(topic, payload)
         with self._lock:
+            if doc is not None and doc[0] in self.excluded:
+                return False
             if doc is None or (doc[0] not in self.boxes and len(self.boxes) >= BOXES_MAX):
                 self.refused += 1
                 return False
@@ -292,6 +314,15 @@ def subscriptions(roster: list[str]) -> tuple[Filters, list[Filters]]:
     return wildcard, [exact[i:i + EXACT_PER_PACKET] for i in range(0, len(exact), EXACT_PER_PACKET)]
 
 
+def _signature(path: Path) -> tuple[int, ...] | None:
+    """What tells a changed file (an atomic rewrite is a new inode); None: none there."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 class Subscriber:
     """The center's MQTT client feeding a Fleet, on paho's own thread (reconnects)."""
 
@@ -310,29 +341,48 @@ class Subscriber:
         self.c.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
         self.connected_since: float | None = None  # None: not connected to the broker now
         self.on_change: Callable[[str], None] = lambda line: None
+        self._roster_seen: tuple[int, ...] | None = None  # the roster file when last read
         self.c.on_connect = self._on_connect
         self.c.on_disconnect = self._on_disconnect
         self.c.on_subscribe = self._on_subscribe
         self.c.on_message = self._on_message
 
     def _on_connect(self, c: Any, u: Any, flags: Any, rc: Any, props: Any) -> None:
-        from appliance.ops import pki
-
         if rc.is_failure:
             self.on_change(f"broker refused the connection ({rc})")  # a CONNACK code, not a peer's text
             return
         self.connected_since = time.time()
-        try:
-            roster = pki.read_roster(self.ca)
-        except OSError as e:  # unreadable: the wildcards still bring every box's next state
-            roster = []
-            self.on_change(f"cannot read {self.ca / pki.ROSTER} ({type(e).__name__}): boxes by wildcard only")
+        roster = self._read_roster()
         wildcard, exact = subscriptions(roster)
         self._pending = {}
         for filters in (wildcard, *exact):  # paho's thread: no SUBACK is read before this returns
             _, mid = c.subscribe(filters)
             self._pending[mid] = filters if filters is not wildcard else []
         self.on_change("broker connected")
+
+    def _read_roster(self) -> list[str]:
+        """The roster's boxes, after excluding the revoked ones from the fleet; [] (and a
+        line) when it cannot be read: the wildcards still bring every box's next state."""
+        from appliance.ops import pki
+
+        self._roster_seen = _signature(self.ca / pki.ROSTER)
+        try:
+            roster, revoked = pki.read_roster(self.ca), pki.revoked_boxes(self.ca)
+        except OSError as e:
+            self.on_change(f"cannot read {self.ca / pki.ROSTER} ({type(e).__name__}): boxes by wildcard only")
+            return []
+        gone = self.fleet.exclude(frozenset(revoked))
+        if gone:
+            self.on_change(f"left the roster (revoked), dropped from the view: {', '.join(gone)}")
+        return roster
+
+    def refresh(self) -> None:
+        """Read the roster again when the file changed since it was last read (a stat):
+        a box revoked since leaves the view now, not at the next connect."""
+        from appliance.ops import pki
+
+        if _signature(self.ca / pki.ROSTER) != self._roster_seen:
+            self._read_roster()
 
     def _on_subscribe(self, c: Any, u: Any, mid: int, codes: Any, props: Any) -> None:
         exact = self._pending.pop(mid, None)

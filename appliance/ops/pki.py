@@ -20,7 +20,11 @@ The CA folder keeps a roster of the boxes it signed (ROSTER, one line per signat
 name, serial, not-after; like OpenSSL's index.txt), written by `fleet sign`: the fleet
 view subscribes to each known box's topics by name, because a broker may send retained
 messages only to a subscription of the topic itself (RabbitMQ 3.x, rabbitmq-server
-issue 8824).
+issue 8824). `fleet crl --revoke` takes a revoked certificate's line out of the roster: it
+becomes a comment `# revoked NAME SERIAL NOT-AFTER` (REVOKED_PREFIX; a reader of the older
+format skips it like any comment), so a box whose every certificate is revoked leaves the
+roster, and the fleet view knows to leave it out (revoked_boxes) even though the broker
+still holds its retained messages.
 
 Everything here uses the `cryptography` library (X.509 building and verification); it
 fails with KeyFileError / ConfigError naming the file, never with a library's text.
@@ -51,6 +55,7 @@ CENTER_FILES = tuple(f"{cn}.{ext}" for cn in CENTER_CNS for ext in ("key", "pem"
 CA_FILES = ("ca.key", "ca.pem", "crl.pem", "broker.key", "broker.pem", *CENTER_FILES)
 ROSTER = "roster"  # the boxes `fleet sign` signed, in the CA folder
 ROSTER_HEADER = b"# boxes signed by this fleet CA (appliance fleet sign): name serial not-after\n"
+REVOKED_PREFIX = "# revoked "  # a roster line whose certificate `fleet crl --revoke` revoked
 CA_DAYS = 3650
 BOX_DAYS = 825
 CRL_DAYS = 365
@@ -210,20 +215,65 @@ def reserved(cn: str) -> bool:
     return cn == OPS_CENTER_CN or cn.startswith(OPS_CENTER_CN + "-")
 
 
+def _box_name(line: str) -> str | None:
+    name = line.split(" ", 1)[0]
+    return name if OPS_NAME_RE.match(name) and not reserved(name) else None
+
+
+def _roster_text(directory: Path) -> str:
+    try:
+        return (directory / ROSTER).read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
 def read_roster(directory: Path) -> list[str]:
     """The box names in the CA folder's roster, each once, in the order first signed;
     a line that is not `name ...` with a box name is skipped (the file is the center's
-    own, but a hand edit must not put a wildcard into a subscription)."""
-    try:
-        text = (directory / ROSTER).read_text(errors="replace")
-    except FileNotFoundError:
-        return []
+    own, but a hand edit must not put a wildcard into a subscription), and so is a
+    revoked line (REVOKED_PREFIX)."""
     names: dict[str, None] = {}
-    for line in text.splitlines():
-        name = line.split(" ", 1)[0]
-        if OPS_NAME_RE.match(name) and not reserved(name):
+    for line in _roster_text(directory).splitlines():
+        if (name := _box_name(line)) is not None:
             names.setdefault(name)
     return list(names)
+
+
+def revoked_boxes(directory: Path) -> list[str]:
+    """The boxes that left the roster: every certificate of theirs in it was revoked
+    (REVOKED_PREFIX lines) and none is left; sorted."""
+    text = _roster_text(directory)
+    revoked = {n for line in text.splitlines() if line.startswith(REVOKED_PREFIX)
+               and (n := _box_name(line[len(REVOKED_PREFIX):])) is not None}
+    return sorted(revoked - set(read_roster(directory)))
+
+
+def _serial(line: str) -> int | None:
+    """The serial of a roster line `name serial ...` (hex); None for a line without one
+    (a name alone, added by hand for a box signed before the roster existed)."""
+    parts = line.split(" ")
+    try:
+        return int(parts[1], 16) if len(parts) > 1 else None
+    except ValueError:
+        return None
+
+
+def prune_roster(directory: Path, revoked: set[int]) -> list[str]:
+    """Turn each roster line whose serial is in `revoked` into a REVOKED_PREFIX comment
+    (rewritten atomically, only when a line changed); the boxes that thereby left the
+    roster (no certificate of theirs left in it), sorted. A line without a serial is kept:
+    nothing says which certificate it stands for."""
+    text = _roster_text(directory)
+    lines, changed = [], False
+    for line in text.splitlines(keepends=True):
+        if _box_name(line) is not None and _serial(line) in revoked:
+            line, changed = REVOKED_PREFIX + line, True
+        lines.append(line)
+    if not changed:
+        return []
+    before = set(read_roster(directory))
+    durable.atomic_write(directory / ROSTER, "".join(lines).encode(), mode=0o644)
+    return sorted(before - set(read_roster(directory)))
 
 
 def _enrol(roster: Path, cn: str, cert: x509.Certificate) -> None:
@@ -257,7 +307,7 @@ def reissue_crl(directory: Path, revoke: tuple[Path, ...] = ()) -> list[str]:
         kept = {r.serial_number: r for r in old}
     except (FileNotFoundError, ValueError):
         kept = {}
-    out = []
+    out, names = [], []
     for p in revoke:
         cert = load_cert(p)
         try:
@@ -267,9 +317,20 @@ def reissue_crl(directory: Path, revoke: tuple[Path, ...] = ()) -> list[str]:
         kept.setdefault(cert.serial_number, x509.RevokedCertificateBuilder()
                         .serial_number(cert.serial_number).revocation_date(_now()).build())
         out.append(f"revoked: {common_name(cert.subject)} (serial {cert.serial_number:x})")
+        names.append(common_name(cert.subject))
     write_crl(ca, directory / "crl.pem", tuple(kept.values()))
-    return [*out, f"CRL: {directory}/crl.pem, {len(kept)} revoked, valid {CRL_DAYS} days;"
-            " the broker reads it at start: restart it"]
+    out.append(f"CRL: {directory}/crl.pem, {len(kept)} revoked, valid {CRL_DAYS} days;"
+               " the broker reads it at start: restart it")
+    try:
+        left = prune_roster(directory, set(kept))  # the CRL's serials: also those revoked before
+        staying = [n for n in read_roster(directory) if n in names]
+    except OSError as e:  # the CRL is written: `fleet crl` again prunes what it revokes
+        return [*out, f"roster: cannot update {directory / ROSTER} ({type(e).__name__}):"
+                " the revoked boxes stay in the fleet view; run `fleet crl` again"]
+    return [*out,
+            *(f"left the roster: {name} (no unrevoked certificate; the fleet view drops it)"
+              for name in left),
+            *(f"stays in the roster: {name} (a certificate of it is not revoked)" for name in staying)]
 
 
 def sign_csr(ca: FleetCA, csr_path: Path, out: Path, days: int = BOX_DAYS) -> str:

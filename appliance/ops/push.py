@@ -51,7 +51,9 @@ def add_parser(fleet_sub: Any) -> None:
     push.add_argument("--ca", type=Path, required=True, help="the fleet CA folder (ops-center.pem/.key)")
     push.add_argument("--host", default="127.0.0.1")
     push.add_argument("--port", type=int, default=8883)
-    push.add_argument("--ttl", type=float, default=3600.0, help="seconds the config may wait for a box")
+    push.add_argument("--ttl", type=float, default=desired.PUSH_TTL_S,
+                      help=f"seconds the config may wait for a box that is offline (default"
+                           f" {desired.PUSH_TTL_S:.0f}: 7 days; at most {desired.MAX_TTL_S:.0f})")
     push.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for each box")
 
 
@@ -141,6 +143,8 @@ def push(args: argparse.Namespace) -> int:
         return EX_USAGE
     if args.version < 1:
         raise UsageError("--version: a positive integer")
+    if not 0 < args.ttl <= desired.MAX_TTL_S:
+        raise UsageError(f"--ttl: 1 to {desired.MAX_TTL_S:.0f} seconds (a box refuses a longer lifetime)")
     text = check_file(args.file)
     key: Ed25519PrivateKey = crypto.load_private_key_of(args.key, Ed25519PrivateKey, "Ed25519")
     boxes = [args.box, *(b for b in args.boxes if b != args.box)]

@@ -111,6 +111,8 @@ flight, or without an answer to the keep-alives sent every second while waiting
 its window shut (slow to read) still answers the window probes: that is `timeout_s`'s
 call, so TCP_USER_TIMEOUT (which would end it too) is not used. A silent link is the
 destination's failure, never the instance's being sent.
+The TCP connect is bounded by `link_timeout_s` as well (the SYN is answered by the
+PACS's machine); the TLS handshake after it keeps `timeout_s` (dicom/tls.py: Probe.bounded_connect).
 
 Sockets have TCP_NODELAY (DIMSE writes a small command PDU before the data; without it
 Nagle + delayed ACK stall each C-STORE ~40 ms).

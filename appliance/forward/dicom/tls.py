@@ -12,6 +12,7 @@ import ipaddress
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pynetdicom.transport import AddressInformation, AssociationSocket
@@ -79,6 +80,27 @@ class Probe:
         # The link went silent: `link_silent` said so, or the kernel gave up on the
         # connection (ETIMEDOUT: keep-alives unanswered).
         self.link_silent = False
+        # The bound on the TCP connect alone (`link_timeout_s`): the SYN is answered by the
+        # server's kernel, not by the PACS, so a silent link shows in seconds. pynetdicom's
+        # connection_timeout (`timeout_s`) still bounds the TLS handshake after it.
+        self.connect_timeout: float | None = None
+        self.connect_timed_out = False  # the TCP connect itself got no answer in time
+
+    def bounded_connect(self, sock: socket.socket, connect: Callable[[], None]) -> None:
+        """Run `connect` (the TCP connect of `sock`) within `connect_timeout` when that is
+        shorter than the socket's own timeout; the socket's timeout is restored after."""
+        limit, whole = self.connect_timeout, sock.gettimeout()
+        if limit is None or (whole is not None and whole <= limit):
+            connect()
+            return
+        sock.settimeout(limit)
+        try:
+            connect()
+        except TimeoutError:
+            self.connect_timed_out = True
+            raise
+        finally:
+            sock.settimeout(whole)
 
     def note_timeout(self, e: TimeoutError) -> None:
         """A time-out on the socket: the kernel's (the link is silent) or our I/O one."""
@@ -109,7 +131,10 @@ class _TCPSocket(socket.socket):
 
     def connect(self, address: Any) -> None:
         try:
-            super().connect(address)
+            if self.probe is None:
+                super().connect(address)
+            else:
+                self.probe.bounded_connect(self, lambda: super(_TCPSocket, self).connect(address))
         except OSError as e:
             if self.probe is not None:
                 self.probe.note(e)
@@ -142,8 +167,21 @@ class _RecordingSSLSocket(ssl.SSLSocket):
             probe.note(e)
 
     def connect(self, addr: Any) -> None:
+        probe = getattr(self.context, "probe", None)
         try:
-            super().connect(addr)
+            # typeshed does not declare SSLSocket's do_handshake_on_connect attribute
+            handshake = bool(getattr(self, "do_handshake_on_connect", False))
+            if not isinstance(probe, Probe) or not handshake:
+                super().connect(addr)
+                return
+            # The TCP connect within the probe's bound, then the handshake within the
+            # socket's own timeout.
+            setattr(self, "do_handshake_on_connect", False)  # noqa: B010 - see above
+            try:
+                probe.bounded_connect(self, lambda: super(_RecordingSSLSocket, self).connect(addr))
+            finally:
+                setattr(self, "do_handshake_on_connect", True)  # noqa: B010
+            self.do_handshake()
         except OSError as e:
             self._note(e)
             raise
@@ -188,6 +226,7 @@ class ProbedSocket(compat.ClientSocket):
         self.probe = probe
         self._io_timeout = io_timeout
         self._link_timeout = min(link_timeout or io_timeout, io_timeout)
+        probe.connect_timeout = self._link_timeout
         self._cap = cap
         super().__init__(assoc, address=address)
 

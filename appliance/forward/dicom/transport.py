@@ -369,6 +369,9 @@ class DicomTransport:
         e = probe.connect_error
         if e is None:
             return None
+        if isinstance(e, TimeoutError | socket.timeout) and probe.connect_timed_out:
+            return Retryable(f"cannot connect to the PACS at {host}:{port}: no answer within"
+                             f" {self.link_timeout:g} s (link_timeout_s)")
         if isinstance(e, TimeoutError | socket.timeout):
             return Retryable(f"connecting to the PACS at {host}:{port} timed out after {self.timeout:g} s")
         if isinstance(e, ConnectionRefusedError):
