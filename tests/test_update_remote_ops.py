@@ -69,8 +69,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     fake_rauc(root / "bin")
     box.env.update({"APPLIANCE_CLOCK_SYNCED": "1", "PATH": f"{root / 'bin'}:{os.environ['PATH']}",
                     "APPLIANCE_UPDATE_TRIAL": str(root / "data" / "trial.json")})
-    box.start()
     try:
+        box.start()
         s = Site(root, ca, broker, box, srv)
         wait_for(lambda: cli("fleet", "send", BOX, "ping", "--key", str(root / "center" / "command.key"),
                              "--ca", str(ca), "--port", str(broker.port), "--timeout", "20").returncode == 0,
