@@ -22,11 +22,10 @@ from typing import Any
 import pytest
 
 from appliance.update import handoff
-from tests.bundle_server import BundleServer
-from tests.mosquitto import MOSQUITTO, Broker, fleet_ca, sign
-from tests.peers import REPO, Appliance, base_config, cli, free_port, wait_for
-from tests.test_update_remote import DATA, SHA, fake_rauc
-from tests.test_update_remote_ops import BOX, Site
+from tests.mosquitto import MOSQUITTO
+from tests.peers import REPO, wait_for
+from tests.test_update_remote import SHA
+from tests.test_update_remote_ops import Site, update_site
 
 FINAL = ("update.installed", "update.refused", "update.failed")
 pytestmark = [pytest.mark.ops, pytest.mark.peers,
@@ -73,11 +72,6 @@ class HandoffSite(Site):
                            cwd=REPO, env=env)
         assert r.returncode == 0, r.stdout + r.stderr
 
-    def ping(self) -> None:
-        wait_for(lambda: cli("fleet", "send", BOX, "ping", "--key", str(self.root / "center" / "command.key"),
-                             "--ca", str(self.ca), "--port", str(self.broker.port), "--timeout", "20"
-                             ).returncode == 0, 60, "the box answers a ping", detail=self.box.log_text)
-
     def finals(self, cmd_id: str) -> list[dict[str, Any]]:
         return [e for e in self.events() if e.get("cmd_id") == cmd_id and e["kind"] in FINAL]
 
@@ -85,37 +79,17 @@ class HandoffSite(Site):
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HandoffSite]:
     root = tmp_path_factory.mktemp("update-handoff-ops")
-    ca = fleet_ca(root / "ca")
-    cli("fleet", "keys", "init", str(root / "center"), check=True)
-    broker = Broker(root / "broker", ca).start()
-    srv = BundleServer(root / "srv", DATA).__enter__()
-    cfg = base_config(root / "box", free_port())
-    cfg["appliance"]["name"] = BOX
-    cfg["operations"] = {"host": "127.0.0.1", "port": broker.port, "ca": str(ca / "ca.pem"),
-                         "cert": str(root / "box" / "keys" / "mqtt.pem"),
-                         "key": str(root / "box" / "keys" / "mqtt.key"), "heartbeat_s": 2, "keepalive_s": 5,
-                         "command_keys": [str(root / "center" / "command.pub")]}
-    cfg["update"] = {"sources": [srv.url.rsplit("/", 1)[0] + "/"], "ca": str(srv.ca), "deadline_s": 120}
-    box = Appliance(root / "box", cfg)
-    sign(ca, root / "box" / "keys" / "mqtt.csr")
-    fake_rauc(root / "bin")
-    box.env.update({"APPLIANCE_CLOCK_SYNCED": "1", "APPLIANCE_UPDATE_HANDOFF": "1",
-                    "PATH": f"{root / 'bin'}:{os.environ['PATH']}",
-                    "APPLIANCE_UPDATE_TRIAL": str(root / "data" / "trial.json")})
-    box.start()
-    s = HandoffSite(root, ca, broker, box, srv)
-    try:
-        s.ping()
-        yield s
-    finally:
-        box.stop()
-        for _ in range(2):  # a worker a failed test left behind
-            try:
-                os.kill(s.worker_pid(), signal.SIGKILL)
-            except AssertionError:
-                break
-        broker.stop()
-        srv.close()
+    with update_site(root, APPLIANCE_UPDATE_HANDOFF="1") as (ca, broker, box, srv):
+        s = HandoffSite(root, ca, broker, box, srv)
+        try:
+            yield s
+        finally:
+            box.stop()
+            for _ in range(2):  # a worker a failed test left behind
+                try:
+                    os.kill(s.worker_pid(), signal.SIGKILL)
+                except AssertionError:
+                    break
 
 
 def test_result_written_while_the_daemon_was_down_is_reported_at_its_start_once(site: HandoffSite) -> None:
