@@ -314,6 +314,7 @@ class Daemon:
             if self.audit_sender is not None:
                 self.audit_sender.start()
             self._start_link()
+            self.updates.recover()  # a hand-off's result left unreported (update/remote.py)
             if self.desired is not None:
                 desired.report(self.main_file)  # a rollback at this start, as an ops event
             self.notifier.ready(self.status_line())

@@ -37,6 +37,15 @@ def fleet_ca(directory: Path) -> Path:
     return directory
 
 
+def ops_section(box: Path, broker: Broker, ca: Path, center: Path, **more: Any) -> dict[str, Any]:
+    """The [operations] table of a test box under `box` (its MQTT key and certificate in
+    box/keys, as `keys init` makes them) talking to `broker`, trusting the center's command
+    key in `center` (`fleet keys init`); a 2 s heartbeat. `more`: other keys of the table."""
+    return {"host": "127.0.0.1", "port": broker.port, "ca": str(ca / "ca.pem"),
+            "cert": str(box / "keys" / "mqtt.pem"), "key": str(box / "keys" / "mqtt.key"),
+            "heartbeat_s": 2, "keepalive_s": 5, "command_keys": [str(center / "command.pub")], **more}
+
+
 def sign(ca: Path, csr: Path) -> Path:
     cli("fleet", "sign", str(csr), "--ca", str(ca), check=True)
     return csr.with_suffix(".pem")

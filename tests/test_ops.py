@@ -168,6 +168,18 @@ def test_every_failover_reason_class_is_a_known_class() -> None:
     assert classes <= messages.REASON_CLASSES
 
 
+def test_every_reason_an_update_step_gives_is_a_known_class() -> None:
+    """The update worker and the root install side name reasons in their result records
+    (update/*.py); one missing from REASON_CLASSES would reach the center as "other"."""
+    import re
+
+    from tests.peers import REPO
+
+    said = {m for p in (REPO / "appliance" / "update").glob("*.py")
+            for m in re.findall(r'(?:"reason": |reason=)"([^"]+)"', p.read_text())}
+    assert said and said <= messages.REASON_CLASSES, said - messages.REASON_CLASSES
+
+
 def test_a_log_event_not_listed_is_not_an_ops_event() -> None:
     assert messages.event_body("instance.stored", {"bundle": "b1"}) is None
 

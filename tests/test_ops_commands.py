@@ -27,7 +27,7 @@ from appliance.core import crypto
 from appliance.core.errors import NotFoundError
 from appliance.ops import commands
 from appliance.ops.cli import publish_and_wait
-from tests.mosquitto import MOSQUITTO, Broker, fleet_ca, sign
+from tests.mosquitto import MOSQUITTO, Broker, fleet_ca, ops_section, sign
 from tests.peers import Appliance, base_config, cli, free_port, storescu, wait_for
 from tests.test_ops_link import CANARY, canary_study
 
@@ -250,10 +250,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     broker = Broker(root / "broker", ca).start()
     cfg = base_config(root / "box", free_port())
     cfg["appliance"]["name"] = BOX
-    cfg["operations"] = {"host": "127.0.0.1", "port": broker.port, "ca": str(ca / "ca.pem"),
-                         "cert": str(root / "box" / "keys" / "mqtt.pem"),
-                         "key": str(root / "box" / "keys" / "mqtt.key"), "heartbeat_s": 2, "keepalive_s": 5,
-                         "command_keys": [str(root / "center" / "command.pub")]}
+    cfg["operations"] = ops_section(root / "box", broker, ca, root / "center")
     # the outbox folder is missing: the bundle waits (deferred) until the test makes it
     cfg["queue"] = {"retry_min_s": 120, "retry_max_s": 120, "down_after": 100}
     cfg["pack"] = {"study_quiet_s": 1}

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from appliance.audit import AuditTrail
 from appliance.core import crypto
 from appliance.ops import commands, desired
-from tests.mosquitto import MOSQUITTO, Broker, Watcher, fleet_ca, sign
+from tests.mosquitto import MOSQUITTO, Broker, Watcher, fleet_ca, ops_section, sign
 from tests.peers import Appliance, base_config, cli, free_port, wait_for
 from tests.test_ops_commands import AUDIT_KEY
 from tests.test_watchdog import NotifySocket
@@ -108,11 +108,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     broker = Broker(root / "broker", ca).start()
     cfg = base_config(root / "box", free_port())
     cfg["appliance"]["name"] = BOX
-    cfg["operations"] = {"host": "127.0.0.1", "port": broker.port, "ca": str(ca / "ca.pem"),
-                         "cert": str(root / "box" / "keys" / "mqtt.pem"),
-                         "key": str(root / "box" / "keys" / "mqtt.key"), "heartbeat_s": 2, "keepalive_s": 5,
-                         "command_keys": [str(root / "center" / "command.pub")], "metrics_bind": "",
-                         "config_deadline_s": 60}
+    cfg["operations"] = ops_section(root / "box", broker, ca, root / "center", metrics_bind="",
+                                    config_deadline_s=60)
     box = Appliance(root / "box", cfg)
     sign(ca, root / "box" / "keys" / "mqtt.csr")
     box.env["APPLIANCE_CLOCK_SYNCED"] = "1"

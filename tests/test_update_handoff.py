@@ -100,7 +100,8 @@ def test_a_request_for_a_bundle_that_is_a_link_is_not_installed(
     (ready / f"{SHA}.raucb").symlink_to(tmp_path / "elsewhere")
     (ready / handoff.REQUEST).write_text(json.dumps({"sha256": SHA, "cmd_id": "c1", "reboot": False}))
     result, reboot = handoff.install(cfg)
-    assert (result, reboot) == ({"step": "update.failed", "reason": "bad request", "sha256": SHA}, False)
+    assert (result, reboot) == ({"step": "update.failed", "reason": "bad request", "sha256": SHA,
+                                 "cmd_id": "c1"}, False)
     assert not (rauc_dir / "args").exists()  # RAUC never asked
     assert sorted(p.name for p in ready.iterdir()) == [handoff.RESULT]
 
@@ -124,6 +125,128 @@ def test_the_result_replaces_a_link_planted_under_its_name_without_writing_throu
     assert json.loads((ready / handoff.RESULT).read_text())["slot"] == "B"
 
 
+def test_the_result_carries_the_requests_cmd_id(
+        tmp_path: Path, cfg: config.Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    rauc_dir = fake_rauc(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{rauc_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("APPLIANCE_UPDATE_TRIAL", str(tmp_path / "data" / "trial.json"))
+    ready = handoff.folder(cfg)
+    ready.mkdir(parents=True)
+    (ready / f"{SHA}.raucb").write_bytes(DATA)
+    (ready / handoff.REQUEST).write_text(json.dumps({"sha256": SHA, "cmd_id": "0123abcd", "reboot": False}))
+    handoff.install(cfg)
+    assert json.loads((ready / handoff.RESULT).read_text())["cmd_id"] == "0123abcd"
+
+
+def test_an_install_step_raising_unexpectedly_still_answers_failed_and_clears_the_request(
+        tmp_path: Path, cfg: config.Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Else the request stays and the path unit (PathExists=) starts the service again, in a loop."""
+    from appliance.cli import update as cli_update
+
+    def broken(*_: Any) -> str:
+        raise RuntimeError("a bug the install step did not expect")
+    rauc_dir = fake_rauc(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{rauc_dir}:{os.environ['PATH']}")
+    monkeypatch.setattr(cli_update, "install", broken)
+    ready = handoff.folder(cfg)
+    ready.mkdir(parents=True)
+    (ready / f"{SHA}.raucb").write_bytes(DATA)
+    (ready / handoff.REQUEST).write_text(json.dumps({"sha256": SHA, "cmd_id": "c2", "reboot": True}))
+    result, reboot = handoff.install(cfg)
+    assert (result, reboot) == ({"step": "update.failed", "reason": "internal error",
+                                 "error_type": "RuntimeError", "sha256": SHA, "cmd_id": "c2"}, False)
+    assert sorted(p.name for p in ready.iterdir()) == [handoff.RESULT]  # request and bundle gone
+    assert json.loads((ready / handoff.RESULT).read_text()) == result
+
+
+def test_a_result_that_cannot_be_written_still_clears_the_request(
+        tmp_path: Path, cfg: config.Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    from appliance.core import durable
+
+    def no_room(*_: Any, **__: Any) -> Any:
+        raise OSError(28, "No space left on device")
+    rauc_dir = fake_rauc(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{rauc_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("APPLIANCE_UPDATE_TRIAL", str(tmp_path / "data" / "trial.json"))
+    monkeypatch.setattr(durable, "atomic_file", no_room)
+    ready = handoff.folder(cfg)
+    ready.mkdir(parents=True)
+    (ready / f"{SHA}.raucb").write_bytes(DATA)
+    (ready / handoff.REQUEST).write_text(json.dumps({"sha256": SHA, "cmd_id": "c3", "reboot": False}))
+    with pytest.raises(OSError):
+        handoff.install(cfg)
+    assert list(ready.iterdir()) == []
+
+
 def test_update_install_without_a_request_does_nothing(tmp_path: Path, cfg: config.Config) -> None:
     assert handoff.install(cfg) == (None, False)
     assert not handoff.folder(cfg).exists()
+
+
+def _plant_request(c: Center, cmd_id: str) -> Path:
+    ready = handoff.folder(c.cfg)
+    ready.mkdir(parents=True)
+    (ready / f"{SHA}.raucb").write_bytes(DATA)
+    (ready / handoff.REQUEST).write_text(json.dumps({"sha256": SHA, "cmd_id": cmd_id, "reboot": False}))
+    return ready
+
+
+def test_pending_handoff_found_at_start_refuses_a_new_update_until_answered(tmp_path: Path, box: Any) -> None:
+    make, _ = box
+    c = make(["https://127.0.0.1:1/updates/"])
+    _plant_request(c, "c4")
+    c.runner.recover()
+    res = c.send({"url": "https://127.0.0.1:1/updates/u.raucb", "sha256": SHA})
+    assert res["code"] == 422 and "already in progress" in res["detail"]
+    RootSide(c)  # now the root side answers
+    assert c.outcome() == ("update.installed", {"cmd_id": "c4", "bundle_version": "2.0", "slot": "B",
+                                                "reboot": False})
+
+
+def test_pending_handoff_never_answered_is_reported_as_timeout_and_withdrawn(
+        tmp_path: Path, box: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    make, _ = box
+    c = make(["https://127.0.0.1:1/updates/"])
+    ready = _plant_request(c, "c5")
+    monkeypatch.setattr(handoff, "WAIT_S", 2.0)
+    monkeypatch.setattr(handoff, "POLL_S", 0.2)
+    c.runner.recover()
+    assert c.outcome() == ("update.failed", {"cmd_id": "c5", "reason": "timeout"})
+    assert list(ready.iterdir()) == []  # a root side starting later finds nothing to do
+
+
+def _units_with_the_path_unit(tmp_path: Path) -> Path:
+    units = tmp_path / "units"
+    units.mkdir()
+    shipped = Path(__file__).resolve().parents[1] / "systemd" / handoff.PATH_UNIT
+    (units / handoff.PATH_UNIT).write_text(shipped.read_text())
+    return units
+
+
+def _update_config(tmp_path: Path) -> Path:
+    doc = base_config(tmp_path, 11112)
+    doc["update"] = {"sources": ["https://127.0.0.1:1/updates/"]}
+    path = tmp_path / "appliance.toml"
+    path.write_text(to_toml(doc))
+    cli("keys", "init", "--config", str(path), check=True)
+    return path
+
+
+def test_config_check_warns_when_the_path_unit_does_not_watch_this_state_dir(tmp_path: Path) -> None:
+    units, path = _units_with_the_path_unit(tmp_path), _update_config(tmp_path)
+    r = cli("config", "check", "--unit-dir", str(units), "--config", str(path))
+    assert r.returncode == 0, r.stderr
+    want = handoff.folder(config.load(path)) / handoff.REQUEST
+    assert f"watches /var/lib/appliance/update-ready/request.json, not {want}" in r.stderr
+
+
+def test_config_check_says_nothing_of_the_path_unit_once_a_drop_in_watches_this_state_dir(
+        tmp_path: Path) -> None:
+    units, path = _units_with_the_path_unit(tmp_path), _update_config(tmp_path)
+    want = handoff.folder(config.load(path)) / handoff.REQUEST
+    dropins = units / f"{handoff.PATH_UNIT}.d"
+    dropins.mkdir()
+    (dropins / "state-dir.conf").write_text(f"[Path]\nPathExists=\nPathExists={want}\n")
+    assert handoff.watched((units,)) == [want]  # the shipped path reset by the empty line
+    r = cli("config", "check", "--unit-dir", str(units), "--config", str(path))
+    assert r.returncode == 0 and handoff.PATH_UNIT not in r.stderr, r.stderr

@@ -6,6 +6,7 @@ outbox of ops events (STATE/ops/outbox.db)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.bundle_server import BundleServer
-from tests.mosquitto import MOSQUITTO, Broker, fleet_ca, sign
+from tests.mosquitto import MOSQUITTO, Broker, fleet_ca, ops_section, sign
 from tests.peers import Appliance, base_config, cli, free_port, wait_for
 from tests.test_update_remote import DATA, SHA, fake_rauc
 
@@ -28,6 +29,9 @@ pytestmark = [pytest.mark.ops, pytest.mark.peers,
 class Site:
     def __init__(self, root: Path, ca: Path, broker: Broker, box: Appliance, srv: BundleServer) -> None:
         self.root, self.ca, self.broker, self.box, self.srv = root, ca, broker, box, srv
+
+    def ping(self) -> None:
+        answers_ping(self.root, self.ca, self.broker, self.box)
 
     def send(self, *args: str) -> tuple[int, dict[str, Any]]:
         r = cli("fleet", "send", BOX, "update", *args, "--key", str(self.root / "center" / "command.key"),
@@ -50,37 +54,49 @@ class Site:
         return got
 
 
-@pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
-    root = tmp_path_factory.mktemp("update-ops")
+def answers_ping(root: Path, ca: Path, broker: Broker, box: Appliance) -> None:
+    wait_for(lambda: cli("fleet", "send", BOX, "ping", "--key", str(root / "center" / "command.key"),
+                         "--ca", str(ca), "--port", str(broker.port), "--timeout", "20").returncode == 0,
+             60, "the box answers a ping", detail=box.log_text)
+
+
+@contextlib.contextmanager
+def update_site(root: Path, **env: str) -> Iterator[tuple[Path, Broker, Appliance, BundleServer]]:
+    """A fleet CA and center keys, a real Mosquitto, a bundle server on loopback and a box
+    whose `[update] sources` name it, with the stand-in `rauc` first on its PATH (`env`:
+    more of the box's environment); (ca, broker, box, server) once the box answers a ping.
+    Everything is stopped on exit, also when the start fails."""
     ca = fleet_ca(root / "ca")
     cli("fleet", "keys", "init", str(root / "center"), check=True)
     broker = Broker(root / "broker", ca).start()
     srv = BundleServer(root / "srv", DATA).__enter__()
-    cfg = base_config(root / "box", free_port())
-    cfg["appliance"]["name"] = BOX
-    cfg["operations"] = {"host": "127.0.0.1", "port": broker.port, "ca": str(ca / "ca.pem"),
-                         "cert": str(root / "box" / "keys" / "mqtt.pem"),
-                         "key": str(root / "box" / "keys" / "mqtt.key"), "heartbeat_s": 2, "keepalive_s": 5,
-                         "command_keys": [str(root / "center" / "command.pub")]}
-    cfg["update"] = {"sources": [srv.url.rsplit("/", 1)[0] + "/"], "ca": str(srv.ca), "deadline_s": 120}
-    box = Appliance(root / "box", cfg)
-    sign(ca, root / "box" / "keys" / "mqtt.csr")
-    fake_rauc(root / "bin")
-    box.env.update({"APPLIANCE_CLOCK_SYNCED": "1", "PATH": f"{root / 'bin'}:{os.environ['PATH']}",
-                    "APPLIANCE_UPDATE_TRIAL": str(root / "data" / "trial.json")})
-    box.start()
+    box: Appliance | None = None
     try:
-        s = Site(root, ca, broker, box, srv)
-        wait_for(lambda: cli("fleet", "send", BOX, "ping", "--key", str(root / "center" / "command.key"),
-                             "--ca", str(ca), "--port", str(broker.port), "--timeout", "20").returncode == 0,
-                 60, "the box answers a ping", detail=box.log_text)
-        yield s
+        cfg = base_config(root / "box", free_port())
+        cfg["appliance"]["name"] = BOX
+        cfg["operations"] = ops_section(root / "box", broker, ca, root / "center")
+        cfg["update"] = {"sources": [srv.url.rsplit("/", 1)[0] + "/"], "ca": str(srv.ca), "deadline_s": 120}
+        box = Appliance(root / "box", cfg)
+        sign(ca, root / "box" / "keys" / "mqtt.csr")
+        fake_rauc(root / "bin")
+        box.env.update({"APPLIANCE_CLOCK_SYNCED": "1", "PATH": f"{root / 'bin'}:{os.environ['PATH']}",
+                        "APPLIANCE_UPDATE_TRIAL": str(root / "data" / "trial.json"), **env})
+        box.start()
+        answers_ping(root, ca, broker, box)
+        yield ca, broker, box, srv
     finally:
-        box.stop()
-        box.kill9()
+        if box is not None:
+            box.stop()
+            box.kill9()
         broker.stop()
         srv.close()
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    root = tmp_path_factory.mktemp("update-ops")
+    with update_site(root) as (ca, broker, box, srv):
+        yield Site(root, ca, broker, box, srv)
 
 
 def test_fleet_send_update_installs_the_bundle_and_the_outcome_is_an_ops_event(site: Site) -> None:

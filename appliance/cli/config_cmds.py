@@ -16,6 +16,7 @@ from typing import Any
 from appliance.core import config, crypto, durable, sandbox
 from appliance.core.errors import ConfigError, KeyFileError, UsageError
 from appliance.ops import cli as ops_cli
+from appliance.update import handoff
 
 
 def raise_problems(cfg: config.Config, found: list[tuple[str, str]]) -> None:
@@ -79,6 +80,7 @@ def check(cfg: config.Config, systemd: bool = False,
     found = check_files(cfg)
     ops_found, warnings = ops_cli.check(cfg)
     found += ops_found
+    warnings += handoff.watch_warnings(cfg, (unit_dir, *sandbox.UNIT_SEARCH[1:]))
     if systemd or sandbox.unit_installed():
         found += sandbox.problems(cfg, sandbox.granted(unit_dir), sandbox.dropin_path(unit_dir))
     return found, warnings

@@ -67,7 +67,9 @@ REASON_CLASSES = frozenset({"malformed", "forbidden", "not found", "replay", "ex
                             "rejected", "failed", "probe answered", "delivered",
                             "did not start", "not healthy",
                             # update/fetch.py and update/remote.py
-                            "too big", "sha256 mismatch", "host key", "rauc refused", "busy"})
+                            "too big", "sha256 mismatch", "host key", "rauc refused", "busy",
+                            # update/handoff.py: the root side found no well-formed request
+                            "bad request"})
 
 
 def dumps(msg: dict[str, Any]) -> bytes:

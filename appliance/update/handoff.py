@@ -11,15 +11,22 @@ NoNewPrivileges; installing needs root (RAUC's D-Bus policy, /data/update/trial.
 failed, with version and slot or a reason class; never RAUC's text), removes the bundle
 and the request, and reboots through the update lock if the request asks. The worker
 waits for the result and prints it as its own step, so the daemon's Runner turns it into
-the same ops events as an install in process.
+the same ops events as an install in process; the Runner removes the result once it sent
+that event (`settle`), so a result still in the folder is an outcome nobody reported yet.
+
+The result carries the request's `cmd_id`: a daemon restarted while the root side
+installs (its worker died with it), or whose worker was killed, reports a result it finds
+as the outcome of that command (remote.Runner.recover), once, then removes it. A root side
+that fails in any way still removes the request (the path unit would start it again and
+again) and writes a result saying `update.failed` `internal error` if it can.
 
 The folder belongs to the appliance user, so the root side trusts nothing in it: the
 request is read with O_NOFOLLOW and a size cap and must name `<sha256>.raucb`, the
 bundle must be a regular file (RAUC's signature check is the real gate: a swapped file
 is refused by it), and the result is written as a new file renamed into place (a link
 planted under its name is replaced, never followed). A result the root side could not
-write, or a root side that never runs, leaves the worker waiting until its deadline and
-the Runner reports `update.failed` `timeout`.
+write, or a root side that never runs, leaves the waiting side waiting until its deadline
+and the Runner reports `update.failed` `timeout` (the request withdrawn then).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import stat
 import time
@@ -35,7 +43,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from appliance.core import config, durable
+from appliance.core import config, durable, sandbox
 from appliance.core.errors import ApplianceError
 from appliance.update import fetch, rauc
 
@@ -45,10 +53,49 @@ RESULT = "result.json"
 RECORD_MAX = 4096
 POLL_S = 1.0
 WAIT_S = rauc.INSTALL_TIMEOUT_S + 600  # RAUC's hour, and the spool check before it
+CMD_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}\Z")  # ops/commands.py makes 16 hex digits
+
+
+PATH_UNIT = "appliance-update-install.path"  # systemd/: watches the request (PathExists=)
+_PATH_EXISTS = re.compile(r"^\s*PathExists\s*=\s*(.*?)\s*$")
 
 
 def folder(cfg: config.Config) -> Path:
     return cfg.appliance.state_dir / FOLDER
+
+
+def watched(unit_dirs: tuple[Path, ...] = sandbox.UNIT_SEARCH) -> list[Path] | None:
+    """The paths the installed path unit watches: the PathExists= of its file (the first
+    found, /etc first) and then of its `*.conf` drop-ins (an empty one resets the list,
+    as systemd reads it); None when the unit is not installed."""
+    unit = next((d / PATH_UNIT for d in unit_dirs if (d / PATH_UNIT).is_file()), None)
+    if unit is None:
+        return None
+    files = [unit, *sorted((f for d in unit_dirs for f in (d / f"{PATH_UNIT}.d").glob("*.conf")),
+                           key=lambda f: f.name)]
+    out: list[Path] = []
+    for f in files:
+        try:
+            text = f.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue  # unreadable: it watches nothing we can vouch for
+        for line in text.splitlines():
+            if m := _PATH_EXISTS.match(line):
+                out = out + [Path(m.group(1))] if m.group(1) else []
+    return out
+
+
+def watch_warnings(cfg: config.Config, unit_dirs: tuple[Path, ...] = sandbox.UNIT_SEARCH) -> list[str]:
+    """`config check`'s warning when remote updates are on and the installed path unit
+    does not watch this state_dir's request (a state_dir moved needs a drop-in)."""
+    want = folder(cfg) / REQUEST
+    got = watched(unit_dirs) if cfg.update is not None else None
+    if got is None or want in got:
+        return []
+    return [f"[update]: {PATH_UNIT} watches {', '.join(map(str, got)) or 'nothing'}, not {want}: "
+            f"an update command handed off to root would time out; add a drop-in "
+            f"{PATH_UNIT}.d/state-dir.conf with [Path], PathExists= (empty) and PathExists={want}"
+            f" (docs/updates.md \"Remote updates\")"]
 
 
 def wanted() -> bool:
@@ -98,18 +145,55 @@ def hand_off(cfg: config.Config, bundle: Path, sha256: str, cmd_id: str, reboot:
     return into
 
 
-def wait_result(cfg: config.Config, sha256: str, wait_s: float = WAIT_S,
+def wait_result(cfg: config.Config, sha256: str | None, wait_s: float = WAIT_S,
                 sleep: Callable[[float], None] = time.sleep) -> dict[str, Any] | None:
-    """The root side's result for this bundle (removed once read); None at the deadline."""
+    """The root side's result for this bundle (any bundle: None), left in place for
+    `settle`; None at the deadline."""
     path = folder(cfg) / RESULT
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         got = _read_record(path)
-        if got is not None and got.get("sha256") == sha256:
-            durable.unlink_durable(path)
+        if got is not None and (sha256 is None or got.get("sha256") == sha256):
             return got
         sleep(POLL_S)
     return None
+
+
+def pending(cfg: config.Config) -> bool:
+    """A request the root side has not answered yet, or a result nobody reported."""
+    into = folder(cfg)
+    return (into / REQUEST).exists() or (into / RESULT).exists()
+
+
+def cmd_id_of(record: dict[str, Any] | None) -> str:
+    """The command a request or result belongs to ("-" when it names none we can send)."""
+    got = (record or {}).get("cmd_id")
+    return got if isinstance(got, str) and CMD_ID.match(got) else "-"
+
+
+def request(cfg: config.Config) -> dict[str, Any] | None:
+    return _read_record(folder(cfg) / REQUEST)
+
+
+def settle(cfg: config.Config, cmd_id: str) -> None:
+    """The result for this command was reported: remove it (durably, so a restart does
+    not report it again). A result for another command stays."""
+    path = folder(cfg) / RESULT
+    if cmd_id_of(_read_record(path)) == cmd_id:
+        with contextlib.suppress(FileNotFoundError):
+            durable.unlink_durable(path)
+
+
+def withdraw(cfg: config.Config) -> None:
+    """No answer within the deadline: the request and its bundle go (the root side, if it
+    ever starts, finds nothing to do)."""
+    _clear(folder(cfg))
+
+
+def _clear(into: Path) -> None:
+    for name in (REQUEST, *(p.name for p in into.glob("*.raucb"))):
+        with contextlib.suppress(OSError):
+            durable.unlink_durable(into / name)
 
 
 # --- the root side (appliance-update-install.service) ---
@@ -131,28 +215,39 @@ def take_request(into: Path) -> tuple[dict[str, Any], Path] | None:
 
 def install(cfg: config.Config) -> tuple[dict[str, Any] | None, bool]:
     """Install the handed-off bundle; (the result written, reboot wanted). The request
-    and the bundle are removed whatever happened, so the path unit does not start again."""
-    from appliance.cli import update as cli_update  # noqa: PLC0415 - cli imports us
-
+    and the bundle are removed whatever happened, so the path unit does not start again:
+    anything raised while answering is a result `update.failed` `internal error`, and a
+    result that cannot be written still leaves the folder cleared (then it raises)."""
     into = folder(cfg)
     if not (into / REQUEST).exists():
         return None, False  # started by hand, or the request already answered
+    try:
+        try:
+            result, reboot = _answer(cfg, into)
+        except Exception as e:  # the answer is a result, whatever failed
+            raw = _read_record(into / REQUEST) or {}
+            result = {"step": "update.failed", "reason": "internal error", "error_type": type(e).__name__,
+                      "sha256": raw.get("sha256"), "cmd_id": cmd_id_of(raw)}
+            reboot = False
+        with durable.atomic_file(into / RESULT) as f:
+            f.write(json.dumps(result).encode())
+            os.fchmod(f.fileno(), 0o644)  # root's file, read by the appliance user: whatever the umask
+    finally:
+        _clear(into)
+    return result, reboot and result["step"] == "update.installed"
+
+
+def _answer(cfg: config.Config, into: Path) -> tuple[dict[str, Any], bool]:
+    from appliance.cli import update as cli_update  # noqa: PLC0415 - cli imports us
+
     taken = take_request(into)
     if taken is None:
-        result: dict[str, Any] = {"step": "update.failed", "reason": "bad request",
-                                  "sha256": (_read_record(into / REQUEST) or {}).get("sha256")}
-        reboot = False
-    else:
-        req, bundle = taken
-        reboot = req["reboot"]
-        result = {"sha256": req["sha256"], **_install_step(cli_update.install, cfg, bundle, reboot)}
-    with durable.atomic_file(into / RESULT) as f:
-        f.write(json.dumps(result).encode())
-        os.fchmod(f.fileno(), 0o644)  # root's file, read by the appliance user: whatever the umask
-    for name in (REQUEST, *(p.name for p in into.glob("*.raucb"))):
-        with contextlib.suppress(OSError):
-            durable.unlink_durable(into / name)
-    return result, reboot and result["step"] == "update.installed"
+        raw = _read_record(into / REQUEST) or {}
+        return {"step": "update.failed", "reason": "bad request", "sha256": raw.get("sha256"),
+                "cmd_id": cmd_id_of(raw)}, False
+    req, bundle = taken
+    return {"sha256": req["sha256"], "cmd_id": cmd_id_of(req),
+            **_install_step(cli_update.install, cfg, bundle, req["reboot"])}, req["reboot"]
 
 
 def _install_step(do_install: Callable[[config.Config, Path, str], str], cfg: config.Config,

@@ -9,7 +9,12 @@ runs on the daemon's threads. It kills the worker's process group at its deadlin
 fetch's, RAUC's and the reboot wait's). The worker prints one JSON line per step on
 stdout; the Runner's reader thread turns each into a log event (`update.*`), which the
 log tap sends as an ops event (messages.EVENT_FIELDS): versions, slots, byte counts and
-reason classes, never a server's text.
+reason classes, never a server's text. Through the hand-off to root (update/handoff.py)
+the Runner removes the root side's result once it sent its event; a worker that dies
+while the root side installs leaves the Runner waiting for that result itself, and a
+daemon that starts with a hand-off pending (`recover`: it was restarted meanwhile, or the
+box rebooted before the result was read) reports the result as the outcome of the
+command it names, once.
 
 `work` (the worker) holds `<download_dir>/fetch.lock` (flock, so a daemon restarted
 meanwhile cannot start a second), fetches (update/fetch.py), installs with
@@ -87,6 +92,7 @@ class Runner:
         self.emit = emit or (lambda kind, **kw: log.info(kind, **kw))
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
+        self._thread: threading.Thread | None = None  # a worker followed, or a hand-off awaited
 
     def deadline_s(self) -> float:
         assert self.cfg.update is not None
@@ -98,7 +104,7 @@ class Runner:
         url, sha, reboot = check_args(self.cfg, args)
         cmd_id = str(args.get("_cmd_id") or "-")
         with self._lock:
-            if self._proc is not None and self._proc.poll() is None:
+            if self._busy():
                 raise StateError("an update is already in progress")
             if lock.pending(lock.path_in(self.cfg.appliance.state_dir)):
                 raise StateError("an update is about to reboot the appliance")
@@ -108,15 +114,31 @@ class Runner:
                     *([] if reboot else ["--no-reboot"])]
             self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                           start_new_session=True)
-            proc = self._proc
-        self.emit("update.accepted", cmd_id=cmd_id)
-        threading.Thread(target=self._follow, args=(proc, cmd_id), name="update-worker",
-                         daemon=True).start()
+            self.emit("update.accepted", cmd_id=cmd_id)
+            self._thread = threading.Thread(target=self._follow, args=(self._proc, cmd_id),
+                                            name="update-worker", daemon=True)
+            self._thread.start()
         return {"accepted": True}
+
+    def recover(self) -> None:
+        """At the daemon's start: a hand-off an earlier daemon left (restarted while the
+        root side installed, or the box rebooted before the result was read) is awaited
+        and its result reported as the outcome of the command it names."""
+        with self._lock:
+            if self._busy() or not handoff.pending(self.cfg):
+                return
+            log.info("update.handoff_pending", cmd_id=handoff.cmd_id_of(handoff.request(self.cfg)))
+            self._thread = threading.Thread(target=self._await_root, args=(None, handoff.WAIT_S),
+                                            name="update-handoff", daemon=True)
+            self._thread.start()
 
     def running(self) -> bool:
         with self._lock:
-            return self._proc is not None and self._proc.poll() is None
+            return self._busy()
+
+    def _busy(self) -> bool:
+        return (self._thread is not None and self._thread.is_alive()) or \
+            (self._proc is not None and self._proc.poll() is None)
 
     def _follow(self, proc: subprocess.Popen[bytes], cmd_id: str) -> None:
         killer = threading.Timer(self.deadline_s(), _kill, args=(proc,))
@@ -136,9 +158,29 @@ class Runner:
             killer.cancel()
             if proc.stdout is not None:
                 proc.stdout.close()
-        if not final:
+        if final:
+            handoff.settle(self.cfg, cmd_id)  # sent: the root side's result is answered
+        elif handoff.wanted() and handoff.pending(self.cfg):  # the worker died while root installs
+            self._await_root(cmd_id, handoff.WAIT_S)
+        else:
             self.emit("update.failed", cmd_id=cmd_id,
                       reason="timeout" if proc.returncode == -signal.SIGKILL else "internal error")
+
+    def _await_root(self, cmd_id: str | None, wait_s: float) -> None:
+        """The root side's result as the command's outcome (the command it names), then
+        removed; `timeout` and the request withdrawn if none comes within wait_s."""
+        got = handoff.wait_result(self.cfg, None, wait_s)
+        if got is None:
+            req = handoff.request(self.cfg)
+            self.emit("update.failed", cmd_id=cmd_id or handoff.cmd_id_of(req), reason="timeout")
+            handoff.withdraw(self.cfg)
+            return
+        step = _step(json.dumps(got).encode()) or ("update.failed", {"reason": "internal error"})
+        if step[0] not in FINAL:
+            step = ("update.failed", {"reason": "internal error"})
+        named = handoff.cmd_id_of(got)
+        self.emit(step[0], cmd_id=named if named != "-" else cmd_id or "-", **step[1])
+        handoff.settle(self.cfg, named)
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:
@@ -222,8 +264,10 @@ def _through_handoff(cfg: config.Config, bundle: Path, sha256: str, cmd_id: str,
     handoff.hand_off(cfg, bundle, sha256, cmd_id, reboot)
     got = handoff.wait_result(cfg, sha256)
     if got is None:
+        handoff.withdraw(cfg)  # the root side did not run: if it starts later, nothing to do
         say("update.failed", reason="timeout")
         return 75
+    # The result stays until the Runner sent this line as an event (handoff.settle).
     step = str(got.get("step"))
     if step not in FINAL:
         say("update.failed", reason="internal error")
