@@ -143,9 +143,10 @@ from appliance.core.config.receive import (
     _parse_rules,
 )
 from appliance.core.config.tree import Config, _check_routes, effective, parse
+from appliance.core.errors import ConfigError  # config.ConfigError, as config.py had it
 
 __all__ = ["Appliance", "Audit", "COMMON_DEST_KEYS", "CSTORE_PRIORITIES", "Caller", "Check",
-    "Config", "DEFAULT_CONFIG", "DEST_MODES", "DROPIN_DIR", "DURING_BURST", "Destination",
+    "Config", "ConfigError", "DEFAULT_CONFIG", "DEST_MODES", "DROPIN_DIR", "DURING_BURST", "Destination",
     "ELIDED", "Encryption", "Health", "NOT_A_KEY", "OPS_NAME_RE", "Operations", "Pack", "Queue",
     "REMOTE_DIR", "RULE_MATCH_KEYS", "Receive", "ReceiveTLS", "Rule", "SECRET", "SITE_CONFIG_DIR",
     "SITE_CONFIG_LINK", "Spool", "TLSClient", "TRANSPORT_KEYS", "UNAVAILABLE_TRANSPORTS", "Update",
