@@ -179,10 +179,10 @@ image-test: image
 
 # The RAUC update scenarios (tests/test_image_update.py, marker image_update: one update
 # installed and kept, a broken one falling back by itself after a power cut in its trial
-# boot; two installs, five boots): ~14.5 minutes on a loaded machine plus a stall of 7.5 to
-# more than 15 minutes inside GRUB on the reboot after the gate's rejection (not understood
-# yet: docs/benchmarks.md, "The stall after the rejection"). Not run by .ci/run until that
-# stall is fixed: with it .ci/run would pass its 60 minutes.
+# boot; two installs, five boots): ~14.5 minutes on a loaded machine. The reboot after the
+# gate's rejection is a power-on again, not QEMU's warm reset, which crawled for 7.5 to more
+# than 15 minutes in the firmware under load (docs/benchmarks.md, "The stall after the
+# rejection"). Not run by .ci/run (the lead decides).
 image-update-test: update-bundle
 	$(BIN)/python -m pytest -m image_update $(PYTEST_ARGS)
 

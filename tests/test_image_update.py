@@ -2,21 +2,24 @@
 update-bundle` made, image-build/out/update.raucb).
 
 One disk for the whole module: a sparse copy of the built image (which never changes),
-kept across the two QEMU runs the scenarios need. The first run: the update installed
+kept across the three QEMU runs the scenarios need. The first run: the update installed
 from a stick, booted and kept; then, in the same run (no boot of its own), the stick
 swapped for one holding a broken update (its appliance.service fails), which is
 installed the same way, and QEMU killed during its first trial boot (a power cut). The
-second run, without a stick: GRUB tries the new slot again, the health gate rejects it,
-and the box falls back to the old slot by itself. The sticks are usb-storage on the
-xhci controller with a file system labelled APPLUPDATE (udev starts
+second run, without a stick: GRUB tries the new slot again, the health gate rejects it
+and reboots; that reboot ends QEMU (`-no-reboot`) and a third run powers the box on
+again, where GRUB falls back to the old slot by itself. (A cold start, not QEMU's warm
+reset: under TCG on a loaded host the firmware crawls for many minutes after a warm
+reset of a guest that ran Linux; docs/benchmarks.md, "The stall after the rejection".) The sticks are
+usb-storage on the xhci controller with a file system labelled APPLUPDATE (udev starts
 appliance-update-stick.service for each: `appliance update --once`), swapped through
 QEMU's monitor. Each check is on the serial console: GRUB's "grub: booting slot X", the
 updater's and the mark-good unit's "appliance-update:" lines, and the `rauc status
 --output-format=json` the mark-good unit prints once it has kept a slot. QEMU itself and
 the console helpers are tests/qemu.py's; QEMU is stopped by its PID.
 
-Five boots in all (A, B, A killed at GRUB, A, B) and two installs; each phase's seconds
-are printed (`pytest -s`).
+Five boots in all (A, B, A killed at GRUB, A, B; three QEMU runs) and two installs;
+each phase's seconds are printed (`pytest -s`).
 """
 
 from __future__ import annotations
@@ -34,17 +37,16 @@ from typing import Any
 import pytest
 
 from tests import qemu
-from tests.peers import REPO
+from tests.peers import REPO, wait_for
 
 pytestmark = [pytest.mark.image, pytest.mark.image_update]
 
 OUT = REPO / "image-build" / "out"
 IMAGE, ROOTFS, BUNDLE = OUT / "appliance.img", OUT / "rootfs.ext4", OUT / "update.raucb"
 # A boot under TCG is 45-150 s on this shared machine, an install 1-3 minutes; no step
-# waits longer than this for its next console line. The reboot after the gate's
-# rejection has been seen to stall in GRUB for 7.5 to more than 15 minutes under TCG (docs/benchmarks.md),
-# so as long as the test on main waited (25 minutes).
-STEP_DEADLINE_S = 1500
+# waits longer than this for its next console line (a generous 15 minutes: the warm reset
+# that crawled for longer is no longer in the scenario, see the broken update's test).
+STEP_DEADLINE_S = 900
 BROKEN_DROPIN = "[Service]\nExecStart=\nExecStart=/bin/false\n"
 
 
@@ -60,9 +62,13 @@ class Box:
     runs: int = 0
     phases: dict[str, float] = field(default_factory=dict)
 
-    def start(self, stick: Path | None) -> qemu.Guest:
+    def start(self, stick: Path | None, reboot_exits: bool = False) -> qemu.Guest:
+        """`reboot_exits`: a reboot of the guest ends QEMU (`-no-reboot`): the caller
+        powers it on again (a cold start) instead of QEMU's warm reset."""
         self.runs += 1
         extra = [] if stick is None else usb_stick(stick, "stick")
+        if reboot_exits:
+            extra.append("-no-reboot")
         return qemu.start(self.tmp, extra, disk=self.disk, vars_file=self.vars, name=f"-{self.runs}")
 
 
@@ -220,14 +226,23 @@ def test_broken_update_killed_in_its_trial_boot_falls_back_by_itself_spool_intac
     wait(run, r"grub: booting slot A \(boot 1 of 3\)", after=m.end())
     clock.lap("reboot to A's first trial boot (killed)")
     run.kill()  # the power cut: no shutdown, no flush
-    run = box.start(None)
+    # The gate's reboot ends QEMU and the test powers it on again: QEMU's warm reset of a
+    # guest that ran Linux for minutes leaves OVMF crawling under TCG on a loaded host
+    # (7.5 to more than 15 minutes before GRUB; docs/benchmarks.md, "The stall after the
+    # rejection"). GRUB, not the test, still chooses the old slot.
+    run = box.start(None, reboot_exits=True)
     try:
         trial = wait(run, r"grub: booting slot A \(boot 2 of 3\)")
         t0 = time.monotonic()
-        rejected = wait(run, r"appliance-update: rejected slot A \(appliance.service restarted",
-                        after=trial.end())
+        wait(run, r"appliance-update: rejected slot A \(appliance.service restarted", after=trial.end())
         clock.lap("power-on to A rejected")
-        back = wait(run, r"grub: booting slot B", after=rejected.end())
+        wait_for(lambda: run.proc.poll() is not None, timeout=STEP_DEADLINE_S, poll=1.0,
+                 what="QEMU to end at the gate's reboot", detail=run.tail)
+    finally:
+        run.stop()
+    run = box.start(None)
+    try:
+        back = wait(run, r"grub: booting slot B")
         wait(run, r"appliance-update: slot A \(version broken-\d+\) failed its trial: back on slot B",
              after=back.end())
         kept_line = wait(run, r"appliance-update: kept slot B", after=back.end())
