@@ -110,15 +110,15 @@ test: venv peers
 # The field tier (marker field): the real daemon and real peers killed (kill -9, SIGTERM),
 # cut and restarted for minutes: tests/test_end_to_end.py, test_durability.py,
 # test_failover_peers.py, test_pack_isolation.py, test_forward_isolation.py,
-# test_routing_peers.py (40 tests, 10 minutes in CI on 2026-12-07).
+# test_routing_peers.py (40 tests, 9 minutes in CI on 2026-12-07).
 test-field: venv peers
 	$(BIN)/python -m pytest -m field --durations=10 $(PYTEST_ARGS)
 
 # The operations-center tier (marker ops): the ops link, signed commands, desired config,
 # the fleet view and the alert rules with a real Mosquitto, Prometheus and headless
 # Chromium (tests/test_ops_link.py, test_ops_commands.py, test_ops_desired_live.py,
-# test_fleet_peers.py, test_alerts_fleet.py; 85 tests, 6.5 minutes in CI on 2026-12-07;
-# test_fleet_peers.py has 13 since, 2 more, ~2.7 min alone).
+# test_fleet_peers.py, test_alerts_fleet.py, test_update_handoff_ops.py; 88 tests, 7 minutes
+# in CI on 2026-12-07).
 test-ops: venv peers
 	$(BIN)/python -m pytest -m ops --durations=10 $(PYTEST_ARGS)
 
@@ -145,7 +145,7 @@ peers-rabbitmq:
 
 # The telemetry tests of the ops link against RabbitMQ (marker rabbitmq;
 # tests/test_ops_link_rabbitmq.py, docs/operations.md "A clustered broker") and the fleet
-# view's (tests/test_fleet_rabbitmq.py): 24 tests, 4 minutes in CI on 2026-12-07.
+# view's (tests/test_fleet_rabbitmq.py): 25 tests, 4 minutes in CI on 2026-12-07.
 test-rabbitmq: venv peers peers-rabbitmq
 	$(BIN)/python -m pytest -m rabbitmq $(PYTEST_ARGS)
 
@@ -179,10 +179,11 @@ image-test: image
 
 # The RAUC update scenarios (tests/test_image_update.py, marker image_update: one update
 # installed and kept, a broken one falling back by itself after a power cut in its trial
-# boot; two installs, five boots): ~14.5 minutes on a loaded machine. The reboot after the
-# gate's rejection is a power-on again, not QEMU's warm reset, which crawled for 7.5 to more
-# than 15 minutes in the firmware under load (docs/benchmarks.md, "The stall after the
-# rejection"). Not run by .ci/run (the lead decides).
+# boot; two installs, five boots): 6.5 minutes on an idle machine (2026-12-07 evening),
+# ~11-14.5 on a loaded one. The reboot after the gate's rejection is a power-on again, not
+# QEMU's warm reset, which crawled for 7.5 to more than 15 minutes in the firmware under
+# load (docs/benchmarks.md, "The stall after the rejection"). Not run by .ci/run yet: with
+# it, .ci/run would take about 66 minutes, past its 60.
 image-update-test: update-bundle
 	$(BIN)/python -m pytest -m image_update $(PYTEST_ARGS)
 
