@@ -90,34 +90,41 @@ def cfg(tmp_path: Path) -> config.Config:
     return config.load(path)
 
 
-def test_a_request_for_a_bundle_that_is_a_link_is_not_installed(
-        tmp_path: Path, cfg: config.Config, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def ready(tmp_path: Path, cfg: config.Config, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The root side's stage: the stand-in `rauc` (tmp_path/bin) first on PATH, the trial
+    record in tmp_path/data, and the hand-off folder made; the folder."""
     rauc_dir = fake_rauc(tmp_path / "bin")
     monkeypatch.setenv("PATH", f"{rauc_dir}:{os.environ['PATH']}")
-    ready = handoff.folder(cfg)
-    ready.mkdir(parents=True)
+    monkeypatch.setenv("APPLIANCE_UPDATE_TRIAL", str(tmp_path / "data" / "trial.json"))
+    folder = handoff.folder(cfg)
+    folder.mkdir(parents=True)
+    return folder
+
+
+def request(ready: Path, cmd_id: str, reboot: bool) -> None:
+    (ready / handoff.REQUEST).write_text(json.dumps({"sha256": SHA, "cmd_id": cmd_id, "reboot": reboot}))
+
+
+def test_a_request_for_a_bundle_that_is_a_link_is_not_installed(
+        tmp_path: Path, cfg: config.Config, ready: Path) -> None:
     (tmp_path / "elsewhere").write_bytes(DATA)
     (ready / f"{SHA}.raucb").symlink_to(tmp_path / "elsewhere")
-    (ready / handoff.REQUEST).write_text(json.dumps({"sha256": SHA, "cmd_id": "c1", "reboot": False}))
+    request(ready, "c1", False)
     result, reboot = handoff.install(cfg)
     assert (result, reboot) == ({"step": "update.failed", "reason": "bad request", "sha256": SHA,
                                  "cmd_id": "c1"}, False)
-    assert not (rauc_dir / "args").exists()  # RAUC never asked
+    assert not (tmp_path / "bin" / "args").exists()  # RAUC never asked
     assert sorted(p.name for p in ready.iterdir()) == [handoff.RESULT]
 
 
 def test_the_result_replaces_a_link_planted_under_its_name_without_writing_through_it(
-        tmp_path: Path, cfg: config.Config, monkeypatch: pytest.MonkeyPatch) -> None:
-    rauc_dir = fake_rauc(tmp_path / "bin")
-    monkeypatch.setenv("PATH", f"{rauc_dir}:{os.environ['PATH']}")
-    monkeypatch.setenv("APPLIANCE_UPDATE_TRIAL", str(tmp_path / "data" / "trial.json"))
-    ready = handoff.folder(cfg)
-    ready.mkdir(parents=True)
+        tmp_path: Path, cfg: config.Config, ready: Path) -> None:
     victim = tmp_path / "victim"
     victim.write_text("root's file\n")
     (ready / handoff.RESULT).symlink_to(victim)
     (ready / f"{SHA}.raucb").write_bytes(DATA)
-    (ready / handoff.REQUEST).write_text(json.dumps({"sha256": SHA, "cmd_id": "c1", "reboot": True}))
+    request(ready, "c1", True)
     result, reboot = handoff.install(cfg)
     assert result is not None and result["step"] == "update.installed" and reboot is True
     assert victim.read_text() == "root's file\n"
@@ -126,32 +133,23 @@ def test_the_result_replaces_a_link_planted_under_its_name_without_writing_throu
 
 
 def test_the_result_carries_the_requests_cmd_id(
-        tmp_path: Path, cfg: config.Config, monkeypatch: pytest.MonkeyPatch) -> None:
-    rauc_dir = fake_rauc(tmp_path / "bin")
-    monkeypatch.setenv("PATH", f"{rauc_dir}:{os.environ['PATH']}")
-    monkeypatch.setenv("APPLIANCE_UPDATE_TRIAL", str(tmp_path / "data" / "trial.json"))
-    ready = handoff.folder(cfg)
-    ready.mkdir(parents=True)
+        tmp_path: Path, cfg: config.Config, ready: Path) -> None:
     (ready / f"{SHA}.raucb").write_bytes(DATA)
-    (ready / handoff.REQUEST).write_text(json.dumps({"sha256": SHA, "cmd_id": "0123abcd", "reboot": False}))
+    request(ready, "0123abcd", False)
     handoff.install(cfg)
     assert json.loads((ready / handoff.RESULT).read_text())["cmd_id"] == "0123abcd"
 
 
 def test_an_install_step_raising_unexpectedly_still_answers_failed_and_clears_the_request(
-        tmp_path: Path, cfg: config.Config, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, cfg: config.Config, ready: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Else the request stays and the path unit (PathExists=) starts the service again, in a loop."""
     from appliance.cli import update as cli_update
 
     def broken(*_: Any) -> str:
         raise RuntimeError("a bug the install step did not expect")
-    rauc_dir = fake_rauc(tmp_path / "bin")
-    monkeypatch.setenv("PATH", f"{rauc_dir}:{os.environ['PATH']}")
     monkeypatch.setattr(cli_update, "install", broken)
-    ready = handoff.folder(cfg)
-    ready.mkdir(parents=True)
     (ready / f"{SHA}.raucb").write_bytes(DATA)
-    (ready / handoff.REQUEST).write_text(json.dumps({"sha256": SHA, "cmd_id": "c2", "reboot": True}))
+    request(ready, "c2", True)
     result, reboot = handoff.install(cfg)
     assert (result, reboot) == ({"step": "update.failed", "reason": "internal error",
                                  "error_type": "RuntimeError", "sha256": SHA, "cmd_id": "c2"}, False)
@@ -160,19 +158,14 @@ def test_an_install_step_raising_unexpectedly_still_answers_failed_and_clears_th
 
 
 def test_a_result_that_cannot_be_written_still_clears_the_request(
-        tmp_path: Path, cfg: config.Config, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, cfg: config.Config, ready: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from appliance.core import durable
 
     def no_room(*_: Any, **__: Any) -> Any:
         raise OSError(28, "No space left on device")
-    rauc_dir = fake_rauc(tmp_path / "bin")
-    monkeypatch.setenv("PATH", f"{rauc_dir}:{os.environ['PATH']}")
-    monkeypatch.setenv("APPLIANCE_UPDATE_TRIAL", str(tmp_path / "data" / "trial.json"))
     monkeypatch.setattr(durable, "atomic_file", no_room)
-    ready = handoff.folder(cfg)
-    ready.mkdir(parents=True)
     (ready / f"{SHA}.raucb").write_bytes(DATA)
-    (ready / handoff.REQUEST).write_text(json.dumps({"sha256": SHA, "cmd_id": "c3", "reboot": False}))
+    request(ready, "c3", False)
     with pytest.raises(OSError):
         handoff.install(cfg)
     assert list(ready.iterdir()) == []
@@ -187,7 +180,7 @@ def _plant_request(c: Center, cmd_id: str) -> Path:
     ready = handoff.folder(c.cfg)
     ready.mkdir(parents=True)
     (ready / f"{SHA}.raucb").write_bytes(DATA)
-    (ready / handoff.REQUEST).write_text(json.dumps({"sha256": SHA, "cmd_id": cmd_id, "reboot": False}))
+    request(ready, cmd_id, False)
     return ready
 
 
