@@ -289,21 +289,8 @@ class Forwarder:
         try:
             failpoints.hit("forward.hang")
             dest.send(item.id, self.queue.path(item.bundle_id), self._progress(item.id), plan)
-        except Unreadable as e:
-            kept = self.queue.quarantine(item.id, str(e))
-            self.last_error[dest.name] = str(e)
-            log.error("bundle.quarantined", bundle=item.id, destination=dest.name, reason=str(e),
-                      file=kept.name)
-        except TransportError as e:
-            self._record(item, dest.name, delivered)
-            if e.scope == "destination":
-                self._destination_failed(item, dest, e)
-            else:
-                self._failed(item, dest.name, e, known, len(delivered))
         except Exception as e:
-            self._record(item, dest.name, delivered)
-            self._defer(item, dest.name, f"internal error ({type(e).__name__})")
-            log.exception("bundle.send_crashed", bundle=item.id, destination=dest.name)
+            self._judge(item, dest, e, known, delivered)
         else:
             self._record(item, dest.name, delivered)
             self._answered(dest.name, "delivered")
@@ -319,6 +306,26 @@ class Forwarder:
         finally:
             timer.cancel()
             meter.end(sent)
+
+    def _judge(self, item: Item, dest: Transport, e: Exception, known: dict[int, tuple[str, int]],
+               delivered: list[int]) -> None:
+        """A failed attempt: quarantine, the failure judged (forward.policy), or - for an
+        exception that is no TransportError, a bug - deferred. Called while `e` is handled."""
+        if isinstance(e, Unreadable):
+            kept = self.queue.quarantine(item.id, str(e))
+            self.last_error[dest.name] = str(e)
+            log.error("bundle.quarantined", bundle=item.id, destination=dest.name, reason=str(e),
+                      file=kept.name)
+        elif isinstance(e, TransportError):
+            self._record(item, dest.name, delivered)
+            if e.scope == "destination":
+                self._destination_failed(item, dest, e)
+            else:
+                self._failed(item, dest.name, e, known, len(delivered))
+        else:
+            self._record(item, dest.name, delivered)
+            self._defer(item, dest.name, f"internal error ({type(e).__name__})")
+            log.exception("bundle.send_crashed", bundle=item.id, destination=dest.name)
 
     def _audit(self, item: Item, dest: str, instances: int, problem: str | None) -> None:
         if self.audit is None or not instances:
