@@ -339,6 +339,7 @@ class Daemon:
             elif self.notifier.readied:  # a start that fails says nothing: it may be rolled
                 self.notifier.stopping()  # back and executed again (cli/run.py), same PID
             log.info("appliance.stopping")
+            self.updates.stop()  # no fetch worker outlives us; its outcome while the link is on
             self._stop_link()  # `online` false now: the box is going away
             # one deadline for the whole stop (associations, then every stage), not one
             # per thread; a send still running after a short grace is cut short (a hung

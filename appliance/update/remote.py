@@ -6,7 +6,9 @@ handler `update.start`) checks the command's arguments, refuses a URL outside `[
 sources` (PermissionDeniedError: 403) or a second update while one runs, and starts the
 worker: a subprocess (`appliance update-fetch`), so that neither the download nor RAUC
 runs on the daemon's threads. It kills the worker's process group at its deadline (the
-fetch's, RAUC's and the reboot wait's). The worker prints one JSON line per step on
+fetch's, RAUC's and the reboot wait's), and at the daemon's stop (`stop`: SIGTERM, a
+short grace, SIGKILL; the outcome `interrupted`, or the root side's result at the next
+start when the bundle was already handed off). The worker prints one JSON line per step on
 stdout; the Runner's reader thread turns each into a log event (`update.*`), which the
 log tap sends as an ops event (messages.EVENT_FIELDS): versions, slots, byte counts and
 reason classes, never a server's text. Through the hand-off to root (update/handoff.py)
@@ -60,6 +62,8 @@ STEPS: dict[str, tuple[str, ...]] = {
     "update.failed": ("reason",),  # the fetch failed, or the worker did
 }
 FINAL = {"update.installed", "update.refused", "update.failed"}
+TERM_GRACE_S = 3.0  # at the daemon's stop: SIGTERM, this long, then SIGKILL
+KILL_WAIT_S = 2.0  # for a SIGKILLed worker to be reaped, and for the follower's last event
 
 
 def download_dir(cfg: config.Config) -> Path:
@@ -93,6 +97,7 @@ class Runner:
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._thread: threading.Thread | None = None  # a worker followed, or a hand-off awaited
+        self._stopping = threading.Event()  # the daemon stops: no new worker, none awaited
 
     def deadline_s(self) -> float:
         assert self.cfg.update is not None
@@ -104,6 +109,8 @@ class Runner:
         url, sha, reboot = check_args(self.cfg, args)
         cmd_id = str(args.get("_cmd_id") or "-")
         with self._lock:
+            if self._stopping.is_set():
+                raise StateError("the appliance is stopping")
             if self._busy():
                 raise StateError("an update is already in progress")
             if lock.pending(lock.path_in(self.cfg.appliance.state_dir)):
@@ -131,6 +138,31 @@ class Runner:
             self._thread = threading.Thread(target=self._await_root, args=(None, handoff.WAIT_S),
                                             name="update-handoff", daemon=True)
             self._thread.start()
+
+    def stop(self) -> None:
+        """The daemon stops: end the fetch worker's process group (SIGTERM, TERM_GRACE_S,
+        then SIGKILL; bounded), so that no worker outlives the daemon writing into
+        state_dir, and wait briefly for its follower to report the outcome, once: a worker
+        cut before it handed the bundle to root is `update.failed` `interrupted` now (its
+        download stays for a later command to resume); one that had handed it off leaves
+        the root side installing (systemd's unit, not ours to stop) and `recover` reports
+        that result at the next start. A hand-off awaited without a worker is left the same
+        way."""
+        with self._lock:
+            self._stopping.set()
+            proc, thread = self._proc, self._thread
+        if proc is None or proc.poll() is not None:
+            return
+        log.info("update.worker_stopping", pid=proc.pid)
+        _signal(proc, signal.SIGTERM)
+        try:
+            proc.wait(TERM_GRACE_S)
+        except subprocess.TimeoutExpired:
+            _kill(proc)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(KILL_WAIT_S)
+        if thread is not None:
+            thread.join(KILL_WAIT_S)
 
     def running(self) -> bool:
         with self._lock:
@@ -161,7 +193,13 @@ class Runner:
         if final:
             handoff.settle(self.cfg, cmd_id)  # sent: the root side's result is answered
         elif handoff.wanted() and handoff.pending(self.cfg):  # the worker died while root installs
+            if self._stopping.is_set():
+                log.info("update.handoff_left", cmd_id=cmd_id)  # for `recover` at the next start
+                return
             self._await_root(cmd_id, handoff.WAIT_S)
+        elif self._stopping.is_set():
+            handoff.withdraw(self.cfg)  # a bundle moved without its request: nobody installs it
+            self.emit("update.failed", cmd_id=cmd_id, reason="interrupted")
         else:
             self.emit("update.failed", cmd_id=cmd_id,
                       reason="timeout" if proc.returncode == -signal.SIGKILL else "internal error")
@@ -184,8 +222,13 @@ class Runner:
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:
+    _signal(proc, signal.SIGKILL)
+
+
+def _signal(proc: subprocess.Popen[bytes], sig: int) -> None:
+    """To the worker's process group (it leads its own session: its children too)."""
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, sig)
 
 
 def _step(raw: bytes) -> tuple[str, dict[str, Any]] | None:
