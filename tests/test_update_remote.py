@@ -382,3 +382,26 @@ def test_stop_kills_a_worker_that_ignores_sigterm_within_its_bound(tmp_path: Pat
     assert _gone(pid) and wait_for(lambda: all(_gone(int(p)) for p in children), 5, "its child gone")
     assert [(k, f) for k, f in c.events if k in remote.FINAL] == \
         [("update.failed", {"cmd_id": res["cmd_id"], "reason": "interrupted"})]
+
+
+def test_a_worker_mark_left_at_start_is_reported_once_and_a_reused_pid_is_not_killed(
+        tmp_path: Path, box: Any) -> None:
+    """recover() finds the mark of a worker an earlier daemon never reported: the command
+    is reported `interrupted`, once; the PID it names now belongs to another program,
+    which is left alone."""
+    import subprocess
+
+    make, _ = box
+    c = make(["https://127.0.0.1:1/updates/"])
+    other = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        c.runner._mark("0123456789abcdef", other.pid)  # as Runner.start leaves it
+        c.runner.recover()
+        c.runner.recover()  # a second start: nothing left
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait(10)
+    assert [(k, f) for k, f in c.events if k in remote.FINAL] == \
+        [("update.failed", {"cmd_id": "0123456789abcdef", "reason": "interrupted"})]
+    assert not (c.cfg.appliance.state_dir / "update" / remote.MARK_NAME).exists()

@@ -175,3 +175,25 @@ def test_a_daemon_stopped_mid_download_ends_its_worker_and_reports_the_update_in
     site.box.start()
     site.ping()
     assert outcomes() == [("update.failed", "interrupted")]
+
+
+def test_a_worker_left_by_a_killed_daemon_is_ended_and_reported_interrupted_at_the_next_start(
+        stalled_site: Site) -> None:
+    """The daemon SIGKILLed (no stop of its own) while the download hangs: its worker, in a
+    session of its own, lives on; the next start ends it and reports the command
+    `update.failed` `interrupted`, once."""
+    site = stalled_site
+    rc, res = site.send("--arg", f"url={site.srv.url}", "--arg", f"sha256={SHA}", "--arg", "reboot=false")
+    assert rc == 0 and res["code"] == 200, res
+    [pid] = wait_for(lambda: workers(site.box), 30, "the worker")  # its download stalls
+    site.box.kill9()
+    assert workers(site.box) == [pid]  # the daemon is gone, its worker is not
+    site.box.start()
+    ev = site.outcome(res["cmd_id"])
+    assert (ev["kind"], ev["reason"]) == ("update.failed", "interrupted")
+    wait_for(lambda: workers(site.box) == [], 10, "the left worker ended")
+    site.box.stop()
+    site.box.start()
+    site.ping()
+    assert [e["kind"] for e in site.events() if e.get("cmd_id") == res["cmd_id"]
+            and e["kind"].startswith("update.f")] == ["update.failed"]
