@@ -167,7 +167,7 @@ def test_a_daemon_stopped_mid_download_ends_its_worker_and_reports_the_update_in
     took = time.monotonic() - t0
     print(f"\ndaemon and its update worker stopped {took:.1f} s after SIGTERM")
     assert not Path(f"/proc/{pid}").exists() and workers(site.box) == []
-    assert took < 20
+    assert took < 30
     def outcomes() -> list[tuple[str, str | None]]:
         return [(e["kind"], e.get("reason")) for e in site.events() if e.get("cmd_id") == res["cmd_id"]
                 and e["kind"] in ("update.installed", "update.refused", "update.failed")]
