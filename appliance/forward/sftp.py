@@ -50,29 +50,23 @@ import posixpath
 import re
 import socket
 import threading
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 import paramiko
 import structlog
-from paramiko.sftp import (
-    CMD_EXTENDED,
-    CMD_EXTENDED_REPLY,
-    CMD_INIT,
-    CMD_STATUS,
-    CMD_VERSION,
-    CMD_WRITE,
-    SFTP_OK,
-    int64,
-)
+from paramiko.sftp import CMD_EXTENDED
 
 from appliance.bundle import format as bundle_format
 from appliance.bundle.format import Manifest, PrivateKey
 from appliance.core.errors import IntegrityError
 from appliance.forward import Answer, Permanent, Plan, Retryable, TransportError, Unreadable, bandwidth
 from appliance.forward.netlink import link_silent, watch_link
+from appliance.forward.sftpwire import PACKET as _PACKET
+from appliance.forward.sftpwire import Pipeline as _Pipeline
+from appliance.forward.sftpwire import Sftp as _Sftp
+from appliance.forward.sftpwire import write_size as _write_size
 from appliance.ingest.receipt import SUFFIX as RECEIPT_SUFFIX
 
 if TYPE_CHECKING:
@@ -87,9 +81,6 @@ _CHECK = 64 * 1024  # read back from each end of a .part before resuming it
 # link. Our writes are limited by the server's window (OpenSSH: 2 MiB), which pipelining
 # keeps full.
 _WINDOW = 16 * 1024 * 1024
-_PACKET = 32 * 1024  # OpenSSH's own channel packet size, and the write every server takes
-_MAX_WRITE = 255 * 1024  # the most we put in one write request (OpenSSH's own limit)
-_IN_FLIGHT = 64  # write requests unanswered at most (OpenSSH sftp's default, -R 64)
 _RELEASE = "then `appliance queue release --all`"
 # paramiko's words for a peer that said nothing in time (banner, negotiation, auth)
 _TIMED_OUT = re.compile(r"banner|timed? ?out", re.IGNORECASE)
@@ -123,30 +114,6 @@ def pinned_keys(known_hosts: Path, host: str, port: int) -> dict[str, paramiko.P
                         " (markers such as @cert-authority or @revoked are not supported): keep"
                         f" only plain lines for the server, {_RELEASE}") from None
     return dict(entry or {})
-
-
-class _Sftp(paramiko.SFTPClient):  # type: ignore[misc]
-    """paramiko's client, keeping the extensions the server announced in its VERSION
-    packet (paramiko reads and drops them): fsync and posix-rename are used only where
-    offered. Overrides `_send_version` (paramiko 5.0, 5.1: the SFTPClient init step)."""
-
-    extensions: frozenset[str] = frozenset()
-
-    def _send_version(self) -> int:
-        m = paramiko.Message()
-        m.add_int(3)
-        self._send_packet(CMD_INIT, m)
-        t, data = self._read_packet()
-        if t != CMD_VERSION:
-            raise paramiko.SFTPError("Incompatible sftp protocol")
-        msg = paramiko.Message(data)
-        version: int = msg.get_int()
-        names = []
-        while msg.get_remainder():  # (name, data) string pairs, as many as the server sends
-            names.append(msg.get_text())
-            msg.get_binary()
-        self.extensions = frozenset(names)
-        return version
 
 
 class _HostKeyPin:
@@ -515,76 +482,6 @@ class _Upload:
         # best effort: the bundle never got its final name, which is what counts
         with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
             self.sftp.remove(path)
-
-
-def _write_size(sftp: _Sftp) -> int:
-    """Bytes per write request: what the server says it takes (`limits@openssh.com`,
-    OpenSSH 8.7+: 255 KiB), else the 32 KiB every server must take. Fewer, larger
-    requests are what keeps a long link busy at a given number in flight."""
-    if "limits@openssh.com" not in sftp.extensions:
-        return _PACKET
-    t, msg = sftp._request(CMD_EXTENDED, "limits@openssh.com")
-    if t != CMD_EXTENDED_REPLY:
-        return _PACKET
-    msg.get_int64()  # max packet length
-    msg.get_int64()  # max read length
-    most: int = msg.get_int64()
-    return max(_PACKET, min(most, _MAX_WRITE)) if most else _PACKET
-
-
-class _Pipeline:
-    """Writes at increasing offsets with up to `_IN_FLIGHT` requests unanswered, and
-    checks every answer, in order, raising on the first failure.
-
-    Not paramiko's own pipelining (`SFTPFile.set_pipelined`): that one waits for *every*
-    outstanding answer once 100 are out, leaving the link idle for a round trip each
-    time, and drops unchecked an answer it reads while waiting for another request (a
-    full disk near the end of a file would go unnoticed). Uses paramiko's request
-    plumbing (`_async_request`, `_read_response`), as its own SFTPFile does; answers the
-    server sends out of order are kept by `_async_response` until their turn.
-    """
-
-    def __init__(self, sftp: _Sftp, handle: bytes, offset: int, size: int, cap: bandwidth.Cap,
-                 cancelled: threading.Event) -> None:
-        self.sftp, self.handle, self.offset, self.size = sftp, handle, offset, size
-        self.cap, self.cancelled = cap, cancelled
-        self.pending: deque[int] = deque()
-        self.early: dict[int, tuple[int, Any]] = {}
-
-    def write(self, data: memoryview) -> None:
-        for i in range(0, len(data), self.size):
-            piece = bytes(data[i:i + self.size])
-            self.cap.take(len(piece), self.cancelled)  # the destination's max_kbit_s
-            self.pending.append(self.sftp._async_request(self, CMD_WRITE, self.handle,
-                                                         int64(self.offset), piece))
-            self.offset += len(piece)
-            while len(self.pending) > _IN_FLIGHT:
-                self._answer()
-
-    def finish(self) -> None:
-        while self.pending:
-            self._answer()
-
-    def _answer(self) -> None:
-        num = self.pending.popleft()
-        if num in self.early:
-            t, msg = self.early.pop(num)
-            if t == CMD_STATUS:
-                self._check(msg)
-        else:
-            t, _ = self.sftp._read_response(num)  # raises IOError on a failure status
-        if t != CMD_STATUS:
-            raise paramiko.SFTPError("the server answered a write with something else")
-
-    @staticmethod
-    def _check(msg: Any) -> None:
-        code, text = msg.get_int(), msg.get_text()
-        if code != SFTP_OK:
-            raise OSError(text)  # as paramiko's _convert_status does for a failure
-
-    def _async_response(self, t: int, msg: Any, num: int) -> None:
-        """paramiko calls this for an answer read while it waited for another one."""
-        self.early[num] = (t, msg)
 
 
 class _Uploading:
