@@ -25,7 +25,8 @@ for a crash or a cut link between any two of them:
      remotely), and the SSH channel's MAC already protects the bytes of this attempt;
   6. `posix-rename@openssh.com` onto the final name (atomic, replaces a stale file);
      a server without it gets a plain SFTP rename after the stale file is removed.
-The bundle stays encrypted: the center needs a recipient key to open it.
+The bundle stays encrypted: the center needs a recipient key to open it. `put` takes
+a plain file (the ops center's diagnostics, ops/diagdrop.py) by the same steps, unverified.
 
 The bundle is verified with the appliance's key in the same pass that uploads it (as
 the directory transport does): one that fails authentication never gets its final name;
@@ -170,7 +171,10 @@ class _Step:
 
 
 class SftpTransport:
-    def __init__(self, dest: Destination, private_key: PrivateKey) -> None:
+    """`private_key` None: not a forwarding destination but a drop for plain files
+    (`put`: ops/diagdrop.py); `send` then refuses, as it cannot verify a bundle."""
+
+    def __init__(self, dest: Destination, private_key: PrivateKey | None) -> None:
         assert dest.host and dest.port and dest.user and dest.key
         self.name = dest.name
         self.dest = dest
@@ -185,6 +189,8 @@ class SftpTransport:
         """Upload the whole bundle file: the drop takes a bundle whole or not at all, so
         `plan.skip`/`only` do not apply (this transport never blames an instance)."""
         plan = plan or Plan()
+        if self.private_key is None:
+            raise Permanent("this SFTP place takes plain files only (no appliance key)", bundle=True)
         try:
             src = bundle.open("rb")
         except FileNotFoundError:
@@ -206,8 +212,27 @@ class SftpTransport:
                 if plan.cancelled.is_set():  # the connection was closed under paramiko
                     raise self._failure(TimeoutError(), step, plan.cancelled) from None
                 raise  # a bug: the scheduler defers the bundle and logs it
+        assert manifest is not None  # a bundle is always verified (private_key is set)
         for entry in manifest.instances:  # the drop now holds every instance of it
             plan.delivered(entry.index)
+
+    def put(self, name: str, src: BinaryIO, cancelled: threading.Event) -> None:
+        """Upload a plain file (not a bundle: nothing is verified) as `<remote_dir>/<name>`
+        by the same steps as a bundle (`.part`, fsync, size check, rename); Retryable or
+        Permanent as `send`. `cancelled` stops it within a second."""
+        step = _Step("connecting")
+        try:
+            with self._session(step, cancelled) as sftp:
+                _Upload(sftp, src, name, self.dest.remote_dir or ".", None, step).run(
+                    lambda n: None, cancelled, self.cap)
+        except TransportError:
+            raise
+        except _NETWORK_ERRORS as e:
+            raise self._failure(e, step, cancelled) from None
+        except Exception:
+            if cancelled.is_set():
+                raise self._failure(TimeoutError(), step, cancelled) from None
+            raise
 
     def probe(self) -> bool:
         return self.check().ok
@@ -399,10 +424,11 @@ def _close_when(cancelled: threading.Event, done: threading.Event, t: paramiko.T
 
 
 class _Upload:
-    """One bundle into one drop (the steps in the module docstring)."""
+    """One bundle into one drop (the steps in the module docstring); with `private_key`
+    None, a plain file, not verified."""
 
     def __init__(self, sftp: _Sftp, src: BinaryIO, name: str, remote_dir: str,
-                 private_key: PrivateKey, step: _Step) -> None:
+                 private_key: PrivateKey | None, step: _Step) -> None:
         self.sftp, self.src, self.key, self.step = sftp, src, private_key, step
         self.final = posixpath.join(remote_dir, name)
         self.part = self.final + ".part"
@@ -410,11 +436,11 @@ class _Upload:
         src.seek(0)
 
     def run(self, progress: Callable[[int], None], cancelled: threading.Event,
-            cap: bandwidth.Cap) -> Manifest:
+            cap: bandwidth.Cap) -> Manifest | None:
         self.step.what = f"checking the folder {posixpath.dirname(self.final)}"
         if self._remote_size(self.final) == self.size:
             self.step.what = "verifying the bundle"
-            manifest = bundle_format.read_manifest(self.src, self.key)  # already there
+            manifest = None if self.key is None else bundle_format.read_manifest(self.src, self.key)
             progress(self.size)
             return manifest
         offset = self._resume_offset()
@@ -433,13 +459,14 @@ class _Upload:
         return manifest
 
     def _write(self, offset: int, progress: Callable[[int], None],
-               cancelled: threading.Event, cap: bandwidth.Cap) -> Manifest:
+               cancelled: threading.Event, cap: bandwidth.Cap) -> Manifest | None:
         with self.sftp.open(self.part, "r+" if offset else "w") as f:
             writer = _Pipeline(self.sftp, f.handle, offset, _write_size(self.sftp), cap, cancelled)
             self.src.seek(0)
             up = _Uploading(self.src, writer, offset, progress, cancelled)
             # read_manifest only calls read(); _Uploading is not a whole BinaryIO
-            manifest = bundle_format.read_manifest(up, self.key)  # type: ignore[arg-type]
+            manifest = None if self.key is None else \
+                bundle_format.read_manifest(up, self.key)  # type: ignore[arg-type]
             while up.read(_CHUNK):
                 pass
             writer.finish()
