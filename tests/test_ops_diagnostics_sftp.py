@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
+import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +26,8 @@ from tests.sshd import REMOTE_DIR, Sshd
 from tests.test_ops_link import CANARY, canary_study
 
 BOX = "diag-sftp-box"
-TIMEOUT_S = 10  # [operations.diagnostics] timeout_s
+TIMEOUT_S = 15  # [operations.diagnostics] timeout_s
+PING_S = 8  # a ping while an upload hangs must be answered within this (< TIMEOUT_S)
 
 pytestmark = [pytest.mark.ops, pytest.mark.peers,
               pytest.mark.skipif(not Path(MOSQUITTO).exists(), reason="mosquitto not installed (make peers)")]
@@ -42,6 +46,10 @@ class Site:
         r = cli("fleet", "send", BOX, "diagnostics", *args, "--key", str(key),
                 "--ca", str(self.ca), "--port", str(self.broker.port), "--timeout", "60", timeout=90)
         return r.returncode, json.loads(r.stdout) if r.stdout.strip() else {}, r.stderr
+
+    def ping(self, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+        return cli("fleet", "send", BOX, "ping", "--key", str(self.root / "center" / "command.key"),
+                   "--ca", str(self.ca), "--port", str(self.broker.port), "--timeout", str(timeout))
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +73,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         box.start()
         try:
             s = Site(root, ca, broker, sshd, box)
-            ping = ("fleet", "send", BOX, "ping", "--key", str(root / "center" / "command.key"),
-                    "--ca", str(ca), "--port", str(broker.port), "--timeout", "20")
-            wait_for(lambda: cli(*ping).returncode == 0, 60, "the box answers a ping", detail=box.log_text)
+            wait_for(lambda: s.ping().returncode == 0, 60, "the box answers a ping", detail=box.log_text)
             assert storescu(box.port, canary_study(root / "study")).returncode == 0
             wait_for(lambda: box.status()["queue"].get("delivered") == 1, 60, "delivered",
                      detail=box.log_text)
@@ -115,3 +121,31 @@ def test_with_the_server_gone_the_result_is_a_failure_class_within_the_bound(sit
         site.sshd.start()
     rc, res, _ = site.send("--to", "sftp")
     assert rc == 0 and res["code"] == 200  # and the link carried on
+
+
+def test_a_server_that_never_answers_gives_a_timeout_within_timeout_s(site: Site) -> None:
+    """The port accepts TCP and then says nothing: the box gives up within its timeout_s
+    and answers; meanwhile the ops link answers a ping (the upload has its own thread)."""
+    site.sshd.stop()
+    try:
+        with socket.socket() as mute:
+            mute.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            mute.bind(("127.0.0.1", site.sshd.port))
+            mute.listen(8)
+            got: list[tuple[int, dict[str, Any], str]] = []
+            start = time.monotonic()
+            upload = threading.Thread(target=lambda: got.append(site.send("--to", "sftp")))
+            upload.start()
+            mute.settimeout(60)
+            conn, _ = mute.accept()  # the box is connected and waits for a banner: the upload runs
+            with conn:
+                ping = site.ping(PING_S)  # the link is not held by the upload
+                upload.join(TIMEOUT_S + 60)
+            took = time.monotonic() - start
+        assert ping.returncode == 0 and json.loads(ping.stdout)["code"] == 200, ping.stderr
+        [(rc, res, err)] = got
+        assert rc == 1, (res, err)
+        assert (res["code"], res["result"]) == (502, {"to": "sftp", "reason": "timeout"}), res
+        assert TIMEOUT_S - 1 < took < TIMEOUT_S + 20, took
+    finally:
+        site.sshd.start()
