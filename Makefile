@@ -102,8 +102,8 @@ run: venv
 	exec $(BIN)/appliance run --config $(DEV_CONFIG)
 
 # The whole suite but its slow tiers, each its own target that CI (.ci/run) runs after it:
-# `make test-field`, `make test-ops`, `make test-boot`, `make image-test`, `make test-wan` and
-# `make test-rabbitmq`.
+# `make test-field`, `make test-ops`, `make test-boot`, `make image-test`,
+# `make image-update-test`, `make test-wan` and `make test-rabbitmq`.
 # The slowest tests are listed at the end, so that a test that grows is seen before
 # `make test` outgrows its ~20 minutes.
 test: venv peers
@@ -185,8 +185,8 @@ image-test: image
 # boot; two installs, five boots): 6.5 minutes on an idle machine (2026-12-07 evening),
 # ~11-14.5 on a loaded one. The reboot after the gate's rejection is a power-on again, not
 # QEMU's warm reset, which crawled for 7.5 to more than 15 minutes in the firmware under
-# load (docs/benchmarks.md, "The stall after the rejection"). Not run by .ci/run yet: with
-# it, .ci/run would take about 66 minutes, past its 60.
+# load (docs/benchmarks.md, "The stall after the rejection"). .ci/run runs it after
+# image-test.
 image-update-test: update-bundle
 	$(BIN)/python -m pytest -m image_update $(PYTEST_ARGS)
 
