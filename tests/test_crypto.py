@@ -145,7 +145,7 @@ def test_dropping_reordering_duplicating_chunks_fails(reorder: list[int]) -> Non
 
 
 @pytest.mark.parametrize("extra", [b"\x00", os.urandom(crypto.TAG_LEN), os.urandom(SEALED),
-                                   os.urandom(SEALED + 3)])
+                                   os.urandom(SEALED + 3)], ids=["1-byte", "tag", "chunk", "chunk+3"])
 @pytest.mark.parametrize("size", [3 * CHUNK, 3 * CHUNK - 5])
 def test_appended_bytes_fail(extra: bytes, size: int) -> None:
     sealed = seal(PLAIN[:size])
@@ -160,7 +160,7 @@ def test_appending_a_valid_sealed_last_chunk_fails() -> None:
         open_all(sealed + seal(b"more"))
 
 
-@pytest.mark.parametrize("aad", [b"", b"header v2", AAD + b"\x00"])
+@pytest.mark.parametrize("aad", [b"", b"header v2", AAD + b"\x00"], ids=["empty", "other", "longer"])
 def test_different_aad_fails(aad: bytes) -> None:
     sealed = seal(PLAIN)
     assert opened_until_failure(sealed, aad=aad) == []
