@@ -26,6 +26,9 @@ PEERS := dcmtk orthanc orthanc-dicomweb openssh-server iproute2 nftables wiregua
 	mtools dosfstools fdisk qemu-system-x86 ovmf prometheus chromium rauc squashfs-tools \
 	rsyslog rsyslog-gnutls
 PYTEST_ARGS ?=
+# `make test` runs its tests on this many processes (pytest-xdist; 0: in one process).
+# Most of its tests wait on peers and daemons, so two share 2 cores well.
+TEST_WORKERS ?= 2
 
 .PHONY: run test test-field test-ops test-rabbitmq peers-rabbitmq test-boot test-wan image image-test \
 	update-bundle image-update-test peers venv bench bench-receive bench-pack bench-wan \
@@ -99,13 +102,13 @@ run: venv
 	exec $(BIN)/appliance run --config $(DEV_CONFIG)
 
 # The whole suite but its slow tiers, each its own target that CI (.ci/run) runs after it:
-# `make test-field`, `make test-ops`, `make test-boot`, `make image-test`, `make test-wan` and
-# `make test-rabbitmq`.
+# `make test-field`, `make test-ops`, `make test-boot`, `make image-test`,
+# `make image-update-test`, `make test-wan` and `make test-rabbitmq`.
 # The slowest tests are listed at the end, so that a test that grows is seen before
 # `make test` outgrows its ~20 minutes.
 test: venv peers
 	$(BIN)/python -m pytest -m "not wan and not systemd_boot and not image and not field and not ops and not rabbitmq" \
-	  --durations=15 $(PYTEST_ARGS)
+	  -n $(TEST_WORKERS) --dist worksteal --durations=15 $(PYTEST_ARGS)
 
 # The field tier (marker field): the real daemon and real peers killed (kill -9, SIGTERM),
 # cut and restarted for minutes: tests/test_end_to_end.py, test_durability.py,
@@ -182,8 +185,8 @@ image-test: image
 # boot; two installs, five boots): 6.5 minutes on an idle machine (2026-12-07 evening),
 # ~11-14.5 on a loaded one. The reboot after the gate's rejection is a power-on again, not
 # QEMU's warm reset, which crawled for 7.5 to more than 15 minutes in the firmware under
-# load (docs/benchmarks.md, "The stall after the rejection"). Not run by .ci/run yet: with
-# it, .ci/run would take about 66 minutes, past its 60.
+# load (docs/benchmarks.md, "The stall after the rejection"). .ci/run runs it after
+# image-test.
 image-update-test: update-bundle
 	$(BIN)/python -m pytest -m image_update $(PYTEST_ARGS)
 

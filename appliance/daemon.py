@@ -14,9 +14,11 @@ code and systemd sees it):
 Shutdown (SIGTERM/SIGINT) runs in reverse: stop accepting associations, give running
 associations up to `receive.dimse_timeout_s` to finish (an instance they are sending is
 either committed before its Success or not acknowledged at all, so cutting them short
-loses nothing acknowledged), let the pack and forward loops finish their step, close the
-transports and the worker pool, then close the index. A step cut short by a kill is
-redone at the next start (see pack.py and queue.py for why that is safe).
+loses nothing acknowledged), let the pack and forward loops finish their step (a send
+still running after FORWARD_STOP_GRACE_S is cut short: Forwarder.stop) - all by that one
+deadline, whatever a PACS does (the default 60 s is inside the unit's TimeoutStopSec=90) -
+close the transports and the worker pool, then close the index. A step cut short by a
+stop or a kill is redone at the next start (see pack.py and queue.py for why that is safe).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any, cast
@@ -76,6 +78,7 @@ log = structlog.get_logger("appliance.daemon")
 WATCHDOG_INTERVAL_S = 5.0
 IDLE_POLL_S = 0.5
 POOL_STOP_GRACE_S = 5.0
+FORWARD_STOP_GRACE_S = 5.0  # at a stop, a send in progress may finish within this, else it is cut
 
 
 def watchdog_interval(env: dict[str, str] | None = None) -> float:
@@ -97,6 +100,12 @@ def forward_deadline(cfg: Config) -> float:
     waits = [2 * d.timeout_s + (d.commitment_timeout_s if d.storage_commitment else 0)
              + (convert if d.transport in ("dicom", "dicomweb") else 0) for d in cfg.destinations]
     return cfg.health.stall_s + max(waits, default=0)
+
+
+def join_all(threads: Sequence[threading.Thread], until: float) -> None:
+    """Wait for the threads to end, all by one monotonic deadline."""
+    for t in threads:
+        t.join(max(0.0, until - time.monotonic()))
 
 
 def build_transport(dest: Destination, cfg: Config) -> Transport:
@@ -330,15 +339,21 @@ class Daemon:
             elif self.notifier.readied:  # a start that fails says nothing: it may be rolled
                 self.notifier.stopping()  # back and executed again (cli/run.py), same PID
             log.info("appliance.stopping")
+            self.updates.stop()  # no fetch worker outlives us; its outcome while the link is on
             self._stop_link()  # `online` false now: the box is going away
+            # one deadline for the whole stop (associations, then every stage), not one
+            # per thread; a send still running after a short grace is cut short (a hung
+            # PACS must not hold the stop past systemd's TimeoutStopSec) and is sent
+            # again after the next start
+            stop_by = time.monotonic() + cfg.receive.dimse_timeout_s
             receiver.stop()
-            self._drain(cfg.receive.dimse_timeout_s)
+            self._drain(stop_by - time.monotonic())
             self.wake_pack.set()
             self.wake_forward.set()
             self.wake_probe.set()
-            for w in workers:
-                if w.is_alive():
-                    w.join(cfg.receive.dimse_timeout_s)
+            join_all(lanes, min(stop_by, time.monotonic() + FORWARD_STOP_GRACE_S))
+            forwarder.stop()
+            join_all(workers, stop_by)
             forwarder.close()
             # a job still running (the pack loop was not joined in time) is cut short:
             # its segment stays sealed and is packed again at the next start

@@ -1,6 +1,7 @@
 """Test helper: an HTTPS server on loopback serving one file (an update bundle) with
 Range support, which can cut its first response after a number of bytes (a link that dies
-mid-download). Certificates from `openssl` (a CA and a server certificate for 127.0.0.1)
+mid-download), or stall there (a server that stops sending and keeps the connection
+open, until `close()`). Certificates from `openssl` (a CA and a server certificate for 127.0.0.1)
 in a temp dir; the server runs in a thread of this process, stopped by `close()`.
 
     with BundleServer(tmp_path, data, cut_after=300_000) as srv:
@@ -40,8 +41,10 @@ def make_tls(d: Path) -> tuple[Path, Path, Path]:
 
 class BundleServer:
     def __init__(self, root: Path, data: bytes, cut_after: int | None = None,
-                 ranges: bool = True) -> None:
+                 ranges: bool = True, stall_after: int | None = None) -> None:
         self.data, self.cut_after, self.serve_ranges = data, cut_after, ranges
+        self.stall_after = stall_after  # every answer stops after this many bytes
+        self.released = threading.Event()  # set by close(): a stalled answer ends
         self.ca, cert, key = make_tls(root / "tls")
         self.ranges: list[str | None] = []  # the Range header of each GET (None: none)
         server = self
@@ -83,6 +86,12 @@ class BundleServer:
         h.send_header("Content-Length", str(len(self.data) - start))
         h.end_headers()
         body = self.data[start:]
+        if self.stall_after is not None:
+            h.wfile.write(body[: self.stall_after])
+            h.wfile.flush()
+            self.released.wait(300)
+            h.close_connection = True
+            return
         if self.cut_after is not None:  # once: then the link is back
             body, self.cut_after = body[: self.cut_after], None
             h.wfile.write(body)
@@ -96,6 +105,7 @@ class BundleServer:
         return self
 
     def close(self) -> None:
+        self.released.set()
         self.httpd.shutdown()
         self.httpd.server_close()
         self.thread.join(10)

@@ -42,6 +42,7 @@ class ControlledPacs:
         self.modes: dict[str, str] = {}
         self.stored: Counter[str] = Counter()
         self.fixed = threading.Event()
+        self.hanging = threading.Event()  # an instance is hanging now
         self.lock = threading.Lock()
         self._saved = _config.UNRESTRICTED_STORAGE_SERVICE
         _config.UNRESTRICTED_STORAGE_SERVICE = True  # any storage SOP class, any syntax
@@ -55,6 +56,7 @@ class ControlledPacs:
         uid = str(event.request.AffectedSOPInstanceUID)
         mode = None if self.fixed.is_set() else self.modes.get(uid)
         if mode == "hang":
+            self.hanging.set()
             self.fixed.wait(120)
             return 0xA700
         if mode == "abort":
@@ -70,12 +72,13 @@ class ControlledPacs:
         _config.UNRESTRICTED_STORAGE_SERVICE = self._saved
 
 
-def _daemon(factory: Callable[..., Appliance], root: Path, port: int, ae_title: str) -> Appliance:
+def _daemon(factory: Callable[..., Appliance], root: Path, port: int, ae_title: str,
+            timeout_s: float = 2) -> Appliance:
     cfg = base_config(root, free_port())
     cfg["pack"] = {"study_quiet_s": 0.5, "segment_max_age_s": 30, "segment_max_instances": 10}
     cfg["queue"] = {"retry_min_s": 0.5, "retry_max_s": 2, "lanes": 2}
     cfg["destinations"] = [{"name": "pacs", "transport": "dicom", "host": "127.0.0.1", "port": port,
-                            "ae_title": ae_title, "plaintext": True, "timeout_s": 2}]
+                            "ae_title": ae_title, "plaintext": True, "timeout_s": timeout_s}]
     return factory(cfg, root=root)
 
 
@@ -181,3 +184,31 @@ def test_a_lone_instance_that_hangs_the_pacs_is_parked_not_retried_forever(
     pacs.fixed.set()
     assert cli("queue", "release", parked[0]["id"], "--config", str(app.config_path)).returncode == 0
     wait_for(lambda: pacs.stored[uids[0]] == 1, timeout=30, what="the released instance delivered")
+
+
+def test_a_sigterm_while_the_pacs_hangs_stops_the_daemon_in_seconds_and_loses_nothing(
+        appliance_factory: Callable[..., Appliance], pacs: ControlledPacs, samples: Path,
+        tmp_path: Path) -> None:
+    """The PACS hangs on one instance and the destination allows a minute's silence: a
+    SIGTERM ends the daemon within seconds (the send is cut short, not waited for), the cut
+    counts against nothing (no strike, nothing parked, the destination not marked down),
+    and after a restart with the PACS fixed every instance arrives exactly once."""
+    files, uids = _series(samples)
+    pacs.modes[uids[3]] = "hang"
+    app = _daemon(appliance_factory, tmp_path / "app", pacs.port, "PACS", timeout_s=60)
+    assert storescu(app.port, files).returncode == 0
+    assert pacs.hanging.wait(60), "the PACS never got the instance it hangs on"
+    t0 = time.monotonic()
+    assert app.stop(timeout=60) == 0
+    took = time.monotonic() - t0
+    print(f"stopped {took:.1f} s after SIGTERM, a send hanging")
+    assert took < 30  # was more than 60: the stop waited on the hung send
+    log = app.log_text()
+    assert '"bundle.interrupted"' in log and '"destination.down"' not in log
+    assert not _parked(app)
+    pacs.fixed.set()
+    app.start()
+    wait_for(lambda: all(pacs.stored[u] for u in uids), timeout=90, what="every instance at the PACS",
+             detail=lambda: json.dumps(_queue(app), indent=1))
+    wait_for(lambda: all(r["state"] == "delivered" for r in _queue(app)), what="every bundle delivered")
+    assert all(pacs.stored[u] == 1 for u in uids) and not _parked(app)

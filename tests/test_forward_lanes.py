@@ -195,3 +195,31 @@ def test_a_stat_study_goes_while_every_routine_lane_is_stuck(box: Box) -> None:
         wait_for(lambda: box.state("s000") == "delivered", timeout=5, what="the stat study")
     finally:
         stop.set()
+
+
+def test_stop_cuts_a_hanging_send_short_and_leaves_the_bundle_to_be_requeued(box: Box) -> None:
+    """Forwarder.stop (the daemon's stop): an attempt hanging on its second instance ends
+    within a second or two instead of at its budget; the first instance is recorded as
+    delivered, the item stays active for Queue.recover, and nothing is struck, deferred
+    or marked down (an interrupted send is no failure of the PACS)."""
+    box.dest.choke_s = 60
+    uids = box.add("a000", n=3)
+    box.dest.script[uids[1]] = "choke"
+    stop = threading.Event()
+    _lanes(box, stop, n=1, stat=False)
+    try:
+        wait_for(lambda: "a000" in box.dest.sending and box.dest.stored[uids[0]] == 1,
+                 what="the send stuck on instance 1")
+        t0 = time.monotonic()
+        box.fwd.stop()
+        wait_for(lambda: "a000" not in box.dest.sending, timeout=10, what="the attempt cut short")
+        assert time.monotonic() - t0 < 5
+    finally:
+        stop.set()
+    box.add("b000", n=1)
+    assert box.fwd.run_once() is False  # nothing more is claimed
+    item = box.queue.get("a000")
+    assert (item.state, item.attempts, item.reason) == ("active", 0, None)
+    assert box.queue.instances_of("a000", "pacs") == {0: ("delivered", 0)}
+    assert box.fwd.health.get("pacs").up and box.fwd.health.get("pacs").failures == 0
+    assert box.queue.recover()["requeued"] == 1 and box.state("a000") == "ready"

@@ -25,7 +25,7 @@ from appliance.update import handoff
 from tests.mosquitto import MOSQUITTO
 from tests.peers import REPO, wait_for
 from tests.test_update_remote import SHA
-from tests.test_update_remote_ops import Site, update_site
+from tests.test_update_remote_ops import Site, update_site, workers
 
 FINAL = ("update.installed", "update.refused", "update.failed")
 pytestmark = [pytest.mark.ops, pytest.mark.peers,
@@ -45,16 +45,11 @@ class HandoffSite(Site):
         return str(res["cmd_id"])
 
     def worker_pid(self) -> int:
-        """The daemon's `update-fetch` worker (its own session: it outlives the daemon)."""
-        for d in Path("/proc").iterdir():
-            if d.name.isdigit():
-                try:
-                    argv = (d / "cmdline").read_bytes().split(b"\0")
-                except OSError:
-                    continue
-                if b"update-fetch" in argv and str(self.box.config_path).encode() in argv:
-                    return int(d.name)
-        raise AssertionError("no update-fetch worker")
+        """The daemon's `update-fetch` worker (its own session)."""
+        found = workers(self.box)
+        if not found:
+            raise AssertionError("no update-fetch worker")
+        return found[0]
 
     def kill_worker(self) -> None:
         """What systemd does to the daemon's cgroup when it stops it (KillMode=control-group)."""
@@ -94,8 +89,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HandoffSite]:
 
 def test_result_written_while_the_daemon_was_down_is_reported_at_its_start_once(site: HandoffSite) -> None:
     cmd_id = site.send_update()
-    site.box.stop()
-    site.kill_worker()
+    site.box.stop()  # it ends its worker waiting for the root side, and reports nothing yet
+    assert workers(site.box) == []
     site.install_as_root()  # the root side answers while no daemon waits
     assert (site.ready / handoff.RESULT).exists()
     site.box.start()

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -330,3 +331,77 @@ def test_update_command_while_an_update_waits_to_reboot_is_refused(tmp_path: Pat
         for fd in held:
             os.close(fd)
     assert res["code"] == 422 and "about to reboot" in res["detail"] and not c.runner.running()
+
+
+def _gone(pid: int) -> bool:
+    return not Path(f"/proc/{pid}").exists()
+
+
+def test_stop_ends_a_worker_whose_download_hangs_and_reports_it_interrupted(tmp_path: Path, box: Any) -> None:
+    """Runner.stop (the daemon's stop): the worker's process group is ended within the
+    grace, the outcome is `update.failed` `interrupted`, once, the `.part` is kept for a
+    later command to resume, and no new command starts a worker."""
+    make, _ = box
+    with BundleServer(tmp_path / "srv", DATA, stall_after=1 << 20) as srv:
+        c = make([srv.url.rsplit("/", 1)[0] + "/"], ca=str(srv.ca))
+        res = c.send({"url": srv.url, "sha256": SHA, "reboot": False})
+        part = c.cfg.appliance.state_dir / "update" / f"{SHA}.raucb.part"
+        wait_for(lambda: part.exists() and part.stat().st_size >= 1 << 20, 60, "the download stalled")
+        assert c.runner._proc is not None
+        pid = c.runner._proc.pid
+        t0 = time.monotonic()
+        c.runner.stop()
+        assert time.monotonic() - t0 < remote.TERM_GRACE_S + 1 and _gone(pid)
+        assert [(k, f) for k, f in c.events if k in remote.FINAL] == \
+            [("update.failed", {"cmd_id": res["cmd_id"], "reason": "interrupted"})]
+        assert part.stat().st_size >= 1 << 20
+        again = c.send({"url": srv.url, "sha256": SHA, "reboot": False})
+    assert again["code"] == 422 and "stopping" in again["detail"] and not c.runner.running()
+
+
+def test_stop_kills_a_worker_that_ignores_sigterm_within_its_bound(tmp_path: Path, box: Any,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker (and its child) that ignore SIGTERM: SIGKILL after TERM_GRACE_S; the stop
+    returns within TERM_GRACE_S + 2 * KILL_WAIT_S and reports the update interrupted."""
+    make, _ = box
+    c = make(["https://127.0.0.1:1/updates/"])
+    stubborn = tmp_path / "stubborn"
+    stubborn.write_text("#!/bin/sh\ntrap '' TERM\nsleep 120\n")  # argv ignored; sleep inherits it
+    stubborn.chmod(0o755)
+    monkeypatch.setattr(remote.sys, "executable", str(stubborn))  # what Runner.start runs
+    res = c.send({"url": "https://127.0.0.1:1/updates/u.raucb", "sha256": SHA})
+    assert res["code"] == 200
+    assert c.runner._proc is not None
+    pid = c.runner._proc.pid
+    children = wait_for(lambda: Path(f"/proc/{pid}/task/{pid}/children").read_text().split(), 10,
+                        "the worker's child")
+    t0 = time.monotonic()
+    c.runner.stop()
+    took = time.monotonic() - t0
+    assert remote.TERM_GRACE_S <= took < remote.TERM_GRACE_S + 2 * remote.KILL_WAIT_S
+    assert _gone(pid) and wait_for(lambda: all(_gone(int(p)) for p in children), 5, "its child gone")
+    assert [(k, f) for k, f in c.events if k in remote.FINAL] == \
+        [("update.failed", {"cmd_id": res["cmd_id"], "reason": "interrupted"})]
+
+
+def test_a_worker_mark_left_at_start_is_reported_once_and_a_reused_pid_is_not_killed(
+        tmp_path: Path, box: Any) -> None:
+    """recover() finds the mark of a worker an earlier daemon never reported: the command
+    is reported `interrupted`, once; the PID it names now belongs to another program,
+    which is left alone."""
+    import subprocess
+
+    make, _ = box
+    c = make(["https://127.0.0.1:1/updates/"])
+    other = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        c.runner._mark("0123456789abcdef", other.pid)  # as Runner.start leaves it
+        c.runner.recover()
+        c.runner.recover()  # a second start: nothing left
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait(10)
+    assert [(k, f) for k, f in c.events if k in remote.FINAL] == \
+        [("update.failed", {"cmd_id": "0123456789abcdef", "reason": "interrupted"})]
+    assert not (c.cfg.appliance.state_dir / "update" / remote.MARK_NAME).exists()

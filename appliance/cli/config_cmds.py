@@ -145,6 +145,12 @@ def check_files(cfg: config.Config) -> list[tuple[str, str]]:
             checks.append((f"destinations[{i}].path", _directory_or_absent, d.path))
         if d.transport == "dicomweb" and d.token_file:
             checks.append((f"destinations[{i}].token_file", _private_key_file, d.token_file))
+    place = cfg.operations.diagnostics if cfg.operations is not None else None
+    if place is not None:  # [operations.diagnostics]: checked as an sftp destination's files
+        checks.append(("operations.diagnostics.key", _private_key_file, place.key))
+        if place.known_hosts is not None:
+            checks.append(("operations.diagnostics.known_hosts",
+                           _known_hosts_for(place.sftp_host, place.sftp_port), place.known_hosts))
     a = cfg.audit
     if a.syslog_host and a.syslog_ca is not None:
         checks.append(("audit.syslog_ca", _regular_file, a.syslog_ca))

@@ -188,6 +188,9 @@ class Forwarder:
         self._probing: dict[str, tuple[threading.Thread, list[bool]]] = {}
         self._probing_lock = threading.Lock()
         self.sent = {t.name: Throughput() for t in self.transports}  # whole bundles only
+        self.stopping = threading.Event()  # set by `stop`: no new claims, sends cut short
+        self._in_flight: set[threading.Event] = set()  # the `cancelled` of each running attempt
+        self._in_flight_lock = threading.Lock()
 
     def link(self) -> tuple[str | None, float | None]:
         """The destination a bundle packed now would go to (the first of the failover chain
@@ -202,6 +205,8 @@ class Forwarder:
         a copy on its copy destination); returns False when nothing was due (or nowhere
         to send it is up). `copies=False`: chain items only; `only`: copies for that copy
         destination only (its lane)."""
+        if self.stopping.is_set():
+            return False
         now = time.time() if now is None else now
         self.queue.make_copies(self.copies, now)
         if self.controls is not None and self.controls.paused is not None:
@@ -267,6 +272,18 @@ class Forwarder:
             self.wake()
         return changed
 
+    def stop(self) -> None:
+        """The daemon is stopping: no lane claims anything more, and every attempt in
+        flight is cancelled as its time budget would cancel it (each transport gives up at
+        its next poll, within about a second; a DICOM association is aborted). What the
+        destination took is recorded; the item stays active and `Queue.recover` requeues
+        it at the next start. An interrupted attempt is no failure of the destination nor
+        of an instance: it strikes nothing, defers nothing and marks nothing down."""
+        self.stopping.set()
+        with self._in_flight_lock:
+            for cancelled in self._in_flight:
+                cancelled.set()
+
     def _attempt(self, item: Item, dest: Transport) -> None:
         known = ({} if item.only_index is not None else
                  self.queue.instances_of(item.bundle_id, dest.name, exact=item.is_copy))
@@ -281,6 +298,10 @@ class Forwarder:
                                 plan.cancelled.set)
         timer.daemon = True
         timer.start()
+        with self._in_flight_lock:
+            self._in_flight.add(plan.cancelled)
+            if self.stopping.is_set():  # `stop` came between the claim and here
+                plan.cancelled.set()
         t0 = time.monotonic()
         whole = item.parent is None and not plan.skip  # bytes on the wire = bundle_bytes
         meter = self.sent[dest.name]
@@ -289,21 +310,13 @@ class Forwarder:
         try:
             failpoints.hit("forward.hang")
             dest.send(item.id, self.queue.path(item.bundle_id), self._progress(item.id), plan)
-        except Unreadable as e:
-            kept = self.queue.quarantine(item.id, str(e))
-            self.last_error[dest.name] = str(e)
-            log.error("bundle.quarantined", bundle=item.id, destination=dest.name, reason=str(e),
-                      file=kept.name)
-        except TransportError as e:
-            self._record(item, dest.name, delivered)
-            if e.scope == "destination":
-                self._destination_failed(item, dest, e)
-            else:
-                self._failed(item, dest.name, e, known, len(delivered))
         except Exception as e:
-            self._record(item, dest.name, delivered)
-            self._defer(item, dest.name, f"internal error ({type(e).__name__})")
-            log.exception("bundle.send_crashed", bundle=item.id, destination=dest.name)
+            if self.stopping.is_set() and plan.cancelled.is_set():  # cut short by `stop`
+                self._record(item, dest.name, delivered)
+                log.info("bundle.interrupted", bundle=item.id, destination=dest.name,
+                         instances=len(delivered))
+            else:
+                self._judge(item, dest, e, known, delivered)
         else:
             self._record(item, dest.name, delivered)
             self._answered(dest.name, "delivered")
@@ -319,6 +332,28 @@ class Forwarder:
         finally:
             timer.cancel()
             meter.end(sent)
+            with self._in_flight_lock:
+                self._in_flight.discard(plan.cancelled)
+
+    def _judge(self, item: Item, dest: Transport, e: Exception, known: dict[int, tuple[str, int]],
+               delivered: list[int]) -> None:
+        """A failed attempt: quarantine, the failure judged (forward.policy), or - for an
+        exception that is no TransportError, a bug - deferred. Called while `e` is handled."""
+        if isinstance(e, Unreadable):
+            kept = self.queue.quarantine(item.id, str(e))
+            self.last_error[dest.name] = str(e)
+            log.error("bundle.quarantined", bundle=item.id, destination=dest.name, reason=str(e),
+                      file=kept.name)
+        elif isinstance(e, TransportError):
+            self._record(item, dest.name, delivered)
+            if e.scope == "destination":
+                self._destination_failed(item, dest, e)
+            else:
+                self._failed(item, dest.name, e, known, len(delivered))
+        else:
+            self._record(item, dest.name, delivered)
+            self._defer(item, dest.name, f"internal error ({type(e).__name__})")
+            log.exception("bundle.send_crashed", bundle=item.id, destination=dest.name)
 
     def _audit(self, item: Item, dest: str, instances: int, problem: str | None) -> None:
         if self.audit is None or not instances:

@@ -25,7 +25,8 @@ for a crash or a cut link between any two of them:
      remotely), and the SSH channel's MAC already protects the bytes of this attempt;
   6. `posix-rename@openssh.com` onto the final name (atomic, replaces a stale file);
      a server without it gets a plain SFTP rename after the stale file is removed.
-The bundle stays encrypted: the center needs a recipient key to open it.
+The bundle stays encrypted: the center needs a recipient key to open it. `put` takes
+a plain file (the ops center's diagnostics, ops/diagdrop.py) by the same steps, unverified.
 
 The bundle is verified with the appliance's key in the same pass that uploads it (as
 the directory transport does): one that fails authentication never gets its final name;
@@ -50,29 +51,23 @@ import posixpath
 import re
 import socket
 import threading
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 import paramiko
 import structlog
-from paramiko.sftp import (
-    CMD_EXTENDED,
-    CMD_EXTENDED_REPLY,
-    CMD_INIT,
-    CMD_STATUS,
-    CMD_VERSION,
-    CMD_WRITE,
-    SFTP_OK,
-    int64,
-)
+from paramiko.sftp import CMD_EXTENDED
 
 from appliance.bundle import format as bundle_format
 from appliance.bundle.format import Manifest, PrivateKey
 from appliance.core.errors import IntegrityError
 from appliance.forward import Answer, Permanent, Plan, Retryable, TransportError, Unreadable, bandwidth
 from appliance.forward.netlink import link_silent, watch_link
+from appliance.forward.sftpwire import PACKET as _PACKET
+from appliance.forward.sftpwire import Pipeline as _Pipeline
+from appliance.forward.sftpwire import Sftp as _Sftp
+from appliance.forward.sftpwire import write_size as _write_size
 from appliance.ingest.receipt import SUFFIX as RECEIPT_SUFFIX
 
 if TYPE_CHECKING:
@@ -87,9 +82,6 @@ _CHECK = 64 * 1024  # read back from each end of a .part before resuming it
 # link. Our writes are limited by the server's window (OpenSSH: 2 MiB), which pipelining
 # keeps full.
 _WINDOW = 16 * 1024 * 1024
-_PACKET = 32 * 1024  # OpenSSH's own channel packet size, and the write every server takes
-_MAX_WRITE = 255 * 1024  # the most we put in one write request (OpenSSH's own limit)
-_IN_FLIGHT = 64  # write requests unanswered at most (OpenSSH sftp's default, -R 64)
 _RELEASE = "then `appliance queue release --all`"
 # paramiko's words for a peer that said nothing in time (banner, negotiation, auth)
 _TIMED_OUT = re.compile(r"banner|timed? ?out", re.IGNORECASE)
@@ -123,30 +115,6 @@ def pinned_keys(known_hosts: Path, host: str, port: int) -> dict[str, paramiko.P
                         " (markers such as @cert-authority or @revoked are not supported): keep"
                         f" only plain lines for the server, {_RELEASE}") from None
     return dict(entry or {})
-
-
-class _Sftp(paramiko.SFTPClient):  # type: ignore[misc]
-    """paramiko's client, keeping the extensions the server announced in its VERSION
-    packet (paramiko reads and drops them): fsync and posix-rename are used only where
-    offered. Overrides `_send_version` (paramiko 5.0, 5.1: the SFTPClient init step)."""
-
-    extensions: frozenset[str] = frozenset()
-
-    def _send_version(self) -> int:
-        m = paramiko.Message()
-        m.add_int(3)
-        self._send_packet(CMD_INIT, m)
-        t, data = self._read_packet()
-        if t != CMD_VERSION:
-            raise paramiko.SFTPError("Incompatible sftp protocol")
-        msg = paramiko.Message(data)
-        version: int = msg.get_int()
-        names = []
-        while msg.get_remainder():  # (name, data) string pairs, as many as the server sends
-            names.append(msg.get_text())
-            msg.get_binary()
-        self.extensions = frozenset(names)
-        return version
 
 
 class _HostKeyPin:
@@ -203,7 +171,10 @@ class _Step:
 
 
 class SftpTransport:
-    def __init__(self, dest: Destination, private_key: PrivateKey) -> None:
+    """`private_key` None: not a forwarding destination but a drop for plain files
+    (`put`: ops/diagdrop.py); `send` then refuses, as it cannot verify a bundle."""
+
+    def __init__(self, dest: Destination, private_key: PrivateKey | None) -> None:
         assert dest.host and dest.port and dest.user and dest.key
         self.name = dest.name
         self.dest = dest
@@ -218,6 +189,8 @@ class SftpTransport:
         """Upload the whole bundle file: the drop takes a bundle whole or not at all, so
         `plan.skip`/`only` do not apply (this transport never blames an instance)."""
         plan = plan or Plan()
+        if self.private_key is None:
+            raise Permanent("this SFTP place takes plain files only (no appliance key)", bundle=True)
         try:
             src = bundle.open("rb")
         except FileNotFoundError:
@@ -239,8 +212,27 @@ class SftpTransport:
                 if plan.cancelled.is_set():  # the connection was closed under paramiko
                     raise self._failure(TimeoutError(), step, plan.cancelled) from None
                 raise  # a bug: the scheduler defers the bundle and logs it
+        assert manifest is not None  # a bundle is always verified (private_key is set)
         for entry in manifest.instances:  # the drop now holds every instance of it
             plan.delivered(entry.index)
+
+    def put(self, name: str, src: BinaryIO, cancelled: threading.Event) -> None:
+        """Upload a plain file (not a bundle: nothing is verified) as `<remote_dir>/<name>`
+        by the same steps as a bundle (`.part`, fsync, size check, rename); Retryable or
+        Permanent as `send`. `cancelled` stops it within a second."""
+        step = _Step("connecting")
+        try:
+            with self._session(step, cancelled) as sftp:
+                _Upload(sftp, src, name, self.dest.remote_dir or ".", None, step).run(
+                    lambda n: None, cancelled, self.cap)
+        except TransportError:
+            raise
+        except _NETWORK_ERRORS as e:
+            raise self._failure(e, step, cancelled) from None
+        except Exception:
+            if cancelled.is_set():
+                raise self._failure(TimeoutError(), step, cancelled) from None
+            raise
 
     def probe(self) -> bool:
         return self.check().ok
@@ -432,10 +424,11 @@ def _close_when(cancelled: threading.Event, done: threading.Event, t: paramiko.T
 
 
 class _Upload:
-    """One bundle into one drop (the steps in the module docstring)."""
+    """One bundle into one drop (the steps in the module docstring); with `private_key`
+    None, a plain file, not verified."""
 
     def __init__(self, sftp: _Sftp, src: BinaryIO, name: str, remote_dir: str,
-                 private_key: PrivateKey, step: _Step) -> None:
+                 private_key: PrivateKey | None, step: _Step) -> None:
         self.sftp, self.src, self.key, self.step = sftp, src, private_key, step
         self.final = posixpath.join(remote_dir, name)
         self.part = self.final + ".part"
@@ -443,11 +436,11 @@ class _Upload:
         src.seek(0)
 
     def run(self, progress: Callable[[int], None], cancelled: threading.Event,
-            cap: bandwidth.Cap) -> Manifest:
+            cap: bandwidth.Cap) -> Manifest | None:
         self.step.what = f"checking the folder {posixpath.dirname(self.final)}"
         if self._remote_size(self.final) == self.size:
             self.step.what = "verifying the bundle"
-            manifest = bundle_format.read_manifest(self.src, self.key)  # already there
+            manifest = None if self.key is None else bundle_format.read_manifest(self.src, self.key)
             progress(self.size)
             return manifest
         offset = self._resume_offset()
@@ -466,13 +459,14 @@ class _Upload:
         return manifest
 
     def _write(self, offset: int, progress: Callable[[int], None],
-               cancelled: threading.Event, cap: bandwidth.Cap) -> Manifest:
+               cancelled: threading.Event, cap: bandwidth.Cap) -> Manifest | None:
         with self.sftp.open(self.part, "r+" if offset else "w") as f:
             writer = _Pipeline(self.sftp, f.handle, offset, _write_size(self.sftp), cap, cancelled)
             self.src.seek(0)
             up = _Uploading(self.src, writer, offset, progress, cancelled)
             # read_manifest only calls read(); _Uploading is not a whole BinaryIO
-            manifest = bundle_format.read_manifest(up, self.key)  # type: ignore[arg-type]
+            manifest = None if self.key is None else \
+                bundle_format.read_manifest(up, self.key)  # type: ignore[arg-type]
             while up.read(_CHUNK):
                 pass
             writer.finish()
@@ -515,76 +509,6 @@ class _Upload:
         # best effort: the bundle never got its final name, which is what counts
         with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
             self.sftp.remove(path)
-
-
-def _write_size(sftp: _Sftp) -> int:
-    """Bytes per write request: what the server says it takes (`limits@openssh.com`,
-    OpenSSH 8.7+: 255 KiB), else the 32 KiB every server must take. Fewer, larger
-    requests are what keeps a long link busy at a given number in flight."""
-    if "limits@openssh.com" not in sftp.extensions:
-        return _PACKET
-    t, msg = sftp._request(CMD_EXTENDED, "limits@openssh.com")
-    if t != CMD_EXTENDED_REPLY:
-        return _PACKET
-    msg.get_int64()  # max packet length
-    msg.get_int64()  # max read length
-    most: int = msg.get_int64()
-    return max(_PACKET, min(most, _MAX_WRITE)) if most else _PACKET
-
-
-class _Pipeline:
-    """Writes at increasing offsets with up to `_IN_FLIGHT` requests unanswered, and
-    checks every answer, in order, raising on the first failure.
-
-    Not paramiko's own pipelining (`SFTPFile.set_pipelined`): that one waits for *every*
-    outstanding answer once 100 are out, leaving the link idle for a round trip each
-    time, and drops unchecked an answer it reads while waiting for another request (a
-    full disk near the end of a file would go unnoticed). Uses paramiko's request
-    plumbing (`_async_request`, `_read_response`), as its own SFTPFile does; answers the
-    server sends out of order are kept by `_async_response` until their turn.
-    """
-
-    def __init__(self, sftp: _Sftp, handle: bytes, offset: int, size: int, cap: bandwidth.Cap,
-                 cancelled: threading.Event) -> None:
-        self.sftp, self.handle, self.offset, self.size = sftp, handle, offset, size
-        self.cap, self.cancelled = cap, cancelled
-        self.pending: deque[int] = deque()
-        self.early: dict[int, tuple[int, Any]] = {}
-
-    def write(self, data: memoryview) -> None:
-        for i in range(0, len(data), self.size):
-            piece = bytes(data[i:i + self.size])
-            self.cap.take(len(piece), self.cancelled)  # the destination's max_kbit_s
-            self.pending.append(self.sftp._async_request(self, CMD_WRITE, self.handle,
-                                                         int64(self.offset), piece))
-            self.offset += len(piece)
-            while len(self.pending) > _IN_FLIGHT:
-                self._answer()
-
-    def finish(self) -> None:
-        while self.pending:
-            self._answer()
-
-    def _answer(self) -> None:
-        num = self.pending.popleft()
-        if num in self.early:
-            t, msg = self.early.pop(num)
-            if t == CMD_STATUS:
-                self._check(msg)
-        else:
-            t, _ = self.sftp._read_response(num)  # raises IOError on a failure status
-        if t != CMD_STATUS:
-            raise paramiko.SFTPError("the server answered a write with something else")
-
-    @staticmethod
-    def _check(msg: Any) -> None:
-        code, text = msg.get_int(), msg.get_text()
-        if code != SFTP_OK:
-            raise OSError(text)  # as paramiko's _convert_status does for a failure
-
-    def _async_response(self, t: int, msg: Any, num: int) -> None:
-        """paramiko calls this for an answer read while it waited for another one."""
-        self.early[num] = (t, msg)
 
 
 class _Uploading:

@@ -22,8 +22,11 @@
     appliance fleet send BOX OP [--arg K=V ...] --key KEY --ca DIR [--host H] [--port N]
                   sign a command (ops/commands.py), publish it on appliance/BOX/cmd with the
                   operations center's certificate (DIR/ops-center.pem), wait for the box's
-                  result and print it (JSON). Exit 0 when the box ran it (code 200), 1 when
-                  it refused or failed it, 69 when no result came within --timeout.
+                  result and print it (JSON). diagnostics takes --out FILE (the document
+                  comes back in parts) or --to sftp (the box uploads it to its
+                  [operations.diagnostics] place; the result names the file). Exit 0
+                  when the box ran it (code 200), 1 when it refused or failed it, 69 when
+                  no result came within --timeout.
                   The broker lets one client per certificate in: a `fleet send` takes the
                   session of another client running with the ops-center certificate (another
                   `fleet send`, a `fleet config push`), never that of `fleet serve` or
@@ -92,9 +95,13 @@ def add_parsers(sub: Any) -> None:
     send.add_argument("--host", default="127.0.0.1")
     send.add_argument("--port", type=int, default=8883)
     send.add_argument("--ttl", type=float, default=300.0, help="seconds the command stays valid")
-    send.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the result")
+    send.add_argument("--timeout", type=float, default=None,
+                      help="seconds to wait for the result (default 30; 90 with --to sftp)")
     send.add_argument("--out", type=Path, default=None,
                       help="diagnostics: the file to write the box's document to (JSON)")
+    send.add_argument("--to", choices=["sftp"], default=None,
+                      help="diagnostics: have the box upload its document to its"
+                           " [operations.diagnostics] SFTP place instead (the result names the file)")
     fleetcli.add_parsers(fleet_sub)
     config_push.add_parser(fleet_sub)
 
@@ -157,24 +164,33 @@ def parse_args(pairs: list[str]) -> dict[str, Any]:
 
 
 def send(args: argparse.Namespace) -> int:
-    if (args.op == "diagnostics") != (args.out is not None):
-        raise UsageError("--out FILE goes with diagnostics, and diagnostics needs it")
+    if (args.op == "diagnostics") != (args.out is not None or args.to is not None):
+        raise UsageError("--out FILE (or --to sftp) goes with diagnostics, and diagnostics needs one")
+    if args.out is not None and args.to is not None:
+        raise UsageError("--out FILE or --to sftp: the document comes back, or goes to the box's"
+                         " SFTP place, not both")
     key: Ed25519PrivateKey = crypto.load_private_key_of(args.key, Ed25519PrivateKey, "Ed25519")
-    cmd = commands.body(args.box, args.op, parse_args(args.arg), key, now=time.time(), ttl_s=args.ttl)
-    parts = diagnostics.Assembler(cmd["cmd_id"]) if args.op == "diagnostics" else None
+    cmd_args = {**parse_args(args.arg), **({"to": args.to} if args.to else {})}
+    cmd = commands.body(args.box, args.op, cmd_args, key, now=time.time(), ttl_s=args.ttl)
+    timeout = args.timeout if args.timeout is not None else 90.0 if args.to else 30.0
+    parts = diagnostics.Assembler(cmd["cmd_id"]) if args.out is not None else None
     try:
         result = publish_and_wait(args.host, args.port, args.ca, args.box, commands.envelope(cmd, key),
-                                  cmd["cmd_id"], args.timeout, parts)
+                                  cmd["cmd_id"], timeout, parts)
     except OSError as e:  # refused, unreachable, TLS (ssl.SSLError is an OSError)
         print(f"cannot reach the broker {args.host}:{args.port} ({type(e).__name__})", file=sys.stderr)
         return EX_UNAVAILABLE
     if result is None:
-        print(f"no result from {args.box} within {args.timeout:g} s (cmd_id {cmd['cmd_id']})",
+        print(f"no result from {args.box} within {timeout:g} s (cmd_id {cmd['cmd_id']})",
               file=sys.stderr)
         return EX_UNAVAILABLE
     print(json.dumps(result, indent=2, sort_keys=True))
     if parts is not None and result.get("code") == 200:
         return _write_diagnostics(parts, args.out)
+    if args.to and result.get("code") == 200:
+        r = result.get("result") or {}
+        print(f"diagnostics: {r.get('file')} on the box's SFTP place ({r.get('bytes')} bytes,"
+              f" sha256 {r.get('sha256')})", file=sys.stderr)
     return 0 if result.get("code") == 200 else 1
 
 

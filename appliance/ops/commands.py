@@ -14,8 +14,9 @@ command_keys` (`key_id()`: the first 16 hex digits of SHA-256 over the raw publi
   422 another box's name in the topic or the body; a lifetime beyond MAX_TTL_S; bad args
   503 the clock is not synchronised (the kernel's view: link.clock_synchronised)
   410 expired;  409 replay (cmd_id or nonce seen before, kept until expiry)
-  429 too many live commands remembered (SEEN_MAX)
+  429 too many live commands remembered (SEEN_MAX); a diagnostics upload already running
   404 unknown op (or, from the queue, an unknown item);  500 internal
+  502 diagnostics to sftp: the upload failed (result.reason: a class of messages.REASON_CLASSES)
   200 done, with the operation's result.
 The replay record is written (durably) before the operation runs: a command runs at
 most once, even across a restart.
@@ -27,7 +28,10 @@ one item (`{"id": ID}`) or every item (`{"all": true}`), pause/resume forwarding
 off/on a destination (`{"destination": NAME}`, forward/controls.py), log_level
 (`{"level": L}`, until the daemon restarts), replay_events (`{"since": N}`: the kept
 events after N are sent again), diagnostics (ops/diagnostics.py: a PHI-free document in
-parts on diagnostics/<cmd_id>), update (`{"url", "sha256", "reboot"}`: update/remote.py
+parts on diagnostics/<cmd_id>; with `{"to": "sftp"}` uploaded instead to [operations.diagnostics]
+by ops/diagdrop.py, off the link's thread: `handle` then returns `{"_later": job}` and the
+link publishes job()'s result when the upload ends, within the place's timeout_s; without
+that table such a command is 422), update (`{"url", "sha256", "reboot"}`: update/remote.py
 fetches and installs a bundle in a worker; 200 says accepted, update.* events follow; a
 url outside `[update] sources` is 403). None touches images, reveals
 patient data or opens a shell. Every command and every refusal is audited
@@ -61,7 +65,7 @@ from appliance.audit import AuditTrail
 from appliance.core import durable
 from appliance.core.config import Config
 from appliance.core.errors import ApplianceError, NotFoundError, PermissionDeniedError
-from appliance.ops import diagnostics, messages
+from appliance.ops import diagdrop, diagnostics, messages
 from appliance.ops.link import boot_id
 from appliance.ops.link import clock_synchronised as kernel_clock_synchronised
 
@@ -86,7 +90,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 CODES = {200: "ok", 400: "malformed", 403: "forbidden", 404: "not found", 409: "replay",
          410: "expired", 422: "unprocessable", 429: "too many", 500: "internal error",
-         503: "clock not synchronised"}
+         502: "failed", 503: "clock not synchronised"}
 
 
 class Refused(Exception):
@@ -258,6 +262,13 @@ def _since(args: Mapping[str, Any]) -> dict[str, Any]:
     return {"since": since}
 
 
+def _diagnostics(args: Mapping[str, Any]) -> dict[str, Any]:
+    """No args (the parts over MQTT), or `to`: "sftp" (uploaded to [operations.diagnostics])."""
+    if args and (set(args) != {"to"} or args["to"] != "sftp"):
+        raise ValueError('takes no arguments, or to: "sftp"')
+    return dict(args)
+
+
 def _log_level(args: Mapping[str, Any]) -> dict[str, Any]:
     if set(args) != {"level"} or args["level"] not in LOG_LEVELS:
         raise ValueError(f"takes level, one of {', '.join(LOG_LEVELS)}")
@@ -276,7 +287,7 @@ OPS: dict[str, Op] = {
     "on": Op("forward.switch", _switch("on")),
     "log_level": Op("log.level", _log_level),
     "replay_events": Op("events.replay", _since),
-    "diagnostics": Op("diagnostics", _no_args),
+    "diagnostics": Op("diagnostics", _diagnostics),
     # url, sha256, reboot: checked against [update] by the handler (update/remote.py), which
     # answers 403 for a url outside the sources; the outcome follows as update.* events
     "update": Op("update.start", dict, cmd_id=True),
@@ -298,7 +309,8 @@ class Commands:
     def __init__(self, name: str, keys: Mapping[str, Ed25519PublicKey], seen: Seen,
                  handlers: Mapping[str, Callable[[dict[str, Any]], Any]], audit: AuditTrail,
                  summary: Callable[[dict[str, Any]], dict[str, Any]],
-                 synced: Callable[[], bool | None] = clock_synchronised) -> None:
+                 synced: Callable[[], bool | None] = clock_synchronised,
+                 drop: diagdrop.Drop | None = None) -> None:
         self.name = name
         self.keys = dict(keys)
         self.seen = seen
@@ -306,6 +318,7 @@ class Commands:
         self.audit = audit
         self.summary = summary
         self.synced = synced
+        self.drop = drop  # [operations.diagnostics]: where diagnostics go with to: sftp
         self.last: dict[str, Any] | None = None  # the last command, for `appliance status`
 
     def handle(self, topic: str, payload: bytes, now: float | None = None) -> dict[str, Any]:
@@ -330,7 +343,17 @@ class Commands:
             except ValueError as e:
                 raise Refused(422, f"bad args: {e}") from None
             audited = op.handler in SELF_AUDITED
+            upload = op.handler == "diagnostics" and args.get("to") == "sftp"
+            if upload and self.drop is None:
+                raise Refused(422, "to sftp: no [operations.diagnostics] place is configured on"
+                                   " this box")
             code, detail, result = self._run(op, args, operator, str(cmd["cmd_id"]))
+            if upload and code == 200:  # uploaded off the link's thread; the result follows
+                assert self.drop is not None
+                if not self.drop.reserve():
+                    raise Refused(429, "a diagnostics upload is already running")
+                doc, later = result, dict(cmd)
+                return {"_later": lambda: self._uploaded(later, operator, doc)}
             if op.handler == "diagnostics" and code == 200:  # sent in parts before the result
                 attached, result = diagnostics.parts(diagnostics.pack(result), str(cmd["cmd_id"]))
         except Refused as e:
@@ -346,6 +369,20 @@ class Commands:
         if attached:
             msg["_parts"] = attached  # ops/link.py publishes them on diagnostics/<cmd_id> first
         return msg
+
+    def _uploaded(self, cmd: dict[str, Any], operator: str, doc: dict[str, Any]) -> dict[str, Any]:
+        """Upload a diagnostics document (a slot reserved) and answer the command: the
+        result that `handle` deferred. Runs on a thread of its own (ops/link.py)."""
+        assert self.drop is not None
+        try:
+            code, detail, result = 200, "ok", self.drop.upload(doc, str(cmd["cmd_id"]))
+        except diagdrop.Failed as e:
+            code, detail, result = 502, f"the upload failed: {e.reason}", {"to": "sftp", "reason": e.reason}
+        except Exception as e:  # a result in any case: the center is waiting for one
+            log.exception("ops.command_failed", error_type=type(e).__name__)
+            code, detail, result = 500, f"internal error ({type(e).__name__})", None
+        self.audit.command(operator, "diagnostics", "sftp", code == 200, f"{code} {detail}", area="ops")
+        return self._answer(cmd, code, detail, result, time.time())
 
     def _run(self, op: Op, args: dict[str, Any], operator: str, cmd_id: str) -> tuple[int, str, Any]:
         if op.handler is None:
@@ -413,5 +450,6 @@ def build(cfg: Config, handlers: Mapping[str, Callable[[dict[str, Any]], Any]],
         return messages.state(snap, seq=0, now=time.time(), boot_id=boot, conn_seq=0, certs={},
                               time_synced=clock_synchronised(), outbox={})
 
+    drop = diagdrop.Drop(cfg.appliance.name, ops.diagnostics) if ops.diagnostics else None
     return Commands(cfg.appliance.name, load_keys(ops.command_keys), Seen(cfg.appliance.state_dir),
-                    handlers, audit, summary)
+                    handlers, audit, summary, drop=drop)

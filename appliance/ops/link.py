@@ -20,7 +20,11 @@ Commands: with a command handler (ops/commands.py), the link subscribes to `cmd`
 after each CONNACK, and with a config handler (ops/desired.py) to the retained `config`;
 what arrives is queued (at most COMMANDS_MAX waiting, more are dropped and logged) and
 run on this thread between turns of the loop; each command's result is published on
-`cmd/result` (QoS 1, not retained), a config's outcome shows in `state` and events.
+`cmd/result` (QoS 1, not retained), a config's outcome shows in `state` and events. A
+command whose work may take long (diagnostics to sftp) answers `{"_later": job}`: job
+runs on a thread of its own (bounded by its own deadline) and its result is published
+once it ends, after a reconnection if the link was down meanwhile (at most COMMANDS_MAX
+wait; a stop drops them: the center sees no result and may ask again).
 
 Fails soft: a broker that is away, refuses us or is misconfigured never stops the flow
 of images; the reason is in the log and `appliance status`.
@@ -133,6 +137,8 @@ class Link:
         self.on_command = on_command
         self.on_config = on_config
         self._commands: list[tuple[str, bytes]] = []
+        self._later: list[dict[str, Any]] = []  # deferred commands' results, to publish
+        self._later_lock = threading.Lock()
 
     # --- the daemon's side ---
 
@@ -234,6 +240,7 @@ class Link:
             self.stage.beat()
             self._send_events(c)
             self._run_commands(c)
+            self._send_later(c)
             self._maybe_state(c)
             self._loop(c)
         log.warning("ops.disconnected", conn_seq=self.conn_seq)
@@ -275,8 +282,28 @@ class Link:
             if self.on_command is None:
                 continue
             msg = self.on_command(topic, payload)
+            later = msg.pop("_later", None)
+            if later is not None:
+                threading.Thread(target=self._run_later, args=(later,), name="ops-later",
+                                 daemon=True).start()
+                continue
             for part in msg.pop("_parts", []):  # diagnostics: the parts before the result
                 self._publish(c, f"diagnostics/{msg['cmd_id']}", part, retain=False)
+            self._publish(c, "cmd/result", msg, retain=False)
+
+    def _run_later(self, job: Callable[[], dict[str, Any]]) -> None:
+        """A deferred command's work, off the link's thread; its result waits for `_send_later`."""
+        msg = job()  # it answers in any case (Commands._uploaded catches what it meets)
+        with self._later_lock:
+            if len(self._later) >= COMMANDS_MAX:
+                log.warning("ops.result_dropped", cmd_id=msg.get("cmd_id"))
+                return
+            self._later.append(msg)
+
+    def _send_later(self, c: mqtt.Client) -> None:
+        with self._later_lock:
+            done, self._later = self._later, []
+        for msg in done:
             self._publish(c, "cmd/result", msg, retain=False)
 
     def _maybe_state(self, c: mqtt.Client) -> None:

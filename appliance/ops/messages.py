@@ -68,6 +68,7 @@ REASON_CLASSES = frozenset({"malformed", "forbidden", "not found", "replay", "ex
                             "did not start", "not healthy",
                             # update/fetch.py and update/remote.py
                             "too big", "sha256 mismatch", "host key", "rauc refused", "busy",
+                            "interrupted",  # the daemon stopped its worker (Runner.stop)
                             # update/handoff.py: the root side found no well-formed request
                             "bad request"})
 

@@ -104,7 +104,7 @@ def wanted() -> bool:
     return os.geteuid() != 0 or os.environ.get("APPLIANCE_UPDATE_HANDOFF") == "1"
 
 
-def _read_record(path: Path) -> dict[str, Any] | None:
+def read_record(path: Path) -> dict[str, Any] | None:
     """A small JSON object, or None (missing, a link, too big, not JSON)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
@@ -152,7 +152,7 @@ def wait_result(cfg: config.Config, sha256: str | None, wait_s: float = WAIT_S,
     path = folder(cfg) / RESULT
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
-        got = _read_record(path)
+        got = read_record(path)
         if got is not None and (sha256 is None or got.get("sha256") == sha256):
             return got
         sleep(POLL_S)
@@ -172,14 +172,14 @@ def cmd_id_of(record: dict[str, Any] | None) -> str:
 
 
 def request(cfg: config.Config) -> dict[str, Any] | None:
-    return _read_record(folder(cfg) / REQUEST)
+    return read_record(folder(cfg) / REQUEST)
 
 
 def settle(cfg: config.Config, cmd_id: str) -> None:
     """The result for this command was reported: remove it (durably, so a restart does
     not report it again). A result for another command stays."""
     path = folder(cfg) / RESULT
-    if cmd_id_of(_read_record(path)) == cmd_id:
+    if cmd_id_of(read_record(path)) == cmd_id:
         with contextlib.suppress(FileNotFoundError):
             durable.unlink_durable(path)
 
@@ -200,7 +200,7 @@ def _clear(into: Path) -> None:
 
 def take_request(into: Path) -> tuple[dict[str, Any], Path] | None:
     """(request, bundle) if the folder holds a well-formed request for a regular file."""
-    req = _read_record(into / REQUEST)
+    req = read_record(into / REQUEST)
     if req is None or not fetch.valid_sha256(req.get("sha256")) or \
             not isinstance(req.get("reboot"), bool):
         return None
@@ -225,7 +225,7 @@ def install(cfg: config.Config) -> tuple[dict[str, Any] | None, bool]:
         try:
             result, reboot = _answer(cfg, into)
         except Exception as e:  # the answer is a result, whatever failed
-            raw = _read_record(into / REQUEST) or {}
+            raw = read_record(into / REQUEST) or {}
             result = {"step": "update.failed", "reason": "internal error", "error_type": type(e).__name__,
                       "sha256": raw.get("sha256"), "cmd_id": cmd_id_of(raw)}
             reboot = False
@@ -242,7 +242,7 @@ def _answer(cfg: config.Config, into: Path) -> tuple[dict[str, Any], bool]:
 
     taken = take_request(into)
     if taken is None:
-        raw = _read_record(into / REQUEST) or {}
+        raw = read_record(into / REQUEST) or {}
         return {"step": "update.failed", "reason": "bad request", "sha256": raw.get("sha256"),
                 "cmd_id": cmd_id_of(raw)}, False
     req, bundle = taken

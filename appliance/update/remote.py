@@ -6,15 +6,19 @@ handler `update.start`) checks the command's arguments, refuses a URL outside `[
 sources` (PermissionDeniedError: 403) or a second update while one runs, and starts the
 worker: a subprocess (`appliance update-fetch`), so that neither the download nor RAUC
 runs on the daemon's threads. It kills the worker's process group at its deadline (the
-fetch's, RAUC's and the reboot wait's). The worker prints one JSON line per step on
-stdout; the Runner's reader thread turns each into a log event (`update.*`), which the
-log tap sends as an ops event (messages.EVENT_FIELDS): versions, slots, byte counts and
-reason classes, never a server's text. Through the hand-off to root (update/handoff.py)
-the Runner removes the root side's result once it sent its event; a worker that dies
-while the root side installs leaves the Runner waiting for that result itself, and a
-daemon that starts with a hand-off pending (`recover`: it was restarted meanwhile, or the
-box rebooted before the result was read) reports the result as the outcome of the
-command it names, once.
+fetch's, RAUC's and the reboot wait's), and at the daemon's stop (`stop`: SIGTERM, a
+short grace, SIGKILL; the outcome `interrupted`, or the root side's result at the next
+start when the bundle was already handed off). `<download_dir>/worker.json` names the
+command and the worker until its outcome was reported, so that a daemon killed before it
+could say anything has the next start end that worker and report `interrupted`. The
+worker prints one JSON line per step on stdout; the Runner's reader thread turns each
+into a log event (`update.*`), which the log tap sends as an ops event
+(messages.EVENT_FIELDS): versions, slots, byte counts and reason classes, never a
+server's text. Through the hand-off to root (update/handoff.py) the Runner removes the
+root side's result once it sent its event; a worker that dies while the root side
+installs leaves the Runner waiting for that result itself, and a daemon that starts with
+a hand-off pending (`recover`: it was restarted meanwhile, or the box rebooted before
+the result was read) reports the result as the outcome of the command it names, once.
 
 `work` (the worker) holds `<download_dir>/fetch.lock` (flock, so a daemon restarted
 meanwhile cannot start a second), fetches (update/fetch.py), installs with
@@ -48,6 +52,7 @@ from appliance.update import fetch, handoff, lock, rauc
 log = structlog.get_logger("appliance.update")
 
 LOCK_NAME = "fetch.lock"
+MARK_NAME = "worker.json"  # the command a worker runs for, until its outcome was reported
 LINE_MAX = 4096
 PROGRESS_EVERY = 0.25  # a progress event at each quarter of the download
 TOKEN = re.compile(r"[A-Za-z0-9._+~ -]{1,64}\Z")  # versions, slots, reason classes
@@ -60,6 +65,8 @@ STEPS: dict[str, tuple[str, ...]] = {
     "update.failed": ("reason",),  # the fetch failed, or the worker did
 }
 FINAL = {"update.installed", "update.refused", "update.failed"}
+TERM_GRACE_S = 3.0  # at the daemon's stop: SIGTERM, this long, then SIGKILL
+KILL_WAIT_S = 2.0  # for a SIGKILLed worker to be reaped, and for the follower's last event
 
 
 def download_dir(cfg: config.Config) -> Path:
@@ -93,6 +100,7 @@ class Runner:
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._thread: threading.Thread | None = None  # a worker followed, or a hand-off awaited
+        self._stopping = threading.Event()  # the daemon stops: no new worker, none awaited
 
     def deadline_s(self) -> float:
         assert self.cfg.update is not None
@@ -104,6 +112,8 @@ class Runner:
         url, sha, reboot = check_args(self.cfg, args)
         cmd_id = str(args.get("_cmd_id") or "-")
         with self._lock:
+            if self._stopping.is_set():
+                raise StateError("the appliance is stopping")
             if self._busy():
                 raise StateError("an update is already in progress")
             if lock.pending(lock.path_in(self.cfg.appliance.state_dir)):
@@ -114,6 +124,7 @@ class Runner:
                     *([] if reboot else ["--no-reboot"])]
             self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                           start_new_session=True)
+            self._mark(cmd_id, self._proc.pid)
             self.emit("update.accepted", cmd_id=cmd_id)
             self._thread = threading.Thread(target=self._follow, args=(self._proc, cmd_id),
                                             name="update-worker", daemon=True)
@@ -123,14 +134,86 @@ class Runner:
     def recover(self) -> None:
         """At the daemon's start: a hand-off an earlier daemon left (restarted while the
         root side installed, or the box rebooted before the result was read) is awaited
-        and its result reported as the outcome of the command it names."""
+        and its result reported as the outcome of the command it names; else a worker it
+        left unreported (`MARK_NAME`: it was killed) is ended and its command reported
+        `interrupted`."""
         with self._lock:
-            if self._busy() or not handoff.pending(self.cfg):
+            if self._busy():
                 return
-            log.info("update.handoff_pending", cmd_id=handoff.cmd_id_of(handoff.request(self.cfg)))
-            self._thread = threading.Thread(target=self._await_root, args=(None, handoff.WAIT_S),
-                                            name="update-handoff", daemon=True)
-            self._thread.start()
+            left = self._end_left_worker()
+            if handoff.pending(self.cfg):  # the root side's result is the command's outcome
+                log.info("update.handoff_pending", cmd_id=handoff.cmd_id_of(handoff.request(self.cfg)))
+                self._thread = threading.Thread(target=self._await_root, args=(None, handoff.WAIT_S),
+                                                name="update-handoff", daemon=True)
+                self._thread.start()
+            elif left is not None:
+                self.emit("update.failed", cmd_id=left, reason="interrupted")
+            self._unmark()
+
+    def stop(self) -> None:
+        """The daemon stops: end the fetch worker's process group (SIGTERM, TERM_GRACE_S,
+        then SIGKILL; bounded), so that no worker outlives the daemon writing into
+        state_dir, and wait briefly for its follower to report the outcome, once: a worker
+        cut before it handed the bundle to root is `update.failed` `interrupted` now (its
+        download stays for a later command to resume); one that had handed it off leaves
+        the root side installing (systemd's unit, not ours to stop) and `recover` reports
+        that result at the next start. A hand-off awaited without a worker is left the same
+        way."""
+        with self._lock:
+            self._stopping.set()
+            proc, thread = self._proc, self._thread
+        if proc is None or proc.poll() is not None:
+            return
+        log.info("update.worker_stopping", pid=proc.pid)
+        _signal(proc, signal.SIGTERM)
+        try:
+            proc.wait(TERM_GRACE_S)
+        except subprocess.TimeoutExpired:
+            _kill(proc)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(KILL_WAIT_S)
+        if thread is not None:
+            thread.join(KILL_WAIT_S)
+
+    def _end_left_worker(self) -> str | None:
+        """The command of a worker an earlier daemon started and never reported (that
+        daemon was killed, or the box lost power), None if there is none; that worker's
+        process group is ended first if it still runs (SIGKILL: nobody reads it)."""
+        if self.cfg.update is None:
+            return None
+        mark = handoff.read_record(download_dir(self.cfg) / MARK_NAME)
+        if mark is None:
+            return None
+        pid = mark.get("pid")
+        if isinstance(pid, int) and pid > 1 and self._is_our_worker(pid):
+            log.warning("update.worker_left", pid=pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            deadline = time.monotonic() + KILL_WAIT_S
+            while self._is_our_worker(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        return handoff.cmd_id_of(mark)
+
+    def _is_our_worker(self, pid: int) -> bool:
+        """`pid` is alive (not a zombie) and an `update-fetch` of this config (a PID reused
+        since is left alone)."""
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        return b"update-fetch" in argv and \
+            all(str(p).encode() in argv for p in self.cfg.sources[:1])
+
+    def _mark(self, cmd_id: str, pid: int) -> None:
+        into = download_dir(self.cfg)
+        durable.make_dirs(into)
+        durable.atomic_write(into / MARK_NAME, json.dumps({"cmd_id": cmd_id, "pid": pid}).encode())
+
+    def _unmark(self) -> None:
+        if self.cfg.update is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            durable.unlink_durable(download_dir(self.cfg) / MARK_NAME)
 
     def running(self) -> bool:
         with self._lock:
@@ -161,10 +244,19 @@ class Runner:
         if final:
             handoff.settle(self.cfg, cmd_id)  # sent: the root side's result is answered
         elif handoff.wanted() and handoff.pending(self.cfg):  # the worker died while root installs
+            if self._stopping.is_set():
+                log.info("update.handoff_left", cmd_id=cmd_id)  # for `recover` at the next start
+                return
+            self._unmark()
             self._await_root(cmd_id, handoff.WAIT_S)
+            return
+        elif self._stopping.is_set():
+            handoff.withdraw(self.cfg)  # a bundle moved without its request: nobody installs it
+            self.emit("update.failed", cmd_id=cmd_id, reason="interrupted")
         else:
             self.emit("update.failed", cmd_id=cmd_id,
                       reason="timeout" if proc.returncode == -signal.SIGKILL else "internal error")
+        self._unmark()  # reported
 
     def _await_root(self, cmd_id: str | None, wait_s: float) -> None:
         """The root side's result as the command's outcome (the command it names), then
@@ -184,8 +276,13 @@ class Runner:
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:
+    _signal(proc, signal.SIGKILL)
+
+
+def _signal(proc: subprocess.Popen[bytes], sig: int) -> None:
+    """To the worker's process group (it leads its own session: its children too)."""
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, sig)
 
 
 def _step(raw: bytes) -> tuple[str, dict[str, Any]] | None:

@@ -110,6 +110,7 @@ from appliance.core.config.operations import (
     OPS_NAME_RE,
     VPN_IFACE_RE,
     Audit,
+    DiagnosticsPlace,
     Operations,
     Update,
     Vpn,
@@ -147,6 +148,7 @@ from appliance.core.errors import ConfigError  # config.ConfigError, as config.p
 
 __all__ = ["Appliance", "Audit", "COMMON_DEST_KEYS", "CSTORE_PRIORITIES", "Caller", "Check",
     "Config", "ConfigError", "DEFAULT_CONFIG", "DEST_MODES", "DROPIN_DIR", "DURING_BURST", "Destination",
+    "DiagnosticsPlace",
     "ELIDED", "Encryption", "Health", "NOT_A_KEY", "OPS_NAME_RE", "Operations", "Pack", "Queue",
     "REMOTE_DIR", "RULE_MATCH_KEYS", "Receive", "ReceiveTLS", "Rule", "SECRET", "SITE_CONFIG_DIR",
     "SITE_CONFIG_LINK", "Spool", "TLSClient", "TRANSPORT_KEYS", "UNAVAILABLE_TRANSPORTS", "Update",

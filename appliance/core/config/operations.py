@@ -1,6 +1,7 @@
 """The links beyond the box: [operations] (the ops link to the center's MQTT broker),
 [vpn] (the WireGuard tunnel), [update] (where update bundles may be fetched from) and
-[audit] (the local trail and the hospital's syslog repository).
+[audit] (the local trail and the hospital's syslog repository); [operations.diagnostics]
+(where the `diagnostics` command may upload its document by SFTP).
 
 [operations], [vpn] and [update] are optional: absent, the value is None and the feature
 is off. Problems are recorded against their keys, not raised.
@@ -17,10 +18,27 @@ from pathlib import Path
 from typing import Any
 
 from appliance.core.config.base import _HOST_RE, Check, _Bad, _check_path_list, _Table, _tname
+from appliance.core.config.destinations import _SHA256_FP_RE
 
 # The ops link's box name: the certificate CN, the MQTT client id and a topic level, so
 # lowercase and never an MQTT wildcard (+ #) or level separator (/).
 OPS_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class DiagnosticsPlace:
+    """[operations.diagnostics]: an SFTP folder at the center where the `diagnostics`
+    command uploads its document when asked `{"to": "sftp"}` (ops/diagdrop.py). The host
+    key is pinned as for an sftp destination: known_hosts or host_key_sha256, one of them."""
+    sftp_host: str
+    user: str
+    key: Path  # this box's SSH private key (OpenSSH format, unencrypted, 0600)
+    sftp_port: int = 22
+    known_hosts: Path | None = None
+    host_key_sha256: str | None = None  # "SHA256:<base64>" as `ssh-keygen -lf` prints it
+    dir: str = "."  # the folder on the server; files are named <box>-<cmd_id>.json
+    timeout_s: float = 30.0  # the whole upload (and each wait in it) within this
+    link_timeout_s: float = 6.0  # a silent link (TCP connect, nothing acknowledged) is lost after this
 
 
 @dataclass(frozen=True)
@@ -36,6 +54,7 @@ class Operations:
     command_keys: tuple[Path, ...] = ()  # Ed25519 public keys of the operations center
     metrics_bind: str = "127.0.0.1:9110"  # empty = no metrics endpoint
     config_deadline_s: float = 120.0  # a remote config is kept only if healthy within this
+    diagnostics: DiagnosticsPlace | None = None  # None: diagnostics go over MQTT only
 
 
 @dataclass(frozen=True)
@@ -114,9 +133,39 @@ def _parse_operations(top: _Table) -> Operations | None:
         command_keys=t.get("command_keys", (), _check_path_list(t.ctx)),
         metrics_bind=t.get("metrics_bind", "127.0.0.1:9110", _check_bind),
         config_deadline_s=t.number("config_deadline_s", 120.0, 10, 3600),
+        diagnostics=_parse_diagnostics_place(t) if t.has("diagnostics") else None,
     )
     t.finish()
     return o
+
+
+def _parse_diagnostics_place(ops: _Table) -> DiagnosticsPlace | None:
+    t = ops.table("diagnostics")
+    if not t.valid:
+        return None
+    d = DiagnosticsPlace("", "", Path())
+    p = DiagnosticsPlace(
+        sftp_host=t.string("sftp_host", max_len=253, pattern=_HOST_RE,
+                           hint="must be a DNS name or an IP address"),
+        sftp_port=t.integer("sftp_port", d.sftp_port, 1, 65535),
+        user=t.string("user", max_len=64),
+        key=t.path("key"),
+        known_hosts=t.path("known_hosts", None),
+        host_key_sha256=t.string("host_key_sha256", None, max_len=100, pattern=_SHA256_FP_RE,
+                                 hint="must be SHA256: and 43 base64 characters, as"
+                                      " `ssh-keygen -lf` prints it"),
+        dir=t.string("dir", d.dir, max_len=1024),
+        timeout_s=t.number("timeout_s", d.timeout_s, 5, 600),
+        link_timeout_s=t.number("link_timeout_s", d.link_timeout_s, 2, 600),
+    )
+    # Exactly one host-key pin, as for an sftp destination (destinations._sftp_keys).
+    pins = [k for k in ("known_hosts", "host_key_sha256") if t.has(k)]
+    if not pins:
+        t.ctx.problem(t.key("known_hosts"), "or host_key_sha256 is required (the server's host key)")
+    elif len(pins) == 2:
+        t.ctx.problem(t.key("host_key_sha256"), "and known_hosts are both set: choose one")
+    t.finish()
+    return p
 
 
 def _check_networks(interfaces: bool) -> Check:
