@@ -373,25 +373,36 @@ def big_instances(tmp_path: Path, samples: Path, n: int, side: int = 4096) -> li
 def test_disk_filling_during_a_store_gives_out_of_resources_and_no_trace(
         when: str, factory: Any, tmpfs: Any, samples: Path, tmp_path: Path) -> None:
     """ENOSPC for real while the sealed file is written (or while its record is committed),
-    with reserve 0: Out of Resources, no temp file, no record, no orphan, daemon serving."""
-    disk = tmpfs("disk", size="128m")
-    app = factory(disk, reserve_mb=0)
+    with reserve 0: Out of Resources, no temp file, no record, no orphan, daemon serving.
+
+    The squeeze is a thread that sees the temp file (or the rename) and shrinks the tmpfs;
+    on a loaded machine it can come after the write it aimed at has finished, and then only
+    the reserve check refuses (0xA700). Every attempt must keep the invariants; the scenario
+    (a store failing in its write, 0xA701) must happen in one of three attempts."""
     files = big_instances(tmp_path, samples, 3)  # 32 MiB each: a write takes milliseconds
-    offset = log_size(app)
-    with DiskSqueeze(disk, app.state_dir, when, "128m") as squeeze:
-        run = run_storescu(app.port, files, tmp_path / "run1.log")
-    by_status = refusals(app, offset)
-    errs = [(e["event"], e.get("errno"), e.get("error"), e.get("error_type"))
-            for e in log_events(app, offset) if e.get("event", "").startswith("store.")]
-    print(f"\ndisk filled {squeeze.hits} times during a {when}: {len(run.acked)} stored,"
-          f" refusals {by_status}, {errs}")
-    assert squeeze.hits >= 1
-    # A squeeze makes that store fail; the next one may then meet the still-full disk at
-    # the reserve check (0xA700) or be stored after the size is restored.
-    assert len(run.acked) + len(run.with_response(OUT_OF_RESOURCES)) == len(files), run.outcome
-    assert by_status.get("0xA701", 0) >= 1 and set(by_status) <= {"0xA700", "0xA701"}, (by_status, errs)
-    assert_spool_matches(app, run.acked, files)  # no temp file, no record or file of a refusal
-    assert echoscu(app.port).returncode == 0
+    seen: list[dict[str, int]] = []
+    for attempt in range(3):
+        disk = tmpfs(f"disk{attempt}", size="128m")
+        app = factory(disk, reserve_mb=0)
+        offset = log_size(app)
+        with DiskSqueeze(disk, app.state_dir, when, "128m") as squeeze:
+            run = run_storescu(app.port, files, tmp_path / f"run1-{attempt}.log")
+        by_status = refusals(app, offset)
+        errs = [(e["event"], e.get("errno"), e.get("error"), e.get("error_type"))
+                for e in log_events(app, offset) if e.get("event", "").startswith("store.")]
+        print(f"\ndisk filled {squeeze.hits} times during a {when}: {len(run.acked)} stored,"
+              f" refusals {by_status}, {errs}")
+        assert squeeze.hits >= 1
+        # A squeeze makes that store fail; the next one may then meet the still-full disk at
+        # the reserve check (0xA700) or be stored after the size is restored.
+        assert len(run.acked) + len(run.with_response(OUT_OF_RESOURCES)) == len(files), run.outcome
+        assert set(by_status) <= {"0xA700", "0xA701"}, (by_status, errs)
+        assert_spool_matches(app, run.acked, files)  # no temp file, no record or file of a refusal
+        assert echoscu(app.port).returncode == 0
+        seen.append(by_status)
+        if by_status.get("0xA701", 0) >= 1:
+            break
+    assert seen[-1].get("0xA701", 0) >= 1, f"no store failed in its {when} in 3 attempts: {seen}"
 
     refused = [f for f in files if f not in run.acked]
     run2 = run_storescu(app.port, refused, tmp_path / "run2.log")
