@@ -9,7 +9,9 @@ drive_add/device_add): it is refused, the result file on it gives the check's er
 line, and the daemon keeps the site config and is not restarted. The same boot also shows
 the clock (chrony, its state on /data) and, last, the hardware watchdog: an NMI panics
 the guest and QEMU's i6300esb, armed by systemd's RuntimeWatchdogSec=, resets it. The
-sticks are files
+reset's second boot shows what the first left on /data: the machine id GRUB passes again
+and, after an ACPI power-off, the journal (read from the disk, a copy of the image)
+listing both boots. The sticks are files
 made with mkfs.vfat and mtools (no loop mounts) and read back with mtools once the guest
 says it has unmounted them. Run with `make image-test` (marker image).
 """
