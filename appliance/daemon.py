@@ -11,14 +11,11 @@ code and systemd sees it):
 4. bind the DICOM listeners and the control socket, start the pack and forward loops;
 5. tell systemd READY=1.
 
-Shutdown (SIGTERM/SIGINT) runs in reverse: stop accepting associations, give running
-associations up to `receive.dimse_timeout_s` to finish (an instance they are sending is
-either committed before its Success or not acknowledged at all, so cutting them short
-loses nothing acknowledged), let the pack and forward loops finish their step (a send
-still running after FORWARD_STOP_GRACE_S is cut short: Forwarder.stop) - all by that one
-deadline, whatever a PACS does (the default 60 s is inside the unit's TimeoutStopSec=90) -
-close the transports and the worker pool, then close the index. A step cut short by a
-stop or a kill is redone at the next start (see pack.py and queue.py for why that is safe).
+Shutdown (SIGTERM/SIGINT) runs in reverse: the update worker and the ops link end, the
+receive, pack and forward stages stop by one deadline, `receive.dimse_timeout_s`, whatever
+a PACS does (stopping.py; the default 60 s is inside the unit's TimeoutStopSec=90), then
+the control socket, the metrics and the index close. A step cut short by a stop or a kill
+is redone at the next start (see pack.py and queue.py for why that is safe).
 """
 
 from __future__ import annotations
@@ -27,17 +24,15 @@ import contextlib
 import fcntl
 import hashlib
 import os
-import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import FrameType
 from typing import Any, cast
 
 import structlog
 
-from appliance import __version__
+from appliance import __version__, stopping
 from appliance.audit import AuditTrail
 from appliance.audit import repository as audit_repository
 from appliance.audit.trail import destination as audit_destination
@@ -77,8 +72,6 @@ log = structlog.get_logger("appliance.daemon")
 
 WATCHDOG_INTERVAL_S = 5.0
 IDLE_POLL_S = 0.5
-POOL_STOP_GRACE_S = 5.0
-FORWARD_STOP_GRACE_S = 5.0  # at a stop, a send in progress may finish within this, else it is cut
 
 
 def watchdog_interval(env: dict[str, str] | None = None) -> float:
@@ -100,12 +93,6 @@ def forward_deadline(cfg: Config) -> float:
     waits = [2 * d.timeout_s + (d.commitment_timeout_s if d.storage_commitment else 0)
              + (convert if d.transport in ("dicom", "dicomweb") else 0) for d in cfg.destinations]
     return cfg.health.stall_s + max(waits, default=0)
-
-
-def join_all(threads: Sequence[threading.Thread], until: float) -> None:
-    """Wait for the threads to end, all by one monotonic deadline."""
-    for t in threads:
-        t.join(max(0.0, until - time.monotonic()))
 
 
 def build_transport(dest: Destination, cfg: Config) -> Transport:
@@ -310,7 +297,7 @@ class Daemon:
             self.link = ops_link.build(cfg, sup, self.snapshot, self.commands.handle, self._on_config)
         status = ControlServer(cfg.control_socket, self._control_handlers())
         self.metrics = health_metrics.build(cfg, sup.snapshot().keys(), self.snapshot, self._metrics_extra)
-        self._install_signals()
+        stopping.install_signals(self.stop_event)
         try:
             self.listeners = receiver.start()
             status.start()
@@ -341,23 +328,9 @@ class Daemon:
             log.info("appliance.stopping")
             self.updates.stop()  # no fetch worker outlives us; its outcome while the link is on
             self._stop_link()  # `online` false now: the box is going away
-            # one deadline for the whole stop (associations, then every stage), not one
-            # per thread; a send still running after a short grace is cut short (a hung
-            # PACS must not hold the stop past systemd's TimeoutStopSec) and is sent
-            # again after the next start
-            stop_by = time.monotonic() + cfg.receive.dimse_timeout_s
-            receiver.stop()
-            self._drain(stop_by - time.monotonic())
-            self.wake_pack.set()
-            self.wake_forward.set()
-            self.wake_probe.set()
-            join_all(lanes, min(stop_by, time.monotonic() + FORWARD_STOP_GRACE_S))
-            forwarder.stop()
-            join_all(workers, stop_by)
-            forwarder.close()
-            # a job still running (the pack loop was not joined in time) is cut short:
-            # its segment stays sealed and is packed again at the next start
-            pool.close(cancel_futures=True, grace_s=POOL_STOP_GRACE_S)
+            stopping.stop_work(cfg.receive.dimse_timeout_s, receiver, self.stats,
+                               (self.wake_pack, self.wake_forward, self.wake_probe),
+                               lanes, workers, forwarder, pool)
             status.stop()
             self._stop_metrics()
             index.close()
@@ -566,20 +539,6 @@ class Daemon:
             if not busy:
                 wake.wait(IDLE_POLL_S)
                 wake.clear()
-
-    def _drain(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while self.stats.associations_active and time.monotonic() < deadline:
-            time.sleep(0.05)
-
-    def _install_signals(self) -> None:
-        def stop(signum: int, frame: FrameType | None) -> None:
-            log.info("signal", signal=signal.Signals(signum).name)
-            self.stop_event.set()
-        for s in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(s, stop)
-        with contextlib.suppress(AttributeError):
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
     def status_line(self) -> str:
         s = self.stats.snapshot()

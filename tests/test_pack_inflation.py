@@ -25,7 +25,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEG2000Lossless
 from appliance.bundle import format as bundle
 from appliance.core import crypto, part10
 from appliance.core.config import Pack
-from appliance.pack import codec
+from appliance.pack import codec, elements
 from appliance.pack import packer as packer_mod
 from appliance.pack import stream as stream_pack
 from appliance.pack.packer import Packer
@@ -138,6 +138,7 @@ def test_after_the_workers_died_on_a_deflated_instance_it_is_passed_through_unpa
         stored = spool_bomb(box.spool, bomb)
         for name in ("compress", "decompress", "_parse_dataset"):
             monkeypatch.setattr(codec, name, forbidden)
+        monkeypatch.setattr(elements, "_parse_dataset", forbidden)  # where codec's helpers find it
         monkeypatch.setattr(part10, "inflate", forbidden)
         monkeypatch.setattr(zlib, "decompressobj", forbidden)
         monkeypatch.setattr(zlib, "decompress", forbidden)

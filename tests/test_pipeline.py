@@ -179,6 +179,9 @@ def test_queue_commands_racing_the_forwarder_go_through_the_daemon(
     app = appliance_factory(cfg, root=root)
     files = sorted((samples / "series" / "CT_Philips_Ingenuity_phantom_28sl").iterdir())
     assert storescu(app.port, files).returncode == 0
+    # The race starts with the first bundle queued (packing starts when the burst has ended,
+    # which a loaded machine can delay past the 8 s the commands run for).
+    wait_for(lambda: _queue(app), timeout=60, what="a first bundle queued")
     outcomes: dict[str, int] = {}
     deadline = time.monotonic() + 8
     while time.monotonic() < deadline:

@@ -56,8 +56,10 @@ def test_only_the_queue_writes_the_state_column() -> None:
                         r"|INSERT\s+INTO\s+(segments|deliveries))", re.I)
     offenders = []
     for path in (REPO / "appliance").rglob("*.py"):
-        # the store, and the index's schema migrations (which carry rows forward)
-        if path.relative_to(REPO).as_posix() in ("appliance/queue/store.py", "appliance/queue/index.py"):
+        # the store (queue/store.py, and its transitions in queue/transitions.py), and the
+        # index's schema migrations (which carry rows forward)
+        if path.relative_to(REPO).as_posix() in ("appliance/queue/store.py", "appliance/queue/transitions.py",
+                                                 "appliance/queue/index.py"):
             continue
         offenders += [f"{path.relative_to(REPO)}:{n}" for n, line in
                       enumerate(path.read_text().splitlines(), 1) if writes.search(line)]

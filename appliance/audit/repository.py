@@ -69,6 +69,7 @@ BATCH = 200  # messages written before the cursor is made durable
 TIMEOUT_S = 15.0  # connect, TLS handshake, each write
 BACKOFF_MIN_S = 0.5  # doubled at each failure: the first wait is 1 s
 BACKOFF_MAX_S = 60.0
+STOP_WAIT_S = 5.0  # at the daemon's stop: how long the sender may take to send what waits
 SETTLE_S = 1.0  # after a handshake: how long a repository may take to end the session
 POLL_S = 1.0  # another process (the CLI) may write the trail: looked at this often
 MAX_LINE = 16 << 20  # a trail line longer than this is not ours: skipped, never read whole
@@ -372,7 +373,7 @@ class Sender:
         self._thread = threading.Thread(target=self._run, name="audit-repository", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout_s: float = 5.0) -> None:
+    def stop(self, timeout_s: float = STOP_WAIT_S) -> None:
         self._stop.set()
         self._wake.set()
         if self._thread is not None:

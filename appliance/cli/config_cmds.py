@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from appliance import stopping
 from appliance.core import config, crypto, durable, sandbox
 from appliance.core.errors import ConfigError, KeyFileError, UsageError
 from appliance.ops import cli as ops_cli
@@ -76,11 +77,13 @@ def print_set_by(cfg: config.Config, set_by: dict[str, list[str]]) -> None:
 def check(cfg: config.Config, systemd: bool = False,
           unit_dir: Path = sandbox.UNIT_DIR) -> tuple[list[tuple[str, str]], list[str]]:
     """What `config check` checks beyond parsing (the files the config names, the ops
-    link's, the unit's writable paths when asked or installed): (problems, warnings)."""
+    link's, the unit's writable paths when asked or installed, its stop timeout):
+    (problems, warnings)."""
     found = check_files(cfg)
     ops_found, warnings = ops_cli.check(cfg)
     found += ops_found
     warnings += handoff.watch_warnings(cfg, (unit_dir, *sandbox.UNIT_SEARCH[1:]))
+    warnings += stopping.timeout_warnings(cfg, (unit_dir, *sandbox.UNIT_SEARCH[1:]))
     if systemd or sandbox.unit_installed():
         found += sandbox.problems(cfg, sandbox.granted(unit_dir), sandbox.dropin_path(unit_dir))
     return found, warnings

@@ -87,6 +87,12 @@ syntax: JPEG 2000, JPEG-LS and RLE are installed; the JPEG family (baseline, ext
 lossless) would need pylibjpeg-libjpeg or gdcm, so those raise CodecError.
 Verification decodes with the same libraries that encoded (OpenJPEG, CharLS): they are
 the only decoders installed.
+
+The codec is four modules: this one (the codec table, `compress`, `decompress` and the
+verification), `pack.reasons` (REASONS, Result, CodecError), `pack.elements` (the data
+set as top-level elements with their byte spans: parse, splice, implicit -> explicit
+VR) and `pack.pixels` (the stored pixel values and their layout). This module
+re-exports the names others use from the three.
 """
 
 from __future__ import annotations
@@ -94,19 +100,13 @@ from __future__ import annotations
 import io
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from pydicom.charset import convert_encodings, default_encoding
-from pydicom.dataelem import DataElement, RawDataElement
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filereader import data_element_generator
-from pydicom.filewriter import write_data_element, write_dataset
+from pydicom.dataset import FileMetaDataset
 from pydicom.pixels.utils import decompress as _pydicom_decompress
 from pydicom.pixels.utils import iter_pixels
-from pydicom.tag import BaseTag, Tag
+from pydicom.tag import Tag
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -116,11 +116,65 @@ from pydicom.uid import (
     JPEG2000Lossless,
     JPEGLSLossless,
 )
-from pydicom.values import convert_string
 
 from appliance.core import part10
+from appliance.pack.elements import (
+    _EOT_TAGS,
+    _FLOAT_PIXEL_TAGS,
+    _PIXEL_DATA,
+    _PLANAR_CONFIGURATION,
+    _add,
+    _checked_explicit,
+    _dataset_bytes,
+    _element_bytes,
+    _native_encoding,
+    _parse_dataset,
+    _Parsed,
+    _same_elements,
+    _splice,
+    _split_part10,
+    _to_explicit,
+)
+from appliance.pack.pixels import _Image, _int, _Layout, _layout, _source_image, decoded_length
+from appliance.pack.reasons import REASONS, Action, CodecError, Result, _Pass
 
-__all__ = ["CODECS", "REASONS", "CodecError", "Result", "compress", "decompress"]
+__all__ = [
+    "CODECS",
+    "REASONS",
+    "Action",
+    "CodecError",
+    "MAX_INFLATED",
+    "MAX_OUTPUT",
+    "Result",
+    "_CODEC_NAMES",
+    "_EOT_TAGS",
+    "_FLOAT_PIXEL_TAGS",
+    "_Image",
+    "_Layout",
+    "_PIXEL_DATA",
+    "_PLANAR_CONFIGURATION",
+    "_Parsed",
+    "_Pass",
+    "_add",
+    "_checked_explicit",
+    "_dataset_bytes",
+    "_decode_frames",
+    "_element_bytes",
+    "_int",
+    "_layout",
+    "_native_encoding",
+    "_parse_dataset",
+    "_passthrough",
+    "_pydicom_decompress",
+    "_same_elements",
+    "_source_image",
+    "_splice",
+    "_split_part10",
+    "_to_explicit",
+    "compress",
+    "decoded_length",
+    "decompress",
+]
 
 # codec name -> (transfer syntax, pydicom encoding plugin, extra encoder options)
 CODECS: dict[str, tuple[UID, str, dict[str, Any]]] = {
@@ -129,408 +183,13 @@ CODECS: dict[str, tuple[UID, str, dict[str, Any]]] = {
 }
 _CODEC_NAMES = (*CODECS, "none")
 
-# Every reason `compress` can give, and what it means. "ok" is the only one for
-# action="compressed". Reasons starting with "verify-" mean the codec is broken: log them
-# as errors. "bits-allocated-N" exists for every N other than 8 and 16.
-REASONS: dict[str, str] = {
-    "ok": "compressed, and verified when verify=True",
-    "codec-none": "codec 'none' configured",
-    "unparseable": "not a Part-10 file pydicom can parse (header, meta or dataset)",
-    "duplicate-element": "a top-level element occurs twice: which one is meant?",
-    "no-file-meta": "no 128-byte preamble + 'DICM' + file meta",
-    "no-transfer-syntax": "file meta has no (0002,0010)",
-    "unknown-transfer-syntax": "(0002,0010) is not a transfer syntax we know",
-    "transfer-syntax-mismatch": "dataset encoding differs from the one (0002,0010) declares",
-    "big-endian": "Explicit VR Big Endian (retired) is not converted",
-    "already-compressed": "encapsulated transfer syntax",
-    "no-pixel-data": "no (7FE0,0010) Pixel Data: not an image",
-    "float-pixels": "Float / Double Float Pixel Data",
-    "bits-allocated-1": "1-bit (bit-packed) pixel data",
-    "bits-allocated-32": "32-bit pixel data",
-    "bad-pixel-attributes": "Rows/Columns/Bits/Samples/Frames missing or invalid",
-    "bad-pixel-data": "Pixel Data element not a plain native value",
-    "pixel-data-length-mismatch": "Pixel Data length differs from what the attributes say",
-    "pixels-outside-bits-stored": "stored values use bits above Bits Stored: lossy to encode",
-    "encode-error": "the encoder rejected the image",
-    "too-large": "would need an Extended Offset Table (> 4 GiB)",
-    "reencode-error": "implicit -> explicit VR rewrite failed",
-    "reencode-mismatch": "implicit -> explicit VR rewrite changed an element",
-    "not-smaller": "compressed file not smaller than the input",
-    "verify-mismatch": "decoded pixels differ from the original",
-    "verify-error": "our own output could not be decoded",
-    "worker-crashed": "the worker process died on this instance, twice (CodecPool only)",
-    "worker-timeout": "compressing it ran past pack.job_timeout_s (+ per MB): worker killed",
-    "pack-error": "reading or identifying it in the worker failed: sent as is, as received",
-    "stream-unsupported": "large instance the streaming path cannot take apart (deflated,"
-                          " header or trailer too long, elements out of order): sent as is",
-    "temp-write-error": "large instance: its compressed temp file could not be written",
-    "inflated-too-large": "deflated data set larger than the cap once inflated (a deflate"
-                          " bomb, or more than the in-memory path holds): sent as is",
-}
-
-Action = Literal["compressed", "passthrough"]
-
 # Defaults for the caps; the appliance passes its configured ones (pack: the in-memory
 # path's size, pack.stream_threshold_mb; forward: receive.max_instance_mb).
 MAX_INFLATED = 64 << 20
 MAX_OUTPUT = 4096 << 20
 
 
-@dataclass(frozen=True)
-class Result:
-    """The outcome of `compress`. `data` is a complete Part-10 file (for a passthrough:
-    the input object itself)."""
-
-    data: bytes = field(repr=False)
-    transfer_syntax: str  # of `data`; "" when the input has none we could read
-    action: Action
-    reason: str  # a key of REASONS
-    input_size: int
-    output_size: int
-    frames: int = 0  # frames encoded (and verified) when compressed
-    notes: tuple[str, ...] = ()  # attribute changes the syntax dictated, see module doc
-
-    @property
-    def ratio(self) -> float:
-        return self.input_size / self.output_size if self.output_size else 1.0
-
-
-class CodecError(ValueError):
-    """`decompress` could not produce an uncompressed version of its input."""
-
-
-class _Pass(Exception):
-    """Internal: stop and pass the input through with `reason`."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-# --- Part-10 structure: preamble, file meta, dataset bytes (core.part10) ----------------
-
-_PIXEL_DATA = part10.PIXEL_DATA
-_EOT_TAGS = (0x7FE00001, 0x7FE00002)  # Extended Offset Table (Lengths)
-_FLOAT_PIXEL_TAGS = (0x7FE00008, 0x7FE00009)
-_PLANAR_CONFIGURATION = 0x00280006
-
-
-def _split_part10(raw: bytes) -> part10.Meta:
-    """The file meta (explicit VR LE, group 0002, after preamble + 'DICM'), or the reason
-    to pass `raw` through."""
-    if len(raw) < part10.META_START:
-        raise _Pass("no-file-meta")
-    try:
-        m = part10.meta(raw)
-    except part10.NotPart10:
-        raise _Pass("no-file-meta") from None
-    except part10.Malformed:  # an unknown VR, two transfer syntaxes, cut short...
-        raise _Pass("unparseable") from None
-    if not m.elements:
-        raise _Pass("no-file-meta")
-    if not m.transfer_syntax:
-        raise _Pass("no-transfer-syntax")
-    return m
-
-
-# --- dataset parsing with element positions ------------------------------------------
-
-
-@dataclass
-class _Parsed:
-    ds: Dataset
-    spans: dict[int, tuple[int, int]]  # top-level tag -> (start, end) in buf
-    end: int  # where the last element ends; buf[end:] is the tail (kept verbatim)
-    base: int = 0  # where the dataset starts in buf
-
-
-def _parse_dataset(buf: bytes, implicit: bool, base: int = 0, defer_pixels: bool = False) -> _Parsed:
-    """Parse the dataset in buf[base:] (no meta) and note where each top-level element
-    lies (offsets in `buf`, so callers need not copy the dataset out of a Part-10 file).
-
-    With `defer_pixels`, a top-level Pixel Data value of defined length is not copied:
-    its element holds a memoryview of `buf` (for `_source_image`; the caller must replace
-    the element before anything writes the dataset)."""
-    if len(buf) - base >= 8 and part10.looks_explicit(buf, base) == implicit:
-        raise _Pass("transfer-syntax-mismatch")
-    fp = io.BytesIO(buf)  # shares a bytes object: no copy
-    fp.seek(base)
-    elems: dict[BaseTag, Any] = {}
-    spans: dict[int, tuple[int, int]] = {}
-    stopped: list[tuple[str | None, int]] = []
-
-    def at_pixels(tag: BaseTag, vr: str | None, length: int) -> bool:
-        if tag == _PIXEL_DATA and length not in (0, 0xFFFFFFFF) and not stopped:
-            stopped.append((vr, length))
-            return True
-        return False
-
-    encoding: str | list[str] = default_encoding
-    try:
-        while True:
-            gen = data_element_generator(fp, implicit, True, encoding=encoding,
-                                         stop_when=at_pixels if defer_pixels else None)
-            while True:
-                start = fp.tell()
-                try:
-                    elem = next(gen)
-                except StopIteration:
-                    break
-                _add(elems, spans, elem, start, fp.tell())
-            if not stopped or _PIXEL_DATA in spans:
-                break
-            vr, length = stopped[0]
-            start = fp.tell()
-            value = start + (8 if implicit or vr is None else part10.header_length(vr.encode()))
-            if value + length > len(buf):  # cut short: let pydicom read it as before
-                defer_pixels = False
-                continue
-            elem = RawDataElement(BaseTag(_PIXEL_DATA), vr, length,
-                                  memoryview(buf)[value : value + length],  # type: ignore[arg-type]
-                                  value, implicit, True)
-            _add(elems, spans, elem, start, value + length)
-            fp.seek(value + length)
-            defer_pixels = False
-            cs = elems.get(BaseTag(0x00080005))
-            if cs is not None and cs.value:  # what the generator would carry on with
-                encoding = convert_encodings(convert_string(cs.value, True))
-    except _Pass:
-        raise
-    except Exception:
-        raise _Pass("unparseable") from None
-    end = fp.tell()
-    ds = Dataset(elems)
-    cs = ds.get("SpecificCharacterSet")
-    ds.set_original_encoding(implicit, True, convert_encodings(cs) if cs else default_encoding)
-    return _Parsed(ds, spans, end, base)
-
-
-def _add(elems: dict[BaseTag, Any], spans: dict[int, tuple[int, int]], elem: Any,
-         start: int, end: int) -> None:
-    tag = int(elem.tag)
-    if tag in spans:
-        raise _Pass("duplicate-element")  # which one is meant?
-    elems[elem.tag] = elem
-    spans[tag] = (start, end)
-
-
-def _element_bytes(elem: DataElement) -> bytes:
-    """One element encoded as explicit VR little endian."""
-    fp = DicomBytesIO()
-    fp.is_little_endian = True
-    fp.is_implicit_VR = False
-    write_data_element(fp, elem)
-    return fp.getvalue()
-
-
-def _splice(buf: bytes, parsed: _Parsed, replace: dict[int, bytes | None]) -> bytes:
-    """`buf` with top-level elements replaced (bytes), removed (None) or inserted, the
-    rest byte for byte (`part10.splice`)."""
-    return part10.splice(buf, parsed.spans, parsed.base, parsed.end, replace)
-
-
-def _to_explicit(parsed: _Parsed, buf: bytes) -> bytes:
-    """Rewrite an implicit VR LE dataset (possibly already modified in `parsed.ds`) as
-    explicit VR LE with pydicom; the tail after the last element is kept verbatim."""
-    fp = DicomBytesIO()
-    fp.is_little_endian = True
-    fp.is_implicit_VR = False
-    try:
-        write_dataset(fp, parsed.ds)
-    except Exception:
-        raise _Pass("reencode-error") from None
-    return fp.getvalue() + buf[parsed.end :]
-
-
-def _same_elements(a: Dataset, b: Dataset, skip: frozenset[int] = frozenset()) -> bool:
-    """Element-by-element value equality (recursing into sequences), ignoring group
-    lengths and the tags in `skip`."""
-    # (iterating a Dataset yields elements, hence .keys())
-    ta = {int(t) for t in a.keys() if t.element != 0 and int(t) not in skip}  # noqa: SIM118
-    tb = {int(t) for t in b.keys() if t.element != 0 and int(t) not in skip}  # noqa: SIM118
-    if ta != tb:
-        return False
-    for t in ta:
-        ea, eb = a[t], b[t]
-        if ea.VR == "SQ" or eb.VR == "SQ":
-            if ea.VR != eb.VR or len(ea.value) != len(eb.value):
-                return False
-            if not all(_same_elements(x, y) for x, y in zip(ea.value, eb.value, strict=True)):
-                return False
-        elif ea.value != eb.value:
-            return False
-    return True
-
-
-def _checked_explicit(original: bytes, parsed: _Parsed, skip: frozenset[int]) -> bytes:
-    """`_to_explicit`, then prove every element (but `skip`) still has its value."""
-    out = _to_explicit(parsed, original)
-    try:
-        again = _parse_dataset(out, implicit=False)
-        fresh = _parse_dataset(original, implicit=True, base=parsed.base)
-        same = _same_elements(fresh.ds, again.ds, skip)
-    except Exception:
-        raise _Pass("reencode-error") from None
-    if not same:
-        raise _Pass("reencode-mismatch")
-    return out
-
-
-def _native_encoding(transfer_syntax: str) -> str:
-    """"explicit", "implicit" or "deflated" for the little-endian native syntaxes, or the
-    reason this codec takes no other (nothing is read or inflated here)."""
-    ts = UID(transfer_syntax)
-    if ts == ExplicitVRLittleEndian:
-        return "explicit"
-    if ts == ImplicitVRLittleEndian:
-        return "implicit"
-    if ts == DeflatedExplicitVRLittleEndian:
-        return "deflated"
-    if ts == ExplicitVRBigEndian:
-        raise _Pass("big-endian")
-    if ts.is_transfer_syntax and ts.is_encapsulated:
-        raise _Pass("already-compressed")
-    raise _Pass("unknown-transfer-syntax")
-
-
-def _dataset_bytes(raw: bytes, p: part10.Meta, max_inflated: int) -> tuple[bytes, int, bool, list[str]]:
-    """(buffer, where the dataset starts in it, implicit VR?, notes) for a native
-    little-endian transfer syntax. Not a copy of the dataset unless it was deflated; a
-    deflated one is inflated incrementally and given up past `max_inflated` bytes."""
-    encoding = _native_encoding(p.transfer_syntax)
-    if encoding == "explicit":
-        return raw, p.end, False, []
-    if encoding == "implicit":
-        return raw, p.end, True, ["implicit-vr-converted"]
-    try:
-        return part10.inflate(memoryview(raw)[p.end :], max_inflated), 0, False, ["inflated"]
-    except part10.TooLarge:
-        raise _Pass("inflated-too-large") from None
-    except part10.Malformed:
-        raise _Pass("unparseable") from None
-
-
-# --- pixels ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Image:
-    frames: int
-    rows: int
-    columns: int
-    samples: int
-    planar: int
-    values: np.ndarray  # (frames, rows, columns, samples): the raw stored values
-
-
-def _int(ds: Dataset, keyword: str, default: int | None = None) -> int:
-    v = ds.get(keyword, default)
-    if v is None or v == "":
-        if default is None:
-            raise _Pass("bad-pixel-attributes")
-        return default
-    return int(v)
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """The Image Pixel attributes that say how native Pixel Data is laid out."""
-
-    frames: int
-    rows: int
-    columns: int
-    samples: int
-    planar: int
-    bits_allocated: int
-    bits_stored: int
-    signed: int
-
-    @property
-    def expected_length(self) -> int:
-        return self.rows * self.columns * self.samples * self.frames * self.bits_allocated // 8
-
-    @property
-    def frame_length(self) -> int:
-        return self.rows * self.columns * self.samples * self.bits_allocated // 8
-
-    @property
-    def dtype(self) -> np.dtype[Any]:
-        return np.dtype(f"<{'i' if self.signed else 'u'}{self.bits_allocated // 8}")
-
-    def shape(self, values: np.ndarray, frames: int) -> np.ndarray:
-        """`frames` frames of stored values as (frames, rows, columns, samples),
-        colour-by-pixel whatever the Planar Configuration."""
-        if self.samples > 1 and self.planar == 1:
-            return values.reshape(frames, self.samples, self.rows, self.columns).transpose(0, 2, 3, 1)
-        return values.reshape(frames, self.rows, self.columns, self.samples)
-
-    def check_range(self, values: np.ndarray) -> None:
-        """Refuse stored values with bits above Bits Stored (the encoders drop them)."""
-        if self.bits_stored < self.bits_allocated and values.size:
-            bs = self.bits_stored
-            lo, hi = (-(1 << (bs - 1)), (1 << (bs - 1)) - 1) if self.signed else (0, (1 << bs) - 1)
-            if int(values.min()) < lo or int(values.max()) > hi:
-                raise _Pass("pixels-outside-bits-stored")
-
-
-def _layout(ds: Dataset) -> _Layout:
-    """The pixel layout of `ds` (which must hold Pixel Data), or a reason not to try."""
-    try:
-        bits_allocated = _int(ds, "BitsAllocated")
-        if bits_allocated not in (8, 16):
-            raise _Pass(f"bits-allocated-{bits_allocated}")
-        rows, columns = _int(ds, "Rows"), _int(ds, "Columns")
-        samples = _int(ds, "SamplesPerPixel")
-        bits_stored = _int(ds, "BitsStored")
-        signed = _int(ds, "PixelRepresentation")
-        frames = _int(ds, "NumberOfFrames", 1)
-        planar = _int(ds, "PlanarConfiguration", 0) if samples > 1 else 0
-    except _Pass:
-        raise
-    except Exception:
-        raise _Pass("bad-pixel-attributes") from None
-    if (min(rows, columns, samples, frames, bits_stored) < 1 or samples not in (1, 3)
-            or bits_stored > bits_allocated or signed not in (0, 1) or planar not in (0, 1)):
-        raise _Pass("bad-pixel-attributes")
-    return _Layout(frames, rows, columns, samples, planar, bits_allocated, bits_stored, signed)
-
-
-def decoded_length(ds: Dataset) -> int:
-    """Bytes of native Pixel Data the Image Pixel attributes of `ds` describe (what
-    pydicom's decoders produce for it); CodecError when they are missing or invalid."""
-    try:
-        rows, columns = int(ds.Rows), int(ds.Columns)
-        samples = int(ds.get("SamplesPerPixel", 1) or 1)
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        bits = int(ds.BitsAllocated)
-    except Exception:
-        raise CodecError("bad-pixel-attributes") from None
-    if min(rows, columns, samples, frames, bits) < 1:
-        raise CodecError("bad-pixel-attributes")
-    return (rows * columns * samples * frames * bits + 7) // 8
-
-
-def _source_image(ds: Dataset) -> _Image:
-    """The stored pixel values exactly as they are in the file, or a reason not to try."""
-    if _PIXEL_DATA not in ds:
-        floaty = any(t in ds for t in _FLOAT_PIXEL_TAGS)
-        raise _Pass("float-pixels" if floaty else "no-pixel-data")
-    lay = _layout(ds)
-    try:
-        px = ds.get_item(_PIXEL_DATA)
-        value = px.value
-        undefined = px.is_undefined_length if isinstance(px, DataElement) else px.length == 0xFFFFFFFF
-    except Exception:
-        raise _Pass("bad-pixel-data") from None
-    if undefined or not isinstance(value, bytes | memoryview):
-        raise _Pass("bad-pixel-data")
-    expected = lay.expected_length
-    if not (len(value) == expected or (expected % 2 and len(value) == expected + 1)):
-        raise _Pass("pixel-data-length-mismatch")
-    count = lay.rows * lay.columns * lay.samples * lay.frames
-    values = lay.shape(np.frombuffer(value, dtype=lay.dtype, count=count), lay.frames)
-    lay.check_range(values)
-    return _Image(lay.frames, lay.rows, lay.columns, lay.samples, lay.planar, values)
+# --- verification ---------------------------------------------------------------------
 
 
 def _decode_frames(part10: bytes) -> Iterator[np.ndarray]:

@@ -20,95 +20,62 @@ and a copy for a copy destination (`copy_to`, `make_copies`; queue/routes.py). T
 goes with the last item that needs it. `route`: where a routing rule sent the study.
 
 `backoff` is pure.
+
+Three modules: this one (`Queue`, the files and the operations on items), `queue/records.py`
+(`Item`, `DestinationRow`, `AwaitingReceipt`, the priorities, `backoff`) and
+`queue/transitions.py` (`transition`, and the rows that open segments, parked instances
+and copies, inside a caller's transaction). This module re-exports every name of the two.
 """
 
 from __future__ import annotations
 
-import random
-import sqlite3
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.core import durable
 from appliance.core.errors import NotFoundError, StateError
 from appliance.queue import routes
-from appliance.queue import state as machine
 from appliance.queue.index import Index
+from appliance.queue.records import (
+    PRIORITY_ROUTINE,
+    PRIORITY_STAT,
+    AwaitingReceipt,
+    DestinationRow,
+    Item,
+    _item,
+    backoff,
+)
 from appliance.queue.state import STATES
+from appliance.queue.transitions import (
+    _deliver,
+    _scope,
+    open_copy,
+    open_parked,
+    open_segment,
+    raise_priority,
+    transition,
+)
 
-PRIORITY_STAT = 10
-PRIORITY_ROUTINE = 0
+__all__ = [
+    "PRIORITY_ROUTINE",
+    "PRIORITY_STAT",
+    "AwaitingReceipt",
+    "DestinationRow",
+    "Item",
+    "Queue",
+    "_deliver",
+    "_item",
+    "_scope",
+    "backoff",
+    "open_copy",
+    "open_parked",
+    "open_segment",
+    "raise_priority",
+    "transition",
+]
 
 _RANK = {"suspect": 0, "parked": 1, "delivered": 2}  # which record of an instance wins
-
-
-def backoff(attempts: int, min_s: float, max_s: float, rng: random.Random) -> float:
-    """Delay before the next attempt: exponential in attempts, full jitter, clamped.
-
-    attempt 1 waits up to min_s, attempt n up to min_s * 2**(n-1), never more than max_s
-    and never less than min_s / 2 (so a flapping peer is not hammered).
-    """
-    ceiling = min(max_s, min_s * (2 ** max(0, attempts - 1)))
-    return max(min_s / 2, rng.uniform(0, ceiling))
-
-
-@dataclass(frozen=True)
-class DestinationRow:
-    """A destination's health as the index keeps it (the `destinations` table)."""
-
-    up: bool
-    since: float
-    failures: int
-    probes: int
-    last_error: str | None
-    next_probe: float
-
-
-@dataclass(frozen=True)
-class AwaitingReceipt:
-    """A bundle (or a copy of one) delivered to a destination with receipts, whose
-    receipt has not come. `bundle_id`: the bundle file uploaded, which the center's
-    receipt names (a copy's parent; the item itself otherwise)."""
-
-    item_id: str
-    delivered: float
-    instances: int
-    bundle_id: str
-
-
-@dataclass(frozen=True)
-class Item:
-    id: str
-    study_key: str
-    state: str
-    priority: int
-    instances: int
-    bytes: int
-    bundle_bytes: int
-    attempts: int
-    next_attempt: float
-    created: float
-    updated: float
-    reason: str | None
-    destination: str | None
-    progress: int
-    parent: str | None = None  # a parked instance: the bundle whose file holds it
-    only_index: int | None = None  # ... and its index in that bundle's manifest
-    incomplete: int = 0  # acknowledged instances that could not be read back at packing
-    route: tuple[str, ...] | None = None  # the destinations a rule named; None: all
-    copy_to: str | None = None  # a copy (or a parked instance of one): its one destination
-
-    @property
-    def bundle_id(self) -> str:
-        """The id of the bundle file that holds this item's instances."""
-        return self.parent or self.id
-
-    @property
-    def is_copy(self) -> bool:
-        """A copy of a bundle for a copy destination (not a parked instance)."""
-        return self.copy_to is not None and self.only_index is None
 
 
 class Queue:
@@ -536,132 +503,3 @@ class Queue:
                 c.execute("DELETE FROM bundle_instances WHERE item_id=?", (r["id"],))
             self._drop_file_if_unused(r["parent"] or r["id"])
         return len(rows)
-
-
-def transition(conn: sqlite3.Connection, item_id: str, event: str, now: float,
-               delivery: str | None = None, **cols: object) -> str | None:
-    """Move one item by `event` inside the caller's transaction; the only writer of `state`.
-
-    Sets `cols` too (reason, attempts, ...). Returns the new state (None: the item was
-    removed). Raises NotFoundError for an unknown id, StateError (naming what the event
-    needs) when the event does not apply to the item's state. The row is read and written
-    in one transaction (BEGIN IMMEDIATE), so nothing can change it in between.
-
-    The item's delivery at its destination (`cols["destination"]` for a claim, else the
-    one it was last claimed for) moves with it: by the event `delivery`, or the one
-    `queue.state.DELIVERY_ON` names for `event`.
-    """
-    row = conn.execute("SELECT state, destination FROM segments WHERE id=?", (item_id,)).fetchone()
-    if row is None:
-        raise NotFoundError(f"no queue item {item_id!r}")
-    try:
-        target = machine.next_state(row["state"], event)
-    except machine.Invalid as e:
-        raise StateError(f"queue item {item_id} {e}") from None
-    if target is machine.GONE:
-        conn.execute("DELETE FROM segments WHERE id=?", (item_id,))
-        conn.execute("DELETE FROM deliveries WHERE item_id=?", (item_id,))
-        return None
-    cols.setdefault("updated", now)
-    sets = "".join(f", {k}=?" for k in cols)
-    conn.execute(f"UPDATE segments SET state=?{sets} WHERE id=?",  # noqa: S608
-                 (target, *cols.values(), item_id))
-    dest = cols.get("destination", row["destination"])
-    move = delivery or machine.DELIVERY_ON.get(event)
-    if move is not None and isinstance(dest, str):
-        _deliver(conn, item_id, dest, move, now, cols)
-    return target
-
-
-def _deliver(conn: sqlite3.Connection, item_id: str, dest: str, event: str, now: float,
-             cols: dict[str, object]) -> None:
-    """Move the (item, destination) delivery by `event` (inside `transition`'s transaction)."""
-    row = conn.execute("SELECT state FROM deliveries WHERE item_id=? AND destination=?",
-                       (item_id, dest)).fetchone()
-    try:
-        target = machine.next_delivery(None if row is None else row["state"], event)
-    except machine.Invalid as e:
-        raise StateError(f"queue item {item_id}: its delivery to {dest} {e}") from None
-    if row is None:
-        conn.execute("INSERT INTO deliveries(item_id, destination, state, attempts, started, updated)"
-                     " VALUES (?,?,?,1,?,?)", (item_id, dest, target, now, now))
-        return
-    sets: dict[str, object] = {"state": target, "updated": now}
-    if event == "claim":
-        conn.execute("UPDATE deliveries SET attempts=attempts+1 WHERE item_id=? AND destination=?",
-                     (item_id, dest))
-        sets.update(started=now, bytes_done=0, next_attempt=0)
-    elif event == "delivered":
-        sets["delivered"] = now
-    else:
-        sets.update(last_error=cols.get("reason"), next_attempt=cols.get("next_attempt", 0))
-    assign = ", ".join(f"{k}=?" for k in sets)
-    conn.execute(f"UPDATE deliveries SET {assign} WHERE item_id=? AND destination=?",  # noqa: S608
-                 (*sets.values(), item_id, dest))
-
-
-def open_parked(conn: sqlite3.Connection, item_id: str, parent: str, idx: int, study_key: str,
-                priority: int, reason: str, now: float, route: str | None = None,
-                copy_to: str | None = None) -> None:
-    """The item of a parked instance: held with the reason (inside the caller's
-    transaction); it keeps the route (and copy destination) of the item it came from."""
-    conn.execute("INSERT INTO segments(id, study_key, state, priority, created, updated, instances,"
-                 " reason, parent, only_index, route, copy_to, copied) VALUES (?,?,?,?,?,?,1,?,?,?,?,?,1)",
-                 (item_id, study_key, machine.BORN["parked"], priority, now, now, reason, parent,
-                  idx, route, copy_to))
-
-
-def open_copy(conn: sqlite3.Connection, bundle: Item, destination: str, now: float) -> None:
-    """A bundle's copy item for a copy destination (inside the caller's transaction):
-    born ready, with the bundle's priority, age and sizes, pinned to `destination`."""
-    conn.execute("INSERT OR IGNORE INTO segments(id, study_key, state, priority, created, updated,"
-                 " instances, bytes, bundle_bytes, incomplete, parent, route, copy_to, copied)"
-                 " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,1)",
-                 (routes.copy_id(bundle.id, destination), bundle.study_key, machine.BORN["copy"],
-                  bundle.priority, bundle.created, now, bundle.instances, bundle.bytes,
-                  bundle.bundle_bytes, bundle.incomplete, bundle.id, routes.text((destination,)),
-                  destination))
-
-
-def open_segment(conn: sqlite3.Connection, seg_id: str, study_key: str, now: float) -> None:
-    """A new segment for a study, in state receiving (inside the spool's transaction). It
-    has the priority and the route the study has already (a stat study's later segments
-    are stat; a routed study's go where its first did)."""
-    conn.execute("INSERT INTO segments(id, study_key, state, created, updated, priority, route)"
-                 " VALUES (?,?,?,?,?, COALESCE((SELECT MAX(priority) FROM segments"
-                 " WHERE study_key=?), 0), (SELECT route FROM segments WHERE study_key=? AND"
-                 " parent IS NULL AND route IS NOT NULL LIMIT 1))",
-                 (seg_id, study_key, machine.BORN["segment"], now, now, study_key, study_key))
-
-
-def _scope(conn: sqlite3.Connection, item_id: str) -> tuple[str, str]:
-    """Where an item's per-instance records go: (bundle id, destination scope). A bundle
-    and its parked instances: (itself, ''), as before; a copy: (its bundle, its destination)."""
-    row = conn.execute("SELECT parent, copy_to, only_index FROM segments WHERE id=?",
-                       (item_id,)).fetchone()
-    if row is None:
-        raise NotFoundError(f"no queue item {item_id!r}")
-    if row["copy_to"] is not None and row["only_index"] is None:
-        return row["parent"], row["copy_to"]
-    return item_id, ""
-
-
-def raise_priority(conn: sqlite3.Connection, study_key: str, priority: int) -> int:
-    """A study found to be `priority` (a routing rule matched one of its instances): every
-    segment of it not yet delivered gets at least that priority, so what is already sealed,
-    packed or waiting goes first too. Inside the spool's transaction; returns the count."""
-    cur = conn.execute("UPDATE segments SET priority=? WHERE study_key=? AND priority<? AND"
-                       " state NOT IN ('delivered', 'failed')", (priority, study_key, priority))
-    return cur.rowcount
-
-
-def _item(r: sqlite3.Row) -> Item:
-    g = r.__getitem__
-    return Item(id=g("id"), study_key=g("study_key"), state=g("state"), priority=g("priority"),
-                instances=g("instances"), bytes=g("bytes"), bundle_bytes=g("bundle_bytes") or 0,
-                attempts=g("attempts"), next_attempt=g("next_attempt"), created=g("created"),
-                updated=g("updated"), reason=g("reason"), destination=g("destination"),
-                progress=g("progress") or 0, parent=g("parent"), only_index=g("only_index"),
-                incomplete=g("incomplete") or 0,
-                route=routes.names(g("route")),
-                copy_to=g("copy_to"))

@@ -4,7 +4,10 @@ Modules: `status` (the pure status / rejection tables), `contexts` (pure: presen
 contexts, association groups, Part-10 offsets), `tls` (TLS contexts, error
 classification, sockets that record failures), `link` (one association: requests,
 responses, streamed C-STOREs, teardown), `commitment` (Storage Commitment waiters and listener),
-`transport` (`DicomTransport`). This docstring holds the decisions for all of them.
+`transport` (`DicomTransport`, put together from `association`: opening one and why it
+did not open, `committing`: the storage commitment request and its report, and
+`instances`: one instance's request, data set and context). This docstring holds the
+decisions for all of them.
 
 One `send` delivers one bundle: the bundle is verified in a first pass, then decrypted
 again instance by instance (`bundle.VerifiedBundle`; no plaintext on disk; large instances

@@ -1,72 +1,78 @@
 """The transport itself: `DicomTransport.send` and what one association does.
 See the package docstring for every decision.
+
+`DicomTransport` is put together from three modules beside this one: `association`
+(`Requester`: opening an association, and why it did not open), `committing`
+(`Committer`: the storage commitment request and its report) and `instances` (one
+instance's C-STORE request, its data set read past the meta, the context it goes in).
+This module keeps `send`, the batches and groups of one bundle, storing each instance
+(as is, streamed or converted), and re-exports the names others import from the three.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import socket
 import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import structlog
-from pydicom.dataset import Dataset
 from pydicom.uid import (
     UID,
     ExplicitVRLittleEndian,
-    generate_uid,
 )
-from pynetdicom import build_context, evt
-from pynetdicom.dimse_primitives import C_ECHO, C_STORE, N_ACTION
-from pynetdicom.dsutils import encode
+from pynetdicom.dimse_primitives import C_ECHO
 
 from appliance.bundle.format import InstanceStream, ManifestEntry, PrivateKey, VerifiedBundle
 from appliance.core.config import Destination, Receive
-from appliance.core.errors import ConfigError, IntegrityError, ListenError
-from appliance.core.listener import resolve
+from appliance.core.errors import ConfigError, IntegrityError
 from appliance.forward import Answer, Permanent, Plan, Retryable, Unreadable, bandwidth, conversion
+from appliance.forward.dicom.association import NoContextAccepted, Requester
 from appliance.forward.dicom.commitment import (
-    REPORT_GRACE_S,
     CommitmentListener,
     Commitments,
-    Waiter,
-    handle_report,
 )
+from appliance.forward.dicom.committing import Committer
 from appliance.forward.dicom.contexts import (
     MAX_CONTEXTS,
-    STORAGE_COMMITMENT_INSTANCE,
     STORAGE_COMMITMENT_PUSH,
     UNCOMPRESSED,
     VERIFICATION,
     Choice,
-    ContextSpec,
     Group,
-    choose_context,
     dataset_offset,
     plan_groups,
-    uid_name,
 )
-from appliance.forward.dicom.link import Link, Lost, bounded, close_socket
-from appliance.forward.dicom.status import COMMITMENT_FAILURES, Outcome, classify_rejection, classify_status
+from appliance.forward.dicom.instances import (
+    MAX_META,
+    META_READ,
+    _choices,
+    _count_conversion,
+    _DataSet,
+    _progress_from,
+    _read_past_meta,
+    _Sent,
+    _store_request,
+    _unconvertible,
+)
+from appliance.forward.dicom.link import Link, Lost
+from appliance.forward.dicom.status import Outcome, classify_status
 from appliance.forward.dicom.tls import (
     ClientContext,
-    Probe,
     ProbedAE,
-    ProbedSocket,
-    classify_tls_error,
     client_context,
     err_text,
     is_ip,
     server_context,
 )
 from appliance.pack import codec
+
+__all__ = ["MAX_CONTEXTS", "MAX_META", "META_READ", "STREAM_THRESHOLD", "DicomTransport",
+           "NoContextAccepted"]
 
 log = structlog.get_logger("appliance.forward.dicom")
 
@@ -77,27 +83,11 @@ log = structlog.get_logger("appliance.forward.dicom")
 # Smaller ones, and the conversions that cannot stream, are read whole and sent with
 # pynetdicom's own send_msg.
 STREAM_THRESHOLD = 64 << 20
-# The File Meta Information of a streamed instance is read in pieces of this size and
-# must end within MAX_META bytes.
-META_READ = 64 << 10
-MAX_META = 1 << 20
 
 # --- the transport ----------------------------------------------------------------------
 
 
-class NoContextAccepted(Permanent):
-    """The PACS answered the association request but took none of its contexts: it is
-    there, and will not take these SOP classes (the instances' fault, not its own)."""
-
-
-@dataclass
-class _Sent:
-    count: int = 0
-    bytes: int = 0
-    converted: dict[str, int] = field(default_factory=dict)  # "from -> to" -> count
-
-
-class DicomTransport:
+class DicomTransport(Requester, Committer):
     """C-STORE SCU to one PACS. See the module documentation for every decision.
 
     `dest` is the [[destinations]] entry (transport "dicom"); `private_key` opens the
@@ -330,75 +320,6 @@ class DicomTransport:
             raise
         link.release()
 
-    def _associate(self, specs: Sequence[ContextSpec], tls_ctx: ClientContext | None,
-                   cancelled: threading.Event | None = None) -> Link:
-        host, port = self.dest.host, self.dest.port
-        assert host is not None and port is not None and self.dest.ae_title is not None
-        contexts = [build_context(abstract, list(ts)) for abstract, ts in specs]
-        tls_args: Any = None
-        if tls_ctx is not None:
-            # pynetdicom passes the name on as wrap_socket(server_hostname=...): None is fine.
-            tls_args = (tls_ctx, host if self._check_hostname else None)
-        try:
-            assoc = self._ae.associate(
-                host, port, contexts=contexts, ae_title=self.dest.ae_title, tls_args=tls_args,
-                evt_handlers=[(evt.EVT_N_EVENT_REPORT, self._same_association_report)])
-        except socket.gaierror:
-            raise Retryable(f"cannot resolve the PACS host name {host!r}") from None
-        except OSError as e:
-            raise Retryable(f"cannot connect to the PACS at {host}:{port}: {err_text(e)}") from None
-        sock = assoc.dul.socket
-        probe = sock.probe if isinstance(sock, ProbedSocket) else Probe()
-        if assoc.is_established:
-            link = Link(assoc, probe, self.timeout, cancelled, self.link_timeout)
-            if (why := link.lost_reason()) is not None:  # TLS 1.3: alert after "success"
-                link.kill()
-                raise self._failure_from_probe(probe) or Retryable(why)
-            return link
-        with contextlib.suppress(Exception):
-            if assoc.is_alive() or assoc.dul.is_alive():
-                bounded(assoc.kill, 5)
-        close_socket(assoc)
-        raise self._failure_from_probe(probe) or self._negotiation_failure(assoc, specs)
-
-    def _failure_from_probe(self, probe: Probe) -> Retryable | Permanent | None:
-        host, port = self.dest.host, self.dest.port
-        if probe.tls_error is not None:
-            permanent, text = classify_tls_error(probe.tls_error)
-            return Permanent(text) if permanent else Retryable(text)
-        e = probe.connect_error
-        if e is None:
-            return None
-        if isinstance(e, TimeoutError | socket.timeout) and probe.connect_timed_out:
-            return Retryable(f"cannot connect to the PACS at {host}:{port}: no answer within"
-                             f" {self.link_timeout:g} s (link_timeout_s)")
-        if isinstance(e, TimeoutError | socket.timeout):
-            return Retryable(f"connecting to the PACS at {host}:{port} timed out after {self.timeout:g} s")
-        if isinstance(e, ConnectionRefusedError):
-            return Retryable(f"the PACS at {host}:{port} refused the connection "
-                             "(not running, or not listening on this port?)")
-        return Retryable(f"cannot connect to the PACS at {host}:{port}: {err_text(e)}")
-
-    def _negotiation_failure(self, assoc: Any, specs: Sequence[ContextSpec]) -> Exception:
-        prim = assoc.acceptor.primitive
-        if assoc.is_rejected and prim is not None:
-            permanent, text = classify_rejection(prim.result, prim.result_source, prim.diagnostic)
-            hint = ""
-            if "calling AE" in text:
-                hint = f" (this appliance calls as {self.calling_ae!r}: is it declared on the PACS?)"
-            elif "called AE" in text:
-                hint = f" (ae_title is {self.dest.ae_title!r}: is that the PACS's AE title?)"
-            if permanent:
-                return Permanent(f"the PACS rejected the association permanently: {text}{hint}")
-            return Retryable(f"the PACS rejected the association for now: {text}{hint}")
-        if assoc.is_aborted and prim is not None and prim.result == 0x00:
-            classes = sorted({uid_name(a) for a, _ in specs if a != STORAGE_COMMITMENT_PUSH})
-            return NoContextAccepted("the PACS accepted none of the proposed presentation contexts: "
-                                     f"it does not accept SOP class {', '.join(classes)}")
-        if assoc.is_aborted:
-            return Retryable("the PACS aborted the association request")
-        return Retryable(f"no answer from the PACS to the association request within {self.timeout:g} s")
-
     # --- instances ---
 
     def _payload(self, entry: ManifestEntry, data: bytes, choice: Choice, sent: _Sent) -> bytes:
@@ -484,200 +405,3 @@ class DicomTransport:
             raise Permanent(text)
         raise Retryable(text)
 
-    # --- storage commitment ---
-
-    def _ensure_listener(self) -> bool:
-        if self.commitment_port is None:
-            return False
-        with self._listener_lock:
-            if self._listener is None:
-                where = f"{self.commitment_bind}:{self.commitment_port}"
-                assert self.dest.host is not None
-                try:
-                    # Who may send reports: the PACS, at what its host name resolves to now.
-                    pacs = resolve(self.dest.host)
-                except OSError:
-                    raise Retryable(f"cannot resolve the PACS host name {self.dest.host!r} "
-                                    "(needed to admit its storage commitment reports)") from None
-                try:
-                    self._listener = CommitmentListener(
-                        self.calling_ae, self.commitment_bind, self.commitment_port,
-                        self._commitments, self.timeout, self._server_context(), self.name, pacs)
-                except ListenError as e:
-                    raise Retryable(str(e)) from None
-                except (OSError, ssl.SSLError) as e:
-                    raise Retryable(f"cannot listen for storage commitment reports on {where}: "
-                                    f"{err_text(e)}") from None
-            return True
-
-    def _commit(self, link: Link, item_id: str, entries: Sequence[ManifestEntry]) -> None:
-        listening = self._ensure_listener()
-        options = link.accepted.get(STORAGE_COMMITMENT_PUSH)
-        if not options:
-            raise Permanent("the PACS does not accept Storage Commitment Push Model "
-                            "(turn storage_commitment off for this destination?)")
-        cx_id, ts = options[0]
-        tuid = generate_uid(prefix=None)  # 2.25.<random 128-bit>: the report's authenticator
-        expected = {e.sop_instance_uid: (e.index, e.sop_class) for e in entries}
-        waiter = self._commitments.expect(tuid, expected)
-        try:
-            ds = Dataset()
-            ds.TransactionUID = tuid
-            refs = []
-            for e in entries:
-                item = Dataset()
-                item.ReferencedSOPClassUID = e.sop_class
-                item.ReferencedSOPInstanceUID = e.sop_instance_uid
-                refs.append(item)
-            ds.ReferencedSOPSequence = refs
-            syntax = UID(ts)
-            req = N_ACTION()
-            req.MessageID = link.next_id()
-            req.RequestedSOPClassUID = STORAGE_COMMITMENT_PUSH
-            req.RequestedSOPInstanceUID = STORAGE_COMMITMENT_INSTANCE
-            req.ActionTypeID = 1
-            req.ActionInformation = BytesIO(encode(ds, syntax.is_implicit_VR, syntax.is_little_endian,
-                                                   syntax.is_deflated) or b"")
-            t0 = time.monotonic()
-            try:
-                rsp = link.request(req, cx_id)
-            except Lost as e:
-                # Orthanc, for one, aborts an N-ACTION from an AE title it does not know.
-                raise Lost(f"{e} (does the PACS know this appliance's AE title "
-                            f"{self.calling_ae!r} and allow it storage commitment?)") from None
-            status = rsp.Status if rsp.is_valid_response else None
-            verdict = classify_status(status)
-            if verdict.outcome not in (Outcome.SUCCESS, Outcome.WARNING):
-                code = "no valid response" if status is None else f"0x{status:04X}"
-                text = f"the PACS answered {code} ({verdict.meaning}) to the storage commitment request"
-                raise Permanent(text) if verdict.outcome is Outcome.PERMANENT else Retryable(text)
-            deadline = t0 + self.commitment_timeout
-            grace = min(deadline, time.monotonic() + REPORT_GRACE_S) if listening else deadline
-            alive = link.wait(grace, waiter.event)
-            if not waiter.event.is_set():
-                if not listening and not alive:
-                    raise Lost("the connection to the PACS was lost before its storage commitment report")
-                if listening:
-                    link.release()
-                    waiter.event.wait(max(0.0, deadline - time.monotonic()))
-            self._judge(item_id, waiter, len(entries), listening)
-        finally:
-            self._commitments.forget(tuid)
-
-    def _judge(self, item_id: str, waiter: Waiter, n: int, listening: bool) -> None:
-        with waiter.lock:
-            complete = waiter.event.is_set()
-            failed = dict(waiter.failed)
-            committed = len(waiter.committed)
-        if not complete:
-            where = (f"on port {self.commitment_port} or on the association" if listening
-                     else "on the association (no commitment_port is set, and the PACS may "
-                          "send its report on a new association)")
-            raise Retryable(f"no complete storage commitment report within {self.commitment_timeout:g} s: "
-                            f"{committed} of {n} instances confirmed; waited {where}")
-        if failed:
-            detail = ", ".join(
-                f"instance {waiter.expected[uid][0]}: "
-                f"{COMMITMENT_FAILURES.get(reason, f'reason 0x{reason:04X}')}"
-                for uid, reason in sorted(failed.items(), key=lambda kv: waiter.expected[kv[0]][0])[:5])
-            more = f" and {len(failed) - 5} more" if len(failed) > 5 else ""
-            raise Retryable(f"the PACS did not commit {len(failed)} of {n} instances ({detail}{more}); "
-                            "the bundle will be sent again")
-        log.info("dicom.committed", destination=self.name, bundle=item_id, instances=n)
-
-    def _same_association_report(self, event: Any) -> tuple[int, None]:
-        # pynetdicom dispatches an N-EVENT-REPORT on our association in a thread of its
-        # own, whether or not we are waiting for a response.
-        return handle_report(event, self._commitments, self.name, "association")
-
-
-def _progress_from(progress: Callable[[int], None], base: int, n: int) -> None:
-    progress(base + n)
-
-
-def _choices(link: Link, entries: Sequence[ManifestEntry]) -> list[Choice]:
-    """How each instance goes on this association; Permanent naming every instance that
-    cannot go at all (checked before anything is sent), so all of them are set aside."""
-    choices, refused, first = [], [], None
-    for e in entries:
-        try:
-            choices.append(choose_context(link.accepted, e.sop_class, e.transfer_syntax))
-        except Permanent as p:
-            refused.append(e.index)
-            first = first or p
-    if first is not None:
-        raise Permanent(str(first) + (f" (instances {', '.join(map(str, refused))})"
-                                      if len(refused) > 1 else ""), instances=tuple(refused))
-    return choices
-
-
-def _undecodable(entry: ManifestEntry, e: codec.CodecError) -> Permanent:
-    return Permanent(f"instance {entry.index}: the PACS does not accept {UID(entry.transfer_syntax).name} "
-                     f"for {UID(entry.sop_class).name}, and it cannot be decompressed ({e})")
-
-
-def _unconvertible(entry: ManifestEntry, e: codec.CodecError) -> Permanent:
-    """Why an instance cannot be sent converted, as the operator reads it."""
-    kind = getattr(e, "kind", "undecodable")
-    if kind == "undecodable":
-        return _undecodable(entry, e)
-    if kind == "layout":
-        return Permanent(f"instance {entry.index}: {e}")
-    if kind == "implicit":
-        return Permanent(f"instance {entry.index}: cannot be re-encoded as Implicit VR Little Endian ({e})")
-    return Permanent(f"instance {entry.index}: cannot be converted for this PACS: {e}")
-
-
-def _count_conversion(sent: _Sent, entry: ManifestEntry, choice: Choice) -> None:
-    key = f"{UID(entry.transfer_syntax).name} -> {UID(choice.transfer_syntax).name}"
-    sent.converted[key] = sent.converted.get(key, 0) + 1
-
-
-def _store_request(link: Link, entry: ManifestEntry) -> C_STORE:
-    req = C_STORE()
-    req.MessageID = link.next_id()
-    req.Priority = 2
-    try:
-        req.AffectedSOPClassUID = entry.sop_class
-        req.AffectedSOPInstanceUID = entry.sop_instance_uid
-    except ValueError:
-        raise Permanent(f"instance {entry.index} has an invalid SOP class or instance UID") from None
-    return req
-
-
-def _read_past_meta(stream: InstanceStream, index: int) -> bytes:
-    """Read `stream` past the preamble and File Meta Information; returns the data set
-    bytes read with them (at least one)."""
-    buf = bytearray()
-    while True:
-        piece = stream.read(META_READ)
-        buf += piece
-        more = bool(piece) and len(buf) < MAX_META
-        try:
-            start = dataset_offset(buf)
-        except ValueError as e:
-            if more and (len(buf) < 132 or "truncated" in str(e)):
-                continue
-            raise Permanent(f"instance {index}: {e}") from None
-        if start < len(buf):
-            return bytes(buf[start:])
-        if not piece:
-            raise Permanent(f"instance {index} has no data set")
-        if not more:
-            raise Permanent(f"instance {index}: the file meta information is longer than {MAX_META} bytes")
-
-
-class _DataSet:
-    """The data set of a streamed instance: the bytes read with the meta, then the rest of
-    the stream. b"" (from the stream) means the instance verified."""
-
-    def __init__(self, head: bytes, rest: InstanceStream) -> None:
-        self._head = memoryview(head)
-        self._rest = rest
-
-    def read(self, n: int, /) -> bytes:
-        if self._head:
-            out = bytes(self._head[:n])
-            self._head = self._head[n:]
-            return out
-        return self._rest.read(n)
