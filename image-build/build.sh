@@ -5,7 +5,7 @@
 #   2 root A    1536 MiB  ext4 (sized to its content, ~1 GiB), read-only at run time: Debian 12 + /opt/appliance/venv
 #   3 root B    1536 MiB  empty (not formatted): the slot an update (RAUC, later) writes
 #   4 APPLCONFIG  16 MiB  FAT: where a technician puts appliance.toml (imported at boot)
-#   5 data       512 MiB  ext4, /data: spool, queue, keys (grown to the disk later)
+#   5 data       512 MiB  ext4, /data: spool, queue, keys, journal (grown to the disk at the first boot)
 #
 # No loop mounts: each file system is made in a file (mkfs.ext4 -d from a directory,
 # mkfs.vfat + mtools) and written into the disk at its partition's offset; sfdisk
@@ -72,7 +72,7 @@ install -m 0644 "$repo"/systemd/appliance-update-install.{path,service} "$root/u
 install -D -m 0644 "$repo/README.md" "$root/opt/appliance/README.md"  # the unit's Documentation=
 systemd-sysusers --root="$root"
 systemctl --root="$root" enable appliance.service appliance-keys.service appliance-identity.service \
-  systemd-networkd.service chrony.service appliance-update-gate.service
+  systemd-networkd.service chrony.service appliance-update-gate.service appliance-machine-id.service
 systemctl --root="$root" enable appliance-update-install.path
 # Timers that would fetch packages or write to the read-only root.
 systemctl --root="$root" mask apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.timer
@@ -97,7 +97,7 @@ rm -rf "$root/data/keys"
 # Our units as the image has them (drop-ins included): systemd-analyze verify says
 # nothing, and each scores at most 2.0 in the offline security review.
 for unit in appliance.service appliance-keys.service appliance-config-import@boot.service \
-    appliance-identity.service; do
+    appliance-identity.service appliance-machine-id.service; do
   said=$(systemd-analyze verify --root="$root" "$unit" 2>&1)
   [ -z "$said" ] || { echo "$said"; echo "systemd-analyze verify: $unit" >&2; exit 1; }
   systemd-analyze security --offline=yes --root="$root" --threshold=20 "$unit" > "$work/security.txt" ||
@@ -111,7 +111,8 @@ bash "$here/steps/vpn.sh" "$root"  # the WireGuard VPN (docs/vpn.md)
 # Mount points: the read-only root cannot make them at boot.
 mkdir -p "$root/var/lib/appliance"
 rauc_root "$root" "$work/data"
-# An empty machine-id: systemd makes one per boot on the read-only root.
+# An empty machine-id: PID 1 makes a transient one at the first boot, which
+# appliance-machine-id.service keeps on /data for GRUB to pass at the next ones.
 : > "$root/etc/machine-id"
 # What must not be in the image.
 if [ -e "$root/usr/sbin/sshd" ]; then echo "sshd is in the image" >&2; exit 1; fi
@@ -132,6 +133,10 @@ chmod 0700 "$data/appliance" "$data/appliance/outbox" "$data/keys" "$data/config
 cp -a "$root/var/lib/systemd" "$data/systemd"
 # chrony's drift file and NTS keys (/var/lib/chrony, a bind mount of /data/chrony).
 cp -a "$root/var/lib/chrony" "$data/chrony"
+# The persistent journal (/var/log/journal, a bind mount of /data/journal).
+mkdir -p "$data/journal"
+chown "0:$(awk -F: '$1 == "systemd-journal" {print $3}' "$root/etc/group")" "$data/journal"
+chmod 2755 "$data/journal"
 
 # --- file systems, each in a file --------------------------------------------------------
 step "file systems"

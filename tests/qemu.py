@@ -21,6 +21,7 @@ stops QEMU on the way out.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import socket
@@ -154,6 +155,15 @@ def require_tools(*tools: str) -> None:
             pytest.fail(f"{tool} not found (make peers installs it)")
     if not OVMF_CODE.is_file():
         pytest.fail(f"{OVMF_CODE} not found (Debian package ovmf)")
+
+
+def disk_copy(path: Path, grow_bytes: int = 0) -> Path:
+    """A sparse copy of the built image, on a disk `grow_bytes` larger (truncate): the
+    image as a technician writes it to a bigger disk. The guest writes the copy, which a
+    test can read after the guest has stopped (unlike the snapshot of the image)."""
+    subprocess.run(["cp", "--sparse=always", str(IMAGE), str(path)], check=True, timeout=300)
+    os.truncate(path, IMAGE.stat().st_size + grow_bytes)
+    return path
 
 
 def fresh_vars(path: Path) -> Path:

@@ -1,6 +1,7 @@
 """The appliance image (image-build/out/appliance.img, made by `make image`) booted in QEMU
 (tests/qemu.py: TCG, OVMF, the disk in snapshot mode, the console in a file). What it
-shows: the image boots to the appliance unit's ready marker (printed after READY=1),
+shows: the image, written to a disk 1 GiB larger than itself, grows /data to fill it
+and boots to the appliance unit's ready marker (printed after READY=1),
 DCMTK's echoscu and storescu on the host get answers from it, and what it stores is
 packed and delivered to the default config's outbox (its log lines on the console).
 
@@ -20,18 +21,24 @@ from typing import Any
 import pytest
 
 from tests.peers import SAMPLES, dcmtk_env, wait_for
-from tests.qemu import IMAGE, READY, SBOM, Guest, booted, require_tools
+from tests.qemu import IMAGE, READY, SBOM, Guest, booted, disk_copy, require_tools
 
 pytestmark = [pytest.mark.image]
 
 CT = SAMPLES / "series" / "CT_Philips_Ingenuity_phantom_28sl"
 
 
+GROWN = 1 << 30  # the disk the image is written to is this much larger than the image
+DATA_BUILT = 512 << 20  # /data's partition as built
+
+
 @pytest.fixture(scope="module")
 def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
-    """The image booted until the appliance unit is ready; QEMU stopped by PID after."""
+    """The image, written to a disk 1 GiB larger than itself (a sparse copy), booted
+    until the appliance unit is ready; QEMU stopped by PID after."""
     require_tools("echoscu", "storescu")
-    with booted(tmp_path_factory.mktemp("qemu")) as g:
+    tmp = tmp_path_factory.mktemp("qemu")
+    with booted(tmp, disk=disk_copy(tmp / "grown.img", GROWN)) as g:
         yield g
 
 
@@ -41,6 +48,21 @@ def test_image_boots_to_the_ready_appliance_unit(guest: Guest) -> None:
     # The daemon's own log line from the same boot: the DICOM listener on port 104.
     listening = [line for line in text.splitlines() if '"listening"' in line]
     assert any(re.search(r'"port": ?104\b', line) for line in listening), guest.tail()
+
+
+def test_image_grows_data_to_fill_a_bigger_disk_at_its_first_boot(guest: Guest) -> None:
+    """systemd-repart grows partition 5 into the free space after it (the 1 GiB added
+    and the 1 MiB the image keeps for its backup GPT), then systemd-growfs (fstab's
+    x-systemd.growfs) grows its ext4 online: the kernel says so on the console."""
+    text = guest.console_text()
+    asked = re.search(r"EXT4-fs \(vda5\): resizing filesystem from (\d+) to \d+ blocks", text)
+    done = re.search(r"EXT4-fs \(vda5\): resized filesystem to (\d+)", text)
+    assert asked and done, guest.tail()
+    before, after = int(asked[1]), int(done[1])
+    block = DATA_BUILT // before  # the file system filled its partition as built
+    assert before * block == DATA_BUILT
+    # (ext4 drops a last block group too small to be worth it: a few MiB at most)
+    assert GROWN - (8 << 20) <= after * block - DATA_BUILT <= GROWN + (1 << 20), (before, after)
 
 
 def test_image_answers_c_echo_from_the_host(guest: Guest) -> None:

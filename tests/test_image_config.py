@@ -9,13 +9,16 @@ drive_add/device_add): it is refused, the result file on it gives the check's er
 line, and the daemon keeps the site config and is not restarted. The same boot also shows
 the clock (chrony, its state on /data) and, last, the hardware watchdog: an NMI panics
 the guest and QEMU's i6300esb, armed by systemd's RuntimeWatchdogSec=, resets it. The
-sticks are files
+reset's second boot shows what the first left on /data: the machine id GRUB passes again
+and, after an ACPI power-off, the journal (read from the disk, a copy of the image)
+listing both boots. The sticks are files
 made with mkfs.vfat and mtools (no loop mounts) and read back with mtools once the guest
 says it has unmounted them. Run with `make image-test` (marker image).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -25,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from tests.peers import REPO, dcmtk_env, wait_for
-from tests.qemu import READY, Guest, booted, require_tools
+from tests.qemu import BOOT_DEADLINE_S, READY, Guest, booted, disk_copy, require_tools
 
 pytestmark = [pytest.mark.image]
 
@@ -93,7 +96,8 @@ def guest(tmp_path_factory: pytest.TempPathFactory, sticks: dict[str, Path]) -> 
     require_tools("echoscu")
     stick = ["-drive", f"if=none,id=site,format=raw,file={sticks['site']}",
              "-device", "usb-storage,bus=xhci.0,drive=site"]
-    with booted(tmp_path_factory.mktemp("qemu"), stick) as g:
+    tmp = tmp_path_factory.mktemp("qemu")
+    with booted(tmp, stick, disk=disk_copy(tmp / "disk.img")) as g:
         wait_for(lambda: done_lines(g), timeout=IMPORT_S, poll=1.0, what="the site stick's import",
                  detail=g.tail)
         yield g
@@ -166,10 +170,58 @@ def test_image_runs_chrony_with_its_state_on_data(guest: Guest) -> None:
 def test_image_hung_by_a_kernel_panic_is_reset_by_the_watchdog(guest: Guest) -> None:
     """RuntimeWatchdogSec=60s on QEMU's i6300esb: the NMI panics the kernel (sysctl
     kernel.unknown_nmi_panic), nothing pets the watchdog, and it resets the machine: the
-    firmware and the kernel start again. Must stay the module's last test."""
+    firmware and the kernel start again. Must come after the tests of the first boot."""
     boots = guest.console_text().count("Linux version")
     guest.monitor("nmi")
     wait_for(lambda: "Kernel panic" in guest.console_text(), timeout=120, poll=1.0,
              what="the kernel's panic after the NMI", detail=guest.tail)
     wait_for(lambda: guest.console_text().count("Linux version") > boots, timeout=600, poll=2.0,
              what="a second boot (the watchdog's reset)", detail=guest.tail)
+
+
+# --- after the reset: what the first boot left on /data ---------------------------------------
+
+
+def boots(guest: Guest) -> list[str]:
+    """The console cut at each kernel's first line: one text per boot."""
+    return guest.console_text().split("Linux version")[1:]
+
+
+def test_image_keeps_its_machine_id_across_the_reset(guest: Guest) -> None:
+    """The first boot keeps the machine id PID 1 made in /data/machine-id.grubenv
+    (appliance-machine-id.service says it on the console); GRUB passes it to the next
+    boot as systemd.machine_id=."""
+    kept = re.search(r"appliance: machine id ([0-9a-f]{32}) kept in /data", boots(guest)[0])
+    assert kept, guest.tail()
+    passed = wait_for(lambda: len(boots(guest)) > 1 and re.search(
+        r"Kernel command line: .*systemd\.machine_id=([0-9a-f]{32})", boots(guest)[1]),
+        timeout=300, poll=1.0, what="the second boot's kernel command line", detail=guest.tail)
+    assert passed[1] == kept[1]
+    assert "appliance: machine id" not in boots(guest)[1]  # kept once, not made again
+
+
+def test_image_journal_on_data_holds_both_boots(guest: Guest) -> None:
+    """The journal is on /data (/var/log/journal), filed under the kept machine id. Once
+    the second boot is ready, an ACPI power-off (logind) shuts the guest down cleanly;
+    the disk's /data/journal, read with debugfs, lists two boots (the host's journalctl)."""
+    wait_for(lambda: len(boots(guest)) > 1 and READY in boots(guest)[1], timeout=BOOT_DEADLINE_S,
+             poll=2.0, what="the second boot's ready marker", detail=guest.tail)
+    machine_id = re.search(r"systemd\.machine_id=([0-9a-f]{32})", boots(guest)[1])
+    assert machine_id, guest.tail()
+    guest.monitor("system_powerdown")
+    wait_for(lambda: guest.proc.poll() is not None, timeout=300, poll=2.0,
+             what="the guest's power-off", detail=guest.tail)
+    disk = guest.console.parent / "disk.img"
+    r = subprocess.run(["sfdisk", "--json", str(disk)], capture_output=True, text=True, check=True,
+                       timeout=60)
+    data = json.loads(r.stdout)["partitiontable"]["partitions"][4]
+    out = guest.console.parent / "journal"
+    r = subprocess.run(["debugfs", "-R", f"rdump /journal {out.parent}",
+                        f"{disk}?offset={int(data['start']) * 512}"],
+                       capture_output=True, text=True, timeout=120)
+    assert (out / machine_id[1]).is_dir(), r.stderr + str(list(out.iterdir()))
+    r = subprocess.run(["journalctl", "--directory", str(out / machine_id[1]), "--list-boots", "--no-pager"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    listed = [line for line in r.stdout.splitlines() if re.match(r"\s*-?\d+ [0-9a-f]{32} ", line)]
+    assert len(listed) >= 2, r.stdout
