@@ -196,22 +196,14 @@ class SftpTransport:
         except FileNotFoundError:
             raise Permanent("bundle file vanished from the queue", bundle=True) from None
         step = _Step("connecting")
-        with src:
+        with src, self._judged(step, plan.cancelled):
             try:
                 with self._session(step, plan.cancelled) as sftp:
                     manifest = _Upload(sftp, src, bundle.name, self.dest.remote_dir or ".",
                                        self.private_key, step).run(progress, plan.cancelled,
                                                                    self.cap)
-            except TransportError:
-                raise
             except IntegrityError as e:
                 raise Unreadable(f"bundle does not verify: {e}") from None
-            except _NETWORK_ERRORS as e:
-                raise self._failure(e, step, plan.cancelled) from None
-            except Exception:
-                if plan.cancelled.is_set():  # the connection was closed under paramiko
-                    raise self._failure(TimeoutError(), step, plan.cancelled) from None
-                raise  # a bug: the scheduler defers the bundle and logs it
         assert manifest is not None  # a bundle is always verified (private_key is set)
         for entry in manifest.instances:  # the drop now holds every instance of it
             plan.delivered(entry.index)
@@ -221,18 +213,9 @@ class SftpTransport:
         by the same steps as a bundle (`.part`, fsync, size check, rename); Retryable or
         Permanent as `send`. `cancelled` stops it within a second."""
         step = _Step("connecting")
-        try:
-            with self._session(step, cancelled) as sftp:
-                _Upload(sftp, src, name, self.dest.remote_dir or ".", None, step).run(
-                    lambda n: None, cancelled, self.cap)
-        except TransportError:
-            raise
-        except _NETWORK_ERRORS as e:
-            raise self._failure(e, step, cancelled) from None
-        except Exception:
-            if cancelled.is_set():
-                raise self._failure(TimeoutError(), step, cancelled) from None
-            raise
+        with self._judged(step, cancelled), self._session(step, cancelled) as sftp:
+            _Upload(sftp, src, name, self.dest.remote_dir or ".", None, step).run(
+                lambda n: None, cancelled, self.cap)
 
     def probe(self) -> bool:
         return self.check().ok
@@ -261,13 +244,24 @@ class SftpTransport:
         step = _Step("connecting to read receipts")
         folder = posixpath.join(self.dest.remote_dir or ".", "receipts")
         out: dict[str, bytes | None] = {}
+        with self._judged(step, cancelled), self._session(step, cancelled) as sftp:
+            step.what = f"reading receipts in {folder}"
+            for bundle_id, cap in wanted:
+                out[bundle_id] = _read_capped(sftp, posixpath.join(
+                    folder, f"{bundle_id}{RECEIPT_SUFFIX}"), cap)
+                beat()
+        return out
+
+    # --- connection -------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _judged(self, step: _Step, cancelled: threading.Event) -> Iterator[None]:
+        """What a failure inside the block is for the contract: our own TransportError as
+        it is, a network error as Retryable (or Permanent) by `_failure`, anything else
+        after `cancelled` as a time-out (the connection was closed under paramiko), and
+        otherwise as it is (a bug: the scheduler defers the bundle and logs it)."""
         try:
-            with self._session(step, cancelled) as sftp:
-                step.what = f"reading receipts in {folder}"
-                for bundle_id, cap in wanted:
-                    out[bundle_id] = _read_capped(sftp, posixpath.join(
-                        folder, f"{bundle_id}{RECEIPT_SUFFIX}"), cap)
-                    beat()
+            yield
         except TransportError:
             raise
         except _NETWORK_ERRORS as e:
@@ -276,9 +270,6 @@ class SftpTransport:
             if cancelled.is_set():
                 raise self._failure(TimeoutError(), step, cancelled) from None
             raise
-        return out
-
-    # --- connection -------------------------------------------------------------------
 
     @contextlib.contextmanager
     def _connected(self, step: _Step, cancelled: threading.Event) -> Iterator[paramiko.Transport]:
