@@ -145,20 +145,15 @@ def unit_timeout_stop_s(unit_dirs: tuple[Path, ...] = sandbox.UNIT_SEARCH) -> tu
     """The installed unit's stop timeout and the file that set it last (the unit's file,
     the first found, then its `*.conf` drop-ins by name, as systemd reads them; an empty
     assignment is systemd's default), or None when the unit is not installed."""
-    unit = next((d / sandbox.UNIT_NAME for d in unit_dirs if (d / sandbox.UNIT_NAME).is_file()), None)
-    if unit is None:
+    installed = sandbox.unit_lines(sandbox.UNIT_NAME, unit_dirs)
+    if installed is None:
         return None
-    dropins = {f.name: f for d in reversed(unit_dirs) for f in (d / f"{sandbox.UNIT_NAME}.d").glob("*.conf")}
+    unit, lines = installed
     found = (SYSTEMD_DEFAULT_TIMEOUT_STOP_S, str(unit))
-    for f in [unit, *(dropins[n] for n in sorted(dropins))]:
-        try:
-            text = f.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            continue  # unreadable: it sets nothing we can vouch for
-        for line in text.splitlines():
-            if m := _TIMEOUT_LINE.match(line):
-                span = SYSTEMD_DEFAULT_TIMEOUT_STOP_S if not m.group(1) else parse_timespan(m.group(1))
-                found = (span, str(f)) if span is not None else found
+    for f, line in lines:
+        if m := _TIMEOUT_LINE.match(line):
+            span = SYSTEMD_DEFAULT_TIMEOUT_STOP_S if not m.group(1) else parse_timespan(m.group(1))
+            found = (span, str(f)) if span is not None else found
     return found
 
 

@@ -193,3 +193,24 @@ def read_only(path: Path) -> bool:
             p = p.parent
         except OSError:
             return False  # not ours to judge here (permission): the daemon reports it
+
+
+def unit_lines(name: str, unit_dirs: tuple[Path, ...] = UNIT_SEARCH
+               ) -> tuple[Path, list[tuple[Path, str]]] | None:
+    """An installed unit's file (the first found in `unit_dirs`, /etc first) and its lines
+    as systemd reads them: the file's, then its `*.conf` drop-ins' by name, a drop-in in an
+    earlier folder hiding one of the same name in a later one; each line with its file.
+    None when the unit is not installed; an unreadable file is skipped (it sets nothing we
+    can vouch for)."""
+    unit = next((d / name for d in unit_dirs if (d / name).is_file()), None)
+    if unit is None:
+        return None
+    dropins = {f.name: f for d in reversed(unit_dirs) for f in (d / f"{name}.d").glob("*.conf")}
+    out: list[tuple[Path, str]] = []
+    for f in [unit, *(dropins[n] for n in sorted(dropins))]:
+        try:
+            text = f.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        out.extend((f, line) for line in text.splitlines())
+    return unit, out

@@ -65,23 +65,16 @@ def folder(cfg: config.Config) -> Path:
 
 
 def watched(unit_dirs: tuple[Path, ...] = sandbox.UNIT_SEARCH) -> list[Path] | None:
-    """The paths the installed path unit watches: the PathExists= of its file (the first
-    found, /etc first) and then of its `*.conf` drop-ins (an empty one resets the list,
-    as systemd reads it); None when the unit is not installed."""
-    unit = next((d / PATH_UNIT for d in unit_dirs if (d / PATH_UNIT).is_file()), None)
-    if unit is None:
+    """The paths the installed path unit watches: the PathExists= of its file and its
+    drop-ins as systemd reads them (sandbox.unit_lines; an empty one resets the list);
+    None when the unit is not installed."""
+    installed = sandbox.unit_lines(PATH_UNIT, unit_dirs)
+    if installed is None:
         return None
-    files = [unit, *sorted((f for d in unit_dirs for f in (d / f"{PATH_UNIT}.d").glob("*.conf")),
-                           key=lambda f: f.name)]
     out: list[Path] = []
-    for f in files:
-        try:
-            text = f.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            continue  # unreadable: it watches nothing we can vouch for
-        for line in text.splitlines():
-            if m := _PATH_EXISTS.match(line):
-                out = out + [Path(m.group(1))] if m.group(1) else []
+    for _, line in installed[1]:
+        if m := _PATH_EXISTS.match(line):
+            out = out + [Path(m.group(1))] if m.group(1) else []
     return out
 
 
