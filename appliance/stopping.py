@@ -52,9 +52,11 @@ FORWARD_STOP_GRACE_S = 5.0  # at a stop, a send in progress may finish within th
 
 
 def join_all(threads: Sequence[threading.Thread], until: float) -> None:
-    """Wait for the threads to end, all by one monotonic deadline."""
+    """Wait for the threads to end, all by one monotonic deadline (a thread never started,
+    as after a start that failed, is not waited for)."""
     for t in threads:
-        t.join(max(0.0, until - time.monotonic()))
+        if t.is_alive():
+            t.join(max(0.0, until - time.monotonic()))
 
 
 def drain(stats: ReceiveStats, timeout: float) -> None:
