@@ -113,15 +113,15 @@ test: venv peers
 # The field tier (marker field): the real daemon and real peers killed (kill -9, SIGTERM),
 # cut and restarted for minutes: tests/test_end_to_end.py, test_durability.py,
 # test_failover_peers.py, test_pack_isolation.py, test_forward_isolation.py,
-# test_routing_peers.py (40 tests, 9 minutes in CI on 2026-12-07).
+# test_routing_peers.py (41 tests, 8.5 minutes from a clean clone on 2026-12-07).
 test-field: venv peers
 	$(BIN)/python -m pytest -m field --durations=10 $(PYTEST_ARGS)
 
 # The operations-center tier (marker ops): the ops link, signed commands, desired config,
 # the fleet view and the alert rules with a real Mosquitto, Prometheus and headless
 # Chromium (tests/test_ops_link.py, test_ops_commands.py, test_ops_desired_live.py,
-# test_fleet_peers.py, test_alerts_fleet.py, test_update_handoff_ops.py; 88 tests, 7 minutes
-# in CI on 2026-12-07).
+# test_fleet_peers.py, test_alerts_fleet.py, test_update_handoff_ops.py,
+# test_ops_diagnostics_sftp.py; 93 tests, 7.5 minutes from a clean clone on 2026-12-07).
 test-ops: venv peers
 	$(BIN)/python -m pytest -m ops --durations=10 $(PYTEST_ARGS)
 
@@ -173,10 +173,12 @@ update-bundle: image
 	  "$${VERSION:-$$($(BIN)/python -c 'import appliance; print(appliance.__version__)')-$$(date -u +%Y%m%d%H%M%S)}"
 
 # The image tier (marker image; .ci/run runs it), after a build of the image: the image
-# booted in QEMU (TCG, OVMF), a C-ECHO and C-STORE from the host answered
-# (tests/test_image.py, one boot), a site config imported from a USB stick and the
-# watchdog's reset (tests/test_image_config.py, one boot), and the WireGuard tunnel
-# (tests/test_image_vpn.py, one boot). Measured times: docs/benchmarks.md.
+# booted in QEMU (TCG, OVMF), a C-ECHO and C-STORE from the host answered and /data grown
+# to a bigger disk (tests/test_image.py, one boot), a site config imported from a USB stick,
+# the watchdog's reset, the machine id and journal kept across it
+# (tests/test_image_config.py, one boot), and the WireGuard tunnel (tests/test_image_vpn.py,
+# one boot): 25 tests, 7 minutes with the build on 2026-12-07. Measured times:
+# docs/benchmarks.md.
 image-test: image
 	$(BIN)/python -m pytest -m "image and not image_update" --durations=10 $(PYTEST_ARGS)
 
