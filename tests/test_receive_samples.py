@@ -168,10 +168,12 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Reference:
 # until complete (the default for anything under 32 MiB), and sealed to disk piece by
 # piece as it arrives (in_memory_limit_mb = 0 sends every sample that way).
 @pytest.fixture(scope="module", params=[32, 0], ids=["in-memory", "sealed-as-received"])
-def sample_run(request: pytest.FixtureRequest, reference: Reference) -> Iterator[SampleRun]:
+def sample_run(request: pytest.FixtureRequest, reference: Reference,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[SampleRun]:
     ref = reference
-    root = ref.root / f"limit-{request.param}"
-    root.mkdir()
+    # a folder of its own each time: a pytest-xdist worker that takes this module's tests
+    # in turns sets the same parameter up again
+    root = tmp_path_factory.mktemp(f"limit-{request.param}")
     files, expect, groups, cfg, log_cfg = ref.files, ref.expect, ref.groups, ref.cfg, ref.log_cfg
     reference_results, wire = ref.results, ref.wire
     app = Appliance(root / "appliance", held_config(root / "appliance", free_port(),
