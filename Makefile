@@ -27,7 +27,9 @@ PEERS := dcmtk orthanc orthanc-dicomweb openssh-server iproute2 nftables wiregua
 	rsyslog rsyslog-gnutls
 PYTEST_ARGS ?=
 # `make test` runs its tests on this many processes (pytest-xdist; 0: in one process).
-# Most of its tests wait on peers and daemons, so two share 2 cores well.
+# Most of its tests wait on peers and daemons, so two share 2 cores well. A test file runs
+# whole on one process (--dist loadfile), in its order, with its module fixtures set up
+# once, as in one process.
 TEST_WORKERS ?= 2
 
 .PHONY: run test test-field test-ops test-rabbitmq peers-rabbitmq test-boot test-wan image image-test \
@@ -108,7 +110,7 @@ run: venv
 # `make test` outgrows its ~20 minutes.
 test: venv peers
 	$(BIN)/python -m pytest -m "not wan and not systemd_boot and not image and not field and not ops and not rabbitmq" \
-	  -n $(TEST_WORKERS) --dist worksteal --durations=15 $(PYTEST_ARGS)
+	  -n $(TEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_ARGS)
 
 # The field tier (marker field): the real daemon and real peers killed (kill -9, SIGTERM),
 # cut and restarted for minutes: tests/test_end_to_end.py, test_durability.py,
