@@ -19,6 +19,7 @@ No patient data: ids are the appliance's opaque bundle ids and file digests.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import sqlite3
 from dataclasses import dataclass
@@ -60,18 +61,23 @@ class Previous:
 class Record:
     def __init__(self, state_dir: Path) -> None:
         durable.make_dirs(state_dir)
-        try:
-            self.db = sqlite3.connect(state_dir / "ingest.db", timeout=60, isolation_level=None)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")
-            version = self.db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise StateError(f"{state_dir / 'ingest.db'} has schema {version}, newer than "
-                                 f"this version reads ({SCHEMA_VERSION})")
-            self.db.executescript(_SCHEMA)
-            self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        except sqlite3.Error as e:
-            raise StateError(f"cannot open {state_dir / 'ingest.db'}: {e}") from None
+        # Two ingest processes started together: SQLite answers the second one's switch to
+        # WAL "database is locked" at once, without its busy timeout, so the set-up is
+        # serialised by a lock file.
+        with (state_dir / "ingest.db.setup").open("a") as setup:
+            fcntl.flock(setup, fcntl.LOCK_EX)
+            try:
+                self.db = sqlite3.connect(state_dir / "ingest.db", timeout=60, isolation_level=None)
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=FULL")
+                version = self.db.execute("PRAGMA user_version").fetchone()[0]
+                if version > SCHEMA_VERSION:
+                    raise StateError(f"{state_dir / 'ingest.db'} has schema {version}, newer than "
+                                     f"this version reads ({SCHEMA_VERSION})")
+                self.db.executescript(_SCHEMA)
+                self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            except sqlite3.Error as e:
+                raise StateError(f"cannot open {state_dir / 'ingest.db'}: {e}") from None
 
     def close(self) -> None:
         self.db.close()
